@@ -1,0 +1,30 @@
+# Two entry points for a fresh clone (see README "Quick start"):
+#   make demo   set up .venv, then train, evaluate and caption on the synthetic dataset
+#   make test   set up .venv, then run the test suite (what CI runs)
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+OUT ?= runs/demo
+ATTENTION ?= soft
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(PY) scripts/train.py --attention $(ATTENTION) --out-dir $(OUT)
+	$(PY) scripts/evaluate.py --checkpoint $(OUT)/best.ckpt --split test --out-dir $(OUT)/eval
+	$(PY) scripts/caption.py --checkpoint $(OUT)/best.ckpt --heatmaps $(OUT)/heatmaps --limit 4 --from-split test
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,271 @@
+"""Typed configuration: dataclasses with defaults, YAML files that hold only differences.
+
+The defaults train on the built-in synthetic dataset in minutes on a CPU. The paper's COCO
+settings live in ``configs/*.yaml`` as differences from these defaults.
+
+Every way a config enters (a YAML file, ``--set key=value``, a checkpoint) goes through
+:func:`merge`, which rejects unknown keys and wrong types with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, has the wrong type, or a value is out of range."""
+
+
+@dataclass
+class EncoderConfig:
+    backbone: str = "resnet18"  # any of captioning.models.encoder.BACKBONES
+    # Last stage kept; None = the backbone's conv5 (resnet layer4, VGG conv5_4 before max-pool).
+    # The synthetic default stops at layer2: stride 8 gives an 8x8 grid from 64x64 images.
+    stage: str | None = "layer2"
+    grid_size: int = 8  # annotation grid is grid_size x grid_size (paper: 14x14 -> L=196)
+    # "none" (random init), "imagenet" (torchvision weights API), or a path to a state-dict file.
+    weights: str = "none"
+    # First stage that is trained; None freezes the whole encoder (the paper's setting).
+    # Random weights must be trained, so the synthetic default trains from the stem on.
+    fine_tune_from: str | None = "stem"
+
+
+@dataclass
+class DecoderConfig:
+    embed_dim: int = 128  # m in the paper (arctic COCO: 512)
+    hidden_dim: int = 256  # n, LSTM size (arctic COCO: 1800)
+    attention_dim: int = 128  # width of f_att's hidden layer
+    score: Literal["additive", "dot", "scaled_dot", "bilinear"] = "additive"  # paper: additive
+    gate: Literal["scalar", "vector", "none"] = "scalar"  # paper Sec. 4.2.1: scalar beta
+    dropout: float = 0.5  # on the deep-output layer's input (paper: dropout)
+
+
+@dataclass
+class ModelConfig:
+    attention: Literal["soft", "hard"] = "soft"
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+
+
+@dataclass
+class LossConfig:
+    # lambda of the doubly stochastic regulariser (Eq. 14). Our normalisation: per caption,
+    # sum over locations of (1 - sum_t alpha_ti)^2, then the mean over the batch -- the same
+    # per-caption scale as the NLL term (summed over time, mean over batch). See losses.py.
+    doubly_stochastic: float = 1.0
+    # Hard attention (RECIPE.md, from the authors' capgen.py):
+    reward_scale: float = 0.1  # lambda_r, the hard-coded 1/10
+    entropy: float = 0.002  # lambda_e on sum alpha log alpha
+    baseline_decay: float = 0.9  # b <- decay * b + (1 - decay) * mean token NLL
+    expected_context_prob: float = 0.5  # probability of using the expected context instead
+    # "minibatch": one Bernoulli draw per minibatch (the authors' code, default);
+    # "image": one draw per image (the paper's text).
+    substitution: Literal["minibatch", "image"] = "minibatch"
+
+
+@dataclass
+class SyntheticConfig:
+    seed: int = 0
+    num_train: int = 3000
+    num_val: int = 200
+    num_test: int = 500
+    image_size: int = 64
+    captions_per_image: int = 5
+
+
+@dataclass
+class DataConfig:
+    # "synthetic": generated on first use under `root`; "coco": COCO-format files under `root`.
+    dataset: Literal["synthetic", "coco"] = "synthetic"
+    root: str = "data"
+    image_size: int = 64  # images are resized to image_size x image_size
+    batch_size: int = 64  # per device; the global batch is batch_size * devices * num_nodes
+    eval_batch_size: int = 100
+    num_workers: int = 0
+    min_word_count: int = 5  # vocabulary: training-split words seen at least this often
+    max_caption_len: int = 30  # tokens without <start>/<end>; longer captions are truncated
+    cache_images: bool = True  # decode every image once into memory (small datasets only)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    encoder_lr: float = 1e-3  # for encoder stages that are fine-tuned
+    weight_decay: float = 0.0
+    grad_clip: float = 5.0  # 0 disables clipping (arctic: none)
+
+
+@dataclass
+class DecodeConfig:
+    max_len: int = 30  # generated tokens, <end> excluded
+    # How a hard-attention model attends at test time: "expected" (soft alpha, the authors'
+    # default), "argmax" (the single most likely location) or "sample".
+    hard_mode: Literal["expected", "argmax", "sample"] = "expected"
+
+
+@dataclass
+class TrainConfig:
+    max_epochs: int = 12
+    max_time_minutes: float = 0.0  # 0 = no limit; otherwise stop training after this long
+    patience: int = 4  # early stopping: validations without a better BLEU-4
+    val_every: int = 1  # epochs between validations
+    log_every: int = 20  # steps between logged training losses
+    precision: str = "auto"  # "auto": bf16-mixed on GPU, 32-true on CPU
+    accelerator: str = "auto"
+    devices: int = 1
+    num_nodes: int = 1
+    seed: int = 0
+    limit_train_batches: float = 1.0
+    limit_val_batches: float = 1.0
+    fast_dev_run: bool = False
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# --------------------------------------------------------------------------- merging and checks
+
+
+def _check_value(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` converted to ``tp`` where lossless (int -> float), else raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"config key '{key}': {value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_value(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"config key '{key}': bad value {value!r}")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"config key '{key}' expects {tp.__name__}, got {value!r}")
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ConfigError(f"config key '{key}' expects {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def merge(cfg: Any, updates: Mapping[str, Any], prefix: str = "") -> Any:
+    """Return a copy of dataclass ``cfg`` with nested ``updates`` applied, checking every key."""
+    if not isinstance(updates, Mapping):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {updates!r}")
+    hints = typing.get_type_hints(type(cfg))
+    names = {f.name for f in dataclasses.fields(cfg)}
+    changes = {}
+    for key, value in updates.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            close = ", ".join(sorted(names))
+            raise ConfigError(f"unknown config key '{full}' (known keys here: {close})")
+        current = getattr(cfg, key)
+        if dataclasses.is_dataclass(current):
+            changes[key] = merge(current, value, prefix=f"{full}.")
+        else:
+            changes[key] = _check_value(value, hints[key], full)
+    return dataclasses.replace(cfg, **changes)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (only str/int/float/bool/None), for YAML and checkpoints."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: Mapping[str, Any]) -> Config:
+    return merge(Config(), data)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}".splitlines()[0]) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``"model.decoder.dropout=0.3"`` -> ``{"model": {"decoder": {"dropout": 0.3}}}`` (YAML-typed)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key=value, e.g. optim.lr=0.0004")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    nested: dict[str, Any] = {}
+    node = nested
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return nested
+
+
+def save_yaml(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def validate(cfg: Config) -> Config:
+    """Range checks that types cannot express."""
+    positive = {
+        "data.batch_size": cfg.data.batch_size,
+        "data.eval_batch_size": cfg.data.eval_batch_size,
+        "data.image_size": cfg.data.image_size,
+        "data.max_caption_len": cfg.data.max_caption_len,
+        "model.encoder.grid_size": cfg.model.encoder.grid_size,
+        "model.decoder.embed_dim": cfg.model.decoder.embed_dim,
+        "model.decoder.hidden_dim": cfg.model.decoder.hidden_dim,
+        "model.decoder.attention_dim": cfg.model.decoder.attention_dim,
+        "decode.max_len": cfg.decode.max_len,
+        "train.devices": cfg.train.devices,
+        "train.num_nodes": cfg.train.num_nodes,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"config key '{key}' must be positive, got {value}")
+    if not 0.0 <= cfg.model.decoder.dropout < 1.0:
+        raise ConfigError(f"config key 'model.decoder.dropout' must be in [0, 1), got {cfg.model.decoder.dropout}")
+    if not 0.0 <= cfg.loss.expected_context_prob <= 1.0:
+        raise ConfigError("config key 'loss.expected_context_prob' must be in [0, 1]")
+    if not 0.0 <= cfg.loss.baseline_decay < 1.0:
+        raise ConfigError("config key 'loss.baseline_decay' must be in [0, 1)")
+    return cfg
+
+
+def build_config(
+    config_file: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> Config:
+    """Defaults, then the YAML file's differences, then each ``key=value`` override in order."""
+    cfg = Config()
+    if config_file is not None:
+        cfg = merge(cfg, load_yaml(config_file))
+    for text in overrides:
+        cfg = merge(cfg, parse_override(text))
+    return validate(cfg)
