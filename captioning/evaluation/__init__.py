@@ -1,0 +1,1 @@
+"""Evaluation: the official COCO caption metrics and the synthetic checker."""

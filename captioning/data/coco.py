@@ -1,0 +1,64 @@
+"""Reading captions in the official COCO captions format (``captions_train2014.json``).
+
+    {"images": [{"id": int, "file_name": str, ...}],
+     "annotations": [{"id": int, "image_id": int, "caption": str}]}
+
+Read with pycocotools; the built-in synthetic dataset is written in this same format.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from pycocotools.coco import COCO
+
+
+class AnnotationError(ValueError):
+    """An annotation file is missing or does not follow the expected schema."""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    image_id: int
+    path: Path
+    captions: tuple[str, ...]
+
+
+def load_coco_captions(captions_json: str | Path, image_dir: str | Path) -> list[ImageRecord]:
+    """One record per image that has at least one non-empty caption, sorted by image id."""
+    captions_json, image_dir = Path(captions_json), Path(image_dir)
+    if not captions_json.is_file():
+        raise AnnotationError(f"captions file {captions_json} does not exist")
+    try:
+        data = json.loads(captions_json.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AnnotationError(f"captions file {captions_json} is not valid JSON: {err}") from None
+    if not isinstance(data, dict) or not {"images", "annotations"} <= data.keys():
+        raise AnnotationError(
+            f"{captions_json} is not a COCO captions file: it needs top-level 'images' and "
+            "'annotations' lists (like captions_train2014.json)"
+        )
+    for ann in data["annotations"][:1]:
+        if not {"image_id", "caption"} <= set(ann):
+            raise AnnotationError(
+                f"{captions_json}: annotations need 'image_id' and 'caption' (is this an "
+                "instances_*.json file? pass the captions_*.json file instead)"
+            )
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress chatter
+        coco = COCO()
+        coco.dataset = data
+        coco.createIndex()
+    records = []
+    for image_id in sorted(coco.imgs):
+        captions = tuple(
+            ann["caption"].strip() for ann in coco.imgToAnns.get(image_id, []) if ann["caption"].strip()
+        )
+        if captions:
+            records.append(ImageRecord(image_id, image_dir / coco.imgs[image_id]["file_name"], captions))
+    if not records:
+        raise AnnotationError(f"{captions_json} holds no image with a non-empty caption")
+    return records

@@ -1,0 +1,172 @@
+"""Datasets and the LightningDataModule: images + encoded captions, per-device batches.
+
+Folder layout read (the synthetic generator writes it; a COCO-format folder uses the same):
+
+    ROOT/annotations/captions_{train,val,test}.json   COCO captions format (see data/coco.py)
+    ROOT/annotations/instances_{split}.json           optional: boxes (grounding, synthetic checks)
+    ROOT/{train,val,test}/<file_name>                 the images
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Sequence
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from captioning.config import DataConfig
+from captioning.data.coco import ImageRecord, load_coco_captions
+from captioning.data.transforms import load_image, preprocess
+from captioning.vocab import Vocabulary
+
+SPLITS = ("train", "val", "test")
+
+
+class ImageSource:
+    """Preprocessed images by index, decoded on demand or all at once into memory."""
+
+    def __init__(self, records: Sequence[ImageRecord], image_size: int, cache: bool) -> None:
+        self.paths = [r.path for r in records]
+        self.image_size = image_size
+        self.cache = torch.stack([self.load(i) for i in range(len(records))]) if cache else None
+
+    def load(self, index: int) -> torch.Tensor:
+        return preprocess(load_image(self.paths[index]), self.image_size)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.cache[index] if self.cache is not None else self.load(index)
+
+
+class TrainDataset(Dataset):
+    """Item i: image i and k of its captions (drawn without replacement each time)."""
+
+    def __init__(self, records: Sequence[ImageRecord], images: ImageSource, vocab: Vocabulary,
+                 captions_per_image: int, max_caption_len: int) -> None:
+        self.images = images
+        self.k = captions_per_image
+        self.encoded = [[vocab.encode(c, max_caption_len) for c in r.captions] for r in records]
+        self.image_ids = [r.image_id for r in records]
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+    def __getitem__(self, index: int):
+        options = self.encoded[index]
+        if len(options) >= self.k:
+            chosen = random.sample(options, self.k)
+        else:  # fewer captions than k: each once, then repeats, so every image has k rows
+            chosen = [options[j % len(options)] for j in range(self.k)]
+        return self.images[index], chosen, self.image_ids[index]
+
+
+class EvalDataset(Dataset):
+    """Item i: image i and its id (references stay in the DataModule, by id)."""
+
+    def __init__(self, records: Sequence[ImageRecord], images: ImageSource) -> None:
+        self.images = images
+        self.image_ids = [r.image_id for r in records]
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, index: int):
+        return self.images[index], self.image_ids[index]
+
+
+def collate_train(batch) -> dict[str, torch.Tensor]:
+    """-> images [B, 3, S, S], captions [B*k, T+1] padded with <pad>=0, image_ids [B]."""
+    images = torch.stack([item[0] for item in batch])
+    rows = [ids for item in batch for ids in item[1]]
+    width = max(len(ids) for ids in rows)
+    captions = torch.full((len(rows), width), Vocabulary.pad_id, dtype=torch.long)
+    for i, ids in enumerate(rows):
+        captions[i, : len(ids)] = torch.tensor(ids)
+    return {"images": images, "captions": captions, "image_ids": torch.tensor([item[2] for item in batch])}
+
+
+def collate_eval(batch) -> dict[str, torch.Tensor]:
+    return {"images": torch.stack([item[0] for item in batch]), "image_ids": torch.tensor([item[1] for item in batch])}
+
+
+class CaptionDataModule(pl.LightningDataModule):
+    """Owns the data: the folder, the vocabulary (built from training captions unless given),
+    references and scenes by image id, and the per-device batch arithmetic."""
+
+    def __init__(self, cfg: DataConfig, vocab: Vocabulary | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.vocab = vocab
+        self.records: dict[str, list[ImageRecord]] = {}
+        self._sources: dict[str, ImageSource] = {}
+
+    @property
+    def root(self) -> Path:
+        if self.cfg.dataset == "synthetic":
+            from captioning.data.synthetic import dataset_dir
+
+            return dataset_dir(self.cfg.root, self.cfg.synthetic)
+        return Path(self.cfg.root)
+
+    def prepare_data(self) -> None:
+        # Runs on one process per node before the others set up: generation happens once.
+        if self.cfg.dataset == "synthetic":
+            from captioning.data.synthetic import generate_synthetic
+
+            generate_synthetic(self.cfg.root, self.cfg.synthetic)
+
+    def load_split(self, split: str) -> list[ImageRecord]:
+        if split not in self.records:
+            self.records[split] = load_coco_captions(
+                self.root / "annotations" / f"captions_{split}.json", self.root / split
+            )
+        return self.records[split]
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.vocab is None:
+            self.vocab = Vocabulary.build(
+                (c for r in self.load_split("train") for c in r.captions), self.cfg.min_word_count
+            )
+        needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, SPLITS)
+        for split in needed:
+            self.load_split(split)
+
+    def images(self, split: str) -> ImageSource:
+        if split not in self._sources:
+            self._sources[split] = ImageSource(self.load_split(split), self.cfg.image_size, self.cfg.cache_images)
+        return self._sources[split]
+
+    def references(self, split: str) -> dict[int, list[str]]:
+        return {r.image_id: list(r.captions) for r in self.load_split(split)}
+
+    def scenes(self, split: str):
+        """Synthetic ground truth (objects with boxes) by image id, or None for other datasets."""
+        if self.cfg.dataset != "synthetic":
+            return None
+        from captioning.data.synthetic import load_scenes
+
+        return load_scenes(self.root / "annotations" / f"instances_{split}.json")
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, collate) -> DataLoader:
+        return DataLoader(
+            dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate,
+            num_workers=self.cfg.num_workers, persistent_workers=self.cfg.num_workers > 0,
+            pin_memory=torch.cuda.is_available(), drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = TrainDataset(self.load_split("train"), self.images("train"), self.vocab,
+                               self.cfg.captions_per_image, self.cfg.max_caption_len)
+        return self._loader(dataset, self.cfg.batch_size, True, collate_train)
+
+    def eval_dataloader(self, split: str) -> DataLoader:
+        dataset = EvalDataset(self.load_split(split), self.images(split))
+        return self._loader(dataset, self.cfg.eval_batch_size, False, collate_eval)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.eval_dataloader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self.eval_dataloader("test")

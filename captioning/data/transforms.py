@@ -1,0 +1,75 @@
+"""The one image-preprocessing function, shared by training, evaluation and captioning.
+
+A public port captioned every image the same way because its inference preprocessing had drifted
+from training's; here there is exactly one path from a file to a tensor.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.transforms import functional as TF
+
+# ImageNet statistics: torchvision's pretrained backbones expect them; random weights don't mind.
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+class ImageLoadError(ValueError):
+    """An image file is missing, unreadable, truncated or not an image."""
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image file as RGB with its EXIF orientation applied.
+
+    Grayscale, CMYK, palette, RGBA (composited on white) and 16-bit images are converted; a
+    missing, truncated or non-image file raises ImageLoadError naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageLoadError(f"image file {path} does not exist")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()  # decode now: a truncated file fails here, not later in a worker
+                return to_rgb(img)
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as err:
+        raise ImageLoadError(f"cannot read image {path}: {err}") from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """EXIF orientation applied, then 3-channel 8-bit RGB."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale: rescale to 8 bits
+        import numpy as np
+
+        arr = np.asarray(img, dtype=np.float64)
+        top = arr.max() or 1.0
+        img = Image.fromarray((arr * (255.0 / top)).clip(0, 255).astype("uint8"), mode="L")
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+def preprocess(img: Image.Image, image_size: int) -> torch.Tensor:
+    """RGB PIL image -> normalised float tensor [3, image_size, image_size].
+
+    Resized to a square (aspect ratio not kept; the paper crops to 224x224). No flip or other
+    augmentation: captions name left and right, and a flip would make them false.
+    """
+    img = img.resize((image_size, image_size), Image.Resampling.BICUBIC)
+    return TF.normalize(TF.to_tensor(img), MEAN, STD)
+
+
+def unnormalize(tensor: torch.Tensor) -> torch.Tensor:
+    """Inverse of the normalisation, for display: [3, H, W] -> values in [0, 1]."""
+    mean = torch.tensor(MEAN, device=tensor.device)[:, None, None]
+    std = torch.tensor(STD, device=tensor.device)[:, None, None]
+    return (tensor * std + mean).clamp(0, 1)

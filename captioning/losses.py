@@ -1,0 +1,113 @@
+"""Training objectives for soft (Sec. 4.2, Eq. 14) and hard (Sec. 4.1, Eq. 12) attention.
+
+Normalisation (stated once, used everywhere): every term is computed PER CAPTION, summed over its
+real time steps (and locations), then averaged over the captions of the minibatch. This is the
+paper's 1/N sum_n of Eq. 12 and the authors' per-caption NLL. For the doubly stochastic term it
+means lambda * sum_i (1 - sum_t alpha_ti)^2 per caption, exactly Eq. 14 -- on the same scale as
+the summed NLL. (A popular port averages it over pixels and the NLL over tokens, which changes
+the effective lambda; the RECIPE notes a ~6x spread between well-known ports.)
+
+Deviation from the authors' code, on purpose: arctic applies its REINFORCE and entropy gradients
+to every padded step too and sums them over the minibatch; we mask padded steps (they carry no
+word) and average over captions like every other term, so the effective weights do not change
+with the batch size or the number of DDP ranks.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from captioning.config import LossConfig
+
+
+class LossTerms(NamedTuple):
+    loss: torch.Tensor  # scalar to backpropagate
+    nll: torch.Tensor  # scalar, mean over captions of the summed token NLL
+    token_nll: torch.Tensor  # scalar, mean NLL per real token (for logs and the baseline)
+    doubly_stochastic: torch.Tensor  # scalar, mean over captions (before lambda)
+    reinforce: torch.Tensor  # scalar surrogate (0 for soft attention)
+    entropy: torch.Tensor  # scalar, mean over captions of sum_t H(alpha_t)
+
+
+def caption_nll(logits: torch.Tensor, targets: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, T, V], targets [B, T] -> (per-caption summed NLL [B], token mask [B, T] bool)."""
+    token_mask = targets != pad_id
+    nll = F.cross_entropy(logits.transpose(1, 2).float(), targets, reduction="none")  # (B, T)
+    return (nll * token_mask).sum(1), token_mask
+
+
+def doubly_stochastic_penalty(alphas: torch.Tensor, token_mask: torch.Tensor, feature_mask: torch.Tensor) -> torch.Tensor:
+    """Eq. 14: sum_i (1 - sum_t alpha_ti)^2 over real steps and real locations -> [B]."""
+    coverage = (alphas * token_mask[:, :, None]).sum(1)  # (B, L)
+    return (((1.0 - coverage) ** 2) * feature_mask).sum(1)
+
+
+def attention_entropy(alphas: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    """sum_t H(alpha_t) over real steps -> [B] (0 log 0 = 0)."""
+    per_step = -torch.special.xlogy(alphas, alphas).sum(-1)  # (B, T)
+    return (per_step * token_mask).sum(1)
+
+
+class ReinforceBaseline(nn.Module):
+    """The moving-average baseline b of Sec. 4.1, as the authors' code keeps it.
+
+    A buffer, so it is saved in checkpoints; ``update`` must receive the same value on every DDP
+    rank (the caller all-reduces it), which keeps b identical across ranks.
+    """
+
+    def __init__(self, decay: float) -> None:
+        super().__init__()
+        self.decay = decay
+        self.register_buffer("value", torch.zeros(()))
+
+    @torch.no_grad()
+    def update(self, mean_token_nll: torch.Tensor) -> None:
+        # b <- 0.9 b + 0.1 * mean token NLL; starts at 0; applied after the step that used the old b.
+        self.value.mul_(self.decay).add_((1.0 - self.decay) * mean_token_nll.detach().to(self.value))
+
+
+def caption_loss(
+    cfg: LossConfig,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    alphas: torch.Tensor,
+    feature_mask: torch.Tensor,
+    pad_id: int,
+    attention: str,
+    log_probs: torch.Tensor | None = None,
+    baseline: torch.Tensor | None = None,
+) -> LossTerms:
+    """All terms for one minibatch.
+
+    logits [B, T, V], targets [B, T], alphas [B, T, L], feature_mask [B, L] bool;
+    hard attention: log_probs [B, T] (0 where the expected context was used) and baseline (scalar).
+    """
+    nll_per_caption, token_mask = caption_nll(logits, targets, pad_id)
+    nll = nll_per_caption.mean()
+    token_nll = nll_per_caption.sum() / token_mask.sum().clamp_min(1)
+    penalty = doubly_stochastic_penalty(alphas.float(), token_mask, feature_mask).mean()
+    entropy = attention_entropy(alphas.float(), token_mask).mean()
+    zero = nll.new_zeros(())
+    if attention == "soft":
+        return LossTerms(nll + cfg.doubly_stochastic * penalty, nll, token_nll, penalty, zero, entropy)
+
+    # Hard attention (Eq. 12 with the authors' choices, RECIPE.md). Cost C_n: the caption's NLL
+    # summed over time and divided by the padded length (arctic's masked_cost.mean(0)); the same
+    # sentence-level signal at every step. Surrogate whose gradient is
+    # lambda_r (C_n - b) d log p(s|a)/dW, i.e. lambda_r (log p(y|s,a) - b') d log p(s|a)/dW.
+    # The doubly stochastic term is left out: in the authors' code the known gradient on alpha
+    # replaces it, so it has no effect in hard mode (it is still logged).
+    reinforce = zero
+    if log_probs is not None:
+        if baseline is None:
+            raise ValueError("hard attention with sampled locations needs the REINFORCE baseline")
+        cost = (nll_per_caption / targets.shape[1]).detach()  # (B,)
+        advantage = cost - baseline.detach()  # (B,)
+        reinforce = (cfg.reward_scale * advantage * (log_probs * token_mask).sum(1)).mean()
+    # Entropy bonus: minimise lambda_e * sum alpha log alpha, i.e. maximise attention entropy.
+    loss = nll + reinforce - cfg.entropy * entropy
+    return LossTerms(loss, nll, token_nll, penalty, reinforce, entropy)

@@ -1,0 +1,173 @@
+"""Attention over the annotation grid: f_att scores, then a soft or a hard context (Sec. 4).
+
+Score functions e_ti = f_att(a_i, h_{t-1}) all split into an image-side part computed ONCE per
+image (``project``) and a cheap per-step part (``forward``): the paper's W a_i does not depend on t.
+
+Both mechanisms share one interface::
+
+    attend(features [B, L, D], keys [B, L, K], mask [B, L] bool, h [B, n], mode, sample_mask)
+        -> Attended(context [B, D], alpha [B, L], log_prob [B] or None, location [B] or None)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim where masked-out positions get exactly 0. scores, mask: [B, L]."""
+    return scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+
+
+def masked_log_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return scores.masked_fill(~mask, float("-inf")).log_softmax(dim=-1)
+
+
+# ----------------------------------------------------------------------------- score functions
+
+
+class AdditiveScore(nn.Module):
+    """The paper's f_att: e = v^T tanh(W a + U h) (Bahdanau-style MLP)."""
+
+    def __init__(self, feature_dim: int, hidden_dim: int, attention_dim: int) -> None:
+        super().__init__()
+        self.W = nn.Linear(feature_dim, attention_dim)
+        self.U = nn.Linear(hidden_dim, attention_dim, bias=False)
+        self.v = nn.Linear(attention_dim, 1)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        return self.W(features)  # (B, L, A)
+
+    def forward(self, keys: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return self.v(torch.tanh(keys + self.U(h)[:, None, :])).squeeze(-1)  # (B, L)
+
+
+class DotScore(nn.Module):
+    """e = (W a)^T (U h), optionally divided by sqrt(A) (scaled dot product)."""
+
+    def __init__(self, feature_dim: int, hidden_dim: int, attention_dim: int, scaled: bool) -> None:
+        super().__init__()
+        self.W = nn.Linear(feature_dim, attention_dim, bias=False)
+        self.U = nn.Linear(hidden_dim, attention_dim, bias=False)
+        self.scale = 1.0 / math.sqrt(attention_dim) if scaled else 1.0
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        return self.W(features) * self.scale  # (B, L, A)
+
+    def forward(self, keys: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(keys, self.U(h)[:, :, None]).squeeze(-1)  # (B, L)
+
+
+class BilinearScore(nn.Module):
+    """e = a^T M h (Luong's "general" score); M a is the per-image part."""
+
+    def __init__(self, feature_dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.M = nn.Linear(feature_dim, hidden_dim, bias=False)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        return self.M(features)  # (B, L, n)
+
+    def forward(self, keys: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(keys, h[:, :, None]).squeeze(-1)  # (B, L)
+
+
+def build_score(kind: str, feature_dim: int, hidden_dim: int, attention_dim: int) -> nn.Module:
+    if kind == "additive":
+        return AdditiveScore(feature_dim, hidden_dim, attention_dim)
+    if kind in ("dot", "scaled_dot"):
+        return DotScore(feature_dim, hidden_dim, attention_dim, scaled=kind == "scaled_dot")
+    if kind == "bilinear":
+        return BilinearScore(feature_dim, hidden_dim)
+    raise ValueError(f"unknown attention score '{kind}'; choose additive, dot, scaled_dot or bilinear")
+
+
+# ----------------------------------------------------------------------------- mechanisms
+
+
+class Attended(NamedTuple):
+    context: torch.Tensor  # [B, D] z_t before the gate
+    alpha: torch.Tensor  # [B, L] attention weights (exact zeros where masked)
+    log_prob: torch.Tensor | None  # [B] log p(s_t | a) of the sampled location; 0 where not sampled
+    location: torch.Tensor | None  # [B] long, the chosen location; -1 where the expectation was used
+
+
+class SoftAttention(nn.Module):
+    """Deterministic soft attention: z = sum_i alpha_i a_i (Sec. 4.2)."""
+
+    def __init__(self, score: nn.Module) -> None:
+        super().__init__()
+        self.score = score
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        return self.score.project(features)
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        keys: torch.Tensor,
+        mask: torch.Tensor,
+        h: torch.Tensor,
+        mode: str = "expected",
+        sample_mask: torch.Tensor | None = None,
+    ) -> Attended:
+        if mode != "expected":
+            raise ValueError(f"soft attention has no '{mode}' mode; only hard attention samples")
+        alpha = masked_softmax(self.score(keys, h), mask)  # (B, L)
+        context = torch.bmm(alpha[:, None, :], features).squeeze(1)  # (B, D)
+        return Attended(context, alpha, None, None)
+
+
+class HardAttention(SoftAttention):
+    """Stochastic hard attention: s_t ~ Multinoulli(alpha_t), z = a_{s_t} (Sec. 4.1).
+
+    mode "sample": images whose ``sample_mask`` entry is True draw a location; the others use the
+    expected context sum_i alpha_i a_i (the paper's 0.5 substitution, decided by the caller).
+    mode "expected": every image uses the expected context (the authors' default at test time).
+    mode "argmax": every image takes its single most likely location.
+    """
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        keys: torch.Tensor,
+        mask: torch.Tensor,
+        h: torch.Tensor,
+        mode: str = "expected",
+        sample_mask: torch.Tensor | None = None,
+    ) -> Attended:
+        log_alpha = masked_log_softmax(self.score(keys, h), mask)  # (B, L)
+        alpha = log_alpha.exp()
+        B = features.shape[0]
+        if mode == "expected":
+            context = torch.bmm(alpha[:, None, :], features).squeeze(1)
+            return Attended(context, alpha, None, None)
+        if mode == "argmax":
+            location = alpha.argmax(dim=-1)  # (B,)
+        elif mode == "sample":
+            location = torch.multinomial(alpha.detach(), 1).squeeze(1)  # (B,)
+        else:
+            raise ValueError(f"unknown hard attention mode '{mode}'; choose sample, expected or argmax")
+        rows = torch.arange(B, device=features.device)
+        sampled_context = features[rows, location]  # (B, D)
+        log_prob = log_alpha[rows, location]  # (B,)
+        if mode == "sample" and sample_mask is not None:
+            expected_context = torch.bmm(alpha[:, None, :], features).squeeze(1)
+            keep = sample_mask[:, None]
+            context = torch.where(keep, sampled_context, expected_context)
+            log_prob = torch.where(sample_mask, log_prob, torch.zeros_like(log_prob))
+            location = torch.where(sample_mask, location, torch.full_like(location, -1))
+            return Attended(context, alpha, log_prob, location)
+        return Attended(sampled_context, alpha, log_prob, location)
+
+
+def build_attention(kind: str, score: nn.Module) -> SoftAttention:
+    if kind == "soft":
+        return SoftAttention(score)
+    if kind == "hard":
+        return HardAttention(score)
+    raise ValueError(f"unknown attention '{kind}'; choose soft or hard")

@@ -1,0 +1,54 @@
+"""The whole model: encoder + attention decoder, built from a ModelConfig and a vocabulary size."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from captioning.config import ModelConfig
+from captioning.models.decoder import Decoder, DecoderOutput
+from captioning.models.encoder import Encoder
+
+
+class ShowAttendTell(nn.Module):
+    """images [B, 3, H, W] -> annotation grid [B, L, D] -> word distributions, one per step.
+
+    ``attention`` ("soft" or "hard") picks the mechanism once, at construction: the model holds
+    only the modules that mechanism uses.
+    """
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int) -> None:
+        super().__init__()
+        self.attention = cfg.attention
+        self.encoder = Encoder(cfg.encoder)
+        self.decoder = Decoder(cfg.decoder, vocab_size, self.encoder.out_channels, cfg.attention)
+
+    def encode(
+        self, images: torch.Tensor, image_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> features [B, L, D], feature mask [B, L] bool."""
+        return self.encoder(images, image_mask)
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        captions: torch.Tensor,
+        image_mask: torch.Tensor | None = None,
+        mode: str = "expected",
+        sample_mask: torch.Tensor | None = None,
+    ) -> DecoderOutput:
+        """Teacher-forced pass: captions [B*k, T+1] (<start> ... <end> <pad>) -> logits [B*k, T, V].
+
+        With k > 1 captions per image (rows i*k .. i*k+k-1 belong to image i), the image is encoded
+        once and its annotations are repeated for its k captions.
+        """
+        features, mask = self.encode(images, image_mask)
+        k, rem = divmod(captions.shape[0], images.shape[0])
+        if rem or k == 0:
+            raise ValueError(f"{captions.shape[0]} captions for {images.shape[0]} images: need k per image")
+        if k > 1:
+            features = features.repeat_interleave(k, dim=0)  # (B*k, L, D)
+            mask = mask.repeat_interleave(k, dim=0)
+            if sample_mask is not None and sample_mask.shape[0] == images.shape[0]:
+                sample_mask = sample_mask.repeat_interleave(k, dim=0)
+        return self.decoder(features, mask, captions, mode, sample_mask)

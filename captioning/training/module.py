@@ -1,0 +1,155 @@
+"""The LightningModule: it orchestrates (steps, losses, logging, optimisers) and does no model maths.
+
+The checkpoint it produces describes itself in plain types: ``hyper_parameters`` holds the config
+as a nested dict and the vocabulary as a list of words; ``state_dict`` holds the weights and the
+REINFORCE baseline. It loads with ``torch.load(path, weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+
+from captioning.config import Config, from_dict, to_dict
+from captioning.decoding import greedy_decode
+from captioning.evaluation.evaluator import evaluate_predictions
+from captioning.losses import ReinforceBaseline, caption_loss
+from captioning.models import ShowAttendTell
+from captioning.vocab import Vocabulary
+
+VAL_METRICS = ("bleu",)  # cheap enough for every validation; the test split gets them all
+TEST_METRICS = ("bleu", "meteor", "rouge", "cider")
+
+
+class CaptioningModule(pl.LightningModule):
+    def __init__(self, config: dict, vocab: list[str]) -> None:
+        super().__init__()
+        # Plain types only, so checkpoints need none of our classes to load.
+        self.save_hyperparameters({"config": config, "vocab": vocab})
+        self.cfg: Config = from_dict(config)
+        self.vocab = Vocabulary(vocab)
+        self.model = ShowAttendTell(self.cfg.model, len(self.vocab))
+        self.hard = self.cfg.model.attention == "hard"
+        # Built only for hard attention: soft attention has no baseline (STYLE: one visible branch).
+        self.baseline = ReinforceBaseline(self.cfg.loss.baseline_decay) if self.hard else None
+        self._predictions: dict[int, str] = {}
+        self._alphas: dict[int, torch.Tensor] = {}
+        self.eval_results: dict | None = None  # filled on rank 0 after validation/test
+
+    @classmethod
+    def create(cls, cfg: Config, vocab: Vocabulary) -> "CaptioningModule":
+        return cls(to_dict(cfg), list(vocab.words))
+
+    # ------------------------------------------------------------------------------ training
+    def on_fit_start(self) -> None:
+        # Same seed on every rank gave identical initial weights; from here each rank draws its
+        # own dropout masks and attention samples.
+        torch.manual_seed(self.cfg.train.seed * 1009 + 1 + self.global_rank)
+
+    def _attention_plan(self, batch_size: int) -> tuple[str, torch.Tensor | None]:
+        """Hard attention: which captions use a sampled location vs the expected context."""
+        if not self.hard:
+            return "expected", None
+        p = self.cfg.loss.expected_context_prob
+        if self.cfg.loss.substitution == "minibatch":
+            # One draw per global minibatch, identical on every rank (seeded by the step).
+            gen = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + self.global_step)
+            use_expected = torch.rand((), generator=gen).item() < p
+            return ("expected", None) if use_expected else ("sample", None)
+        sample_mask = torch.rand(batch_size, device=self.device) >= p  # per image
+        return "sample", sample_mask
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        images, captions = batch["images"], batch["captions"]
+        mode, sample_mask = self._attention_plan(images.shape[0])
+        out = self.model(images, captions, mode=mode, sample_mask=sample_mask)
+        terms = caption_loss(
+            self.cfg.loss, out.logits, captions[:, 1:], out.alphas, out.mask, self.vocab.pad_id,
+            self.cfg.model.attention, out.log_probs, self.baseline.value if self.hard else None,
+        )
+        n = captions.shape[0]
+        self.log("train/loss", terms.loss, prog_bar=True, batch_size=n)
+        self.log("train/token_nll", terms.token_nll, prog_bar=True, batch_size=n)
+        self.log_dict({"train/nll": terms.nll, "train/doubly_stochastic": terms.doubly_stochastic,
+                       "train/entropy": terms.entropy}, batch_size=n)
+        if self.hard:
+            self.log_dict({"train/reinforce": terms.reinforce, "train/baseline": self.baseline.value,
+                           "train/sampled": float(mode == "sample")}, batch_size=n)
+            # The step uses the old b; b is then moved towards the mean token NLL of the global
+            # minibatch (all-reduced), so every rank holds the same b.
+            self.baseline.update(self.trainer.strategy.reduce(terms.token_nll.detach(), reduce_op="mean"))
+        return terms.loss
+
+    def configure_optimizers(self):
+        encoder = [p for p in self.model.encoder.parameters() if p.requires_grad]
+        groups = [{"params": list(self.model.decoder.parameters()), "lr": self.cfg.optim.lr, "name": "decoder"}]
+        if encoder:
+            groups.append({"params": encoder, "lr": self.cfg.optim.encoder_lr, "name": "encoder"})
+        return torch.optim.Adam(groups, weight_decay=self.cfg.optim.weight_decay)
+
+    # ------------------------------------------------------------------------------ evaluation
+    def _decode_batch(self, batch: dict) -> None:
+        decoded = greedy_decode(self.model, batch["images"], max_len=self.cfg.decode.max_len,
+                                mode=self.cfg.decode.hard_mode if self.hard else "expected")
+        for image_id, tokens in zip(batch["image_ids"].tolist(), decoded.tokens):
+            self._predictions[image_id] = " ".join(self.vocab.decode(tokens))
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._decode_batch(batch)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._decode_batch(batch)
+
+    def on_validation_epoch_start(self) -> None:
+        self._predictions = {}
+
+    def on_test_epoch_start(self) -> None:
+        self._predictions = {}
+
+    def on_validation_epoch_end(self) -> None:
+        self._score("val", VAL_METRICS)
+
+    def on_test_epoch_end(self) -> None:
+        self._score("test", TEST_METRICS)
+
+    def _gather_predictions(self) -> dict[int, str]:
+        """All ranks' predictions, de-duplicated by image id (DistributedSampler pads with repeats)."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return dict(self._predictions)
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, self._predictions)
+        merged: dict[int, str] = {}
+        for part in parts:
+            merged.update(part)
+        return merged
+
+    def _score(self, split: str, metrics: tuple[str, ...]) -> None:
+        if self.trainer.sanity_checking:
+            return
+        predictions = self._gather_predictions()
+        values: dict[str, float] = {}
+        if self.global_rank == 0:
+            dm = self.trainer.datamodule
+            refs = dm.references(split)
+            limited = self.trainer.limit_val_batches != 1.0 if split == "val" else self.trainer.limit_test_batches != 1.0
+            if limited or self.trainer.fast_dev_run:  # a partial pass scores what it decoded
+                refs = {i: refs[i] for i in predictions}
+            elif set(predictions) != set(refs):
+                raise RuntimeError(f"{split}: decoded {len(predictions)} images but the split has {len(refs)}")
+            scenes = dm.scenes(split)
+            start = time.perf_counter()
+            values, report = evaluate_predictions(predictions, refs, scenes, metrics)
+            self.eval_results = {
+                "split": split, "num_images": len(predictions), "scale": "0-1",
+                "tokenizer": report.tokenizer, "skipped": report.skipped, "metrics": values,
+                "decode": {"method": "greedy", "max_len": self.cfg.decode.max_len,
+                           "hard_mode": self.cfg.decode.hard_mode if self.hard else None},
+                "predictions": predictions, "scoring_seconds": time.perf_counter() - start,
+            }
+        values = self.trainer.strategy.broadcast(values, src=0)
+        prefix = "val" if split == "val" else "test"
+        for key, value in values.items():
+            self.log(f"{prefix}/{key}", float(value), prog_bar=key in ("bleu_4", "caption_accuracy"), rank_zero_only=False)

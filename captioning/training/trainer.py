@@ -1,0 +1,59 @@
+"""The Lightning Trainer as this project uses it: callbacks, logger, devices and precision."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.loggers import CSVLogger
+
+from captioning.config import Config
+
+MONITOR = "val/bleu_4"  # from real greedy decoding of the whole validation split
+
+
+def resolve_precision(cfg: Config) -> str:
+    if cfg.train.precision != "auto":
+        return cfg.train.precision
+    gpu = cfg.train.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return "bf16-mixed" if gpu else "32-true"
+
+
+def build_trainer(cfg: Config, out_dir: str | Path, progress_bar: bool = True) -> pl.Trainer:
+    out_dir = Path(out_dir)
+    t = cfg.train
+    callbacks: list[pl.Callback] = [
+        ModelCheckpoint(dirpath=out_dir, filename="best", monitor=MONITOR, mode="max", save_top_k=1,
+                        save_last=True, enable_version_counter=False, auto_insert_metric_name=False),
+        EarlyStopping(monitor=MONITOR, mode="max", patience=t.patience),
+        LearningRateMonitor(logging_interval="epoch"),
+    ]
+    if progress_bar:
+        callbacks.append(TQDMProgressBar(refresh_rate=10))
+    multi = t.devices * t.num_nodes > 1
+    return pl.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        # Every parameter is used in every step (the mechanism is chosen at construction), so DDP
+        # needs no find_unused_parameters search.
+        strategy="ddp" if multi else "auto",
+        precision=resolve_precision(cfg),
+        max_epochs=t.max_epochs,
+        max_time=timedelta(minutes=t.max_time_minutes) if t.max_time_minutes > 0 else None,
+        check_val_every_n_epoch=t.val_every,
+        log_every_n_steps=t.log_every,
+        gradient_clip_val=cfg.optim.grad_clip or None,
+        limit_train_batches=t.limit_train_batches,
+        limit_val_batches=t.limit_val_batches,
+        fast_dev_run=t.fast_dev_run,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+        logger=CSVLogger(out_dir, name="logs", version=""),
+        enable_progress_bar=progress_bar,
+        default_root_dir=out_dir,
+        deterministic=False,
+    )

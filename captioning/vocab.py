@@ -1,0 +1,64 @@
+"""Tokenisation and the word <-> id vocabulary, stored in checkpoints as a plain list of words."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from typing import Iterable, Sequence
+
+import torch
+
+PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
+SPECIALS = (PAD, START, END, UNK)
+
+_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+
+
+def tokenize(text: str) -> list[str]:
+    """Lowercase words and numbers; punctuation dropped (as in Karpathy's split files)."""
+    return _WORD.findall(text.lower())
+
+
+class Vocabulary:
+    """ids 0..3 are <pad>, <start>, <end>, <unk>; then words, most frequent first."""
+
+    def __init__(self, words: Sequence[str]) -> None:
+        words = list(words)
+        if tuple(words[:4]) != SPECIALS:
+            raise ValueError(f"a vocabulary must start with {SPECIALS}, got {words[:4]}")
+        if len(set(words)) != len(words):
+            raise ValueError("a vocabulary must not repeat words")
+        self.words = words
+        self.index = {w: i for i, w in enumerate(words)}
+
+    pad_id, start_id, end_id, unk_id = 0, 1, 2, 3
+
+    @classmethod
+    def build(cls, captions: Iterable[str], min_count: int) -> "Vocabulary":
+        counts = Counter(tok for caption in captions for tok in tokenize(caption))
+        kept = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
+        return cls(list(SPECIALS) + kept)
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Vocabulary) and self.words == other.words
+
+    def encode(self, caption: str, max_len: int) -> list[int]:
+        """<start> w_1 .. w_k <end>, with k <= max_len (longer captions are truncated)."""
+        ids = [self.index.get(tok, self.unk_id) for tok in tokenize(caption)[:max_len]]
+        return [self.start_id, *ids, self.end_id]
+
+    def decode(self, ids: Sequence[int] | torch.Tensor) -> list[str]:
+        """Words up to (excluding) the first <end>; <start> and <pad> are skipped."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        words = []
+        for i in ids:
+            if i == self.end_id:
+                break
+            if i in (self.pad_id, self.start_id):
+                continue
+            words.append(self.words[i])
+        return words

@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""Train Show, Attend and Tell with soft or hard attention, then score the test split.
+
+    python scripts/train.py --attention soft                 # built-in synthetic dataset
+    python scripts/train.py --attention hard --devices 2     # DDP on 2 devices (CPU or GPU)
+    python scripts/train.py --config configs/x.yaml --set optim.lr=4e-4 --set data.batch_size=16
+    python scripts/train.py --resume runs/soft/last.ckpt     # continue: same step, optimiser, baseline
+
+Writes to --out-dir: best.ckpt (best validation BLEU-4), last.ckpt, config.yaml (as run),
+metrics.json (test split, 0-1 scale), test_predictions.json (COCO results format), logs/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
+
+from captioning.checkpoint import checkpoint_config, read_checkpoint
+from captioning.config import ConfigError, build_config, merge, parse_override, save_yaml, validate
+from captioning.data.datamodule import CaptionDataModule
+from captioning.evaluation.metrics import format_metrics_table
+from captioning.training.module import CaptioningModule
+from captioning.training.trainer import build_trainer
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--attention", choices=["soft", "hard"], help="attention mechanism (default: soft)")
+    p.add_argument("--config", type=Path, help="YAML file holding differences from the defaults")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key, e.g. --set optim.lr=0.0004 (repeatable)")
+    p.add_argument("--devices", type=int, help="devices per node; >1 trains with DDP")
+    p.add_argument("--num-nodes", type=int, help="nodes (with torchrun or SLURM)")
+    p.add_argument("--max-epochs", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out-dir", type=Path, help="default: runs/<attention>")
+    p.add_argument("--resume", type=Path, metavar="CKPT", help="continue training from last.ckpt")
+    p.add_argument("--fast-dev-run", action="store_true", help="one batch of each stage, for smoke tests")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    return p.parse_args(argv)
+
+
+def make_config(args: argparse.Namespace):
+    """Defaults <- --config <- --set <- the named flags; or, with --resume, the checkpoint's config."""
+    overrides = list(args.set)
+    flags = {"model.attention": args.attention, "train.devices": args.devices, "train.num_nodes": args.num_nodes,
+             "train.max_epochs": args.max_epochs, "train.seed": args.seed}
+    overrides += [f"{key}={value}" for key, value in flags.items() if value is not None]
+    if args.fast_dev_run:
+        overrides.append("train.fast_dev_run=true")
+    if args.resume is None:
+        return build_config(args.config, overrides), None
+    cfg, vocab = checkpoint_config(read_checkpoint(args.resume), args.resume)
+    if args.config is not None:
+        raise ConfigError("--resume takes its config from the checkpoint; pass changes with --set, not --config")
+    for text in overrides:
+        cfg = merge(cfg, parse_override(text))
+    return validate(cfg), vocab
+
+
+@rank_zero_only
+def write_outputs(out_dir: Path, module: CaptioningModule, extra: dict) -> None:
+    results = dict(module.eval_results or {})
+    predictions = results.pop("predictions", {})
+    (out_dir / "test_predictions.json").write_text(
+        json.dumps([{"image_id": i, "caption": c} for i, c in sorted(predictions.items())], indent=1)
+    )
+    (out_dir / "metrics.json").write_text(json.dumps({**results, **extra}, indent=2))
+    print(format_metrics_table(results.get("metrics", {}), title=f"test split, {results.get('num_images')} images"))
+    print(f"wrote {out_dir / 'metrics.json'}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    try:
+        cfg, vocab = make_config(args)
+    except ConfigError as err:
+        sys.exit(f"error: {err}")
+    out_dir = args.out_dir or Path("runs") / cfg.model.attention
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if rank_zero_only.rank == 0:
+        save_yaml(cfg, out_dir / "config.yaml")
+    pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
+
+    started = time.perf_counter()
+    data = CaptionDataModule(cfg.data, vocab)
+    data.prepare_data()  # the vocabulary is needed to build the model, so the data comes first
+    data.setup("fit")
+    module = CaptioningModule.create(cfg, data.vocab)
+    rank_zero_info(f"{cfg.model.attention} attention, {len(data.vocab)} words, "
+                   f"{sum(p.numel() for p in module.parameters() if p.requires_grad):,} trained parameters")
+
+    trainer = build_trainer(cfg, out_dir, progress_bar=not args.no_progress)
+    trainer.fit(module, datamodule=data, ckpt_path=args.resume)
+    train_seconds = time.perf_counter() - started
+    best = None if cfg.train.fast_dev_run else "best"
+    trainer.test(module, datamodule=data, ckpt_path=best, verbose=False)
+
+    extra = {
+        "attention": cfg.model.attention,
+        "checkpoint": str(out_dir / "best.ckpt") if best else None,
+        "global_step": trainer.global_step,
+        "epochs": trainer.current_epoch,
+        "train_seconds": round(train_seconds, 1),
+        "total_seconds": round(time.perf_counter() - started, 1),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+    write_outputs(out_dir, module, extra)
+    return {**(module.eval_results or {}), **extra}
+
+
+if __name__ == "__main__":
+    main()
