@@ -9,7 +9,6 @@ package that reads the same config keys can load them.
 from __future__ import annotations
 
 import pickle
-import zipfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -36,9 +35,13 @@ def read_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path} is not a readable checkpoint ({first})") from None
+    except pickle.UnpicklingError:
+        # weights_only refuses pickled classes: not one of ours, which hold plain types only.
+        raise CheckpointError(f"{path} holds pickled objects, so it is not a show-attend-tell checkpoint") from None
+    except Exception as err:  # torch.load raises many types on garbage (KeyError, EOFError, ...)
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint: not a PyTorch file, or truncated ({type(err).__name__})"
+        ) from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "config" not in ckpt.get("hyper_parameters", {}):
         raise CheckpointError(
             f"{path} is not a show-attend-tell checkpoint (no config/vocab/state_dict); "

@@ -261,6 +261,7 @@ def test_meteor_watchdog_kills_a_stuck_process():
 
 def test_without_java_falls_back_to_simple_and_skips_meteor(monkeypatch, caplog):
     monkeypatch.setattr(M, "java_available", lambda: False)
+    monkeypatch.setattr(M, "_WARNED_SIMPLE_FALLBACK", False)
     with caplog.at_level(logging.WARNING, logger=M.__name__):
         report = score_details(PREDICTIONS, REFERENCES)
     assert report.tokenizer == "simple"

@@ -64,7 +64,8 @@ def obj(size: str, colour: str, shape: str, x: float, y: float) -> SceneObject:
 
 def test_folder_name_and_layout(tiny):
     assert tiny == dataset_dir(tiny.parent, TINY)
-    assert tiny.name == "synthetic-v1-seed0-n40-10-10-s64-c5"
+    assert tiny.name == f"synthetic-v{syn.GENERATOR_VERSION}-seed0-n40-10-10-s64-c5"
+    assert syn.GENERATOR_VERSION == 3
     for split in ("train", "val", "test"):
         assert (tiny / split).is_dir()
         assert (tiny / "annotations" / f"captions_{split}.json").is_file()
@@ -158,6 +159,68 @@ def test_scene_statistics():
     assert 15 <= duplicates <= 100
 
 
+def _leftmost_xs(objects: list[SceneObject]) -> list[float]:
+    """Sorted centre x of each group's leftmost member (groups: same size, colour and shape)."""
+    lefts: dict[tuple[str, str, str], float] = {}
+    for o in objects:
+        lefts[o.key] = min(lefts.get(o.key, o.cx), o.cx)
+    return sorted(lefts.values())
+
+
+@pytest.mark.parametrize("image_size, n", [(64, 500), (16, 100), (32, 100), (50, 100), (128, 100)])
+def test_groups_are_clearly_ordered(image_size, n):
+    """Different groups' leftmost members are >= the margin apart in x; relations are clear too."""
+    margin = 0.1 * image_size
+    rng = random.Random(image_size)
+    counts, relations = Counter(), Counter()
+    for _ in range(n):
+        objects = make_scene(rng, image_size)
+        counts[len(objects)] += 1
+        xs = _leftmost_xs(objects)
+        assert all(b - a >= margin for a, b in zip(xs, xs[1:])), objects
+        for o in objects:
+            x, y, w, h = o.bbox
+            assert 0 <= x and 0 <= y and x + w <= image_size and y + h <= image_size
+        for i, a in enumerate(objects):
+            for b in objects[i + 1 :]:
+                assert _gap_ok(a, b)
+        canonical = canonical_caption(objects)
+        if len(objects) == 2 and len(xs) == 2:
+            a, b = objects
+            dx, dy = abs(a.cx - b.cx), abs(a.cy - b.cy)
+            assert " to the left of " in canonical and dx >= margin, (canonical, objects)
+            relations["x"] += 1
+            relations["y"] += dy >= margin  # the pool then also offers above/below
+        if len(xs) >= 2 and len(xs) == len(objects):  # every group one object: the order is stated
+            ordered = [o.key for o in sorted(objects, key=lambda o: o.cx)]
+            body = " ".join(syn._np_text(key, 1) for key in ordered[:-1]) + " and " + syn._np_text(ordered[-1], 1)
+            assert f"from left to right {body}" in syn.caption_pool(objects, image_size)
+        assert check_caption(canonical, objects)
+    assert set(counts) == {1, 2, 3}
+    if n >= 500:  # the rejection keeps the object counts about uniform
+        assert min(counts.values()) > n // 4
+    assert relations["x"] > 0 and (relations["y"] > 0 or n < 200)
+
+
+def test_make_scene_is_deterministic_and_always_ends(monkeypatch):
+    first = [make_scene(random.Random(f"scene-{i}"), 64) for i in range(50)]
+    assert first == [make_scene(random.Random(f"scene-{i}"), 64) for i in range(50)]
+    # No placement ever accepted: bounded retries, then the one-object fallback.
+    calls = Counter()
+
+    def never(objects, image_size):
+        calls["check"] += 1
+        return False
+
+    monkeypatch.setattr(syn, "_clearly_ordered", never)
+    for seed in range(3):
+        objects = make_scene(random.Random(seed), 64)
+        assert len(objects) == 1 and objects == make_scene(random.Random(seed), 64)
+        x, y, w, h = objects[0].bbox
+        assert 0 <= x and 0 <= y and x + w <= 64 and y + h <= 64
+    assert calls["check"] == 6 * syn.MAX_PLACEMENTS * syn.MAX_SCENE_DRAWS
+
+
 def test_render_is_deterministic_and_draws_the_colours():
     objects = [obj("large", "red", "square", 4, 4), obj("large", "blue", "circle", 40, 40)]
     a = render_scene(objects, 64, random.Random(5))
@@ -188,8 +251,11 @@ def test_canonical_captions():
     assert canonical_caption([TWO[0]]) == "a small red circle"
     # dx = 40, dy = 30: the x relation, leftmost first
     assert canonical_caption(TWO) == "a small red circle to the left of a large blue square"
+    # dx = 5 < dy = 48: still the x relation, which placement keeps clear of ties
     tall = [obj("small", "red", "circle", 30, 50), obj("small", "blue", "square", 25, 2)]
-    assert canonical_caption(tall) == "a small blue square above a small red circle"
+    assert canonical_caption(tall) == "a small blue square to the left of a small red circle"
+    stacked = [obj("small", "red", "circle", 25, 50), obj("small", "blue", "square", 25, 2)]
+    assert canonical_caption(stacked) == "a small blue square above a small red circle"
     assert canonical_caption(THREE) == "two small red circles and a large green triangle"
     assert canonical_caption(ROW) == "a small red circle a small blue square and a large yellow triangle"
     assert canonical_caption([obj("small", "red", "circle", 5, 5), obj("small", "red", "circle", 40, 40)]) == (

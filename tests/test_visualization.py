@@ -55,7 +55,9 @@ def test_figure_size_formula():
     assert (layout["cols"], layout["rows"], layout["strip"], layout["pad"]) == (3, 1, 16, 3)
     assert figure_size(2, panel_size=100, columns=5) == (3 + 3 * 103, 32 + (16 + 100 + 3))
     assert figure_size(0) == (7 + 231, 56 + 259)
-    bad_args = ({"num_words": -1}, {"num_words": 3, "panel_size": 8}, {"num_words": 3, "columns": 0})
+    bad_args = (
+        {"num_words": -1}, {"num_words": 3, "panel_size": 8}, {"num_words": 3, "columns": 0}
+    )
     for bad in bad_args:
         with pytest.raises(ValueError):
             figure_size(**bad)

@@ -12,7 +12,14 @@ An image is ``image_size`` x ``image_size`` RGB (default 64). The background is 
 gradient, in a random direction, between two random low-saturation mid-luminance colours, plus
 uniform pixel noise of +-8, so the saturated objects always stand out from it. On it lie 1 to 3
 objects (about uniformly), each fully inside the image, with bounding boxes at least 2 px apart
-(rejection sampling). Every object has
+(rejection sampling). The placement is also rejected unless the left-to-right order of the groups
+(see Language) is clear: the centre x of the leftmost members of any two different groups differ by
+at least the margin ``MARGIN_FRACTION * image_size`` (0.1 * image_size); for two objects of
+different kinds this makes the x separation of the canonical relation at least the margin too. Members of one group, and everything else about the positions, are unconstrained.
+A drawn scene whose placement fails :data:`MAX_PLACEMENTS` times is drawn anew (attributes
+included), and after :data:`MAX_SCENE_DRAWS` such draws a single object is placed, so
+:func:`make_scene` always ends; at the shipped sizes the redraws practically never happen.
+Every object has
 
 * a size: ``small`` (box side about 0.16 * image_size) or ``large`` (about 0.32 * image_size),
   each +-1 px;
@@ -25,7 +32,7 @@ In a quarter of the scenes with two or more objects two objects are made identic
 colour and shape, so that counts ("two small red circles") occur; three identical objects occur
 rarely. Images are drawn with PIL and saved as JPEG, quality 95, without chroma subsampling.
 Everything is a function of ``seed``: each image has its own generators, seeded from the string
-``"synthetic-v1/seed=<seed>/<split>/<index>/<purpose>"`` (Python's string seeding hashes with
+``"synthetic-v<version>/seed=<seed>/<split>/<index>/<purpose>"`` (Python's string seeding hashes with
 SHA-512, so it does not depend on ``PYTHONHASHSEED``, the process or the machine). A split's
 scenes therefore do not depend on the sizes of the other splits, and the images do not depend on
 ``captions_per_image``.
@@ -61,20 +68,23 @@ References
 ----------
 Each image has ``captions_per_image`` (1 to 5) pairwise distinct references. Reference #1 is the
 *canonical* caption (:func:`canonical_caption`): no prefix; one object: its np; exactly two
-objects of different kinds: the relation along the axis on which their centres are further apart,
-leftmost (topmost) object first -- "A to the left of B" or "A above B"; otherwise the list in left
+objects of different kinds: the horizontal relation, leftmost object first -- "A to the left of
+B" (placement keeps their centres at least the margin apart in x, so this is never a near-tie;
+"A above B" only for centres at the same x, which placement excludes); otherwise the list in left
 to right group order. The others are drawn without replacement (seeded) from the pool of every
 other phrasing the generator may produce (:func:`caption_pool`): the canonical body with each
 applicable prefix, the list in every group order with and without prefixes, the reversed relation
 ("B to the right of A"), the relation on the other axis, the plain list for two-object scenes,
 and the ordered bodies. The generator states a relation or an order only when the centres differ
 by at least the margin 0.1 * image_size on that axis (the checker itself is strict, without
-margin), so every reference is clearly true and no reference is borderline.
+margin), so every reference is clearly true and no reference is borderline. Scene placement makes
+the canonical caption clear as well: its group order, its "from left to right" order and its
+relation always hold with at least the margin.
 
 Files
 -----
 ``generate_synthetic(root, cfg)`` writes
-``root/synthetic-v1-seed{seed}-n{num_train}-{num_val}-{num_test}-s{image_size}-c{captions_per_image}/``::
+``root/synthetic-v{version}-seed{seed}-n{num_train}-{num_val}-{num_test}-s{image_size}-c{captions_per_image}/``::
 
     train/SYN_train_{image_id:012d}.jpg    (and val/, test/) the images
     annotations/captions_{split}.json     COCO captions, exactly like captions_train2014.json:
@@ -89,6 +99,8 @@ Files
                           "area", "iscrowd": 0, "segmentation": [[x1, y1, x2, y2, ...]],
                           "attributes": {"size": "small" | "large", "colour": "red" | ...}}]}
     manifest.json                         generator version, config, counts, these formats
+
+``{version}`` is :data:`GENERATOR_VERSION`.
 
 Image ids are unique across splits (train 1..N, then val, then test), as are annotation ids.
 Boxes follow COCO: floats, ``x, y`` the top-left corner, the box covering ``[x, x + w)``.
@@ -121,7 +133,8 @@ from PIL import Image, ImageDraw
 
 from captioning.config import SyntheticConfig
 
-GENERATOR_VERSION = 1  # part of the folder name: bump it whenever the output would change
+GENERATOR_VERSION = 3  # part of the folder name: bump it whenever the output would change
+# v2: placement keeps the leftmost members of different groups >= the margin apart in x
 
 SIZES = ("small", "large")
 COLOURS = ("red", "green", "blue", "yellow")
@@ -136,6 +149,8 @@ MIN_GAP = 2  # px of background between any two boxes
 DUPLICATE_PROB = 0.25  # scenes with >= 2 objects: make two of them identical
 TRIPLE_PROB = 0.2  # ... and, with three objects, this fraction of those gets a third one
 MARGIN_FRACTION = 0.1  # the generator states relations/orders only beyond this * image_size
+MAX_PLACEMENTS = 100  # placements of one drawn scene tried before the scene is drawn anew
+MAX_SCENE_DRAWS = 100  # scenes drawn before make_scene falls back to a single object
 MAX_CAPTIONS_PER_IMAGE = 5  # a one-object scene has exactly 5 true phrasings
 MIN_IMAGE_SIZE = 16
 JPEG_QUALITY = 95
@@ -233,22 +248,58 @@ def _place(sides: Sequence[int], image_size: int, rng: random.Random) -> list[tu
     raise RuntimeError(f"could not place objects of sides {list(sides)} in a {image_size} px image")
 
 
-def make_scene(rng: random.Random, image_size: int) -> list[SceneObject]:
-    """A random scene: 1-3 non-overlapping objects (see the module docstring for the rules)."""
-    if image_size < MIN_IMAGE_SIZE:
-        raise ValueError(f"image_size must be at least {MIN_IMAGE_SIZE}, got {image_size}")
-    count = rng.randint(1, 3)
-    attrs = [(rng.choice(SIZES), rng.choice(COLOURS), rng.choice(SHAPES)) for _ in range(count)]
-    if count >= 2 and rng.random() < DUPLICATE_PROB:
-        attrs[1] = attrs[0]
-        if count == 3 and rng.random() < TRIPLE_PROB:
-            attrs[2] = attrs[0]
-    sides = [_side(size, image_size, rng) for size, _, _ in attrs]
-    boxes = _place(sides, image_size, rng)
+def _objects(
+    attrs: Sequence[tuple[str, str, str]], boxes: Sequence[tuple[int, int, int, int]]
+) -> list[SceneObject]:
     return [
         SceneObject(size, colour, shape, tuple(float(v) for v in box))  # type: ignore[arg-type]
         for (size, colour, shape), box in zip(attrs, boxes)
     ]
+
+
+def _clearly_ordered(objects: Sequence[SceneObject], image_size: int) -> bool:
+    """True iff the canonical caption's orders hold with the margin (see the module docstring).
+
+    The centre x of the leftmost members of any two different groups differ by at least
+    ``MARGIN_FRACTION * image_size``; for two objects of different kinds the centres also differ
+    by at least the margin on the axis of the canonical relation (always x, see canonical_caption).
+    """
+    margin = MARGIN_FRACTION * image_size
+    groups = _groups(objects)
+    lefts = sorted(_leftmost(members).cx for members in groups.values())
+    if any(b - a < margin for a, b in zip(lefts, lefts[1:])):
+        return False
+    if len(objects) == 2 and len(groups) == 2:
+        a, b = objects
+        # Implied by the x condition above; kept so the relation's margin does not hinge on it.
+        return abs(a.cx - b.cx) >= margin
+    return True
+
+
+def make_scene(rng: random.Random, image_size: int) -> list[SceneObject]:
+    """A random scene: 1-3 non-overlapping objects (see the module docstring for the rules).
+
+    Rejection sampling with bounded retries: up to :data:`MAX_PLACEMENTS` placements of a drawn
+    scene, up to :data:`MAX_SCENE_DRAWS` drawn scenes, then a single object (always valid).
+    Everything comes from ``rng``, so the result is a function of its state.
+    """
+    if image_size < MIN_IMAGE_SIZE:
+        raise ValueError(f"image_size must be at least {MIN_IMAGE_SIZE}, got {image_size}")
+    for _ in range(MAX_SCENE_DRAWS):
+        count = rng.randint(1, 3)
+        attrs = [(rng.choice(SIZES), rng.choice(COLOURS), rng.choice(SHAPES)) for _ in range(count)]
+        if count >= 2 and rng.random() < DUPLICATE_PROB:
+            attrs[1] = attrs[0]
+            if count == 3 and rng.random() < TRIPLE_PROB:
+                attrs[2] = attrs[0]
+        sides = [_side(size, image_size, rng) for size, _, _ in attrs]
+        for _ in range(MAX_PLACEMENTS):
+            objects = _objects(attrs, _place(sides, image_size, rng))
+            if _clearly_ordered(objects, image_size):
+                return objects
+    # Unreachable in practice; a single object has no order to get wrong.
+    attrs = [(rng.choice(SIZES), rng.choice(COLOURS), rng.choice(SHAPES))]
+    return _objects(attrs, _place([_side(attrs[0][0], image_size, rng)], image_size, rng))
 
 
 def _background_colour(rng: random.Random) -> np.ndarray:
@@ -316,6 +367,11 @@ def _np_text(key: tuple[str, str, str], count: int) -> str:
     return f"{COUNT_WORDS[count]} {size} {colour} {PLURALS[shape]}"
 
 
+def _leftmost(members: Sequence[SceneObject]) -> SceneObject:
+    """The member that places a group in the left-to-right order (smallest centre x, then y)."""
+    return min(members, key=lambda o: (o.cx, o.cy))
+
+
 def _groups(objects: Sequence[SceneObject]) -> dict[tuple[str, str, str], list[SceneObject]]:
     """Objects grouped by (size, colour, shape), groups ordered left to right by their leftmost member."""
     groups: dict[tuple[str, str, str], list[SceneObject]] = {}
@@ -324,7 +380,7 @@ def _groups(objects: Sequence[SceneObject]) -> dict[tuple[str, str, str], list[S
 
     def order(item: tuple[tuple[str, str, str], list[SceneObject]]) -> tuple:
         key, members = item
-        leftmost = min(members, key=lambda o: (o.cx, o.cy))
+        leftmost = _leftmost(members)
         return (leftmost.cx, leftmost.cy, SIZES.index(key[0]), COLOURS.index(key[1]), SHAPES.index(key[2]))
 
     return dict(sorted(groups.items(), key=order))
@@ -349,8 +405,10 @@ def canonical_caption(objects: Sequence[SceneObject]) -> str:
     if len(objects) == 2 and len(groups) == 2:
         a, b = objects
         dx, dy = abs(a.cx - b.cx), abs(a.cy - b.cy)
+        # Placement guarantees dx >= margin, so the horizontal relation is never a near-tie;
+        # choosing the axis of larger separation instead would be a coin flip when dx ~ dy.
         if max(dx, dy) > 0:  # always for generated scenes; coinciding centres fall back to the list
-            if dx >= dy:
+            if dx > 0:
                 first, second = sorted(objects, key=lambda o: o.cx)
                 return f"{_np_text(first.key, 1)} to the left of {_np_text(second.key, 1)}"
             first, second = sorted(objects, key=lambda o: o.cy)

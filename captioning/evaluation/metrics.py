@@ -254,15 +254,22 @@ def _ptb_tokenize_strings(strings: Sequence[str]) -> list[str]:
         return [new[s] if s in new else _PTB_CACHE[s] for s in strings]
 
 
+_WARNED_SIMPLE_FALLBACK = False  # the no-Java fallback warning is logged once per process
+
+
 def _resolve_tokenizer(tokenizer: str) -> str:
     if tokenizer not in _TOKENIZERS:
         raise ValueError(f"tokenizer must be one of {_TOKENIZERS}, got {tokenizer!r}")
     if tokenizer == "auto":
         if java_available():
             return "ptb"
-        logger.warning(
+        global _WARNED_SIMPLE_FALLBACK
+        log = logger.debug if _WARNED_SIMPLE_FALLBACK else logger.warning
+        _WARNED_SIMPLE_FALLBACK = True
+        log(
             "java not found: using the pure-Python 'simple' tokenizer instead of the official "
-            "PTBTokenizer (scores are close to, but not exactly, the official COCO protocol)"
+            "PTBTokenizer (scores are close to, but not exactly, the official COCO protocol); "
+            "METEOR and SPICE cannot run"
         )
         return "simple"
     if tokenizer == "ptb" and not java_available():
@@ -476,7 +483,7 @@ def score_details(
             (CIDEr-D), ``"spice"``. Aliases like ``"rouge_l"`` / ``"bleu_4"`` are accepted.
         tokenizer: ``"ptb"`` (official Stanford PTBTokenizer, needs Java; RuntimeError without),
             ``"simple"`` (pure Python, :func:`simple_tokenize`), or ``"auto"`` (ptb if Java
-            works, otherwise simple with a logged warning).
+            works, otherwise simple, with a warning logged once per process).
         meteor_timeout: seconds before a hung METEOR process is killed (metric then skipped).
             Default ``120 + 0.05 * num_images``.
 

@@ -7,6 +7,7 @@ REINFORCE baseline. It loads with ``torch.load(path, weights_only=True)``.
 
 from __future__ import annotations
 
+import math
 import time
 
 import pytorch_lightning as pl
@@ -88,7 +89,16 @@ class CaptioningModule(pl.LightningModule):
         groups = [{"params": list(self.model.decoder.parameters()), "lr": self.cfg.optim.lr, "name": "decoder"}]
         if encoder:
             groups.append({"params": encoder, "lr": self.cfg.optim.encoder_lr, "name": "encoder"})
-        return torch.optim.Adam(groups, weight_decay=self.cfg.optim.weight_decay)
+        optimizer = torch.optim.Adam(groups, weight_decay=self.cfg.optim.weight_decay)
+        if self.cfg.optim.schedule == "constant":
+            return optimizer
+        total = max(1, self.trainer.estimated_stepping_batches)
+
+        def cosine(step: int) -> float:  # multiplies each group's lr: 1 -> 0.05 over the run
+            return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------------------ evaluation
     def _decode_batch(self, batch: dict) -> None:

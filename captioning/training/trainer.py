@@ -27,7 +27,10 @@ def build_trainer(cfg: Config, out_dir: str | Path, progress_bar: bool = True) -
     t = cfg.train
     callbacks: list[pl.Callback] = [
         ModelCheckpoint(dirpath=out_dir, filename="best", monitor=MONITOR, mode="max", save_top_k=1,
-                        save_last=True, enable_version_counter=False, auto_insert_metric_name=False),
+                        enable_version_counter=False, auto_insert_metric_name=False),
+        # A second callback without a monitor keeps last.ckpt current after every epoch: Lightning
+        # 2.6's save_last only writes it in epochs where the best checkpoint also improved.
+        ModelCheckpoint(dirpath=out_dir, filename="last", save_top_k=1, enable_version_counter=False),
         EarlyStopping(monitor=MONITOR, mode="max", patience=t.patience),
         LearningRateMonitor(logging_interval="epoch"),
     ]

@@ -1,0 +1,352 @@
+"""Inference: the Captioner API, the caption CLI (captioning.cli / scripts/caption.py) and
+scripts/evaluate.py, on a tiny untrained checkpoint built in-process (no training run)."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from captioning import Captioner
+from captioning import cli
+from captioning.checkpoint import CheckpointError
+from captioning.config import build_config
+from captioning.data.datamodule import CaptionDataModule, EvalDataset
+from captioning.data.transforms import ImageLoadError
+from captioning.training.module import CaptioningModule
+from captioning.visualization import figure_size
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+import caption as caption_script  # noqa: E402  (scripts/caption.py)
+import evaluate as evaluate_script  # noqa: E402  (scripts/evaluate.py)
+
+MAX_LEN = 5
+
+
+def _save_checkpoint(cfg, vocab, path: Path) -> Path:
+    """What Lightning's ModelCheckpoint writes, as far as loading is concerned."""
+    torch.manual_seed(0)
+    module = CaptioningModule.create(cfg, vocab)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inference")
+    overrides = [
+        f"data.root={root / 'data'}", "data.synthetic.num_train=20", "data.synthetic.num_val=8",
+        "data.synthetic.num_test=8", f"decode.max_len={MAX_LEN}", "model.decoder.embed_dim=32",
+        "model.decoder.hidden_dim=64", "model.decoder.attention_dim=32",
+    ]
+    cfg = build_config(overrides=overrides)
+    data = CaptionDataModule(cfg.data)
+    data.prepare_data()
+    data.setup("fit")
+    ckpt = _save_checkpoint(cfg, data.vocab, root / "run" / "best.ckpt")
+    hard_cfg = build_config(overrides=overrides + ["model.attention=hard", "decode.hard_mode=argmax"])
+    hard_ckpt = _save_checkpoint(hard_cfg, data.vocab, root / "hard" / "best.ckpt")
+    test_records = data.load_split("test")
+    return SimpleNamespace(root=root, cfg=cfg, ckpt=ckpt, hard_ckpt=hard_ckpt, data=data,
+                           test_paths=[Path(r.path) for r in test_records])
+
+
+@pytest.fixture(scope="module")
+def images(tiny):
+    """Images in awkward formats (all must caption) and broken files (each one error line)."""
+    folder = tiny.root / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    noise = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), "RGB")
+    good = {}
+
+    def add(name: str, img: Image.Image, **save) -> None:
+        good[name] = folder / name
+        img.save(good[name], **save)
+
+    add("gray.png", noise.convert("L"))
+    add("cmyk.jpg", noise.convert("CMYK"))
+    rgba = noise.convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize((64, 64)))
+    add("rgba.png", rgba)
+    add("palette.png", noise.convert("P", palette=Image.Palette.ADAPTIVE, colors=16))
+    add("deep16.png", Image.fromarray((rng.integers(0, 65536, (40, 30))).astype(np.uint16)))
+    wide = Image.new("RGB", (48, 24), (200, 30, 30))
+    wide.paste((20, 20, 220), (0, 0, 24, 24))
+    exif = wide.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when displayed
+    add("rotated.jpg", wide, exif=exif.tobytes())
+    add("tiny.png", Image.new("RGB", (1, 1), (10, 200, 10)))
+    assert Image.open(good["cmyk.jpg"]).mode == "CMYK"
+    assert Image.open(good["palette.png"]).mode == "P"
+    assert Image.open(good["deep16.png"]).mode in ("I;16", "I")
+
+    bad = {"text.jpg": folder / "text.jpg", "truncated.jpg": folder / "truncated.jpg",
+           "empty.png": folder / "empty.png"}
+    bad["text.jpg"].write_text("this is not an image\n")
+    buffer = io.BytesIO()
+    noise.save(buffer, format="JPEG", quality=95)
+    bad["truncated.jpg"].write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    bad["empty.png"].write_bytes(b"")
+    return SimpleNamespace(folder=folder, good=list(good.values()), bad=list(bad.values()), by_name={**good, **bad})
+
+
+def run_cli(capsys, *args) -> tuple[int, list[str], list[str]]:
+    rc = cli.main(["caption", *map(str, args)])
+    out, err = capsys.readouterr()
+    return rc, out.splitlines(), err.splitlines()
+
+
+def error_lines(err: list[str]) -> list[str]:
+    return [line for line in err if line.startswith("error:")]
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def test_cli_prints_one_tab_separated_line_per_image(tiny, capsys):
+    paths = tiny.test_paths[:3]
+    rc, out, err = run_cli(capsys, "--checkpoint", tiny.ckpt, *paths)
+    assert rc == 0, err
+    assert error_lines(err) == []
+    assert len(out) == len(paths)
+    for line, path in zip(out, paths):
+        assert line.count("\t") == 1
+        shown, text = line.split("\t")
+        assert shown == str(path)
+        assert 1 <= len(text.split()) <= MAX_LEN
+
+
+def test_json_lines_and_one_heatmap_per_image(tiny, capsys, tmp_path):
+    # Two files with the same stem in different folders still get two figures.
+    other = tmp_path / "other"
+    other.mkdir()
+    twin = other / tiny.test_paths[0].name
+    twin.write_bytes(tiny.test_paths[0].read_bytes())
+    paths = tiny.test_paths[:2] + [twin]
+    heatmaps = tmp_path / "heatmaps"
+    rc = caption_script.main(["--checkpoint", str(tiny.ckpt), *map(str, paths), "--json", "--heatmaps", str(heatmaps)])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["path"] for r in rows] == [str(p) for p in paths]
+    for row in rows:
+        assert set(row) == {"path", "caption", "score", "words", "settings"}
+        assert row["caption"] == " ".join(row["words"])
+        assert row["score"] < 0
+        assert row["settings"] == {"method": "greedy", "max_len": MAX_LEN, "hard_mode": None, "attention": "soft"}
+    figures = sorted(heatmaps.glob("*.png"))
+    assert len(figures) == len(paths)
+    assert {f.stem for f in figures} == {paths[0].stem, paths[1].stem, paths[0].stem + "_2"}
+    for row, path in zip(rows, [heatmaps / f"{paths[0].stem}.png", heatmaps / f"{paths[1].stem}.png",
+                                heatmaps / f"{paths[0].stem}_2.png"]):
+        with Image.open(path) as fig:
+            assert fig.format == "PNG"
+            assert fig.size == figure_size(len(row["words"]))
+
+
+def test_folders_and_globs_are_expanded(tiny, capsys, tmp_path):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for i, src in enumerate(tiny.test_paths[:3]):
+        (folder / f"img{2 - i}.jpg").write_bytes(src.read_bytes())
+    (folder / "notes.txt").write_text("not an image, not picked up from a folder")
+    shots = tmp_path / "shots"
+    shots.mkdir()
+    for i, src in enumerate(tiny.test_paths[3:5]):
+        (shots / f"shot{i}.JPG").write_bytes(src.read_bytes())
+    rc, out, err = run_cli(capsys, "--checkpoint", tiny.ckpt, folder, str(shots / "*.JPG"),
+                           str(tmp_path / "missing.jpg"), str(tmp_path / "nothing*.png"))
+    assert rc == 1  # the two inputs that match nothing
+    shown = [line.split("\t")[0] for line in out]
+    assert shown == [str(folder / f"img{i}.jpg") for i in range(3)] + [str(shots / f"shot{i}.JPG") for i in range(2)]
+    errors = error_lines(err)
+    assert len(errors) == 2
+    assert "missing.jpg" in errors[0] and "nothing*.png" in errors[1]
+
+
+def test_bad_files_are_reported_and_the_others_captioned(tiny, images, capsys):
+    inputs = [images.by_name[n] for n in ("gray.png", "text.jpg", "cmyk.jpg", "truncated.jpg", "rgba.png",
+                                          "empty.png", "palette.png", "deep16.png", "rotated.jpg", "tiny.png")]
+    rc, out, err = run_cli(capsys, "--checkpoint", tiny.ckpt, *inputs, "--batch-size", "4")
+    assert rc == 1
+    assert [line.split("\t")[0] for line in out] == [str(p) for p in inputs if p in images.good]
+    errors = error_lines(err)
+    assert len(errors) == len(images.bad)
+    for path, line in zip(images.bad, errors):
+        assert line.startswith(f"error: {path}: ")
+        assert len(line.split(": ", 2)[2]) > 0  # a reason
+    # Each bad file is named by exactly one stderr line; nothing is a traceback.
+    for path in images.bad:
+        assert sum(path.name in line for line in err) == 1
+    assert not any("Traceback" in line for line in err)
+
+
+def test_exif_orientation_and_modes_are_converted(tiny, images):
+    captioner = Captioner.from_checkpoint(tiny.ckpt, device="cpu")
+    rotated = captioner.open(images.by_name["rotated.jpg"])
+    assert rotated.size == (24, 48) and rotated.mode == "RGB"
+    assert rotated.getpixel((12, 6))[2] > 150  # the blue square moved to the top after rotation
+    for path in images.good:
+        tensor = captioner.preprocess(path)
+        assert tensor.shape == (3, tiny.cfg.data.image_size, tiny.cfg.data.image_size)
+        assert torch.isfinite(tensor).all()
+    for path in images.bad:
+        with pytest.raises(ImageLoadError):
+            captioner.caption(path)
+
+
+def test_missing_checkpoint_exits_2_with_one_line(tiny, capsys, tmp_path):
+    rc, out, err = run_cli(capsys, "--checkpoint", tmp_path / "nope.ckpt", tiny.test_paths[0])
+    assert rc == 2 and out == []
+    assert len(err) == 1 and err[0].startswith("error:") and "nope.ckpt" in err[0]
+
+
+@pytest.mark.parametrize("content", [b"this is not a checkpoint\n", b"hello", b"", "dict"])
+def test_not_a_checkpoint_exits_2(tiny, capsys, tmp_path, content):
+    fake = tmp_path / "fake.ckpt"
+    if content == "dict":
+        torch.save({"state_dict": {}}, fake)
+    else:
+        fake.write_bytes(content)
+    rc, out, err = run_cli(capsys, "--checkpoint", fake, tiny.test_paths[0])
+    assert rc == 2 and out == []
+    assert len(err) == 1 and err[0].startswith("error:") and "fake.ckpt" in err[0]
+    with pytest.raises(CheckpointError):
+        Captioner.from_checkpoint(fake, device="cpu")
+
+
+def test_no_images_at_all_exits_2(tiny, capsys, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    rc, out, err = run_cli(capsys, "--checkpoint", tiny.ckpt, empty)
+    assert rc == 2 and out == []
+    assert error_lines(err)[-1].startswith("error: no images")
+    rc, out, err = run_cli(capsys, "--checkpoint", tiny.ckpt)
+    assert rc == 2 and len(err) == 1
+
+
+def test_from_split_captions_the_first_images_of_the_split(tiny, capsys):
+    rc, out, err = run_cli(capsys, "--checkpoint", tiny.ckpt, "--from-split", "test", "--limit", "4")
+    assert rc == 0, err
+    assert [line.split("\t")[0] for line in out] == [str(p) for p in tiny.test_paths[:4]]
+
+
+def test_progress_lines_for_several_batches(tiny, capsys):
+    rc, out, err = run_cli(capsys, "--checkpoint", tiny.ckpt, *tiny.test_paths[:5], "--batch-size", "2")
+    assert rc == 0 and len(out) == 5
+    progress = [line for line in err if line.startswith("caption:")]
+    assert len(progress) == 3 and "5/5 images" in progress[-1] and "images/s" in progress[-1]
+
+
+def test_script_exit_status_in_a_real_process(tiny, tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "caption.py"), "--checkpoint",
+                           str(tmp_path / "missing.ckpt"), str(tiny.test_paths[0])],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1
+    assert cli.main(["nonsense"]) == 2
+
+
+# ------------------------------------------------------------------------------------------ API
+
+
+def test_api_returns_the_same_captions_as_the_cli(tiny, capsys):
+    paths = tiny.test_paths
+    rc = cli.main(["caption", "--checkpoint", str(tiny.ckpt), "--json", *map(str, paths)])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert rc == 0
+    captioner = Captioner.from_checkpoint(tiny.ckpt, device="cpu")
+    assert not captioner.model.training
+    assert captioner.settings == rows[0]["settings"]
+    captions = captioner.caption(paths, batch_size=3)  # different batching, same results
+    assert [c.text for c in captions] == [r["caption"] for r in rows]
+    assert [c.source for c in captions] == [str(p) for p in paths]
+    assert [c.score for c in captions] == pytest.approx([r["score"] for r in rows], abs=1e-4)
+    g = tiny.cfg.model.encoder.grid_size
+    for cap in captions:
+        assert cap.text == " ".join(cap.words)
+        assert cap.attention.shape == (len(cap.words), g, g)
+        np.testing.assert_allclose(cap.attention.sum(axis=(1, 2)), 1.0, atol=1e-4)  # soft alphas
+    # PIL images and single inputs work too.
+    with Image.open(paths[0]) as img:
+        [from_pil] = captioner.caption(img)
+    assert from_pil.source == "<PIL image>" and from_pil.text == captions[0].text
+    assert len(captioner.caption(paths[0], max_len=2)[0].words) <= 2
+    with pytest.raises(ValueError):
+        captioner.caption(paths[0], hard_mode="argmax")  # soft attention has no hard mode
+
+
+def test_hard_attention_uses_the_checkpoint_hard_mode(tiny):
+    captioner = Captioner.from_checkpoint(tiny.hard_ckpt, device="cpu")
+    assert captioner.settings == {"method": "greedy", "max_len": MAX_LEN, "hard_mode": "argmax", "attention": "hard"}
+    assert captioner.decode_settings(hard_mode="expected")["hard_mode"] == "expected"
+    g = tiny.cfg.model.encoder.grid_size
+    for mode in (None, "expected", "sample"):
+        [cap] = captioner.caption(tiny.test_paths[0], hard_mode=mode)
+        assert cap.attention.shape == (len(cap.words), g, g)
+
+
+def test_api_preprocessing_is_the_training_preprocessing(tiny, monkeypatch):
+    """What the API feeds the model equals the training dataset's tensors for the same files."""
+    records = tiny.data.load_split("test")
+    dataset = EvalDataset(records, tiny.data.images("test"))
+    captioner = Captioner.from_checkpoint(tiny.ckpt, device="cpu")
+    fed = []
+    encode = captioner.model.encode
+
+    def spy(images, image_mask=None):
+        fed.append(images.detach().clone())
+        return encode(images, image_mask)
+
+    monkeypatch.setattr(captioner.model, "encode", spy)
+    captioner.caption([r.path for r in records], batch_size=len(records))
+    assert len(fed) == 1
+    expected = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    assert torch.equal(fed[0], expected)
+    for i, record in enumerate(records):
+        assert torch.equal(captioner.preprocess(record.path), dataset[i][0])
+
+
+# ------------------------------------------------------------------------------------------ evaluate
+
+
+def test_evaluate_writes_predictions_and_metrics(tiny, capsys, tmp_path):
+    out_dir = tmp_path / "eval"
+    results = evaluate_script.main(["--checkpoint", str(tiny.ckpt), "--split", "test", "--metrics", "bleu",
+                                    "--out-dir", str(out_dir), "--batch-size", "3"])
+    out, err = capsys.readouterr()
+    split_ids = sorted(r.image_id for r in tiny.data.load_split("test"))
+    predictions = json.loads((out_dir / "predictions_test.json").read_text())
+    assert sorted(p["image_id"] for p in predictions) == split_ids
+    assert all(set(p) == {"image_id", "caption"} for p in predictions)
+    metrics = json.loads((out_dir / "metrics_test.json").read_text())
+    assert metrics["num_images"] == len(split_ids) == results["num_images"]
+    assert metrics["split"] == "test" and metrics["scale"] == "0-1"
+    assert metrics["decode"]["method"] == "greedy" and metrics["checkpoint"] == str(tiny.ckpt)
+    assert {"bleu_1", "bleu_4", "caption_accuracy"} <= set(metrics["metrics"])
+    assert "meteor" not in metrics["metrics"] and "meteor" not in metrics["skipped"]
+    assert f"images scored: {len(split_ids)}" in out and "BLEU-4" in out
+    assert any("images/s" in line for line in err.splitlines())
+    # The predictions are the captions the API gives for the same images.
+    captioner = Captioner.from_checkpoint(tiny.ckpt, device="cpu")
+    texts = [c.text for c in captioner.caption([r.path for r in tiny.data.load_split("test")])]
+    assert [p["caption"] for p in sorted(predictions, key=lambda p: p["image_id"])] == texts
+
+
+def test_evaluate_missing_checkpoint_exits_2(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        evaluate_script.main(["--checkpoint", str(tmp_path / "none.ckpt")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "none.ckpt" in err[0]

@@ -1,0 +1,134 @@
+"""The training entry point end to end, with tiny settings on the synthetic dataset (CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+import train  # noqa: E402  (scripts/train.py)
+
+from captioning.checkpoint import load_checkpoint  # noqa: E402
+
+
+def tiny_args(tmp: Path, data_root: Path, *extra: str) -> list[str]:
+    """Seconds-long settings: 32 training images of 32x32, a 4x4 grid, a small decoder."""
+    settings = {
+        "data.root": str(data_root),
+        "data.synthetic.num_train": 32, "data.synthetic.num_val": 8, "data.synthetic.num_test": 8,
+        "data.synthetic.image_size": 32, "data.image_size": 32, "data.batch_size": 8,
+        "data.min_word_count": 1,
+        "model.encoder.grid_size": 4, "model.decoder.embed_dim": 16, "model.decoder.hidden_dim": 32,
+        "model.decoder.attention_dim": 16, "train.log_every": 1,
+    }
+    args = ["--out-dir", str(tmp), "--no-progress"]
+    for key, value in settings.items():
+        args += ["--set", f"{key}={value}"]
+    return args + list(extra)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.mark.parametrize("attention", ["soft", "hard"])
+def test_fast_dev_run(tmp_path, data_root, attention):
+    result = train.main(tiny_args(tmp_path, data_root, "--attention", attention, "--fast-dev-run"))
+    assert result["attention"] == attention
+    assert {"bleu_1", "bleu_4", "caption_accuracy"} <= set(result["metrics"])
+    assert (tmp_path / "config.yaml").is_file() and (tmp_path / "metrics.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def hard_run(tmp_path_factory, data_root):
+    out = tmp_path_factory.mktemp("hard")
+    result = train.main(tiny_args(out, data_root, "--attention", "hard", "--max-epochs", "2"))
+    return out, result
+
+
+def test_outputs_describe_themselves(hard_run):
+    out, result = hard_run
+    for name in ("best.ckpt", "last.ckpt", "config.yaml", "metrics.json", "test_predictions.json"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["scale"] == "0-1" and metrics["split"] == "test"
+    assert metrics["num_images"] == 8  # every test image decoded once
+    assert {"bleu_1", "bleu_2", "bleu_3", "bleu_4", "caption_accuracy"} <= set(metrics["metrics"])
+    assert all(0.0 <= metrics["metrics"][k] <= 1.0 for k in ("bleu_4", "caption_accuracy"))
+    predictions = json.loads((out / "test_predictions.json").read_text())
+    assert sorted(p["image_id"] for p in predictions) == sorted(set(p["image_id"] for p in predictions))
+    # Plain types only: loadable without our classes, and carries config + vocabulary + weights.
+    ckpt = torch.load(out / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["hyper_parameters"]["config"]["model"]["attention"] == "hard"
+    assert ckpt["hyper_parameters"]["vocab"][:4] == ["<pad>", "<start>", "<end>", "<unk>"]
+    assert "baseline.value" in ckpt["state_dict"]
+    model, cfg, vocab = load_checkpoint(out / "best.ckpt")
+    assert cfg.model.attention == "hard" and len(vocab) == model.decoder.vocab_size
+
+
+def test_baseline_moves_during_hard_training(hard_run):
+    out, _ = hard_run
+    ckpt = torch.load(out / "last.ckpt", map_location="cpu", weights_only=True)
+    # b starts at 0 and is pulled towards the (positive) token NLL at every step.
+    assert float(ckpt["state_dict"]["baseline.value"]) > 0.1
+
+
+def test_resume_continues_from_the_same_step(hard_run, tmp_path, data_root):
+    out, _ = hard_run
+    before = torch.load(out / "last.ckpt", map_location="cpu", weights_only=True)
+    steps_per_epoch = before["global_step"] // 2
+    resumed = tmp_path / "resumed"
+    result = train.main(tiny_args(resumed, data_root, "--resume", str(out / "last.ckpt"), "--max-epochs", "3"))
+    after = torch.load(resumed / "last.ckpt", map_location="cpu", weights_only=True)
+    assert result["attention"] == "hard"  # the config came from the checkpoint
+    assert after["global_step"] == before["global_step"] + steps_per_epoch
+    assert after["epoch"] == 2
+    # Adam's state was restored, not restarted: its step count kept counting.
+    step_before = before["optimizer_states"][0]["state"][0]["step"]
+    step_after = after["optimizer_states"][0]["state"][0]["step"]
+    assert float(step_after) == float(step_before) + steps_per_epoch
+    # The baseline continued from its saved value (a restart from 0 would sit far lower).
+    b0 = float(before["state_dict"]["baseline.value"])
+    b1 = float(after["state_dict"]["baseline.value"])
+    assert abs(b1 - b0) < 0.5 * b0
+
+
+def test_unknown_config_key_fails_naming_it(tmp_path, data_root, capsys):
+    with pytest.raises(SystemExit) as err:
+        train.main(tiny_args(tmp_path, data_root, "--set", "model.decoder.hiden_dim=8"))
+    assert "model.decoder.hiden_dim" in str(err.value)
+    with pytest.raises(SystemExit) as err:
+        train.main(tiny_args(tmp_path, data_root, "--set", "optim.lr=fast"))
+    assert "optim.lr" in str(err.value)
+
+
+def test_config_file_holds_differences(tmp_path, data_root):
+    config = tmp_path / "small.yaml"
+    config.write_text("model:\n  decoder:\n    dropout: 0.1\n")
+    train.main(tiny_args(tmp_path, data_root, "--config", str(config), "--fast-dev-run"))
+    saved = (tmp_path / "config.yaml").read_text()
+    assert "dropout: 0.1" in saved
+
+
+def test_ddp_two_cpu_processes(tmp_path, data_root):
+    """Two CPU processes (gloo): every test image scored exactly once after gathering."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(REPO / "scripts" / "train.py"), "--devices", "2", "--attention", "hard",
+           "--max-epochs", "1", "--set", "train.accelerator=cpu",
+           *tiny_args(tmp_path, data_root)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["num_images"] == 8
+    ckpt = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)
+    # 32 images, 8 per device, 2 devices: 2 steps per epoch.
+    assert ckpt["global_step"] == 2
