@@ -170,6 +170,12 @@ def _check_value(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(errors[0] if errors else f"config key '{key}': bad value {value!r}")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 reads "1e-3" (no dot) as a string; a float field takes it as the number it is.
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"config key '{key}' expects float, got str {value!r}") from None
     if tp in (int, float) and isinstance(value, bool):
         raise ConfigError(f"config key '{key}' expects {tp.__name__}, got {value!r}")
     if isinstance(tp, type) and not isinstance(value, tp):

@@ -17,18 +17,23 @@ sys.path.insert(0, str(REPO / "scripts"))
 import train  # noqa: E402  (scripts/train.py)
 
 from captioning.checkpoint import load_checkpoint  # noqa: E402
+from captioning.config import load_yaml  # noqa: E402
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def tiny_args(tmp: Path, data_root: Path, *extra: str) -> list[str]:
-    """Seconds-long settings: 32 training images of 32x32, a 4x4 grid, a small decoder."""
-    settings = {
-        "data.root": str(data_root),
-        "data.synthetic.num_train": 32, "data.synthetic.num_val": 8, "data.synthetic.num_test": 8,
-        "data.synthetic.image_size": 32, "data.image_size": 32, "data.batch_size": 8,
-        "data.min_word_count": 1,
-        "model.encoder.grid_size": 4, "model.decoder.embed_dim": 16, "model.decoder.hidden_dim": 32,
-        "model.decoder.attention_dim": 16, "train.log_every": 1,
-    }
+    """configs/tiny.yaml as --set overrides (so --resume, which refuses --config, can use it too)."""
+    settings = flatten(load_yaml(REPO / "configs" / "tiny.yaml"))
+    settings["data.root"] = str(data_root)
     args = ["--out-dir", str(tmp), "--no-progress"]
     for key, value in settings.items():
         args += ["--set", f"{key}={value}"]

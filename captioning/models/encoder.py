@@ -85,7 +85,11 @@ def load_backbone_weights(net: nn.Module, backbone: str, weights: str) -> None:
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
     # The classifier head is discarded later; only the convolutional part must match.
-    missing, unexpected = net.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = net.load_state_dict(state, strict=False)
+    except (RuntimeError, TypeError) as err:  # wrong shapes, or not a dict of tensors at all
+        first = str(err).strip().splitlines()[0]
+        raise EncoderWeightsError(f"weights {weights} do not fit {backbone}: {first}") from None
     missing = [k for k in missing if not k.startswith(("fc.", "classifier."))]
     if missing or unexpected:
         raise EncoderWeightsError(

@@ -1,0 +1,96 @@
+"""Shared small fixtures: a tiny config (random encoder weights, never a download), a tiny
+vocabulary, and helpers that build image and caption batches."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import pytest
+import torch
+
+from captioning.config import Config, merge
+from captioning.vocab import SPECIALS, Vocabulary
+
+TINY_WORDS = ("a", "red", "blue", "green", "circle", "square", "triangle", "left", "right", "of")
+
+# Small everywhere: 32x32 images, resnet18 cut at layer2 (stride 8 -> a 4x4 grid, D = 128).
+TINY_OVERRIDES: dict[str, Any] = {
+    "model": {
+        "encoder": {"backbone": "resnet18", "stage": "layer2", "grid_size": 4, "weights": "none",
+                    "fine_tune_from": "stem"},
+        "decoder": {"embed_dim": 16, "hidden_dim": 32, "attention_dim": 16, "dropout": 0.0},
+    },
+    "data": {"image_size": 32, "batch_size": 4, "captions_per_image": 1, "max_caption_len": 8},
+    "decode": {"max_len": 8},
+}
+
+
+def _deep_update(base: dict, updates: dict) -> dict:
+    out = dict(base)
+    for key, value in updates.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_update(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def make_config(**dotted: Any) -> Config:
+    """The tiny config with extra ``section__key=value`` style overrides, e.g.
+    ``make_config(model__attention="hard", model__decoder__score="dot")``."""
+    updates: dict[str, Any] = {}
+    for key, value in dotted.items():
+        node = updates
+        parts = key.split("__")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return merge(Config(), _deep_update(TINY_OVERRIDES, updates))
+
+
+def make_captions(rows: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Word-id rows (without specials) -> [N, T+1] long: <start> w.. <end> <pad>..."""
+    T1 = max(len(r) for r in rows) + 2
+    out = torch.full((len(rows), T1), Vocabulary.pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        seq = [Vocabulary.start_id, *r, Vocabulary.end_id]
+        out[i, : len(seq)] = torch.tensor(seq)
+    return out
+
+
+def random_captions(n: int, vocab_size: int, min_len: int = 2, max_len: int = 5, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        length = int(torch.randint(min_len, max_len + 1, (), generator=gen))
+        rows.append(torch.randint(4, vocab_size, (length,), generator=gen).tolist())
+    return make_captions(rows)
+
+
+def random_images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """These tensors are tiny: one intra-op thread is faster, and far faster on a shared, busy CPU
+    (oversubscribed OpenMP threads made a 4 s overfit run take 55 s). Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def tiny_config() -> Config:
+    return make_config()
+
+
+@pytest.fixture
+def tiny_vocab() -> Vocabulary:
+    return Vocabulary(list(SPECIALS) + list(TINY_WORDS))

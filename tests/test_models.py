@@ -1,0 +1,578 @@
+"""Encoder, attention, decoder, losses and greedy decoding: shape contracts and behaviour.
+
+Everything runs on random weights (model.encoder.weights="none") with tiny images: no downloads.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from conftest import make_captions, make_config, random_captions, random_images
+from captioning.config import EncoderConfig, LossConfig
+from captioning.decoding import greedy_decode
+from captioning.losses import (
+    ReinforceBaseline,
+    attention_entropy,
+    caption_loss,
+    caption_nll,
+    doubly_stochastic_penalty,
+)
+from captioning.models import ShowAttendTell
+from captioning.models.attention import HardAttention, SoftAttention, build_score
+from captioning.models.encoder import Encoder, EncoderWeightsError
+from captioning.vocab import Vocabulary
+
+pytestmark = pytest.mark.usefixtures("seed", "one_thread")
+
+V = 14  # len(tiny_vocab)
+
+
+def build_model(**dotted) -> ShowAttendTell:
+    cfg = make_config(**dotted)
+    return ShowAttendTell(cfg.model, V)
+
+
+# ============================================================================ encoder
+
+
+@pytest.mark.parametrize(
+    "backbone, D",
+    [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048), ("resnet101", 2048), ("resnet152", 2048),
+     ("vgg16", 512), ("vgg19", 512)],
+)
+def test_encoder_default_stage_shapes(backbone, D):
+    vgg = backbone.startswith("vgg")
+    enc = Encoder(EncoderConfig(backbone=backbone, stage=None, grid_size=4, weights="none",
+                                fine_tune_from=None if vgg else "stem"))
+    assert enc.out_channels == D
+    enc.eval()
+    images = random_images(1, 64)
+    with torch.no_grad():
+        features, mask = enc(images)
+        fmap = enc.stages(images)
+    assert features.shape == (1, 16, D)
+    assert mask.shape == (1, 16) and mask.dtype == torch.bool and bool(mask.all())
+    if vgg:
+        # conv5 (conv5_3 / conv5_4) before its max-pool: stride 16, so 64x64 -> 4x4 ...
+        assert fmap.shape == (1, 512, 4, 4)
+        assert not isinstance(list(enc.stages.conv5)[-1], nn.MaxPool2d)
+        # ... and the 4x4 grid needs no pooling: the annotations are the feature map itself.
+        torch.testing.assert_close(features, fmap.flatten(2).transpose(1, 2))
+    else:
+        assert fmap.shape == (1, D, 2, 2)  # ResNet layer4: stride 32
+
+
+@pytest.mark.parametrize(
+    "backbone, stage, D",
+    [("resnet18", "stem", 64), ("resnet18", "layer1", 64), ("resnet18", "layer2", 128),
+     ("resnet18", "layer3", 256), ("resnet50", "layer2", 512), ("vgg16", "conv3", 256)],
+)
+def test_encoder_stage_channels(backbone, stage, D):
+    fine = None if backbone.startswith("vgg") else "stem"
+    enc = Encoder(EncoderConfig(backbone=backbone, stage=stage, grid_size=3, weights="none", fine_tune_from=fine))
+    assert enc.out_channels == D
+    assert [name for name, _ in enc.stages.named_children()][-1] == stage
+    enc.eval()
+    with torch.no_grad():
+        features, _ = enc(random_images(2, 32))
+    assert features.shape == (2, 9, D)
+
+
+def test_fine_tune_from_freezes_earlier_stages_only():
+    enc = Encoder(EncoderConfig(backbone="resnet18", stage="layer3", grid_size=2, fine_tune_from="layer2"))
+    frozen = {"stem", "layer1"}
+    for name, stage in enc.stages.named_children():
+        flags = {p.requires_grad for p in stage.parameters()}
+        assert flags == ({False} if name in frozen else {True}), name
+    enc.train()
+    for name, stage in enc.stages.named_children():
+        for module in stage.modules():
+            assert module.training == (name not in frozen), name
+
+
+def test_fine_tune_from_none_freezes_everything():
+    enc = Encoder(EncoderConfig(backbone="resnet18", stage="layer2", grid_size=2, fine_tune_from=None))
+    assert not any(p.requires_grad for p in enc.parameters())
+    enc.train()
+    assert enc.training
+    assert not any(m.training for stage in enc.stages for m in stage.modules())
+
+
+def test_frozen_batchnorm_statistics_do_not_move_in_train_mode():
+    model = build_model(model__encoder__stage="layer2", model__encoder__fine_tune_from="layer2")
+    model.train()  # through the parent module, as Lightning does
+    enc = model.encoder
+    frozen_bn = enc.stages.stem[1]
+    trainable_bn = enc.stages.layer2[0].bn1
+    assert isinstance(frozen_bn, nn.BatchNorm2d) and isinstance(trainable_bn, nn.BatchNorm2d)
+    before_frozen = (frozen_bn.running_mean.clone(), frozen_bn.running_var.clone(), int(frozen_bn.num_batches_tracked))
+    before_train = trainable_bn.running_mean.clone()
+    with torch.no_grad():
+        enc(random_images(2, 32) * 3 + 1)
+    assert torch.equal(frozen_bn.running_mean, before_frozen[0])
+    assert torch.equal(frozen_bn.running_var, before_frozen[1])
+    assert int(frozen_bn.num_batches_tracked) == before_frozen[2]
+    assert not torch.equal(trainable_bn.running_mean, before_train)  # the control: this one moves
+
+
+def test_unknown_backbone_and_stage_are_named():
+    with pytest.raises(ValueError, match="resnet9000"):
+        Encoder(EncoderConfig(backbone="resnet9000"))
+    with pytest.raises(ValueError, match="layer7"):
+        Encoder(EncoderConfig(backbone="resnet18", stage="layer7"))
+    with pytest.raises(ValueError, match="layer4"):  # fine-tuning from a stage that was cut off
+        Encoder(EncoderConfig(backbone="resnet18", stage="layer2", fine_tune_from="layer4"))
+
+
+def test_missing_weights_file_raises_encoder_weights_error(tmp_path):
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(EncoderWeightsError, match="nope.pth"):
+        Encoder(EncoderConfig(backbone="resnet18", weights=str(missing)))
+
+
+def test_corrupt_weights_file_raises_encoder_weights_error(tmp_path):
+    bad = tmp_path / "corrupt.pth"
+    bad.write_bytes(b"PK\x03\x04 definitely not a zip archive" * 10)
+    with pytest.raises(EncoderWeightsError):
+        Encoder(EncoderConfig(backbone="resnet18", weights=str(bad)))
+    text = tmp_path / "weights.txt"
+    text.write_text("not a state dict\n")
+    with pytest.raises(EncoderWeightsError):
+        Encoder(EncoderConfig(backbone="resnet18", weights=str(text)))
+
+
+def test_weights_of_another_depth_raise_encoder_weights_error(tmp_path):
+    path = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    with pytest.raises(EncoderWeightsError, match="resnet34"):  # resnet34 has more blocks: missing keys
+        Encoder(EncoderConfig(backbone="resnet34", weights=str(path)))
+
+
+def test_weights_with_mismatched_shapes_raise_encoder_weights_error(tmp_path):
+    path = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    with pytest.raises(EncoderWeightsError):
+        Encoder(EncoderConfig(backbone="resnet50", weights=str(path)))
+
+
+def test_weights_file_holding_a_tensor_raises_encoder_weights_error(tmp_path):
+    path = tmp_path / "tensor.pth"
+    torch.save(torch.zeros(3), path)
+    with pytest.raises(EncoderWeightsError):
+        Encoder(EncoderConfig(backbone="resnet18", weights=str(path)))
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_state_dict_file_loads_and_matches_torchvision(tmp_path, wrapped):
+    torch.manual_seed(123)
+    net = torchvision.models.resnet18()
+    with torch.no_grad():  # non-default BN statistics, so that loading them is visible
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    state = net.state_dict()
+    path = tmp_path / "r18.pth"
+    torch.save({"state_dict": state} if wrapped else state, path)
+
+    enc = Encoder(EncoderConfig(backbone="resnet18", stage="layer2", grid_size=4, weights=str(path)))
+    torch.testing.assert_close(enc.stages.stem[0].weight, net.conv1.weight, rtol=0, atol=0)
+    torch.testing.assert_close(enc.stages.layer2[1].bn2.running_var, net.layer2[1].bn2.running_var, rtol=0, atol=0)
+    enc.eval()
+    net.eval()
+    images = random_images(2, 32)
+    with torch.no_grad():
+        features, _ = enc(images)
+        x = net.maxpool(net.relu(net.bn1(net.conv1(images))))
+        expected = net.layer2(net.layer1(x))  # [2, 128, 4, 4]: the grid needs no pooling
+    torch.testing.assert_close(features, expected.flatten(2).transpose(1, 2))
+
+
+def test_image_mask_marks_padded_cells():
+    enc = Encoder(EncoderConfig(backbone="resnet18", stage="layer2", grid_size=4, fine_tune_from=None))
+    enc.eval()
+    images = random_images(3, 32)
+    image_mask = torch.ones(3, 32, 32, dtype=torch.bool)
+    image_mask[0, :, 16:] = False  # right half is padding
+    image_mask[1, :, 24:] = False  # right quarter is padding
+    image_mask[2] = False  # all padding: never left with nothing to attend to
+    with torch.no_grad():
+        _, mask = enc(images, image_mask)
+    grid = mask.view(3, 4, 4)
+    assert grid[0, :, :2].all() and not grid[0, :, 2:].any()
+    assert grid[1, :, :3].all() and not grid[1, :, 3:].any()
+    assert mask.sum(1).min() >= 1
+    assert grid[2].all()
+    with torch.no_grad():
+        _, no_mask = enc(images)
+    assert no_mask.all()
+
+
+# ============================================================================ attention
+
+
+def _attention_inputs(B=3, L=6, D=5, n=4, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    features = torch.randn(B, L, D, generator=gen)
+    h = torch.randn(B, n, generator=gen)
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[0, 4:] = False
+    mask[1, 0] = False
+    mask[1, 3] = False
+    return features, h, mask
+
+
+SCORES = ["additive", "dot", "scaled_dot", "bilinear"]
+
+
+@pytest.mark.parametrize("score", SCORES)
+def test_soft_attention_alpha_is_a_masked_distribution(score):
+    features, h, mask = _attention_inputs()
+    att = SoftAttention(build_score(score, 5, 4, 7))
+    keys = att.project(features)
+    out = att(features, keys, mask, h)
+    torch.testing.assert_close(out.alpha.sum(-1), torch.ones(3))
+    assert (out.alpha[~mask] == 0.0).all()
+    assert (out.alpha[mask] > 0).all()
+    torch.testing.assert_close(out.context, torch.einsum("bl,bld->bd", out.alpha, features))
+    assert out.log_prob is None and out.location is None
+
+
+@pytest.mark.parametrize("score", SCORES)
+def test_hard_attention_sample_mode(score):
+    features, h, mask = _attention_inputs()
+    att = HardAttention(build_score(score, 5, 4, 7))
+    keys = att.project(features)
+    for _ in range(30):
+        out = att(features, keys, mask, h, mode="sample")
+        torch.testing.assert_close(out.alpha.sum(-1), torch.ones(3))
+        assert (out.alpha[~mask] == 0.0).all()
+        rows = torch.arange(3)
+        assert mask[rows, out.location].all(), "sampled a padded location"
+        assert torch.isfinite(out.log_prob).all()
+        torch.testing.assert_close(out.log_prob, out.alpha[rows, out.location].log())
+        torch.testing.assert_close(out.context, features[rows, out.location])
+
+
+def test_hard_attention_argmax_and_expected_modes():
+    features, h, mask = _attention_inputs()
+    att = HardAttention(build_score("additive", 5, 4, 7))
+    keys = att.project(features)
+    out = att(features, keys, mask, h, mode="argmax")
+    assert torch.equal(out.location, out.alpha.argmax(-1))
+    torch.testing.assert_close(out.context, features[torch.arange(3), out.location])
+    exp = att(features, keys, mask, h, mode="expected")
+    torch.testing.assert_close(exp.context, (exp.alpha[:, :, None] * features).sum(1))
+    torch.testing.assert_close(exp.alpha, out.alpha)
+    with pytest.raises(ValueError, match="bogus"):
+        att(features, keys, mask, h, mode="bogus")
+
+
+@pytest.mark.parametrize("mode", ["sample", "argmax"])
+def test_soft_attention_refuses_non_expected_modes(mode):
+    features, h, mask = _attention_inputs()
+    att = SoftAttention(build_score("additive", 5, 4, 7))
+    with pytest.raises(ValueError, match=mode):
+        att(features, att.project(features), mask, h, mode=mode)
+
+
+def test_hard_attention_sample_mask_substitutes_expected_context():
+    features, h, mask = _attention_inputs()
+    att = HardAttention(build_score("additive", 5, 4, 7))
+    keys = att.project(features)
+    sample_mask = torch.tensor([True, False, True])
+    out = att(features, keys, mask, h, mode="sample", sample_mask=sample_mask)
+    expected = (out.alpha[:, :, None] * features).sum(1)
+    torch.testing.assert_close(out.context[1], expected[1])
+    assert out.location[1] == -1 and out.log_prob[1] == 0.0
+    for i in (0, 2):
+        loc = out.location[i]
+        assert loc >= 0 and mask[i, loc]
+        torch.testing.assert_close(out.context[i], features[i, loc])
+        torch.testing.assert_close(out.log_prob[i], out.alpha[i, loc].log())
+
+
+# ============================================================================ decoder / captioner
+
+
+@pytest.mark.parametrize("attention, mode", [("soft", "expected"), ("hard", "sample"), ("hard", "expected"),
+                                             ("hard", "argmax")])
+def test_teacher_forced_shapes(attention, mode):
+    model = build_model(model__attention=attention)
+    B, k = 2, 3
+    captions = random_captions(B * k, V, min_len=2, max_len=5)
+    out = model(random_images(B), captions, mode=mode)
+    T = captions.shape[1] - 1
+    L = 16
+    assert out.logits.shape == (B * k, T, V)
+    assert out.alphas.shape == (B * k, T, L)
+    assert out.mask.shape == (B * k, L)
+    if mode in ("sample", "argmax"):  # a location was chosen at every step
+        assert out.log_probs is not None and out.log_probs.shape == (B * k, T)
+        assert torch.isfinite(out.log_probs).all() and (out.log_probs <= 0).all()
+    else:
+        assert out.log_probs is None
+
+
+def test_captions_must_be_a_multiple_of_images():
+    model = build_model()
+    with pytest.raises(ValueError):
+        model(random_images(2), random_captions(3, V))
+
+
+def test_k_captions_per_image_equal_repeated_images():
+    model = build_model().eval()
+    B, k = 2, 3
+    images = random_images(B)
+    captions = random_captions(B * k, V, min_len=1, max_len=6)
+    with torch.no_grad():
+        shared = model(images, captions)
+        repeated = model(images.repeat_interleave(k, dim=0), captions)
+    torch.testing.assert_close(shared.logits, repeated.logits)
+    torch.testing.assert_close(shared.alphas, repeated.alphas)
+
+
+def test_hard_sample_mask_per_image_is_repeated_for_its_captions():
+    model = build_model(model__attention="hard").eval()
+    B, k = 2, 2
+    out = model(random_images(B), random_captions(B * k, V), mode="sample", sample_mask=torch.tensor([True, False]))
+    assert (out.log_probs[:2] < 0).all()  # image 0's captions sample
+    assert (out.log_probs[2:] == 0).all()  # image 1's captions use the expected context
+
+
+@pytest.mark.parametrize("gate, shape", [("scalar", (1, 32)), ("vector", (128, 32)), ("none", None)])
+def test_gate_variants(gate, shape):
+    model = build_model(model__decoder__gate=gate)
+    if shape is None:
+        assert model.decoder.gate is None
+    else:
+        assert model.decoder.gate.weight.shape == shape
+    out = model(random_images(2), random_captions(2, V))
+    assert torch.isfinite(out.logits).all()
+
+
+# ============================================================================ gradients
+
+
+def _grads(loss, params):
+    params = list(params)
+    return torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+
+
+def _nonzero(grads):
+    return any(g is not None and bool(g.abs().sum() > 0) for g in grads)
+
+
+def test_hard_sampled_nll_gives_no_gradient_to_attention_scores():
+    model = build_model(model__attention="hard")
+    model.train()
+    captions = random_captions(4, V, min_len=3, max_len=5)
+    targets = captions[:, 1:]
+    out = model(random_images(4), captions, mode="sample")
+    score_params = list(model.decoder.attention.score.parameters())
+    assert score_params
+    nll, _ = caption_nll(out.logits, targets, Vocabulary.pad_id)
+    assert not _nonzero(_grads(nll.mean(), score_params))
+
+    terms = caption_loss(LossConfig(), out.logits, targets, out.alphas, out.mask, Vocabulary.pad_id,
+                         "hard", log_probs=out.log_probs, baseline=torch.tensor(0.0))
+    assert terms.reinforce.item() != 0.0
+    assert _nonzero(_grads(terms.loss, score_params))
+    # Each of REINFORCE and the entropy bonus reaches them on its own.
+    assert _nonzero(_grads(terms.reinforce, score_params))
+    assert _nonzero(_grads(terms.entropy, score_params))
+
+
+def test_soft_nll_reaches_attention_scores():
+    model = build_model(model__attention="soft")
+    captions = random_captions(4, V, min_len=3, max_len=5)
+    out = model(random_images(4), captions)
+    nll, _ = caption_nll(out.logits, captions[:, 1:], Vocabulary.pad_id)
+    W = model.decoder.attention.score.W.weight
+    U = model.decoder.attention.score.U.weight
+    gW, gU = _grads(nll.mean(), [W, U])
+    assert gW is not None and gW.abs().sum() > 0
+    assert gU is not None and gU.abs().sum() > 0
+
+
+def test_hard_sampled_nll_reaches_encoder_through_sampled_annotations():
+    model = build_model(model__attention="hard", model__encoder__fine_tune_from="stem")
+    # Cut the other path from the encoder to the NLL (h_0, c_0 from the mean annotation), so that
+    # any encoder gradient must flow through the sampled annotation vectors a_{s_t}.
+    with torch.no_grad():
+        model.decoder.init_h.weight.zero_()
+        model.decoder.init_c.weight.zero_()
+    captions = random_captions(4, V, min_len=3, max_len=5)
+    out = model(random_images(4), captions, mode="sample")
+    nll, _ = caption_nll(out.logits, captions[:, 1:], Vocabulary.pad_id)
+    enc_params = [p for p in model.encoder.parameters() if p.requires_grad]
+    assert enc_params
+    assert _nonzero(_grads(nll.mean(), enc_params))
+
+
+# ============================================================================ losses
+
+
+def test_doubly_stochastic_penalty_by_hand():
+    # B=1, T=3 (last step is padding), L=3 (last location is padding).
+    alphas = torch.tensor([[[0.5, 0.5, 0.0], [0.2, 0.8, 0.0], [0.9, 0.1, 0.0]]])
+    token_mask = torch.tensor([[True, True, False]])
+    feature_mask = torch.tensor([[True, True, False]])
+    # coverage over real steps: [0.7, 1.3, 0.0] -> (0.3)^2 + (-0.3)^2 on real locations = 0.18
+    got = doubly_stochastic_penalty(alphas, token_mask, feature_mask)
+    torch.testing.assert_close(got, torch.tensor([0.18]))
+    # Every location real, all steps real: coverage [1.6, 1.4, 0.0] -> 0.36 + 0.16 + 1.0
+    got = doubly_stochastic_penalty(alphas, torch.ones(1, 3, dtype=torch.bool), torch.ones(1, 3, dtype=torch.bool))
+    torch.testing.assert_close(got, torch.tensor([1.52]))
+
+
+def test_attention_entropy_of_uniform_alpha():
+    B, T, L = 2, 5, 7
+    alphas = torch.full((B, T, L), 1.0 / L)
+    got = attention_entropy(alphas, torch.ones(B, T, dtype=torch.bool))
+    torch.testing.assert_close(got, torch.full((B,), T * math.log(L)))
+    token_mask = torch.tensor([[True] * 3 + [False] * 2, [True] * 5])
+    got = attention_entropy(alphas, token_mask)
+    torch.testing.assert_close(got, torch.tensor([3 * math.log(L), 5 * math.log(L)]))
+    # A one-hot alpha has zero entropy (0 log 0 = 0, no NaN).
+    one_hot = torch.zeros(1, 1, L)
+    one_hot[0, 0, 2] = 1.0
+    assert attention_entropy(one_hot, torch.ones(1, 1, dtype=torch.bool)).item() == 0.0
+
+
+def test_reinforce_baseline_moving_average():
+    base = ReinforceBaseline(0.9)
+    assert base.value.item() == 0.0
+    assert "value" in base.state_dict()
+    expected = 0.0
+    for x in (2.0, 4.0, 1.0, 3.5):
+        base.update(torch.tensor(x, requires_grad=True))
+        expected = 0.9 * expected + 0.1 * x
+        assert base.value.item() == pytest.approx(expected, rel=1e-6)
+    assert not base.value.requires_grad
+
+
+def test_caption_nll_masks_padding():
+    logits = torch.randn(2, 4, V)
+    targets = torch.tensor([[5, 6, Vocabulary.end_id, 0], [5, Vocabulary.end_id, 0, 0]])
+    nll, token_mask = caption_nll(logits, targets, Vocabulary.pad_id)
+    full = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    torch.testing.assert_close(nll, torch.stack([full[0, :3].sum(), full[1, :2].sum()]))
+    assert token_mask.sum().item() == 5
+
+
+# ============================================================================ greedy decoding
+
+
+def test_greedy_decode_shapes_and_padding():
+    model = build_model().eval()
+    B, max_len = 3, 5
+    dec = greedy_decode(model, random_images(B), max_len=max_len)
+    T = dec.tokens.shape[1]
+    assert dec.tokens.shape == (B, T) and T <= max_len
+    assert dec.alphas.shape == (B, T, 16)
+    assert dec.lengths.shape == dec.scores.shape == dec.ended.shape == (B,)
+    for b in range(B):
+        n = int(dec.lengths[b])
+        assert (dec.tokens[b, :n] != Vocabulary.pad_id).all()
+        assert (dec.tokens[b, n:] == Vocabulary.pad_id).all()
+        assert (dec.tokens[b, :n] != Vocabulary.start_id).all()
+        assert (dec.tokens[b, :n] != Vocabulary.end_id).all()
+        assert (dec.alphas[b, n:] == 0).all()
+        torch.testing.assert_close(dec.alphas[b, :n].sum(-1), torch.ones(n))
+    assert torch.isfinite(dec.scores).all() and (dec.scores <= 0).all()
+
+
+def _force_word(model: ShowAttendTell, word: int) -> None:
+    """Make the output layer always prefer ``word``."""
+    with torch.no_grad():
+        model.decoder.L_o.weight.zero_()
+        model.decoder.L_o.bias.zero_()
+        model.decoder.L_o.bias[word] = 10.0
+
+
+def test_greedy_decode_respects_max_len_without_end():
+    model = build_model().eval()
+    _force_word(model, 7)
+    dec = greedy_decode(model, random_images(2), max_len=4)
+    assert dec.tokens.shape == (2, 4)
+    assert (dec.tokens == 7).all()
+    assert dec.lengths.tolist() == [4, 4]
+    assert dec.ended.tolist() == [False, False]
+
+
+def test_greedy_decode_immediate_end():
+    model = build_model().eval()
+    _force_word(model, Vocabulary.end_id)
+    dec = greedy_decode(model, random_images(2), max_len=4)
+    assert dec.tokens.shape[1] <= 1  # at most the step that emitted <end>, as padding
+    assert (dec.tokens == Vocabulary.pad_id).all()
+    assert dec.lengths.tolist() == [0, 0]
+    assert dec.ended.tolist() == [True, True]
+
+
+def test_greedy_decode_never_emits_pad_or_start():
+    model = build_model().eval()
+    with torch.no_grad():
+        model.decoder.L_o.bias[Vocabulary.pad_id] = 100.0
+        model.decoder.L_o.bias[Vocabulary.start_id] = 90.0
+    dec = greedy_decode(model, random_images(2), max_len=3)
+    assert (dec.tokens != Vocabulary.start_id).all()
+    assert dec.lengths.tolist() == [dec.tokens.shape[1]] * 2
+
+
+@pytest.mark.parametrize("attention, mode", [("soft", "expected"), ("hard", "expected"), ("hard", "argmax")])
+def test_greedy_decode_is_deterministic_and_batch_independent(attention, mode):
+    model = build_model(model__attention=attention, model__decoder__dropout=0.5).eval()
+    images = random_images(4)
+    a = greedy_decode(model, images, max_len=6, mode=mode)
+    b = greedy_decode(model, images, max_len=6, mode=mode)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.scores, b.scores)
+    for i in range(4):
+        alone = greedy_decode(model, images[i : i + 1], max_len=6, mode=mode)
+        n = int(a.lengths[i])
+        assert int(alone.lengths[0]) == n
+        assert torch.equal(alone.tokens[0, :n], a.tokens[i, :n])
+        assert bool(alone.ended[0]) == bool(a.ended[i])
+        torch.testing.assert_close(alone.scores[0], a.scores[i])
+
+
+# ============================================================================ overfitting
+
+
+def test_overfits_a_tiny_batch_and_decodes_it_back():
+    torch.manual_seed(0)
+    cfg = make_config(model__encoder__fine_tune_from=None, model__decoder__dropout=0.0)
+    model = ShowAttendTell(cfg.model, V)
+    rows = [[4, 5, 8], [4, 6, 9, 12, 4, 7], [10, 11], [4, 5, 9, 12, 13]]
+    captions = make_captions(rows)
+    targets = captions[:, 1:]
+    images = random_images(4)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=3e-3)
+    model.train()
+    for _ in range(200):
+        out = model(images, captions)
+        terms = caption_loss(cfg.loss, out.logits, targets, out.alphas, out.mask, Vocabulary.pad_id, "soft")
+        opt.zero_grad()
+        terms.loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        out = model(images, captions)
+        terms = caption_loss(cfg.loss, out.logits, targets, out.alphas, out.mask, Vocabulary.pad_id, "soft")
+    assert terms.token_nll.item() < 0.1
+    dec = greedy_decode(model, images, max_len=8)
+    assert dec.ended.all()
+    assert dec.lengths.tolist() == [len(r) for r in rows]
+    for i, r in enumerate(rows):
+        assert dec.tokens[i, : len(r)].tolist() == r
+    # Decoding each image alone gives the same captions.
+    for i, r in enumerate(rows):
+        alone = greedy_decode(model, images[i : i + 1], max_len=8)
+        assert alone.tokens[0, : len(r)].tolist() == r and int(alone.lengths[0]) == len(r)
