@@ -14,7 +14,6 @@ vocabulary. Images go through the one preprocessing path training uses
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence, Union
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from captioning.checkpoint import CheckpointError, load_checkpoint
+from captioning.checkpoint import load_checkpoint
 from captioning.config import Config
 from captioning.data.transforms import load_image, preprocess, to_rgb
 from captioning.decoding import greedy_decode
@@ -38,12 +37,6 @@ ImageInput = Union[str, Path, Image.Image]
 HARD_MODES = ("expected", "argmax", "sample")
 
 PIL_SOURCE = "<PIL image>"
-
-# What torch.load(weights_only=True) can raise on a file that is not a checkpoint, beyond the
-# errors captioning.checkpoint.read_checkpoint already turns into CheckpointError.
-_UNPICKLE_ERRORS = (pickle.UnpicklingError, KeyError, IndexError, TypeError, AttributeError,
-                    UnicodeDecodeError, OverflowError)
-
 
 @dataclass
 class Caption:
@@ -94,15 +87,7 @@ class Captioner:
         invalid checkpoint and ValueError for an unavailable device.
         """
         dev = resolve_device(device)  # before reading the file: an unavailable device fails fast
-        try:
-            loaded = load_checkpoint(path, map_location=dev)
-        except CheckpointError:
-            raise
-        except _UNPICKLE_ERRORS as err:  # torch.load on some non-checkpoint files raises e.g. KeyError
-            first = (str(err).strip().splitlines() or [""])[0]
-            raise CheckpointError(
-                f"{path} is not a readable checkpoint ({type(err).__name__}{': ' + first if first else ''})"
-            ) from err
+        loaded = load_checkpoint(path, map_location=dev)
         return cls(loaded.model, loaded.config, loaded.vocab, dev)
 
     # ------------------------------------------------------------------------------ settings

@@ -133,7 +133,7 @@ from PIL import Image, ImageDraw
 
 from captioning.config import SyntheticConfig
 
-GENERATOR_VERSION = 3  # part of the folder name: bump it whenever the output would change
+GENERATOR_VERSION = 4  # part of the folder name: bump it whenever the output would change
 # v2: placement keeps the leftmost members of different groups >= the margin apart in x
 
 SIZES = ("small", "large")
@@ -151,7 +151,8 @@ TRIPLE_PROB = 0.2  # ... and, with three objects, this fraction of those gets a 
 MARGIN_FRACTION = 0.1  # the generator states relations/orders only beyond this * image_size
 MAX_PLACEMENTS = 100  # placements of one drawn scene tried before the scene is drawn anew
 MAX_SCENE_DRAWS = 100  # scenes drawn before make_scene falls back to a single object
-MAX_CAPTIONS_PER_IMAGE = 5  # a one-object scene has exactly 5 true phrasings
+MAX_CAPTIONS_PER_IMAGE = 5
+CANONICAL_BODY_REFERENCES = 2  # references that are the canonical caption behind a prefix  # a one-object scene has exactly 5 true phrasings
 MIN_IMAGE_SIZE = 16
 JPEG_QUALITY = 95
 
@@ -392,6 +393,11 @@ def _list_body(nps: Sequence[str]) -> str:
     return " ".join(nps[:-1]) + " and " + nps[-1]
 
 
+def _first_count(body: str) -> int:
+    first = body.split(" ", 1)[0]
+    return _COUNT_OF.get(first, 1)
+
+
 def _prefixed(body: str, first_count: int) -> list[str]:
     there = "there is" if first_count == 1 else "there are"
     return [f"{prefix} {body}" for prefix in (there, "a picture of", "an image of", "an image showing")]
@@ -452,11 +458,23 @@ def caption_pool(objects: Sequence[SceneObject], image_size: int = SyntheticConf
 def reference_captions(
     objects: Sequence[SceneObject], n: int, rng: random.Random, image_size: int = SyntheticConfig.image_size
 ) -> list[str]:
-    """The canonical caption, then ``n - 1`` distinct others drawn from :func:`caption_pool`."""
+    """The canonical caption, then ``n - 1`` distinct others drawn from :func:`caption_pool`.
+
+    Of the others, up to :data:`CANONICAL_BODY_REFERENCES` are the canonical caption behind a
+    prefix ("there is ...", "a picture of ..."), the rest any other phrasing. Most references of
+    an image thus share one body in left-to-right order, as most COCO references share a modal
+    style, so a model's single best caption has references to match (3-object scenes have ~40
+    true phrasings; drawn uniformly, a correct caption would seldom be among the five).
+    """
     pool = caption_pool(objects, image_size)
     if not 1 <= n <= len(pool):
         raise ValueError(f"asked for {n} references, but this scene has {len(pool)} distinct phrasings")
-    references = [pool[0], *rng.sample(pool[1:], n - 1)]
+    canonical = pool[0]
+    prefixed = [c for c in _prefixed(canonical, _first_count(canonical)) if c in pool]
+    n_prefixed = min(CANONICAL_BODY_REFERENCES, n - 1, len(prefixed))
+    chosen = rng.sample(prefixed, n_prefixed)
+    others = [c for c in pool[1:] if c not in chosen]
+    references = [canonical, *chosen, *rng.sample(others, n - 1 - n_prefixed)]
     assert len(set(references)) == n, references
     return references
 
