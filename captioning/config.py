@@ -81,7 +81,7 @@ class SyntheticConfig:
     num_val: int = 200
     num_test: int = 500
     image_size: int = 64
-    captions_per_image: int = 2
+    captions_per_image: int = 5  # references per image (at most 5: a 1-object scene has 5 phrasings)
 
 
 @dataclass
