@@ -1,6 +1,7 @@
 # Two entry points for a fresh clone (see README "Quick start"):
 #   make demo   set up .venv, then train, evaluate and caption on the synthetic dataset
 #   make test   set up .venv, then run the test suite (what CI runs)
+#   make test-slow  the full default trainings and their quality targets (~20 min; CI runs it too)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -8,11 +9,10 @@ OUT ?= runs/demo
 ATTENTION ?= soft
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-slow clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
@@ -24,7 +24,10 @@ demo: setup
 	$(PY) scripts/caption.py --checkpoint $(OUT)/best.ckpt --heatmaps $(OUT)/heatmaps --limit 4 --from-split test
 
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: setup
+	$(PY) -m pytest -m slow -s $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs

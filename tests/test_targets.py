@@ -1,0 +1,34 @@
+"""The README's quality targets for the default synthetic training (slow: ~10 minutes each).
+
+Run with `make test-slow` (CI runs it after the default suite). These assert quality, not speed:
+the time each run took is recorded in metrics.json and printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+import train  # noqa: E402
+
+# attention -> (minimum test BLEU-4, minimum caption accuracy), from issue #2 and the README
+TARGETS = {"soft": (0.90, 0.80), "hard": (0.85, 0.65)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attention", ["soft", "hard"])
+def test_default_training_reaches_targets(tmp_path, attention):
+    result = train.main(["--attention", attention, "--out-dir", str(tmp_path / attention),
+                         "--no-progress", "--set", f"data.root={tmp_path / 'data'}"])
+    metrics = result["metrics"]
+    print(f"{attention}: BLEU-4 {metrics['bleu_4']:.3f}, caption accuracy {metrics['caption_accuracy']:.3f}, "
+          f"{result['total_seconds']} s, peak RSS {result['peak_rss_mib']} MiB")
+    assert result["num_images"] == 500
+    bleu_4, accuracy = TARGETS[attention]
+    assert metrics["bleu_4"] >= bleu_4
+    assert metrics["caption_accuracy"] >= accuracy
