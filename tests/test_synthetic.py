@@ -65,7 +65,7 @@ def obj(size: str, colour: str, shape: str, x: float, y: float) -> SceneObject:
 def test_folder_name_and_layout(tiny):
     assert tiny == dataset_dir(tiny.parent, TINY)
     assert tiny.name == f"synthetic-v{syn.GENERATOR_VERSION}-seed0-n40-10-10-s64-c5"
-    assert syn.GENERATOR_VERSION == 5
+    assert syn.GENERATOR_VERSION == 6
     for split in ("train", "val", "test"):
         assert (tiny / split).is_dir()
         assert (tiny / "annotations" / f"captions_{split}.json").is_file()
@@ -272,7 +272,7 @@ def test_canonical_captions():
         "a large blue square below a small red circle",
         "a large blue square and a small red circle",
         "there is a large blue square and a small red circle",
-        "an image showing a small red circle to the left of a large blue square",
+        "this image shows a small red circle to the left of a large blue square",
         "the image shows a small red circle above a large blue square",
         "from left to right a small red circle and a large blue square",
         "from top to bottom a small red circle and a large blue square",
@@ -373,7 +373,7 @@ def test_reference_pool_and_limits():
 def test_vocabulary_is_complete():
     words = set(VOCABULARY)
     assert len(VOCABULARY) == len(words) == 33
-    assert {"there", "is", "are", "shows", "image", "showing", "from", "top", "bottom", "above", "below"} <= words
+    assert {"there", "is", "are", "shows", "image", "this", "from", "top", "bottom", "above", "below"} <= words
     assert {"circles", "squares", "triangles", "two", "three", "and"} <= words
 
 

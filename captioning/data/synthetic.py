@@ -44,7 +44,7 @@ Captions are lowercase words separated by single spaces, without punctuation. Th
 groups are ordered left to right by the centre x of their leftmost member. The grammar::
 
     caption  := [prefix] list | [prefix] relation | ordered
-    prefix   := "there is" | "there are" | "the image shows" | "an image of" | "an image showing"
+    prefix   := "there is" | "there are" | "the image shows" | "an image of" | "this image shows"
     np       := "a" SIZE COLOUR SHAPE | ("two" | "three") SIZE COLOUR SHAPE "s"
     list     := np | np "and" np | np np "and" np
     relation := np ("to the left of" | "to the right of" | "above" | "below") np
@@ -133,7 +133,7 @@ from PIL import Image, ImageDraw
 
 from captioning.config import SyntheticConfig
 
-GENERATOR_VERSION = 5  # part of the folder name: bump it whenever the output would change
+GENERATOR_VERSION = 6  # part of the folder name: bump it whenever the output would change
 # v2: placement keeps the leftmost members of different groups >= the margin apart in x
 
 SIZES = ("small", "large")
@@ -159,10 +159,12 @@ JPEG_QUALITY = 95
 COUNT_WORDS = {1: "a", 2: "two", 3: "three"}
 _COUNT_OF = {word: count for count, word in COUNT_WORDS.items()}
 PLURALS = {shape: shape + "s" for shape in SHAPES}
-# No prefix starts with "a", the first word of most bodies: a greedy decoder would otherwise choose
-# between "a picture of ..." and "a <size> ..." at word 2, where the prefix (one consistent word)
-# beats a size the model is unsure of; generator v4 lost ~10% of exact matches that way.
-PREFIXES = ("there is", "there are", "the image shows", "an image of", "an image showing")
+# Each prefix starts with its own word, and none with "a", the first word of most bodies: a greedy
+# decoder picks word by word, so prefixes sharing a first word pool their votes against the plain
+# body ("a picture of" beat an unsure "a <size>" at word 2 in generator v4, "an image of/showing"
+# together rivalled "a" at word 1 in v5), and correct captions then miss every reference.
+PREFIXES = ("there is", "there are", "the image shows", "an image of", "this image shows")
+_PREFIX_STARTS = tuple(prefix + " " for prefix in PREFIXES)
 RELATIONS = {  # phrase -> (axis, sign): true iff sign * (coord(A) - coord(B)) > 0
     "to the left of": ("x", -1),
     "to the right of": ("x", 1),
@@ -403,7 +405,7 @@ def _first_count(body: str) -> int:
 
 def _prefixed(body: str, first_count: int) -> list[str]:
     there = "there is" if first_count == 1 else "there are"
-    return [f"{prefix} {body}" for prefix in (there, "the image shows", "an image of", "an image showing")]
+    return [f"{prefix} {body}" for prefix in (there, "the image shows", "an image of", "this image shows")]
 
 
 def canonical_caption(objects: Sequence[SceneObject]) -> str:
@@ -464,7 +466,8 @@ def reference_captions(
     """The canonical caption, then ``n - 1`` distinct others drawn from :func:`caption_pool`.
 
     Of the others, up to :data:`CANONICAL_BODY_REFERENCES` are the canonical caption behind a
-    prefix ("there is ...", "the image shows ..."), the rest any other phrasing. Most references of
+    prefix ("there is ...", "the image shows ..."), the rest other bodies without a prefix where
+    the scene has them (another group order, the reversed relation, "from left to right ..."). Most references of
     an image thus share one body in left-to-right order, as most COCO references share a modal
     style, so a model's single best caption has references to match (3-object scenes have ~40
     true phrasings; drawn uniformly, a correct caption would seldom be among the five).
@@ -476,8 +479,14 @@ def reference_captions(
     prefixed = [c for c in _prefixed(canonical, _first_count(canonical)) if c in pool]
     n_prefixed = min(CANONICAL_BODY_REFERENCES, n - 1, len(prefixed))
     chosen = rng.sample(prefixed, n_prefixed)
-    others = [c for c in pool[1:] if c not in chosen]
-    references = [canonical, *chosen, *rng.sample(others, n - 1 - n_prefixed)]
+    # The rest: other bodies without a prefix while the scene has any (a one-object scene has
+    # none), so that prefixes stay a minority of first words (see PREFIXES).
+    rest = [c for c in pool[1:] if c not in chosen]
+    bare = [c for c in rest if not c.startswith(_PREFIX_STARTS)]
+    wanted = n - 1 - n_prefixed
+    picked = rng.sample(bare, min(wanted, len(bare)))
+    picked += rng.sample([c for c in rest if c not in picked], wanted - len(picked))
+    references = [canonical, *chosen, *picked]
     assert len(set(references)) == n, references
     return references
 
