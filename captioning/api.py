@@ -9,7 +9,7 @@
 The checkpoint alone is enough: it holds the config (image size, decoding settings) and the
 vocabulary. Images go through the one preprocessing path training uses
 (:func:`captioning.data.transforms.load_image` / :func:`~captioning.data.transforms.to_rgb`, then
-:func:`~captioning.data.transforms.preprocess`), and are decoded greedily in batches.
+:func:`~captioning.data.transforms.preprocess`), and are decoded in batches (greedy, or beam search with ``beam_size`` > 1).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from PIL import Image
 from captioning.checkpoint import load_checkpoint
 from captioning.config import Config
 from captioning.data.transforms import load_image, preprocess, to_rgb
-from captioning.decoding import greedy_decode
+from captioning.decoding import decode
 from captioning.models import ShowAttendTell
 from captioning.vocab import Vocabulary
 
@@ -92,7 +92,8 @@ class Captioner:
 
     # ------------------------------------------------------------------------------ settings
 
-    def decode_settings(self, max_len: int | None = None, hard_mode: str | None = None) -> dict:
+    def decode_settings(self, max_len: int | None = None, hard_mode: str | None = None,
+                        beam_size: int | None = None) -> dict:
         """The decoding settings a call with these overrides uses (validated).
 
         A hard-attention model attends with ``config.decode.hard_mode`` unless ``hard_mode`` is
@@ -101,6 +102,10 @@ class Captioner:
         """
         if max_len is None:
             max_len = self.config.decode.max_len
+        if beam_size is None:
+            beam_size = self.config.decode.beam_size
+        if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
+            raise ValueError(f"beam_size must be a positive integer, got {beam_size!r}")
         if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
             raise ValueError(f"max_len must be a positive integer, got {max_len!r}")
         if hard_mode is not None and hard_mode not in HARD_MODES:
@@ -113,8 +118,9 @@ class Captioner:
                     f"hard_mode {hard_mode!r} needs a hard-attention model; this one uses soft attention"
                 )
             mode = None
-        return {"method": "greedy", "max_len": int(max_len), "hard_mode": mode,
-                "attention": self.config.model.attention}
+        return {"method": "greedy" if beam_size == 1 else "beam", "beam_size": beam_size,
+                "length_penalty": self.config.decode.length_penalty if beam_size > 1 else None,
+                "max_len": int(max_len), "hard_mode": mode, "attention": self.config.model.attention}
 
     @property
     def settings(self) -> dict:
@@ -146,9 +152,10 @@ class Captioner:
 
     @torch.no_grad()
     def caption_tensors(self, images: torch.Tensor, sources: Sequence[str] | None = None,
-                        max_len: int | None = None, hard_mode: str | None = None) -> list[Caption]:
+                        max_len: int | None = None, hard_mode: str | None = None,
+                        beam_size: int | None = None) -> list[Caption]:
         """Decode a batch of preprocessed images [B, 3, S, S] (from :meth:`preprocess`)."""
-        settings = self.decode_settings(max_len, hard_mode)
+        settings = self.decode_settings(max_len, hard_mode, beam_size)
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must have shape [B, 3, H, W], got {tuple(images.shape)}")
         sources = list(sources) if sources is not None else [PIL_SOURCE] * images.shape[0]
@@ -157,8 +164,9 @@ class Captioner:
         if images.shape[0] == 0:
             return []
         self.model.eval()
-        decoded = greedy_decode(self.model, images.to(self.device), max_len=settings["max_len"],
-                                mode=settings["hard_mode"] or "expected")
+        decoded = decode(self.model, images.to(self.device), beam_size=settings["beam_size"],
+                         max_len=settings["max_len"], mode=settings["hard_mode"] or "expected",
+                         length_penalty=self.config.decode.length_penalty)
         tokens = decoded.tokens.cpu()
         lengths = decoded.lengths.cpu().tolist()
         scores = decoded.scores.float().cpu().tolist()
@@ -180,6 +188,7 @@ class Captioner:
         batch_size: int = 32,
         max_len: int | None = None,
         hard_mode: str | None = None,
+        beam_size: int | None = None,
     ) -> list[Caption]:
         """Caption image files and/or PIL images, in order, ``batch_size`` at a time.
 
@@ -191,11 +200,12 @@ class Captioner:
         images = list(images)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        self.decode_settings(max_len, hard_mode)  # fail before reading any image
+        self.decode_settings(max_len, hard_mode, beam_size)  # fail before reading any image
         results: list[Caption] = []
         for chunk in _chunks(images, batch_size):
             batch = torch.stack([self.preprocess(image) for image in chunk])
-            results += self.caption_tensors(batch, [source_name(image) for image in chunk], max_len, hard_mode)
+            results += self.caption_tensors(batch, [source_name(image) for image in chunk], max_len, hard_mode,
+                                            beam_size)
         return results
 
 

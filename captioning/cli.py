@@ -195,7 +195,7 @@ def data_config(captioner, data_root: str | None):
 def caption_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
-        description="Caption images with a trained Show, Attend and Tell checkpoint (greedy decoding).",
+        description="Caption images with a trained Show, Attend and Tell checkpoint (greedy or beam search).",
     )
     p.add_argument("inputs", nargs="*", metavar="IMAGE",
                    help="image files, folders (their image files, sorted) or globs such as 'shots/*.png'")
@@ -208,6 +208,8 @@ def caption_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     p.add_argument("--batch-size", type=positive_int, default=32, metavar="N",
                    help="images decoded together (default: 32)")
+    p.add_argument("--beam-size", type=positive_int, metavar="N",
+                   help="beam width; 1 = greedy (default: the checkpoint's decode.beam_size)")
     p.add_argument("--max-len", type=positive_int, metavar="N",
                    help="most words per caption (default: the checkpoint's decode.max_len)")
     p.add_argument("--hard-mode", choices=["expected", "argmax", "sample"],
@@ -255,7 +257,7 @@ def _run_caption(args: argparse.Namespace) -> int:
 
     captioner = load_captioner(args.checkpoint, args.device)
     try:
-        settings = captioner.decode_settings(args.max_len, args.hard_mode)
+        settings = captioner.decode_settings(args.max_len, args.hard_mode, args.beam_size)
     except ValueError as err:
         raise UsageError(err) from None
 
@@ -285,7 +287,7 @@ def _run_caption(args: argparse.Namespace) -> int:
         if loaded:
             captions = captioner.caption_tensors(
                 torch.stack([t for _, _, t in loaded]), [str(p) for p, _, _ in loaded],
-                settings["max_len"], settings["hard_mode"],
+                settings["max_len"], settings["hard_mode"], settings["beam_size"],
             )
             for (path, image, _), cap in zip(loaded, captions):
                 if args.json:

@@ -121,6 +121,10 @@ class DecodeConfig:
     # How a hard-attention model attends at test time: "expected" (soft alpha, the authors'
     # default), "argmax" (the single most likely location) or "sample".
     hard_mode: Literal["expected", "argmax", "sample"] = "expected"
+    # Test-split, evaluate.py and caption decoding; 1 = greedy. Validation during training is
+    # always greedy (cheap, and the same every epoch).
+    beam_size: int = 3
+    length_penalty: float = 0.0  # beams ranked by score / (length + 1) ** length_penalty
 
 
 @dataclass
@@ -265,6 +269,7 @@ def validate(cfg: Config) -> Config:
         "model.decoder.hidden_dim": cfg.model.decoder.hidden_dim,
         "model.decoder.attention_dim": cfg.model.decoder.attention_dim,
         "decode.max_len": cfg.decode.max_len,
+        "decode.beam_size": cfg.decode.beam_size,
         "train.devices": cfg.train.devices,
         "train.num_nodes": cfg.train.num_nodes,
     }

@@ -38,6 +38,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="default: bleu meteor rouge cider (METEOR starts Java, ~10 s)")
     p.add_argument("--hard-mode", choices=["expected", "argmax", "sample"],
                    help="how a hard-attention model attends (default: the checkpoint's decode.hard_mode)")
+    p.add_argument("--beam-size", type=positive_int, metavar="N",
+                   help="beam width; 1 = greedy (default: the checkpoint's decode.beam_size)")
     p.add_argument("--max-len", type=positive_int, metavar="N",
                    help="most words per caption (default: the checkpoint's decode.max_len)")
     p.add_argument("--tokenizer", choices=["auto", "ptb", "simple"], default="auto",
@@ -65,7 +67,7 @@ def evaluate(args: argparse.Namespace) -> dict:
 
     captioner = load_captioner(args.checkpoint, args.device)
     try:
-        settings = captioner.decode_settings(args.max_len, args.hard_mode)
+        settings = captioner.decode_settings(args.max_len, args.hard_mode, args.beam_size)
     except ValueError as err:
         raise UsageError(err) from None
     split = args.split
@@ -84,13 +86,14 @@ def evaluate(args: argparse.Namespace) -> dict:
         raise UsageError(f"the {split} split of {data.root} has no images")
 
     print(f"evaluate: {args.checkpoint}, {split} split of {data.root}: {len(records)} images, "
-          f"{settings['attention']} attention, greedy, max_len {settings['max_len']}"
+          f"{settings['attention']} attention, {settings['method']} (beam {settings['beam_size']}), max_len {settings['max_len']}"
           + (f", hard_mode {settings['hard_mode']}" if settings["hard_mode"] else ""), file=sys.stderr, flush=True)
     predictions: dict[int, str] = {}
     progress = Progress(len(records), f"evaluate {split}")
     try:
         for batch in data.eval_dataloader(split):  # one item per image of the split
-            captions = captioner.caption_tensors(batch["images"], None, settings["max_len"], settings["hard_mode"])
+            captions = captioner.caption_tensors(batch["images"], None, settings["max_len"], settings["hard_mode"],
+                                                settings["beam_size"])
             for image_id, cap in zip(batch["image_ids"].tolist(), captions):
                 predictions[image_id] = cap.text
             progress.update(len(captions))

@@ -133,7 +133,7 @@ from PIL import Image, ImageDraw
 
 from captioning.config import SyntheticConfig
 
-GENERATOR_VERSION = 7  # part of the folder name: bump it whenever the output would change
+GENERATOR_VERSION = 8  # part of the folder name: bump it whenever the output would change
 # v2: placement keeps the leftmost members of different groups >= the margin apart in x
 
 SIZES = ("small", "large")
@@ -152,7 +152,7 @@ MARGIN_FRACTION = 0.1  # the generator states relations/orders only beyond this 
 MAX_PLACEMENTS = 100  # placements of one drawn scene tried before the scene is drawn anew
 MAX_SCENE_DRAWS = 100  # scenes drawn before make_scene falls back to a single object
 MAX_CAPTIONS_PER_IMAGE = 5
-CANONICAL_BODY_REFERENCES = 3  # references that are the canonical caption behind a prefix
+CANONICAL_BODY_REFERENCES = 4  # references that are the canonical caption behind a prefix
 MIN_IMAGE_SIZE = 16
 JPEG_QUALITY = 95
 

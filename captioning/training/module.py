@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from captioning.config import Config, from_dict, to_dict
-from captioning.decoding import greedy_decode
+from captioning.decoding import decode
 from captioning.evaluation.evaluator import evaluate_predictions
 from captioning.losses import ReinforceBaseline, caption_loss
 from captioning.models import ShowAttendTell
@@ -101,9 +101,10 @@ class CaptioningModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------------------ evaluation
-    def _decode_batch(self, batch: dict) -> None:
-        decoded = greedy_decode(self.model, batch["images"], max_len=self.cfg.decode.max_len,
-                                mode=self.cfg.decode.hard_mode if self.hard else "expected")
+    def _decode_batch(self, batch: dict, beam_size: int = 1) -> None:
+        decoded = decode(self.model, batch["images"], beam_size=beam_size, max_len=self.cfg.decode.max_len,
+                         mode=self.cfg.decode.hard_mode if self.hard else "expected",
+                         length_penalty=self.cfg.decode.length_penalty)
         for image_id, tokens in zip(batch["image_ids"].tolist(), decoded.tokens):
             self._predictions[image_id] = " ".join(self.vocab.decode(tokens))
 
@@ -111,7 +112,7 @@ class CaptioningModule(pl.LightningModule):
         self._decode_batch(batch)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._decode_batch(batch)
+        self._decode_batch(batch, self.cfg.decode.beam_size)
 
     def on_validation_epoch_start(self) -> None:
         self._predictions = {}
@@ -124,6 +125,12 @@ class CaptioningModule(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._score("test", TEST_METRICS)
+
+    def decode_settings(self, split: str) -> dict:
+        beam = 1 if split == "val" else self.cfg.decode.beam_size
+        return {"method": "greedy" if beam == 1 else "beam", "beam_size": beam,
+                "length_penalty": self.cfg.decode.length_penalty if beam > 1 else None,
+                "max_len": self.cfg.decode.max_len, "hard_mode": self.cfg.decode.hard_mode if self.hard else None}
 
     def _gather_predictions(self) -> dict[int, str]:
         """All ranks' predictions, de-duplicated by image id (DistributedSampler pads with repeats)."""
@@ -155,8 +162,7 @@ class CaptioningModule(pl.LightningModule):
             self.eval_results = {
                 "split": split, "num_images": len(predictions), "scale": "0-1",
                 "tokenizer": report.tokenizer, "skipped": report.skipped, "metrics": values,
-                "decode": {"method": "greedy", "max_len": self.cfg.decode.max_len,
-                           "hard_mode": self.cfg.decode.hard_mode if self.hard else None},
+                "decode": self.decode_settings(split),
                 "predictions": predictions, "scoring_seconds": time.perf_counter() - start,
             }
         values = self.trainer.strategy.broadcast(values, src=0)
