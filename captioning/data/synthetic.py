@@ -71,11 +71,12 @@ Each image has ``captions_per_image`` (1 to 5) pairwise distinct references. Ref
 objects of different kinds: the horizontal relation, leftmost object first -- "A to the left of
 B" (placement keeps their centres at least the margin apart in x, so this is never a near-tie;
 "A above B" only for centres at the same x, which placement excludes); otherwise the list in left
-to right group order. The others are drawn without replacement (seeded) from the pool of every
-other phrasing the generator may produce (:func:`caption_pool`): the canonical body with each
-applicable prefix, the list in every group order with and without prefixes, the reversed relation
-("B to the right of A"), the relation on the other axis, the plain list for two-object scenes,
-and the ordered bodies. The generator states a relation or an order only when the centres differ
+to right group order. The others are the canonical body behind the prefixes ("there is/are",
+"the image shows", "an image of", "this image shows"): with the default 5 references, exactly one
+description of the scene under five openings (:func:`reference_captions` explains why). The rest
+of the grammar -- other group orders, the reversed relation ("B to the right of A"), the other
+axis, "from left to right ..." -- is in :func:`caption_pool` and the checker accepts it; it fills
+references only when ``CANONICAL_BODY_REFERENCES`` is lowered. The generator states a relation or an order only when the centres differ
 by at least the margin 0.1 * image_size on that axis (the checker itself is strict, without
 margin), so every reference is clearly true and no reference is borderline. Scene placement makes
 the canonical caption clear as well: its group order, its "from left to right" order and its
@@ -467,10 +468,13 @@ def reference_captions(
 
     Of the others, up to :data:`CANONICAL_BODY_REFERENCES` are the canonical caption behind a
     prefix ("there is ...", "the image shows ..."), the rest other bodies without a prefix where
-    the scene has them (another group order, the reversed relation, "from left to right ..."). Most references of
-    an image thus share one body in left-to-right order, as most COCO references share a modal
-    style, so a model's single best caption has references to match (3-object scenes have ~40
-    true phrasings; drawn uniformly, a correct caption would seldom be among the five).
+    the scene has them (another group order, the reversed relation, "from left to right ...").
+    Why the canonical body dominates (measured with the default model, 20 epochs): with 2 of 4
+    references drawn from the ~40 true phrasings of a 3-object scene, correct captions often
+    matched no reference (test BLEU-4 0.876 at caption accuracy 0.80); with 3 prefixed copies a
+    beam-searched caption still missed whenever its prefix was the one left out (BLEU-4 0.893 at
+    accuracy 0.874). With all four prefixes (the default), BLEU measures correctness, not which of
+    equally true phrasings a model prefers -- COCO's references share a modal style in the same way.
     """
     pool = caption_pool(objects, image_size)
     if not 1 <= n <= len(pool):
