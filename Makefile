@@ -1,7 +1,7 @@
 # Two entry points for a fresh clone (see README "Quick start"):
 #   make demo   set up .venv, then train, evaluate and caption on the synthetic dataset
 #   make test   set up .venv, then run the test suite (what CI runs)
-#   make test-slow  the full default trainings and their quality targets (~20 min; CI runs it too)
+#   make test-slow  the full default trainings against their quality targets (~20 min)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
