@@ -144,7 +144,8 @@ def test_json_lines_and_one_heatmap_per_image(tiny, capsys, tmp_path):
         assert set(row) == {"path", "caption", "score", "words", "settings"}
         assert row["caption"] == " ".join(row["words"])
         assert row["score"] < 0
-        assert row["settings"] == {"method": "greedy", "max_len": MAX_LEN, "hard_mode": None, "attention": "soft"}
+        assert row["settings"] == {"method": "beam", "beam_size": 3, "length_penalty": 0.0, "max_len": MAX_LEN,
+                                   "hard_mode": None, "attention": "soft"}  # the checkpoint's decode.beam_size
     figures = sorted(heatmaps.glob("*.png"))
     assert len(figures) == len(paths)
     assert {f.stem for f in figures} == {paths[0].stem, paths[1].stem, paths[0].stem + "_2"}
@@ -289,7 +290,9 @@ def test_api_returns_the_same_captions_as_the_cli(tiny, capsys):
 
 def test_hard_attention_uses_the_checkpoint_hard_mode(tiny):
     captioner = Captioner.from_checkpoint(tiny.hard_ckpt, device="cpu")
-    assert captioner.settings == {"method": "greedy", "max_len": MAX_LEN, "hard_mode": "argmax", "attention": "hard"}
+    assert captioner.settings == {"method": "beam", "beam_size": 3, "length_penalty": 0.0, "max_len": MAX_LEN,
+                                  "hard_mode": "argmax", "attention": "hard"}
+    assert captioner.decode_settings(beam_size=1)["method"] == "greedy"
     assert captioner.decode_settings(hard_mode="expected")["hard_mode"] == "expected"
     g = tiny.cfg.model.encoder.grid_size
     for mode in (None, "expected", "sample"):
@@ -333,7 +336,8 @@ def test_evaluate_writes_predictions_and_metrics(tiny, capsys, tmp_path):
     metrics = json.loads((out_dir / "metrics_test.json").read_text())
     assert metrics["num_images"] == len(split_ids) == results["num_images"]
     assert metrics["split"] == "test" and metrics["scale"] == "0-1"
-    assert metrics["decode"]["method"] == "greedy" and metrics["checkpoint"] == str(tiny.ckpt)
+    assert metrics["decode"]["method"] == "beam" and metrics["decode"]["beam_size"] == 3
+    assert metrics["checkpoint"] == str(tiny.ckpt)
     assert {"bleu_1", "bleu_4", "caption_accuracy"} <= set(metrics["metrics"])
     assert "meteor" not in metrics["metrics"] and "meteor" not in metrics["skipped"]
     assert f"images scored: {len(split_ids)}" in out and "BLEU-4" in out
