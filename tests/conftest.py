@@ -25,16 +25,6 @@ TINY_OVERRIDES: dict[str, Any] = {
 }
 
 
-def _deep_update(base: dict, updates: dict) -> dict:
-    out = dict(base)
-    for key, value in updates.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_update(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def make_config(**dotted: Any) -> Config:
     """The tiny config with extra ``section__key=value`` style overrides, e.g.
     ``make_config(model__attention="hard", model__decoder__score="dot")``."""
@@ -45,7 +35,7 @@ def make_config(**dotted: Any) -> Config:
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = value
-    return merge(Config(), _deep_update(TINY_OVERRIDES, updates))
+    return merge(merge(Config(), TINY_OVERRIDES), updates)
 
 
 def make_captions(rows: Sequence[Sequence[int]]) -> torch.Tensor:
