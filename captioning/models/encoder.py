@@ -119,7 +119,9 @@ class Encoder(nn.Module):
         if last not in names:
             raise ValueError(f"model.encoder.stage '{last}' is not a stage of {cfg.backbone} ({', '.join(names)})")
         kept = all_stages[: names.index(last) + 1]
-        self.stages = nn.Sequential(OrderedDict(kept))
+        # Channels-last: oneDNN's convolutions on CPU and tensor cores on GPU are faster in NHWC
+        # (encoder forward+backward 25% faster on the 2-core CPU, see README "Performance").
+        self.stages = nn.Sequential(OrderedDict(kept)).to(memory_format=torch.channels_last)
         self.out_channels = _stage_channels(kept)
         self.grid_size = cfg.grid_size
         self.pool = nn.AdaptiveAvgPool2d(cfg.grid_size)
@@ -152,7 +154,7 @@ class Encoder(nn.Module):
     def forward(
         self, images: torch.Tensor, image_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        fmap = self.pool(self.stages(images))  # (B, D, g, g)
+        fmap = self.pool(self.stages(images.contiguous(memory_format=torch.channels_last)))  # (B, D, g, g)
         features = fmap.flatten(2).transpose(1, 2)  # (B, L, D)
         B, L = features.shape[:2]
         if image_mask is None:
