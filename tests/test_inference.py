@@ -207,6 +207,64 @@ def test_exif_orientation_and_modes_are_converted(tiny, images):
             captioner.caption(path)
 
 
+def png_claiming(path: Path, width: int, height: int) -> Path:
+    """A valid, tiny (~100 bytes) 1-bit PNG whose header declares width x height pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit grayscale, no interlace
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.fixture(scope="module")
+def extreme(tmp_path_factory):
+    """A 10000x10000 JPEG (100 MP: above Pillow's 89 MP warning, below its 179 MP refusal), a
+    decompression bomb (a 100-byte PNG claiming 100000x100000 pixels) and a 1x1 image."""
+    folder = tmp_path_factory.mktemp("extreme")
+    big = Image.new("L", (10000, 10000), 200)  # grayscale: 100 MB to build instead of 300 MB
+    big.paste(40, (1000, 1000, 4000, 9000))  # a dark bar on the left
+    big.save(folder / "huge.jpg", quality=85)
+    del big
+    Image.new("RGB", (1, 1), (10, 200, 10)).save(folder / "one_pixel.png")
+    return SimpleNamespace(huge=folder / "huge.jpg", bomb=png_claiming(folder / "bomb.png", 100_000, 100_000),
+                           one_pixel=folder / "one_pixel.png")
+
+
+def test_bomb_is_refused_while_huge_and_one_pixel_images_are_captioned(tiny, extreme, capsys):
+    inputs = [extreme.bomb, extreme.huge, extreme.one_pixel, tiny.test_paths[0]]
+    rc, out, err = run_cli(capsys, "--checkpoint", tiny.ckpt, *inputs)
+    assert rc == 1  # one input failed
+    assert [line.split("\t")[0] for line in out] == [str(p) for p in inputs[1:]]
+    assert all(len(line.split("\t")[1].split()) >= 1 for line in out)
+    errors = error_lines(err)
+    assert len(errors) == 1 and errors[0].startswith(f"error: {extreme.bomb}: ")
+    assert "decompression bomb" in errors[0] and "MAX_IMAGE_PIXELS" in errors[0]
+    assert not any("Traceback" in line for line in err)
+
+
+def test_huge_jpeg_is_decoded_at_reduced_scale_by_the_one_loader(tiny, extreme):
+    from captioning.data.datamodule import ImageSource
+    from captioning.data.transforms import DRAFT_SIZE, load_image
+
+    img = load_image(extreme.huge)
+    assert img.mode == "RGB" and img.size == (1250, 1250)  # libjpeg's 1/8 scale, both sides >= DRAFT_SIZE
+    assert min(img.size) >= DRAFT_SIZE
+    assert img.getpixel((300, 600))[0] < 80 and img.getpixel((1000, 600))[0] > 160  # the bar is on the left
+    # Training's loader and the API give the same tensor for it, and for the 1x1 image.
+    captioner = Captioner.from_checkpoint(tiny.ckpt, device="cpu")
+    for path in (extreme.huge, extreme.one_pixel):
+        source = ImageSource([SimpleNamespace(path=str(path))], tiny.cfg.data.image_size, cache=False)
+        assert torch.equal(captioner.preprocess(path), source[0])
+    with pytest.raises(ImageLoadError) as err:
+        load_image(extreme.bomb)
+    assert str(extreme.bomb) in str(err.value) and "\n" not in str(err.value)
+
+
 def test_missing_checkpoint_exits_2_with_one_line(tiny, capsys, tmp_path):
     rc, out, err = run_cli(capsys, "--checkpoint", tmp_path / "nope.ckpt", tiny.test_paths[0])
     assert rc == 2 and out == []
@@ -335,7 +393,7 @@ def test_evaluate_writes_predictions_and_metrics(tiny, capsys, tmp_path):
     assert all(set(p) == {"image_id", "caption"} for p in predictions)
     metrics = json.loads((out_dir / "metrics_test.json").read_text())
     assert metrics["num_images"] == len(split_ids) == results["num_images"]
-    assert metrics["split"] == "test" and metrics["scale"] == "0-1"
+    assert metrics["split"] == "test" and metrics["scale"] == "0-100"  # evaluate.py reports x100; train.py 0-1
     assert metrics["decode"]["method"] == "beam" and metrics["decode"]["beam_size"] == 3
     assert metrics["checkpoint"] == str(tiny.ckpt)
     assert {"bleu_1", "bleu_4", "caption_accuracy"} <= set(metrics["metrics"])

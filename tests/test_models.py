@@ -243,6 +243,19 @@ def test_soft_attention_alpha_is_a_masked_distribution(score):
     assert out.log_prob is None and out.location is None
 
 
+def test_additive_score_gives_the_papers_alphas():
+    """The sigmoid form of the additive score gives exactly softmax(v^T tanh(W a + U h) + b)."""
+    features, h, mask = _attention_inputs()
+    att = SoftAttention(build_score("additive", 5, 4, 7))
+    score = att.score
+    paper = score.v(torch.tanh(score.W(features) + score.U(h)[:, None, :])).squeeze(-1)
+    expected = paper.masked_fill(~mask, float("-inf")).softmax(-1)
+    out = att(features, att.project(features), mask, h)
+    torch.testing.assert_close(out.alpha, expected)
+    (out.context.sum() + out.alpha.square().sum()).backward()
+    assert all(p.grad is not None for p in att.parameters())
+
+
 @pytest.mark.parametrize("score", SCORES)
 def test_hard_attention_sample_mode(score):
     features, h, mask = _attention_inputs()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +55,14 @@ def test_fast_dev_run(tmp_path, data_root, attention):
     assert (tmp_path / "config.yaml").is_file() and (tmp_path / "metrics.json").is_file()
 
 
+def test_no_test_skips_the_test_split(tmp_path, data_root):
+    """--no-test (scripts/compare.py scores with evaluate.py instead): no test metrics, no predictions."""
+    result = train.main(tiny_args(tmp_path, data_root, "--attention", "soft", "--fast-dev-run", "--no-test"))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["test"].startswith("skipped") and "metrics" not in metrics and "train_seconds" in metrics
+    assert "metrics" not in result and not (tmp_path / "test_predictions.json").exists()
+
+
 @pytest.fixture(scope="module")
 def hard_run(tmp_path_factory, data_root):
     out = tmp_path_factory.mktemp("hard")
@@ -80,6 +90,42 @@ def test_outputs_describe_themselves(hard_run):
     assert cfg.model.attention == "hard" and len(vocab) == model.decoder.vocab_size
 
 
+def test_validation_logs_cider_and_selects_on_bleu_4(hard_run):
+    """Every validation scores CIDEr-D with the same scorer; best.ckpt still follows val/bleu_4."""
+    import csv
+
+    out, _ = hard_run
+    rows = [r for r in csv.DictReader((out / "logs" / "metrics.csv").open()) if r.get("val/bleu_4")]
+    assert len(rows) == 2 and all(r.get("val/cider") not in (None, "") for r in rows)
+    assert all(float(r["val/cider"]) >= 0.0 for r in rows)
+    ckpt = torch.load(out / "best.ckpt", map_location="cpu", weights_only=True)
+    states = [v for k, v in ckpt["callbacks"].items() if k.startswith("ModelCheckpoint") and v.get("best_model_path")]
+    best = [s for s in states if s["best_model_path"].endswith("best.ckpt")]
+    assert len(best) == 1 and best[0]["monitor"] == "val/bleu_4"
+
+
+def test_training_signal_is_logged(hard_run):
+    """What scripts/compare.py plots: entropy, baseline, REINFORCE signal (NaN where nothing was
+    sampled, never a stale repeat) and wall time per validation."""
+    import csv
+    import math
+
+    out, _ = hard_run
+    with (out / "logs" / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    train_rows = [r for r in rows if r.get("train/sampled")]
+    assert {float(r["train/sampled"]) for r in train_rows} == {0.0, 1.0}  # both kinds of minibatch occurred
+    for r in train_rows:
+        assert 0.0 < float(r["train/attention_entropy"]) <= math.log(16) + 1e-5  # 4x4 grid
+        var, sq, mean = (float(r[f"train/reinforce_signal_{k}"]) for k in ("var", "sq", "mean"))
+        if float(r["train/sampled"]) == 0.0:
+            assert math.isnan(var) and math.isnan(sq)
+        else:
+            assert var >= 0.0 and sq == pytest.approx(var + mean ** 2, rel=1e-4, abs=1e-7)
+    elapsed = [float(r["val/elapsed_s"]) for r in rows if r.get("val/elapsed_s")]
+    assert len(elapsed) == 2 and 0.0 < elapsed[0] < elapsed[1]
+
+
 def test_baseline_moves_during_hard_training(hard_run):
     out, _ = hard_run
     ckpt = torch.load(out / "last.ckpt", map_location="cpu", weights_only=True)
@@ -105,6 +151,22 @@ def test_resume_continues_from_the_same_step(hard_run, tmp_path, data_root):
     b0 = float(before["state_dict"]["baseline.value"])
     b1 = float(after["state_dict"]["baseline.value"])
     assert abs(b1 - b0) < 0.5 * b0
+
+
+def test_resume_in_the_same_folder_keeps_the_earlier_log(hard_run, tmp_path, data_root):
+    """Lightning's CSVLogger deletes metrics.csv on start; a resumed run must keep its history."""
+    out, _ = hard_run
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    epochs_before = _val_epochs(again / "logs" / "metrics.csv")
+    assert epochs_before == [0, 1]
+    train.main(tiny_args(again, data_root, "--resume", str(again / "last.ckpt"), "--max-epochs", "3"))
+    assert _val_epochs(again / "logs" / "metrics.csv") == [0, 1, 2]
+
+
+def _val_epochs(path: Path) -> list[int]:
+    with path.open(newline="") as f:
+        return [int(float(r["epoch"])) for r in csv.DictReader(f) if r.get("val/bleu_4")]
 
 
 def test_unknown_config_key_fails_naming_it(tmp_path, data_root, capsys):

@@ -5,6 +5,9 @@ Folder layout read (the synthetic generator writes it; a COCO-format folder uses
     ROOT/annotations/captions_{train,val,test}.json   COCO captions format (see data/coco.py)
     ROOT/annotations/instances_{split}.json           optional: boxes (grounding, synthetic checks)
     ROOT/{train,val,test}/<file_name>                 the images
+
+or, with data.dataset "prepared", a folder written by scripts/prepare_data.py (formats in
+captioning/data/prepare.py; read by captioning/data/store.py).
 """
 
 from __future__ import annotations
@@ -101,6 +104,22 @@ class CaptionDataModule(pl.LightningDataModule):
         self.vocab = vocab
         self.records: dict[str, list[ImageRecord]] = {}
         self._sources: dict[str, ImageSource] = {}
+        self._prepared = None  # the PreparedFolder of dataset "prepared", opened on first use
+        # Set by captioning.data.feature_cache.attach_feature_cache: every split's annotation grids
+        # [L, D] (fp16) replace its images, so batch["images"] is then [B, L, D] (model.encode
+        # passes grids through).
+        self.feature_cache = None
+
+    @property
+    def prepared(self):
+        """The prepared folder (data.dataset "prepared"): captioning/data/store.PreparedFolder."""
+        if self._prepared is None:
+            from captioning.data.store import PreparedFolder
+
+            folder = PreparedFolder(self.cfg.root)
+            folder.check_image_size(self.cfg.image_size)
+            self._prepared = folder
+        return self._prepared
 
     @property
     def root(self) -> Path:
@@ -118,6 +137,8 @@ class CaptionDataModule(pl.LightningDataModule):
             generate_synthetic(self.cfg.root, self.cfg.synthetic)
 
     def load_split(self, split: str) -> list[ImageRecord]:
+        if split not in self.records and self.cfg.dataset == "prepared":
+            self.records[split] = self.prepared.records(split)  # record paths: the source files
         if split not in self.records:
             self.records[split] = load_coco_captions(
                 self.root / "annotations" / f"captions_{split}.json", self.root / split
@@ -125,6 +146,10 @@ class CaptionDataModule(pl.LightningDataModule):
         return self.records[split]
 
     def setup(self, stage: str | None = None) -> None:
+        if self.vocab is None and self.cfg.dataset == "prepared":
+            self.vocab = self.prepared.vocab  # built at preparation, from the train split
+        if self.cfg.dataset == "prepared" and stage == "fit":
+            self.prepared.check_vocab(self.vocab)  # the stored caption ids are in the folder's vocabulary
         if self.vocab is None:
             self.vocab = Vocabulary.build(
                 (c for r in self.load_split("train") for c in r.captions), self.cfg.min_word_count
@@ -134,6 +159,10 @@ class CaptionDataModule(pl.LightningDataModule):
             self.load_split(split)
 
     def images(self, split: str) -> ImageSource:
+        if self.feature_cache is not None:
+            return self.feature_cache.split(split)
+        if split not in self._sources and self.cfg.dataset == "prepared":
+            self._sources[split] = self.prepared.images(split)  # memory-mapped, no decoding
         if split not in self._sources:
             self._sources[split] = ImageSource(self.load_split(split), self.cfg.image_size, self.cfg.cache_images)
         return self._sources[split]
@@ -149,6 +178,17 @@ class CaptionDataModule(pl.LightningDataModule):
 
         return load_scenes(self.root / "annotations" / f"instances_{split}.json")
 
+    def boxes(self, split: str) -> dict[int, list[tuple[str, list[float]]]] | None:
+        """{image_id: [(category name, [x, y, w, h]), ...]} in source-image pixels, from the split's
+        COCO instances file (synthetic: always; coco: annotations/instances_{split}.json; prepared:
+        when prepared with --instances), or None where the dataset has none."""
+        from captioning.data.store import read_boxes
+
+        if self.cfg.dataset == "prepared":
+            return self.prepared.boxes(split)
+        path = self.root / "annotations" / f"instances_{split}.json"
+        return read_boxes(path) if path.is_file() else None
+
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, collate) -> DataLoader:
         return DataLoader(
             dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate,
@@ -157,6 +197,11 @@ class CaptionDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        if self.cfg.dataset == "prepared":  # captions encoded at preparation, read from the folder
+            dataset = self.prepared.train_dataset(self.vocab, self.cfg.captions_per_image, self.cfg.max_caption_len)
+            if self.feature_cache is not None:  # cached grids of the same images, in record order
+                dataset.images = self.images("train")
+            return self._loader(dataset, self.cfg.batch_size, True, collate_train)
         dataset = TrainDataset(self.load_split("train"), self.images("train"), self.vocab,
                                self.cfg.captions_per_image, self.cfg.max_caption_len)
         return self._loader(dataset, self.cfg.batch_size, True, collate_train)

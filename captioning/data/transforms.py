@@ -22,23 +22,41 @@ class ImageLoadError(ValueError):
     """An image file is missing, unreadable, truncated or not an image."""
 
 
+# JPEGs at least twice this size on both sides are decoded at a reduced scale (1/2, 1/4 or 1/8,
+# libjpeg's DCT scaling via Image.draft) that keeps both sides >= DRAFT_SIZE: a 10000x10000 photo
+# decodes as 1250x1250, about 60x less work and memory. Every image is then resized to a small
+# square (data.image_size, at most a few hundred pixels), so nothing the model sees is lost, and
+# because it happens here, in the one loader, training, evaluation and captioning get identical
+# pixels. Smaller images (e.g. COCO's 640x480) decode exactly as before.
+DRAFT_SIZE = 1024
+
+
 def load_image(path: str | Path) -> Image.Image:
     """Open an image file as RGB with its EXIF orientation applied.
 
-    Grayscale, CMYK, palette, RGBA (composited on white) and 16-bit images are converted; a
-    missing, truncated or non-image file raises ImageLoadError naming the file.
+    Grayscale, CMYK, palette, RGBA (composited on white) and 16-bit images are converted; large
+    JPEGs are decoded at a reduced scale (see DRAFT_SIZE). A missing, truncated or non-image file,
+    or a decompression bomb, raises ImageLoadError naming the file.
+
+    Decompression bombs: Pillow refuses images of more than 2 x Image.MAX_IMAGE_PIXELS (179
+    megapixels by default) when opening them, before decoding anything -- a tiny file claiming
+    gigapixels fails here. Between 1x and 2x (89-179 MP) Pillow only warns; a genuine 10000x10000
+    (100 MP) photo is in that band, so the warning is silenced and the image is read.
     """
     path = Path(path)
     if not path.is_file():
         raise ImageLoadError(f"image file {path} does not exist")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as img:
+                img.draft(img.mode, (DRAFT_SIZE, DRAFT_SIZE))  # JPEG only; a no-op for other formats
                 img.load()  # decode now: a truncated file fails here, not later in a worker
                 return to_rgb(img)
-    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as err:
+    except Image.DecompressionBombError as err:
+        raise ImageLoadError(f"cannot read image {path}: refused as a possible decompression bomb ({err}); "
+                             "if it is a genuine image, raise PIL.Image.MAX_IMAGE_PIXELS") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise ImageLoadError(f"cannot read image {path}: {err}") from None
 
 
@@ -58,13 +76,22 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def resize_square(img: Image.Image, image_size: int) -> Image.Image:
+    """The geometric half of :func:`preprocess`: bicubic resize to image_size x image_size.
+
+    Also what a prepared folder stores (captioning/data/prepare.py), so that preprocess() of a
+    stored image -- whose resize is then a no-op copy -- equals preprocess() of the file exactly.
+    """
+    return img.resize((image_size, image_size), Image.Resampling.BICUBIC)
+
+
 def preprocess(img: Image.Image, image_size: int) -> torch.Tensor:
     """RGB PIL image -> normalised float tensor [3, image_size, image_size].
 
     Resized to a square (aspect ratio not kept; the paper crops to 224x224). No flip or other
     augmentation: captions name left and right, and a flip would make them false.
     """
-    img = img.resize((image_size, image_size), Image.Resampling.BICUBIC)
+    img = resize_square(img, image_size)
     return TF.normalize(TF.to_tensor(img), MEAN, STD)
 
 

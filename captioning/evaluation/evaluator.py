@@ -1,10 +1,46 @@
-"""Scoring a set of generated captions: the official metrics, plus the synthetic set's checker."""
+"""Evaluating captions: decoding a split (in one process or N), the official metrics, the synthetic
+checker, grounding, results files of other systems, and the 0-100 reporting scale.
+
+Decoding over N processes (``decode_distributed``): each process takes every N-th image of the
+split (disjoint shards, so no padding and no image decoded twice), decodes its shard, and the
+shards are gathered with ``torch.distributed.all_gather_object`` (gloo, also for GPUs: only
+Python objects travel). The merged predictions are de-duplicated by image id (first rank wins)
+before any corpus metric, and the caller checks that their count equals the split's.
+"""
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+import json
+import math
+import os
+import pickle
+import socket
+import tempfile
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping, NamedTuple, Sequence
 
-from captioning.evaluation.metrics import ScoreReport, score_details
+from captioning.evaluation.grounding import NamedWord, WordMatcher, named_words
+from captioning.evaluation.metrics import METRIC_KEYS, ScoreReport, score_details
+
+if TYPE_CHECKING:
+    from captioning.api import Captioner
+    from captioning.config import DataConfig
+    from captioning.data.datamodule import CaptionDataModule
+
+#: The reporting scale of evaluate.py's metrics JSON and table.
+SCALE = "0-100"
+SCALE_NOTE = ("every score x100 (CIDEr-D is natively 0-10, so x100 it can exceed 100, as on the COCO "
+              "leaderboard); grounding_words is a count")
+COUNT_KEYS = frozenset({"grounding_words"})
+
+_DISPLAY = {
+    "bleu_1": "BLEU-1", "bleu_2": "BLEU-2", "bleu_3": "BLEU-3", "bleu_4": "BLEU-4", "meteor": "METEOR",
+    "rouge_l": "ROUGE-L", "cider": "CIDEr", "spice": "SPICE", "caption_accuracy": "caption accuracy",
+    "pointing_game": "pointing game (mean over words)", "mass_in_box": "mass in box (mean over words)",
+    "pointing_game_per_image": "pointing game (mean over images)",
+    "mass_in_box_per_image": "mass in box (mean over images)", "grounding_words": "grounding words (count)",
+}
 
 
 def evaluate_predictions(
@@ -26,3 +62,202 @@ def evaluate_predictions(
 
         values["caption_accuracy"] = caption_accuracy(predictions, scenes)
     return values, report
+
+
+# ------------------------------------------------------------------------------ reporting
+
+
+def to_percent(values: Mapping[str, float | int | None]) -> dict[str, float | int | None]:
+    """0-1 scores -> the 0-100 scale (CIDEr-D x100 too); counts and None stay as they are."""
+    return {k: v if k in COUNT_KEYS or v is None else float(v) * 100.0 for k, v in values.items()}
+
+
+def format_results_table(values: Mapping[str, float | int | None], title: str | None = None) -> str:
+    """A plain-text table of values already on the 0-100 scale (:func:`to_percent`).
+
+    The official metrics come first in METRIC_KEYS order, then the others as given; None shows
+    as ``n/a`` (e.g. grounding when no generated word names an object).
+    """
+    keys = [k for k in METRIC_KEYS if k in values] + [k for k in values if k not in METRIC_KEYS]
+    rows = []
+    for key in keys:
+        value = values[key]
+        if value is None or (isinstance(value, float) and not math.isfinite(value)):
+            shown = "n/a"
+        elif key in COUNT_KEYS:
+            shown = str(int(value))
+        else:
+            shown = f"{float(value):.2f}"
+        rows.append((_DISPLAY.get(key, key), shown))
+    name_w = max([len("metric")] + [len(n) for n, _ in rows])
+    val_w = max([len("0-100")] + [len(v) for _, v in rows])
+    lines = [title] if title else []
+    lines.append(f"scores on the 0-100 scale (CIDEr-D x100, as on the COCO leaderboard)")
+    lines.append(f"{'metric':<{name_w}}  {'0-100':>{val_w}}")
+    lines.append(f"{'-' * name_w}  {'-' * val_w}")
+    lines += [f"{n:<{name_w}}  {v:>{val_w}}" for n, v in rows] or ["(no metrics)"]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ results files
+
+
+class ResultsError(ValueError):
+    """A results file is missing or is not in the COCO results format."""
+
+
+def load_results(path: str | Path) -> dict[int, str]:
+    """A COCO results file ``[{"image_id": int, "caption": str}, ...]`` -> {image_id: caption}.
+
+    Other keys of an entry are ignored. Rule for duplicates: an image id that occurs more than
+    once is an error (which caption to score would be a guess; the official COCO evaluation
+    refuses such files too). Raises ResultsError naming the file, the entry and the fix.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ResultsError(f"results file {path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ResultsError(f"results file {path} is not valid JSON: {err}") from None
+    if not isinstance(data, list):
+        hint = " (this looks like a captions file: pass it as --annotations)" if (
+            isinstance(data, dict) and "annotations" in data) else ""
+        raise ResultsError(f"{path} is not a COCO results file: it must be a JSON list of "
+                           f'{{"image_id": int, "caption": str}} objects, got a {type(data).__name__}{hint}')
+    if not data:
+        raise ResultsError(f"results file {path} is an empty list: nothing to score")
+    results: dict[int, str] = {}
+    counts: dict[int, int] = {}
+    for n, entry in enumerate(data):
+        if not isinstance(entry, dict) or not {"image_id", "caption"} <= entry.keys():
+            raise ResultsError(f"{path}: entry {n} is not an object with 'image_id' and 'caption': {entry!r:.80}")
+        image_id, caption = entry["image_id"], entry["caption"]
+        if isinstance(image_id, bool) or not isinstance(image_id, int):
+            raise ResultsError(f"{path}: entry {n} has image_id {image_id!r}; image ids must be integers")
+        if not isinstance(caption, str):
+            raise ResultsError(f"{path}: entry {n} (image {image_id}) has a caption of type "
+                               f"{type(caption).__name__}; captions must be strings")
+        counts[image_id] = counts.get(image_id, 0) + 1
+        results.setdefault(image_id, caption)
+    duplicated = sorted(i for i, c in counts.items() if c > 1)
+    if duplicated:
+        shown = ", ".join(f"{i} ({counts[i]}x)" for i in duplicated[:5]) + (", ..." if len(duplicated) > 5 else "")
+        raise ResultsError(f"{path}: {len(duplicated)} image id(s) occur more than once ({shown}); give one "
+                           "caption per image (the official COCO evaluation refuses duplicates too)")
+    return results
+
+
+# ------------------------------------------------------------------------------ decoding
+
+
+class DecodedImage(NamedTuple):
+    caption: str
+    named: list[NamedWord]  # its words that name an object class, with their attention ([] if none)
+
+
+def shard_indices(count: int, rank: int, world: int) -> list[int]:
+    """Every world-th index from rank: disjoint shards covering 0..count-1 exactly once."""
+    return list(range(rank, count, world))
+
+
+def decode_split(captioner: "Captioner", data: "CaptionDataModule", split: str, settings: Mapping,
+                 matcher: WordMatcher | None = None, rank: int = 0, world: int = 1,
+                 progress: bool = True) -> dict[int, DecodedImage]:
+    """Decode this rank's shard of a split: image_id -> caption and its naming words' attention.
+
+    ``settings`` are ``Captioner.decode_settings``; ``matcher`` None skips the naming words.
+    """
+    from torch.utils.data import DataLoader, Subset
+
+    from captioning.cli import Progress
+
+    loader = data.eval_dataloader(split)  # one item per image of the split
+    if world > 1:
+        indices = shard_indices(len(loader.dataset), rank, world)
+        loader = DataLoader(Subset(loader.dataset, indices), batch_size=loader.batch_size, shuffle=False,
+                            collate_fn=loader.collate_fn, num_workers=loader.num_workers)
+    total = len(loader.dataset)
+    label = f"evaluate {split}" + (f" (rank 0 of {world}, its shard)" if world > 1 else "")
+    bar = Progress(total, label, enabled=progress)
+    decoded: dict[int, DecodedImage] = {}
+    for batch in loader:
+        captions = captioner.caption_tensors(batch["images"], None, settings["max_len"], settings["hard_mode"],
+                                            settings["beam_size"])
+        for image_id, cap in zip(batch["image_ids"].tolist(), captions):
+            named = named_words(cap.words, cap.attention, matcher) if matcher is not None else []
+            decoded[image_id] = DecodedImage(cap.text, named)
+        bar.update(len(captions))
+    return decoded
+
+
+def merge_shards(parts: Sequence[Mapping[int, DecodedImage]]) -> tuple[dict[int, DecodedImage], int]:
+    """Gathered shards -> (one entry per image id, the first rank's; number of duplicates dropped)."""
+    merged: dict[int, DecodedImage] = {}
+    dropped = 0
+    for part in parts:
+        for image_id, item in part.items():
+            if image_id in merged:
+                dropped += 1
+            else:
+                merged[image_id] = item
+    return merged, dropped
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _decode_worker(rank: int, world: int, port: int, checkpoint: str, device_type: str, data_cfg: "DataConfig",
+                   split: str, settings: dict, matcher: WordMatcher | None, out_path: str) -> None:
+    """One process of :func:`decode_distributed`. Errors travel through the gather, so no rank is
+    left waiting in a collective for a rank that failed."""
+    import torch
+    import torch.distributed as dist
+
+    if device_type == "cpu":  # N processes share the cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(minutes=60))
+    try:
+        try:
+            from captioning.api import Captioner
+            from captioning.data.datamodule import CaptionDataModule
+
+            device = f"cuda:{rank}" if device_type == "cuda" else device_type
+            captioner = Captioner.from_checkpoint(checkpoint, device=device)
+            data = CaptionDataModule(data_cfg, captioner.vocab)  # the parent prepared the data
+            part: tuple = ("ok", decode_split(captioner, data, split, settings, matcher, rank, world,
+                                              progress=rank == 0))
+        except Exception as err:  # reported by the parent as one line
+            part = ("error", f"rank {rank}: {type(err).__name__}: {' '.join(str(err).split())}")
+        parts: list = [None] * world
+        dist.all_gather_object(parts, part)
+        if rank == 0:
+            Path(out_path).write_bytes(pickle.dumps(parts))
+    finally:
+        dist.destroy_process_group()
+
+
+def decode_distributed(checkpoint: str | Path, device_type: str, data_cfg: "DataConfig", split: str,
+                       settings: dict, matcher: WordMatcher | None, world: int) -> tuple[dict[int, DecodedImage], int]:
+    """Decode a split in ``world`` processes (torch.multiprocessing spawn, gloo process group):
+    -> (predictions de-duplicated by image id, duplicates dropped). ``device_type`` "cpu" or
+    "cuda" (process r uses cuda:r). Raises RuntimeError with the first failing rank's error."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix="evaluate-ddp-") as tmp:
+        out_path = Path(tmp) / "gathered.pkl"
+        try:
+            mp.spawn(_decode_worker, nprocs=world, join=True,
+                     args=(world, _free_port(), str(checkpoint), device_type, data_cfg, split, settings, matcher,
+                           str(out_path)))
+        except Exception as err:  # a process died outside the gather (killed, crashed)
+            raise RuntimeError(f"a decoding process failed: {' '.join(str(err).split())[-300:]}") from None
+        parts = pickle.loads(out_path.read_bytes())  # written by our own rank 0 just now
+    errors = [message for status, message in parts if status == "error"]
+    if errors:
+        raise RuntimeError(errors[0])
+    return merge_shards([shard for _, shard in parts])

@@ -26,7 +26,15 @@ class ShowAttendTell(nn.Module):
     def encode(
         self, images: torch.Tensor, image_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> features [B, L, D], feature mask [B, L] bool."""
+        """-> features [B, L, D], feature mask [B, L] bool.
+
+        ``images`` may instead be annotation grids [B, L, D] that this (frozen) encoder computed
+        earlier -- the feature cache, captioning/data/feature_cache.py: they pass through in the
+        decoder's dtype, every location real (cached images are square, never padded).
+        """
+        if images.dim() == 3:
+            features = images.to(self.decoder.init_h.weight.dtype)
+            return features, torch.ones(features.shape[:2], dtype=torch.bool, device=features.device)
         return self.encoder(images, image_mask)
 
     def forward(

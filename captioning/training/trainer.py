@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from datetime import timedelta
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers.logger import rank_zero_experiment
 
 from captioning.config import Config
 
@@ -22,7 +24,42 @@ def resolve_precision(cfg: Config) -> str:
     return "bf16-mixed" if gpu else "32-true"
 
 
-def build_trainer(cfg: Config, out_dir: str | Path, progress_bar: bool = True) -> pl.Trainer:
+class ResumableCSVLogger(CSVLogger):
+    """Lightning's CSVLogger deletes an existing ``metrics.csv`` when it starts, so a resumed run
+    would lose the log of everything before the resume. This one keeps the rows logged before
+    ``keep_before_step`` (the resumed checkpoint's global step) and appends after them."""
+
+    def __init__(self, *args, keep_before_step: int | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._keep_before_step = keep_before_step
+
+    @property
+    @rank_zero_experiment
+    def experiment(self):
+        if self._experiment is not None:
+            return self._experiment
+        path = Path(self.log_dir) / "metrics.csv"
+        rows: list[dict[str, str]] = []
+        keys: list[str] = []
+        if self._keep_before_step is not None and path.is_file():
+            with path.open(newline="") as f:
+                reader = csv.DictReader(f)
+                keys = list(reader.fieldnames or [])
+                rows = [r for r in reader if r.get("step") and int(float(r["step"])) < self._keep_before_step]
+        writer = super().experiment  # removes the old file
+        if rows:
+            with path.open("w", newline="") as f:
+                out = csv.DictWriter(f, fieldnames=keys)
+                out.writeheader()
+                out.writerows(rows)
+            writer.metrics_keys = sorted(keys)
+        return writer
+
+
+def build_trainer(
+    cfg: Config, out_dir: str | Path, progress_bar: bool = True, resume_step: int | None = None
+) -> pl.Trainer:
+    """``resume_step``: the global step of the checkpoint being resumed, whose earlier log rows are kept."""
     out_dir = Path(out_dir)
     t = cfg.train
     callbacks: list[pl.Callback] = [
@@ -55,7 +92,7 @@ def build_trainer(cfg: Config, out_dir: str | Path, progress_bar: bool = True) -
         fast_dev_run=t.fast_dev_run,
         num_sanity_val_steps=0,
         callbacks=callbacks,
-        logger=CSVLogger(out_dir, name="logs", version=""),
+        logger=ResumableCSVLogger(out_dir, name="logs", version="", keep_before_step=resume_step),
         enable_progress_bar=progress_bar,
         default_root_dir=out_dir,
         deterministic=False,

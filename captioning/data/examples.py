@@ -1,0 +1,82 @@
+"""A small generated dataset in the real caption-file formats, to try and benchmark preparation.
+
+Image ``id`` is a JPEG whose average colour is :func:`id_colour` (a smooth pattern plus pixel
+noise around it, so files are photo-sized rather than flat), and each of its captions names the
+id ("... image 17 ..."). A caption paired with the wrong image is therefore visible in the
+pixels and in the words; tests/test_prepare_data.py relies on it.
+
+    python scripts/prepare_data.py --make-example data/example --num-images 500 --example-size 256
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+WORDS = ("red", "small", "large", "bright", "dark", "round", "square", "old", "new", "busy")
+NOUNS = ("dog", "cat", "car", "tree", "house", "boat", "bird", "table", "street", "man")
+
+
+def id_colour(image_id: int) -> tuple[int, int, int]:
+    """A colour per id; consecutive ids differ by at least 53 levels in every channel."""
+    return (28 + image_id * 53 % 200, 28 + image_id * 97 % 200, 28 + image_id * 151 % 200)
+
+
+def example_image(image_id: int, size: int, noise: int = 12) -> Image.Image:
+    """An RGB image averaging id_colour(image_id), with a +-noise pattern (0: flat colour)."""
+    rng = np.random.default_rng(image_id)
+    base = np.array(id_colour(image_id), dtype=np.float64)
+    pixels = np.broadcast_to(base, (size, size, 3)).copy()
+    if noise:
+        pixels += rng.uniform(-noise, noise, size=(size, size, 3))
+    return Image.fromarray(pixels.round().clip(0, 255).astype(np.uint8), "RGB")
+
+
+def example_captions(image_id: int, count: int = 5) -> list[str]:
+    rng = random.Random(image_id)
+    return [f"{rng.choice(('a', 'the', 'one'))} {rng.choice(WORDS)} {rng.choice(NOUNS)} in image {image_id}"
+            for _ in range(count)]
+
+
+def write_example_dataset(root: str | Path, num_images: int, image_size: int = 256, fmt: str = "karpathy",
+                          val: int | None = None, test: int | None = None, noise: int = 12) -> tuple[Path, Path]:
+    """Write ``root/images/*.jpg`` and a captions file in ``fmt``; -> (captions file, images root).
+
+    ``karpathy``: root/dataset_example.json with train/val/test splits (val and test default to
+    10% each); ``coco``: root/captions_example.json (split at preparation); ``flickr8k``:
+    root/Flickr8k.token.txt plus root/Flickr_8k.{train,dev,test}Images.txt.
+    Ids are 1..num_images; file names ``img_<id>.jpg``.
+    """
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    val = max(1, num_images // 10) if val is None else val
+    test = max(1, num_images // 10) if test is None else test
+    ids = list(range(1, num_images + 1))
+    split_of = {i: "val" if n < val else "test" if n < val + test else "train" for n, i in enumerate(ids)}
+    for i in ids:
+        example_image(i, image_size, noise).save(root / "images" / f"img_{i}.jpg", quality=90)
+    if fmt == "karpathy":
+        images = [{"filepath": "images", "filename": f"img_{i}.jpg", "imgid": i - 1, "cocoid": i, "split": split_of[i],
+                   "sentences": [{"raw": c, "tokens": c.split(), "imgid": i - 1} for c in example_captions(i)]}
+                  for i in ids]
+        path = root / "dataset_example.json"
+        path.write_text(json.dumps({"images": images, "dataset": "example"}))
+    elif fmt == "coco":
+        path = root / "captions_example.json"
+        anns = [{"id": n, "image_id": i, "caption": c} for n, (i, c) in
+                enumerate(((i, c) for i in ids for c in example_captions(i)), 1)]
+        path.write_text(json.dumps({"images": [{"id": i, "file_name": f"images/img_{i}.jpg"} for i in ids],
+                                    "annotations": anns}))
+    elif fmt == "flickr8k":
+        path = root / "Flickr8k.token.txt"
+        path.write_text("".join(f"img_{i}.jpg#{n}\t{c}\n" for i in ids for n, c in enumerate(example_captions(i))))
+        for split, name in (("train", "train"), ("val", "dev"), ("test", "test")):
+            (root / f"Flickr_8k.{name}Images.txt").write_text(
+                "".join(f"img_{i}.jpg\n" for i in ids if split_of[i] == split))
+    else:
+        raise ValueError(f"unknown example format {fmt!r}: karpathy, coco or flickr8k")
+    return path, root / "images" if fmt == "flickr8k" else root

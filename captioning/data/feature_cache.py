@@ -1,0 +1,406 @@
+"""Frozen-encoder feature cache: every image's annotation grid computed once, read memory-mapped.
+
+With a frozen encoder (``model.encoder.fine_tune_from: null``) the annotations a_i of an image
+never change, so running the CNN at every step of every epoch repeats the same work. With
+``data.feature_cache: DIR`` (``scripts/train.py --feature-cache DIR``) each split's grids are
+computed once and the decoder trains from them; the encoder is still in the model (and its
+checkpoint), so captioning new images needs nothing else.
+
+Files, per split (train, val, test), in ``DIR``::
+
+    {split}.npy    float16 [N, L, D], image i of the split in record order (sorted by image id,
+                   as the DataModule reads them), read with np.load(mmap_mode="r")
+    {split}.json   {"format", "shape", "dtype", "image_ids", "fingerprint", "seconds"}
+
+The ``.json`` is written last, so a split without it is unfinished and is built again. The
+fingerprint says what made the grids: the encoder config, a SHA-256 of the encoder's weights and
+buffers, the image size, the preprocessing (a hash of the source of ``transforms.load_image``,
+``to_rgb``, ``resize_square`` and ``preprocess``, the normalisation constants and the Pillow
+version) and the split's identity (dataset kind, image ids, file names and file sizes). A cache
+whose fingerprint differs from the current one is refused, never silently rebuilt or reused.
+
+Storage: L x D x 2 bytes per image -- 14x14x2048 (ResNet conv5 at 224 px) is 784 KiB, 96 GB for
+COCO's 123,287 images; grid_size 7 or a VGG backbone (512 channels) cut that by 4. fp16 keeps
+about 3 significant digits; the loss from cached grids matches the encoder's to ~1e-3 relative
+(tests/test_feature_cache.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import PIL
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from captioning.config import ModelConfig
+from captioning.data import transforms
+from captioning.data.coco import ImageRecord
+from captioning.models.encoder import Encoder
+
+CACHE_FORMAT = 1
+SPLITS = ("train", "val", "test")
+COCO_IMAGES = 123_287  # train2014 + val2014, the Karpathy splits' total
+
+
+class FeatureCacheError(ValueError):
+    """The cache directory holds grids made by another encoder, preprocessing or dataset, or lacks room."""
+
+
+# ------------------------------------------------------------------------------ fingerprint
+
+
+def preprocessing_hash() -> str:
+    """Changes whenever the path from an image file to the encoder's input tensor may change."""
+    parts = [inspect.getsource(fn) for fn in (transforms.load_image, transforms.to_rgb, transforms.preprocess)]
+    if hasattr(transforms, "resize_square"):
+        parts.append(inspect.getsource(transforms.resize_square))
+    parts += [repr(transforms.MEAN), repr(transforms.STD), PIL.__version__]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def weights_hash(module: torch.nn.Module) -> str:
+    """SHA-256 of every parameter and buffer (names, shapes, dtypes, values), device-independent."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{tuple(tensor.shape)}:{t.dtype}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def split_identity(dataset: str, records: Sequence[ImageRecord]) -> dict[str, Any]:
+    """Which images, in which order: ids, file names and sizes (not paths: a moved folder is fine)."""
+    digest = hashlib.sha256()
+    for r in records:
+        size = r.path.stat().st_size if r.path.is_file() else -1
+        digest.update(f"{r.image_id}\t{r.path.name}\t{size}\n".encode())
+    return {"dataset": dataset, "num_images": len(records), "images_sha256": digest.hexdigest()[:16]}
+
+
+def fingerprint(model_cfg: ModelConfig, encoder: Encoder, image_size: int, dataset: str,
+                records: Sequence[ImageRecord], encoder_hash: str | None = None) -> dict[str, Any]:
+    enc = model_cfg.encoder
+    return {
+        "encoder": {"backbone": enc.backbone, "stage": enc.stage, "grid_size": enc.grid_size, "weights": enc.weights},
+        "encoder_weights_sha256": encoder_hash or weights_hash(encoder),
+        "image_size": image_size,
+        "preprocessing": preprocessing_hash(),
+        "split": split_identity(dataset, records),
+    }
+
+
+def _differences(stored: dict, current: dict, prefix: str = "") -> list[str]:
+    keys = sorted(set(stored) | set(current))
+    out = []
+    for key in keys:
+        a, b = stored.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} ({a!r} cached, {b!r} now)")
+    return out
+
+
+# ------------------------------------------------------------------------------ sizes
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit in ("B", "KiB") else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def size_report(grid_size: int, channels: int, counts: dict[str, int]) -> str:
+    """The lines printed before a cache is built: per image, per split, and COCO for scale."""
+    per_image = grid_size * grid_size * channels * 2
+    splits = ", ".join(f"{s} {n:,} images = {format_bytes(n * per_image)}" for s, n in counts.items())
+    total = sum(counts.values()) * per_image
+    half = max(1, grid_size // 2)  # the smaller grid on offer, and VGG's 512 channels
+    coco = (f"for scale: COCO's {COCO_IMAGES:,} images at this size = {format_bytes(COCO_IMAGES * per_image)}"
+            f" (grid_size {half}: {format_bytes(COCO_IMAGES * half * half * channels * 2)}"
+            f"; 512 channels, as VGG's conv5: {format_bytes(COCO_IMAGES * grid_size * grid_size * 512 * 2)})")
+    return (f"feature cache: {grid_size}x{grid_size}x{channels} fp16 = {format_bytes(per_image)} per image; "
+            f"{splits}; total {format_bytes(total)}\n{coco}")
+
+
+# ------------------------------------------------------------------------------ reading
+
+
+class CachedFeatures:
+    """Image i of a split -> its annotation grid, float16 tensor [L, D] (like ImageSource's images).
+
+    The .npy file is mapped read-only on first use in each process (DataLoader workers, DDP
+    ranks) and never pickled, so workers share the operating system's page cache.
+    """
+
+    def __init__(self, path: Path, shape: Sequence[int]) -> None:
+        self.path = Path(path)
+        self.shape = tuple(shape)
+        self._array: np.ndarray | None = None
+        self._pid = -1
+
+    @property
+    def array(self) -> np.ndarray:
+        if self._array is None or self._pid != os.getpid():
+            self._array = np.load(self.path, mmap_mode="r")
+            self._pid = os.getpid()
+        return self._array
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.from_numpy(np.array(self.array[index]))  # a copy out of the mapping
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "shape": self.shape, "_array": None, "_pid": -1}
+
+
+class FeatureCache:
+    """The opened cache: split name -> CachedFeatures."""
+
+    def __init__(self, directory: Path, splits: dict[str, CachedFeatures]) -> None:
+        self.directory = directory
+        self.splits = splits
+
+    def split(self, split: str) -> CachedFeatures:
+        if split not in self.splits:
+            raise FeatureCacheError(f"the feature cache in {self.directory} has no '{split}' split "
+                                    f"(it holds {', '.join(self.splits)})")
+        return self.splits[split]
+
+
+# ------------------------------------------------------------------------------ building
+
+
+class _Images(Dataset):
+    def __init__(self, source: Any, n: int) -> None:
+        self.source, self.n = source, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.source[index]
+
+
+class _Lock:
+    """DIR/{split}.lock holding "host pid": one process builds a split, the others wait for it."""
+
+    def __init__(self, path: Path, log: Callable[[str], None]) -> None:
+        self.path, self.log = path, log
+
+    def _holder_alive(self) -> bool:
+        try:
+            host, pid = self.path.read_text().split()
+        except (OSError, ValueError):
+            return True  # being written right now
+        if host != socket.gethostname():
+            return True  # another node's process: cannot check, trust it
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def acquire(self, done: Callable[[], bool]) -> bool:
+        """True: we hold the lock and must build. False: another process built it meanwhile."""
+        waited = 0.0
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                os.write(fd, f"{socket.gethostname()} {os.getpid()}".encode())
+                os.close(fd)
+                return True
+            except FileExistsError:
+                pass
+            if done():
+                return False
+            if not self._holder_alive():
+                self.path.unlink(missing_ok=True)  # stale: its builder died
+                continue
+            if waited % 30 == 0:
+                self.log(f"feature cache: waiting for the process in {self.path} to finish building")
+            time.sleep(1.0)
+            waited += 1.0
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _write_json(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def _progress_line(split: str, done: int, total: int, started: float) -> str:
+    elapsed = time.perf_counter() - started
+    rate = done / elapsed if elapsed > 0 else 0.0
+    eta = (total - done) / rate if rate > 0 else float("nan")
+    return (f"feature cache {split}: {done:,}/{total:,} images ({100 * done / max(total, 1):.0f}%), "
+            f"{rate:.0f} images/s, elapsed {elapsed:.0f}s, ETA {eta:.0f}s")
+
+
+@torch.no_grad()
+def build_split(path: Path, encoder: Encoder, images: Any, n: int, batch_size: int, num_workers: int,
+                device: torch.device, split: str, progress: bool = True) -> tuple[int, int]:
+    """Run the frozen encoder over ``n`` images (``images[i]`` -> [3, S, S]) into ``path`` (fp16
+    [n, L, D] .npy, written as ``path.partial`` then renamed). Returns (L, D)."""
+    L, D = encoder.grid_size ** 2, encoder.out_channels
+    partial = path.with_name(path.stem + ".partial.npy")
+    out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=(n, L, D))
+    loader = DataLoader(_Images(images, n), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    was_training = encoder.training
+    home = next(encoder.parameters()).device
+    encoder.to(device).eval()
+    started = last = time.perf_counter()
+    done = 0
+    try:
+        for batch in loader:
+            features, _ = encoder(batch.to(device, non_blocking=True))  # (B, L, D)
+            half = features.to(torch.float16)
+            if not bool(torch.isfinite(half).all()):
+                raise FeatureCacheError(f"annotation grids of {split} overflow fp16 (|a| > 65504): this encoder's "
+                                        "activations are too large to cache; train without data.feature_cache")
+            out[done: done + len(batch)] = half.cpu().numpy()
+            done += len(batch)
+            now = time.perf_counter()
+            if progress and (now - last >= 2.0 or done == n):
+                last = now
+                print(_progress_line(split, done, n, started), file=sys.stderr, flush=True)
+    finally:
+        encoder.to(home).train(was_training)
+    out.flush()
+    del out
+    os.replace(partial, path)
+    return L, D
+
+
+def prepare_feature_cache(
+    directory: str | Path,
+    model_cfg: ModelConfig,
+    encoder: Encoder,
+    image_size: int,
+    dataset: str,
+    records: dict[str, Sequence[ImageRecord]],
+    image_sources: dict[str, Any],
+    device: str | torch.device = "cpu",
+    batch_size: int = 64,
+    num_workers: int = 0,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+) -> FeatureCache:
+    """Open the cache in ``directory``, building the splits that are missing.
+
+    ``records[split]`` are the split's records in the order the DataModule indexes them and
+    ``image_sources[split][i]`` the preprocessed image i. Refuses (FeatureCacheError) a split
+    whose stored fingerprint differs from this encoder's, or a build the disk has no room for.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device)
+    encoder_hash = weights_hash(encoder)
+    grid, channels = encoder.grid_size, encoder.out_channels
+    log(size_report(grid, channels, {s: len(r) for s, r in records.items()}))
+
+    opened: dict[str, CachedFeatures] = {}
+    to_build: list[str] = []
+    prints: dict[str, dict] = {}
+    for split, recs in records.items():
+        prints[split] = fingerprint(model_cfg, encoder, image_size, dataset, recs, encoder_hash)
+        meta_path = directory / f"{split}.json"
+        if not meta_path.is_file():
+            to_build.append(split)
+            continue
+        opened[split] = _open_split(directory, split, prints[split], recs)
+
+    missing = sum(len(records[s]) for s in to_build) * grid * grid * channels * 2
+    if missing:
+        free = shutil.disk_usage(directory).free
+        if missing > free:
+            raise FeatureCacheError(
+                f"the feature cache needs {format_bytes(missing)} but {directory} has {format_bytes(free)} free: "
+                "choose another data.feature_cache directory or a smaller model.encoder.grid_size")
+    for split in to_build:
+        recs = records[split]
+        meta_path = directory / f"{split}.json"
+        lock = _Lock(directory / f"{split}.lock", log)
+        if lock.acquire(done=meta_path.is_file):
+            try:
+                if not meta_path.is_file():  # another process may have finished just before
+                    log(f"feature cache: computing {split} ({len(recs):,} images) into {directory / (split + '.npy')}")
+                    started = time.perf_counter()
+                    L, D = build_split(directory / f"{split}.npy", encoder, image_sources[split], len(recs),
+                                       batch_size, num_workers, device, split, progress)
+                    _write_json({"format": CACHE_FORMAT, "shape": [len(recs), L, D], "dtype": "float16",
+                                 "image_ids": [r.image_id for r in recs], "fingerprint": prints[split],
+                                 "seconds": round(time.perf_counter() - started, 1)}, meta_path)
+            finally:
+                lock.release()
+        opened[split] = _open_split(directory, split, prints[split], recs)
+    return FeatureCache(directory, {s: opened[s] for s in records})
+
+
+def _open_split(directory: Path, split: str, current: dict, records: Sequence[ImageRecord]) -> CachedFeatures:
+    meta_path, npy = directory / f"{split}.json", directory / f"{split}.npy"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise FeatureCacheError(f"{meta_path} is unreadable ({err}): delete {directory / split}.* to rebuild it") from None
+    if meta.get("format") != CACHE_FORMAT:
+        raise FeatureCacheError(f"{meta_path} has cache format {meta.get('format')}, this code reads {CACHE_FORMAT}: "
+                                f"delete {directory / split}.* to rebuild it")
+    diff = _differences(meta.get("fingerprint", {}), current)
+    if diff:
+        raise FeatureCacheError(
+            f"the feature cache {npy} was made for something else -- {'; '.join(diff)} -- so its grids are "
+            f"not this encoder's: delete {directory / split}.* to rebuild it, or choose another data.feature_cache"
+        )
+    if meta.get("image_ids") != [r.image_id for r in records] or not npy.is_file():
+        raise FeatureCacheError(f"{npy} does not hold this split's images in order: delete {directory / split}.* to rebuild it")
+    features = CachedFeatures(npy, meta["shape"])
+    if tuple(features.array.shape) != tuple(meta["shape"]) or features.array.dtype != np.float16:
+        raise FeatureCacheError(f"{npy} is {features.array.dtype} {features.array.shape}, its {meta_path.name} says "
+                                f"float16 {tuple(meta['shape'])}: delete {directory / split}.* to rebuild it")
+    return features
+
+
+def attach_feature_cache(data: Any, cfg: Any, encoder: Encoder, device: str | torch.device = "cpu",
+                         log: Callable[[str], None] = print, progress: bool = True) -> FeatureCache:
+    """Open (building what is missing) the cache ``cfg.data.feature_cache`` for every split of the
+    CaptionDataModule ``data`` (set up, vocabulary built) and attach it: from then on
+    ``data.images(split)`` serves annotation grids. ``encoder`` must be the model's own (frozen)
+    encoder -- its weights are part of the fingerprint."""
+    from captioning.data.datamodule import ImageSource
+
+    if cfg.model.encoder.fine_tune_from is not None:
+        raise FeatureCacheError("data.feature_cache needs a frozen encoder: set model.encoder.fine_tune_from=null")
+    records = {split: data.load_split(split) for split in SPLITS}
+    if data.cfg.dataset == "prepared":  # the store's memory-mapped pixels, no decoding
+        sources = {split: data.prepared.images(split) for split in SPLITS}
+    else:  # decoded on demand (never all at once into memory)
+        sources = {split: ImageSource(records[split], data.cfg.image_size, cache=False) for split in SPLITS}
+    cache = prepare_feature_cache(
+        cfg.data.feature_cache, cfg.model, encoder, data.cfg.image_size, data.cfg.dataset, records, sources,
+        device=device, batch_size=data.cfg.eval_batch_size, num_workers=data.cfg.num_workers, log=log,
+        progress=progress,
+    )
+    data.feature_cache = cache
+    return cache

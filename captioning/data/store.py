@@ -1,0 +1,261 @@
+"""Reading a prepared folder (captioning/data/prepare.py): records, vocabulary, the image store.
+
+The images of a split are one uint8 ``.npy`` file of [rows, S, S, 3], opened with
+``np.load(mmap_mode="r")``. Every process (each DataLoader worker, each DDP rank) opens its own
+read-only mapping on first use, and pickling drops it, so any number of workers read at once
+and the operating system's page cache is shared by all of them (a public port's HDF5 file
+allowed one worker only). Pixels go through ``transforms.preprocess``, the one preprocessing
+function; the stored image already has the target size, so only to_tensor and normalisation
+do work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from captioning.data.coco import ImageRecord
+from captioning.data.transforms import preprocess
+from captioning.vocab import Vocabulary
+
+SPLITS = ("train", "val", "test")
+FORMAT_VERSION = 1
+
+
+class PreparedDataError(ValueError):
+    """A prepared folder is missing, unfinished, from another version, or does not fit the config."""
+
+
+class _LazyArray:
+    """A .npy file memory-mapped read-only on first use in each process; never pickled."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._array: np.ndarray | None = None
+        self._pid = -1
+
+    @property
+    def array(self) -> np.ndarray:
+        if self._array is None or self._pid != os.getpid():
+            self._array = np.load(self.path, mmap_mode="r")
+            self._pid = os.getpid()
+        return self._array
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "_array": None, "_pid": -1}
+
+
+class StoreImages:
+    """Image i of a split (in record order) -> preprocessed tensor [3, S, S], like ImageSource."""
+
+    def __init__(self, path: Path, rows: np.ndarray, image_size: int) -> None:
+        self.store = _LazyArray(path)
+        self.rows = rows
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def pixels(self, index: int) -> np.ndarray:
+        """The stored uint8 [S, S, 3] RGB image (a copy out of the mapping)."""
+        return np.array(self.store.array[self.rows[index]])
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return preprocess(Image.fromarray(self.pixels(index)), self.image_size)
+
+
+class PreparedSplit:
+    """One split: its records (references by image id), store rows and encoded captions."""
+
+    def __init__(self, root: Path, split: str, images_root: Path) -> None:
+        path = root / f"captions_{split}.json"
+        if not path.is_file():
+            raise PreparedDataError(f"{path} is missing: the prepared folder is incomplete; prepare it again")
+        data = json.loads(path.read_text())
+        self.image_ids = [img["id"] for img in data["images"]]
+        self.rows = np.asarray([img["row"] for img in data["images"]], dtype=np.int64)
+        self.file_names = [img["file_name"] for img in data["images"]]
+        position = {image_id: i for i, image_id in enumerate(self.image_ids)}
+        captions: list[list[str]] = [[] for _ in self.image_ids]
+        owner = np.empty(len(data["annotations"]), dtype=np.int64)
+        for j, ann in enumerate(data["annotations"]):
+            owner[j] = position[ann["image_id"]]
+            captions[owner[j]].append(ann["caption"])
+        if np.any(np.diff(owner) < 0):
+            raise PreparedDataError(f"{path}: annotations are not grouped by image; prepare the folder again")
+        # offsets[i]:offsets[i+1] are image i's rows in tokens/lengths (= its annotations).
+        self.offsets = np.zeros(len(self.image_ids) + 1, dtype=np.int64)
+        np.cumsum(np.bincount(owner, minlength=len(self.image_ids)), out=self.offsets[1:])
+        self.records = [ImageRecord(i, images_root / name, tuple(caps))
+                        for i, name, caps in zip(self.image_ids, self.file_names, captions)]
+        self.tokens = _LazyArray(root / f"tokens_{split}.npy")
+        self.lengths = np.load(root / f"lengths_{split}.npy")
+        if len(self.lengths) != len(owner) or self.tokens.array.shape[0] != len(owner):
+            raise PreparedDataError(f"{root}: tokens/lengths of {split} do not match {path.name}; prepare it again")
+        self.store_path = root / f"images_{split}.npy"
+
+    def encoded(self, index: int) -> list[list[int]]:
+        """Training captions of image i as id lists (<start> .. <end>, no padding)."""
+        lo, hi = self.offsets[index], self.offsets[index + 1]
+        tokens = self.tokens.array
+        return [tokens[r, : self.lengths[r]].tolist() for r in range(lo, hi) if self.lengths[r] > 0]
+
+
+class PreparedFolder:
+    """A folder written by scripts/prepare_data.py; see captioning/data/prepare.py for its files."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        manifest = self.root / "manifest.json"
+        if not manifest.is_file():
+            partial = self.root.with_name(self.root.name + ".partial")
+            if partial.is_dir():
+                raise PreparedDataError(f"the preparation of {self.root} did not finish ({partial} is there): run the "
+                                        "same scripts/prepare_data.py command again to resume it")
+            raise PreparedDataError(f"{self.root} is not a prepared folder (no manifest.json): make it with "
+                                    f"scripts/prepare_data.py ... --out {self.root}")
+        self.manifest = json.loads(manifest.read_text())
+        if self.manifest.get("format_version") != FORMAT_VERSION:
+            raise PreparedDataError(f"{self.root} has prepared-folder format {self.manifest.get('format_version')}, "
+                                    f"this code reads {FORMAT_VERSION}: prepare it again")
+        self.image_size: int = self.manifest["options"]["image_size"]
+        self.images_root = Path(self.manifest["source"]["images_root"])
+        self._splits: dict[str, PreparedSplit] = {}
+
+    @cached_property
+    def vocab(self) -> Vocabulary:
+        return Vocabulary(json.loads((self.root / "vocab.json").read_text())["words"])
+
+    def split(self, split: str) -> PreparedSplit:
+        if split not in self._splits:
+            self._splits[split] = PreparedSplit(self.root, split, self.images_root)
+        return self._splits[split]
+
+    def records(self, split: str) -> list[ImageRecord]:
+        """Image id, source file path (for captioning the originals) and all references."""
+        return self.split(split).records
+
+    def images(self, split: str) -> StoreImages:
+        part = self.split(split)
+        return StoreImages(part.store_path, part.rows, self.image_size)
+
+    def check_image_size(self, image_size: int) -> None:
+        if image_size != self.image_size:
+            raise PreparedDataError(
+                f"{self.root} stores {self.image_size}x{self.image_size} images but data.image_size is {image_size}: "
+                f"set data.image_size={self.image_size} (or prepare again with --image-size {image_size})")
+
+    def check_vocab(self, vocab: Vocabulary) -> None:
+        if vocab != self.vocab:
+            raise PreparedDataError(
+                f"the model's vocabulary ({len(vocab)} words) is not {self.root / 'vocab.json'} ({len(self.vocab)} "
+                "words), so the stored caption ids would be wrong: resume or fine-tune on the folder it was trained on")
+
+    def train_dataset(self, vocab: Vocabulary, captions_per_image: int, max_caption_len: int) -> "StoreTrainDataset":
+        self.check_vocab(vocab)
+        return StoreTrainDataset(self.split("train"), self.images("train"), captions_per_image, max_caption_len)
+
+    def boxes(self, split: str) -> dict[int, list[tuple[str, list[float]]]] | None:
+        path = self.root / f"instances_{split}.json"
+        return read_boxes(path) if path.is_file() else None
+
+
+def read_boxes(instances_json: Path) -> dict[int, list[tuple[str, list[float]]]]:
+    """COCO instances file -> {image_id: [(category name, [x, y, w, h]), ...]}; every image a key."""
+    data = json.loads(Path(instances_json).read_text())
+    names = {cat["id"]: cat["name"] for cat in data["categories"]}
+    boxes: dict[int, list[tuple[str, list[float]]]] = {img["id"]: [] for img in data["images"]}
+    for ann in sorted(data["annotations"], key=lambda a: (a["image_id"], a.get("id", 0))):
+        boxes.setdefault(ann["image_id"], []).append((names[ann["category_id"]], [float(v) for v in ann["bbox"]]))
+    return boxes
+
+
+class StoreTrainDataset(Dataset):
+    """Item i: (image i [3, S, S], k of its captions as id lists, image id), as TrainDataset.
+
+    Captions are drawn without replacement anew each time (fewer than k: each once, then
+    repeats); longer than ``max_caption_len`` words: truncated, as Vocabulary.encode does.
+    """
+
+    def __init__(self, part: PreparedSplit, images: StoreImages, captions_per_image: int, max_caption_len: int) -> None:
+        self.part, self.images = part, images
+        self.k, self.max_len = captions_per_image, max_caption_len
+        trainable = np.concatenate([[0], np.cumsum(part.lengths > 0)])
+        usable = trainable[part.offsets[1:]] - trainable[part.offsets[:-1]]  # training captions per image
+        # Images whose captions were all dropped (long-caption rule) cannot be trained on.
+        self.indices = np.flatnonzero(usable > 0)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        i = int(self.indices[index])
+        options = self.part.encoded(i)
+        if len(options) >= self.k:
+            chosen = random.sample(options, self.k)
+        else:
+            chosen = [options[j % len(options)] for j in range(self.k)]
+        chosen = [ids if len(ids) <= self.max_len + 2 else ids[: self.max_len + 1] + [Vocabulary.end_id] for ids in chosen]
+        return self.images[i], chosen, self.part.image_ids[i]
+
+
+# ------------------------------------------------------------------------------------ benchmark
+
+
+def benchmark_loader(root: str | Path, workers: Sequence[int], batch_size: int = 32, captions_per_image: int = 5,
+                     seconds: float = 10.0, source: str = "store", progress: bool = True) -> list[dict[str, Any]]:
+    """Images/s of the training DataLoader alone (no model), for each worker count.
+
+    ``source="store"`` reads the prepared store; ``"files"`` decodes and resizes the source image
+    files every time (the unprepared path), for comparison. Each measurement iterates the
+    loader for about ``seconds`` (whole epochs if the split is small) after one warm-up batch
+    (worker start-up, reported separately). The model's input size is the folder's image size.
+    """
+    from captioning.config import DataConfig
+    from captioning.data.datamodule import CaptionDataModule, ImageSource, TrainDataset, collate_train
+
+    folder = PreparedFolder(root)
+    results = []
+    for n in workers:
+        cfg = DataConfig(dataset="prepared", root=str(root), image_size=folder.image_size, batch_size=batch_size,
+                         captions_per_image=captions_per_image, num_workers=n, cache_images=False)
+        data = CaptionDataModule(cfg)
+        data.setup("fit")
+        loader = data.train_dataloader()
+        if source == "files":
+            records = data.load_split("train")
+            dataset = TrainDataset(records, ImageSource(records, folder.image_size, cache=False), data.vocab,
+                                   captions_per_image, cfg.max_caption_len)
+            loader = data._loader(dataset, batch_size, True, collate_train)
+        started = time.perf_counter()
+        iterator = iter(loader)
+        next(iterator)
+        startup = time.perf_counter() - started
+        images, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            for batch in iterator:
+                images += batch["images"].shape[0]
+                if time.perf_counter() - t0 >= seconds:
+                    break
+            else:
+                iterator = iter(loader)
+        elapsed = time.perf_counter() - t0
+        del iterator, loader
+        row = {"source": source, "workers": n, "batch_size": batch_size, "image_size": folder.image_size,
+               "images": images, "seconds": round(elapsed, 2), "images_per_s": round(images / elapsed, 1),
+               "startup_s": round(startup, 2)}
+        if progress:
+            print(f"loader benchmark: {source}, {n} workers: {row['images_per_s']} images/s "
+                  f"({images} images in {elapsed:.1f}s; first batch after {startup:.2f}s)", flush=True)
+        results.append(row)
+    return results

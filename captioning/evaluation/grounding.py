@@ -1,0 +1,527 @@
+"""Grounding scores: does the attention of a word that names an object look at that object?
+
+Every generated word that names an object class (a *naming word*, see "Words to classes") whose
+class has at least one box in the image is scored against the boxes of that class:
+
+pointing game
+    1 if the attention maximum falls inside a box of the class, else 0 (Zhang et al., "Top-down
+    neural attention by excitation backprop", ECCV 2016; without their 15-pixel tolerance).
+mass in box
+    the fraction of the word's attention weight inside the union of the class's boxes.
+
+Grid to image
+-------------
+The model sees the image resized to a square (plain resize, aspect not kept, see
+``captioning.data.transforms.preprocess``), and the encoder's feature map is adaptive-average-pooled
+to a gh x gw grid, so grid cell (r, c) stands for an equal share of the *original* image:
+``[c * W / gw, (c + 1) * W / gw) x [r * H / gh, (r + 1) * H / gh)`` in pixels, W and H the image's
+size in the instances file. Boxes are scaled by (gw / W, gh / H) into grid units, where cell
+(r, c) is the unit square ``[c, c + 1) x [r, r + 1)``. (A cell's receptive field is larger than
+its share; the share is the convention the paper's upsampled attention figures also use.)
+
+* The *point* of the pointing game is the centre ``(c + 0.5, r + 0.5)`` of the maximum cell (on an
+  exact tie, the first maximum in row-major order). Boxes are half-open like COCO's,
+  ``[x, x + w) x [y, y + h)``: a centre on a box's left or top edge is inside, on its right or
+  bottom edge outside.
+* For the *mass*, each cell's weight is spread uniformly over the cell: mass =
+  ``sum_rc alpha_rc * cover_rc / sum_rc alpha_rc``, where ``cover_rc`` is the exact fraction of the
+  cell's area inside the union of the boxes (overlapping boxes counted once).
+
+Which attention
+---------------
+The attention the decoder actually used for the caption (``mode``, recorded with every number):
+``"expected"`` (soft attention, and hard attention decoded with the expected context
+sum_i alpha_i a_i, the authors' default): alpha itself. ``"argmax"`` (hard): a one-hot map on the
+argmax of alpha, so the mass is the cover of that one cell. ``"sample"`` (hard): a one-hot map on a
+location drawn from alpha; the drawn location is not kept by the decoder, so the word is scored in
+expectation over the draw: mass = sum alpha * cover (as for "expected"), pointing game = the alpha
+weight on cells whose centre lies inside a box (the probability that the draw hits).
+
+Averaging
+---------
+``pointing_game`` and ``mass_in_box`` are means over all scored words of the split (an image with
+three naming words counts three times); ``*_per_image`` first average each image's words, then
+average over the images that have at least one scored word. A naming word whose class has no box
+in the image is *excluded* and counted (``absent_words``); an image missing from the instances file
+is counted in ``images_without_boxes``. With no scored word at all every score is None, never 0.
+For scale, the report also gives what a uniform attention map would score on the same words (the
+share of cells whose centre lies in a box, and the boxes' share of the image).
+
+Words to classes
+----------------
+Synthetic dataset: the shape nouns, singular and plural (``circle``/``circles`` -> circle, ...).
+COCO: :data:`COCO_SYNONYMS` (one word -> one of the 80 categories; written for this project,
+listed below) and :data:`COCO_PHRASES` (two-word names such as "traffic light", "hot dog",
+"teddy bear"; the head noun, the second word, is the scored word, and the first word is then not
+matched on its own, so "hot dog" is one hot dog and no dog). Words that are mostly something else
+in captions are left out on purpose: "orange" (a colour; only "oranges" names the fruit), "glass"
+(windows), "bag", "meter", "baseball" (the game), "screen". Any other dataset: each category name
+and its name + "s" (two-word names as phrases).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping, NamedTuple, Sequence
+
+import numpy as np
+
+#: How the decoder attended (see the module docstring, "Which attention").
+MODES = ("expected", "argmax", "sample")
+
+MODE_DESCRIPTIONS = {
+    "expected": "alpha (the expected context the decoder used)",
+    "argmax": "one-hot on argmax alpha (the location the decoder used)",
+    "sample": "one-hot on a location drawn from alpha, scored in expectation over the draw",
+}
+
+Box = tuple[float, float, float, float]  # COCO (x, y, w, h) in image pixels
+
+# ------------------------------------------------------------------------------ words to classes
+
+#: COCO category -> the single words that name it in captions (singular and plural).
+COCO_SYNONYMS: dict[str, tuple[str, ...]] = {
+    "person": ("person", "persons", "people", "man", "men", "woman", "women", "boy", "boys", "girl",
+               "girls", "child", "children", "kid", "kids", "baby", "babies", "toddler", "toddlers",
+               "guy", "guys", "lady", "ladies", "gentleman", "gentlemen", "adult", "adults", "teenager",
+               "teenagers", "player", "players", "skier", "skiers", "surfer", "surfers", "skateboarder",
+               "skateboarders", "snowboarder", "snowboarders", "rider", "riders", "biker", "bikers",
+               "pedestrian", "pedestrians", "crowd", "catcher", "catchers", "umpire", "umpires",
+               "chef", "chefs", "worker", "workers", "officer", "officers"),
+    "bicycle": ("bicycle", "bicycles", "bike", "bikes"),
+    "car": ("car", "cars", "automobile", "automobiles", "taxi", "taxis", "sedan", "sedans"),
+    "motorcycle": ("motorcycle", "motorcycles", "motorbike", "motorbikes", "moped", "mopeds"),
+    "airplane": ("airplane", "airplanes", "plane", "planes", "aeroplane", "aeroplanes", "jet", "jets",
+                 "airliner", "airliners", "aircraft"),
+    "bus": ("bus", "buses", "busses"),
+    "train": ("train", "trains", "locomotive", "locomotives"),
+    "truck": ("truck", "trucks", "lorry", "lorries"),
+    "boat": ("boat", "boats", "ship", "ships", "sailboat", "sailboats", "kayak", "kayaks", "canoe",
+             "canoes", "yacht", "yachts", "ferry", "ferries"),
+    "traffic light": ("stoplight", "stoplights"),
+    "fire hydrant": ("hydrant", "hydrants"),
+    "stop sign": (),
+    "parking meter": (),
+    "bench": ("bench", "benches"),
+    "bird": ("bird", "birds", "pigeon", "pigeons", "seagull", "seagulls", "gull", "gulls", "duck",
+             "ducks", "goose", "geese", "parrot", "parrots", "swan", "swans", "owl", "owls", "eagle",
+             "eagles"),
+    "cat": ("cat", "cats", "kitten", "kittens", "kitty", "kitties"),
+    "dog": ("dog", "dogs", "puppy", "puppies", "pup", "pups"),
+    "horse": ("horse", "horses", "pony", "ponies", "foal", "foals"),
+    "sheep": ("sheep", "lamb", "lambs"),
+    "cow": ("cow", "cows", "cattle", "bull", "bulls", "calf", "calves", "ox", "oxen"),
+    "elephant": ("elephant", "elephants"),
+    "bear": ("bear", "bears"),
+    "zebra": ("zebra", "zebras"),
+    "giraffe": ("giraffe", "giraffes"),
+    "backpack": ("backpack", "backpacks", "knapsack", "knapsacks"),
+    "umbrella": ("umbrella", "umbrellas", "parasol", "parasols"),
+    "handbag": ("handbag", "handbags", "purse", "purses"),
+    "tie": ("tie", "ties", "necktie", "neckties"),
+    "suitcase": ("suitcase", "suitcases", "luggage"),
+    "frisbee": ("frisbee", "frisbees"),
+    "skis": ("ski", "skis"),
+    "snowboard": ("snowboard", "snowboards"),
+    "sports ball": ("ball", "balls", "football", "footballs"),
+    "kite": ("kite", "kites"),
+    "baseball bat": ("bat", "bats"),
+    "baseball glove": ("glove", "gloves", "mitt", "mitts"),
+    "skateboard": ("skateboard", "skateboards"),
+    "surfboard": ("surfboard", "surfboards"),
+    "tennis racket": ("racket", "rackets", "racquet", "racquets"),
+    "bottle": ("bottle", "bottles"),
+    "wine glass": ("wineglass", "wineglasses"),
+    "cup": ("cup", "cups", "mug", "mugs"),
+    "fork": ("fork", "forks"),
+    "knife": ("knife", "knives"),
+    "spoon": ("spoon", "spoons"),
+    "bowl": ("bowl", "bowls"),
+    "banana": ("banana", "bananas"),
+    "apple": ("apple", "apples"),
+    "sandwich": ("sandwich", "sandwiches", "burger", "burgers", "hamburger", "hamburgers"),
+    "orange": ("oranges",),  # "orange" alone is mostly the colour
+    "broccoli": ("broccoli",),
+    "carrot": ("carrot", "carrots"),
+    "hot dog": ("hotdog", "hotdogs"),
+    "pizza": ("pizza", "pizzas"),
+    "donut": ("donut", "donuts", "doughnut", "doughnuts"),
+    "cake": ("cake", "cakes", "cupcake", "cupcakes"),
+    "chair": ("chair", "chairs", "stool", "stools"),
+    "couch": ("couch", "couches", "sofa", "sofas"),
+    "potted plant": ("plant", "plants", "houseplant", "houseplants"),
+    "bed": ("bed", "beds"),
+    "dining table": ("table", "tables"),
+    "toilet": ("toilet", "toilets"),
+    "tv": ("tv", "tvs", "television", "televisions"),
+    "laptop": ("laptop", "laptops"),
+    "mouse": ("mouse", "mice"),
+    "remote": ("remote", "remotes", "controller", "controllers"),
+    "keyboard": ("keyboard", "keyboards"),
+    "cell phone": ("phone", "phones", "cellphone", "cellphones", "smartphone", "smartphones"),
+    "microwave": ("microwave", "microwaves"),
+    "oven": ("oven", "ovens", "stove", "stoves"),
+    "toaster": ("toaster", "toasters"),
+    "sink": ("sink", "sinks"),
+    "refrigerator": ("refrigerator", "refrigerators", "fridge", "fridges"),
+    "book": ("book", "books"),
+    "clock": ("clock", "clocks"),
+    "vase": ("vase", "vases"),
+    "scissors": ("scissors",),
+    "teddy bear": ("teddy", "teddies"),
+    "hair drier": ("hairdryer", "hairdryers", "hairdrier", "hairdriers"),
+    "toothbrush": ("toothbrush", "toothbrushes"),
+}
+
+#: (first word, head noun) -> COCO category; the head noun is the scored word.
+COCO_PHRASES: dict[tuple[str, str], str] = {
+    **{("traffic", w): "traffic light" for w in ("light", "lights", "signal", "signals")},
+    **{("stop", w): "traffic light" for w in ("light", "lights")},
+    **{("fire", w): "fire hydrant" for w in ("hydrant", "hydrants")},
+    **{("stop", w): "stop sign" for w in ("sign", "signs")},
+    **{("parking", w): "parking meter" for w in ("meter", "meters")},
+    **{("sports", w): "sports ball" for w in ("ball", "balls")},
+    **{("baseball", w): "baseball bat" for w in ("bat", "bats")},
+    **{("baseball", w): "baseball glove" for w in ("glove", "gloves", "mitt", "mitts")},
+    **{("tennis", w): "tennis racket" for w in ("racket", "rackets", "racquet", "racquets")},
+    **{("wine", w): "wine glass" for w in ("glass", "glasses")},
+    **{("hot", w): "hot dog" for w in ("dog", "dogs")},
+    **{("potted", w): "potted plant" for w in ("plant", "plants")},
+    **{("dining", w): "dining table" for w in ("table", "tables")},
+    **{("cell", w): "cell phone" for w in ("phone", "phones")},
+    **{("mobile", w): "cell phone" for w in ("phone", "phones")},
+    **{("teddy", w): "teddy bear" for w in ("bear", "bears")},
+    **{("hair", w): "hair drier" for w in ("drier", "driers", "dryer", "dryers")},
+    **{("remote", w): "remote" for w in ("control", "controls")},
+    **{("motor", w): "motorcycle" for w in ("bike", "bikes")},
+    **{("skate", w): "skateboard" for w in ("board", "boards")},
+    **{("surf", w): "surfboard" for w in ("board", "boards")},
+    **{("snow", w): "snowboard" for w in ("board", "boards")},
+    **{("tooth", w): "toothbrush" for w in ("brush", "brushes")},
+}
+
+
+@dataclass(frozen=True)
+class WordMatcher:
+    """Finds the naming words of a caption: word -> category, plus two-word phrases."""
+
+    words: Mapping[str, str]
+    phrases: Mapping[tuple[str, str], str] = field(default_factory=dict)
+    name: str = "category names"  # which list: "synthetic shapes", "COCO synonyms", ...
+
+    def match(self, words: Sequence[str]) -> list[tuple[int, str]]:
+        """[(position of the scored word, category)] in caption order.
+
+        A phrase match scores its second word and consumes the first (see COCO_PHRASES).
+        """
+        lowered = [w.lower() for w in words]
+        out: list[tuple[int, str]] = []
+        i = 0
+        while i < len(lowered):
+            if i + 1 < len(lowered) and (lowered[i], lowered[i + 1]) in self.phrases:
+                out.append((i + 1, self.phrases[(lowered[i], lowered[i + 1])]))
+                i += 2
+                continue
+            category = self.words.get(lowered[i])
+            if category is not None:
+                out.append((i, category))
+            i += 1
+        return out
+
+
+def _name_words(name: str) -> tuple[dict[str, str], dict[tuple[str, str], str]]:
+    """A category name and its plain plural: one word -> words, two words -> a phrase."""
+    parts = name.lower().split()
+    if len(parts) == 1:
+        return {parts[0]: name, parts[0] + "s": name}, {}
+    if len(parts) == 2:
+        return {}, {(parts[0], parts[1]): name, (parts[0], parts[1] + "s"): name}
+    return {}, {}  # longer names are not matched (no caption word stands for them alone)
+
+
+def matcher_for(categories: Iterable[str]) -> WordMatcher:
+    """The word list for a dataset, chosen by its category names (see the module docstring)."""
+    from captioning.data.synthetic import PLURALS, SHAPES
+
+    names = list(dict.fromkeys(categories))
+    if names and set(names) <= set(SHAPES):
+        words = {w: shape for shape in names for w in (shape, PLURALS[shape])}
+        return WordMatcher(words, {}, "synthetic shapes")
+    known = [n for n in names if n in COCO_SYNONYMS]
+    words: dict[str, str] = {w: n for n in known for w in COCO_SYNONYMS[n]}
+    phrases = {k: v for k, v in COCO_PHRASES.items() if v in known}
+    for n in names:
+        if n not in COCO_SYNONYMS:  # a category of another dataset: its own name only
+            more_words, more_phrases = _name_words(n)
+            words.update({w: c for w, c in more_words.items() if w not in words})
+            phrases.update({p: c for p, c in more_phrases.items() if p not in phrases})
+    label = "COCO synonyms" if known and len(known) == len(names) else (
+        "COCO synonyms + category names" if known else "category names")
+    return WordMatcher(words, phrases, label)
+
+
+# ------------------------------------------------------------------------------ boxes
+
+
+class InstancesError(ValueError):
+    """An instances file is missing or does not follow the COCO instances schema."""
+
+
+@dataclass(frozen=True)
+class Instances:
+    """Boxes by image and class, read from a COCO ``instances_*.json`` file."""
+
+    path: str
+    categories: tuple[str, ...]
+    sizes: dict[int, tuple[float, float]]  # image_id -> (width, height) in pixels
+    boxes: dict[int, dict[str, list[Box]]]  # image_id -> category name -> COCO boxes
+
+    def matcher(self) -> WordMatcher:
+        return matcher_for(self.categories)
+
+
+def load_instances(path: str | Path) -> Instances:
+    """Read a COCO instances file with pycocotools. Crowd boxes (iscrowd 1) are kept: a word such
+    as "people" may well point into one. Raises InstancesError naming the file and the fix."""
+    from pycocotools.coco import COCO
+
+    path = Path(path)
+    if not path.is_file():
+        raise InstancesError(f"instances file {path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InstancesError(f"instances file {path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict) or not {"images", "annotations", "categories"} <= data.keys():
+        raise InstancesError(f"{path} is not a COCO instances file: it needs top-level 'images', "
+                             "'annotations' and 'categories' lists (like instances_val2014.json)")
+    for img in data["images"]:
+        if not isinstance(img, dict) or not {"id", "width", "height"} <= img.keys():
+            raise InstancesError(f"{path}: every image needs 'id', 'width' and 'height' (got {img!r:.80})")
+    for ann in data["annotations"]:
+        bbox = ann.get("bbox") if isinstance(ann, dict) else None
+        if not (isinstance(bbox, list) and len(bbox) == 4 and {"image_id", "category_id"} <= ann.keys()):
+            raise InstancesError(f"{path}: every annotation needs 'image_id', 'category_id' and a 'bbox' "
+                                 f"[x, y, w, h] (got {ann!r:.80}); is this a captions file?")
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress chatter
+        coco = COCO()
+        coco.dataset = data
+        coco.createIndex()
+    names = {cat_id: cat["name"] for cat_id, cat in coco.cats.items()}
+    sizes = {img_id: (float(img["width"]), float(img["height"])) for img_id, img in coco.imgs.items()}
+    boxes: dict[int, dict[str, list[Box]]] = {img_id: {} for img_id in coco.imgs}
+    for ann in coco.dataset["annotations"]:
+        if ann["category_id"] not in names:
+            raise InstancesError(f"{path}: annotation {ann.get('id')} has category_id {ann['category_id']}, "
+                                 "which is not in 'categories'")
+        if ann["image_id"] not in sizes:
+            raise InstancesError(f"{path}: annotation {ann.get('id')} names image {ann['image_id']}, "
+                                 "which is not in 'images'")
+        x, y, w, h = (float(v) for v in ann["bbox"])
+        boxes[ann["image_id"]].setdefault(names[ann["category_id"]], []).append((x, y, w, h))
+    return Instances(str(path), tuple(names[i] for i in sorted(names)), sizes, boxes)
+
+
+def boxes_to_grid(boxes: Sequence[Box], width: float, height: float, gh: int, gw: int) -> np.ndarray:
+    """COCO boxes in pixels of a W x H image -> [N, 4] (x0, y0, x1, y1) in grid units."""
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {width} x {height}")
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    sx, sy = gw / width, gh / height
+    return np.stack([b[:, 0] * sx, b[:, 1] * sy, (b[:, 0] + b[:, 2]) * sx, (b[:, 1] + b[:, 3]) * sy], axis=1)
+
+
+def cell_coverage(grid_boxes: np.ndarray, gh: int, gw: int) -> np.ndarray:
+    """[gh, gw]: the exact fraction of each cell's area inside the union of the boxes.
+
+    grid_boxes: [N, 4] (x0, y0, x1, y1) in grid units. Exact by coordinate compression: the cell
+    edges and box edges cut the grid into rectangles that are each wholly inside or outside every
+    box, so overlapping boxes are counted once.
+    """
+    cover = np.zeros((gh, gw))
+    b = np.asarray(grid_boxes, dtype=np.float64).reshape(-1, 4)
+    if len(b) == 0:
+        return cover
+    b = np.stack([b[:, 0].clip(0, gw), b[:, 1].clip(0, gh), b[:, 2].clip(0, gw), b[:, 3].clip(0, gh)], axis=1)
+    xs = np.unique(np.concatenate([np.arange(gw + 1, dtype=np.float64), b[:, 0], b[:, 2]]))
+    ys = np.unique(np.concatenate([np.arange(gh + 1, dtype=np.float64), b[:, 1], b[:, 3]]))
+    mx, my = (xs[:-1] + xs[1:]) / 2, (ys[:-1] + ys[1:]) / 2  # pieces' midpoints
+    inside_x = (b[:, 0, None] <= mx) & (mx < b[:, 2, None])  # (N, nx)
+    inside_y = (b[:, 1, None] <= my) & (my < b[:, 3, None])  # (N, ny)
+    covered = (inside_y[:, :, None] & inside_x[:, None, :]).any(axis=0)  # (ny, nx)
+    area = np.diff(ys)[:, None] * np.diff(xs)[None, :] * covered  # (ny, nx), cell area is 1
+    rows = np.floor(my).astype(int).clip(0, gh - 1)
+    cols = np.floor(mx).astype(int).clip(0, gw - 1)
+    np.add.at(cover, (rows[:, None].repeat(len(cols), 1), cols[None, :].repeat(len(rows), 0)), area)
+    return cover
+
+
+def centre_inside(grid_boxes: np.ndarray, gh: int, gw: int) -> np.ndarray:
+    """[gh, gw] bool: the cell's centre lies inside a box (half-open [x0, x1) x [y0, y1))."""
+    b = np.asarray(grid_boxes, dtype=np.float64).reshape(-1, 4)
+    cx, cy = np.arange(gw) + 0.5, np.arange(gh) + 0.5
+    in_x = (b[:, 0, None] <= cx) & (cx < b[:, 2, None])  # (N, gw)
+    in_y = (b[:, 1, None] <= cy) & (cy < b[:, 3, None])  # (N, gh)
+    return (in_y[:, :, None] & in_x[:, None, :]).any(axis=0)
+
+
+class WordScore(NamedTuple):
+    pointing: float  # 0 or 1 (in [0, 1] for mode "sample": the hit probability)
+    mass: float  # in [0, 1]
+
+
+def score_word(attention: np.ndarray, grid_boxes: np.ndarray, mode: str = "expected") -> WordScore:
+    """Pointing game and mass in box of one word's attention map [gh, gw] against boxes in grid
+    units (see :func:`boxes_to_grid`); ``mode`` is how the decoder attended (module docstring)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    a = np.asarray(attention, dtype=np.float64)
+    if a.ndim != 2:
+        raise ValueError(f"attention must be a [gh, gw] map, got shape {a.shape}")
+    total = float(a.sum())
+    if not math.isfinite(total) or total <= 0 or (a < 0).any():
+        raise ValueError(f"attention must be non-negative weights with a positive sum, got sum {total}")
+    gh, gw = a.shape
+    cover = cell_coverage(grid_boxes, gh, gw)
+    inside = centre_inside(grid_boxes, gh, gw)
+    if mode == "sample":
+        return WordScore(float((a * inside).sum() / total), float((a * cover).sum() / total))
+    r, c = divmod(int(a.argmax()), gw)  # first maximum in row-major order
+    mass = float(cover[r, c]) if mode == "argmax" else float((a * cover).sum() / total)
+    return WordScore(float(inside[r, c]), mass)
+
+
+# ------------------------------------------------------------------------------ a split
+
+
+class NamedWord(NamedTuple):
+    """A generated word that names an object class, with the attention it was emitted with."""
+
+    index: int  # position in the caption
+    word: str
+    category: str
+    attention: np.ndarray  # [gh, gw]
+
+
+def named_words(words: Sequence[str], attention: np.ndarray, matcher: WordMatcher) -> list[NamedWord]:
+    """The naming words of one caption: words [n], attention [n, gh, gw] -> NamedWords."""
+    attention = np.asarray(attention)
+    if attention.ndim != 3 or attention.shape[0] != len(words):
+        raise ValueError(f"attention must be [{len(words)}, gh, gw] for {len(words)} words, "
+                         f"got shape {attention.shape}")
+    return [NamedWord(i, words[i], category, attention[i].astype(np.float32, copy=True))
+            for i, category in matcher.match(words)]
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return float(np.mean(values)) if len(values) else None
+
+
+@dataclass(frozen=True)
+class GroundingReport:
+    """Grounding of a split; scores on the 0-1 scale, None when no word was scored."""
+
+    mode: str
+    words: int  # scored naming words
+    images: int  # images with at least one scored word
+    absent_words: int  # naming words whose class has no box in the image (excluded)
+    images_without_boxes: int  # images not in the instances file (not scored)
+    pointing_game: float | None  # mean over words
+    mass_in_box: float | None
+    pointing_game_per_image: float | None  # mean over images of each image's word mean
+    mass_in_box_per_image: float | None
+    per_category: dict[str, dict] = field(default_factory=dict)  # name -> words, pointing_game, mass_in_box
+    # What a uniform attention map would score on the same words (the share of cells whose centre
+    # is in a box; the boxes' share of the image): the level that means "not looking at all".
+    chance_pointing_game: float | None = None
+    chance_mass_in_box: float | None = None
+
+    def metrics(self) -> dict[str, float | int | None]:
+        """The keys evaluate.py adds to its metrics (scores 0-1 here; grounding_words a count)."""
+        return {"pointing_game": self.pointing_game, "mass_in_box": self.mass_in_box,
+                "pointing_game_per_image": self.pointing_game_per_image,
+                "mass_in_box_per_image": self.mass_in_box_per_image, "grounding_words": self.words}
+
+    def describe(self, scale: float = 1.0) -> dict:
+        """How the numbers were computed, for the metrics JSON; per-category scores x ``scale``."""
+        per_category = {name: {k: (v * scale if k != "words" and v is not None else v) for k, v in row.items()}
+                        for name, row in self.per_category.items()}
+        return {
+            "averaged": "pointing_game, mass_in_box: mean over scored words; *_per_image: mean over "
+                        "images of each image's mean over its scored words",
+            "point": "centre of the maximum grid cell; each cell covers an equal share of the image",
+            "attention": MODE_DESCRIPTIONS[self.mode], "mode": self.mode,
+            "words": self.words, "images": self.images, "absent_class_words_excluded": self.absent_words,
+            "images_without_boxes": self.images_without_boxes, "per_category": per_category,
+            "uniform_attention": {
+                "pointing_game": None if self.chance_pointing_game is None else self.chance_pointing_game * scale,
+                "mass_in_box": None if self.chance_mass_in_box is None else self.chance_mass_in_box * scale,
+                "what": "a uniform map on the same words: share of cells whose centre is in a box; boxes' share "
+                        "of the image"},
+        }
+
+    def notes(self) -> list[str]:
+        if self.words == 0:
+            head = "grounding: no generated word names an object present in its image: scores n/a"
+        else:
+            head = (f"grounding: {self.words} words naming an object in {self.images} images, averaged over "
+                    f"words (per image: pointing game {100 * self.pointing_game_per_image:.2f}, mass in box "
+                    f"{100 * self.mass_in_box_per_image:.2f}); attention scored: {MODE_DESCRIPTIONS[self.mode]}")
+        lines = [head]
+        if self.words:
+            lines.append(f"grounding: a uniform attention map would score pointing game {100 * self.chance_pointing_game:.2f}, "
+                         f"mass in box {100 * self.chance_mass_in_box:.2f} on these words")
+        if self.absent_words:
+            lines.append(f"grounding: {self.absent_words} naming words excluded: their class has no box in the image")
+        if self.images_without_boxes:
+            lines.append(f"grounding: {self.images_without_boxes} images have no entry in the instances file")
+        return lines
+
+
+def score_grounding(named: Mapping[int, Sequence[NamedWord]], instances: Instances, mode: str = "expected") -> GroundingReport:
+    """Score every image's naming words (``named``: image_id -> its NamedWords, every decoded image
+    a key, [] when its caption names nothing) against the instances' boxes."""
+    word_scores: list[WordScore] = []
+    chance: list[WordScore] = []
+    image_means: list[WordScore] = []
+    by_category: dict[str, list[WordScore]] = {}
+    absent = missing = 0
+    for image_id, items in named.items():
+        if image_id not in instances.sizes:
+            missing += 1
+            continue
+        width, height = instances.sizes[image_id]
+        classes = instances.boxes.get(image_id, {})
+        scores = []
+        for item in items:
+            boxes = classes.get(item.category)
+            if not boxes:
+                absent += 1
+                continue
+            gh, gw = item.attention.shape
+            grid_boxes = boxes_to_grid(boxes, width, height, gh, gw)
+            score = score_word(item.attention, grid_boxes, mode)
+            chance.append(score_word(np.ones((gh, gw)), grid_boxes, "sample"))
+            scores.append(score)
+            by_category.setdefault(item.category, []).append(score)
+        word_scores += scores
+        if scores:
+            image_means.append(WordScore(_mean([s.pointing for s in scores]), _mean([s.mass for s in scores])))
+    per_category = {
+        name: {"words": len(s), "pointing_game": _mean([x.pointing for x in s]), "mass_in_box": _mean([x.mass for x in s])}
+        for name, s in sorted(by_category.items())
+    }
+    return GroundingReport(
+        mode=mode, words=len(word_scores), images=len(image_means), absent_words=absent,
+        images_without_boxes=missing,
+        pointing_game=_mean([s.pointing for s in word_scores]), mass_in_box=_mean([s.mass for s in word_scores]),
+        pointing_game_per_image=_mean([s.pointing for s in image_means]),
+        mass_in_box_per_image=_mean([s.mass for s in image_means]),
+        per_category=per_category,
+        chance_pointing_game=_mean([s.pointing for s in chance]), chance_mass_in_box=_mean([s.mass for s in chance]),
+    )

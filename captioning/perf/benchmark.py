@@ -1,0 +1,421 @@
+"""The benchmark sections behind ``scripts/benchmark.py``: each returns plain JSON-able dicts.
+
+* ``matmul``: this machine's own dense matrix-multiply throughput (square products at a few
+  sizes, the best taken): the yardstick for the training step's FLOP/s.
+* ``train``: the teacher-forced training step (forward, loss, backward, gradient clipping, Adam)
+  at COCO sizes from random annotation grids -- exactly the path of training from the feature
+  cache (``ShowAttendTell.encode`` passes grids through) -- with useful FLOPs counted
+  analytically (captioning/perf/flops.py) and peak memory.
+* ``encoder``: the CNN forward for every supported backbone at the COCO image size.
+* ``beam``: batched beam search over a batch of images vs the same code one image at a time.
+* ``loader``: the prepared-store training loader, when ``captioning.data.store`` offers it.
+
+Timings are medians of repeated runs after a warm-up (the FLOP/s fraction uses the best run, as the
+matmul yardstick does); on CUDA every phase is synchronised.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import inspect
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from captioning.config import DecoderConfig, EncoderConfig, LossConfig, ModelConfig
+from captioning.losses import caption_loss
+from captioning.models.captioner import ShowAttendTell
+from captioning.models.encoder import Encoder
+from captioning.perf.compile import compile_model
+from captioning.perf.flops import decoder_flops, training_step_flops
+from captioning.vocab import SPECIALS, Vocabulary
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Problem sizes. ``COCO`` is issue 7's and the paper's; ``QUICK`` is for tests (seconds)."""
+
+    locations: int = 196  # 14 x 14 annotation grid
+    feature_dim: int = 2048  # ResNet conv5 channels
+    embed_dim: int = 512
+    hidden_dim: int = 512
+    attention_dim: int = 512
+    vocab_size: int = 9490  # COCO words seen >= 5 times in Karpathy's train split
+    min_tokens: int = 12  # target tokens per caption (words + <end>), drawn uniformly
+    max_tokens: int = 18
+    dropout: float = 0.5  # arctic's
+    backbone: str = "resnet101"  # only sets feature_dim's encoder; the train/beam sections skip it
+    stage: str | None = None
+    image_size: int = 224
+    encoder_batch: int = 4  # CPU; CUDA uses 64
+    beam_vocab_size: int = 10_000
+    beam_images: int = 100
+    beam_size: int = 5
+    beam_max_len: int = 20
+
+
+COCO = Sizes()
+QUICK = Sizes(locations=16, feature_dim=128, embed_dim=32, hidden_dim=32, attention_dim=32, vocab_size=200,
+              min_tokens=4, max_tokens=7, backbone="resnet18", stage="layer2", image_size=64, encoder_batch=2,
+              beam_vocab_size=200, beam_images=6, beam_size=3, beam_max_len=6)
+
+
+# ------------------------------------------------------------------------------ timing, memory
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def clock(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    """(seconds, result) of one call, synchronised on CUDA."""
+    synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    synchronize(device)
+    return time.perf_counter() - start, result
+
+
+def _malloc_trim() -> bool:
+    """Give freed heap memory back to the OS (glibc), so RSS is close to what is live."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
+def rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return None
+
+
+class _RssSampler(threading.Thread):
+    """Samples the process RSS every ``interval`` s while it runs (torch ops release the GIL)."""
+
+    def __init__(self, interval: float = 0.001) -> None:
+        super().__init__(daemon=True)
+        self.interval, self.peak = interval, 0
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self.peak = max(self.peak, rss_bytes() or 0)
+            time.sleep(self.interval)
+
+    def stop(self) -> int:
+        self._stop_event.set()
+        self.join()
+        return max(self.peak, rss_bytes() or 0)
+
+
+CPU_MEMORY_METHOD = ("peak RSS while one step runs (sampled every 1 ms) minus the RSS before the model, "
+                     "optimizer and inputs were built, freed heap returned with malloc_trim first")
+CUDA_MEMORY_METHOD = "torch.cuda.max_memory_allocated over one step (model, optimizer, inputs, activations)"
+
+
+class MemoryProbe:
+    """Peak memory of a piece of work, as CUDA counts it or (CPU) as RSS growth over a baseline."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.baseline = 0
+
+    def set_baseline(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        else:
+            _malloc_trim()
+            self.baseline = rss_bytes() or 0
+
+    def measure(self, fn: Callable[[], Any]) -> float | None:
+        """MiB at the peak of ``fn()``; None where this platform cannot say."""
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            fn()
+            synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        if rss_bytes() is None:
+            fn()
+            return None
+        gc.collect()
+        _malloc_trim()
+        sampler = _RssSampler()
+        sampler.start()
+        try:
+            fn()
+        finally:
+            peak = sampler.stop()
+        return (peak - self.baseline) / 2**20
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    info = {"device": str(device), "cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "gpu": None}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        info["load_average_1min"] = round(os.getloadavg()[0], 2)
+    except OSError:
+        pass
+    return info
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------ matmul
+
+
+def matmul_throughput(device: torch.device, dtype: torch.dtype = torch.float32,
+                      sizes: tuple[int, ...] = (512, 1024, 2048), seconds: float = 1.0) -> dict[str, Any]:
+    """GFLOP/s of square [n, n] @ [n, n] products; each size runs for about ``seconds``."""
+    results = {}
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    for n in sizes:
+        a = torch.randn(n, n, generator=gen).to(device, dtype)
+        b = torch.randn(n, n, generator=gen).to(device, dtype)
+        first, _ = clock(lambda: a @ b, device)
+        reps = max(2, min(200, int(seconds / max(first, 1e-6))))
+        times = [clock(lambda: a @ b, device)[0] for _ in range(reps)]
+        results[str(n)] = round(2 * n**3 / min(times) / 1e9, 1)
+    return {"dtype": str(dtype).replace("torch.", ""), "gflops_by_size": results,
+            "best_gflops": max(results.values()), "method": "best of repeated square matmuls per size"}
+
+
+# ------------------------------------------------------------------------------ training step
+
+
+def coco_model_config(sizes: Sizes, attention: str) -> ModelConfig:
+    return ModelConfig(
+        attention=attention,
+        encoder=EncoderConfig(backbone=sizes.backbone, stage=sizes.stage, grid_size=int(sizes.locations**0.5),
+                              weights="none", fine_tune_from=None),
+        decoder=DecoderConfig(embed_dim=sizes.embed_dim, hidden_dim=sizes.hidden_dim,
+                              attention_dim=sizes.attention_dim, dropout=sizes.dropout),
+    )
+
+
+def random_captions(n: int, vocab_size: int, min_tokens: int, max_tokens: int,
+                    gen: torch.Generator) -> tuple[torch.Tensor, list[int]]:
+    """[n, T+1] <start> w.. <end> <pad>.. with min..max target tokens (words + <end>) each."""
+    tokens = torch.randint(min_tokens, max_tokens + 1, (n,), generator=gen).tolist()
+    captions = torch.full((n, max(tokens) + 1), Vocabulary.pad_id, dtype=torch.long)
+    for i, t in enumerate(tokens):
+        captions[i, 0] = Vocabulary.start_id
+        captions[i, 1:t] = torch.randint(len(SPECIALS), vocab_size, (t - 1,), generator=gen)  # words only
+        captions[i, t] = Vocabulary.end_id
+    return captions, tokens
+
+
+def train_step(
+    sizes: Sizes,
+    attention: str,
+    batch: int,
+    device: torch.device,
+    matmul_gflops: float,
+    captions_per_image: int = 1,
+    precision: str = "fp32",
+    compile_target: str = "none",
+    compile_mode: str = "default",
+    reps: int = 3,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """One configuration of the training step; ``batch`` is captions (batch // k images)."""
+    if batch % captions_per_image:
+        raise ValueError(f"batch {batch} is not a multiple of captions_per_image {captions_per_image}")
+    memory = MemoryProbe(device)
+    memory.set_baseline()
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    cfg = coco_model_config(sizes, attention)
+    model = ShowAttendTell(cfg, sizes.vocab_size)
+    if model.encoder.out_channels != sizes.feature_dim:
+        raise ValueError(f"{sizes.backbone} {sizes.stage} gives {model.encoder.out_channels} channels, not {sizes.feature_dim}")
+    model.encoder.stages = torch.nn.Sequential()  # never run here (grids are the input); frees its memory
+    model.to(device).train()
+    compile_model(model, compile_target, compile_mode)
+    params = list(model.decoder.parameters())
+    optimizer = torch.optim.Adam(params, lr=1e-4, fused=True)  # as CaptioningModule.configure_optimizers
+    images = batch // captions_per_image
+    features = torch.randn(images, sizes.locations, sizes.feature_dim, generator=gen).to(device)
+    captions, tokens = random_captions(batch, sizes.vocab_size, sizes.min_tokens, sizes.max_tokens, gen)
+    captions = captions.to(device)
+    mode = "sample" if attention == "hard" else "expected"  # hard: the REINFORCE path
+    baseline = torch.zeros((), device=device)
+    loss_cfg = LossConfig()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def forward() -> torch.Tensor:
+        with autocast:
+            out = model(features, captions, mode=mode)
+            terms = caption_loss(loss_cfg, out.logits, captions[:, 1:], out.alphas, out.mask, Vocabulary.pad_id,
+                                 attention, out.log_probs, baseline if attention == "hard" else None)
+        return terms.loss
+
+    def optimise() -> None:
+        torch.nn.utils.clip_grad_norm_(params, 5.0)  # as the Trainer's gradient_clip_val
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def step() -> tuple[float, float, float]:
+        t_fwd, loss = clock(forward, device)
+        t_bwd, _ = clock(loss.backward, device)
+        t_opt, _ = clock(optimise, device)
+        return t_fwd, t_bwd, t_opt
+
+    first = sum(step())  # warm-up (and compilation)
+    peak = memory.measure(step)
+    times = [step() for _ in range(reps)]
+    fwd, bwd, opt = (statistics.median(t[i] for t in times) for i in range(3))
+    total = statistics.median(sum(t) for t in times)
+    best = min(sum(t) for t in times)
+
+    flops = decoder_flops(cfg.decoder, sizes.locations, sizes.feature_dim, sizes.vocab_size, attention, mode)
+    counted = training_step_flops(flops, tokens, captions_per_image)
+    real_tokens = sum(tokens)
+    result = {
+        "attention": attention + (" (sampled locations)" if attention == "hard" else ""),
+        "batch_captions": batch, "captions_per_image": captions_per_image, "precision": precision,
+        "compile": compile_target if compile_target == "none" else f"{compile_target}/{compile_mode}",
+        "tokens": real_tokens, "padded_steps": max(tokens),
+        "forward_ms": round(1e3 * fwd, 1), "backward_ms": round(1e3 * bwd, 1), "optimizer_ms": round(1e3 * opt, 1),
+        "step_ms": round(1e3 * total, 1), "first_step_s": round(first, 2),
+        "captions_per_s": round(batch / total, 1), "tokens_per_s": round(real_tokens / total, 1),
+        "useful_gflop_per_caption": round(counted.useful_per_caption / 1e9, 3),
+        "useful_flop_per_step": counted.useful, "executed_flop_per_step": counted.executed,
+        "step_s": total, "best_step_s": best,
+        # The yardstick is the best matmul rate seen, so the step is compared at its best too (on a
+        # shared machine other jobs slow some repetitions down); the median's ratio is kept as well.
+        "achieved_gflops": round(counted.useful / best / 1e9, 1),
+        "fraction_of_matmul": round(counted.useful / best / 1e9 / matmul_gflops, 4),
+        "fraction_of_matmul_median": round(counted.useful / total / 1e9 / matmul_gflops, 4),
+        "executed_fraction_of_matmul": round(counted.executed / best / 1e9 / matmul_gflops, 4),
+        "peak_memory_mib": None if peak is None else round(peak, 1),
+        "reps": reps,
+    }
+    del model, optimizer, features, captions
+    if compile_target != "none":
+        torch._dynamo.reset()
+    return result
+
+
+# ------------------------------------------------------------------------------ encoder
+
+
+def encoder_forward(backbone: str, sizes: Sizes, device: torch.device, precision: str = "fp32",
+                    reps: int = 2, batch: int | None = None) -> dict[str, Any]:
+    """Images/s of the frozen encoder's forward (random weights, conv5, 14x14 grid at 224 px)."""
+    batch = batch or (64 if device.type == "cuda" else sizes.encoder_batch)
+    grid = int(sizes.locations**0.5)
+    encoder = Encoder(EncoderConfig(backbone=backbone, stage=None, grid_size=grid, weights="none",
+                                    fine_tune_from=None)).to(device).eval()
+    images = torch.randn(batch, 3, sizes.image_size, sizes.image_size, generator=torch.Generator().manual_seed(0)).to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    @torch.no_grad()
+    def run():
+        with autocast:
+            return encoder(images)
+
+    with FlopCounterMode(display=False) as counter:
+        first, (features, _) = clock(run, device)
+    times = [clock(run, device)[0] for _ in range(reps)]
+    t = statistics.median(times)
+    result = {"backbone": backbone, "image_size": sizes.image_size, "batch": batch, "precision": precision,
+              "grid": f"{grid}x{grid}x{features.shape[-1]}", "ms_per_batch": round(1e3 * t, 1),
+              "images_per_s": round(batch / t, 1), "gflop_per_image": round(counter.get_total_flops() / batch / 1e9, 2),
+              "achieved_gflops": round(counter.get_total_flops() / t / 1e9, 1), "reps": reps}
+    del encoder, images, features
+    return result
+
+
+# ------------------------------------------------------------------------------ beam search
+
+
+def beam_search_speedup(sizes: Sizes, device: torch.device, sequential_images: int | None = None,
+                        seed: int = 0) -> dict[str, Any]:
+    """Captions/s of beam search over ``beam_images`` images at once vs one at a time (same code,
+    ``decoding.beam_search_features``), from random grids with random weights."""
+    from captioning.decoding import beam_search_features
+
+    torch.manual_seed(seed)
+    model = ShowAttendTell(coco_model_config(sizes, "soft"), sizes.beam_vocab_size)
+    model.encoder.stages = torch.nn.Sequential()  # unused: decoding starts from grids
+    model.to(device).eval()
+    n = sizes.beam_images
+    features = torch.randn(n, sizes.locations, sizes.feature_dim, generator=torch.Generator().manual_seed(seed)).to(device)
+    mask = torch.ones(n, sizes.locations, dtype=torch.bool, device=device)
+    K, max_len = sizes.beam_size, sizes.beam_max_len
+    run = lambda f, m: beam_search_features(model, f, m, K, max_len)  # noqa: E731
+
+    run(features[:2], mask[:2])  # warm-up
+    t_batched, batched = clock(lambda: run(features, mask), device)
+    m = min(n, sequential_images or n)
+    t_seq, singles = clock(lambda: [run(features[i:i + 1], mask[i:i + 1]) for i in range(m)], device)
+    same = all(
+        torch.equal(batched.tokens[i, : batched.lengths[i]], s.tokens[0, : s.lengths[0]]) for i, s in enumerate(singles)
+    )
+    batched_rate, seq_rate = n / t_batched, m / t_seq
+    return {
+        "beam_size": K, "max_len": max_len, "vocab_size": sizes.beam_vocab_size,
+        "features": f"{sizes.locations}x{sizes.feature_dim}", "dims": sizes.hidden_dim,
+        "batched_images": n, "batched_s": round(t_batched, 2), "batched_captions_per_s": round(batched_rate, 2),
+        "sequential_images": m, "sequential_s": round(t_seq, 2), "sequential_captions_per_s": round(seq_rate, 2),
+        "speedup": round(batched_rate / seq_rate, 2), "same_captions": same,
+        "mean_length": round(float(batched.lengths.float().mean()), 1),
+        "note": "random weights: beams rarely reach <end>, so most run the full max_len on both sides",
+    }
+
+
+# ------------------------------------------------------------------------------ data loader
+
+
+def data_loader(root: str | None, workers: tuple[int, ...] = (0, 2), seconds: float = 5.0) -> dict[str, Any]:
+    """The prepared store's own loader benchmark (captioning.data.store), when it exists."""
+    try:
+        from captioning.data import store
+    except ImportError as err:
+        return {"skipped": f"captioning.data.store is not importable ({err})"}
+    fn = getattr(store, "benchmark_loader", None) or getattr(store, "benchmark", None)
+    if fn is None:
+        return {"skipped": "captioning.data.store has no benchmark_loader/benchmark function"}
+    if root is None:
+        return {"skipped": "pass --loader-root PREPARED_DIR (a folder made by scripts/prepare_data.py) to time "
+                           "the training loader"}
+    params = inspect.signature(fn).parameters
+    kwargs: dict[str, Any] = {}
+    for name, value in (("workers", list(workers)), ("seconds", seconds), ("progress", False)):
+        if name in params:
+            kwargs[name] = value
+    return {"root": root, "results": fn(root, **kwargs)}
+
+
+def sizes_dict(sizes: Sizes) -> dict[str, Any]:
+    return asdict(sizes)
+
+
+def with_overrides(sizes: Sizes, **changes: Any) -> Sizes:
+    return replace(sizes, **{k: v for k, v in changes.items() if v is not None})

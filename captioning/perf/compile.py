@@ -1,0 +1,55 @@
+"""The optional ``torch.compile`` paths (config ``train.compile``), applied in place.
+
+* ``"step"``: the decoder's per-step work -- the gated attention (score, masked softmax, context,
+  beta) and the LSTM cell. The shapes are the same at every step, so one small graph serves the
+  whole caption (and greedy/beam decoding); it compiles in seconds.
+* ``"model"``: the whole model's forward (encoder and the teacher-forced loop, unrolled). Dynamo
+  specialises on the number of steps, so every new padded caption length compiles a new graph
+  (up to ``torch._dynamo.config.cache_size_limit``, then that length runs eagerly): meant for
+  fixed-length benchmarks and GPU runs with ``train.compile_mode=reduce-overhead`` (CUDA graphs).
+
+Compilation is lazy (the first call compiles) and keeps parameter names, so checkpoints are the
+same as eager ones and load into an eager model.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from captioning.models.captioner import ShowAttendTell
+
+COMPILE_TARGETS = ("none", "step", "model")
+
+
+def compile_model(model: ShowAttendTell, target: str, mode: str = "default") -> ShowAttendTell:
+    """Compile ``target`` ("none", "step" or "model") of ``model`` in place; returns ``model``."""
+    if target == "none":
+        return model
+    if target == "step":
+        decoder = model.decoder
+        # nn.Module.compile keeps the module (and its state-dict keys); _attend is a method, so
+        # the instance attribute shadows it with its compiled version (no parameters of its own).
+        decoder._attend = torch.compile(decoder._attend, mode=mode)
+        decoder.lstm.compile(mode=mode)
+        return model
+    if target == "model":
+        model.compile(mode=mode)
+        return model
+    raise ValueError(f"unknown compile target '{target}'; choose one of {', '.join(COMPILE_TARGETS)}")
+
+
+@functools.lru_cache(maxsize=1)
+def compile_unsupported_reason() -> str | None:
+    """None if torch.compile works here (it needs a C++ compiler on CPU, Triton on GPU), else why
+    not, in one line. Compiles a two-op function once per process."""
+    try:
+        fn = torch.compile(lambda x: torch.tanh(x) * 2.0)
+        out = fn(torch.ones(4))
+        if not torch.allclose(out, torch.tanh(torch.ones(4)) * 2.0):
+            return "torch.compile ran but gave a wrong result"
+    except Exception as err:  # BackendCompilerFailed, missing compiler, unsupported platform
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        return f"torch.compile is not usable here: {type(err).__name__}: {first[:200]}"
+    return None

@@ -1,0 +1,122 @@
+"""Analytic matrix-multiply FLOPs of the decoder's teacher-forced training step.
+
+Only matrix products are counted (``2 * m * n * k`` per product, the convention of
+``torch.utils.flop_counter``): they are >98% of the arithmetic at COCO sizes, and the tanh,
+softmax and gradient sums around them are memory-bound work that no FLOP budget describes.
+
+Two totals, kept apart on purpose:
+
+* **useful**: what the maths of one caption needs. The image-side attention projection ``W a``
+  and ``h_0, c_0`` run once per *image* (shared by its captions); the per-step work and the
+  output layer run for the caption's real tokens only (words + ``<end>``), never for padding.
+* **executed**: what the current implementation runs: every row of the padded batch runs every
+  step up to the longest caption, and the projection runs once per caption *row* (the model
+  repeats each image's annotations for its ``k`` captions before the decoder projects them).
+
+Backward costs two products per forward product (the gradient of each operand), except where an
+operand needs no gradient: with a frozen encoder (or random feature inputs, as in the benchmark)
+the annotations ``a`` are constants, so ``W a``, ``init_h/c(mean a)`` and ``alpha @ a`` need only
+the gradient of their other operand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from captioning.config import DecoderConfig
+
+
+@dataclass(frozen=True)
+class DecoderFlops:
+    """Forward matmul FLOPs of the decoder's parts, and their backward multipliers."""
+
+    per_image: float  # W a projection + init_h + init_c, forward
+    per_image_backward: float
+    per_step: float  # one caption, one time step: U h, score, context, gate, LSTM, forward
+    per_step_backward: float
+    per_token_output: float  # deep output L_h, L_z, L_o for one token, forward
+    per_token_output_backward: float
+
+    def training(self, images: int, steps: float, tokens: float | None = None) -> float:
+        """Forward + backward FLOPs for ``images`` image projections, ``steps`` caption-steps and
+        ``tokens`` output tokens (default: one output per step)."""
+        tokens = steps if tokens is None else tokens
+        return (images * (self.per_image + self.per_image_backward)
+                + steps * (self.per_step + self.per_step_backward)
+                + tokens * (self.per_token_output + self.per_token_output_backward))
+
+    def forward_only(self, images: int, steps: float, tokens: float | None = None) -> float:
+        tokens = steps if tokens is None else tokens
+        return images * self.per_image + steps * self.per_step + tokens * self.per_token_output
+
+
+def decoder_flops(
+    cfg: DecoderConfig,
+    num_locations: int,
+    feature_dim: int,
+    vocab_size: int,
+    attention: str = "soft",
+    mode: str = "expected",
+    features_need_grad: bool = False,
+) -> DecoderFlops:
+    """Matmul FLOPs of :class:`captioning.models.decoder.Decoder` as it is written.
+
+    ``mode`` is the attention mode of the step: "expected" (soft, or hard with the expected
+    context) computes ``alpha @ a``; "sample"/"argmax" (hard) gathers one location instead.
+    ``features_need_grad``: True when the encoder is fine-tuned (then ``a`` needs a gradient too).
+    """
+    L, D, V = num_locations, feature_dim, vocab_size
+    m, n, A = cfg.embed_dim, cfg.hidden_dim, cfg.attention_dim
+    a_grad = 2.0 if features_need_grad else 1.0  # backward products per forward product touching a
+
+    # Image side (paper Sec. 4.2: W a_i does not depend on t).
+    key_dim = n if cfg.score == "bilinear" else A
+    projection = 2.0 * L * D * key_dim
+    init = 2 * (2.0 * D * n)  # init_h and init_c of mean(a)
+    per_image = projection + init
+
+    # Per step: f_att's query side, the score, the context, the gate, the LSTM cell.
+    query = 0.0 if cfg.score == "bilinear" else 2.0 * n * A  # U h
+    score = 2.0 * L * key_dim  # additive: v^T tanh(.) over L; dot/bilinear: keys @ q
+    context = 2.0 * L * D if (attention == "soft" or mode == "expected") else 0.0  # alpha @ a
+    gate = {"scalar": 2.0 * n, "vector": 2.0 * n * D, "none": 0.0}[cfg.gate]
+    lstm = 2.0 * (m + D) * 4 * n + 2.0 * n * 4 * n  # W_ih [emb; z] + W_hh h
+    step_other = query + score + gate + lstm
+    per_step = step_other + context
+    per_step_backward = 2 * step_other + a_grad * context  # d alpha (and d a when fine-tuned)
+
+    output = 2.0 * n * m + 2.0 * D * m + 2.0 * m * V  # L_h h, L_z z, L_o (...)
+    output_backward = 2 * output
+    if context == 0.0 and cfg.gate == "none" and not features_need_grad:
+        output_backward -= 2.0 * D * m  # z = a_s is then a constant: L_z needs no d z
+    return DecoderFlops(
+        per_image=per_image,
+        per_image_backward=a_grad * per_image,
+        per_step=per_step,
+        per_step_backward=per_step_backward,
+        per_token_output=output,
+        per_token_output_backward=output_backward,
+    )
+
+
+@dataclass(frozen=True)
+class StepFlops:
+    useful: float  # forward + backward FLOPs the maths needs (see module docstring)
+    executed: float  # forward + backward FLOPs the implementation runs
+    useful_per_caption: float
+
+
+def training_step_flops(
+    flops: DecoderFlops, caption_tokens: list[int], captions_per_image: int = 1
+) -> StepFlops:
+    """Totals for one padded minibatch. ``caption_tokens``: per caption row, its real target
+    tokens (words + <end>); rows i*k .. i*k+k-1 share image i."""
+    rows = len(caption_tokens)
+    if rows % captions_per_image:
+        raise ValueError(f"{rows} captions is not a multiple of captions_per_image={captions_per_image}")
+    images = rows // captions_per_image
+    real = float(sum(caption_tokens))
+    padded = float(rows * max(caption_tokens))
+    useful = flops.training(images, real)
+    executed = flops.training(rows, padded)
+    return StepFlops(useful, executed, useful / rows)

@@ -1,0 +1,373 @@
+"""The study's figures (PNG, matplotlib's Agg backend) and report.md, drawn from summary.json alone.
+
+Every number in report.md is formatted by :func:`cell` / :func:`number` from a value in the
+summary, so the tests can check each table cell against the metrics files it came from.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import yaml
+
+COLORS = {"soft": "tab:blue", "hard": "tab:orange"}
+SIGNAL_BINS = 30  # training-signal series are averaged in this many equal step bins per seed
+PM = "±"
+
+
+# ------------------------------------------------------------------------------ formatting
+
+
+def number(value: float | None, decimals: int = 1) -> str:
+    return "n/a" if value is None else f"{value:.{decimals}f}"
+
+
+def cell(agg: dict | None, decimals: int = 1, runs: int | None = None) -> str:
+    """An aggregate as "mean ± std" (the mean alone for one value, "n/a" when not measured), with
+    "(n=k)" when only k of the ``runs`` runs measured it (e.g. grounding needs object words)."""
+    if agg is None:
+        return "n/a"
+    text = number(agg["mean"], decimals)
+    if agg["std"] is not None:
+        text += f" {PM} {number(agg['std'], decimals)}"
+    if runs is not None and agg["n"] < runs:
+        text += f" (n={agg['n']})"
+    return text
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+# ------------------------------------------------------------------------------ figures
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _spread(ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and sample std over rows, ignoring NaN; std 0 where fewer than two rows have a value."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns and single-value columns
+        mean = np.nanmean(ys, axis=0)
+        std = np.nanstd(ys, axis=0, ddof=1) if ys.shape[0] > 1 else np.zeros_like(mean)
+    return mean, np.nan_to_num(std)
+
+
+def _band(ax, x: np.ndarray, ys: np.ndarray, label: str, color: str, linestyle: str = "-") -> None:
+    """Mean over seeds (rows of ys) as a line, mean ± sample std shaded."""
+    mean, std = _spread(ys)
+    ax.plot(x, mean, color=color, linestyle=linestyle, marker="o" if len(x) <= 40 else None, markersize=3,
+            label=f"{label} (n={ys.shape[0]})")
+    ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.25, linewidth=0)
+
+
+def _curves(runs: list[dict], attention: str, key: str):
+    """Validation curves of one mechanism, aligned by validation index (truncated to the shortest)."""
+    curves = [r["curve"] for r in runs if r["attention"] == attention and r["curve"] and r["curve"].get(key)]
+    if not curves:
+        return None
+    n = min(len(c["step"]) for c in curves)
+    steps = np.array(curves[0]["step"][:n], dtype=float)
+    ys = np.array([c[key][:n] for c in curves], dtype=float)
+    times = [c["elapsed_s"][:n] for c in curves if c["elapsed_s"]]
+    wall = np.mean(np.array(times, dtype=float), axis=0) if len(times) == len(curves) else None
+    return steps, wall, ys
+
+
+def learning_curves(summary: dict, path: Path) -> bool:
+    """Validation BLEU-4 (and CIDEr when logged) against steps and wall time; False if no run has logs."""
+    runs = summary["runs"]
+    keys = [k for k in ("bleu_4", "cider") if any(_curves(runs, a, k) for a in COLORS)]
+    if not keys:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(keys), 2, figsize=(11, 4 * len(keys)), squeeze=False)
+    target = summary["target"]["val_bleu_4"]
+    for row, key in zip(axes, keys):
+        title = {"bleu_4": "validation BLEU-4", "cider": "validation CIDEr"}[key]
+        for attention, color in COLORS.items():
+            got = _curves(runs, attention, key)
+            if got is None:
+                continue
+            steps, wall, ys = got
+            _band(row[0], steps, ys, attention, color)
+            if wall is not None:
+                _band(row[1], wall, ys, attention, color)
+        for ax, xlabel in zip(row, ("training step", "wall time (s, mean over seeds)")):
+            if key == "bleu_4" and target is not None:
+                ax.axhline(target, color="gray", linestyle=":", linewidth=1, label=f"target {target:.1f}")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(f"{title} (0-100)")
+            ax.grid(alpha=0.3)
+            if ax.lines:
+                ax.legend(loc="lower right")
+        row[0].set_title(f"{title} vs steps (mean {PM} std over seeds)")
+        row[1].set_title(f"{title} vs wall time")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _binned(series: list[dict], max_step: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-seed means in SIGNAL_BINS equal step bins -> (bin centres, [seeds, bins] with NaN where empty)."""
+    edges = np.linspace(0, max_step + 1, SIGNAL_BINS + 1)
+    centres = (edges[:-1] + edges[1:]) / 2
+    out = np.full((len(series), SIGNAL_BINS), np.nan)
+    for i, s in enumerate(series):
+        steps, values = np.array(s["step"], dtype=float), np.array(s["value"], dtype=float)
+        which = np.clip(np.digitize(steps, edges) - 1, 0, SIGNAL_BINS - 1)
+        for b in range(SIGNAL_BINS):
+            if np.any(which == b):
+                out[i, b] = values[which == b].mean()
+    return centres, out
+
+
+def _signal(ax, runs: list[dict], attention: str, key: str, label: str, color: str, linestyle: str = "-") -> bool:
+    series = [r["signal"][key] for r in runs if r["attention"] == attention and key in r["signal"]]
+    if not series:
+        return False
+    centres, binned = _binned(series, max(max(s["step"]) for s in series))
+    keep = ~np.all(np.isnan(binned), axis=0)
+    _band(ax, centres[keep], binned[:, keep], label, color, linestyle)
+    return True
+
+
+def training_signal(summary: dict, path: Path) -> bool:
+    """Attention entropy (train, and test by word position), baseline and REINFORCE signal variance."""
+    runs = summary["runs"]
+    if not any(r["signal"] for r in runs) and not summary.get("examples"):
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    (a, b), (c, d) = axes
+    for attention, color in COLORS.items():
+        _signal(a, runs, attention, "attention_entropy", attention, color)
+    a.set_title("attention entropy per word, training (nats)")
+    _signal(b, runs, "hard", "baseline", "baseline b", "tab:green")
+    _signal(b, runs, "hard", "reinforce_cost", "mean cost C_n of sampled captions", "tab:red", "--")
+    b.set_title("hard: REINFORCE baseline and cost")
+    _signal(c, runs, "hard", "reinforce_signal_var", "var of lambda_r (C_n - b) over the batch", "tab:purple")
+    _signal(c, runs, "hard", "reinforce_signal_sq", "mean of (lambda_r (C_n - b))^2", "tab:brown", "--")
+    c.set_title("hard: REINFORCE learning signal")
+    if c.lines:
+        c.set_yscale("log")
+    examples = summary.get("examples") or {}
+    for attention, color in COLORS.items():
+        rows = [v for name, v in (examples.get("entropy_by_position") or {}).items()
+                if any(r["name"] == name and r["attention"] == attention for r in runs)]
+        if rows:
+            n = min(len(v) for v in rows)
+            if n:
+                _band(d, np.arange(1, n + 1), np.array([v[:n] for v in rows], dtype=float), attention, color)
+    if examples.get("uniform_entropy"):
+        d.axhline(examples["uniform_entropy"], color="gray", linestyle=":", label="uniform over the grid")
+    d.set_title("attention entropy by word position, test (nats)")
+    for ax, xlabel in zip((a, b, c, d), ("training step", "training step", "training step", "word position")):
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ------------------------------------------------------------------------------ report.md
+
+
+def write_report(summary: dict, out_dir: Path) -> Path:
+    """report.md in ``out_dir`` (figures in out_dir/figures), from ``summary`` alone."""
+    figures = out_dir / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    has_curves = learning_curves(summary, figures / "learning_curves.png")
+    has_signal = training_signal(summary, figures / "training_signal.png")
+    study, table, metrics = summary["study"], summary["table"], summary["metrics"]
+    first_eval = summary["runs"][0]["eval"]["expected"]
+    caption_keys = metrics[:7]
+    other_keys = metrics[7:]
+    target = summary["target"]["val_bleu_4"]
+    lines: list[str] = ["# Soft versus hard attention", ""]
+    runs = {a: f"{table[a]['runs']} run" + ("s" if table[a]["runs"] != 1 else "") for a in ("soft", "hard")}
+    source = "given checkpoints" if study["checkpoints_given"] else "trained by this study with identical settings"
+    decode = study["decode"]
+    lines += [
+        f"Soft attention ({runs['soft']}) and hard attention ({runs['hard']}), {source}, each "
+        f"evaluated by `scripts/evaluate.py` on the same {decode['split']} split ({first_eval['num_images']} images) "
+        f"with the same decoder settings: beam size {decode['beam_size']}, at most {decode['max_len']} words; "
+        "a hard model attends with the expected alpha (its default) unless said otherwise. "
+        f"Metrics on a 0-100 scale (CIDEr-D, natively 0-10, x100); mean {PM} sample standard deviation over runs. "
+        "Every number here is in `summary.json`, collected from the files named there.",
+        "",
+        "Regenerate (reruns skip finished runs):",
+        "",
+        "```bash",
+        study["command"],
+        "```",
+        "",
+        "## Results",
+        "",
+    ]
+    lines += _table(["attention", "runs"] + [title for _, title in caption_keys],
+                    [[a, str(table[a]["runs"])] + [cell(table[a][k], 1, table[a]["runs"]) for k, _ in caption_keys]
+                     for a in ("soft", "hard")])
+    lines += [""]
+    target_text = number(target)
+    lines += _table(
+        ["attention"] + [title for _, title in other_keys]
+        + ["training time (s)", "training steps", f"steps to val BLEU-4 >= {target_text}",
+           f"time to val BLEU-4 >= {target_text} (s)"],
+        [[a] + [cell(table[a][k], 1, table[a]["runs"]) for k, _ in other_keys]
+         + [cell(table[a][k], 0, table[a]["runs"])
+            for k in ("train_seconds", "global_step", "steps_to_target", "seconds_to_target")]
+         for a in ("soft", "hard")])
+    lines += [
+        "",
+        f"Training time: `train_seconds` of train.py's `metrics.json` (data loading, training and the validation "
+        f"after every epoch). Fixed quality: validation BLEU-4 (greedy decoding, logged after every epoch) of "
+        f"{target_text}, which is {summary['target']['rule']}; steps and wall time to the first validation at or "
+        f"above it (runs that reached it: soft {table['soft']['reached_target']} of {table['soft']['runs']}, hard "
+        f"{table['hard']['reached_target']} of {table['hard']['runs']}). Grounding columns read n/a when the "
+        "metrics files hold no grounding metrics.",
+        "",
+        "Each run:",
+        "",
+    ]
+    lines += _table(
+        ["run", "seed", "BLEU-4", "CIDEr", "caption accuracy", "training time (s)", "steps to target",
+         "best val BLEU-4", "metrics file"],
+        [[r["name"], str(r["seed"]),
+          number(r["eval"]["expected"]["values"].get("bleu_4")), number(r["eval"]["expected"]["values"].get("cider")),
+          number(r["eval"]["expected"]["values"].get("caption_accuracy")), number(r["train_seconds"], 0),
+          str((r["to_target"] or {}).get("step", "n/a")), number(r["best_val_bleu_4"]),
+          f"`{r['eval']['expected']['file']}`"] for r in summary["runs"]])
+
+    lines += ["", "## Learning curves", ""]
+    if has_curves:
+        lines += ["Validation BLEU-4 after every epoch against training steps and against wall time since the "
+                  f"start of training (mean over seeds as the line, mean {PM} std shaded; curves aligned by "
+                  "validation index; wall time is the mean over seeds).", "",
+                  "![learning curves](figures/learning_curves.png)"]
+    else:
+        lines += ["n/a: none of the runs has a training log (`logs/metrics.csv`) beside its checkpoint."]
+
+    lines += ["", "## Training signal", ""]
+    lines += _signal_text(summary)
+    if has_signal:
+        lines += ["", "![training signal](figures/training_signal.png)"]
+
+    lines += ["", "## Attention maps: the same test images, soft and hard", ""]
+    examples = (summary.get("examples") or {}).get("examples") or []
+    if examples:
+        lines += ["Each figure: the soft model's caption (left) and the hard model's (right), one panel per word "
+                  "with that word's attention upsampled and smoothed over the image (the paper's Figs. 2-3). "
+                  "Decoded with the study's decoder settings; the hard model attends with the expected alpha.", ""]
+        for ex in examples:
+            lines += [f"Test image {ex['image_id']}: soft ({ex['soft']['run']}): \"{ex['soft']['caption']}\"; "
+                      f"hard ({ex['hard']['run']}): \"{ex['hard']['caption']}\"", "",
+                      f"![attention, image {ex['image_id']}]({ex['figure']})", ""]
+    else:
+        lines += ["n/a: no examples were decoded.", ""]
+
+    lines += ["## Hard attention at test time: expected, argmax and sampled locations", ""]
+    hm = summary["hard_modes"]
+    lines += ["The same hard checkpoints decoded three ways (`evaluate.py --hard-mode`): the expected context "
+              "sum_i alpha_i a_i (the authors' default), the single most likely location, and a location sampled "
+              "from alpha at every step (seeded per run).", ""]
+    lines += _table(["hard mode"] + [title for _, title in metrics],
+                    [[mode] + [cell(hm[mode][k], 1, table["hard"]["runs"]) for k, _ in metrics] for mode in hm])
+
+    lines += ["", "## Settings", ""]
+    lines += _settings_text(summary)
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines).rstrip() + "\n")
+    return path
+
+
+def _signal_text(summary: dict) -> list[str]:
+    s = summary["signal_summary"]
+    lines = [
+        "Logged during training by `CaptioningModule` (`logs/metrics.csv`, every `train.log_every` steps): "
+        "`train/attention_entropy`, the mean entropy of alpha_t per word in nats (both mechanisms; "
+        "a uniform map over the grid has log L); for hard attention, in the minibatches that sampled "
+        "locations (the others use the expected context and have no REINFORCE term), the baseline "
+        "`train/baseline` b, the mean cost C_n (the caption's NLL over its padded length), and the learning "
+        "signal lambda_r (C_n - b) that multiplies d log p(s|a)/dW in the REINFORCE estimate: "
+        "`train/reinforce_signal_var`, its variance over the minibatch's captions (the part no constant "
+        "baseline can remove), and `train/reinforce_signal_sq`, its mean square (variance + squared mean: "
+        "what the estimator's variance scales with). Mean over the first and the last fifth of the logged "
+        "points of each run, then mean over runs:",
+        "",
+    ]
+    rows = []
+    names = {"attention_entropy": "attention entropy (nats)", "baseline": "baseline b",
+             "reinforce_cost": "mean cost C_n", "reinforce_signal_var": "signal variance",
+             "reinforce_signal_sq": "signal mean square", "reinforce_signal_mean": "signal mean"}
+    for attention in ("soft", "hard"):
+        for key, title in names.items():
+            part = s.get(attention, {}).get(key)
+            if part:
+                rows.append([attention, title, f"{cell(part['early'], 4)} (to step {part['early_until_step']})",
+                             f"{cell(part['late'], 4)} (from step {part['late_from_step']})"])
+    if rows:
+        lines += _table(["attention", "quantity", "early in training", "late in training"], rows)
+    else:
+        lines += ["n/a: none of the runs has a training log with these keys."]
+    examples = summary.get("examples") or {}
+    per_word = examples.get("entropy_per_word") or {}
+    if per_word:
+        lines += ["", f"At test time (first {examples['images']} test images, the study's decoder settings), mean "
+                  f"attention entropy per word, nats (uniform over the {examples['locations']} locations: "
+                  f"{number(examples['uniform_entropy'], 3)}): "
+                  + "; ".join(f"{name} {number(v, 3)}" for name, v in per_word.items()) + "."]
+    return lines
+
+
+def _settings_text(summary: dict) -> list[str]:
+    study = summary["study"]
+    lines = []
+    if study["defaults"]:
+        for key, d in study["defaults"].items():
+            lines += [f"- Study default `{key}={d['value']}` (applied because no `--config` was given): {d['reason']}"]
+    config_file = f"`{study['config_file']}`" if study["config_file"] else \
+        "none (the defaults of captioning/config.py: the synthetic dataset)"
+    lines += [f"- Config file: {config_file}",
+              f"- Overrides (`--set`, in order): {', '.join('`' + o + '`' for o in study['overrides']) or 'none'}",
+              f"- Metrics asked of evaluate.py: {', '.join(study['metrics'])}"]
+    if study["checkpoint_differences"]:
+        lines += ["- **The given checkpoints differ in settings beyond attention and seed:** "
+                  + "; ".join(study["checkpoint_differences"])]
+    first = summary["runs"][0]
+    lines += ["", "Decoder settings, as recorded in the metrics files (first run; every run used the same beam "
+              "size and length):", "", "```json", json.dumps(first["eval"]["expected"]["decode"], indent=1), "```"]
+    config = study.get("config")
+    if config:
+        lines += ["", "<details><summary>Full config of the runs (attention and seed vary per run)</summary>", "",
+                  "```yaml", yaml.safe_dump(config, sort_keys=False).rstrip(), "```", "", "</details>"]
+    lines += ["", "Software and hardware of each invocation of compare.py on this folder:", ""]
+    rows = []
+    for inv in study["invocations"]:
+        env = inv["environment"]
+        hw = env["hardware"]
+        versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
+        gpus = ", ".join(hw["gpus"]) or "no GPU"
+        did = (f"trained {len(inv['did']['trained'])}, evaluated {len(inv['did']['evaluated'])}" if inv.get("did")
+               else "interrupted")
+        rows.append([inv["started"], f"{hw['cpu']} ({hw['cpu_cores']} cores), {hw['memory_gib']} GiB, {gpus}",
+                     versions, did])
+    lines += _table(["started", "hardware", "software", "did"], rows)
+    lines += ["", "Files: `study.json` (plan and invocations), `summary.json` (every number above), "
+              "each run's `metrics.json`, `logs/metrics.csv` and `eval*/metrics_test.json`, figures in `figures/`."]
+    return lines

@@ -1,0 +1,440 @@
+"""Plan and run the study: one folder per (mechanism, seed), trained and evaluated, resumable.
+
+Layout under the study folder OUT (default ``runs/compare``)::
+
+    study.json                   the plan of the latest invocation and every invocation's environment
+    <attention>-seed<k>/         a training run: scripts/train.py's outputs (best.ckpt, logs/, ...)
+    <attention>-ckpt<i>/         with --checkpoints: only the evaluations of a given checkpoint
+        eval/metrics_test.json   scripts/evaluate.py with the study's decoder settings (hard: expected)
+        eval-argmax/, eval-sample/   hard attention only: the other test-time modes
+
+A run counts as trained when its ``metrics.json`` (written by train.py after fitting) and
+``best.ckpt`` exist and its ``config.yaml`` equals the config this invocation would train; a
+folder trained with other settings is an error, never silently mixed in. A run interrupted
+mid-training is trained again from scratch: its learning curve against wall time must come from
+one uninterrupted process. An evaluation counts as done when its metrics file has the study's
+decoder settings and metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import yaml
+
+from captioning.config import Config, ConfigError, build_config, to_dict
+
+ATTENTIONS = ("soft", "hard")
+HARD_MODES = ("expected", "argmax", "sample")  # test-time attention of a hard model; expected first
+SPLIT = "test"
+WANTED_METRICS = ("bleu", "meteor", "rouge", "cider", "grounding")  # those evaluate.py offers are used
+# Lighter than train.py's 22 epochs so the default study (3 seeds x 2 mechanisms) fits in 45
+# minutes on the 2-core CPU; applied only without --config. The reason is written into study.json
+# and the report.
+STUDY_DEFAULTS = {
+    "train.max_epochs": (
+        12,
+        "one default scripts/train.py run (22 epochs) takes 8-10 minutes on the project's 2-core CPU, "
+        "so 6 runs would take about an hour; 12 epochs (about 5.5 minutes a run, the cosine learning-rate "
+        "decay stretched to the shorter run) fit 6 runs and their evaluations in 45 minutes. Quality is "
+        "therefore below the 20-epoch numbers of the README.",
+    ),
+}
+
+
+class StudyError(Exception):
+    """A one-line problem with the study's inputs or its folder, and how to fix it."""
+
+
+@dataclass
+class Run:
+    """One model of the study: trained by it, or given as a checkpoint."""
+
+    name: str  # e.g. "soft-seed0" or "hard-ckpt1"
+    attention: str
+    dir: Path  # this run's folder under the study folder
+    checkpoint: Path  # the checkpoint evaluated: dir/best.ckpt, or the one given
+    seed: int  # train.seed (a given checkpoint's from its config)
+    train_dir: Path | None = None  # where train.py's metrics.json and logs/metrics.csv are, if known
+    trained_here: bool = True  # False: a checkpoint given with --checkpoints
+
+    def modes(self) -> tuple[str | None, ...]:
+        """Test-time attention modes evaluated: soft None; hard expected, argmax and sample."""
+        return HARD_MODES if self.attention == "hard" else (None,)
+
+    def eval_dir(self, mode: str | None) -> Path:
+        return self.dir / ("eval" if mode in (None, "expected") else f"eval-{mode}")
+
+    def metrics_file(self, mode: str | None) -> Path:
+        return self.eval_dir(mode) / f"metrics_{SPLIT}.json"
+
+
+@dataclass
+class Plan:
+    """What one invocation of compare.py asked for."""
+
+    out_dir: Path
+    runs: list[Run]
+    config_file: Path | None
+    overrides: list[str]  # study defaults, then the user's --set, in order
+    defaults: dict[str, dict]  # study defaults applied: key -> {"value", "reason"}
+    beam_size: int
+    max_len: int
+    metrics: list[str]
+    command: str
+    checkpoints_given: bool = False
+    checkpoint_differences: list[str] = field(default_factory=list)
+    config: dict | None = None  # the runs' shared config (attention and seed marked as varying)
+
+    def decode(self) -> dict:
+        return {"split": SPLIT, "beam_size": self.beam_size, "max_len": self.max_len}
+
+
+# ------------------------------------------------------------------------------ planning
+
+
+def study_overrides(config_file: Path | None, user_sets: Sequence[str]) -> tuple[list[str], dict[str, dict]]:
+    """The study's lighter defaults (synthetic only: without --config), then the user's --set."""
+    if config_file is not None:
+        return list(user_sets), {}
+    user_keys = {text.split("=", 1)[0].strip() for text in user_sets}
+    defaults = {key: {"value": value, "reason": reason} for key, (value, reason) in STUDY_DEFAULTS.items()
+                if key not in user_keys}
+    return [f"{key}={d['value']}" for key, d in defaults.items()] + list(user_sets), defaults
+
+
+def run_config(config_file: Path | None, overrides: Sequence[str], attention: str, seed: int) -> Config:
+    """The config train.py builds for ``--config F --set ... --attention A --seed S`` (flags last)."""
+    try:
+        return build_config(config_file, [*overrides, f"model.attention={attention}", f"train.seed={seed}"])
+    except ConfigError as err:
+        raise StudyError(str(err)) from None
+
+
+def plan_training_runs(out_dir: Path, seeds: int) -> list[Run]:
+    """Seeds 0..seeds-1 of each mechanism, soft then hard for each seed (so a cut-short study is balanced)."""
+    if seeds < 1:
+        raise StudyError(f"--seeds must be at least 1, got {seeds}")
+    runs = []
+    for seed in range(seeds):
+        for attention in ATTENTIONS:
+            folder = out_dir / f"{attention}-seed{seed}"
+            runs.append(Run(f"{attention}-seed{seed}", attention, folder, folder / "best.ckpt", seed, folder))
+    return runs
+
+
+def parse_checkpoints(items: Sequence[str]) -> dict[str, list[Path]]:
+    """``["soft=a.ckpt,b.ckpt", "hard=c.ckpt"]`` -> {"soft": [...], "hard": [...]}; both needed."""
+    given: dict[str, list[Path]] = {}
+    for item in items:
+        name, sep, paths = item.partition("=")
+        name = name.strip()
+        if not sep or name not in ATTENTIONS or not paths.strip():
+            raise StudyError(f"--checkpoints takes soft=A.ckpt,B.ckpt and hard=C.ckpt,D.ckpt, got {item!r}")
+        given.setdefault(name, []).extend(Path(p.strip()) for p in paths.split(",") if p.strip())
+    missing = [a for a in ATTENTIONS if not given.get(a)]
+    if missing:
+        raise StudyError(f"--checkpoints needs checkpoints of both mechanisms; none given for {', '.join(missing)} "
+                         f"(e.g. --checkpoints soft=runs/soft/best.ckpt hard=runs/hard/best.ckpt)")
+    for paths in given.values():
+        for path in paths:
+            if not path.is_file():
+                raise StudyError(f"checkpoint {path} does not exist")
+    return given
+
+
+def plan_checkpoint_runs(out_dir: Path, given: dict[str, list[Path]]) -> tuple[list[Run], list[str]]:
+    """Runs for given checkpoints, and the config differences between them beyond attention and seed.
+
+    Each checkpoint's attention must be the one it was given as. Its training logs are used when
+    they sit beside it (train.py's folder layout).
+    """
+    from captioning.checkpoint import CheckpointError, checkpoint_config, read_checkpoint
+
+    runs, configs = [], {}
+    for attention in ATTENTIONS:
+        for i, path in enumerate(given[attention]):
+            try:
+                cfg, _ = checkpoint_config(read_checkpoint(path), path)
+            except CheckpointError as err:
+                raise StudyError(str(err)) from None
+            if cfg.model.attention != attention:
+                raise StudyError(f"{path} is a {cfg.model.attention}-attention checkpoint, given as {attention}=")
+            train_dir = path.parent if (path.parent / "logs" / "metrics.csv").is_file() \
+                or (path.parent / "metrics.json").is_file() else None
+            name = f"{attention}-ckpt{i}"
+            runs.append(Run(name, attention, out_dir / name, path, cfg.train.seed, train_dir, trained_here=False))
+            configs[name] = _flatten(to_dict(cfg))
+    return runs, _differences(configs)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+# Keys that legitimately differ between the runs of one study.
+_PER_RUN_KEYS = {"model.attention", "train.seed", "decode.hard_mode"}
+
+
+def _differences(configs: dict[str, dict]) -> list[str]:
+    keys = sorted(set().union(*configs.values()) - _PER_RUN_KEYS) if configs else []
+    out = []
+    for key in keys:
+        values = {name: flat.get(key) for name, flat in configs.items()}
+        if len({json.dumps(v) for v in values.values()}) > 1:
+            out.append(f"{key}: " + ", ".join(f"{name}={v!r}" for name, v in values.items()))
+    return out
+
+
+# ------------------------------------------------------------------------------ state
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def is_trained(run: Run, cfg: Config) -> bool:
+    """Finished with exactly ``cfg``; raises StudyError if the folder holds a run of other settings."""
+    saved = run.dir / "config.yaml"
+    if saved.is_file():
+        old = _flatten(yaml.safe_load(saved.read_text()) or {})
+        new = _flatten(to_dict(cfg))
+        # Keys on one side only were added to (or removed from) the config since: not a difference.
+        changed = [k for k in sorted(set(old) & set(new)) if old[k] != new[k]]
+        if changed:
+            k = changed[0]
+            raise StudyError(f"{run.dir} was trained with other settings ({k}: {old.get(k)!r}, now {new.get(k)!r}); "
+                             f"use another --out-dir, or delete that folder to train it again")
+    metrics = read_json(run.dir / "metrics.json")
+    return metrics is not None and "train_seconds" in metrics and run.checkpoint.is_file()
+
+
+def is_evaluated(run: Run, mode: str | None, plan: Plan) -> bool:
+    data = read_json(run.metrics_file(mode))
+    if data is None:
+        return False
+    decode = data.get("decode", {})
+    same = (decode.get("beam_size") == plan.beam_size and decode.get("max_len") == plan.max_len
+            and decode.get("hard_mode") == mode and data.get("split") == SPLIT
+            and data.get("checkpoint") == str(run.checkpoint))
+    done = set(data.get("metrics", {})) | set(data.get("skipped", {}))
+    wanted = {"bleu": "bleu_4", "meteor": "meteor", "rouge": "rouge_l", "cider": "cider"}
+    return same and all(wanted[m] in done for m in plan.metrics if m in wanted)
+
+
+def clear_unfinished(run: Run) -> None:
+    """Remove what a run interrupted mid-training left, so it restarts cleanly (only train.py's files)."""
+    for name in ("best.ckpt", "last.ckpt", "metrics.json", "test_predictions.json"):
+        (run.dir / name).unlink(missing_ok=True)
+    for folder in [run.dir / "logs", *[run.eval_dir(m) for m in HARD_MODES]]:
+        if folder.is_dir():
+            shutil.rmtree(folder)
+
+
+# ------------------------------------------------------------------------------ environment
+
+
+def environment() -> dict:
+    """Software versions and hardware, for the report's settings section."""
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for dist in ("torch", "torchvision", "pytorch-lightning", "numpy", "pillow", "pycocoevalcap", "matplotlib"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    try:
+        proc = subprocess.run(["java", "-version"], capture_output=True, text=True, timeout=30)
+        versions["java"] = (proc.stderr or proc.stdout).strip().splitlines()[0] if proc.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired, IndexError):
+        versions["java"] = None
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    versions["torch"] = torch.__version__  # with its build tag, e.g. +cu130 or +cpu
+    gpus = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+            if torch.cuda.is_available() else [])
+    try:
+        memory_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        memory_gib = None
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"versions": versions, "hardware": {"cpu": cpu, "cpu_cores": usable, "memory_gib": memory_gib,
+                                                "gpus": gpus, "platform": platform.platform()},
+            "torch_threads": torch.get_num_threads()}
+
+
+def write_study_json(plan: Plan, invocation: dict, replace_last: bool = False) -> dict:
+    """study.json: the latest plan, and every invocation (command, environment, what it ran) appended
+    (``replace_last``: this invocation's entry, written when it started, is updated)."""
+    path = plan.out_dir / "study.json"
+    old = read_json(path) or {}
+    previous = old.get("invocations", [])
+    if replace_last and previous:
+        previous = previous[:-1]
+    study = {
+        "command": plan.command,
+        "config_file": str(plan.config_file) if plan.config_file else None,
+        "overrides": plan.overrides,
+        "defaults": plan.defaults,
+        "decode": plan.decode(),
+        "hard_modes": list(HARD_MODES),
+        "metrics": plan.metrics,
+        "checkpoints_given": plan.checkpoints_given,
+        "checkpoint_differences": plan.checkpoint_differences,
+        "config": plan.config,
+        "runs": [{"name": r.name, "attention": r.attention, "seed": r.seed, "dir": r.dir.name,
+                  "checkpoint": str(r.checkpoint), "train_dir": str(r.train_dir) if r.train_dir else None}
+                 for r in plan.runs],
+        "invocations": [*previous, invocation],
+    }
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(study, indent=2))
+    tmp.replace(path)
+    return study
+
+
+# ------------------------------------------------------------------------------ running
+
+
+def train_argv(plan: Plan, run: Run) -> list[str]:
+    argv = ["--attention", run.attention, "--seed", str(run.seed), "--out-dir", str(run.dir),
+            "--no-progress", "--no-test"]
+    if plan.config_file is not None:
+        argv += ["--config", str(plan.config_file)]
+    for text in plan.overrides:
+        argv += ["--set", text]
+    return argv
+
+
+def evaluate_argv(plan: Plan, run: Run, mode: str | None) -> list[str]:
+    argv = ["--checkpoint", str(run.checkpoint), "--split", SPLIT, "--out-dir", str(run.eval_dir(mode)),
+            "--beam-size", str(plan.beam_size), "--max-len", str(plan.max_len), "--metrics", *plan.metrics]
+    if mode is not None:
+        argv += ["--hard-mode", mode]
+    return argv
+
+
+def train_in_subprocess(argv: list[str]) -> None:
+    """Multi-device training: Lightning's DDP relaunches the current script for every rank, so the
+    study must not be that script; train.py runs in its own process instead."""
+    script = Path(__file__).resolve().parents[2] / "scripts" / "train.py"
+    proc = subprocess.run([sys.executable, str(script), *argv])
+    if proc.returncode != 0:
+        raise StudyError(f"scripts/train.py {' '.join(argv)} failed with exit status {proc.returncode}")
+
+
+def _fmt(seconds: float) -> str:
+    from captioning.cli import format_duration
+
+    return format_duration(seconds)
+
+
+class _Clock:
+    """Progress lines: done/total, mean seconds per item (the rate) and ETA, per kind of work."""
+
+    def __init__(self, totals: dict[str, int], log: Callable[[str], None]) -> None:
+        self.totals, self.log = totals, log
+        self.done = {k: 0 for k in totals}
+        self.spent = {k: 0.0 for k in totals}
+        self.started = time.perf_counter()
+
+    def finished(self, kind: str, what: str, seconds: float) -> None:
+        self.done[kind] += 1
+        self.spent[kind] += seconds
+        eta = sum((self.totals[k] - self.done[k]) * (self.spent[k] / self.done[k] if self.done[k] else
+                                                     self._guess(k)) for k in self.totals)
+        steps = ", ".join(f"{self.done[k]}/{self.totals[k]} {k}s" for k in self.totals if self.totals[k])
+        self.log(f"compare: {what} in {_fmt(seconds)} ({steps}; {_fmt(self.spent[kind] / self.done[kind])} per "
+                 f"{kind}; elapsed {_fmt(time.perf_counter() - self.started)}, ETA {_fmt(eta)})")
+
+    def _guess(self, kind: str) -> float:
+        """Before the first of a kind finishes: the mean of the other kinds, or 0."""
+        rates = [self.spent[k] / self.done[k] for k in self.totals if self.done[k]]
+        return sum(rates) / len(rates) if rates else 0.0
+
+
+def execute(plan: Plan, train_fn: Callable[[list[str]], object], evaluate_fn: Callable[[list[str]], object],
+            log: Callable[[str], None] = print) -> dict:
+    """Train what is not trained, evaluate what is not evaluated; -> what this invocation did.
+
+    ``train_fn``/``evaluate_fn`` take scripts/train.py's and scripts/evaluate.py's argv (their
+    ``main``), so the study runs exactly the project's entry points.
+    """
+    import torch
+
+    configs = {r.name: run_config(plan.config_file, plan.overrides, r.attention, r.seed)
+               for r in plan.runs if r.trained_here}
+    to_train = [r for r in plan.runs if r.trained_here and not is_trained(r, configs[r.name])]
+    to_eval_count = sum(1 for r in plan.runs for m in r.modes() if r in to_train or not is_evaluated(r, m, plan))
+    did = {"trained": [], "evaluated": []}
+    clock = _Clock({"training": len(to_train), "evaluation": to_eval_count}, log)
+    skipped = [r.name for r in plan.runs if r.trained_here and r not in to_train]
+    if skipped:
+        log(f"compare: already trained, skipped: {', '.join(skipped)}")
+    if to_train:
+        from captioning.data.datamodule import CaptionDataModule
+
+        # Generate the dataset before the first run, so no run's training time includes it.
+        CaptionDataModule(next(iter(configs.values())).data).prepare_data()
+
+    for run in plan.runs:
+        if run in to_train:
+            cfg = configs[run.name]
+            clear_unfinished(run)
+            log(f"compare: training {run.name} ({cfg.train.max_epochs} epochs) into {run.dir}")
+            start = time.perf_counter()
+            argv = train_argv(plan, run)
+            try:
+                (train_in_subprocess if cfg.train.devices * cfg.train.num_nodes > 1 else train_fn)(argv)
+            except SystemExit as err:  # train.py exits with a one-line message on bad input
+                raise StudyError(f"training {run.name} failed: {err}") from None
+            if not is_trained(run, cfg):
+                raise StudyError(f"training {run.name} finished without {run.dir / 'metrics.json'} and best.ckpt")
+            did["trained"].append(run.name)
+            clock.finished("training", f"trained {run.name}", time.perf_counter() - start)
+        for mode in run.modes():
+            if is_evaluated(run, mode, plan):
+                continue
+            start = time.perf_counter()
+            # Seeded, so that decoding with sampled locations is reproducible.
+            torch.manual_seed(run.seed)
+            try:
+                evaluate_fn(evaluate_argv(plan, run, mode))
+            except SystemExit as err:
+                raise StudyError(f"evaluating {run.name} ({mode or 'soft'}) failed with exit status {err.code}; "
+                                 f"its error is printed above") from None
+            if not is_evaluated(run, mode, plan):
+                raise StudyError(f"evaluating {run.name} wrote no usable {run.metrics_file(mode)}")
+            did["evaluated"].append(f"{run.name}:{mode or 'soft'}")
+            clock.finished("evaluation", f"evaluated {run.name}" + (f" ({mode})" if mode else ""),
+                           time.perf_counter() - start)
+    return did

@@ -1,0 +1,233 @@
+"""Performance tooling: the analytic FLOP count, the benchmark command, and the GPU code paths
+that can run on a CPU (torch.compile, bf16 autocast). Speed itself is never asserted here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from conftest import make_config, random_captions
+from captioning.losses import caption_loss
+from captioning.models import ShowAttendTell
+from captioning.perf.compile import compile_model, compile_unsupported_reason
+from captioning.perf.flops import decoder_flops, training_step_flops
+from captioning.training.module import CaptioningModule
+from captioning.vocab import SPECIALS, Vocabulary
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+import benchmark  # noqa: E402  (scripts/benchmark.py)
+
+pytestmark = pytest.mark.usefixtures("seed", "one_thread")
+
+V = 30
+
+
+def grids(model: ShowAttendTell, images: int, seed: int = 0) -> torch.Tensor:
+    """Random annotation grids [images, L, D] of the tiny model's shape (4x4 grid, 128 channels)."""
+    L = model.encoder.grid_size**2
+    return torch.randn(images, L, model.encoder.out_channels, generator=torch.Generator().manual_seed(seed))
+
+
+def loss_of(model: ShowAttendTell, inputs: torch.Tensor, captions: torch.Tensor, attention: str, mode: str):
+    out = model(inputs, captions, mode=mode)
+    baseline = torch.zeros(()) if attention == "hard" else None
+    return caption_loss(make_config().loss, out.logits, captions[:, 1:], out.alphas, out.mask, Vocabulary.pad_id,
+                        attention, out.log_probs, baseline).loss
+
+
+# ============================================================================ FLOP count
+
+
+@pytest.mark.parametrize("attention, mode", [("soft", "expected"), ("hard", "expected"), ("hard", "sample")])
+@pytest.mark.parametrize("score, gate", [("additive", "scalar"), ("dot", "vector"), ("bilinear", "none")])
+@pytest.mark.parametrize("k", [1, 2])
+def test_executed_flops_match_pytorch_flop_counter(attention, mode, score, gate, k):
+    """The analytic count equals what torch.utils.flop_counter sees in a real forward + backward,
+    padded steps and per-row projections included (k captions share each image)."""
+    cfg = make_config(model__attention=attention, model__decoder__score=score, model__decoder__gate=gate)
+    model = ShowAttendTell(cfg.model, V)
+    features = grids(model, 3)
+    captions = random_captions(3 * k, V, min_len=2, max_len=6)
+    tokens = (captions[:, 1:] != Vocabulary.pad_id).sum(1).tolist()
+    with FlopCounterMode(display=False) as counter:
+        loss_of(model, features, captions, attention, mode).backward()
+    L, D = features.shape[1:]
+    flops = decoder_flops(cfg.model.decoder, L, D, V, attention, mode)
+    assert counter.get_total_flops() == training_step_flops(flops, tokens, k).executed
+
+
+def test_fine_tuned_features_double_the_image_side_backward():
+    cfg = make_config()
+    model = ShowAttendTell(cfg.model, V)
+    features = grids(model, 2).requires_grad_()  # as if the encoder were trained
+    captions = random_captions(2, V)
+    tokens = (captions[:, 1:] != Vocabulary.pad_id).sum(1).tolist()
+    with FlopCounterMode(display=False) as counter:
+        loss_of(model, features, captions, "soft", "expected").backward()
+    flops = decoder_flops(cfg.model.decoder, 16, 128, V, features_need_grad=True)
+    assert counter.get_total_flops() == training_step_flops(flops, tokens).executed
+
+
+def test_useful_flops_count_images_once_and_real_tokens_only():
+    flops = decoder_flops(make_config().model.decoder, 16, 128, V)
+    step = training_step_flops(flops, [3, 5, 2, 6], captions_per_image=2)  # 2 images, 16 real tokens
+    assert step.useful == pytest.approx(flops.training(images=2, steps=16))
+    assert step.executed == pytest.approx(flops.training(images=4, steps=4 * 6))
+    assert step.useful_per_caption == pytest.approx(step.useful / 4)
+    with pytest.raises(ValueError, match="multiple of captions_per_image"):
+        training_step_flops(flops, [3, 5, 2], captions_per_image=2)
+
+
+def test_coco_sizes_flops_per_caption():
+    """The numbers the README quotes: at COCO sizes the image projection is ~40% of the useful
+    work of a 15-token caption (so recomputing it per step would cost ~15x that)."""
+    from captioning.perf.benchmark import COCO, coco_model_config
+
+    cfg = coco_model_config(COCO, "soft")
+    flops = decoder_flops(cfg.decoder, 196, 2048, 9490)
+    per_caption = flops.training(images=1, steps=15)
+    projection = 2 * 196 * 2048 * 512
+    assert flops.per_image == pytest.approx(projection + 4 * 2048 * 512)
+    assert 1.9e9 < per_caption < 2.1e9
+    assert 0.35 < 2 * projection / per_caption < 0.45
+
+
+# ============================================================================ the benchmark command
+
+
+def test_quick_benchmark_writes_json_and_tables(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    results = benchmark.main(["--quick", "--out", str(out), "--sections", "train", "beam", "loader",
+                              "--batches", "4", "--attention", "soft", "hard"])
+    saved = json.loads(out.read_text())
+    assert saved["machine"]["device"] == "cpu" and saved["sizes"]["beam_images"] == 6
+    assert saved["matmul"]["fp32"]["best_gflops"] > 0  # added: train needs the yardstick
+    rows = {r["attention"].split()[0]: r for r in saved["train"]}
+    assert set(rows) == {"soft", "hard"}
+    for r in rows.values():
+        assert r["batch_captions"] == 4 and r["step_ms"] > 0 and r["captions_per_s"] > 0
+        assert r["step_ms"] >= r["forward_ms"] + r["backward_ms"] - 1e-6
+        assert 0 < r["useful_flop_per_step"] <= r["executed_flop_per_step"]
+        assert r["best_step_s"] <= r["step_s"]
+        achieved = r["useful_flop_per_step"] / r["best_step_s"] / 1e9
+        assert r["fraction_of_matmul"] == pytest.approx(achieved / saved["matmul"]["fp32"]["best_gflops"], abs=1e-4)
+    beam = saved["beam"]
+    assert beam["same_captions"] is True  # batched and one-at-a-time decode the same captions
+    assert beam["batched_images"] == beam["sequential_images"] == 6 and beam["speedup"] > 0
+    assert "skipped" in saved["loader"] and "--loader-root" in saved["loader"]["skipped"]
+    printed = capsys.readouterr().out
+    assert "teacher-forced training step" in printed and "speed-up" in printed and str(out) in printed
+    assert results["total_seconds"] == saved["total_seconds"]
+
+
+def test_quick_encoder_section(tmp_path):
+    saved = benchmark.main(["--quick", "--out", str(tmp_path / "b.json"), "--sections", "encoder",
+                            "--backbones", "resnet18"])
+    (row,) = saved["encoder"]
+    assert row["backbone"] == "resnet18" and row["grid"] == "4x4x512" and row["images_per_s"] > 0
+    assert row["gflop_per_image"] > 0
+    assert "matmul" not in saved  # only the sections asked for
+
+
+def test_benchmark_rejects_missing_cuda(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        benchmark.main(["--quick", "--device", "cuda", "--out", str(tmp_path / "b.json")])
+
+
+def test_loader_hook_calls_the_store_benchmark(monkeypatch):
+    """With --loader-root, the section calls captioning.data.store's loader benchmark with the
+    arguments it accepts (and nothing else)."""
+    from captioning.data import store
+    from captioning.perf.benchmark import data_loader
+
+    calls = []
+
+    def fake(root, workers, seconds=1.0):
+        calls.append((root, workers, seconds))
+        return [{"workers": w, "images_per_s": 1.0} for w in workers]
+
+    monkeypatch.setattr(store, "benchmark_loader", fake, raising=False)
+    result = data_loader("prepared/x", (0, 2), seconds=3.0)
+    assert calls == [("prepared/x", [0, 2], 3.0)]
+    assert result == {"root": "prepared/x", "results": [{"workers": 0, "images_per_s": 1.0},
+                                                         {"workers": 2, "images_per_s": 1.0}]}
+
+
+# ============================================================================ GPU paths on the CPU
+
+
+def test_compile_config_is_applied_lazily_and_keeps_parameter_names():
+    cfg = make_config(train__compile="step")
+    vocab = list(SPECIALS) + [f"w{i}" for i in range(V - len(SPECIALS))]
+    eager = CaptioningModule.create(make_config(), Vocabulary(vocab))
+    compiled = CaptioningModule.create(cfg, Vocabulary(vocab))
+    assert hasattr(compiled.model.decoder._attend, "_torchdynamo_orig_callable") or "_attend" in vars(compiled.model.decoder)
+    assert "_attend" not in vars(eager.model.decoder)
+    assert list(compiled.state_dict()) == list(eager.state_dict())  # checkpoints stay interchangeable
+    with pytest.raises(ValueError, match="unknown compile target"):
+        compile_model(eager.model, "everything")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attention, mode", [("soft", "expected"), ("hard", "sample")])
+def test_compiled_step_gives_the_eager_loss_and_gradients(attention, mode):
+    """train.compile=step on the CPU (Inductor's C++ backend): same loss and gradients as eager."""
+    reason = compile_unsupported_reason()
+    if reason:
+        pytest.skip(reason)
+    cfg = make_config(model__attention=attention)
+    eager = ShowAttendTell(cfg.model, V)
+    compiled = ShowAttendTell(cfg.model, V)
+    compiled.load_state_dict(eager.state_dict())
+    compile_model(compiled, "step")
+    features, captions = grids(eager, 4), random_captions(4, V, min_len=3, max_len=6)
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    losses, grads = [], []
+    for model in (eager, compiled):
+        torch.manual_seed(1)  # the same sampled locations in hard mode
+        loss = loss_of(model, features, captions, attention, mode)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.decoder.parameters()]))
+    assert counters["stats"]["unique_graphs"] >= 1  # something was really compiled
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-5)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("attention", ["soft", "hard"])
+def test_bf16_autocast_on_cpu_trains_in_fp32_weights(attention):
+    """The GPU default (bf16-mixed) on the CPU: same loss to bf16 accuracy, fp32 gradients."""
+    cfg = make_config(model__attention=attention)
+    model = ShowAttendTell(cfg.model, V)
+    features, captions = grids(model, 4), random_captions(4, V, min_len=3, max_len=6)
+    reference = loss_of(model, features, captions, attention, "expected")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = loss_of(model, features, captions, attention, "expected")
+        out = model(features, captions)
+    assert out.logits.dtype == torch.bfloat16  # the matmuls really ran in bf16
+    loss.backward()
+    assert torch.isfinite(loss) and loss.dtype == torch.float32  # the loss is computed in fp32
+    torch.testing.assert_close(loss, reference, rtol=2e-2, atol=1e-2)
+    assert all(p.grad.dtype == torch.float32 for p in model.decoder.parameters())
+
+
+def test_precision_auto_is_bf16_on_gpu_only(monkeypatch):
+    from captioning.training.trainer import resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_precision(make_config()) == "32-true"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_precision(make_config()) == "bf16-mixed"
+    assert resolve_precision(make_config(train__accelerator="cpu")) == "32-true"

@@ -1,0 +1,317 @@
+"""scripts/compare.py and captioning.study: the soft-vs-hard study end to end on tiny settings.
+
+The fast tests evaluate tiny untrained checkpoints (--checkpoints) with hand-written training logs
+beside them; the slow one trains 2 seeds x 2 mechanisms with configs/tiny.yaml. Every table cell
+of report.md is recomputed here from the metrics files, independently of captioning.study.collect.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+from captioning.data.datamodule import CaptionDataModule
+from captioning.study import collect
+from captioning.study.report import cell
+from captioning.study.run import StudyError, parse_checkpoints, study_overrides
+from captioning.training.module import CaptioningModule
+from conftest import make_config
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+import compare  # noqa: E402  (scripts/compare.py)
+
+SECTIONS = ("## Results", "## Learning curves", "## Training signal",
+            "## Attention maps: the same test images, soft and hard",
+            "## Hard attention at test time: expected, argmax and sampled locations", "## Settings")
+CAPTION_COLUMNS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def table_rows(report: str, first_header: str) -> tuple[list[str], dict[str, list[str]]]:
+    """The markdown table whose header row starts with ``first_header`` -> (header, {first cell: cells})."""
+    lines = report.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header} |"))
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = cells
+    return header, rows
+
+
+def expected_cell(files: list[Path], key: str) -> str:
+    """mean ± sample std on the 0-100 scale, computed straight from evaluate.py's metrics files."""
+    values = []
+    for path in files:
+        data = json.loads(path.read_text())
+        factor = {"0-1": 100.0, "0-100": 1.0}[data["scale"]]
+        if data["metrics"].get(key) is not None:  # null: not measured (e.g. grounding without object words)
+            values.append(data["metrics"][key] * factor)
+    if not values:
+        return "n/a"
+    std = statistics.stdev(values) if len(values) > 1 else None
+    return cell({"mean": statistics.fmean(values), "std": std, "n": len(values)}, 1, len(files))
+
+
+def check_tables_match_metrics_files(out: Path, folders: dict[str, list[str]]) -> None:
+    """Both summary tables and the hard-mode table equal what the metrics files say."""
+    report = (out / "report.md").read_text()
+    titles = dict((title, key) for key, title in collect.METRICS)
+    header, rows = table_rows(report, "attention")
+    assert header[2:] == list(CAPTION_COLUMNS)
+    for attention, names in folders.items():
+        files = [out / name / "eval" / "metrics_test.json" for name in names]
+        for column, value in zip(header[2:], rows[attention][2:]):
+            assert value == expected_cell(files, titles[column]), (attention, column)
+        assert rows[attention][1] == str(len(names))
+    header, rows = table_rows(report, "hard mode")
+    for mode in ("expected", "argmax", "sample"):
+        files = [out / name / ("eval" if mode == "expected" else f"eval-{mode}") / "metrics_test.json"
+                 for name in folders["hard"]]
+        for column, value in zip(header[1:], rows[mode][1:]):
+            assert value == expected_cell(files, titles[column]), (mode, column)
+    # At least one number is a real measurement, not n/a everywhere.
+    assert any(c != "n/a" for c in rows["expected"][1:])
+
+
+def check_report_sections(out: Path, examples: int) -> str:
+    report = (out / "report.md").read_text()
+    for section in SECTIONS:
+        assert section in report, section
+    figures = out / "figures"
+    for name in ("learning_curves.png", "training_signal.png"):
+        with Image.open(figures / name) as img:
+            assert img.format == "PNG" and img.width > 500
+        assert f"(figures/{name})" in report
+    maps = sorted(figures.glob("attention_*.png"))
+    assert len(maps) == examples
+    for path in maps:
+        assert f"(figures/{path.name})" in report
+    assert "python scripts/compare.py" in report  # the one command that regenerates it
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["study"]["invocations"][-1]["environment"]["versions"]["torch"] == torch.__version__
+    return report
+
+
+def write_fake_training(folder: Path, bleu: list[float], hard: bool, seconds: float) -> None:
+    """train.py's metrics.json and a Lightning-style logs/metrics.csv with known validation curves."""
+    (folder / "logs").mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps({"train_seconds": seconds, "global_step": 4 * len(bleu),
+                                                    "epochs": len(bleu)}))
+    keys = ["epoch", "step", "train/attention_entropy", "val/bleu_4", "val/elapsed_s"]
+    if hard:
+        keys += ["train/baseline", "train/reinforce_signal_var", "train/reinforce_signal_sq"]
+    rows = []
+    for epoch, value in enumerate(bleu):
+        for step in range(4 * epoch, 4 * epoch + 4):
+            row = {"epoch": epoch, "step": step, "train/attention_entropy": 2.0 - 0.01 * step}
+            if hard:  # every other step sampled locations; the others log NaN
+                sampled = step % 2 == 0
+                row.update({"train/baseline": 0.1 * step, "train/reinforce_signal_var": 0.01 if sampled else "nan",
+                            "train/reinforce_signal_sq": 0.02 if sampled else "nan"})
+            rows.append(row)
+        rows.append({"epoch": epoch, "step": 4 * epoch + 3, "val/bleu_4": value, "val/elapsed_s": 10.0 * (epoch + 1)})
+    with (folder / "logs" / "metrics.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+# ------------------------------------------------------------------------------ fast: given checkpoints
+
+CURVES = {"soft-a": [0.10, 0.30, 0.50], "soft-b": [0.20, 0.40, 0.60], "hard-a": [0.05, 0.25, 0.45],
+          "hard-b": [0.30, 0.35, 0.50]}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Four untrained tiny checkpoints (two per mechanism, different weights) on an 8-image test split."""
+    root = tmp_path_factory.mktemp("compare")
+    cfg = make_config(data__root=str(root / "data"), data__min_word_count=1,
+                      data__synthetic__num_train=16, data__synthetic__num_val=4, data__synthetic__num_test=6,
+                      data__synthetic__image_size=32, decode__max_len=4)
+    data = CaptionDataModule(cfg.data)
+    data.prepare_data()
+    data.setup("fit")
+    paths = {}
+    for i, name in enumerate(CURVES):
+        attention = name.split("-")[0]
+        run_cfg = make_config(**{"data__root": str(root / "data"), "data__min_word_count": 1,
+                                 "data__synthetic__num_train": 16, "data__synthetic__num_val": 4,
+                                 "data__synthetic__num_test": 6, "data__synthetic__image_size": 32,
+                                 "decode__max_len": 4, "model__attention": attention, "train__seed": i})
+        torch.manual_seed(i)
+        module = CaptioningModule.create(run_cfg, data.vocab)
+        folder = root / "runs" / name
+        folder.mkdir(parents=True)
+        torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, folder / "best.ckpt")
+        write_fake_training(folder, CURVES[name], attention == "hard", seconds=100.0 + 10 * i)
+        paths[name] = folder / "best.ckpt"
+    return SimpleNamespace(root=root, paths=paths)
+
+
+@pytest.fixture(scope="module")
+def given_study(checkpoints):
+    out = checkpoints.root / "study"
+    p = checkpoints.paths
+    argv = ["--checkpoints", f"soft={p['soft-a']},{p['soft-b']}", f"hard={p['hard-a']},{p['hard-b']}",
+            "--out-dir", str(out), "--metrics", "bleu", "--beam-size", "2", "--examples", "2"]
+    assert compare.main(argv) == 0
+    return SimpleNamespace(out=out, argv=argv)
+
+
+def test_given_checkpoints_report_has_every_section(given_study):
+    report = check_report_sections(given_study.out, examples=2)
+    assert "given checkpoints" in report
+    assert "--checkpoints" in report
+
+
+def test_given_checkpoints_numbers_match_the_metrics_files(given_study):
+    check_tables_match_metrics_files(given_study.out, {"soft": ["soft-ckpt0", "soft-ckpt1"],
+                                                       "hard": ["hard-ckpt0", "hard-ckpt1"]})
+    summary = json.loads((given_study.out / "summary.json").read_text())
+    for run in summary["runs"]:
+        data = json.loads((given_study.out / run["eval"]["expected"]["file"]).read_text())
+        assert data["decode"]["beam_size"] == 2  # the study's decoder settings reached evaluate.py
+        for key, value in run["eval"]["expected"]["values"].items():
+            assert value == pytest.approx(data["metrics"][key] * {"0-1": 100.0, "0-100": 1.0}[data["scale"]])
+
+
+def test_steps_to_target_and_training_time_come_from_the_logs(given_study):
+    """Target = 0.8 x the lowest best validation BLEU-4 (45 -> 36); first validation at or above it."""
+    report = (given_study.out / "report.md").read_text()
+    header, rows = table_rows(report, "attention")  # the first table; the second follows it
+    lines = report.splitlines()
+    second = [i for i, line in enumerate(lines) if line.startswith("| attention |")][1]
+    header = [c.strip() for c in lines[second].strip("|").split("|")]
+    rows = {line.strip("|").split("|")[0].strip(): [c.strip() for c in line.strip("|").split("|")]
+            for line in lines[second + 2:second + 4]}
+    assert "steps to val BLEU-4 >= 36.0" in header
+    col = header.index("steps to val BLEU-4 >= 36.0")
+    # soft-a reaches 50 at its 3rd validation (step 12), soft-b 40 at its 2nd (step 8): 10 ± 2.8.
+    assert rows["soft"][col] == f"10 ± {statistics.stdev([12, 8]):.0f}" == "10 ± 3"
+    assert rows["hard"][col] == "12 ± 0"
+    assert rows["soft"][header.index("time to val BLEU-4 >= 36.0 (s)")] == "25 ± 7"  # 30 s and 20 s
+    assert rows["soft"][header.index("training time (s)")] == "105 ± 7"  # 100 s and 110 s
+
+
+def test_rerun_skips_finished_evaluations(given_study, capsys):
+    capsys.readouterr()
+    assert compare.main(given_study.argv) == 0
+    err = capsys.readouterr().err
+    assert "compare: evaluated" not in err and "compare: training" not in err
+    study = json.loads((given_study.out / "study.json").read_text())
+    assert len(study["invocations"]) == 2 and study["invocations"][-1]["did"] == {"trained": [], "evaluated": []}
+
+
+# ------------------------------------------------------------------------------ fast: pieces and bad input
+
+
+def test_scale_key_is_read(tmp_path):
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"scale": "0-1", "metrics": {"bleu_4": 0.25, "cider": 1.5}}))
+    new = tmp_path / "new.json"
+    new.write_text(json.dumps({"scale": "0-100", "metrics": {"bleu_4": 25.0, "pointing_game": 40.0}}))
+    assert collect.read_eval(old, tmp_path)["values"] == {"bleu_4": 25.0, "cider": 150.0}
+    assert collect.read_eval(new, tmp_path)["values"] == {"bleu_4": 25.0, "pointing_game": 40.0}
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"scale": "percent", "metrics": {}}))
+    with pytest.raises(StudyError, match="scale"):
+        collect.read_eval(bad, tmp_path)
+
+
+def test_log_reader_counts_steps_and_drops_unsampled_steps(tmp_path):
+    write_fake_training(tmp_path, [0.1, 0.2], hard=True, seconds=1.0)
+    log = collect.read_log(tmp_path)
+    assert log["curve"]["step"] == [4, 8]  # optimizer steps taken (Lightning logs index 3 and 7)
+    assert log["curve"]["bleu_4"] == pytest.approx([10.0, 20.0])
+    assert log["curve"]["elapsed_s"] == [10.0, 20.0]
+    assert log["signal"]["reinforce_signal_var"]["step"] == [1, 3, 5, 7]  # NaN rows left out
+    assert len(log["signal"]["attention_entropy"]["step"]) == 8
+
+
+def test_study_defaults_apply_only_without_config(tmp_path):
+    overrides, defaults = study_overrides(None, ["optim.lr=0.001"])
+    assert overrides == ["train.max_epochs=12", "optim.lr=0.001"] and "train.max_epochs" in defaults
+    assert study_overrides(None, ["train.max_epochs=3"]) == (["train.max_epochs=3"], {})
+    assert study_overrides(tmp_path / "coco.yaml", []) == ([], {})
+
+
+@pytest.mark.parametrize("items, message", [
+    (["soft=a.ckpt"], "both mechanisms"),
+    (["soft"], "soft=A.ckpt"),
+    (["medium=a.ckpt", "hard=b.ckpt"], "soft=A.ckpt"),
+    (["soft=missing.ckpt", "hard=missing2.ckpt"], "does not exist"),
+])
+def test_bad_checkpoint_lists_fail_with_one_line(items, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(StudyError, match=message):
+        parse_checkpoints(items)
+
+
+def test_checkpoint_of_the_wrong_mechanism_exits_2(checkpoints, capsys, tmp_path):
+    p = checkpoints.paths
+    rc = compare.main(["--checkpoints", f"soft={p['hard-a']}", f"hard={p['hard-b']}", "--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "hard-attention checkpoint" in err[0]
+
+
+def test_folder_trained_with_other_settings_is_refused(tmp_path, capsys):
+    run = tmp_path / "soft-seed0"
+    run.mkdir()
+    (run / "config.yaml").write_text("train:\n  max_epochs: 7\n")
+    rc = compare.main(["--out-dir", str(tmp_path), "--seeds", "1", "--set", f"data.root={tmp_path / 'data'}"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert rc == 2 and len(err) == 1
+    assert "train.max_epochs: 7, now 12" in err[0] and "--out-dir" in err[0]
+    assert not (tmp_path / "data").exists()  # refused before generating data or training anything
+
+
+def test_unknown_config_key_exits_2(tmp_path, capsys):
+    rc = compare.main(["--out-dir", str(tmp_path), "--set", "model.decoder.hiden_dim=8"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "model.decoder.hiden_dim" in err[0]
+
+
+# ------------------------------------------------------------------------------ slow: train and compare
+
+
+@pytest.mark.slow
+def test_train_two_seeds_end_to_end(tmp_path, capsys):
+    """configs/tiny.yaml, 2 epochs, 2 seeds x 2 mechanisms, trained by the study itself."""
+    out = tmp_path / "study"
+    argv = ["--config", str(REPO / "configs" / "tiny.yaml"), "--set", f"data.root={tmp_path / 'data'}",
+            "--set", "train.max_epochs=2", "--seeds", "2", "--out-dir", str(out), "--metrics", "bleu", "cider",
+            "--max-len", "6", "--examples", "2"]
+    assert compare.main(argv) == 0
+    check_report_sections(out, examples=2)
+    check_tables_match_metrics_files(out, {"soft": ["soft-seed0", "soft-seed1"], "hard": ["hard-seed0", "hard-seed1"]})
+    # The training signal the report plots was logged by the real training runs.
+    with (out / "hard-seed0" / "logs" / "metrics.csv").open() as f:
+        keys = set(next(csv.reader(f)))
+    assert {"train/attention_entropy", "train/baseline", "train/reinforce_signal_var", "train/reinforce_signal_sq",
+            "val/bleu_4", "val/elapsed_s"} <= keys
+    summary = json.loads((out / "summary.json").read_text())
+    assert all(r["curve"] and len(r["curve"]["step"]) == 2 for r in summary["runs"])
+    assert summary["signal_summary"]["hard"]["reinforce_signal_var"]["late"]["n"] == 2
+    # Resume: nothing is trained or evaluated again.
+    stamp = (out / "hard-seed1" / "best.ckpt").stat().st_mtime
+    capsys.readouterr()
+    assert compare.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "already trained, skipped: soft-seed0, hard-seed0, soft-seed1, hard-seed1" in err
+    assert "compare: evaluated" not in err
+    assert (out / "hard-seed1" / "best.ckpt").stat().st_mtime == stamp

@@ -1,0 +1,417 @@
+"""Preparation end to end (captioning/data/prepare.py, store.py, scripts/prepare_data.py).
+
+Tiny datasets are written here in every source format with real JPEG/PNG files, including every
+kind of bad record. Images of good records have an average colour that encodes their id and
+captions that name it (captioning/data/examples.py), so a caption paired with the wrong image
+shows in both the pixels and the words.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from captioning.config import DataConfig
+from captioning.data import prepare as prepare_module
+from captioning.data.datamodule import CaptionDataModule, ImageSource
+from captioning.data.examples import example_captions, example_image, id_colour, write_example_dataset
+from captioning.data.formats import EMPTY_CAPTION, read_karpathy
+from captioning.data.prepare import (MISSING_FILE, NO_TRAINING_CAPTION, UNREADABLE, PrepareError, PrepareOptions,
+                                     prepare)
+from captioning.data.store import PreparedDataError, PreparedFolder, benchmark_loader
+from captioning.data.transforms import unnormalize
+from captioning.vocab import tokenize
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+import prepare_data  # noqa: E402  (scripts/prepare_data.py)
+
+SIZE = 32
+GOOD_TRAIN, GOOD_VAL, GOOD_TEST = range(1, 21), range(21, 25), range(25, 29)
+
+
+def _jpeg_bytes(img: Image.Image, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=95, **kwargs)
+    return buf.getvalue()
+
+
+def write_bad_images(folder: Path) -> dict[str, str]:
+    """Every awkward kind of file; -> {kind: file name}. Ids 101.. in the dataset below."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rgb = example_image(7, 40)
+    files = {}
+    files["grayscale"] = "gray.jpg"
+    rgb.convert("L").save(folder / "gray.jpg", quality=95)
+    files["cmyk"] = "cmyk.jpg"
+    rgb.convert("CMYK").save(folder / "cmyk.jpg", quality=95)
+    files["rgba"] = "rgba.png"
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(rgba.size))
+    rgba.save(folder / "rgba.png")
+    files["palette"] = "palette.png"
+    rgb.quantize(16).save(folder / "palette.png")
+    files["16-bit"] = "deep.png"
+    deep = (np.linspace(0, 65535, 40 * 40).reshape(40, 40)).astype(np.uint16)
+    Image.fromarray(deep).save(folder / "deep.png")  # mode I;16
+    files["exif"] = "rotated.jpg"
+    wide = Image.new("RGB", (48, 24), (200, 30, 30))
+    wide.paste((30, 30, 200), (0, 0, 12, 24))  # blue band on the left before rotation
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when displayed
+    (folder / "rotated.jpg").write_bytes(_jpeg_bytes(wide, exif=exif.tobytes()))
+    files["truncated"] = "truncated.jpg"
+    whole = _jpeg_bytes(example_image(8, 64))
+    (folder / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
+    files["corrupt"] = "corrupt.jpg"
+    (folder / "corrupt.jpg").write_bytes(b"this is not a JPEG at all" * 10)
+    files["missing"] = "missing.jpg"
+    return files
+
+
+def entry(image_id: int, split: str, filename: str, captions: list[str]) -> dict:
+    return {"filepath": "images", "filename": filename, "imgid": image_id, "cocoid": image_id, "split": split,
+            "sentences": [{"raw": c, "tokens": c.split()} for c in captions]}
+
+
+def make_karpathy_dataset(root: Path) -> Path:
+    """28 good images (train 20 / val 4 / test 4) plus one of every bad kind; -> dataset json."""
+    images = root / "images"
+    images.mkdir(parents=True)
+    entries = []
+    for ids, split in ((GOOD_TRAIN, "train"), (GOOD_VAL, "val"), (GOOD_TEST, "test")):
+        for i in ids:
+            example_image(i, 48).save(images / f"img_{i}.jpg", quality=95)
+            captions = example_captions(i, 3)
+            if i == 3:
+                captions += ["", "   \t ", "?!"]  # empty, whitespace, no word: skipped with a reason
+            if i == 4:
+                captions += ["a caf\u00e9 \u201cdog\u201d in image 4 \u2014 na\u00efve"]  # non-ASCII: normalised
+            entries.append(entry(i, split, f"img_{i}.jpg", captions))
+    for n, (kind, name) in enumerate(write_bad_images(images).items()):
+        entries.append(entry(101 + n, "train", name, [f"a {kind.replace('-', ' ')} picture in image {101 + n}"]))
+    # Duplicate id: id 200 names two different files -> both skipped.
+    example_image(200, 48).save(images / "dup_a.jpg")
+    example_image(201, 48).save(images / "dup_b.jpg")
+    entries += [entry(200, "train", "dup_a.jpg", ["image 200 a"]), entry(200, "train", "dup_b.jpg", ["image 200 b"])]
+    path = root / "dataset_example.json"
+    path.write_text(json.dumps({"images": entries, "dataset": "example"}))
+    return path
+
+
+OPTIONS = dict(image_size=SIZE, min_word_count=1, max_len=8, workers=1, chunk_size=4, progress=False)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("source")
+    make_karpathy_dataset(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def prepared(source, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("prepared") / "example"
+    manifest = prepare(read_karpathy(source / "dataset_example.json", source), out, PrepareOptions(**OPTIONS))
+    return out, manifest
+
+
+def data_module(root: Path, **overrides) -> CaptionDataModule:
+    cfg = DataConfig(**{"dataset": "prepared", "root": str(root), "image_size": SIZE, "batch_size": 4,
+                        "captions_per_image": 2, "max_caption_len": 8, **overrides})
+    dm = CaptionDataModule(cfg)
+    dm.setup("fit")
+    return dm
+
+
+# ------------------------------------------------------------------------------------ contents
+
+
+def test_bad_records_are_skipped_or_converted_with_reasons(prepared):
+    out, manifest = prepared
+    summary = manifest["summary"]
+    assert summary["skipped"] == {EMPTY_CAPTION: 3, MISSING_FILE: 1, UNREADABLE: 2, "duplicate image id": 2}
+    skipped = json.loads((out / "skipped.json").read_text())
+    assert {s["item"].split(":")[0] for s in skipped if s["reason"] == UNREADABLE} == {"images/truncated.jpg",
+                                                                                        "images/corrupt.jpg"}
+    assert summary["converted"] == {"grayscale": 1, "CMYK": 1, "alpha": 1, "palette": 1, "16-bit": 1, "EXIF-rotated": 1}
+    assert summary["normalised_non_ascii_captions"] == 1
+    counts = manifest["counts"]
+    assert (counts["train"]["images"], counts["val"]["images"], counts["test"]["images"]) == (26, 4, 4)
+    refs = data_module(out).references("train")
+    assert 'a cafe "dog" in image 4 - naive' in refs[4]
+    assert all(c.strip() for cs in refs.values() for c in cs)
+    # The manifest describes the folder: sources with checksums, options, versions, file formats.
+    source_file = manifest["source"]["files"][0]
+    assert source_file["role"] == "captions" and len(source_file["sha256"]) == 64 and source_file["bytes"] > 0
+    assert manifest["options"]["image_size"] == SIZE and "numpy" in manifest["versions"]
+    assert set(manifest["files"]) >= {"images_{split}.npy", "tokens_{split}.npy", "vocab.json"}
+    assert not (out.parent / "example.partial").exists()
+
+
+def test_store_gives_the_same_tensors_as_the_image_files(prepared):
+    """Every stored image, the converted kinds included, equals the file path's preprocessing."""
+    out, _ = prepared
+    dm = data_module(out)
+    for split in ("train", "val"):
+        records = dm.load_split(split)
+        from_files = ImageSource(records, SIZE, cache=False)
+        from_store = dm.images(split)
+        for i in range(len(records)):
+            assert torch.equal(from_store[i], from_files[i]), records[i].path
+    rotated = next(i for i, r in enumerate(dm.load_split("train")) if r.path.name == "rotated.jpg")
+    pixels = dm.images("train").pixels(rotated)  # 48x24 rotated to 24x48: the blue band is on top
+    assert pixels[1, SIZE // 2, 2] > 150 and pixels[-2, SIZE // 2, 0] > 150
+
+
+def test_round_trip_and_pairing_through_the_loader(prepared):
+    """decode(encode(caption)) is the caption's words; with 2 DataLoader workers and shuffling,
+    every image's pixels and captions name the image id the batch reports."""
+    out, _ = prepared
+    dm = data_module(out, num_workers=2)
+    folder = PreparedFolder(out)
+    part = folder.split("train")
+    for i, record in enumerate(part.records):
+        decoded = [" ".join(dm.vocab.decode(ids)) for ids in part.encoded(i)]
+        assert decoded == [" ".join(tokenize(c)[:8]) for c in record.captions]
+    seen = set()
+    for batch in dm.train_dataloader():
+        images = unnormalize(batch["images"]) * 255
+        k = batch["captions"].shape[0] // batch["images"].shape[0]
+        for b, image_id in enumerate(batch["image_ids"].tolist()):
+            seen.add(image_id)
+            for row in batch["captions"][b * k:(b + 1) * k]:
+                assert str(image_id) in dm.vocab.decode(row), (image_id, dm.vocab.decode(row))
+            if image_id in GOOD_TRAIN:
+                mean = images[b].mean(dim=(1, 2))
+                assert torch.allclose(mean, torch.tensor(id_colour(image_id), dtype=torch.float), atol=4), image_id
+    assert seen == set(GOOD_TRAIN) | {101, 102, 103, 104, 105, 106}
+    refs = dm.references("val")
+    assert set(refs) == set(GOOD_VAL) and all(str(i) in c for i, cs in refs.items() for c in cs)
+
+
+def test_vocabulary_from_train_only_and_unknown_rate(prepared):
+    out, manifest = prepared
+    vocab = PreparedFolder(out).vocab
+    assert vocab.words[:4] == ["<pad>", "<start>", "<end>", "<unk>"]
+    assert "20" in vocab.index and "21" not in vocab.index  # "21" only appears in val captions
+    assert manifest["summary"]["unknown_token_percent"]["train"] == 0
+    assert manifest["summary"]["unknown_token_percent"]["val"] > 0
+
+
+def test_long_captions_truncate_or_drop(source, tmp_path):
+    base = read_karpathy(source / "dataset_example.json", source)
+    out = tmp_path / "drop"
+    manifest = prepare(base, out, PrepareOptions(**{**OPTIONS, "max_len": 6, "long_captions": "drop"}))
+    lengths = np.load(out / "lengths_train.npy")
+    captions = json.loads((out / "captions_train.json").read_text())["annotations"]
+    for n, ann in zip(lengths, captions):  # rows align with annotations; long ones have length 0
+        assert (n == 0) == (len(tokenize(ann["caption"])) > 6)
+    assert manifest["counts"]["train"]["training_captions"] == int((lengths > 0).sum()) < len(captions)
+    assert manifest["counts"]["train"]["longer_than_max_len"] == len(captions) - int((lengths > 0).sum())
+    # "a 16 bit picture in image 105" has 7 words: the image has no training caption left.
+    assert manifest["summary"]["skipped"][NO_TRAINING_CAPTION] == 1
+    assert 105 not in {r.image_id for r in PreparedFolder(out).records("train")}
+    truncated = tmp_path / "truncate"
+    prepare(base, truncated, PrepareOptions(**{**OPTIONS, "max_len": 3}))
+    assert (np.load(truncated / "lengths_train.npy") == 3 + 2).all()  # <start> 3 words <end>
+    with pytest.raises(PrepareError, match="no training caption.*--max-len"):
+        prepare(base, tmp_path / "none", PrepareOptions(**{**OPTIONS, "max_len": 4, "long_captions": "drop"}))
+
+
+def test_strict_fails_on_the_first_skip_and_leaves_no_folder(source, tmp_path):
+    with pytest.raises(PrepareError, match=f"--strict: {EMPTY_CAPTION}: images/img_3.jpg"):
+        prepare(read_karpathy(source / "dataset_example.json", source), tmp_path / "s",
+                PrepareOptions(**{**OPTIONS, "strict": True}))
+    assert not (tmp_path / "s").exists()
+    dataset = read_karpathy(source / "dataset_example.json", source)
+    dataset.skipped.clear()
+    with pytest.raises(PrepareError, match="--strict: unreadable image: cannot read image .*truncated.jpg: image file is truncated"):
+        prepare(dataset, tmp_path / "s", PrepareOptions(**{**OPTIONS, "strict": True}))
+    assert not (tmp_path / "s").exists()
+
+
+# ------------------------------------------------------------------------------------ atomic, resume
+
+
+def _folder_contents(root: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(root.iterdir()) if p.name != "manifest.json"}
+
+
+def test_interrupted_preparation_resumes_only_the_unfinished_chunks(source, prepared, tmp_path, monkeypatch):
+    out = tmp_path / "resumed"
+    calls = []
+    real = prepare_module._decode_chunk
+
+    def interrupted(task):
+        calls.append(task[:2])
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the run
+        return real(task)
+
+    monkeypatch.setattr(prepare_module, "_decode_chunk", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(read_karpathy(source / "dataset_example.json", source), out, PrepareOptions(**OPTIONS))
+    partial = tmp_path / "resumed.partial"
+    assert not out.exists() and len(list((partial / "chunks").glob("*.json"))) == 2
+    with pytest.raises(PreparedDataError, match="did not finish.*run the same"):
+        PreparedFolder(out)
+
+    calls.clear()
+    monkeypatch.setattr(prepare_module, "_decode_chunk", lambda task: (calls.append(task[:2]), real(task))[1])
+    prepare(read_karpathy(source / "dataset_example.json", source), out, PrepareOptions(**OPTIONS))
+    rows = [c["store_rows"] for c in prepared[1]["counts"].values()]  # decoded candidates per split
+    total_chunks = sum(-(-n // 4) for n in rows)
+    assert len(calls) == total_chunks - 2
+    assert not partial.exists()
+    assert _folder_contents(out) == _folder_contents(prepared[0])  # identical to the uninterrupted run
+
+
+def test_changed_options_start_over_and_existing_folder_needs_overwrite(source, tmp_path, monkeypatch):
+    out = tmp_path / "p"
+    dataset = read_karpathy(source / "dataset_example.json", source)
+    partial = tmp_path / "p.partial"
+    (partial / "chunks").mkdir(parents=True)
+    (partial / "plan.json").write_text("{}")  # a partial run with other options
+    (partial / "chunks" / "train-000000.json").write_text("[]")
+    prepare(dataset, out, PrepareOptions(**OPTIONS))
+    assert PreparedFolder(out).split("train").records  # redone, not the stale marker's empty chunk
+    with pytest.raises(PrepareError, match="already a prepared folder.*--overwrite"):
+        prepare(dataset, out, PrepareOptions(**OPTIONS))
+    prepare(dataset, out, PrepareOptions(**{**OPTIONS, "overwrite": True, "image_size": 16}))
+    assert PreparedFolder(out).image_size == 16 and not list(tmp_path.glob("p.old-*"))
+    (tmp_path / "notprepared").mkdir()
+    (tmp_path / "notprepared" / "precious.txt").write_text("x")
+    with pytest.raises(PrepareError, match="not a prepared folder"):
+        prepare(dataset, tmp_path / "notprepared", PrepareOptions(**{**OPTIONS, "overwrite": True}))
+
+
+def test_image_size_and_vocabulary_mismatch_are_one_line_errors(prepared):
+    out, _ = prepared
+    with pytest.raises(PreparedDataError, match=f"stores {SIZE}x{SIZE} images but data.image_size is 64"):
+        CaptionDataModule(DataConfig(dataset="prepared", root=str(out), image_size=64)).setup("fit")
+    from captioning.vocab import Vocabulary
+
+    other = Vocabulary(["<pad>", "<start>", "<end>", "<unk>", "cat"])
+    with pytest.raises(PreparedDataError, match="vocabulary"):
+        CaptionDataModule(DataConfig(dataset="prepared", root=str(out), image_size=SIZE), other).setup("fit")
+    with pytest.raises(PreparedDataError, match="not a prepared folder"):
+        CaptionDataModule(DataConfig(dataset="prepared", root=str(out.parent), image_size=SIZE)).setup("fit")
+
+
+# ------------------------------------------------------------------------------------ CLI, formats
+
+
+@pytest.mark.parametrize("fmt", ["karpathy", "coco", "flickr8k"])
+def test_cli_prepares_each_format_with_two_processes(tmp_path, fmt, capsys):
+    captions, images = write_example_dataset(tmp_path / "src", 12, 40, fmt, val=2, test=2, noise=0)
+    args = ["--captions", str(captions), "--images", str(images), "--out", str(tmp_path / "out"), "--image-size",
+            "16", "--min-word-count", "1", "--workers", "2", "--chunk-size", "3", "--no-progress"]
+    if fmt == "coco":
+        args += ["--val-size", "2", "--test-size", "2"]
+    manifest = prepare_data.main(args)
+    assert manifest["source"]["format"] == fmt  # told apart by content (--format auto)
+    assert sum(c["images"] for c in manifest["counts"].values()) == 12
+    folder = PreparedFolder(tmp_path / "out")
+    assert "prepared" in capsys.readouterr().out
+    for split in ("train", "val", "test"):
+        part = folder.split(split)
+        images_ = folder.images(split)
+        for i, record in enumerate(part.records):
+            image_id = record.image_id if fmt != "flickr8k" else int(record.path.stem.split("_")[1])
+            assert all(f"image {image_id}" in c for c in record.captions)
+            assert np.abs(images_.pixels(i).reshape(-1, 3).mean(0) - id_colour(image_id)).max() < 3
+
+
+def test_cli_wrong_schema_is_one_line_exit_2(tmp_path, capsys):
+    captions, images = write_example_dataset(tmp_path / "src", 4, 16, "karpathy", val=1, test=1)
+    with pytest.raises(SystemExit) as exit_:
+        prepare_data.main(["--format", "coco", "--captions", str(captions), "--images", str(images), "--out",
+                           str(tmp_path / "out")])
+    err = capsys.readouterr().err.splitlines()[-1]  # after the progress lines
+    assert exit_.value.code == 2
+    assert err.startswith("error: ") and str(captions) in err and "use --format karpathy" in err
+    with pytest.raises(SystemExit):
+        prepare_data.main(["--captions", str(captions), "--images", str(tmp_path / "nowhere"), "--out", "x"])
+    assert "images folder" in capsys.readouterr().err
+
+
+def test_benchmark_measures_the_loader(prepared):
+    out, _ = prepared
+    rows = benchmark_loader(out, [0], batch_size=8, seconds=0.2, progress=False)
+    assert rows[0]["images"] > 0 and rows[0]["images_per_s"] > 0 and rows[0]["image_size"] == SIZE
+    files = benchmark_loader(out, [0], batch_size=8, seconds=0.2, source="files", progress=False)
+    assert files[0]["source"] == "files" and files[0]["images"] > 0
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+def test_train_and_evaluate_on_a_prepared_synthetic_folder(tmp_path, one_thread):
+    """The synthetic set (COCO files + instances) prepared, trained on with --data for a few
+    steps, then evaluated from the checkpoint; boxes and tensors agree with the original."""
+    import train  # scripts/train.py
+
+    from captioning.config import SyntheticConfig
+    from captioning.data.synthetic import dataset_dir, generate_synthetic
+
+    synth_cfg = SyntheticConfig(num_train=16, num_val=4, num_test=4, image_size=32)
+    generate_synthetic(tmp_path / "data", synth_cfg, progress=False)
+    root = dataset_dir(tmp_path / "data", synth_cfg)
+    ann = root / "annotations"
+    prepare_data.main(["--format", "coco", "--captions", *(f"{s}=" + str(ann / f"captions_{s}.json") for s in ("train", "val", "test")),
+                       "--images", str(root), "--instances", *(str(ann / f"instances_{s}.json") for s in ("train", "val", "test")),
+                       "--out", str(tmp_path / "prep"), "--image-size", "32", "--min-word-count", "1", "--workers", "1",
+                       "--no-progress"])
+    synth = CaptionDataModule(DataConfig(root=str(tmp_path / "data"), image_size=32, synthetic=synth_cfg))
+    prep = CaptionDataModule(DataConfig(dataset="prepared", root=str(tmp_path / "prep"), image_size=32))
+    assert prep.boxes("val") == synth.boxes("val") and prep.boxes("val")  # {id: [(name, [x, y, w, h])]}
+    assert prep.references("test") == synth.references("test")
+    assert all(torch.equal(a, b) for a, b in zip(prep.images("val"), synth.images("val")))
+
+    out = tmp_path / "run"
+    result = train.main(["--data", str(tmp_path / "prep"), "--out-dir", str(out), "--no-progress", "--max-epochs", "1",
+                         "--set", "data.image_size=32", "--set", "data.batch_size=8", "--set", "model.encoder.grid_size=4",
+                         "--set", "model.decoder.embed_dim=16", "--set", "model.decoder.hidden_dim=32",
+                         "--set", "model.decoder.attention_dim=16", "--no-test"])  # evaluate.py scores below
+    assert result["global_step"] == 2 and (out / "best.ckpt").is_file()
+    import evaluate  # scripts/evaluate.py
+
+    metrics = evaluate.main(["--checkpoint", str(out / "best.ckpt"), "--split", "val", "--metrics", "bleu",
+                             "--tokenizer", "simple", "--beam-size", "1", "--device", "cpu"])
+    assert metrics["num_images"] == 4 and "bleu_4" in metrics["metrics"]
+    from captioning.cli import caption_main
+
+    # Captioning a split reads the source files the folder was prepared from.
+    assert caption_main(["--checkpoint", str(out / "best.ckpt"), "--from-split", "test", "--limit", "2",
+                         "--beam-size", "1", "--device", "cpu"]) == 0
+
+
+def test_coco_configs_hold_the_papers_settings():
+    from captioning.config import build_config, to_dict
+
+    soft, hard, resnet = (build_config(REPO / "configs" / f"{name}.yaml")
+                          for name in ("coco_soft", "coco_hard", "coco_resnet101_soft"))
+    enc = soft.model.encoder
+    assert (enc.backbone, enc.stage, enc.grid_size, enc.weights, enc.fine_tune_from) == ("vgg19", "conv5", 14, "imagenet", None)
+    assert (soft.optim.lr, soft.optim.schedule, soft.loss.doubly_stochastic) == (2e-4, "constant", 1.0)
+    assert soft.data.batch_size * soft.data.captions_per_image == 64 and soft.data.image_size == 224
+    assert soft.data.dataset == "prepared"
+    differ = lambda a, b: {k for k, v in _flat(to_dict(a)).items() if _flat(to_dict(b))[k] != v}  # noqa: E731
+    assert differ(soft, hard) == {"model.attention"}
+    assert differ(soft, resnet) == {"model.encoder.backbone", "model.encoder.stage"}
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
