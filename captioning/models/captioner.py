@@ -54,9 +54,11 @@ class ShowAttendTell(nn.Module):
         k, rem = divmod(captions.shape[0], images.shape[0])
         if rem or k == 0:
             raise ValueError(f"{captions.shape[0]} captions for {images.shape[0]} images: need k per image")
+        keys = self.decoder.project(features)  # (B, L, K): W a once per image, not once per caption
         if k > 1:
+            keys = keys.repeat_interleave(k, dim=0)
             features = features.repeat_interleave(k, dim=0)  # (B*k, L, D)
             mask = mask.repeat_interleave(k, dim=0)
             if sample_mask is not None and sample_mask.shape[0] == images.shape[0]:
                 sample_mask = sample_mask.repeat_interleave(k, dim=0)
-        return self.decoder(features, mask, captions, mode, sample_mask)
+        return self.decoder(features, mask, captions, mode, sample_mask, keys=keys)

@@ -98,11 +98,14 @@ class Decoder(nn.Module):
         captions: torch.Tensor,
         mode: str = "expected",
         sample_mask: torch.Tensor | None = None,
+        keys: torch.Tensor | None = None,
     ) -> DecoderOutput:
         """Teacher-forced pass. captions [B, T+1] = <start> w_1 ... <end> <pad>...; predicts
-        captions[:, 1:]. Steps run to the longest caption; padding is masked in the loss."""
+        captions[:, 1:]. Steps run to the longest caption; padding is masked in the loss.
+        ``keys``: ``project(features)`` when the caller already has it (several captions per image)."""
         B, T = captions.shape[0], captions.shape[1] - 1
-        keys = self.project(features)  # (B, L, K), once per image
+        if keys is None:  # the caller may pass project(features), computed once per image
+            keys = self.project(features)  # (B, L, K)
         state = self.init_state(features, mask)
         emb = self.embedding(captions[:, :-1])  # (B, T, m)
         hs, zs, alphas, log_probs = [], [], [], []

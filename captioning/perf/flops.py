@@ -10,8 +10,9 @@ Two totals, kept apart on purpose:
   and ``h_0, c_0`` run once per *image* (shared by its captions); the per-step work and the
   output layer run for the caption's real tokens only (words + ``<end>``), never for padding.
 * **executed**: what the current implementation runs: every row of the padded batch runs every
-  step up to the longest caption, and the projection runs once per caption *row* (the model
-  repeats each image's annotations for its ``k`` captions before the decoder projects them).
+  step up to the longest caption; the projection ``W a`` runs once per image (the model projects
+  before repeating each image's annotations for its ``k`` captions) and ``h_0, c_0`` once per
+  caption row.
 
 Backward costs two products per forward product (the gradient of each operand), except where an
 operand needs no gradient: with a frozen encoder (or random feature inputs, as in the benchmark)
@@ -36,6 +37,7 @@ class DecoderFlops:
     per_step_backward: float
     per_token_output: float  # deep output L_h, L_z, L_o for one token, forward
     per_token_output_backward: float
+    projection_training: float = 0.0  # the W a part of per_image + per_image_backward
 
     def training(self, images: int, steps: float, tokens: float | None = None) -> float:
         """Forward + backward FLOPs for ``images`` image projections, ``steps`` caption-steps and
@@ -96,6 +98,7 @@ def decoder_flops(
         per_step_backward=per_step_backward,
         per_token_output=output,
         per_token_output_backward=output_backward,
+        projection_training=(1.0 + a_grad) * projection,
     )
 
 
@@ -118,5 +121,6 @@ def training_step_flops(
     real = float(sum(caption_tokens))
     padded = float(rows * max(caption_tokens))
     useful = flops.training(images, real)
-    executed = flops.training(rows, padded)
+    # Every row runs h_0, c_0 and every padded step; W a runs once per image.
+    executed = flops.training(rows, padded) - (rows - images) * flops.projection_training
     return StepFlops(useful, executed, useful / rows)
