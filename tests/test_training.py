@@ -19,17 +19,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 import train  # noqa: E402  (scripts/train.py)
 
 from captioning.checkpoint import load_checkpoint  # noqa: E402
-from captioning.config import load_yaml  # noqa: E402
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
+from captioning.config import flatten, load_yaml  # noqa: E402
 
 
 def tiny_args(tmp: Path, data_root: Path, *extra: str) -> list[str]:

@@ -13,6 +13,7 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pycocotools.coco import COCO
 
@@ -28,15 +29,21 @@ class ImageRecord:
     captions: tuple[str, ...]
 
 
+def read_json(path: Path, what: str, error: type[Exception]) -> Any:
+    """The parsed contents of the JSON file ``path``, or ``error`` with a one-line message that
+    names the file (``what``: e.g. "captions file") when it is missing or not valid JSON."""
+    if not path.is_file():
+        raise error(f"{what} {path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise error(f"{what} {path} is not valid JSON: {err}") from None
+
+
 def load_coco_captions(captions_json: str | Path, image_dir: str | Path) -> list[ImageRecord]:
     """One record per image that has at least one non-empty caption, sorted by image id."""
     captions_json, image_dir = Path(captions_json), Path(image_dir)
-    if not captions_json.is_file():
-        raise AnnotationError(f"captions file {captions_json} does not exist")
-    try:
-        data = json.loads(captions_json.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AnnotationError(f"captions file {captions_json} is not valid JSON: {err}") from None
+    data = read_json(captions_json, "captions file", AnnotationError)
     if not isinstance(data, dict) or not {"images", "annotations"} <= data.keys():
         raise AnnotationError(
             f"{captions_json} is not a COCO captions file: it needs top-level 'images' and "

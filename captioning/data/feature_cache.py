@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader, Dataset
 from captioning.config import ModelConfig
 from captioning.data import transforms
 from captioning.data.coco import ImageRecord
+from captioning.data.store import LazyArray
 from captioning.models.encoder import Encoder
 
 CACHE_FORMAT = 1
@@ -139,7 +140,7 @@ def size_report(grid_size: int, channels: int, counts: dict[str, int]) -> str:
 # ------------------------------------------------------------------------------ reading
 
 
-class CachedFeatures:
+class CachedFeatures(LazyArray):
     """Image i of a split -> its annotation grid, float16 tensor [L, D] (like ImageSource's images).
 
     The .npy file is mapped read-only on first use in each process (DataLoader workers, DDP
@@ -147,26 +148,14 @@ class CachedFeatures:
     """
 
     def __init__(self, path: Path, shape: Sequence[int]) -> None:
-        self.path = Path(path)
+        super().__init__(Path(path))
         self.shape = tuple(shape)
-        self._array: np.ndarray | None = None
-        self._pid = -1
-
-    @property
-    def array(self) -> np.ndarray:
-        if self._array is None or self._pid != os.getpid():
-            self._array = np.load(self.path, mmap_mode="r")
-            self._pid = os.getpid()
-        return self._array
 
     def __len__(self) -> int:
         return self.shape[0]
 
     def __getitem__(self, index: int) -> torch.Tensor:
         return torch.from_numpy(np.array(self.array[index]))  # a copy out of the mapping
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "shape": self.shape, "_array": None, "_pid": -1}
 
 
 class FeatureCache:

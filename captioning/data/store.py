@@ -36,7 +36,7 @@ class PreparedDataError(ValueError):
     """A prepared folder is missing, unfinished, from another version, or does not fit the config."""
 
 
-class _LazyArray:
+class LazyArray:
     """A .npy file memory-mapped read-only on first use in each process; never pickled."""
 
     def __init__(self, path: Path) -> None:
@@ -52,14 +52,14 @@ class _LazyArray:
         return self._array
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "_array": None, "_pid": -1}
+        return {**self.__dict__, "_array": None, "_pid": -1}
 
 
 class StoreImages:
     """Image i of a split (in record order) -> preprocessed tensor [3, S, S], like ImageSource."""
 
     def __init__(self, path: Path, rows: np.ndarray, image_size: int) -> None:
-        self.store = _LazyArray(path)
+        self.store = LazyArray(path)
         self.rows = rows
         self.image_size = image_size
 
@@ -98,7 +98,7 @@ class PreparedSplit:
         np.cumsum(np.bincount(owner, minlength=len(self.image_ids)), out=self.offsets[1:])
         self.records = [ImageRecord(i, images_root / name, tuple(caps))
                         for i, name, caps in zip(self.image_ids, self.file_names, captions)]
-        self.tokens = _LazyArray(root / f"tokens_{split}.npy")
+        self.tokens = LazyArray(root / f"tokens_{split}.npy")
         self.lengths = np.load(root / f"lengths_{split}.npy")
         if len(self.lengths) != len(owner) or self.tokens.array.shape[0] != len(owner):
             raise PreparedDataError(f"{root}: tokens/lengths of {split} do not match {path.name}; prepare it again")

@@ -10,7 +10,6 @@ before any corpus metric, and the caller checks that their count equals the spli
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import pickle
@@ -20,6 +19,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, NamedTuple, Sequence
 
+from captioning.data.coco import read_json
 from captioning.evaluation.grounding import NamedWord, WordMatcher, named_words
 from captioning.evaluation.metrics import METRIC_KEYS, ScoreReport, score_details
 
@@ -114,12 +114,7 @@ def load_results(path: str | Path) -> dict[int, str]:
     refuses such files too). Raises ResultsError naming the file, the entry and the fix.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ResultsError(f"results file {path} does not exist")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ResultsError(f"results file {path} is not valid JSON: {err}") from None
+    data = read_json(path, "results file", ResultsError)
     if not isinstance(data, list):
         hint = " (this looks like a captions file: pass it as --annotations)" if (
             isinstance(data, dict) and "annotations" in data) else ""

@@ -63,13 +63,14 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
+
+from captioning.data.coco import read_json
 
 #: How the decoder attended (see the module docstring, "Which attention").
 MODES = ("expected", "argmax", "sample")
@@ -291,12 +292,7 @@ def load_instances(path: str | Path) -> Instances:
     from pycocotools.coco import COCO
 
     path = Path(path)
-    if not path.is_file():
-        raise InstancesError(f"instances file {path} does not exist")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InstancesError(f"instances file {path} is not valid JSON: {err}") from None
+    data = read_json(path, "instances file", InstancesError)
     if not isinstance(data, dict) or not {"images", "annotations", "categories"} <= data.keys():
         raise InstancesError(f"{path} is not a COCO instances file: it needs top-level 'images', "
                              "'annotations' and 'categories' lists (like instances_val2014.json)")

@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 
 import yaml
 
-from captioning.config import Config, ConfigError, build_config, to_dict
+from captioning.config import Config, ConfigError, build_config, flatten, to_dict
 
 ATTENTIONS = ("soft", "hard")
 HARD_MODES = ("expected", "argmax", "sample")  # test-time attention of a hard model; expected first
@@ -46,7 +46,7 @@ STUDY_DEFAULTS = {
         "one default scripts/train.py run (22 epochs) takes 8-10 minutes on the project's 2-core CPU, "
         "so 6 runs would take about an hour; 12 epochs (about 5.5 minutes a run, the cosine learning-rate "
         "decay stretched to the shorter run) fit 6 runs and their evaluations in 45 minutes. Quality is "
-        "therefore below the 20-epoch numbers of the README.",
+        "therefore below the 22-epoch numbers of the README.",
     ),
 }
 
@@ -173,18 +173,8 @@ def plan_checkpoint_runs(out_dir: Path, given: dict[str, list[Path]]) -> tuple[l
                 or (path.parent / "metrics.json").is_file() else None
             name = f"{attention}-ckpt{i}"
             runs.append(Run(name, attention, out_dir / name, path, cfg.train.seed, train_dir, trained_here=False))
-            configs[name] = _flatten(to_dict(cfg))
+            configs[name] = flatten(to_dict(cfg))
     return runs, _differences(configs)
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 # Keys that legitimately differ between the runs of one study.
@@ -216,8 +206,8 @@ def is_trained(run: Run, cfg: Config) -> bool:
     """Finished with exactly ``cfg``; raises StudyError if the folder holds a run of other settings."""
     saved = run.dir / "config.yaml"
     if saved.is_file():
-        old = _flatten(yaml.safe_load(saved.read_text()) or {})
-        new = _flatten(to_dict(cfg))
+        old = flatten(yaml.safe_load(saved.read_text()) or {})
+        new = flatten(to_dict(cfg))
         # Keys on one side only were added to (or removed from) the config since: not a difference.
         changed = [k for k in sorted(set(old) & set(new)) if old[k] != new[k]]
         if changed:
