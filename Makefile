@@ -1,7 +1,8 @@
 # Two entry points for a fresh clone (see README "Quick start"):
 #   make demo   set up .venv, then train, evaluate and caption on the synthetic dataset
 #   make test   set up .venv, then run the test suite (what CI runs)
-#   make test-slow  the full default trainings against their quality targets (~20 min)
+#   make test-slow  the slow tests: the default trainings against their quality targets (~20 min),
+#                   the soft-vs-hard study end to end (~3 min), torch.compile vs eager (~1 min)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
