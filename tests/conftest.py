@@ -3,6 +3,7 @@ vocabulary, and helpers that build image and caption batches."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Sequence
 
 import pytest
@@ -59,6 +60,22 @@ def random_captions(n: int, vocab_size: int, min_len: int = 2, max_len: int = 5,
 
 def random_images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def save_untrained_checkpoint(cfg: Config, vocab: Vocabulary, path: Path, prefer_word: str | None = None) -> Path:
+    """An untrained model saved as Lightning's ModelCheckpoint saves it (as far as loading is
+    concerned). ``prefer_word``: push the output layer towards this word, so that every caption
+    contains it (e.g. a shape noun, which gives grounding words to score)."""
+    from captioning.training.module import CaptioningModule
+
+    torch.manual_seed(0)
+    module = CaptioningModule.create(cfg, vocab)
+    if prefer_word is not None:
+        with torch.no_grad():
+            module.model.decoder.L_o.bias[vocab.index[prefer_word]] += 20.0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+    return path
 
 
 @pytest.fixture

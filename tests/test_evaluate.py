@@ -9,13 +9,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from captioning import Captioner
 from captioning.config import build_config
 from captioning.data.datamodule import CaptionDataModule
 from captioning.evaluation.grounding import load_instances, named_words, score_grounding
-from captioning.training.module import CaptioningModule
+from conftest import save_untrained_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
@@ -24,16 +23,6 @@ import evaluate as evaluate_script  # noqa: E402  (scripts/evaluate.py)
 FAST = ["--metrics", "bleu", "cider", "--tokenizer", "simple"]  # no Java: seconds, not tens of seconds
 
 
-def _save_checkpoint(cfg, vocab, path: Path, word: str) -> Path:
-    """An untrained model whose output layer prefers `word` (a shape noun), so that every caption
-    names an object and grounding has words to score; saved as Lightning saves it."""
-    torch.manual_seed(0)
-    module = CaptioningModule.create(cfg, vocab)
-    with torch.no_grad():
-        module.model.decoder.L_o.bias[vocab.index[word]] += 20.0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +37,9 @@ def tiny(tmp_path_factory):
     data.setup("fit")
     # The shape of the first test object: present in at least one test image.
     word = next(iter(data.scenes("test").values()))[0].shape
-    ckpt = _save_checkpoint(cfg, data.vocab, root / "soft" / "best.ckpt", word)
+    ckpt = save_untrained_checkpoint(cfg, data.vocab, root / "soft" / "best.ckpt", word)
     hard_cfg = build_config(overrides=overrides + ["model.attention=hard"])
-    hard_ckpt = _save_checkpoint(hard_cfg, data.vocab, root / "hard" / "best.ckpt", word)
+    hard_ckpt = save_untrained_checkpoint(hard_cfg, data.vocab, root / "hard" / "best.ckpt", word)
     return SimpleNamespace(root=root, data=data, ckpt=ckpt, hard_ckpt=hard_ckpt,
                            test_ids=sorted(r.image_id for r in data.load_split("test")))
 

@@ -21,8 +21,8 @@ from captioning.checkpoint import CheckpointError
 from captioning.config import build_config
 from captioning.data.datamodule import CaptionDataModule, EvalDataset
 from captioning.data.transforms import ImageLoadError
-from captioning.training.module import CaptioningModule
 from captioning.visualization import figure_size
+from conftest import save_untrained_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
@@ -32,13 +32,6 @@ import evaluate as evaluate_script  # noqa: E402  (scripts/evaluate.py)
 MAX_LEN = 5
 
 
-def _save_checkpoint(cfg, vocab, path: Path) -> Path:
-    """What Lightning's ModelCheckpoint writes, as far as loading is concerned."""
-    torch.manual_seed(0)
-    module = CaptioningModule.create(cfg, vocab)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +46,9 @@ def tiny(tmp_path_factory):
     data = CaptionDataModule(cfg.data)
     data.prepare_data()
     data.setup("fit")
-    ckpt = _save_checkpoint(cfg, data.vocab, root / "run" / "best.ckpt")
+    ckpt = save_untrained_checkpoint(cfg, data.vocab, root / "run" / "best.ckpt")
     hard_cfg = build_config(overrides=overrides + ["model.attention=hard", "decode.hard_mode=argmax"])
-    hard_ckpt = _save_checkpoint(hard_cfg, data.vocab, root / "hard" / "best.ckpt")
+    hard_ckpt = save_untrained_checkpoint(hard_cfg, data.vocab, root / "hard" / "best.ckpt")
     test_records = data.load_split("test")
     return SimpleNamespace(root=root, cfg=cfg, ckpt=ckpt, hard_ckpt=hard_ckpt, data=data,
                            test_paths=[Path(r.path) for r in test_records])

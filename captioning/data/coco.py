@@ -35,7 +35,7 @@ def read_json(path: Path, what: str, error: type[Exception]) -> Any:
     if not path.is_file():
         raise error(f"{what} {path} does not exist")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_bytes())  # bytes: json detects UTF-8/16/32 itself
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise error(f"{what} {path} is not valid JSON: {err}") from None
 

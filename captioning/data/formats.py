@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import random
 import re
 import unicodedata
@@ -55,7 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from captioning.data.coco import AnnotationError
+from captioning.data.coco import AnnotationError, read_json
 from captioning.vocab import tokenize
 
 SPLITS = ("train", "val", "test")
@@ -146,12 +145,7 @@ def _clean_captions(raw: Iterable[Any], item: str, dataset: SourceDataset) -> li
 
 
 def _read_json(path: Path, what: str) -> Any:
-    if not path.is_file():
-        raise AnnotationError(f"{what} {path} does not exist")
-    try:
-        return json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AnnotationError(f"{what} {path} is not valid JSON ({err}); pass the original file") from None
+    return read_json(path, what, AnnotationError)
 
 
 def detect_format(path: Path) -> str:
