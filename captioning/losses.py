@@ -31,6 +31,9 @@ class LossTerms(NamedTuple):
     doubly_stochastic: torch.Tensor  # scalar, mean over captions (before lambda)
     reinforce: torch.Tensor  # scalar surrogate (0 for soft attention)
     entropy: torch.Tensor  # scalar, mean over captions of sum_t H(alpha_t)
+    # Per caption [B], detached, for monitoring (CaptioningModule logs the training signal).
+    nll_per_caption: torch.Tensor  # summed token NLL; C_n = this / padded length
+    entropy_per_caption: torch.Tensor  # sum_t H(alpha_t) over real steps
 
 
 def caption_nll(logits: torch.Tensor, targets: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,10 +93,12 @@ def caption_loss(
     nll = nll_per_caption.mean()
     token_nll = nll_per_caption.sum() / token_mask.sum().clamp_min(1)
     penalty = doubly_stochastic_penalty(alphas.float(), token_mask, feature_mask).mean()
-    entropy = attention_entropy(alphas.float(), token_mask).mean()
+    entropy_per_caption = attention_entropy(alphas.float(), token_mask)
+    entropy = entropy_per_caption.mean()
     zero = nll.new_zeros(())
+    monitored = (nll_per_caption.detach(), entropy_per_caption.detach())
     if attention == "soft":
-        return LossTerms(nll + cfg.doubly_stochastic * penalty, nll, token_nll, penalty, zero, entropy)
+        return LossTerms(nll + cfg.doubly_stochastic * penalty, nll, token_nll, penalty, zero, entropy, *monitored)
 
     # Hard attention (Eq. 12 with the authors' choices, RECIPE.md). Cost C_n: the caption's NLL
     # summed over time and divided by the padded length (arctic's masked_cost.mean(0)); the same
@@ -110,4 +115,4 @@ def caption_loss(
         reinforce = (cfg.reward_scale * advantage * (log_probs * token_mask).sum(1)).mean()
     # Entropy bonus: minimise lambda_e * sum alpha log alpha, i.e. maximise attention entropy.
     loss = nll + reinforce - cfg.entropy * entropy
-    return LossTerms(loss, nll, token_nll, penalty, reinforce, entropy)
+    return LossTerms(loss, nll, token_nll, penalty, reinforce, entropy, *monitored)

@@ -60,7 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def make_config(args: argparse.Namespace):
-    """Defaults <- --config <- --set <- the named flags; or, with --resume, the checkpoint's config."""
+    """Defaults <- --config <- --set <- the named flags; or, with --resume, the checkpoint's config.
+    -> (config, vocabulary or None, the resumed checkpoint's global step or None)."""
     overrides = list(args.set)
     flags = {"model.attention": args.attention, "train.devices": args.devices, "train.num_nodes": args.num_nodes,
              "train.max_epochs": args.max_epochs, "train.seed": args.seed}
@@ -72,13 +73,14 @@ def make_config(args: argparse.Namespace):
     if args.data is not None:  # the path JSON-quoted, so YAML reads it as a string whatever it looks like
         overrides += ["data.dataset=prepared", f"data.root={json.dumps(str(args.data))}"]
     if args.resume is None:
-        return build_config(args.config, overrides), None
-    cfg, vocab = checkpoint_config(read_checkpoint(args.resume), args.resume)
+        return build_config(args.config, overrides), None, None
+    ckpt = read_checkpoint(args.resume)
+    cfg, vocab = checkpoint_config(ckpt, args.resume)
     if args.config is not None:
         raise ConfigError("--resume takes its config from the checkpoint; pass changes with --set, not --config")
     for text in overrides:
         cfg = merge(cfg, parse_override(text))
-    return validate(cfg), vocab
+    return validate(cfg), vocab, int(ckpt.get("global_step", 0))
 
 
 @rank_zero_only
@@ -100,7 +102,7 @@ def write_outputs(out_dir: Path, module: CaptioningModule, extra: dict, tested: 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     try:
-        cfg, vocab = make_config(args)
+        cfg, vocab, resume_step = make_config(args)
     except ConfigError as err:
         sys.exit(f"error: {err}")
     out_dir = args.out_dir or Path("runs") / cfg.model.attention
@@ -128,7 +130,6 @@ def main(argv: list[str] | None = None) -> dict:
                    f"{sum(p.numel() for p in module.parameters() if p.requires_grad):,} trained parameters")
 
     # A resumed run keeps its log rows from before the checkpoint's step (logs/metrics.csv).
-    resume_step = int(read_checkpoint(args.resume).get("global_step", 0)) if args.resume else None
     trainer = build_trainer(cfg, out_dir, progress_bar=not args.no_progress, resume_step=resume_step)
     trainer.fit(module, datamodule=data, ckpt_path=args.resume)
     train_seconds = time.perf_counter() - started

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from captioning.config import Config, from_dict, to_dict
 from captioning.decoding import decode
 from captioning.evaluation.evaluator import evaluate_predictions
-from captioning.losses import ReinforceBaseline, attention_entropy, caption_loss, caption_nll
+from captioning.losses import LossTerms, ReinforceBaseline, caption_loss
 from captioning.models import ShowAttendTell
 from captioning.perf.compile import compile_model
 from captioning.vocab import Vocabulary
@@ -83,7 +83,7 @@ class CaptioningModule(pl.LightningModule):
         self.log("train/token_nll", terms.token_nll, prog_bar=True, batch_size=n)
         self.log_dict({"train/nll": terms.nll, "train/doubly_stochastic": terms.doubly_stochastic,
                        "train/entropy": terms.entropy}, batch_size=n)
-        self._log_training_signal(out, captions, mode, sample_mask)
+        self._log_training_signal(terms, captions, mode, sample_mask)
         if self.hard:
             self.log_dict({"train/reinforce": terms.reinforce, "train/baseline": self.baseline.value,
                            "train/sampled": float(mode == "sample")}, batch_size=n)
@@ -93,7 +93,8 @@ class CaptioningModule(pl.LightningModule):
         return terms.loss
 
     @torch.no_grad()
-    def _log_training_signal(self, out, captions: torch.Tensor, mode: str, sample_mask: torch.Tensor | None) -> None:
+    def _log_training_signal(self, terms: LossTerms, captions: torch.Tensor, mode: str,
+                             sample_mask: torch.Tensor | None) -> None:
         """What the soft-vs-hard study (scripts/compare.py) plots; monitoring only, no gradient.
 
         train/attention_entropy: mean over real (caption, step) pairs of H(alpha_t) in nats, both
@@ -108,12 +109,12 @@ class CaptioningModule(pl.LightningModule):
         targets = captions[:, 1:]
         token_mask = targets != self.vocab.pad_id
         n = captions.shape[0]
-        per_step = attention_entropy(out.alphas.float(), token_mask).sum() / token_mask.sum().clamp_min(1)
+        # From the per-caption values caption_loss computed: nothing is recomputed here.
+        per_step = terms.entropy_per_caption.sum() / token_mask.sum().clamp_min(1)
         self.log("train/attention_entropy", per_step, batch_size=n)
         if not self.hard:
             return
-        nll_per_caption, _ = caption_nll(out.logits, targets, self.vocab.pad_id)
-        cost = nll_per_caption / targets.shape[1]  # (N,) the same C_n as caption_loss
+        cost = terms.nll_per_caption / targets.shape[1]  # (N,) the same C_n as caption_loss
         if mode != "sample":
             cost = cost[:0]  # expected-context step: no REINFORCE term
         elif sample_mask is not None:  # per-image substitution: only the sampled images' captions
