@@ -80,7 +80,9 @@ class LossConfig:
 @dataclass
 class SyntheticConfig:
     seed: int = 0
-    num_train: int = 3000
+    # 10,000 scenes seen 6 times beat 3,000 seen 22 times at the same compute: the smaller set
+    # over-fitted (train caption accuracy 94%, test 84%; README "Measured").
+    num_train: int = 10000
     num_val: int = 200
     num_test: int = 500
     image_size: int = 64
@@ -139,10 +141,10 @@ class DecodeConfig:
 
 @dataclass
 class TrainConfig:
-    max_epochs: int = 22  # the synthetic default fits 10 minutes on the 2-core CPU (README "Measured")
+    max_epochs: int = 6  # the synthetic default fits 10 minutes on the 2-core CPU (README "Measured")
     max_time_minutes: float = 0.0  # 0 = no limit; otherwise stop training after this long
-    # Early stopping: validations without a better BLEU-4. 10 lets a 22-epoch cosine run finish
-    # its low-learning-rate tail, where the best checkpoints come (patience 5 stopped one at 18).
+    # Early stopping: validations without a better BLEU-4. 10 lets a cosine run finish its
+    # low-learning-rate tail, where the best checkpoints come (patience 5 stopped a 22-epoch run at 18).
     patience: int = 10
     val_every: int = 1  # epochs between validations
     log_every: int = 20  # steps between logged training losses

@@ -223,10 +223,9 @@ def _beam_search(
     K, V = beam_size, decoder.vocab_size
     device = features.device
     keys = decoder.project(features)  # (B, L, K'), once per image
+    # Every image's beams (rows b*K .. b*K+K-1) attend over its one copy of features and keys
+    # (grouped attention, captioning/models/attention.py); only the LSTM state is per beam.
     state: DecoderState = decoder.init_state(features, mask)
-    # Every image's beams share its annotations: repeat once, rows b*K .. b*K+K-1.
-    features, mask, keys = (x.repeat_interleave(K, dim=0) for x in (features, mask, keys))
-    state = DecoderState(*(x.repeat_interleave(K, dim=0) for x in state))
 
     words = torch.full((B * K,), Vocabulary.start_id, dtype=torch.long, device=device)
     # Only beam 0 of each image is live at first: otherwise the K copies would yield K duplicates.
@@ -246,7 +245,13 @@ def _beam_search(
         del pool[K:]
 
     for t in range(max_len + 1):  # t words so far; step t emits word t+1 or <end>
-        out = decoder.step(words, state, features, keys, mask, mode)
+        if t == 0:  # the K beams of an image are still one: run it once, then copy it K times
+            out = decoder.step(words[::K], state, features, keys, mask, mode)
+            out = out._replace(logits=out.logits.repeat_interleave(K, dim=0),
+                               state=DecoderState(*(x.repeat_interleave(K, dim=0) for x in out.state)),
+                               attended=out.attended._replace(alpha=out.attended.alpha.repeat_interleave(K, dim=0)))
+        else:
+            out = decoder.step(words, state, features, keys, mask, mode)
         log_p = out.logits.float().log_softmax(-1)  # (B*K, V), over the whole vocabulary
         step_alpha = out.attended.alpha  # (B*K, L)
 

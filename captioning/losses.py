@@ -39,8 +39,9 @@ class LossTerms(NamedTuple):
 def caption_nll(logits: torch.Tensor, targets: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [B, T, V], targets [B, T] -> (per-caption summed NLL [B], token mask [B, T] bool)."""
     token_mask = targets != pad_id
-    nll = F.cross_entropy(logits.transpose(1, 2).float(), targets, reduction="none")  # (B, T)
-    return (nll * token_mask).sum(1), token_mask
+    # Rows of V contiguous (a [B, V, T] transpose makes log-softmax stride over T: ~3x slower).
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
+    return (nll.view(targets.shape) * token_mask).sum(1), token_mask
 
 
 def doubly_stochastic_penalty(alphas: torch.Tensor, token_mask: torch.Tensor, feature_mask: torch.Tensor) -> torch.Tensor:

@@ -79,10 +79,12 @@ def test_useful_flops_count_images_once_and_real_tokens_only():
     flops = decoder_flops(make_config().model.decoder, 16, 128, V)
     step = training_step_flops(flops, [3, 5, 2, 6], captions_per_image=2)  # 2 images, 16 real tokens
     assert step.useful == pytest.approx(flops.training(images=2, steps=16))
-    # Executed: h_0/c_0 for all 4 rows and every padded step, but W a once per image (2).
-    expected = flops.training(images=4, steps=4 * 6) - 2 * flops.projection_training
+    # Executed: W a and h_0/c_0 once per image (2), the recurrence for the 16 real steps, the
+    # hoisted products (LSTM input of the words, deep output) at every padded position (4 x 6).
+    expected = flops.training(images=2, steps=16, tokens=4 * 6)
     assert flops.projection_training > 0
     assert step.executed == pytest.approx(expected)
+    assert step.executed < flops.training(images=2, steps=4 * 6)
     assert step.useful_per_caption == pytest.approx(step.useful / 4)
     with pytest.raises(ValueError, match="multiple of captions_per_image"):
         training_step_flops(flops, [3, 5, 2], captions_per_image=2)

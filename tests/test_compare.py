@@ -245,8 +245,11 @@ def test_log_reader_counts_steps_and_drops_unsampled_steps(tmp_path):
 
 def test_study_defaults_apply_only_without_config(tmp_path):
     overrides, defaults = study_overrides(None, ["optim.lr=0.001"])
-    assert overrides == ["train.max_epochs=12", "optim.lr=0.001"] and "train.max_epochs" in defaults
-    assert study_overrides(None, ["train.max_epochs=3"]) == (["train.max_epochs=3"], {})
+    assert overrides == ["data.synthetic.num_train=3000", "train.max_epochs=12", "optim.lr=0.001"]
+    assert set(defaults) == {"data.synthetic.num_train", "train.max_epochs"}
+    overrides, defaults = study_overrides(None, ["train.max_epochs=3"])  # the user's value wins
+    assert overrides == ["data.synthetic.num_train=3000", "train.max_epochs=3"] and set(defaults) == {
+        "data.synthetic.num_train"}
     assert study_overrides(tmp_path / "coco.yaml", []) == ([], {})
 
 

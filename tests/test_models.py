@@ -257,6 +257,30 @@ def test_additive_score_gives_the_papers_alphas():
 
 
 @pytest.mark.parametrize("score", SCORES)
+@pytest.mark.parametrize("mechanism, mode", [(SoftAttention, "expected"), (HardAttention, "argmax")])
+@pytest.mark.parametrize("chunk", [None, 7 * 3])
+def test_grouped_attention_equals_repeated_annotations(score, mechanism, mode, chunk, monkeypatch):
+    """g rows of h per image (beam search's beams) attending over ONE copy of each image's
+    annotations give what repeating the annotations g times gives, in inference chunks too."""
+    if chunk is not None:  # a tiny chunk: the additive score runs image by image
+        monkeypatch.setattr("captioning.models.attention.SCORE_CHUNK_ELEMENTS", chunk)
+    features, _, mask = _attention_inputs()
+    g = 4
+    h = torch.randn(3 * g, 4)
+    att = mechanism(build_score(score, 5, 4, 7))
+    with torch.no_grad():
+        keys = att.project(features)
+        grouped = att(features, keys, mask, h, mode=mode)
+        rep = lambda x: x.repeat_interleave(g, dim=0)  # noqa: E731
+        repeated = att(rep(features), rep(keys), rep(mask), h, mode=mode)
+    torch.testing.assert_close(grouped.alpha, repeated.alpha)
+    torch.testing.assert_close(grouped.context, repeated.context)
+    assert (grouped.alpha[~rep(mask)] == 0).all()
+    with pytest.raises(ValueError, match="same number per image"):
+        att(features, keys, mask, h[:-1], mode=mode)
+
+
+@pytest.mark.parametrize("score", SCORES)
 def test_hard_attention_sample_mode(score):
     features, h, mask = _attention_inputs()
     att = HardAttention(build_score(score, 5, 4, 7))
@@ -353,9 +377,56 @@ def test_k_captions_per_image_equal_repeated_images():
 def test_hard_sample_mask_per_image_is_repeated_for_its_captions():
     model = build_model(model__attention="hard").eval()
     B, k = 2, 2
-    out = model(random_images(B), random_captions(B * k, V), mode="sample", sample_mask=torch.tensor([True, False]))
-    assert (out.log_probs[:2] < 0).all()  # image 0's captions sample
+    captions = random_captions(B * k, V)
+    real = captions[:, 1:] != Vocabulary.pad_id
+    out = model(random_images(B), captions, mode="sample", sample_mask=torch.tensor([True, False]))
+    assert (out.log_probs[:2][real[:2]] < 0).all()  # image 0's captions sample at every real step
     assert (out.log_probs[2:] == 0).all()  # image 1's captions use the expected context
+    assert (out.log_probs[~real] == 0).all()  # padded steps are not run
+
+
+@pytest.mark.parametrize("attention, mode", [("soft", "expected"), ("hard", "expected"), ("hard", "argmax")])
+@pytest.mark.parametrize("score, gate", [("additive", "scalar"), ("dot", "vector"), ("scaled_dot", "none"),
+                                         ("bilinear", "scalar")])
+@pytest.mark.parametrize("k", [1, 2])
+def test_fused_teacher_forcing_equals_the_plain_loop(attention, mode, score, gate, k):
+    """Decoder._fused_pass (live rows longest first, hoisted and fused products, weight gradients
+    taken once over all steps) gives the plain step-by-step loop's logits, attention, loss and
+    every parameter's gradient, on the real tokens."""
+    cfg = make_config(model__attention=attention, model__decoder__score=score, model__decoder__gate=gate)
+    model = ShowAttendTell(cfg.model, V).eval()  # no dropout: both passes see the same network
+    features = torch.randn(3, 16, model.encoder.out_channels)
+    captions = random_captions(3 * k, V, min_len=1, max_len=6)
+    real = captions[:, 1:] != Vocabulary.pad_id
+    results = []
+    for fused in (False, True):
+        model.decoder.fused = fused
+        model.zero_grad()
+        out = model(features, captions, mode=mode)
+        loss = caption_loss(cfg.loss, out.logits, captions[:, 1:], out.alphas, out.mask, Vocabulary.pad_id,
+                            attention, out.log_probs, torch.zeros(()) if attention == "hard" else None).loss
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), out.logits[real].detach(), out.alphas[real].detach(), grads))
+    (loss_a, logits_a, alphas_a, grads_a), (loss_b, logits_b, alphas_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a)
+    torch.testing.assert_close(logits_b, logits_a)
+    torch.testing.assert_close(alphas_b, alphas_a)
+    assert grads_b.keys() == grads_a.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_pass_weight_gradients_survive_bf16_autocast():
+    model = build_model()
+    captions = random_captions(4, V, min_len=2, max_len=6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(4, 16, model.encoder.out_channels), captions)
+    assert out.logits.dtype == torch.bfloat16
+    caption_nll(out.logits, captions[:, 1:], Vocabulary.pad_id)[0].sum().backward()
+    for p in (model.decoder.lstm.weight_ih, model.decoder.lstm.weight_hh, model.decoder.attention.score.U.weight):
+        assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+        assert p.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("gate, shape", [("scalar", (1, 32)), ("vector", (128, 32)), ("none", None)])

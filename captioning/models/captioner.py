@@ -48,17 +48,14 @@ class ShowAttendTell(nn.Module):
         """Teacher-forced pass: captions [B*k, T+1] (<start> ... <end> <pad>) -> logits [B*k, T, V].
 
         With k > 1 captions per image (rows i*k .. i*k+k-1 belong to image i), the image is encoded
-        once and its annotations are repeated for its k captions.
+        once, and its projection ``W a`` and initial state are computed once, for its k captions.
         """
         features, mask = self.encode(images, image_mask)
         k, rem = divmod(captions.shape[0], images.shape[0])
         if rem or k == 0:
             raise ValueError(f"{captions.shape[0]} captions for {images.shape[0]} images: need k per image")
         keys = self.decoder.project(features)  # (B, L, K): W a once per image, not once per caption
-        if k > 1:
-            keys = keys.repeat_interleave(k, dim=0)
-            features = features.repeat_interleave(k, dim=0)  # (B*k, L, D)
-            mask = mask.repeat_interleave(k, dim=0)
-            if sample_mask is not None and sample_mask.shape[0] == images.shape[0]:
-                sample_mask = sample_mask.repeat_interleave(k, dim=0)
-        return self.decoder(features, mask, captions, mode, sample_mask, keys=keys)
+        rows = torch.arange(images.shape[0], device=captions.device).repeat_interleave(k)  # caption -> image
+        if sample_mask is not None and sample_mask.shape[0] == images.shape[0] and k > 1:
+            sample_mask = sample_mask[rows]  # per image -> per caption
+        return self.decoder(features, mask, captions, mode, sample_mask, keys=keys, rows=rows)

@@ -11,10 +11,13 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from captioning.config import DecoderConfig
 from captioning.models.attention import Attended, build_attention, build_score
+from captioning.models.deferred import SharedWeight
+from captioning.vocab import Vocabulary
 
 
 class DecoderState(NamedTuple):
@@ -29,9 +32,12 @@ class StepOutput(NamedTuple):
 
 
 class DecoderOutput(NamedTuple):
+    """At padded steps (targets == <pad>) the values are not the model's: alphas and log_probs are
+    0 there and the logits arbitrary (the fused pass does not run those steps); losses mask them."""
+
     logits: torch.Tensor  # [B, T, V] for targets captions[:, 1:]
     alphas: torch.Tensor  # [B, T, L]
-    log_probs: torch.Tensor | None  # [B, T] log p(s_t) of sampled locations (hard, mode "sample")
+    log_probs: torch.Tensor | None  # [B, T] log p(s_t) of sampled locations (hard, "sample"/"argmax")
     mask: torch.Tensor  # [B, L] bool, the real annotation locations
 
 
@@ -53,6 +59,9 @@ class Decoder(nn.Module):
         self.L_z = nn.Linear(D, m)
         self.L_o = nn.Linear(m, vocab_size)
         self.dropout = nn.Dropout(cfg.dropout)
+        # Teacher forcing with gradients takes _fused_pass; captioning/perf/compile.py turns it
+        # off (the compiled paths are the plain loop's).
+        self.fused = True
 
     # -- per image --------------------------------------------------------------------------
     def init_state(self, features: torch.Tensor, mask: torch.Tensor) -> DecoderState:
@@ -99,17 +108,27 @@ class Decoder(nn.Module):
         mode: str = "expected",
         sample_mask: torch.Tensor | None = None,
         keys: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
     ) -> DecoderOutput:
         """Teacher-forced pass. captions [B, T+1] = <start> w_1 ... <end> <pad>...; predicts
-        captions[:, 1:]. Steps run to the longest caption; padding is masked in the loss.
-        ``keys``: ``project(features)`` when the caller already has it (several captions per image)."""
-        B, T = captions.shape[0], captions.shape[1] - 1
+        captions[:, 1:]; padding is masked in the loss. ``sample_mask``: [B], per caption.
+
+        ``rows`` [B] long: caption b belongs to image ``rows[b]`` of ``features`` / ``mask`` /
+        ``keys`` [N, ...] (several captions per image share the image's projection ``W a`` and
+        ``h_0, c_0``, computed once per image). None: one image per caption, in order.
+        """
         if keys is None:  # the caller may pass project(features), computed once per image
-            keys = self.project(features)  # (B, L, K)
-        state = self.init_state(features, mask)
+            keys = self.project(features)  # (N, L, K)
+        state = self.init_state(features, mask)  # (N, n): once per image
+        if rows is None:
+            rows = torch.arange(captions.shape[0], device=captions.device)
         emb = self.embedding(captions[:, :-1])  # (B, T, m)
+        if self.fused and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return self._fused_pass(features, mask, keys, state, rows, emb, captions, mode, sample_mask)
+        features, mask, keys = features[rows], mask[rows], keys[rows]
+        state = DecoderState(state.h[rows], state.c[rows])
         hs, zs, alphas, log_probs = [], [], [], []
-        for t in range(T):
+        for t in range(emb.shape[1]):
             attended = self._attend(state.h, features, keys, mask, mode, sample_mask)
             state = DecoderState(*self.lstm(torch.cat([emb[:, t], attended.context], dim=1), state))
             hs.append(state.h)
@@ -117,9 +136,73 @@ class Decoder(nn.Module):
             alphas.append(attended.alpha)
             if attended.log_prob is not None:
                 log_probs.append(attended.log_prob)
-        # The output layer does not feed back, so it runs once on all steps (one large matmul).
         h_all, z_all = torch.stack(hs, 1), torch.stack(zs, 1)  # (B, T, n), (B, T, D)
-        logits = self.L_o(self.dropout(emb + self.L_h(h_all) + self.L_z(z_all)))  # (B, T, V)
-        return DecoderOutput(
-            logits, torch.stack(alphas, 1), torch.stack(log_probs, 1) if log_probs else None, mask
-        )
+        log_p = torch.stack(log_probs, 1) if log_probs else None
+        return DecoderOutput(self._output(emb, h_all, z_all), torch.stack(alphas, 1), log_p, mask)
+
+    def _output(self, emb: torch.Tensor, h_all: torch.Tensor, z_all: torch.Tensor) -> torch.Tensor:
+        # The output layer does not feed back, so it runs once on all steps (one large matmul).
+        return self.L_o(self.dropout(emb + self.L_h(h_all) + self.L_z(z_all)))  # (B, T, V)
+
+    def _fused_pass(self, features, mask, keys, state, rows, emb, captions, mode, sample_mask) -> DecoderOutput:
+        """The teacher-forced loop arranged for speed; the same maths as the loop in ``forward``
+        (the reference, used when compiling and without gradients; a test holds them equal):
+
+        * captions run longest first and step t computes only the rows still inside their
+          caption (padded steps are skipped, not computed and masked);
+        * the LSTM's input product with the word embedding (``W_ih[:, :m] E y``) runs once for
+          all steps; every product of h_{t-1} (attention query U h, gate f_beta h, LSTM W_hh h)
+          is one matrix product per step, and z_t's (W_ih[:, m:] z) another;
+        * the weights of those per-step products get their gradients once, over all steps
+          (captioning/models/deferred.py), not step by step.
+        """
+        B, T, m = emb.shape
+        lengths = (captions[:, 1:] != Vocabulary.pad_id).sum(1)  # real target tokens per caption
+        lengths, order = lengths.sort(descending=True, stable=True)
+        live = (lengths[:, None] > torch.arange(T, device=lengths.device)).sum(0).tolist()  # rows per step
+        image = rows[order]
+        features, mask, keys = features[image], mask[image], keys[image]
+        h, c = state.h[image], state.c[image]
+        if sample_mask is not None:
+            sample_mask = sample_mask[order]
+        lstm, score = self.lstm, self.attention.score
+        pre = F.linear(emb[order], lstm.weight_ih[:, :m], lstm.bias_ih + lstm.bias_hh)  # (B, T, 4n)
+        h_weights = [w for w in (score.query_weight, None if self.gate is None else self.gate.weight) if w is not None]
+        splits = [w.shape[0] for w in h_weights] + [lstm.weight_hh.shape[0]]
+        of_h = SharedWeight(torch.cat([*h_weights, lstm.weight_hh]))  # every product of h_{t-1}
+        of_z = SharedWeight(lstm.weight_ih[:, m:])
+        hs, zs, alphas, log_probs = [], [], [], []
+        for t in range(T):
+            n = live[t]
+            if n == 0:
+                break
+            h, c = h[:n], c[:n]
+            parts = list(of_h(h).split(splits, dim=1))
+            recurrent = parts.pop()  # W_hh h
+            query = parts.pop(0) if score.query_weight is not None else h
+            attended = self.attention.attend(features[:n], mask[:n], score.from_query(keys[:n], query), mode,
+                                             None if sample_mask is None else sample_mask[:n])
+            z = attended.context
+            if self.gate is not None:
+                z = torch.sigmoid(parts.pop(0) + self.gate.bias) * z
+            gates = pre[:n, t] + recurrent + of_z(z)
+            i, f, g, o = gates.chunk(4, dim=1)  # nn.LSTMCell's gate order
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            hs.append(h)
+            zs.append(z)
+            alphas.append(attended.alpha)
+            if attended.log_prob is not None:
+                log_probs.append(attended.log_prob)
+        unsort = torch.empty_like(order)
+        unsort[order] = torch.arange(B, device=order.device)
+
+        def stack(parts: list[torch.Tensor]) -> torch.Tensor:  # (B, T, ...) in caption order, 0 past the end
+            padded = [F.pad(p, (0, 0) * (p.dim() - 1) + (0, B - p.shape[0])) for p in parts]
+            padded += [padded[0].new_zeros(padded[0].shape)] * (T - len(padded))
+            return torch.stack(padded, 1)[unsort]
+
+        log_p = None
+        if log_probs:
+            log_p = stack([lp[:, None] for lp in log_probs]).squeeze(-1)
+        return DecoderOutput(self._output(emb, stack(hs), stack(zs)), stack(alphas), log_p, mask[unsort])

@@ -27,6 +27,7 @@ def compile_model(model: ShowAttendTell, target: str, mode: str = "default") -> 
     """Compile ``target`` ("none", "step" or "model") of ``model`` in place; returns ``model``."""
     if target == "none":
         return model
+    model.decoder.fused = False  # the compiled graphs are the plain teacher-forced loop's
     if target == "step":
         decoder = model.decoder
         # nn.Module.compile keeps the module (and its state-dict keys); _attend is a method, so

@@ -9,10 +9,11 @@ Two totals, kept apart on purpose:
 * **useful**: what the maths of one caption needs. The image-side attention projection ``W a``
   and ``h_0, c_0`` run once per *image* (shared by its captions); the per-step work and the
   output layer run for the caption's real tokens only (words + ``<end>``), never for padding.
-* **executed**: what the current implementation runs: every row of the padded batch runs every
-  step up to the longest caption; the projection ``W a`` runs once per image (the model projects
-  before repeating each image's annotations for its ``k`` captions) and ``h_0, c_0`` once per
-  caption row.
+* **executed**: what the current implementation runs (``Decoder._fused_pass``): the projection
+  ``W a`` and ``h_0, c_0`` once per image (shared by its ``k`` captions); the recurrence only for
+  the rows still inside their caption at each step (real tokens); the work hoisted out of the
+  recurrence -- the LSTM's product with the word embedding and the deep output layer -- for every
+  position of the padded [B, T] batch.
 
 Backward costs two products per forward product (the gradient of each operand), except where an
 operand needs no gradient: with a frozen encoder (or random feature inputs, as in the benchmark)
@@ -33,9 +34,9 @@ class DecoderFlops:
 
     per_image: float  # W a projection + init_h + init_c, forward
     per_image_backward: float
-    per_step: float  # one caption, one time step: U h, score, context, gate, LSTM, forward
+    per_step: float  # one caption, one time step of the recurrence: U h, score, context, gate, LSTM
     per_step_backward: float
-    per_token_output: float  # deep output L_h, L_z, L_o for one token, forward
+    per_token_output: float  # hoisted out of the recurrence: LSTM's W_ih E y, deep output; forward
     per_token_output_backward: float
     projection_training: float = 0.0  # the W a part of per_image + per_image_backward
 
@@ -82,15 +83,18 @@ def decoder_flops(
     score = 2.0 * L * key_dim  # additive: v^T tanh(.) over L; dot/bilinear: keys @ q
     context = 2.0 * L * D if (attention == "soft" or mode == "expected") else 0.0  # alpha @ a
     gate = {"scalar": 2.0 * n, "vector": 2.0 * n * D, "none": 0.0}[cfg.gate]
-    lstm = 2.0 * (m + D) * 4 * n + 2.0 * n * 4 * n  # W_ih [emb; z] + W_hh h
-    step_other = query + score + gate + lstm
+    lstm_z = 2.0 * D * 4 * n  # W_ih[:, m:] z
+    step_other = query + score + gate + lstm_z + 2.0 * n * 4 * n  # ... + W_hh h
     per_step = step_other + context
     per_step_backward = 2 * step_other + a_grad * context  # d alpha (and d a when fine-tuned)
 
-    output = 2.0 * n * m + 2.0 * D * m + 2.0 * m * V  # L_h h, L_z z, L_o (...)
+    # W_ih[:, :m] E y for all steps at once; L_h h, L_z z, L_o (...)
+    output = 2.0 * m * 4 * n + 2.0 * n * m + 2.0 * D * m + 2.0 * m * V
     output_backward = 2 * output
     if context == 0.0 and cfg.gate == "none" and not features_need_grad:
-        output_backward -= 2.0 * D * m  # z = a_s is then a constant: L_z needs no d z
+        # z = a_s is then a constant: W_ih[:, m:] and L_z need no d z
+        per_step_backward -= lstm_z
+        output_backward -= 2.0 * D * m
     return DecoderFlops(
         per_image=per_image,
         per_image_backward=a_grad * per_image,
@@ -121,6 +125,6 @@ def training_step_flops(
     real = float(sum(caption_tokens))
     padded = float(rows * max(caption_tokens))
     useful = flops.training(images, real)
-    # Every row runs h_0, c_0 and every padded step; W a runs once per image.
-    executed = flops.training(rows, padded) - (rows - images) * flops.projection_training
+    # The recurrence runs real steps only; the hoisted products every padded position.
+    executed = flops.training(images, real, padded)
     return StepFlops(useful, executed, useful / rows)
