@@ -99,7 +99,7 @@ def test_coco_sizes_flops_per_caption():
     flops = decoder_flops(cfg.decoder, 196, 2048, 9490)
     per_caption = flops.training(images=1, steps=15)
     projection = 2 * 196 * 2048 * 512
-    assert flops.per_image == pytest.approx(projection + 4 * 2048 * 512)
+    assert flops.per_image == pytest.approx(projection + 4 * 2048 * 512 + 2 * 196 * 2048)
     assert 1.9e9 < per_caption < 2.1e9
     assert 0.35 < 2 * projection / per_caption < 0.45
 

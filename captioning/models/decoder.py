@@ -66,8 +66,8 @@ class Decoder(nn.Module):
     # -- per image --------------------------------------------------------------------------
     def init_state(self, features: torch.Tensor, mask: torch.Tensor) -> DecoderState:
         """features [B, L, D], mask [B, L] -> h_0, c_0 from the mean of the real annotations."""
-        weights = mask.to(features.dtype)[:, :, None]  # (B, L, 1)
-        mean = (features * weights).sum(1) / weights.sum(1).clamp_min(1.0)  # (B, D)
+        weights = mask.to(features.dtype)[:, None, :]  # (B, 1, L)
+        mean = torch.bmm(weights, features).squeeze(1) / weights.sum(2).clamp_min(1.0)  # (B, D)
         return DecoderState(torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean)))
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
@@ -162,6 +162,7 @@ class Decoder(nn.Module):
         live = (lengths[:, None] > torch.arange(T, device=lengths.device)).sum(0).tolist()  # rows per step
         image = rows[order]
         features, mask, keys = features[image], mask[image], keys[image]
+        full_mask = mask
         h, c = state.h[image], state.c[image]
         if sample_mask is not None:
             sample_mask = sample_mask[order]
@@ -176,12 +177,13 @@ class Decoder(nn.Module):
             n = live[t]
             if n == 0:
                 break
-            h, c = h[:n], c[:n]
+            if n < h.shape[0]:  # captions ended: drop their rows (sliced once, not at every step)
+                h, c, features, mask, keys = h[:n], c[:n], features[:n], mask[:n], keys[:n]
+                sample_mask = None if sample_mask is None else sample_mask[:n]
             parts = list(of_h(h).split(splits, dim=1))
             recurrent = parts.pop()  # W_hh h
             query = parts.pop(0) if score.query_weight is not None else h
-            attended = self.attention.attend(features[:n], mask[:n], score.from_query(keys[:n], query), mode,
-                                             None if sample_mask is None else sample_mask[:n])
+            attended = self.attention.attend(features, mask, score.from_query(keys, query), mode, sample_mask)
             z = attended.context
             if self.gate is not None:
                 z = torch.sigmoid(parts.pop(0) + self.gate.bias) * z
@@ -205,4 +207,4 @@ class Decoder(nn.Module):
         log_p = None
         if log_probs:
             log_p = stack([lp[:, None] for lp in log_probs]).squeeze(-1)
-        return DecoderOutput(self._output(emb, stack(hs), stack(zs)), stack(alphas), log_p, mask[unsort])
+        return DecoderOutput(self._output(emb, stack(hs), stack(zs)), stack(alphas), log_p, full_mask[unsort])

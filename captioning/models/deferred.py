@@ -59,7 +59,10 @@ class _StepProduct(torch.autograd.Function):
         x_in = x.to(weight.dtype)
         ctx.save_for_backward(x_in, weight)
         ctx.owner, ctx.x_dtype = owner, x.dtype
-        return x_in.mm(weight.t())
+        # (W x^T)^T rather than x W^T: with few rows (B_t) and a large W, MKL runs the product
+        # with W as the left operand up to 2x faster on the project's CPU (same sums). Not so
+        # for dx below, where g W is the fast form (W^T g^T was 20x slower at 5-10 rows).
+        return weight.mm(x_in.t()).t()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

@@ -32,7 +32,7 @@ from captioning.config import DecoderConfig
 class DecoderFlops:
     """Forward matmul FLOPs of the decoder's parts, and their backward multipliers."""
 
-    per_image: float  # W a projection + init_h + init_c, forward
+    per_image: float  # W a projection, mean(a), init_h + init_c, forward
     per_image_backward: float
     per_step: float  # one caption, one time step of the recurrence: U h, score, context, gate, LSTM
     per_step_backward: float
@@ -76,7 +76,8 @@ def decoder_flops(
     key_dim = n if cfg.score == "bilinear" else A
     projection = 2.0 * L * D * key_dim
     init = 2 * (2.0 * D * n)  # init_h and init_c of mean(a)
-    per_image = projection + init
+    mean = 2.0 * L * D  # mean(a) as the product mask^T a (no backward unless a needs a gradient)
+    per_image = projection + init + mean
 
     # Per step: f_att's query side, the score, the context, the gate, the LSTM cell.
     query = 0.0 if cfg.score == "bilinear" else 2.0 * n * A  # U h
@@ -97,7 +98,7 @@ def decoder_flops(
         output_backward -= 2.0 * D * m
     return DecoderFlops(
         per_image=per_image,
-        per_image_backward=a_grad * per_image,
+        per_image_backward=a_grad * (projection + init) + (a_grad - 1.0) * mean,
         per_step=per_step,
         per_step_backward=per_step_backward,
         per_token_output=output,
