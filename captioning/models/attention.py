@@ -38,15 +38,18 @@ def _grouped(scores: torch.Tensor, images: int) -> torch.Tensor:
     return scores.view(images, g, *scores.shape[1:])
 
 
+def _masked(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """scores [N*g, L] -> [N, g, L] with -inf where mask [N, L] is False."""
+    return _grouped(scores, mask.shape[0]).masked_fill(~mask[:, None], float("-inf"))
+
+
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Softmax over locations where masked-out positions get exactly 0. scores [N*g, L], mask [N, L]."""
-    masked = _grouped(scores, mask.shape[0]).masked_fill(~mask[:, None], float("-inf"))
-    return masked.softmax(dim=-1).view(scores.shape)
+    return _masked(scores, mask).softmax(dim=-1).view(scores.shape)
 
 
 def masked_log_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    masked = _grouped(scores, mask.shape[0]).masked_fill(~mask[:, None], float("-inf"))
-    return masked.log_softmax(dim=-1).view(scores.shape)
+    return _masked(scores, mask).log_softmax(dim=-1).view(scores.shape)
 
 
 def expected_context(alpha: torch.Tensor, features: torch.Tensor) -> torch.Tensor:

@@ -196,8 +196,7 @@ class Decoder(nn.Module):
             alphas.append(attended.alpha)
             if attended.log_prob is not None:
                 log_probs.append(attended.log_prob)
-        unsort = torch.empty_like(order)
-        unsort[order] = torch.arange(B, device=order.device)
+        unsort = order.argsort()  # caption order from longest-first order
 
         def stack(parts: list[torch.Tensor]) -> torch.Tensor:  # (B, T, ...) in caption order, 0 past the end
             padded = [F.pad(p, (0, 0) * (p.dim() - 1) + (0, B - p.shape[0])) for p in parts]
