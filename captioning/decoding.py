@@ -235,6 +235,7 @@ def _beam_search(
     alphas = features.new_zeros(B * K, 0, L)  # and the attention of each
     base = torch.arange(B, device=device)[:, None] * K  # (B, 1) first row of each image
     n_cand = min(2 * K, K * V)
+    n_row = min(2 * K, V)
     pools: list[list[_Hypothesis]] = [[] for _ in range(B)]
     done = [False] * B
 
@@ -269,10 +270,13 @@ def _beam_search(
 
         log_p[:, Vocabulary.pad_id] = float("-inf")  # never emit padding or <start>
         log_p[:, Vocabulary.start_id] = float("-inf")
-        cand = (scores[:, :, None] + log_p.view(B, K, V)).view(B, K * V)
+        # A beam's extensions rank by log p alone, so an image's 2K best are among its beams' own
+        # 2K best words: the image-level top-k runs over K x 2K candidates, not K x V.
+        row_log_p, row_word = log_p.topk(n_row, dim=1)  # (B*K, 2K)
+        cand = (scores[:, :, None] + row_log_p.view(B, K, n_row)).view(B, K * n_row)
         top_scores, top_idx = cand.topk(n_cand, dim=1)  # (B, 2K), sorted best first
-        top_beam = torch.div(top_idx, V, rounding_mode="floor")  # integer arithmetic only
-        top_word = top_idx % V
+        top_beam = torch.div(top_idx, n_row, rounding_mode="floor")  # integer arithmetic only
+        top_word = row_word.view(B, K * n_row).gather(1, top_idx)
         is_end = top_word == Vocabulary.end_id
 
         # <end> among the K best: finished hypotheses (t words + <end>).

@@ -29,6 +29,7 @@ import torch
 from captioning.models.encoder import BACKBONES
 from captioning.perf import benchmark as bench
 from captioning.perf.compile import COMPILE_TARGETS, compile_unsupported_reason
+from captioning.perf.allocator import keep_freed_memory
 
 SECTIONS = ("matmul", "train", "encoder", "beam", "loader")
 
@@ -83,7 +84,8 @@ def format_report(results: dict[str, Any]) -> str:
     out = []
     m = results["machine"]
     out.append(f"device {m['device']} ({m['gpu'] or m['cpu']}), {m['torch_threads']} torch threads, torch {m['torch']}"
-               + (f", load average {m['load_average_1min']}" if "load_average_1min" in m else ""))
+               + (f", load average {m['load_average_1min']}" if "load_average_1min" in m else "")
+               + (f", malloc {m['malloc']}" if "malloc" in m else ""))
     for key, mm in results.get("matmul", {}).items():
         sizes = ", ".join(f"{n}: {g}" for n, g in mm["gflops_by_size"].items())
         out.append(f"matmul {key}: best {mm['best_gflops']} GFLOP/s (n = {sizes})")
@@ -199,4 +201,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    keep_freed_memory()
     main()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import sys
 
 from captioning.cli import caption_main
+from captioning.perf.allocator import keep_freed_memory
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,4 +23,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    keep_freed_memory()
     sys.exit(main())

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from captioning.cli import format_duration, positive_int, print_error
 from captioning.config import to_dict
+from captioning.perf.allocator import keep_freed_memory
 from captioning.study import collect, examples, report
 from captioning.study.run import (Plan, StudyError, environment, execute, parse_checkpoints, plan_checkpoint_runs,
                                   plan_training_runs, run_config, study_overrides, write_study_json)
@@ -108,4 +109,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    keep_freed_memory()
     sys.exit(main())

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from captioning.cli import (EXIT_USAGE, UsageError, data_config, format_duration, load_captioner, one_line,
                             positive_int, print_error)
+from captioning.perf.allocator import keep_freed_memory
 
 METRICS = ("bleu", "meteor", "rouge", "cider", "spice")
 CHECKPOINT_ONLY = ("split", "batch_size", "hard_mode", "beam_size", "max_len", "device", "data_root", "instances")
@@ -284,4 +285,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    keep_freed_memory()
     main()

@@ -33,6 +33,7 @@ from captioning.data.store import PreparedDataError
 from captioning.evaluation.metrics import format_metrics_table
 from captioning.training.module import CaptioningModule
 from captioning.training.trainer import build_trainer
+from captioning.perf.allocator import keep_freed_memory
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -153,4 +154,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    keep_freed_memory()
     main()

@@ -4,6 +4,7 @@ that can run on a CPU (torch.compile, bf16 autocast). Speed itself is never asse
 from __future__ import annotations
 
 import json
+import platform
 import sys
 from pathlib import Path
 
@@ -237,3 +238,14 @@ def test_precision_auto_is_bf16_on_gpu_only(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_precision(make_config()) == "bf16-mixed"
     assert resolve_precision(make_config(train__accelerator="cpu")) == "32-true"
+
+
+def test_keep_freed_memory_applies_on_glibc_and_honours_the_opt_out(monkeypatch):
+    from captioning.perf import allocator
+
+    monkeypatch.setattr(allocator, "applied", False)
+    monkeypatch.setenv("CAPTIONING_MALLOC", "system")
+    assert allocator.keep_freed_memory() is False and allocator.applied is False
+    monkeypatch.delenv("CAPTIONING_MALLOC")
+    expected = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert allocator.keep_freed_memory() is expected and allocator.applied is expected

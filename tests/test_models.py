@@ -23,7 +23,7 @@ from captioning.losses import (
     doubly_stochastic_penalty,
 )
 from captioning.models import ShowAttendTell
-from captioning.models.attention import HardAttention, SoftAttention, build_score
+from captioning.models.attention import EXP_FORM_BOUND, HardAttention, SoftAttention, build_score
 from captioning.models.encoder import Encoder, EncoderWeightsError
 from captioning.vocab import Vocabulary
 
@@ -415,6 +415,74 @@ def test_fused_teacher_forcing_equals_the_plain_loop(attention, mode, score, gat
     assert grads_b.keys() == grads_a.keys()
     for name in grads_a:
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("scale", [1.0, 300.0])
+def test_fused_additive_score_equals_autograd_in_both_forms(scale):
+    """The hand-differentiated additive score of the fused pass (UnrolledAdditiveScore) gives the
+    plain loop's loss and gradients with keys inside EXP_FORM_BOUND (the exponential form) and
+    beyond it (scale 300: the sigmoid itself runs)."""
+    cfg = make_config(model__decoder__score="additive")
+    model = ShowAttendTell(cfg.model, V).eval()
+    with torch.no_grad():
+        model.decoder.attention.score.W.weight.mul_(scale)
+    features = torch.randn(3, 16, model.encoder.out_channels)
+    with torch.no_grad():
+        assert (float(model.decoder.project(features).abs().max()) > EXP_FORM_BOUND) == (scale > 1)
+    captions = random_captions(3, V, min_len=1, max_len=6)
+    real = captions[:, 1:] != Vocabulary.pad_id
+    results = []
+    for fused in (False, True):
+        model.decoder.fused = fused
+        model.zero_grad()
+        out = model(features, captions)
+        loss = caption_nll(out.logits, captions[:, 1:], Vocabulary.pad_id)[0].sum() + out.alphas[real].square().sum()
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a)
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_pass_backward_twice_with_retain_graph():
+    """The fused additive score keeps each step's z intact in backward, so a retained graph gives the
+    same gradients twice."""
+    model = build_model()
+    captions = random_captions(3, V, min_len=2, max_len=6)
+    out = model(torch.randn(3, 16, model.encoder.out_channels), captions)
+    loss = caption_nll(out.logits, captions[:, 1:], Vocabulary.pad_id)[0].sum()
+    params = list(model.decoder.attention.parameters())
+    first = torch.autograd.grad(loss, params, retain_graph=True)
+    second = torch.autograd.grad(loss, params)
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("scale", [1.0, 300.0])
+def test_additive_inference_scores_equal_the_gradient_path(scale):
+    """Without gradients the additive score runs chunked and in the exponential form (or, beyond
+    EXP_FORM_BOUND, the sigmoid): the same scores as the gradient path. Its cache of e^k follows
+    an in-place change of the keys."""
+    score = build_score("additive", 5, 4, 7)
+    with torch.no_grad():
+        score.W.weight.mul_(scale)
+    features, _, _ = _attention_inputs()
+    keys = score.project(features).detach()
+    query = score.U(torch.randn(3 * 2, 4)).detach()
+    with torch.no_grad():
+        fast = score.from_query(keys, query)
+        keys.mul_(0.5)  # the cached e^k of these keys is stale now
+        fast_changed = score.from_query(keys, query)
+    with torch.enable_grad():
+        slow_changed = score.from_query(keys, query)
+        keys.mul_(2.0)
+        slow = score.from_query(keys, query)
+    torch.testing.assert_close(fast, slow)
+    torch.testing.assert_close(fast_changed, slow_changed)
+    with torch.inference_mode():  # Lightning's validation: inference tensors, no version counter
+        frozen = score.project(features)
+        torch.testing.assert_close(score.from_query(frozen, query), slow)
 
 
 def test_fused_pass_weight_gradients_survive_bf16_autocast():

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from captioning.config import DecoderConfig
-from captioning.models.attention import Attended, build_attention, build_score
+from captioning.models.attention import AdditiveScore, Attended, UnrolledAdditiveScore, build_attention, build_score
 from captioning.models.deferred import SharedWeight
 from captioning.vocab import Vocabulary
 
@@ -154,7 +154,9 @@ class Decoder(nn.Module):
           all steps; every product of h_{t-1} (attention query U h, gate f_beta h, LSTM W_hh h)
           is one matrix product per step, and z_t's (W_ih[:, m:] z) another;
         * the weights of those per-step products get their gradients once, over all steps
-          (captioning/models/deferred.py), not step by step.
+          (captioning/models/deferred.py), not step by step;
+        * the additive score's map is differentiated by hand in reused buffers
+          (``UnrolledAdditiveScore``), its keys' gradient summed over the steps in one buffer.
         """
         B, T, m = emb.shape
         lengths = (captions[:, 1:] != Vocabulary.pad_id).sum(1)  # real target tokens per caption
@@ -172,6 +174,7 @@ class Decoder(nn.Module):
         splits = [w.shape[0] for w in h_weights] + [lstm.weight_hh.shape[0]]
         of_h = SharedWeight(torch.cat([*h_weights, lstm.weight_hh]))  # every product of h_{t-1}
         of_z = SharedWeight(lstm.weight_ih[:, m:])
+        unrolled = UnrolledAdditiveScore(score, keys) if isinstance(score, AdditiveScore) else None
         hs, zs, alphas, log_probs = [], [], [], []
         for t in range(T):
             n = live[t]
@@ -183,7 +186,8 @@ class Decoder(nn.Module):
             parts = list(of_h(h).split(splits, dim=1))
             recurrent = parts.pop()  # W_hh h
             query = parts.pop(0) if score.query_weight is not None else h
-            attended = self.attention.attend(features, mask, score.from_query(keys, query), mode, sample_mask)
+            scores = unrolled(query) if unrolled is not None else score.from_query(keys, query)
+            attended = self.attention.attend(features, mask, scores, mode, sample_mask)
             z = attended.context
             if self.gate is not None:
                 z = torch.sigmoid(parts.pop(0) + self.gate.bias) * z

@@ -35,6 +35,7 @@ from captioning.config import DecoderConfig, EncoderConfig, LossConfig, ModelCon
 from captioning.losses import caption_loss
 from captioning.models.captioner import ShowAttendTell
 from captioning.models.encoder import Encoder
+from captioning.perf import allocator
 from captioning.perf.compile import compile_model
 from captioning.perf.flops import decoder_flops, training_step_flops
 from captioning.vocab import SPECIALS, Vocabulary
@@ -175,6 +176,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
             "torch": torch.__version__, "python": platform.python_version(), "gpu": None}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+    info["malloc"] = "keeps freed memory (captioning/perf/allocator.py)" if allocator.applied else "glibc defaults"
     try:
         info["load_average_1min"] = round(os.getloadavg()[0], 2)
     except OSError:
