@@ -113,7 +113,8 @@ def format_report(results: dict[str, Any]) -> str:
         out.append(_table(["decoding", "images", "seconds", "captions/s"],
                           [["batched", b["batched_images"], b["batched_s"], b["batched_captions_per_s"]],
                            ["one at a time", b["sequential_images"], b["sequential_s"], b["sequential_captions_per_s"]]]))
-        out.append(f"speed-up {b['speedup']}x; same captions both ways: {b['same_captions']}; {b['note']}")
+        out.append(f"speed-up {b['speedup']}x (best of {b.get('reps', 1)} alternating runs each); "
+                   f"same captions both ways: {b['same_captions']}; {b['note']}")
     if "loader" in results:
         loader = results["loader"]
         if "skipped" in loader:
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results.setdefault("encoder", []).append(
                 bench.encoder_forward(item, sizes, device, precision, reps=max(1, reps - 1)))
         elif section == "beam":
-            results["beam"] = bench.beam_search_speedup(sizes, device, args.sequential_images)
+            results["beam"] = bench.beam_search_speedup(sizes, device, args.sequential_images, reps=reps)
         elif section == "loader":
             results["loader"] = bench.data_loader(args.loader_root, tuple(args.loader_workers),
                                                   seconds=2.0 if args.quick else 5.0)

@@ -163,24 +163,37 @@ class UnrolledAdditiveScore:
     captioning/models/decoder.py). Call it at each step on the query U h_{t-1} [n, A] of the first
     n images (the live rows, longest caption first) -> scores [n, L], as ``from_query`` gives.
 
-    Autograd would, at every step, write the [n, L, A] gradient of the map three times (through
-    v, the sigmoid and the add) into fresh memory and add it into the keys' gradient; at COCO sizes
-    that was a quarter of the training step. Here each step keeps its z = sigmoid(k + q) and, in
-    backward, works in one reused buffer: s = z (1 - z), dq = 2 v * (de^T s), and the keys' gradient
-    sum_t de_t s_t v is summed in one buffer and multiplied by v once, after the last step's
-    backward (as captioning/models/deferred.py does for weights). The forward map takes the
-    exponential form of ``_inference_scores`` where keys and query lie within ``EXP_FORM_BOUND``.
-    Same sums, other order: equal to autograd's gradients up to float rounding (a test)."""
+    Autograd would keep every step's [n, L, A] map z = sigmoid(k + q) and, in backward, write its
+    gradient three times (through v, the sigmoid and the add) into fresh memory and add it into the
+    keys' gradient; at COCO sizes that was a quarter of the training step, most of it memory
+    traffic. Here the map lives in one buffer reused by every step, forward and backward: backward
+    recomputes z from what the step kept (e^-q, [n, A]), then s = z (1 - z) in place,
+    dq = 2 v * (de^T s), and sums de_t s_t over the steps in one buffer that is multiplied by v
+    once, after every step's backward (as captioning/models/deferred.py does for weights). The map
+    takes the exponential form of ``_inference_scores`` where keys and query lie within
+    ``EXP_FORM_BOUND``, the sigmoid otherwise. Same sums, other order: equal to autograd's loss and
+    gradients up to float rounding (tests)."""
 
     def __init__(self, score: AdditiveScore, keys: torch.Tensor) -> None:
         self.v = score.v
-        self.acc: torch.Tensor | None = None  # sum_t de_t s_t over the steps, filled by backward
-        self.scratch: torch.Tensor | None = None  # each step's s, in backward
         self.exp_k = _exp_form_keys(keys.detach())  # [N, 1, L, A] or None
+        self.map = torch.empty_like(keys, memory_format=torch.contiguous_format)  # every step's z, then s
+        self.acc: torch.Tensor | None = None  # sum_t de_t s_t over the steps, filled by backward
         self.keys = _ShareKeys.apply(keys, self)
 
     def __call__(self, query: torch.Tensor) -> torch.Tensor:
         return _AdditiveStep.apply(self.keys, query, self.v.weight, self.v.bias, self)
+
+    def z(self, keys: torch.Tensor, q_or_exp: torch.Tensor, exp_form: bool) -> torch.Tensor:
+        """sigmoid(k + q) for the first n images into the shared buffer -> [n, L, A]."""
+        n, A = q_or_exp.shape
+        z = self.map[:n]
+        if exp_form:  # q_or_exp is e^-q
+            out = z.view(n, 1, -1, A)
+            torch.addcdiv(z.new_ones(()), q_or_exp[:, None, None, :], self.exp_k[:n], out=out).reciprocal_()
+        else:
+            torch.add(keys[:n], q_or_exp[:, None, :], out=z).sigmoid_()
+        return z
 
 
 class _ShareKeys(torch.autograd.Function):
@@ -193,7 +206,7 @@ class _ShareKeys(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor | None):
         owner = ctx.owner
-        acc, owner.acc, owner.scratch = owner.acc, None, None
+        acc, owner.acc = owner.acc, None
         if acc is not None:
             dk = acc.mul_(owner.v.weight.view(-1).to(acc.dtype))  # (N, L, A): times v once
             grad = dk if grad is None else dk + grad
@@ -205,30 +218,28 @@ class _AdditiveStep(torch.autograd.Function):
     def forward(ctx, keys, query, v_weight, v_bias, owner: UnrolledAdditiveScore):
         n, A = query.shape
         q = (query * 2.0).to(keys.dtype)  # the keys carry the factor 2 already (``project``)
-        if owner.exp_k is not None and float(q.abs().amax()) <= EXP_FORM_BOUND:
-            z = torch.addcdiv(keys.new_ones(()), torch.exp(-q)[:, None, None, :], owner.exp_k[:n]).reciprocal_()
-            z = z.view(n, -1, A)  # sigmoid(k + q), (n, L, A)
-        else:
-            z = torch.add(keys[:n], q[:, None, :]).sigmoid_()
-        ctx.owner, ctx.query_dtype = owner, query.dtype
-        ctx.save_for_backward(z, v_weight)
+        exp_form = owner.exp_k is not None and float(q.abs().amax()) <= EXP_FORM_BOUND
+        kept = torch.exp(-q) if exp_form else q  # (n, A): all that backward needs to rebuild z
+        z = owner.z(keys, kept, exp_form)
+        ctx.owner, ctx.exp_form, ctx.query_dtype = owner, exp_form, query.dtype
+        ctx.save_for_backward(keys, kept, v_weight)
         scores = z.view(-1, A).mm(v_weight.to(z.dtype).t()).view(n, -1)  # (n, L)
         return scores.add_(v_bias.to(z.dtype)).mul_(2.0)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        z, v_weight = ctx.saved_tensors
+        keys, kept, v_weight = ctx.saved_tensors
         owner = ctx.owner
+        z = owner.z(keys, kept, ctx.exp_form)  # recomputed in the shared buffer
         n, L, A = z.shape
         de = (grad * 2.0).to(z.dtype)  # (n, L): the gradient of v^T z
         dv_weight = de.view(1, -1).mm(z.view(-1, A)).to(v_weight.dtype)  # (1, A)
         dv_bias = de.sum().view(1).to(v_weight.dtype)
-        if owner.acc is None:  # the first backward to run (the last step's): buffers for every image
-            owner.acc = torch.zeros(owner.keys.shape, dtype=z.dtype, device=z.device)
-            owner.scratch = torch.empty_like(owner.acc)
-        s = torch.addcmul(z, z, z, value=-1.0, out=owner.scratch[:n])  # z (1 - z); z stays as saved
+        s = z.addcmul_(z, z, value=-1.0)  # z (1 - z), in place
         v = v_weight.view(A).to(z.dtype)
         dquery = torch.bmm(de[:, None, :], s).squeeze(1).mul_(v).mul_(2.0).to(ctx.query_dtype)  # (n, A)
+        if owner.acc is None:  # the first backward to run (the last step's): a buffer for every image
+            owner.acc = torch.zeros_like(owner.map)
         owner.acc[:n].addcmul_(s, de[:, :, None])
         return None, dquery, dv_weight, dv_bias, None
 
