@@ -411,3 +411,13 @@ def test_overfitted_model_decodes_its_captions(overfitted):
         assert pool[0][0] == rows[i] and len(pool) == 5
         assert [s for _, s in pool] == sorted((s for _, s in pool), reverse=True)
         assert len({tuple(w) for w, _ in pool}) == 5
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_decoding_runs_under_bf16_autocast(beam_size):
+    """bf16-mixed validation decodes under autocast: the inference attention map runs in bf16."""
+    model = ShowAttendTell(make_config().model, 14).eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = decode(model, random_images(2), beam_size=beam_size, max_len=5)
+    assert out.tokens.shape[0] == 2 and torch.isfinite(out.scores).all()
+    assert torch.allclose(out.alphas.float().sum(-1)[out.tokens != Vocabulary.pad_id], torch.ones(()), atol=0.02)

@@ -483,6 +483,12 @@ def test_additive_inference_scores_equal_the_gradient_path(scale):
     with torch.inference_mode():  # Lightning's validation: inference tensors, no version counter
         frozen = score.project(features)
         torch.testing.assert_close(score.from_query(frozen, query), slow)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # bf16-mixed validation
+        low = score.from_query(score.project(features), score.U(h := torch.randn(3, 4)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = score.from_query(score.project(features), score.U(h)).detach()
+    assert low.dtype == reference.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float().softmax(-1), reference.float().softmax(-1), rtol=0.05, atol=0.02)
 
 
 def test_fused_pass_weight_gradients_survive_bf16_autocast():

@@ -116,14 +116,15 @@ class AdditiveScore(nn.Module):
         beams x 196 x 512). Where a key or the query is beyond ``EXP_FORM_BOUND`` the sigmoid runs."""
         N, g, _, A = q.shape
         L = keys.shape[1]
+        q = q.to(keys.dtype)  # the map, and the scores, in the keys' dtype (bf16 under autocast)
         exp_k = _exp_keys(keys)
         exp_form = exp_k is not None and float(q.abs().amax()) <= EXP_FORM_BOUND
         n = min(N, max(1, SCORE_CHUNK_ELEMENTS // (g * L * A)))  # images per chunk
-        scores = q.new_empty(N, g, L)
+        scores = keys.new_empty(N, g, L)
         z = keys.new_empty(n, g, L, A)
         exp_neg_q = torch.exp(-q) if exp_form else None
         one = keys.new_ones(())
-        v = self.v.weight.view(A, 1)
+        v = self.v.weight.view(A, 1).to(keys.dtype)
         for i in range(0, N, n):
             j = min(N, i + n)
             zi = z[: j - i]
@@ -132,7 +133,7 @@ class AdditiveScore(nn.Module):
             else:
                 torch.add(keys[i:j, None], q[i:j], out=zi).sigmoid_()
             torch.mm(zi.view(-1, A), v, out=scores[i:j].view(-1, 1))
-        return scores.add_(self.v.bias).mul_(2.0)  # as the gradient path: 2 (v^T sigmoid + b)
+        return scores.add_(self.v.bias.to(keys.dtype)).mul_(2.0)  # as the gradient path: 2 (v^T sigmoid + b)
 
 
 # e^k of each keys tensor in use for decoding, [N, 1, L, A] (None where a key is beyond the bound),
