@@ -28,8 +28,8 @@ import torch
 
 from captioning.models.encoder import BACKBONES
 from captioning.perf import benchmark as bench
-from captioning.perf.compile import COMPILE_TARGETS, compile_unsupported_reason
 from captioning.perf.allocator import keep_freed_memory
+from captioning.perf.compile import COMPILE_TARGETS, compile_unsupported_reason
 
 SECTIONS = ("matmul", "train", "encoder", "beam", "loader")
 

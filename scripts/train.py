@@ -31,9 +31,9 @@ from captioning.data.datamodule import CaptionDataModule
 from captioning.data.feature_cache import FeatureCacheError, attach_feature_cache
 from captioning.data.store import PreparedDataError
 from captioning.evaluation.metrics import format_metrics_table
+from captioning.perf.allocator import keep_freed_memory
 from captioning.training.module import CaptioningModule
 from captioning.training.trainer import build_trainer
-from captioning.perf.allocator import keep_freed_memory
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -118,20 +118,14 @@ class AdditiveScore(nn.Module):
         L = keys.shape[1]
         q = q.to(keys.dtype)  # the map, and the scores, in the keys' dtype (bf16 under autocast)
         exp_k = _exp_keys(keys)
-        exp_form = exp_k is not None and float(q.abs().amax()) <= EXP_FORM_BOUND
+        exp_neg_q = _exp_neg_query(q, exp_k)
         n = min(N, max(1, SCORE_CHUNK_ELEMENTS // (g * L * A)))  # images per chunk
         scores = keys.new_empty(N, g, L)
         z = keys.new_empty(n, g, L, A)
-        exp_neg_q = torch.exp(-q) if exp_form else None
-        one = keys.new_ones(())
         v = self.v.weight.view(A, 1).to(keys.dtype)
         for i in range(0, N, n):
             j = min(N, i + n)
-            zi = z[: j - i]
-            if exp_form:
-                torch.addcdiv(one, exp_neg_q[i:j], exp_k[i:j], out=zi).reciprocal_()  # sigmoid(k + q)
-            else:
-                torch.add(keys[i:j, None], q[i:j], out=zi).sigmoid_()
+            zi = _sigmoid_of_sum(keys[i:j, None], q[i:j], exp_k, exp_neg_q, i, z[: j - i])
             torch.mm(zi.view(-1, A), v, out=scores[i:j].view(-1, 1))
         return scores.add_(self.v.bias.to(keys.dtype)).mul_(2.0)  # as the gradient path: 2 (v^T sigmoid + b)
 
@@ -159,6 +153,21 @@ def _exp_form_keys(keys: torch.Tensor) -> torch.Tensor | None:
     return keys[:, None].exp() if max(-float(lo), float(hi)) <= EXP_FORM_BOUND else None
 
 
+def _exp_neg_query(q: torch.Tensor, exp_k: torch.Tensor | None) -> torch.Tensor | None:
+    """e^-q where the exponential form applies (e^k exists and q is within the bound), else None."""
+    return torch.exp(-q) if exp_k is not None and float(q.abs().amax()) <= EXP_FORM_BOUND else None
+
+
+def _sigmoid_of_sum(keys, q, exp_k, exp_neg_q, start: int, out: torch.Tensor) -> torch.Tensor:
+    """sigmoid(k + q) into ``out`` for images start .. start+n of keys [n, 1, L, A] and q [n, g, 1, A]
+    (already sliced); exp_k is every image's, exp_neg_q None for the sigmoid itself."""
+    n = keys.shape[0]
+    if exp_neg_q is None:
+        return torch.add(keys, q, out=out).sigmoid_()
+    torch.addcdiv(out.new_ones(()), exp_neg_q[start:start + n], exp_k[start:start + n], out=out)
+    return out.reciprocal_()  # 1 / (1 + e^-q / e^k)
+
+
 class UnrolledAdditiveScore:
     """The additive score over one teacher-forced loop, differentiated by hand (the fused pass of
     captioning/models/decoder.py). Call it at each step on the query U h_{t-1} [n, A] of the first
@@ -168,7 +177,7 @@ class UnrolledAdditiveScore:
     gradient three times (through v, the sigmoid and the add) into fresh memory and add it into the
     keys' gradient; at COCO sizes that was a quarter of the training step, most of it memory
     traffic. Here the map lives in one buffer reused by every step, forward and backward: backward
-    recomputes z from what the step kept (e^-q, [n, A]), then s = z (1 - z) in place,
+    recomputes z from what the step kept (q and e^-q, [n, A]), then s = z (1 - z) in place,
     dq = 2 v * (de^T s), and sums de_t s_t over the steps in one buffer that is multiplied by v
     once, after every step's backward (as captioning/models/deferred.py does for weights). The map
     takes the exponential form of ``_inference_scores`` where keys and query lie within
@@ -185,15 +194,12 @@ class UnrolledAdditiveScore:
     def __call__(self, query: torch.Tensor) -> torch.Tensor:
         return _AdditiveStep.apply(self.keys, query, self.v.weight, self.v.bias, self)
 
-    def z(self, keys: torch.Tensor, q_or_exp: torch.Tensor, exp_form: bool) -> torch.Tensor:
+    def z(self, keys: torch.Tensor, q: torch.Tensor, exp_neg_q: torch.Tensor | None) -> torch.Tensor:
         """sigmoid(k + q) for the first n images into the shared buffer -> [n, L, A]."""
-        n, A = q_or_exp.shape
+        n, A = q.shape
         z = self.map[:n]
-        if exp_form:  # q_or_exp is e^-q
-            out = z.view(n, 1, -1, A)
-            torch.addcdiv(z.new_ones(()), q_or_exp[:, None, None, :], self.exp_k[:n], out=out).reciprocal_()
-        else:
-            torch.add(keys[:n], q_or_exp[:, None, :], out=z).sigmoid_()
+        grouped = None if exp_neg_q is None else exp_neg_q[:, None, None, :]
+        _sigmoid_of_sum(keys[:n, None], q[:, None, None, :], self.exp_k, grouped, 0, z.view(n, 1, -1, A))
         return z
 
 
@@ -219,19 +225,18 @@ class _AdditiveStep(torch.autograd.Function):
     def forward(ctx, keys, query, v_weight, v_bias, owner: UnrolledAdditiveScore):
         n, A = query.shape
         q = (query * 2.0).to(keys.dtype)  # the keys carry the factor 2 already (``project``)
-        exp_form = owner.exp_k is not None and float(q.abs().amax()) <= EXP_FORM_BOUND
-        kept = torch.exp(-q) if exp_form else q  # (n, A): all that backward needs to rebuild z
-        z = owner.z(keys, kept, exp_form)
-        ctx.owner, ctx.exp_form, ctx.query_dtype = owner, exp_form, query.dtype
-        ctx.save_for_backward(keys, kept, v_weight)
+        exp_neg_q = _exp_neg_query(q, owner.exp_k)  # (n, A): with q, all that backward needs to rebuild z
+        z = owner.z(keys, q, exp_neg_q)
+        ctx.owner, ctx.query_dtype = owner, query.dtype
+        ctx.save_for_backward(keys, q, exp_neg_q, v_weight)
         scores = z.view(-1, A).mm(v_weight.to(z.dtype).t()).view(n, -1)  # (n, L)
         return scores.add_(v_bias.to(z.dtype)).mul_(2.0)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        keys, kept, v_weight = ctx.saved_tensors
+        keys, q, exp_neg_q, v_weight = ctx.saved_tensors
         owner = ctx.owner
-        z = owner.z(keys, kept, ctx.exp_form)  # recomputed in the shared buffer
+        z = owner.z(keys, q, exp_neg_q)  # recomputed in the shared buffer
         n, L, A = z.shape
         de = (grad * 2.0).to(z.dtype)  # (n, L): the gradient of v^T z
         dv_weight = de.view(1, -1).mm(z.view(-1, A)).to(v_weight.dtype)  # (1, A)
