@@ -389,14 +389,20 @@ def test_hard_sample_mask_per_image_is_repeated_for_its_captions():
 @pytest.mark.parametrize("score, gate", [("additive", "scalar"), ("dot", "vector"), ("scaled_dot", "none"),
                                          ("bilinear", "scalar")])
 @pytest.mark.parametrize("k", [1, 2])
-def test_fused_teacher_forcing_equals_the_plain_loop(attention, mode, score, gate, k):
+@pytest.mark.parametrize("longest_first", [False, True])
+def test_fused_teacher_forcing_equals_the_plain_loop(attention, mode, score, gate, k, longest_first):
     """Decoder._fused_pass (live rows longest first, hoisted and fused products, weight gradients
     taken once over all steps) gives the plain step-by-step loop's logits, attention, loss and
-    every parameter's gradient, on the real tokens."""
+    every parameter's gradient, on the real tokens: for a batch in any order, and for one that
+    comes longest first as collate_train makes it (with k = 1 it is used without reordering)."""
     cfg = make_config(model__attention=attention, model__decoder__score=score, model__decoder__gate=gate)
     model = ShowAttendTell(cfg.model, V).eval()  # no dropout: both passes see the same network
     features = torch.randn(3, 16, model.encoder.out_channels)
     captions = random_captions(3 * k, V, min_len=1, max_len=6)
+    lengths = (captions[:, 1:] != Vocabulary.pad_id).sum(1)
+    captions = captions[lengths.argsort(descending=longest_first, stable=True)]
+    if not longest_first:  # shortest first: the fused pass has to reorder this batch
+        assert (lengths.sort().values.diff() > 0).any()
     real = captions[:, 1:] != Vocabulary.pad_id
     results = []
     for fused in (False, True):
@@ -417,11 +423,28 @@ def test_fused_teacher_forcing_equals_the_plain_loop(attention, mode, score, gat
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_training_batches_come_longest_caption_first():
+    """collate_train orders a batch's images by their longest caption (stable), keeping each
+    image's pixels, captions and id together: the order the fused pass uses as it is."""
+    from captioning.data.datamodule import collate_train
+
+    items = [(torch.full((3, 2, 2), float(i)), [[1] + [5] * n + [2] for n in lengths], 10 + i)
+             for i, lengths in enumerate([[2, 4], [6, 1], [4, 3], [6, 2]])]
+    batch = collate_train(items)
+    assert batch["image_ids"].tolist() == [11, 13, 10, 12]  # longest 6, 6 (stable), 4, 4
+    assert batch["images"][:, 0, 0, 0].tolist() == [1.0, 3.0, 0.0, 2.0]
+    lengths = (batch["captions"][:, 1:] != Vocabulary.pad_id).sum(1).tolist()
+    assert lengths == [7, 2, 7, 3, 3, 5, 5, 4]  # words + <end>, two captions per image in their order
+
+
 @pytest.mark.parametrize("scale", [1.0, 300.0])
-def test_fused_additive_score_equals_autograd_in_both_forms(scale):
+@pytest.mark.parametrize("chunk", [2**20, 1])
+def test_fused_additive_score_equals_autograd_in_both_forms(scale, chunk, monkeypatch):
     """The hand-differentiated additive score of the fused pass (UnrolledAdditiveScore) gives the
     plain loop's loss and gradients with keys inside EXP_FORM_BOUND (the exponential form) and
-    beyond it (scale 300: the sigmoid itself runs)."""
+    beyond it (scale 300: the sigmoid itself runs), with its map computed for all images at once
+    and one image at a time (chunk 1)."""
+    monkeypatch.setattr("captioning.models.attention.SCORE_CHUNK_ELEMENTS", chunk)
     cfg = make_config(model__decoder__score="additive")
     model = ShowAttendTell(cfg.model, V).eval()
     with torch.no_grad():

@@ -80,7 +80,13 @@ class EvalDataset(Dataset):
 
 
 def collate_train(batch) -> dict[str, torch.Tensor]:
-    """-> images [B, 3, S, S], captions [B*k, T+1] padded with <pad>=0, image_ids [B]."""
+    """-> images [B, 3, S, S], captions [B*k, T+1] padded with <pad>=0, image_ids [B].
+
+    The images come longest caption first (stable): the decoder's fused teacher-forced pass runs
+    its captions in that order, and a batch that already has it (one caption per image) is used
+    without copying its grids into another order (captioning/models/decoder.py). The order of a
+    minibatch changes no loss term: each is a mean over its captions."""
+    batch = sorted(batch, key=lambda item: -max(len(ids) for ids in item[1]))
     images = torch.stack([item[0] for item in batch])
     rows = [ids for item in batch for ids in item[1]]
     width = max(len(ids) for ids in rows)

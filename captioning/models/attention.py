@@ -22,13 +22,14 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 
-# Inference only: the additive score's [g, L, A] map is computed for this many elements at a time
-# (a few images) in one reused buffer, so it stays in cache instead of streaming a fresh [B, L, A]
-# tensor through memory.
+# The additive score's [g, L, A] map is computed for this many elements at a time (a few images)
+# in one reused buffer, so it stays in cache instead of streaming a [B, L, A] tensor through
+# memory: in decoding, and in the fused teacher-forced pass (``UnrolledAdditiveScore``).
 SCORE_CHUNK_ELEMENTS = 2**20
 # Inference only: the additive score takes sigmoid(k + q) = 1 / (1 + e^-q / e^k) while every key and
 # query lies within this bound (then e^k and e^-q are normal floats and the result is exact to a few
@@ -81,7 +82,9 @@ class AdditiveScore(nn.Module):
         self.v = nn.Linear(attention_dim, 1)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
-        return self.W(features).mul_(2.0)  # (B, L, A): the keys are 2 (W a + b_W), see from_query
+        # (B, L, A): the keys are 2 (W a + b_W), see from_query; the factor goes on the weights
+        # (exact: a power of two), not on the [B, L, A] keys and their gradient.
+        return F.linear(features, self.W.weight * 2.0, self.W.bias * 2.0)
 
     @property
     def query_weight(self) -> torch.Tensor:
@@ -176,7 +179,8 @@ class UnrolledAdditiveScore:
     Autograd would keep every step's [n, L, A] map z = sigmoid(k + q) and, in backward, write its
     gradient three times (through v, the sigmoid and the add) into fresh memory and add it into the
     keys' gradient; at COCO sizes that was a quarter of the training step, most of it memory
-    traffic. Here the map lives in one buffer reused by every step, forward and backward: backward
+    traffic. Here the map is never kept: every step, forward and backward, computes it a few
+    images at a time (``SCORE_CHUNK_ELEMENTS``) in one small buffer that stays in cache. Backward
     recomputes z from what the step kept (q and e^-q, [n, A]), then s = z (1 - z) in place,
     dq = 2 v * (de^T s), and sums de_t s_t over the steps in one buffer that is multiplied by v
     once, after every step's backward (as captioning/models/deferred.py does for weights). The map
@@ -185,22 +189,26 @@ class UnrolledAdditiveScore:
     gradients up to float rounding (tests)."""
 
     def __init__(self, score: AdditiveScore, keys: torch.Tensor) -> None:
+        N, L, A = keys.shape
         self.v = score.v
         self.exp_k = _exp_form_keys(keys.detach())  # [N, 1, L, A] or None
-        self.map = torch.empty_like(keys, memory_format=torch.contiguous_format)  # every step's z, then s
+        self.chunk = min(N, max(1, SCORE_CHUNK_ELEMENTS // (L * A)))  # images per piece of the map
+        self.map = keys.new_empty(self.chunk, L, A)  # z of a few images at a time, then s
         self.acc: torch.Tensor | None = None  # sum_t de_t s_t over the steps, filled by backward
         self.keys = _ShareKeys.apply(keys, self)
 
     def __call__(self, query: torch.Tensor) -> torch.Tensor:
         return _AdditiveStep.apply(self.keys, query, self.v.weight, self.v.bias, self)
 
-    def z(self, keys: torch.Tensor, q: torch.Tensor, exp_neg_q: torch.Tensor | None) -> torch.Tensor:
-        """sigmoid(k + q) for the first n images into the shared buffer -> [n, L, A]."""
+    def pieces(self, keys: torch.Tensor, q: torch.Tensor, exp_neg_q: torch.Tensor | None):
+        """For each few images i..j of the first n: (i, j, sigmoid(k + q) [j - i, L, A] in the buffer)."""
         n, A = q.shape
-        z = self.map[:n]
         grouped = None if exp_neg_q is None else exp_neg_q[:, None, None, :]
-        _sigmoid_of_sum(keys[:n, None], q[:, None, None, :], self.exp_k, grouped, 0, z.view(n, 1, -1, A))
-        return z
+        for i in range(0, n, self.chunk):
+            j = min(n, i + self.chunk)
+            z = self.map[: j - i]
+            _sigmoid_of_sum(keys[i:j, None], q[i:j, None, None, :], self.exp_k, grouped, i, z.view(j - i, 1, -1, A))
+            yield i, j, z
 
 
 class _ShareKeys(torch.autograd.Function):
@@ -226,28 +234,32 @@ class _AdditiveStep(torch.autograd.Function):
         n, A = query.shape
         q = (query * 2.0).to(keys.dtype)  # the keys carry the factor 2 already (``project``)
         exp_neg_q = _exp_neg_query(q, owner.exp_k)  # (n, A): with q, all that backward needs to rebuild z
-        z = owner.z(keys, q, exp_neg_q)
         ctx.owner, ctx.query_dtype = owner, query.dtype
         ctx.save_for_backward(keys, q, exp_neg_q, v_weight)
-        scores = z.view(-1, A).mm(v_weight.to(z.dtype).t()).view(n, -1)  # (n, L)
-        return scores.add_(v_bias.to(z.dtype)).mul_(2.0)
+        v = v_weight.to(keys.dtype).t()  # (A, 1)
+        scores = keys.new_empty(n, keys.shape[1])
+        for i, j, z in owner.pieces(keys, q, exp_neg_q):
+            torch.mm(z.view(-1, A), v, out=scores[i:j].view(-1, 1))
+        return scores.add_(v_bias.to(keys.dtype)).mul_(2.0)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         keys, q, exp_neg_q, v_weight = ctx.saved_tensors
         owner = ctx.owner
-        z = owner.z(keys, q, exp_neg_q)  # recomputed in the shared buffer
-        n, L, A = z.shape
-        de = (grad * 2.0).to(z.dtype)  # (n, L): the gradient of v^T z
-        dv_weight = de.view(1, -1).mm(z.view(-1, A)).to(v_weight.dtype)  # (1, A)
-        dv_bias = de.sum().view(1).to(v_weight.dtype)
-        s = z.addcmul_(z, z, value=-1.0)  # z (1 - z), in place
-        v = v_weight.view(A).to(z.dtype)
-        dquery = torch.bmm(de[:, None, :], s).squeeze(1).mul_(v).mul_(2.0).to(ctx.query_dtype)  # (n, A)
+        n, A = q.shape
+        de = (grad * 2.0).to(keys.dtype)  # (n, L): the gradient of v^T z
+        dv_weight = de.new_zeros(1, A)
+        dquery = de.new_empty(n, 1, A)
         if owner.acc is None:  # the first backward to run (the last step's): a buffer for every image
-            owner.acc = torch.zeros_like(owner.map)
-        owner.acc[:n].addcmul_(s, de[:, :, None])
-        return None, dquery, dv_weight, dv_bias, None
+            owner.acc = torch.zeros_like(keys, memory_format=torch.contiguous_format)
+        for i, j, z in owner.pieces(keys, q, exp_neg_q):  # z recomputed, piece by piece
+            torch.addmm(dv_weight, de[i:j].reshape(1, -1), z.view(-1, A), out=dv_weight)
+            s = z.addcmul_(z, z, value=-1.0)  # z (1 - z), in place
+            torch.bmm(de[i:j, None, :], s, out=dquery[i:j])
+            owner.acc[i:j].addcmul_(s, de[i:j, :, None])
+        v = v_weight.view(A).to(keys.dtype)
+        dquery = dquery.view(n, A).mul_(v).mul_(2.0).to(ctx.query_dtype)
+        return None, dquery, dv_weight.to(v_weight.dtype), de.sum().view(1).to(v_weight.dtype), None
 
 
 class DotScore(nn.Module):

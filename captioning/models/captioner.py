@@ -55,7 +55,9 @@ class ShowAttendTell(nn.Module):
         if rem or k == 0:
             raise ValueError(f"{captions.shape[0]} captions for {images.shape[0]} images: need k per image")
         keys = self.decoder.project(features)  # (B, L, K): W a once per image, not once per caption
-        rows = torch.arange(images.shape[0], device=captions.device).repeat_interleave(k)  # caption -> image
-        if sample_mask is not None and sample_mask.shape[0] == images.shape[0] and k > 1:
-            sample_mask = sample_mask[rows]  # per image -> per caption
+        rows = None  # one caption per image: caption b is image b's
+        if k > 1:
+            rows = torch.arange(images.shape[0], device=captions.device).repeat_interleave(k)  # caption -> image
+            if sample_mask is not None and sample_mask.shape[0] == images.shape[0]:
+                sample_mask = sample_mask[rows]  # per image -> per caption
         return self.decoder(features, mask, captions, mode, sample_mask, keys=keys, rows=rows)
