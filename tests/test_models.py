@@ -423,6 +423,35 @@ def test_fused_teacher_forcing_equals_the_plain_loop(attention, mode, score, gat
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("words", [30, 32])
+def test_output_layer_padded_for_speed_gives_the_linear_layer(words):
+    """Decoder._output pads the vocabulary to a multiple of 8 for its forward product: the logits
+    and every gradient are nn.Linear's (30 words take the padded path, 32 the plain one)."""
+    torch.manual_seed(0)
+    decoder = ShowAttendTell(make_config().model, words).decoder.eval()
+    m = decoder.L_o.in_features
+    emb, h, z = torch.randn(2, 3, m), torch.randn(2, 3, decoder.L_h.in_features), torch.randn(2, 3, decoder.L_z.in_features)
+    target = torch.randn(2, 3, words)
+    results = []
+    for padded in (True, False):
+        decoder.zero_grad()
+        if padded:
+            logits = decoder._output(emb, h, z)
+        else:
+            logits = decoder.L_o(emb + decoder.L_h(h) + decoder.L_z(z))
+        (logits * target).sum().backward()
+        results.append((logits.detach(), [p.grad.clone() for p in (decoder.L_o.weight, decoder.L_o.bias, decoder.L_h.weight)]))
+    assert results[0][0].shape == (2, 3, words) and results[0][0].is_contiguous()
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = decoder._output(emb, h, z)
+    assert logits.dtype == torch.bfloat16
+    logits.float().sum().backward()  # gradients reach the fp32 parameters in their dtype
+    assert decoder.L_o.weight.grad.dtype == torch.float32
+
+
 def test_training_batches_come_longest_caption_first():
     """collate_train orders a batch's images by their longest caption (stable), keeping each
     image's pixels, captions and id together: the order the fused pass uses as it is."""

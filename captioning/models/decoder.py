@@ -41,6 +41,35 @@ class DecoderOutput(NamedTuple):
     mask: torch.Tensor  # [B, L] bool, the real annotation locations
 
 
+class _PaddedOutput(torch.autograd.Function):
+    """x [N, m] -> x W^T + b [N, V], the forward product taken with W and b padded by zero rows to a
+    multiple of 8 words (then the first V columns, copied out contiguous): at COCO's 9,490 words
+    the unpadded product ran at 2/3 of the padded one's speed on the project's CPU (MKL), and GPUs'
+    matrix units want multiples of 8 too. The gradients are taken unpadded (those products run at
+    full speed either way), so no zero-filled padded gradient is ever made. Same values."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        V = weight.shape[0]
+        pad = -V % 8
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        x = x.to(dtype)
+        ctx.save_for_backward(x, weight)
+        with torch.autocast(device, enabled=False):
+            w, b = F.pad(weight.to(dtype), (0, 0, 0, pad)), F.pad(bias.to(dtype), (0, pad))
+            return torch.addmm(b, x, w.t())[:, :V].contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad = grad.to(x.dtype)
+        dx = grad.mm(weight.to(x.dtype)) if ctx.needs_input_grad[0] else None
+        dw = grad.t().mm(x).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        db = grad.sum(0).to(weight.dtype) if ctx.needs_input_grad[2] else None
+        return dx, dw, db
+
+
 class Decoder(nn.Module):
     def __init__(self, cfg: DecoderConfig, vocab_size: int, feature_dim: int, attention: str) -> None:
         super().__init__()
@@ -141,18 +170,14 @@ class Decoder(nn.Module):
         return DecoderOutput(self._output(emb, h_all, z_all), torch.stack(alphas, 1), log_p, mask)
 
     def _output(self, emb: torch.Tensor, h_all: torch.Tensor, z_all: torch.Tensor) -> torch.Tensor:
-        """The output layer does not feed back, so it runs once on all steps (one large matmul).
-
-        Its weight is padded with zero rows to a multiple of 8 words for the product (the logits
-        are the first V columns of the result, a view): at COCO's 9,490 words the unpadded
-        product ran at 2/3 of the padded one's speed on the project's CPU (MKL), and GPUs' matrix
-        units want multiples of 8 too. The padding costs one copy of the weight per pass."""
+        """The output layer does not feed back, so it runs once on all steps (one large matmul);
+        its forward product runs with the vocabulary padded to a multiple of 8 words
+        (``_PaddedOutput``)."""
         x = self.dropout(emb + self.L_h(h_all) + self.L_z(z_all))
-        V = self.L_o.out_features
-        pad = -V % 8
-        if pad == 0:
+        if -self.L_o.out_features % 8 == 0 or torch.compiler.is_compiling():
             return self.L_o(x)  # (B, T, V)
-        return F.linear(x, F.pad(self.L_o.weight, (0, 0, 0, pad)), F.pad(self.L_o.bias, (0, pad)))[..., :V]
+        logits = _PaddedOutput.apply(x.reshape(-1, x.shape[-1]), self.L_o.weight, self.L_o.bias)
+        return logits.view(*x.shape[:-1], -1)  # (B, T, V)
 
     def _fused_pass(self, features, mask, keys, state, rows, emb, captions, mode, sample_mask) -> DecoderOutput:
         """The teacher-forced loop arranged for speed; the same maths as the loop in ``forward``

@@ -13,8 +13,8 @@ Two totals, kept apart on purpose:
   ``W a`` and ``h_0, c_0`` once per image (shared by its ``k`` captions); the recurrence only for
   the rows still inside their caption at each step (real tokens); the work hoisted out of the
   recurrence -- the LSTM's product with the word embedding and the deep output layer -- for every
-  position of the padded [B, T] batch, the output layer over its vocabulary padded to a multiple
-  of 8 words.
+  position of the padded [B, T] batch, the output layer's forward over its vocabulary padded to
+  a multiple of 8 words.
 
 Backward costs two products per forward product (the gradient of each operand), except where an
 operand needs no gradient: with a frozen encoder (or random feature inputs, as in the benchmark)
@@ -93,7 +93,7 @@ def decoder_flops(
 
     # W_ih[:, :m] E y for all steps at once; L_h h, L_z z, L_o (...)
     output = 2.0 * m * 4 * n + 2.0 * n * m + 2.0 * D * m + 2.0 * m * V
-    output_padding = 2.0 * m * (-V % 8)  # L_o's weight runs padded to a multiple of 8 words (Decoder._output)
+    output_padding = 2.0 * m * (-V % 8)  # L_o's forward runs padded to a multiple of 8 words (decoder.py)
     output_backward = 2 * output
     if context == 0.0 and cfg.gate == "none" and not features_need_grad:
         # z = a_s is then a constant: W_ih[:, m:] and L_z need no d z
@@ -131,6 +131,6 @@ def training_step_flops(
     padded = float(rows * max(caption_tokens))
     useful = flops.training(images, real)
     # The recurrence runs real steps only; the hoisted products every padded position, the output
-    # layer with its padding words (forward and both gradients).
-    executed = flops.training(images, real, padded) + 3.0 * padded * flops.output_padding
+    # layer's forward with its padding words.
+    executed = flops.training(images, real, padded) + padded * flops.output_padding
     return StepFlops(useful, executed, useful / rows)
