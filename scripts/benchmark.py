@@ -115,6 +115,11 @@ def format_report(results: dict[str, Any]) -> str:
                            ["one at a time", b["sequential_images"], b["sequential_s"], b["sequential_captions_per_s"]]]))
         out.append(f"speed-up {b['speedup']}x (best of {b.get('reps', 1)} alternating runs each); "
                    f"same captions both ways: {b['same_captions']}; {b['note']}")
+        if "speedup_ceiling" in b:
+            out.append(f"batched: {b['batched_gflop_per_image']} GFLOP of matrix products per image, run at "
+                       f"{100 * b['batched_fraction_of_matmul']:.1f}% of the fp32 matmul rate above; ceiling on this "
+                       f"machine (every product at that rate, nothing else, against the measured one-at-a-time "
+                       f"time): {b['speedup_ceiling']}x")
     if "loader" in results:
         loader = results["loader"]
         if "skipped" in loader:
@@ -185,7 +190,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results.setdefault("encoder", []).append(
                 bench.encoder_forward(item, sizes, device, precision, reps=max(1, reps - 1)))
         elif section == "beam":
-            results["beam"] = bench.beam_search_speedup(sizes, device, args.sequential_images, reps=reps)
+            fp32 = results.get("matmul", {}).get("fp32", {}).get("best_gflops")
+            results["beam"] = bench.beam_search_speedup(sizes, device, args.sequential_images, reps=reps,
+                                                        matmul_gflops=fp32)
         elif section == "loader":
             results["loader"] = bench.data_loader(args.loader_root, tuple(args.loader_workers),
                                                   seconds=2.0 if args.quick else 5.0)

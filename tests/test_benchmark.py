@@ -18,6 +18,7 @@ from captioning.models import ShowAttendTell
 from captioning.perf.compile import compile_model, compile_unsupported_reason
 from captioning.perf.flops import decoder_flops, training_step_flops
 from captioning.training.module import CaptioningModule
+from captioning.models.decoder import DecoderState
 from captioning.vocab import SPECIALS, Vocabulary
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,10 +130,35 @@ def test_quick_benchmark_writes_json_and_tables(tmp_path, capsys):
     beam = saved["beam"]
     assert beam["same_captions"] is True  # batched and one-at-a-time decode the same captions
     assert beam["batched_images"] == beam["sequential_images"] == 6 and beam["speedup"] > 0
+    # The ceiling: the one-at-a-time time per image over the batched FLOPs per image at the matmul rate.
+    rate = saved["matmul"]["fp32"]["best_gflops"] * 1e9
+    floor_s = beam["batched_flop_per_image"] / rate
+    assert beam["speedup_ceiling"] == pytest.approx(beam["sequential_seconds"] / 6 / floor_s, rel=0.01)
+    assert beam["batched_fraction_of_matmul"] == pytest.approx(6 * floor_s / beam["batched_seconds"], rel=0.01)
     assert "skipped" in saved["loader"] and "--loader-root" in saved["loader"]["skipped"]
     printed = capsys.readouterr().out
     assert "teacher-forced training step" in printed and "speed-up" in printed and str(out) in printed
     assert results["total_seconds"] == saved["total_seconds"]
+
+
+def test_decoder_rows_counts_every_step_and_restores_the_method():
+    from captioning.perf.benchmark import _decoder_rows
+
+    model = ShowAttendTell(make_config().model, V).eval()
+    features = grids(model, 2)
+    mask = torch.ones(features.shape[:2], dtype=torch.bool)
+    keys = model.decoder.project(features)
+    state = model.decoder.init_state(features, mask)
+    words = torch.full((2,), Vocabulary.start_id)
+
+    def two_steps():
+        with torch.no_grad():
+            out = model.decoder.step(words, state, features, keys, mask)
+            model.decoder.step(words.repeat(3), DecoderState(*(x.repeat(3, 1) for x in out.state)),
+                               features, keys, mask)
+
+    assert _decoder_rows(model, two_steps) == 2 + 6
+    assert "step" not in vars(model.decoder)  # the class's method again
 
 
 def test_quick_encoder_section(tmp_path):

@@ -359,15 +359,21 @@ def encoder_forward(backbone: str, sizes: Sizes, device: torch.device, precision
 
 
 def beam_search_speedup(sizes: Sizes, device: torch.device, sequential_images: int | None = None,
-                        seed: int = 0, reps: int = 1) -> dict[str, Any]:
+                        seed: int = 0, reps: int = 1, matmul_gflops: float | None = None) -> dict[str, Any]:
     """Captions/s of beam search over ``beam_images`` images at once vs one at a time (same code,
     ``decoding.beam_search_features``), from random grids with random weights. Each side is timed
     ``reps`` times, the two sides alternating, and its best time counts (a shared machine's noise
-    only ever adds time)."""
+    only ever adds time).
+
+    With ``matmul_gflops`` (the machine's measured fp32 matmul rate) it also gives the batched
+    search's matrix-multiply FLOPs per image (counted from the decoder rows each step really ran)
+    and the speed-up the batched side would reach if it ran every one of them at that rate and did
+    nothing else (no softmax, top-k, attention map or bookkeeping): a ceiling for this machine."""
     from captioning.decoding import beam_search_features
 
     torch.manual_seed(seed)
-    model = ShowAttendTell(coco_model_config(sizes, "soft"), sizes.beam_vocab_size)
+    cfg = coco_model_config(sizes, "soft")
+    model = ShowAttendTell(cfg, sizes.beam_vocab_size)
     model.encoder.stages = torch.nn.Sequential()  # unused: decoding starts from grids
     model.to(device).eval()
     n = sizes.beam_images
@@ -388,7 +394,7 @@ def beam_search_speedup(sizes: Sizes, device: torch.device, sequential_images: i
         torch.equal(batched.tokens[i, : batched.lengths[i]], s.tokens[0, : s.lengths[0]]) for i, s in enumerate(singles)
     )
     batched_rate, seq_rate = n / t_batched, m / t_seq
-    return {
+    result = {
         "beam_size": K, "max_len": max_len, "vocab_size": sizes.beam_vocab_size,
         "features": f"{sizes.locations}x{sizes.feature_dim}", "dims": sizes.hidden_dim,
         "batched_images": n, "batched_s": round(t_batched, 2), "batched_captions_per_s": round(batched_rate, 2),
@@ -397,6 +403,36 @@ def beam_search_speedup(sizes: Sizes, device: torch.device, sequential_images: i
         "mean_length": round(float(batched.lengths.float().mean()), 1),
         "note": "random weights: beams rarely reach <end>, so most run the full max_len on both sides",
     }
+    if matmul_gflops:
+        rows = _decoder_rows(model, lambda: run(features, mask))  # decoder rows over all steps
+        flops = decoder_flops(cfg.decoder, sizes.locations, sizes.feature_dim, sizes.beam_vocab_size)
+        per_image = flops.forward_only(n, rows, rows) / n  # W a once per image, every row's step and output
+        floor_s = per_image / (matmul_gflops * 1e9)  # per image, every product at the matmul rate
+        result.update({
+            "batched_flop_per_image": per_image, "batched_seconds": t_batched, "sequential_seconds": t_seq,
+            "batched_gflop_per_image": round(per_image / 1e9, 3),
+            "batched_fraction_of_matmul": round(per_image * n / t_batched / 1e9 / matmul_gflops, 4),
+            "speedup_ceiling": round((t_seq / m) / floor_s, 2),
+        })
+    return result
+
+
+def _decoder_rows(model: ShowAttendTell, call: Callable[[], Any]) -> int:
+    """Decoder rows (beams) that ``call`` steps, summed over its steps."""
+    decoder, rows = model.decoder, 0
+    step = decoder.step
+
+    def counting(prev_words, *args, **kwargs):
+        nonlocal rows
+        rows += prev_words.shape[0]
+        return step(prev_words, *args, **kwargs)
+
+    decoder.step = counting
+    try:
+        call()
+    finally:
+        del decoder.step  # the class's method again
+    return rows
 
 
 # ------------------------------------------------------------------------------ data loader
