@@ -394,7 +394,7 @@ def test_fused_teacher_forcing_equals_the_plain_loop(attention, mode, score, gat
     """Decoder._fused_pass (live rows longest first, hoisted and fused products, weight gradients
     taken once over all steps) gives the plain step-by-step loop's logits, attention, loss and
     every parameter's gradient, on the real tokens: for a batch in any order, and for one that
-    comes longest first as collate_train makes it (with k = 1 it is used without reordering)."""
+    comes longest first as collate_train makes it for k = 1 (then it is used without reordering)."""
     cfg = make_config(model__attention=attention, model__decoder__score=score, model__decoder__gate=gate)
     model = ShowAttendTell(cfg.model, V).eval()  # no dropout: both passes see the same network
     features = torch.randn(3, 16, model.encoder.out_channels)
@@ -452,18 +452,26 @@ def test_output_layer_padded_for_speed_gives_the_linear_layer(words):
     assert decoder.L_o.weight.grad.dtype == torch.float32
 
 
-def test_training_batches_come_longest_caption_first():
-    """collate_train orders a batch's images by their longest caption (stable), keeping each
-    image's pixels, captions and id together: the order the fused pass uses as it is."""
+def test_training_batches_of_one_caption_per_image_come_longest_first():
+    """collate_train orders a batch with one caption per image longest caption first (stable),
+    keeping each image's pixels, caption and id together: the order the fused pass uses as it is.
+    With several captions per image it keeps the batch's order."""
     from captioning.data.datamodule import collate_train
 
-    items = [(torch.full((3, 2, 2), float(i)), [[1] + [5] * n + [2] for n in lengths], 10 + i)
-             for i, lengths in enumerate([[2, 4], [6, 1], [4, 3], [6, 2]])]
-    batch = collate_train(items)
-    assert batch["image_ids"].tolist() == [11, 13, 10, 12]  # longest 6, 6 (stable), 4, 4
+    def items(lengths):
+        return [(torch.full((3, 2, 2), float(i)), [[1] + [5] * n + [2] for n in caps], 10 + i)
+                for i, caps in enumerate(lengths)]
+
+    def real_tokens(batch):
+        return (batch["captions"][:, 1:] != Vocabulary.pad_id).sum(1).tolist()  # words + <end>
+
+    batch = collate_train(items([[4], [6], [2], [6]]))
+    assert batch["image_ids"].tolist() == [11, 13, 10, 12]  # 6, 6 (stable), 4, 2
     assert batch["images"][:, 0, 0, 0].tolist() == [1.0, 3.0, 0.0, 2.0]
-    lengths = (batch["captions"][:, 1:] != Vocabulary.pad_id).sum(1).tolist()
-    assert lengths == [7, 2, 7, 3, 3, 5, 5, 4]  # words + <end>, two captions per image in their order
+    assert real_tokens(batch) == [7, 7, 5, 3]
+    batch = collate_train(items([[2, 4], [6, 1], [4, 3]]))
+    assert batch["image_ids"].tolist() == [10, 11, 12]
+    assert real_tokens(batch) == [3, 5, 7, 2, 5, 4]
 
 
 @pytest.mark.parametrize("scale", [1.0, 300.0])

@@ -82,11 +82,14 @@ class EvalDataset(Dataset):
 def collate_train(batch) -> dict[str, torch.Tensor]:
     """-> images [B, 3, S, S], captions [B*k, T+1] padded with <pad>=0, image_ids [B].
 
-    The images come longest caption first (stable): the decoder's fused teacher-forced pass runs
-    its captions in that order, and a batch that already has it (one caption per image) is used
-    without copying its grids into another order (captioning/models/decoder.py). The order of a
-    minibatch changes no loss term: each is a mean over its captions."""
-    batch = sorted(batch, key=lambda item: -max(len(ids) for ids in item[1]))
+    With one caption per image (the COCO configs) the images come longest caption first (stable):
+    the decoder's fused teacher-forced pass runs its captions in that order, and a batch that
+    already has it is used without copying its grids into another order
+    (captioning/models/decoder.py). With several captions per image that pass reorders the
+    captions anyway, so the batch is left as it comes. The order of a minibatch changes no loss
+    term (each is a mean over its captions), only which dropout mask meets which caption."""
+    if all(len(item[1]) == 1 for item in batch):
+        batch = sorted(batch, key=lambda item: -len(item[1][0]))
     images = torch.stack([item[0] for item in batch])
     rows = [ids for item in batch for ids in item[1]]
     width = max(len(ids) for ids in rows)
