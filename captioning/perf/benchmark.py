@@ -223,7 +223,8 @@ def coco_model_config(sizes: Sizes, attention: str) -> ModelConfig:
 def random_captions(n: int, vocab_size: int, min_tokens: int, max_tokens: int,
                     gen: torch.Generator) -> tuple[torch.Tensor, list[int]]:
     """[n, T+1] <start> w.. <end> <pad>.. with min..max target tokens (words + <end>) each, longest
-    first as ``collate_train`` orders a training batch."""
+    first as ``collate_train`` orders a batch of one caption per image (with several per image the
+    fused pass reorders its captions whatever their order, at the same cost)."""
     tokens = sorted(torch.randint(min_tokens, max_tokens + 1, (n,), generator=gen).tolist(), reverse=True)
     captions = torch.full((n, max(tokens) + 1), Vocabulary.pad_id, dtype=torch.long)
     for i, t in enumerate(tokens):
