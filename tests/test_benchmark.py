@@ -141,8 +141,8 @@ def test_quick_benchmark_writes_json_and_tables(tmp_path, capsys):
     assert results["total_seconds"] == saved["total_seconds"]
 
 
-def test_decoder_rows_counts_every_step_and_restores_the_method():
-    from captioning.perf.benchmark import _decoder_rows
+def test_counting_rows_counts_every_step_and_restores_the_method():
+    from captioning.perf.benchmark import _counting_rows
 
     model = ShowAttendTell(make_config().model, V).eval()
     features = grids(model, 2)
@@ -151,13 +151,11 @@ def test_decoder_rows_counts_every_step_and_restores_the_method():
     state = model.decoder.init_state(features, mask)
     words = torch.full((2,), Vocabulary.start_id)
 
-    def two_steps():
-        with torch.no_grad():
-            out = model.decoder.step(words, state, features, keys, mask)
-            model.decoder.step(words.repeat(3), DecoderState(*(x.repeat(3, 1) for x in out.state)),
-                               features, keys, mask)
-
-    assert _decoder_rows(model, two_steps) == 2 + 6
+    with _counting_rows(model.decoder) as rows, torch.no_grad():
+        out = model.decoder.step(words, state, features, keys, mask)
+        model.decoder.step(words.repeat(3), DecoderState(*(x.repeat(3, 1) for x in out.state)),
+                           features, keys, mask)
+    assert rows == [2 + 6]
     assert "step" not in vars(model.decoder)  # the class's method again
 
 

@@ -16,6 +16,7 @@ matmul yardstick does); on CUDA every phase is synchronised.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import inspect
@@ -387,7 +388,8 @@ def beam_search_speedup(sizes: Sizes, device: torch.device, sequential_images: i
     m = min(n, sequential_images or n)
     t_batched = t_seq = float("inf")
     for _ in range(max(1, reps)):
-        t, batched = clock(lambda: run(features, mask), device)
+        with _counting_rows(model.decoder) as rows:  # the batched run's decoder rows (a counter, no sync)
+            t, batched = clock(lambda: run(features, mask), device)
         t_batched = min(t_batched, t)
         t, singles = clock(lambda: [run(features[i:i + 1], mask[i:i + 1]) for i in range(m)], device)
         t_seq = min(t_seq, t)
@@ -405,9 +407,8 @@ def beam_search_speedup(sizes: Sizes, device: torch.device, sequential_images: i
         "note": "random weights: beams rarely reach <end>, so most run the full max_len on both sides",
     }
     if matmul_gflops:
-        rows = _decoder_rows(model, lambda: run(features, mask))  # decoder rows over all steps
         flops = decoder_flops(cfg.decoder, sizes.locations, sizes.feature_dim, sizes.beam_vocab_size)
-        per_image = flops.forward_only(n, rows, rows) / n  # W a once per image, every row's step and output
+        per_image = flops.forward_only(n, rows[0], rows[0]) / n  # W a once per image, every row's step and output
         floor_s = per_image / (matmul_gflops * 1e9)  # per image, every product at the matmul rate
         result.update({
             "batched_flop_per_image": per_image, "batched_seconds": t_batched, "sequential_seconds": t_seq,
@@ -418,22 +419,21 @@ def beam_search_speedup(sizes: Sizes, device: torch.device, sequential_images: i
     return result
 
 
-def _decoder_rows(model: ShowAttendTell, call: Callable[[], Any]) -> int:
-    """Decoder rows (beams) that ``call`` steps, summed over its steps."""
-    decoder, rows = model.decoder, 0
+@contextlib.contextmanager
+def _counting_rows(decoder: torch.nn.Module):
+    """Within the block, ``decoder.step`` adds the rows (beams) of each call to the yielded [count]."""
+    rows = [0]
     step = decoder.step
 
     def counting(prev_words, *args, **kwargs):
-        nonlocal rows
-        rows += prev_words.shape[0]
+        rows[0] += prev_words.shape[0]
         return step(prev_words, *args, **kwargs)
 
     decoder.step = counting
     try:
-        call()
+        yield rows
     finally:
         del decoder.step  # the class's method again
-    return rows
 
 
 # ------------------------------------------------------------------------------ data loader
