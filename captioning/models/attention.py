@@ -232,7 +232,7 @@ class _AdditiveStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, keys, query, v_weight, v_bias, owner: UnrolledAdditiveScore):
         n, A = query.shape
-        q = (query * 2.0).to(keys.dtype)  # the keys carry the factor 2 already (``project``)
+        q = (query * 2.0).to(keys.dtype).contiguous()  # the keys carry the factor 2 already (``project``)
         exp_neg_q = _exp_neg_query(q, owner.exp_k)  # (n, A): with q, all that backward needs to rebuild z
         ctx.owner, ctx.query_dtype = owner, query.dtype
         ctx.save_for_backward(keys, q, exp_neg_q, v_weight)
