@@ -36,9 +36,18 @@ class LossTerms(NamedTuple):
     entropy_per_caption: torch.Tensor  # sum_t H(alpha_t) over real steps
 
 
-def caption_nll(logits: torch.Tensor, targets: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [B, T, V], targets [B, T] -> (per-caption summed NLL [B], token mask [B, T] bool)."""
+def caption_nll(
+    logits: torch.Tensor | None, targets: torch.Tensor, pad_id: int, token_nll: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, T, V], targets [B, T] -> (per-caption summed NLL [B], token mask [B, T] bool).
+
+    ``token_nll`` [B, T]: the per-token NLL the decoder computed itself (``return_logits=False``);
+    then ``logits`` may be None."""
     token_mask = targets != pad_id
+    if token_nll is not None:
+        return (token_nll.float() * token_mask).sum(1), token_mask
+    if logits is None:
+        raise ValueError("caption_nll needs the logits or the decoder's token_nll")
     # Rows of V contiguous (a [B, V, T] transpose makes log-softmax stride over T: ~3x slower).
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
     return (nll.view(targets.shape) * token_mask).sum(1), token_mask
@@ -76,7 +85,7 @@ class ReinforceBaseline(nn.Module):
 
 def caption_loss(
     cfg: LossConfig,
-    logits: torch.Tensor,
+    logits: torch.Tensor | None,
     targets: torch.Tensor,
     alphas: torch.Tensor,
     feature_mask: torch.Tensor,
@@ -84,13 +93,15 @@ def caption_loss(
     attention: str,
     log_probs: torch.Tensor | None = None,
     baseline: torch.Tensor | None = None,
+    token_nll: torch.Tensor | None = None,
 ) -> LossTerms:
     """All terms for one minibatch.
 
-    logits [B, T, V], targets [B, T], alphas [B, T, L], feature_mask [B, L] bool;
+    logits [B, T, V] (or None with ``token_nll`` [B, T], from a decoder pass with
+    ``return_logits=False``), targets [B, T], alphas [B, T, L], feature_mask [B, L] bool;
     hard attention: log_probs [B, T] (0 where the expected context was used) and baseline (scalar).
     """
-    nll_per_caption, token_mask = caption_nll(logits, targets, pad_id)
+    nll_per_caption, token_mask = caption_nll(logits, targets, pad_id, token_nll)
     nll = nll_per_caption.mean()
     token_nll = nll_per_caption.sum() / token_mask.sum().clamp_min(1)
     penalty = doubly_stochastic_penalty(alphas.float(), token_mask, feature_mask).mean()

@@ -422,6 +422,50 @@ def test_fused_teacher_forcing_equals_the_plain_loop(attention, mode, score, gat
     for name in grads_a:
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6, msg=name)
 
+    # Training's form: token NLL instead of logits (output layer and loss on the real tokens only).
+    model.zero_grad()
+    out = model(features, captions, mode=mode, return_logits=False)
+    assert out.logits is None and out.token_nll.shape == captions[:, 1:].shape
+    assert (out.token_nll[~real] == 0).all()
+    nll = torch.nn.functional.cross_entropy(logits_a.float(), captions[:, 1:][real], reduction="none")
+    torch.testing.assert_close(out.token_nll[real].detach(), nll)
+    caption_loss(cfg.loss, None, captions[:, 1:], out.alphas, out.mask, Vocabulary.pad_id, attention, out.log_probs,
+                 torch.zeros(()) if attention == "hard" else None, out.token_nll).loss.backward()
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, grads_a[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_fused_training_pass_draws_the_plain_loops_dropout_masks(k):
+    """With dropout on, the fused pass's packed output layer (return_logits=False) draws the masks
+    the plain loop draws for its padded [B, T, m] batch, so training takes the same path whichever
+    runs: same loss and gradients under the same seed."""
+    cfg = make_config(model__decoder__dropout=0.5)
+    torch.manual_seed(0)
+    model = ShowAttendTell(cfg.model, V).train()
+    features = torch.randn(3, 16, model.encoder.out_channels)
+    captions = random_captions(3 * k, V, min_len=1, max_len=6)
+    results = []
+    for fused in (False, True):
+        model.decoder.fused = fused
+        model.zero_grad()
+        torch.manual_seed(1)
+        out = model(features, captions, return_logits=False)
+        loss = caption_loss(cfg.loss, None, captions[:, 1:], out.alphas, out.mask, Vocabulary.pad_id, "soft",
+                            token_nll=out.token_nll).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a)
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6, msg=name)
+    torch.manual_seed(2)  # another draw, another loss: dropout really is on
+    out = model(features, captions, return_logits=False)
+    other = caption_loss(cfg.loss, None, captions[:, 1:], out.alphas, out.mask, Vocabulary.pad_id, "soft",
+                         token_nll=out.token_nll).loss
+    assert abs(float(other.detach()) - float(loss_b)) > 1e-3
+
 
 @pytest.mark.parametrize("words", [30, 32])
 def test_output_layer_padded_for_speed_gives_the_linear_layer(words):
@@ -450,6 +494,38 @@ def test_output_layer_padded_for_speed_gives_the_linear_layer(words):
     assert logits.dtype == torch.bfloat16
     logits.float().sum().backward()  # gradients reach the fp32 parameters in their dtype
     assert decoder.L_o.weight.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("words", [30, 32])
+@pytest.mark.parametrize("chunk", [2**18, 40])
+def test_output_nll_equals_the_linear_layer_and_cross_entropy(words, chunk, monkeypatch):
+    """_OutputNLL (the fused training pass's output layer + cross-entropy, its elementwise work a
+    few rows at a time) gives nn.Linear + F.cross_entropy's NLL and gradients: padded vocabulary
+    (30) or not (32), all rows at once or one row at a time (chunk 40), twice over a retained
+    graph, and under bf16 autocast."""
+    from captioning.models.decoder import _OutputNLL
+
+    monkeypatch.setattr("captioning.models.decoder.NLL_CHUNK_ELEMENTS", chunk)
+    torch.manual_seed(0)
+    layer = nn.Linear(8, words)
+    x = torch.randn(7, 8, requires_grad=True)
+    targets = torch.randint(0, words, (7,))
+    weights = torch.rand(7)  # a gradient that differs per row
+    expected = torch.nn.functional.cross_entropy(layer(x), targets, reduction="none")
+    params = [x, layer.weight, layer.bias]
+    grads = torch.autograd.grad((expected * weights).sum(), params)
+    nll = _OutputNLL.apply(x, layer.weight, layer.bias, targets)
+    torch.testing.assert_close(nll, expected)
+    for _ in range(2):  # backward leaves what it saved intact
+        for got, want in zip(torch.autograd.grad((nll * weights).sum(), params, retain_graph=True), grads):
+            torch.testing.assert_close(got, want)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        nll = _OutputNLL.apply(x, layer.weight, layer.bias, targets)
+    assert nll.dtype == torch.float32
+    torch.testing.assert_close(nll, expected, rtol=0.05, atol=0.05)
+    got = torch.autograd.grad((nll * weights).sum(), params)
+    assert [g.dtype for g in got] == [torch.float32] * 3
+    torch.testing.assert_close(got[1], grads[1], rtol=0.05, atol=0.02)
 
 
 def test_training_batches_of_one_caption_per_image_come_longest_first():

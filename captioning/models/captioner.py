@@ -44,11 +44,14 @@ class ShowAttendTell(nn.Module):
         image_mask: torch.Tensor | None = None,
         mode: str = "expected",
         sample_mask: torch.Tensor | None = None,
+        return_logits: bool = True,
     ) -> DecoderOutput:
         """Teacher-forced pass: captions [B*k, T+1] (<start> ... <end> <pad>) -> logits [B*k, T, V].
 
         With k > 1 captions per image (rows i*k .. i*k+k-1 belong to image i), the image is encoded
         once, and its projection ``W a`` and initial state are computed once, for its k captions.
+        ``return_logits=False``: per-token NLL [B*k, T] instead of logits (Decoder.forward), all
+        a training loss needs, and faster to compute.
         """
         features, mask = self.encode(images, image_mask)
         k, rem = divmod(captions.shape[0], images.shape[0])
@@ -60,4 +63,5 @@ class ShowAttendTell(nn.Module):
             rows = torch.arange(images.shape[0], device=captions.device).repeat_interleave(k)  # caption -> image
             if sample_mask is not None and sample_mask.shape[0] == images.shape[0]:
                 sample_mask = sample_mask[rows]  # per image -> per caption
-        return self.decoder(features, mask, captions, mode, sample_mask, keys=keys, rows=rows)
+        return self.decoder(features, mask, captions, mode, sample_mask, keys=keys, rows=rows,
+                            return_logits=return_logits)

@@ -32,33 +32,41 @@ class StepOutput(NamedTuple):
 
 
 class DecoderOutput(NamedTuple):
-    """At padded steps (targets == <pad>) the values are not the model's: alphas and log_probs are
-    0 there and the logits arbitrary (the fused pass does not run those steps); losses mask them."""
+    """At padded steps (targets == <pad>) the values are not the model's: alphas, log_probs and
+    token_nll are 0 there and the logits arbitrary (the fused pass does not run those steps);
+    losses mask them. A pass asked for ``return_logits=False`` gives token_nll and no logits."""
 
-    logits: torch.Tensor  # [B, T, V] for targets captions[:, 1:]
+    logits: torch.Tensor | None  # [B, T, V] for targets captions[:, 1:]; None with return_logits=False
     alphas: torch.Tensor  # [B, T, L]
     log_probs: torch.Tensor | None  # [B, T] log p(s_t) of sampled locations (hard, "sample"/"argmax")
     mask: torch.Tensor  # [B, L] bool, the real annotation locations
+    token_nll: torch.Tensor | None = None  # [B, T] -log p(captions[:, 1:]) (return_logits=False)
+
+
+def _padded_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N, m] -> (x in the autocast dtype, x W^T + b as [N, V + pad]): the product taken with W
+    and b padded by zero rows to a multiple of 8 words. At COCO's 9,490 words the unpadded product
+    ran at 2/3 of the padded one's speed on the project's CPU (MKL), and GPUs' matrix units want
+    multiples of 8 too. The first V columns are the logits."""
+    pad = -weight.shape[0] % 8
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    x = x.to(dtype)
+    with torch.autocast(device, enabled=False):
+        w, b = F.pad(weight.to(dtype), (0, 0, 0, pad)), F.pad(bias.to(dtype), (0, pad))
+        return x, torch.addmm(b, x, w.t())
 
 
 class _PaddedOutput(torch.autograd.Function):
-    """x [N, m] -> x W^T + b [N, V], the forward product taken with W and b padded by zero rows to a
-    multiple of 8 words (then the first V columns, copied out contiguous): at COCO's 9,490 words
-    the unpadded product ran at 2/3 of the padded one's speed on the project's CPU (MKL), and GPUs'
-    matrix units want multiples of 8 too. The gradients are taken unpadded (those products run at
+    """x [N, m] -> x W^T + b [N, V] with the forward product padded (``_padded_logits``), then the
+    first V columns copied out contiguous. The gradients are taken unpadded (those products run at
     full speed either way), so no zero-filled padded gradient is ever made. Same values."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        V = weight.shape[0]
-        pad = -V % 8
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        x = x.to(dtype)
+        x, logits = _padded_logits(x, weight, bias)
         ctx.save_for_backward(x, weight)
-        with torch.autocast(device, enabled=False):
-            w, b = F.pad(weight.to(dtype), (0, 0, 0, pad)), F.pad(bias.to(dtype), (0, pad))
-            return torch.addmm(b, x, w.t())[:, :V].contiguous()
+        return logits[:, : weight.shape[0]].contiguous()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -68,6 +76,52 @@ class _PaddedOutput(torch.autograd.Function):
         dw = grad.t().mm(x).to(weight.dtype) if ctx.needs_input_grad[1] else None
         db = grad.sum(0).to(weight.dtype) if ctx.needs_input_grad[2] else None
         return dx, dw, db
+
+
+# The output NLL's elementwise work runs on this many logits at a time (1 MiB of fp32), so that
+# its temporaries stay in cache instead of streaming [N, V] tensors through memory.
+NLL_CHUNK_ELEMENTS = 2**18
+
+
+class _OutputNLL(torch.autograd.Function):
+    """x [N, m], targets [N] -> -log softmax(x W^T + b)[targets] [N] in fp32: the output layer and
+    the cross-entropy in one, as the fused training pass uses it (rows = real tokens only).
+
+    Against ``_PaddedOutput`` + ``F.cross_entropy`` it makes no contiguous copy of the logits, no
+    [N, V] log-softmax, no zero-filled [N, V] gradient to scatter into: forward keeps the padded
+    logits and log-sum-exp per row; backward writes (softmax - onehot) * g a few rows at a time
+    (``NLL_CHUNK_ELEMENTS``) into one [N, V] buffer, then takes the three products unpadded.
+    Same values up to float rounding (tests)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        x, logits = _padded_logits(x, weight, bias)
+        V = weight.shape[0]
+        rows = max(1, NLL_CHUNK_ELEMENTS // V)
+        lse = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+        for i in range(0, x.shape[0], rows):
+            torch.logsumexp(logits[i:i + rows, :V].float(), dim=1, out=lse[i:i + rows])
+        picked = logits.gather(1, targets[:, None]).squeeze(1).float()
+        ctx.save_for_backward(x, weight, logits, lse, targets)
+        return lse - picked
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, logits, lse, targets = ctx.saved_tensors
+        V = weight.shape[0]
+        rows = max(1, NLL_CHUNK_ELEMENTS // V)
+        d = logits.new_empty(x.shape[0], V)  # d loss / d logits
+        db = torch.zeros(V, dtype=torch.float32, device=x.device)
+        g = grad.float()
+        for i in range(0, x.shape[0], rows):
+            j = min(x.shape[0], i + rows)
+            p = torch.exp(logits[i:j, :V].float() - lse[i:j, None]).mul_(g[i:j, None])  # softmax * g
+            p[torch.arange(j - i, device=p.device), targets[i:j]] -= g[i:j]  # - onehot * g
+            db += p.sum(0)
+            d[i:j] = p
+        dx = d.mm(weight.to(d.dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
+        dw = d.t().mm(x).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return dx, dw, db.to(weight.dtype) if ctx.needs_input_grad[2] else None, None
 
 
 class Decoder(nn.Module):
@@ -138,6 +192,7 @@ class Decoder(nn.Module):
         sample_mask: torch.Tensor | None = None,
         keys: torch.Tensor | None = None,
         rows: torch.Tensor | None = None,
+        return_logits: bool = True,
     ) -> DecoderOutput:
         """Teacher-forced pass. captions [B, T+1] = <start> w_1 ... <end> <pad>...; predicts
         captions[:, 1:]; padding is masked in the loss. ``sample_mask``: [B], per caption.
@@ -145,13 +200,18 @@ class Decoder(nn.Module):
         ``rows`` [B] long: caption b belongs to image ``rows[b]`` of ``features`` / ``mask`` /
         ``keys`` [N, ...] (several captions per image share the image's projection ``W a`` and
         ``h_0, c_0``, computed once per image). None: one image per caption, in order.
+
+        ``return_logits=False`` (training: all a loss needs): the output carries ``token_nll``
+        [B, T], the NLL of each target word, instead of the [B, T, V] logits; with gradients the
+        fused pass then runs the output layer on the real tokens only, fused with the
+        cross-entropy (``_OutputNLL``), and never forms the logits.
         """
         if keys is None:  # the caller may pass project(features), computed once per image
             keys = self.project(features)  # (N, L, K)
         state = self.init_state(features, mask)  # (N, n): once per image
         emb = self.embedding(captions[:, :-1])  # (B, T, m)
         if self.fused and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            return self._fused_pass(features, mask, keys, state, rows, emb, captions, mode, sample_mask)
+            return self._fused_pass(features, mask, keys, state, rows, emb, captions, mode, sample_mask, return_logits)
         if rows is None:
             rows = torch.arange(captions.shape[0], device=captions.device)
         features, mask, keys = features[rows], mask[rows], keys[rows]
@@ -167,7 +227,13 @@ class Decoder(nn.Module):
                 log_probs.append(attended.log_prob)
         h_all, z_all = torch.stack(hs, 1), torch.stack(zs, 1)  # (B, T, n), (B, T, D)
         log_p = torch.stack(log_probs, 1) if log_probs else None
-        return DecoderOutput(self._output(emb, h_all, z_all), torch.stack(alphas, 1), log_p, mask)
+        logits = self._output(emb, h_all, z_all)
+        if return_logits:
+            return DecoderOutput(logits, torch.stack(alphas, 1), log_p, mask)
+        targets = captions[:, 1:]
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
+        token_nll = nll.view(targets.shape) * (targets != Vocabulary.pad_id)
+        return DecoderOutput(None, torch.stack(alphas, 1), log_p, mask, token_nll)
 
     def _output(self, emb: torch.Tensor, h_all: torch.Tensor, z_all: torch.Tensor) -> torch.Tensor:
         """The output layer does not feed back, so it runs once on all steps (one large matmul);
@@ -179,7 +245,8 @@ class Decoder(nn.Module):
         logits = _PaddedOutput.apply(x.reshape(-1, x.shape[-1]), self.L_o.weight, self.L_o.bias)
         return logits.view(*x.shape[:-1], -1)  # (B, T, V)
 
-    def _fused_pass(self, features, mask, keys, state, rows, emb, captions, mode, sample_mask) -> DecoderOutput:
+    def _fused_pass(self, features, mask, keys, state, rows, emb, captions, mode, sample_mask,
+                    return_logits: bool = True) -> DecoderOutput:
         """The teacher-forced loop arranged for speed; the same maths as the loop in ``forward``
         (the reference, used when compiling and without gradients; a test holds them equal):
 
@@ -193,7 +260,9 @@ class Decoder(nn.Module):
         * the weights of those per-step products get their gradients once, over all steps
           (captioning/models/deferred.py), not step by step;
         * the additive score's map is differentiated by hand in reused buffers
-          (``UnrolledAdditiveScore``), its keys' gradient summed over the steps in one buffer.
+          (``UnrolledAdditiveScore``), its keys' gradient summed over the steps in one buffer;
+        * with ``return_logits=False`` the output layer and the cross-entropy run on the real
+          tokens only, packed step-major as the loop made them (``_packed_nll``).
         """
         B, T, m = emb.shape
         lengths = (captions[:, 1:] != Vocabulary.pad_id).sum(1)  # real target tokens per caption
@@ -213,20 +282,24 @@ class Decoder(nn.Module):
         full_mask = mask
         lstm, score = self.lstm, self.attention.score
         of_e, of_z = lstm.weight_ih.split([m, lstm.weight_ih.shape[1] - m], dim=1)  # W_ih = [W_e W_z]
-        # Step-major, one tensor per step: a slice of a [B, T, 4n] tensor would cost backward a
-        # zero-filled [B, T, 4n] gradient at every step.
-        sorted_emb = emb if in_order else emb[order]
-        pre = F.linear(sorted_emb.transpose(0, 1), of_e, lstm.bias_ih + lstm.bias_hh).unbind(0)  # T x (B, 4n)
+        # The real tokens packed step-major: step t's n_t live rows (longest first), then step t+1's.
+        # index[r]: packed row r's place in the [B*T] batch, caption order.
+        steps = sum(1 for n in live if n)
+        index = torch.cat([torch.arange(n, device=emb.device) for n in live[:steps]])
+        index = (index if in_order else order[index]) * T + torch.repeat_interleave(
+            torch.arange(steps, device=emb.device), torch.tensor(live[:steps], device=emb.device))
+        packed_emb = emb.reshape(B * T, m)[index]  # (R, m)
+        # One product for all real tokens, then a view per step: backward then writes one [R, 4n]
+        # gradient (a slice of a padded [B, T, 4n] tensor per step would cost a zero-filled one each).
+        pre = F.linear(packed_emb, of_e, lstm.bias_ih + lstm.bias_hh).split(live[:steps])  # steps x (n_t, 4n)
         h_weights = [w for w in (score.query_weight, None if self.gate is None else self.gate.weight) if w is not None]
         splits = [w.shape[0] for w in h_weights] + [lstm.weight_hh.shape[0]]
         of_h = SharedWeight(torch.cat([*h_weights, lstm.weight_hh]))  # every product of h_{t-1}
         of_z = SharedWeight(of_z)
         unrolled = UnrolledAdditiveScore(score, keys) if isinstance(score, AdditiveScore) else None
         hs, zs, alphas, log_probs = [], [], [], []
-        for t in range(T):
+        for t in range(steps):
             n = live[t]
-            if n == 0:
-                break
             if n < h.shape[0]:  # captions ended: drop their rows (sliced once, not at every step)
                 h, c, features, mask, keys = h[:n], c[:n], features[:n], mask[:n], keys[:n]
                 sample_mask = None if sample_mask is None else sample_mask[:n]
@@ -238,7 +311,7 @@ class Decoder(nn.Module):
             z = attended.context
             if self.gate is not None:
                 z = torch.sigmoid(parts.pop(0) + self.gate.bias) * z
-            gates = pre[t][:n] + recurrent + of_z(z)
+            gates = pre[t] + recurrent + of_z(z)
             i, f, g, o = gates.chunk(4, dim=1)  # nn.LSTMCell's gate order
             c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
             h = torch.sigmoid(o) * torch.tanh(c)
@@ -259,5 +332,25 @@ class Decoder(nn.Module):
         log_p = None
         if log_probs:
             log_p = caption_order(stack([lp[:, None] for lp in log_probs]).squeeze(-1))
+        alphas, full_mask = caption_order(stack(alphas)), caption_order(full_mask)
+        if not return_logits:
+            token_nll = self._packed_nll(packed_emb, torch.cat(hs), torch.cat(zs), index, captions)
+            return DecoderOutput(None, alphas, log_p, full_mask, token_nll)
         logits = self._output(emb, caption_order(stack(hs)), caption_order(stack(zs)))
-        return DecoderOutput(logits, caption_order(stack(alphas)), log_p, caption_order(full_mask))
+        return DecoderOutput(logits, alphas, log_p, full_mask)
+
+    def _packed_nll(self, emb, h, z, index, captions) -> torch.Tensor:
+        """The output layer and NLL of the fused pass, on the real tokens only -> token_nll [B, T].
+
+        emb, h, z: [R, ...], the real tokens packed; ``index`` [R]: their places in the [B*T]
+        batch (caption order). The dropout mask is drawn for the padded [B, T, m] batch, as
+        ``_output`` draws it (the same random numbers, so the same masks as the plain loop), and
+        the packed rows taken from it."""
+        B, T = captions.shape[0], captions.shape[1] - 1
+        x = emb + self.L_h(h) + self.L_z(z)  # (R, m)
+        if self.dropout.training and self.dropout.p > 0:
+            p = self.dropout.p
+            noise = torch.empty((B * T, x.shape[1]), dtype=x.dtype, device=x.device).bernoulli_(1 - p).div_(1 - p)
+            x = x * noise[index]
+        nll = _OutputNLL.apply(x, self.L_o.weight, self.L_o.bias, captions[:, 1:].reshape(-1)[index])
+        return nll.new_zeros(B * T).index_copy(0, index, nll).view(B, T)

@@ -275,9 +275,9 @@ def train_step(
 
     def forward() -> torch.Tensor:
         with autocast:
-            out = model(features, captions, mode=mode)
-            terms = caption_loss(loss_cfg, out.logits, captions[:, 1:], out.alphas, out.mask, Vocabulary.pad_id,
-                                 attention, out.log_probs, baseline if attention == "hard" else None)
+            out = model(features, captions, mode=mode, return_logits=False)  # as CaptioningModule.training_step
+            terms = caption_loss(loss_cfg, None, captions[:, 1:], out.alphas, out.mask, Vocabulary.pad_id,
+                                 attention, out.log_probs, baseline if attention == "hard" else None, out.token_nll)
         return terms.loss
 
     def optimise() -> None:

@@ -9,12 +9,12 @@ Two totals, kept apart on purpose:
 * **useful**: what the maths of one caption needs. The image-side attention projection ``W a``
   and ``h_0, c_0`` run once per *image* (shared by its captions); the per-step work and the
   output layer run for the caption's real tokens only (words + ``<end>``), never for padding.
-* **executed**: what the current implementation runs (``Decoder._fused_pass``): the projection
-  ``W a`` and ``h_0, c_0`` once per image (shared by its ``k`` captions); the recurrence only for
-  the rows still inside their caption at each step (real tokens); the work hoisted out of the
-  recurrence -- the LSTM's product with the word embedding and the deep output layer -- for every
-  position of the padded [B, T] batch, the output layer's forward over its vocabulary padded to
-  a multiple of 8 words.
+* **executed**: what the training pass runs (``Decoder._fused_pass`` with
+  ``return_logits=False``, as ``CaptioningModule.training_step`` calls it): the projection
+  ``W a`` and ``h_0, c_0`` once per image (shared by its ``k`` captions); the recurrence and the
+  work hoisted out of it (the LSTM's product with the word embedding, the deep output layer)
+  for the real tokens only; the output layer's forward over its vocabulary padded to a multiple
+  of 8 words. The only difference from useful is that padding.
 
 Backward costs two products per forward product (the gradient of each operand), except where an
 operand needs no gradient: with a frozen encoder (or random feature inputs, as in the benchmark)
@@ -121,16 +121,13 @@ class StepFlops:
 def training_step_flops(
     flops: DecoderFlops, caption_tokens: list[int], captions_per_image: int = 1
 ) -> StepFlops:
-    """Totals for one padded minibatch. ``caption_tokens``: per caption row, its real target
+    """Totals for one minibatch. ``caption_tokens``: per caption row, its real target
     tokens (words + <end>); rows i*k .. i*k+k-1 share image i."""
     rows = len(caption_tokens)
     if rows % captions_per_image:
         raise ValueError(f"{rows} captions is not a multiple of captions_per_image={captions_per_image}")
     images = rows // captions_per_image
     real = float(sum(caption_tokens))
-    padded = float(rows * max(caption_tokens))
     useful = flops.training(images, real)
-    # The recurrence runs real steps only; the hoisted products every padded position, the output
-    # layer's forward with its padding words.
-    executed = flops.training(images, real, padded) + padded * flops.output_padding
+    executed = useful + real * flops.output_padding  # the output layer's forward with its padding words
     return StepFlops(useful, executed, useful / rows)

@@ -73,10 +73,10 @@ class CaptioningModule(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         images, captions = batch["images"], batch["captions"]
         mode, sample_mask = self._attention_plan(images.shape[0])
-        out = self.model(images, captions, mode=mode, sample_mask=sample_mask)
+        out = self.model(images, captions, mode=mode, sample_mask=sample_mask, return_logits=False)
         terms = caption_loss(
-            self.cfg.loss, out.logits, captions[:, 1:], out.alphas, out.mask, self.vocab.pad_id,
-            self.cfg.model.attention, out.log_probs, self.baseline.value if self.hard else None,
+            self.cfg.loss, None, captions[:, 1:], out.alphas, out.mask, self.vocab.pad_id,
+            self.cfg.model.attention, out.log_probs, self.baseline.value if self.hard else None, out.token_nll,
         )
         n = captions.shape[0]
         self.log("train/loss", terms.loss, prog_bar=True, batch_size=n)
