@@ -436,6 +436,24 @@ def test_fused_teacher_forcing_equals_the_plain_loop(attention, mode, score, gat
             torch.testing.assert_close(p.grad, grads_a[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def assert_fused_equals_plain(model: ShowAttendTell, loss_of_model) -> torch.Tensor:
+    """``loss_of_model()`` with the plain teacher-forced loop, then with the fused pass: the same
+    loss and the same gradient for every parameter. Returns the fused pass's loss."""
+    results = []
+    for fused in (False, True):
+        model.decoder.fused = fused
+        model.zero_grad()
+        loss = loss_of_model()
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a)
+    assert grads_b.keys() == grads_a.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6, msg=name)
+    return loss_b
+
+
 @pytest.mark.parametrize("k", [1, 2])
 def test_fused_training_pass_draws_the_plain_loops_dropout_masks(k):
     """With dropout on, the fused pass's packed output layer (return_logits=False) draws the masks
@@ -446,25 +464,15 @@ def test_fused_training_pass_draws_the_plain_loops_dropout_masks(k):
     model = ShowAttendTell(cfg.model, V).train()
     features = torch.randn(3, 16, model.encoder.out_channels)
     captions = random_captions(3 * k, V, min_len=1, max_len=6)
-    results = []
-    for fused in (False, True):
-        model.decoder.fused = fused
-        model.zero_grad()
-        torch.manual_seed(1)
+
+    def loss(seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
         out = model(features, captions, return_logits=False)
-        loss = caption_loss(cfg.loss, None, captions[:, 1:], out.alphas, out.mask, Vocabulary.pad_id, "soft",
+        return caption_loss(cfg.loss, None, captions[:, 1:], out.alphas, out.mask, Vocabulary.pad_id, "soft",
                             token_nll=out.token_nll).loss
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    (loss_a, grads_a), (loss_b, grads_b) = results
-    torch.testing.assert_close(loss_b, loss_a)
-    for name in grads_a:
-        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6, msg=name)
-    torch.manual_seed(2)  # another draw, another loss: dropout really is on
-    out = model(features, captions, return_logits=False)
-    other = caption_loss(cfg.loss, None, captions[:, 1:], out.alphas, out.mask, Vocabulary.pad_id, "soft",
-                         token_nll=out.token_nll).loss
-    assert abs(float(other.detach()) - float(loss_b)) > 1e-3
+
+    fused_loss = assert_fused_equals_plain(model, lambda: loss(1))
+    assert abs(float(loss(2).detach()) - float(fused_loss)) > 1e-3  # another draw, another loss: dropout is on
 
 
 @pytest.mark.parametrize("words", [30, 32])
@@ -567,18 +575,12 @@ def test_fused_additive_score_equals_autograd_in_both_forms(scale, chunk, monkey
         assert (float(model.decoder.project(features).abs().max()) > EXP_FORM_BOUND) == (scale > 1)
     captions = random_captions(3, V, min_len=1, max_len=6)
     real = captions[:, 1:] != Vocabulary.pad_id
-    results = []
-    for fused in (False, True):
-        model.decoder.fused = fused
-        model.zero_grad()
+
+    def loss() -> torch.Tensor:
         out = model(features, captions)
-        loss = caption_nll(out.logits, captions[:, 1:], Vocabulary.pad_id)[0].sum() + out.alphas[real].square().sum()
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    (loss_a, grads_a), (loss_b, grads_b) = results
-    torch.testing.assert_close(loss_b, loss_a)
-    for name in grads_a:
-        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6, msg=name)
+        return caption_nll(out.logits, captions[:, 1:], Vocabulary.pad_id)[0].sum() + out.alphas[real].square().sum()
+
+    assert_fused_equals_plain(model, loss)
 
 
 def test_fused_pass_backward_twice_with_retain_graph():
