@@ -511,9 +511,11 @@ def test_output_nll_equals_the_linear_layer_and_cross_entropy(words, chunk, monk
     few rows at a time) gives nn.Linear + F.cross_entropy's NLL and gradients: padded vocabulary
     (30) or not (32), all rows at once or one row at a time (chunk 40), twice over a retained
     graph, and under bf16 autocast."""
-    from captioning.models.decoder import _OutputNLL
+    from captioning.models.decoder import _nll_chunk_rows, _OutputNLL
 
     monkeypatch.setattr("captioning.models.decoder.NLL_CHUNK_ELEMENTS", chunk)
+    assert _nll_chunk_rows(torch.empty(7, 8), words) == max(1, chunk // words)
+    assert _nll_chunk_rows(torch.empty(7, 8, device="meta"), words) == 7  # off the CPU: all rows at once
     torch.manual_seed(0)
     layer = nn.Linear(8, words)
     x = torch.randn(7, 8, requires_grad=True)

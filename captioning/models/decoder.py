@@ -78,9 +78,14 @@ class _PaddedOutput(torch.autograd.Function):
         return dx, dw, db
 
 
-# The output NLL's elementwise work runs on this many logits at a time (1 MiB of fp32), so that
-# its temporaries stay in cache instead of streaming [N, V] tensors through memory.
+# On the CPU the output NLL's elementwise work runs on this many logits at a time (1 MiB of fp32),
+# so that its temporaries stay in cache instead of streaming [N, V] tensors through memory. On a
+# GPU it runs on all rows at once (chunks would only add kernel launches).
 NLL_CHUNK_ELEMENTS = 2**18
+
+
+def _nll_chunk_rows(x: torch.Tensor, vocab_size: int) -> int:
+    return max(1, NLL_CHUNK_ELEMENTS // vocab_size) if x.device.type == "cpu" else max(1, x.shape[0])
 
 
 class _OutputNLL(torch.autograd.Function):
@@ -90,14 +95,14 @@ class _OutputNLL(torch.autograd.Function):
     Against ``_PaddedOutput`` + ``F.cross_entropy`` it makes no contiguous copy of the logits, no
     [N, V] log-softmax, no zero-filled [N, V] gradient to scatter into: forward keeps the padded
     logits and log-sum-exp per row; backward writes (softmax - onehot) * g a few rows at a time
-    (``NLL_CHUNK_ELEMENTS``) into one [N, V] buffer, then takes the three products unpadded.
-    Same values up to float rounding (tests)."""
+    (``NLL_CHUNK_ELEMENTS``, on the CPU) into one [N, V] buffer, then takes the three products
+    unpadded. Same values up to float rounding (tests)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         x, logits = _padded_logits(x, weight, bias)
         V = weight.shape[0]
-        rows = max(1, NLL_CHUNK_ELEMENTS // V)
+        rows = _nll_chunk_rows(x, V)
         lse = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
         for i in range(0, x.shape[0], rows):
             torch.logsumexp(logits[i:i + rows, :V].float(), dim=1, out=lse[i:i + rows])
@@ -109,7 +114,7 @@ class _OutputNLL(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         x, weight, logits, lse, targets = ctx.saved_tensors
         V = weight.shape[0]
-        rows = max(1, NLL_CHUNK_ELEMENTS // V)
+        rows = _nll_chunk_rows(x, V)
         d = logits.new_empty(x.shape[0], V)  # d loss / d logits
         db = torch.zeros(V, dtype=torch.float32, device=x.device)
         g = grad.float()
