@@ -53,7 +53,9 @@ def _padded_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) ->
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
     x = x.to(dtype)
     with torch.autocast(device, enabled=False):
-        w, b = F.pad(weight.to(dtype), (0, 0, 0, pad)), F.pad(bias.to(dtype), (0, pad))
+        # cat, not F.pad: F.pad zero-fills the whole [V + pad, m] result before copying W into it
+        w = torch.cat([weight.to(dtype), weight.new_zeros(pad, weight.shape[1], dtype=dtype)])
+        b = torch.cat([bias.to(dtype), bias.new_zeros(pad, dtype=dtype)])
         return x, torch.addmm(b, x, w.t())
 
 
