@@ -292,9 +292,10 @@ class Decoder(nn.Module):
         # The real tokens packed step-major: step t's n_t live rows (longest first), then step t+1's.
         # index[r]: packed row r's place in the [B*T] batch, caption order.
         steps = sum(1 for n in live if n)
-        index = torch.cat([torch.arange(n, device=emb.device) for n in live[:steps]])
-        index = (index if in_order else order[index]) * T + torch.repeat_interleave(
-            torch.arange(steps, device=emb.device), torch.tensor(live[:steps], device=emb.device))
+        # (built on the CPU from the counts, then moved: no device syncs, no launch per step)
+        row = torch.cat([torch.arange(n) for n in live[:steps]]).to(emb.device)
+        step = torch.repeat_interleave(torch.arange(steps), torch.tensor(live[:steps])).to(emb.device)
+        index = (row if in_order else order[row]) * T + step
         packed_emb = emb.reshape(B * T, m)[index]  # (R, m)
         # One product for all real tokens, then a view per step: backward then writes one [R, 4n]
         # gradient (a slice of a padded [B, T, 4n] tensor per step would cost a zero-filled one each).
