@@ -762,6 +762,11 @@ def test_caption_nll_masks_padding():
     full = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
     torch.testing.assert_close(nll, torch.stack([full[0, :3].sum(), full[1, :2].sum()]))
     assert token_mask.sum().item() == 5
+    # The decoder's own per-token NLL (return_logits=False) is summed the same way, pads masked.
+    from_tokens, _ = caption_nll(None, targets, Vocabulary.pad_id, token_nll=full + 1.0)
+    torch.testing.assert_close(from_tokens, nll + token_mask.sum(1))
+    with pytest.raises(ValueError, match="needs the logits or the decoder's token_nll"):
+        caption_nll(None, targets, Vocabulary.pad_id)
 
 
 # ============================================================================ greedy decoding
