@@ -36,6 +36,13 @@ class LossTerms(NamedTuple):
     entropy_per_caption: torch.Tensor  # sum_t H(alpha_t) over real steps
 
 
+def per_token_nll(logits: torch.Tensor, targets: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """logits [B, T, V], targets [B, T] -> -log p(target) [B, T] in fp32, 0 at padding."""
+    # Rows of V contiguous (a [B, V, T] transpose makes log-softmax stride over T: ~3x slower).
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
+    return nll.view(targets.shape) * (targets != pad_id)
+
+
 def caption_nll(
     logits: torch.Tensor | None, targets: torch.Tensor, pad_id: int, token_nll: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,13 +51,11 @@ def caption_nll(
     ``token_nll`` [B, T]: the per-token NLL the decoder computed itself (``return_logits=False``);
     then ``logits`` may be None."""
     token_mask = targets != pad_id
-    if token_nll is not None:
-        return (token_nll.float() * token_mask).sum(1), token_mask
-    if logits is None:
-        raise ValueError("caption_nll needs the logits or the decoder's token_nll")
-    # Rows of V contiguous (a [B, V, T] transpose makes log-softmax stride over T: ~3x slower).
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
-    return (nll.view(targets.shape) * token_mask).sum(1), token_mask
+    if token_nll is None:
+        if logits is None:
+            raise ValueError("caption_nll needs the logits or the decoder's token_nll")
+        token_nll = per_token_nll(logits, targets, pad_id)
+    return (token_nll.float() * token_mask).sum(1), token_mask
 
 
 def doubly_stochastic_penalty(alphas: torch.Tensor, token_mask: torch.Tensor, feature_mask: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from captioning.config import DecoderConfig
+from captioning.losses import per_token_nll
 from captioning.models.attention import AdditiveScore, Attended, UnrolledAdditiveScore, build_attention, build_score
 from captioning.models.deferred import SharedWeight
 from captioning.vocab import Vocabulary
@@ -47,15 +48,16 @@ def _padded_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) ->
     """x [N, m] -> (x in the autocast dtype, x W^T + b as [N, V + pad]): the product taken with W
     and b padded by zero rows to a multiple of 8 words. At COCO's 9,490 words the unpadded product
     ran at 2/3 of the padded one's speed on the project's CPU (MKL), and GPUs' matrix units want
-    multiples of 8 too. The first V columns are the logits."""
+    multiples of 8 too. The first V columns are the logits (no copy of W where V is a multiple of 8)."""
     pad = -weight.shape[0] % 8
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
     x = x.to(dtype)
     with torch.autocast(device, enabled=False):
-        # cat, not F.pad: F.pad zero-fills the whole [V + pad, m] result before copying W into it
-        w = torch.cat([weight.to(dtype), weight.new_zeros(pad, weight.shape[1], dtype=dtype)])
-        b = torch.cat([bias.to(dtype), bias.new_zeros(pad, dtype=dtype)])
+        w, b = weight.to(dtype), bias.to(dtype)
+        if pad:  # cat, not F.pad: F.pad zero-fills the whole [V + pad, m] result before copying W into it
+            w = torch.cat([w, w.new_zeros(pad, w.shape[1])])
+            b = torch.cat([b, b.new_zeros(pad)])
         return x, torch.addmm(b, x, w.t())
 
 
@@ -234,13 +236,10 @@ class Decoder(nn.Module):
                 log_probs.append(attended.log_prob)
         h_all, z_all = torch.stack(hs, 1), torch.stack(zs, 1)  # (B, T, n), (B, T, D)
         log_p = torch.stack(log_probs, 1) if log_probs else None
-        logits = self._output(emb, h_all, z_all)
+        logits, alpha_all = self._output(emb, h_all, z_all), torch.stack(alphas, 1)
         if return_logits:
-            return DecoderOutput(logits, torch.stack(alphas, 1), log_p, mask)
-        targets = captions[:, 1:]
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
-        token_nll = nll.view(targets.shape) * (targets != Vocabulary.pad_id)
-        return DecoderOutput(None, torch.stack(alphas, 1), log_p, mask, token_nll)
+            return DecoderOutput(logits, alpha_all, log_p, mask)
+        return DecoderOutput(None, alpha_all, log_p, mask, per_token_nll(logits, captions[:, 1:], Vocabulary.pad_id))
 
     def _output(self, emb: torch.Tensor, h_all: torch.Tensor, z_all: torch.Tensor) -> torch.Tensor:
         """The output layer does not feed back, so it runs once on all steps (one large matmul);

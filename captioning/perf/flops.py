@@ -42,13 +42,12 @@ class DecoderFlops:
     projection_training: float = 0.0  # the W a part of per_image + per_image_backward
     output_padding: float = 0.0  # forward FLOPs per token of the output layer's padding words (executed only)
 
-    def training(self, images: int, steps: float, tokens: float | None = None) -> float:
-        """Forward + backward FLOPs for ``images`` image projections, ``steps`` caption-steps and
-        ``tokens`` output tokens (default: one output per step)."""
-        tokens = steps if tokens is None else tokens
+    def training(self, images: int, steps: float) -> float:
+        """Forward + backward FLOPs for ``images`` image projections and ``steps`` caption-steps
+        (one output token each)."""
         return (images * (self.per_image + self.per_image_backward)
                 + steps * (self.per_step + self.per_step_backward)
-                + tokens * (self.per_token_output + self.per_token_output_backward))
+                + steps * (self.per_token_output + self.per_token_output_backward))
 
     def forward_only(self, images: int, steps: float, tokens: float | None = None) -> float:
         tokens = steps if tokens is None else tokens
