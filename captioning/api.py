@@ -25,6 +25,7 @@ from PIL import Image
 from captioning.checkpoint import load_checkpoint
 from captioning.config import Config
 from captioning.data.transforms import load_image, preprocess, to_rgb
+from captioning.device import resolve_device
 from captioning.decoding import decode
 from captioning.models import ShowAttendTell
 from captioning.vocab import Vocabulary
@@ -45,21 +46,6 @@ class Caption:
     score: float  # sum of log p(word) over the words and <end>
     attention: np.ndarray  # [len(words), gh, gw] float32: each word's attention map
     source: str  # the image's path, or "<PIL image>"
-
-
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """None -> cuda if available, else cpu. Raises ValueError for unknown or unavailable devices."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"unknown device {device!r} ({str(err).splitlines()[0]})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise ValueError(f"device {device!r} requested but MPS is not available")
-    return dev
 
 
 def source_name(image: ImageInput) -> str:

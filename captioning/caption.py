@@ -1,4 +1,4 @@
-"""Command-line entry points: ``captioning caption ...`` (and ``scripts/caption.py``).
+"""``captioning caption``: caption images with a trained checkpoint (also ``scripts/caption.py``).
 
     captioning caption --checkpoint runs/soft/best.ckpt photo.jpg photos/ "shots/*.png"
     captioning caption --checkpoint runs/soft/best.ckpt photos/ --json --heatmaps figures/
@@ -17,74 +17,14 @@ import glob
 import json
 import os
 import sys
-import time
 from pathlib import Path
-from typing import Callable, Sequence, TextIO
+from typing import Sequence
+
+from captioning.console import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, UsageError, one_line, print_error, positive_int
+from captioning.progress import Progress
 
 #: File name endings taken from folders and globs (case-insensitive).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-
-EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
-
-
-class UsageError(Exception):
-    """Nothing can be done (bad checkpoint, no images, bad settings): exit status 2."""
-
-
-# ------------------------------------------------------------------------------------ helpers
-
-
-def one_line(text: object) -> str:
-    """Collapse whitespace (newlines included) so a message stays on one line."""
-    return " ".join(str(text).split())
-
-
-def print_error(message: object) -> None:
-    print(f"error: {one_line(message)}", file=sys.stderr, flush=True)
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def format_duration(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
-class Progress:
-    """``label: done/total images, rate images/s, ETA`` lines on stderr, one per update."""
-
-    def __init__(self, total: int, label: str, enabled: bool = True, stream: TextIO | None = None) -> None:
-        self.total, self.label, self.enabled = total, label, enabled
-        self.stream = stream
-        self.done = 0
-        self.start = time.perf_counter()
-
-    def update(self, count: int) -> None:
-        self.done += count
-        if not self.enabled:
-            return
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        rate = self.done / elapsed
-        eta = (self.total - self.done) / rate if rate > 0 else 0.0
-        print(f"{self.label}: {self.done}/{self.total} images, {rate:.1f} images/s, "
-              f"elapsed {format_duration(elapsed)}, ETA {format_duration(eta)}",
-              file=self.stream or sys.stderr, flush=True)
-
-    @property
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
 
 
 def _is_image_name(path: Path) -> bool:
@@ -200,7 +140,7 @@ def caption_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="*", metavar="IMAGE",
                    help="image files, folders (their image files, sorted) or globs such as 'shots/*.png'")
     p.add_argument("--checkpoint", required=True, type=Path, metavar="CKPT",
-                   help="best.ckpt or last.ckpt written by scripts/train.py")
+                   help="best.ckpt or last.ckpt written by captioning train")
     p.add_argument("--heatmaps", type=Path, metavar="DIR",
                    help="write one attention figure (PNG) per image into DIR")
     p.add_argument("--json", action="store_true",
@@ -237,7 +177,7 @@ def split_paths(captioner, split: str, limit: int | None, data_root: str | None)
     return [Path(r.path) for r in records[:limit]]
 
 
-def caption_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Run the caption command; returns the exit status (0 ok, 1 some images failed, 2 nothing done)."""
     parser = caption_parser(prog)
     args = parser.parse_args(argv)
@@ -304,42 +244,8 @@ def _run_caption(args: argparse.Namespace) -> int:
                         failed += 1
             sys.stdout.flush()
         progress.update(len(chunk))
+    progress.close()
     if failed and progress.enabled:  # many images: the error lines may have scrolled away
         print(f"caption: {failed} input(s) failed; see the error lines above", file=sys.stderr, flush=True)
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
-
-# ------------------------------------------------------------------------------------ dispatch
-
-COMMANDS: dict[str, tuple[str, Callable[..., int]]] = {
-    "caption": ("caption images with a trained checkpoint", caption_main),
-}
-
-
-def _usage() -> str:
-    lines = ["usage: captioning COMMAND [ARGS...]", "", "commands:"]
-    lines += [f"  {name:<10} {summary}" for name, (summary, _) in COMMANDS.items()]
-    lines += ["", "Run 'captioning COMMAND --help' for a command's options."]
-    return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``captioning COMMAND ...``: dispatch to the command; returns its exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(_usage(), file=sys.stdout if argv else sys.stderr)
-        return EXIT_OK if argv else EXIT_USAGE
-    if argv[0] == "--version":
-        from captioning import __version__
-
-        print(f"captioning {__version__}")
-        return EXIT_OK
-    command, rest = argv[0], argv[1:]
-    if command not in COMMANDS:
-        print_error(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")
-        return EXIT_USAGE
-    return COMMANDS[command][1](rest, prog=f"captioning {command}")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,27 +1,26 @@
-#!/usr/bin/env python
 """Prepare a caption dataset once into a folder that training reads fast; benchmark its loader.
 
     # COCO with Karpathy's splits (dataset_coco.json; images in /data/coco/{train2014,val2014}/)
-    python scripts/prepare_data.py --format karpathy --captions dataset_coco.json --images /data/coco \\
+    captioning prepare --format karpathy --captions dataset_coco.json --images /data/coco \\
         --instances instances_train2014.json instances_val2014.json --out prepared/coco
     # COCO official captions, Karpathy-style split: seeded 5,000 val / 5,000 test / rest train ...
-    python scripts/prepare_data.py --format coco --captions captions_train2014.json captions_val2014.json \\
+    captioning prepare --format coco --captions captions_train2014.json captions_val2014.json \\
         --images /data/coco --out prepared/coco-official
     # ... or from files of image ids (one per line; images listed nowhere else go to train)
-    python scripts/prepare_data.py --format coco --captions captions_train2014.json captions_val2014.json \\
+    captioning prepare --format coco --captions captions_train2014.json captions_val2014.json \\
         --images /data/coco --splits val=val_ids.txt test=test_ids.txt --out prepared/coco-official
     # one COCO-format captions file per split (a user's own dataset, or the synthetic folder)
-    python scripts/prepare_data.py --format coco --captions train=a/train.json val=a/val.json test=a/test.json \\
+    captioning prepare --format coco --captions train=a/train.json val=a/val.json test=a/test.json \\
         --images a --out prepared/mine
     # Flickr8k (Flickr_8k.{train,dev,test}Images.txt are found beside the token file) / Flickr30k
-    python scripts/prepare_data.py --format flickr8k --captions Flickr8k.token.txt --images Flicker8k_Dataset \\
+    captioning prepare --format flickr8k --captions Flickr8k.token.txt --images Flicker8k_Dataset \\
         --out prepared/flickr8k
-    python scripts/prepare_data.py --format karpathy --captions dataset_flickr30k.json \\
+    captioning prepare --format karpathy --captions dataset_flickr30k.json \\
         --images flickr30k-images --out prepared/flickr30k
 
     # then: python scripts/train.py --config configs/coco_soft.yaml --data prepared/coco
-    python scripts/prepare_data.py --benchmark prepared/coco --workers 0 1 4   # training loader, images/s
-    python scripts/prepare_data.py --make-example data/example --num-images 500  # a generated dataset
+    captioning prepare --benchmark prepared/coco --workers 0 1 4   # training loader, images/s
+    captioning prepare --make-example data/example --num-images 500  # a generated dataset
 
 The folder's files and formats are described in captioning/data/prepare.py (and in its own
 manifest.json); the input formats in captioning/data/formats.py. Progress (rate, ETA) goes to
@@ -35,7 +34,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from captioning.data.coco import AnnotationError
 from captioning.data.formats import (FORMATS, SourceDataset, assign_splits, default_flickr8k_lists, detect_format,
@@ -45,8 +44,8 @@ from captioning.data.prepare import PrepareError, PrepareOptions, available_core
 EXIT_USAGE = 2
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_argument_group("what to do (default: prepare)")
     mode.add_argument("--benchmark", type=Path, metavar="PREPARED_DIR",
@@ -187,8 +186,9 @@ def run_benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> Any:
-    args = parse_args(argv)
+def run(argv: list[str] | None = None, prog: str | None = None) -> Any:
+    """``captioning prepare`` with ``argv``; -> what it wrote, as a dict (bad input: SystemExit, one line)."""
+    args = parse_args(argv, prog)
     try:
         if args.benchmark is not None:
             return run_benchmark(args)
@@ -206,5 +206,8 @@ def main(argv: list[str] | None = None) -> Any:
         raise SystemExit(EXIT_USAGE) from None
 
 
-if __name__ == "__main__":
-    main()
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """``captioning prepare``: exit status 0 (bad input exits with a one-line error)."""
+    run(None if argv is None else list(argv), prog)
+    return 0

@@ -165,7 +165,7 @@ def decode_split(captioner: "Captioner", data: "CaptionDataModule", split: str, 
     """
     from torch.utils.data import DataLoader, Subset
 
-    from captioning.cli import Progress
+    from captioning.progress import Progress
 
     loader = data.eval_dataloader(split)  # one item per image of the split
     if world > 1:
@@ -183,6 +183,7 @@ def decode_split(captioner: "Captioner", data: "CaptionDataModule", split: str, 
             named = named_words(cap.words, cap.attention, matcher) if matcher is not None else []
             decoded[image_id] = DecodedImage(cap.text, named)
         bar.update(len(captions))
+    bar.close()
     return decoded
 
 

@@ -1,12 +1,11 @@
-#!/usr/bin/env python
 """Score a trained checkpoint on a split of its dataset, or another system's results file, with the
 COCO caption metrics (and attention grounding where the dataset has boxes).
 
-    python scripts/evaluate.py --checkpoint runs/soft/best.ckpt --split test --beam-size 5
-    python scripts/evaluate.py --checkpoint runs/hard/best.ckpt --split val --hard-mode argmax
-    python scripts/evaluate.py --checkpoint runs/soft/best.ckpt --devices 2     # 2 processes
-    python scripts/evaluate.py --checkpoint runs/soft/best.ckpt --metrics bleu   # fast: no METEOR
-    python scripts/evaluate.py --results their_results.json --annotations captions_val2014.json
+    captioning evaluate --checkpoint runs/soft/best.ckpt --split test --beam-size 5
+    captioning evaluate --checkpoint runs/hard/best.ckpt --split val --hard-mode argmax
+    captioning evaluate --checkpoint runs/soft/best.ckpt --devices 2     # 2 processes
+    captioning evaluate --checkpoint runs/soft/best.ckpt --metrics bleu   # fast: no METEOR
+    captioning evaluate --results their_results.json --annotations captions_val2014.json
 
 Checkpoint mode: the model and the dataset's location come from the checkpoint alone. Each image
 of the split is decoded once (batched; over --devices N processes, gathered and de-duplicated by
@@ -28,17 +27,18 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
-from captioning.cli import (EXIT_USAGE, UsageError, data_config, format_duration, load_captioner, one_line,
-                            positive_int, print_error)
-from captioning.perf.allocator import keep_freed_memory
+from captioning.caption import data_config, load_captioner
+from captioning.console import EXIT_USAGE, UsageError, one_line, positive_int, print_error
+from captioning.progress import format_duration
 
 METRICS = ("bleu", "meteor", "rouge", "cider", "spice")
 CHECKPOINT_ONLY = ("split", "batch_size", "hard_mode", "beam_size", "max_len", "device", "data_root", "instances")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", type=Path, metavar="CKPT",
                    help="best.ckpt or last.ckpt written by scripts/train.py")
     p.add_argument("--results", type=Path, metavar="FILE",
@@ -271,8 +271,9 @@ def evaluate_results(args: argparse.Namespace) -> dict:
     return results
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+def run(argv: list[str] | None = None, prog: str | None = None) -> dict:
+    """``captioning evaluate`` with ``argv``; -> what it wrote, as a dict (bad input: SystemExit, one line)."""
+    args = parse_args(argv, prog)
     started = time.perf_counter()
     try:
         mode = check_mode(args)
@@ -284,6 +285,8 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
-if __name__ == "__main__":
-    keep_freed_memory()
-    main()
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """``captioning evaluate``: exit status 0 (bad input exits with a one-line error)."""
+    run(None if argv is None else list(argv), prog)
+    return 0

@@ -1,12 +1,11 @@
-#!/usr/bin/env python
 """Measure training, encoding, decoding and loading speed on this machine; write JSON, print tables.
 
-    python scripts/benchmark.py                              # every section, COCO sizes, best device
-    python scripts/benchmark.py --sections train --batches 32 --attention soft --reps 5
-    python scripts/benchmark.py --sections train --compile none step   # eager vs torch.compile
-    python scripts/benchmark.py --device cuda --out runs/bench-h100.json
-    python scripts/benchmark.py --sections loader --loader-root prepared/coco
-    python scripts/benchmark.py --quick                      # tiny sizes, seconds (used by the tests)
+    captioning benchmark                              # every section, COCO sizes, best device
+    captioning benchmark --sections train --batches 32 --attention soft --reps 5
+    captioning benchmark --sections train --compile none step   # eager vs torch.compile
+    captioning benchmark --device cuda --out runs/bench-h100.json
+    captioning benchmark --sections loader --loader-root prepared/coco
+    captioning benchmark --quick                      # tiny sizes, seconds (used by the tests)
 
 Sections (captioning/perf/benchmark.py): matmul (the machine's matrix-multiply GFLOP/s, the
 yardstick), train (teacher-forced step at COCO sizes: 196x2048 grids, 512 dims, 9,490 words,
@@ -22,20 +21,20 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
+from captioning.device import resolve_device
 from captioning.models.encoder import BACKBONES
 from captioning.perf import benchmark as bench
-from captioning.perf.allocator import keep_freed_memory
 from captioning.perf.compile import COMPILE_TARGETS, compile_unsupported_reason
 
 SECTIONS = ("matmul", "train", "encoder", "beam", "loader")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="what to measure")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     p.add_argument("--out", type=Path, default=Path("runs/benchmark.json"), help="JSON results file")
@@ -60,15 +59,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--loader-workers", type=int, nargs="+", default=[0, 2])
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: PyTorch's choice; --quick: 1)")
     return p.parse_args(argv)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: --device cuda but no CUDA device is visible; use --device cpu")
-    return device
 
 
 def _table(headers: list[str], rows: list[list[Any]]) -> str:
@@ -134,11 +124,15 @@ def format_report(results: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
+def run(argv: list[str] | None = None, prog: str | None = None) -> dict[str, Any]:
+    """``captioning benchmark`` with ``argv``; -> what it wrote, as a dict (bad input: SystemExit, one line)."""
+    args = parse_args(argv, prog)
     if args.threads or args.quick:  # --quick: tiny tensors run faster on one thread of a shared CPU
         torch.set_num_threads(args.threads or 1)
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as err:
+        sys.exit(f"error: {err}")
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     sizes = bench.QUICK if args.quick else bench.COCO
     sizes = bench.with_overrides(sizes, beam_images=args.beam_images, beam_max_len=args.beam_max_len)
@@ -208,6 +202,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return results
 
 
-if __name__ == "__main__":
-    keep_freed_memory()
-    main()
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """``captioning benchmark``: exit status 0 (bad input exits with a one-line error)."""
+    run(None if argv is None else list(argv), prog)
+    return 0

@@ -1,14 +1,13 @@
-#!/usr/bin/env python
 """Soft versus hard attention: train both under identical settings over several seeds, evaluate
 them alike, and write a report folder (report.md, PNG figures, the raw numbers as JSON).
 
-    python scripts/compare.py                                   # synthetic set, 3 seeds, <= 45 min on 2 CPU cores
-    python scripts/compare.py --seeds 5 --out-dir runs/compare5
-    python scripts/compare.py --config my_coco.yaml --set data.root=/data/coco   # full size, GPU
-    python scripts/compare.py --checkpoints soft=runs/a/best.ckpt,runs/b/best.ckpt hard=runs/c/best.ckpt
+    captioning compare                                   # synthetic set, 3 seeds, <= 45 min on 2 CPU cores
+    captioning compare --seeds 5 --out-dir runs/compare5
+    captioning compare --config my_coco.yaml --set data.root=/data/coco   # full size, GPU
+    captioning compare --checkpoints soft=runs/a/best.ckpt,runs/b/best.ckpt hard=runs/c/best.ckpt
 
-Each run is scripts/train.py's main() in its own folder under --out-dir (a subprocess when the
-config asks for several devices), then scripts/evaluate.py's main() on the test split with the
+Each run is the train workflow's main() in its own folder under --out-dir (a subprocess when the
+config asks for several devices), then the evaluate workflow's main() on the test split with the
 same decoder settings (hard models: expected, argmax and sampled locations). A rerun skips
 finished runs and evaluations. Without --config the study trains for 12 epochs instead of 20
 (see captioning/study/run.py STUDY_DEFAULTS; the reason is written into the report).
@@ -23,23 +22,22 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
-from captioning.cli import format_duration, positive_int, print_error
+from captioning.console import positive_int, print_error
 from captioning.config import to_dict
-from captioning.perf.allocator import keep_freed_memory
+from captioning.evaluation import run as evaluate
+from captioning.progress import format_duration
 from captioning.study import collect, examples, report
 from captioning.study.run import (Plan, StudyError, environment, execute, parse_checkpoints, plan_checkpoint_runs,
                                   plan_training_runs, run_config, study_overrides, write_study_json)
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import evaluate  # noqa: E402  (scripts/evaluate.py)
-import train  # noqa: E402  (scripts/train.py)
+from captioning.training import run as train
 
 EXIT_ERROR = 2
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=positive_int, default=3, metavar="N",
                    help="training seeds per mechanism (default 3)")
     p.add_argument("--out-dir", type=Path, default=Path("runs/compare"), help="default: runs/compare")
@@ -57,9 +55,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def make_plan(args: argparse.Namespace, argv: list[str]) -> Plan:
+def make_plan(args: argparse.Namespace, argv: list[str], prog: str | None = None) -> Plan:
     """The runs and settings of this invocation, checked before anything runs."""
-    command = shlex.join(["python", "scripts/compare.py", *argv])
+    command = shlex.join([*(prog.split() if prog else ["python", "scripts/compare.py"]), *argv])
     if args.checkpoints:
         if args.config or args.set:
             raise StudyError("--checkpoints evaluates checkpoints as they are; "
@@ -81,12 +79,13 @@ def make_plan(args: argparse.Namespace, argv: list[str]) -> Plan:
                 command, config=shared)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """``captioning compare``: exit status 0, or 2 with a one-line error."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
+    args = parse_args(argv, prog)
     started = time.perf_counter()
     try:
-        plan = make_plan(args, argv)
+        plan = make_plan(args, argv, prog)
         invocation = {"started": datetime.datetime.now().isoformat(timespec="seconds"), "command": plan.command,
                       "environment": environment(), "did": None}
         write_study_json(plan, invocation)
@@ -107,7 +106,3 @@ def main(argv: list[str] | None = None) -> int:
           f"in {format_duration(time.perf_counter() - started)}")
     return 0
 
-
-if __name__ == "__main__":
-    keep_freed_memory()
-    sys.exit(main())

@@ -32,6 +32,7 @@ from typing import Callable, Sequence
 import yaml
 
 from captioning.config import Config, ConfigError, build_config, flatten, to_dict
+from captioning.progress import format_duration
 
 ATTENTIONS = ("soft", "hard")
 HARD_MODES = ("expected", "argmax", "sample")  # test-time attention of a hard model; expected first
@@ -339,18 +340,11 @@ def evaluate_argv(plan: Plan, run: Run, mode: str | None) -> list[str]:
 
 
 def train_in_subprocess(argv: list[str]) -> None:
-    """Multi-device training: Lightning's DDP relaunches the current script for every rank, so the
-    study must not be that script; train.py runs in its own process instead."""
-    script = Path(__file__).resolve().parents[2] / "scripts" / "train.py"
-    proc = subprocess.run([sys.executable, str(script), *argv])
+    """Multi-device training: Lightning's DDP relaunches the current program for every rank, so the
+    study must not be that program; ``captioning train`` runs in its own process instead."""
+    proc = subprocess.run([sys.executable, "-m", "captioning", "train", *argv])
     if proc.returncode != 0:
-        raise StudyError(f"scripts/train.py {' '.join(argv)} failed with exit status {proc.returncode}")
-
-
-def _fmt(seconds: float) -> str:
-    from captioning.cli import format_duration
-
-    return format_duration(seconds)
+        raise StudyError(f"captioning train {' '.join(argv)} failed with exit status {proc.returncode}")
 
 
 class _Clock:
@@ -368,8 +362,8 @@ class _Clock:
         eta = sum((self.totals[k] - self.done[k]) * (self.spent[k] / self.done[k] if self.done[k] else
                                                      self._guess(k)) for k in self.totals)
         steps = ", ".join(f"{self.done[k]}/{self.totals[k]} {k}s" for k in self.totals if self.totals[k])
-        self.log(f"compare: {what} in {_fmt(seconds)} ({steps}; {_fmt(self.spent[kind] / self.done[kind])} per "
-                 f"{kind}; elapsed {_fmt(time.perf_counter() - self.started)}, ETA {_fmt(eta)})")
+        self.log(f"compare: {what} in {format_duration(seconds)} ({steps}; {format_duration(self.spent[kind] / self.done[kind])} per "
+                 f"{kind}; elapsed {format_duration(time.perf_counter() - self.started)}, ETA {format_duration(eta)})")
 
     def _guess(self, kind: str) -> float:
         """Before the first of a kind finishes: the mean of the other kinds, or 0."""

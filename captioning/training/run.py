@@ -1,11 +1,10 @@
-#!/usr/bin/env python
 """Train Show, Attend and Tell with soft or hard attention, then score the test split.
 
-    python scripts/train.py --attention soft                 # built-in synthetic dataset
-    python scripts/train.py --attention hard --devices 2     # DDP on 2 devices (CPU or GPU)
-    python scripts/train.py --config configs/x.yaml --set optim.lr=4e-4 --set data.batch_size=16
-    python scripts/train.py --resume runs/soft/last.ckpt     # continue: same step, optimiser, baseline
-    python scripts/train.py --config configs/coco_soft.yaml --data prepared/coco  # scripts/prepare_data.py's folder
+    captioning train --attention soft                 # built-in synthetic dataset
+    captioning train --attention hard --devices 2     # DDP on 2 devices (CPU or GPU)
+    captioning train --config configs/x.yaml --set optim.lr=4e-4 --set data.batch_size=16
+    captioning train --resume runs/soft/last.ckpt     # continue: same step, optimiser, baseline
+    captioning train --config configs/coco_soft.yaml --data prepared/coco  # captioning prepare's folder
 
 Writes to --out-dir: best.ckpt (best validation BLEU-4), last.ckpt, config.yaml (as run),
 metrics.json (test split, 0-1 scale), test_predictions.json (COCO results format), logs/.
@@ -15,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -30,14 +29,14 @@ from captioning.data.coco import AnnotationError
 from captioning.data.datamodule import CaptionDataModule
 from captioning.data.feature_cache import FeatureCacheError, attach_feature_cache
 from captioning.data.store import PreparedDataError
+from captioning.device import peak_rss_mib
 from captioning.evaluation.metrics import format_metrics_table
-from captioning.perf.allocator import keep_freed_memory
 from captioning.training.module import CaptioningModule
 from captioning.training.trainer import build_trainer
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--attention", choices=["soft", "hard"], help="attention mechanism (default: soft)")
     p.add_argument("--config", type=Path, help="YAML file holding differences from the defaults")
     p.add_argument("--data", type=Path, metavar="PREPARED_DIR",
@@ -100,8 +99,9 @@ def write_outputs(out_dir: Path, module: CaptioningModule, extra: dict, tested: 
     print(f"wrote {out_dir / 'metrics.json'}")
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+def run(argv: list[str] | None = None, prog: str | None = None) -> dict:
+    """``captioning train`` with ``argv``; -> what it wrote, as a dict (bad input: SystemExit, one line)."""
+    args = parse_args(argv, prog)
     try:
         cfg, vocab, resume_step = make_config(args)
     except ConfigError as err:
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
         "epochs": trainer.current_epoch,
         "train_seconds": round(train_seconds, 1),
         "total_seconds": round(time.perf_counter() - started, 1),
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mib": peak_rss_mib(),  # None where the platform cannot measure it
     }
     write_outputs(out_dir, module, extra, tested=not args.no_test)
     if args.no_test:
@@ -153,6 +153,8 @@ def main(argv: list[str] | None = None) -> dict:
     return {**(module.eval_results or {}), **extra}
 
 
-if __name__ == "__main__":
-    keep_freed_memory()
-    main()
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """``captioning train``: exit status 0 (bad input exits with a one-line error)."""
+    run(None if argv is None else list(argv), prog)
+    return 0
