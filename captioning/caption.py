@@ -121,6 +121,15 @@ def load_captioner(checkpoint: Path, device: str | None):
         raise UsageError(f"cannot load checkpoint {checkpoint}: {type(err).__name__}: {err}") from None
 
 
+def captioner_and_settings(args: argparse.Namespace):
+    """The checkpoint's Captioner and the decoding settings of --max-len, --hard-mode, --beam-size."""
+    captioner = load_captioner(args.checkpoint, args.device)
+    try:
+        return captioner, captioner.decode_settings(args.max_len, args.hard_mode, args.beam_size)
+    except ValueError as err:
+        raise UsageError(err) from None
+
+
 def data_config(captioner, data_root: str | None):
     """The checkpoint's data config, with its root replaced if --data-root was given."""
     import dataclasses
@@ -195,11 +204,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
 def _run_caption(args: argparse.Namespace) -> int:
     import torch
 
-    captioner = load_captioner(args.checkpoint, args.device)
-    try:
-        settings = captioner.decode_settings(args.max_len, args.hard_mode, args.beam_size)
-    except ValueError as err:
-        raise UsageError(err) from None
+    captioner, settings = captioner_and_settings(args)
 
     paths, input_errors = expand_inputs(args.inputs)
     for message in input_errors:

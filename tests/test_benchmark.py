@@ -169,9 +169,9 @@ def test_benchmark_rejects_missing_cuda(tmp_path, monkeypatch):
 
 
 def test_loader_hook_calls_the_store_benchmark(monkeypatch):
-    """With --loader-root, the section calls captioning.data.store's loader benchmark with the
+    """With --loader-root, the section calls captioning.data.datamodule's loader benchmark with the
     arguments it accepts (and nothing else)."""
-    from captioning.data import store
+    from captioning.data import datamodule as store
     from captioning.perf.benchmark import data_loader
 
     calls = []

@@ -19,12 +19,12 @@ from PIL import Image
 
 from captioning.config import DataConfig
 from captioning.data import prepare as prepare_module
-from captioning.data.datamodule import CaptionDataModule, ImageSource
+from captioning.data.datamodule import CaptionDataModule, ImageSource, benchmark_loader
 from captioning.data.examples import example_captions, example_image, id_colour, write_example_dataset
 from captioning.data.formats import EMPTY_CAPTION, read_karpathy
 from captioning.data.prepare import (MISSING_FILE, NO_TRAINING_CAPTION, UNREADABLE, PrepareError, PrepareOptions,
                                      prepare)
-from captioning.data.store import PreparedDataError, PreparedFolder, benchmark_loader
+from captioning.data.store import PreparedDataError, PreparedFolder
 from captioning.data.transforms import unnormalize
 from captioning.vocab import tokenize
 

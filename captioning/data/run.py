@@ -18,7 +18,7 @@
     captioning prepare --format karpathy --captions dataset_flickr30k.json \\
         --images flickr30k-images --out prepared/flickr30k
 
-    # then: python scripts/train.py --config configs/coco_soft.yaml --data prepared/coco
+    # then: captioning train --config configs/coco_soft.yaml --data prepared/coco
     captioning prepare --benchmark prepared/coco --workers 0 1 4   # training loader, images/s
     captioning prepare --make-example data/example --num-images 500  # a generated dataset
 
@@ -157,7 +157,7 @@ def run_prepare(args: argparse.Namespace, argv: list[str] | None) -> dict[str, A
                              long_captions=args.long_captions, workers=(args.workers or [0])[0],
                              chunk_size=args.chunk_size, strict=args.strict, overwrite=args.overwrite,
                              progress=not args.no_progress)
-    command = ["scripts/prepare_data.py", *(argv if argv is not None else sys.argv[1:])]
+    command = ["captioning", "prepare", *(argv if argv is not None else sys.argv[1:])]
     manifest = prepare(dataset, args.out, options, args.instances, command=command)
     print(format_summary(manifest, args.out))
     return manifest
@@ -166,7 +166,7 @@ def run_prepare(args: argparse.Namespace, argv: list[str] | None) -> dict[str, A
 def run_benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
     import torch
 
-    from captioning.data.store import benchmark_loader
+    from captioning.data.datamodule import benchmark_loader
 
     workers = args.workers or [0, 1, available_cores()]
     if args.threads is not None:
@@ -197,7 +197,7 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> Any:
 
             captions, images = write_example_dataset(args.make_example, args.num_images, args.example_size,
                                                      args.example_format)
-            print(f"wrote {args.num_images} images and {captions}; prepare them with:\n  python scripts/prepare_data.py "
+            print(f"wrote {args.num_images} images and {captions}; prepare them with:\n  captioning prepare "
                   f"--format {args.example_format} --captions {captions} --images {images} --out prepared/example")
             return captions
         return run_prepare(args, argv)

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from captioning.caption import data_config, load_captioner
+from captioning.caption import captioner_and_settings, data_config
 from captioning.console import EXIT_USAGE, UsageError, one_line, positive_int, print_error
 from captioning.progress import format_duration
 
@@ -40,7 +40,7 @@ CHECKPOINT_ONLY = ("split", "batch_size", "hard_mode", "beam_size", "max_len", "
 def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", type=Path, metavar="CKPT",
-                   help="best.ckpt or last.ckpt written by scripts/train.py")
+                   help="best.ckpt or last.ckpt written by captioning train")
     p.add_argument("--results", type=Path, metavar="FILE",
                    help='instead of a checkpoint: captions to score, [{"image_id": int, "caption": str}, ...]')
     p.add_argument("--annotations", type=Path, metavar="FILE",
@@ -134,7 +134,7 @@ def _load_grounding(args: argparse.Namespace, data, split: str, image_ids: list[
     """The split's boxes (Instances) or None when the dataset has none."""
     from captioning.evaluation.grounding import InstancesError, load_instances
 
-    # A prepared folder (scripts/prepare_data.py) keeps the split's instances at its top level.
+    # A prepared folder (captioning prepare) keeps the split's instances at its top level.
     folder = data.root if data.cfg.dataset == "prepared" else data.root / "annotations"
     path = args.instances or folder / f"instances_{split}.json"
     if args.instances is None and not path.is_file():
@@ -153,15 +153,11 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     from captioning.data.coco import AnnotationError
     from captioning.data.datamodule import CaptionDataModule
     from captioning.data.transforms import ImageLoadError
-    from captioning.evaluation.evaluator import (SCALE, SCALE_NOTE, decode_distributed, decode_split,
-                                                 format_results_table, to_percent)
+    from captioning.evaluation.evaluator import SCALE, SCALE_NOTE, decode_distributed, decode_split, to_percent
     from captioning.evaluation.grounding import score_grounding
+    from captioning.evaluation.metrics import format_metrics_table
 
-    captioner = load_captioner(args.checkpoint, args.device)
-    try:
-        settings = captioner.decode_settings(args.max_len, args.hard_mode, args.beam_size)
-    except ValueError as err:
-        raise UsageError(err) from None
+    captioner, settings = captioner_and_settings(args)
     device_type = _device_type(args, captioner)
     split = args.split or "test"
     cfg = data_config(captioner, args.data_root)
@@ -208,7 +204,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
                                     settings["hard_mode"] or "expected")
         values.update(grounding.metrics())
     shown = to_percent(values)
-    print(format_results_table(shown, title=f"{split} split, {len(predictions)} images"))
+    print(format_metrics_table(values, title=f"{split} split, {len(predictions)} images"))
     for note in report.notes() + (grounding.notes() if grounding else ["grounding: not computed (no boxes: "
                                                                         "the dataset has no instances file)"]):
         print(note)
@@ -234,8 +230,8 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
 
 def evaluate_results(args: argparse.Namespace) -> dict:
     from captioning.data.coco import AnnotationError, load_coco_captions
-    from captioning.evaluation.evaluator import (SCALE, SCALE_NOTE, ResultsError, format_results_table, load_results,
-                                                 to_percent)
+    from captioning.evaluation.evaluator import SCALE, SCALE_NOTE, ResultsError, load_results, to_percent
+    from captioning.evaluation.metrics import format_metrics_table
 
     try:
         predictions = load_results(args.results)
@@ -255,7 +251,7 @@ def evaluate_results(args: argparse.Namespace) -> dict:
               f"(CIDEr's document frequencies too) are over those {len(predictions)} only", file=sys.stderr)
     values, report = _score(predictions, {i: references[i] for i in predictions}, None, args)
     shown = to_percent(values)
-    print(format_results_table(shown, title=f"{args.results.name}, {len(predictions)} images"))
+    print(format_metrics_table(values, title=f"{args.results.name}, {len(predictions)} images"))
     for note in report.notes() + ["grounding: not computed (a results file has no attention maps)"]:
         print(note)
     out_dir = args.out_dir or args.results.parent

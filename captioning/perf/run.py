@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
     p.add_argument("--sequential-images", type=int,
                    help="images decoded one at a time for the comparison (default: all of --beam-images)")
     p.add_argument("--beam-max-len", type=int, help="maximum caption length in beam search (default 20)")
-    p.add_argument("--loader-root", help="a prepared folder (scripts/prepare_data.py) for the loader section")
+    p.add_argument("--loader-root", help="a prepared folder (captioning prepare) for the loader section")
     p.add_argument("--loader-workers", type=int, nargs="+", default=[0, 2])
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: PyTorch's choice; --quick: 1)")
     return p.parse_args(argv)
@@ -141,7 +141,7 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> dict[str, Any
     sections = [s for s in SECTIONS if s in args.sections]
     if "train" in sections and "matmul" not in sections:
         sections.insert(0, "matmul")  # the training step's FLOP/s are reported as a fraction of it
-    results: dict[str, Any] = {"command": "python scripts/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    results: dict[str, Any] = {"command": "captioning benchmark " + " ".join(argv if argv is not None else sys.argv[1:]),
                                "machine": bench.machine_info(device), "sizes": bench.sizes_dict(sizes),
                                "precision": precision, "skipped": []}
     compile_targets = list(args.compile)

@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
     p.add_argument("--attention", choices=["soft", "hard"], help="attention mechanism (default: soft)")
     p.add_argument("--config", type=Path, help="YAML file holding differences from the defaults")
     p.add_argument("--data", type=Path, metavar="PREPARED_DIR",
-                   help="train on a folder written by scripts/prepare_data.py (sets data.dataset=prepared, data.root)")
+                   help="train on a folder written by captioning prepare (sets data.dataset=prepared, data.root)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key, e.g. --set optim.lr=0.0004 (repeatable)")
     p.add_argument("--devices", type=int, help="devices per node; >1 trains with DDP")
@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
                    help="frozen encoder: compute the annotation grids once into DIR and train the decoder from "
                         "them (sets data.feature_cache; needs model.encoder.fine_tune_from=null)")
     p.add_argument("--no-test", action="store_true",
-                   help="skip scoring the test split at the end (scripts/compare.py scores with evaluate.py)")
+                   help="skip scoring the test split at the end (captioning compare scores with evaluate.py)")
     return p.parse_args(argv)
 
 
