@@ -24,7 +24,7 @@ from captioning.losses import (
 )
 from captioning.models import ShowAttendTell
 from captioning.models import fast
-from captioning.models.attention import AdditiveScore, HardAttention, NoAttention, SoftAttention, build_score
+from captioning.models.attention import AdditiveScore, HardAttention, NoAttention, SoftAttention, build_score, masked_softmax
 from captioning.models.decoder import Decoder
 from captioning.models.encoder import Encoder, EncoderWeightsError
 from captioning.vocab import Vocabulary
@@ -531,6 +531,43 @@ def test_fast_path_backward_twice_with_retain_graph():
     second = torch.autograd.grad(loss, params)
     for a, b in zip(first, second):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("scale", [1.0, 300.0])
+def test_fast_inference_scores_give_the_papers_alphas(scale):
+    """Decoding's additive scores (fast.inference_scores: the exponential form, or beyond
+    EXP_FORM_BOUND the sigmoid) give the paper's alphas, g rows per image; the cached e^k follows
+    an in-place change of the keys; inference-mode tensors (Lightning's validation) work too."""
+    score = build_score("additive", 5, 4, 7)
+    with torch.no_grad():
+        score.W.weight.mul_(scale)
+    features, _, mask = _attention_inputs()
+    h = torch.randn(3 * 2, 4)
+    with torch.no_grad():
+        keys = score.project(features)
+        assert (float(2 * keys.abs().max()) > fast.EXP_FORM_BOUND) == (scale > 1)
+        for _ in range(2):  # the second call reads the cache
+            torch.testing.assert_close(masked_softmax(fast.inference_scores(score, keys, h), mask),
+                                       masked_softmax(score(keys, h), mask))
+        keys.mul_(0.5)  # the cached e^k of these keys is stale now
+        torch.testing.assert_close(masked_softmax(fast.inference_scores(score, keys, h), mask),
+                                   masked_softmax(score(keys, h), mask))
+    with torch.inference_mode():
+        frozen = score.project(features)
+        torch.testing.assert_close(masked_softmax(fast.inference_scores(score, frozen, h), mask),
+                                   masked_softmax(score(frozen, h), mask))
+
+
+def test_greedy_decoding_is_the_same_with_and_without_the_fast_scores():
+    model = build_model().eval()
+    features = torch.randn(3, 16, model.encoder.out_channels)
+    mask = torch.ones(3, 16, dtype=torch.bool)
+    runs = []
+    for fast_path in (False, True):
+        model.decoder.fast = fast_path
+        runs.append(greedy_decode(model, features, mask, max_len=6))
+    assert torch.equal(runs[0].tokens, runs[1].tokens)
+    torch.testing.assert_close(runs[0].alphas, runs[1].alphas)
 
 
 def test_additive_scores_under_bf16_autocast_give_the_fp32_alphas():

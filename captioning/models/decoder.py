@@ -66,8 +66,9 @@ class Decoder(nn.Module):
         self.L_z = nn.Linear(D, m)
         self.L_o = nn.Linear(m, vocab_size)
         self.dropout = nn.Dropout(cfg.dropout)
-        # Teacher forcing with gradients runs captioning/models/fast.py where it knows every module
-        # (fast.supports); False keeps the reference loop (torch.compile sets it so).
+        # Teacher forcing with gradients, and the additive score in decoding, run
+        # captioning/models/fast.py where it knows the modules (fast.supports); False keeps the
+        # reference maths of this file and attention.py (torch.compile sets it so).
         self.fast = cfg.fast
         if cfg.init == "arctic":
             arctic_init_(self)
@@ -86,7 +87,11 @@ class Decoder(nn.Module):
     # -- per step ---------------------------------------------------------------------------
     def attend(self, h, features, keys, mask, mode="expected", sample_mask=None) -> Attended:
         """alpha_t and the gated context beta_t * z_t from h_{t-1} (Sec. 4.2.1)."""
-        attended = self.attention(features, keys, mask, h, mode, sample_mask)
+        if self.fast and not torch.is_grad_enabled() and fast.supports_inference(self):  # decoding
+            scores = fast.inference_scores(self.attention.score, keys, h)
+            attended = self.attention.attend(features, mask, scores, mode, sample_mask)
+        else:
+            attended = self.attention(features, keys, mask, h, mode, sample_mask)
         if self.gate is None:
             return attended
         beta = torch.sigmoid(self.gate(h))  # (B, 1) scalar gate or (B, D) vector gate

@@ -11,11 +11,17 @@ the reference loop with its own maths. The measured gain of each trick is in doc
    runs on the real tokens only. The LSTM's product with the word embedding runs once for all
    real tokens; every product of h_{t-1} (attention query U h, gate f_beta h, LSTM W_hh h) is one
    matrix product per step.
-2. **Weight gradients once** (``SharedWeight``): the per-step products' weights get their gradient
-   as one product over all steps, not one small product per step.
-3. **The additive score differentiated by hand** (``UnrolledAdditiveScore``) a few images at a
+2. **The additive score differentiated by hand** (``UnrolledAdditiveScore``) a few images at a
    time in one reused buffer, with tanh written through the sigmoid: v^T tanh(x) + b =
    2 (v^T sigmoid(2x) + b) - sum(v) - b, a per-row constant that the softmax over locations cancels.
+
+Without gradients (greedy and beam decoding), ``Decoder.attend`` takes its additive scores from
+``inference_scores``:
+
+3. **The additive map through exponentials of the keys**: sigmoid(k + q) = 1 / (1 + e^-q / e^k),
+   with e^k computed once per keys tensor (kept while the tensor lives and is unchanged) and e^-q
+   once per step on the [B, A] query, so the [N, g, L, A] map costs a division-add and a
+   reciprocal per element, a few images at a time in one buffer.
 """
 
 from __future__ import annotations
@@ -24,12 +30,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from captioning.models.attention import AdditiveScore, BilinearScore, DotScore, HardAttention, SoftAttention
+from torch.utils.weak import WeakIdKeyDictionary
+
+from captioning.models.attention import AdditiveScore, BilinearScore, DotScore, HardAttention, SoftAttention, _grouped
 from captioning.vocab import Vocabulary
 
 # The additive score's [g, L, A] map is computed for this many elements at a time in one reused
 # buffer, which then stays in cache instead of streaming a [B, L, A] tensor through memory.
 SCORE_CHUNK_ELEMENTS = 2**20
+# Inference: the exponential form runs while every key and query lies within this bound (then e^k
+# and e^-q are normal floats and the result is exact to a few ulps); beyond it the sigmoid runs.
+EXP_FORM_BOUND = 80.0
 
 _MECHANISMS = (SoftAttention, HardAttention)
 _SCORES = (AdditiveScore, DotScore, BilinearScore)
@@ -44,6 +55,14 @@ def supports(decoder: nn.Module) -> bool:
             and (decoder.gate is None or type(decoder.gate) is nn.Linear) and type(decoder.dropout) is nn.Dropout
             and all(type(layer) is nn.Linear for layer in (decoder.L_h, decoder.L_z, decoder.L_o))
             and not torch.compiler.is_compiling())
+
+
+def supports_inference(decoder: nn.Module) -> bool:
+    """True where decoding's additive score can take ``inference_scores``."""
+    from captioning.models.decoder import Decoder
+
+    return (type(decoder) is Decoder and type(decoder.attention) in _MECHANISMS
+            and type(decoder.attention.score) is AdditiveScore and not torch.compiler.is_compiling())
 
 
 def teacher_forced(decoder, features, mask, keys, state, rows, emb, captions, mode, sample_mask, return_logits):
@@ -81,8 +100,7 @@ def teacher_forced(decoder, features, mask, keys, state, rows, emb, captions, mo
     query_weight = None if type(score) is BilinearScore else score.U.weight  # Bilinear's query is h
     h_weights = [w for w in (query_weight, None if gate is None else gate.weight) if w is not None]
     splits = [w.shape[0] for w in h_weights] + [lstm.weight_hh.shape[0]]
-    of_h = _shared_weight(torch.cat([*h_weights, lstm.weight_hh]))  # every product of h_{t-1}
-    of_z = _shared_weight(of_z)
+    of_h = torch.cat([*h_weights, lstm.weight_hh])  # every product of h_{t-1}
     scores_of = _step_scorer(score, keys)
     hs, zs, alphas, log_probs = [], [], [], []
     for t in range(steps):
@@ -90,14 +108,14 @@ def teacher_forced(decoder, features, mask, keys, state, rows, emb, captions, mo
         if n < h.shape[0]:  # captions ended: drop their rows (sliced once, not at every step)
             h, c, features, mask, keys = h[:n], c[:n], features[:n], mask[:n], keys[:n]
             sample_mask = None if sample_mask is None else sample_mask[:n]
-        parts = list(of_h(h).split(splits, dim=1))
+        parts = list(F.linear(h, of_h).split(splits, dim=1))
         recurrent = parts.pop()  # W_hh h
         query = parts.pop(0) if query_weight is not None else h
         attended = decoder.attention.attend(features, mask, scores_of(keys, query), mode, sample_mask)
         z = attended.context
         if gate is not None:
             z = torch.sigmoid(parts.pop(0) + gate.bias) * z  # beta_t z_t
-        gates = pre[t] + recurrent + of_z(z)
+        gates = pre[t] + recurrent + F.linear(z, of_z)
         i, f, g, o = gates.chunk(4, dim=1)  # nn.LSTMCell's gate order
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
@@ -140,68 +158,6 @@ def _packed_nll(decoder, emb, h, z, index, captions) -> torch.Tensor:
     return nll.new_zeros(B * T).index_copy(0, index, nll).view(B, T)
 
 
-# ----------------------------------------------------------------------------- weight gradients once
-
-
-def _shared_weight(weight: torch.Tensor) -> "SharedWeight":
-    return SharedWeight(weight)
-
-
-class SharedWeight:
-    """``W`` for one unrolled loop: call it on each step's input ``x`` [B_t, in] -> ``x @ W^T``.
-
-    Autograd would take ``g_t^T x_t`` at every step (a product with only B_t rows, slow on a CPU)
-    and add it into W's gradient (a pass over W). Here ``_StepProduct``'s backward hands
-    ``(x_t, g_t)`` to the owner and ``_Share``'s backward, which autograd runs after every step's
-    (each step product consumes its output), takes ``[g_1; ...; g_T]^T [x_1; ...; x_T]`` once, as
-    cuDNN's RNNs do. The gradient reaches the parameter through the normal graph, so hooks (DDP),
-    clipping and optimizers see nothing unusual."""
-
-    def __init__(self, weight: torch.Tensor) -> None:
-        self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (x_t, g_t), filled by backward
-        device = weight.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-        self.weight = _Share.apply(weight, self, dtype)  # cast once to the autocast dtype
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return _StepProduct.apply(x, self.weight, self)
-
-
-class _Share(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, weight: torch.Tensor, owner: SharedWeight, dtype: torch.dtype) -> torch.Tensor:
-        ctx.owner, ctx.weight_dtype = owner, weight.dtype
-        ctx.set_materialize_grads(False)  # the step products return no gradient for it: None, not zeros
-        return weight.to(dtype) if dtype != weight.dtype else weight.view_as(weight)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor | None):
-        pairs, ctx.owner.pairs = ctx.owner.pairs, []
-        if pairs:
-            xs = torch.cat([x for x, _ in pairs])
-            gs = torch.cat([g for _, g in pairs])
-            dw = gs.t().mm(xs).to(ctx.weight_dtype)
-            grad = dw if grad is None else dw + grad.to(ctx.weight_dtype)
-        return grad, None, None
-
-
-class _StepProduct(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, owner: SharedWeight) -> torch.Tensor:
-        x_in = x.to(weight.dtype)
-        ctx.save_for_backward(x_in, weight)
-        ctx.owner, ctx.x_dtype = owner, x.dtype
-        # (W x^T)^T, not x W^T: with few rows and a large W, MKL runs W as the left operand faster.
-        return weight.mm(x_in.t()).t()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x_in, weight = ctx.saved_tensors
-        ctx.owner.pairs.append((x_in, grad))
-        dx = grad.mm(weight).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
-        return dx, None, None
-
-
 # ----------------------------------------------------------------------------- the additive score
 
 
@@ -216,14 +172,14 @@ def _step_scorer(score: nn.Module, keys: torch.Tensor):
 class UnrolledAdditiveScore:
     """The additive score over one teacher-forced loop, differentiated by hand. Call it at each
     step with (keys, U h_{t-1}) of the first n images (the live rows) -> scores [n, L] equal to
-    ``AdditiveScore.from_query``'s up to a per-row constant (module docstring, trick 3).
+    ``AdditiveScore.from_query``'s up to a per-row constant (module docstring, trick 2).
 
     Autograd would keep every step's [n, L, A] map and, in backward, write its gradient three times
     (through v, the nonlinearity and the add) into fresh memory. Here the map is never kept: every
     step, forward and backward, computes it a few images at a time (``SCORE_CHUNK_ELEMENTS``) in
     one small buffer. Backward recomputes z = sigmoid(2k + 2q) from what the step kept (q, [n, A]),
     then s = z (1 - z) in place, dq = 2 v * (de^T s), and sums de_t s_t over the steps in
-    one buffer multiplied by v once, after every step's backward (as ``SharedWeight`` does)."""
+    one buffer multiplied by v once, after every step's backward."""
 
     def __init__(self, score: AdditiveScore, keys: torch.Tensor) -> None:
         N, L, A = keys.shape
@@ -296,3 +252,50 @@ class _AdditiveStep(torch.autograd.Function):
         return None, dquery, dv_weight.to(v_weight.dtype), de.sum().view(1).to(v_weight.dtype), None
 
 
+
+
+# ----------------------------------------------------------------------------- the additive score, decoding
+
+
+def inference_scores(score: AdditiveScore, keys: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``score(keys, h)`` without gradients, up to a per-row constant (trick 3): keys [N, L, A],
+    h [N*g, n] -> [N*g, L]."""
+    N, L, A = keys.shape
+    # An inference tensor (Lightning's validation) has no version counter to cache by.
+    exp_k = _exp_form_keys(keys * 2.0) if keys.is_inference() else _cached_exp_keys(keys)
+    q = _grouped(score.U(h).to(keys.dtype) * 2.0, N)[:, :, None, :]  # (N, g, 1, A)
+    g = q.shape[1]
+    exp_neg_q = torch.exp(-q) if exp_k is not None and float(q.abs().amax()) <= EXP_FORM_BOUND else None
+    n = min(N, max(1, SCORE_CHUNK_ELEMENTS // (g * L * A)))  # images per chunk
+    scores = keys.new_empty(N, g, L)
+    z = keys.new_empty(n, g, L, A)
+    v = score.v.weight.view(A, 1).to(keys.dtype)
+    for i in range(0, N, n):
+        j = min(N, i + n)
+        zi = z[: j - i]
+        if exp_neg_q is None:
+            torch.add(q[i:j], keys[i:j, None], alpha=2.0, out=zi).sigmoid_()
+        else:
+            torch.addcdiv(zi.new_ones(()), exp_neg_q[i:j], exp_k[i:j], out=zi).reciprocal_()  # 1 / (1 + e^-q / e^k)
+        torch.mm(zi.view(-1, A), v, out=scores[i:j].view(-1, 1))
+    return scores.add_(score.v.bias.to(keys.dtype)).mul_(2.0).view(N * g, L)
+
+
+# e^(2k) of each keys tensor in use for decoding, [N, 1, L, A] (None where a key is beyond the
+# bound), computed at its first step and dropped with the tensor; a changed tensor recomputes.
+_EXP_KEYS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _cached_exp_keys(keys: torch.Tensor) -> torch.Tensor | None:
+    cached = _EXP_KEYS.get(keys)
+    if cached is not None and cached[0] == keys._version:
+        return cached[1]
+    exp_k = _exp_form_keys(keys * 2.0)
+    _EXP_KEYS[keys] = (keys._version, exp_k)
+    return exp_k
+
+
+def _exp_form_keys(keys: torch.Tensor) -> torch.Tensor | None:
+    """e^k as [N, 1, L, A] for keys [N, L, A], or None where a key is beyond ``EXP_FORM_BOUND``."""
+    lo, hi = torch.aminmax(keys)
+    return keys[:, None].exp() if max(-float(lo), float(hi)) <= EXP_FORM_BOUND else None

@@ -17,22 +17,16 @@ import contextlib
 import json
 import statistics
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
-import torch.nn.functional as F
 
 from captioning.models import fast
 from captioning.perf.benchmark import COCO, QUICK, Sizes, random_captions, training_module
 
 
-def _plain_product(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda x: F.linear(x, weight)
-
-
 # Trick -> the fast module's attributes that, replaced so, leave it out (same maths, autograd's way).
 TRICKS: dict[str, dict[str, Any]] = {
-    "shared_weight": {"_shared_weight": _plain_product},
     "additive_by_hand": {"_step_scorer": lambda score, keys: score.from_query},
 }
 VARIANTS = ("reference", "fast", *(f"fast-without-{name}" for name in TRICKS))
