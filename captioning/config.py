@@ -109,9 +109,9 @@ class DataConfig:
     image_size: int = 64
     batch_size: int = 32  # images per device; the global batch is batch_size * devices * num_nodes
     # Captions drawn (without replacement, anew each epoch) per training image. The encoder runs
-    # once per image and its annotations are shared by the k captions. At the synthetic sizes an
-    # encoder pass for 32 images costs ~140 ms, the decoder ~40 ms per caption-per-image (k=5:
-    # 196 ms, k=2: 81 ms); vision learns per image seen, so k=2 learns fastest per second.
+    # once per image and its annotations are shared by the k captions. At the synthetic sizes the
+    # encoder costs more than the decoder's work for one caption, and vision learns per image
+    # seen: k=2 learns fastest per second.
     captions_per_image: int = 2
     eval_batch_size: int = 100
     num_workers: int = 0

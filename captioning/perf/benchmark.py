@@ -43,7 +43,7 @@ from captioning.vocab import SPECIALS, Vocabulary
 
 @dataclass(frozen=True)
 class Sizes:
-    """Problem sizes. ``COCO`` is issue 7's and the paper's; ``QUICK`` is for tests (seconds)."""
+    """Problem sizes. ``COCO`` is the paper's COCO setting; ``QUICK`` is for tests (seconds)."""
 
     locations: int = 196  # 14 x 14 annotation grid
     feature_dim: int = 2048  # ResNet conv5 channels
