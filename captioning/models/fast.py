@@ -29,7 +29,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from torch.utils.weak import WeakIdKeyDictionary
 
 from captioning.models.attention import AdditiveScore, BilinearScore, DotScore, HardAttention, SoftAttention, _grouped
