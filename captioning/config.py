@@ -41,18 +41,27 @@ class EncoderConfig:
 class DecoderConfig:
     embed_dim: int = 128  # m in the paper (arctic COCO: 512)
     hidden_dim: int = 256  # n, LSTM size (arctic COCO: 1800)
-    # Width of f_att's hidden layer (the COCO configs: 512). Synthetic default 64: its per-step
-    # [B, L, A] map is the decoder's largest elementwise op, and the step is ~10% faster than
-    # with 128 (210 vs 230-250 ms); over 12 epochs the validation curve tracked 128's.
+    # Width of f_att's hidden layer (the COCO configs: 512). The synthetic default is small: its
+    # per-step [B, L, A] map is the decoder's largest elementwise op.
     attention_dim: int = 64
     score: Literal["additive", "dot", "scaled_dot", "bilinear"] = "additive"  # paper: additive
+    # Image-side layers of the additive f_att: 1 is the paper's W a; capgen's COCO setting
+    # n_layers_att=2 adds tanh(W_2 . + b_2) (captioning/models/attention.py, AdditiveScore).
+    attention_layers: int = 1
     gate: Literal["scalar", "vector", "none"] = "scalar"  # paper Sec. 4.2.1: scalar beta
     dropout: float = 0.3  # on the deep-output layer's input (paper: dropout; arctic: 0.5)
+    # Weight initialisation: PyTorch's defaults, or capgen's (N(0, 0.01), orthogonal square and
+    # recurrent matrices, zero biases; captioning/models/decoder.py, arctic_init_).
+    init: Literal["pytorch", "arctic"] = "pytorch"
+    # Teacher forcing with gradients through captioning/models/fast.py (same maths, faster on the
+    # CPU: docs/performance.md); False runs the reference loop of captioning/models/decoder.py.
+    fast: bool = True
 
 
 @dataclass
 class ModelConfig:
-    attention: Literal["soft", "hard"] = "soft"
+    # "none": the no-attention control, z_t = the mean annotation at every step.
+    attention: Literal["soft", "hard", "none"] = "soft"
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
 
@@ -100,9 +109,9 @@ class DataConfig:
     image_size: int = 64
     batch_size: int = 32  # images per device; the global batch is batch_size * devices * num_nodes
     # Captions drawn (without replacement, anew each epoch) per training image. The encoder runs
-    # once per image and its annotations are shared by the k captions. At the synthetic sizes an
-    # encoder pass for 32 images costs ~140 ms, the decoder ~40 ms per caption-per-image (k=5:
-    # 196 ms, k=2: 81 ms); vision learns per image seen, so k=2 learns fastest per second.
+    # once per image and its annotations are shared by the k captions. At the synthetic sizes the
+    # encoder costs more than the decoder's work for one caption, and vision learns per image
+    # seen: k=2 learns fastest per second.
     captions_per_image: int = 2
     eval_batch_size: int = 100
     num_workers: int = 0
@@ -304,6 +313,12 @@ def validate(cfg: Config) -> Config:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key '{key}' must be positive, got {value}")
+    if cfg.model.decoder.attention_layers < 1:
+        raise ConfigError(f"config key 'model.decoder.attention_layers' must be at least 1, got "
+                          f"{cfg.model.decoder.attention_layers}")
+    if cfg.model.decoder.attention_layers > 1 and cfg.model.decoder.score != "additive":
+        raise ConfigError("config key 'model.decoder.attention_layers' > 1 needs model.decoder.score=additive "
+                          f"(now '{cfg.model.decoder.score}')")
     if not 0.0 <= cfg.model.decoder.dropout < 1.0:
         raise ConfigError(f"config key 'model.decoder.dropout' must be in [0, 1), got {cfg.model.decoder.dropout}")
     if not 0.0 <= cfg.loss.expected_context_prob <= 1.0:

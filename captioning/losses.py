@@ -38,7 +38,7 @@ class LossTerms(NamedTuple):
 
 def per_token_nll(logits: torch.Tensor, targets: torch.Tensor, pad_id: int) -> torch.Tensor:
     """logits [B, T, V], targets [B, T] -> -log p(target) [B, T] in fp32, 0 at padding."""
-    # Rows of V contiguous (a [B, V, T] transpose makes log-softmax stride over T: ~3x slower).
+    # Rows of V contiguous: a [B, V, T] transpose would make log-softmax stride over T.
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
     return nll.view(targets.shape) * (targets != pad_id)
 

@@ -13,7 +13,7 @@ import torchvision
 from torch import nn
 
 from conftest import make_captions, make_config, random_captions, random_images
-from captioning.config import EncoderConfig, LossConfig
+from captioning.config import ConfigError, EncoderConfig, LossConfig, validate
 from captioning.decoding import greedy_decode
 from captioning.losses import (
     ReinforceBaseline,
@@ -23,7 +23,9 @@ from captioning.losses import (
     doubly_stochastic_penalty,
 )
 from captioning.models import ShowAttendTell
-from captioning.models.attention import EXP_FORM_BOUND, HardAttention, SoftAttention, build_score
+from captioning.models import fast
+from captioning.models.attention import AdditiveScore, HardAttention, NoAttention, SoftAttention, build_score, masked_softmax
+from captioning.models.decoder import Decoder
 from captioning.models.encoder import Encoder, EncoderWeightsError
 from captioning.vocab import Vocabulary
 
@@ -244,7 +246,7 @@ def test_soft_attention_alpha_is_a_masked_distribution(score):
 
 
 def test_additive_score_gives_the_papers_alphas():
-    """The sigmoid form of the additive score gives exactly softmax(v^T tanh(W a + U h) + b)."""
+    """The additive score is the paper's f_att: alpha = softmax(v^T tanh(W a + U h) + b)."""
     features, h, mask = _attention_inputs()
     att = SoftAttention(build_score("additive", 5, 4, 7))
     score = att.score
@@ -258,12 +260,9 @@ def test_additive_score_gives_the_papers_alphas():
 
 @pytest.mark.parametrize("score", SCORES)
 @pytest.mark.parametrize("mechanism, mode", [(SoftAttention, "expected"), (HardAttention, "argmax")])
-@pytest.mark.parametrize("chunk", [None, 7 * 3])
-def test_grouped_attention_equals_repeated_annotations(score, mechanism, mode, chunk, monkeypatch):
+def test_grouped_attention_equals_repeated_annotations(score, mechanism, mode):
     """g rows of h per image (beam search's beams) attending over ONE copy of each image's
-    annotations give what repeating the annotations g times gives, in inference chunks too."""
-    if chunk is not None:  # a tiny chunk: the additive score runs image by image
-        monkeypatch.setattr("captioning.models.attention.SCORE_CHUNK_ELEMENTS", chunk)
+    annotations give what repeating the annotations g times gives."""
     features, _, mask = _attention_inputs()
     g = 4
     h = torch.randn(3 * g, 4)
@@ -390,9 +389,9 @@ def test_hard_sample_mask_per_image_is_repeated_for_its_captions():
                                          ("bilinear", "scalar")])
 @pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("longest_first", [False, True])
-def test_fused_teacher_forcing_equals_the_plain_loop(attention, mode, score, gate, k, longest_first):
-    """Decoder._fused_pass (live rows longest first, hoisted and fused products, weight gradients
-    taken once over all steps) gives the plain step-by-step loop's logits, attention, loss and
+def test_fast_teacher_forcing_equals_the_reference_loop(attention, mode, score, gate, k, longest_first):
+    """fast.teacher_forced (live rows longest first, hoisted and fused products, weight gradients
+    taken once over all steps) gives the reference step-by-step loop's logits, attention, loss and
     every parameter's gradient, on the real tokens: for a batch in any order, and for one that
     comes longest first as collate_train makes it for k = 1 (then it is used without reordering)."""
     cfg = make_config(model__attention=attention, model__decoder__score=score, model__decoder__gate=gate)
@@ -401,12 +400,12 @@ def test_fused_teacher_forcing_equals_the_plain_loop(attention, mode, score, gat
     captions = random_captions(3 * k, V, min_len=1, max_len=6)
     lengths = (captions[:, 1:] != Vocabulary.pad_id).sum(1)
     captions = captions[lengths.argsort(descending=longest_first, stable=True)]
-    if not longest_first:  # shortest first: the fused pass has to reorder this batch
+    if not longest_first:  # shortest first: the fast path has to reorder this batch
         assert (lengths.sort().values.diff() > 0).any()
     real = captions[:, 1:] != Vocabulary.pad_id
     results = []
-    for fused in (False, True):
-        model.decoder.fused = fused
+    for fast_path in (False, True):
+        model.decoder.fast = fast_path
         model.zero_grad()
         out = model(features, captions, mode=mode)
         loss = caption_loss(cfg.loss, out.logits, captions[:, 1:], out.alphas, out.mask, Vocabulary.pad_id,
@@ -436,12 +435,12 @@ def test_fused_teacher_forcing_equals_the_plain_loop(attention, mode, score, gat
             torch.testing.assert_close(p.grad, grads_a[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def assert_fused_equals_plain(model: ShowAttendTell, loss_of_model) -> torch.Tensor:
-    """``loss_of_model()`` with the plain teacher-forced loop, then with the fused pass: the same
-    loss and the same gradient for every parameter. Returns the fused pass's loss."""
+def assert_fast_equals_reference(model: ShowAttendTell, loss_of_model) -> torch.Tensor:
+    """``loss_of_model()`` with the reference teacher-forced loop, then with the fast path: the same
+    loss and the same gradient for every parameter. Returns the fast path's loss."""
     results = []
-    for fused in (False, True):
-        model.decoder.fused = fused
+    for fast_path in (False, True):
+        model.decoder.fast = fast_path
         model.zero_grad()
         loss = loss_of_model()
         loss.backward()
@@ -455,9 +454,9 @@ def assert_fused_equals_plain(model: ShowAttendTell, loss_of_model) -> torch.Ten
 
 
 @pytest.mark.parametrize("k", [1, 2])
-def test_fused_training_pass_draws_the_plain_loops_dropout_masks(k):
-    """With dropout on, the fused pass's packed output layer (return_logits=False) draws the masks
-    the plain loop draws for its padded [B, T, m] batch, so training takes the same path whichever
+def test_fast_training_pass_draws_the_reference_loops_dropout_masks(k):
+    """With dropout on, the fast path's packed output layer (return_logits=False) draws the masks
+    the reference loop draws for its padded [B, T, m] batch, so training takes the same path whichever
     runs: same loss and gradients under the same seed."""
     cfg = make_config(model__decoder__dropout=0.5)
     torch.manual_seed(0)
@@ -471,76 +470,13 @@ def test_fused_training_pass_draws_the_plain_loops_dropout_masks(k):
         return caption_loss(cfg.loss, None, captions[:, 1:], out.alphas, out.mask, Vocabulary.pad_id, "soft",
                             token_nll=out.token_nll).loss
 
-    fused_loss = assert_fused_equals_plain(model, lambda: loss(1))
-    assert abs(float(loss(2).detach()) - float(fused_loss)) > 1e-3  # another draw, another loss: dropout is on
-
-
-@pytest.mark.parametrize("words", [30, 32])
-def test_output_layer_padded_for_speed_gives_the_linear_layer(words):
-    """Decoder._output pads the vocabulary to a multiple of 8 for its forward product: the logits
-    and every gradient are nn.Linear's (30 words take the padded path, 32 the plain one)."""
-    torch.manual_seed(0)
-    decoder = ShowAttendTell(make_config().model, words).decoder.eval()
-    m = decoder.L_o.in_features
-    emb, h, z = torch.randn(2, 3, m), torch.randn(2, 3, decoder.L_h.in_features), torch.randn(2, 3, decoder.L_z.in_features)
-    target = torch.randn(2, 3, words)
-    results = []
-    for padded in (True, False):
-        decoder.zero_grad()
-        if padded:
-            logits = decoder._output(emb, h, z)
-        else:
-            logits = decoder.L_o(emb + decoder.L_h(h) + decoder.L_z(z))
-        (logits * target).sum().backward()
-        results.append((logits.detach(), [p.grad.clone() for p in (decoder.L_o.weight, decoder.L_o.bias, decoder.L_h.weight)]))
-    assert results[0][0].shape == (2, 3, words) and results[0][0].is_contiguous()
-    torch.testing.assert_close(results[0][0], results[1][0])
-    for a, b in zip(results[0][1], results[1][1]):
-        torch.testing.assert_close(a, b)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = decoder._output(emb, h, z)
-    assert logits.dtype == torch.bfloat16
-    logits.float().sum().backward()  # gradients reach the fp32 parameters in their dtype
-    assert decoder.L_o.weight.grad.dtype == torch.float32
-
-
-@pytest.mark.parametrize("words", [30, 32])
-@pytest.mark.parametrize("chunk", [2**18, 40])
-def test_output_nll_equals_the_linear_layer_and_cross_entropy(words, chunk, monkeypatch):
-    """_OutputNLL (the fused training pass's output layer + cross-entropy, its elementwise work a
-    few rows at a time) gives nn.Linear + F.cross_entropy's NLL and gradients: padded vocabulary
-    (30) or not (32), all rows at once or one row at a time (chunk 40), twice over a retained
-    graph, and under bf16 autocast."""
-    from captioning.models.decoder import _nll_chunk_rows, _OutputNLL
-
-    monkeypatch.setattr("captioning.models.decoder.NLL_CHUNK_ELEMENTS", chunk)
-    assert _nll_chunk_rows(torch.empty(7, 8), words) == max(1, chunk // words)
-    assert _nll_chunk_rows(torch.empty(7, 8, device="meta"), words) == 7  # off the CPU: all rows at once
-    torch.manual_seed(0)
-    layer = nn.Linear(8, words)
-    x = torch.randn(7, 8, requires_grad=True)
-    targets = torch.randint(0, words, (7,))
-    weights = torch.rand(7)  # a gradient that differs per row
-    expected = torch.nn.functional.cross_entropy(layer(x), targets, reduction="none")
-    params = [x, layer.weight, layer.bias]
-    grads = torch.autograd.grad((expected * weights).sum(), params)
-    nll = _OutputNLL.apply(x, layer.weight, layer.bias, targets)
-    torch.testing.assert_close(nll, expected)
-    for _ in range(2):  # backward leaves what it saved intact
-        for got, want in zip(torch.autograd.grad((nll * weights).sum(), params, retain_graph=True), grads):
-            torch.testing.assert_close(got, want)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        nll = _OutputNLL.apply(x, layer.weight, layer.bias, targets)
-    assert nll.dtype == torch.float32
-    torch.testing.assert_close(nll, expected, rtol=0.05, atol=0.05)
-    got = torch.autograd.grad((nll * weights).sum(), params)
-    assert [g.dtype for g in got] == [torch.float32] * 3
-    torch.testing.assert_close(got[1], grads[1], rtol=0.05, atol=0.02)
+    fast_loss = assert_fast_equals_reference(model, lambda: loss(1))
+    assert abs(float(loss(2).detach()) - float(fast_loss)) > 1e-3  # another draw, another loss: dropout is on
 
 
 def test_training_batches_of_one_caption_per_image_come_longest_first():
     """collate_train orders a batch with one caption per image longest caption first (stable),
-    keeping each image's pixels, caption and id together: the order the fused pass uses as it is.
+    keeping each image's pixels, caption and id together: the order the fast path uses as it is.
     With several captions per image it keeps the batch's order."""
     from captioning.data.datamodule import collate_train
 
@@ -562,19 +498,17 @@ def test_training_batches_of_one_caption_per_image_come_longest_first():
 
 @pytest.mark.parametrize("scale", [1.0, 300.0])
 @pytest.mark.parametrize("chunk", [2**20, 1])
-def test_fused_additive_score_equals_autograd_in_both_forms(scale, chunk, monkeypatch):
-    """The hand-differentiated additive score of the fused pass (UnrolledAdditiveScore) gives the
-    plain loop's loss and gradients with keys inside EXP_FORM_BOUND (the exponential form) and
-    beyond it (scale 300: the sigmoid itself runs), with its map computed for all images at once
-    and one image at a time (chunk 1)."""
-    monkeypatch.setattr("captioning.models.attention.SCORE_CHUNK_ELEMENTS", chunk)
+def test_fast_additive_score_equals_autograd(scale, chunk, monkeypatch):
+    """The hand-differentiated additive score of the fast path (UnrolledAdditiveScore, through the
+    sigmoid) gives the reference loop's loss and gradients, with small keys and with keys far in
+    tanh's saturation (scale 300), its map computed for all images at once and one image at a
+    time (chunk 1)."""
+    monkeypatch.setattr("captioning.models.fast.SCORE_CHUNK_ELEMENTS", chunk)
     cfg = make_config(model__decoder__score="additive")
     model = ShowAttendTell(cfg.model, V).eval()
     with torch.no_grad():
         model.decoder.attention.score.W.weight.mul_(scale)
     features = torch.randn(3, 16, model.encoder.out_channels)
-    with torch.no_grad():
-        assert (float(model.decoder.project(features).abs().max()) > EXP_FORM_BOUND) == (scale > 1)
     captions = random_captions(3, V, min_len=1, max_len=6)
     real = captions[:, 1:] != Vocabulary.pad_id
 
@@ -582,11 +516,11 @@ def test_fused_additive_score_equals_autograd_in_both_forms(scale, chunk, monkey
         out = model(features, captions)
         return caption_nll(out.logits, captions[:, 1:], Vocabulary.pad_id)[0].sum() + out.alphas[real].square().sum()
 
-    assert_fused_equals_plain(model, loss)
+    assert_fast_equals_reference(model, loss)
 
 
-def test_fused_pass_backward_twice_with_retain_graph():
-    """The fused additive score keeps each step's z intact in backward, so a retained graph gives the
+def test_fast_path_backward_twice_with_retain_graph():
+    """The fast path's additive score keeps each step's z intact in backward, so a retained graph gives the
     same gradients twice."""
     model = build_model()
     captions = random_captions(3, V, min_len=2, max_len=6)
@@ -600,38 +534,203 @@ def test_fused_pass_backward_twice_with_retain_graph():
 
 
 @pytest.mark.parametrize("scale", [1.0, 300.0])
-def test_additive_inference_scores_equal_the_gradient_path(scale):
-    """Without gradients the additive score runs chunked and in the exponential form (or, beyond
-    EXP_FORM_BOUND, the sigmoid): the same scores as the gradient path. Its cache of e^k follows
-    an in-place change of the keys."""
+def test_fast_inference_scores_give_the_papers_alphas(scale):
+    """Decoding's additive scores (fast.inference_scores: the exponential form, or beyond
+    EXP_FORM_BOUND the sigmoid) give the paper's alphas, g rows per image; the cached e^k follows
+    an in-place change of the keys; inference-mode tensors (Lightning's validation) work too."""
     score = build_score("additive", 5, 4, 7)
     with torch.no_grad():
         score.W.weight.mul_(scale)
-    features, _, _ = _attention_inputs()
-    keys = score.project(features).detach()
-    query = score.U(torch.randn(3 * 2, 4)).detach()
+    features, _, mask = _attention_inputs()
+    h = torch.randn(3 * 2, 4)
     with torch.no_grad():
-        fast = score.from_query(keys, query)
+        keys = score.project(features)
+        assert (float(2 * keys.abs().max()) > fast.EXP_FORM_BOUND) == (scale > 1)
+        for _ in range(2):  # the second call reads the cache
+            torch.testing.assert_close(masked_softmax(fast.inference_scores(score, keys, h), mask),
+                                       masked_softmax(score(keys, h), mask))
         keys.mul_(0.5)  # the cached e^k of these keys is stale now
-        fast_changed = score.from_query(keys, query)
-    with torch.enable_grad():
-        slow_changed = score.from_query(keys, query)
-        keys.mul_(2.0)
-        slow = score.from_query(keys, query)
-    torch.testing.assert_close(fast, slow)
-    torch.testing.assert_close(fast_changed, slow_changed)
-    with torch.inference_mode():  # Lightning's validation: inference tensors, no version counter
+        torch.testing.assert_close(masked_softmax(fast.inference_scores(score, keys, h), mask),
+                                   masked_softmax(score(keys, h), mask))
+    with torch.inference_mode():
         frozen = score.project(features)
-        torch.testing.assert_close(score.from_query(frozen, query), slow)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # bf16-mixed validation
-        low = score.from_query(score.project(features), score.U(h := torch.randn(3, 4)))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        reference = score.from_query(score.project(features), score.U(h)).detach()
-    assert low.dtype == reference.dtype == torch.bfloat16
-    torch.testing.assert_close(low.float().softmax(-1), reference.float().softmax(-1), rtol=0.05, atol=0.02)
+        torch.testing.assert_close(masked_softmax(fast.inference_scores(score, frozen, h), mask),
+                                   masked_softmax(score(frozen, h), mask))
 
 
-def test_fused_pass_weight_gradients_survive_bf16_autocast():
+def test_greedy_decoding_is_the_same_with_and_without_the_fast_scores():
+    model = build_model().eval()
+    features = torch.randn(3, 16, model.encoder.out_channels)
+    mask = torch.ones(3, 16, dtype=torch.bool)
+    runs = []
+    for fast_path in (False, True):
+        model.decoder.fast = fast_path
+        runs.append(greedy_decode(model, features, mask, max_len=6))
+    assert torch.equal(runs[0].tokens, runs[1].tokens)
+    torch.testing.assert_close(runs[0].alphas, runs[1].alphas)
+
+
+def test_additive_scores_under_bf16_autocast_give_the_fp32_alphas():
+    """bf16-mixed validation and decoding: the paper's additive score in bf16 gives fp32's alphas
+    to bf16 accuracy."""
+    score = build_score("additive", 5, 4, 7)
+    features, h, mask = _attention_inputs()
+    with torch.no_grad():
+        reference = score(score.project(features), h)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = score(score.project(features), h)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float().softmax(-1), reference.softmax(-1), rtol=0.05, atol=0.02)
+
+
+class _FlatScore(AdditiveScore):
+    """A user's score: the additive module with its forward replaced (every location scores 0)."""
+
+    def forward(self, keys: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return h.new_zeros(h.shape[0], keys.shape[1]) + 0.0 * self.U(h).sum()
+
+
+def test_a_subclass_overriding_forward_trains_with_its_own_forward():
+    """The fast path runs only for modules it knows exactly: a subclass of AdditiveScore that
+    overrides forward trains (gradients on, fast path requested) on the reference loop with its
+    own forward -- here uniform alphas -- not on the additive maths it inherits."""
+    model = build_model().train()
+    decoder = model.decoder
+    decoder.attention.score = _FlatScore(model.encoder.out_channels, 32, 7)
+    assert decoder.fast and not fast.supports(decoder)
+    captions = random_captions(3, V, min_len=2, max_len=6)
+    real = captions[:, 1:] != Vocabulary.pad_id
+    out = model(torch.randn(3, 16, model.encoder.out_channels), captions, return_logits=False)
+    torch.testing.assert_close(out.alphas[real], torch.full_like(out.alphas[real], 1 / 16))
+    out.token_nll.sum().backward()
+    assert decoder.attention.score.U.weight.grad is not None
+
+
+def test_fast_path_supports_exactly_the_modules_it_knows():
+    assert fast.supports(build_model().decoder)
+    assert fast.supports(build_model(model__attention="hard", model__decoder__score="bilinear").decoder)
+    assert not fast.supports(build_model(model__attention="none").decoder)
+
+    class MyDecoder(Decoder):
+        pass
+
+    class MyAttention(SoftAttention):
+        pass
+
+    decoder = build_model().decoder
+    decoder.__class__ = MyDecoder
+    assert not fast.supports(decoder)
+    decoder = build_model().decoder
+    decoder.attention = MyAttention(decoder.attention.score)
+    assert not fast.supports(decoder)
+
+
+def test_state_dict_keys_are_stable():
+    """Checkpoints keep loading: the default model's decoder keys, as they have always been."""
+    keys = [k for k in build_model().state_dict() if k.startswith("decoder.")]
+    assert keys == [
+        "decoder.embedding.weight", "decoder.init_h.weight", "decoder.init_h.bias", "decoder.init_c.weight",
+        "decoder.init_c.bias", "decoder.attention.score.W.weight", "decoder.attention.score.W.bias",
+        "decoder.attention.score.U.weight", "decoder.attention.score.v.weight", "decoder.attention.score.v.bias",
+        "decoder.gate.weight", "decoder.gate.bias", "decoder.lstm.weight_ih", "decoder.lstm.weight_hh",
+        "decoder.lstm.bias_ih", "decoder.lstm.bias_hh", "decoder.L_h.weight", "decoder.L_h.bias",
+        "decoder.L_z.weight", "decoder.L_z.bias", "decoder.L_o.weight", "decoder.L_o.bias",
+    ]
+
+
+# ---------------------------------------------------------------------------- no attention (control)
+
+
+def test_no_attention_is_the_mean_annotation_with_uniform_alphas():
+    features, h, mask = _attention_inputs()
+    att = NoAttention()
+    g = 2
+    out = att(features, att.project(features), mask, torch.randn(3 * g, 4))
+    expected_alpha = (mask / mask.sum(1, keepdim=True)).repeat_interleave(g, 0)
+    torch.testing.assert_close(out.alpha, expected_alpha)
+    assert (out.alpha[~mask.repeat_interleave(g, 0)] == 0).all()
+    mean = (features * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    torch.testing.assert_close(out.context, mean.repeat_interleave(g, 0))
+    assert out.log_prob is None and out.location is None
+    with pytest.raises(ValueError, match="sample"):
+        att(features, att.project(features), mask, h, mode="sample")
+
+
+def test_no_attention_model_has_no_f_att_and_trains_and_decodes():
+    model = build_model(model__attention="none")
+    assert not any(".attention." in k for k in model.state_dict())  # no score parameters at all
+    assert model.decoder.gate is not None  # beta gates the mean context as for soft attention
+    captions = random_captions(4, V, min_len=2, max_len=6)
+    features = torch.randn(2, 16, model.encoder.out_channels)
+    out = model(features, captions, return_logits=False)
+    real = captions[:, 1:] != Vocabulary.pad_id
+    assert out.log_probs is None
+    torch.testing.assert_close(out.alphas[real], torch.full_like(out.alphas[real], 1 / 16))
+    out.token_nll.sum().backward()
+    assert model.decoder.gate.weight.grad.abs().sum() > 0
+    decoded = greedy_decode(model.eval(), features, torch.ones(2, 16, dtype=torch.bool), max_len=4)
+    assert decoded.alphas.shape[:2] == decoded.tokens.shape
+
+
+# ---------------------------------------------------------------------------- capgen options
+
+
+def test_two_layer_attention_mlp_follows_capgen():
+    """attention_layers=2: the keys are tanh(W_2 (W a + b) + b_2) (capgen's n_layers_att=2), the
+    per-step score unchanged; the fast path gives the reference loop's loss and gradients."""
+    model = build_model(model__decoder__attention_layers=2).eval()
+    score = model.decoder.attention.score
+    assert [k for k in model.state_dict() if "W_deep" in k] == [
+        "decoder.attention.score.W_deep.0.weight", "decoder.attention.score.W_deep.0.bias"]
+    features = torch.randn(3, 16, model.encoder.out_channels)
+    with torch.no_grad():
+        torch.testing.assert_close(score.project(features), torch.tanh(score.W_deep[0](score.W(features))))
+    captions = random_captions(3, V, min_len=1, max_len=6)
+    real = captions[:, 1:] != Vocabulary.pad_id
+
+    def loss() -> torch.Tensor:
+        out = model(features, captions, return_logits=False)
+        return out.token_nll.sum() + out.alphas[real].square().sum()
+
+    assert_fast_equals_reference(model, loss)
+    with pytest.raises(ValueError, match="additive"):
+        build_score("dot", 5, 4, 7, layers=2)
+    with pytest.raises(ConfigError, match="attention_layers"):
+        validate(make_config(model__decoder__attention_layers=2, model__decoder__score="dot"))
+
+
+def test_arctic_initialisation_follows_capgen():
+    """init=arctic: N(0, 0.01) matrices, orthogonal where capgen's norm_weight meets a square one
+    and for every recurrent block, the attention's W N(0, 0.01) even when square, zero biases."""
+    torch.manual_seed(0)
+    cfg = make_config(model__decoder__init="arctic", model__decoder__hidden_dim=128,
+                      model__decoder__attention_dim=128, model__decoder__embed_dim=128)
+    d = ShowAttendTell(cfg.model, 500).decoder  # features D = 128 = n = m = A: every matrix square
+    eye = torch.eye(128)
+
+    def orthogonal(w):
+        return torch.allclose(w @ w.t(), eye, atol=1e-4)
+
+    def small_gaussian(w):
+        return abs(float(w.std()) - 0.01) < 0.002 and abs(float(w.mean())) < 0.002
+
+    for block in d.lstm.weight_hh.chunk(4):
+        assert orthogonal(block)
+    for block in d.lstm.weight_ih[:, :128].chunk(4):  # W: norm_weight(dim_word, dim), square here
+        assert orthogonal(block)
+    assert small_gaussian(d.lstm.weight_ih[:, 128:])  # Wc: (dimctx, 4 dim), never square
+    assert orthogonal(d.init_h.weight) and orthogonal(d.L_h.weight) and orthogonal(d.attention.score.U.weight)
+    assert small_gaussian(d.attention.score.W.weight) and not orthogonal(d.attention.score.W.weight)
+    assert small_gaussian(d.embedding.weight) and small_gaussian(d.L_o.weight)
+    assert small_gaussian(d.attention.score.v.weight) and small_gaussian(d.gate.weight)
+    for name, p in d.named_parameters():
+        if "bias" in name:
+            assert (p == 0).all(), name
+    pytorch = ShowAttendTell(make_config().model, 500).decoder
+    assert not (pytorch.lstm.bias_ih == 0).all()  # the default stays PyTorch's
+
+
+def test_fast_path_weight_gradients_survive_bf16_autocast():
     model = build_model()
     captions = random_captions(4, V, min_len=2, max_len=6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -641,6 +740,35 @@ def test_fused_pass_weight_gradients_survive_bf16_autocast():
     for p in (model.decoder.lstm.weight_ih, model.decoder.lstm.weight_hh, model.decoder.attention.score.U.weight):
         assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
         assert p.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("attention, mode", [("soft", "expected"), ("hard", "expected")])
+def test_fast_path_under_bf16_autocast_gives_the_reference_loss_and_gradients(attention, mode):
+    """bf16-mixed training (the GPU default): the fast path's token NLL and gradients are the
+    reference loop's under the same autocast, to bf16 accuracy. (Not "argmax": bf16 rounds the two
+    paths' scores differently, which can flip a near-tie to another location.)"""
+    model = build_model(model__attention=attention).eval()
+    features = torch.randn(4, 16, model.encoder.out_channels)
+    captions = random_captions(4, V, min_len=2, max_len=6)
+    real = captions[:, 1:] != Vocabulary.pad_id
+    results = []
+    for fast_path in (False, True):
+        model.decoder.fast = fast_path
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(features, captions, mode=mode, return_logits=False)
+        loss = out.token_nll.sum() + out.alphas[real].float().square().sum()
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a, rtol=2e-2, atol=1e-2)
+    assert grads_b.keys() == grads_a.keys()
+    for name in grads_a:
+        assert grads_b[name].dtype == torch.float32
+        if name.endswith("score.v.bias"):  # shifts every score alike: its gradient is 0 up to rounding
+            continue
+        error = float((grads_b[name] - grads_a[name]).norm() / grads_a[name].norm().clamp_min(1e-12))
+        assert error < 0.25, (name, error)  # bf16 rounds at 2^-8, in other places on each path
 
 
 @pytest.mark.parametrize("gate, shape", [("scalar", (1, 32)), ("vector", (128, 32)), ("none", None)])

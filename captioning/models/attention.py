@@ -1,14 +1,10 @@
 """Attention over the annotation grid: f_att scores, then a soft or a hard context (Sec. 4).
 
-Score functions e_ti = f_att(a_i, h_{t-1}) all split into an image-side part computed ONCE per
-image (``project``) and a cheap per-step part (``forward``): the paper's W a_i does not depend on t.
-The per-step part splits again into a linear map of h (``query``; its matrix is ``query_weight``,
-None where the query is h itself) and the rest (``from_query``), so the teacher-forced loop can fuse
-every product of h_{t-1} into one (captioning/models/decoder.py).
+A score function e_ti = f_att(a_i, h_{t-1}) has an image-side part computed ONCE per image
+(``project``: the paper's W a_i does not depend on t) and a per-step part (``forward``). Every
+mechanism shares one interface::
 
-Both mechanisms share one interface::
-
-    attend(features [N, L, D], keys [N, L, K], mask [N, L] bool, h [B, n], mode, sample_mask)
+    attention(features [N, L, D], keys [N, L, K], mask [N, L] bool, h [B, n], mode, sample_mask)
         -> Attended(context [B, D], alpha [B, L], log_prob [B] or None, location [B] or None)
 
 with B = g * N: rows i*g .. i*g+g-1 of h all attend over image i (g = 1 in training; g = the beam
@@ -22,27 +18,15 @@ import math
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 
-# The additive score's [g, L, A] map is computed for this many elements at a time (a few images)
-# in one reused buffer, so it stays in cache instead of streaming a [B, L, A] tensor through
-# memory: in decoding, and in the fused teacher-forced pass (``UnrolledAdditiveScore``).
-SCORE_CHUNK_ELEMENTS = 2**20
-# Inference only: the additive score takes sigmoid(k + q) = 1 / (1 + e^-q / e^k) while every key and
-# query lies within this bound (then e^k and e^-q are normal floats and the result is exact to a few
-# ulps); otherwise it takes the sigmoid itself.
-EXP_FORM_BOUND = 80.0
-
-
-def _grouped(scores: torch.Tensor, images: int) -> torch.Tensor:
+def _grouped(x: torch.Tensor, images: int) -> torch.Tensor:
     """[N*g, ...] -> [N, g, ...]: the rows of each image together."""
-    g, rem = divmod(scores.shape[0], images)
+    g, rem = divmod(x.shape[0], images)
     if rem or g == 0:
-        raise ValueError(f"{scores.shape[0]} attention rows for {images} images: need the same number per image")
-    return scores.view(images, g, *scores.shape[1:])
+        raise ValueError(f"{x.shape[0]} attention rows for {images} images: need the same number per image")
+    return x.view(images, g, *x.shape[1:])
 
 
 def _masked(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -51,7 +35,8 @@ def _masked(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Softmax over locations where masked-out positions get exactly 0. scores [N*g, L], mask [N, L]."""
+    """alpha_ti = exp(e_ti) / sum_k exp(e_tk) over the real locations (Eq. 5); exactly 0 elsewhere.
+    scores [N*g, L], mask [N, L]."""
     return _masked(scores, mask).softmax(dim=-1).view(scores.shape)
 
 
@@ -60,7 +45,7 @@ def masked_log_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
 
 
 def expected_context(alpha: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-    """sum_i alpha_i a_i: alpha [N*g, L], features [N, L, D] -> [N*g, D]."""
+    """z_t = sum_i alpha_ti a_i (Eq. 13): alpha [N*g, L], features [N, L, D] -> [N*g, D]."""
     return torch.bmm(_grouped(alpha, features.shape[0]), features).view(alpha.shape[0], -1)
 
 
@@ -73,193 +58,40 @@ def _query_products(keys: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
 
 
 class AdditiveScore(nn.Module):
-    """The paper's f_att: e = v^T tanh(W a + U h) (Bahdanau-style MLP)."""
+    """The paper's f_att (Sec. 4, after Bahdanau et al.): e_ti = v^T tanh(W a_i + U h_{t-1}) + b.
 
-    def __init__(self, feature_dim: int, hidden_dim: int, attention_dim: int) -> None:
+    ``layers`` > 1 puts extra layers on the image side, as capgen.py's ``n_layers_att`` does
+    (its COCO setting is 2): ``pctx_ = tanh(dot(pctx_, W_att_1) + b_att_1)`` after
+    ``pctx_ = dot(context, Wc_att) + b_att``, so the keys become tanh(W_2 (W a + b) + b_2); the
+    per-step part is unchanged.
+    """
+
+    def __init__(self, feature_dim: int, hidden_dim: int, attention_dim: int, layers: int = 1) -> None:
         super().__init__()
+        if layers < 1:
+            raise ValueError(f"the additive score needs at least 1 image-side layer, got {layers}")
         self.W = nn.Linear(feature_dim, attention_dim)
+        # capgen's W_att_1 .. W_att_{n-1}; an empty list (the paper's form) has no parameters.
+        self.W_deep = nn.ModuleList(nn.Linear(attention_dim, attention_dim) for _ in range(layers - 1))
         self.U = nn.Linear(hidden_dim, attention_dim, bias=False)
         self.v = nn.Linear(attention_dim, 1)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
-        # (B, L, A): the keys are 2 (W a + b_W), see from_query; the factor goes on the weights
-        # (exact: a power of two), not on the [B, L, A] keys and their gradient.
-        return F.linear(features, self.W.weight * 2.0, self.W.bias * 2.0)
-
-    @property
-    def query_weight(self) -> torch.Tensor:
-        return self.U.weight
+        """W a_i, once per image: [N, L, D] -> keys [N, L, A]."""
+        keys = self.W(features)
+        for layer in self.W_deep:
+            keys = torch.tanh(layer(keys))
+        return keys
 
     def forward(self, keys: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         return self.from_query(keys, self.U(h))
 
     def from_query(self, keys: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        """keys [N, L, A] from ``project``, query U h [N*g, A] -> scores [N*g, L].
-
-        Scores equal to v^T tanh(W a + U h) + b plus sum(v) + b, a constant that every
-        softmax over locations (the only use of scores) cancels: tanh(z) = 2 sigmoid(2z) - 1, so
-        v^T tanh(z) + 2b + sum(v) = 2 (v^T sigmoid(2z) + b). PyTorch's CPU tanh is several times
-        slower than its sigmoid, and this [B, L, A] map is the decoder's largest elementwise op
-        (measured: the COCO-size training step 10% faster). The factor 2 inside is applied to the
-        keys once per image (``project``) and to the [B, A] query, never to the [B, L, A] map.
-        Same parameters, same alphas."""
+        """keys W a [N, L, A], query U h [N*g, A] -> e = v^T tanh(W a + U h) + b [N*g, L]."""
         N, L, A = keys.shape
-        q = _grouped(query * 2.0, N)[:, :, None, :]  # (N, g, 1, A)
-        if torch.is_grad_enabled():
-            z = (keys[:, None] + q).sigmoid_()  # (N, g, L, A); in place: the sum is not kept for backward
-            return self.v(z).squeeze(-1).mul_(2.0).view(query.shape[0], L)  # b (doubled) cancels too
-        return self._inference_scores(keys, q).view(query.shape[0], L)
-
-    def _inference_scores(self, keys: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        """Without gradients (decoding): the same scores, a few images at a time in one reused
-        buffer, with sigmoid(k + q) = 1 / (1 + e^-q / e^k). The exponentials run on the keys
-        [N, L, A] (once per keys tensor, kept while it lives and is unchanged) and on the query
-        [N, g, A], not on the [N, g, L, A] map, whose elements then cost a division-add and a
-        reciprocal: measured 4.5x faster than add + sigmoid at beam-search sizes (100 images x 5
-        beams x 196 x 512). Where a key or the query is beyond ``EXP_FORM_BOUND`` the sigmoid runs."""
-        N, g, _, A = q.shape
-        L = keys.shape[1]
-        q = q.to(keys.dtype)  # the map, and the scores, in the keys' dtype (bf16 under autocast)
-        exp_k = _exp_keys(keys)
-        exp_neg_q = _exp_neg_query(q, exp_k)
-        n = min(N, max(1, SCORE_CHUNK_ELEMENTS // (g * L * A)))  # images per chunk
-        scores = keys.new_empty(N, g, L)
-        z = keys.new_empty(n, g, L, A)
-        v = self.v.weight.view(A, 1).to(keys.dtype)
-        for i in range(0, N, n):
-            j = min(N, i + n)
-            zi = _sigmoid_of_sum(keys[i:j, None], q[i:j], exp_k, exp_neg_q, i, z[: j - i])
-            torch.mm(zi.view(-1, A), v, out=scores[i:j].view(-1, 1))
-        return scores.add_(self.v.bias.to(keys.dtype)).mul_(2.0)  # as the gradient path: 2 (v^T sigmoid + b)
-
-
-# e^k of each keys tensor in use for decoding, [N, 1, L, A] (None where a key is beyond the bound),
-# computed at its first step and dropped with the tensor; a changed tensor (its version) recomputes,
-# and so does every call on an inference-mode tensor (it has no version).
-_EXP_KEYS: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-
-def _exp_keys(keys: torch.Tensor) -> torch.Tensor | None:
-    if keys.is_inference():  # no version counter to tell a changed tensor: computed at every call
-        return _exp_form_keys(keys)
-    cached = _EXP_KEYS.get(keys)
-    if cached is not None and cached[0] == keys._version:
-        return cached[1]
-    exp_k = _exp_form_keys(keys)
-    _EXP_KEYS[keys] = (keys._version, exp_k)
-    return exp_k
-
-
-def _exp_form_keys(keys: torch.Tensor) -> torch.Tensor | None:
-    """e^k as [N, 1, L, A] for keys [N, L, A], or None where a key is beyond ``EXP_FORM_BOUND``."""
-    lo, hi = torch.aminmax(keys)
-    return keys[:, None].exp() if max(-float(lo), float(hi)) <= EXP_FORM_BOUND else None
-
-
-def _exp_neg_query(q: torch.Tensor, exp_k: torch.Tensor | None) -> torch.Tensor | None:
-    """e^-q where the exponential form applies (e^k exists and q is within the bound), else None."""
-    return torch.exp(-q) if exp_k is not None and float(q.abs().amax()) <= EXP_FORM_BOUND else None
-
-
-def _sigmoid_of_sum(keys, q, exp_k, exp_neg_q, start: int, out: torch.Tensor) -> torch.Tensor:
-    """sigmoid(k + q) into ``out`` for images start .. start+n of keys [n, 1, L, A] and q [n, g, 1, A]
-    (already sliced); exp_k is every image's, exp_neg_q None for the sigmoid itself."""
-    n = keys.shape[0]
-    if exp_neg_q is None:
-        return torch.add(keys, q, out=out).sigmoid_()
-    torch.addcdiv(out.new_ones(()), exp_neg_q[start:start + n], exp_k[start:start + n], out=out)
-    return out.reciprocal_()  # 1 / (1 + e^-q / e^k)
-
-
-class UnrolledAdditiveScore:
-    """The additive score over one teacher-forced loop, differentiated by hand (the fused pass of
-    captioning/models/decoder.py). Call it at each step on the query U h_{t-1} [n, A] of the first
-    n images (the live rows, longest caption first) -> scores [n, L], as ``from_query`` gives.
-
-    Autograd would keep every step's [n, L, A] map z = sigmoid(k + q) and, in backward, write its
-    gradient three times (through v, the sigmoid and the add) into fresh memory and add it into the
-    keys' gradient; at COCO sizes that was a quarter of the training step, most of it memory
-    traffic. Here the map is never kept: every step, forward and backward, computes it a few
-    images at a time (``SCORE_CHUNK_ELEMENTS``) in one small buffer that stays in cache. Backward
-    recomputes z from what the step kept (q and e^-q, [n, A]), then s = z (1 - z) in place,
-    dq = 2 v * (de^T s), and sums de_t s_t over the steps in one buffer that is multiplied by v
-    once, after every step's backward (as captioning/models/deferred.py does for weights). The map
-    takes the exponential form of ``_inference_scores`` where keys and query lie within
-    ``EXP_FORM_BOUND``, the sigmoid otherwise. Same sums, other order: equal to autograd's loss and
-    gradients up to float rounding (tests)."""
-
-    def __init__(self, score: AdditiveScore, keys: torch.Tensor) -> None:
-        N, L, A = keys.shape
-        self.v = score.v
-        self.exp_k = _exp_form_keys(keys.detach())  # [N, 1, L, A] or None
-        self.chunk = min(N, max(1, SCORE_CHUNK_ELEMENTS // (L * A)))  # images per piece of the map
-        self.map = keys.new_empty(self.chunk, L, A)  # z of a few images at a time, then s
-        self.acc: torch.Tensor | None = None  # sum_t de_t s_t over the steps, filled by backward
-        self.keys = _ShareKeys.apply(keys, self)
-
-    def __call__(self, query: torch.Tensor) -> torch.Tensor:
-        return _AdditiveStep.apply(self.keys, query, self.v.weight, self.v.bias, self)
-
-    def pieces(self, keys: torch.Tensor, q: torch.Tensor, exp_neg_q: torch.Tensor | None):
-        """For each few images i..j of the first n: (i, j, sigmoid(k + q) [j - i, L, A] in the buffer)."""
-        n, A = q.shape
-        grouped = None if exp_neg_q is None else exp_neg_q[:, None, None, :]
-        for i in range(0, n, self.chunk):
-            j = min(n, i + self.chunk)
-            z = self.map[: j - i]
-            _sigmoid_of_sum(keys[i:j, None], q[i:j, None, None, :], self.exp_k, grouped, i, z.view(j - i, 1, -1, A))
-            yield i, j, z
-
-
-class _ShareKeys(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, keys: torch.Tensor, owner: UnrolledAdditiveScore) -> torch.Tensor:
-        ctx.owner = owner
-        ctx.set_materialize_grads(False)  # the steps return no gradient for it: None, not zeros
-        return keys.view_as(keys)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor | None):
-        owner = ctx.owner
-        acc, owner.acc = owner.acc, None
-        if acc is not None:
-            dk = acc.mul_(owner.v.weight.view(-1).to(acc.dtype))  # (N, L, A): times v once
-            grad = dk if grad is None else dk + grad
-        return grad, None
-
-
-class _AdditiveStep(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, keys, query, v_weight, v_bias, owner: UnrolledAdditiveScore):
-        n, A = query.shape
-        q = (query * 2.0).to(keys.dtype).contiguous()  # the keys carry the factor 2 already (``project``)
-        exp_neg_q = _exp_neg_query(q, owner.exp_k)  # (n, A): with q, all that backward needs to rebuild z
-        ctx.owner, ctx.query_dtype = owner, query.dtype
-        ctx.save_for_backward(keys, q, exp_neg_q, v_weight)
-        v = v_weight.to(keys.dtype).t()  # (A, 1)
-        scores = keys.new_empty(n, keys.shape[1])
-        for i, j, z in owner.pieces(keys, q, exp_neg_q):
-            torch.mm(z.view(-1, A), v, out=scores[i:j].view(-1, 1))
-        return scores.add_(v_bias.to(keys.dtype)).mul_(2.0)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        keys, q, exp_neg_q, v_weight = ctx.saved_tensors
-        owner = ctx.owner
-        n, A = q.shape
-        de = (grad * 2.0).to(keys.dtype)  # (n, L): the gradient of v^T z
-        dv_weight = de.new_zeros(1, A)
-        dquery = de.new_empty(n, 1, A)
-        if owner.acc is None:  # the first backward to run (the last step's): a buffer for every image
-            owner.acc = torch.zeros_like(keys, memory_format=torch.contiguous_format)
-        for i, j, z in owner.pieces(keys, q, exp_neg_q):  # z recomputed, piece by piece
-            torch.addmm(dv_weight, de[i:j].reshape(1, -1), z.view(-1, A), out=dv_weight)
-            s = z.addcmul_(z, z, value=-1.0)  # z (1 - z), in place
-            torch.bmm(de[i:j, None, :], s, out=dquery[i:j])
-            owner.acc[i:j].addcmul_(s, de[i:j, :, None])
-        v = v_weight.view(A).to(keys.dtype)
-        dquery = dquery.view(n, A).mul_(v).mul_(2.0).to(ctx.query_dtype)
-        return None, dquery, dv_weight.to(v_weight.dtype), de.sum().view(1).to(v_weight.dtype), None
+        q = _grouped(query, N)[:, :, None, :]  # (N, g, 1, A)
+        e = self.v(torch.tanh(keys[:, None] + q))  # (N, g, L, 1)
+        return e.view(query.shape[0], L)
 
 
 class DotScore(nn.Module):
@@ -272,11 +104,7 @@ class DotScore(nn.Module):
         self.scale = 1.0 / math.sqrt(attention_dim) if scaled else 1.0
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
-        return self.W(features) * self.scale  # (B, L, A)
-
-    @property
-    def query_weight(self) -> torch.Tensor:
-        return self.U.weight
+        return self.W(features) * self.scale  # (N, L, A)
 
     def forward(self, keys: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         return self.from_query(keys, self.U(h))
@@ -293,20 +121,20 @@ class BilinearScore(nn.Module):
         self.M = nn.Linear(feature_dim, hidden_dim, bias=False)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
-        return self.M(features)  # (B, L, n)
-
-    query_weight = None  # the query is h itself
+        return self.M(features)  # (N, L, n)
 
     def forward(self, keys: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         return self.from_query(keys, h)
 
     def from_query(self, keys: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        return _query_products(keys, query)  # (N*g, L)
+        return _query_products(keys, query)  # (N*g, L): the query is h itself
 
 
-def build_score(kind: str, feature_dim: int, hidden_dim: int, attention_dim: int) -> nn.Module:
+def build_score(kind: str, feature_dim: int, hidden_dim: int, attention_dim: int, layers: int = 1) -> nn.Module:
+    if layers != 1 and kind != "additive":
+        raise ValueError(f"model.decoder.attention_layers={layers} needs the additive score, not '{kind}'")
     if kind == "additive":
-        return AdditiveScore(feature_dim, hidden_dim, attention_dim)
+        return AdditiveScore(feature_dim, hidden_dim, attention_dim, layers)
     if kind in ("dot", "scaled_dot"):
         return DotScore(feature_dim, hidden_dim, attention_dim, scaled=kind == "scaled_dot")
     if kind == "bilinear":
@@ -400,9 +228,38 @@ class HardAttention(SoftAttention):
         return Attended(sampled_context, alpha, log_prob, location)
 
 
-def build_attention(kind: str, score: nn.Module) -> SoftAttention:
+class NoAttention(nn.Module):
+    """The no-attention control ("Show and Tell" with the same decoder): z_t is the mean of the
+    real annotations, the same at every step. alpha_t is uniform over the real locations (1/L_valid,
+    0 elsewhere), so heatmaps and grounding code run unchanged (and score what a uniform map scores).
+    There is no f_att and so no parameter here."""
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        return features.new_empty(*features.shape[:2], 0)  # no keys: nothing depends on the image side
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        keys: torch.Tensor,
+        mask: torch.Tensor,
+        h: torch.Tensor,
+        mode: str = "expected",
+        sample_mask: torch.Tensor | None = None,
+    ) -> Attended:
+        if mode != "expected":
+            raise ValueError(f"attention 'none' has no '{mode}' mode; only hard attention samples")
+        N, L = mask.shape
+        g = _grouped(h, N).shape[1]  # rows per image
+        uniform = mask.to(features.dtype) / mask.sum(1, keepdim=True).clamp_min(1)  # (N, L)
+        alpha = uniform[:, None].expand(N, g, L).reshape(N * g, L)  # (B, L)
+        return Attended(expected_context(alpha, features), alpha, None, None)
+
+
+def build_attention(kind: str, score: nn.Module | None) -> nn.Module:
     if kind == "soft":
         return SoftAttention(score)
     if kind == "hard":
         return HardAttention(score)
-    raise ValueError(f"unknown attention '{kind}'; choose soft or hard")
+    if kind == "none":
+        return NoAttention()
+    raise ValueError(f"unknown attention '{kind}'; choose soft, hard or none")

@@ -119,8 +119,7 @@ class Encoder(nn.Module):
         if last not in names:
             raise ValueError(f"model.encoder.stage '{last}' is not a stage of {cfg.backbone} ({', '.join(names)})")
         kept = all_stages[: names.index(last) + 1]
-        # Channels-last: oneDNN's convolutions on CPU and tensor cores on GPU are faster in NHWC
-        # (encoder forward+backward 25% faster on the 2-core CPU, see README "Performance").
+        # Channels-last: oneDNN's convolutions on CPU and tensor cores on GPU are faster in NHWC.
         self.stages = nn.Sequential(OrderedDict(kept)).to(memory_format=torch.channels_last)
         self.out_channels = _stage_channels(kept)
         self.grid_size = cfg.grid_size

@@ -2,8 +2,8 @@
 
 * ``matmul``: this machine's own dense matrix-multiply throughput (square products at a few
   sizes, the best taken): the yardstick for the training step's FLOP/s.
-* ``train``: the teacher-forced training step (forward, loss, backward, gradient clipping, Adam)
-  at COCO sizes from random annotation grids -- exactly the path of training from the feature
+* ``train``: the training step (``CaptioningModule.training_loss``, backward, gradient clipping,
+  the module's Adam) on the fast or the reference teacher-forced path at COCO sizes from random annotation grids -- exactly the path of training from the feature
   cache (``ShowAttendTell.encode`` passes grids through) -- with useful FLOPs counted
   analytically (captioning/perf/flops.py) and peak memory.
 * ``encoder``: the CNN forward for every supported backbone at the COCO image size.
@@ -32,19 +32,18 @@ from typing import Any, Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from captioning.config import DecoderConfig, EncoderConfig, LossConfig, ModelConfig
-from captioning.losses import caption_loss
+from captioning.config import Config, DecoderConfig, EncoderConfig, LossConfig, ModelConfig, OptimConfig, TrainConfig
 from captioning.models.captioner import ShowAttendTell
 from captioning.models.encoder import Encoder
 from captioning.perf import allocator
-from captioning.perf.compile import compile_model
 from captioning.perf.flops import decoder_flops, training_step_flops
+from captioning.training.module import CaptioningModule
 from captioning.vocab import SPECIALS, Vocabulary
 
 
 @dataclass(frozen=True)
 class Sizes:
-    """Problem sizes. ``COCO`` is issue 7's and the paper's; ``QUICK`` is for tests (seconds)."""
+    """Problem sizes. ``COCO`` is the paper's COCO setting; ``QUICK`` is for tests (seconds)."""
 
     locations: int = 196  # 14 x 14 annotation grid
     feature_dim: int = 2048  # ResNet conv5 channels
@@ -225,7 +224,7 @@ def random_captions(n: int, vocab_size: int, min_tokens: int, max_tokens: int,
                     gen: torch.Generator) -> tuple[torch.Tensor, list[int]]:
     """[n, T+1] <start> w.. <end> <pad>.. with min..max target tokens (words + <end>) each, longest
     first as ``collate_train`` orders a batch of one caption per image (with several per image the
-    fused pass reorders its captions whatever their order, at the same cost)."""
+    fast path reorders its captions whatever their order, at the same cost)."""
     tokens = sorted(torch.randint(min_tokens, max_tokens + 1, (n,), generator=gen).tolist(), reverse=True)
     captions = torch.full((n, max(tokens) + 1), Vocabulary.pad_id, dtype=torch.long)
     for i, t in enumerate(tokens):
@@ -233,6 +232,24 @@ def random_captions(n: int, vocab_size: int, min_tokens: int, max_tokens: int,
         captions[i, 1:t] = torch.randint(len(SPECIALS), vocab_size, (t - 1,), generator=gen)  # words only
         captions[i, t] = Vocabulary.end_id
     return captions, tokens
+
+
+TRAIN_PATHS = ("fast", "reference")
+
+
+def training_module(sizes: Sizes, attention: str, path: str = "fast", compile_target: str = "none",
+                    compile_mode: str = "default") -> CaptioningModule:
+    """The LightningModule at ``sizes``, set up as the benchmark times it: the decoder's teacher-forced
+    ``path`` ("fast": captioning/models/fast.py; "reference": the loop of decoder.py), a constant
+    learning rate (no Trainer to schedule it), and hard attention sampling at every step."""
+    if path not in TRAIN_PATHS:
+        raise ValueError(f"unknown training path '{path}'; choose one of {', '.join(TRAIN_PATHS)}")
+    model_cfg = coco_model_config(sizes, attention)
+    model_cfg = replace(model_cfg, decoder=replace(model_cfg.decoder, fast=path == "fast"))
+    cfg = Config(model=model_cfg, loss=LossConfig(expected_context_prob=0.0), optim=OptimConfig(schedule="constant"),
+                 train=TrainConfig(compile=compile_target, compile_mode=compile_mode))
+    words = list(SPECIALS) + [f"w{i}" for i in range(sizes.vocab_size - len(SPECIALS))]
+    return CaptioningModule.create(cfg, Vocabulary(words))
 
 
 def train_step(
@@ -247,41 +264,38 @@ def train_step(
     compile_mode: str = "default",
     reps: int = 3,
     seed: int = 0,
+    path: str = "fast",
 ) -> dict[str, Any]:
-    """One configuration of the training step; ``batch`` is captions (batch // k images)."""
+    """One configuration of the training step, as ``CaptioningModule.training_loss`` computes it,
+    then backward, gradient clipping and the module's own optimizer; ``batch`` is captions
+    (batch // k images)."""
     if batch % captions_per_image:
         raise ValueError(f"batch {batch} is not a multiple of captions_per_image {captions_per_image}")
     memory = MemoryProbe(device)
     memory.set_baseline()
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    cfg = coco_model_config(sizes, attention)
-    model = ShowAttendTell(cfg, sizes.vocab_size)
+    module = training_module(sizes, attention, path, compile_target, compile_mode)
+    model, cfg = module.model, module.cfg.model
     if model.encoder.out_channels != sizes.feature_dim:
         raise ValueError(f"{sizes.backbone} {sizes.stage} gives {model.encoder.out_channels} channels, not {sizes.feature_dim}")
     model.encoder.stages = torch.nn.Sequential()  # never run here (grids are the input); frees its memory
-    model.to(device).train()
-    compile_model(model, compile_target, compile_mode)
+    module.to(device).train()
     params = list(model.decoder.parameters())
-    optimizer = torch.optim.Adam(params, lr=1e-4, fused=True)  # as CaptioningModule.configure_optimizers
+    optimizer = module.configure_optimizers()
     images = batch // captions_per_image
     features = torch.randn(images, sizes.locations, sizes.feature_dim, generator=gen).to(device)
     captions, tokens = random_captions(batch, sizes.vocab_size, sizes.min_tokens, sizes.max_tokens, gen)
-    captions = captions.to(device)
+    data = {"images": features, "captions": captions.to(device)}
     mode = "sample" if attention == "hard" else "expected"  # hard: the REINFORCE path
-    baseline = torch.zeros((), device=device)
-    loss_cfg = LossConfig()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def forward() -> torch.Tensor:
         with autocast:
-            out = model(features, captions, mode=mode, return_logits=False)  # as CaptioningModule.training_step
-            terms = caption_loss(loss_cfg, None, captions[:, 1:], out.alphas, out.mask, Vocabulary.pad_id,
-                                 attention, out.log_probs, baseline if attention == "hard" else None, out.token_nll)
-        return terms.loss
+            return module.training_loss(data)[0].loss
 
     def optimise() -> None:
-        torch.nn.utils.clip_grad_norm_(params, 5.0)  # as the Trainer's gradient_clip_val
+        torch.nn.utils.clip_grad_norm_(params, module.cfg.optim.grad_clip)  # as the Trainer's gradient_clip_val
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -302,7 +316,7 @@ def train_step(
     counted = training_step_flops(flops, tokens, captions_per_image)
     real_tokens = sum(tokens)
     result = {
-        "attention": attention + (" (sampled locations)" if attention == "hard" else ""),
+        "attention": attention + (" (sampled locations)" if attention == "hard" else ""), "path": path,
         "batch_captions": batch, "captions_per_image": captions_per_image, "precision": precision,
         "compile": compile_target if compile_target == "none" else f"{compile_target}/{compile_mode}",
         "tokens": real_tokens, "padded_steps": max(tokens),
@@ -321,7 +335,7 @@ def train_step(
         "peak_memory_mib": None if peak is None else round(peak, 1),
         "reps": reps,
     }
-    del model, optimizer, features, captions
+    del module, model, optimizer, features, captions, data
     if compile_target != "none":
         torch._dynamo.reset()
     return result

@@ -1,15 +1,17 @@
-"""The optional ``torch.compile`` paths (config ``train.compile``), applied in place.
+"""The optional ``torch.compile`` paths (config ``train.compile``), applied in place: the portable
+route to speed. They compile the reference teacher-forced loop of captioning/models/decoder.py
+(``model.decoder.fast`` is switched off: the hand-written fast path is eager-only).
 
-* ``"step"``: the decoder's per-step work -- the gated attention (score, masked softmax, context,
-  beta) and the LSTM cell. The shapes are the same at every step, so one small graph serves the
-  whole caption (and greedy/beam decoding); it compiles in seconds.
+* ``"step"``: the per-step modules -- the attention (score, masked softmax, context) and the LSTM
+  cell -- each with ``nn.Module.compile``. The shapes are the same at every step, so a small graph
+  serves the whole caption (and greedy/beam decoding); it compiles in seconds.
 * ``"model"``: the whole model's forward (encoder and the teacher-forced loop, unrolled). Dynamo
   specialises on the number of steps, so every new padded caption length compiles a new graph
   (up to ``torch._dynamo.config.cache_size_limit``, then that length runs eagerly): meant for
   fixed-length benchmarks and GPU runs with ``train.compile_mode=reduce-overhead`` (CUDA graphs).
 
-Compilation is lazy (the first call compiles) and keeps parameter names, so checkpoints are the
-same as eager ones and load into an eager model.
+Compilation is lazy (the first call compiles) and ``nn.Module.compile`` keeps parameter names, so
+checkpoints are the same as eager ones and load into an eager model.
 """
 
 from __future__ import annotations
@@ -25,20 +27,17 @@ COMPILE_TARGETS = ("none", "step", "model")
 
 def compile_model(model: ShowAttendTell, target: str, mode: str = "default") -> ShowAttendTell:
     """Compile ``target`` ("none", "step" or "model") of ``model`` in place; returns ``model``."""
+    if target not in COMPILE_TARGETS:
+        raise ValueError(f"unknown compile target '{target}'; choose one of {', '.join(COMPILE_TARGETS)}")
     if target == "none":
         return model
-    model.decoder.fused = False  # the compiled graphs are the plain teacher-forced loop's
+    model.decoder.fast = False  # the compiled graphs are the reference loop's
     if target == "step":
-        decoder = model.decoder
-        # nn.Module.compile keeps the module (and its state-dict keys); _attend is a method, so
-        # the instance attribute shadows it with its compiled version (no parameters of its own).
-        decoder._attend = torch.compile(decoder._attend, mode=mode)
-        decoder.lstm.compile(mode=mode)
-        return model
-    if target == "model":
+        model.decoder.attention.compile(mode=mode)
+        model.decoder.lstm.compile(mode=mode)
+    else:
         model.compile(mode=mode)
-        return model
-    raise ValueError(f"unknown compile target '{target}'; choose one of {', '.join(COMPILE_TARGETS)}")
+    return model
 
 
 @functools.lru_cache(maxsize=1)

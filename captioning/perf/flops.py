@@ -9,12 +9,12 @@ Two totals, kept apart on purpose:
 * **useful**: what the maths of one caption needs. The image-side attention projection ``W a``
   and ``h_0, c_0`` run once per *image* (shared by its captions); the per-step work and the
   output layer run for the caption's real tokens only (words + ``<end>``), never for padding.
-* **executed**: what the training pass runs (``Decoder._fused_pass`` with
+* **executed**: what the training pass runs (the fast path, captioning/models/fast.py, with
   ``return_logits=False``, as ``CaptioningModule.training_step`` calls it): the projection
   ``W a`` and ``h_0, c_0`` once per image (shared by its ``k`` captions); the recurrence and the
   work hoisted out of it (the LSTM's product with the word embedding, the deep output layer)
-  for the real tokens only; the output layer's forward over its vocabulary padded to a multiple
-  of 8 words. The only difference from useful is that padding.
+  for the real tokens only. It equals useful (kept apart so that a path that runs more, e.g.
+  the reference loop over padded steps, can be told from the maths).
 
 Backward costs two products per forward product (the gradient of each operand), except where an
 operand needs no gradient: with a frozen encoder (or random feature inputs, as in the benchmark)
@@ -40,7 +40,6 @@ class DecoderFlops:
     per_token_output: float  # hoisted out of the recurrence: LSTM's W_ih E y, deep output; forward
     per_token_output_backward: float
     projection_training: float = 0.0  # the W a part of per_image + per_image_backward
-    output_padding: float = 0.0  # forward FLOPs per token of the output layer's padding words (executed only)
 
     def training(self, images: int, steps: float) -> float:
         """Forward + backward FLOPs for ``images`` image projections and ``steps`` caption-steps
@@ -69,13 +68,15 @@ def decoder_flops(
     context) computes ``alpha @ a``; "sample"/"argmax" (hard) gathers one location instead.
     ``features_need_grad``: True when the encoder is fine-tuned (then ``a`` needs a gradient too).
     """
+    if attention not in ("soft", "hard"):
+        raise ValueError(f"FLOPs are counted for the fast path's soft and hard attention, not '{attention}'")
     L, D, V = num_locations, feature_dim, vocab_size
     m, n, A = cfg.embed_dim, cfg.hidden_dim, cfg.attention_dim
     a_grad = 2.0 if features_need_grad else 1.0  # backward products per forward product touching a
 
     # Image side (paper Sec. 4.2: W a_i does not depend on t).
     key_dim = n if cfg.score == "bilinear" else A
-    projection = 2.0 * L * D * key_dim
+    projection = 2.0 * L * D * key_dim + (cfg.attention_layers - 1) * 2.0 * L * A * A  # + capgen's extra layers
     init = 2 * (2.0 * D * n)  # init_h and init_c of mean(a)
     mean = 2.0 * L * D  # mean(a) as the product mask^T a (no backward unless a needs a gradient)
     per_image = projection + init + mean
@@ -92,7 +93,6 @@ def decoder_flops(
 
     # W_ih[:, :m] E y for all steps at once; L_h h, L_z z, L_o (...)
     output = 2.0 * m * 4 * n + 2.0 * n * m + 2.0 * D * m + 2.0 * m * V
-    output_padding = 2.0 * m * (-V % 8)  # L_o's forward runs padded to a multiple of 8 words (decoder.py)
     output_backward = 2 * output
     if context == 0.0 and cfg.gate == "none" and not features_need_grad:
         # z = a_s is then a constant: W_ih[:, m:] and L_z need no d z
@@ -106,7 +106,6 @@ def decoder_flops(
         per_token_output=output,
         per_token_output_backward=output_backward,
         projection_training=(1.0 + a_grad) * projection,
-        output_padding=output_padding,
     )
 
 
@@ -128,5 +127,5 @@ def training_step_flops(
     images = rows // captions_per_image
     real = float(sum(caption_tokens))
     useful = flops.training(images, real)
-    executed = useful + real * flops.output_padding  # the output layer's forward with its padding words
+    executed = useful  # the fast path runs exactly the useful products
     return StepFlops(useful, executed, useful / rows)

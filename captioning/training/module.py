@@ -69,7 +69,8 @@ class CaptioningModule(pl.LightningModule):
         sample_mask = torch.rand(batch_size, device=self.device) >= p  # per image
         return "sample", sample_mask
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_loss(self, batch: dict) -> tuple[LossTerms, str, torch.Tensor | None]:
+        """The training step's forward and loss (also what captioning/perf/benchmark.py times)."""
         images, captions = batch["images"], batch["captions"]
         mode, sample_mask = self._attention_plan(images.shape[0])
         out = self.model(images, captions, mode=mode, sample_mask=sample_mask, return_logits=False)
@@ -77,6 +78,11 @@ class CaptioningModule(pl.LightningModule):
             self.cfg.loss, None, captions[:, 1:], out.alphas, out.mask, self.vocab.pad_id,
             self.cfg.model.attention, out.log_probs, self.baseline.value if self.hard else None, out.token_nll,
         )
+        return terms, mode, sample_mask
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        captions = batch["captions"]
+        terms, mode, sample_mask = self.training_loss(batch)
         n = captions.shape[0]
         self.log("train/loss", terms.loss, prog_bar=True, batch_size=n)
         self.log("train/token_nll", terms.token_nll, prog_bar=True, batch_size=n)
