@@ -103,10 +103,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     _fsync_folder(path.parent)
 
 
-def atomic_write(path: str | Path, data: str | bytes | Callable[[Any], None], mode: str = "w") -> Path:
+def atomic_write(path: str | Path, data: str | bytes | memoryview | Callable[[Any], None], mode: str = "w") -> Path:
     """Write ``data`` (text, bytes, or a function given the open file) to ``path`` atomically."""
     path = Path(path)
-    binary = isinstance(data, bytes) or "b" in mode
+    binary = isinstance(data, (bytes, bytearray, memoryview)) or "b" in mode
     with atomic_path(path) as tmp:
         with open(tmp, "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
             if callable(data):

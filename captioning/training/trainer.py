@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 from datetime import timedelta
 from pathlib import Path
 
@@ -11,8 +12,10 @@ import torch
 from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.logger import rank_zero_experiment
+from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from captioning.config import Config
+from captioning.files import atomic_write
 
 MONITOR = "val/bleu_4"  # from real greedy decoding of the whole validation split
 
@@ -22,6 +25,24 @@ def resolve_precision(cfg: Config) -> str:
         return cfg.train.precision
     gpu = cfg.train.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
     return "bf16-mixed" if gpu else "32-true"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """best.ckpt and last.ckpt written to a temporary file in their own folder, fsync'ed, then
+    renamed over the old file (captioning/files.py). Lightning's own save goes through a temporary
+    file in $TMPDIR that is then moved: across file systems the move is a copy, which a kill or a
+    full disk leaves half-done in place of the good checkpoint."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Serialised in memory first, then written by Python: a full disk is then an OSError
+        # (ENOSPC) that names the folder, not torch's C++ writer's "unexpected pos".
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        atomic_write(path, buffer.getbuffer())
 
 
 class ResumableCSVLogger(CSVLogger):
@@ -92,6 +113,7 @@ def build_trainer(
         fast_dev_run=t.fast_dev_run,
         num_sanity_val_steps=0,
         callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
         logger=ResumableCSVLogger(out_dir, name="logs", version="", keep_before_step=resume_step),
         enable_progress_bar=progress_bar,
         default_root_dir=out_dir,
