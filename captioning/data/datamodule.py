@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from captioning.config import DataConfig
-from captioning.data.coco import ImageRecord, load_coco_captions
+from captioning.data.coco import AnnotationError, ImageRecord, load_coco_captions
 from captioning.data.transforms import load_image, preprocess
 from captioning.vocab import Vocabulary
 
@@ -165,7 +165,18 @@ class CaptionDataModule(pl.LightningDataModule):
             )
         needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, SPLITS)
         for split in needed:
-            self.load_split(split)
+            if not self.load_split(split) and split != "test":  # an empty test split is skipped by its callers
+                self.empty_split_error(split)
+
+    def empty_split_error(self, split: str):
+        """Raise the one-line error for a split with no image (AnnotationError, or PreparedDataError)."""
+        if self.cfg.dataset == "prepared":
+            from captioning.data.store import PreparedDataError
+
+            raise PreparedDataError(f"the {split} split of the prepared folder {self.root} has no image: prepare it "
+                                    "again from a source whose images and split lists are found")
+        raise AnnotationError(f"the {split} split of {self.root} has no image "
+                              f"({self.root / 'annotations' / f'captions_{split}.json'}): check the dataset")
 
     def images(self, split: str) -> ImageSource:
         if self.feature_cache is not None:

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import csv
 import io
+import random
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.plugins.io import TorchCheckpointIO
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from captioning.config import Config
 from captioning.files import atomic_write
@@ -43,6 +46,80 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
         atomic_write(path, buffer.getbuffer())
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite: training stopped before any checkpoint held it."""
+
+
+class RunGuard(pl.Callback):
+    """Stops training on a non-finite loss before a checkpoint can hold the damaged weights, and
+    records how a run was interrupted (SIGTERM, Ctrl-C), which Lightning turns into a
+    ``SystemExit`` (status 0 for SIGTERM), so the entry point can exit non-zero and say so.
+
+    The loss is checked every ``check_every`` steps (reading it synchronises a GPU) and always
+    before validation, which is where the checkpoints are written.
+    """
+
+    def __init__(self, check_every: int = 1) -> None:
+        self.check_every = max(1, check_every)
+        self.interrupted: str | None = None  # "SIGTERM" or "SIGINT" once interrupted
+        self._loss: torch.Tensor | None = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is None:
+            return
+        self._loss = loss.detach()
+        if trainer.global_step % self.check_every == 0:
+            self._check(trainer)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module) -> None:
+        self._check(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
+        self._check(trainer)
+
+    def _check(self, trainer: pl.Trainer) -> None:
+        if self._loss is None or trainer.sanity_checking:
+            return
+        loss, self._loss = self._loss, None
+        if not bool(torch.isfinite(loss).all()):
+            raise NonFiniteLossError(
+                f"the training loss is {float(loss)} at step {trainer.global_step} (epoch {trainer.current_epoch}): "
+                "training stopped, no checkpoint holds these weights; lower optim.lr or check the data")
+
+    def on_exception(self, trainer: pl.Trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):
+            self.interrupted = "SIGTERM"
+        elif isinstance(exception, KeyboardInterrupt):
+            self.interrupted = "SIGINT"
+
+
+class RNGState(pl.Callback):
+    """Saves the random generators (Python, NumPy, torch CPU and CUDA) in every checkpoint and
+    restores them on resume, so the resumed epochs shuffle, drop out and sample as the
+    uninterrupted run would have. Stored as plain types and tensors (weights-only loadable)."""
+
+    def state_dict(self) -> dict:
+        version, keys, pos, has_gauss, gauss = np.random.get_state()
+        state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+                 "numpy": [version, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        # Called when fit restores the checkpoint, before the resumed epoch's data iterator is made
+        # (which draws the shuffle order) and before CaptioningModule.on_fit_start, which then keeps
+        # these states on one device (with DDP it seeds each rank anew: only rank 0's are saved).
+        py = state["python"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+        torch.set_rng_state(state["torch"])
+        version, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((version, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class ResumableCSVLogger(CSVLogger):
@@ -91,6 +168,8 @@ def build_trainer(
         ModelCheckpoint(dirpath=out_dir, filename="last", save_top_k=1, enable_version_counter=False),
         EarlyStopping(monitor=MONITOR, mode="max", patience=t.patience),
         LearningRateMonitor(logging_interval="epoch"),
+        RunGuard(check_every=t.log_every),
+        RNGState(),
     ]
     if progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=10))
