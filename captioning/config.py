@@ -282,7 +282,9 @@ def parse_override(text: str) -> dict[str, Any]:
 
 
 def save_yaml(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    from captioning.files import atomic_write
+
+    atomic_write(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def validate(cfg: Config) -> Config:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -96,3 +98,44 @@ def test_weights_only_checkpoint_cannot_be_resumed(tmp_path, module):
     path = _save(module, tmp_path / "w.ckpt")
     with pytest.raises(CheckpointError, match="cannot be resumed: it holds weights only"):
         check_resumable(torch.load(path, weights_only=True), path)
+
+
+# ------------------------------------------------------------------------------ run folders
+
+
+def test_a_folder_holding_another_run_is_refused(tmp_path):
+    from captioning.training.run_folder import RunFolderError, check_out_dir, choose_out_dir, take_folder
+
+    run = tmp_path / "run"
+    run.mkdir()
+    check_out_dir(run)  # empty: fine
+    (run / "config.yaml").write_text("seed: 7\n")
+    (run / "last.ckpt").write_bytes(b"ckpt")
+    with pytest.raises(RunFolderError) as info:
+        check_out_dir(run)
+    message = str(info.value)
+    assert "holds another run (config.yaml, last.ckpt)" in message and "--overwrite" in message
+    assert f"--resume {run / 'last.ckpt'}" in message and "\n" not in message
+    check_out_dir(run, resume=run / "last.ckpt")  # continuing the run in its own folder
+    assert choose_out_dir(None, "soft", run / "last.ckpt") == run
+    assert choose_out_dir(None, "hard", None).as_posix() == "runs/hard"
+    with pytest.raises(RunFolderError):  # resuming another checkpoint into this run's folder
+        check_out_dir(run, resume=tmp_path / "x.ckpt")
+    lock = take_folder(run, overwrite=True, command="train.py --overwrite")
+    try:
+        assert sorted(p.name for p in run.iterdir()) == ["train.lock"]
+        message = _second_process_takes(run)
+        assert f"pid {os.getpid()} on " in message and "(train.py --overwrite) is training there" in message
+    finally:
+        lock.release()
+    assert list(run.iterdir()) == []
+
+
+def _second_process_takes(run) -> str:
+    """Another process asking for the folder while this one holds it: -> its one-line refusal."""
+    code = ("import sys; from captioning.training.run_folder import take_folder, RunFolderError\n"
+            "try:\n    take_folder(sys.argv[1])\nexcept RunFolderError as e:\n    print(e); sys.exit(3)")
+    proc = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert proc.returncode == 3, proc.stderr
+    return proc.stdout.strip()

@@ -32,6 +32,7 @@ from typing import Callable, Sequence
 import yaml
 
 from captioning.config import Config, ConfigError, build_config, flatten, to_dict
+from captioning.files import atomic_write
 
 ATTENTIONS = ("soft", "hard")
 HARD_MODES = ("expected", "argmax", "sample")  # test-time attention of a hard model; expected first
@@ -311,9 +312,7 @@ def write_study_json(plan: Plan, invocation: dict, replace_last: bool = False) -
         "invocations": [*previous, invocation],
     }
     plan.out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(study, indent=2))
-    tmp.replace(path)
+    atomic_write(path, json.dumps(study, indent=2))
     return study
 
 

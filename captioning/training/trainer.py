@@ -145,13 +145,27 @@ class ResumableCSVLogger(CSVLogger):
                 keys = list(reader.fieldnames or [])
                 rows = [r for r in reader if r.get("step") and int(float(r["step"])) < self._keep_before_step]
         writer = super().experiment  # removes the old file
+        writer._rewrite_with_new_header = lambda fieldnames: _write_csv(path, fieldnames, _read_csv(path))
         if rows:
-            with path.open("w", newline="") as f:
-                out = csv.DictWriter(f, fieldnames=keys)
-                out.writeheader()
-                out.writerows(rows)
+            _write_csv(path, keys, rows)
             writer.metrics_keys = sorted(keys)
         return writer
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _write_csv(path: Path, fieldnames: list[str], rows: list[dict[str, str]]) -> None:
+    """The whole log rewritten (a new column appeared, or a resume trimmed it) without a moment
+    where metrics.csv is half-written: Lightning's own rewrite truncates it in place."""
+    def write(f) -> None:
+        out = csv.DictWriter(f, fieldnames=fieldnames)
+        out.writeheader()
+        out.writerows(rows)
+
+    atomic_write(path, write)
 
 
 def build_trainer(
