@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import random
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -64,7 +65,11 @@ class RunGuard(pl.Callback):
     def __init__(self, check_every: int = 1) -> None:
         self.check_every = max(1, check_every)
         self.interrupted: str | None = None  # "SIGTERM" or "SIGINT" once interrupted
+        self.saved: tuple[int, int] | None = None  # (finished epochs, global step) of the last checkpoint
         self._loss: torch.Tensor | None = None
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module, checkpoint: dict) -> None:
+        self.saved = (trainer.current_epoch + 1, trainer.global_step)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
@@ -94,6 +99,44 @@ class RunGuard(pl.Callback):
             self.interrupted = "SIGTERM"
         elif isinstance(exception, KeyboardInterrupt):
             self.interrupted = "SIGINT"
+
+
+class TrainingStopped(Exception):
+    """A training or test stage ended early: ``status`` is the exit status, the message one line."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+EXIT_STATUS = {"SIGINT": 130, "SIGTERM": 143}  # 128 + the signal's number, as a shell reports it
+
+
+def run_guarded(trainer: pl.Trainer, stage, out_dir: str | Path, resume_command: str):
+    """Run ``stage()`` (trainer.fit or trainer.test); a non-finite loss, SIGTERM or Ctrl-C becomes
+    :class:`TrainingStopped` saying what was saved and how to continue. Lightning ends SIGTERM with
+    a ``SystemExit`` of status 0, which would let ``train && evaluate`` carry on."""
+    guard = next(c for c in trainer.callbacks if isinstance(c, RunGuard))
+    last = Path(out_dir) / "last.ckpt"
+    # What holds the work if this stage saves nothing (the stage's own saves are in guard.saved).
+    saved = f"{last} is unchanged" if last.is_file() else "no checkpoint was saved (no epoch finished)"
+    try:
+        return stage()
+    except NonFiniteLossError as err:
+        raise TrainingStopped(f"{err}; {_saved(guard, last, saved)}", 1) from None
+    except (SystemExit, KeyboardInterrupt):
+        if guard.interrupted is None and not isinstance(sys.exc_info()[1], KeyboardInterrupt):
+            raise
+        signal_name = guard.interrupted or "SIGINT"
+        hint = f"; continue with: {resume_command} --resume {last}" if last.is_file() else ""
+        raise TrainingStopped(f"stopped by {signal_name}: {_saved(guard, last, saved)}{hint}",
+                              EXIT_STATUS[signal_name]) from None
+
+
+def _saved(guard: RunGuard, last: Path, before: str) -> str:
+    if guard.saved is not None:
+        return f"{last} holds {guard.saved[0]} finished epoch(s), step {guard.saved[1]}"
+    return before
 
 
 class RNGState(pl.Callback):
