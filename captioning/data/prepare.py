@@ -45,6 +45,7 @@ import multiprocessing
 import os
 import platform
 import shutil
+import signal
 import sys
 import time
 from collections import Counter
@@ -307,7 +308,8 @@ def _decode_images(dataset: SourceDataset, partial: Path, options: PrepareOption
     elif tasks:
         methods = multiprocessing.get_all_start_methods()
         context = multiprocessing.get_context("fork" if "fork" in methods else None)
-        with context.Pool(workers) as pool:  # leaving the block terminates the workers, also on errors
+        # Workers ignore Ctrl-C: the main process handles it (one line, resumable), not N tracebacks.
+        with context.Pool(workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
             for split, index, chunk_results in pool.imap_unordered(_decode_chunk, tasks):
                 finish(split, index, chunk_results)
     return results
