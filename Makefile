@@ -12,15 +12,16 @@ PYTEST_ARGS ?=
 
 .PHONY: setup demo test test-slow clean
 
-$(VENV)/.installed: pyproject.toml
+# pyproject.toml holds compatible ranges; constraints.txt the exact versions the tests run against.
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $@
 
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) scripts/train.py --attention $(ATTENTION) --out-dir $(OUT)
+	$(PY) scripts/train.py --attention $(ATTENTION) --out-dir $(OUT) --overwrite
 	$(PY) scripts/evaluate.py --checkpoint $(OUT)/best.ckpt --split test --out-dir $(OUT)/eval
 	$(PY) scripts/caption.py --checkpoint $(OUT)/best.ckpt --heatmaps $(OUT)/heatmaps --limit 4 --from-split test
 
