@@ -38,6 +38,9 @@ _counter_lock = threading.Lock()
 class FileWriteError(OSError):
     """A write failed for a reason the user must fix (full disk, no permission, read-only)."""
 
+    def __str__(self) -> str:  # the message alone, without OSError's "[Errno 28]" prefix
+        return self.strerror or super().__str__()
+
 
 _REASONS = {
     errno.ENOSPC: "no space left on the device",
