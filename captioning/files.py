@@ -62,6 +62,16 @@ def write_error(err: OSError, folder: str | Path, what: str = "write") -> FileWr
     return FileWriteError(err.errno or 0, f"cannot {what} into {folder}: {reason}{hint}")
 
 
+def as_write_error(err: OSError) -> FileWriteError | None:
+    """``err`` as a :class:`FileWriteError` naming its file's folder when it is a full disk, a
+    missing permission or a read-only file system (raised by code that is not ours); else None."""
+    if isinstance(err, FileWriteError):
+        return err
+    if err.errno not in _REASONS:
+        return None
+    return write_error(err, Path(err.filename).parent if err.filename else Path.cwd())
+
+
 def _tmp_sibling(path: Path) -> Path:
     with _counter_lock:
         n = next(_counter)

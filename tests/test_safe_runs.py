@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from conftest import make_config
+from test_files import small_disk  # noqa: F401 (a fixture)
 from captioning.checkpoint import CheckpointError, check_resumable, load_checkpoint
 from captioning.config import ConfigError, build_config, flatten, load_yaml, to_dict
 from captioning.training import run as train
@@ -382,3 +383,16 @@ def test_caption_output_is_one_line_per_image_and_notes_tiny_images(tmp_path, on
     lines = out.strip().split("\n")
     assert len(lines) == 2 and lines[0].startswith(str(tmp_path / "two\\nlines.png") + "\t")
     assert "dot.png is 1x1 pixels" in err
+
+
+def test_a_full_disk_during_training_is_one_line_naming_the_folder(small_disk, data_root, capsys):
+    """Item 3: a full disk left truncated checkpoints and a traceback."""
+    folder, _ = small_disk
+    out = folder / "run"
+    with pytest.raises(SystemExit) as info:
+        train.run(tiny_args(out, data_root, "--max-epochs", "1"))
+    message = str(info.value)
+    assert message.startswith(f"error: cannot write into {out}: no space left on the device") and "\n" not in message
+    left = sorted(p.name for p in out.iterdir())
+    assert "best.ckpt" not in left and "last.ckpt" not in left and "train.lock" not in left
+    assert not [name for name in left if name.startswith(".tmp-")]

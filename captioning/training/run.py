@@ -33,7 +33,7 @@ from captioning.data.feature_cache import FeatureCacheError, attach_feature_cach
 from captioning.data.store import PreparedDataError
 from captioning.device import peak_rss_mib
 from captioning.evaluation.metrics import format_metrics_table
-from captioning.files import FileWriteError, atomic_write_json
+from captioning.files import FileWriteError, as_write_error, atomic_write_json
 from captioning.training.module import CaptioningModule
 from captioning.training.run_folder import RunFolderError, check_out_dir, choose_out_dir, take_folder
 from captioning.training.trainer import TrainingStopped, build_trainer, run_guarded
@@ -119,6 +119,11 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> dict:
     except TrainingStopped as err:
         print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
         raise SystemExit(err.status) from None
+    except OSError as err:  # a full disk or a permission, met by Lightning's own writers (logs)
+        failure = as_write_error(err)
+        if failure is None:
+            raise
+        sys.exit(f"error: {one_line(failure)}")
     except KeyboardInterrupt:  # outside the trainer's stages: before training, or while writing results
         print("error: interrupted (Ctrl-C); files already written are whole", file=sys.stderr, flush=True)
         raise SystemExit(130) from None
