@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from captioning.files import RunLock, check_writable, remove_temporaries
+from captioning.files import LockedError, RunLock, check_writable, remove_temporaries
 
 #: What a training writes into its folder; a folder holding any of them holds a run.
 RUN_FILES = ("config.yaml", "best.ckpt", "last.ckpt", "metrics.json", "test_predictions.json", "logs")
@@ -64,7 +64,7 @@ def take_folder(out_dir: Path, overwrite: bool = False, resume: Path | None = No
     lock = RunLock(Path(out_dir) / LOCK_NAME, command=command, what="training")
     try:
         lock.acquire()
-    except Exception as err:  # LockedError, or a folder that refuses the lock file
+    except (LockedError, OSError) as err:  # another live training, or a folder refusing the lock file
         raise RunFolderError(str(err)) from None
     remove_temporaries(out_dir)
     continuing = resume is not None and Path(out_dir).resolve() == Path(resume).resolve().parent
