@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) scripts/train.py --attention $(ATTENTION) --out-dir $(OUT)
+	$(PY) scripts/train.py --attention $(ATTENTION) --out-dir $(OUT) --overwrite
 	$(PY) scripts/evaluate.py --checkpoint $(OUT)/best.ckpt --split test --out-dir $(OUT)/eval
 	$(PY) scripts/caption.py --checkpoint $(OUT)/best.ckpt --heatmaps $(OUT)/heatmaps --limit 4 --from-split test
 

@@ -4,9 +4,11 @@
     captioning caption --checkpoint runs/soft/best.ckpt photos/ --json --heatmaps figures/
     captioning caption --checkpoint runs/soft/best.ckpt --from-split test --limit 4
 
-Prints ``path<TAB>caption`` per image (``--json``: one JSON object per line). A file that cannot
-be read is reported on stderr as one ``error: <path>: <reason>`` line and the others are still
-captioned; the exit status is then 1. A missing or invalid checkpoint, or no image at all, is a
+Prints ``path<TAB>caption`` per image (``--json``: one JSON object per line); a tab, newline or
+backslash in a path is written as ``\\t``, ``\\n``, ``\\\\``, so each image is one line. An image
+smaller than 16 pixels on a side gets a note on stderr: upscaled, it shows too little for its
+caption to mean much. A file that cannot be read is reported on stderr as one
+``error: <path>: <reason>`` line and the others are still captioned; the exit status is then 1. A missing or invalid checkpoint, or no image at all, is a
 one-line error with exit status 2.
 """
 
@@ -201,6 +203,14 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         return EXIT_USAGE
 
 
+TINY_SIDE = 16  # pixels; a smaller image is mostly interpolation once resized to the model's input
+
+
+def tsv_field(text: str) -> str:
+    """``text`` with backslash, tab, newline and carriage return escaped: one field of one line."""
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
 def _run_caption(args: argparse.Namespace) -> int:
     import torch
 
@@ -226,6 +236,9 @@ def _run_caption(args: argparse.Namespace) -> int:
             try:
                 image = captioner.open(path)
                 loaded.append((path, image, captioner.preprocess(image)))
+                if min(image.size) < TINY_SIDE:
+                    print(f"note: {path} is {image.width}x{image.height} pixels, upscaled to {captioner.image_size}x"
+                          f"{captioner.image_size}: its caption says little about it", file=sys.stderr, flush=True)
             except Exception as err:  # one bad file never stops the others
                 print_error(f"{path}: {image_error_reason(err, path)}")
                 failed += 1
@@ -239,7 +252,7 @@ def _run_caption(args: argparse.Namespace) -> int:
                     print(json.dumps({"path": cap.source, "caption": cap.text, "score": cap.score,
                                       "words": cap.words, "settings": settings}))
                 else:
-                    print(f"{cap.source}\t{cap.text}")
+                    print(f"{tsv_field(cap.source)}\t{cap.text}")
                 if args.heatmaps is not None:
                     target = heatmap_path(args.heatmaps, path, used_names)
                     try:

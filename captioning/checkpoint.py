@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
-from captioning.config import Config, ConfigError, from_dict, merge
+from captioning.config import Config, ConfigError, from_dict, merge, validate
 from captioning.models import ShowAttendTell
 from captioning.vocab import Vocabulary
 
@@ -31,8 +31,12 @@ class LoadedModel(NamedTuple):
 
 def read_checkpoint(path: str | Path) -> dict:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory; give a file in it, such as {path / 'best.ckpt'}")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is not a regular file (a pipe, socket or device)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -52,12 +56,42 @@ def read_checkpoint(path: str | Path) -> dict:
 
 def checkpoint_config(ckpt: dict, path: str | Path = "checkpoint") -> tuple[Config, Vocabulary]:
     hp = ckpt["hyper_parameters"]
+    if not isinstance(hp.get("config"), dict):
+        raise CheckpointError(f"{path} is damaged: its config is {type(hp.get('config')).__name__}, not a mapping")
+    words = hp.get("vocab")
+    if not isinstance(words, (list, tuple)) or not all(isinstance(w, str) for w in words):
+        raise CheckpointError(f"{path} is damaged: it holds no vocabulary (a list of words), got {type(words).__name__}")
     try:
-        cfg = from_dict(hp["config"])
-        vocab = Vocabulary(hp["vocab"])
-    except (ConfigError, ValueError, KeyError) as err:
-        raise CheckpointError(f"{path} was written by an incompatible version: {err}") from None
+        cfg = validate(from_dict(hp["config"]))
+    except ConfigError as err:
+        raise CheckpointError(f"{path} holds a damaged or incompatible config: {err}") from None
+    try:
+        vocab = Vocabulary(list(words))
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path} holds a damaged vocabulary: {err}") from None
     return cfg, vocab
+
+
+def check_state_dict(expected: dict[str, torch.Tensor], found: dict[str, Any], path: str | Path) -> None:
+    """Raise CheckpointError naming the first key that is missing, unexpected or of another shape."""
+    for key, value in expected.items():
+        if key not in found:
+            raise CheckpointError(f"{path}: weights do not match the model: '{key}' is missing")
+        shape = tuple(getattr(found[key], "shape", ()))
+        if not isinstance(found[key], torch.Tensor) or shape != tuple(value.shape):
+            raise CheckpointError(f"{path}: weights do not match the model: '{key}' has shape {shape}, "
+                                  f"the model's is {tuple(value.shape)}")
+    extra = [key for key in found if key not in expected]
+    if extra:
+        raise CheckpointError(f"{path}: weights do not match the model: unexpected '{extra[0]}'")
+
+
+def check_resumable(ckpt: dict, path: str | Path) -> None:
+    """A checkpoint to continue training from needs the loop's state, not only the weights."""
+    missing = [k for k in ("optimizer_states", "loops") if not ckpt.get(k)]
+    if missing:
+        raise CheckpointError(f"{path} cannot be resumed: it holds weights only (no {' or '.join(missing)}); "
+                              "resume from a last.ckpt or best.ckpt written by training")
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> LoadedModel:
@@ -68,8 +102,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     cfg = merge(cfg, {"model": {"encoder": {"weights": "none"}}})
     model = ShowAttendTell(cfg.model, len(vocab))
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise CheckpointError(f"{path}: weights do not match its own config ({str(err).splitlines()[0]})") from None
+    check_state_dict(model.state_dict(), state, path)
+    model.load_state_dict(state)
     return LoadedModel(model.to(map_location).eval(), cfg, vocab)

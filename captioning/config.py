@@ -10,6 +10,7 @@ Every way a config enters (a YAML file, ``--set key=value``, a checkpoint) goes 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -290,11 +291,27 @@ def parse_override(text: str) -> dict[str, Any]:
 
 
 def save_yaml(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    from captioning.files import atomic_write
+
+    atomic_write(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def validate(cfg: Config) -> Config:
     """Range checks that types cannot express."""
+    for key, value in flatten(to_dict(cfg)).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config key '{key}' must be a finite number, got {value}")
+    for key, value in {"optim.lr": cfg.optim.lr, "train.max_epochs": cfg.train.max_epochs,
+                       "train.patience": cfg.train.patience, "train.val_every": cfg.train.val_every,
+                       "train.log_every": cfg.train.log_every}.items():
+        if value <= 0:
+            # -1 is Lightning's "no limit" for max_epochs; here it would train until max_time or forever.
+            raise ConfigError(f"config key '{key}' must be positive, got {value}")
+    for key, value in {"optim.encoder_lr": cfg.optim.encoder_lr, "optim.weight_decay": cfg.optim.weight_decay,
+                       "optim.grad_clip": cfg.optim.grad_clip, "train.max_time_minutes": cfg.train.max_time_minutes,
+                       "loss.doubly_stochastic": cfg.loss.doubly_stochastic}.items():
+        if value < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {value}")
     positive = {
         "data.batch_size": cfg.data.batch_size,
         "data.eval_batch_size": cfg.data.eval_batch_size,

@@ -41,6 +41,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from captioning.files import atomic_path
+
 __all__ = [
     "SMOOTH_SIGMA_CELLS",
     "attention_figure",
@@ -364,5 +366,6 @@ def save_attention_figure(
     path = Path(path)
     figure = attention_figure(image, words, attention, **kwargs)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.save(path, format="PNG")
+    with atomic_path(path) as tmp:
+        figure.save(tmp, format="PNG")
     return path

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import random
+import socket
 import subprocess
 import sys
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -402,19 +403,19 @@ def _dead_pid() -> int:
     return proc.pid
 
 
-def test_stale_tmp_folders(tmp_path):
+def test_stale_partial_folder_and_lock(tmp_path):
+    """A generator killed mid-way leaves NAME.partial/ and NAME.lock with its dead pid: taken over."""
     cfg = SyntheticConfig(num_train=6, num_val=2, num_test=2)
     final = dataset_dir(tmp_path, cfg)
-    stale = tmp_path / f"{final.name}.tmp-{_dead_pid()}-{syn._host()}"
-    foreign = tmp_path / f"{final.name}.tmp-12345-some_other_host"
-    for folder in (stale, foreign):
-        (folder / "annotations").mkdir(parents=True)
-        (folder / "annotations" / "captions_train.json").write_text("{half written")
+    partial = tmp_path / f"{final.name}.partial"
+    (partial / "annotations").mkdir(parents=True)
+    (partial / "annotations" / "captions_train.json").write_text("{half written")
+    lock = tmp_path / f"{final.name}.lock"
+    lock.write_text(json.dumps({"pid": _dead_pid(), "host": socket.gethostname(), "command": "train.py"}))
     assert generate_synthetic(tmp_path, cfg, progress=False) == final
     assert (final / "manifest.json").is_file()
-    assert not stale.exists()  # a dead process of this host: removed
-    assert foreign.exists()  # maybe still being written by another host: left alone
-    assert not list(tmp_path.glob(f"{final.name}.tmp-{os.getpid()}-*"))
+    assert json.loads((final / "annotations" / "captions_train.json").read_text())["images"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [final.name]
 
 
 def test_second_call_reuses_folder(tmp_path, capsys):
@@ -430,20 +431,26 @@ def test_second_call_reuses_folder(tmp_path, capsys):
     assert capsys.readouterr().err == ""
 
 
-def test_another_process_finishing_first(tmp_path, monkeypatch):
-    """The rename fails when another rank renamed first; its folder is used and ours removed."""
+def test_waits_for_another_live_generator(tmp_path, monkeypatch):
+    """Another live process (a DDP rank) holds the lock: we wait and use its folder, generating nothing."""
     cfg = SyntheticConfig(num_train=4, num_val=2, num_test=2)
     final = dataset_dir(tmp_path, cfg)
-    real_write = syn._write_dataset
-
-    def write_and_race(out, cfg_, progress):
-        real_write(out, cfg_, progress)
-        real_write(final, cfg_, progress)  # the other rank wins the race
-
-    monkeypatch.setattr(syn, "_write_dataset", write_and_race)
-    assert generate_synthetic(tmp_path, cfg, progress=False) == final
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = tmp_path / f"{final.name}.lock"
+        lock.write_text(json.dumps({"pid": other.pid, "host": socket.gethostname(), "command": "rank 1"}))
+        real_write = syn._write_dataset
+        calls = []
+        monkeypatch.setattr(syn, "_write_dataset", lambda *a: calls.append(a))
+        finisher = threading.Timer(0.3, lambda: (real_write(final, cfg, False), lock.unlink()))
+        finisher.start()
+        assert generate_synthetic(tmp_path, cfg, progress=False) == final
+        finisher.join()
+    finally:
+        other.kill()
+        other.wait()
+    assert calls == []
     assert (final / "manifest.json").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [final.name]
 
 
 def test_failed_generation_leaves_nothing(tmp_path, monkeypatch):

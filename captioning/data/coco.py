@@ -22,6 +22,10 @@ class AnnotationError(ValueError):
     """An annotation file is missing or does not follow the expected schema."""
 
 
+class EmptySplitError(AnnotationError):
+    """A well-formed captions file with no captioned image (a split that is empty)."""
+
+
 @dataclass(frozen=True)
 class ImageRecord:
     image_id: int
@@ -67,5 +71,5 @@ def load_coco_captions(captions_json: str | Path, image_dir: str | Path) -> list
         if captions:
             records.append(ImageRecord(image_id, image_dir / coco.imgs[image_id]["file_name"], captions))
     if not records:
-        raise AnnotationError(f"{captions_json} holds no image with a non-empty caption")
+        raise EmptySplitError(f"{captions_json} holds no image with a non-empty caption")
     return records

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from captioning.config import DataConfig
-from captioning.data.coco import ImageRecord, load_coco_captions
+from captioning.data.coco import AnnotationError, EmptySplitError, ImageRecord, load_coco_captions
 from captioning.data.transforms import load_image, preprocess
 from captioning.vocab import Vocabulary
 
@@ -150,9 +150,12 @@ class CaptionDataModule(pl.LightningDataModule):
         if split not in self.records and self.cfg.dataset == "prepared":
             self.records[split] = self.prepared.records(split)  # record paths: the source files
         if split not in self.records:
-            self.records[split] = load_coco_captions(
-                self.root / "annotations" / f"captions_{split}.json", self.root / split
-            )
+            try:
+                self.records[split] = load_coco_captions(
+                    self.root / "annotations" / f"captions_{split}.json", self.root / split
+                )
+            except EmptySplitError:
+                self.records[split] = []  # setup refuses an empty train/val split; callers skip an empty test
         return self.records[split]
 
     def setup(self, stage: str | None = None) -> None:
@@ -166,7 +169,18 @@ class CaptionDataModule(pl.LightningDataModule):
             )
         needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, SPLITS)
         for split in needed:
-            self.load_split(split)
+            if not self.load_split(split) and split != "test":  # an empty test split is skipped by its callers
+                self.empty_split_error(split)
+
+    def empty_split_error(self, split: str):
+        """Raise the one-line error for a split with no image (AnnotationError, or PreparedDataError)."""
+        if self.cfg.dataset == "prepared":
+            from captioning.data.store import PreparedDataError
+
+            raise PreparedDataError(f"the {split} split of the prepared folder {self.root} has no image: prepare it "
+                                    "again from a source whose images and split lists are found")
+        raise AnnotationError(f"the {split} split of {self.root} has no image "
+                              f"({self.root / 'annotations' / f'captions_{split}.json'}): check the dataset")
 
     def images(self, split: str) -> ImageSource:
         if self.feature_cache is not None:

@@ -30,9 +30,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import os
 import shutil
-import socket
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -46,6 +44,7 @@ from captioning.config import ModelConfig
 from captioning.data import transforms
 from captioning.data.coco import ImageRecord
 from captioning.data.store import LazyArray
+from captioning.files import RunLock, atomic_path, atomic_write_json
 from captioning.models.encoder import Encoder
 from captioning.progress import Progress
 
@@ -186,65 +185,18 @@ class _Images(Dataset):
         return self.source[index]
 
 
-class _Lock:
-    """DIR/{split}.lock holding "host pid": one process builds a split, the others wait for it."""
-
-    def __init__(self, path: Path, log: Callable[[str], None]) -> None:
-        self.path, self.log = path, log
-
-    def _holder_alive(self) -> bool:
-        try:
-            host, pid = self.path.read_text().split()
-        except (OSError, ValueError):
-            return True  # being written right now
-        if host != socket.gethostname():
-            return True  # another node's process: cannot check, trust it
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-
-    def acquire(self, done: Callable[[], bool]) -> bool:
-        """True: we hold the lock and must build. False: another process built it meanwhile."""
-        waited = 0.0
-        while True:
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                os.write(fd, f"{socket.gethostname()} {os.getpid()}".encode())
-                os.close(fd)
-                return True
-            except FileExistsError:
-                pass
-            if done():
-                return False
-            if not self._holder_alive():
-                self.path.unlink(missing_ok=True)  # stale: its builder died
-                continue
-            if waited % 30 == 0:
-                self.log(f"feature cache: waiting for the process in {self.path} to finish building")
-            time.sleep(1.0)
-            waited += 1.0
-
-    def release(self) -> None:
-        self.path.unlink(missing_ok=True)
-
-
-def _write_json(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
-
-
-@torch.no_grad()
 def build_split(path: Path, encoder: Encoder, images: Any, n: int, batch_size: int, num_workers: int,
                 device: torch.device, split: str, progress: bool = True) -> tuple[int, int]:
     """Run the frozen encoder over ``n`` images (``images[i]`` -> [3, S, S]) into ``path`` (fp16
-    [n, L, D] .npy, written as ``path.partial`` then renamed). Returns (L, D)."""
+    [n, L, D] .npy, written beside it and renamed when complete). Returns (L, D)."""
+    with atomic_path(path) as partial:
+        _encode_into(partial, encoder, images, n, batch_size, num_workers, device, split, progress)
+    return encoder.grid_size ** 2, encoder.out_channels
+
+
+def _encode_into(partial: Path, encoder: Encoder, images: Any, n: int, batch_size: int, num_workers: int,
+                 device: torch.device, split: str, progress: bool) -> None:
     L, D = encoder.grid_size ** 2, encoder.out_channels
-    partial = path.with_name(path.stem + ".partial.npy")
     out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=(n, L, D))
     loader = DataLoader(_Images(images, n), batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
@@ -268,8 +220,6 @@ def build_split(path: Path, encoder: Encoder, images: Any, n: int, batch_size: i
         encoder.to(home).train(was_training)
     out.flush()
     del out
-    os.replace(partial, path)
-    return L, D
 
 
 def prepare_feature_cache(
@@ -320,17 +270,17 @@ def prepare_feature_cache(
     for split in to_build:
         recs = records[split]
         meta_path = directory / f"{split}.json"
-        lock = _Lock(directory / f"{split}.lock", log)
-        if lock.acquire(done=meta_path.is_file):
+        lock = RunLock(directory / f"{split}.lock", what=f"building the {split} features of")
+        if lock.acquire_or_wait(done=meta_path.is_file, log=log):
             try:
                 if not meta_path.is_file():  # another process may have finished just before
                     log(f"feature cache: computing {split} ({len(recs):,} images) into {directory / (split + '.npy')}")
                     started = time.perf_counter()
                     L, D = build_split(directory / f"{split}.npy", encoder, image_sources[split], len(recs),
                                        batch_size, num_workers, device, split, progress)
-                    _write_json({"format": CACHE_FORMAT, "shape": [len(recs), L, D], "dtype": "float16",
+                    atomic_write_json(meta_path, {"format": CACHE_FORMAT, "shape": [len(recs), L, D], "dtype": "float16",
                                  "image_ids": [r.image_id for r in recs], "fingerprint": prints[split],
-                                 "seconds": round(time.perf_counter() - started, 1)}, meta_path)
+                                 "seconds": round(time.perf_counter() - started, 1)}, indent=None)
             finally:
                 lock.release()
         opened[split] = _open_split(directory, split, prints[split], recs)

@@ -45,7 +45,7 @@ import multiprocessing
 import os
 import platform
 import shutil
-import socket
+import signal
 import sys
 import time
 from collections import Counter
@@ -58,6 +58,7 @@ from PIL import Image
 
 from captioning.data.formats import SPLITS, Skip, SourceDataset, read_instances
 from captioning.data.transforms import ImageLoadError, load_image, resize_square
+from captioning.files import LockedError, RunLock, atomic_path, atomic_write_json, partial_name, publish_folder
 from captioning.progress import Progress
 from captioning.vocab import Vocabulary, tokenize
 
@@ -123,10 +124,7 @@ def file_digest(path: Path) -> dict[str, Any]:
 
 
 def _write_json(obj: Any, path: Path, indent: int | None = None) -> None:
-    """Write via a temporary name and rename, so a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=indent, separators=(",", ":") if indent is None else (",", ": ")))
-    os.replace(tmp, path)
+    atomic_write_json(path, obj, indent=indent, separators=(",", ":") if indent is None else (",", ": "))
 
 
 # ------------------------------------------------------------------------------------ decoding
@@ -188,42 +186,38 @@ def _plan(dataset: SourceDataset, options: PrepareOptions, sources: list[dict]) 
     }
 
 
-def _take_lock(partial: Path) -> None:
-    lock = partial / "lock"
-    if lock.is_file():
-        try:
-            host, pid = lock.read_text().split()
-            if host == socket.gethostname() and int(pid) != os.getpid():
-                os.kill(int(pid), 0)
-                raise PrepareError(f"another preparation (pid {pid}) is writing {partial}; wait for it or stop it")
-        except (ValueError, ProcessLookupError):
-            pass  # a stale lock from an interrupted run
-        except PermissionError:
-            raise PrepareError(f"another preparation (pid {pid}) is writing {partial}") from None
-    lock.write_text(f"{socket.gethostname()} {os.getpid()}")
+def _take_lock(partial: Path) -> RunLock:
+    lock = RunLock(partial / "lock", what="preparing")
+    try:
+        return lock.acquire()
+    except LockedError as err:
+        raise PrepareError(str(err)) from None
 
 
-def _open_partial(out: Path, plan: dict[str, Any], progress: bool) -> Path:
-    """OUT.partial/ ready for this plan: reused if it was started with the same plan."""
-    partial = out.with_name(out.name + ".partial")
+def _open_partial(out: Path, plan: dict[str, Any], progress: bool) -> tuple[Path, RunLock]:
+    """OUT.partial/ ready for this plan (reused if it was started with the same plan), and its lock."""
+    partial = partial_name(out)
     plan_file = partial / "plan.json"
     if partial.is_dir():
-        same = plan_file.is_file() and json.loads(plan_file.read_text()) == json.loads(json.dumps(plan))
+        try:
+            same = json.loads(plan_file.read_text()) == json.loads(json.dumps(plan))
+        except (OSError, ValueError):
+            same = False
         if same:
-            _take_lock(partial)
+            lock = _take_lock(partial)
             done = len(list((partial / "chunks").glob("*.json")))
             if progress:
                 print(f"prepare: resuming {partial} ({done} chunks already done)", file=sys.stderr, flush=True)
-            return partial
-        _take_lock(partial)
+            return partial, lock
+        _take_lock(partial).release()
         if progress:
             print(f"prepare: {partial} was started with other options or sources: starting over",
                   file=sys.stderr, flush=True)
         shutil.rmtree(partial)
     (partial / "chunks").mkdir(parents=True)
-    _take_lock(partial)
+    lock = _take_lock(partial)
     _write_json(plan, plan_file)
-    return partial
+    return partial, lock
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -249,17 +243,19 @@ def _decode_images(dataset: SourceDataset, partial: Path, options: PrepareOption
         if not store_path.is_file():
             for stale in (partial / "chunks").glob(f"{split}-*.json"):  # markers without their rows
                 stale.unlink()
-            tmp = store_path.with_name(f"images_{split}.tmp.npy")
-            store = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(images), size, size, 3))
-            del store
-            os.replace(tmp, store_path)
+            with atomic_path(store_path) as tmp:
+                store = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(images), size, size, 3))
+                del store
         results[split] = [None] * len(images)
         for index, start in enumerate(range(0, len(images), chunk)):
             marker = partial / "chunks" / f"{split}-{index:06d}.json"
             if marker.is_file():
-                results[split][start:start + chunk] = json.loads(marker.read_text())
-                done_count += len(images[start:start + chunk])
-                continue
+                done = json.loads(marker.read_text())
+                # A chunk with a missing or unreadable image is decoded again: the file may be fixed by now.
+                if all(r["status"] == "ok" for r in done):
+                    results[split][start:start + chunk] = done
+                    done_count += len(images[start:start + chunk])
+                    continue
             paths = [str(img.path) for img in images[start:start + chunk]]
             tasks.append((split, index, start, paths, size, str(store_path)))
     total = sum(len(r) for r in results.values())
@@ -285,7 +281,8 @@ def _decode_images(dataset: SourceDataset, partial: Path, options: PrepareOption
     elif tasks:
         methods = multiprocessing.get_all_start_methods()
         context = multiprocessing.get_context("fork" if "fork" in methods else None)
-        with context.Pool(workers) as pool:  # leaving the block terminates the workers, also on errors
+        # Workers ignore Ctrl-C: the main process handles it (one line, resumable), not N tracebacks.
+        with context.Pool(workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
             for split, index, chunk_results in pool.imap_unordered(_decode_chunk, tasks):
                 finish(split, index, chunk_results)
     bar.close()
@@ -311,14 +308,20 @@ def prepare(dataset: SourceDataset, out: str | Path, options: PrepareOptions,
     for split in SPLITS:
         if split != "test" and not any(img.split == split for img in dataset.images):
             raise PrepareError(f"the {split} split has no image with a caption; check the split lists or files")
+    if not any(Path(img.path).is_file() for img in dataset.images):  # stops at the first image found
+        raise PrepareError(f"no image file of the dataset is in {dataset.images_root} (e.g. "
+                           f"{dataset.images[0].path} does not exist): point --images at the folder holding them")
+    if not any(img.split == "test" for img in dataset.images):
+        print(f"warning: the source has no test split ({dataset.split_rule}); the prepared folder will have an "
+              "empty test split, so evaluation must use --split val", file=sys.stderr, flush=True)
     started = time.perf_counter()
     sources = [{"role": role, **file_digest(path)} for role, path in dataset.files]
     sources += [{"role": "instances", **file_digest(path)} for path in instances]
-    partial = _open_partial(out, _plan(dataset, options, sources), options.progress)
+    partial, lock = _open_partial(out, _plan(dataset, options, sources), options.progress)
     try:
         manifest = _prepare_into(partial, dataset, options, instances, sources, command, started)
     finally:
-        (partial / "lock").unlink(missing_ok=True)  # interrupted or failed: the next run resumes
+        lock.release()  # interrupted or failed: the next run resumes
     _finish(partial, out)
     return manifest
 
@@ -469,13 +472,7 @@ def _finish(partial: Path, out: Path) -> None:
     shutil.rmtree(partial / "chunks")
     for name in ("plan.json", "lock"):
         (partial / name).unlink(missing_ok=True)
-    if out.exists():  # --overwrite of a prepared folder (checked before we started)
-        old = out.with_name(f"{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(partial, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(partial, out)
+    publish_folder(partial, out)  # replaces a folder given with --overwrite (checked before we started)
 
 
 # ------------------------------------------------------------------------------------ summary

@@ -204,6 +204,11 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> Any:
     except (AnnotationError, PrepareError, ValueError, OSError) as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_USAGE) from None
+    except KeyboardInterrupt:
+        out = getattr(args, "out", None)
+        where = f"; {out}.partial keeps the finished chunks: run the same command again to resume" if out else ""
+        print(f"error: interrupted (Ctrl-C){where}", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
 
 
 

@@ -117,11 +117,8 @@ import dataclasses
 import itertools
 import json
 import math
-import os
 import random
-import re
 import shutil
-import socket
 import sys
 import threading
 import time
@@ -133,6 +130,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from captioning.config import SyntheticConfig
+from captioning.files import RunLock, atomic_folder, partial_name
 
 GENERATOR_VERSION = 8  # part of the folder name: bump it whenever the output would change
 # v2: placement keeps the leftmost members of different groups >= the margin apart in x
@@ -847,37 +845,7 @@ def _write_dataset(out: Path, cfg: SyntheticConfig, progress: bool) -> None:
     _dump(manifest, out / "manifest.json", indent=2)
 
 
-_TMP_PATTERN = re.compile(r"\.tmp-(\d+)-([A-Za-z0-9_]*)$")
-_LOCK = threading.Lock()  # threads of one process share a pid, hence a temporary folder name
-
-
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-def _remove_stale(final: Path) -> None:
-    """Remove temporary folders left by dead generator processes of this host.
-
-    Folders of live processes (another DDP rank still writing) and of other hosts (a shared file
-    system) are left alone: their owners rename or remove them.
-    """
-    for path in final.parent.glob(final.name + ".tmp-*"):
-        match = _TMP_PATTERN.fullmatch(path.name[len(final.name) :])
-        if match is None or match.group(2) != _host():
-            continue
-        pid = int(match.group(1))
-        if pid == os.getpid() or not _pid_alive(pid):
-            shutil.rmtree(path, ignore_errors=True)
+_LOCK = threading.Lock()  # threads of one process share a pid, hence a lock file
 
 
 def generate_synthetic(root: str | Path, cfg: SyntheticConfig, progress: bool = True) -> Path:
@@ -895,23 +863,21 @@ def generate_synthetic(root: str | Path, cfg: SyntheticConfig, progress: bool = 
         if final.is_dir():
             return final
         final.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale(final)
-        tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}-{_host()}")
-        start = time.monotonic()
-        if progress:
-            print(f"synthetic: generating {final}", file=sys.stderr, flush=True)
+        # One process generates (the other DDP ranks wait for the folder); a dead one's lock is taken over.
+        lock = RunLock(final.with_name(final.name + ".lock"), what="generating")
+        if not lock.acquire_or_wait(done=final.is_dir, log=lambda m: print(f"synthetic: {m}", file=sys.stderr)):
+            return final
         try:
-            _write_dataset(tmp, cfg, progress)
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                if not final.is_dir():
-                    raise
-                # Another process (e.g. the other DDP rank) finished first: use its identical copy.
-                shutil.rmtree(tmp, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            if final.is_dir():
+                return final
+            shutil.rmtree(partial_name(final), ignore_errors=True)  # left by a generator that died
+            start = time.monotonic()
+            if progress:
+                print(f"synthetic: generating {final}", file=sys.stderr, flush=True)
+            with atomic_folder(final) as tmp:
+                _write_dataset(tmp, cfg, progress)
+        finally:
+            lock.release()
         if progress:
             print(f"synthetic: done in {time.monotonic() - start:.1f} s", file=sys.stderr, flush=True)
         return final

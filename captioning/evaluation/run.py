@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Sequence
 
 from captioning.caption import captioner_and_settings, data_config
 from captioning.console import EXIT_USAGE, UsageError, one_line, positive_int, print_error
+from captioning.files import atomic_write_json, check_writable
 from captioning.progress import format_duration
 
 METRICS = ("bleu", "meteor", "rouge", "cider", "spice")
@@ -91,6 +91,20 @@ def check_mode(args: argparse.Namespace) -> str:
         raise UsageError("give --checkpoint CKPT (decode and score a split) or --results FILE --annotations FILE "
                          "(score existing captions)")
     return "checkpoint"
+
+
+def _writable(out_dir: Path) -> Path:
+    try:
+        return check_writable(out_dir, "write results")
+    except OSError as err:
+        raise UsageError(err) from None
+
+
+def _write_json(path: Path, obj, indent: int = 2) -> None:
+    try:
+        atomic_write_json(path, obj, indent=indent)
+    except OSError as err:
+        raise UsageError(err) from None
 
 
 def _reason(err: BaseException) -> str:
@@ -172,7 +186,9 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     except (AnnotationError, ValueError, OSError) as err:
         raise UsageError(f"cannot read the {split} split of the checkpoint's dataset: {_reason(err)}") from None
     if not records:
-        raise UsageError(f"the {split} split of {data.root} has no images")
+        raise UsageError(f"the {split} split of {data.root} has no images: nothing to evaluate"
+                         + (" (try --split val)" if split == "test" else ""))
+    out_dir = _writable(args.out_dir or args.checkpoint.parent / "eval")  # before the long decoding
     instances = _load_grounding(args, data, split, [r.image_id for r in records])
     matcher = instances.matcher() if instances is not None else None
 
@@ -208,12 +224,10 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     for note in report.notes() + (grounding.notes() if grounding else ["grounding: not computed (no boxes: "
                                                                         "the dataset has no instances file)"]):
         print(note)
-    out_dir = args.out_dir or args.checkpoint.parent / "eval"
-    out_dir.mkdir(parents=True, exist_ok=True)
     predictions_file = out_dir / f"predictions_{split}.json"
     metrics_file = out_dir / f"metrics_{split}.json"
-    predictions_file.write_text(json.dumps(
-        [{"image_id": image_id, "caption": caption} for image_id, caption in sorted(predictions.items())], indent=1))
+    _write_json(predictions_file, [{"image_id": image_id, "caption": caption}
+                                   for image_id, caption in sorted(predictions.items())], indent=1)
     results = {
         "split": split, "num_images": len(predictions), "scale": SCALE, "scale_note": SCALE_NOTE,
         "tokenizer": report.tokenizer, "skipped": dict(report.skipped), "decode": settings, "metrics": shown,
@@ -221,7 +235,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
                        instances.matcher().name} if grounding else None),
         "devices": args.devices, "checkpoint": str(args.checkpoint),
     }
-    metrics_file.write_text(json.dumps(results, indent=2))
+    _write_json(metrics_file, results)
     print(f"decoded in {format_duration(decode_seconds)} ({len(predictions) / max(decode_seconds, 1e-9):.1f} "
           f"images/s), scored in {format_duration(report.seconds)}")
     print(f"wrote {predictions_file} and {metrics_file}")
@@ -239,6 +253,7 @@ def evaluate_results(args: argparse.Namespace) -> dict:
     except (ResultsError, AnnotationError) as err:
         raise UsageError(err) from None
     references = {r.image_id: list(r.captions) for r in records}
+    out_dir = _writable(args.out_dir or args.results.parent)
     unknown = sorted(set(predictions) - set(references))
     if unknown:
         shown = ", ".join(map(str, unknown[:5])) + (", ..." if len(unknown) > 5 else "")
@@ -254,15 +269,13 @@ def evaluate_results(args: argparse.Namespace) -> dict:
     print(format_metrics_table(values, title=f"{args.results.name}, {len(predictions)} images"))
     for note in report.notes() + ["grounding: not computed (a results file has no attention maps)"]:
         print(note)
-    out_dir = args.out_dir or args.results.parent
-    out_dir.mkdir(parents=True, exist_ok=True)
     metrics_file = out_dir / f"metrics_{args.results.stem}.json"
     results = {
         "results": str(args.results), "annotations": str(args.annotations), "num_images": len(predictions),
         "num_annotated_images": len(references), "scale": SCALE, "scale_note": SCALE_NOTE,
         "tokenizer": report.tokenizer, "skipped": dict(report.skipped), "metrics": shown,
     }
-    metrics_file.write_text(json.dumps(results, indent=2))
+    _write_json(metrics_file, results)
     print(f"wrote {metrics_file}")
     return results
 
@@ -277,6 +290,9 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> dict:
     except UsageError as err:
         print_error(err)
         raise SystemExit(EXIT_USAGE) from None
+    except KeyboardInterrupt:
+        print_error("interrupted (Ctrl-C); files already written are whole")
+        raise SystemExit(130) from None
     results["seconds"] = round(time.perf_counter() - started, 1)
     return results
 

@@ -14,6 +14,8 @@ from typing import Sequence
 import numpy as np
 import yaml
 
+from captioning.files import atomic_write
+
 COLORS = {"soft": "tab:blue", "hard": "tab:orange"}
 SIGNAL_BINS = 30  # training-signal series are averaged in this many equal step bins per seed
 PM = "±"
@@ -292,7 +294,7 @@ def write_report(summary: dict, out_dir: Path) -> Path:
     lines += ["", "## Settings", ""]
     lines += _settings_text(summary)
     path = out_dir / "report.md"
-    path.write_text("\n".join(lines).rstrip() + "\n")
+    atomic_write(path, "\n".join(lines).rstrip() + "\n")
     return path
 
 

@@ -33,6 +33,7 @@ import yaml
 
 from captioning.config import Config, ConfigError, build_config, flatten, to_dict
 from captioning.decoding import HARD_MODES  # expected first: the study's default
+from captioning.files import atomic_write
 from captioning.progress import format_duration
 
 ATTENTIONS = ("soft", "hard")
@@ -312,9 +313,7 @@ def write_study_json(plan: Plan, invocation: dict, replace_last: bool = False) -
         "invocations": [*previous, invocation],
     }
     plan.out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(study, indent=2))
-    tmp.replace(path)
+    atomic_write(path, json.dumps(study, indent=2))
     return study
 
 

@@ -52,6 +52,8 @@ class CaptioningModule(pl.LightningModule):
     # ------------------------------------------------------------------------------ training
     def on_fit_start(self) -> None:
         self._fit_started = time.perf_counter()
+        if self.trainer.ckpt_path is not None and self.trainer.world_size == 1:
+            return  # resumed: the checkpoint's generators were restored (training/trainer.py RNGState)
         # Same seed on every rank gave identical initial weights; from here each rank draws its
         # own dropout masks and attention samples.
         torch.manual_seed(self.cfg.train.seed * 1009 + 1 + self.global_rank)

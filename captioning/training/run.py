@@ -23,16 +23,20 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 
-from captioning.checkpoint import checkpoint_config, read_checkpoint
+from captioning.checkpoint import (CheckpointError, check_resumable, check_state_dict, checkpoint_config,
+                                   read_checkpoint)
 from captioning.config import ConfigError, build_config, merge, parse_override, save_yaml, validate
+from captioning.console import one_line, positive_int
 from captioning.data.coco import AnnotationError
 from captioning.data.datamodule import CaptionDataModule
 from captioning.data.feature_cache import FeatureCacheError, attach_feature_cache
 from captioning.data.store import PreparedDataError
 from captioning.device import peak_rss_mib
 from captioning.evaluation.metrics import format_metrics_table
+from captioning.files import FileWriteError, as_write_error, atomic_write_json
 from captioning.training.module import CaptioningModule
-from captioning.training.trainer import build_trainer
+from captioning.training.run_folder import RunFolderError, check_out_dir, choose_out_dir, take_folder
+from captioning.training.trainer import TrainingStopped, build_trainer, run_guarded
 
 
 def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
@@ -45,10 +49,14 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
                    help="override one config key, e.g. --set optim.lr=0.0004 (repeatable)")
     p.add_argument("--devices", type=int, help="devices per node; >1 trains with DDP")
     p.add_argument("--num-nodes", type=int, help="nodes (with torchrun or SLURM)")
-    p.add_argument("--max-epochs", type=int)
+    p.add_argument("--max-epochs", type=positive_int, metavar="N")
     p.add_argument("--seed", type=int)
-    p.add_argument("--out-dir", type=Path, help="default: runs/<attention>")
-    p.add_argument("--resume", type=Path, metavar="CKPT", help="continue training from last.ckpt")
+    p.add_argument("--out-dir", type=Path,
+                   help="default: runs/<attention>, or with --resume the checkpoint's own folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out-dir (otherwise such a folder is refused)")
+    p.add_argument("--resume", type=Path, metavar="CKPT",
+                   help="continue training from last.ckpt (in its own folder unless --out-dir); see docs/resume.md")
     p.add_argument("--fast-dev-run", action="store_true", help="one batch of each stage, for smoke tests")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     p.add_argument("--feature-cache", type=Path, metavar="DIR",
@@ -61,7 +69,7 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
 
 def make_config(args: argparse.Namespace):
     """Defaults <- --config <- --set <- the named flags; or, with --resume, the checkpoint's config.
-    -> (config, vocabulary or None, the resumed checkpoint's global step or None)."""
+    -> (config, vocabulary or None, the resumed checkpoint or None)."""
     overrides = list(args.set)
     flags = {"model.attention": args.attention, "train.devices": args.devices, "train.num_nodes": args.num_nodes,
              "train.max_epochs": args.max_epochs, "train.seed": args.seed}
@@ -74,84 +82,112 @@ def make_config(args: argparse.Namespace):
         overrides += ["data.dataset=prepared", f"data.root={json.dumps(str(args.data))}"]
     if args.resume is None:
         return build_config(args.config, overrides), None, None
-    ckpt = read_checkpoint(args.resume)
-    cfg, vocab = checkpoint_config(ckpt, args.resume)
     if args.config is not None:
         raise ConfigError("--resume takes its config from the checkpoint; pass changes with --set, not --config")
+    ckpt = read_checkpoint(args.resume)
+    cfg, vocab = checkpoint_config(ckpt, args.resume)
+    check_resumable(ckpt, args.resume)
     for text in overrides:
         cfg = merge(cfg, parse_override(text))
-    return validate(cfg), vocab, int(ckpt.get("global_step", 0))
+    return validate(cfg), vocab, ckpt
 
 
 @rank_zero_only
-def write_outputs(out_dir: Path, module: CaptioningModule, extra: dict, tested: bool = True) -> None:
-    if not tested:  # module.eval_results holds the last validation's, not the test split's
-        (out_dir / "metrics.json").write_text(json.dumps({"test": "skipped (--no-test)", **extra}, indent=2))
-        print(f"wrote {out_dir / 'metrics.json'} (test split not scored: --no-test)")
+def write_outputs(out_dir: Path, module: CaptioningModule, extra: dict, skipped: str | None = None) -> None:
+    if skipped is not None:  # module.eval_results holds the last validation's, not the test split's
+        atomic_write_json(out_dir / "metrics.json", {"test": f"skipped ({skipped})", **extra})
+        print(f"wrote {out_dir / 'metrics.json'} (test split not scored: {skipped})")
         return
     results = dict(module.eval_results or {})
     predictions = results.pop("predictions", {})
-    (out_dir / "test_predictions.json").write_text(
-        json.dumps([{"image_id": i, "caption": c} for i, c in sorted(predictions.items())], indent=1)
-    )
-    (out_dir / "metrics.json").write_text(json.dumps({**results, **extra}, indent=2))
+    atomic_write_json(out_dir / "test_predictions.json",
+                      [{"image_id": i, "caption": c} for i, c in sorted(predictions.items())], indent=1)
+    atomic_write_json(out_dir / "metrics.json", {**results, **extra})
     print(format_metrics_table(results.get("metrics", {}), title=f"test split, {results.get('num_images')} images"))
     print(f"wrote {out_dir / 'metrics.json'}")
 
 
 def run(argv: list[str] | None = None, prog: str | None = None) -> dict:
-    """``captioning train`` with ``argv``; -> what it wrote, as a dict (bad input: SystemExit, one line)."""
+    """``captioning train`` with ``argv``; -> what it wrote, as a dict. Bad input, a non-finite loss,
+    SIGTERM and Ctrl-C end in SystemExit with a one-line message (status 1, 1, 143, 130)."""
     args = parse_args(argv, prog)
     try:
-        cfg, vocab, resume_step = make_config(args)
-    except ConfigError as err:
-        sys.exit(f"error: {err}")
-    out_dir = args.out_dir or Path("runs") / cfg.model.attention
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if rank_zero_only.rank == 0:
-        save_yaml(cfg, out_dir / "config.yaml")
+        return train(args, prog or "captioning train")
+    except (ConfigError, CheckpointError, RunFolderError, AnnotationError, PreparedDataError, FeatureCacheError,
+            FileWriteError) as err:
+        sys.exit(f"error: {one_line(err)}")  # status 1, nothing written
+    except TrainingStopped as err:
+        print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
+        raise SystemExit(err.status) from None
+    except OSError as err:  # a full disk or a permission, met by Lightning's own writers (logs)
+        failure = as_write_error(err)
+        if failure is None:
+            raise
+        sys.exit(f"error: {one_line(failure)}")
+    except KeyboardInterrupt:  # outside the trainer's stages: before training, or while writing results
+        print("error: interrupted (Ctrl-C); files already written are whole", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+
+
+def train(args: argparse.Namespace, prog: str) -> dict:
+    cfg, vocab, ckpt = make_config(args)
+    resume_step = int(ckpt.get("global_step", 0)) if ckpt is not None else None
+    out_dir = choose_out_dir(args.out_dir, cfg.model.attention, args.resume)
+    rank_zero = rank_zero_only.rank == 0
+    if rank_zero:  # before any long work: a folder holding another run is refused now
+        check_out_dir(out_dir, args.overwrite, args.resume)
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
 
     started = time.perf_counter()
     data = CaptionDataModule(cfg.data, vocab)
-    try:
-        data.prepare_data()  # the vocabulary is needed to build the model, so the data comes first
-        data.setup("fit")
-    except (AnnotationError, PreparedDataError) as err:  # a missing/unfinished/mismatched data folder
-        sys.exit(f"error: {err}")
+    data.prepare_data()  # the vocabulary is needed to build the model, so the data comes first
+    data.setup("fit")
     module = CaptioningModule.create(cfg, data.vocab)
+    if ckpt is not None:  # a mismatch is refused here, before the run folder changes
+        check_state_dict(module.state_dict(), ckpt["state_dict"], args.resume)
+        del ckpt
     if cfg.data.feature_cache is not None:  # annotation grids computed once, by the model's own frozen encoder
         gpu = cfg.train.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-        try:
-            attach_feature_cache(data, cfg, module.model.encoder, "cuda" if gpu else "cpu", log=rank_zero_info,
-                                 progress=not args.no_progress)
-        except FeatureCacheError as err:
-            sys.exit(f"error: {err}")
+        attach_feature_cache(data, cfg, module.model.encoder, "cuda" if gpu else "cpu", log=rank_zero_info,
+                             progress=not args.no_progress)
     rank_zero_info(f"{cfg.model.attention} attention, {len(data.vocab)} words, "
                    f"{sum(p.numel() for p in module.parameters() if p.requires_grad):,} trained parameters")
 
-    # A resumed run keeps its log rows from before the checkpoint's step (logs/metrics.csv).
-    trainer = build_trainer(cfg, out_dir, progress_bar=not args.no_progress, resume_step=resume_step)
-    trainer.fit(module, datamodule=data, ckpt_path=args.resume)
-    train_seconds = time.perf_counter() - started
-    best = None if cfg.train.fast_dev_run else "best"
-    if not args.no_test:
-        trainer.test(module, datamodule=data, ckpt_path=best, verbose=False)
+    skipped = "--no-test" if args.no_test else None
+    if skipped is None and not data.load_split("test"):  # checked now: a missing test file fails before training
+        skipped = "the test split is empty"
+        rank_zero_info(f"test: the test split of {data.root} has no image, so it will not be scored "
+                       "(evaluate the checkpoints with --split val)")
 
-    extra = {
-        "attention": cfg.model.attention,
-        "checkpoint": str(out_dir / "best.ckpt") if best else None,
-        "global_step": trainer.global_step,
-        "epochs": trainer.current_epoch,
-        "train_seconds": round(train_seconds, 1),
-        "total_seconds": round(time.perf_counter() - started, 1),
-        "peak_rss_mib": peak_rss_mib(),  # None where the platform cannot measure it
-    }
-    write_outputs(out_dir, module, extra, tested=not args.no_test)
-    if args.no_test:
+    lock = take_folder(out_dir, args.overwrite, args.resume) if rank_zero else None
+    try:
+        if rank_zero:
+            save_yaml(cfg, out_dir / "config.yaml")
+        # A resumed run keeps its log rows from before the checkpoint's step (logs/metrics.csv).
+        trainer = build_trainer(cfg, out_dir, progress_bar=not args.no_progress, resume_step=resume_step)
+        run_guarded(trainer, lambda: trainer.fit(module, datamodule=data, ckpt_path=args.resume), out_dir, prog)
+        train_seconds = time.perf_counter() - started
+        best = None if cfg.train.fast_dev_run else "best"
+        if skipped is None:
+            run_guarded(trainer, lambda: trainer.test(module, datamodule=data, ckpt_path=best, verbose=False),
+                        out_dir, prog)
+
+        extra = {
+            "attention": cfg.model.attention,
+            "checkpoint": str(out_dir / "best.ckpt") if best else None,
+            "global_step": trainer.global_step,
+            "epochs": trainer.current_epoch,
+            "train_seconds": round(train_seconds, 1),
+            "total_seconds": round(time.perf_counter() - started, 1),
+            "peak_rss_mib": peak_rss_mib(),  # None where the platform cannot measure it
+        }
+        write_outputs(out_dir, module, extra, skipped)
+    finally:
+        if lock is not None:
+            lock.release()
+    if skipped is not None:
         return extra
     return {**(module.eval_results or {}), **extra}
-
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import csv
+import io
+import random
+import sys
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.logger import rank_zero_experiment
+from pytorch_lightning.plugins.io import TorchCheckpointIO
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from captioning.config import Config
+from captioning.files import atomic_write
 
 MONITOR = "val/bleu_4"  # from real greedy decoding of the whole validation split
 
@@ -22,6 +29,140 @@ def resolve_precision(cfg: Config) -> str:
         return cfg.train.precision
     gpu = cfg.train.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
     return "bf16-mixed" if gpu else "32-true"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """best.ckpt and last.ckpt written to a temporary file in their own folder, fsync'ed, then
+    renamed over the old file (captioning/files.py). Lightning's own save goes through a temporary
+    file in $TMPDIR that is then moved: across file systems the move is a copy, which a kill or a
+    full disk leaves half-done in place of the good checkpoint."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Serialised in memory first, then written by Python: a full disk is then an OSError
+        # (ENOSPC) that names the folder, not torch's C++ writer's "unexpected pos".
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        atomic_write(path, buffer.getbuffer())
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite: training stopped before any checkpoint held it."""
+
+
+class RunGuard(pl.Callback):
+    """Stops training on a non-finite loss before a checkpoint can hold the damaged weights, and
+    records how a run was interrupted (SIGTERM, Ctrl-C), which Lightning turns into a
+    ``SystemExit`` (status 0 for SIGTERM), so the entry point can exit non-zero and say so.
+
+    The loss is checked every ``check_every`` steps (reading it synchronises a GPU) and always
+    before validation, which is where the checkpoints are written.
+    """
+
+    def __init__(self, check_every: int = 1) -> None:
+        self.check_every = max(1, check_every)
+        self.interrupted: str | None = None  # "SIGTERM" or "SIGINT" once interrupted
+        self.saved: tuple[int, int] | None = None  # (finished epochs, global step) of the last checkpoint
+        self._loss: torch.Tensor | None = None
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module, checkpoint: dict) -> None:
+        self.saved = (trainer.current_epoch + 1, trainer.global_step)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is None:
+            return
+        self._loss = loss.detach()
+        if trainer.global_step % self.check_every == 0:
+            self._check(trainer)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module) -> None:
+        self._check(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
+        self._check(trainer)
+
+    def _check(self, trainer: pl.Trainer) -> None:
+        if self._loss is None or trainer.sanity_checking:
+            return
+        loss, self._loss = self._loss, None
+        if not bool(torch.isfinite(loss).all()):
+            raise NonFiniteLossError(
+                f"the training loss is {float(loss)} at step {trainer.global_step} (epoch {trainer.current_epoch}): "
+                "training stopped, no checkpoint holds these weights; lower optim.lr or check the data")
+
+    def on_exception(self, trainer: pl.Trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):
+            self.interrupted = "SIGTERM"
+        elif isinstance(exception, KeyboardInterrupt):
+            self.interrupted = "SIGINT"
+
+
+class TrainingStopped(Exception):
+    """A training or test stage ended early: ``status`` is the exit status, the message one line."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+EXIT_STATUS = {"SIGINT": 130, "SIGTERM": 143}  # 128 + the signal's number, as a shell reports it
+
+
+def run_guarded(trainer: pl.Trainer, stage, out_dir: str | Path, resume_command: str):
+    """Run ``stage()`` (trainer.fit or trainer.test); a non-finite loss, SIGTERM or Ctrl-C becomes
+    :class:`TrainingStopped` saying what was saved and how to continue. Lightning ends SIGTERM with
+    a ``SystemExit`` of status 0, which would let ``train && evaluate`` carry on."""
+    guard = next(c for c in trainer.callbacks if isinstance(c, RunGuard))
+    last = Path(out_dir) / "last.ckpt"
+    # What holds the work if this stage saves nothing (the stage's own saves are in guard.saved).
+    saved = f"{last} is unchanged" if last.is_file() else "no checkpoint was saved (no epoch finished)"
+    try:
+        return stage()
+    except NonFiniteLossError as err:
+        raise TrainingStopped(f"{err}; {_saved(guard, last, saved)}", 1) from None
+    except (SystemExit, KeyboardInterrupt):
+        if guard.interrupted is None and not isinstance(sys.exc_info()[1], KeyboardInterrupt):
+            raise
+        signal_name = guard.interrupted or "SIGINT"
+        hint = f"; continue with: {resume_command} --resume {last}" if last.is_file() else ""
+        raise TrainingStopped(f"stopped by {signal_name}: {_saved(guard, last, saved)}{hint}",
+                              EXIT_STATUS[signal_name]) from None
+
+
+def _saved(guard: RunGuard, last: Path, before: str) -> str:
+    if guard.saved is not None:
+        return f"{last} holds {guard.saved[0]} finished epoch(s), step {guard.saved[1]}"
+    return before
+
+
+class RNGState(pl.Callback):
+    """Saves the random generators (Python, NumPy, torch CPU and CUDA) in every checkpoint and
+    restores them on resume, so the resumed epochs shuffle, drop out and sample as the
+    uninterrupted run would have. Stored as plain types and tensors (weights-only loadable)."""
+
+    def state_dict(self) -> dict:
+        version, keys, pos, has_gauss, gauss = np.random.get_state()
+        state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+                 "numpy": [version, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        # Called when fit restores the checkpoint, before the resumed epoch's data iterator is made
+        # (which draws the shuffle order) and before CaptioningModule.on_fit_start, which then keeps
+        # these states on one device (with DDP it seeds each rank anew: only rank 0's are saved).
+        py = state["python"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+        torch.set_rng_state(state["torch"])
+        version, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((version, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class ResumableCSVLogger(CSVLogger):
@@ -47,13 +188,27 @@ class ResumableCSVLogger(CSVLogger):
                 keys = list(reader.fieldnames or [])
                 rows = [r for r in reader if r.get("step") and int(float(r["step"])) < self._keep_before_step]
         writer = super().experiment  # removes the old file
+        writer._rewrite_with_new_header = lambda fieldnames: _write_csv(path, fieldnames, _read_csv(path))
         if rows:
-            with path.open("w", newline="") as f:
-                out = csv.DictWriter(f, fieldnames=keys)
-                out.writeheader()
-                out.writerows(rows)
+            _write_csv(path, keys, rows)
             writer.metrics_keys = sorted(keys)
         return writer
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _write_csv(path: Path, fieldnames: list[str], rows: list[dict[str, str]]) -> None:
+    """The whole log rewritten (a new column appeared, or a resume trimmed it) without a moment
+    where metrics.csv is half-written: Lightning's own rewrite truncates it in place."""
+    def write(f) -> None:
+        out = csv.DictWriter(f, fieldnames=fieldnames)
+        out.writeheader()
+        out.writerows(rows)
+
+    atomic_write(path, write)
 
 
 def build_trainer(
@@ -70,6 +225,8 @@ def build_trainer(
         ModelCheckpoint(dirpath=out_dir, filename="last", save_top_k=1, enable_version_counter=False),
         EarlyStopping(monitor=MONITOR, mode="max", patience=t.patience),
         LearningRateMonitor(logging_interval="epoch"),
+        RunGuard(check_every=t.log_every),
+        RNGState(),
     ]
     if progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=10))
@@ -92,6 +249,7 @@ def build_trainer(
         fast_dev_run=t.fast_dev_run,
         num_sanity_val_steps=0,
         callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
         logger=ResumableCSVLogger(out_dir, name="logs", version="", keep_before_step=resume_step),
         enable_progress_bar=progress_bar,
         default_root_dir=out_dir,

@@ -1,0 +1,354 @@
+"""Files that are never half-written, folders that appear whole, and one run per folder.
+
+Every file the project writes (checkpoints, metrics, predictions, configs, prepared data,
+caches) goes through :func:`atomic_write` or :func:`atomic_path`: the bytes go to a temporary
+file in the *same* folder, are flushed and fsync'ed, then ``os.replace`` puts them under the
+final name. A rename within one folder is atomic on POSIX file systems, so a reader (or the next
+run after a kill -9 or a full disk) sees the old file or the new one, never a mixture. A
+temporary file in ``$TMPDIR`` would not do: moving it onto another file system is a copy, which
+can be interrupted half-way.
+
+:func:`atomic_folder` does the same for a whole folder (``NAME.partial/``, renamed when
+complete); :class:`RunLock` is a lock file holding pid, host and command, so a second live
+process writing the same folder is refused with a message naming the first, and the lock of a
+dead process is taken over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import socket
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+#: Prefix of the temporary siblings of files being written: ``.tmp-<pid>-<n>-NAME`` (hidden, and
+#: ending in NAME so writers that add a suffix, such as ``np.save``, keep the name as given).
+TMP_PREFIX = ".tmp-"
+
+_counter = iter(range(1 << 62))
+_counter_lock = threading.Lock()
+
+
+class FileWriteError(OSError):
+    """A write failed for a reason the user must fix (full disk, no permission, read-only)."""
+
+    def __str__(self) -> str:  # the message alone, without OSError's "[Errno 28]" prefix
+        return self.strerror or super().__str__()
+
+
+_REASONS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EROFS: "read-only file system",
+}
+
+
+def write_error(err: OSError, folder: str | Path, what: str = "write") -> FileWriteError:
+    """One line naming the folder and the cause: 'cannot write into runs/x: no space left ...'."""
+    reason = _REASONS.get(err.errno or 0, err.strerror or type(err).__name__)
+    hint = {errno.ENOSPC: "; free some space or choose another --out-dir",
+            errno.EDQUOT: "; free some space or choose another --out-dir",
+            errno.EROFS: "; choose another --out-dir"}.get(err.errno or 0, "")
+    if err.errno in (errno.EACCES, errno.EPERM):
+        hint = "; fix its permissions or choose another --out-dir"
+    return FileWriteError(err.errno or 0, f"cannot {what} into {folder}: {reason}{hint}")
+
+
+def as_write_error(err: OSError) -> FileWriteError | None:
+    """``err`` as a :class:`FileWriteError` naming its file's folder when it is a full disk, a
+    missing permission or a read-only file system (raised by code that is not ours); else None."""
+    if isinstance(err, FileWriteError):
+        return err
+    if err.errno not in _REASONS:
+        return None
+    return write_error(err, Path(err.filename).parent if err.filename else Path.cwd())
+
+
+def _tmp_sibling(path: Path) -> Path:
+    with _counter_lock:
+        n = next(_counter)
+    return path.with_name(f"{TMP_PREFIX}{os.getpid()}-{n}-{path.name}")
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename itself durable (a crash right after it must not undo it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on folders; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is fsync'ed and renamed to ``path``.
+
+    For writers that need a file name (``np.save``, ``torch.save``, ``open_memmap``). On any
+    failure the temporary file is removed and ``path`` is untouched; ENOSPC, EACCES, EPERM and
+    EROFS become a :class:`FileWriteError` naming the folder.
+    """
+    path = Path(path)
+    tmp = _tmp_sibling(path)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(err, OSError) and not isinstance(err, FileWriteError) and err.errno in _REASONS:
+            raise write_error(err, path.parent) from None
+        raise
+    _fsync_folder(path.parent)
+
+
+def atomic_write(path: str | Path, data: str | bytes | memoryview | Callable[[Any], None], mode: str = "w") -> Path:
+    """Write ``data`` (text, bytes, or a function given the open file) to ``path`` atomically."""
+    path = Path(path)
+    binary = isinstance(data, (bytes, bytearray, memoryview)) or "b" in mode
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
+            f.flush()
+    return path
+
+
+def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 2, **kwargs: Any) -> Path:
+    return atomic_write(path, json.dumps(obj, indent=indent, **kwargs) + ("\n" if indent is not None else ""))
+
+
+def remove_temporaries(folder: str | Path) -> int:
+    """Remove ``.tmp-<pid>-<n>-NAME`` files that dead processes of this host left in ``folder``."""
+    removed = 0
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    for tmp in folder.glob(f"{TMP_PREFIX}*"):
+        pid = tmp.name[len(TMP_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)) and tmp.is_file():
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+                removed += 1
+    return removed
+
+
+def check_writable(folder: str | Path, what: str = "write") -> Path:
+    """Create ``folder`` and prove a file can be written there (before long work starts)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = _tmp_sibling(folder / "write-check")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except FileExistsError:
+        raise FileWriteError(errno.EEXIST, f"cannot {what} into {folder}: it exists and is not a folder") from None
+    except NotADirectoryError:
+        raise FileWriteError(errno.ENOTDIR, f"cannot {what} into {folder}: a part of the path is a file") from None
+    except OSError as err:
+        raise write_error(err, folder, what) from None
+    return folder
+
+
+# ------------------------------------------------------------------------------ folders
+
+
+def partial_name(final: str | Path) -> Path:
+    final = Path(final)
+    return final.with_name(final.name + ".partial")
+
+
+def publish_folder(partial: str | Path, final: str | Path) -> Path:
+    """Rename a completed ``partial`` folder to ``final``, replacing an existing ``final`` with the
+    shortest window possible (old moved aside, new renamed in, old removed)."""
+    partial, final = Path(partial), Path(final)
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(partial, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(partial, final)
+    _fsync_folder(final.parent)
+    return final
+
+
+@contextlib.contextmanager
+def atomic_folder(final: str | Path, keep_on_error: bool = False) -> Iterator[Path]:
+    """Yield ``final.partial/`` to write into; renamed to ``final`` when the block completes.
+
+    On an exception the partial folder is removed, unless ``keep_on_error`` (for work that can
+    resume from what the partial folder holds). A folder appears under its final name only whole.
+    """
+    final = Path(final)
+    partial = partial_name(final)
+    partial.mkdir(parents=True, exist_ok=True)
+    try:
+        yield partial
+    except BaseException:
+        if not keep_on_error:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    publish_folder(partial, final)
+
+
+# ------------------------------------------------------------------------------ locks
+
+
+def host_name() -> str:
+    return socket.gethostname()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except OverflowError:
+        return False
+    return True
+
+
+class LockedError(RuntimeError):
+    """Another live process holds the lock."""
+
+
+class RunLock:
+    """A lock file (``path``) holding ``{"pid", "host", "command"}`` of the process that owns a folder.
+
+    :meth:`acquire` creates it with O_EXCL. If it exists and its process is alive (or runs on
+    another host, where it cannot be checked), :class:`LockedError` says who holds it; if its
+    process is dead the lock is stale and taken over. Use as a context manager.
+    """
+
+    def __init__(self, path: str | Path, command: str | None = None, what: str = "writing") -> None:
+        self.path = Path(path)
+        self.command = command if command is not None else " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+        self.what = what
+        self.held = False
+
+    def holder(self) -> dict[str, Any] | None:
+        """The holder's record, {} if unreadable (being written), None if there is no lock."""
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return None
+        except OSError:
+            return {}
+        try:
+            info = json.loads(text)
+            return info if isinstance(info, dict) else {}
+        except ValueError:
+            parts = text.split()  # the older "host pid" form
+            if len(parts) == 2 and parts[1].isdigit():
+                return {"host": parts[0], "pid": int(parts[1])}
+            return {}
+
+    def _holder_alive(self, info: dict[str, Any]) -> bool:
+        pid = info.get("pid")
+        if not isinstance(pid, int):
+            return False  # unreadable or damaged: nobody can be shown to hold it
+        if info.get("host") != host_name():
+            return True  # another machine's process: cannot check, trust it
+        return pid == os.getpid() or pid_alive(pid)
+
+    def describe(self, info: dict[str, Any]) -> str:
+        who = f"pid {info.get('pid', '?')} on {info.get('host', '?')}"
+        if info.get("command"):
+            who += f" ({info['command']})"
+        return who
+
+    def try_acquire(self) -> bool:
+        """True: the lock is ours. False: a live process holds it (see :meth:`holder`)."""
+        record = json.dumps({"pid": os.getpid(), "host": host_name(), "command": self.command})
+        for _ in range(100):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                info = self.holder()
+                if info is None:
+                    continue  # released meanwhile
+                if info.get("pid") == os.getpid() and info.get("host") == host_name():
+                    self.held = True  # re-entered by the same process
+                    return True
+                if info == {} or self._holder_alive(info):
+                    if info == {} and self._stale_unreadable():
+                        self.path.unlink(missing_ok=True)
+                        continue
+                    return False
+                self.path.unlink(missing_ok=True)  # stale: its process died
+                continue
+            except OSError as err:
+                raise write_error(err, self.path.parent, "take the lock") from None
+            try:
+                os.write(fd, record.encode())
+            finally:
+                os.close(fd)
+            self.held = True
+            return True
+        return False
+
+    def _stale_unreadable(self) -> bool:
+        """An empty or damaged lock older than a few seconds belongs to nobody."""
+        import time
+
+        try:
+            return time.time() - self.path.stat().st_mtime > 5.0
+        except OSError:
+            return False
+
+    def acquire(self) -> "RunLock":
+        if not self.try_acquire():
+            info = self.holder() or {}
+            raise LockedError(f"{self.path.parent} is in use by another process: {self.describe(info)} is "
+                              f"{self.what} there (lock file {self.path}); wait for it or stop it")
+        return self
+
+    def acquire_or_wait(self, done: Callable[[], bool], log: Callable[[str], None] | None = None,
+                        poll: float = 1.0) -> bool:
+        """For work one process does for all (a shared cache, a generated dataset): True when the
+        lock is ours and we must do the work; False when ``done()`` says another process did it
+        while we waited. Waits while a live holder works; takes over a dead holder's lock."""
+        import time
+
+        waited = 0
+        while True:
+            if done():
+                return False
+            if self.try_acquire():
+                return True
+            if log is not None and waited % 30 == 0:
+                log(f"waiting for {self.describe(self.holder() or {})} to finish {self.what} {self.path.parent}")
+            time.sleep(poll)
+            waited += 1
+
+    def release(self) -> None:
+        if self.held:
+            info = self.holder()
+            if info and info.get("pid") == os.getpid() and info.get("host") == host_name():
+                self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -1,0 +1,397 @@
+"""Validation at the door: configs, checkpoints and data that would train on garbage or trace back."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_config
+from test_files import small_disk  # noqa: F401 (a fixture)
+from captioning.checkpoint import CheckpointError, check_resumable, load_checkpoint
+from captioning.config import ConfigError, build_config, flatten, load_yaml, to_dict
+from captioning.training import run as train
+from captioning.training.module import CaptioningModule
+
+pytestmark = pytest.mark.usefixtures("seed", "one_thread")
+
+
+# ------------------------------------------------------------------------------ config
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=nan", "'optim.lr' must be a finite number, got nan"),
+    ("optim.lr=.inf", "'optim.lr' must be a finite number, got inf"),
+    ("optim.lr=-1", "'optim.lr' must be positive, got -1.0"),
+    ("optim.lr=0", "'optim.lr' must be positive, got 0.0"),
+    ("optim.encoder_lr=-0.1", "'optim.encoder_lr' must be >= 0"),
+    ("loss.doubly_stochastic=nan", "'loss.doubly_stochastic' must be a finite number"),
+    ("train.max_epochs=0", "'train.max_epochs' must be positive, got 0"),
+    ("train.max_epochs=-1", "'train.max_epochs' must be positive, got -1"),
+    ("train.patience=0", "'train.patience' must be positive"),
+    ("data.image_size=-5", "'data.image_size' must be positive, got -5"),
+])
+def test_bad_numbers_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        build_config("configs/tiny.yaml", [override])
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+
+@pytest.fixture
+def module(tiny_vocab):
+    return CaptioningModule.create(make_config(), tiny_vocab)
+
+
+def _save(module, path, **changes):
+    ckpt = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "epoch": 3,
+            "global_step": 10}
+    ckpt.update(changes)
+    torch.save(ckpt, path)
+    return path
+
+
+def _error(path) -> str:
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert message and "\n" not in message
+    return message
+
+
+def test_directory_and_fifo_are_named_as_such(tmp_path):
+    assert "is a directory" in _error(tmp_path)
+    fifo = tmp_path / "pipe.ckpt"
+    os.mkfifo(fifo)
+    assert "not a regular file" in _error(fifo)
+    assert "does not exist" in _error(tmp_path / "missing.ckpt")
+
+
+def test_damaged_vocab_or_config(tmp_path, module):
+    hp = dict(module.hparams)
+    assert "no vocabulary" in _error(_save(module, tmp_path / "a.ckpt", hyper_parameters={**hp, "vocab": None}))
+    assert "no vocabulary" in _error(_save(module, tmp_path / "b.ckpt", hyper_parameters={"config": hp["config"]}))
+    config = to_dict(make_config())
+    config["data"]["image_size"] = -5
+    message = _error(_save(module, tmp_path / "c.ckpt", hyper_parameters={**hp, "config": config}))
+    assert "damaged or incompatible config" in message and "'data.image_size' must be positive" in message
+    assert "damaged" in _error(_save(module, tmp_path / "d.ckpt", hyper_parameters={**hp, "config": None}))
+
+
+def test_state_dict_mismatch_names_the_first_key(tmp_path, module):
+    hp = dict(module.hparams)
+    config = to_dict(make_config(model__decoder__hidden_dim=64))
+    message = _error(_save(module, tmp_path / "shape.ckpt", hyper_parameters={**hp, "config": config}))
+    assert "'decoder." in message and "has shape" in message
+    state = dict(module.state_dict())
+    dropped = next(iter(state))
+    del state[dropped]
+    message = _error(_save(module, tmp_path / "missing.ckpt", state_dict=state))
+    assert f"'{dropped[len('model.'):]}' is missing" in message
+    state = {**module.state_dict(), "model.extra.weight": torch.zeros(1)}
+    assert "unexpected 'extra.weight'" in _error(_save(module, tmp_path / "extra.ckpt", state_dict=state))
+
+
+def test_weights_only_checkpoint_cannot_be_resumed(tmp_path, module):
+    path = _save(module, tmp_path / "w.ckpt")
+    with pytest.raises(CheckpointError, match="cannot be resumed: it holds weights only"):
+        check_resumable(torch.load(path, weights_only=True), path)
+
+
+# ------------------------------------------------------------------------------ run folders
+
+
+def test_a_folder_holding_another_run_is_refused(tmp_path):
+    from captioning.training.run_folder import RunFolderError, check_out_dir, choose_out_dir, take_folder
+
+    run = tmp_path / "run"
+    run.mkdir()
+    check_out_dir(run)  # empty: fine
+    (run / "config.yaml").write_text("seed: 7\n")
+    (run / "last.ckpt").write_bytes(b"ckpt")
+    with pytest.raises(RunFolderError) as info:
+        check_out_dir(run)
+    message = str(info.value)
+    assert "holds another run (config.yaml, last.ckpt)" in message and "--overwrite" in message
+    assert f"--resume {run / 'last.ckpt'}" in message and "\n" not in message
+    check_out_dir(run, resume=run / "last.ckpt")  # continuing the run in its own folder
+    assert choose_out_dir(None, "soft", run / "last.ckpt") == run
+    assert choose_out_dir(None, "hard", None).as_posix() == "runs/hard"
+    with pytest.raises(RunFolderError):  # resuming another checkpoint into this run's folder
+        check_out_dir(run, resume=tmp_path / "x.ckpt")
+    lock = take_folder(run, overwrite=True, command="train.py --overwrite")
+    try:
+        assert sorted(p.name for p in run.iterdir()) == ["train.lock"]
+        message = _second_process_takes(run)
+        assert f"pid {os.getpid()} on " in message and "(train.py --overwrite) is training there" in message
+    finally:
+        lock.release()
+    assert list(run.iterdir()) == []
+
+
+def _second_process_takes(run) -> str:
+    """Another process asking for the folder while this one holds it: -> its one-line refusal."""
+    code = ("import sys; from captioning.training.run_folder import take_folder, RunFolderError\n"
+            "try:\n    take_folder(sys.argv[1])\nexcept RunFolderError as e:\n    print(e); sys.exit(3)")
+    proc = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert proc.returncode == 3, proc.stderr
+    return proc.stdout.strip()
+
+
+# ------------------------------------------------------------------------------ the workflows
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_args(out: Path | None, data_root: Path, *extra: str) -> list[str]:
+    """configs/tiny.yaml as --set overrides (--resume refuses --config), constant learning rate so a
+    resumed run's schedule is the uninterrupted run's."""
+    settings = flatten(load_yaml(REPO / "configs" / "tiny.yaml"))
+    settings.update({"data.root": str(data_root), "optim.schedule": "constant"})
+    args = (["--out-dir", str(out)] if out is not None else []) + ["--no-progress"]
+    for key, value in settings.items():
+        args += ["--set", f"{key}={value}"]
+    return args + list(extra)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="module")
+def one_epoch(tmp_path_factory, data_root) -> Path:
+    """A finished one-epoch run folder (read-only for the tests: copy it to change it)."""
+    out = tmp_path_factory.mktemp("runs") / "one"
+    train.run(tiny_args(out, data_root, "--max-epochs", "1", "--no-test"))
+    return out
+
+
+def test_resume_continues_in_its_own_folder_bit_exactly(tmp_path, data_root, monkeypatch):
+    """Item 1 and 10: --resume without --out-dir writes into the checkpoint's folder (not runs/soft),
+    and restores the random generators: 1 epoch + 1 resumed = 2 epochs in one go. (All three
+    trainings here, with the same thread count: a different one changes float sums.)"""
+    run = tmp_path / "run"
+    train.run(tiny_args(run, data_root, "--max-epochs", "1", "--no-test"))
+    monkeypatch.chdir(tmp_path)
+    train.run(["--resume", str(run / "last.ckpt"), "--max-epochs", "2", "--no-progress", "--no-test"])
+    assert not (tmp_path / "runs").exists()
+    resumed = torch.load(run / "last.ckpt", weights_only=True)
+    assert resumed["epoch"] == 1
+    train.run(tiny_args(tmp_path / "full", data_root, "--max-epochs", "2", "--no-test"))
+    full = torch.load(tmp_path / "full" / "last.ckpt", weights_only=True)
+    assert full["global_step"] == resumed["global_step"]
+    for key, value in full["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][key]), key
+
+
+def test_a_fresh_run_refuses_a_folder_holding_a_run(tmp_path, data_root, one_epoch):
+    """Item 1: a second run into the same folder overwrote it silently."""
+    before = _files(one_epoch)
+    with pytest.raises(SystemExit) as info:
+        train.run(tiny_args(one_epoch, data_root, "--max-epochs", "1"))
+    message = str(info.value)
+    assert "holds another run" in message and "--overwrite" in message and "\n" not in message
+    assert _files(one_epoch) == before
+
+
+def test_a_second_live_training_is_refused(tmp_path, data_root):
+    """Item 2: two trainings into one --out-dir mixed their files."""
+    out = tmp_path / "run"
+    out.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / "train.lock").write_text(json.dumps({"pid": other.pid, "host": socket.gethostname(),
+                                                    "command": "captioning train --seed 7"}))
+        with pytest.raises(SystemExit) as info:
+            train.run(tiny_args(out, data_root, "--max-epochs", "1"))
+    finally:
+        other.kill()
+        other.wait()
+    message = str(info.value)
+    assert f"pid {other.pid}" in message and "captioning train --seed 7" in message and "\n" not in message
+    assert sorted(p.name for p in out.iterdir()) == ["train.lock"]
+
+
+def test_an_empty_test_split_is_skipped_not_faked(tmp_path, data_root, capsys):
+    """Item 4: metrics.json claimed validation results were the test split's."""
+    out = tmp_path / "run"
+    result = train.run(tiny_args(out, data_root, "--max-epochs", "1", "--set", "data.synthetic.num_test=0"))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test"] == "skipped (the test split is empty)" and "split" not in metrics
+    assert not (out / "test_predictions.json").exists()
+    assert "test split not scored: the test split is empty" in capsys.readouterr().out and "metrics" not in result
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--set", "optim.lr=nan"], "'optim.lr' must be a finite number"),
+    (["--set", "optim.lr=-1"], "'optim.lr' must be positive"),
+])
+def test_invalid_learning_rates_are_refused_before_anything_is_written(tmp_path, data_root, extra, message):
+    """Item 5: lr=nan trained on NaN losses and wrote checkpoints, exit 0."""
+    with pytest.raises(SystemExit, match=message):
+        train.run(tiny_args(tmp_path / "run", data_root, *extra))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("epochs", ["0", "-1"])
+def test_max_epochs_below_one_is_refused(tmp_path, data_root, epochs, capsys):
+    with pytest.raises(SystemExit) as info:
+        train.run(tiny_args(tmp_path / "run", data_root, "--max-epochs", epochs))
+    assert info.value.code == 2 and "expected a positive integer" in capsys.readouterr().err
+
+
+def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_root, monkeypatch, capsys):
+    """Item 5: NaN losses were trained on and checkpointed with exit 0."""
+    from captioning.training.module import CaptioningModule
+
+    real_step = CaptioningModule.training_step
+
+    def diverge_in_epoch_two(self, batch, batch_idx):
+        loss = real_step(self, batch, batch_idx)
+        return loss * float("nan") if self.current_epoch == 1 else loss
+
+    monkeypatch.setattr(CaptioningModule, "training_step", diverge_in_epoch_two)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as info:
+        train.run(tiny_args(out, data_root, "--max-epochs", "3"))
+    assert info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: the training loss is nan at step") and "holds 1 finished epoch(s)" in err
+    last = torch.load(out / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 0
+    assert all(bool(torch.isfinite(v).all()) for v in last["state_dict"].values() if v.is_floating_point())
+    assert not (out / "metrics.json").exists() and not (out / "train.lock").exists()
+
+
+@pytest.mark.parametrize("signal_name, status", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_sigterm_and_sigint_exit_non_zero_saying_how_to_resume(tmp_path, data_root, signal_name, status):
+    """Item 6: SIGTERM exited 0, so `train && evaluate` carried on."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "captioning", "train",
+                             *tiny_args(out, data_root, "--max-epochs", "100")],
+                            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (out / "last.ckpt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(getattr(signal, signal_name))
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == status, err[-2000:]
+    assert "Traceback" not in err
+    last_line = err.strip().splitlines()[-1]
+    assert last_line.startswith(f"error: stopped by {signal_name}: {out / 'last.ckpt'} holds ")
+    assert f"continue with: captioning train --resume {out / 'last.ckpt'}" in last_line
+    assert torch.load(out / "last.ckpt", weights_only=True)["epoch"] >= 0
+    assert not (out / "train.lock").exists()
+
+
+def test_a_failed_resume_leaves_the_run_folder_as_it_was(tmp_path, one_epoch, module):
+    """Item 8: a shape-mismatched resume overwrote config.yaml and dropped metrics.csv rows."""
+    before = _files(one_epoch)
+    with pytest.raises(SystemExit) as info:
+        train.run(["--resume", str(one_epoch / "last.ckpt"), "--set", "model.decoder.hidden_dim=64", "--no-progress"])
+    assert "weights do not match the model: 'model.decoder." in str(info.value)
+    assert _files(one_epoch) == before
+    weights_only = _save(module, tmp_path / "weights.ckpt")
+    with pytest.raises(SystemExit, match="cannot be resumed: it holds weights only"):
+        train.run(["--resume", str(weights_only), "--no-progress"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["weights.ckpt"]
+
+
+def test_evaluate_checks_its_folder_before_decoding(tmp_path, one_epoch, capsys):
+    """Item 9: evaluate decoded and scored the whole split, then failed to write with a traceback."""
+    from captioning.evaluation import run as evaluate
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SystemExit) as info:
+        evaluate.run(["--checkpoint", str(one_epoch / "best.ckpt"), "--split", "val", "--metrics", "bleu",
+                      "--out-dir", str(blocker / "eval")])
+    out, err = capsys.readouterr()
+    assert info.value.code == 2 and "decoded" not in out
+    assert err.strip() .splitlines()[-1].startswith(f"error: cannot write results into {blocker / 'eval'}")
+
+
+def _example(tmp_path: Path, **kwargs) -> tuple[Path, Path]:
+    from captioning.data.examples import write_example_dataset
+
+    return write_example_dataset(tmp_path / "source", 20, image_size=24, **kwargs)
+
+
+def test_prepare_refuses_a_wrong_images_folder_and_warns_without_a_test_split(tmp_path, capsys):
+    """Item 7 (a wrong --images gave an empty 'complete' dataset) and item 4 (no test split, no word)."""
+    from captioning.data import run as prepare
+
+    captions, images = _example(tmp_path, test=0)
+    with pytest.raises(SystemExit):
+        prepare.run(["--captions", str(captions), "--images", str(tmp_path), "--out", str(tmp_path / "p"),
+                     "--image-size", "16", "--no-progress"])
+    assert "no image file of the dataset is in" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
+    prepare.run(["--captions", str(captions), "--images", str(images), "--out", str(tmp_path / "p"),
+                 "--image-size", "16", "--no-progress"])
+    assert "warning: the source has no test split" in capsys.readouterr().err
+
+
+def test_a_fixed_image_is_decoded_again_on_a_resumed_preparation(tmp_path, monkeypatch):
+    """Item 10: an image unreadable in an interrupted run stayed 'unreadable' after being fixed."""
+    from captioning.data import prepare as prepare_module
+    from captioning.data import run as prepare
+
+    captions, images = _example(tmp_path)
+    good = (images / "images" / "img_5.jpg").read_bytes()
+    (images / "images" / "img_5.jpg").write_bytes(b"not a jpeg")
+    args = ["--captions", str(captions), "--images", str(images), "--out", str(tmp_path / "p"),
+            "--image-size", "16", "--chunk-size", "4", "--no-progress", "--workers", "1"]
+    monkeypatch.setattr(prepare_module, "_histogram", lambda lengths: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(SystemExit) as info:  # interrupted after decoding: the partial folder is kept
+        prepare.run(args)
+    assert info.value.code == 130 and (tmp_path / "p.partial").is_dir()
+    monkeypatch.undo()
+    (images / "images" / "img_5.jpg").write_bytes(good)
+    manifest = prepare.run(args)
+    assert manifest["summary"]["skipped"] == {}
+
+
+def test_caption_output_is_one_line_per_image_and_notes_tiny_images(tmp_path, one_epoch, capsys):
+    """Item 10: a file name with a newline split its TSV record; a 1x1 image got no note."""
+    from PIL import Image
+
+    from captioning import caption
+
+    odd = tmp_path / "two\nlines.png"
+    Image.new("RGB", (40, 40), "red").save(odd)
+    Image.new("RGB", (1, 1), "blue").save(tmp_path / "dot.png")
+    assert caption.main(["--checkpoint", str(one_epoch / "best.ckpt"), str(odd), str(tmp_path / "dot.png")]) == 0
+    out, err = capsys.readouterr()
+    lines = out.strip().split("\n")
+    assert len(lines) == 2 and lines[0].startswith(str(tmp_path / "two\\nlines.png") + "\t")
+    assert "dot.png is 1x1 pixels" in err
+
+
+def test_a_full_disk_during_training_is_one_line_naming_the_folder(small_disk, data_root, capsys):
+    """Item 3: a full disk left truncated checkpoints and a traceback."""
+    folder, _ = small_disk
+    out = folder / "run"
+    with pytest.raises(SystemExit) as info:
+        train.run(tiny_args(out, data_root, "--max-epochs", "1"))
+    message = str(info.value)
+    assert message.startswith(f"error: cannot write into {out}: no space left on the device") and "\n" not in message
+    left = sorted(p.name for p in out.iterdir())
+    assert "best.ckpt" not in left and "last.ckpt" not in left and "train.lock" not in left
+    assert not [name for name in left if name.startswith(".tmp-")]
