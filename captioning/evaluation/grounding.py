@@ -61,8 +61,6 @@ and its name + "s" (two-word names as phrases).
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,7 +68,7 @@ from typing import Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from captioning.data.coco import read_json
+from captioning.data.coco import read_instances
 
 #: How the decoder attended (see the module docstring, "Which attention").
 MODES = ("expected", "argmax", "sample")
@@ -289,35 +287,12 @@ class Instances:
 def load_instances(path: str | Path) -> Instances:
     """Read a COCO instances file with pycocotools. Crowd boxes (iscrowd 1) are kept: a word such
     as "people" may well point into one. Raises InstancesError naming the file and the fix."""
-    from pycocotools.coco import COCO
-
     path = Path(path)
-    data = read_json(path, "instances file", InstancesError)
-    if not isinstance(data, dict) or not {"images", "annotations", "categories"} <= data.keys():
-        raise InstancesError(f"{path} is not a COCO instances file: it needs top-level 'images', "
-                             "'annotations' and 'categories' lists (like instances_val2014.json)")
-    for img in data["images"]:
-        if not isinstance(img, dict) or not {"id", "width", "height"} <= img.keys():
-            raise InstancesError(f"{path}: every image needs 'id', 'width' and 'height' (got {img!r:.80})")
-    for ann in data["annotations"]:
-        bbox = ann.get("bbox") if isinstance(ann, dict) else None
-        if not (isinstance(bbox, list) and len(bbox) == 4 and {"image_id", "category_id"} <= ann.keys()):
-            raise InstancesError(f"{path}: every annotation needs 'image_id', 'category_id' and a 'bbox' "
-                                 f"[x, y, w, h] (got {ann!r:.80}); is this a captions file?")
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress chatter
-        coco = COCO()
-        coco.dataset = data
-        coco.createIndex()
+    coco = read_instances(path, InstancesError, sizes=True)  # checked: every box has its image and category
     names = {cat_id: cat["name"] for cat_id, cat in coco.cats.items()}
     sizes = {img_id: (float(img["width"]), float(img["height"])) for img_id, img in coco.imgs.items()}
     boxes: dict[int, dict[str, list[Box]]] = {img_id: {} for img_id in coco.imgs}
     for ann in coco.dataset["annotations"]:
-        if ann["category_id"] not in names:
-            raise InstancesError(f"{path}: annotation {ann.get('id')} has category_id {ann['category_id']}, "
-                                 "which is not in 'categories'")
-        if ann["image_id"] not in sizes:
-            raise InstancesError(f"{path}: annotation {ann.get('id')} names image {ann['image_id']}, "
-                                 "which is not in 'images'")
         x, y, w, h = (float(v) for v in ann["bbox"])
         boxes[ann["image_id"]].setdefault(names[ann["category_id"]], []).append((x, y, w, h))
     return Instances(str(path), tuple(names[i] for i in sorted(names)), sizes, boxes)

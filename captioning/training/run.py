@@ -25,7 +25,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 
 from captioning.checkpoint import checkpoint_config, read_checkpoint
 from captioning.config import ConfigError, build_config, merge, parse_override, save_yaml, validate
-from captioning.data.coco import AnnotationError
+from captioning.data.coco import AnnotationError, write_results
 from captioning.data.datamodule import CaptionDataModule
 from captioning.data.feature_cache import FeatureCacheError, attach_feature_cache
 from captioning.data.store import PreparedDataError
@@ -91,9 +91,7 @@ def write_outputs(out_dir: Path, module: CaptioningModule, extra: dict, tested: 
         return
     results = dict(module.eval_results or {})
     predictions = results.pop("predictions", {})
-    (out_dir / "test_predictions.json").write_text(
-        json.dumps([{"image_id": i, "caption": c} for i, c in sorted(predictions.items())], indent=1)
-    )
+    write_results(out_dir / "test_predictions.json", predictions)
     (out_dir / "metrics.json").write_text(json.dumps({**results, **extra}, indent=2))
     print(format_metrics_table(results.get("metrics", {}), title=f"test split, {results.get('num_images')} images"))
     print(f"wrote {out_dir / 'metrics.json'}")
