@@ -77,7 +77,7 @@ class LossConfig:
     # outweighs the NLL (~3) and drives attention onto never-attended background; measured: with
     # lambda=1 the heatmaps avoid the objects, with 0.02 they find them and accuracy rises.
     doubly_stochastic: float = 0.02
-    # Hard attention (RECIPE.md, from the authors' capgen.py):
+    # Hard attention (Xu et al. 2015, Sec. 4.1; values from the authors' capgen.py, kelvinxu/arctic-captions):
     reward_scale: float = 0.1  # lambda_r, the hard-coded 1/10
     entropy: float = 0.002  # lambda_e on sum alpha log alpha
     baseline_decay: float = 0.9  # b <- decay * b + (1 - decay) * mean token NLL
@@ -91,7 +91,7 @@ class LossConfig:
 class SyntheticConfig:
     seed: int = 0
     # 10,000 scenes seen 6 times beat 3,000 seen 22 times at the same compute: the smaller set
-    # over-fitted (train caption accuracy 94%, test 84%; README "Measured").
+    # over-fitted (train caption accuracy 94%, test 84%; docs/training.md).
     num_train: int = 10000
     num_val: int = 200
     num_test: int = 500
@@ -151,7 +151,7 @@ class DecodeConfig:
 
 @dataclass
 class TrainConfig:
-    max_epochs: int = 6  # the synthetic default fits 10 minutes on the 2-core CPU (README "Measured")
+    max_epochs: int = 6  # the synthetic default fits 10 minutes on a 2-core CPU (README, Results)
     max_time_minutes: float = 0.0  # 0 = no limit; otherwise stop training after this long
     # Early stopping: validations without a better BLEU-4. 10 lets a cosine run finish its
     # low-learning-rate tail, where the best checkpoints come (patience 5 stopped a 22-epoch run at 18).

@@ -1,6 +1,6 @@
-"""The README's quality targets for the default synthetic training (slow: ~10 minutes each).
+"""The quality targets of the default synthetic training (docs/training.md; slow: ~10 minutes each).
 
-Run with `make test-slow` (CI runs it after the default suite). These assert quality, not speed:
+Run with `make test-slow` (CI leaves them out: see .ci/run). These assert quality, not speed:
 the time each run took is recorded in metrics.json and printed, never asserted.
 """
 
@@ -10,7 +10,7 @@ import pytest
 
 from captioning.training import run as train
 
-# attention -> (minimum test BLEU-4, minimum caption accuracy), from issue #2 and the README
+# attention -> (minimum test BLEU-4, minimum caption accuracy), as docs/training.md states them
 TARGETS = {"soft": (0.90, 0.80), "hard": (0.85, 0.65)}
 
 

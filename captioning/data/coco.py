@@ -1,9 +1,25 @@
-"""Reading captions in the official COCO captions format (``captions_train2014.json``).
+"""Every COCO JSON file the project reads or writes, and the one caption-text normalisation.
+
+The three COCO formats (the built-in synthetic dataset and every prepared folder use them too):
+
+captions (``captions_train2014.json``)::
 
     {"images": [{"id": int, "file_name": str, ...}],
      "annotations": [{"id": int, "image_id": int, "caption": str}]}
 
-Read with pycocotools; the built-in synthetic dataset is written in this same format.
+instances (``instances_train2014.json``; boxes in source-image pixels)::
+
+    {"images": [{"id": int, "width": int, "height": int, ...}],
+     "annotations": [{"id": int, "image_id": int, "category_id": int, "bbox": [x, y, w, h], ...}],
+     "categories": [{"id": int, "name": str}]}
+
+results (what a captioning system outputs, what the official evaluation scores)::
+
+    [{"image_id": int, "caption": str}, ...]
+
+Captions and instances are indexed with pycocotools. Every reader checks the schema first and
+raises a one-line error naming the file and the fix; a reader's caller picks the error class
+(``AnnotationError`` by default), so each command reports it in its own terms.
 """
 
 from __future__ import annotations
@@ -11,11 +27,15 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
-from pycocotools.coco import COCO
+from captioning.files import atomic_write_json
+
+#: The splits of every dataset, in this order.
+SPLITS = ("train", "val", "test")
 
 
 class AnnotationError(ValueError):
@@ -24,6 +44,8 @@ class AnnotationError(ValueError):
 
 class EmptySplitError(AnnotationError):
     """A well-formed captions file with no captioned image (a split that is empty)."""
+class ResultsError(ValueError):
+    """A results file is missing or is not in the COCO results format."""
 
 
 @dataclass(frozen=True)
@@ -33,9 +55,13 @@ class ImageRecord:
     captions: tuple[str, ...]
 
 
-def read_json(path: Path, what: str, error: type[Exception]) -> Any:
+# ------------------------------------------------------------------------------ JSON
+
+
+def read_json(path: str | Path, what: str, error: type[Exception] = AnnotationError) -> Any:
     """The parsed contents of the JSON file ``path``, or ``error`` with a one-line message that
     names the file (``what``: e.g. "captions file") when it is missing or not valid JSON."""
+    path = Path(path)
     if not path.is_file():
         raise error(f"{what} {path} does not exist")
     try:
@@ -44,10 +70,65 @@ def read_json(path: Path, what: str, error: type[Exception]) -> Any:
         raise error(f"{what} {path} is not valid JSON: {err}") from None
 
 
+def write_json(path: str | Path, obj: Any, indent: int | None = None) -> None:
+    """Write atomically (captioning.files), so a reader never sees half a file.
+
+    ``indent`` None writes the compact form (no spaces), as the large annotation files want.
+    """
+    atomic_write_json(path, obj, indent=indent, separators=(",", ":") if indent is None else (",", ": "))
+
+
+def coco_index(data: dict):
+    """A pycocotools ``COCO`` index of already-parsed (and checked) captions or instances data."""
+    from pycocotools.coco import COCO
+
+    if any("id" not in ann for ann in data["annotations"]):  # a user's own file: pycocotools indexes by id
+        data["annotations"] = [{**ann, "id": ann.get("id", i)} for i, ann in enumerate(data["annotations"])]
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress chatter
+        coco = COCO()
+        coco.dataset = data
+        coco.createIndex()
+    return coco
+
+
+# ------------------------------------------------------------------------------ caption text
+
+# Typographic characters NFKD leaves alone, mapped to their ASCII forms.
+_ASCII_FORMS = str.maketrans({
+    "\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201b": "'", "\u2032": "'", "\u00b4": "'", "`": "'",
+    "\u201c": '"', "\u201d": '"', "\u201e": '"', "\u2033": '"', "\u00ab": '"', "\u00bb": '"',
+    "\u2010": "-", "\u2011": "-", "\u2012": "-", "\u2013": "-", "\u2014": "-", "\u2015": "-", "\u2212": "-",
+})
+
+
+def normalize_caption(text: str) -> tuple[str, bool]:
+    """-> (ASCII caption, whether non-ASCII text was changed). The one caption normalisation:
+    preparation, the COCO-folder reader and the evaluation's references all go through it.
+
+    Unicode NFKD (ligatures and full-width forms to ASCII, accents split off), combining marks
+    dropped (``café`` -> ``cafe``), typographic quotes and dashes to ASCII (``’`` -> ``'``), any
+    other non-ASCII character replaced by a space; then whitespace collapsed (so leading and
+    trailing blanks go). Case and ASCII punctuation are kept: the references keep them,
+    tokenisation lowercases and drops them.
+    """
+    if text.isascii():
+        return " ".join(text.split()), False
+    decomposed = unicodedata.normalize("NFKD", text).translate(_ASCII_FORMS)
+    kept = "".join(ch for ch in decomposed if not unicodedata.combining(ch))
+    ascii_text = "".join(ch if ch.isascii() else " " for ch in kept)
+    return " ".join(ascii_text.split()), True
+
+
+# ------------------------------------------------------------------------------ captions
+
+
 def load_coco_captions(captions_json: str | Path, image_dir: str | Path) -> list[ImageRecord]:
-    """One record per image that has at least one non-empty caption, sorted by image id."""
+    """One record per image that has at least one non-empty caption, sorted by image id.
+
+    Captions are normalised by :func:`normalize_caption`; empty ones are left out.
+    """
     captions_json, image_dir = Path(captions_json), Path(image_dir)
-    data = read_json(captions_json, "captions file", AnnotationError)
+    data = read_json(captions_json, "captions file")
     if not isinstance(data, dict) or not {"images", "annotations"} <= data.keys():
         raise AnnotationError(
             f"{captions_json} is not a COCO captions file: it needs top-level 'images' and "
@@ -59,17 +140,109 @@ def load_coco_captions(captions_json: str | Path, image_dir: str | Path) -> list
                 f"{captions_json}: annotations need 'image_id' and 'caption' (is this an "
                 "instances_*.json file? pass the captions_*.json file instead)"
             )
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress chatter
-        coco = COCO()
-        coco.dataset = data
-        coco.createIndex()
+    coco = coco_index(data)
     records = []
     for image_id in sorted(coco.imgs):
-        captions = tuple(
-            ann["caption"].strip() for ann in coco.imgToAnns.get(image_id, []) if ann["caption"].strip()
-        )
+        cleaned = (normalize_caption(ann["caption"])[0] for ann in coco.imgToAnns.get(image_id, []))
+        captions = tuple(c for c in cleaned if c)
         if captions:
             records.append(ImageRecord(image_id, image_dir / coco.imgs[image_id]["file_name"], captions))
     if not records:
         raise EmptySplitError(f"{captions_json} holds no image with a non-empty caption")
     return records
+
+
+# ------------------------------------------------------------------------------ instances
+
+
+def read_instances(path: str | Path, error: type[Exception] = AnnotationError, sizes: bool = False):
+    """A COCO instances file, checked and indexed: a pycocotools ``COCO`` object.
+
+    Checked: the three top-level lists; every annotation has ``image_id``, ``category_id`` and a
+    4-number ``bbox``, a category listed in ``categories`` and an image listed in ``images``;
+    with ``sizes``, every image has ``width`` and ``height`` (what box geometry needs). Crowd
+    boxes (iscrowd 1) are kept. A captions file given by mistake is named as such.
+    """
+    path = Path(path)
+    data = read_json(path, "instances file", error)
+    anns = data.get("annotations") if isinstance(data, dict) else None
+    if isinstance(anns, list) and anns and isinstance(anns[0], dict) and "caption" in anns[0]:
+        raise error(f"{path} is a COCO captions file, not an instances file: pass it with --captions")
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations", "categories")):
+        raise error(f"{path} is not a COCO instances file: it needs top-level 'images', 'annotations' and "
+                    "'categories' lists (like instances_val2014.json)")
+    image_ids = set()
+    for img in data["images"]:
+        if not isinstance(img, dict) or "id" not in img or (sizes and not {"width", "height"} <= img.keys()):
+            needs = "'id', 'width' and 'height'" if sizes else "an 'id'"
+            raise error(f"{path}: every image needs {needs} (got {img!r:.80})")
+        image_ids.add(img["id"])
+    category_ids = {cat.get("id") for cat in data["categories"] if isinstance(cat, dict)}
+    for i, ann in enumerate(data["annotations"]):
+        bbox = ann.get("bbox") if isinstance(ann, dict) else None
+        if not (isinstance(bbox, list) and len(bbox) == 4 and {"image_id", "category_id"} <= ann.keys()):
+            raise error(f"{path}: annotations[{i}] needs 'image_id', 'category_id' and a 'bbox' [x, y, w, h] "
+                        f"(got {ann!r:.80})")
+        if ann["category_id"] not in category_ids:
+            raise error(f"{path}: annotation {ann.get('id', i)} has category_id {ann['category_id']}, "
+                        "which is not in 'categories'")
+        if ann["image_id"] not in image_ids:
+            raise error(f"{path}: annotation {ann.get('id', i)} names image {ann['image_id']}, "
+                        "which is not in 'images'")
+    return coco_index(data)
+
+
+def read_boxes(path: str | Path, error: type[Exception] = AnnotationError) -> dict[int, list[tuple[str, list[float]]]]:
+    """COCO instances file -> {image_id: [(category name, [x, y, w, h]), ...]}; every image a key,
+    boxes in annotation-id order."""
+    coco = read_instances(path, error)
+    names = {cat_id: cat["name"] for cat_id, cat in coco.cats.items()}
+    boxes: dict[int, list[tuple[str, list[float]]]] = {img_id: [] for img_id in coco.imgs}
+    for ann in sorted(coco.dataset["annotations"], key=lambda a: (a["image_id"], a["id"])):
+        boxes[ann["image_id"]].append((names[ann["category_id"]], [float(v) for v in ann["bbox"]]))
+    return boxes
+
+
+# ------------------------------------------------------------------------------ results
+
+
+def write_results(path: str | Path, predictions: Mapping[int, str]) -> None:
+    """Captions by image id -> a COCO results file, sorted by image id (written atomically)."""
+    write_json(path, [{"image_id": i, "caption": c} for i, c in sorted(predictions.items())], indent=1)
+
+
+def load_results(path: str | Path) -> dict[int, str]:
+    """A COCO results file ``[{"image_id": int, "caption": str}, ...]`` -> {image_id: caption}.
+
+    Other keys of an entry are ignored. Rule for duplicates: an image id that occurs more than
+    once is an error (which caption to score would be a guess; the official COCO evaluation
+    refuses such files too). Raises ResultsError naming the file, the entry and the fix.
+    """
+    path = Path(path)
+    data = read_json(path, "results file", ResultsError)
+    if not isinstance(data, list):
+        hint = " (this looks like a captions file: pass it as --annotations)" if (
+            isinstance(data, dict) and "annotations" in data) else ""
+        raise ResultsError(f"{path} is not a COCO results file: it must be a JSON list of "
+                           f'{{"image_id": int, "caption": str}} objects, got a {type(data).__name__}{hint}')
+    if not data:
+        raise ResultsError(f"results file {path} is an empty list: nothing to score")
+    results: dict[int, str] = {}
+    counts: dict[int, int] = {}
+    for n, entry in enumerate(data):
+        if not isinstance(entry, dict) or not {"image_id", "caption"} <= entry.keys():
+            raise ResultsError(f"{path}: entry {n} is not an object with 'image_id' and 'caption': {entry!r:.80}")
+        image_id, caption = entry["image_id"], entry["caption"]
+        if isinstance(image_id, bool) or not isinstance(image_id, int):
+            raise ResultsError(f"{path}: entry {n} has image_id {image_id!r}; image ids must be integers")
+        if not isinstance(caption, str):
+            raise ResultsError(f"{path}: entry {n} (image {image_id}) has a caption of type "
+                               f"{type(caption).__name__}; captions must be strings")
+        counts[image_id] = counts.get(image_id, 0) + 1
+        results.setdefault(image_id, caption)
+    duplicated = sorted(i for i, c in counts.items() if c > 1)
+    if duplicated:
+        shown = ", ".join(f"{i} ({counts[i]}x)" for i in duplicated[:5]) + (", ..." if len(duplicated) > 5 else "")
+        raise ResultsError(f"{path}: {len(duplicated)} image id(s) occur more than once ({shown}); give one "
+                           "caption per image (the official COCO evaluation refuses duplicates too)")
+    return results

@@ -22,11 +22,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from captioning.config import DataConfig
-from captioning.data.coco import AnnotationError, EmptySplitError, ImageRecord, load_coco_captions
+from captioning.data.coco import SPLITS, AnnotationError, EmptySplitError, ImageRecord, load_coco_captions, read_boxes
 from captioning.data.transforms import load_image, preprocess
 from captioning.vocab import Vocabulary
 
-SPLITS = ("train", "val", "test")
 
 
 class ImageSource:
@@ -206,8 +205,6 @@ class CaptionDataModule(pl.LightningDataModule):
         """{image_id: [(category name, [x, y, w, h]), ...]} in source-image pixels, from the split's
         COCO instances file (synthetic: always; coco: annotations/instances_{split}.json; prepared:
         when prepared with --instances), or None where the dataset has none."""
-        from captioning.data.store import read_boxes
-
         if self.cfg.dataset == "prepared":
             return self.prepared.boxes(split)
         path = self.root / "annotations" / f"instances_{split}.json"

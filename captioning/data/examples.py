@@ -10,12 +10,13 @@ pixels and in the words; tests/test_prepare_data.py relies on it.
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from captioning.data.coco import write_json
 
 WORDS = ("red", "small", "large", "bright", "dark", "round", "square", "old", "new", "busy")
 NOUNS = ("dog", "cat", "car", "tree", "house", "boat", "bird", "table", "street", "man")
@@ -64,13 +65,12 @@ def write_example_dataset(root: str | Path, num_images: int, image_size: int = 2
                    "sentences": [{"raw": c, "tokens": c.split(), "imgid": i - 1} for c in example_captions(i)]}
                   for i in ids]
         path = root / "dataset_example.json"
-        path.write_text(json.dumps({"images": images, "dataset": "example"}))
+        write_json(path, {"images": images, "dataset": "example"})
     elif fmt == "coco":
         path = root / "captions_example.json"
         anns = [{"id": n, "image_id": i, "caption": c} for n, (i, c) in
                 enumerate(((i, c) for i in ids for c in example_captions(i)), 1)]
-        path.write_text(json.dumps({"images": [{"id": i, "file_name": f"images/img_{i}.jpg"} for i in ids],
-                                    "annotations": anns}))
+        write_json(path, {"images": [{"id": i, "file_name": f"images/img_{i}.jpg"} for i in ids], "annotations": anns})
     elif fmt == "flickr8k":
         path = root / "Flickr8k.token.txt"
         path.write_text("".join(f"img_{i}.jpg#{n}\t{c}\n" for i in ids for n, c in enumerate(example_captions(i))))

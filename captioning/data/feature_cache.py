@@ -42,14 +42,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from captioning.config import ModelConfig
 from captioning.data import transforms
-from captioning.data.coco import ImageRecord
+from captioning.data.coco import SPLITS, ImageRecord
 from captioning.data.store import LazyArray
 from captioning.files import RunLock, atomic_path, atomic_write_json
 from captioning.models.encoder import Encoder
 from captioning.progress import Progress
 
 CACHE_FORMAT = 1
-SPLITS = ("train", "val", "test")
 COCO_IMAGES = 123_287  # train2014 + val2014, the Karpathy splits' total
 
 

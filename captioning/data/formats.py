@@ -38,26 +38,23 @@ takes, for ``train``, every image listed nowhere else, and is empty otherwise. W
 by id, shuffled with ``random.Random(seed)``, the first ``val_size`` to val, the next
 ``test_size`` to test, the rest to train.
 
-Caption text is normalised here, once (:func:`normalize_caption`); records that cannot be used
+Caption text is normalised here, once (``coco.normalize_caption``); records that cannot be used
 are not dropped silently but returned as :class:`Skip` items with a reason.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import random
 import re
-import unicodedata
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from captioning.data.coco import AnnotationError, read_json
+from captioning.data.coco import SPLITS, AnnotationError, coco_index, normalize_caption, read_json
+from captioning.data.coco import read_instances as read_instances_file
 from captioning.vocab import tokenize
 
-SPLITS = ("train", "val", "test")
 FORMATS = ("karpathy", "coco", "flickr8k")
 
 # Skip reasons (the summary counts items by these exact strings).
@@ -68,14 +65,6 @@ DUPLICATE_FILE = "image file listed twice"  # one file under two ids (or twice i
 NOT_IN_SPLIT = "image in no split"
 TWO_SPLITS = "image in two splits"
 UNKNOWN_IMAGE = "caption for an unknown image"  # a COCO annotation whose image_id has no image entry
-
-# Typographic characters NFKD leaves alone, mapped to their ASCII forms.
-_ASCII_FORMS = str.maketrans({
-    "\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201b": "'", "\u2032": "'", "\u00b4": "'", "`": "'",
-    "\u201c": '"', "\u201d": '"', "\u201e": '"', "\u2033": '"', "\u00ab": '"', "\u00bb": '"',
-    "\u2010": "-", "\u2011": "-", "\u2012": "-", "\u2013": "-", "\u2014": "-", "\u2015": "-", "\u2212": "-",
-})
-
 
 @dataclass
 class SourceImage:
@@ -112,22 +101,6 @@ class SourceDataset:
 # ------------------------------------------------------------------------------------ captions
 
 
-def normalize_caption(text: str) -> tuple[str, bool]:
-    """-> (ASCII caption, whether non-ASCII text was changed).
-
-    Unicode NFKD (ligatures and full-width forms to ASCII, accents split off), combining marks
-    dropped (``café`` -> ``cafe``), typographic quotes and dashes to ASCII (``’`` -> ``'``), any
-    other non-ASCII character replaced by a space; then whitespace collapsed. Case and ASCII
-    punctuation are kept: the references keep them, tokenisation lowercases and drops them.
-    """
-    if text.isascii():
-        return " ".join(text.split()), False
-    decomposed = unicodedata.normalize("NFKD", text).translate(_ASCII_FORMS)
-    kept = "".join(ch for ch in decomposed if not unicodedata.combining(ch))
-    ascii_text = "".join(ch if ch.isascii() else " " for ch in kept)
-    return " ".join(ascii_text.split()), True
-
-
 def _clean_captions(raw: Iterable[Any], item: str, dataset: SourceDataset) -> list[str]:
     """Normalised captions with at least one word; the others become Skip(EMPTY_CAPTION)."""
     kept = []
@@ -144,10 +117,6 @@ def _clean_captions(raw: Iterable[Any], item: str, dataset: SourceDataset) -> li
 # ------------------------------------------------------------------------------------ helpers
 
 
-def _read_json(path: Path, what: str) -> Any:
-    return read_json(path, what, AnnotationError)
-
-
 def detect_format(path: Path) -> str:
     """``karpathy``, ``coco`` or ``flickr8k`` by the file's content, or a one-line AnnotationError."""
     path = Path(path)
@@ -161,7 +130,7 @@ def detect_format(path: Path) -> str:
         raise AnnotationError(
             f"cannot tell the format of {path}: not JSON and not 'image.jpg#N<TAB>caption' lines; "
             "pass --format karpathy|coco|flickr8k with the right file")
-    data = _read_json(path, "captions file")
+    data = read_json(path, "captions file")
     images = data.get("images") if isinstance(data, dict) else None
     if isinstance(images, list) and images and isinstance(images[0], dict) and "sentences" in images[0]:
         return "karpathy"
@@ -269,7 +238,7 @@ def assign_splits(dataset: SourceDataset, lists: Mapping[str, Path] | None, seed
 def read_karpathy(path: Path, images_root: Path) -> SourceDataset:
     """Karpathy's ``dataset_*.json``: splits come from the file (restval joins train)."""
     path, images_root = Path(path), Path(images_root)
-    data = _read_json(path, "Karpathy split file")
+    data = read_json(path, "Karpathy split file")
     if isinstance(data, dict) and "annotations" in data:
         raise AnnotationError(f"{path} is an official COCO annotations file, not a Karpathy split file; "
                               "use --format coco")
@@ -302,9 +271,7 @@ def read_karpathy(path: Path, images_root: Path) -> SourceDataset:
 
 def _coco_index(path: Path):
     """A pycocotools COCO index of a captions file, after checking its schema."""
-    from pycocotools.coco import COCO
-
-    data = _read_json(path, "COCO captions file")
+    data = read_json(path, "COCO captions file")
     if isinstance(data, dict) and isinstance(data.get("images"), list) and data["images"] \
             and isinstance(data["images"][0], dict) and "sentences" in data["images"][0]:
         raise AnnotationError(f"{path} is a Karpathy split file, not a COCO captions file; use --format karpathy")
@@ -320,18 +287,7 @@ def _coco_index(path: Path):
             hint = (" (this is an instances_*.json file: pass it with --instances, and the captions_*.json "
                     "file with --captions)") if isinstance(ann, dict) and "bbox" in ann else ""
             raise AnnotationError(f"{path}: annotations[{i}] needs 'image_id' and 'caption'{hint}")
-    _index_annotations(data)
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress chatter
-        coco = COCO()
-        coco.dataset = data
-        coco.createIndex()
-    return coco, data
-
-
-def _index_annotations(data: dict) -> None:
-    """Give annotations without an 'id' (a user's own file) one: pycocotools indexes by it."""
-    if any("id" not in ann for ann in data["annotations"]):
-        data["annotations"] = [{**ann, "id": ann.get("id", i)} for i, ann in enumerate(data["annotations"])]
+    return coco_index(data), data
 
 
 def read_coco(captions: Sequence[tuple[str | None, Path]], images_root: Path) -> SourceDataset:
@@ -410,40 +366,22 @@ def default_flickr8k_lists(token_file: Path) -> dict[str, Path] | None:
 
 
 def read_instances(paths: Sequence[Path]) -> tuple[list[dict], list[dict], dict[int, dict]]:
-    """COCO ``instances_*.json`` files pooled, read with pycocotools.
+    """COCO ``instances_*.json`` files pooled (each read and checked by ``coco.read_instances``).
 
     -> (categories, annotations without 'segmentation', image entries by id). Segmentations are
     dropped on purpose: grounding metrics need boxes, and they are most of COCO's 450 MB.
     """
-    from pycocotools.coco import COCO
-
     categories: dict[int, dict] = {}
     annotations: list[dict] = []
     images: dict[int, dict] = {}
     for path in paths:
-        path = Path(path)
-        data = _read_json(path, "instances file")
-        anns = data.get("annotations") if isinstance(data, dict) else None
-        if isinstance(anns, list) and anns and isinstance(anns[0], dict) and "caption" in anns[0]:
-            raise AnnotationError(f"{path} is a COCO captions file, not an instances file: pass it with --captions")
-        if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations", "categories")):
-            raise AnnotationError(f"{path} is not a COCO instances file: it needs 'images', 'annotations' and "
-                                  "'categories' lists (like instances_train2014.json)")
-        for i, ann in enumerate(data["annotations"]):
-            if not isinstance(ann, dict) or not {"image_id", "bbox", "category_id"} <= ann.keys():
-                hint = " (this is a captions file: pass it with --captions)" if isinstance(ann, dict) and "caption" in ann else ""
-                raise AnnotationError(f"{path}: annotations[{i}] needs 'image_id', 'bbox' and 'category_id'{hint}")
-        _index_annotations(data)
-        with contextlib.redirect_stdout(io.StringIO()):
-            coco = COCO()
-            coco.dataset = data
-            coco.createIndex()
-        for cat_id, cat in coco.cats.items():
+        index = read_instances_file(path)
+        for cat_id, cat in index.cats.items():
             if cat_id in categories and categories[cat_id].get("name") != cat.get("name"):
                 raise AnnotationError(f"{path}: category {cat_id} is '{cat.get('name')}' here but "
                                       f"'{categories[cat_id].get('name')}' in an earlier instances file")
             categories[cat_id] = cat
-        images.update(coco.imgs)
-        for image_id in sorted(coco.imgToAnns):
-            annotations.extend({k: v for k, v in ann.items() if k != "segmentation"} for ann in coco.imgToAnns[image_id])
+        images.update(index.imgs)
+        for image_id in sorted(index.imgToAnns):
+            annotations.extend({k: v for k, v in ann.items() if k != "segmentation"} for ann in index.imgToAnns[image_id])
     return sorted(categories.values(), key=lambda c: c["id"]), annotations, images

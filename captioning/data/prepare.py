@@ -31,7 +31,7 @@ Images: ``transforms.load_image`` (EXIF rotation applied; grayscale, CMYK, palet
 16-bit converted to 8-bit RGB), then ``transforms.resize_square`` (bicubic to S x S, aspect ratio
 not kept) -- exactly the geometric part of ``transforms.preprocess``, so training from the store
 gives the same tensors as preprocessing the file (tests/test_prepare_data.py proves it).
-Captions: normalised to ASCII (formats.normalize_caption), tokenised by ``vocab.tokenize``;
+Captions: normalised to ASCII (coco.normalize_caption), tokenised by ``vocab.tokenize``;
 longer than ``max_len`` words: truncated to ``max_len`` (default, as ``Vocabulary.encode``) or
 dropped from training (``--long-captions drop``; they stay references).
 """
@@ -56,9 +56,10 @@ from typing import Any, Literal, Sequence
 import numpy as np
 from PIL import Image
 
-from captioning.data.formats import SPLITS, Skip, SourceDataset, read_instances
+from captioning.data.coco import SPLITS, read_json, write_json
+from captioning.data.formats import Skip, SourceDataset, read_instances
 from captioning.data.transforms import ImageLoadError, load_image, resize_square
-from captioning.files import LockedError, RunLock, atomic_path, atomic_write_json, partial_name, publish_folder
+from captioning.files import LockedError, RunLock, atomic_path, partial_name, publish_folder
 from captioning.progress import Progress
 from captioning.vocab import Vocabulary, tokenize
 
@@ -121,10 +122,6 @@ def file_digest(path: Path) -> dict[str, Any]:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return {"path": str(Path(path).resolve()), "bytes": Path(path).stat().st_size, "sha256": digest.hexdigest()}
-
-
-def _write_json(obj: Any, path: Path, indent: int | None = None) -> None:
-    atomic_write_json(path, obj, indent=indent, separators=(",", ":") if indent is None else (",", ": "))
 
 
 # ------------------------------------------------------------------------------------ decoding
@@ -216,7 +213,7 @@ def _open_partial(out: Path, plan: dict[str, Any], progress: bool) -> tuple[Path
         shutil.rmtree(partial)
     (partial / "chunks").mkdir(parents=True)
     lock = _take_lock(partial)
-    _write_json(plan, plan_file)
+    write_json(plan_file, plan)
     return partial, lock
 
 
@@ -268,7 +265,7 @@ def _decode_images(dataset: SourceDataset, partial: Path, options: PrepareOption
             if options.strict and result["status"] != "ok":
                 img = [i for i in dataset.images if i.split == split][index * chunk + offset]
                 raise PrepareError(f"--strict: {result['status']}: {result.get('error', img.path)}")
-        _write_json(chunk_results, partial / "chunks" / f"{split}-{index:06d}.json")
+        write_json(partial / "chunks" / f"{split}-{index:06d}.json", chunk_results)
         results[split][index * chunk:index * chunk + len(chunk_results)] = chunk_results
         bar.update(len(chunk_results))
 
@@ -381,17 +378,18 @@ def _prepare_into(partial: Path, dataset: SourceDataset, options: PrepareOptions
                     used[j] = len(encoded)
         np.save(partial / f"tokens_{split}.npy", tokens)
         np.save(partial / f"lengths_{split}.npy", used)
-        _write_json({"info": {"description": f"prepared {dataset.format} dataset, split {split}"},
-                     "images": images_json, "annotations": annotations}, partial / f"captions_{split}.json")
+        write_json(partial / f"captions_{split}.json",
+                   {"info": {"description": f"prepared {dataset.format} dataset, split {split}"},
+                    "images": images_json, "annotations": annotations})
         unknown[split] = round(100.0 * unk / max(total_words, 1), 3)
         split_counts[split] = {"images": len(images_json), "captions": len(annotations),
                                "training_captions": int((used > 0).sum()), "longer_than_max_len": too_long[split],
                                "store_rows": len(results[split])}
 
     boxes = _write_instances(instances, partial, {s: [e[0].image_id for e in kept[s]] for s in SPLITS})
-    _write_json({"words": vocab.words, "min_count": options.min_word_count,
-                 "counts": {w: counts[w] for w in vocab.words[4:]}}, partial / "vocab.json")
-    _write_json([{"reason": s.reason, "item": s.item} for s in skipped], partial / "skipped.json", indent=1)
+    write_json(partial / "vocab.json", {"words": vocab.words, "min_count": options.min_word_count,
+                                        "counts": {w: counts[w] for w in vocab.words[4:]}})
+    write_json(partial / "skipped.json", [{"reason": s.reason, "item": s.item} for s in skipped], indent=1)
 
     by_reason = Counter(s.reason for s in skipped)
     manifest = {
@@ -430,7 +428,7 @@ def _prepare_into(partial: Path, dataset: SourceDataset, options: PrepareOptions
         },
         "versions": _versions(),
     }
-    _write_json(manifest, partial / "manifest.json", indent=2)
+    write_json(partial / "manifest.json", manifest, indent=2)
     return manifest
 
 
@@ -448,8 +446,9 @@ def _write_instances(paths: Sequence[Path], partial: Path, ids: dict[str, list[i
     for split in SPLITS:
         wanted = set(ids[split])
         anns = [a for a in annotations if a["image_id"] in wanted]
-        _write_json({"images": [images[i] for i in ids[split] if i in images], "annotations": anns,
-                     "categories": categories}, partial / f"instances_{split}.json")
+        write_json(partial / f"instances_{split}.json",
+                   {"images": [images[i] for i in ids[split] if i in images], "annotations": anns,
+                    "categories": categories})
         with_boxes[split] = len({a["image_id"] for a in anns})
     return with_boxes
 

@@ -11,7 +11,6 @@ do work.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from functools import cached_property
@@ -23,11 +22,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from captioning.data.coco import ImageRecord
+from captioning.data.coco import ImageRecord, read_boxes, read_json
 from captioning.data.transforms import preprocess
 from captioning.vocab import Vocabulary
 
-SPLITS = ("train", "val", "test")
 FORMAT_VERSION = 1
 
 
@@ -80,7 +78,7 @@ class PreparedSplit:
         path = root / f"captions_{split}.json"
         if not path.is_file():
             raise PreparedDataError(f"{path} is missing: the prepared folder is incomplete; prepare it again")
-        data = json.loads(path.read_text())
+        data = read_json(path, "prepared captions file", PreparedDataError)
         self.image_ids = [img["id"] for img in data["images"]]
         self.rows = np.asarray([img["row"] for img in data["images"]], dtype=np.int64)
         self.file_names = [img["file_name"] for img in data["images"]]
@@ -123,7 +121,7 @@ class PreparedFolder:
                                         "same captioning prepare command again to resume it")
             raise PreparedDataError(f"{self.root} is not a prepared folder (no manifest.json): make it with "
                                     f"captioning prepare ... --out {self.root}")
-        self.manifest = json.loads(manifest.read_text())
+        self.manifest = read_json(manifest, "prepared folder manifest", PreparedDataError)
         if self.manifest.get("format_version") != FORMAT_VERSION:
             raise PreparedDataError(f"{self.root} has prepared-folder format {self.manifest.get('format_version')}, "
                                     f"this code reads {FORMAT_VERSION}: prepare it again")
@@ -133,7 +131,7 @@ class PreparedFolder:
 
     @cached_property
     def vocab(self) -> Vocabulary:
-        return Vocabulary(json.loads((self.root / "vocab.json").read_text())["words"])
+        return Vocabulary(read_json(self.root / "vocab.json", "prepared vocabulary", PreparedDataError)["words"])
 
     def split(self, split: str) -> PreparedSplit:
         if split not in self._splits:
@@ -166,17 +164,7 @@ class PreparedFolder:
 
     def boxes(self, split: str) -> dict[int, list[tuple[str, list[float]]]] | None:
         path = self.root / f"instances_{split}.json"
-        return read_boxes(path) if path.is_file() else None
-
-
-def read_boxes(instances_json: Path) -> dict[int, list[tuple[str, list[float]]]]:
-    """COCO instances file -> {image_id: [(category name, [x, y, w, h]), ...]}; every image a key."""
-    data = json.loads(Path(instances_json).read_text())
-    names = {cat["id"]: cat["name"] for cat in data["categories"]}
-    boxes: dict[int, list[tuple[str, list[float]]]] = {img["id"]: [] for img in data["images"]}
-    for ann in sorted(data["annotations"], key=lambda a: (a["image_id"], a.get("id", 0))):
-        boxes.setdefault(ann["image_id"], []).append((names[ann["category_id"]], [float(v) for v in ann["bbox"]]))
-    return boxes
+        return read_boxes(path, PreparedDataError) if path.is_file() else None
 
 
 class StoreTrainDataset(Dataset):

@@ -18,7 +18,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, NamedTuple, Sequence
 
-from captioning.data.coco import read_json
 from captioning.evaluation.grounding import NamedWord, WordMatcher, named_words
 from captioning.evaluation.metrics import COUNT_KEYS, ScoreReport, score_details
 
@@ -61,47 +60,6 @@ def to_percent(values: Mapping[str, float | int | None]) -> dict[str, float | in
 
 
 # ------------------------------------------------------------------------------ results files
-
-
-class ResultsError(ValueError):
-    """A results file is missing or is not in the COCO results format."""
-
-
-def load_results(path: str | Path) -> dict[int, str]:
-    """A COCO results file ``[{"image_id": int, "caption": str}, ...]`` -> {image_id: caption}.
-
-    Other keys of an entry are ignored. Rule for duplicates: an image id that occurs more than
-    once is an error (which caption to score would be a guess; the official COCO evaluation
-    refuses such files too). Raises ResultsError naming the file, the entry and the fix.
-    """
-    path = Path(path)
-    data = read_json(path, "results file", ResultsError)
-    if not isinstance(data, list):
-        hint = " (this looks like a captions file: pass it as --annotations)" if (
-            isinstance(data, dict) and "annotations" in data) else ""
-        raise ResultsError(f"{path} is not a COCO results file: it must be a JSON list of "
-                           f'{{"image_id": int, "caption": str}} objects, got a {type(data).__name__}{hint}')
-    if not data:
-        raise ResultsError(f"results file {path} is an empty list: nothing to score")
-    results: dict[int, str] = {}
-    counts: dict[int, int] = {}
-    for n, entry in enumerate(data):
-        if not isinstance(entry, dict) or not {"image_id", "caption"} <= entry.keys():
-            raise ResultsError(f"{path}: entry {n} is not an object with 'image_id' and 'caption': {entry!r:.80}")
-        image_id, caption = entry["image_id"], entry["caption"]
-        if isinstance(image_id, bool) or not isinstance(image_id, int):
-            raise ResultsError(f"{path}: entry {n} has image_id {image_id!r}; image ids must be integers")
-        if not isinstance(caption, str):
-            raise ResultsError(f"{path}: entry {n} (image {image_id}) has a caption of type "
-                               f"{type(caption).__name__}; captions must be strings")
-        counts[image_id] = counts.get(image_id, 0) + 1
-        results.setdefault(image_id, caption)
-    duplicated = sorted(i for i, c in counts.items() if c > 1)
-    if duplicated:
-        shown = ", ".join(f"{i} ({counts[i]}x)" for i in duplicated[:5]) + (", ..." if len(duplicated) > 5 else "")
-        raise ResultsError(f"{path}: {len(duplicated)} image id(s) occur more than once ({shown}); give one "
-                           "caption per image (the official COCO evaluation refuses duplicates too)")
-    return results
 
 
 # ------------------------------------------------------------------------------ decoding

@@ -61,16 +61,16 @@ and its name + "s" (two-word names as phrases).
 
 from __future__ import annotations
 
-import contextlib
-import io
+import json
 import math
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from captioning.data.coco import read_json
+from captioning.data.coco import read_instances
 
 #: How the decoder attended (see the module docstring, "Which attention").
 MODES = ("expected", "argmax", "sample")
@@ -85,126 +85,15 @@ Box = tuple[float, float, float, float]  # COCO (x, y, w, h) in image pixels
 
 # ------------------------------------------------------------------------------ words to classes
 
+# The tables are data: coco_synonyms.json beside this module (package data).
+_TABLES = json.loads(resources.files("captioning.evaluation").joinpath("coco_synonyms.json").read_text("utf-8"))
+
 #: COCO category -> the single words that name it in captions (singular and plural).
-COCO_SYNONYMS: dict[str, tuple[str, ...]] = {
-    "person": ("person", "persons", "people", "man", "men", "woman", "women", "boy", "boys", "girl",
-               "girls", "child", "children", "kid", "kids", "baby", "babies", "toddler", "toddlers",
-               "guy", "guys", "lady", "ladies", "gentleman", "gentlemen", "adult", "adults", "teenager",
-               "teenagers", "player", "players", "skier", "skiers", "surfer", "surfers", "skateboarder",
-               "skateboarders", "snowboarder", "snowboarders", "rider", "riders", "biker", "bikers",
-               "pedestrian", "pedestrians", "crowd", "catcher", "catchers", "umpire", "umpires",
-               "chef", "chefs", "worker", "workers", "officer", "officers"),
-    "bicycle": ("bicycle", "bicycles", "bike", "bikes"),
-    "car": ("car", "cars", "automobile", "automobiles", "taxi", "taxis", "sedan", "sedans"),
-    "motorcycle": ("motorcycle", "motorcycles", "motorbike", "motorbikes", "moped", "mopeds"),
-    "airplane": ("airplane", "airplanes", "plane", "planes", "aeroplane", "aeroplanes", "jet", "jets",
-                 "airliner", "airliners", "aircraft"),
-    "bus": ("bus", "buses", "busses"),
-    "train": ("train", "trains", "locomotive", "locomotives"),
-    "truck": ("truck", "trucks", "lorry", "lorries"),
-    "boat": ("boat", "boats", "ship", "ships", "sailboat", "sailboats", "kayak", "kayaks", "canoe",
-             "canoes", "yacht", "yachts", "ferry", "ferries"),
-    "traffic light": ("stoplight", "stoplights"),
-    "fire hydrant": ("hydrant", "hydrants"),
-    "stop sign": (),
-    "parking meter": (),
-    "bench": ("bench", "benches"),
-    "bird": ("bird", "birds", "pigeon", "pigeons", "seagull", "seagulls", "gull", "gulls", "duck",
-             "ducks", "goose", "geese", "parrot", "parrots", "swan", "swans", "owl", "owls", "eagle",
-             "eagles"),
-    "cat": ("cat", "cats", "kitten", "kittens", "kitty", "kitties"),
-    "dog": ("dog", "dogs", "puppy", "puppies", "pup", "pups"),
-    "horse": ("horse", "horses", "pony", "ponies", "foal", "foals"),
-    "sheep": ("sheep", "lamb", "lambs"),
-    "cow": ("cow", "cows", "cattle", "bull", "bulls", "calf", "calves", "ox", "oxen"),
-    "elephant": ("elephant", "elephants"),
-    "bear": ("bear", "bears"),
-    "zebra": ("zebra", "zebras"),
-    "giraffe": ("giraffe", "giraffes"),
-    "backpack": ("backpack", "backpacks", "knapsack", "knapsacks"),
-    "umbrella": ("umbrella", "umbrellas", "parasol", "parasols"),
-    "handbag": ("handbag", "handbags", "purse", "purses"),
-    "tie": ("tie", "ties", "necktie", "neckties"),
-    "suitcase": ("suitcase", "suitcases", "luggage"),
-    "frisbee": ("frisbee", "frisbees"),
-    "skis": ("ski", "skis"),
-    "snowboard": ("snowboard", "snowboards"),
-    "sports ball": ("ball", "balls", "football", "footballs"),
-    "kite": ("kite", "kites"),
-    "baseball bat": ("bat", "bats"),
-    "baseball glove": ("glove", "gloves", "mitt", "mitts"),
-    "skateboard": ("skateboard", "skateboards"),
-    "surfboard": ("surfboard", "surfboards"),
-    "tennis racket": ("racket", "rackets", "racquet", "racquets"),
-    "bottle": ("bottle", "bottles"),
-    "wine glass": ("wineglass", "wineglasses"),
-    "cup": ("cup", "cups", "mug", "mugs"),
-    "fork": ("fork", "forks"),
-    "knife": ("knife", "knives"),
-    "spoon": ("spoon", "spoons"),
-    "bowl": ("bowl", "bowls"),
-    "banana": ("banana", "bananas"),
-    "apple": ("apple", "apples"),
-    "sandwich": ("sandwich", "sandwiches", "burger", "burgers", "hamburger", "hamburgers"),
-    "orange": ("oranges",),  # "orange" alone is mostly the colour
-    "broccoli": ("broccoli",),
-    "carrot": ("carrot", "carrots"),
-    "hot dog": ("hotdog", "hotdogs"),
-    "pizza": ("pizza", "pizzas"),
-    "donut": ("donut", "donuts", "doughnut", "doughnuts"),
-    "cake": ("cake", "cakes", "cupcake", "cupcakes"),
-    "chair": ("chair", "chairs", "stool", "stools"),
-    "couch": ("couch", "couches", "sofa", "sofas"),
-    "potted plant": ("plant", "plants", "houseplant", "houseplants"),
-    "bed": ("bed", "beds"),
-    "dining table": ("table", "tables"),
-    "toilet": ("toilet", "toilets"),
-    "tv": ("tv", "tvs", "television", "televisions"),
-    "laptop": ("laptop", "laptops"),
-    "mouse": ("mouse", "mice"),
-    "remote": ("remote", "remotes", "controller", "controllers"),
-    "keyboard": ("keyboard", "keyboards"),
-    "cell phone": ("phone", "phones", "cellphone", "cellphones", "smartphone", "smartphones"),
-    "microwave": ("microwave", "microwaves"),
-    "oven": ("oven", "ovens", "stove", "stoves"),
-    "toaster": ("toaster", "toasters"),
-    "sink": ("sink", "sinks"),
-    "refrigerator": ("refrigerator", "refrigerators", "fridge", "fridges"),
-    "book": ("book", "books"),
-    "clock": ("clock", "clocks"),
-    "vase": ("vase", "vases"),
-    "scissors": ("scissors",),
-    "teddy bear": ("teddy", "teddies"),
-    "hair drier": ("hairdryer", "hairdryers", "hairdrier", "hairdriers"),
-    "toothbrush": ("toothbrush", "toothbrushes"),
-}
+COCO_SYNONYMS: dict[str, tuple[str, ...]] = {name: tuple(words) for name, words in _TABLES["synonyms"].items()}
 
 #: (first word, head noun) -> COCO category; the head noun is the scored word.
 COCO_PHRASES: dict[tuple[str, str], str] = {
-    **{("traffic", w): "traffic light" for w in ("light", "lights", "signal", "signals")},
-    **{("stop", w): "traffic light" for w in ("light", "lights")},
-    **{("fire", w): "fire hydrant" for w in ("hydrant", "hydrants")},
-    **{("stop", w): "stop sign" for w in ("sign", "signs")},
-    **{("parking", w): "parking meter" for w in ("meter", "meters")},
-    **{("sports", w): "sports ball" for w in ("ball", "balls")},
-    **{("baseball", w): "baseball bat" for w in ("bat", "bats")},
-    **{("baseball", w): "baseball glove" for w in ("glove", "gloves", "mitt", "mitts")},
-    **{("tennis", w): "tennis racket" for w in ("racket", "rackets", "racquet", "racquets")},
-    **{("wine", w): "wine glass" for w in ("glass", "glasses")},
-    **{("hot", w): "hot dog" for w in ("dog", "dogs")},
-    **{("potted", w): "potted plant" for w in ("plant", "plants")},
-    **{("dining", w): "dining table" for w in ("table", "tables")},
-    **{("cell", w): "cell phone" for w in ("phone", "phones")},
-    **{("mobile", w): "cell phone" for w in ("phone", "phones")},
-    **{("teddy", w): "teddy bear" for w in ("bear", "bears")},
-    **{("hair", w): "hair drier" for w in ("drier", "driers", "dryer", "dryers")},
-    **{("remote", w): "remote" for w in ("control", "controls")},
-    **{("motor", w): "motorcycle" for w in ("bike", "bikes")},
-    **{("skate", w): "skateboard" for w in ("board", "boards")},
-    **{("surf", w): "surfboard" for w in ("board", "boards")},
-    **{("snow", w): "snowboard" for w in ("board", "boards")},
-    **{("tooth", w): "toothbrush" for w in ("brush", "brushes")},
-}
+    (first, head): name for first, heads, name in _TABLES["phrases"] for head in heads}
 
 
 @dataclass(frozen=True)
@@ -289,35 +178,12 @@ class Instances:
 def load_instances(path: str | Path) -> Instances:
     """Read a COCO instances file with pycocotools. Crowd boxes (iscrowd 1) are kept: a word such
     as "people" may well point into one. Raises InstancesError naming the file and the fix."""
-    from pycocotools.coco import COCO
-
     path = Path(path)
-    data = read_json(path, "instances file", InstancesError)
-    if not isinstance(data, dict) or not {"images", "annotations", "categories"} <= data.keys():
-        raise InstancesError(f"{path} is not a COCO instances file: it needs top-level 'images', "
-                             "'annotations' and 'categories' lists (like instances_val2014.json)")
-    for img in data["images"]:
-        if not isinstance(img, dict) or not {"id", "width", "height"} <= img.keys():
-            raise InstancesError(f"{path}: every image needs 'id', 'width' and 'height' (got {img!r:.80})")
-    for ann in data["annotations"]:
-        bbox = ann.get("bbox") if isinstance(ann, dict) else None
-        if not (isinstance(bbox, list) and len(bbox) == 4 and {"image_id", "category_id"} <= ann.keys()):
-            raise InstancesError(f"{path}: every annotation needs 'image_id', 'category_id' and a 'bbox' "
-                                 f"[x, y, w, h] (got {ann!r:.80}); is this a captions file?")
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress chatter
-        coco = COCO()
-        coco.dataset = data
-        coco.createIndex()
+    coco = read_instances(path, InstancesError, sizes=True)  # checked: every box has its image and category
     names = {cat_id: cat["name"] for cat_id, cat in coco.cats.items()}
     sizes = {img_id: (float(img["width"]), float(img["height"])) for img_id, img in coco.imgs.items()}
     boxes: dict[int, dict[str, list[Box]]] = {img_id: {} for img_id in coco.imgs}
     for ann in coco.dataset["annotations"]:
-        if ann["category_id"] not in names:
-            raise InstancesError(f"{path}: annotation {ann.get('id')} has category_id {ann['category_id']}, "
-                                 "which is not in 'categories'")
-        if ann["image_id"] not in sizes:
-            raise InstancesError(f"{path}: annotation {ann.get('id')} names image {ann['image_id']}, "
-                                 "which is not in 'images'")
         x, y, w, h = (float(v) for v in ann["bbox"])
         boxes[ann["image_id"]].setdefault(names[ann["category_id"]], []).append((x, y, w, h))
     return Instances(str(path), tuple(names[i] for i in sorted(names)), sizes, boxes)

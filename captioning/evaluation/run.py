@@ -31,6 +31,7 @@ from typing import Sequence
 from captioning.caption import captioner_and_settings, data_config
 from captioning.console import EXIT_USAGE, UsageError, one_line, positive_int, print_error
 from captioning.files import atomic_write_json, check_writable
+from captioning.data.coco import write_results
 from captioning.progress import format_duration
 
 METRICS = ("bleu", "meteor", "rouge", "cider", "spice")
@@ -226,8 +227,10 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
         print(note)
     predictions_file = out_dir / f"predictions_{split}.json"
     metrics_file = out_dir / f"metrics_{split}.json"
-    _write_json(predictions_file, [{"image_id": image_id, "caption": caption}
-                                   for image_id, caption in sorted(predictions.items())], indent=1)
+    try:
+        write_results(predictions_file, predictions)
+    except OSError as err:
+        raise UsageError(err) from None
     results = {
         "split": split, "num_images": len(predictions), "scale": SCALE, "scale_note": SCALE_NOTE,
         "tokenizer": report.tokenizer, "skipped": dict(report.skipped), "decode": settings, "metrics": shown,
@@ -243,8 +246,8 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
 
 
 def evaluate_results(args: argparse.Namespace) -> dict:
-    from captioning.data.coco import AnnotationError, load_coco_captions
-    from captioning.evaluation.evaluator import SCALE, SCALE_NOTE, ResultsError, load_results, to_percent
+    from captioning.data.coco import AnnotationError, ResultsError, load_coco_captions, load_results
+    from captioning.evaluation.evaluator import SCALE, SCALE_NOTE, to_percent
     from captioning.evaluation.metrics import format_metrics_table
 
     try:

@@ -27,7 +27,7 @@ from captioning.checkpoint import (CheckpointError, check_resumable, check_state
                                    read_checkpoint)
 from captioning.config import ConfigError, build_config, merge, parse_override, save_yaml, validate
 from captioning.console import one_line, positive_int
-from captioning.data.coco import AnnotationError
+from captioning.data.coco import AnnotationError, write_results
 from captioning.data.datamodule import CaptionDataModule
 from captioning.data.feature_cache import FeatureCacheError, attach_feature_cache
 from captioning.data.store import PreparedDataError
@@ -100,8 +100,7 @@ def write_outputs(out_dir: Path, module: CaptioningModule, extra: dict, skipped:
         return
     results = dict(module.eval_results or {})
     predictions = results.pop("predictions", {})
-    atomic_write_json(out_dir / "test_predictions.json",
-                      [{"image_id": i, "caption": c} for i, c in sorted(predictions.items())], indent=1)
+    write_results(out_dir / "test_predictions.json", predictions)
     atomic_write_json(out_dir / "metrics.json", {**results, **extra})
     print(format_metrics_table(results.get("metrics", {}), title=f"test split, {results.get('num_images')} images"))
     print(f"wrote {out_dir / 'metrics.json'}")
