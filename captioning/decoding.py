@@ -1,6 +1,17 @@
 """Caption generation: real decoding (each word fed back), never teacher-forced argmax.
 
-One implementation serves validation, evaluation and the caption CLI.
+One implementation serves validation, evaluation, the caption CLI, the API and the demo:
+
+* greedy decoding (the most likely word at each step) and sampling (a word drawn from the
+  softmax at ``temperature``, among the ``top_k`` most likely words) share one loop, which only
+  picks the next word differently (:func:`greedy_decode_features`);
+* beam search keeps the ``beam_size`` best partial captions (:func:`beam_search`); its ``n_best``
+  finished hypotheses come from :func:`decode_n_best`, as do ``n_best`` samples per image;
+* every loop restricts the vocabulary the same way (:func:`captioning.vocab.banned_ids`): never
+  <pad> or <start>, no <end> before ``min_len`` words, and no <unk> with ``no_unk``.
+
+Scores are always the model's own log-probabilities (temperature and top-k change which word is
+drawn, not how it is scored), so sampled and beam captions rank on one scale.
 """
 
 from __future__ import annotations
@@ -11,7 +22,7 @@ import torch
 
 from captioning.models.captioner import ShowAttendTell
 from captioning.models.decoder import DecoderState
-from captioning.vocab import Vocabulary
+from captioning.vocab import Vocabulary, banned_ids
 
 
 class Decoded(NamedTuple):
@@ -22,6 +33,60 @@ class Decoded(NamedTuple):
     ended: torch.Tensor  # [B] bool, False if max_len was reached without <end>
 
 
+class Hypothesis(NamedTuple):
+    """One caption of an n-best list."""
+
+    tokens: list[int]  # word ids, <end> excluded
+    alphas: torch.Tensor  # [len(tokens), L] attention of each word
+    score: float  # sum of log p(word) over the words and <end>
+    ended: bool  # False if force-ended at max_len
+
+
+def check_options(max_len: int = 30, beam_size: int = 1, n_best: int = 1, min_len: int = 0,
+                  temperature: float | None = None, top_k: int | None = None) -> str:
+    """Validate a combination of decoding options -> the method: "greedy", "beam" or "sample".
+
+    Sampling is asked for by a ``temperature`` or a ``top_k``; it draws ``n_best`` captions per
+    image and cannot be combined with a beam. Raises ValueError naming the problem and the fix.
+    """
+    def positive(name: str, value) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+    positive("max_len", max_len)
+    positive("beam_size", beam_size)
+    positive("n_best", n_best)
+    if isinstance(min_len, bool) or not isinstance(min_len, int) or min_len < 0:
+        raise ValueError(f"min_len must be a non-negative integer, got {min_len!r}")
+    if min_len > max_len:
+        raise ValueError(f"min_len {min_len} is above max_len {max_len}; lower min_len or raise max_len")
+    if top_k is not None:
+        positive("top_k", top_k)
+    if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+                                    or not temperature > 0 or temperature == float("inf")):
+        raise ValueError(f"temperature must be a positive number, got {temperature!r} "
+                         "(greedy decoding is beam_size 1 without a temperature)")
+    if temperature is not None or top_k is not None:
+        if beam_size > 1:
+            raise ValueError(f"sampling (temperature/top_k) draws words one by one and cannot use a beam; "
+                             f"drop beam_size {beam_size} or the sampling options")
+        return "sample"
+    if n_best > beam_size:
+        raise ValueError(f"n_best {n_best} needs a beam at least as wide (beam_size {beam_size}), "
+                         "or sampling (a temperature or top_k) to draw several captions")
+    return "greedy" if beam_size == 1 else "beam"
+
+
+def sample_words(log_p: torch.Tensor, temperature: float | None = None, top_k: int | None = None) -> torch.Tensor:
+    """One word per row drawn from softmax(log_p / temperature), restricted to the ``top_k`` most
+    likely words (all of them when None). log_p [B, V] (-inf for banned words) -> [B] long."""
+    logits = log_p / (1.0 if temperature is None else float(temperature))
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1) the k-th largest
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1).squeeze(1)
+
+
 @torch.no_grad()
 def greedy_decode(
     model: ShowAttendTell,
@@ -29,20 +94,31 @@ def greedy_decode(
     image_mask: torch.Tensor | None = None,
     max_len: int = 30,
     mode: str = "expected",
+    *,
+    min_len: int = 0,
+    no_unk: bool = False,
+    temperature: float | None = None,
+    top_k: int | None = None,
 ) -> Decoded:
-    """Batched greedy decoding. images [B, 3, H, W] -> Decoded with T <= max_len.
+    """Batched greedy decoding (or sampling, with a ``temperature`` or ``top_k``).
+    images [B, 3, H, W] -> Decoded with T <= max_len.
 
     ``mode`` is how hard attention attends ("expected", "argmax", "sample"); soft uses "expected".
     The model should be in eval mode (no dropout).
     """
     features, mask = model.encode(images, image_mask)
-    return greedy_decode_features(model, features, mask, max_len, mode)
+    return greedy_decode_features(model, features, mask, max_len, mode, min_len=min_len, no_unk=no_unk,
+                                  temperature=temperature, top_k=top_k)
 
 
 @torch.no_grad()
 def greedy_decode_features(
-    model: ShowAttendTell, features: torch.Tensor, mask: torch.Tensor, max_len: int, mode: str = "expected"
+    model: ShowAttendTell, features: torch.Tensor, mask: torch.Tensor, max_len: int, mode: str = "expected",
+    *, min_len: int = 0, no_unk: bool = False, temperature: float | None = None, top_k: int | None = None,
 ) -> Decoded:
+    """Greedy decoding from annotations features [B, L, D], mask [B, L]; with a ``temperature``
+    or ``top_k`` each word is drawn (:func:`sample_words`) instead of taken as the argmax."""
+    sampling = temperature is not None or top_k is not None
     decoder = model.decoder
     B = features.shape[0]
     device = features.device
@@ -56,11 +132,12 @@ def greedy_decode_features(
     for _ in range(max_len + 1):  # max_len words, then one more step that may emit <end>
         out = decoder.step(words, state, features, keys, mask, mode)
         log_p = out.logits.float().log_softmax(-1)  # (B, V)
-        log_p[:, Vocabulary.pad_id] = float("-inf")  # never emit padding or <start>
-        log_p[:, Vocabulary.start_id] = float("-inf")
+        log_p[:, banned_ids(len(tokens), min_len, no_unk)] = float("-inf")
         if len(tokens) == max_len:  # out of room: only <end> may follow
             natural_end = finished.clone()
             best = torch.full_like(words, Vocabulary.end_id)
+        elif sampling:
+            best = sample_words(log_p, temperature, top_k)
         else:
             best = log_p.argmax(-1)  # (B,)
         scores = scores + torch.where(finished, 0.0, log_p.gather(1, best[:, None]).squeeze(1))
@@ -104,14 +181,62 @@ def decode(
     max_len: int = 30,
     mode: str = "expected",
     length_penalty: float = 0.0,
+    *,
+    min_len: int = 0,
+    no_unk: bool = False,
+    temperature: float | None = None,
+    top_k: int | None = None,
 ) -> Decoded:
-    """The one entry point for generation: beam_size 1 is greedy decoding (``length_penalty`` is
-    then unused), larger beams run :func:`beam_search`."""
-    if beam_size < 1:
-        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
-    if beam_size == 1:
-        return greedy_decode(model, images, image_mask, max_len=max_len, mode=mode)
-    return beam_search(model, images, image_mask, beam_size, max_len, mode, length_penalty)
+    """The one entry point for generation, one caption per image: beam_size 1 is greedy decoding
+    (``length_penalty`` is then unused), a ``temperature`` or ``top_k`` samples, larger beams run
+    :func:`beam_search`. Options are checked by :func:`check_options`."""
+    method = check_options(max_len, beam_size, 1, min_len, temperature, top_k)
+    if method != "beam":
+        return greedy_decode(model, images, image_mask, max_len=max_len, mode=mode, min_len=min_len,
+                             no_unk=no_unk, temperature=temperature, top_k=top_k)
+    return beam_search(model, images, image_mask, beam_size, max_len, mode, length_penalty,
+                       min_len=min_len, no_unk=no_unk)
+
+
+@torch.no_grad()
+def decode_n_best(
+    model: ShowAttendTell,
+    images: torch.Tensor,
+    image_mask: torch.Tensor | None = None,
+    n_best: int = 1,
+    beam_size: int = 1,
+    max_len: int = 30,
+    mode: str = "expected",
+    length_penalty: float = 0.0,
+    *,
+    min_len: int = 0,
+    no_unk: bool = False,
+    temperature: float | None = None,
+    top_k: int | None = None,
+) -> list[list[Hypothesis]]:
+    """Up to ``n_best`` captions per image, best first: the beam's best finished hypotheses
+    (ranked by the beam's key), or ``n_best`` draws per image when sampling (ranked by score,
+    repeated captions dropped, so fewer may come back). Greedy decoding gives one."""
+    method = check_options(max_len, beam_size, n_best, min_len, temperature, top_k)
+    features, mask = model.encode(images, image_mask)
+    B = features.shape[0]
+    if method == "beam":
+        pools = _beam_search(model, features, mask, beam_size, max_len, mode, length_penalty, min_len, no_unk)
+        return [[Hypothesis(h.tokens.tolist(), h.alphas, h.score, h.ended) for h in pool[:n_best]] for pool in pools]
+    rows = torch.arange(B, device=features.device).repeat_interleave(n_best)  # n draws per image
+    out = greedy_decode_features(model, features[rows], mask[rows], max_len, mode, min_len=min_len,
+                                 no_unk=no_unk, temperature=temperature, top_k=top_k)
+    lengths, scores, ended = out.lengths.tolist(), out.scores.tolist(), out.ended.tolist()
+    result: list[list[Hypothesis]] = []
+    for b in range(B):
+        seen, hyps = set(), []
+        for r in sorted(range(b * n_best, (b + 1) * n_best), key=lambda r: -scores[r]):
+            words = out.tokens[r, :lengths[r]].tolist()
+            if tuple(words) not in seen:
+                seen.add(tuple(words))
+                hyps.append(Hypothesis(words, out.alphas[r, :lengths[r]], scores[r], ended[r]))
+        result.append(hyps)
+    return result
 
 
 @torch.no_grad()
@@ -123,6 +248,9 @@ def beam_search(
     max_len: int = 30,
     mode: str = "expected",
     length_penalty: float = 0.0,
+    *,
+    min_len: int = 0,
+    no_unk: bool = False,
 ) -> Decoded:
     """Batched beam search. images [B, 3, H, W] -> the best finished hypothesis of each image.
 
@@ -134,7 +262,8 @@ def beam_search(
     The model should be in eval mode (no dropout).
     """
     features, mask = model.encode(images, image_mask)
-    return beam_search_features(model, features, mask, beam_size, max_len, mode, length_penalty)
+    return beam_search_features(model, features, mask, beam_size, max_len, mode, length_penalty,
+                                min_len=min_len, no_unk=no_unk)
 
 
 @torch.no_grad()
@@ -146,11 +275,15 @@ def beam_search_all(
     max_len: int = 30,
     mode: str = "expected",
     length_penalty: float = 0.0,
+    *,
+    min_len: int = 0,
+    no_unk: bool = False,
 ) -> list[list[tuple[list[int], float]]]:
     """Like :func:`beam_search`, but every image's finished hypotheses (up to ``beam_size``), best
     first by the ranking key, as (word ids without <end>, raw score) pairs."""
     features, mask = model.encode(images, image_mask)
-    return beam_search_all_features(model, features, mask, beam_size, max_len, mode, length_penalty)
+    return beam_search_all_features(model, features, mask, beam_size, max_len, mode, length_penalty,
+                                    min_len=min_len, no_unk=no_unk)
 
 
 @torch.no_grad()
@@ -162,9 +295,12 @@ def beam_search_all_features(
     max_len: int,
     mode: str = "expected",
     length_penalty: float = 0.0,
+    *,
+    min_len: int = 0,
+    no_unk: bool = False,
 ) -> list[list[tuple[list[int], float]]]:
     """:func:`beam_search_all` from annotations features [B, L, D], mask [B, L]."""
-    pools = _beam_search(model, features, mask, beam_size, max_len, mode, length_penalty)
+    pools = _beam_search(model, features, mask, beam_size, max_len, mode, length_penalty, min_len, no_unk)
     return [[(h.tokens.tolist(), h.score) for h in pool] for pool in pools]
 
 
@@ -177,6 +313,9 @@ def beam_search_features(
     max_len: int,
     mode: str = "expected",
     length_penalty: float = 0.0,
+    *,
+    min_len: int = 0,
+    no_unk: bool = False,
 ) -> Decoded:
     """Beam search from annotations: features [B, L, D], mask [B, L] -> Decoded.
 
@@ -184,7 +323,7 @@ def beam_search_features(
     """
     B, L = features.shape[0], features.shape[1]
     device = features.device
-    pools = _beam_search(model, features, mask, beam_size, max_len, mode, length_penalty)
+    pools = _beam_search(model, features, mask, beam_size, max_len, mode, length_penalty, min_len, no_unk)
     best = [pool[0] for pool in pools]
     lengths = torch.tensor([h.tokens.numel() for h in best], dtype=torch.long, device=device)
     T = min(max_len, int(lengths.max()) + 1) if B else 0
@@ -207,6 +346,8 @@ def _beam_search(
     max_len: int,
     mode: str,
     length_penalty: float,
+    min_len: int = 0,
+    no_unk: bool = False,
 ) -> list[list[_Hypothesis]]:
     """The search itself: per image, its finished hypotheses sorted best first (at most K).
 
@@ -268,8 +409,7 @@ def _beam_search(
                                            tokens[row].clone(), alphas[row].clone(), False))
             break
 
-        log_p[:, Vocabulary.pad_id] = float("-inf")  # never emit padding or <start>
-        log_p[:, Vocabulary.start_id] = float("-inf")
+        log_p[:, banned_ids(t, min_len, no_unk)] = float("-inf")
         # A beam's extensions rank by log p alone, so an image's 2K best are among its beams' own
         # 2K best words: the image-level top-k runs over K x 2K candidates, not K x V.
         row_log_p, row_word = log_p.topk(n_row, dim=1)  # (B*K, 2K)
