@@ -39,7 +39,7 @@ EXP_FORM_BOUND = 80.0
 
 def _grouped(scores: torch.Tensor, images: int) -> torch.Tensor:
     """[N*g, ...] -> [N, g, ...]: the rows of each image together."""
-    g, rem = divmod(scores.shape[0], images)
+    g, rem = scores.shape[0] // images, scores.shape[0] % images  # not divmod: torch.export traces // and %
     if rem or g == 0:
         raise ValueError(f"{scores.shape[0]} attention rows for {images} images: need the same number per image")
     return scores.view(images, g, *scores.shape[1:])

@@ -1,0 +1,121 @@
+"""ONNX export (captioning/export): the encoder and one decoder step as graphs, decoded by NumPy
+loops under onnxruntime, against PyTorch's decoding on the synthetic test split of a small
+trained model. Skips where the ``export`` extra (onnx, onnxscript, onnxruntime) is not installed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime", reason="the ONNX engine needs the export extra (onnxruntime)")
+pytest.importorskip("onnxscript", reason="exporting needs the export extra (onnx, onnxscript)")
+
+from captioning import Captioner  # noqa: E402
+from captioning.data.datamodule import CaptionDataModule  # noqa: E402
+from captioning.export.onnx import ExportError, export_checkpoint, export_onnx  # noqa: E402
+from captioning.export.runtime import OnnxCaptioner, OnnxModelError  # noqa: E402
+from conftest import make_config  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_TEST = 100
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """configs/tiny.yaml trained for 8 epochs on 256 synthetic images (about a minute on 2 CPU
+    cores), exported as a model folder with ONNX graphs."""
+    root = tmp_path_factory.mktemp("onnx")
+    cmd = [sys.executable, str(REPO / "scripts" / "train.py"), "--config", str(REPO / "configs" / "tiny.yaml"),
+           "--max-epochs", "8", "--out-dir", str(root / "run"), "--set", f"data.root={root / 'data'}",
+           "--set", "data.synthetic.num_train=256", "--set", f"data.synthetic.num_test={NUM_TEST}",
+           "--set", "train.log_every=50", "--no-progress", "--no-test"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = root / "run" / "best.ckpt"
+    folder = export_checkpoint(ckpt, root / "model", "onnx", command="captioning export --format onnx")
+    captioner = Captioner.from_checkpoint(ckpt, device="cpu")
+    data = CaptionDataModule(captioner.config.data, captioner.vocab)
+    data.prepare_data()
+    paths = [Path(r.path) for r in data.load_split("test")]
+    return SimpleNamespace(root=root, ckpt=ckpt, folder=folder, captioner=captioner, paths=paths,
+                           onnx=OnnxCaptioner(folder))
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_onnx_captions_equal_pytorch_token_for_token(trained, beam_size):
+    torch_caps = trained.captioner.caption(trained.paths, beam_size=beam_size)
+    onnx_caps = trained.onnx.caption(trained.paths, beam_size=beam_size)
+    assert len(onnx_caps) == len(torch_caps) == NUM_TEST
+    assert len({c.text for c in torch_caps}) > 10  # a model that tells the images apart
+    for t, o in zip(torch_caps, onnx_caps):
+        assert o.words == t.words, o.source
+        assert o.ended == t.ended
+        assert o.score == pytest.approx(t.score, abs=1e-4)
+        np.testing.assert_allclose(o.attention, t.attention, atol=1e-5)
+
+
+def test_onnx_options_n_best_min_len_no_unk(trained):
+    paths = trained.paths[:20]
+    kwargs = dict(beam_size=4, n_best=3, min_len=3, no_unk=True)
+    torch_caps = trained.captioner.caption(paths, **kwargs)
+    onnx_caps = trained.onnx.caption(paths, **kwargs)
+    for t, o in zip(torch_caps, onnx_caps):
+        assert [o.words] + [a.words for a in o.alternatives] == [t.words] + [a.words for a in t.alternatives]
+        assert len(o.words) >= 3 and "<unk>" not in o.words
+
+
+def test_onnx_engine_imports_no_torch(trained):
+    code = ("import sys\nfrom captioning.export.runtime import OnnxCaptioner\n"
+            f"caps = OnnxCaptioner({str(trained.folder)!r}).caption({[str(p) for p in trained.paths[:4]]!r})\n"
+            "print('|'.join(c.text for c in caps))\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    expected = [c.text for c in trained.captioner.caption(trained.paths[:4])]
+    assert result.stdout.strip().split("|") == expected
+
+
+@pytest.mark.parametrize("attention,mode", [("hard", "argmax"), ("hard", "expected")])
+def test_hard_attention_graphs_match_the_decoder_step(tmp_path, attention, mode):
+    import torch
+
+    from captioning.models import ShowAttendTell
+
+    torch.manual_seed(0)
+    cfg = make_config(model__attention=attention)
+    model = ShowAttendTell(cfg.model, 14).eval()
+    export_onnx(model, 32, tmp_path, mode)
+    import onnxruntime as ort
+
+    enc = ort.InferenceSession(str(tmp_path / "encoder.onnx"))
+    step = ort.InferenceSession(str(tmp_path / "step.onnx"))
+    images = torch.randn(5, 3, 32, 32)  # another batch size than the export's
+    features, keys, h, c = enc.run(None, {"images": images.numpy()})
+    with torch.no_grad():
+        f, m = model.encode(images)
+        k = model.decoder.project(f)
+        out = model.decoder.step(torch.full((5,), 1), model.decoder.init_state(f, m), f, k, m, mode)
+    log_p, h1, c1, alpha = step.run(None, {"words": np.ones(5, np.int64), "h": h, "c": c, "features": features,
+                                           "keys": keys})
+    np.testing.assert_allclose(log_p, out.logits.log_softmax(-1).numpy(), atol=1e-4)
+    np.testing.assert_allclose(alpha, out.attended.alpha.numpy(), atol=1e-5)
+    np.testing.assert_allclose(h1, out.state.h.numpy(), atol=1e-5)
+
+
+def test_sampled_hard_attention_is_refused(tmp_path):
+    from captioning.models import ShowAttendTell
+
+    model = ShowAttendTell(make_config(model__attention="hard").model, 14).eval()
+    with pytest.raises(ExportError, match="cannot be exported"):
+        export_onnx(model, 32, tmp_path, "sample")
+
+
+def test_folder_without_graphs_is_a_one_line_error(trained, tmp_path):
+    with pytest.raises(OnnxModelError, match="holds no ONNX graphs") as err:
+        OnnxCaptioner(tmp_path)
+    assert "\n" not in str(err.value)
