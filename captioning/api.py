@@ -58,6 +58,9 @@ class Caption:
     attention: np.ndarray  # [len(words), gh, gw] float32: each word's attention map
     source: str  # the image's path, or "<PIL image>"
     ended: bool = True  # False if the caption reached max_len words without <end>
+    # Hard attention, "argmax" or "sample" mode, greedy or sampled decoding: the grid cell (row-major
+    # index) each word looked at. None otherwise.
+    locations: list[int] | None = None
     # With n_best > 1: the 2nd, 3rd, ... best captions of the same image (each without alternatives).
     alternatives: list["Caption"] = field(default_factory=list)
 
@@ -232,7 +235,8 @@ class Captioner:
             raise RuntimeError(f"attention has {alphas.shape[-1]} locations, expected a {g}x{g} grid")
         words = self.vocab.decode(hyp.tokens)
         attention = alphas[:n].reshape(n, g, g).numpy().astype(np.float32, copy=True)
-        return Caption(" ".join(words), words, float(hyp.score), attention, source, bool(hyp.ended))
+        return Caption(" ".join(words), words, float(hyp.score), attention, source, bool(hyp.ended),
+                       locations=hyp.locations)
 
     def caption(
         self,

@@ -31,6 +31,9 @@ class Decoded(NamedTuple):
     alphas: torch.Tensor  # [B, T, L] attention of each emitted word (zeros past the length)
     scores: torch.Tensor  # [B] sum of log p(word) over the words and <end>
     ended: torch.Tensor  # [B] bool, False if max_len was reached without <end>
+    # [B, T] long: the location hard attention looked at for each word ("argmax"/"sample" modes;
+    # -1 past the length). None for soft or expected attention, and from beam search.
+    locations: torch.Tensor | None = None
 
 
 class Hypothesis(NamedTuple):
@@ -40,6 +43,7 @@ class Hypothesis(NamedTuple):
     alphas: torch.Tensor  # [len(tokens), L] attention of each word
     score: float  # sum of log p(word) over the words and <end>
     ended: bool  # False if force-ended at max_len
+    locations: list[int] | None = None  # hard attention's chosen location per word (greedy/sampling)
 
 
 def check_options(max_len: int = 30, beam_size: int = 1, n_best: int = 1, min_len: int = 0,
@@ -127,7 +131,7 @@ def greedy_decode_features(
     words = torch.full((B,), Vocabulary.start_id, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     scores = torch.zeros(B, device=device)
-    tokens, alphas = [], []
+    tokens, alphas, locations = [], [], []
     natural_end = finished
     for _ in range(max_len + 1):  # max_len words, then one more step that may emit <end>
         out = decoder.step(words, state, features, keys, mask, mode)
@@ -145,6 +149,8 @@ def greedy_decode_features(
         emit = ~finished & ~is_end
         tokens.append(torch.where(emit, best, Vocabulary.pad_id))
         alphas.append(out.attended.alpha * emit[:, None])
+        if out.attended.location is not None:
+            locations.append(torch.where(emit, out.attended.location, -1))
         finished = finished | is_end
         state, words = out.state, best
         if bool(finished.all()):
@@ -154,7 +160,8 @@ def greedy_decode_features(
     token_t = torch.stack(tokens[:max_len], 1) if tokens[:max_len] else torch.zeros(B, 0, dtype=torch.long, device=device)
     alpha_t = torch.stack(alphas[:max_len], 1) if alphas[:max_len] else features.new_zeros(B, 0, features.shape[1])
     lengths = (token_t != Vocabulary.pad_id).sum(1)
-    return Decoded(token_t, lengths, alpha_t, scores, natural_end)
+    location_t = torch.stack(locations[:max_len], 1) if locations[:max_len] else None
+    return Decoded(token_t, lengths, alpha_t, scores, natural_end, location_t)
 
 
 # ============================================================================ beam search
@@ -234,7 +241,8 @@ def decode_n_best(
             words = out.tokens[r, :lengths[r]].tolist()
             if tuple(words) not in seen:
                 seen.add(tuple(words))
-                hyps.append(Hypothesis(words, out.alphas[r, :lengths[r]], scores[r], ended[r]))
+                where = None if out.locations is None else out.locations[r, :lengths[r]].tolist()
+                hyps.append(Hypothesis(words, out.alphas[r, :lengths[r]], scores[r], ended[r], where))
         result.append(hyps)
     return result
 

@@ -136,3 +136,21 @@ def test_banned_ids():
     assert banned_ids(0) == [Vocabulary.pad_id, Vocabulary.start_id]
     assert Vocabulary.end_id in banned_ids(2, min_len=3) and Vocabulary.end_id not in banned_ids(3, min_len=3)
     assert Vocabulary.unk_id in banned_ids(5, no_unk=True)
+
+
+def test_hard_attention_keeps_where_each_word_looked():
+    model = build_model(model__attention="hard")
+    features, _ = random_features(4)
+    argmax = decode(model, features, max_len=6, mode="argmax")
+    assert argmax.locations is not None and argmax.locations.shape == argmax.tokens.shape
+    for b in range(4):
+        n = int(argmax.lengths[b])
+        assert argmax.locations[b, :n].tolist() == argmax.alphas[b, :n].argmax(-1).tolist()
+        assert (argmax.locations[b, n:] == -1).all()
+    torch.manual_seed(0)
+    sampled = decode_n_best(model, features, n_best=2, max_len=6, mode="sample", temperature=1.0)
+    for pool in sampled:
+        for h in pool:
+            assert len(h.locations) == len(h.tokens)
+            assert all(h.alphas[t, loc] > 0 for t, loc in enumerate(h.locations))
+    assert decode(model, features, max_len=6, mode="expected").locations is None

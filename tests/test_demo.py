@@ -204,3 +204,34 @@ def test_browser_upload_caption_and_word_heatmaps(demo, browser):
     # The server kept serving: an example image still captions.
     browser.find_elements(By.CSS_SELECTOR, "#examples img")[0].click()
     wait.until(lambda d: d.find_element(By.ID, "error").text == "" and d.find_elements(By.CSS_SELECTOR, ".hyp"))
+
+
+def test_hard_checkpoint_reports_where_each_word_looked(demo, tmp_path):
+    cfg = demo.captioner.config
+    from captioning.config import merge
+
+    hard = merge(cfg, {"model": {"attention": "hard"}, "decode": {"hard_mode": "argmax"}})
+    ckpt = save_untrained_checkpoint(hard, demo.captioner.vocab, tmp_path / "hard" / "best.ckpt")
+    server = make_server(Captioner.from_checkpoint(ckpt, device="cpu"), "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        for mode in ("argmax", "sample", "expected"):
+            status, data = post(url, demo.photo.read_bytes(), f"method=greedy&hard_mode={mode}")
+            assert status == 200 and data["settings"]["hard_mode"] == mode
+            cap = data["captions"][0]
+            if mode == "expected":
+                assert cap["locations"] is None
+                continue
+            assert len(cap["locations"]) == len(cap["words"])
+            for grid, loc in zip(cap["attention"], cap["locations"]):
+                flat = np.asarray(grid).ravel()
+                assert flat[loc] > 0
+                if mode == "argmax":
+                    assert loc == int(flat.argmax())
+        status, data = post(url, demo.photo.read_bytes(), "method=greedy&hard_mode=bogus")
+        assert status == 400 and "hard_mode must be one of" in data["error"]
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -129,6 +129,7 @@ def _image_message(err: Exception, path: Path) -> str:
 
 def _as_json(cap) -> dict:
     return {"text": cap.text, "words": cap.words, "score": round(float(cap.score), 4), "ended": cap.ended,
+            "locations": cap.locations,
             "attention": [[[round(float(v), 5) for v in row] for row in grid] for grid in cap.attention]}
 
 
