@@ -37,7 +37,8 @@ from captioning.checkpoint import (load_checkpoint, load_model_folder, model_car
                                    save_model_folder)
 from captioning.config import Config
 from captioning.data.transforms import load_image, preprocess, to_rgb
-from captioning.decoding import Hypothesis, check_options, decode_n_best
+from captioning.device import resolve_device
+from captioning.decoding import HARD_MODES, Hypothesis, decode_n_best, decode_settings
 from captioning.models import ShowAttendTell
 from captioning.vocab import Vocabulary
 
@@ -46,7 +47,6 @@ __all__ = ["Caption", "Captioner", "ImageInput", "HARD_MODES", "resolve_device"]
 ImageInput = Union[str, Path, Image.Image]
 
 #: How a hard-attention model may attend at test time (see DecodeConfig.hard_mode).
-HARD_MODES = ("expected", "argmax", "sample")
 
 PIL_SOURCE = "<PIL image>"
 
@@ -63,21 +63,6 @@ class Caption:
     locations: list[int] | None = None
     # With n_best > 1: the 2nd, 3rd, ... best captions of the same image (each without alternatives).
     alternatives: list["Caption"] = field(default_factory=list)
-
-
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """None -> cuda if available, else cpu. Raises ValueError for unknown or unavailable devices."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"unknown device {device!r} ({str(err).splitlines()[0]})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise ValueError(f"device {device!r} requested but MPS is not available")
-    return dev
 
 
 def source_name(image: ImageInput) -> str:
@@ -100,7 +85,7 @@ class Captioner:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | None = None) -> "Captioner":
-        """Load a checkpoint written by scripts/train.py (best.ckpt / last.ckpt).
+        """Load a checkpoint written by captioning train (best.ckpt / last.ckpt).
 
         ``device`` None: cuda if available, else cpu. Raises CheckpointError for a missing or
         invalid checkpoint and ValueError for an unavailable device.
@@ -136,35 +121,10 @@ class Captioner:
     def decode_settings(self, max_len: int | None = None, hard_mode: str | None = None,
                         beam_size: int | None = None, *, n_best: int = 1, temperature: float | None = None,
                         top_k: int | None = None, min_len: int = 0, no_unk: bool = False) -> dict:
-        """The decoding settings a call with these overrides uses (validated).
-
-        A hard-attention model attends with ``config.decode.hard_mode`` unless ``hard_mode`` is
-        given; a soft-attention model always uses the expected context (``hard_mode`` None in the
-        result; asking it for "argmax" or "sample" is a ValueError). A ``temperature`` or
-        ``top_k`` samples (beam_size then defaults to 1); ``n_best`` captions come from a beam at
-        least as wide, or from that many draws. Bad combinations raise ValueError.
-        """
-        if max_len is None:
-            max_len = self.config.decode.max_len
-        sampling = temperature is not None or top_k is not None
-        if beam_size is None:
-            beam_size = 1 if sampling else max(self.config.decode.beam_size, n_best if isinstance(n_best, int) else 1)
-        if hard_mode is not None and hard_mode not in HARD_MODES:
-            raise ValueError(f"hard_mode must be one of {', '.join(HARD_MODES)}, got {hard_mode!r}")
-        method = check_options(max_len, beam_size, n_best, min_len, temperature, top_k)
-        if self.hard:
-            mode = hard_mode or self.config.decode.hard_mode
-        else:
-            if hard_mode not in (None, "expected"):
-                raise ValueError(
-                    f"hard_mode {hard_mode!r} needs a hard-attention model; this one uses soft attention"
-                )
-            mode = None
-        return {"method": method, "beam_size": beam_size,
-                "length_penalty": self.config.decode.length_penalty if method == "beam" else None,
-                "max_len": int(max_len), "hard_mode": mode, "attention": self.config.model.attention,
-                "n_best": n_best, "temperature": temperature, "top_k": top_k, "min_len": min_len,
-                "no_unk": bool(no_unk)}
+        """The decoding settings a call with these overrides uses (validated); see
+        :func:`captioning.decoding.decode_settings`."""
+        return decode_settings(self.config, max_len, hard_mode, beam_size, n_best=n_best, temperature=temperature,
+                               top_k=top_k, min_len=min_len, no_unk=no_unk)
 
     @property
     def settings(self) -> dict:

@@ -16,13 +16,56 @@ drawn, not how it is scored), so sampled and beam captions rank on one scale.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from captioning.models.captioner import ShowAttendTell
 from captioning.models.decoder import DecoderState
 from captioning.vocab import Vocabulary, banned_ids
+
+if TYPE_CHECKING:
+    from captioning.config import Config
+
+#: How a hard-attention model attends at test time (Sec. 4.2): the expected context, the most
+#: likely location, or a sampled one. A soft model always uses the expected context.
+HARD_MODES = ("expected", "argmax", "sample")
+
+
+def decode_settings(config: "Config", max_len: int | None = None, hard_mode: str | None = None,
+                    beam_size: int | None = None, *, n_best: int = 1, temperature: float | None = None,
+                    top_k: int | None = None, min_len: int = 0, no_unk: bool = False) -> dict:
+    """The decoding settings a model of ``config`` uses with these overrides (validated).
+
+    The one description of how captions are decoded, recorded beside every score: validation,
+    ``captioning evaluate``, the study and the Python API all build it here. A hard-attention
+    model attends with ``config.decode.hard_mode`` unless ``hard_mode`` is given; a soft one always
+    uses the expected context (``hard_mode`` None in the result; asking it for "argmax" or
+    "sample" is a ValueError). A ``temperature`` or ``top_k`` samples (``beam_size`` then defaults
+    to 1); ``n_best`` captions come from a beam at least as wide (the default beam widens to it),
+    or from that many draws. Bad combinations raise ValueError (:func:`check_options`).
+    """
+    if max_len is None:
+        max_len = config.decode.max_len
+    sampling = temperature is not None or top_k is not None
+    if beam_size is None:
+        beam_size = 1 if sampling else config.decode.beam_size
+        if isinstance(n_best, int) and not sampling:
+            beam_size = max(beam_size, n_best)
+    if hard_mode is not None and hard_mode not in HARD_MODES:
+        raise ValueError(f"hard_mode must be one of {', '.join(HARD_MODES)}, got {hard_mode!r}")
+    method = check_options(max_len, beam_size, n_best, min_len, temperature, top_k)
+    if config.model.attention == "hard":
+        mode = hard_mode or config.decode.hard_mode
+    elif hard_mode not in (None, "expected"):
+        raise ValueError(f"hard_mode {hard_mode!r} needs a hard-attention model; this one uses soft attention")
+    else:
+        mode = None
+    return {"method": method, "beam_size": beam_size,
+            "length_penalty": config.decode.length_penalty if method == "beam" else None,
+            "max_len": int(max_len), "hard_mode": mode, "attention": config.model.attention,
+            "n_best": n_best, "temperature": temperature, "top_k": top_k, "min_len": min_len,
+            "no_unk": bool(no_unk)}
 
 
 class Decoded(NamedTuple):

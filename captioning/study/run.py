@@ -3,9 +3,9 @@
 Layout under the study folder OUT (default ``runs/compare``)::
 
     study.json                   the plan of the latest invocation and every invocation's environment
-    <attention>-seed<k>/         a training run: scripts/train.py's outputs (best.ckpt, logs/, ...)
+    <attention>-seed<k>/         a training run: captioning train's outputs (best.ckpt, logs/, ...)
     <attention>-ckpt<i>/         with --checkpoints: only the evaluations of a given checkpoint
-        eval/metrics_test.json   scripts/evaluate.py with the study's decoder settings (hard: expected)
+        eval/metrics_test.json   captioning evaluate with the study's decoder settings (hard: expected)
         eval-argmax/, eval-sample/   hard attention only: the other test-time modes
 
 A run counts as trained when its ``metrics.json`` (written by train.py after fitting) and
@@ -32,9 +32,10 @@ from typing import Callable, Sequence
 import yaml
 
 from captioning.config import Config, ConfigError, build_config, flatten, to_dict
+from captioning.decoding import HARD_MODES  # expected first: the study's default
+from captioning.progress import format_duration
 
 ATTENTIONS = ("soft", "hard")
-HARD_MODES = ("expected", "argmax", "sample")  # test-time attention of a hard model; expected first
 SPLIT = "test"
 WANTED_METRICS = ("bleu", "meteor", "rouge", "cider", "grounding")  # those evaluate.py offers are used
 # Lighter than train.py's default (10,000 scenes x 6 epochs) so the default study (3 seeds x 2
@@ -43,7 +44,7 @@ WANTED_METRICS = ("bleu", "meteor", "rouge", "cider", "grounding")  # those eval
 STUDY_DEFAULTS = {
     "data.synthetic.num_train": (
         3000,
-        "one default scripts/train.py run (10,000 training scenes, 6 epochs) takes about 8 minutes on the "
+        "one default captioning train run (10,000 training scenes, 6 epochs) takes about 8 minutes on the "
         "project's 2-core CPU, so 6 runs would take about an hour; 3,000 scenes for 12 epochs (about 5.5 "
         "minutes a run) fit 6 runs and their evaluations in 45 minutes. Quality is therefore below the "
         "default's numbers in the README.",
@@ -339,18 +340,11 @@ def evaluate_argv(plan: Plan, run: Run, mode: str | None) -> list[str]:
 
 
 def train_in_subprocess(argv: list[str]) -> None:
-    """Multi-device training: Lightning's DDP relaunches the current script for every rank, so the
-    study must not be that script; train.py runs in its own process instead."""
-    script = Path(__file__).resolve().parents[2] / "scripts" / "train.py"
-    proc = subprocess.run([sys.executable, str(script), *argv])
+    """Multi-device training: Lightning's DDP relaunches the current program for every rank, so the
+    study must not be that program; ``captioning train`` runs in its own process instead."""
+    proc = subprocess.run([sys.executable, "-m", "captioning", "train", *argv])
     if proc.returncode != 0:
-        raise StudyError(f"scripts/train.py {' '.join(argv)} failed with exit status {proc.returncode}")
-
-
-def _fmt(seconds: float) -> str:
-    from captioning.cli import format_duration
-
-    return format_duration(seconds)
+        raise StudyError(f"captioning train {' '.join(argv)} failed with exit status {proc.returncode}")
 
 
 class _Clock:
@@ -368,8 +362,8 @@ class _Clock:
         eta = sum((self.totals[k] - self.done[k]) * (self.spent[k] / self.done[k] if self.done[k] else
                                                      self._guess(k)) for k in self.totals)
         steps = ", ".join(f"{self.done[k]}/{self.totals[k]} {k}s" for k in self.totals if self.totals[k])
-        self.log(f"compare: {what} in {_fmt(seconds)} ({steps}; {_fmt(self.spent[kind] / self.done[kind])} per "
-                 f"{kind}; elapsed {_fmt(time.perf_counter() - self.started)}, ETA {_fmt(eta)})")
+        self.log(f"compare: {what} in {format_duration(seconds)} ({steps}; {format_duration(self.spent[kind] / self.done[kind])} per "
+                 f"{kind}; elapsed {format_duration(time.perf_counter() - self.started)}, ETA {format_duration(eta)})")
 
     def _guess(self, kind: str) -> float:
         """Before the first of a kind finishes: the mean of the other kinds, or 0."""
@@ -381,7 +375,7 @@ def execute(plan: Plan, train_fn: Callable[[list[str]], object], evaluate_fn: Ca
             log: Callable[[str], None] = print) -> dict:
     """Train what is not trained, evaluate what is not evaluated; -> what this invocation did.
 
-    ``train_fn``/``evaluate_fn`` take scripts/train.py's and scripts/evaluate.py's argv (their
+    ``train_fn``/``evaluate_fn`` take captioning train's and captioning evaluate's argv (their
     ``main``), so the study runs exactly the project's entry points.
     """
     import torch
