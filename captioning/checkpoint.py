@@ -242,7 +242,7 @@ def model_card(model: ShowAttendTell, cfg: Config, vocab: Vocabulary, command: s
                 lines.append(f"| {name} | {100 * scores[key]:.2f} |")
         lines.append("")
     else:
-        lines += ["## Test split scores", "", "No metrics.json was found beside the checkpoint: not scored.", ""]
+        lines += ["## Test split scores", "", "Not scored: no test scores in a metrics.json beside the checkpoint.", ""]
     lines += ["## How it was made", ""]
     if isinstance((metrics or {}).get("command"), str):
         lines += ["Trained with:", "", "```", metrics["command"], "```", ""]

@@ -16,7 +16,7 @@ drawn, not how it is scored), so sampled and beam captions rank on one scale.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Mapping, NamedTuple
 
 import torch
 
@@ -66,6 +66,17 @@ def decode_settings(config: "Config", max_len: int | None = None, hard_mode: str
             "max_len": int(max_len), "hard_mode": mode, "attention": config.model.attention,
             "n_best": n_best, "temperature": temperature, "top_k": top_k, "min_len": min_len,
             "no_unk": bool(no_unk)}
+
+
+#: The options of :func:`decode_settings` beyond beam size, length and hard mode, as keyword arguments.
+OPTION_KEYS = ("n_best", "temperature", "top_k", "min_len", "no_unk")
+
+
+def settings_options(settings: Mapping, n_best: bool = True) -> dict:
+    """A settings dict of :func:`decode_settings` -> its options as keyword arguments (those it
+    holds: a dict recorded before the options existed has none). ``n_best=False`` leaves the
+    n-best count out (scoring takes the best caption only)."""
+    return {k: settings[k] for k in OPTION_KEYS if k in settings and (n_best or k != "n_best")}
 
 
 class Decoded(NamedTuple):

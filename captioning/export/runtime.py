@@ -96,9 +96,7 @@ class OnnxCaptioner:
 
     def preprocess(self, image) -> np.ndarray:
         """A path or PIL image -> [3, S, S] float32, as captioning.data.transforms.preprocess gives."""
-        from PIL import Image
-
-        img = to_rgb(image) if isinstance(image, Image.Image) else load_image(image)
+        img = self.open(image)
         x = np.asarray(resize_square(img, self.image_size), dtype=np.float32) / np.float32(255)
         x = (x - np.asarray(MEAN, dtype=np.float32)) / np.asarray(STD, dtype=np.float32)
         return np.ascontiguousarray(x.transpose(2, 0, 1))
@@ -223,33 +221,62 @@ class OnnxCaptioner:
                 pool.append(_Hyp(float("-inf"), float("-inf"), [], np.zeros((0, L), np.float32), False))
         return pools
 
-    def caption(self, images: Sequence, beam_size: int | None = None, max_len: int | None = None,
-                n_best: int = 1, min_len: int = 0, no_unk: bool = False, batch_size: int = 32) -> list[OnnxCaption]:
-        """Caption image files or PIL images (greedy with beam_size 1, else beam search)."""
+    def settings(self, beam_size: int | None = None, max_len: int | None = None, n_best: int = 1,
+                 min_len: int = 0, no_unk: bool = False) -> dict:
+        """The decoding settings of a call (validated): the exported graphs' hard mode, the
+        folder's decoding defaults unless overridden. Raises ValueError naming the problem."""
+        for name, value, low in (("beam_size", beam_size, 1), ("max_len", max_len, 1), ("n_best", n_best, 1),
+                                 ("min_len", min_len, 0)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if beam_size is None:
+            beam_size = max(int(self.decode_defaults["beam_size"]), n_best)
+        max_len = int(self.decode_defaults["max_len"] if max_len is None else max_len)
+        if n_best > beam_size:
+            raise ValueError(f"n_best {n_best} needs a beam at least as wide (beam_size {beam_size})")
+        if min_len > max_len:
+            raise ValueError(f"min_len {min_len} is above max_len {max_len}; lower min_len or raise max_len")
+        return {"engine": "onnx", "method": "greedy" if beam_size == 1 else "beam", "beam_size": beam_size,
+                "length_penalty": float(self.decode_defaults.get("length_penalty", 0.0)) if beam_size > 1 else None,
+                "max_len": max_len, "hard_mode": self.hard_mode, "attention": self.attention, "n_best": n_best,
+                "min_len": min_len, "no_unk": bool(no_unk)}
+
+    def open(self, image):
+        """A path or PIL image -> RGB PIL image, by the one loader (captioning/data/transforms.py)."""
+        from PIL import Image
+
+        return to_rgb(image) if isinstance(image, Image.Image) else load_image(image)
+
+    def caption_arrays(self, images: np.ndarray, sources: Sequence[str], **options) -> list[OnnxCaption]:
+        """Decode preprocessed images [B, 3, S, S] (from :meth:`preprocess`); ``options`` as
+        :meth:`settings` takes them."""
+        s = self.settings(**options)
+        if s["beam_size"] == 1:
+            pools = [[hyp] for hyp in self.greedy(images, s["max_len"], s["min_len"], s["no_unk"])]
+        else:
+            pools = self.beam(images, s["beam_size"], s["max_len"], s["length_penalty"], s["min_len"], s["no_unk"])
+        out = []
+        for source, pool in zip(sources, pools):
+            best, *rest = [self._caption(hyp, source) for hyp in pool[: s["n_best"]]]
+            best.alternatives = rest
+            out.append(best)
+        return out
+
+    def caption(self, images: Sequence, batch_size: int = 32, **options) -> list[OnnxCaption]:
+        """Caption image files or PIL images (greedy with beam_size 1, else beam search);
+        ``options``: beam_size, max_len, n_best, min_len, no_unk."""
         from PIL import Image
 
         if isinstance(images, (str, Path, Image.Image)):
             images = [images]
         images = list(images)
-        beam_size = int(self.decode_defaults["beam_size"] if beam_size is None else beam_size)
-        beam_size = max(beam_size, n_best)
-        max_len = int(self.decode_defaults["max_len"] if max_len is None else max_len)
-        if min_len > max_len:
-            raise ValueError(f"min_len {min_len} is above max_len {max_len}; lower min_len or raise max_len")
+        self.settings(**options)  # fail before reading any image
         out: list[OnnxCaption] = []
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
             batch = np.stack([self.preprocess(image) for image in chunk])
-            if beam_size == 1:
-                pools = [[hyp] for hyp in self.greedy(batch, max_len, min_len, no_unk)]
-            else:
-                pools = self.beam(batch, beam_size, max_len, float(self.decode_defaults.get("length_penalty", 0.0)),
-                                  min_len, no_unk)
-            for image, pool in zip(chunk, pools):
-                source = "<PIL image>" if isinstance(image, Image.Image) else str(image)
-                best, *rest = [self._caption(hyp, source) for hyp in pool[:n_best]]
-                best.alternatives = rest
-                out.append(best)
+            sources = ["<PIL image>" if isinstance(image, Image.Image) else str(image) for image in chunk]
+            out += self.caption_arrays(batch, sources, **options)
         return out
 
     def _caption(self, hyp: _Hyp, source: str) -> OnnxCaption:

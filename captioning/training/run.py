@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ from captioning.data.store import PreparedDataError
 from captioning.device import peak_rss_mib
 from captioning.evaluation.metrics import format_metrics_table
 from captioning.training.module import CaptioningModule
-from captioning.training.trainer import build_trainer
+from captioning.training.trainer import LOGGERS, build_trainer
 
 
 def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
@@ -54,6 +55,11 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
     p.add_argument("--feature-cache", type=Path, metavar="DIR",
                    help="frozen encoder: compute the annotation grids once into DIR and train the decoder from "
                         "them (sets data.feature_cache; needs model.encoder.fine_tune_from=null)")
+    p.add_argument("--logger", choices=LOGGERS, default="csv",
+                   help="csv: logs/metrics.csv (default); tensorboard: also TensorBoard event files in "
+                        "logs/tensorboard, with the attention heatmaps as images (the tensorboard extra)")
+    p.add_argument("--no-heatmaps", action="store_true",
+                   help="no attention figures of fixed validation images at each validation (<out-dir>/attention/)")
     p.add_argument("--no-test", action="store_true",
                    help="skip scoring the test split at the end (captioning compare scores with evaluate.py)")
     return p.parse_args(argv)
@@ -131,7 +137,11 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> dict:
                    f"{sum(p.numel() for p in module.parameters() if p.requires_grad):,} trained parameters")
 
     # A resumed run keeps its log rows from before the checkpoint's step (logs/metrics.csv).
-    trainer = build_trainer(cfg, out_dir, progress_bar=not args.no_progress, resume_step=resume_step)
+    try:
+        trainer = build_trainer(cfg, out_dir, progress_bar=not args.no_progress, resume_step=resume_step,
+                                logger=args.logger, heatmaps=not args.no_heatmaps)
+    except ValueError as err:  # --logger tensorboard without the tensorboard package
+        sys.exit(f"error: {err}")
     trainer.fit(module, datamodule=data, ckpt_path=args.resume)
     train_seconds = time.perf_counter() - started
     best = None if cfg.train.fast_dev_run else "best"
@@ -139,6 +149,8 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> dict:
         trainer.test(module, datamodule=data, ckpt_path=best, verbose=False)
 
     extra = {
+        # The command that made the run (a model folder's card quotes it: captioning export).
+        "command": " ".join([prog or "captioning train", *map(shlex.quote, sys.argv[1:] if argv is None else argv)]),
         "attention": cfg.model.attention,
         "checkpoint": str(out_dir / "best.ckpt") if best else None,
         "global_step": trainer.global_step,
