@@ -4,6 +4,7 @@ trained model. Skips where the ``export`` extra (onnx, onnxscript, onnxruntime) 
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -161,3 +162,34 @@ def test_folder_without_graphs_is_a_one_line_error(tmp_path):
     with pytest.raises(OnnxModelError, match="holds no ONNX graphs") as err:
         OnnxCaptioner(tmp_path)
     assert "\n" not in str(err.value)
+
+
+def test_cli_export_and_caption_with_the_onnx_engine_without_torch(untrained, tmp_path, capsys):
+    from captioning import cli
+
+    out = tmp_path / "exported"
+    assert cli.main(["export", "--checkpoint", str(untrained.ckpt), "--out", str(out), "--format", "onnx"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    paths = [str(p) for p in untrained.paths[:3]]
+    code = ("import sys, json\nfrom captioning.cli import main\n"
+            f"rc = main(['caption', '--engine', 'onnx', '--model', {str(out)!r}, '--json', '--beam-size', '3', "
+            f"'--n-best', '2', *{paths!r}])\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\nsys.exit(rc)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    expected = untrained.captioner.caption(paths, beam_size=3, n_best=2)
+    assert [r["words"] for r in rows] == [c.words for c in expected]
+    assert [[a["words"] for a in r["alternatives"]] for r in rows] == [[a.words for a in c.alternatives]
+                                                                      for c in expected]
+    assert rows[0]["settings"]["engine"] == "onnx"
+
+
+def test_cli_onnx_engine_errors(untrained, tmp_path, capsys):
+    from captioning import cli
+
+    assert cli.main(["caption", "--engine", "onnx", "--model", str(tmp_path), str(untrained.paths[0])]) == 2
+    assert "holds no ONNX graphs" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["caption", "--engine", "onnx", "--checkpoint", str(untrained.ckpt), str(untrained.paths[0])])
+    assert "--engine onnx needs --model" in capsys.readouterr().err

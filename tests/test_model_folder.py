@@ -158,3 +158,45 @@ def test_api_sampling_is_repeatable_by_seed(tiny):
     assert settings["method"] == "sample" and settings["beam_size"] == 1
     with pytest.raises(ValueError, match="cannot use a beam"):
         tiny.captioner.caption(tiny.paths[0], beam_size=3, temperature=0.5)
+
+
+# ------------------------------------------------------------------- decoding options, CLI
+
+
+def run_caption(capsys, *args) -> tuple[int, list[str], str]:
+    from captioning import cli
+
+    rc = cli.main(["caption", *map(str, args)])
+    out, err = capsys.readouterr()
+    return rc, out.splitlines(), err
+
+
+def test_cli_n_best_sampling_and_min_len(tiny, capsys):
+    path = tiny.paths[0]
+    rc, out, _ = run_caption(capsys, "--checkpoint", tiny.ckpt, path, "--json", "--beam-size", "4", "--n-best", "3")
+    assert rc == 0
+    row = json.loads(out[0])
+    expected = tiny.captioner.caption(path, beam_size=4, n_best=3)[0]
+    assert row["words"] == expected.words and len(row["alternatives"]) == 2
+    assert [a["words"] for a in row["alternatives"]] == [a.words for a in expected.alternatives]
+    assert row["settings"]["n_best"] == 3
+    rc, out, _ = run_caption(capsys, "--checkpoint", tiny.ckpt, path, "--n-best", "2")
+    assert rc == 0 and len(out) == 2 and out[1].startswith(f"{path}\t  ")  # the 2nd best, indented
+    sampled = [run_caption(capsys, "--checkpoint", tiny.ckpt, *tiny.paths, "--temperature", "5", "--seed", str(s))[1]
+               for s in (1, 1, 2)]
+    assert sampled[0] == sampled[1] and sampled[0] != sampled[2]
+    rc, out, _ = run_caption(capsys, "--checkpoint", tiny.ckpt, path, "--json", "--min-len", "5", "--no-unk")
+    assert rc == 0 and len(json.loads(out[0])["words"]) >= 5
+
+
+def test_cli_bad_option_combination_is_a_one_line_error(tiny, capsys):
+    rc, out, err = run_caption(capsys, "--checkpoint", tiny.ckpt, tiny.paths[0], "--beam-size", "3",
+                               "--temperature", "0.5")
+    assert rc == 2 and not out
+    assert err.count("\n") == 1 and "cannot use a beam" in err
+
+
+def test_cli_captions_from_a_model_folder(tiny, capsys):
+    rc, out, _ = run_caption(capsys, "--model", tiny.folder, *tiny.paths[:3], "--beam-size", "1")
+    assert rc == 0
+    assert [line.split("\t")[1] for line in out] == [c.text for c in tiny.captioner.caption(tiny.paths[:3], beam_size=1)]
