@@ -22,7 +22,6 @@ from captioning import Captioner
 from captioning.config import build_config
 from captioning.serve.server import MAX_UPLOAD_BYTES, make_server
 from conftest import save_untrained_checkpoint
-from test_inference import MAX_LEN  # noqa: F401  (the same tiny model sizes as the CLI tests)
 
 REPO = Path(__file__).resolve().parents[1]
 
