@@ -88,6 +88,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 FOLDER_FORMAT = "show-attend-tell"
 FOLDER_FORMAT_VERSION = 1
 FOLDER_FILES = ("config.json", "vocab.json", "model.safetensors", "README.md")
+#: Files derived from the weights (the ONNX export's), removed when new weights are saved.
+STALE_AFTER_SAVE = ("onnx.json", "encoder.onnx", "step.onnx")
 
 
 def vocab_fingerprint(vocab: Vocabulary) -> str:
@@ -128,6 +130,10 @@ def save_model_folder(folder: str | Path, model: ShowAttendTell, cfg: Config, vo
         staged.append((tmp, folder / name))
     for tmp, final in staged:
         os.replace(tmp, final)
+    # ONNX graphs of earlier weights would caption with them: a folder's graphs are written after
+    # its weights (captioning/export/onnx.py), never left beside other weights.
+    for name in STALE_AFTER_SAVE:
+        (folder / name).unlink(missing_ok=True)
     return folder
 
 

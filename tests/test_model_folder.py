@@ -200,3 +200,11 @@ def test_cli_captions_from_a_model_folder(tiny, capsys):
     rc, out, _ = run_caption(capsys, "--model", tiny.folder, *tiny.paths[:3], "--beam-size", "1")
     assert rc == 0
     assert [line.split("\t")[1] for line in out] == [c.text for c in tiny.captioner.caption(tiny.paths[:3], beam_size=1)]
+
+
+def test_saving_new_weights_removes_graphs_of_the_old_ones(tiny, tmp_path):
+    folder = copy_folder(tiny.folder, tmp_path / "m")
+    for name in ("onnx.json", "encoder.onnx", "step.onnx"):
+        (folder / name).write_text("graphs of earlier weights")
+    tiny.captioner.save_pretrained(folder)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(FOLDER_FILES)

@@ -24,11 +24,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from captioning.checkpoint import STALE_AFTER_SAVE
 from captioning.models import ShowAttendTell
 from captioning.models.decoder import DecoderState
 
 OPSET = 18
-ENCODER_FILE, STEP_FILE, META_FILE = "encoder.onnx", "step.onnx", "onnx.json"
+META_FILE, ENCODER_FILE, STEP_FILE = STALE_AFTER_SAVE  # removed when a folder's weights are saved again
 #: How a hard-attention model may attend in the exported step: both are deterministic.
 EXPORTABLE_HARD_MODES = ("expected", "argmax")
 
