@@ -211,10 +211,9 @@ class Handler(BaseHTTPRequestHandler):
             left -= len(chunk)
 
     def _example(self, index: str) -> Path:
-        try:
+        if index.isdigit() and int(index) < len(self.demo.examples):
             return self.demo.examples[int(index)]
-        except (ValueError, IndexError):
-            raise RequestError(HTTPStatus.NOT_FOUND, f"no example image {index!r}") from None
+        raise RequestError(HTTPStatus.NOT_FOUND, f"no example image {index!r}")
 
 
 def make_server(captioner, host: str = "127.0.0.1", port: int = 8000,
