@@ -208,3 +208,15 @@ def test_saving_new_weights_removes_graphs_of_the_old_ones(tiny, tmp_path):
         (folder / name).write_text("graphs of earlier weights")
     tiny.captioner.save_pretrained(folder)
     assert sorted(p.name for p in folder.iterdir()) == sorted(FOLDER_FILES)
+
+
+def test_evaluate_takes_the_decoding_options(tiny, tmp_path, capsys):
+    from captioning import cli
+
+    rc = cli.main(["evaluate", "--checkpoint", str(tiny.ckpt), "--split", "test", "--metrics", "bleu",
+                   "--min-len", "4", "--no-unk", "--beam-size", "1", "--out-dir", str(tmp_path)])
+    assert rc == 0, capsys.readouterr().err
+    predictions = json.loads((tmp_path / "predictions_test.json").read_text())
+    assert predictions and all(len(p["caption"].split()) >= 4 for p in predictions)
+    metrics = json.loads((tmp_path / "metrics_test.json").read_text())
+    assert metrics["decode"]["min_len"] == 4 and metrics["decode"]["no_unk"] is True
