@@ -7,14 +7,25 @@
         print(cap.source, cap.text, cap.score)   # cap.attention: [len(cap.words), grid, grid]
 
 The checkpoint alone is enough: it holds the config (image size, decoding settings) and the
-vocabulary. Images go through the one preprocessing path training uses
+vocabulary. ``save_pretrained(DIR)`` writes a model folder (config.json, vocab.json,
+model.safetensors, a README.md model card) that ``Captioner.from_pretrained(DIR)`` loads without
+Lightning or the training code.
+
+Decoding options (one implementation each, captioning/decoding.py)::
+
+    captioner.caption("cat.jpg", beam_size=5, n_best=3)[0].alternatives   # the 2nd and 3rd best
+    captioner.caption("cat.jpg", temperature=0.8, top_k=10, seed=0)        # a sampled caption
+    captioner.caption("cat.jpg", min_len=5, no_unk=True)                   # >= 5 words, no <unk>
+ Images go through the one preprocessing path training uses
 (:func:`captioning.data.transforms.load_image` / :func:`~captioning.data.transforms.to_rgb`, then
 :func:`~captioning.data.transforms.preprocess`), and are decoded in batches (greedy, or beam search with ``beam_size`` > 1).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import shlex
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence, Union
 
@@ -22,11 +33,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from captioning.checkpoint import load_checkpoint
+from captioning.checkpoint import (load_checkpoint, load_model_folder, model_card, read_run_metrics,
+                                   save_model_folder)
 from captioning.config import Config
 from captioning.data.transforms import load_image, preprocess, to_rgb
 from captioning.device import resolve_device
-from captioning.decoding import HARD_MODES, decode, decode_settings
+from captioning.decoding import HARD_MODES, Hypothesis, decode_n_best, decode_settings
 from captioning.models import ShowAttendTell
 from captioning.vocab import Vocabulary
 
@@ -45,6 +57,12 @@ class Caption:
     score: float  # sum of log p(word) over the words and <end>
     attention: np.ndarray  # [len(words), gh, gw] float32: each word's attention map
     source: str  # the image's path, or "<PIL image>"
+    ended: bool = True  # False if the caption reached max_len words without <end>
+    # Hard attention, "argmax" or "sample" mode, greedy or sampled decoding: the grid cell (row-major
+    # index) each word looked at. None otherwise.
+    locations: list[int] | None = None
+    # With n_best > 1: the 2nd, 3rd, ... best captions of the same image (each without alternatives).
+    alternatives: list["Caption"] = field(default_factory=list)
 
 
 def source_name(image: ImageInput) -> str:
@@ -55,7 +73,8 @@ class Captioner:
     """A trained model in eval mode plus what it needs to caption images: config and vocabulary."""
 
     def __init__(self, model: ShowAttendTell, config: Config, vocab: Vocabulary,
-                 device: str | torch.device | None = None) -> None:
+                 device: str | torch.device | None = None, source: str | Path | None = None) -> None:
+        self.source = None if source is None else str(source)  # the checkpoint or folder it came from
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.config = config
@@ -73,15 +92,39 @@ class Captioner:
         """
         dev = resolve_device(device)  # before reading the file: an unavailable device fails fast
         loaded = load_checkpoint(path, map_location=dev)
-        return cls(loaded.model, loaded.config, loaded.vocab, dev)
+        return cls(loaded.model, loaded.config, loaded.vocab, dev, source=path)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, device: str | None = None) -> "Captioner":
+        """Load a model folder written by :meth:`save_pretrained` (or ``captioning export``).
+
+        Needs neither Lightning nor the training code. Raises CheckpointError (one line) for a
+        missing folder or file, a damaged file, or a vocab.json that is not the weights' own.
+        """
+        dev = resolve_device(device)
+        loaded = load_model_folder(folder, map_location=dev)
+        return cls(loaded.model, loaded.config, loaded.vocab, dev, source=folder)
+
+    def save_pretrained(self, folder: str | Path, command: str | None = None) -> Path:
+        """Write this model as a folder: config.json, vocab.json, model.safetensors and a README.md
+        model card, with the test scores of the training run's metrics.json beside the checkpoint
+        (when loaded from one) and ``command`` (default: this process's command line)."""
+        if command is None:
+            command = " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]])
+        from_checkpoint = self.source is not None and Path(self.source).is_file()
+        metrics = read_run_metrics(self.source) if from_checkpoint else None
+        card = model_card(self.model, self.config, self.vocab, command, self.source, metrics)
+        return save_model_folder(folder, self.model, self.config, self.vocab, card)
 
     # ------------------------------------------------------------------------------ settings
 
     def decode_settings(self, max_len: int | None = None, hard_mode: str | None = None,
-                        beam_size: int | None = None) -> dict:
+                        beam_size: int | None = None, *, n_best: int = 1, temperature: float | None = None,
+                        top_k: int | None = None, min_len: int = 0, no_unk: bool = False) -> dict:
         """The decoding settings a call with these overrides uses (validated); see
         :func:`captioning.decoding.decode_settings`."""
-        return decode_settings(self.config, max_len, hard_mode, beam_size)
+        return decode_settings(self.config, max_len, hard_mode, beam_size, n_best=n_best, temperature=temperature,
+                               top_k=top_k, min_len=min_len, no_unk=no_unk)
 
     @property
     def settings(self) -> dict:
@@ -114,9 +157,13 @@ class Captioner:
     @torch.no_grad()
     def caption_tensors(self, images: torch.Tensor, sources: Sequence[str] | None = None,
                         max_len: int | None = None, hard_mode: str | None = None,
-                        beam_size: int | None = None) -> list[Caption]:
-        """Decode a batch of preprocessed images [B, 3, S, S] (from :meth:`preprocess`)."""
-        settings = self.decode_settings(max_len, hard_mode, beam_size)
+                        beam_size: int | None = None, *, seed: int | None = None, **options) -> list[Caption]:
+        """Decode a batch of preprocessed images [B, 3, S, S] (from :meth:`preprocess`).
+
+        ``options``: n_best, temperature, top_k, min_len, no_unk (see :meth:`decode_settings`);
+        ``seed`` makes sampling (words, and hard attention's "sample" mode) repeatable.
+        """
+        settings = self.decode_settings(max_len, hard_mode, beam_size, **options)
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must have shape [B, 3, H, W], got {tuple(images.shape)}")
         sources = list(sources) if sources is not None else [PIL_SOURCE] * images.shape[0]
@@ -125,23 +172,31 @@ class Captioner:
         if images.shape[0] == 0:
             return []
         self.model.eval()
-        decoded = decode(self.model, images.to(self.device), beam_size=settings["beam_size"],
-                         max_len=settings["max_len"], mode=settings["hard_mode"] or "expected",
-                         length_penalty=self.config.decode.length_penalty)
-        tokens = decoded.tokens.cpu()
-        lengths = decoded.lengths.cpu().tolist()
-        scores = decoded.scores.float().cpu().tolist()
-        alphas = decoded.alphas.float().cpu()
-        g = self.grid_size
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [],
+                                   enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            pools = decode_n_best(
+                self.model, images.to(self.device), n_best=settings["n_best"], beam_size=settings["beam_size"],
+                max_len=settings["max_len"], mode=settings["hard_mode"] or "expected",
+                length_penalty=self.config.decode.length_penalty, min_len=settings["min_len"],
+                no_unk=settings["no_unk"], temperature=settings["temperature"], top_k=settings["top_k"])
+        out = []
+        for source, pool in zip(sources, pools):
+            best, *rest = [self._caption(h, source) for h in pool]
+            best.alternatives = rest
+            out.append(best)
+        return out
+
+    def _caption(self, hyp: Hypothesis, source: str) -> Caption:
+        g, n = self.grid_size, len(hyp.tokens)
+        alphas = hyp.alphas.float().cpu()
         if alphas.shape[-1] != g * g:
             raise RuntimeError(f"attention has {alphas.shape[-1]} locations, expected a {g}x{g} grid")
-        out = []
-        for i, source in enumerate(sources):
-            n = lengths[i]
-            words = self.vocab.decode(tokens[i, :n])
-            attention = alphas[i, :n].reshape(n, g, g).numpy().astype(np.float32, copy=True)
-            out.append(Caption(" ".join(words), words, float(scores[i]), attention, source))
-        return out
+        words = self.vocab.decode(hyp.tokens)
+        attention = alphas[:n].reshape(n, g, g).numpy().astype(np.float32, copy=True)
+        return Caption(" ".join(words), words, float(hyp.score), attention, source, bool(hyp.ended),
+                       locations=hyp.locations)
 
     def caption(
         self,
@@ -150,23 +205,33 @@ class Captioner:
         max_len: int | None = None,
         hard_mode: str | None = None,
         beam_size: int | None = None,
+        *,
+        n_best: int = 1,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        min_len: int = 0,
+        no_unk: bool = False,
+        seed: int | None = None,
     ) -> list[Caption]:
         """Caption image files and/or PIL images, in order, ``batch_size`` at a time.
 
-        A single path or image gives a list of one. Raises ImageLoadError naming the first file
-        that cannot be read, ValueError for bad settings.
+        A single path or image gives a list of one. ``n_best`` > 1 fills each caption's
+        ``alternatives``; a ``temperature`` or ``top_k`` samples (``seed``: repeatable); ``min_len``
+        forbids <end> before that many words; ``no_unk`` never emits <unk>. Raises ImageLoadError
+        naming the first file that cannot be read, ValueError for bad settings.
         """
+        options = dict(n_best=n_best, temperature=temperature, top_k=top_k, min_len=min_len, no_unk=no_unk)
         if isinstance(images, (str, Path, Image.Image)):
             images = [images]
         images = list(images)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        self.decode_settings(max_len, hard_mode, beam_size)  # fail before reading any image
+        self.decode_settings(max_len, hard_mode, beam_size, **options)  # fail before reading any image
         results: list[Caption] = []
-        for chunk in _chunks(images, batch_size):
+        for i, chunk in enumerate(_chunks(images, batch_size)):
             batch = torch.stack([self.preprocess(image) for image in chunk])
             results += self.caption_tensors(batch, [source_name(image) for image in chunk], max_len, hard_mode,
-                                            beam_size)
+                                            beam_size, seed=None if seed is None else seed + i, **options)
         return results
 
 

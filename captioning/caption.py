@@ -3,6 +3,10 @@
     captioning caption --checkpoint runs/soft/best.ckpt photo.jpg photos/ "shots/*.png"
     captioning caption --checkpoint runs/soft/best.ckpt photos/ --json --heatmaps figures/
     captioning caption --checkpoint runs/soft/best.ckpt --from-split test --limit 4
+    captioning caption --checkpoint runs/soft/best.ckpt photo.jpg --beam-size 5 --n-best 3 --json
+    captioning caption --checkpoint runs/soft/best.ckpt photo.jpg --temperature 0.8 --top-k 10 --seed 0
+    captioning caption --model exported/soft photo.jpg                  # a model folder (PyTorch)
+    captioning caption --engine onnx --model exported/soft photo.jpg    # ONNX Runtime, no torch
 
 Prints ``path<TAB>caption`` per image (``--json``: one JSON object per line); a tab, newline or
 backslash in a path is written as ``\\t``, ``\\n``, ``\\\\``, so each image is one line. An image
@@ -109,11 +113,14 @@ def heatmap_path(folder: Path, source: Path | str, used: set[str]) -> Path:
 
 
 def load_captioner(checkpoint: Path, device: str | None):
-    """Captioner.from_checkpoint, with every failure turned into a UsageError."""
+    """Captioner.from_checkpoint (or from_pretrained for a model folder), with every failure turned
+    into a UsageError."""
     from captioning.api import Captioner
     from captioning.checkpoint import CheckpointError
 
     try:
+        if checkpoint.is_dir():
+            return Captioner.from_pretrained(checkpoint, device=device)
         return Captioner.from_checkpoint(checkpoint, device=device)
     except CheckpointError as err:
         raise UsageError(err) from None
@@ -123,11 +130,33 @@ def load_captioner(checkpoint: Path, device: str | None):
         raise UsageError(f"cannot load checkpoint {checkpoint}: {type(err).__name__}: {err}") from None
 
 
+def decoding_options(args: argparse.Namespace) -> dict:
+    """--n-best, --temperature, --top-k, --min-len, --no-unk as keyword arguments of
+    Captioner.decode_settings / caption (checked there: captioning.decoding.check_options)."""
+    return {"n_best": getattr(args, "n_best", 1), "temperature": args.temperature, "top_k": args.top_k,
+            "min_len": args.min_len, "no_unk": args.no_unk}
+
+
+def add_decoding_options(p: argparse.ArgumentParser, n_best: bool = True) -> None:
+    """The decoding options shared by caption and evaluate (captioning/decoding.py); evaluate
+    scores one caption per image, so it has no --n-best."""
+    if n_best:
+        p.add_argument("--n-best", type=positive_int, default=1, metavar="K",
+                       help="the K best captions of each image (beam search widens to K; with sampling, K draws)")
+    p.add_argument("--temperature", type=float, metavar="T",
+                   help="sample each word from softmax(logits / T) instead of searching (beam size 1)")
+    p.add_argument("--top-k", type=positive_int, metavar="K", help="sample among the K most likely words only")
+    p.add_argument("--min-len", type=int, default=0, metavar="N", help="no <end> before N words (default: 0)")
+    p.add_argument("--no-unk", action="store_true", help="never emit <unk>")
+
+
 def captioner_and_settings(args: argparse.Namespace):
-    """The checkpoint's Captioner and the decoding settings of --max-len, --hard-mode, --beam-size."""
+    """The checkpoint's Captioner and the decoding settings of --max-len, --hard-mode, --beam-size
+    and the decoding options."""
     captioner = load_captioner(args.checkpoint, args.device)
     try:
-        return captioner, captioner.decode_settings(args.max_len, args.hard_mode, args.beam_size)
+        return captioner, captioner.decode_settings(args.max_len, args.hard_mode, args.beam_size,
+                                                    **decoding_options(args))
     except ValueError as err:
         raise UsageError(err) from None
 
@@ -150,8 +179,14 @@ def caption_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument("inputs", nargs="*", metavar="IMAGE",
                    help="image files, folders (their image files, sorted) or globs such as 'shots/*.png'")
-    p.add_argument("--checkpoint", required=True, type=Path, metavar="CKPT",
-                   help="best.ckpt or last.ckpt written by captioning train")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, metavar="CKPT",
+                        help="best.ckpt or last.ckpt written by captioning train (or a model folder)")
+    source.add_argument("--model", type=Path, metavar="DIR",
+                        help="a model folder written by captioning export (or Captioner.save_pretrained)")
+    p.add_argument("--engine", choices=["torch", "onnx"], default="torch",
+                   help="torch (default), or onnx: the folder's ONNX graphs under ONNX Runtime, without "
+                        "PyTorch (needs --model DIR written by 'captioning export --format onnx')")
     p.add_argument("--heatmaps", type=Path, metavar="DIR",
                    help="write one attention figure (PNG) per image into DIR")
     p.add_argument("--json", action="store_true",
@@ -165,6 +200,8 @@ def caption_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="most words per caption (default: the checkpoint's decode.max_len)")
     p.add_argument("--hard-mode", choices=["expected", "argmax", "sample"],
                    help="how a hard-attention model attends (default: the checkpoint's decode.hard_mode)")
+    add_decoding_options(p)
+    p.add_argument("--seed", type=int, help="make sampling (words, and hard attention's sample mode) repeatable")
     p.add_argument("--from-split", choices=["train", "val", "test"], metavar="SPLIT",
                    help="also caption images of this split of the checkpoint's dataset")
     p.add_argument("--limit", type=positive_int, metavar="N",
@@ -196,6 +233,14 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         parser.error("--limit needs --from-split")
     if args.data_root is not None and args.from_split is None:
         parser.error("--data-root needs --from-split")
+    if args.checkpoint is None:
+        args.checkpoint = args.model
+    if args.engine == "onnx":
+        if args.model is None:
+            parser.error("--engine onnx needs --model DIR (written by 'captioning export --format onnx')")
+        if args.temperature is not None or args.top_k is not None or args.hard_mode or args.from_split:
+            parser.error("--engine onnx decodes greedily or by beam search from the exported graphs: "
+                         "--temperature, --top-k, --hard-mode and --from-split need --engine torch")
     try:
         return _run_caption(args)
     except UsageError as err:
@@ -211,10 +256,36 @@ def tsv_field(text: str) -> str:
     return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
 
 
-def _run_caption(args: argparse.Namespace) -> int:
-    import torch
+def onnx_engine_and_settings(args: argparse.Namespace):
+    """The ONNX engine of --model and its decoding settings (imports no torch)."""
+    from captioning.export.runtime import OnnxCaptioner, OnnxModelError
 
-    captioner, settings = captioner_and_settings(args)
+    try:
+        engine = OnnxCaptioner(args.model)
+        options = {"beam_size": args.beam_size, "max_len": args.max_len, "n_best": args.n_best,
+                   "min_len": args.min_len, "no_unk": args.no_unk}
+        return engine, options, engine.settings(**options)
+    except (OnnxModelError, ValueError) as err:
+        raise UsageError(err) from None
+
+
+def _run_caption(args: argparse.Namespace) -> int:
+    if args.engine == "onnx":
+        import numpy as np
+
+        engine, options, settings = onnx_engine_and_settings(args)
+
+        def run(batch: list, sources: list[str]) -> list:
+            return engine.caption_arrays(np.stack(batch), sources, **options)
+    else:
+        import torch
+
+        engine, settings = captioner_and_settings(args)
+
+        def run(batch: list, sources: list[str]) -> list:
+            return engine.caption_tensors(torch.stack(batch), sources, settings["max_len"], settings["hard_mode"],
+                                          settings["beam_size"], seed=args.seed, **decoding_options(args))
+    captioner = engine
 
     paths, input_errors = expand_inputs(args.inputs)
     for message in input_errors:
@@ -243,16 +314,19 @@ def _run_caption(args: argparse.Namespace) -> int:
                 print_error(f"{path}: {image_error_reason(err, path)}")
                 failed += 1
         if loaded:
-            captions = captioner.caption_tensors(
-                torch.stack([t for _, _, t in loaded]), [str(p) for p, _, _ in loaded],
-                settings["max_len"], settings["hard_mode"], settings["beam_size"],
-            )
+            captions = run([t for _, _, t in loaded], [str(p) for p, _, _ in loaded])
             for (path, image, _), cap in zip(loaded, captions):
                 if args.json:
-                    print(json.dumps({"path": cap.source, "caption": cap.text, "score": cap.score,
-                                      "words": cap.words, "settings": settings}))
+                    row = {"path": cap.source, "caption": cap.text, "score": cap.score, "words": cap.words,
+                           "settings": settings}
+                    if cap.alternatives:
+                        row["alternatives"] = [{"caption": a.text, "score": a.score, "words": a.words}
+                                               for a in cap.alternatives]
+                    print(json.dumps(row))
                 else:
                     print(f"{tsv_field(cap.source)}\t{cap.text}")
+                    for alt in cap.alternatives:  # --n-best: the others, indented, best first
+                        print(f"{tsv_field(cap.source)}\t  {alt.text}\t{alt.score:.4f}")
                 if args.heatmaps is not None:
                     target = heatmap_path(args.heatmaps, path, used_names)
                     try:

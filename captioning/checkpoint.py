@@ -105,3 +105,194 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     check_state_dict(model.state_dict(), state, path)
     model.load_state_dict(state)
     return LoadedModel(model.to(map_location).eval(), cfg, vocab)
+
+
+# ================================================================================ model folders
+#
+# A model folder is what ``Captioner.save_pretrained`` writes and ``Captioner.from_pretrained``
+# (and the ONNX export) reads: plain files that need neither Lightning nor the training code.
+#
+#   config.json        {"format", "format_version", "vocab_size", "vocab_sha256", "config"}
+#   vocab.json         the vocabulary, a list of words (ids are positions)
+#   model.safetensors  the model's weights (ShowAttendTell's state_dict), no pickle
+#   README.md          a model card: architecture, test scores, how it was made, how to load it
+
+FOLDER_FORMAT = "show-attend-tell"
+FOLDER_FORMAT_VERSION = 1
+FOLDER_FILES = ("config.json", "vocab.json", "model.safetensors", "README.md")
+#: Files derived from the weights (the ONNX export's), removed when new weights are saved.
+STALE_AFTER_SAVE = ("onnx.json", "encoder.onnx", "step.onnx")
+
+
+def vocab_fingerprint(vocab: Vocabulary) -> str:
+    """sha256 of the words in order: ties a vocab.json to the weights it was saved with."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(vocab.words).encode()).hexdigest()
+
+
+def save_model_folder(folder: str | Path, model: ShowAttendTell, cfg: Config, vocab: Vocabulary,
+                      card: str) -> Path:
+    """Write a model folder (see above); ``card`` is the README.md text. Files are written under
+    temporary names and renamed, so a folder is never left half-old, half-new."""
+    import json
+    import os
+
+    from safetensors.torch import save_file
+
+    from captioning.config import to_dict
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"{folder} exists and is not a folder; choose another output path")
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"format": FOLDER_FORMAT, "format_version": FOLDER_FORMAT_VERSION, "vocab_size": len(vocab),
+            "vocab_sha256": vocab_fingerprint(vocab), "config": to_dict(cfg)}
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    staged = []
+    for name, write in (
+        ("model.safetensors", lambda p: save_file(state, str(p), metadata={"format": FOLDER_FORMAT})),
+        ("config.json", lambda p: p.write_text(json.dumps(meta, indent=2) + "\n")),
+        ("vocab.json", lambda p: p.write_text(json.dumps(vocab.words, indent=0) + "\n")),
+        ("README.md", lambda p: p.write_text(card)),
+    ):
+        tmp = folder / f".{name}.tmp"
+        write(tmp)
+        staged.append((tmp, folder / name))
+    for tmp, final in staged:
+        os.replace(tmp, final)
+    # ONNX graphs of earlier weights would caption with them: a folder's graphs are written after
+    # its weights (captioning/export/onnx.py), never left beside other weights.
+    for name in STALE_AFTER_SAVE:
+        (folder / name).unlink(missing_ok=True)
+    return folder
+
+
+def read_folder_meta(folder: str | Path) -> tuple[dict, Config, Vocabulary]:
+    """config.json and vocab.json of a model folder -> (meta, config, vocabulary), checked
+    against each other. Raises CheckpointError (one line) for a missing, damaged or mismatched file."""
+    import json
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"model folder {folder} does not exist (write one with Captioner.save_pretrained "
+                              "or 'captioning export')")
+    texts = {}
+    for name in ("config.json", "vocab.json"):
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing; a model folder holds {', '.join(FOLDER_FILES)}")
+        try:
+            texts[name] = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{path} is damaged (not JSON: {str(err).splitlines()[0]}); "
+                                  "copy the folder again") from None
+    meta, words = texts["config.json"], texts["vocab.json"]
+    if not isinstance(meta, dict) or meta.get("format") != FOLDER_FORMAT or "config" not in meta:
+        raise CheckpointError(f"{folder / 'config.json'} is not a show-attend-tell model folder's config")
+    if meta.get("format_version") != FOLDER_FORMAT_VERSION:
+        raise CheckpointError(f"{folder} has model folder format version {meta.get('format_version')!r}; "
+                              f"this version reads {FOLDER_FORMAT_VERSION}")
+    try:
+        cfg = from_dict(meta["config"])
+        vocab = Vocabulary(words if isinstance(words, list) else [])
+    except (ConfigError, ValueError, TypeError) as err:
+        raise CheckpointError(f"{folder} was written by an incompatible version: {err}") from None
+    if len(vocab) != meta.get("vocab_size") or vocab_fingerprint(vocab) != meta.get("vocab_sha256"):
+        raise CheckpointError(f"{folder / 'vocab.json'} ({len(vocab)} words) is not the vocabulary this model was "
+                              f"saved with ({meta.get('vocab_size')} words); copy the folder's files together")
+    return meta, cfg, vocab
+
+
+def load_model_folder(folder: str | Path, map_location: str | torch.device = "cpu") -> LoadedModel:
+    """Rebuild the model in eval mode from a model folder (see above)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    _, cfg, vocab = read_folder_meta(folder)
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"{weights} is missing; a model folder holds {', '.join(FOLDER_FILES)}")
+    try:
+        state = load_file(str(weights), device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        reason = " ".join(str(err).split())
+        raise CheckpointError(f"{weights} is damaged ({reason}); copy the folder again") from None
+    cfg = merge(cfg, {"model": {"encoder": {"weights": "none"}}})  # the weights come from the folder
+    model = ShowAttendTell(cfg.model, len(vocab))
+    embedding = state.get("decoder.embedding.weight")
+    if embedding is not None and embedding.shape[0] != len(vocab):
+        raise CheckpointError(f"{weights} was saved for {embedding.shape[0]} words but vocab.json holds "
+                              f"{len(vocab)}; copy the folder's files together")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(f"{weights}: weights do not match config.json ({str(err).splitlines()[0]})") from None
+    return LoadedModel(model.to(map_location).eval(), cfg, vocab)
+
+
+def read_run_metrics(checkpoint: str | Path) -> dict | None:
+    """The training run's metrics.json beside a checkpoint (scores on the test split), or None."""
+    import json
+
+    path = Path(checkpoint).parent / "metrics.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+_CARD_METRICS = (("bleu_1", "BLEU-1"), ("bleu_2", "BLEU-2"), ("bleu_3", "BLEU-3"), ("bleu_4", "BLEU-4"),
+                 ("meteor", "METEOR"), ("rouge_l", "ROUGE-L"), ("cider", "CIDEr"), ("spice", "SPICE"))
+
+
+def model_card(model: ShowAttendTell, cfg: Config, vocab: Vocabulary, command: str,
+               source: str | None = None, metrics: dict | None = None) -> str:
+    """README.md of a model folder: what the model is, its test scores (from the training run's
+    metrics.json, when there is one), the command that made the folder, and how to load it."""
+    enc, dec = cfg.model.encoder, cfg.model.decoder
+    params = sum(p.numel() for p in model.parameters())
+    lines = [
+        f"# Show, Attend and Tell: {cfg.model.attention} attention",
+        "",
+        "An image captioning model (Xu et al., 2015), saved by `Captioner.save_pretrained`.",
+        "",
+        "| | |", "|---|---|",
+        f"| attention | {cfg.model.attention} ({dec.score} score, {dec.gate} gate) |",
+        f"| encoder | {enc.backbone} up to {enc.stage or 'the last stage'}, {enc.grid_size}x{enc.grid_size} grid |",
+        f"| decoder | LSTM {dec.hidden_dim}, embedding {dec.embed_dim}, attention {dec.attention_dim} |",
+        f"| vocabulary | {len(vocab)} words |",
+        f"| parameters | {params:,} |",
+        f"| images | {cfg.data.image_size}x{cfg.data.image_size}, dataset `{cfg.data.dataset}` |",
+        f"| decoding | beam {cfg.decode.beam_size}, at most {cfg.decode.max_len} words"
+        + (f", hard mode {cfg.decode.hard_mode}" if cfg.model.attention == "hard" else "") + " |",
+        "",
+    ]
+    scores = (metrics or {}).get("metrics")
+    if isinstance(scores, dict) and scores:
+        n = metrics.get("num_images")
+        lines += [f"## Test split scores (x100{f', {n} images' if n else ''})", "", "| metric | score |", "|---|---|"]
+        for key, name in _CARD_METRICS:
+            if isinstance(scores.get(key), (int, float)):
+                lines.append(f"| {name} | {100 * scores[key]:.2f} |")
+        lines.append("")
+    else:
+        lines += ["## Test split scores", "", "Not scored: no test scores in a metrics.json beside the checkpoint.", ""]
+    lines += ["## How it was made", ""]
+    if isinstance((metrics or {}).get("command"), str):
+        lines += ["Trained with:", "", "```", metrics["command"], "```", ""]
+    if metrics and metrics.get("global_step") is not None:
+        lines += [f"{metrics.get('epochs')} epochs, {metrics.get('global_step')} steps, "
+                  f"{metrics.get('train_seconds')} s of training.", ""]
+    if source:
+        lines += [f"From the checkpoint `{Path(source).name}`, written into this folder by:", ""]
+    else:
+        lines += ["Written into this folder by:", ""]
+    lines += ["```", command, "```", "",
+              "## Use", "", "```python", "from captioning import Captioner", "",
+              "captioner = Captioner.from_pretrained(\"THIS_FOLDER\")",
+              "print(captioner.caption(\"photo.jpg\")[0].text)", "```", ""]
+    return "\n".join(lines)

@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "caption": ("captioning.caption:main", "caption images with a trained checkpoint"),
     "compare": ("captioning.study.cli:main", "the soft-vs-hard study: train and evaluate both, write a report"),
     "benchmark": ("captioning.perf.run:main", "measure training, encoding, decoding and loading speed"),
+    "export": ("captioning.export.run:main", "write a model folder (safetensors, model card), optionally ONNX graphs"),
+    "demo": ("captioning.serve.run:main", "a browser demo: caption an image, see each word's attention"),
 }
 
 

@@ -1,12 +1,12 @@
-"""Tokenisation and the word <-> id vocabulary, stored in checkpoints as a plain list of words."""
+"""Tokenisation and the word <-> id vocabulary, stored in checkpoints as a plain list of words.
+
+Free of torch, so that the ONNX engine (captioning/export/runtime.py) shares it."""
 
 from __future__ import annotations
 
 import re
 from collections import Counter
-from typing import Iterable, Sequence
-
-import torch
+from typing import Any, Iterable, Sequence
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
@@ -50,9 +50,10 @@ class Vocabulary:
         ids = [self.index.get(tok, self.unk_id) for tok in tokenize(caption)[:max_len]]
         return [self.start_id, *ids, self.end_id]
 
-    def decode(self, ids: Sequence[int] | torch.Tensor) -> list[str]:
-        """Words up to (excluding) the first <end>; <start> and <pad> are skipped."""
-        if isinstance(ids, torch.Tensor):
+    def decode(self, ids: Sequence[int] | Any) -> list[str]:
+        """Words up to (excluding) the first <end>; <start> and <pad> are skipped. ``ids``: a
+        sequence of ints, or a 1-D tensor or array."""
+        if hasattr(ids, "tolist"):
             ids = ids.tolist()
         words = []
         for i in ids:
@@ -62,3 +63,15 @@ class Vocabulary:
                 continue
             words.append(self.words[i])
         return words
+
+
+def banned_ids(n_words: int, min_len: int = 0, no_unk: bool = False) -> list[int]:
+    """Word ids a decoder may not emit after ``n_words`` words: never <pad> or <start>; not <end>
+    before ``min_len`` words; not <unk> with ``no_unk``. Every decoding loop (greedy, sampling and
+    beam search, in PyTorch and in the ONNX engine) sets these log-probabilities to -inf."""
+    banned = [Vocabulary.pad_id, Vocabulary.start_id]
+    if n_words < min_len:
+        banned.append(Vocabulary.end_id)
+    if no_unk:
+        banned.append(Vocabulary.unk_id)
+    return banned

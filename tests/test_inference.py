@@ -135,7 +135,8 @@ def test_json_lines_and_one_heatmap_per_image(tiny, capsys, tmp_path):
         assert row["caption"] == " ".join(row["words"])
         assert row["score"] < 0
         assert row["settings"] == {"method": "beam", "beam_size": 3, "length_penalty": 0.0, "max_len": MAX_LEN,
-                                   "hard_mode": None, "attention": "soft"}  # the checkpoint's decode.beam_size
+                                   "hard_mode": None, "attention": "soft", "n_best": 1, "temperature": None,
+                                   "top_k": None, "min_len": 0, "no_unk": False}  # the checkpoint's decode.beam_size
     figures = sorted(heatmaps.glob("*.png"))
     assert len(figures) == len(paths)
     assert {f.stem for f in figures} == {paths[0].stem, paths[1].stem, paths[0].stem + "_2"}
@@ -339,7 +340,8 @@ def test_api_returns_the_same_captions_as_the_cli(tiny, capsys):
 def test_hard_attention_uses_the_checkpoint_hard_mode(tiny):
     captioner = Captioner.from_checkpoint(tiny.hard_ckpt, device="cpu")
     assert captioner.settings == {"method": "beam", "beam_size": 3, "length_penalty": 0.0, "max_len": MAX_LEN,
-                                  "hard_mode": "argmax", "attention": "hard"}
+                                  "hard_mode": "argmax", "attention": "hard", "n_best": 1, "temperature": None,
+                                  "top_k": None, "min_len": 0, "no_unk": False}
     assert captioner.decode_settings(beam_size=1)["method"] == "greedy"
     assert captioner.decode_settings(hard_mode="expected")["hard_mode"] == "expected"
     g = tiny.cfg.model.encoder.grid_size

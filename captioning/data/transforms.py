@@ -9,9 +9,12 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
+
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torchvision.transforms import functional as TF
+
+if TYPE_CHECKING:
+    import torch
 
 # ImageNet statistics: torchvision's pretrained backbones expect them; random weights don't mind.
 MEAN = (0.485, 0.456, 0.406)
@@ -91,12 +94,16 @@ def preprocess(img: Image.Image, image_size: int) -> torch.Tensor:
     Resized to a square (aspect ratio not kept; the paper crops to 224x224). No flip or other
     augmentation: captions name left and right, and a flip would make them false.
     """
+    from torchvision.transforms import functional as TF  # here: loading and resizing need no torch
+
     img = resize_square(img, image_size)
     return TF.normalize(TF.to_tensor(img), MEAN, STD)
 
 
 def unnormalize(tensor: torch.Tensor) -> torch.Tensor:
     """Inverse of the normalisation, for display: [3, H, W] -> values in [0, 1]."""
+    import torch
+
     mean = torch.tensor(MEAN, device=tensor.device)[:, None, None]
     std = torch.tensor(STD, device=tensor.device)[:, None, None]
     return (tensor * std + mean).clamp(0, 1)

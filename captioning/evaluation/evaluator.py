@@ -84,6 +84,7 @@ def decode_split(captioner: "Captioner", data: "CaptionDataModule", split: str, 
     """
     from torch.utils.data import DataLoader, Subset
 
+    from captioning.decoding import settings_options
     from captioning.progress import Progress
 
     loader = data.eval_dataloader(split)  # one item per image of the split
@@ -97,7 +98,7 @@ def decode_split(captioner: "Captioner", data: "CaptionDataModule", split: str, 
     decoded: dict[int, DecodedImage] = {}
     for batch in loader:
         captions = captioner.caption_tensors(batch["images"], None, settings["max_len"], settings["hard_mode"],
-                                            settings["beam_size"])
+                                            settings["beam_size"], **settings_options(settings, n_best=False))
         for image_id, cap in zip(batch["image_ids"].tolist(), captions):
             named = named_words(cap.words, cap.attention, matcher) if matcher is not None else []
             decoded[image_id] = DecodedImage(cap.text, named)

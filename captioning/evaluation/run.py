@@ -28,14 +28,15 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from captioning.caption import captioner_and_settings, data_config
+from captioning.caption import add_decoding_options, captioner_and_settings, data_config
 from captioning.console import EXIT_USAGE, UsageError, one_line, positive_int, print_error
 from captioning.files import atomic_write_json, check_writable
 from captioning.data.coco import write_results
 from captioning.progress import format_duration
 
 METRICS = ("bleu", "meteor", "rouge", "cider", "spice")
-CHECKPOINT_ONLY = ("split", "batch_size", "hard_mode", "beam_size", "max_len", "device", "data_root", "instances")
+CHECKPOINT_ONLY = ("split", "batch_size", "hard_mode", "beam_size", "max_len", "device", "data_root", "instances",
+                   "temperature", "top_k")
 
 
 def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
@@ -59,6 +60,7 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
                    help="beam width; 1 = greedy (default: the checkpoint's decode.beam_size)")
     p.add_argument("--max-len", type=positive_int, metavar="N",
                    help="most words per caption (default: the checkpoint's decode.max_len)")
+    add_decoding_options(p, n_best=False)
     p.add_argument("--tokenizer", choices=["auto", "ptb", "simple"], default="auto",
                    help="caption tokenizer for scoring: ptb (official, Java), simple, or auto (default)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available, else cpu)")

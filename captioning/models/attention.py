@@ -23,7 +23,7 @@ from torch import nn
 
 def _grouped(x: torch.Tensor, images: int) -> torch.Tensor:
     """[N*g, ...] -> [N, g, ...]: the rows of each image together."""
-    g, rem = divmod(x.shape[0], images)
+    g, rem = x.shape[0] // images, x.shape[0] % images  # not divmod: torch.export traces // and %
     if rem or g == 0:
         raise ValueError(f"{x.shape[0]} attention rows for {images} images: need the same number per image")
     return x.view(images, g, *x.shape[1:])

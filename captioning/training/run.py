@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -36,7 +37,7 @@ from captioning.evaluation.metrics import format_metrics_table
 from captioning.files import FileWriteError, as_write_error, atomic_write_json
 from captioning.training.module import CaptioningModule
 from captioning.training.run_folder import RunFolderError, check_out_dir, choose_out_dir, take_folder
-from captioning.training.trainer import TrainingStopped, build_trainer, run_guarded
+from captioning.training.trainer import LOGGERS, TrainingStopped, build_trainer, run_guarded
 
 
 def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
@@ -62,6 +63,11 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
     p.add_argument("--feature-cache", type=Path, metavar="DIR",
                    help="frozen encoder: compute the annotation grids once into DIR and train the decoder from "
                         "them (sets data.feature_cache; needs model.encoder.fine_tune_from=null)")
+    p.add_argument("--logger", choices=LOGGERS, default="csv",
+                   help="csv: logs/metrics.csv (default); tensorboard: also TensorBoard event files in "
+                        "logs/tensorboard, with the attention heatmaps as images (the tensorboard extra)")
+    p.add_argument("--no-heatmaps", action="store_true",
+                   help="no attention figures of fixed validation images at each validation (<out-dir>/attention/)")
     p.add_argument("--no-test", action="store_true",
                    help="skip scoring the test split at the end (captioning compare scores with evaluate.py)")
     return p.parse_args(argv)
@@ -111,7 +117,7 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> dict:
     SIGTERM and Ctrl-C end in SystemExit with a one-line message (status 1, 1, 143, 130)."""
     args = parse_args(argv, prog)
     try:
-        return train(args, prog or "captioning train")
+        return train(args, prog or "captioning train", argv)
     except (ConfigError, CheckpointError, RunFolderError, AnnotationError, PreparedDataError, FeatureCacheError,
             FileWriteError) as err:
         sys.exit(f"error: {one_line(err)}")  # status 1, nothing written
@@ -128,7 +134,7 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> dict:
         raise SystemExit(130) from None
 
 
-def train(args: argparse.Namespace, prog: str) -> dict:
+def train(args: argparse.Namespace, prog: str, argv: list[str] | None = None) -> dict:
     cfg, vocab, ckpt = make_config(args)
     resume_step = int(ckpt.get("global_step", 0)) if ckpt is not None else None
     out_dir = choose_out_dir(args.out_dir, cfg.model.attention, args.resume)
@@ -163,7 +169,11 @@ def train(args: argparse.Namespace, prog: str) -> dict:
         if rank_zero:
             save_yaml(cfg, out_dir / "config.yaml")
         # A resumed run keeps its log rows from before the checkpoint's step (logs/metrics.csv).
-        trainer = build_trainer(cfg, out_dir, progress_bar=not args.no_progress, resume_step=resume_step)
+        try:
+            trainer = build_trainer(cfg, out_dir, progress_bar=not args.no_progress, resume_step=resume_step,
+                                    logger=args.logger, heatmaps=not args.no_heatmaps)
+        except ValueError as err:  # --logger tensorboard without the tensorboard package
+            raise ConfigError(str(err)) from None
         run_guarded(trainer, lambda: trainer.fit(module, datamodule=data, ckpt_path=args.resume), out_dir, prog)
         train_seconds = time.perf_counter() - started
         best = None if cfg.train.fast_dev_run else "best"
@@ -172,6 +182,8 @@ def train(args: argparse.Namespace, prog: str) -> dict:
                         out_dir, prog)
 
         extra = {
+            # The command that made the run (a model folder's card quotes it: captioning export).
+            "command": " ".join([prog, *map(shlex.quote, sys.argv[1:] if argv is None else argv)]),
             "attention": cfg.model.attention,
             "checkpoint": str(out_dir / "best.ckpt") if best else None,
             "global_step": trainer.global_step,

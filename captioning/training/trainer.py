@@ -211,11 +211,40 @@ def _write_csv(path: Path, fieldnames: list[str], rows: list[dict[str, str]]) ->
     atomic_write(path, write)
 
 
+#: Loggers ``build_trainer`` knows; the CSV log (logs/metrics.csv) is always written.
+LOGGERS = ("csv", "tensorboard")
+
+
+def build_loggers(out_dir: Path, logger: str = "csv", resume_step: int | None = None) -> list:
+    """logs/metrics.csv always (rows before ``resume_step`` kept); with "tensorboard" also
+    TensorBoard event files in logs/tensorboard. Raises ValueError for an unknown logger or a
+    missing tensorboard package."""
+    if logger not in LOGGERS:
+        raise ValueError(f"unknown logger {logger!r}; choose {' or '.join(LOGGERS)}")
+    loggers = [ResumableCSVLogger(out_dir, name="logs", version="", keep_before_step=resume_step)]
+    if logger == "tensorboard":
+        from pytorch_lightning.loggers import TensorBoardLogger
+
+        try:
+            import tensorboard  # noqa: F401  (Lightning falls back to tensorboardX otherwise)
+        except ImportError:
+            raise ValueError("--logger tensorboard needs the tensorboard package: "
+                             "pip install 'show-attend-tell[tensorboard]'") from None
+        loggers.append(TensorBoardLogger(out_dir, name="logs", version="tensorboard", default_hp_metric=False))
+    return loggers
+
+
 def build_trainer(
-    cfg: Config, out_dir: str | Path, progress_bar: bool = True, resume_step: int | None = None
+    cfg: Config, out_dir: str | Path, progress_bar: bool = True, resume_step: int | None = None,
+    logger: str = "csv", heatmaps: bool = True,
 ) -> pl.Trainer:
-    """``resume_step``: the global step of the checkpoint being resumed, whose earlier log rows are kept."""
+    """``resume_step``: the global step of the checkpoint being resumed, whose earlier log rows are
+    kept. ``logger``: "csv" or "tensorboard" (see build_loggers). ``heatmaps``: attention figures
+    of a few fixed validation images at every validation (captioning/training/heatmaps.py)."""
+    from captioning.training.heatmaps import AttentionHeatmaps
+
     out_dir = Path(out_dir)
+    loggers = build_loggers(out_dir, logger, resume_step)
     t = cfg.train
     callbacks: list[pl.Callback] = [
         ModelCheckpoint(dirpath=out_dir, filename="best", monitor=MONITOR, mode="max", save_top_k=1,
@@ -228,6 +257,8 @@ def build_trainer(
         RunGuard(check_every=t.log_every),
         RNGState(),
     ]
+    if heatmaps and not t.fast_dev_run:
+        callbacks.append(AttentionHeatmaps(out_dir))
     if progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=10))
     multi = t.devices * t.num_nodes > 1
@@ -250,7 +281,7 @@ def build_trainer(
         num_sanity_val_steps=0,
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO()],
-        logger=ResumableCSVLogger(out_dir, name="logs", version="", keep_before_step=resume_step),
+        logger=loggers,
         enable_progress_bar=progress_bar,
         default_root_dir=out_dir,
         deterministic=False,

@@ -1,0 +1,131 @@
+"""Writing a model as ONNX graphs: the encoder, and one decoder step.
+
+    captioning export --checkpoint runs/soft/best.ckpt --out exported/soft --format onnx
+
+The folder is a model folder (captioning/checkpoint.py: config.json, vocab.json,
+model.safetensors, README.md) plus
+
+    encoder.onnx  images [B, 3, S, S] -> annotations a [B, L, D], keys W a [B, L, K], h_0, c_0 [B, n]
+    step.onnx     one word (Sec. 3.1.2): y_{t-1} [B] int64, h, c, a, keys
+                  -> log p(y_t) [B, V], h_t, c_t, alpha_t [B, L]
+                  (attention, the gate beta_t, the LSTM and the deep output of Eq. 7)
+    onnx.json     what the graphs are: file names, hard attention's mode, opset
+
+The decoding loops (greedy and beam search) are NumPy, in captioning/export/runtime.py: the step
+runs once per word, so a graph per word keeps the search itself readable and the graphs small.
+Both graphs take any batch size; every row of the step has its own copy of the annotations.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from captioning.checkpoint import STALE_AFTER_SAVE
+from captioning.models import ShowAttendTell
+from captioning.models.decoder import DecoderState
+
+OPSET = 18
+META_FILE, ENCODER_FILE, STEP_FILE = STALE_AFTER_SAVE  # removed when a folder's weights are saved again
+#: How a hard-attention model may attend in the exported step: both are deterministic.
+EXPORTABLE_HARD_MODES = ("expected", "argmax")
+
+
+class ExportError(ValueError):
+    """The model cannot be exported as asked."""
+
+
+class EncoderGraph(nn.Module):
+    """Everything computed once per image: the annotations, the attention keys and h_0, c_0."""
+
+    def __init__(self, model: ShowAttendTell) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor):
+        features, mask = self.model.encode(images)
+        keys = self.model.decoder.project(features)
+        state = self.model.decoder.init_state(features, mask)
+        return features, keys, state.h, state.c
+
+
+class StepGraph(nn.Module):
+    """One decoder step, as ``Decoder.step`` computes it, with log-softmax over the vocabulary."""
+
+    def __init__(self, model: ShowAttendTell, mode: str) -> None:
+        super().__init__()
+        self.decoder = model.decoder
+        self.mode = mode
+
+    def forward(self, words, h, c, features, keys):
+        mask = torch.ones_like(features[:, :, 0], dtype=torch.bool)  # square images: every location is real
+        out = self.decoder.step(words, DecoderState(h, c), features, keys, mask, self.mode)
+        return out.logits.float().log_softmax(-1), out.state.h, out.state.c, out.attended.alpha
+
+
+def export_onnx(model: ShowAttendTell, image_size: int, folder: str | Path, hard_mode: str | None = None) -> Path:
+    """Write encoder.onnx, step.onnx and onnx.json into ``folder`` (a model folder already).
+
+    ``hard_mode`` (hard attention only): "expected" or "argmax"; "sample" draws random locations,
+    which a graph of fixed weights cannot reproduce, so it is refused.
+    """
+    folder = Path(folder)
+    attention = model.attention
+    if attention == "hard":
+        mode = hard_mode or "expected"
+        if mode not in EXPORTABLE_HARD_MODES:
+            raise ExportError(f"hard attention's {mode!r} mode draws random locations and cannot be exported; "
+                              f"export with hard mode {' or '.join(EXPORTABLE_HARD_MODES)}")
+    else:
+        mode = "expected"
+    model = model.float().eval().cpu()
+    images = torch.zeros(2, 3, image_size, image_size)
+    # The export traces with gradients on: the teacher-forced paths are the plain tensor maths
+    # (the no-grad decoding path of the additive score chooses its form from the values).
+    with torch.enable_grad():
+        features, keys, h, c = EncoderGraph(model)(images)
+        words = torch.ones(2, dtype=torch.long)
+        _export(EncoderGraph(model), (images,), folder / ENCODER_FILE, ["images"], ["features", "keys", "h", "c"])
+        _export(StepGraph(model, mode), (words, h.detach(), c.detach(), features.detach(), keys.detach()),
+                folder / STEP_FILE, ["words", "h", "c", "features", "keys"], ["log_probs", "h_out", "c_out", "alpha"])
+    meta = {"encoder": ENCODER_FILE, "step": STEP_FILE, "attention": attention,
+            "hard_mode": mode if attention == "hard" else None, "opset": OPSET, "image_size": image_size}
+    (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return folder
+
+
+def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str]) -> None:
+    """One graph whose first dimension (images or rows) is free. torch.export's exporter keeps the
+    decoder's shape arithmetic (rows per image in the attention) symbolic; the TorchScript tracer
+    could not."""
+    import warnings
+
+    rows = torch.export.Dim("rows")
+    tmp = path.with_name(f".{path.name}.tmp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # notes on axis names shared by every input
+        program = torch.onnx.export(module.eval(), args, input_names=inputs, output_names=outputs,
+                                    dynamic_shapes=tuple({0: rows} for _ in args), opset_version=OPSET,
+                                    dynamo=True, verbose=False)
+    program.save(str(tmp))
+    tmp.replace(path)
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "folder", hard_mode: str | None = None,
+                      command: str | None = None) -> Path:
+    """``captioning export``: a checkpoint (or a model folder) -> a model folder at ``out``, with
+    the ONNX graphs when ``fmt`` is "onnx". Raises CheckpointError / ExportError (one line)."""
+    from captioning.api import Captioner
+
+    source = Path(checkpoint)
+    captioner = Captioner.from_pretrained(source, "cpu") if source.is_dir() else Captioner.from_checkpoint(source, "cpu")
+    folder = captioner.save_pretrained(out, command=command)
+    if fmt == "onnx":
+        mode = hard_mode or (captioner.config.decode.hard_mode if captioner.hard else None)
+        export_onnx(captioner.model, captioner.image_size, folder, mode)
+    elif fmt != "folder":
+        raise ExportError(f"unknown export format {fmt!r}; choose folder or onnx")
+    return folder

@@ -1,0 +1,62 @@
+"""``captioning export``: a checkpoint as a shareable model folder, optionally with ONNX graphs.
+
+    captioning export --checkpoint runs/soft/best.ckpt --out exported/soft               # model folder
+    captioning export --checkpoint runs/soft/best.ckpt --out exported/soft --format onnx # + ONNX graphs
+
+The folder (captioning/checkpoint.py) holds config.json, vocab.json, model.safetensors and a
+README.md model card built from the run's metrics.json; ``Captioner.from_pretrained(DIR)`` loads it
+without Lightning. ``--format onnx`` adds encoder.onnx and step.onnx (captioning/export/onnx.py),
+which ``captioning caption --engine onnx --model DIR`` runs without PyTorch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from captioning.console import EXIT_OK, EXIT_USAGE, print_error
+
+
+def parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, type=Path, metavar="CKPT",
+                   help="best.ckpt or last.ckpt written by captioning train (or a model folder)")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="the folder to write")
+    p.add_argument("--format", choices=["folder", "onnx"], default="folder",
+                   help="folder: weights as safetensors (default); onnx: also the ONNX graphs")
+    p.add_argument("--hard-mode", choices=["expected", "argmax"],
+                   help="hard attention in the ONNX step (default: the checkpoint's decode.hard_mode)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    args = parser(prog).parse_args(argv)
+    from captioning.checkpoint import CheckpointError
+
+    command = " ".join([prog or "captioning export", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+    try:
+        if args.format == "onnx":
+            try:
+                import onnx  # noqa: F401
+                import onnxscript  # noqa: F401
+            except ImportError:
+                raise CheckpointError("--format onnx needs the export extra: pip install 'show-attend-tell[export]'") from None
+        from captioning.export.onnx import ExportError, export_checkpoint
+
+        try:
+            folder = export_checkpoint(args.checkpoint, args.out, args.format, args.hard_mode, command=command)
+        except ExportError as err:
+            raise CheckpointError(err) from None
+    except (CheckpointError, OSError) as err:
+        print_error(err)
+        return EXIT_USAGE
+    files = ", ".join(sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")))
+    print(f"wrote {folder}: {files}")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

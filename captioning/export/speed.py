@@ -1,0 +1,83 @@
+"""Captioning speed of the two engines, PyTorch and ONNX Runtime, on the same images.
+
+    python -m captioning.export.speed --checkpoint runs/soft/best.ckpt --model exported/soft \\
+        --split test --limit 100 --beam-size 1 3 --threads 1 --repeats 3
+
+Both engines caption the same preprocessed images (loading is left out), with the same thread
+count, ``--repeats`` times after one warm-up run; the best time of each is reported as images per
+second, with how many captions came out identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", type=Path, required=True, help="best.ckpt (or a model folder) for PyTorch")
+    p.add_argument("--model", type=Path, required=True, help="the folder 'captioning export --format onnx' wrote")
+    p.add_argument("--split", default="test", help="images of this split of the checkpoint's dataset")
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--beam-size", type=int, nargs="+", default=[1, 3])
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads of both engines")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=32)
+    args = p.parse_args(argv)
+
+    import numpy as np
+    import torch
+
+    from captioning.api import Captioner
+    from captioning.data.datamodule import CaptionDataModule
+    from captioning.export.runtime import OnnxCaptioner
+
+    torch.set_num_threads(args.threads)
+    load = Captioner.from_pretrained if args.checkpoint.is_dir() else Captioner.from_checkpoint
+    captioner = load(args.checkpoint, device="cpu")
+    onnx = OnnxCaptioner(args.model, threads=args.threads)
+    data = CaptionDataModule(captioner.config.data, captioner.vocab)
+    data.prepare_data()
+    paths = [r.path for r in data.load_split(args.split)[: args.limit]]
+    batches = [paths[i:i + args.batch_size] for i in range(0, len(paths), args.batch_size)]
+    torch_in = [torch.stack([captioner.preprocess(p) for p in b]) for b in batches]
+    onnx_in = [np.stack([onnx.preprocess(p) for p in b]) for b in batches]
+
+    def run_torch(beam: int) -> list[list[str]]:
+        return [c.words for x in torch_in for c in captioner.caption_tensors(x, beam_size=beam)]
+
+    def run_onnx(beam: int) -> list[list[str]]:
+        out = []
+        for x in onnx_in:
+            pools = [[h] for h in onnx.greedy(x, captioner.config.decode.max_len)] if beam == 1 else \
+                onnx.beam(x, beam, captioner.config.decode.max_len, captioner.config.decode.length_penalty)
+            out += [onnx.vocab.decode(pool[0].tokens) for pool in pools]
+        return out
+
+    def best_time(fn, beam: int):
+        words = fn(beam)  # warm-up
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            fn(beam)
+            times.append(time.perf_counter() - start)
+        return min(times), words
+
+    rows = []
+    print(f"{len(paths)} images, {args.threads} thread(s), best of {args.repeats}")
+    for beam in args.beam_size:
+        t_torch, w_torch = best_time(run_torch, beam)
+        t_onnx, w_onnx = best_time(run_onnx, beam)
+        same = sum(a == b for a, b in zip(w_torch, w_onnx))
+        row = {"beam_size": beam, "images": len(paths), "torch_images_per_s": len(paths) / t_torch,
+               "onnx_images_per_s": len(paths) / t_onnx, "identical": same}
+        rows.append(row)
+        print(f"beam {beam}: PyTorch {row['torch_images_per_s']:.1f} images/s, ONNX Runtime "
+              f"{row['onnx_images_per_s']:.1f} images/s, {same}/{len(paths)} captions identical")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

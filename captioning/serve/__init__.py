@@ -1,0 +1,1 @@
+"""The browser demo: ``captioning demo --checkpoint CKPT`` (captioning/serve/server.py)."""

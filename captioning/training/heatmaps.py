@@ -1,0 +1,79 @@
+"""Attention heatmaps of a few fixed validation images, written at every validation, so that a
+user can watch attention form while the model trains.
+
+Each validation writes ``<run>/attention/step<global step>_<i>.png`` (the paper's Figure 3 layout,
+captioning/visualization.py: the image, then each generated word's attention) for the same first
+images of the validation split, and with TensorBoard on, adds them as images under
+``attention/<i>`` at the global step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
+
+from captioning.data.transforms import ImageLoadError, load_image, preprocess
+from captioning.decoding import decode
+
+#: Validation images drawn at every validation.
+NUM_IMAGES = 4
+
+
+class AttentionHeatmaps(pl.Callback):
+    def __init__(self, out_dir: str | Path, num_images: int = NUM_IMAGES) -> None:
+        self.folder = Path(out_dir) / "attention"
+        self.num_images = num_images
+        self._images: list | None = None  # (name, PIL image) of the fixed validation images
+
+    def _load(self, trainer: pl.Trainer) -> list:
+        if self._images is None:
+            self._images = []
+            data = trainer.datamodule
+            records = data.load_split("val")[: self.num_images] if data is not None else []
+            for record in records:
+                try:
+                    self._images.append((Path(record.path).stem, load_image(record.path)))
+                except ImageLoadError as err:  # e.g. a prepared folder whose source files moved
+                    rank_zero_warn(f"attention heatmaps: skipping a validation image ({err})")
+        return self._images
+
+    @rank_zero_only
+    def on_validation_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not self._load(trainer):
+            return
+        from captioning.visualization import attention_figure
+
+        cfg, model = module.cfg, module.model
+        images = torch.stack([preprocess(img, cfg.data.image_size) for _, img in self._images]).to(module.device)
+        was_training = model.training
+        model.eval()
+        try:
+            decoded = decode(model, images, max_len=cfg.decode.max_len,
+                             mode=cfg.decode.hard_mode if cfg.model.attention == "hard" else "expected")
+        finally:
+            model.train(was_training)
+        g = cfg.model.encoder.grid_size
+        step = trainer.global_step
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tensorboard = _tensorboard(trainer)
+        for i, (name, img) in enumerate(self._images):
+            n = int(decoded.lengths[i])
+            words = module.vocab.decode(decoded.tokens[i, :n])
+            maps = decoded.alphas[i, :n].float().cpu().reshape(n, g, g).numpy()
+            figure = attention_figure(img, words, maps, title=f"step {step}: {' '.join(words)}", panel_size=128)
+            figure.save(self.folder / f"step{step:07d}_{i}.png", format="PNG")
+            if tensorboard is not None:
+                tensorboard.add_image(f"attention/{i}_{name}", np.asarray(figure), step, dataformats="HWC")
+
+
+def _tensorboard(trainer: pl.Trainer):
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            return logger.experiment
+    return None

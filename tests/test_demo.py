@@ -1,0 +1,236 @@
+"""The browser demo (captioning/serve): its JSON endpoint over HTTP, and the page in a real
+headless Chromium driven by Selenium. The browser tests skip, saying why, where Chromium, its
+driver or Selenium is not installed (Debian: apt-get install chromium chromium-driver)."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from captioning import Captioner
+from captioning.config import build_config
+from captioning.serve.server import MAX_UPLOAD_BYTES, make_server
+from conftest import save_untrained_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sharpen_attention(ckpt: Path) -> None:
+    """Scale the untrained model's attention keys so that its attention moves from word to word
+    (random weights otherwise spread it almost evenly)."""
+    data = torch.load(ckpt, weights_only=True)
+    for key in list(data["state_dict"]):
+        if key.endswith("attention.score.W.weight") or key.endswith("decoder.init_h.weight"):
+            data["state_dict"][key] = data["state_dict"][key] * 8.0
+    torch.save(data, ckpt)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    cfg = build_config(overrides=[f"data.root={root / 'data'}", "data.synthetic.num_train=8",
+                                  "data.synthetic.num_val=4", "data.synthetic.num_test=4", "decode.max_len=6",
+                                  "model.decoder.embed_dim=32", "model.decoder.hidden_dim=64",
+                                  "model.decoder.attention_dim=32"])
+    from captioning.data.datamodule import CaptionDataModule
+
+    data = CaptionDataModule(cfg.data)
+    data.prepare_data()
+    data.setup("fit")
+    ckpt = save_untrained_checkpoint(cfg, data.vocab, root / "run" / "best.ckpt")
+    sharpen_attention(ckpt)
+    captioner = Captioner.from_checkpoint(ckpt, device="cpu")
+    examples = [Path(r.path) for r in data.load_split("test")]
+    server = make_server(captioner, "127.0.0.1", 0, examples)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    photo = root / "photo.png"  # an upload: a test image of the synthetic set, enlarged
+    Image.open(examples[0]).resize((160, 160), Image.Resampling.NEAREST).save(photo)
+    yield SimpleNamespace(url=url, server=server, captioner=captioner, examples=examples, photo=photo, root=root)
+    server.shutdown()
+    server.server_close()
+
+
+def post(url: str, body: bytes, query: str = "") -> tuple[int, dict]:
+    request = urllib.request.Request(f"{url}/api/caption?{query}", data=body, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+# ----------------------------------------------------------------------------- the endpoint
+
+
+def test_caption_endpoint_matches_the_api(demo):
+    status, data = post(demo.url, demo.photo.read_bytes(), "method=beam&beam_size=3&n_best=2")
+    assert status == 200
+    expected = demo.captioner.caption(demo.photo, beam_size=3, n_best=2)[0]
+    assert [c["words"] for c in data["captions"]] == [expected.words] + [a.words for a in expected.alternatives]
+    first = data["captions"][0]
+    assert np.asarray(first["attention"]).shape == (len(first["words"]), data["grid"], data["grid"])
+    status, greedy = post(demo.url, b"", "method=greedy&example=0")
+    assert status == 200 and len(greedy["captions"]) == 1
+    assert greedy["captions"][0]["words"] == demo.captioner.caption(demo.examples[0], beam_size=1)[0].words
+    status, sampled = post(demo.url, b"", "method=sample&temperature=2&top_k=5&seed=1&n_best=3&example=1")
+    assert status == 200 and 1 <= len(sampled["captions"]) <= 3
+
+
+@pytest.mark.parametrize("body,query,status,message", [
+    (b"this is not an image\n", "", 400, "cannot be read as an image"),
+    (b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "", 400, "cannot be read as an image"),
+    (b"", "", 400, "no image"),
+    (b"", "example=99", 404, "no example image"),
+    (None, "", 400, "temperature must be a positive number"),
+    (None, "method=beam&beam_size=abc", 400, "beam_size must be a whole number"),
+])
+def test_bad_requests_get_one_line_errors_and_the_server_keeps_serving(demo, body, query, status, message):
+    if body is None:  # a good image, bad options
+        body = demo.photo.read_bytes()
+        query = query or "method=sample&temperature=-1"
+    code, data = post(demo.url, body, query)
+    assert code == status
+    assert message in data["error"] and "\n" not in data["error"]
+    assert str(demo.root) not in data["error"]  # the server's temporary paths stay private
+    assert post(demo.url, demo.photo.read_bytes(), "method=greedy")[0] == 200
+
+
+def test_truncated_jpeg_and_oversized_upload(demo):
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(buffer, format="JPEG")
+    code, data = post(demo.url, buffer.getvalue()[:200])
+    assert code == 400 and "cannot be read as an image" in data["error"]
+    code, data = post(demo.url, b"\0" * (MAX_UPLOAD_BYTES + 1))
+    assert code == 413 and "MiB" in data["error"]
+    assert post(demo.url, demo.photo.read_bytes(), "method=greedy")[0] == 200
+
+
+def test_page_and_info(demo):
+    with urllib.request.urlopen(f"{demo.url}/", timeout=30) as r:
+        page = r.read().decode()
+    assert "/api/caption" in page and "http" not in page.replace("http-equiv", "")  # nothing external
+    with urllib.request.urlopen(f"{demo.url}/api/info", timeout=30) as r:
+        info = json.loads(r.read())
+    assert info["attention"] == "soft" and len(info["examples"]) == len(demo.examples)
+
+
+def test_server_listens_on_loopback_by_default(demo):
+    server = make_server(demo.captioner, port=0)
+    try:
+        assert server.server_address[0] == "127.0.0.1"
+    finally:
+        server.server_close()
+
+
+# ----------------------------------------------------------------------------- the browser
+
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--window-size=1200,1000")
+
+
+def find_browser() -> tuple[str, str] | None:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    return (browser, driver) if browser and driver else None
+
+
+@pytest.fixture
+def browser(tmp_path):
+    webdriver = pytest.importorskip("selenium.webdriver", reason="the browser test needs selenium (dev extra)")
+    found = find_browser()
+    if found is None:
+        pytest.skip("no Chromium and chromedriver on PATH (Debian: apt-get install chromium chromium-driver)")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = found[0]
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path / 'profile'}")
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=found[1]))
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+def heatmap_pixels(driver) -> str:
+    return driver.execute_script("return document.getElementById('heatmap').toDataURL();")
+
+
+def test_browser_upload_caption_and_word_heatmaps(demo, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 60)
+    browser.get(demo.url)
+    wait.until(lambda d: "attention" in d.find_element(By.ID, "model").text)
+    browser.find_element(By.CSS_SELECTOR, "input[name=method][value=greedy]").click()
+    browser.find_element(By.ID, "file").send_keys(str(demo.photo))
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".hyp .word"))
+    words = browser.find_elements(By.CSS_SELECTOR, ".hyp .word")
+    expected = demo.captioner.caption(demo.photo, beam_size=1)[0]
+    assert [w.text for w in words] == expected.words
+    assert browser.find_element(By.ID, "error").text == ""
+    assert len(words) >= 2, "the test model must say at least two words"
+    wait.until(lambda d: heatmap_pixels(d) != "data:,")
+    first = heatmap_pixels(browser)
+    words[1].click()
+    wait.until(lambda d: "selected" in d.find_elements(By.CSS_SELECTOR, ".hyp .word")[1].get_attribute("class"))
+    second = heatmap_pixels(browser)
+    assert second != first  # another word, another heatmap
+    assert f'"{expected.words[1]}"' in browser.find_element(By.ID, "legend").text
+    browser.save_screenshot(str(Path("/tmp") / "demo_word_heatmap.png"))
+
+    bad = demo.root / "notes.txt"
+    bad.write_text("not an image")
+    browser.find_element(By.ID, "file").send_keys(str(bad))
+    wait.until(lambda d: d.find_element(By.ID, "error").text)
+    assert "cannot be read as an image" in browser.find_element(By.ID, "error").text
+    # The server kept serving: an example image still captions.
+    browser.find_elements(By.CSS_SELECTOR, "#examples img")[0].click()
+    wait.until(lambda d: d.find_element(By.ID, "error").text == "" and d.find_elements(By.CSS_SELECTOR, ".hyp"))
+
+
+def test_hard_checkpoint_reports_where_each_word_looked(demo, tmp_path):
+    cfg = demo.captioner.config
+    from captioning.config import merge
+
+    hard = merge(cfg, {"model": {"attention": "hard"}, "decode": {"hard_mode": "argmax"}})
+    ckpt = save_untrained_checkpoint(hard, demo.captioner.vocab, tmp_path / "hard" / "best.ckpt")
+    server = make_server(Captioner.from_checkpoint(ckpt, device="cpu"), "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        for mode in ("argmax", "sample", "expected"):
+            status, data = post(url, demo.photo.read_bytes(), f"method=greedy&hard_mode={mode}")
+            assert status == 200 and data["settings"]["hard_mode"] == mode
+            cap = data["captions"][0]
+            if mode == "expected":
+                assert cap["locations"] is None
+                continue
+            assert len(cap["locations"]) == len(cap["words"])
+            for grid, loc in zip(cap["attention"], cap["locations"]):
+                flat = np.asarray(grid).ravel()
+                assert flat[loc] > 0
+                if mode == "argmax":
+                    assert loc == int(flat.argmax())
+        status, data = post(url, demo.photo.read_bytes(), "method=greedy&hard_mode=bogus")
+        assert status == 400 and "hard_mode must be one of" in data["error"]
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -1,0 +1,222 @@
+"""Model folders (Captioner.save_pretrained / from_pretrained) and the API's decoding options, on
+a tiny untrained checkpoint built in-process (no training run)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from captioning import Captioner
+from captioning.checkpoint import FOLDER_FILES, CheckpointError
+from captioning.config import build_config
+from captioning.data.datamodule import CaptionDataModule
+from captioning.vocab import SPECIALS, Vocabulary
+from conftest import save_untrained_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("folder")
+    overrides = [f"data.root={root / 'data'}", "data.synthetic.num_train=20", "data.synthetic.num_val=8",
+                 "data.synthetic.num_test=8", "decode.max_len=6"]
+    cfg = build_config("configs/tiny.yaml" if (REPO / "configs/tiny.yaml").is_file() else None, overrides)
+    data = CaptionDataModule(cfg.data)
+    data.prepare_data()
+    data.setup("fit")
+    ckpt = save_untrained_checkpoint(cfg, data.vocab, root / "run" / "best.ckpt", prefer_word="circle")
+    (ckpt.parent / "metrics.json").write_text(json.dumps({
+        "metrics": {"bleu_4": 0.4321, "cider": 1.5}, "num_images": 8, "global_step": 12, "epochs": 2,
+        "train_seconds": 3.5, "command": "captioning train --config configs/tiny.yaml"}))
+    paths = [Path(r.path) for r in data.load_split("test")]
+    captioner = Captioner.from_checkpoint(ckpt, device="cpu")
+    folder = captioner.save_pretrained(root / "model", command="captioning export --checkpoint best.ckpt")
+    return SimpleNamespace(root=root, ckpt=ckpt, folder=folder, paths=paths, captioner=captioner)
+
+
+def test_folder_holds_the_four_files_and_a_model_card(tiny):
+    assert sorted(p.name for p in tiny.folder.iterdir()) == sorted(FOLDER_FILES)
+    card = (tiny.folder / "README.md").read_text()
+    assert "| BLEU-4 | 43.21 |" in card and "| CIDEr | 150.00 |" in card
+    assert "captioning train --config configs/tiny.yaml" in card
+    assert "captioning export --checkpoint best.ckpt" in card
+    assert json.loads((tiny.folder / "vocab.json").read_text()) == tiny.captioner.vocab.words
+
+
+def test_round_trip_gives_the_same_captions(tiny):
+    loaded = Captioner.from_pretrained(tiny.folder, device="cpu")
+    for kwargs in ({"beam_size": 1}, {"beam_size": 3, "n_best": 2}):
+        a = tiny.captioner.caption(tiny.paths, **kwargs)
+        b = loaded.caption(tiny.paths, **kwargs)
+        assert [c.words for c in a] == [c.words for c in b]
+        assert [[x.words for x in c.alternatives] for c in a] == [[x.words for x in c.alternatives] for c in b]
+        assert [c.score for c in a] == pytest.approx([c.score for c in b], abs=1e-6)
+    assert loaded.config == tiny.captioner.config and loaded.vocab == tiny.captioner.vocab
+
+
+BLOCK_LIGHTNING = r"""
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("pytorch_lightning", "lightning", "lightning_fabric", "torchmetrics"):
+            raise ImportError(f"{name} is blocked: this process has no Lightning")
+sys.meta_path.insert(0, Block())
+from captioning import Captioner
+captioner = Captioner.from_pretrained(sys.argv[1], device="cpu")
+print(captioner.caption(sys.argv[2])[0].text)
+assert not [m for m in sys.modules if m.split(".")[0] in ("pytorch_lightning", "lightning")]
+"""
+
+
+def test_folder_loads_where_lightning_cannot_be_imported(tiny):
+    expected = tiny.captioner.caption(tiny.paths[0])[0].text
+    result = subprocess.run([sys.executable, "-c", BLOCK_LIGHTNING, str(tiny.folder), str(tiny.paths[0])],
+                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == expected
+
+
+def copy_folder(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for p in src.iterdir():
+        (dst / p.name).write_bytes(p.read_bytes())
+    return dst
+
+
+def test_damaged_weights_are_a_one_line_error(tiny, tmp_path):
+    folder = copy_folder(tiny.folder, tmp_path / "m")
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors is damaged") as err:
+        Captioner.from_pretrained(folder, device="cpu")
+    assert "\n" not in str(err.value)
+
+
+def test_another_vocabulary_is_a_one_line_error(tiny, tmp_path):
+    folder = copy_folder(tiny.folder, tmp_path / "m")
+    words = json.loads((folder / "vocab.json").read_text())
+    words[4], words[5] = words[5], words[4]  # same size, other vocabulary
+    (folder / "vocab.json").write_text(json.dumps(words))
+    with pytest.raises(CheckpointError, match="is not the vocabulary this model was saved with") as err:
+        Captioner.from_pretrained(folder, device="cpu")
+    assert "\n" not in str(err.value)
+    (folder / "vocab.json").write_text(json.dumps(list(SPECIALS) + ["cat"]))
+    with pytest.raises(CheckpointError, match="2 words|5 words|is not the vocabulary"):
+        Captioner.from_pretrained(folder, device="cpu")
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("config.json", "{not json", "config.json is damaged"),
+    ("config.json", "[1, 2]", "not a show-attend-tell model folder"),
+    ("vocab.json", "", "vocab.json is damaged"),
+])
+def test_damaged_json_is_a_one_line_error(tiny, tmp_path, name, content, message):
+    folder = copy_folder(tiny.folder, tmp_path / "m")
+    (folder / name).write_text(content)
+    with pytest.raises(CheckpointError, match=message) as err:
+        Captioner.from_pretrained(folder, device="cpu")
+    assert "\n" not in str(err.value)
+
+
+def test_missing_folder_or_file(tiny, tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        Captioner.from_pretrained(tmp_path / "nothing")
+    folder = copy_folder(tiny.folder, tmp_path / "m")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model.safetensors is missing"):
+        Captioner.from_pretrained(folder, device="cpu")
+
+
+# ------------------------------------------------------------------- decoding options, API
+
+
+def test_api_n_best_alternatives_and_options(tiny):
+    cap = tiny.captioner.caption(tiny.paths[0], beam_size=4, n_best=3)[0]
+    assert len(cap.alternatives) == 2
+    assert all(a.score <= cap.score + 1e-6 for a in cap.alternatives)
+    assert all(a.attention.shape[0] == len(a.words) for a in cap.alternatives)
+    assert tiny.captioner.caption(tiny.paths[0], n_best=2)[0].alternatives  # the beam widens to n_best
+    long = tiny.captioner.caption(tiny.paths, min_len=5, beam_size=1)
+    assert all(len(c.words) >= 5 for c in long)
+    assert all("<unk>" not in c.words for c in tiny.captioner.caption(tiny.paths, no_unk=True))
+
+
+def test_api_sampling_is_repeatable_by_seed(tiny):
+    a = tiny.captioner.caption(tiny.paths, temperature=5.0, seed=3)
+    b = tiny.captioner.caption(tiny.paths, temperature=5.0, seed=3)
+    c = tiny.captioner.caption(tiny.paths, temperature=5.0, seed=4)
+    assert [x.words for x in a] == [x.words for x in b]
+    assert [x.words for x in a] != [x.words for x in c]
+    settings = tiny.captioner.decode_settings(temperature=0.5, top_k=3)
+    assert settings["method"] == "sample" and settings["beam_size"] == 1
+    with pytest.raises(ValueError, match="cannot use a beam"):
+        tiny.captioner.caption(tiny.paths[0], beam_size=3, temperature=0.5)
+
+
+# ------------------------------------------------------------------- decoding options, CLI
+
+
+def run_caption(capsys, *args) -> tuple[int, list[str], str]:
+    from captioning import cli
+
+    rc = cli.main(["caption", *map(str, args)])
+    out, err = capsys.readouterr()
+    return rc, out.splitlines(), err
+
+
+def test_cli_n_best_sampling_and_min_len(tiny, capsys):
+    path = tiny.paths[0]
+    rc, out, _ = run_caption(capsys, "--checkpoint", tiny.ckpt, path, "--json", "--beam-size", "4", "--n-best", "3")
+    assert rc == 0
+    row = json.loads(out[0])
+    expected = tiny.captioner.caption(path, beam_size=4, n_best=3)[0]
+    assert row["words"] == expected.words and len(row["alternatives"]) == 2
+    assert [a["words"] for a in row["alternatives"]] == [a.words for a in expected.alternatives]
+    assert row["settings"]["n_best"] == 3
+    rc, out, _ = run_caption(capsys, "--checkpoint", tiny.ckpt, path, "--n-best", "2")
+    assert rc == 0 and len(out) == 2 and out[1].startswith(f"{path}\t  ")  # the 2nd best, indented
+    sampled = [run_caption(capsys, "--checkpoint", tiny.ckpt, *tiny.paths, "--temperature", "5", "--seed", str(s))[1]
+               for s in (1, 1, 2)]
+    assert sampled[0] == sampled[1] and sampled[0] != sampled[2]
+    rc, out, _ = run_caption(capsys, "--checkpoint", tiny.ckpt, path, "--json", "--min-len", "5", "--no-unk")
+    assert rc == 0 and len(json.loads(out[0])["words"]) >= 5
+
+
+def test_cli_bad_option_combination_is_a_one_line_error(tiny, capsys):
+    rc, out, err = run_caption(capsys, "--checkpoint", tiny.ckpt, tiny.paths[0], "--beam-size", "3",
+                               "--temperature", "0.5")
+    assert rc == 2 and not out
+    assert err.count("\n") == 1 and "cannot use a beam" in err
+
+
+def test_cli_captions_from_a_model_folder(tiny, capsys):
+    rc, out, _ = run_caption(capsys, "--model", tiny.folder, *tiny.paths[:3], "--beam-size", "1")
+    assert rc == 0
+    assert [line.split("\t")[1] for line in out] == [c.text for c in tiny.captioner.caption(tiny.paths[:3], beam_size=1)]
+
+
+def test_saving_new_weights_removes_graphs_of_the_old_ones(tiny, tmp_path):
+    folder = copy_folder(tiny.folder, tmp_path / "m")
+    for name in ("onnx.json", "encoder.onnx", "step.onnx"):
+        (folder / name).write_text("graphs of earlier weights")
+    tiny.captioner.save_pretrained(folder)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(FOLDER_FILES)
+
+
+def test_evaluate_takes_the_decoding_options(tiny, tmp_path, capsys):
+    from captioning import cli
+
+    rc = cli.main(["evaluate", "--checkpoint", str(tiny.ckpt), "--split", "test", "--metrics", "bleu",
+                   "--min-len", "4", "--no-unk", "--beam-size", "1", "--out-dir", str(tmp_path)])
+    assert rc == 0, capsys.readouterr().err
+    predictions = json.loads((tmp_path / "predictions_test.json").read_text())
+    assert predictions and all(len(p["caption"].split()) >= 4 for p in predictions)
+    metrics = json.loads((tmp_path / "metrics_test.json").read_text())
+    assert metrics["decode"]["min_len"] == 4 and metrics["decode"]["no_unk"] is True
