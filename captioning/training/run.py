@@ -35,7 +35,8 @@ from captioning.device import peak_rss_mib
 from captioning.evaluation.metrics import format_metrics_table
 from captioning.files import FileWriteError, as_write_error, atomic_write_json
 from captioning.training.module import CaptioningModule
-from captioning.training.run_folder import RunFolderError, check_out_dir, choose_out_dir, take_folder
+from captioning.training.run_folder import (RunFolderError, check_out_dir, choose_out_dir, launched_as_rank_zero,
+                                            take_folder)
 from captioning.training.trainer import TrainingStopped, build_trainer, run_guarded
 
 
@@ -133,7 +134,7 @@ def train(args: argparse.Namespace, prog: str) -> dict:
     cfg, vocab, ckpt = make_config(args)
     resume_step = int(ckpt.get("global_step", 0)) if ckpt is not None else None
     out_dir = choose_out_dir(args.out_dir, cfg.model.attention, args.resume)
-    rank_zero = rank_zero_only.rank == 0
+    rank_zero = launched_as_rank_zero()
     if rank_zero:  # before any long work: a folder holding another run is refused now
         check_out_dir(out_dir, args.overwrite, args.resume)
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
