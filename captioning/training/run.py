@@ -130,6 +130,14 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> dict:
         raise SystemExit(130) from None
 
 
+def _test_split(data: CaptionDataModule) -> list:
+    """The test split's records, read before training: a missing test file fails now, not after it."""
+    try:
+        return data.load_split("test")
+    except AnnotationError as err:
+        raise AnnotationError(f"{err} (pass --no-test to train without scoring a test split)") from None
+
+
 def train(args: argparse.Namespace, prog: str) -> dict:
     cfg, vocab, ckpt = make_config(args)
     resume_step = int(ckpt.get("global_step", 0)) if ckpt is not None else None
@@ -155,7 +163,7 @@ def train(args: argparse.Namespace, prog: str) -> dict:
                    f"{sum(p.numel() for p in module.parameters() if p.requires_grad):,} trained parameters")
 
     skipped = "--no-test" if args.no_test else None
-    if skipped is None and not data.load_split("test"):  # checked now: a missing test file fails before training
+    if skipped is None and not _test_split(data):
         skipped = "the test split is empty"
         rank_zero_info(f"test: the test split of {data.root} has no image, so it will not be scored "
                        "(evaluate the checkpoints with --split val)")
