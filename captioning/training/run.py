@@ -36,7 +36,8 @@ from captioning.device import peak_rss_mib
 from captioning.evaluation.metrics import format_metrics_table
 from captioning.files import FileWriteError, as_write_error, atomic_write_json
 from captioning.training.module import CaptioningModule
-from captioning.training.run_folder import RunFolderError, check_out_dir, choose_out_dir, take_folder
+from captioning.training.run_folder import (RunFolderError, check_out_dir, choose_out_dir, launched_as_rank_zero,
+                                            take_folder)
 from captioning.training.trainer import LOGGERS, TrainingStopped, build_trainer, run_guarded
 
 
@@ -134,11 +135,19 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> dict:
         raise SystemExit(130) from None
 
 
+def _test_split(data: CaptionDataModule) -> list:
+    """The test split's records, read before training: a missing test file fails now, not after it."""
+    try:
+        return data.load_split("test")
+    except AnnotationError as err:
+        raise AnnotationError(f"{err} (pass --no-test to train without scoring a test split)") from None
+
+
 def train(args: argparse.Namespace, prog: str, argv: list[str] | None = None) -> dict:
     cfg, vocab, ckpt = make_config(args)
     resume_step = int(ckpt.get("global_step", 0)) if ckpt is not None else None
     out_dir = choose_out_dir(args.out_dir, cfg.model.attention, args.resume)
-    rank_zero = rank_zero_only.rank == 0
+    rank_zero = launched_as_rank_zero()
     if rank_zero:  # before any long work: a folder holding another run is refused now
         check_out_dir(out_dir, args.overwrite, args.resume)
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
@@ -159,7 +168,7 @@ def train(args: argparse.Namespace, prog: str, argv: list[str] | None = None) ->
                    f"{sum(p.numel() for p in module.parameters() if p.requires_grad):,} trained parameters")
 
     skipped = "--no-test" if args.no_test else None
-    if skipped is None and not data.load_split("test"):  # checked now: a missing test file fails before training
+    if skipped is None and not _test_split(data):
         skipped = "the test split is empty"
         rank_zero_info(f"test: the test split of {data.root} has no image, so it will not be scored "
                        "(evaluate the checkpoints with --split val)")

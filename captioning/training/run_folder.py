@@ -8,6 +8,7 @@ refuses a second live process.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -20,6 +21,18 @@ LOCK_NAME = "train.lock"
 
 class RunFolderError(ValueError):
     """The output folder cannot be used as asked (another run's files, or not writable)."""
+
+
+def launched_as_rank_zero() -> bool:
+    """Before the Trainer exists: is this process global rank 0? From the variables torchrun,
+    SLURM and Lightning's own launchers set (RANK; else NODE_RANK and LOCAL_RANK). Only rank 0
+    checks, locks and writes the run folder; the other ranks (other nodes too) share it."""
+    for key in ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key]) == 0
+    node = os.environ.get("NODE_RANK") or os.environ.get("GROUP_RANK") or "0"
+    local = os.environ.get("LOCAL_RANK") or "0"
+    return int(node) == 0 and int(local) == 0
 
 
 def choose_out_dir(out_dir: Path | None, attention: str, resume: Path | None) -> Path:
