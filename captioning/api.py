@@ -115,7 +115,7 @@ class Captioner:
         else:
             if hard_mode not in (None, "expected"):
                 raise ValueError(
-                    f"hard_mode {hard_mode!r} needs a hard-attention model; this one uses soft attention"
+                    f"hard_mode {hard_mode!r} needs a hard-attention model; this one uses {self.config.model.attention} attention"
                 )
             mode = None
         return {"method": "greedy" if beam_size == 1 else "beam", "beam_size": beam_size,

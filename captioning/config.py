@@ -52,7 +52,8 @@ class DecoderConfig:
 
 @dataclass
 class ModelConfig:
-    attention: Literal["soft", "hard"] = "soft"
+    # "none": the no-attention control (z_t = the mean annotation at every step, no f_att).
+    attention: Literal["soft", "hard", "none"] = "soft"
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
 

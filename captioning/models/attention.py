@@ -400,9 +400,38 @@ class HardAttention(SoftAttention):
         return Attended(sampled_context, alpha, log_prob, location)
 
 
-def build_attention(kind: str, score: nn.Module) -> SoftAttention:
+class NoAttention(nn.Module):
+    """The no-attention control ("Show and Tell" with this decoder): z_t = mean of the real
+    annotations at every step, alpha_t uniform over them. It has no f_att and no parameters, so
+    the same decoder with the same budget shows what attention itself adds."""
+
+    score = None  # no f_att: the decoder takes its plain teacher-forced loop
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        return features[:, :, :0]  # (B, L, 0): no image-side projection to keep
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        keys: torch.Tensor,
+        mask: torch.Tensor,
+        h: torch.Tensor,
+        mode: str = "expected",
+        sample_mask: torch.Tensor | None = None,
+    ) -> Attended:
+        if mode != "expected":
+            raise ValueError(f"attention 'none' has no '{mode}' mode; only hard attention samples")
+        valid = mask.to(features.dtype)  # (N, L)
+        uniform = valid / valid.sum(1, keepdim=True).clamp_min(1.0)  # 1/L_valid, 0 elsewhere
+        alpha = uniform.repeat_interleave(h.shape[0] // mask.shape[0], dim=0)  # (N*g, L)
+        return Attended(expected_context(alpha, features), alpha, None, None)
+
+
+def build_attention(kind: str, score: nn.Module | None) -> nn.Module:
     if kind == "soft":
         return SoftAttention(score)
     if kind == "hard":
         return HardAttention(score)
-    raise ValueError(f"unknown attention '{kind}'; choose soft or hard")
+    if kind == "none":
+        return NoAttention()
+    raise ValueError(f"unknown attention '{kind}'; choose soft, hard or none")

@@ -141,7 +141,9 @@ class Decoder(nn.Module):
         self.embedding = nn.Embedding(vocab_size, m)
         self.init_h = nn.Linear(D, n)
         self.init_c = nn.Linear(D, n)
-        self.attention = build_attention(attention, build_score(cfg.score, D, n, cfg.attention_dim))
+        # attention "none" (the control) builds no f_att: its context is the mean annotation.
+        score = None if attention == "none" else build_score(cfg.score, D, n, cfg.attention_dim)
+        self.attention = build_attention(attention, score)
         # Sec. 4.2.1: a SCALAR gate beta_t; "vector" (one gate per channel) is a common variant.
         self.gate = {"scalar": nn.Linear(n, 1), "vector": nn.Linear(n, D), "none": None}[cfg.gate]
         self.lstm = nn.LSTMCell(m + D, n)
@@ -219,7 +221,8 @@ class Decoder(nn.Module):
             keys = self.project(features)  # (N, L, K)
         state = self.init_state(features, mask)  # (N, n): once per image
         emb = self.embedding(captions[:, :-1])  # (B, T, m)
-        if self.fused and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        fused = self.fused and self.attention.score is not None  # the control has no f_att to fuse
+        if fused and torch.is_grad_enabled() and not torch.compiler.is_compiling():
             return self._fused_pass(features, mask, keys, state, rows, emb, captions, mode, sample_mask, return_logits)
         if rows is None:
             rows = torch.arange(captions.shape[0], device=captions.device)
