@@ -71,7 +71,11 @@ class LossConfig:
     # Hard attention (RECIPE.md, from the authors' capgen.py):
     reward_scale: float = 0.1  # lambda_r, the hard-coded 1/10
     entropy: float = 0.002  # lambda_e on sum alpha log alpha
-    baseline_decay: float = 0.9  # b <- decay * b + (1 - decay) * mean token NLL
+    baseline_decay: float = 0.9  # b <- decay * b + (1 - decay) * mean_n C_n (the cost it is subtracted from)
+    # How the REINFORCE and entropy terms are reduced over captions (losses.py, docs/faithfulness.md):
+    # "sum" = the authors' strength, B times a mean over captions (B = captions per optimiser step,
+    # every DDP rank); "mean" = averaged over captions like the NLL.
+    hard_reduction: Literal["sum", "mean"] = "sum"
     expected_context_prob: float = 0.5  # probability of using the expected context instead
     # "minibatch": one Bernoulli draw per minibatch (the authors' code, default);
     # "image": one draw per image (the paper's text).
