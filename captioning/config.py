@@ -63,7 +63,8 @@ class LossConfig:
     # lambda of the doubly stochastic regulariser (Eq. 14). Our normalisation: per caption,
     # sum over locations of (1 - sum_t alpha_ti)^2, then the mean over the batch -- the same
     # per-caption scale as the NLL term (summed over time, mean over batch). See losses.py.
-    # The paper's lambda is 1 (configs/coco_*.yaml). The synthetic default is 0.02 (~1/L): with
+    # The paper gives no value; the authors' code amounts to alpha_c * B / L per caption on this scale
+    # (configs/coco_*.yaml: 64 / 196 = 0.3265; docs/faithfulness.md). The synthetic default is 0.02 (~1/L): with
     # L=64 locations and ~8 words, sum_t alpha_ti cannot approach 1, the term (~45 per caption)
     # outweighs the NLL (~3) and drives attention onto never-attended background; measured: with
     # lambda=1 the heatmaps avoid the objects, with 0.02 they find them and accuracy rises.

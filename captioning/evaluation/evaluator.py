@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 SCALE = "0-100"
 SCALE_NOTE = ("every score x100 (CIDEr-D is natively 0-10, so x100 it can exceed 100, as on the COCO "
               "leaderboard); grounding_words is a count")
-COUNT_KEYS = frozenset({"grounding_words"})
+COUNT_KEYS = frozenset({"grounding_words", "grounding_words_attribute", "grounding_words_phrase"})
 
 _DISPLAY = {
     "bleu_1": "BLEU-1", "bleu_2": "BLEU-2", "bleu_3": "BLEU-3", "bleu_4": "BLEU-4", "meteor": "METEOR",
@@ -40,6 +40,11 @@ _DISPLAY = {
     "pointing_game": "pointing game (mean over words)", "mass_in_box": "mass in box (mean over words)",
     "pointing_game_per_image": "pointing game (mean over images)",
     "mass_in_box_per_image": "mass in box (mean over images)", "grounding_words": "grounding words (count)",
+    "uniform_pointing_game": "pointing game, uniform map", "uniform_mass_in_box": "mass in box, uniform map",
+    **{f"{prefix}{name}_{kind}": f"{title}{', uniform map' if prefix else ''} ({kind_title})"
+       for kind, kind_title in (("attribute", "attribute words"), ("phrase", "whole phrase"))
+       for prefix in ("", "uniform_") for name, title in (("pointing_game", "pointing game"), ("mass_in_box", "mass in box"))},
+    "grounding_words_attribute": "attribute words (count)", "grounding_words_phrase": "object phrases (count)",
 }
 
 
