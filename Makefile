@@ -12,9 +12,10 @@ PYTEST_ARGS ?=
 
 .PHONY: setup demo test test-slow clean
 
-$(VENV)/.installed: pyproject.toml
+# pyproject.toml holds compatible ranges; constraints.txt the exact versions the tests run against.
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $@
 
 setup: $(VENV)/.installed

@@ -25,7 +25,8 @@ from PIL import Image
 from captioning.checkpoint import load_checkpoint
 from captioning.config import Config
 from captioning.data.transforms import load_image, preprocess, to_rgb
-from captioning.decoding import decode
+from captioning.device import resolve_device
+from captioning.decoding import HARD_MODES, decode, decode_settings
 from captioning.models import ShowAttendTell
 from captioning.vocab import Vocabulary
 
@@ -34,7 +35,6 @@ __all__ = ["Caption", "Captioner", "ImageInput", "HARD_MODES", "resolve_device"]
 ImageInput = Union[str, Path, Image.Image]
 
 #: How a hard-attention model may attend at test time (see DecodeConfig.hard_mode).
-HARD_MODES = ("expected", "argmax", "sample")
 
 PIL_SOURCE = "<PIL image>"
 
@@ -45,21 +45,6 @@ class Caption:
     score: float  # sum of log p(word) over the words and <end>
     attention: np.ndarray  # [len(words), gh, gw] float32: each word's attention map
     source: str  # the image's path, or "<PIL image>"
-
-
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """None -> cuda if available, else cpu. Raises ValueError for unknown or unavailable devices."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"unknown device {device!r} ({str(err).splitlines()[0]})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise ValueError(f"device {device!r} requested but MPS is not available")
-    return dev
 
 
 def source_name(image: ImageInput) -> str:
@@ -81,7 +66,7 @@ class Captioner:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | None = None) -> "Captioner":
-        """Load a checkpoint written by scripts/train.py (best.ckpt / last.ckpt).
+        """Load a checkpoint written by captioning train (best.ckpt / last.ckpt).
 
         ``device`` None: cuda if available, else cpu. Raises CheckpointError for a missing or
         invalid checkpoint and ValueError for an unavailable device.
@@ -94,33 +79,9 @@ class Captioner:
 
     def decode_settings(self, max_len: int | None = None, hard_mode: str | None = None,
                         beam_size: int | None = None) -> dict:
-        """The decoding settings a call with these overrides uses (validated).
-
-        A hard-attention model attends with ``config.decode.hard_mode`` unless ``hard_mode`` is
-        given; a soft-attention model always uses the expected context (``hard_mode`` None in the
-        result; asking it for "argmax" or "sample" is a ValueError).
-        """
-        if max_len is None:
-            max_len = self.config.decode.max_len
-        if beam_size is None:
-            beam_size = self.config.decode.beam_size
-        if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
-            raise ValueError(f"beam_size must be a positive integer, got {beam_size!r}")
-        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
-            raise ValueError(f"max_len must be a positive integer, got {max_len!r}")
-        if hard_mode is not None and hard_mode not in HARD_MODES:
-            raise ValueError(f"hard_mode must be one of {', '.join(HARD_MODES)}, got {hard_mode!r}")
-        if self.hard:
-            mode = hard_mode or self.config.decode.hard_mode
-        else:
-            if hard_mode not in (None, "expected"):
-                raise ValueError(
-                    f"hard_mode {hard_mode!r} needs a hard-attention model; this one uses {self.config.model.attention} attention"
-                )
-            mode = None
-        return {"method": "greedy" if beam_size == 1 else "beam", "beam_size": beam_size,
-                "length_penalty": self.config.decode.length_penalty if beam_size > 1 else None,
-                "max_len": int(max_len), "hard_mode": mode, "attention": self.config.model.attention}
+        """The decoding settings a call with these overrides uses (validated); see
+        :func:`captioning.decoding.decode_settings`."""
+        return decode_settings(self.config, max_len, hard_mode, beam_size)
 
     @property
     def settings(self) -> dict:

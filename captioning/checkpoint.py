@@ -45,7 +45,7 @@ def read_checkpoint(path: str | Path) -> dict:
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "config" not in ckpt.get("hyper_parameters", {}):
         raise CheckpointError(
             f"{path} is not a show-attend-tell checkpoint (no config/vocab/state_dict); "
-            "use best.ckpt or last.ckpt written by scripts/train.py"
+            "use best.ckpt or last.ckpt written by captioning train"
         )
     return ckpt
 

@@ -98,7 +98,7 @@ class SyntheticConfig:
 @dataclass
 class DataConfig:
     # "synthetic": generated on first use under `root`; "coco": COCO-format files under `root`;
-    # "prepared": `root` is a folder written by scripts/prepare_data.py (its vocabulary, its
+    # "prepared": `root` is a folder written by captioning prepare (its vocabulary, its
     # memory-mapped images; min_word_count is then the folder's, stated in its manifest).
     dataset: Literal["synthetic", "coco", "prepared"] = "synthetic"
     root: str = "data"

@@ -5,13 +5,52 @@ One implementation serves validation, evaluation and the caption CLI.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from captioning.models.captioner import ShowAttendTell
 from captioning.models.decoder import DecoderState
 from captioning.vocab import Vocabulary
+
+if TYPE_CHECKING:
+    from captioning.config import Config
+
+#: How a hard-attention model attends at test time (Sec. 4.2): the expected context, the most
+#: likely location, or a sampled one. A soft model always uses the expected context.
+HARD_MODES = ("expected", "argmax", "sample")
+
+
+def decode_settings(config: "Config", max_len: int | None = None, hard_mode: str | None = None,
+                    beam_size: int | None = None) -> dict:
+    """The decoding settings a model of ``config`` uses with these overrides (validated).
+
+    The one description of how captions are decoded, recorded beside every score: validation,
+    ``captioning evaluate``, the study and the Python API all build it here. A hard-attention
+    model attends with ``config.decode.hard_mode`` unless ``hard_mode`` is given; a soft one always
+    uses the expected context (``hard_mode`` None in the result; asking it for "argmax" or
+    "sample" is a ValueError).
+    """
+    if max_len is None:
+        max_len = config.decode.max_len
+    if beam_size is None:
+        beam_size = config.decode.beam_size
+    if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
+        raise ValueError(f"beam_size must be a positive integer, got {beam_size!r}")
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
+        raise ValueError(f"max_len must be a positive integer, got {max_len!r}")
+    if hard_mode is not None and hard_mode not in HARD_MODES:
+        raise ValueError(f"hard_mode must be one of {', '.join(HARD_MODES)}, got {hard_mode!r}")
+    if config.model.attention == "hard":
+        mode = hard_mode or config.decode.hard_mode
+    elif hard_mode not in (None, "expected"):
+        raise ValueError(f"hard_mode {hard_mode!r} needs a hard-attention model; this one uses "
+                         f"{config.model.attention} attention")
+    else:
+        mode = None
+    return {"method": "greedy" if beam_size == 1 else "beam", "beam_size": beam_size,
+            "length_penalty": config.decode.length_penalty if beam_size > 1 else None,
+            "max_len": int(max_len), "hard_mode": mode, "attention": config.model.attention}
 
 
 class Decoded(NamedTuple):

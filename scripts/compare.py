@@ -1,120 +1,12 @@
 #!/usr/bin/env python
-"""No attention, soft and hard attention: train every arm under identical settings over several
-seeds, evaluate them alike, and write a report folder (report.md, PNG figures, the raw numbers as JSON).
+"""Soft versus hard attention: train both over several seeds, evaluate them alike, report (same as ``captioning compare``).
 
-    python scripts/compare.py                                   # synthetic set, 5 arms x 3 seeds
-    python scripts/compare.py --arms none soft                  # the control and soft attention only
-    python scripts/compare.py --seeds 5 --out-dir runs/compare5
-    python scripts/compare.py --config my_coco.yaml --set data.root=/data/coco   # full size, GPU
-    python scripts/compare.py --checkpoints soft=runs/a/best.ckpt,runs/b/best.ckpt hard=runs/c/best.ckpt
-
-Each run is scripts/train.py's main() in its own folder under --out-dir (a subprocess when the
-config asks for several devices), then scripts/evaluate.py's main() on the test split with the
-same decoder settings (hard models: expected, argmax and sampled locations). The arms
-(captioning/study/run.py ARMS): none (the no-attention control: the mean annotation as context),
-soft, hard (one 0.5-substitution draw per minibatch, the authors' code), hard-image (one draw
-per image, the paper's text) and hard-mean (REINFORCE and entropy averaged over captions). A rerun skips finished runs and evaluations. Without --config the
-study trains on 2,000 scenes for 6 epochs (captioning/study/run.py STUDY_DEFAULTS; the reason is
-written into the report).
+The workflow lives in captioning.study.cli; run ``python scripts/compare.py --help`` for its options.
 """
 
-from __future__ import annotations
-
-import argparse
-import datetime
-import json
-import shlex
-import sys
-import time
-from pathlib import Path
-
-from captioning.cli import format_duration, positive_int, print_error
-from captioning.config import to_dict
 from captioning.perf.allocator import keep_freed_memory
-from captioning.study import collect, examples, report
-from captioning.study.run import (ARMS, Plan, StudyError, environment, execute, parse_checkpoints, plan_checkpoint_runs,
-                                  plan_training_runs, run_config, study_overrides, write_study_json)
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import evaluate  # noqa: E402  (scripts/evaluate.py)
-import train  # noqa: E402  (scripts/train.py)
-
-EXIT_ERROR = 2
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", type=positive_int, default=3, metavar="N",
-                   help="training seeds per arm (default 3)")
-    p.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS),
-                   help=f"arms to train (default: {' '.join(ARMS)})")
-    p.add_argument("--out-dir", type=Path, default=Path("runs/compare"), help="default: runs/compare")
-    p.add_argument("--config", type=Path, help="YAML of differences from the defaults (as train.py; e.g. COCO)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
-    p.add_argument("--checkpoints", nargs="+", metavar="ATTENTION=CKPT[,CKPT...]",
-                   help="evaluate existing checkpoints instead of training: soft=A,B hard=C,D [none=E,F]")
-    p.add_argument("--beam-size", type=positive_int, metavar="N", help="default: the config's decode.beam_size")
-    p.add_argument("--max-len", type=positive_int, metavar="N", help="default: the config's decode.max_len")
-    wanted = [m for m in ("bleu", "meteor", "rouge", "cider", "grounding") if m in evaluate.METRICS]
-    p.add_argument("--metrics", nargs="+", choices=evaluate.METRICS, default=wanted,
-                   help=f"passed to evaluate.py (default: {' '.join(wanted)})")
-    p.add_argument("--examples", type=positive_int, default=3, metavar="K",
-                   help="test images drawn with soft and hard attention side by side (default 3)")
-    return p.parse_args(argv)
-
-
-def make_plan(args: argparse.Namespace, argv: list[str]) -> Plan:
-    """The runs and settings of this invocation, checked before anything runs."""
-    command = shlex.join(["python", "scripts/compare.py", *argv])
-    if args.checkpoints:
-        if args.config or args.set:
-            raise StudyError("--checkpoints evaluates checkpoints as they are; "
-                             "--config and --set only apply to training")
-        from captioning.checkpoint import checkpoint_config, read_checkpoint
-
-        runs, differences = plan_checkpoint_runs(args.out_dir, parse_checkpoints(args.checkpoints))
-        cfg, _ = checkpoint_config(read_checkpoint(runs[0].checkpoint), runs[0].checkpoint)
-        shared = to_dict(cfg)  # the first checkpoint's; differences are listed separately
-        shared["model"]["attention"], shared["train"]["seed"] = "per checkpoint", "per checkpoint"
-        return Plan(args.out_dir, runs, None, [], {}, args.beam_size or cfg.decode.beam_size,
-                    args.max_len or cfg.decode.max_len, list(args.metrics), command, True, differences, shared)
-    overrides, defaults = study_overrides(args.config, args.set)
-    cfg = run_config(args.config, overrides, "soft", 0)  # validates the settings before any run starts
-    shared = to_dict(cfg)
-    shared["model"]["attention"], shared["train"]["seed"] = "per arm", f"0 .. {args.seeds - 1}"
-    shared["loss"]["substitution"] = "per arm"
-    return Plan(args.out_dir, plan_training_runs(args.out_dir, args.seeds, args.arms), args.config, overrides, defaults,
-                args.beam_size or cfg.decode.beam_size, args.max_len or cfg.decode.max_len, list(args.metrics),
-                command, config=shared)
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    started = time.perf_counter()
-    try:
-        plan = make_plan(args, argv)
-        invocation = {"started": datetime.datetime.now().isoformat(timespec="seconds"), "command": plan.command,
-                      "environment": environment(), "did": None}
-        write_study_json(plan, invocation)
-        print(f"compare: {len(plan.runs)} runs in {plan.out_dir}: "
-              + ", ".join(r.name for r in plan.runs), file=sys.stderr, flush=True)
-        invocation["did"] = execute(plan, train.main, evaluate.main,
-                                    log=lambda line: print(line, file=sys.stderr, flush=True))
-        study = write_study_json(plan, invocation, replace_last=True)
-        decoded = examples.decode_examples(plan, args.examples,
-                                           log=lambda line: print(line, file=sys.stderr, flush=True))
-        summary = collect.build_summary(plan, study, decoded)
-        (plan.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        path = report.write_report(summary, plan.out_dir)
-    except StudyError as err:
-        print_error(err)
-        return EXIT_ERROR
-    print(f"wrote {path}, {plan.out_dir / 'summary.json'} and {plan.out_dir / 'figures'}/ "
-          f"in {format_duration(time.perf_counter() - started)}")
-    return 0
-
+from captioning.study.cli import main
 
 if __name__ == "__main__":
     keep_freed_memory()
-    sys.exit(main())
+    raise SystemExit(main())

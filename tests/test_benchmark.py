@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import platform
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,10 +20,7 @@ from captioning.training.module import CaptioningModule
 from captioning.models.decoder import DecoderState
 from captioning.vocab import SPECIALS, Vocabulary
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-
-import benchmark  # noqa: E402  (scripts/benchmark.py)
+from captioning.perf import run as benchmark  # captioning benchmark (scripts/benchmark.py)
 
 pytestmark = pytest.mark.usefixtures("seed", "one_thread")
 
@@ -111,7 +107,7 @@ def test_coco_sizes_flops_per_caption():
 
 def test_quick_benchmark_writes_json_and_tables(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    results = benchmark.main(["--quick", "--out", str(out), "--sections", "train", "beam", "loader",
+    results = benchmark.run(["--quick", "--out", str(out), "--sections", "train", "beam", "loader",
                               "--batches", "4", "--attention", "soft", "hard"])
     saved = json.loads(out.read_text())
     assert saved["machine"]["device"] == "cpu" and saved["sizes"]["beam_images"] == 6
@@ -158,7 +154,7 @@ def test_counting_rows_counts_every_step_and_restores_the_method():
 
 
 def test_quick_encoder_section(tmp_path):
-    saved = benchmark.main(["--quick", "--out", str(tmp_path / "b.json"), "--sections", "encoder",
+    saved = benchmark.run(["--quick", "--out", str(tmp_path / "b.json"), "--sections", "encoder",
                             "--backbones", "resnet18"])
     (row,) = saved["encoder"]
     assert row["backbone"] == "resnet18" and row["grid"] == "4x4x512" and row["images_per_s"] > 0
@@ -168,14 +164,14 @@ def test_quick_encoder_section(tmp_path):
 
 def test_benchmark_rejects_missing_cuda(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(SystemExit, match="no CUDA device"):
-        benchmark.main(["--quick", "--device", "cuda", "--out", str(tmp_path / "b.json")])
+    with pytest.raises(SystemExit, match="CUDA is not available"):
+        benchmark.run(["--quick", "--device", "cuda", "--out", str(tmp_path / "b.json")])
 
 
 def test_loader_hook_calls_the_store_benchmark(monkeypatch):
-    """With --loader-root, the section calls captioning.data.store's loader benchmark with the
+    """With --loader-root, the section calls captioning.data.datamodule's loader benchmark with the
     arguments it accepts (and nothing else)."""
-    from captioning.data import store
+    from captioning.data import datamodule as store
     from captioning.perf.benchmark import data_loader
 
     calls = []

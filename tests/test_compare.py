@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import statistics
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,8 +25,7 @@ from captioning.training.module import CaptioningModule
 from conftest import make_config
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-import compare  # noqa: E402  (scripts/compare.py)
+from captioning.study import cli as compare  # captioning compare (scripts/compare.py)
 
 SECTIONS = ("## Results", "## Grounding by word kind", "## Learning curves", "## Training signal",
             "## Attention maps: the same test images, soft and hard",

@@ -4,7 +4,6 @@ results file, and decoding over 2 CPU processes. Tiny untrained checkpoints buil
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,16 +12,11 @@ import pytest
 from captioning import Captioner
 from captioning.config import build_config
 from captioning.data.datamodule import CaptionDataModule
+from captioning.evaluation import run as evaluate_script  # captioning evaluate (scripts/evaluate.py)
 from captioning.evaluation.grounding import load_instances, named_words, score_grounding
 from conftest import save_untrained_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-import evaluate as evaluate_script  # noqa: E402  (scripts/evaluate.py)
-
 FAST = ["--metrics", "bleu", "cider", "--tokenizer", "simple"]  # no Java: seconds, not tens of seconds
-
-
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +39,7 @@ def tiny(tmp_path_factory):
 
 
 def run(capsys, *args: str) -> tuple[dict, str, str]:
-    results = evaluate_script.main([str(a) for a in args])
+    results = evaluate_script.run([str(a) for a in args])
     out, err = capsys.readouterr()
     return results, out, err
 
@@ -53,7 +47,7 @@ def run(capsys, *args: str) -> tuple[dict, str, str]:
 def fails(capsys, *args: str) -> str:
     """Runs evaluate expecting exit status 2 and exactly one error line; returns that line."""
     with pytest.raises(SystemExit) as exc:
-        evaluate_script.main([str(a) for a in args])
+        evaluate_script.run([str(a) for a in args])
     assert exc.value.code == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     errors = [line for line in err if line.startswith("error:")]

@@ -24,9 +24,7 @@ from captioning.losses import caption_loss
 from captioning.training.module import CaptioningModule
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-
-import train  # noqa: E402  (scripts/train.py)
+from captioning.training import run as train  # (captioning train)
 from test_training import tiny_args  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -187,12 +185,12 @@ def test_feature_cache_needs_a_frozen_encoder(tmp_path, data_root):
     with pytest.raises(ConfigError, match="fine_tune_from=null"):
         build_config(REPO / "configs" / "tiny.yaml", [f"data.feature_cache={tmp_path}"])
     with pytest.raises(SystemExit, match="error: .*needs a frozen encoder"):
-        train.main(tiny_args(tmp_path, data_root, "--feature-cache", str(tmp_path / "cache"), "--fast-dev-run"))
+        train.run(tiny_args(tmp_path, data_root, "--feature-cache", str(tmp_path / "cache"), "--fast-dev-run"))
 
 
 def test_train_script_trains_from_the_cache(tmp_path, data_root):
     cache = tmp_path / "cache"
-    result = train.main(tiny_args(tmp_path / "run", data_root, "--feature-cache", str(cache), "--set", FROZEN,
+    result = train.run(tiny_args(tmp_path / "run", data_root, "--feature-cache", str(cache), "--set", FROZEN,
                                   "--max-epochs", "1"))
     assert result["global_step"] == 4  # 32 images / batch 8
     assert result["num_images"] == 8 and "bleu_4" in result["metrics"]  # test split decoded from cached grids
@@ -204,12 +202,12 @@ def test_train_script_trains_from_the_cache(tmp_path, data_root):
 
 def test_prepared_folder_trains_from_the_cache(tmp_path, data_root):
     """The COCO path: a folder from scripts/prepare_data.py, its training loader serving grids."""
-    import prepare_data  # scripts/prepare_data.py
+    from captioning.data import run as prepare_data  # captioning prepare
 
     data, _ = data_and_module(tiny(data_root, None))  # the tiny synthetic set, generated
     source = data.root
     captions = [f"{s}={source / 'annotations' / f'captions_{s}.json'}" for s in ("train", "val", "test")]
-    prepare_data.main(["--format", "coco", "--captions", *captions, "--images", str(source), "--image-size", "32",
+    prepare_data.run(["--format", "coco", "--captions", *captions, "--images", str(source), "--image-size", "32",
                        "--out", str(tmp_path / "prepared")])
     cfg = tiny(data_root, tmp_path / "cache", "data.dataset=prepared", f"data.root={tmp_path / 'prepared'}")
     data, module = data_and_module(cfg)

@@ -16,22 +16,19 @@ import torch
 from PIL import Image
 
 from captioning import Captioner
+from captioning import caption as caption_script  # captioning caption (scripts/caption.py)
 from captioning import cli
 from captioning.checkpoint import CheckpointError
 from captioning.config import build_config
 from captioning.data.datamodule import CaptionDataModule, EvalDataset
 from captioning.data.transforms import ImageLoadError
+from captioning.evaluation import run as evaluate_script  # captioning evaluate (scripts/evaluate.py)
 from captioning.visualization import figure_size
 from conftest import save_untrained_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-import caption as caption_script  # noqa: E402  (scripts/caption.py)
-import evaluate as evaluate_script  # noqa: E402  (scripts/evaluate.py)
 
 MAX_LEN = 5
-
-
 
 
 @pytest.fixture(scope="module")
@@ -377,7 +374,7 @@ def test_api_preprocessing_is_the_training_preprocessing(tiny, monkeypatch):
 
 def test_evaluate_writes_predictions_and_metrics(tiny, capsys, tmp_path):
     out_dir = tmp_path / "eval"
-    results = evaluate_script.main(["--checkpoint", str(tiny.ckpt), "--split", "test", "--metrics", "bleu",
+    results = evaluate_script.run(["--checkpoint", str(tiny.ckpt), "--split", "test", "--metrics", "bleu",
                                     "--out-dir", str(out_dir), "--batch-size", "3"])
     out, err = capsys.readouterr()
     split_ids = sorted(r.image_id for r in tiny.data.load_split("test"))
@@ -401,7 +398,7 @@ def test_evaluate_writes_predictions_and_metrics(tiny, capsys, tmp_path):
 
 def test_evaluate_missing_checkpoint_exits_2(capsys, tmp_path):
     with pytest.raises(SystemExit) as exc:
-        evaluate_script.main(["--checkpoint", str(tmp_path / "none.ckpt")])
+        evaluate_script.run(["--checkpoint", str(tmp_path / "none.ckpt")])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "none.ckpt" in err[0]

@@ -21,7 +21,7 @@ from test_training import tiny_args
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Runs scripts/train.py's main() with one extra callback that writes, per rank, a hash of the
+# Runs the train workflow (captioning.training.run) with one extra callback that writes, per rank, a hash of the
 # parameters (and the REINFORCE baseline) when training starts and when it ends.
 NODE = textwrap.dedent('''
     import hashlib, json, sys
@@ -29,7 +29,7 @@ NODE = textwrap.dedent('''
     import pytorch_lightning as pl
     import torch
     sys.path.insert(0, sys.argv[1])
-    import train
+    from captioning.training import run as train
 
     def digest(named):
         h = hashlib.sha256()
@@ -57,7 +57,7 @@ NODE = textwrap.dedent('''
         trainer.callbacks.append(Dump())
         return trainer
     train.build_trainer = build_with_dump
-    train.main(sys.argv[3:])
+    train.run(sys.argv[3:])
 ''')
 
 
@@ -95,7 +95,7 @@ def test_two_nodes_end_with_identical_weights(tmp_path):
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "GROUP_RANK", "SLURM_NTASKS")}
         env.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NODE_RANK": str(rank),
                     "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
-        cmd = [sys.executable, str(node), str(REPO / "scripts"), str(out), *args]
+        cmd = [sys.executable, str(node), str(REPO), str(out), *args]
         procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
     logs = []

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,19 +19,17 @@ from PIL import Image
 
 from captioning.config import DataConfig
 from captioning.data import prepare as prepare_module
-from captioning.data.datamodule import CaptionDataModule, ImageSource
+from captioning.data.datamodule import CaptionDataModule, ImageSource, benchmark_loader
 from captioning.data.examples import example_captions, example_image, id_colour, write_example_dataset
 from captioning.data.formats import EMPTY_CAPTION, read_karpathy
 from captioning.data.prepare import (MISSING_FILE, NO_TRAINING_CAPTION, UNREADABLE, PrepareError, PrepareOptions,
                                      prepare)
-from captioning.data.store import PreparedDataError, PreparedFolder, benchmark_loader
+from captioning.data.store import PreparedDataError, PreparedFolder
 from captioning.data.transforms import unnormalize
 from captioning.vocab import tokenize
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-
-import prepare_data  # noqa: E402  (scripts/prepare_data.py)
+from captioning.data import run as prepare_data  # (captioning prepare)
 
 SIZE = 32
 GOOD_TRAIN, GOOD_VAL, GOOD_TEST = range(1, 21), range(21, 25), range(25, 29)
@@ -317,7 +314,7 @@ def test_cli_prepares_each_format_with_two_processes(tmp_path, fmt, capsys):
             "16", "--min-word-count", "1", "--workers", "2", "--chunk-size", "3", "--no-progress"]
     if fmt == "coco":
         args += ["--val-size", "2", "--test-size", "2"]
-    manifest = prepare_data.main(args)
+    manifest = prepare_data.run(args)
     assert manifest["source"]["format"] == fmt  # told apart by content (--format auto)
     assert sum(c["images"] for c in manifest["counts"].values()) == 12
     folder = PreparedFolder(tmp_path / "out")
@@ -334,13 +331,13 @@ def test_cli_prepares_each_format_with_two_processes(tmp_path, fmt, capsys):
 def test_cli_wrong_schema_is_one_line_exit_2(tmp_path, capsys):
     captions, images = write_example_dataset(tmp_path / "src", 4, 16, "karpathy", val=1, test=1)
     with pytest.raises(SystemExit) as exit_:
-        prepare_data.main(["--format", "coco", "--captions", str(captions), "--images", str(images), "--out",
+        prepare_data.run(["--format", "coco", "--captions", str(captions), "--images", str(images), "--out",
                            str(tmp_path / "out")])
     err = capsys.readouterr().err.splitlines()[-1]  # after the progress lines
     assert exit_.value.code == 2
     assert err.startswith("error: ") and str(captions) in err and "use --format karpathy" in err
     with pytest.raises(SystemExit):
-        prepare_data.main(["--captions", str(captions), "--images", str(tmp_path / "nowhere"), "--out", "x"])
+        prepare_data.run(["--captions", str(captions), "--images", str(tmp_path / "nowhere"), "--out", "x"])
     assert "images folder" in capsys.readouterr().err
 
 
@@ -358,7 +355,7 @@ def test_benchmark_measures_the_loader(prepared):
 def test_train_and_evaluate_on_a_prepared_synthetic_folder(tmp_path, one_thread):
     """The synthetic set (COCO files + instances) prepared, trained on with --data for a few
     steps, then evaluated from the checkpoint; boxes and tensors agree with the original."""
-    import train  # scripts/train.py
+    from captioning.training import run as train
 
     from captioning.config import SyntheticConfig
     from captioning.data.synthetic import dataset_dir, generate_synthetic
@@ -367,7 +364,7 @@ def test_train_and_evaluate_on_a_prepared_synthetic_folder(tmp_path, one_thread)
     generate_synthetic(tmp_path / "data", synth_cfg, progress=False)
     root = dataset_dir(tmp_path / "data", synth_cfg)
     ann = root / "annotations"
-    prepare_data.main(["--format", "coco", "--captions", *(f"{s}=" + str(ann / f"captions_{s}.json") for s in ("train", "val", "test")),
+    prepare_data.run(["--format", "coco", "--captions", *(f"{s}=" + str(ann / f"captions_{s}.json") for s in ("train", "val", "test")),
                        "--images", str(root), "--instances", *(str(ann / f"instances_{s}.json") for s in ("train", "val", "test")),
                        "--out", str(tmp_path / "prep"), "--image-size", "32", "--min-word-count", "1", "--workers", "1",
                        "--no-progress"])
@@ -378,17 +375,17 @@ def test_train_and_evaluate_on_a_prepared_synthetic_folder(tmp_path, one_thread)
     assert all(torch.equal(a, b) for a, b in zip(prep.images("val"), synth.images("val")))
 
     out = tmp_path / "run"
-    result = train.main(["--data", str(tmp_path / "prep"), "--out-dir", str(out), "--no-progress", "--max-epochs", "1",
+    result = train.run(["--data", str(tmp_path / "prep"), "--out-dir", str(out), "--no-progress", "--max-epochs", "1",
                          "--set", "data.image_size=32", "--set", "data.batch_size=8", "--set", "model.encoder.grid_size=4",
                          "--set", "model.decoder.embed_dim=16", "--set", "model.decoder.hidden_dim=32",
                          "--set", "model.decoder.attention_dim=16", "--no-test"])  # evaluate.py scores below
     assert result["global_step"] == 2 and (out / "best.ckpt").is_file()
-    import evaluate  # scripts/evaluate.py
+    from captioning.evaluation import run as evaluate
 
-    metrics = evaluate.main(["--checkpoint", str(out / "best.ckpt"), "--split", "val", "--metrics", "bleu",
+    metrics = evaluate.run(["--checkpoint", str(out / "best.ckpt"), "--split", "val", "--metrics", "bleu",
                              "--tokenizer", "simple", "--beam-size", "1", "--device", "cpu"])
     assert metrics["num_images"] == 4 and "bleu_4" in metrics["metrics"]
-    from captioning.cli import caption_main
+    from captioning.caption import main as caption_main
 
     # Captioning a split reads the source files the folder was prepared from.
     assert caption_main(["--checkpoint", str(out / "best.ckpt"), "--from-split", "test", "--limit", "2",

@@ -6,15 +6,9 @@ the time each run took is recorded in metrics.json and printed, never asserted.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-
-import train  # noqa: E402
+from captioning.training import run as train
 
 # attention -> (minimum test BLEU-4, minimum caption accuracy), from issue #2 and the README
 TARGETS = {"soft": (0.90, 0.80), "hard": (0.85, 0.65)}
@@ -23,7 +17,7 @@ TARGETS = {"soft": (0.90, 0.80), "hard": (0.85, 0.65)}
 @pytest.mark.slow
 @pytest.mark.parametrize("attention", ["soft", "hard"])
 def test_default_training_reaches_targets(tmp_path, attention):
-    result = train.main(["--attention", attention, "--out-dir", str(tmp_path / attention),
+    result = train.run(["--attention", attention, "--out-dir", str(tmp_path / attention),
                          "--no-progress", "--set", f"data.root={tmp_path / 'data'}"])
     metrics = result["metrics"]
     print(f"{attention}: BLEU-4 {metrics['bleu_4']:.3f}, caption accuracy {metrics['caption_accuracy']:.3f}, "

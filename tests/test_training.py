@@ -14,9 +14,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-
-import train  # noqa: E402  (scripts/train.py)
+from captioning.training import run as train  # (captioning train)
 
 from captioning.checkpoint import load_checkpoint  # noqa: E402
 from captioning.config import flatten, load_yaml  # noqa: E402
@@ -39,7 +37,7 @@ def data_root(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("attention", ["soft", "hard"])
 def test_fast_dev_run(tmp_path, data_root, attention):
-    result = train.main(tiny_args(tmp_path, data_root, "--attention", attention, "--fast-dev-run"))
+    result = train.run(tiny_args(tmp_path, data_root, "--attention", attention, "--fast-dev-run"))
     assert result["attention"] == attention
     assert {"bleu_1", "bleu_4", "caption_accuracy"} <= set(result["metrics"])
     assert (tmp_path / "config.yaml").is_file() and (tmp_path / "metrics.json").is_file()
@@ -47,7 +45,7 @@ def test_fast_dev_run(tmp_path, data_root, attention):
 
 def test_no_test_skips_the_test_split(tmp_path, data_root):
     """--no-test (scripts/compare.py scores with evaluate.py instead): no test metrics, no predictions."""
-    result = train.main(tiny_args(tmp_path, data_root, "--attention", "soft", "--fast-dev-run", "--no-test"))
+    result = train.run(tiny_args(tmp_path, data_root, "--attention", "soft", "--fast-dev-run", "--no-test"))
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["test"].startswith("skipped") and "metrics" not in metrics and "train_seconds" in metrics
     assert "metrics" not in result and not (tmp_path / "test_predictions.json").exists()
@@ -56,7 +54,7 @@ def test_no_test_skips_the_test_split(tmp_path, data_root):
 @pytest.fixture(scope="module")
 def hard_run(tmp_path_factory, data_root):
     out = tmp_path_factory.mktemp("hard")
-    result = train.main(tiny_args(out, data_root, "--attention", "hard", "--max-epochs", "2"))
+    result = train.run(tiny_args(out, data_root, "--attention", "hard", "--max-epochs", "2"))
     return out, result
 
 
@@ -128,7 +126,7 @@ def test_resume_continues_from_the_same_step(hard_run, tmp_path, data_root):
     before = torch.load(out / "last.ckpt", map_location="cpu", weights_only=True)
     steps_per_epoch = before["global_step"] // 2
     resumed = tmp_path / "resumed"
-    result = train.main(tiny_args(resumed, data_root, "--resume", str(out / "last.ckpt"), "--max-epochs", "3"))
+    result = train.run(tiny_args(resumed, data_root, "--resume", str(out / "last.ckpt"), "--max-epochs", "3"))
     after = torch.load(resumed / "last.ckpt", map_location="cpu", weights_only=True)
     assert result["attention"] == "hard"  # the config came from the checkpoint
     assert after["global_step"] == before["global_step"] + steps_per_epoch
@@ -150,7 +148,7 @@ def test_resume_in_the_same_folder_keeps_the_earlier_log(hard_run, tmp_path, dat
     shutil.copytree(out, again)
     epochs_before = _val_epochs(again / "logs" / "metrics.csv")
     assert epochs_before == [0, 1]
-    train.main(tiny_args(again, data_root, "--resume", str(again / "last.ckpt"), "--max-epochs", "3"))
+    train.run(tiny_args(again, data_root, "--resume", str(again / "last.ckpt"), "--max-epochs", "3"))
     assert _val_epochs(again / "logs" / "metrics.csv") == [0, 1, 2]
 
 
@@ -161,17 +159,17 @@ def _val_epochs(path: Path) -> list[int]:
 
 def test_unknown_config_key_fails_naming_it(tmp_path, data_root, capsys):
     with pytest.raises(SystemExit) as err:
-        train.main(tiny_args(tmp_path, data_root, "--set", "model.decoder.hiden_dim=8"))
+        train.run(tiny_args(tmp_path, data_root, "--set", "model.decoder.hiden_dim=8"))
     assert "model.decoder.hiden_dim" in str(err.value)
     with pytest.raises(SystemExit) as err:
-        train.main(tiny_args(tmp_path, data_root, "--set", "optim.lr=fast"))
+        train.run(tiny_args(tmp_path, data_root, "--set", "optim.lr=fast"))
     assert "optim.lr" in str(err.value)
 
 
 def test_config_file_holds_differences(tmp_path, data_root):
     config = tmp_path / "small.yaml"
     config.write_text("model:\n  decoder:\n    dropout: 0.1\n")
-    train.main(tiny_args(tmp_path, data_root, "--config", str(config), "--fast-dev-run"))
+    train.run(tiny_args(tmp_path, data_root, "--config", str(config), "--fast-dev-run"))
     saved = (tmp_path / "config.yaml").read_text()
     assert "dropout: 0.1" in saved
 

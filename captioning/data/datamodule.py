@@ -6,15 +6,16 @@ Folder layout read (the synthetic generator writes it; a COCO-format folder uses
     ROOT/annotations/instances_{split}.json           optional: boxes (grounding, synthetic checks)
     ROOT/{train,val,test}/<file_name>                 the images
 
-or, with data.dataset "prepared", a folder written by scripts/prepare_data.py (formats in
+or, with data.dataset "prepared", a folder written by captioning prepare (formats in
 captioning/data/prepare.py; read by captioning/data/store.py).
 """
 
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -224,3 +225,54 @@ class CaptionDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self.eval_dataloader("test")
+
+
+# ------------------------------------------------------------------------------------ loader speed
+
+
+def benchmark_loader(root: str | Path, workers: Sequence[int], batch_size: int = 32, captions_per_image: int = 5,
+                     seconds: float = 10.0, source: str = "store", progress: bool = True) -> list[dict[str, Any]]:
+    """Images/s of the training DataLoader alone (no model), for each worker count.
+
+    ``source="store"`` reads the prepared store; ``"files"`` decodes and resizes the source image
+    files every time (the unprepared path), for comparison. Each measurement iterates the
+    loader for about ``seconds`` (whole epochs if the split is small) after one warm-up batch
+    (worker start-up, reported separately). The model's input size is the folder's image size.
+    """
+    from captioning.data.store import PreparedFolder
+
+    folder = PreparedFolder(root)
+    results = []
+    for n in workers:
+        cfg = DataConfig(dataset="prepared", root=str(root), image_size=folder.image_size, batch_size=batch_size,
+                         captions_per_image=captions_per_image, num_workers=n, cache_images=False)
+        data = CaptionDataModule(cfg)
+        data.setup("fit")
+        loader = data.train_dataloader()
+        if source == "files":
+            records = data.load_split("train")
+            dataset = TrainDataset(records, ImageSource(records, folder.image_size, cache=False), data.vocab,
+                                   captions_per_image, cfg.max_caption_len)
+            loader = data._loader(dataset, batch_size, True, collate_train)
+        started = time.perf_counter()
+        iterator = iter(loader)
+        next(iterator)
+        startup = time.perf_counter() - started
+        images, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            for batch in iterator:
+                images += batch["images"].shape[0]
+                if time.perf_counter() - t0 >= seconds:
+                    break
+            else:
+                iterator = iter(loader)
+        elapsed = time.perf_counter() - t0
+        del iterator, loader
+        row = {"source": source, "workers": n, "batch_size": batch_size, "image_size": folder.image_size,
+               "images": images, "seconds": round(elapsed, 2), "images_per_s": round(images / elapsed, 1),
+               "startup_s": round(startup, 2)}
+        if progress:
+            print(f"loader benchmark: {source}, {n} workers: {row['images_per_s']} images/s "
+                  f"({images} images in {elapsed:.1f}s; first batch after {startup:.2f}s)", flush=True)
+        results.append(row)
+    return results

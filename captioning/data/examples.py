@@ -5,7 +5,7 @@ noise around it, so files are photo-sized rather than flat), and each of its cap
 id ("... image 17 ..."). A caption paired with the wrong image is therefore visible in the
 pixels and in the words; tests/test_prepare_data.py relies on it.
 
-    python scripts/prepare_data.py --make-example data/example --num-images 500 --example-size 256
+    captioning prepare --make-example data/example --num-images 500 --example-size 256
 """
 
 from __future__ import annotations

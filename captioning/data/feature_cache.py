@@ -2,7 +2,7 @@
 
 With a frozen encoder (``model.encoder.fine_tune_from: null``) the annotations a_i of an image
 never change, so running the CNN at every step of every epoch repeats the same work. With
-``data.feature_cache: DIR`` (``scripts/train.py --feature-cache DIR``) each split's grids are
+``data.feature_cache: DIR`` (``captioning train --feature-cache DIR``) each split's grids are
 computed once and the decoder trains from them; the encoder is still in the model (and its
 checkpoint), so captioning new images needs nothing else.
 
@@ -33,7 +33,6 @@ import json
 import os
 import shutil
 import socket
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -48,6 +47,7 @@ from captioning.data import transforms
 from captioning.data.coco import ImageRecord
 from captioning.data.store import LazyArray
 from captioning.models.encoder import Encoder
+from captioning.progress import Progress
 
 CACHE_FORMAT = 1
 SPLITS = ("train", "val", "test")
@@ -238,14 +238,6 @@ def _write_json(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _progress_line(split: str, done: int, total: int, started: float) -> str:
-    elapsed = time.perf_counter() - started
-    rate = done / elapsed if elapsed > 0 else 0.0
-    eta = (total - done) / rate if rate > 0 else float("nan")
-    return (f"feature cache {split}: {done:,}/{total:,} images ({100 * done / max(total, 1):.0f}%), "
-            f"{rate:.0f} images/s, elapsed {elapsed:.0f}s, ETA {eta:.0f}s")
-
-
 @torch.no_grad()
 def build_split(path: Path, encoder: Encoder, images: Any, n: int, batch_size: int, num_workers: int,
                 device: torch.device, split: str, progress: bool = True) -> tuple[int, int]:
@@ -259,7 +251,7 @@ def build_split(path: Path, encoder: Encoder, images: Any, n: int, batch_size: i
     was_training = encoder.training
     home = next(encoder.parameters()).device
     encoder.to(device).eval()
-    started = last = time.perf_counter()
+    bar = Progress(n, f"feature cache {split}", enabled=progress, interval=2.0)
     done = 0
     try:
         for batch in loader:
@@ -270,11 +262,9 @@ def build_split(path: Path, encoder: Encoder, images: Any, n: int, batch_size: i
                                         "activations are too large to cache; train without data.feature_cache")
             out[done: done + len(batch)] = half.cpu().numpy()
             done += len(batch)
-            now = time.perf_counter()
-            if progress and (now - last >= 2.0 or done == n):
-                last = now
-                print(_progress_line(split, done, n, started), file=sys.stderr, flush=True)
+            bar.update(len(batch))
     finally:
+        bar.close()
         encoder.to(home).train(was_training)
     out.flush()
     del out

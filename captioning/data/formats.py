@@ -1,6 +1,6 @@
 """Readers for the caption datasets users bring, into one in-memory form for preparation.
 
-Formats (``--format`` of scripts/prepare_data.py; ``auto`` tells them apart by content):
+Formats (``--format`` of captioning prepare; ``auto`` tells them apart by content):
 
 ``karpathy``  Karpathy's split files ``dataset_coco.json`` / ``dataset_flickr8k.json`` /
     ``dataset_flickr30k.json``::

@@ -58,6 +58,7 @@ from PIL import Image
 
 from captioning.data.formats import SPLITS, Skip, SourceDataset, read_instances
 from captioning.data.transforms import ImageLoadError, load_image, resize_square
+from captioning.progress import Progress
 from captioning.vocab import Vocabulary, tokenize
 
 FORMAT_VERSION = 1
@@ -126,34 +127,6 @@ def _write_json(obj: Any, path: Path, indent: int | None = None) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=indent, separators=(",", ":") if indent is None else (",", ": ")))
     os.replace(tmp, path)
-
-
-def _format_duration(seconds: float) -> str:
-    from captioning.cli import format_duration
-
-    return format_duration(seconds)
-
-
-class _Progress:
-    """``prepare: done/total images, rate/s, ETA`` on stderr, at most once a second."""
-
-    def __init__(self, total: int, already: int, enabled: bool) -> None:
-        self.total, self.done, self.enabled = total, already, enabled
-        self.new = 0
-        self.start = self.last = time.perf_counter()
-
-    def update(self, count: int) -> None:
-        self.done += count
-        self.new += count
-        now = time.perf_counter()
-        if not self.enabled or (now - self.last < 1.0 and self.done < self.total):
-            return
-        self.last = now
-        rate = self.new / max(now - self.start, 1e-9)
-        eta = (self.total - self.done) / rate if rate > 0 else 0.0
-        print(f"prepare: {self.done}/{self.total} images ({100 * self.done / max(self.total, 1):.0f}%), "
-              f"{rate:.0f} images/s, elapsed {_format_duration(now - self.start)}, ETA {_format_duration(eta)}",
-              file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------ decoding
@@ -290,7 +263,7 @@ def _decode_images(dataset: SourceDataset, partial: Path, options: PrepareOption
             paths = [str(img.path) for img in images[start:start + chunk]]
             tasks.append((split, index, start, paths, size, str(store_path)))
     total = sum(len(r) for r in results.values())
-    bar = _Progress(total, done_count, options.progress)
+    bar = Progress(total, "prepare", enabled=options.progress, interval=1.0, initial=done_count)
     workers = options.workers or available_cores()
     workers = max(1, min(workers, len(tasks)))
 
@@ -315,6 +288,7 @@ def _decode_images(dataset: SourceDataset, partial: Path, options: PrepareOption
         with context.Pool(workers) as pool:  # leaving the block terminates the workers, also on errors
             for split, index, chunk_results in pool.imap_unordered(_decode_chunk, tasks):
                 finish(split, index, chunk_results)
+    bar.close()
     return results
 
 

@@ -14,10 +14,9 @@ from __future__ import annotations
 import json
 import os
 import random
-import time
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -112,7 +111,7 @@ class PreparedSplit:
 
 
 class PreparedFolder:
-    """A folder written by scripts/prepare_data.py; see captioning/data/prepare.py for its files."""
+    """A folder written by captioning prepare; see captioning/data/prepare.py for its files."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -121,9 +120,9 @@ class PreparedFolder:
             partial = self.root.with_name(self.root.name + ".partial")
             if partial.is_dir():
                 raise PreparedDataError(f"the preparation of {self.root} did not finish ({partial} is there): run the "
-                                        "same scripts/prepare_data.py command again to resume it")
+                                        "same captioning prepare command again to resume it")
             raise PreparedDataError(f"{self.root} is not a prepared folder (no manifest.json): make it with "
-                                    f"scripts/prepare_data.py ... --out {self.root}")
+                                    f"captioning prepare ... --out {self.root}")
         self.manifest = json.loads(manifest.read_text())
         if self.manifest.get("format_version") != FORMAT_VERSION:
             raise PreparedDataError(f"{self.root} has prepared-folder format {self.manifest.get('format_version')}, "
@@ -207,55 +206,3 @@ class StoreTrainDataset(Dataset):
             chosen = [options[j % len(options)] for j in range(self.k)]
         chosen = [ids if len(ids) <= self.max_len + 2 else ids[: self.max_len + 1] + [Vocabulary.end_id] for ids in chosen]
         return self.images[i], chosen, self.part.image_ids[i]
-
-
-# ------------------------------------------------------------------------------------ benchmark
-
-
-def benchmark_loader(root: str | Path, workers: Sequence[int], batch_size: int = 32, captions_per_image: int = 5,
-                     seconds: float = 10.0, source: str = "store", progress: bool = True) -> list[dict[str, Any]]:
-    """Images/s of the training DataLoader alone (no model), for each worker count.
-
-    ``source="store"`` reads the prepared store; ``"files"`` decodes and resizes the source image
-    files every time (the unprepared path), for comparison. Each measurement iterates the
-    loader for about ``seconds`` (whole epochs if the split is small) after one warm-up batch
-    (worker start-up, reported separately). The model's input size is the folder's image size.
-    """
-    from captioning.config import DataConfig
-    from captioning.data.datamodule import CaptionDataModule, ImageSource, TrainDataset, collate_train
-
-    folder = PreparedFolder(root)
-    results = []
-    for n in workers:
-        cfg = DataConfig(dataset="prepared", root=str(root), image_size=folder.image_size, batch_size=batch_size,
-                         captions_per_image=captions_per_image, num_workers=n, cache_images=False)
-        data = CaptionDataModule(cfg)
-        data.setup("fit")
-        loader = data.train_dataloader()
-        if source == "files":
-            records = data.load_split("train")
-            dataset = TrainDataset(records, ImageSource(records, folder.image_size, cache=False), data.vocab,
-                                   captions_per_image, cfg.max_caption_len)
-            loader = data._loader(dataset, batch_size, True, collate_train)
-        started = time.perf_counter()
-        iterator = iter(loader)
-        next(iterator)
-        startup = time.perf_counter() - started
-        images, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            for batch in iterator:
-                images += batch["images"].shape[0]
-                if time.perf_counter() - t0 >= seconds:
-                    break
-            else:
-                iterator = iter(loader)
-        elapsed = time.perf_counter() - t0
-        del iterator, loader
-        row = {"source": source, "workers": n, "batch_size": batch_size, "image_size": folder.image_size,
-               "images": images, "seconds": round(elapsed, 2), "images_per_s": round(images / elapsed, 1),
-               "startup_s": round(startup, 2)}
-        if progress:
-            print(f"loader benchmark: {source}, {n} workers: {row['images_per_s']} images/s "
-                  f"({images} images in {elapsed:.1f}s; first batch after {startup:.2f}s)", flush=True)
-        results.append(row)
-    return results

@@ -10,7 +10,6 @@ before any corpus metric, and the caller checks that their count equals the spli
 
 from __future__ import annotations
 
-import math
 import os
 import pickle
 import socket
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING, Mapping, NamedTuple, Sequence
 
 from captioning.data.coco import read_json
 from captioning.evaluation.grounding import NamedWord, WordMatcher, named_words
-from captioning.evaluation.metrics import METRIC_KEYS, ScoreReport, score_details
+from captioning.evaluation.metrics import COUNT_KEYS, ScoreReport, score_details
 
 if TYPE_CHECKING:
     from captioning.api import Captioner
@@ -32,22 +31,6 @@ if TYPE_CHECKING:
 SCALE = "0-100"
 SCALE_NOTE = ("every score x100 (CIDEr-D is natively 0-10, so x100 it can exceed 100, as on the COCO "
               "leaderboard); grounding_words is a count")
-COUNT_KEYS = frozenset({"grounding_words", "grounding_words_attribute", "grounding_words_phrase"})
-
-_DISPLAY = {
-    "bleu_1": "BLEU-1", "bleu_2": "BLEU-2", "bleu_3": "BLEU-3", "bleu_4": "BLEU-4", "meteor": "METEOR",
-    "rouge_l": "ROUGE-L", "cider": "CIDEr", "spice": "SPICE", "caption_accuracy": "caption accuracy",
-    "pointing_game": "pointing game (mean over words)", "mass_in_box": "mass in box (mean over words)",
-    "pointing_game_per_image": "pointing game (mean over images)",
-    "mass_in_box_per_image": "mass in box (mean over images)", "grounding_words": "grounding words (count)",
-    "uniform_pointing_game": "pointing game, uniform map", "uniform_mass_in_box": "mass in box, uniform map",
-    **{f"{prefix}{name}_{kind}": f"{title}{', uniform map' if prefix else ''} ({kind_title})"
-       for kind, kind_title in (("attribute", "attribute words"), ("phrase", "whole phrase"))
-       for prefix in ("", "uniform_") for name, title in (("pointing_game", "pointing game"), ("mass_in_box", "mass in box"))},
-    "grounding_words_attribute": "attribute words (count)", "grounding_words_phrase": "object phrases (count)",
-}
-
-
 def evaluate_predictions(
     predictions: Mapping[int, str],
     references: Mapping[int, Sequence[str]],
@@ -75,33 +58,6 @@ def evaluate_predictions(
 def to_percent(values: Mapping[str, float | int | None]) -> dict[str, float | int | None]:
     """0-1 scores -> the 0-100 scale (CIDEr-D x100 too); counts and None stay as they are."""
     return {k: v if k in COUNT_KEYS or v is None else float(v) * 100.0 for k, v in values.items()}
-
-
-def format_results_table(values: Mapping[str, float | int | None], title: str | None = None) -> str:
-    """A plain-text table of values already on the 0-100 scale (:func:`to_percent`).
-
-    The official metrics come first in METRIC_KEYS order, then the others as given; None shows
-    as ``n/a`` (e.g. grounding when no generated word names an object).
-    """
-    keys = [k for k in METRIC_KEYS if k in values] + [k for k in values if k not in METRIC_KEYS]
-    rows = []
-    for key in keys:
-        value = values[key]
-        if value is None or (isinstance(value, float) and not math.isfinite(value)):
-            shown = "n/a"
-        elif key in COUNT_KEYS:
-            shown = str(int(value))
-        else:
-            shown = f"{float(value):.2f}"
-        rows.append((_DISPLAY.get(key, key), shown))
-    name_w = max([len("metric")] + [len(n) for n, _ in rows])
-    val_w = max([len("0-100")] + [len(v) for _, v in rows])
-    lines = [title] if title else []
-    lines.append(f"scores on the 0-100 scale (CIDEr-D x100, as on the COCO leaderboard)")
-    lines.append(f"{'metric':<{name_w}}  {'0-100':>{val_w}}")
-    lines.append(f"{'-' * name_w}  {'-' * val_w}")
-    lines += [f"{n:<{name_w}}  {v:>{val_w}}" for n, v in rows] or ["(no metrics)"]
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------ results files
@@ -170,7 +126,7 @@ def decode_split(captioner: "Captioner", data: "CaptionDataModule", split: str, 
     """
     from torch.utils.data import DataLoader, Subset
 
-    from captioning.cli import Progress
+    from captioning.progress import Progress
 
     loader = data.eval_dataloader(split)  # one item per image of the split
     if world > 1:
@@ -188,6 +144,7 @@ def decode_split(captioner: "Captioner", data: "CaptionDataModule", split: str, 
             named = named_words(cap.words, cap.attention, matcher) if matcher is not None else []
             decoded[image_id] = DecodedImage(cap.text, named)
         bar.update(len(captions))
+    bar.close()
     return decoded
 
 
@@ -202,6 +159,19 @@ def merge_shards(parts: Sequence[Mapping[int, DecodedImage]]) -> tuple[dict[int,
             else:
                 merged[image_id] = item
     return merged, dropped
+
+
+def gather_by_image_id(local: Mapping[int, object]) -> tuple[dict[int, object], int]:
+    """Every rank's ``image_id -> item``, gathered to all ranks and de-duplicated by image id
+    (a DistributedSampler pads the last batch with repeats): -> (merged, duplicates dropped).
+    Outside a process group (one process) the local items themselves."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return dict(local), 0
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, dict(local))
+    return merge_shards(parts)
 
 
 def _free_port() -> int:

@@ -104,7 +104,26 @@ _DISPLAY_NAMES = {
     "rouge_l": "ROUGE-L",
     "cider": "CIDEr",
     "spice": "SPICE",
+    "caption_accuracy": "caption accuracy",
+    "pointing_game": "pointing game (mean over words)",
+    "mass_in_box": "mass in box (mean over words)",
+    "pointing_game_per_image": "pointing game (mean over images)",
+    "mass_in_box_per_image": "mass in box (mean over images)",
+    "grounding_words": "grounding words (count)",
+    # Grounding by word kind (captioning/evaluation/grounding.py, "Word kinds"), each with the
+    # score of a uniform map on the same words.
+    "uniform_pointing_game": "pointing game, uniform map",
+    "uniform_mass_in_box": "mass in box, uniform map",
+    **{f"{prefix}{name}_{kind}": f"{title}{', uniform map' if prefix else ''} ({kind_title})"
+       for kind, kind_title in (("attribute", "attribute words"), ("phrase", "whole phrase"))
+       for prefix in ("", "uniform_")
+       for name, title in (("pointing_game", "pointing game"), ("mass_in_box", "mass in box"))},
+    "grounding_words_attribute": "attribute words (count)",
+    "grounding_words_phrase": "object phrases (count)",
 }
+
+#: Values that are counts, not scores: shown and reported as they are, never x100.
+COUNT_KEYS = frozenset({"grounding_words", "grounding_words_attribute", "grounding_words_phrase"})
 
 # Punctuation tokens PTBTokenizer removes (copied from pycocoevalcap 1.2 so the simple tokenizer
 # works even if the Java-side package layout changes; identical to ``ptbtokenizer.PUNCTUATIONS``).
@@ -617,7 +636,8 @@ def format_metrics_table(metrics: Mapping[str, float], title: str | None = None)
     """Render scores as a plain-text table, multiplied by 100 (the scale papers report).
 
     Known keys use display names (BLEU-4, METEOR, ROUGE-L, CIDEr, SPICE) in :data:`METRIC_KEYS`
-    order; other keys follow in their given order. Non-finite values show as ``n/a``. The
+    order; other keys follow in their given order. None and non-finite values show as ``n/a``;
+    counts (:data:`COUNT_KEYS`) as they are. The
     second header line names the scale; for example::
 
         Test split
@@ -639,10 +659,13 @@ def format_metrics_table(metrics: Mapping[str, float], title: str | None = None)
     for key in keys:
         value = metrics[key]
         try:
-            number = float(value)
+            number = float("nan") if value is None else float(value)
         except (TypeError, ValueError):
             raise ValueError(f"metric {key!r} is not a number: {value!r}") from None
-        shown = f"{number * 100:.2f}" if math.isfinite(number) else "n/a"
+        if not math.isfinite(number):
+            shown = "n/a"  # e.g. grounding when no generated word names an object
+        else:
+            shown = str(int(number)) if key in COUNT_KEYS else f"{number * 100:.2f}"
         rows.append((_DISPLAY_NAMES.get(key, str(key)), shown))
     name_w = max([len("Metric")] + [len(n) for n, _ in rows])
     val_w = max([len("x100")] + [len(v) for _, v in rows])

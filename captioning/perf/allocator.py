@@ -6,7 +6,7 @@ them again within milliseconds. glibc serves allocations that large with fresh `
 memory again: tens of thousands of page faults per COCO-size training step on the project's
 2-core CPU. Serving them from the heap and keeping the freed heap (``mallopt``: mmap threshold
 64 MiB, trim threshold 1 GiB) removes those faults: measured 8% faster COCO-size soft training
-steps at batch 32 (``scripts/benchmark.py --sections matmul train --attention soft``, three
+steps at batch 32 (``captioning benchmark --sections matmul train --attention soft``, three
 alternating runs each way: median step 844-912 ms vs 930-1005 ms). PyTorch's CPU performance
 guide reaches the same end by preloading jemalloc or tcmalloc; this needs no extra library.
 

@@ -442,7 +442,7 @@ def _counting_rows(decoder: torch.nn.Module):
 def data_loader(root: str | None, workers: tuple[int, ...] = (0, 2), seconds: float = 5.0) -> dict[str, Any]:
     """The prepared store's own loader benchmark (captioning.data.store), when it exists."""
     try:
-        from captioning.data import store
+        from captioning.data import datamodule as store  # its benchmark_loader
     except ImportError as err:
         return {"skipped": f"captioning.data.store is not importable ({err})"}
     fn = getattr(store, "benchmark_loader", None) or getattr(store, "benchmark", None)

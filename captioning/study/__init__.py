@@ -1,4 +1,4 @@
-"""The soft-versus-hard attention study behind ``scripts/compare.py``.
+"""The soft-versus-hard attention study behind ``captioning compare``.
 
     run.py      which runs the study has, which are finished (resume), training and evaluating them
     collect.py  reading every run's metrics files and logs into one summary (summary.json)

@@ -1,6 +1,6 @@
 """Read every run's files into one summary (summary.json), the only source report.md is built from.
 
-Sources per run: ``eval*/metrics_test.json`` (scripts/evaluate.py), ``metrics.json`` (train.py:
+Sources per run: ``eval*/metrics_test.json`` (captioning evaluate), ``metrics.json`` (train.py:
 training time and steps) and ``logs/metrics.csv`` (Lightning's CSV log: validation curves and the
 training signal logged by CaptioningModule).
 
@@ -58,7 +58,7 @@ def read_eval(path: Path, root: Path) -> dict:
     """One evaluate.py metrics file -> {"file", "scale", "decode", "num_images", "values"} (display scale)."""
     data = read_json(path)
     if data is None:
-        raise StudyError(f"{path} is missing or not JSON; rerun scripts/compare.py to evaluate again")
+        raise StudyError(f"{path} is missing or not JSON; rerun captioning compare to evaluate again")
     factor = display_factor(data.get("scale"), path)
     metrics = data.get("metrics", {})
     # A metric may be null (e.g. grounding when no generated word names an object): not measured.

@@ -8,9 +8,9 @@ authors' draw, but the REINFORCE and entropy terms averaged over captions: B tim
 Layout under the study folder OUT (default ``runs/compare``)::
 
     study.json                   the plan of the latest invocation and every invocation's environment
-    <arm>-seed<k>/               a training run: scripts/train.py's outputs (best.ckpt, logs/, ...)
+    <arm>-seed<k>/               a training run: captioning train's outputs (best.ckpt, logs/, ...)
     <arm>-ckpt<i>/               with --checkpoints: only the evaluations of a given checkpoint
-        eval/metrics_test.json   scripts/evaluate.py with the study's decoder settings (hard: expected)
+        eval/metrics_test.json   captioning evaluate with the study's decoder settings (hard: expected)
         eval-argmax/, eval-sample/   hard attention only: the other test-time modes
 
 A run counts as trained when its ``metrics.json`` (written by train.py after fitting) and
@@ -37,6 +37,8 @@ from typing import Callable, Sequence
 import yaml
 
 from captioning.config import Config, ConfigError, build_config, flatten, to_dict
+from captioning.decoding import HARD_MODES  # expected first: the study's default
+from captioning.progress import format_duration
 
 ATTENTIONS = ("none", "soft", "hard")
 #: arm -> (model.attention, config overrides of the arm). Every arm shares the study's other settings.
@@ -49,7 +51,6 @@ ARMS: dict[str, tuple[str, tuple[str, ...]]] = {
     # attention trained as before its strengths were matched to capgen's.
     "hard-mean": ("hard", ("loss.hard_reduction=mean",)),
 }
-HARD_MODES = ("expected", "argmax", "sample")  # test-time attention of a hard model; expected first
 SPLIT = "test"
 WANTED_METRICS = ("bleu", "meteor", "rouge", "cider", "grounding")  # those evaluate.py offers are used
 # Lighter than train.py's default (10,000 scenes x 6 epochs) so that the default study (3 seeds x 5
@@ -58,7 +59,7 @@ WANTED_METRICS = ("bleu", "meteor", "rouge", "cider", "grounding")  # those eval
 STUDY_DEFAULTS = {
     "data.synthetic.num_train": (
         2000,
-        "one default scripts/train.py run (10,000 training scenes, 6 epochs) takes about 8 minutes on the "
+        "one default captioning train run (10,000 training scenes, 6 epochs) takes about 8 minutes on the "
         "project's 2-core CPU, so the 15 runs of 5 arms x 3 seeds would take 2 hours; with 2,000 scenes "
         "for 6 epochs (12,000 scene presentations) soft attention already beats the no-attention control "
         "(measured first, one seed each at 2,000 scenes: validation BLEU-4 77.3 vs 65.4 after 5 epochs). "
@@ -369,18 +370,11 @@ def evaluate_argv(plan: Plan, run: Run, mode: str | None) -> list[str]:
 
 
 def train_in_subprocess(argv: list[str]) -> None:
-    """Multi-device training: Lightning's DDP relaunches the current script for every rank, so the
-    study must not be that script; train.py runs in its own process instead."""
-    script = Path(__file__).resolve().parents[2] / "scripts" / "train.py"
-    proc = subprocess.run([sys.executable, str(script), *argv])
+    """Multi-device training: Lightning's DDP relaunches the current program for every rank, so the
+    study must not be that program; ``captioning train`` runs in its own process instead."""
+    proc = subprocess.run([sys.executable, "-m", "captioning", "train", *argv])
     if proc.returncode != 0:
-        raise StudyError(f"scripts/train.py {' '.join(argv)} failed with exit status {proc.returncode}")
-
-
-def _fmt(seconds: float) -> str:
-    from captioning.cli import format_duration
-
-    return format_duration(seconds)
+        raise StudyError(f"captioning train {' '.join(argv)} failed with exit status {proc.returncode}")
 
 
 class _Clock:
@@ -398,8 +392,8 @@ class _Clock:
         eta = sum((self.totals[k] - self.done[k]) * (self.spent[k] / self.done[k] if self.done[k] else
                                                      self._guess(k)) for k in self.totals)
         steps = ", ".join(f"{self.done[k]}/{self.totals[k]} {k}s" for k in self.totals if self.totals[k])
-        self.log(f"compare: {what} in {_fmt(seconds)} ({steps}; {_fmt(self.spent[kind] / self.done[kind])} per "
-                 f"{kind}; elapsed {_fmt(time.perf_counter() - self.started)}, ETA {_fmt(eta)})")
+        self.log(f"compare: {what} in {format_duration(seconds)} ({steps}; {format_duration(self.spent[kind] / self.done[kind])} per "
+                 f"{kind}; elapsed {format_duration(time.perf_counter() - self.started)}, ETA {format_duration(eta)})")
 
     def _guess(self, kind: str) -> float:
         """Before the first of a kind finishes: the mean of the other kinds, or 0."""
@@ -411,7 +405,7 @@ def execute(plan: Plan, train_fn: Callable[[list[str]], object], evaluate_fn: Ca
             log: Callable[[str], None] = print) -> dict:
     """Train what is not trained, evaluate what is not evaluated; -> what this invocation did.
 
-    ``train_fn``/``evaluate_fn`` take scripts/train.py's and scripts/evaluate.py's argv (their
+    ``train_fn``/``evaluate_fn`` take captioning train's and captioning evaluate's argv (their
     ``main``), so the study runs exactly the project's entry points.
     """
     import torch

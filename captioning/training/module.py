@@ -12,11 +12,10 @@ import time
 
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 
 from captioning.config import Config, from_dict, to_dict
-from captioning.decoding import decode
-from captioning.evaluation.evaluator import evaluate_predictions
+from captioning.decoding import decode, decode_settings
+from captioning.evaluation.evaluator import evaluate_predictions, gather_by_image_id
 from captioning.losses import LossTerms, ReinforceBaseline, caption_loss
 from captioning.models import ShowAttendTell
 from captioning.perf.compile import compile_model
@@ -102,7 +101,7 @@ class CaptioningModule(pl.LightningModule):
     @torch.no_grad()
     def _log_training_signal(self, terms: LossTerms, captions: torch.Tensor, mode: str,
                              sample_mask: torch.Tensor | None) -> None:
-        """What the soft-vs-hard study (scripts/compare.py) plots; monitoring only, no gradient.
+        """What the soft-vs-hard study (captioning compare) plots; monitoring only, no gradient.
 
         train/attention_entropy: mean over real (caption, step) pairs of H(alpha_t) in nats, both
         mechanisms (log L for a uniform map). Hard attention, in steps that sampled locations:
@@ -160,18 +159,18 @@ class CaptioningModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------------------ evaluation
-    def _decode_batch(self, batch: dict, beam_size: int = 1) -> None:
-        decoded = decode(self.model, batch["images"], beam_size=beam_size, max_len=self.cfg.decode.max_len,
-                         mode=self.cfg.decode.hard_mode if self.hard else "expected",
-                         length_penalty=self.cfg.decode.length_penalty)
+    def _decode_batch(self, batch: dict, split: str) -> None:
+        settings = self.decode_settings(split)
+        decoded = decode(self.model, batch["images"], beam_size=settings["beam_size"], max_len=settings["max_len"],
+                         mode=settings["hard_mode"] or "expected", length_penalty=self.cfg.decode.length_penalty)
         for image_id, tokens in zip(batch["image_ids"].tolist(), decoded.tokens):
             self._predictions[image_id] = " ".join(self.vocab.decode(tokens))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._decode_batch(batch)
+        self._decode_batch(batch, "val")
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._decode_batch(batch, self.cfg.decode.beam_size)
+        self._decode_batch(batch, "test")
 
     def on_validation_epoch_start(self) -> None:
         self._predictions = {}
@@ -189,21 +188,12 @@ class CaptioningModule(pl.LightningModule):
         self._score("test", TEST_METRICS)
 
     def decode_settings(self, split: str) -> dict:
-        beam = 1 if split == "val" else self.cfg.decode.beam_size
-        return {"method": "greedy" if beam == 1 else "beam", "beam_size": beam,
-                "length_penalty": self.cfg.decode.length_penalty if beam > 1 else None,
-                "max_len": self.cfg.decode.max_len, "hard_mode": self.cfg.decode.hard_mode if self.hard else None}
+        """Validation decodes greedily (cheap, every epoch); the test split with the config's beam."""
+        return decode_settings(self.cfg, beam_size=1 if split == "val" else None)
 
     def _gather_predictions(self) -> dict[int, str]:
         """All ranks' predictions, de-duplicated by image id (DistributedSampler pads with repeats)."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return dict(self._predictions)
-        parts: list = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, self._predictions)
-        merged: dict[int, str] = {}
-        for part in parts:
-            merged.update(part)
-        return merged
+        return gather_by_image_id(self._predictions)[0]
 
     def _score(self, split: str, metrics: tuple[str, ...]) -> None:
         if self.trainer.sanity_checking:

@@ -1,0 +1,213 @@
+"""Prepare a caption dataset once into a folder that training reads fast; benchmark its loader.
+
+    # COCO with Karpathy's splits (dataset_coco.json; images in /data/coco/{train2014,val2014}/)
+    captioning prepare --format karpathy --captions dataset_coco.json --images /data/coco \\
+        --instances instances_train2014.json instances_val2014.json --out prepared/coco
+    # COCO official captions, Karpathy-style split: seeded 5,000 val / 5,000 test / rest train ...
+    captioning prepare --format coco --captions captions_train2014.json captions_val2014.json \\
+        --images /data/coco --out prepared/coco-official
+    # ... or from files of image ids (one per line; images listed nowhere else go to train)
+    captioning prepare --format coco --captions captions_train2014.json captions_val2014.json \\
+        --images /data/coco --splits val=val_ids.txt test=test_ids.txt --out prepared/coco-official
+    # one COCO-format captions file per split (a user's own dataset, or the synthetic folder)
+    captioning prepare --format coco --captions train=a/train.json val=a/val.json test=a/test.json \\
+        --images a --out prepared/mine
+    # Flickr8k (Flickr_8k.{train,dev,test}Images.txt are found beside the token file) / Flickr30k
+    captioning prepare --format flickr8k --captions Flickr8k.token.txt --images Flicker8k_Dataset \\
+        --out prepared/flickr8k
+    captioning prepare --format karpathy --captions dataset_flickr30k.json \\
+        --images flickr30k-images --out prepared/flickr30k
+
+    # then: captioning train --config configs/coco_soft.yaml --data prepared/coco
+    captioning prepare --benchmark prepared/coco --workers 0 1 4   # training loader, images/s
+    captioning prepare --make-example data/example --num-images 500  # a generated dataset
+
+The folder's files and formats are described in captioning/data/prepare.py (and in its own
+manifest.json); the input formats in captioning/data/formats.py. Progress (rate, ETA) goes to
+stderr, the summary to stdout. An interrupted run resumes when run again with the same command.
+Exit status 2 with one ``error:`` line when the input is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from captioning.data.coco import AnnotationError
+from captioning.data.formats import (FORMATS, SourceDataset, assign_splits, default_flickr8k_lists, detect_format,
+                                     read_coco, read_flickr8k, read_karpathy)
+from captioning.data.prepare import PrepareError, PrepareOptions, available_cores, format_summary, prepare
+
+EXIT_USAGE = 2
+
+
+def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = p.add_argument_group("what to do (default: prepare)")
+    mode.add_argument("--benchmark", type=Path, metavar="PREPARED_DIR",
+                      help="measure the training DataLoader alone on a prepared folder, in images/s")
+    mode.add_argument("--make-example", type=Path, metavar="DIR",
+                      help="write a generated dataset (JPEGs + a captions file) to DIR, to try preparation on")
+    src = p.add_argument_group("source")
+    src.add_argument("--format", choices=("auto",) + FORMATS, default="auto",
+                     help="karpathy (dataset_*.json), coco (official captions_*.json), flickr8k (token file); "
+                          "default: told apart by content")
+    src.add_argument("--captions", nargs="+", metavar="FILE",
+                     help="captions file(s); coco also takes SPLIT=FILE, one per split")
+    src.add_argument("--images", type=Path, metavar="DIR", help="images root (see formats.py for each format's layout)")
+    src.add_argument("--instances", nargs="+", type=Path, default=[], metavar="FILE",
+                     help="COCO instances_*.json: boxes of the kept images are stored for grounding metrics")
+    src.add_argument("--splits", nargs="+", default=[], metavar="SPLIT=FILE",
+                     help="split lists (image ids or file names, one per line); without train=, train is "
+                          "every image listed nowhere else")
+    src.add_argument("--split-seed", type=int, default=0, help="seeded split when there are no lists (default 0)")
+    src.add_argument("--val-size", type=int, default=5000, help="seeded split: val images (default 5000)")
+    src.add_argument("--test-size", type=int, default=5000, help="seeded split: test images (default 5000)")
+    out = p.add_argument_group("preparation")
+    out.add_argument("--out", type=Path, metavar="DIR", help="the prepared folder to write")
+    out.add_argument("--image-size", type=int, default=224, help="stored S x S; data.image_size must equal it (224)")
+    out.add_argument("--min-word-count", type=int, default=5, help="vocabulary: train-split words seen this often (5)")
+    out.add_argument("--max-len", type=int, default=30, help="words per training caption (30)")
+    out.add_argument("--long-captions", choices=("truncate", "drop"), default="truncate",
+                     help="captions over --max-len: truncate (default) or drop from training (kept as references)")
+    out.add_argument("--workers", type=int, nargs="+", metavar="N",
+                     help="preparation: processes (default: every core); --benchmark: DataLoader worker "
+                          "counts to measure (default: 0 1 <cores>)")
+    out.add_argument("--chunk-size", type=int, default=64, help="images per task and resume marker (64)")
+    out.add_argument("--strict", action="store_true", help="fail on the first skipped record")
+    out.add_argument("--overwrite", action="store_true", help="replace an existing prepared folder")
+    out.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    bench = p.add_argument_group("--benchmark")
+    bench.add_argument("--batch-size", type=int, default=32, help="images per batch (32)")
+    bench.add_argument("--captions-per-image", type=int, default=1, help="captions per image (1, configs/coco_*.yaml)")
+    bench.add_argument("--seconds", type=float, default=10.0, help="seconds per measurement (10)")
+    bench.add_argument("--compare-files", action="store_true",
+                       help="also measure decoding the source image files every time (no prepared store)")
+    bench.add_argument("--threads", type=int, metavar="N",
+                       help="torch intra-op threads of the main process, which does the work with 0 workers "
+                            "(default: torch's own; workers always use 1)")
+    bench.add_argument("--json", type=Path, metavar="FILE", help="write the measurements as JSON")
+    ex = p.add_argument_group("--make-example")
+    ex.add_argument("--num-images", type=int, default=500)
+    ex.add_argument("--example-size", type=int, default=256, help="side of the generated JPEGs (256)")
+    ex.add_argument("--example-format", choices=FORMATS, default="karpathy")
+    return p.parse_args(argv)
+
+
+def _split_items(items: list[str], what: str) -> dict[str, Path]:
+    pairs = {}
+    for item in items:
+        split, sep, path = item.partition("=")
+        if not sep or split not in ("train", "val", "test"):
+            raise AnnotationError(f"{what} entry '{item}' must look like train=FILE, val=FILE or test=FILE")
+        pairs[split] = Path(path)
+    return pairs
+
+
+def read_source(args: argparse.Namespace) -> SourceDataset:
+    """The --format reader on --captions/--images, with splits assigned."""
+    if not args.captions or args.images is None:
+        raise AnnotationError("preparing needs --captions FILE and --images DIR (and --out DIR)")
+    if not args.images.is_dir():
+        raise AnnotationError(f"images folder {args.images} does not exist; pass the folder the captions file's "
+                              "image paths are relative to")
+    per_split = all("=" in c for c in args.captions)
+    if any("=" in c for c in args.captions) and not per_split:
+        raise AnnotationError("--captions takes either plain files or SPLIT=FILE entries, not both")
+    files = list(_split_items(args.captions, "--captions").items()) if per_split else [(None, Path(c)) for c in args.captions]
+    fmt = args.format if args.format != "auto" else detect_format(files[0][1])
+    lists = _split_items(args.splits, "--splits")
+    if fmt == "karpathy":
+        if per_split or len(files) != 1 or lists:
+            raise AnnotationError("--format karpathy takes one dataset_*.json, which carries its own splits "
+                                  "(no SPLIT=FILE, no --splits)")
+        return read_karpathy(files[0][1], args.images)
+    if fmt == "coco":
+        dataset = read_coco(files, args.images)
+        if not per_split:
+            assign_splits(dataset, lists, args.split_seed, args.val_size, args.test_size)
+        elif lists:
+            raise AnnotationError("--splits does not go with SPLIT=FILE captions files: they already name the splits")
+        return dataset
+    if per_split or len(files) != 1:
+        raise AnnotationError("--format flickr8k takes one token file; give the split lists with --splits")
+    dataset = read_flickr8k(files[0][1], args.images)
+    assign_splits(dataset, lists or default_flickr8k_lists(files[0][1]), args.split_seed, args.val_size, args.test_size)
+    return dataset
+
+
+def run_prepare(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
+    if args.out is None:
+        raise AnnotationError("preparing needs --out DIR, the prepared folder to write")
+    if args.workers is not None and len(args.workers) != 1:
+        raise AnnotationError("--workers takes one number when preparing (processes; 0 = every core)")
+    if not args.no_progress:
+        print(f"prepare: reading {', '.join(args.captions)}", file=sys.stderr, flush=True)
+    dataset = read_source(args)
+    if not args.no_progress:
+        sizes = {s: sum(img.split == s for img in dataset.images) for s in ("train", "val", "test")}
+        print(f"prepare: {dataset.format} format, {len(dataset.images)} images with captions "
+              f"({', '.join(f'{s} {n}' for s, n in sizes.items())}), {len(dataset.skipped)} records skipped "
+              f"so far; splits: {dataset.split_rule}", file=sys.stderr, flush=True)
+    options = PrepareOptions(image_size=args.image_size, min_word_count=args.min_word_count, max_len=args.max_len,
+                             long_captions=args.long_captions, workers=(args.workers or [0])[0],
+                             chunk_size=args.chunk_size, strict=args.strict, overwrite=args.overwrite,
+                             progress=not args.no_progress)
+    command = ["captioning", "prepare", *(argv if argv is not None else sys.argv[1:])]
+    manifest = prepare(dataset, args.out, options, args.instances, command=command)
+    print(format_summary(manifest, args.out))
+    return manifest
+
+
+def run_benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
+    import torch
+
+    from captioning.data.datamodule import benchmark_loader
+
+    workers = args.workers or [0, 1, available_cores()]
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    print(f"loader benchmark on {args.benchmark}: batch {args.batch_size} images x {args.captions_per_image} "
+          f"captions, {args.seconds:.0f}s per setting, {available_cores()} CPU cores, main process "
+          f"{torch.get_num_threads()} torch threads, torch {torch.__version__}", flush=True)
+    rows = benchmark_loader(args.benchmark, workers, args.batch_size, args.captions_per_image, args.seconds)
+    if args.compare_files:
+        rows += benchmark_loader(args.benchmark, workers, args.batch_size, args.captions_per_image, args.seconds,
+                                 source="files")
+    print(f"\n| source | workers | images/s | first batch after |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['source']} | {r['workers']} | {r['images_per_s']:.0f} | {r['startup_s']:.2f} s |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return rows
+
+
+def run(argv: list[str] | None = None, prog: str | None = None) -> Any:
+    """``captioning prepare`` with ``argv``; -> what it wrote, as a dict (bad input: SystemExit, one line)."""
+    args = parse_args(argv, prog)
+    try:
+        if args.benchmark is not None:
+            return run_benchmark(args)
+        if args.make_example is not None:
+            from captioning.data.examples import write_example_dataset
+
+            captions, images = write_example_dataset(args.make_example, args.num_images, args.example_size,
+                                                     args.example_format)
+            print(f"wrote {args.num_images} images and {captions}; prepare them with:\n  captioning prepare "
+                  f"--format {args.example_format} --captions {captions} --images {images} --out prepared/example")
+            return captions
+        return run_prepare(args, argv)
+    except (AnnotationError, PrepareError, ValueError, OSError) as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_USAGE) from None
+
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """``captioning prepare``: exit status 0 (bad input exits with a one-line error)."""
+    run(None if argv is None else list(argv), prog)
+    return 0

@@ -1,0 +1,41 @@
+"""The machine a workflow runs on: which torch device, and this process's peak memory."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """None or "auto" -> cuda if available, else cpu. Raises ValueError for unknown or unavailable devices."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {device!r} ({str(err).splitlines()[0]})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available; use cpu")
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"device {device!r} requested but MPS is not available; use cpu")
+    return dev
+
+
+def peak_rss_mib() -> float | None:
+    """This process's peak resident memory in MiB, or None where it cannot be measured.
+
+    ``ru_maxrss`` is in KiB on Linux but in bytes on macOS; Windows has no ``resource`` module,
+    so psutil's peak working set is used there when psutil is installed.
+    """
+    try:
+        import resource
+    except ImportError:  # Windows
+        try:
+            import psutil
+        except ImportError:
+            return None
+        peak = getattr(psutil.Process().memory_info(), "peak_wset", None)
+        return None if peak is None else round(peak / 2**20, 1)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 1024), 1)

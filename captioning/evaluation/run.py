@@ -1,0 +1,288 @@
+"""Score a trained checkpoint on a split of its dataset, or another system's results file, with the
+COCO caption metrics (and attention grounding where the dataset has boxes).
+
+    captioning evaluate --checkpoint runs/soft/best.ckpt --split test --beam-size 5
+    captioning evaluate --checkpoint runs/hard/best.ckpt --split val --hard-mode argmax
+    captioning evaluate --checkpoint runs/soft/best.ckpt --devices 2     # 2 processes
+    captioning evaluate --checkpoint runs/soft/best.ckpt --metrics bleu   # fast: no METEOR
+    captioning evaluate --results their_results.json --annotations captions_val2014.json
+
+Checkpoint mode: the model and the dataset's location come from the checkpoint alone. Each image
+of the split is decoded once (batched; over --devices N processes, gathered and de-duplicated by
+image id) and scored against all of its references, plus caption_accuracy on the synthetic
+dataset and grounding (pointing_game, mass_in_box, grounding_words) whenever the dataset has boxes
+(annotations/instances_<split>.json, or --instances FILE). Writes predictions_<split>.json (COCO
+results format) and metrics_<split>.json to --out-dir (default: <checkpoint folder>/eval).
+
+Results mode: scores [{"image_id", "caption"}] against a COCO captions file (no decoding, no
+grounding: a results file has no attention); writes metrics_<results name>.json to --out-dir
+(default: the results file's folder). Every score is on the 0-100 scale ("scale": "0-100").
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from captioning.caption import captioner_and_settings, data_config
+from captioning.console import EXIT_USAGE, UsageError, one_line, positive_int, print_error
+from captioning.progress import format_duration
+
+METRICS = ("bleu", "meteor", "rouge", "cider", "spice")
+CHECKPOINT_ONLY = ("split", "batch_size", "hard_mode", "beam_size", "max_len", "device", "data_root", "instances")
+
+
+def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", type=Path, metavar="CKPT",
+                   help="best.ckpt or last.ckpt written by captioning train")
+    p.add_argument("--results", type=Path, metavar="FILE",
+                   help='instead of a checkpoint: captions to score, [{"image_id": int, "caption": str}, ...]')
+    p.add_argument("--annotations", type=Path, metavar="FILE",
+                   help="with --results: the COCO captions file holding the references (captions_*.json)")
+    p.add_argument("--split", choices=["train", "val", "test"], help="default: test")
+    p.add_argument("--out-dir", type=Path,
+                   help="default: <checkpoint folder>/eval, or the results file's folder")
+    p.add_argument("--batch-size", type=positive_int, metavar="N",
+                   help="images decoded together (default: the checkpoint's data.eval_batch_size)")
+    p.add_argument("--metrics", nargs="+", choices=METRICS, default=["bleu", "meteor", "rouge", "cider"],
+                   help="default: bleu meteor rouge cider (METEOR starts Java, ~10 s)")
+    p.add_argument("--hard-mode", choices=["expected", "argmax", "sample"],
+                   help="how a hard-attention model attends (default: the checkpoint's decode.hard_mode)")
+    p.add_argument("--beam-size", type=positive_int, metavar="N",
+                   help="beam width; 1 = greedy (default: the checkpoint's decode.beam_size)")
+    p.add_argument("--max-len", type=positive_int, metavar="N",
+                   help="most words per caption (default: the checkpoint's decode.max_len)")
+    p.add_argument("--tokenizer", choices=["auto", "ptb", "simple"], default="auto",
+                   help="caption tokenizer for scoring: ptb (official, Java), simple, or auto (default)")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available, else cpu)")
+    p.add_argument("--devices", type=positive_int, default=1, metavar="N",
+                   help="decode in N processes (CPU processes, or GPUs 0..N-1 with cuda); default 1")
+    p.add_argument("--data-root", metavar="DIR", help="dataset root instead of the checkpoint's data.root")
+    p.add_argument("--instances", type=Path, metavar="FILE",
+                   help="COCO instances file with the split's boxes for grounding (default: "
+                        "<data root>/annotations/instances_<split>.json, or a prepared folder's, if it exists)")
+    return p.parse_args(argv)
+
+
+def check_mode(args: argparse.Namespace) -> str:
+    """'checkpoint' or 'results'; a wrong combination of options is a UsageError."""
+    if args.checkpoint is not None and args.results is not None:
+        raise UsageError("--checkpoint and --results are alternatives: decode and score a split, "
+                         "or score an existing results file")
+    if args.results is not None:
+        if args.annotations is None:
+            raise UsageError("--results needs --annotations FILE, the COCO captions file with the references "
+                             "(e.g. captions_val2014.json)")
+        given = [name for name in CHECKPOINT_ONLY if getattr(args, name) is not None]
+        if given or args.devices != 1:
+            flag = "--" + (given[0] if given else "devices").replace("_", "-")
+            raise UsageError(f"{flag} applies to --checkpoint only: a results file is scored as it is")
+        return "results"
+    if args.annotations is not None:
+        raise UsageError("--annotations goes with --results FILE (scoring an existing results file); "
+                         "a checkpoint takes its references from its own dataset")
+    if args.checkpoint is None:
+        raise UsageError("give --checkpoint CKPT (decode and score a split) or --results FILE --annotations FILE "
+                         "(score existing captions)")
+    return "checkpoint"
+
+
+def _reason(err: BaseException) -> str:
+    """One line; a DataLoader worker's error keeps only the original exception's last line."""
+    text = str(err)
+    if "Original Traceback" in text:
+        lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+        text = lines[-1] if lines else type(err).__name__
+    return one_line(text) or type(err).__name__
+
+
+def _score(predictions: dict[int, str], references: dict, scenes, args: argparse.Namespace):
+    from captioning.evaluation.evaluator import evaluate_predictions
+
+    print(f"evaluate: scoring {len(predictions)} captions ({', '.join(args.metrics)})", file=sys.stderr, flush=True)
+    try:
+        return evaluate_predictions(predictions, references, scenes, args.metrics, args.tokenizer)
+    except (ValueError, RuntimeError) as err:
+        raise UsageError(f"scoring failed: {_reason(err)}") from None
+
+
+def _device_type(args: argparse.Namespace, captioner) -> str:
+    """The device kind each of --devices N processes decodes on."""
+    kind = captioner.device.type
+    if args.devices > 1:
+        if kind not in ("cpu", "cuda"):
+            raise UsageError(f"--devices {args.devices} runs on CPU processes or CUDA GPUs, not {kind}")
+        if kind == "cuda":
+            import torch
+
+            if args.device not in (None, "cuda"):
+                raise UsageError(f"--device {args.device} names one GPU; with --devices N pass --device cuda "
+                                 "(processes use GPUs 0..N-1) or --device cpu")
+            if torch.cuda.device_count() < args.devices:
+                raise UsageError(f"--devices {args.devices} needs {args.devices} GPUs, found "
+                                 f"{torch.cuda.device_count()}; pass --device cpu for CPU processes")
+    return kind
+
+
+def _load_grounding(args: argparse.Namespace, data, split: str, image_ids: list[int]):
+    """The split's boxes (Instances) or None when the dataset has none."""
+    from captioning.evaluation.grounding import InstancesError, load_instances
+
+    # A prepared folder (captioning prepare) keeps the split's instances at its top level.
+    folder = data.root if data.cfg.dataset == "prepared" else data.root / "annotations"
+    path = args.instances or folder / f"instances_{split}.json"
+    if args.instances is None and not path.is_file():
+        return None
+    try:
+        instances = load_instances(path)
+    except InstancesError as err:
+        raise UsageError(err) from None
+    if not any(i in instances.sizes for i in image_ids):
+        raise UsageError(f"{path} holds none of the {len(image_ids)} images of the {split} split: "
+                         "pass the instances file of this split with --instances FILE")
+    return instances
+
+
+def evaluate_checkpoint(args: argparse.Namespace) -> dict:
+    from captioning.data.coco import AnnotationError
+    from captioning.data.datamodule import CaptionDataModule
+    from captioning.data.transforms import ImageLoadError
+    from captioning.evaluation.evaluator import SCALE, SCALE_NOTE, decode_distributed, decode_split, to_percent
+    from captioning.evaluation.grounding import score_grounding
+    from captioning.evaluation.metrics import format_metrics_table
+
+    captioner, settings = captioner_and_settings(args)
+    device_type = _device_type(args, captioner)
+    split = args.split or "test"
+    cfg = data_config(captioner, args.data_root)
+    # Decode on demand (no in-memory cache of the whole split), batch size as asked.
+    cfg = dataclasses.replace(cfg, cache_images=False, eval_batch_size=args.batch_size or cfg.eval_batch_size)
+    try:
+        data = CaptionDataModule(cfg, captioner.vocab)
+        data.prepare_data()
+        records = data.load_split(split)
+        references = data.references(split)
+        scenes = data.scenes(split)
+    except (AnnotationError, ValueError, OSError) as err:
+        raise UsageError(f"cannot read the {split} split of the checkpoint's dataset: {_reason(err)}") from None
+    if not records:
+        raise UsageError(f"the {split} split of {data.root} has no images")
+    instances = _load_grounding(args, data, split, [r.image_id for r in records])
+    matcher = instances.matcher() if instances is not None else None
+
+    print(f"evaluate: {args.checkpoint}, {split} split of {data.root}: {len(records)} images, "
+          f"{settings['attention']} attention, {settings['method']} (beam {settings['beam_size']}), max_len {settings['max_len']}"
+          + (f", hard_mode {settings['hard_mode']}" if settings["hard_mode"] else "")
+          + (f", {args.devices} {device_type} processes" if args.devices > 1 else ""), file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    duplicates = 0
+    try:
+        if args.devices > 1:
+            decoded, duplicates = decode_distributed(args.checkpoint, device_type, cfg, split, settings, matcher,
+                                                     args.devices)
+        else:
+            decoded = decode_split(captioner, data, split, settings, matcher)
+    except (ImageLoadError, OSError, RuntimeError) as err:
+        raise UsageError(_reason(err)) from None
+    decode_seconds = time.perf_counter() - started
+    predictions = {image_id: item.caption for image_id, item in decoded.items()}
+    print(f"decoded: {len(predictions)} images, one caption each (the {split} split has {len(records)})"
+          + (f"; {duplicates} duplicate decodes dropped" if duplicates else ""))
+    if set(predictions) != set(references) or len(predictions) != len(records):
+        raise UsageError(f"{split}: decoded {len(predictions)} images but the split has {len(records)}")
+
+    values, report = _score(predictions, references, scenes, args)
+    grounding = None
+    if instances is not None:
+        grounding = score_grounding({i: item.named for i, item in decoded.items()}, instances,
+                                    settings["hard_mode"] or "expected")
+        values.update(grounding.metrics())
+    shown = to_percent(values)
+    print(format_metrics_table(values, title=f"{split} split, {len(predictions)} images"))
+    for note in report.notes() + (grounding.notes() if grounding else ["grounding: not computed (no boxes: "
+                                                                        "the dataset has no instances file)"]):
+        print(note)
+    out_dir = args.out_dir or args.checkpoint.parent / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    predictions_file = out_dir / f"predictions_{split}.json"
+    metrics_file = out_dir / f"metrics_{split}.json"
+    predictions_file.write_text(json.dumps(
+        [{"image_id": image_id, "caption": caption} for image_id, caption in sorted(predictions.items())], indent=1))
+    results = {
+        "split": split, "num_images": len(predictions), "scale": SCALE, "scale_note": SCALE_NOTE,
+        "tokenizer": report.tokenizer, "skipped": dict(report.skipped), "decode": settings, "metrics": shown,
+        "grounding": ({**grounding.describe(scale=100.0), "instances": instances.path, "words_to_classes":
+                       instances.matcher().name} if grounding else None),
+        "devices": args.devices, "checkpoint": str(args.checkpoint),
+    }
+    metrics_file.write_text(json.dumps(results, indent=2))
+    print(f"decoded in {format_duration(decode_seconds)} ({len(predictions) / max(decode_seconds, 1e-9):.1f} "
+          f"images/s), scored in {format_duration(report.seconds)}")
+    print(f"wrote {predictions_file} and {metrics_file}")
+    return results
+
+
+def evaluate_results(args: argparse.Namespace) -> dict:
+    from captioning.data.coco import AnnotationError, load_coco_captions
+    from captioning.evaluation.evaluator import SCALE, SCALE_NOTE, ResultsError, load_results, to_percent
+    from captioning.evaluation.metrics import format_metrics_table
+
+    try:
+        predictions = load_results(args.results)
+        records = load_coco_captions(args.annotations, args.annotations.parent)  # image files are not read
+    except (ResultsError, AnnotationError) as err:
+        raise UsageError(err) from None
+    references = {r.image_id: list(r.captions) for r in records}
+    unknown = sorted(set(predictions) - set(references))
+    if unknown:
+        shown = ", ".join(map(str, unknown[:5])) + (", ..." if len(unknown) > 5 else "")
+        raise UsageError(f"{len(unknown)} image id(s) of {args.results} have no reference caption in "
+                         f"{args.annotations} ({shown}): is this the captions file of the same split?")
+    print(f"results: {len(predictions)} images, one caption each, of the {len(references)} images with "
+          f"captions in {args.annotations}")
+    if len(predictions) < len(references):
+        print(f"warning: {args.results} covers {len(predictions)} of the {len(references)} images; the scores "
+              f"(CIDEr's document frequencies too) are over those {len(predictions)} only", file=sys.stderr)
+    values, report = _score(predictions, {i: references[i] for i in predictions}, None, args)
+    shown = to_percent(values)
+    print(format_metrics_table(values, title=f"{args.results.name}, {len(predictions)} images"))
+    for note in report.notes() + ["grounding: not computed (a results file has no attention maps)"]:
+        print(note)
+    out_dir = args.out_dir or args.results.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics_file = out_dir / f"metrics_{args.results.stem}.json"
+    results = {
+        "results": str(args.results), "annotations": str(args.annotations), "num_images": len(predictions),
+        "num_annotated_images": len(references), "scale": SCALE, "scale_note": SCALE_NOTE,
+        "tokenizer": report.tokenizer, "skipped": dict(report.skipped), "metrics": shown,
+    }
+    metrics_file.write_text(json.dumps(results, indent=2))
+    print(f"wrote {metrics_file}")
+    return results
+
+
+def run(argv: list[str] | None = None, prog: str | None = None) -> dict:
+    """``captioning evaluate`` with ``argv``; -> what it wrote, as a dict (bad input: SystemExit, one line)."""
+    args = parse_args(argv, prog)
+    started = time.perf_counter()
+    try:
+        mode = check_mode(args)
+        results = evaluate_checkpoint(args) if mode == "checkpoint" else evaluate_results(args)
+    except UsageError as err:
+        print_error(err)
+        raise SystemExit(EXIT_USAGE) from None
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    return results
+
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """``captioning evaluate``: exit status 0 (bad input exits with a one-line error)."""
+    run(None if argv is None else list(argv), prog)
+    return 0

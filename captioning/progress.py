@@ -1,0 +1,84 @@
+"""The one progress helper: ``label: done/total unit, rate, elapsed, ETA`` for long work.
+
+On a terminal it is a tqdm bar on stderr; otherwise (a log file, a pipe, CI) it prints plain
+lines, at most one per ``interval`` seconds plus the last, so a log stays readable.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+
+def format_duration(seconds: float) -> str:
+    """``42s``, ``3m07s``, ``2h05m``."""
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+class Progress:
+    """Count work done against ``total``; ``update(n)`` after each piece, ``close()`` at the end.
+
+    ``initial`` counts work done before (a resumed run): it is shown as done, but the rate and
+    ETA come from this run's work only. ``enabled=False`` prints nothing.
+    """
+
+    def __init__(self, total: int, label: str, unit: str = "images", enabled: bool = True,
+                 stream: TextIO | None = None, interval: float = 0.0, initial: int = 0) -> None:
+        self.total, self.label, self.unit, self.enabled = total, label, unit, enabled
+        self.stream = stream if stream is not None else sys.stderr
+        self.interval = interval
+        self.done, self.new = initial, 0
+        self.start = self.last = time.perf_counter()
+        self._bar = None
+        if enabled and _is_terminal(self.stream):
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, initial=initial, desc=label, unit=f" {unit}", file=self.stream,
+                             dynamic_ncols=True)
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def update(self, count: int) -> None:
+        self.done += count
+        self.new += count
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.update(count)
+            if self.done >= self.total:
+                self.close()
+            return
+        now = time.perf_counter()
+        if now - self.last < self.interval and self.done < self.total:
+            return
+        self.last = now
+        print(self.line(), file=self.stream, flush=True)
+
+    def line(self) -> str:
+        elapsed = max(self.elapsed, 1e-9)
+        rate = self.new / elapsed
+        eta = (self.total - self.done) / rate if rate > 0 else 0.0
+        rate_text = f"{rate:.1f}" if rate < 100 else f"{rate:.0f}"
+        return (f"{self.label}: {self.done}/{self.total} {self.unit} "
+                f"({100 * self.done / max(self.total, 1):.0f}%), {rate_text} {self.unit}/s, "
+                f"elapsed {format_duration(elapsed)}, ETA {format_duration(eta)}")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
