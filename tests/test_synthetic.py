@@ -212,7 +212,7 @@ def test_make_scene_is_deterministic_and_always_ends(monkeypatch):
         calls["check"] += 1
         return False
 
-    monkeypatch.setattr(syn, "_clearly_ordered", never)
+    monkeypatch.setattr(syn.scenes, "_clearly_ordered", never)
     for seed in range(3):
         objects = make_scene(random.Random(seed), 64)
         assert len(objects) == 1 and objects == make_scene(random.Random(seed), 64)
@@ -440,7 +440,7 @@ def test_another_process_finishing_first(tmp_path, monkeypatch):
         real_write(out, cfg_, progress)
         real_write(final, cfg_, progress)  # the other rank wins the race
 
-    monkeypatch.setattr(syn, "_write_dataset", write_and_race)
+    monkeypatch.setattr(syn.write, "_write_dataset", write_and_race)
     assert generate_synthetic(tmp_path, cfg, progress=False) == final
     assert (final / "manifest.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == [final.name]
@@ -452,7 +452,7 @@ def test_failed_generation_leaves_nothing(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(syn, "render_scene", boom)
+    monkeypatch.setattr(syn.write, "render_scene", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         generate_synthetic(tmp_path, cfg, progress=False)
     assert list(tmp_path.iterdir()) == []
