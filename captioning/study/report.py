@@ -222,7 +222,7 @@ def write_report(summary: dict, out_dir: Path) -> Path:
     decode = study["decode"]
     lines += [
         f"Arms: {counts}; {source}, each "
-        f"evaluated by `scripts/evaluate.py` on the same {decode['split']} split ({first_eval['num_images']} images) "
+        f"evaluated by `captioning evaluate` on the same {decode['split']} split ({first_eval['num_images']} images) "
         f"with the same decoder settings: beam size {decode['beam_size']}, at most {decode['max_len']} words; "
         "a hard model attends with the expected alpha (its default) unless said otherwise. "
         "`none` is the no-attention control (the context is the mean annotation at every step, the same decoder "
@@ -257,7 +257,7 @@ def write_report(summary: dict, out_dir: Path) -> Path:
     reached = ", ".join(f"{a} {table[a]['reached_target']} of {table[a]['runs']}" for a in arms)
     lines += [
         "",
-        f"Training time: `train_seconds` of train.py's `metrics.json` (data loading, training and the validation "
+        f"Training time: `train_seconds` of the training run's `metrics.json` (data loading, training and the validation "
         f"after every epoch). Fixed quality: validation BLEU-4 (greedy decoding, logged after every epoch) of "
         f"{target_text}, which is {summary['target']['rule']}; steps and wall time to the first validation at or "
         f"above it (runs that reached it: {reached}). Pointing game and mass in box here score the nouns "
@@ -307,7 +307,7 @@ def write_report(summary: dict, out_dir: Path) -> Path:
 
     lines += ["## Hard attention at test time: expected, argmax and sampled locations", ""]
     hm = summary["hard_modes"]
-    lines += ["The same hard checkpoints decoded three ways (`evaluate.py --hard-mode`): the expected context "
+    lines += ["The same hard checkpoints decoded three ways (`captioning evaluate --hard-mode`): the expected context "
               "sum_i alpha_i a_i (the authors' default), the single most likely location, and a location sampled "
               "from alpha at every step (seeded per run). Grounding: nouns, scored on the attention the decoder "
               "used (argmax: that one cell; sample: in expectation over the draw).", ""]
@@ -432,7 +432,7 @@ def _settings_text(summary: dict) -> list[str]:
         "none (the defaults of captioning/config.py: the synthetic dataset)"
     lines += [f"- Config file: {config_file}",
               f"- Overrides (`--set`, in order): {', '.join('`' + o + '`' for o in study['overrides']) or 'none'}",
-              f"- Metrics asked of evaluate.py: {', '.join(study['metrics'])}"]
+              f"- Metrics asked of captioning evaluate: {', '.join(study['metrics'])}"]
     if study["checkpoint_differences"]:
         lines += ["- **The given checkpoints differ in settings beyond attention and seed:** "
                   + "; ".join(study["checkpoint_differences"])]
