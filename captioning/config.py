@@ -69,7 +69,7 @@ class LossConfig:
     # outweighs the NLL (~3) and drives attention onto never-attended background; measured: with
     # lambda=1 the heatmaps avoid the objects, with 0.02 they find them and accuracy rises.
     doubly_stochastic: float = 0.02
-    # Hard attention (RECIPE.md, from the authors' capgen.py):
+    # Hard attention (the authors' capgen.py; docs/faithfulness.md):
     reward_scale: float = 0.1  # lambda_r, the hard-coded 1/10
     entropy: float = 0.002  # lambda_e on sum alpha log alpha
     baseline_decay: float = 0.9  # b <- decay * b + (1 - decay) * mean_n C_n (the cost it is subtracted from)

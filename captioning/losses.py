@@ -141,7 +141,7 @@ def caption_loss(
     if attention != "hard":  # soft, and the no-attention control (its alpha is uniform, fixed)
         return LossTerms(nll + cfg.doubly_stochastic * penalty, nll, token_nll, penalty, zero, entropy, *monitored)
 
-    # Hard attention (Eq. 12 with the authors' choices, RECIPE.md). Surrogate whose gradient is
+    # Hard attention (Eq. 12 with the authors' choices, capgen.py). Surrogate whose gradient is
     # lambda_r (C_n - b) d log p(s|a)/dW, i.e. lambda_r (log p(y|s,a) - b') d log p(s|a)/dW; its
     # gradient on alpha is the authors' known gradient (C_n - b)/10 * s/alpha (times the scale).
     # The doubly stochastic term is left out: in the authors' code the known gradient on alpha
