@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("captioning.evaluation.run:main", "score a checkpoint (or a results file) with the COCO metrics"),
     "prepare": ("captioning.data.run:main", "prepare a COCO / Flickr / own dataset into a fast folder"),
     "caption": ("captioning.caption:main", "caption images with a trained checkpoint"),
-    "compare": ("captioning.study.cli:main", "the soft-vs-hard study: train and evaluate both, write a report"),
+    "compare": ("captioning.study.cli:main", "the study: no attention, soft and hard, trained and evaluated alike, a report"),
     "benchmark": ("captioning.perf.run:main", "measure training, encoding, decoding and loading speed"),
     "export": ("captioning.export.run:main", "write a model folder (safetensors, model card), optionally ONNX graphs"),
     "demo": ("captioning.serve.run:main", "a browser demo: caption an image, see each word's attention"),

@@ -61,7 +61,7 @@ class DecoderConfig:
 
 @dataclass
 class ModelConfig:
-    # "none": the no-attention control, z_t = the mean annotation at every step.
+    # "none": the no-attention control (z_t = the mean annotation at every step, no f_att).
     attention: Literal["soft", "hard", "none"] = "soft"
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
@@ -72,15 +72,21 @@ class LossConfig:
     # lambda of the doubly stochastic regulariser (Eq. 14). Our normalisation: per caption,
     # sum over locations of (1 - sum_t alpha_ti)^2, then the mean over the batch -- the same
     # per-caption scale as the NLL term (summed over time, mean over batch). See losses.py.
-    # The paper's lambda is 1 (configs/coco_*.yaml). The synthetic default is 0.02 (~1/L): with
+    # The paper gives no value; the authors' code amounts to alpha_c * B / L per caption on this scale
+    # (configs/coco_*.yaml: 64 / 196 = 0.3265; docs/faithfulness.md). The synthetic default is 0.02 (~1/L): with
     # L=64 locations and ~8 words, sum_t alpha_ti cannot approach 1, the term (~45 per caption)
     # outweighs the NLL (~3) and drives attention onto never-attended background; measured: with
     # lambda=1 the heatmaps avoid the objects, with 0.02 they find them and accuracy rises.
     doubly_stochastic: float = 0.02
-    # Hard attention (Xu et al. 2015, Sec. 4.1; values from the authors' capgen.py, kelvinxu/arctic-captions):
+    # Hard attention (Xu et al. 2015, Sec. 4.1; the authors' capgen.py, kelvinxu/arctic-captions;
+    # docs/faithfulness.md):
     reward_scale: float = 0.1  # lambda_r, the hard-coded 1/10
     entropy: float = 0.002  # lambda_e on sum alpha log alpha
-    baseline_decay: float = 0.9  # b <- decay * b + (1 - decay) * mean token NLL
+    baseline_decay: float = 0.9  # b <- decay * b + (1 - decay) * mean_n C_n (the cost it is subtracted from)
+    # How the REINFORCE and entropy terms are reduced over captions (losses.py, docs/faithfulness.md):
+    # "sum" = the authors' strength, B times a mean over captions (B = captions per optimiser step,
+    # every DDP rank); "mean" = averaged over captions like the NLL.
+    hard_reduction: Literal["sum", "mean"] = "sum"
     expected_context_prob: float = 0.5  # probability of using the expected context instead
     # "minibatch": one Bernoulli draw per minibatch (the authors' code, default);
     # "image": one draw per image (the paper's text).

@@ -58,7 +58,8 @@ def decode_settings(config: "Config", max_len: int | None = None, hard_mode: str
     if config.model.attention == "hard":
         mode = hard_mode or config.decode.hard_mode
     elif hard_mode not in (None, "expected"):
-        raise ValueError(f"hard_mode {hard_mode!r} needs a hard-attention model; this one uses soft attention")
+        raise ValueError(f"hard_mode {hard_mode!r} needs a hard-attention model; this one uses "
+                         f"{config.model.attention} attention")
     else:
         mode = None
     return {"method": method, "beam_size": beam_size,

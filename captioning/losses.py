@@ -1,16 +1,25 @@
 """Training objectives for soft (Sec. 4.2, Eq. 14) and hard (Sec. 4.1, Eq. 12) attention.
 
-Normalisation (stated once, used everywhere): every term is computed PER CAPTION, summed over its
-real time steps (and locations), then averaged over the captions of the minibatch. This is the
-paper's 1/N sum_n of Eq. 12 and the authors' per-caption NLL. For the doubly stochastic term it
-means lambda * sum_i (1 - sum_t alpha_ti)^2 per caption, exactly Eq. 14 -- on the same scale as
-the summed NLL. (A popular port averages it over pixels and the NLL over tokens, which changes
-the effective lambda; the RECIPE notes a ~6x spread between well-known ports.)
+Normalisation (stated once, used everywhere; docs/faithfulness.md derives it from the authors'
+code): the NLL is computed PER CAPTION, summed over its real time steps, then averaged over the
+captions of the minibatch -- the paper's 1/N sum_n of Eq. 12 and the authors' ``cost.mean()``.
+The doubly stochastic term is lambda * sum_i (1 - sum_t alpha_ti)^2 per caption, averaged the same
+way (exactly Eq. 14 beside the summed NLL). The authors' code writes
+``alpha_c * ((1 - sum_t alpha)^2).sum(0).mean()``: a mean over locations, so its per-caption lambda
+is alpha_c * B / L (0.33 at alpha_c = 1, B = 64 captions, L = 196); configs/coco_*.yaml use that.
 
-Deviation from the authors' code, on purpose: arctic applies its REINFORCE and entropy gradients
-to every padded step too and sums them over the minibatch; we mask padded steps (they carry no
-word) and average over captions like every other term, so the effective weights do not change
-with the batch size or the number of DDP ranks.
+Hard attention's REINFORCE and entropy terms: the authors inject
+``(C_n - b) / 10 * s / alpha + lambda_e (log alpha + 1)`` as the gradient on every alpha, with no
+1/B, beside the batch-mean NLL. Relative to the NLL each caption's REINFORCE and entropy terms
+are therefore B times (B = captions per optimiser step) what a mean over captions gives. The
+default ``loss.hard_reduction: sum`` reproduces that: the terms are averaged over the captions of
+the device's batch and multiplied by ``captions_per_step`` (the captions of the whole optimiser
+step, over every DDP rank), which equals the authors' sum over their minibatch.
+``hard_reduction: mean`` averages them over captions like the NLL (B times weaker; the effective
+weights then do not change with the batch size).
+
+Deviation from the authors' code, on purpose: they apply the REINFORCE and entropy gradients to
+every padded step and padded location too; we mask padded steps (they carry no word).
 """
 
 from __future__ import annotations
@@ -32,8 +41,11 @@ class LossTerms(NamedTuple):
     reinforce: torch.Tensor  # scalar surrogate (0 for soft attention)
     entropy: torch.Tensor  # scalar, mean over captions of sum_t H(alpha_t)
     # Per caption [B], detached, for monitoring (CaptioningModule logs the training signal).
-    nll_per_caption: torch.Tensor  # summed token NLL; C_n = this / padded length
+    nll_per_caption: torch.Tensor  # summed token NLL
     entropy_per_caption: torch.Tensor  # sum_t H(alpha_t) over real steps
+    # REINFORCE cost C_n [B], detached: the summed NLL divided by the padded length (the
+    # authors' masked_cost.mean(0)). The baseline tracks the mean of exactly this.
+    cost: torch.Tensor
 
 
 def per_token_nll(logits: torch.Tensor, targets: torch.Tensor, pad_id: int) -> torch.Tensor:
@@ -83,9 +95,17 @@ class ReinforceBaseline(nn.Module):
         self.register_buffer("value", torch.zeros(()))
 
     @torch.no_grad()
-    def update(self, mean_token_nll: torch.Tensor) -> None:
-        # b <- 0.9 b + 0.1 * mean token NLL; starts at 0; applied after the step that used the old b.
-        self.value.mul_(self.decay).add_((1.0 - self.decay) * mean_token_nll.detach().to(self.value))
+    def update(self, mean_cost: torch.Tensor) -> None:
+        # b <- 0.9 b + 0.1 * mean_n C_n (the authors' masked_cost.mean()): the very cost that b is
+        # subtracted from; starts at 0; applied after the step that used the old b.
+        self.value.mul_(self.decay).add_((1.0 - self.decay) * mean_cost.detach().to(self.value))
+
+
+def reinforce_cost(nll_per_caption: torch.Tensor, padded_length: int) -> torch.Tensor:
+    """C_n = the caption's summed NLL / the padded length T of its minibatch -> [B], detached.
+
+    The authors' ``masked_cost.mean(0)``: one sentence-level cost, the same at every step."""
+    return (nll_per_caption / padded_length).detach()
 
 
 def caption_loss(
@@ -99,12 +119,15 @@ def caption_loss(
     log_probs: torch.Tensor | None = None,
     baseline: torch.Tensor | None = None,
     token_nll: torch.Tensor | None = None,
+    captions_per_step: int | None = None,
 ) -> LossTerms:
     """All terms for one minibatch.
 
     logits [B, T, V] (or None with ``token_nll`` [B, T], from a decoder pass with
     ``return_logits=False``), targets [B, T], alphas [B, T, L], feature_mask [B, L] bool;
     hard attention: log_probs [B, T] (0 where the expected context was used) and baseline (scalar).
+    ``captions_per_step``: captions in the whole optimiser step (every DDP rank); None = this
+    batch's B. With ``cfg.hard_reduction == "sum"`` it multiplies the REINFORCE and entropy terms.
     """
     nll_per_caption, token_mask = caption_nll(logits, targets, pad_id, token_nll)
     nll = nll_per_caption.mean()
@@ -113,23 +136,23 @@ def caption_loss(
     entropy_per_caption = attention_entropy(alphas.float(), token_mask)
     entropy = entropy_per_caption.mean()
     zero = nll.new_zeros(())
-    monitored = (nll_per_caption.detach(), entropy_per_caption.detach())
-    if attention == "soft":
+    cost = reinforce_cost(nll_per_caption, targets.shape[1])  # (B,)
+    monitored = (nll_per_caption.detach(), entropy_per_caption.detach(), cost)
+    if attention != "hard":  # soft, and the no-attention control (its alpha is uniform, fixed)
         return LossTerms(nll + cfg.doubly_stochastic * penalty, nll, token_nll, penalty, zero, entropy, *monitored)
 
-    # Hard attention (Eq. 12 with the authors' choices, RECIPE.md). Cost C_n: the caption's NLL
-    # summed over time and divided by the padded length (arctic's masked_cost.mean(0)); the same
-    # sentence-level signal at every step. Surrogate whose gradient is
-    # lambda_r (C_n - b) d log p(s|a)/dW, i.e. lambda_r (log p(y|s,a) - b') d log p(s|a)/dW.
+    # Hard attention (Eq. 12 with the authors' choices, capgen.py). Surrogate whose gradient is
+    # lambda_r (C_n - b) d log p(s|a)/dW, i.e. lambda_r (log p(y|s,a) - b') d log p(s|a)/dW; its
+    # gradient on alpha is the authors' known gradient (C_n - b)/10 * s/alpha (times the scale).
     # The doubly stochastic term is left out: in the authors' code the known gradient on alpha
     # replaces it, so it has no effect in hard mode (it is still logged).
+    scale = float(captions_per_step or targets.shape[0]) if cfg.hard_reduction == "sum" else 1.0
     reinforce = zero
     if log_probs is not None:
         if baseline is None:
             raise ValueError("hard attention with sampled locations needs the REINFORCE baseline")
-        cost = (nll_per_caption / targets.shape[1]).detach()  # (B,)
         advantage = cost - baseline.detach()  # (B,)
-        reinforce = (cfg.reward_scale * advantage * (log_probs * token_mask).sum(1)).mean()
+        reinforce = scale * (cfg.reward_scale * advantage * (log_probs * token_mask).sum(1)).mean()
     # Entropy bonus: minimise lambda_e * sum alpha log alpha, i.e. maximise attention entropy.
-    loss = nll + reinforce - cfg.entropy * entropy
+    loss = nll + reinforce - scale * cfg.entropy * entropy
     return LossTerms(loss, nll, token_nll, penalty, reinforce, entropy, *monitored)

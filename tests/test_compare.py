@@ -1,7 +1,7 @@
-"""scripts/compare.py and captioning.study: the soft-vs-hard study end to end on tiny settings.
+"""scripts/compare.py and captioning.study: the none/soft/hard study end to end on tiny settings.
 
 The fast tests evaluate tiny untrained checkpoints (--checkpoints) with hand-written training logs
-beside them; the slow one trains 2 seeds x 2 mechanisms with configs/tiny.yaml. Every table cell
+beside them; the slow one trains 2 seeds x 3 arms with configs/tiny.yaml. Every table cell
 of report.md is recomputed here from the metrics files, independently of captioning.study.collect.
 """
 
@@ -27,7 +27,7 @@ from conftest import make_config
 REPO = Path(__file__).resolve().parents[1]
 from captioning.study import cli as compare  # captioning compare (scripts/compare.py)
 
-SECTIONS = ("## Results", "## Learning curves", "## Training signal",
+SECTIONS = ("## Results", "## Grounding by word kind", "## Learning curves", "## Training signal",
             "## Attention maps: the same test images, soft and hard",
             "## Hard attention at test time: expected, argmax and sampled locations", "## Settings")
 CAPTION_COLUMNS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
@@ -68,21 +68,21 @@ def check_tables_match_metrics_files(out: Path, folders: dict[str, list[str]]) -
     """Both summary tables and the hard-mode table equal what the metrics files say."""
     report = (out / "report.md").read_text()
     titles = dict((title, key) for key, title in collect.METRICS)
-    header, rows = table_rows(report, "attention")
+    header, rows = table_rows(report, "arm")
     assert header[2:] == list(CAPTION_COLUMNS)
     for attention, names in folders.items():
         files = [out / name / "eval" / "metrics_test.json" for name in names]
         for column, value in zip(header[2:], rows[attention][2:]):
             assert value == expected_cell(files, titles[column]), (attention, column)
         assert rows[attention][1] == str(len(names))
-    header, rows = table_rows(report, "hard mode")
+    header, rows = table_rows(report, "hard arm, mode")
     for mode in ("expected", "argmax", "sample"):
         files = [out / name / ("eval" if mode == "expected" else f"eval-{mode}") / "metrics_test.json"
                  for name in folders["hard"]]
-        for column, value in zip(header[1:], rows[mode][1:]):
+        for column, value in zip(header[1:], rows[f"hard {mode}"][1:]):
             assert value == expected_cell(files, titles[column]), (mode, column)
     # At least one number is a real measurement, not n/a everywhere.
-    assert any(c != "n/a" for c in rows["expected"][1:])
+    assert any(c != "n/a" for c in rows["hard expected"][1:])
 
 
 def check_report_sections(out: Path, examples: int) -> str:
@@ -131,12 +131,13 @@ def write_fake_training(folder: Path, bleu: list[float], hard: bool, seconds: fl
 # ------------------------------------------------------------------------------ fast: given checkpoints
 
 CURVES = {"soft-a": [0.10, 0.30, 0.50], "soft-b": [0.20, 0.40, 0.60], "hard-a": [0.05, 0.25, 0.45],
-          "hard-b": [0.30, 0.35, 0.50]}
+          "hard-b": [0.30, 0.35, 0.50], "none-a": [0.30, 0.40, 0.50]}
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """Four untrained tiny checkpoints (two per mechanism, different weights) on an 8-image test split."""
+    """Five untrained tiny checkpoints (two per attention mechanism, one without attention, different
+    weights) on an 8-image test split."""
     root = tmp_path_factory.mktemp("compare")
     cfg = make_config(data__root=str(root / "data"), data__min_word_count=1,
                       data__synthetic__num_train=16, data__synthetic__num_val=4, data__synthetic__num_test=6,
@@ -166,6 +167,7 @@ def given_study(checkpoints):
     out = checkpoints.root / "study"
     p = checkpoints.paths
     argv = ["--checkpoints", f"soft={p['soft-a']},{p['soft-b']}", f"hard={p['hard-a']},{p['hard-b']}",
+            f"none={p['none-a']}",
             "--out-dir", str(out), "--metrics", "bleu", "--beam-size", "2", "--examples", "2"]
     assert compare.main(argv) == 0
     return SimpleNamespace(out=out, argv=argv)
@@ -179,7 +181,7 @@ def test_given_checkpoints_report_has_every_section(given_study):
 
 def test_given_checkpoints_numbers_match_the_metrics_files(given_study):
     check_tables_match_metrics_files(given_study.out, {"soft": ["soft-ckpt0", "soft-ckpt1"],
-                                                       "hard": ["hard-ckpt0", "hard-ckpt1"]})
+                                                       "hard": ["hard-ckpt0", "hard-ckpt1"], "none": ["none-ckpt0"]})
     summary = json.loads((given_study.out / "summary.json").read_text())
     for run in summary["runs"]:
         data = json.loads((given_study.out / run["eval"]["expected"]["file"]).read_text())
@@ -191,12 +193,11 @@ def test_given_checkpoints_numbers_match_the_metrics_files(given_study):
 def test_steps_to_target_and_training_time_come_from_the_logs(given_study):
     """Target = 0.8 x the lowest best validation BLEU-4 (45 -> 36); first validation at or above it."""
     report = (given_study.out / "report.md").read_text()
-    header, rows = table_rows(report, "attention")  # the first table; the second follows it
     lines = report.splitlines()
-    second = [i for i, line in enumerate(lines) if line.startswith("| attention |")][1]
+    second = [i for i, line in enumerate(lines) if line.startswith("| arm |")][1]  # the second table
     header = [c.strip() for c in lines[second].strip("|").split("|")]
     rows = {line.strip("|").split("|")[0].strip(): [c.strip() for c in line.strip("|").split("|")]
-            for line in lines[second + 2:second + 4]}
+            for line in lines[second + 2:second + 5]}
     assert "steps to val BLEU-4 >= 36.0" in header
     col = header.index("steps to val BLEU-4 >= 36.0")
     # soft-a reaches 50 at its 3rd validation (step 12), soft-b 40 at its 2nd (step 8): 10 ± 2.8.
@@ -204,6 +205,27 @@ def test_steps_to_target_and_training_time_come_from_the_logs(given_study):
     assert rows["hard"][col] == "12 ± 0"
     assert rows["soft"][header.index("time to val BLEU-4 >= 36.0 (s)")] == "25 ± 7"  # 30 s and 20 s
     assert rows["soft"][header.index("training time (s)")] == "105 ± 7"  # 100 s and 110 s
+    assert rows["none"][col] == "8"  # one run: 40 at its 2nd validation
+
+
+def test_report_measures_each_arm_against_the_control(given_study):
+    """Difference of the means to the no-attention arm, and whether it exceeds the seed spread."""
+    report = (given_study.out / "report.md").read_text()
+    header, rows = table_rows(report, "arm")
+    summary = json.loads((given_study.out / "summary.json").read_text())
+    assert summary["arms"] == ["none", "soft", "hard"]
+    control_header = next(line for line in report.splitlines() if "BLEU-4 minus none" in line)
+    cells = [c.strip() for c in control_header.strip("|").split("|")]
+    assert cells[:3] == ["arm", "BLEU-4 minus none", "seed spread"]
+    table = summary["table"]
+    diff = table["soft"]["bleu_4"]["mean"] - table["none"]["bleu_4"]["mean"]
+    lines = report.splitlines()
+    start = lines.index(next(line for line in lines if "BLEU-4 minus none" in line))
+    soft = [c.strip() for c in lines[start + 2].strip("|").split("|")]
+    assert soft[0] == "soft" and soft[1] == f"{diff:+.1f}"
+    spread = max(table["soft"]["bleu_4"]["std"] or 0, table["none"]["bleu_4"]["std"] or 0)
+    assert soft[2] == f"{spread:.1f} ({'beyond' if abs(diff) > spread else 'within'})"
+    assert "## Grounding by word kind" in report
 
 
 def test_rerun_skips_finished_evaluations(given_study, capsys):
@@ -243,10 +265,10 @@ def test_log_reader_counts_steps_and_drops_unsampled_steps(tmp_path):
 
 def test_study_defaults_apply_only_without_config(tmp_path):
     overrides, defaults = study_overrides(None, ["optim.lr=0.001"])
-    assert overrides == ["data.synthetic.num_train=3000", "train.max_epochs=12", "optim.lr=0.001"]
+    assert overrides == ["data.synthetic.num_train=2000", "train.max_epochs=6", "optim.lr=0.001"]
     assert set(defaults) == {"data.synthetic.num_train", "train.max_epochs"}
     overrides, defaults = study_overrides(None, ["train.max_epochs=3"])  # the user's value wins
-    assert overrides == ["data.synthetic.num_train=3000", "train.max_epochs=3"] and set(defaults) == {
+    assert overrides == ["data.synthetic.num_train=2000", "train.max_epochs=3"] and set(defaults) == {
         "data.synthetic.num_train"}
     assert study_overrides(tmp_path / "coco.yaml", []) == ([], {})
 
@@ -277,7 +299,7 @@ def test_folder_trained_with_other_settings_is_refused(tmp_path, capsys):
     rc = compare.main(["--out-dir", str(tmp_path), "--seeds", "1", "--set", f"data.root={tmp_path / 'data'}"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert rc == 2 and len(err) == 1
-    assert "train.max_epochs: 7, now 12" in err[0] and "--out-dir" in err[0]
+    assert "train.max_epochs: 7, now 6" in err[0] and "--out-dir" in err[0]
     assert not (tmp_path / "data").exists()  # refused before generating data or training anything
 
 
@@ -292,19 +314,20 @@ def test_unknown_config_key_exits_2(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_train_two_seeds_end_to_end(tmp_path, capsys):
-    """configs/tiny.yaml, 2 epochs, 2 seeds x 2 mechanisms, trained by the study itself."""
+    """configs/tiny.yaml, 2 epochs, 2 seeds x 3 arms, trained by the study itself."""
     out = tmp_path / "study"
     argv = ["--config", str(REPO / "configs" / "tiny.yaml"), "--set", f"data.root={tmp_path / 'data'}",
-            "--set", "train.max_epochs=2", "--seeds", "2", "--out-dir", str(out), "--metrics", "bleu", "cider",
-            "--max-len", "6", "--examples", "2"]
+            "--set", "train.max_epochs=2", "--seeds", "2", "--arms", "none", "soft", "hard", "--out-dir", str(out),
+            "--metrics", "bleu", "cider", "--max-len", "6", "--examples", "2"]
     assert compare.main(argv) == 0
     check_report_sections(out, examples=2)
-    check_tables_match_metrics_files(out, {"soft": ["soft-seed0", "soft-seed1"], "hard": ["hard-seed0", "hard-seed1"]})
+    check_tables_match_metrics_files(out, {"soft": ["soft-seed0", "soft-seed1"], "hard": ["hard-seed0", "hard-seed1"],
+                                           "none": ["none-seed0", "none-seed1"]})
     # The training signal the report plots was logged by the real training runs.
     with (out / "hard-seed0" / "logs" / "metrics.csv").open() as f:
         keys = set(next(csv.reader(f)))
     assert {"train/attention_entropy", "train/baseline", "train/reinforce_signal_var", "train/reinforce_signal_sq",
-            "val/bleu_4", "val/elapsed_s"} <= keys
+            "train/reinforce_signal_sq_no_baseline", "val/bleu_4", "val/elapsed_s"} <= keys
     summary = json.loads((out / "summary.json").read_text())
     assert all(r["curve"] and len(r["curve"]["step"]) == 2 for r in summary["runs"])
     assert summary["signal_summary"]["hard"]["reinforce_signal_var"]["late"]["n"] == 2
@@ -313,6 +336,6 @@ def test_train_two_seeds_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     assert compare.main(argv) == 0
     err = capsys.readouterr().err
-    assert "already trained, skipped: soft-seed0, hard-seed0, soft-seed1, hard-seed1" in err
+    assert "already trained, skipped: none-seed0, soft-seed0, hard-seed0, none-seed1, soft-seed1, hard-seed1" in err
     assert "compare: evaluated" not in err
     assert (out / "hard-seed1" / "best.ckpt").stat().st_mtime == stamp

@@ -239,3 +239,26 @@ def test_yaml_file_reads_exponent_floats(tmp_path):
     path = write_yaml(tmp_path, "optim:\n  lr: 1e-4\n  encoder_lr: 5e-5\n")
     cfg = build_config(path)
     assert cfg.optim.lr == pytest.approx(1e-4) and cfg.optim.encoder_lr == pytest.approx(5e-5)
+
+
+# ------------------------------------------------------------------------------ the COCO configs
+
+
+REPO_CONFIGS = __import__("pathlib").Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("name", ["coco_soft.yaml", "coco_hard.yaml", "coco_resnet101_soft.yaml"])
+def test_coco_configs_use_the_authors_effective_lambda(name):
+    """capgen: alpha_c * mean over L locations, summed over B captions -> alpha_c * B / L per caption."""
+    cfg = build_config(REPO_CONFIGS / name)
+    grid = cfg.model.encoder.grid_size
+    captions = cfg.data.batch_size * cfg.data.captions_per_image
+    assert cfg.loss.doubly_stochastic == pytest.approx(1.0 * captions / grid**2, abs=5e-5)
+    assert cfg.loss.hard_reduction == "sum"  # the authors' REINFORCE and entropy strength
+
+
+def test_resnet101_config_has_a_native_grid():
+    """ResNet-101's layer4 has stride 32: the image must give at least grid_size cells per side."""
+    cfg = build_config(REPO_CONFIGS / "coco_resnet101_soft.yaml")
+    assert cfg.model.encoder.stage == "layer4"
+    assert cfg.data.image_size // 32 >= cfg.model.encoder.grid_size

@@ -259,3 +259,49 @@ def test_malformed_instances_files_give_one_line_errors(tmp_path, content, messa
     with pytest.raises(InstancesError) as err:
         load_instances(path)
     assert message in str(err.value) and str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+# ------------------------------------------------------------------------------ word kinds
+
+
+def test_synthetic_attribute_words_are_the_run_before_the_noun():
+    matcher = matcher_for(["circle", "square", "triangle"])
+    words = "two large red circles to the left of a square".split()
+    attention = np.stack([peaked(2, 2, i % 2, (i // 2) % 2) for i in range(len(words))]).astype(np.float32)
+    found = named_words(words, attention, matcher)
+    assert [n.word for n in found] == ["circles", "square"]
+    assert len(found[0].attribute_maps) == 2  # "large", "red"; not the count "two"
+    assert np.array_equal(found[0].attribute_maps[0], attention[1])
+    assert found[1].attribute_maps == ()  # "a square": no attribute word
+    assert matcher_for(["person", "dog"]).attributes == frozenset()  # COCO: nouns only
+
+
+def test_grounding_per_word_kind_with_its_uniform_reference():
+    """The soft model's pattern: the attribute words look at the object, the noun looks away."""
+    # 64x64 image, 4x4 grid; the circle fills cell (0, 0).
+    instances = Instances("mem", ("circle",), {1: (64.0, 64.0)}, {1: {"circle": [(0, 0, 16, 16)]}})
+    on, off = peaked(4, 4, 0, 0, 0.7), peaked(4, 4, 3, 3, 0.7)
+    item = NamedWord(3, "circle", "circle", off, (on, on))  # "a large red circle"
+    report = score_grounding({1: [item]}, instances)
+    metrics = report.metrics()
+    assert metrics["pointing_game"] == 0.0 and metrics["mass_in_box"] == pytest.approx(0.3 / 15)
+    assert metrics["pointing_game_attribute"] == 1.0 and metrics["mass_in_box_attribute"] == pytest.approx(0.7)
+    assert metrics["grounding_words_attribute"] == 2 and metrics["grounding_words_phrase"] == 1
+    # The phrase: the mean of the three maps, scored as one map.
+    phrase = (2 * on + off) / 3
+    assert metrics["pointing_game_phrase"] == 1.0
+    assert metrics["mass_in_box_phrase"] == pytest.approx(float(phrase[0, 0]))
+    for suffix in ("", "_attribute", "_phrase"):  # the same boxes: a uniform map scores 1/16 for each kind
+        assert metrics[f"uniform_pointing_game{suffix}"] == pytest.approx(1 / 16)
+        assert metrics[f"uniform_mass_in_box{suffix}"] == pytest.approx(1 / 16)
+    assert any("attribute words (2)" in line for line in report.notes())
+
+
+def test_argmax_phrase_map_counts_the_attended_cells():
+    instances = Instances("mem", ("circle",), {1: (64.0, 64.0)}, {1: {"circle": [(0, 0, 16, 16)]}})
+    on, off = peaked(4, 4, 0, 0, 0.4), peaked(4, 4, 3, 3, 0.4)
+    report = score_grounding({1: [NamedWord(2, "circle", "circle", off, (on, on))]}, instances, mode="argmax")
+    metrics = report.metrics()
+    # One-hot maps: two of three steps attended the circle's cell.
+    assert metrics["pointing_game_phrase"] == 1.0 and metrics["mass_in_box_phrase"] == pytest.approx(2 / 3)
+    assert metrics["mass_in_box_attribute"] == 1.0 and metrics["mass_in_box"] == 0.0

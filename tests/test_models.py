@@ -1007,3 +1007,20 @@ def test_overfits_a_tiny_batch_and_decodes_it_back():
     for i, r in enumerate(rows):
         alone = greedy_decode(model, images[i : i + 1], max_len=8)
         assert alone.tokens[0, : len(r)].tolist() == r and int(alone.lengths[0]) == len(r)
+
+
+# ============================================================================ encoder grid
+
+
+def test_encoder_warns_once_when_the_grid_would_repeat_cells():
+    """resnet18 layer2 has stride 8: 32 px images give a 4x4 map; an 8x8 grid repeats every cell."""
+    encoder = Encoder(EncoderConfig(backbone="resnet18", stage="layer2", grid_size=8, weights="none"))
+    with pytest.warns(UserWarning, match=r"4x4 map for 32x32 images.*repeats cells: at most 16 distinct of 64"):
+        features, _ = encoder(torch.randn(1, 3, 32, 32))
+    assert features.shape == (1, 64, 128)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        encoder(torch.randn(1, 3, 32, 32))  # warned once for this map size
+        encoder(torch.randn(1, 3, 64, 64))  # 8x8: native, no warning

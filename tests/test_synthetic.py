@@ -213,7 +213,7 @@ def test_make_scene_is_deterministic_and_always_ends(monkeypatch):
         calls["check"] += 1
         return False
 
-    monkeypatch.setattr(syn, "_clearly_ordered", never)
+    monkeypatch.setattr(syn.scenes, "_clearly_ordered", never)
     for seed in range(3):
         objects = make_scene(random.Random(seed), 64)
         assert len(objects) == 1 and objects == make_scene(random.Random(seed), 64)
@@ -441,7 +441,7 @@ def test_waits_for_another_live_generator(tmp_path, monkeypatch):
         lock.write_text(json.dumps({"pid": other.pid, "host": socket.gethostname(), "command": "rank 1"}))
         real_write = syn._write_dataset
         calls = []
-        monkeypatch.setattr(syn, "_write_dataset", lambda *a: calls.append(a))
+        monkeypatch.setattr(syn.write, "_write_dataset", lambda *a: calls.append(a))
         finisher = threading.Timer(0.3, lambda: (real_write(final, cfg, False), lock.unlink()))
         finisher.start()
         assert generate_synthetic(tmp_path, cfg, progress=False) == final
@@ -459,7 +459,7 @@ def test_failed_generation_leaves_nothing(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(syn, "render_scene", boom)
+    monkeypatch.setattr(syn.write, "render_scene", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         generate_synthetic(tmp_path, cfg, progress=False)
     assert list(tmp_path.iterdir()) == []

@@ -45,7 +45,7 @@ def evaluate_predictions(
     report = score_details(predictions, references, metrics, tokenizer)
     values = dict(report.scores)
     if scenes is not None:
-        from captioning.data.synthetic import caption_accuracy
+        from captioning.evaluation.caption_check import caption_accuracy
 
         values["caption_accuracy"] = caption_accuracy(predictions, scenes)
     return values, report

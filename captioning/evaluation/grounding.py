@@ -47,6 +47,22 @@ is counted in ``images_without_boxes``. With no scored word at all every score i
 For scale, the report also gives what a uniform attention map would score on the same words (the
 share of cells whose centre lies in a box, and the boxes' share of the image).
 
+Word kinds
+----------
+Which step of a phrase such as "a large red circle" is scored decides the verdict (a model may
+look at the object while it says "large" and "red" and elsewhere at "circle"), so three kinds are
+scored, each against the boxes of the named class and each with its own uniform-map reference:
+
+* *nouns* (``pointing_game``, ``mass_in_box``): the naming word itself, as above;
+* *attribute words* (``*_attribute``): the attribute words (the matcher's ``attributes``: sizes and
+  colours for the synthetic dataset; none for COCO) that directly precede the noun, each scored on
+  its own map;
+* *the whole object phrase* (``*_phrase``): the mean of the maps the decoder used at the attribute
+  words and the noun, scored as one map (argmax: the mean of the one-hot maps, i.e. how often each
+  cell was attended; its maximum is the point). A noun without attribute words is its own phrase.
+
+The uniform references are ``uniform_*`` (``uniform_pointing_game``, ``uniform_mass_in_box_phrase``, ...).
+
 Words to classes
 ----------------
 Synthetic dataset: the shape nouns, singular and plural (``circle``/``circles`` -> circle, ...).
@@ -103,6 +119,14 @@ class WordMatcher:
     words: Mapping[str, str]
     phrases: Mapping[tuple[str, str], str] = field(default_factory=dict)
     name: str = "category names"  # which list: "synthetic shapes", "COCO synonyms", ...
+    attributes: frozenset[str] = frozenset()  # words that describe the object before its noun (Word kinds)
+
+    def attribute_run(self, words: Sequence[str], noun: int) -> list[int]:
+        """Positions of the attribute words directly before position ``noun`` (a contiguous run)."""
+        start = noun
+        while start > 0 and words[start - 1].lower() in self.attributes:
+            start -= 1
+        return list(range(start, noun))
 
     def match(self, words: Sequence[str]) -> list[tuple[int, str]]:
         """[(position of the scored word, category)] in caption order.
@@ -136,12 +160,12 @@ def _name_words(name: str) -> tuple[dict[str, str], dict[tuple[str, str], str]]:
 
 def matcher_for(categories: Iterable[str]) -> WordMatcher:
     """The word list for a dataset, chosen by its category names (see the module docstring)."""
-    from captioning.data.synthetic import PLURALS, SHAPES
+    from captioning.data.synthetic import COLOURS, PLURALS, SHAPES, SIZES
 
     names = list(dict.fromkeys(categories))
     if names and set(names) <= set(SHAPES):
         words = {w: shape for shape in names for w in (shape, PLURALS[shape])}
-        return WordMatcher(words, {}, "synthetic shapes")
+        return WordMatcher(words, {}, "synthetic shapes", frozenset(SIZES + COLOURS))
     known = [n for n in names if n in COCO_SYNONYMS]
     words: dict[str, str] = {w: n for n in known for w in COCO_SYNONYMS[n]}
     phrases = {k: v for k, v in COCO_PHRASES.items() if v in known}
@@ -268,6 +292,7 @@ class NamedWord(NamedTuple):
     word: str
     category: str
     attention: np.ndarray  # [gh, gw]
+    attribute_maps: tuple[np.ndarray, ...] = ()  # [gh, gw] each: the attribute words before it (Word kinds)
 
 
 def named_words(words: Sequence[str], attention: np.ndarray, matcher: WordMatcher) -> list[NamedWord]:
@@ -276,7 +301,8 @@ def named_words(words: Sequence[str], attention: np.ndarray, matcher: WordMatche
     if attention.ndim != 3 or attention.shape[0] != len(words):
         raise ValueError(f"attention must be [{len(words)}, gh, gw] for {len(words)} words, "
                          f"got shape {attention.shape}")
-    return [NamedWord(i, words[i], category, attention[i].astype(np.float32, copy=True))
+    return [NamedWord(i, words[i], category, attention[i].astype(np.float32, copy=True),
+                      tuple(attention[j].astype(np.float32, copy=True) for j in matcher.attribute_run(words, i)))
             for i, category in matcher.match(words)]
 
 
@@ -302,12 +328,21 @@ class GroundingReport:
     # is in a box; the boxes' share of the image): the level that means "not looking at all".
     chance_pointing_game: float | None = None
     chance_mass_in_box: float | None = None
+    # The other word kinds (module docstring, "Word kinds"): kind -> {"words", "pointing_game",
+    # "mass_in_box", "uniform_pointing_game", "uniform_mass_in_box"}, means over that kind's words.
+    kinds: dict[str, dict] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, float | int | None]:
-        """The keys evaluate.py adds to its metrics (scores 0-1 here; grounding_words a count)."""
-        return {"pointing_game": self.pointing_game, "mass_in_box": self.mass_in_box,
-                "pointing_game_per_image": self.pointing_game_per_image,
-                "mass_in_box_per_image": self.mass_in_box_per_image, "grounding_words": self.words}
+        """The keys evaluate.py adds to its metrics (scores 0-1 here; grounding_words* counts)."""
+        out = {"pointing_game": self.pointing_game, "mass_in_box": self.mass_in_box,
+               "pointing_game_per_image": self.pointing_game_per_image,
+               "mass_in_box_per_image": self.mass_in_box_per_image, "grounding_words": self.words,
+               "uniform_pointing_game": self.chance_pointing_game, "uniform_mass_in_box": self.chance_mass_in_box}
+        for kind, row in self.kinds.items():
+            out.update({f"{key}_{kind}": row[key] for key in ("pointing_game", "mass_in_box", "uniform_pointing_game",
+                                                               "uniform_mass_in_box")})
+            out[f"grounding_words_{kind}"] = row["words"]
+        return out
 
     def describe(self, scale: float = 1.0) -> dict:
         """How the numbers were computed, for the metrics JSON; per-category scores x ``scale``."""
@@ -338,11 +373,35 @@ class GroundingReport:
         if self.words:
             lines.append(f"grounding: a uniform attention map would score pointing game {100 * self.chance_pointing_game:.2f}, "
                          f"mass in box {100 * self.chance_mass_in_box:.2f} on these words")
+        for kind, row in self.kinds.items():
+            if row["words"]:
+                lines.append(f"grounding, {KIND_NAMES[kind]} ({row['words']}): pointing game "
+                             f"{100 * row['pointing_game']:.2f} (uniform {100 * row['uniform_pointing_game']:.2f}), "
+                             f"mass in box {100 * row['mass_in_box']:.2f} (uniform {100 * row['uniform_mass_in_box']:.2f})")
         if self.absent_words:
             lines.append(f"grounding: {self.absent_words} naming words excluded: their class has no box in the image")
         if self.images_without_boxes:
             lines.append(f"grounding: {self.images_without_boxes} images have no entry in the instances file")
         return lines
+
+
+#: The word kinds beyond the nouns (module docstring, "Word kinds"): metric key suffix -> name.
+KIND_NAMES = {"attribute": "attribute words", "phrase": "whole object phrase"}
+
+
+def _used_map(attention: np.ndarray, mode: str) -> np.ndarray:
+    """The map the decoder attended with: argmax mode one-hot on the maximum, otherwise alpha."""
+    if mode != "argmax":
+        return np.asarray(attention, dtype=np.float64)
+    out = np.zeros(np.shape(attention))
+    out.flat[int(np.argmax(attention))] = 1.0
+    return out
+
+
+def _kind_row(scores: Sequence[WordScore], chance: Sequence[WordScore]) -> dict:
+    return {"words": len(scores), "pointing_game": _mean([s.pointing for s in scores]),
+            "mass_in_box": _mean([s.mass for s in scores]), "uniform_pointing_game": _mean([s.pointing for s in chance]),
+            "uniform_mass_in_box": _mean([s.mass for s in chance])}
 
 
 def score_grounding(named: Mapping[int, Sequence[NamedWord]], instances: Instances, mode: str = "expected") -> GroundingReport:
@@ -352,6 +411,7 @@ def score_grounding(named: Mapping[int, Sequence[NamedWord]], instances: Instanc
     chance: list[WordScore] = []
     image_means: list[WordScore] = []
     by_category: dict[str, list[WordScore]] = {}
+    kind_scores: dict[str, tuple[list[WordScore], list[WordScore]]] = {kind: ([], []) for kind in KIND_NAMES}
     absent = missing = 0
     for image_id, items in named.items():
         if image_id not in instances.sizes:
@@ -368,8 +428,15 @@ def score_grounding(named: Mapping[int, Sequence[NamedWord]], instances: Instanc
             gh, gw = item.attention.shape
             grid_boxes = boxes_to_grid(boxes, width, height, gh, gw)
             score = score_word(item.attention, grid_boxes, mode)
-            chance.append(score_word(np.ones((gh, gw)), grid_boxes, "sample"))
+            uniform = score_word(np.ones((gh, gw)), grid_boxes, "sample")
+            chance.append(uniform)
             scores.append(score)
+            for attribute in item.attribute_maps:
+                kind_scores["attribute"][0].append(score_word(attribute, grid_boxes, mode))
+                kind_scores["attribute"][1].append(uniform)
+            phrase = np.mean([_used_map(m, mode) for m in (*item.attribute_maps, item.attention)], axis=0)
+            kind_scores["phrase"][0].append(score_word(phrase, grid_boxes, "sample" if mode == "sample" else "expected"))
+            kind_scores["phrase"][1].append(uniform)
             by_category.setdefault(item.category, []).append(score)
         word_scores += scores
         if scores:
@@ -386,4 +453,5 @@ def score_grounding(named: Mapping[int, Sequence[NamedWord]], instances: Instanc
         mass_in_box_per_image=_mean([s.mass for s in image_means]),
         per_category=per_category,
         chance_pointing_game=_mean([s.pointing for s in chance]), chance_mass_in_box=_mean([s.mass for s in chance]),
+        kinds={kind: _kind_row(*pair) for kind, pair in kind_scores.items()},
     )

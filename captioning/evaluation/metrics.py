@@ -110,10 +110,20 @@ _DISPLAY_NAMES = {
     "pointing_game_per_image": "pointing game (mean over images)",
     "mass_in_box_per_image": "mass in box (mean over images)",
     "grounding_words": "grounding words (count)",
+    # Grounding by word kind (captioning/evaluation/grounding.py, "Word kinds"), each with the
+    # score of a uniform map on the same words.
+    "uniform_pointing_game": "pointing game, uniform map",
+    "uniform_mass_in_box": "mass in box, uniform map",
+    **{f"{prefix}{name}_{kind}": f"{title}{', uniform map' if prefix else ''} ({kind_title})"
+       for kind, kind_title in (("attribute", "attribute words"), ("phrase", "whole phrase"))
+       for prefix in ("", "uniform_")
+       for name, title in (("pointing_game", "pointing game"), ("mass_in_box", "mass in box"))},
+    "grounding_words_attribute": "attribute words (count)",
+    "grounding_words_phrase": "object phrases (count)",
 }
 
 #: Values that are counts, not scores: shown and reported as they are, never x100.
-COUNT_KEYS = frozenset({"grounding_words"})
+COUNT_KEYS = frozenset({"grounding_words", "grounding_words_attribute", "grounding_words_phrase"})
 
 # Punctuation tokens PTBTokenizer removes (copied from pycocoevalcap 1.2 so the simple tokenizer
 # works even if the Java-side package layout changes; identical to ``ptbtokenizer.PUNCTUATIONS``).

@@ -7,6 +7,7 @@ torchvision ResNet or VGG, cut after a named stage, adaptively pooled to ``grid_
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -124,6 +125,8 @@ class Encoder(nn.Module):
         self.out_channels = _stage_channels(kept)
         self.grid_size = cfg.grid_size
         self.pool = nn.AdaptiveAvgPool2d(cfg.grid_size)
+        self.backbone, self.stage = cfg.backbone, last
+        self._warned: set[tuple[int, int]] = set()  # map sizes already warned about (_check_grid)
 
         kept_names = [name for name, _ in kept]
         if cfg.fine_tune_from is None:
@@ -137,6 +140,24 @@ class Encoder(nn.Module):
             )
         for i, stage in enumerate(self.stages):
             stage.requires_grad_(i >= self.trainable_from)
+
+    def _check_grid(self, fmap_size: torch.Size, image_size: torch.Size) -> None:
+        """Warn (once per map size) when the grid is finer than the stage's map: adaptive pooling then
+        repeats cells, and several of the L locations hold the same annotation (e.g. ResNet layer4
+        at 224 px is 7x7; a 14x14 grid has 49 distinct of 196 locations)."""
+        h, w = int(fmap_size[0]), int(fmap_size[1])
+        g = self.grid_size
+        if (h >= g and w >= g) or (h, w) in self._warned:
+            return
+        self._warned.add((h, w))
+        H, W = int(image_size[0]), int(image_size[1])
+        scale = -(-g // min(h, w))  # the image must grow this many times for a native grid
+        warnings.warn(
+            f"encoder: {self.backbone} up to {self.stage} gives a {h}x{w} map for {H}x{W} images, so pooling it to "
+            f"the {g}x{g} grid (model.encoder.grid_size) repeats cells: at most {h * w} distinct of {g * g} "
+            f"locations. Use images of at least {H * scale}x{W * scale} (data.image_size), "
+            f"model.encoder.grid_size <= {min(h, w)}, or an earlier model.encoder.stage",
+            stacklevel=2)
 
     @property
     def frozen_stages(self) -> list[nn.Module]:
@@ -153,7 +174,10 @@ class Encoder(nn.Module):
     def forward(
         self, images: torch.Tensor, image_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        fmap = self.pool(self.stages(images.contiguous(memory_format=torch.channels_last)))  # (B, D, g, g)
+        fmap = self.stages(images.contiguous(memory_format=torch.channels_last))  # (B, D, h, w)
+        if not torch.compiler.is_compiling():
+            self._check_grid(fmap.shape[-2:], images.shape[-2:])
+        fmap = self.pool(fmap)  # (B, D, g, g)
         features = fmap.flatten(2).transpose(1, 2)  # (B, L, D)
         B, L = features.shape[:2]
         if image_mask is None:

@@ -1,16 +1,20 @@
-"""Soft versus hard attention: train both under identical settings over several seeds, evaluate
-them alike, and write a report folder (report.md, PNG figures, the raw numbers as JSON).
+"""No attention, soft and hard attention: train every arm under identical settings over several
+seeds, evaluate them alike, and write a report folder (report.md, PNG figures, the raw numbers as JSON).
 
-    captioning compare                                   # synthetic set, 3 seeds, <= 45 min on 2 CPU cores
+    captioning compare                                   # synthetic set, 5 arms x 3 seeds
+    captioning compare --arms none soft                  # the control and soft attention only
     captioning compare --seeds 5 --out-dir runs/compare5
     captioning compare --config my_coco.yaml --set data.root=/data/coco   # full size, GPU
     captioning compare --checkpoints soft=runs/a/best.ckpt,runs/b/best.ckpt hard=runs/c/best.ckpt
 
 Each run is the train workflow's main() in its own folder under --out-dir (a subprocess when the
 config asks for several devices), then the evaluate workflow's main() on the test split with the
-same decoder settings (hard models: expected, argmax and sampled locations). A rerun skips
-finished runs and evaluations. Without --config the study trains for 12 epochs instead of 20
-(see captioning/study/run.py STUDY_DEFAULTS; the reason is written into the report).
+same decoder settings (hard models: expected, argmax and sampled locations). The arms
+(captioning/study/run.py ARMS): none (the no-attention control: the mean annotation as context),
+soft, hard (one 0.5-substitution draw per minibatch, the authors' code), hard-image (one draw
+per image, the paper's text) and hard-mean (REINFORCE and entropy averaged over captions). A
+rerun skips finished runs and evaluations. Without --config the study trains on 2,000 scenes for
+6 epochs (captioning/study/run.py STUDY_DEFAULTS; the reason is written into the report).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from captioning.config import to_dict
 from captioning.evaluation import run as evaluate
 from captioning.progress import format_duration
 from captioning.study import collect, examples, report
-from captioning.study.run import (Plan, StudyError, environment, execute, parse_checkpoints, plan_checkpoint_runs,
+from captioning.study.run import (ARMS, Plan, StudyError, environment, execute, parse_checkpoints, plan_checkpoint_runs,
                                   plan_training_runs, run_config, study_overrides, write_study_json)
 from captioning.training import run as train
 
@@ -39,12 +43,14 @@ EXIT_ERROR = 2
 def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=positive_int, default=3, metavar="N",
-                   help="training seeds per mechanism (default 3)")
+                   help="training seeds per arm (default 3)")
+    p.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS),
+                   help=f"arms to train (default: {' '.join(ARMS)})")
     p.add_argument("--out-dir", type=Path, default=Path("runs/compare"), help="default: runs/compare")
     p.add_argument("--config", type=Path, help="YAML of differences from the defaults (as train.py; e.g. COCO)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     p.add_argument("--checkpoints", nargs="+", metavar="ATTENTION=CKPT[,CKPT...]",
-                   help="evaluate existing checkpoints instead of training: soft=A,B hard=C,D")
+                   help="evaluate existing checkpoints instead of training: soft=A,B hard=C,D [none=E,F]")
     p.add_argument("--beam-size", type=positive_int, metavar="N", help="default: the config's decode.beam_size")
     p.add_argument("--max-len", type=positive_int, metavar="N", help="default: the config's decode.max_len")
     wanted = [m for m in ("bleu", "meteor", "rouge", "cider", "grounding") if m in evaluate.METRICS]
@@ -67,14 +73,15 @@ def make_plan(args: argparse.Namespace, argv: list[str], prog: str | None = None
         runs, differences = plan_checkpoint_runs(args.out_dir, parse_checkpoints(args.checkpoints))
         cfg, _ = checkpoint_config(read_checkpoint(runs[0].checkpoint), runs[0].checkpoint)
         shared = to_dict(cfg)  # the first checkpoint's; differences are listed separately
-        shared["model"]["attention"], shared["train"]["seed"] = "soft | hard", "per checkpoint"
+        shared["model"]["attention"], shared["train"]["seed"] = "per checkpoint", "per checkpoint"
         return Plan(args.out_dir, runs, None, [], {}, args.beam_size or cfg.decode.beam_size,
                     args.max_len or cfg.decode.max_len, list(args.metrics), command, True, differences, shared)
     overrides, defaults = study_overrides(args.config, args.set)
     cfg = run_config(args.config, overrides, "soft", 0)  # validates the settings before any run starts
     shared = to_dict(cfg)
-    shared["model"]["attention"], shared["train"]["seed"] = "soft | hard", f"0 .. {args.seeds - 1}"
-    return Plan(args.out_dir, plan_training_runs(args.out_dir, args.seeds), args.config, overrides, defaults,
+    shared["model"]["attention"], shared["train"]["seed"] = "per arm", f"0 .. {args.seeds - 1}"
+    shared["loss"]["substitution"] = "per arm"
+    return Plan(args.out_dir, plan_training_runs(args.out_dir, args.seeds, args.arms), args.config, overrides, defaults,
                 args.beam_size or cfg.decode.beam_size, args.max_len or cfg.decode.max_len, list(args.metrics),
                 command, config=shared)
 

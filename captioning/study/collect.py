@@ -21,7 +21,7 @@ import statistics
 from pathlib import Path
 from typing import Iterable
 
-from captioning.study.run import HARD_MODES, Plan, Run, StudyError, read_json
+from captioning.study.run import ARMS, HARD_MODES, Plan, Run, StudyError, read_json
 
 #: (key in a metrics file, column title); the caption metrics first.
 METRICS: tuple[tuple[str, str], ...] = (
@@ -29,9 +29,18 @@ METRICS: tuple[tuple[str, str], ...] = (
     ("meteor", "METEOR"), ("rouge_l", "ROUGE-L"), ("cider", "CIDEr"),
     ("caption_accuracy", "caption accuracy"), ("pointing_game", "pointing game"), ("mass_in_box", "mass in box"),
 )
+#: Grounding by word kind (captioning/evaluation/grounding.py): (kind, title, key suffix). Each kind
+#: has pointing_game<suffix>, mass_in_box<suffix>, the uniform map's uniform_pointing_game<suffix>
+#: and uniform_mass_in_box<suffix> (scores), and grounding_words<suffix> (a count).
+GROUNDING_KINDS: tuple[tuple[str, str, str], ...] = (
+    ("noun", "nouns", ""), ("attribute", "attribute words", "_attribute"), ("phrase", "whole object phrase", "_phrase"),
+)
+GROUNDING_SCORES = tuple(f"{prefix}{name}{suffix}" for _, _, suffix in GROUNDING_KINDS
+                         for prefix in ("", "uniform_") for name in ("pointing_game", "mass_in_box"))
+GROUNDING_COUNTS = tuple(f"grounding_words{suffix}" for _, _, suffix in GROUNDING_KINDS)
 #: Training-signal keys read from the CSV log (train/<key>); see CaptioningModule._log_training_signal.
 SIGNAL_KEYS = ("attention_entropy", "baseline", "reinforce_cost", "reinforce_signal_mean",
-               "reinforce_signal_var", "reinforce_signal_sq")
+               "reinforce_signal_var", "reinforce_signal_sq", "reinforce_signal_sq_no_baseline")
 #: The fixed quality for "steps to reach": this fraction of the lowest best validation BLEU-4 of
 #: all runs, so that every run reaches it and all are timed to the same level.
 TARGET_FRACTION = 0.8
@@ -53,7 +62,9 @@ def read_eval(path: Path, root: Path) -> dict:
     factor = display_factor(data.get("scale"), path)
     metrics = data.get("metrics", {})
     # A metric may be null (e.g. grounding when no generated word names an object): not measured.
-    values = {key: float(metrics[key]) * factor for key, _ in METRICS if metrics.get(key) is not None}
+    scores = [key for key, _ in METRICS] + [k for k in GROUNDING_SCORES if k not in ("pointing_game", "mass_in_box")]
+    values = {key: float(metrics[key]) * factor for key in scores if metrics.get(key) is not None}
+    values.update({key: float(metrics[key]) for key in GROUNDING_COUNTS if metrics.get(key) is not None})
     return {"file": _relative(path, root), "scale": data.get("scale"), "decode": data.get("decode"),
             "num_images": data.get("num_images"), "tokenizer": data.get("tokenizer"),
             "skipped": data.get("skipped", {}), "values": values}
@@ -142,7 +153,7 @@ def collect_run(run: Run, root: Path) -> dict:
     log = read_log(run.train_dir)
     curve = log["curve"]
     return {
-        "name": run.name, "attention": run.attention, "seed": run.seed, "dir": run.dir.name,
+        "name": run.name, "arm": run.arm, "attention": run.attention, "seed": run.seed, "dir": run.dir.name,
         "checkpoint": str(run.checkpoint), "trained_here": run.trained_here,
         "eval": evals,
         "train_seconds": train.get("train_seconds") if train else None,
@@ -155,6 +166,12 @@ def collect_run(run: Run, root: Path) -> dict:
     }
 
 
+def arms_of(runs: list[dict]) -> list[str]:
+    """The arms present, in the study's order (ARMS), then any other (given checkpoints' mechanisms)."""
+    present = list(dict.fromkeys(r["arm"] for r in runs))
+    return [a for a in ARMS if a in present] + [a for a in present if a not in ARMS]
+
+
 def build_summary(plan: Plan, study: dict, examples: dict | None) -> dict:
     """Everything the report shows, computed from the runs' files (display scale)."""
     runs = [collect_run(run, plan.out_dir) for run in plan.runs]
@@ -164,9 +181,11 @@ def build_summary(plan: Plan, study: dict, examples: dict | None) -> dict:
         r["to_target"] = reach(r["curve"], target) if target is not None else None
 
     table, signal_summary = {}, {}
-    for attention in ("soft", "hard"):
-        mine = [r for r in runs if r["attention"] == attention]
-        row = {key: aggregate(r["eval"]["expected"]["values"].get(key) for r in mine) for key, _ in METRICS}
+    keys = [key for key, _ in METRICS] + [k for k in GROUNDING_SCORES + GROUNDING_COUNTS
+                                          if k not in ("pointing_game", "mass_in_box")]
+    for arm in arms_of(runs):
+        mine = [r for r in runs if r["arm"] == arm]
+        row = {key: aggregate(r["eval"]["expected"]["values"].get(key) for r in mine) for key in keys}
         row["train_seconds"] = aggregate(r["train_seconds"] for r in mine)
         row["global_step"] = aggregate(r["global_step"] for r in mine)
         row["steps_to_target"] = aggregate((r["to_target"] or {}).get("step") for r in mine)
@@ -174,23 +193,27 @@ def build_summary(plan: Plan, study: dict, examples: dict | None) -> dict:
         row["best_val_bleu_4"] = aggregate(r["best_val_bleu_4"] for r in mine)
         row["runs"] = len(mine)
         row["reached_target"] = sum(1 for r in mine if r["to_target"])
-        table[attention] = row
-        signal_summary[attention] = {}
+        row["attention"] = mine[0]["attention"]
+        table[arm] = row
+        signal_summary[arm] = {}
         for key in SIGNAL_KEYS:
             parts = [_early_late(r["signal"].get(key)) for r in mine]
             parts = [p for p in parts if p]
             if parts:
-                signal_summary[attention][key] = {
+                signal_summary[arm][key] = {
                     "early": aggregate(p["early"] for p in parts), "late": aggregate(p["late"] for p in parts),
                     "early_until_step": max(p["early_until_step"] for p in parts),
                     "late_from_step": min(p["late_from_step"] for p in parts)}
 
-    hard = [r for r in runs if r["attention"] == "hard"]
-    hard_modes = {mode: {key: aggregate(r["eval"][mode]["values"].get(key) for r in hard if mode in r["eval"])
-                         for key, _ in METRICS} for mode in HARD_MODES}
+    hard_modes = {}  # hard arm -> test-time mode -> metric -> aggregate
+    for arm in arms_of(runs):
+        hard = [r for r in runs if r["arm"] == arm and r["attention"] == "hard"]
+        if hard:
+            hard_modes[arm] = {mode: {key: aggregate(r["eval"][mode]["values"].get(key) for r in hard
+                                                     if mode in r["eval"]) for key in keys} for mode in HARD_MODES}
     decodes = {r["name"]: {m: e["decode"] for m, e in r["eval"].items()} for r in runs}
     return {
-        "study": study, "metrics": [list(m) for m in METRICS], "runs": runs, "table": table,
+        "study": study, "metrics": [list(m) for m in METRICS], "arms": arms_of(runs), "runs": runs, "table": table,
         "hard_modes": hard_modes, "signal_summary": signal_summary, "decode": decodes,
         "target": {"val_bleu_4": target, "fraction": TARGET_FRACTION,
                    "rule": f"{TARGET_FRACTION} x the lowest best validation BLEU-4 of all runs"},

@@ -16,7 +16,8 @@ import yaml
 
 from captioning.files import atomic_write
 
-COLORS = {"soft": "tab:blue", "hard": "tab:orange"}
+COLORS = {"none": "tab:gray", "soft": "tab:blue", "hard": "tab:orange", "hard-image": "tab:red",
+          "hard-mean": "tab:brown"}
 SIGNAL_BINS = 30  # training-signal series are averaged in this many equal step bins per seed
 PM = "±"
 
@@ -74,9 +75,17 @@ def _band(ax, x: np.ndarray, ys: np.ndarray, label: str, color: str, linestyle: 
     ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.25, linewidth=0)
 
 
-def _curves(runs: list[dict], attention: str, key: str):
-    """Validation curves of one mechanism, aligned by validation index (truncated to the shortest)."""
-    curves = [r["curve"] for r in runs if r["attention"] == attention and r["curve"] and r["curve"].get(key)]
+def _color(arm: str) -> str:
+    return COLORS.get(arm, "tab:purple")
+
+
+def _arms(summary: dict) -> list[str]:
+    return summary.get("arms") or list(summary["table"])
+
+
+def _curves(runs: list[dict], arm: str, key: str):
+    """Validation curves of one arm, aligned by validation index (truncated to the shortest)."""
+    curves = [r["curve"] for r in runs if r["arm"] == arm and r["curve"] and r["curve"].get(key)]
     if not curves:
         return None
     n = min(len(c["step"]) for c in curves)
@@ -90,7 +99,7 @@ def _curves(runs: list[dict], attention: str, key: str):
 def learning_curves(summary: dict, path: Path) -> bool:
     """Validation BLEU-4 (and CIDEr when logged) against steps and wall time; False if no run has logs."""
     runs = summary["runs"]
-    keys = [k for k in ("bleu_4", "cider") if any(_curves(runs, a, k) for a in COLORS)]
+    keys = [k for k in ("bleu_4", "cider") if any(_curves(runs, a, k) for a in _arms(summary))]
     if not keys:
         return False
     plt = _pyplot()
@@ -98,14 +107,14 @@ def learning_curves(summary: dict, path: Path) -> bool:
     target = summary["target"]["val_bleu_4"]
     for row, key in zip(axes, keys):
         title = {"bleu_4": "validation BLEU-4", "cider": "validation CIDEr"}[key]
-        for attention, color in COLORS.items():
-            got = _curves(runs, attention, key)
+        for arm in _arms(summary):
+            got = _curves(runs, arm, key)
             if got is None:
                 continue
             steps, wall, ys = got
-            _band(row[0], steps, ys, attention, color)
+            _band(row[0], steps, ys, arm, _color(arm))
             if wall is not None:
-                _band(row[1], wall, ys, attention, color)
+                _band(row[1], wall, ys, arm, _color(arm))
         for ax, xlabel in zip(row, ("training step", "wall time (s, mean over seeds)")):
             if key == "bleu_4" and target is not None:
                 ax.axhline(target, color="gray", linestyle=":", linewidth=1, label=f"target {target:.1f}")
@@ -136,8 +145,8 @@ def _binned(series: list[dict], max_step: int) -> tuple[np.ndarray, np.ndarray]:
     return centres, out
 
 
-def _signal(ax, runs: list[dict], attention: str, key: str, label: str, color: str, linestyle: str = "-") -> bool:
-    series = [r["signal"][key] for r in runs if r["attention"] == attention and key in r["signal"]]
+def _signal(ax, runs: list[dict], arm: str, key: str, label: str, color: str, linestyle: str = "-") -> bool:
+    series = [r["signal"][key] for r in runs if r["arm"] == arm and key in r["signal"]]
     if not series:
         return False
     centres, binned = _binned(series, max(max(s["step"]) for s in series))
@@ -154,25 +163,32 @@ def training_signal(summary: dict, path: Path) -> bool:
     plt = _pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     (a, b), (c, d) = axes
-    for attention, color in COLORS.items():
-        _signal(a, runs, attention, "attention_entropy", attention, color)
+    arms = _arms(summary)
+    hard_arms = [arm for arm in arms if summary["table"][arm].get("attention") == "hard"]
+    for arm in arms:
+        _signal(a, runs, arm, "attention_entropy", arm, _color(arm))
     a.set_title("attention entropy per word, training (nats)")
-    _signal(b, runs, "hard", "baseline", "baseline b", "tab:green")
-    _signal(b, runs, "hard", "reinforce_cost", "mean cost C_n of sampled captions", "tab:red", "--")
+    for arm in hard_arms:
+        _signal(b, runs, arm, "baseline", f"{arm}: baseline b", _color(arm))
+        _signal(b, runs, arm, "reinforce_cost", f"{arm}: mean cost C_n of sampled captions", _color(arm), "--")
     b.set_title("hard: REINFORCE baseline and cost")
-    _signal(c, runs, "hard", "reinforce_signal_var", "var of lambda_r (C_n - b) over the batch", "tab:purple")
-    _signal(c, runs, "hard", "reinforce_signal_sq", "mean of (lambda_r (C_n - b))^2", "tab:brown", "--")
-    c.set_title("hard: REINFORCE learning signal")
+    for arm in hard_arms:
+        _signal(c, runs, arm, "reinforce_signal_sq", f"{arm}: with baseline, mean (lambda_r (C_n - b))^2",
+                _color(arm))
+        _signal(c, runs, arm, "reinforce_signal_sq_no_baseline", f"{arm}: without, mean (lambda_r C_n)^2",
+                _color(arm), "--")
+        _signal(c, runs, arm, "reinforce_signal_var", f"{arm}: var of lambda_r C_n over the batch", _color(arm), ":")
+    c.set_title("hard: REINFORCE signal, with and without the baseline")
     if c.lines:
         c.set_yscale("log")
     examples = summary.get("examples") or {}
-    for attention, color in COLORS.items():
+    for arm in arms:
         rows = [v for name, v in (examples.get("entropy_by_position") or {}).items()
-                if any(r["name"] == name and r["attention"] == attention for r in runs)]
+                if any(r["name"] == name and r["arm"] == arm for r in runs)]
         if rows:
             n = min(len(v) for v in rows)
             if n:
-                _band(d, np.arange(1, n + 1), np.array([v[:n] for v in rows], dtype=float), attention, color)
+                _band(d, np.arange(1, n + 1), np.array([v[:n] for v in rows], dtype=float), arm, _color(arm))
     if examples.get("uniform_entropy"):
         d.axhline(examples["uniform_entropy"], color="gray", linestyle=":", label="uniform over the grid")
     d.set_title("attention entropy by word position, test (nats)")
@@ -197,19 +213,24 @@ def write_report(summary: dict, out_dir: Path) -> Path:
     has_curves = learning_curves(summary, figures / "learning_curves.png")
     has_signal = training_signal(summary, figures / "training_signal.png")
     study, table, metrics = summary["study"], summary["table"], summary["metrics"]
+    arms = _arms(summary)
     first_eval = summary["runs"][0]["eval"]["expected"]
     caption_keys = metrics[:7]
     other_keys = metrics[7:]
     target = summary["target"]["val_bleu_4"]
-    lines: list[str] = ["# Soft versus hard attention", ""]
-    runs = {a: f"{table[a]['runs']} run" + ("s" if table[a]["runs"] != 1 else "") for a in ("soft", "hard")}
+    lines: list[str] = ["# No attention, soft and hard attention", ""]
+    counts = ", ".join(f"{a} ({table[a]['runs']} run{'s' if table[a]['runs'] != 1 else ''})" for a in arms)
     source = "given checkpoints" if study["checkpoints_given"] else "trained by this study with identical settings"
     decode = study["decode"]
     lines += [
-        f"Soft attention ({runs['soft']}) and hard attention ({runs['hard']}), {source}, each "
-        f"evaluated by `scripts/evaluate.py` on the same {decode['split']} split ({first_eval['num_images']} images) "
+        f"Arms: {counts}; {source}, each "
+        f"evaluated by `captioning evaluate` on the same {decode['split']} split ({first_eval['num_images']} images) "
         f"with the same decoder settings: beam size {decode['beam_size']}, at most {decode['max_len']} words; "
         "a hard model attends with the expected alpha (its default) unless said otherwise. "
+        "`none` is the no-attention control (the context is the mean annotation at every step, the same decoder "
+        "otherwise); `hard` draws the 0.5 substitution once per minibatch (the authors' code), `hard-image` once "
+        "per image (the paper's text); both with the authors' REINFORCE and entropy strengths, which "
+        "`hard-mean` averages over captions instead (B times weaker). "
         f"Metrics on a 0-100 scale (CIDEr-D, natively 0-10, x100); mean {PM} sample standard deviation over runs. "
         "Every number here is in `summary.json`, collected from the files named there.",
         "",
@@ -222,31 +243,31 @@ def write_report(summary: dict, out_dir: Path) -> Path:
         "## Results",
         "",
     ]
-    lines += _table(["attention", "runs"] + [title for _, title in caption_keys],
+    lines += _table(["arm", "runs"] + [title for _, title in caption_keys],
                     [[a, str(table[a]["runs"])] + [cell(table[a][k], 1, table[a]["runs"]) for k, _ in caption_keys]
-                     for a in ("soft", "hard")])
+                     for a in arms])
     lines += [""]
     target_text = number(target)
     lines += _table(
-        ["attention"] + [title for _, title in other_keys]
+        ["arm"] + [title for _, title in other_keys]
         + ["training time (s)", "training steps", f"steps to val BLEU-4 >= {target_text}",
            f"time to val BLEU-4 >= {target_text} (s)"],
         [[a] + [cell(table[a][k], 1, table[a]["runs"]) for k, _ in other_keys]
          + [cell(table[a][k], 0, table[a]["runs"])
             for k in ("train_seconds", "global_step", "steps_to_target", "seconds_to_target")]
-         for a in ("soft", "hard")])
+         for a in arms])
+    reached = ", ".join(f"{a} {table[a]['reached_target']} of {table[a]['runs']}" for a in arms)
     lines += [
         "",
-        f"Training time: `train_seconds` of train.py's `metrics.json` (data loading, training and the validation "
+        f"Training time: `train_seconds` of the training run's `metrics.json` (data loading, training and the validation "
         f"after every epoch). Fixed quality: validation BLEU-4 (greedy decoding, logged after every epoch) of "
         f"{target_text}, which is {summary['target']['rule']}; steps and wall time to the first validation at or "
-        f"above it (runs that reached it: soft {table['soft']['reached_target']} of {table['soft']['runs']}, hard "
-        f"{table['hard']['reached_target']} of {table['hard']['runs']}). Grounding columns read n/a when the "
-        "metrics files hold no grounding metrics.",
-        "",
-        "Each run:",
+        f"above it (runs that reached it: {reached}). Pointing game and mass in box here score the nouns "
+        "(see Grounding by word kind); they read n/a when the metrics files hold no grounding metrics.",
         "",
     ]
+    lines += _control_text(summary)
+    lines += ["", "Each run:", ""]
     lines += _table(
         ["run", "seed", "BLEU-4", "CIDEr", "caption accuracy", "training time (s)", "steps to target",
          "best val BLEU-4", "metrics file"],
@@ -255,6 +276,9 @@ def write_report(summary: dict, out_dir: Path) -> Path:
           number(r["eval"]["expected"]["values"].get("caption_accuracy")), number(r["train_seconds"], 0),
           str((r["to_target"] or {}).get("step", "n/a")), number(r["best_val_bleu_4"]),
           f"`{r['eval']['expected']['file']}`"] for r in summary["runs"]])
+
+    lines += ["", "## Grounding by word kind", ""]
+    lines += _grounding_text(summary)
 
     lines += ["", "## Learning curves", ""]
     if has_curves:
@@ -285,17 +309,78 @@ def write_report(summary: dict, out_dir: Path) -> Path:
 
     lines += ["## Hard attention at test time: expected, argmax and sampled locations", ""]
     hm = summary["hard_modes"]
-    lines += ["The same hard checkpoints decoded three ways (`evaluate.py --hard-mode`): the expected context "
+    lines += ["The same hard checkpoints decoded three ways (`captioning evaluate --hard-mode`): the expected context "
               "sum_i alpha_i a_i (the authors' default), the single most likely location, and a location sampled "
-              "from alpha at every step (seeded per run).", ""]
-    lines += _table(["hard mode"] + [title for _, title in metrics],
-                    [[mode] + [cell(hm[mode][k], 1, table["hard"]["runs"]) for k, _ in metrics] for mode in hm])
+              "from alpha at every step (seeded per run). Grounding: nouns, scored on the attention the decoder "
+              "used (argmax: that one cell; sample: in expectation over the draw).", ""]
+    rows = [[f"{arm} {mode}"] + [cell(hm[arm][mode][k], 1, table[arm]["runs"]) for k, _ in metrics]
+            for arm in hm for mode in hm[arm]]
+    lines += _table(["hard arm, mode"] + [title for _, title in metrics], rows) if rows else ["n/a: no hard arm."]
 
     lines += ["", "## Settings", ""]
     lines += _settings_text(summary)
     path = out_dir / "report.md"
     atomic_write(path, "\n".join(lines).rstrip() + "\n")
     return path
+
+
+def _control_text(summary: dict) -> list[str]:
+    """Each arm against the no-attention control: the difference of the means and the seed spread."""
+    table = summary["table"]
+    if "none" not in table:
+        return ["No no-attention control among the runs: what attention adds is not measured here."]
+    rows = []
+    for arm in _arms(summary):
+        if arm == "none":
+            continue
+        row = [arm]
+        for key in ("bleu_4", "cider", "caption_accuracy"):
+            mine, ctrl = table[arm].get(key), table["none"].get(key)
+            if mine is None or ctrl is None:
+                row += ["n/a", "n/a"]
+                continue
+            spread = max(x["std"] or 0.0 for x in (mine, ctrl))
+            diff = mine["mean"] - ctrl["mean"]
+            row += [f"{diff:+.1f}", f"{number(spread)} ({'beyond' if abs(diff) > spread else 'within'})"]
+        rows.append(row)
+    head = ["arm"]
+    for title in ("BLEU-4", "CIDEr", "caption accuracy"):
+        head += [f"{title} minus none", "seed spread"]
+    return ["Against the no-attention control (difference of the means; the seed spread is the larger sample "
+            "standard deviation of the two arms; 'beyond' when the difference exceeds it):", ""] + _table(head, rows)
+
+
+def _grounding_text(summary: dict) -> list[str]:
+    """Pointing game and mass in box for nouns, attribute words and the whole phrase, with the uniform map."""
+    from captioning.study.collect import GROUNDING_KINDS
+
+    table = summary["table"]
+    rows = []
+    for arm in _arms(summary):
+        t = table[arm]
+        for _, title, suffix in GROUNDING_KINDS:
+            if t.get(f"grounding_words{suffix}") is None:
+                continue
+            rows.append([f"{arm}, {title}", cell(t.get(f"pointing_game{suffix}"), 1, t["runs"]),
+                         cell(t.get(f"uniform_pointing_game{suffix}"), 1, t["runs"]),
+                         cell(t.get(f"mass_in_box{suffix}"), 1, t["runs"]),
+                         cell(t.get(f"uniform_mass_in_box{suffix}"), 1, t["runs"]),
+                         cell(t.get(f"grounding_words{suffix}"), 0, t["runs"])])
+    text = [
+        "Does a word's attention map look at the object it describes? Scored against the boxes of the "
+        "object's class, on the test captions (`captioning/evaluation/grounding.py`): *nouns* (the shape "
+        "noun), *attribute words* (each size or colour word of the noun's phrase, scored against the same "
+        "boxes), and the *whole object phrase* (the mean of the maps of its attribute words and noun, scored "
+        "as one map). Beside each, what a uniform map scores on the same words: below it, the attention "
+        "looks away from the object; above it, at the object. The no-attention control's maps are uniform: its "
+        "mass in box equals the reference, and its pointing game (a flat map's maximum is its first cell) means "
+        "nothing.",
+        "",
+    ]
+    if not rows:
+        return text + ["n/a: the metrics files hold no grounding by word kind."]
+    return text + _table(["arm, word kind", "pointing game", "uniform map", "mass in box", "uniform map", "words"],
+                         rows)
 
 
 def _signal_text(summary: dict) -> list[str]:
@@ -309,22 +394,24 @@ def _signal_text(summary: dict) -> list[str]:
         "signal lambda_r (C_n - b) that multiplies d log p(s|a)/dW in the REINFORCE estimate: "
         "`train/reinforce_signal_var`, its variance over the minibatch's captions (the part no constant "
         "baseline can remove), and `train/reinforce_signal_sq`, its mean square (variance + squared mean: "
-        "what the estimator's variance scales with). Mean over the first and the last fifth of the logged "
-        "points of each run, then mean over runs:",
+        "what the estimator's variance scales with), beside `train/reinforce_signal_sq_no_baseline`, the mean "
+        "square of lambda_r C_n (the same without the baseline). Mean over the first and the last fifth of the "
+        "logged points of each run, then mean over runs:",
         "",
     ]
     rows = []
     names = {"attention_entropy": "attention entropy (nats)", "baseline": "baseline b",
              "reinforce_cost": "mean cost C_n", "reinforce_signal_var": "signal variance",
-             "reinforce_signal_sq": "signal mean square", "reinforce_signal_mean": "signal mean"}
-    for attention in ("soft", "hard"):
+             "reinforce_signal_sq": "signal mean square", "reinforce_signal_sq_no_baseline":
+             "signal mean square without the baseline", "reinforce_signal_mean": "signal mean"}
+    for arm in _arms(summary):
         for key, title in names.items():
-            part = s.get(attention, {}).get(key)
+            part = s.get(arm, {}).get(key)
             if part:
-                rows.append([attention, title, f"{cell(part['early'], 4)} (to step {part['early_until_step']})",
+                rows.append([arm, title, f"{cell(part['early'], 4)} (to step {part['early_until_step']})",
                              f"{cell(part['late'], 4)} (from step {part['late_from_step']})"])
     if rows:
-        lines += _table(["attention", "quantity", "early in training", "late in training"], rows)
+        lines += _table(["arm", "quantity", "early in training", "late in training"], rows)
     else:
         lines += ["n/a: none of the runs has a training log with these keys."]
     examples = summary.get("examples") or {}
@@ -347,7 +434,7 @@ def _settings_text(summary: dict) -> list[str]:
         "none (the defaults of captioning/config.py: the synthetic dataset)"
     lines += [f"- Config file: {config_file}",
               f"- Overrides (`--set`, in order): {', '.join('`' + o + '`' for o in study['overrides']) or 'none'}",
-              f"- Metrics asked of evaluate.py: {', '.join(study['metrics'])}"]
+              f"- Metrics asked of captioning evaluate: {', '.join(study['metrics'])}"]
     if study["checkpoint_differences"]:
         lines += ["- **The given checkpoints differ in settings beyond attention and seed:** "
                   + "; ".join(study["checkpoint_differences"])]

@@ -76,9 +76,13 @@ class CaptioningModule(pl.LightningModule):
         images, captions = batch["images"], batch["captions"]
         mode, sample_mask = self._attention_plan(images.shape[0])
         out = self.model(images, captions, mode=mode, sample_mask=sample_mask, return_logits=False)
+        # Captions of the whole optimiser step: hard attention's REINFORCE and entropy terms are
+        # scaled by it (loss.hard_reduction "sum", the authors' strength; losses.py).
+        world = self.trainer.world_size if self._trainer is not None else 1
         terms = caption_loss(
             self.cfg.loss, None, captions[:, 1:], out.alphas, out.mask, self.vocab.pad_id,
             self.cfg.model.attention, out.log_probs, self.baseline.value if self.hard else None, out.token_nll,
+            captions_per_step=captions.shape[0] * world,
         )
         return terms, mode, sample_mask
 
@@ -94,10 +98,13 @@ class CaptioningModule(pl.LightningModule):
         if self.hard:
             self.log_dict({"train/reinforce": terms.reinforce, "train/baseline": self.baseline.value,
                            "train/sampled": float(mode == "sample")}, batch_size=n)
-            # The step uses the old b; b is then moved towards the mean token NLL of the global
-            # minibatch (all-reduced), so every rank holds the same b.
-            self.baseline.update(self.trainer.strategy.reduce(terms.token_nll.detach(), reduce_op="mean"))
+            # The step uses the old b; b is then moved towards the mean cost C_n of the global
+            # minibatch (all-reduced), the quantity it is subtracted from, so every rank holds the same b.
+            self.baseline.update(self._mean_over_ranks(terms.cost.mean()))
         return terms.loss
+
+    def _mean_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        return value if self._trainer is None else self.trainer.strategy.reduce(value, reduce_op="mean")
 
     @torch.no_grad()
     def _log_training_signal(self, terms: LossTerms, captions: torch.Tensor, mode: str,
@@ -110,8 +117,9 @@ class CaptioningModule(pl.LightningModule):
         multiplies d log p(s_n|a)/dW in the estimator (C_n and b as in losses.caption_loss).
         Logged over the sampled captions: train/reinforce_cost (mean C_n),
         train/reinforce_signal_mean (mean s_n), train/reinforce_signal_var (population variance
-        of s_n over the minibatch) and train/reinforce_signal_sq (mean s_n^2 = var + mean^2: the
-        estimator's variance scales with it; a baseline at the mean cost would leave only var).
+        of s_n over the minibatch), train/reinforce_signal_sq (mean s_n^2 = var + mean^2: the
+        estimator's variance scales with it; a baseline at the mean cost would leave only var) and
+        train/reinforce_signal_sq_no_baseline (mean (lambda_r C_n)^2: the same without a baseline).
         """
         targets = captions[:, 1:]
         token_mask = targets != self.vocab.pad_id
@@ -121,7 +129,7 @@ class CaptioningModule(pl.LightningModule):
         self.log("train/attention_entropy", per_step, batch_size=n)
         if not self.hard:
             return
-        cost = terms.nll_per_caption / targets.shape[1]  # (N,) the same C_n as caption_loss
+        cost = terms.cost  # (N,) the C_n of caption_loss
         if mode != "sample":
             cost = cost[:0]  # expected-context step: no REINFORCE term
         elif sample_mask is not None:  # per-image substitution: only the sampled images' captions
@@ -133,7 +141,9 @@ class CaptioningModule(pl.LightningModule):
         self.log_dict({"train/reinforce_cost": nan if empty else cost.mean(),
                        "train/reinforce_signal_mean": nan if empty else signal.mean(),
                        "train/reinforce_signal_var": nan if empty else signal.var(unbiased=False),
-                       "train/reinforce_signal_sq": nan if empty else (signal ** 2).mean()},
+                       "train/reinforce_signal_sq": nan if empty else (signal ** 2).mean(),
+                       "train/reinforce_signal_sq_no_baseline":
+                           nan if empty else ((self.cfg.loss.reward_scale * cost) ** 2).mean()},
                       batch_size=max(1, int(cost.numel())))
 
     def configure_optimizers(self):

@@ -43,7 +43,8 @@ from captioning.training.trainer import LOGGERS, TrainingStopped, build_trainer,
 
 def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    p.add_argument("--attention", choices=["soft", "hard"], help="attention mechanism (default: soft)")
+    p.add_argument("--attention", choices=["soft", "hard", "none"],
+                   help="attention mechanism (default: soft; none: the no-attention control)")
     p.add_argument("--config", type=Path, help="YAML file holding differences from the defaults")
     p.add_argument("--data", type=Path, metavar="PREPARED_DIR",
                    help="train on a folder written by captioning prepare (sets data.dataset=prepared, data.root)")
