@@ -463,7 +463,7 @@ def data_loader(root: str | None, workers: tuple[int, ...] = (0, 2), seconds: fl
     if fn is None:
         return {"skipped": "captioning.data.store has no benchmark_loader/benchmark function"}
     if root is None:
-        return {"skipped": "pass --loader-root PREPARED_DIR (a folder made by scripts/prepare_data.py) to time "
+        return {"skipped": "pass --loader-root PREPARED_DIR (a folder made by captioning prepare) to time "
                            "the training loader"}
     params = inspect.signature(fn).parameters
     kwargs: dict[str, Any] = {}

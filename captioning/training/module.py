@@ -38,7 +38,7 @@ class CaptioningModule(pl.LightningModule):
         # Optional torch.compile (train.compile); lazy, and the parameter names stay the same.
         compile_model(self.model, self.cfg.train.compile, self.cfg.train.compile_mode)
         self.hard = self.cfg.model.attention == "hard"
-        # Built only for hard attention: soft attention has no baseline (STYLE: one visible branch).
+        # Built only for hard attention: soft attention has no baseline.
         self.baseline = ReinforceBaseline(self.cfg.loss.baseline_decay) if self.hard else None
         self._predictions: dict[int, str] = {}
         self._alphas: dict[int, torch.Tensor] = {}
