@@ -8,10 +8,13 @@ its command runs, so ``captioning --help`` and ``captioning caption`` stay quick
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import Callable, Sequence
 
 from captioning.console import EXIT_OK, EXIT_USAGE, print_error
+
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a process that wrote to a closed pipe
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("captioning.training.run:main", "train soft or hard attention, then score the test split"),
@@ -40,6 +43,16 @@ def usage() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``captioning COMMAND ...``: run the command; returns its exit status."""
+    try:
+        return _dispatch(argv)
+    except BrokenPipeError:
+        # The reader of our output went away (``captioning caption ... | head``): no traceback.
+        # stdout is pointed at /dev/null so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def _dispatch(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage(), file=sys.stdout if argv else sys.stderr)

@@ -84,3 +84,13 @@ def test_caption_and_evaluate_run_outside_the_repository(outside):
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((outside / "eval" / "metrics_test.json").read_text())
     assert metrics["num_images"] == 4
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path):
+    """``captioning --help | head -0``: the reader is gone before we write; no traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "captioning", "--help"], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(Path(captioning.__file__).resolve().parents[1])),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the child has imported anything, so its write meets a closed pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert "Traceback" not in err and "BrokenPipeError" not in err
