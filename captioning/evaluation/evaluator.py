@@ -59,6 +59,16 @@ def to_percent(values: Mapping[str, float | int | None]) -> dict[str, float | in
     return {k: v if k in COUNT_KEYS or v is None else float(v) * 100.0 for k, v in values.items()}
 
 
+def score_record(values: Mapping[str, float | int | None], report: ScoreReport, num_images: int,
+                 percent: bool) -> dict:
+    """The part of every results record that says what was scored and how: validation and test
+    during training keep the 0-1 scale of the training logs (``percent`` False); the metrics files
+    of ``captioning evaluate`` the 0-100 scale of the printed tables (``percent`` True)."""
+    scale = {"scale": SCALE, "scale_note": SCALE_NOTE} if percent else {"scale": "0-1"}
+    return {"num_images": num_images, **scale, "tokenizer": report.tokenizer, "skipped": dict(report.skipped),
+            "metrics": to_percent(values) if percent else dict(values)}
+
+
 # ------------------------------------------------------------------------------ results files
 
 

@@ -170,7 +170,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     from captioning.data.coco import AnnotationError
     from captioning.data.datamodule import CaptionDataModule
     from captioning.data.transforms import ImageLoadError
-    from captioning.evaluation.evaluator import SCALE, SCALE_NOTE, decode_distributed, decode_split, to_percent
+    from captioning.evaluation.evaluator import decode_distributed, decode_split, score_record
     from captioning.evaluation.grounding import score_grounding
     from captioning.evaluation.metrics import format_metrics_table
 
@@ -222,7 +222,6 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
         grounding = score_grounding({i: item.named for i, item in decoded.items()}, instances,
                                     settings["hard_mode"] or "expected")
         values.update(grounding.metrics())
-    shown = to_percent(values)
     print(format_metrics_table(values, title=f"{split} split, {len(predictions)} images"))
     for note in report.notes() + (grounding.notes() if grounding else ["grounding: not computed (no boxes: "
                                                                         "the dataset has no instances file)"]):
@@ -234,8 +233,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     except OSError as err:
         raise UsageError(err) from None
     results = {
-        "split": split, "num_images": len(predictions), "scale": SCALE, "scale_note": SCALE_NOTE,
-        "tokenizer": report.tokenizer, "skipped": dict(report.skipped), "decode": settings, "metrics": shown,
+        "split": split, **score_record(values, report, len(predictions), percent=True), "decode": settings,
         "grounding": ({**grounding.describe(scale=100.0), "instances": instances.path, "words_to_classes":
                        instances.matcher().name} if grounding else None),
         "devices": args.devices, "checkpoint": str(args.checkpoint),
@@ -249,7 +247,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
 
 def evaluate_results(args: argparse.Namespace) -> dict:
     from captioning.data.coco import AnnotationError, ResultsError, load_coco_captions, load_results
-    from captioning.evaluation.evaluator import SCALE, SCALE_NOTE, to_percent
+    from captioning.evaluation.evaluator import score_record
     from captioning.evaluation.metrics import format_metrics_table
 
     try:
@@ -270,15 +268,13 @@ def evaluate_results(args: argparse.Namespace) -> dict:
         print(f"warning: {args.results} covers {len(predictions)} of the {len(references)} images; the scores "
               f"(CIDEr's document frequencies too) are over those {len(predictions)} only", file=sys.stderr)
     values, report = _score(predictions, {i: references[i] for i in predictions}, None, args)
-    shown = to_percent(values)
     print(format_metrics_table(values, title=f"{args.results.name}, {len(predictions)} images"))
     for note in report.notes() + ["grounding: not computed (a results file has no attention maps)"]:
         print(note)
     metrics_file = out_dir / f"metrics_{args.results.stem}.json"
     results = {
-        "results": str(args.results), "annotations": str(args.annotations), "num_images": len(predictions),
-        "num_annotated_images": len(references), "scale": SCALE, "scale_note": SCALE_NOTE,
-        "tokenizer": report.tokenizer, "skipped": dict(report.skipped), "metrics": shown,
+        "results": str(args.results), "annotations": str(args.annotations),
+        "num_annotated_images": len(references), **score_record(values, report, len(predictions), percent=True),
     }
     _write_json(metrics_file, results)
     print(f"wrote {metrics_file}")

@@ -15,7 +15,7 @@ import torch
 
 from captioning.config import Config, from_dict, to_dict
 from captioning.decoding import decode, decode_settings
-from captioning.evaluation.evaluator import evaluate_predictions, gather_by_image_id
+from captioning.evaluation.evaluator import evaluate_predictions, gather_by_image_id, score_record
 from captioning.losses import LossTerms, ReinforceBaseline, caption_loss
 from captioning.models import ShowAttendTell
 from captioning.perf.compile import compile_model
@@ -220,8 +220,7 @@ class CaptioningModule(pl.LightningModule):
             start = time.perf_counter()
             values, report = evaluate_predictions(predictions, refs, scenes, metrics)
             self.eval_results = {
-                "split": split, "num_images": len(predictions), "scale": "0-1",
-                "tokenizer": report.tokenizer, "skipped": report.skipped, "metrics": values,
+                "split": split, **score_record(values, report, len(predictions), percent=False),
                 "decode": self.decode_settings(split),
                 "predictions": predictions, "scoring_seconds": time.perf_counter() - start,
             }
