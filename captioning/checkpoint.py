@@ -136,10 +136,12 @@ def save_model_folder(folder: str | Path, model: ShowAttendTell, cfg: Config, vo
                       card: str) -> Path:
     """Write a model folder (see above); ``card`` is the README.md text. Files are written under
     temporary names and renamed, so a folder is never left half-old, half-new."""
+    import contextlib
     import json
-    import os
 
     from safetensors.torch import save_file
+
+    from captioning.files import atomic_path
 
     from captioning.config import to_dict
 
@@ -150,18 +152,16 @@ def save_model_folder(folder: str | Path, model: ShowAttendTell, cfg: Config, vo
     meta = {"format": FOLDER_FORMAT, "format_version": FOLDER_FORMAT_VERSION, "vocab_size": len(vocab),
             "vocab_sha256": vocab_fingerprint(vocab), "config": to_dict(cfg)}
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    staged = []
-    for name, write in (
-        ("model.safetensors", lambda p: save_file(state, str(p), metadata={"format": FOLDER_FORMAT})),
-        ("config.json", lambda p: p.write_text(json.dumps(meta, indent=2) + "\n")),
-        ("vocab.json", lambda p: p.write_text(json.dumps(vocab.words, indent=0) + "\n")),
-        ("README.md", lambda p: p.write_text(card)),
-    ):
-        tmp = folder / f".{name}.tmp"
-        write(tmp)
-        staged.append((tmp, folder / name))
-    for tmp, final in staged:
-        os.replace(tmp, final)
+    # Every file is written under a temporary name first (files.atomic_path); the renames happen
+    # only once all four are written, so a failure leaves the folder as it was.
+    with contextlib.ExitStack() as staged:
+        for name, write in (
+            ("model.safetensors", lambda p: save_file(state, str(p), metadata={"format": FOLDER_FORMAT})),
+            ("config.json", lambda p: p.write_text(json.dumps(meta, indent=2) + "\n")),
+            ("vocab.json", lambda p: p.write_text(json.dumps(vocab.words, indent=0) + "\n")),
+            ("README.md", lambda p: p.write_text(card)),
+        ):
+            write(staged.enter_context(atomic_path(folder / name)))
     # ONNX graphs of earlier weights would caption with them: a folder's graphs are written after
     # its weights (captioning/export/onnx.py), never left beside other weights.
     for name in STALE_AFTER_SAVE:
