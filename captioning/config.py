@@ -84,9 +84,17 @@ class LossConfig:
     entropy: float = 0.002  # lambda_e on sum alpha log alpha
     baseline_decay: float = 0.9  # b <- decay * b + (1 - decay) * mean_n C_n (the cost it is subtracted from)
     # How the REINFORCE and entropy terms are reduced over captions (losses.py, docs/faithfulness.md):
-    # "sum" = the authors' strength, B times a mean over captions (B = captions per optimiser step,
-    # every DDP rank); "mean" = averaged over captions like the NLL.
-    hard_reduction: Literal["sum", "mean"] = "sum"
+    # "mean" = averaged over captions like the NLL, the 1/N over all three terms of the paper's
+    # Eq. 12 (default); "sum" = the authors' code's strength, B times a mean over captions (B =
+    # captions per optimiser step, every DDP rank): capgen's known gradients on alpha carry no 1/B.
+    # On the synthetic default, whose CNN trains from scratch, "sum"'s entropy bonus holds alpha at
+    # the uniform map (docs/study.md).
+    hard_reduction: Literal["sum", "mean"] = "mean"
+    # Location sequences sampled per caption in a minibatch that samples. 1: the paper's estimator
+    # with the moving-average baseline b. K > 1: each caption is decoded K times with its own draws
+    # and each draw's baseline is the mean cost of the other K - 1 (leave-one-out), an unbiased
+    # baseline that needs no running state (beyond the paper; docs/study.md).
+    samples: int = 1
     expected_context_prob: float = 0.5  # probability of using the expected context instead
     # "minibatch": one Bernoulli draw per minibatch (the authors' code, default);
     # "image": one draw per image (the paper's text).
@@ -138,6 +146,10 @@ class OptimConfig:
     encoder_lr: float = 2e-3  # for encoder stages that are fine-tuned
     weight_decay: float = 0.0
     grad_clip: float = 5.0  # 0 disables clipping (arctic: none)
+    # Adam's bias correction. False reproduces capgen's optimizers.py, whose correction terms
+    # 1 - 0.1^t and 1 - 0.001^t are ~1 from the first step (it writes beta1 = 0.9 as b1 = 0.1), so
+    # its early steps are 3.5-6.6x torch Adam's; the two agree after ~3,000 steps.
+    adam_bias_correction: bool = True
     # "constant" (the paper's Adam), or "cosine": decay to 5% of lr over train.max_epochs, which
     # lands a short, fixed-budget run (the synthetic default) at a better point.
     schedule: Literal["constant", "cosine"] = "cosine"
@@ -159,7 +171,11 @@ class DecodeConfig:
 class TrainConfig:
     max_epochs: int = 6  # the synthetic default fits 10 minutes on a 2-core CPU (README, Results)
     max_time_minutes: float = 0.0  # 0 = no limit; otherwise stop training after this long
-    # Early stopping: validations without a better BLEU-4. 10 lets a cosine run finish its
+    # What selects best.ckpt and stops early: "bleu_4", validation BLEU-4 of greedy captions
+    # (default), or "nll", the validation captions' mean summed NLL under teacher forcing, as
+    # capgen selects (``pred_probs``; a hard model is scored with the expected context).
+    monitor: Literal["bleu_4", "nll"] = "bleu_4"
+    # Early stopping: validations without a better monitored value. 10 lets a cosine run finish its
     # low-learning-rate tail, where the best checkpoints come (patience 5 stopped a 22-epoch run at 18).
     patience: int = 10
     val_every: int = 1  # epochs between validations
@@ -348,6 +364,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("config key 'loss.expected_context_prob' must be in [0, 1]")
     if not 0.0 <= cfg.loss.baseline_decay < 1.0:
         raise ConfigError("config key 'loss.baseline_decay' must be in [0, 1)")
+    if not 1 <= cfg.loss.samples <= 64:
+        raise ConfigError(f"config key 'loss.samples' must be in [1, 64], got {cfg.loss.samples}")
     if cfg.data.feature_cache is not None and cfg.model.encoder.fine_tune_from is not None:
         raise ConfigError(
             "config key 'data.feature_cache' needs a frozen encoder (cached annotations cannot be "

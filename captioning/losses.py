@@ -8,15 +8,20 @@ way (exactly Eq. 14 beside the summed NLL). The authors' code writes
 ``alpha_c * ((1 - sum_t alpha)^2).sum(0).mean()``: a mean over locations, so its per-caption lambda
 is alpha_c * B / L (0.33 at alpha_c = 1, B = 64 captions, L = 196); configs/coco_*.yaml use that.
 
-Hard attention's REINFORCE and entropy terms: the authors inject
-``(C_n - b) / 10 * s / alpha + lambda_e (log alpha + 1)`` as the gradient on every alpha, with no
-1/B, beside the batch-mean NLL. Relative to the NLL each caption's REINFORCE and entropy terms
-are therefore B times (B = captions per optimiser step) what a mean over captions gives. The
-default ``loss.hard_reduction: sum`` reproduces that: the terms are averaged over the captions of
-the device's batch and multiplied by ``captions_per_step`` (the captions of the whole optimiser
-step, over every DDP rank), which equals the authors' sum over their minibatch.
-``hard_reduction: mean`` averages them over captions like the NLL (B times weaker; the effective
-weights then do not change with the batch size).
+Hard attention's REINFORCE and entropy terms. The paper's Eq. 12 puts 1/N over all three terms:
+``loss.hard_reduction: mean`` (the default) averages them over captions like the NLL. The authors'
+code injects ``(C_n - b) / 10 * s / alpha + lambda_e (log alpha + 1)`` as the gradient on every
+alpha with no 1/B, beside the batch-mean NLL, so relative to the NLL each caption's REINFORCE and
+entropy terms are B times (B = captions per optimiser step) what Eq. 12 gives.
+``hard_reduction: sum`` reproduces that: the terms are averaged over the captions of the device's
+batch and multiplied by ``captions_per_step`` (the captions of the whole optimiser step, over
+every DDP rank), which equals the authors' sum over their minibatch.
+
+The cost C_n is the caption's mean NLL per real token. capgen writes ``masked_cost.mean(0)``, a
+mean over the padded length, but its iterator (``homogeneous_data.py``) fills every minibatch with
+captions of one length, so there is no padding and that mean is over the caption's own tokens;
+dividing by the padded length of a randomly drawn batch would make C_n a function of the other
+captions' lengths.
 
 Deviation from the authors' code, on purpose: they apply the REINFORCE and entropy gradients to
 every padded step and padded location too; we mask padded steps (they carry no word).
@@ -43,9 +48,12 @@ class LossTerms(NamedTuple):
     # Per caption [B], detached, for monitoring (CaptioningModule logs the training signal).
     nll_per_caption: torch.Tensor  # summed token NLL
     entropy_per_caption: torch.Tensor  # sum_t H(alpha_t) over real steps
-    # REINFORCE cost C_n [B], detached: the summed NLL divided by the padded length (the
-    # authors' masked_cost.mean(0)). The baseline tracks the mean of exactly this.
+    # REINFORCE cost C_n [B], detached: the caption's mean NLL per real token (the authors'
+    # masked_cost.mean(0) on a length-bucketed minibatch). The baseline tracks the mean of this.
     cost: torch.Tensor
+    # C_n - b [B], detached, for the captions whose locations were sampled (b: the moving average,
+    # or the leave-one-out mean with loss.samples > 1); empty where nothing was sampled.
+    advantage: torch.Tensor
 
 
 def per_token_nll(logits: torch.Tensor, targets: torch.Tensor, pad_id: int) -> torch.Tensor:
@@ -101,11 +109,20 @@ class ReinforceBaseline(nn.Module):
         self.value.mul_(self.decay).add_((1.0 - self.decay) * mean_cost.detach().to(self.value))
 
 
-def reinforce_cost(nll_per_caption: torch.Tensor, padded_length: int) -> torch.Tensor:
-    """C_n = the caption's summed NLL / the padded length T of its minibatch -> [B], detached.
+def reinforce_cost(nll_per_caption: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    """C_n = the caption's summed NLL / its own number of real tokens -> [B], detached.
 
-    The authors' ``masked_cost.mean(0)``: one sentence-level cost, the same at every step."""
-    return (nll_per_caption / padded_length).detach()
+    nll_per_caption [B], token_mask [B, T] bool. One sentence-level cost, the same at every step:
+    the authors' ``masked_cost.mean(0)`` over a minibatch of captions of one length."""
+    return (nll_per_caption / token_mask.sum(1).clamp_min(1)).detach()
+
+
+def leave_one_out_baseline(cost: torch.Tensor, samples: int) -> torch.Tensor:
+    """cost [B*K] (the K draws of caption n in rows n*K .. n*K+K-1) -> for each draw, the mean cost
+    of the caption's other K - 1 draws [B*K]: a baseline independent of the draw it is for."""
+    per_caption = cost.view(-1, samples)  # (B, K)
+    others = (per_caption.sum(1, keepdim=True) - per_caption) / (samples - 1)
+    return others.reshape(-1)
 
 
 def caption_loss(
@@ -120,6 +137,8 @@ def caption_loss(
     baseline: torch.Tensor | None = None,
     token_nll: torch.Tensor | None = None,
     captions_per_step: int | None = None,
+    samples: int = 1,
+    sampled: torch.Tensor | None = None,
 ) -> LossTerms:
     """All terms for one minibatch.
 
@@ -127,7 +146,12 @@ def caption_loss(
     ``return_logits=False``), targets [B, T], alphas [B, T, L], feature_mask [B, L] bool;
     hard attention: log_probs [B, T] (0 where the expected context was used) and baseline (scalar).
     ``captions_per_step``: captions in the whole optimiser step (every DDP rank); None = this
-    batch's B. With ``cfg.hard_reduction == "sum"`` it multiplies the REINFORCE and entropy terms.
+    batch's rows / ``samples``. With ``cfg.hard_reduction == "sum"`` it multiplies the REINFORCE
+    and entropy terms.
+    ``samples`` K > 1: the rows are K draws of each caption (rows n*K .. n*K+K-1), every term is
+    averaged over them, and each draw's REINFORCE baseline is the mean cost of the other K - 1
+    (``baseline`` is then unused). ``sampled`` [B] bool: the rows whose locations were sampled
+    (None = all rows when ``log_probs`` is given), for the logged advantage.
     """
     nll_per_caption, token_mask = caption_nll(logits, targets, pad_id, token_nll)
     nll = nll_per_caption.mean()
@@ -136,23 +160,32 @@ def caption_loss(
     entropy_per_caption = attention_entropy(alphas.float(), token_mask)
     entropy = entropy_per_caption.mean()
     zero = nll.new_zeros(())
-    cost = reinforce_cost(nll_per_caption, targets.shape[1])  # (B,)
+    cost = reinforce_cost(nll_per_caption, token_mask)  # (B,)
     monitored = (nll_per_caption.detach(), entropy_per_caption.detach(), cost)
     if attention != "hard":  # soft, and the no-attention control (its alpha is uniform, fixed)
-        return LossTerms(nll + cfg.doubly_stochastic * penalty, nll, token_nll, penalty, zero, entropy, *monitored)
+        return LossTerms(nll + cfg.doubly_stochastic * penalty, nll, token_nll, penalty, zero, entropy, *monitored,
+                         cost[:0])
 
     # Hard attention (Eq. 12 with the authors' choices, capgen.py). Surrogate whose gradient is
     # lambda_r (C_n - b) d log p(s|a)/dW, i.e. lambda_r (log p(y|s,a) - b') d log p(s|a)/dW; its
     # gradient on alpha is the authors' known gradient (C_n - b)/10 * s/alpha (times the scale).
     # The doubly stochastic term is left out: in the authors' code the known gradient on alpha
     # replaces it, so it has no effect in hard mode (it is still logged).
-    scale = float(captions_per_step or targets.shape[0]) if cfg.hard_reduction == "sum" else 1.0
+    captions = captions_per_step or targets.shape[0] // samples
+    scale = float(captions) if cfg.hard_reduction == "sum" else 1.0
     reinforce = zero
+    advantage = cost[:0]
     if log_probs is not None:
-        if baseline is None:
+        if samples > 1:
+            b = leave_one_out_baseline(cost, samples)  # (B,)
+        elif baseline is None:
             raise ValueError("hard attention with sampled locations needs the REINFORCE baseline")
-        advantage = cost - baseline.detach()  # (B,)
+        else:
+            b = baseline.detach()
+        advantage = cost - b  # (B,)
+        # The mean over rows is the mean over captions of the mean over their K draws.
         reinforce = scale * (cfg.reward_scale * advantage * (log_probs * token_mask).sum(1)).mean()
+        advantage = advantage if sampled is None else advantage[sampled]
     # Entropy bonus: minimise lambda_e * sum alpha log alpha, i.e. maximise attention entropy.
     loss = nll + reinforce - scale * cfg.entropy * entropy
-    return LossTerms(loss, nll, token_nll, penalty, reinforce, entropy, *monitored)
+    return LossTerms(loss, nll, token_nll, penalty, reinforce, entropy, *monitored, advantage)

@@ -234,7 +234,8 @@ def test_rerun_skips_finished_evaluations(given_study, capsys):
     err = capsys.readouterr().err
     assert "compare: evaluated" not in err and "compare: training" not in err
     study = json.loads((given_study.out / "study.json").read_text())
-    assert len(study["invocations"]) == 2 and study["invocations"][-1]["did"] == {"trained": [], "evaluated": []}
+    assert len(study["invocations"]) == 2
+    assert study["invocations"][-1]["did"] == {"trained": [], "evaluated": [], "in_parallel": []}
 
 
 # ------------------------------------------------------------------------------ fast: pieces and bad input

@@ -24,10 +24,11 @@ V = len(WORDS)
 
 def _capgen_alpha_gradient(token_nll, token_mask, alphas, samples, baseline, reward_scale, entropy):
     """The gradient capgen injects on alpha (known_grads, RL_sumCost=True), written out in numpy
-    terms: masked_cost [B, T] = NLL * mask, C_n = masked_cost.mean over T (padded length),
+    terms: masked_cost [B, T] = NLL * mask, C_n = masked_cost.mean over T,
     g[n, t, i] = (C_n - b) * reward_scale * s[n, t, i] / alpha[n, t, i]
                  + entropy * (log alpha[n, t, i] + 1),
-    with no 1/B, beside ``cost.mean()`` over captions."""
+    with no 1/B, beside ``cost.mean()`` over captions. capgen's minibatches hold captions of one
+    length (homogeneous_data.py), so T is every caption's own length."""
     cost = (token_nll * token_mask).mean(1)  # (B,) masked_cost.mean(0) in capgen's [T, B] layout
     return (cost - baseline)[:, None, None] * reward_scale * samples / alphas + entropy * (alphas.log() + 1)
 
@@ -35,8 +36,7 @@ def _capgen_alpha_gradient(token_nll, token_mask, alphas, samples, baseline, rew
 def test_reinforce_and_entropy_gradient_on_alpha_is_capgens():
     torch.manual_seed(0)
     B, T, L = 5, 6, 7
-    lengths = torch.tensor([6, 5, 4, 2, 3])
-    token_mask = torch.arange(T)[None] < lengths[:, None]  # (B, T)
+    token_mask = torch.ones(B, T, dtype=torch.bool)  # one length, as capgen's iterator batches them
     targets = torch.where(token_mask, torch.full((B, T), 5), torch.full((B, T), Vocabulary.pad_id))
     token_nll = torch.rand(B, T) * 3 * token_mask  # fixed: only alpha is differentiated here
     alphas = torch.softmax(torch.randn(B, T, L), -1).requires_grad_(True)
@@ -49,27 +49,126 @@ def test_reinforce_and_entropy_gradient_on_alpha_is_capgens():
                              "hard", log_probs=log_probs, baseline=baseline, token_nll=token_nll, **kwargs)
         return torch.autograd.grad(terms.loss, alphas)[0]
 
-    cfg = LossConfig()  # the defaults: lambda_r 0.1, lambda_e 0.002, hard_reduction "sum"
+    cfg = LossConfig(hard_reduction="sum")  # the authors' strength; lambda_r 0.1, lambda_e 0.002
     grad = alpha_gradient(cfg)
     samples = torch.nn.functional.one_hot(samples_idx, L).float()
     expected = _capgen_alpha_gradient(token_nll, token_mask.float(), alphas.detach(), samples, baseline,
                                       cfg.reward_scale, cfg.entropy)
-    # Real steps: the authors' gradient exactly; padded steps (capgen applies it there too): none.
-    real = token_mask[:, :, None].expand(B, T, L)
-    torch.testing.assert_close(grad[real], expected[real], rtol=1e-5, atol=1e-7)
-    assert (grad[~real] == 0).all()
-    # The averaged form is B times weaker, and the scale follows the captions of the whole step.
-    torch.testing.assert_close(alpha_gradient(LossConfig(hard_reduction="mean")) * B, grad, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-7)
+    # The averaged form (the default: Eq. 12's 1/N) is B times weaker, and the scale follows the
+    # captions of the whole step.
+    mean = alpha_gradient(LossConfig())
+    assert LossConfig().hard_reduction == "mean"
+    torch.testing.assert_close(mean * B, grad, rtol=1e-5, atol=1e-8)
     # e.g. 4 DDP ranks, which average their gradients: each rank's terms 4 times its own batch's sum
     torch.testing.assert_close(alpha_gradient(cfg, captions_per_step=4 * B), 4 * grad, rtol=1e-5, atol=1e-7)
 
 
-def test_reinforce_cost_is_capgens_masked_cost_mean():
+def test_padded_steps_get_no_reinforce_or_entropy_gradient():
+    """capgen applies its known gradient at padded steps too; we mask them (they carry no word)."""
+    torch.manual_seed(0)
+    B, T, L = 3, 5, 4
+    token_mask = torch.arange(T)[None] < torch.tensor([5, 3, 2])[:, None]
+    targets = torch.where(token_mask, torch.full((B, T), 5), torch.full((B, T), Vocabulary.pad_id))
+    alphas = torch.softmax(torch.randn(B, T, L), -1).requires_grad_(True)
+    log_probs = alphas.log()[..., 0] * token_mask
+    terms = caption_loss(LossConfig(), None, targets, alphas, torch.ones(B, L, dtype=torch.bool), Vocabulary.pad_id,
+                         "hard", log_probs=log_probs, baseline=torch.tensor(0.3), token_nll=torch.rand(B, T))
+    grad = torch.autograd.grad(terms.loss, alphas)[0]
+    assert (grad[~token_mask] == 0).all() and (grad[token_mask] != 0).any()
+
+
+def test_reinforce_cost_is_the_captions_mean_nll_per_real_token():
+    """C_n as capgen means it: its minibatches hold captions of one length, so masked_cost.mean(0)
+    is the caption's summed NLL over its own tokens divided by its own length."""
     from captioning.losses import reinforce_cost
 
-    # The issue's example: lengths [8, 7, 5, 4, 3] in one padded batch (T = 8).
-    nll = torch.tensor([3.12, 2.40, 1.86, 1.61, 0.96]) * 8
-    torch.testing.assert_close(reinforce_cost(nll, 8), torch.tensor([3.12, 2.40, 1.86, 1.61, 0.96]))
+    lengths = torch.tensor([8, 7, 5, 4, 3])
+    token_mask = torch.arange(8)[None] < lengths[:, None]
+    per_token = torch.tensor([3.12, 2.40, 1.86, 1.61, 0.96])
+    torch.testing.assert_close(reinforce_cost(per_token * lengths, token_mask), per_token)
+
+
+def test_a_captions_cost_does_not_change_when_a_longer_caption_joins_its_batch():
+    torch.manual_seed(0)
+    V_, L = 12, 4
+
+    def costs(rows: list[list[int]], nll_rows: list[list[float]]) -> torch.Tensor:
+        T = max(len(r) for r in rows)
+        targets = torch.full((len(rows), T), Vocabulary.pad_id)
+        token_nll = torch.zeros(len(rows), T)
+        for i, (r, n) in enumerate(zip(rows, nll_rows)):
+            targets[i, :len(r)] = torch.tensor(r)
+            token_nll[i, :len(n)] = torch.tensor(n)
+        alphas = torch.full((len(rows), T, L), 1 / L)
+        terms = caption_loss(LossConfig(), None, targets, alphas, torch.ones(len(rows), L, dtype=torch.bool),
+                             Vocabulary.pad_id, "hard", log_probs=torch.zeros(len(rows), T),
+                             baseline=torch.tensor(0.0), token_nll=token_nll)
+        return terms.cost
+
+    short = [[5, 6, 3]], [[1.0, 2.0, 0.5]]
+    alone = costs(*short)
+    with_longer = costs(short[0] + [[5, 6, 7, 8, 9, 10, 3]], short[1] + [[0.1] * 7])
+    torch.testing.assert_close(with_longer[0], alone[0])
+    assert float(alone[0]) == pytest.approx(3.5 / 3)
+
+
+def test_leave_one_out_samples_average_every_term_and_use_the_other_draws_as_baseline():
+    """loss.samples K: K draws per caption; each draw's baseline is the mean cost of the other K - 1."""
+    from captioning.losses import leave_one_out_baseline
+
+    cost = torch.tensor([1.0, 2.0, 3.0, 10.0, 20.0, 30.0])  # 2 captions x 3 draws
+    torch.testing.assert_close(leave_one_out_baseline(cost, 3), torch.tensor([2.5, 2.0, 1.5, 25.0, 20.0, 15.0]))
+    torch.manual_seed(0)
+    B, K, T, L = 2, 3, 4, 5
+    targets = torch.full((B * K, T), 5)
+    token_nll = torch.rand(B * K, T)
+    alphas = torch.softmax(torch.randn(B * K, T, L), -1).requires_grad_(True)
+    log_probs = alphas.log()[..., 1]
+    cfg = LossConfig()
+    terms = caption_loss(cfg, None, targets, alphas, torch.ones(B * K, L, dtype=torch.bool), Vocabulary.pad_id,
+                         "hard", log_probs=log_probs, baseline=None, token_nll=token_nll, samples=K)
+    c = token_nll.mean(1)
+    advantage = c - leave_one_out_baseline(c, K)
+    torch.testing.assert_close(terms.advantage, advantage)
+    expected = cfg.reward_scale * (advantage * log_probs.sum(1)).mean()
+    torch.testing.assert_close(terms.reinforce, expected)
+    torch.testing.assert_close(terms.nll, token_nll.sum(1).mean())  # mean over captions of mean over draws
+    # With "sum", the scale is the captions of the step (B), not the rows (B * K).
+    summed = caption_loss(LossConfig(hard_reduction="sum"), None, targets, alphas, torch.ones(B * K, L, dtype=torch.bool),
+                          Vocabulary.pad_id, "hard", log_probs=log_probs, token_nll=token_nll, samples=K)
+    torch.testing.assert_close(summed.reinforce, B * expected)
+
+
+def test_capgen_adam_equals_torch_adam_times_the_factor():
+    """optim.adam_bias_correction false: capgen's optimizers.py adam, written out, against torch's
+    Adam with the lr multiplied by capgen_adam_factor."""
+    from captioning.training.module import capgen_adam_factor
+
+    torch.manual_seed(0)
+    p0 = torch.randn(6)
+    grads = [torch.randn(6) for _ in range(5)]
+    lr = 2e-4
+    # capgen: b1 = 0.1, b2 = 0.001, lr_t = lr * sqrt(1 - b2^t) / (1 - b1^t); its e = 1e-8 is left out on
+    # both sides (where epsilon enters is the one difference the factor does not carry).
+    p, m, v = p0.clone().double(), torch.zeros(6).double(), torch.zeros(6).double()
+    for t, g in enumerate(grads, 1):
+        g = g.double()
+        m = 0.1 * g + 0.9 * m
+        v = 0.001 * g ** 2 + 0.999 * v
+        p = p - lr * (math.sqrt(1 - 0.001 ** t) / (1 - 0.1 ** t)) * m / v.sqrt()
+    q = p0.clone().double().requires_grad_(True)
+    opt = torch.optim.Adam([q], lr=lr, eps=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, capgen_adam_factor)
+    for g in grads:
+        q.grad = g.double()
+        opt.step()
+        sched.step()
+    torch.testing.assert_close(q.detach(), p, rtol=0, atol=1e-9)
+    assert capgen_adam_factor(0) == pytest.approx(math.sqrt(0.999) / 0.9 / (math.sqrt(0.001) / 0.1))
+    # capgen's first updates are 3.5-6.6x torch Adam's; after ~3,000 updates they agree within 5%.
+    assert 3.5 < capgen_adam_factor(0) < 3.52 and 6.5 < max(map(capgen_adam_factor, range(30))) < 6.6
+    assert abs(capgen_adam_factor(3000) - 1) < 0.05
 
 
 def _hard_module(**overrides):
@@ -80,8 +179,8 @@ def _hard_module(**overrides):
 
 
 def test_baseline_tracks_the_mean_reinforce_cost(monkeypatch):
-    """b moves towards mean_n C_n (C_n = summed NLL / padded length), the quantity it is subtracted
-    from (capgen: masked_cost for both), not towards the NLL per real token."""
+    """b moves towards mean_n C_n (C_n = the caption's NLL per real token), the quantity it is
+    subtracted from (capgen: masked_cost for both), not towards the batch's NLL per real token."""
     torch.manual_seed(0)
     module = _hard_module()
     module.train()
@@ -105,11 +204,12 @@ def test_baseline_tracks_the_mean_reinforce_cost(monkeypatch):
     rows = [[4, 5, 6, 7, 8, 9, 10, 11], [4, 5, 6, 7, 8, 9, 10], [4, 5, 6, 7, 8], [4, 5, 6, 7], [4, 5, 6]]
     batch = {"images": random_images(5), "captions": make_captions(rows)}
     module.training_step(batch, 0)
-    terms, T = captured["terms"], captured["T"]
-    mean_cost = (terms.nll_per_caption.detach() / T).mean()
+    terms = captured["terms"]
+    lengths = torch.tensor([len(r) + 1 for r in rows])  # + <end>
+    mean_cost = (terms.nll_per_caption.detach() / lengths).mean()
     assert float(module.baseline.value) == pytest.approx(0.1 * float(mean_cost), rel=1e-5)
-    # ... which is well away from what the per-token NLL would have given.
-    assert abs(float(mean_cost) - float(terms.token_nll.detach())) > 0.1 * float(terms.token_nll.detach())
+    # ... which differs from the batch's NLL per real token (long captions weigh more there).
+    assert float(mean_cost) != pytest.approx(float(terms.token_nll.detach()), rel=1e-3)
 
 
 # ------------------------------------------------------------------------- no-attention control

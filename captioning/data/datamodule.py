@@ -66,17 +66,23 @@ class TrainDataset(Dataset):
 
 
 class EvalDataset(Dataset):
-    """Item i: image i and its id (references stay in the DataModule, by id)."""
+    """Item i: image i and its id (references stay in the DataModule, by id); with ``vocab``, also
+    every reference caption encoded (the validation NLL of train.monitor "nll")."""
 
-    def __init__(self, records: Sequence[ImageRecord], images: ImageSource) -> None:
+    def __init__(self, records: Sequence[ImageRecord], images: ImageSource, vocab: Vocabulary | None = None,
+                 max_caption_len: int = 0) -> None:
         self.images = images
         self.image_ids = [r.image_id for r in records]
+        self.encoded = None if vocab is None else [[vocab.encode(c, max_caption_len) for c in r.captions]
+                                                   for r in records]
 
     def __len__(self) -> int:
         return len(self.image_ids)
 
     def __getitem__(self, index: int):
-        return self.images[index], self.image_ids[index]
+        if self.encoded is None:
+            return self.images[index], self.image_ids[index]
+        return self.images[index], self.image_ids[index], self.encoded[index]
 
 
 def collate_train(batch) -> dict[str, torch.Tensor]:
@@ -91,16 +97,27 @@ def collate_train(batch) -> dict[str, torch.Tensor]:
     if all(len(item[1]) == 1 for item in batch):
         batch = sorted(batch, key=lambda item: -len(item[1][0]))
     images = torch.stack([item[0] for item in batch])
-    rows = [ids for item in batch for ids in item[1]]
+    captions = _pad([ids for item in batch for ids in item[1]])
+    return {"images": images, "captions": captions, "image_ids": torch.tensor([item[2] for item in batch])}
+
+
+def _pad(rows: list[list[int]]) -> torch.Tensor:
+    """Token-id lists -> [N, T+1] long, padded with <pad>."""
     width = max(len(ids) for ids in rows)
     captions = torch.full((len(rows), width), Vocabulary.pad_id, dtype=torch.long)
     for i, ids in enumerate(rows):
         captions[i, : len(ids)] = torch.tensor(ids)
-    return {"images": images, "captions": captions, "image_ids": torch.tensor([item[2] for item in batch])}
+    return captions
 
 
 def collate_eval(batch) -> dict[str, torch.Tensor]:
-    return {"images": torch.stack([item[0] for item in batch]), "image_ids": torch.tensor([item[1] for item in batch])}
+    """-> images, image_ids [B]; items with references also give captions [N, T+1] (every
+    reference of every image) and caption_rows [N] (the image of each)."""
+    out = {"images": torch.stack([item[0] for item in batch]), "image_ids": torch.tensor([item[1] for item in batch])}
+    if len(batch[0]) > 2:
+        out["captions"] = _pad([ids for item in batch for ids in item[2]])
+        out["caption_rows"] = torch.tensor([i for i, item in enumerate(batch) for _ in item[2]])
+    return out
 
 
 class CaptionDataModule(pl.LightningDataModule):
@@ -118,6 +135,8 @@ class CaptionDataModule(pl.LightningDataModule):
         # [L, D] (fp16) replace its images, so batch["images"] is then [B, L, D] (model.encode
         # passes grids through).
         self.feature_cache = None
+        # Validation batches carry every reference caption encoded (train.monitor "nll").
+        self.val_captions = False
 
     @property
     def prepared(self):
@@ -227,12 +246,13 @@ class CaptionDataModule(pl.LightningDataModule):
                                self.cfg.captions_per_image, self.cfg.max_caption_len)
         return self._loader(dataset, self.cfg.batch_size, True, collate_train)
 
-    def eval_dataloader(self, split: str) -> DataLoader:
-        dataset = EvalDataset(self.load_split(split), self.images(split))
+    def eval_dataloader(self, split: str, captions: bool = False) -> DataLoader:
+        vocab = self.vocab if captions else None
+        dataset = EvalDataset(self.load_split(split), self.images(split), vocab, self.cfg.max_caption_len)
         return self._loader(dataset, self.cfg.eval_batch_size, False, collate_eval)
 
     def val_dataloader(self) -> DataLoader:
-        return self.eval_dataloader("val")
+        return self.eval_dataloader("val", captions=self.val_captions)
 
     def test_dataloader(self) -> DataLoader:
         return self.eval_dataloader("test")

@@ -1,20 +1,20 @@
 """No attention, soft and hard attention: train every arm under identical settings over several
 seeds, evaluate them alike, and write a report folder (report.md, PNG figures, the raw numbers as JSON).
 
-    captioning compare                                   # synthetic set, 5 arms x 3 seeds
-    captioning compare --arms none soft                  # the control and soft attention only
-    captioning compare --seeds 5 --out-dir runs/compare5
+    captioning compare --jobs 2                          # the quick budget: 7 arms x 3 seeds
+    captioning compare --budget default --jobs 2 --diagnostic-seeds 1   # what users train
+    captioning compare --arms none soft hard             # the main arms only
     captioning compare --config my_coco.yaml --set data.root=/data/coco   # full size, GPU
     captioning compare --checkpoints soft=runs/a/best.ckpt,runs/b/best.ckpt hard=runs/c/best.ckpt
 
 Each run is the train workflow's main() in its own folder under --out-dir (a subprocess when the
 config asks for several devices), then the evaluate workflow's main() on the test split with the
-same decoder settings (hard models: expected, argmax and sampled locations). The arms
-(captioning/study/run.py ARMS): none (the no-attention control: the mean annotation as context),
-soft, hard (one 0.5-substitution draw per minibatch, the authors' code), hard-image (one draw
-per image, the paper's text) and hard-mean (REINFORCE and entropy averaged over captions). A
-rerun skips finished runs and evaluations. Without --config the study trains on 2,000 scenes for
-6 epochs (captioning/study/run.py STUDY_DEFAULTS; the reason is written into the report).
+same decoder settings (hard models: expected, argmax and sampled locations). The arms are listed
+in captioning/study/run.py (ARMS): the main arms none (the no-attention control), soft and hard
+(the defaults), and diagnostic arms that ask why hard attention trains as it does. A rerun skips
+finished runs and evaluations, so a study can be run in parts (--runs). Without --config the study
+trains on the synthetic dataset at the chosen budget: quick (2,000 scenes x 6 epochs) or default
+(10,000 x 6, what captioning train does); the reason is written into the report.
 """
 
 from __future__ import annotations
@@ -33,20 +33,31 @@ from captioning.config import to_dict
 from captioning.evaluation import run as evaluate
 from captioning.progress import format_duration
 from captioning.study import collect, examples, report
-from captioning.study.run import (ARMS, Plan, StudyError, environment, execute, parse_checkpoints, plan_checkpoint_runs,
-                                  plan_training_runs, run_config, study_overrides, write_study_json)
+from captioning.study.run import (ARMS, BUDGETS, DEFAULT_ARMS, Plan, StudyError, environment, execute, execute_parallel,
+                                  parse_checkpoints, plan_checkpoint_runs, plan_training_runs, run_config,
+                                  study_overrides, write_study_json)
 from captioning.training import run as train
 
 EXIT_ERROR = 2
 
 
 def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p.add_argument("--budget", choices=list(BUDGETS), default="quick",
+                   help="synthetic training budget without --config: quick (2,000 scenes x 6 epochs, default) or "
+                        "default (captioning train's 10,000 x 6)")
     p.add_argument("--seeds", type=positive_int, default=3, metavar="N",
-                   help="training seeds per arm (default 3)")
-    p.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS),
-                   help=f"arms to train (default: {' '.join(ARMS)})")
-    p.add_argument("--out-dir", type=Path, default=Path("runs/compare"), help="default: runs/compare")
+                   help="training seeds per main arm (default 3)")
+    p.add_argument("--diagnostic-seeds", type=positive_int, metavar="N",
+                   help="training seeds per diagnostic arm (default: --seeds)")
+    p.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(DEFAULT_ARMS),
+                   help=f"arms to train (default: {' '.join(DEFAULT_ARMS)})")
+    p.add_argument("--jobs", type=positive_int, default=1, metavar="N",
+                   help="runs trained at a time, each in its own process with cores/N threads (default 1)")
+    p.add_argument("--runs", nargs="+", metavar="NAME",
+                   help="train and evaluate only these runs (e.g. soft-seed2), and write no report: to run a "
+                        "study in parts or on several machines; a last invocation without --runs writes it")
+    p.add_argument("--out-dir", type=Path, help="default: runs/compare-<budget>")
     p.add_argument("--config", type=Path, help="YAML of differences from the defaults (as train.py; e.g. COCO)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     p.add_argument("--checkpoints", nargs="+", metavar="ATTENTION=CKPT[,CKPT...]",
@@ -76,30 +87,66 @@ def make_plan(args: argparse.Namespace, argv: list[str], prog: str | None = None
         shared["model"]["attention"], shared["train"]["seed"] = "per checkpoint", "per checkpoint"
         return Plan(args.out_dir, runs, None, [], {}, args.beam_size or cfg.decode.beam_size,
                     args.max_len or cfg.decode.max_len, list(args.metrics), command, True, differences, shared)
-    overrides, defaults = study_overrides(args.config, args.set)
-    cfg = run_config(args.config, overrides, "soft", 0)  # validates the settings before any run starts
+    overrides, defaults = study_overrides(args.config, args.set, args.budget)
+    runs = plan_training_runs(args.out_dir, args.seeds, args.arms, args.diagnostic_seeds)
+    for run in runs:  # validates every arm's settings before any run starts
+        cfg = run_config(args.config, overrides, run.attention, run.seed, run.arm_overrides())
+    cfg = run_config(args.config, overrides, "soft", 0)
     shared = to_dict(cfg)
-    shared["model"]["attention"], shared["train"]["seed"] = "per arm", f"0 .. {args.seeds - 1}"
-    shared["loss"]["substitution"] = "per arm"
-    return Plan(args.out_dir, plan_training_runs(args.out_dir, args.seeds, args.arms), args.config, overrides, defaults,
-                args.beam_size or cfg.decode.beam_size, args.max_len or cfg.decode.max_len, list(args.metrics),
-                command, config=shared)
+    shared["model"]["attention"], shared["train"]["seed"] = "per arm", "per run"
+    unknown = sorted(set(args.runs or ()) - {r.name for r in runs})
+    if unknown:
+        raise StudyError(f"--runs: no run {unknown[0]} in this study; its runs are {', '.join(r.name for r in runs)}")
+    return Plan(args.out_dir, runs, args.config, overrides, defaults, args.beam_size or cfg.decode.beam_size,
+                args.max_len or cfg.decode.max_len, list(args.metrics), command, config=shared,
+                budget=None if args.config else args.budget)
+
+
+def child_argv(argv: list[str], name: str) -> list[str]:
+    """This invocation's arguments for one run in its own process: without --jobs and --runs."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            if arg.startswith("-"):
+                skip = False
+            else:
+                continue
+        if arg in ("--jobs", "--runs"):
+            skip = True
+            continue
+        if arg.startswith(("--jobs=", "--runs=")):
+            continue
+        out.append(arg)
+    return [*out, "--runs", name]
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """``captioning compare``: exit status 0, or 2 with a one-line error."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv, prog)
+    if args.out_dir is None:
+        args.out_dir = Path(f"runs/compare-{args.budget}")
     started = time.perf_counter()
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
     try:
         plan = make_plan(args, argv, prog)
+        if args.runs:  # one part of a study: its runs, no study.json entry, no report
+            did = execute(plan, train.main, evaluate.main, log=log, only=set(args.runs))
+            print(f"compare: did {', '.join(did['trained'] + did['evaluated']) or 'nothing'}; "
+                  "run the command without --runs for the report", file=sys.stderr)
+            return 0
         invocation = {"started": datetime.datetime.now().isoformat(timespec="seconds"), "command": plan.command,
                       "environment": environment(), "did": None}
         write_study_json(plan, invocation)
-        print(f"compare: {len(plan.runs)} runs in {plan.out_dir}: "
-              + ", ".join(r.name for r in plan.runs), file=sys.stderr, flush=True)
-        invocation["did"] = execute(plan, train.main, evaluate.main,
-                                    log=lambda line: print(line, file=sys.stderr, flush=True))
+        log(f"compare: {len(plan.runs)} runs in {plan.out_dir}: " + ", ".join(r.name for r in plan.runs))
+        parallel = []
+        if args.jobs > 1:
+            parallel = execute_parallel(plan, lambda name: child_argv(argv, name), args.jobs, log=log)
+        invocation["did"] = execute(plan, train.main, evaluate.main, log=log)
+        invocation["did"]["in_parallel"] = parallel
         study = write_study_json(plan, invocation, replace_last=True)
         decoded = examples.decode_examples(plan, args.examples,
                                            log=lambda line: print(line, file=sys.stderr, flush=True))

@@ -16,8 +16,11 @@ import yaml
 
 from captioning.files import atomic_write
 
-COLORS = {"none": "tab:gray", "soft": "tab:blue", "hard": "tab:orange", "hard-image": "tab:red",
-          "hard-mean": "tab:brown"}
+COLORS = {"none": "tab:gray", "soft": "tab:blue", "hard": "tab:orange", "hard-arctic": "tab:red",
+          "hard-arctic-le0": "tab:pink", "hard-arctic-frozen": "tab:brown", "hard-loo": "tab:green",
+          "hard-image": "tab:olive"}
+#: The metrics each arm is tested on against the control and against soft attention.
+TESTED = (("bleu_4", "BLEU-4"), ("cider", "CIDEr"), ("caption_accuracy", "caption accuracy"))
 SIGNAL_BINS = 30  # training-signal series are averaged in this many equal step bins per seed
 PM = "±"
 
@@ -227,13 +230,15 @@ def write_report(summary: dict, out_dir: Path) -> Path:
         f"evaluated by `captioning evaluate` on the same {decode['split']} split ({first_eval['num_images']} images) "
         f"with the same decoder settings: beam size {decode['beam_size']}, at most {decode['max_len']} words; "
         "a hard model attends with the expected alpha (its default) unless said otherwise. "
-        "`none` is the no-attention control (the context is the mean annotation at every step, the same decoder "
-        "otherwise); `hard` draws the 0.5 substitution once per minibatch (the authors' code), `hard-image` once "
-        "per image (the paper's text); both with the authors' REINFORCE and entropy strengths, which "
-        "`hard-mean` averages over captions instead (B times weaker). "
         f"Metrics on a 0-100 scale (CIDEr-D, natively 0-10, x100); mean {PM} sample standard deviation over runs. "
         "Every number here is in `summary.json`, collected from the files named there.",
         "",
+    ]
+    if study.get("arms"):
+        lines += [f"- `{arm}`: {about}" for arm, about in study["arms"].items() if arm in arms] + [""]
+    if study.get("budget"):
+        lines += [f"Budget: `{study['budget']}` (`--budget`; its settings and why are under Settings).", ""]
+    lines += [
         "Regenerate (reruns skip finished runs):",
         "",
         "```bash",
@@ -267,6 +272,7 @@ def write_report(summary: dict, out_dir: Path) -> Path:
         "",
     ]
     lines += _control_text(summary)
+    lines += [""] + _significance_text(summary)
     lines += ["", "Each run:", ""]
     lines += _table(
         ["run", "seed", "BLEU-4", "CIDEr", "caption accuracy", "training time (s)", "steps to target",
@@ -350,6 +356,41 @@ def _control_text(summary: dict) -> list[str]:
             "standard deviation of the two arms; 'beyond' when the difference exceeds it):", ""] + _table(head, rows)
 
 
+def _significance_text(summary: dict) -> list[str]:
+    """Welch's t-test of each arm against the control and against soft attention, over seeds."""
+    from captioning.study.stats import welch
+
+    table = summary["table"]
+    rows = []
+    for reference in ("none", "soft"):
+        if reference not in table:
+            continue
+        for arm in _arms(summary):
+            if arm in (reference, "none"):  # none vs soft is soft vs none
+                continue
+            row = [f"{arm} vs {reference}"]
+            for key, _ in TESTED:
+                mine, ref = table[arm].get(key), table[reference].get(key)
+                result = welch(mine["values"], ref["values"]) if mine and ref else None
+                row.append("n/a" if result is None else
+                           f"{result.difference:+.1f} (t = {result.t:.2f}, df = {result.df:.1f}, p = {_p(result.p)})")
+            rows.append(row)
+    text = [
+        "Welch's t-test over seeds (difference of the means; two-sided p; n/a with fewer than 2 runs on a side). "
+        "The spread covers the training seed only: initial weights, dropout masks, minibatch order and sampled "
+        "locations; every run trains and is tested on the same data (`data.synthetic.seed`). With 3 runs an arm, "
+        "only large differences reach p < 0.05.",
+        "",
+    ]
+    if not rows:
+        return text + ["n/a: neither the control nor soft attention is among the arms."]
+    return text + _table(["comparison"] + [title for _, title in TESTED], rows)
+
+
+def _p(p: float) -> str:
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
 def _grounding_text(summary: dict) -> list[str]:
     """Pointing game and mass in box for nouns, attribute words and the whole phrase, with the uniform map."""
     from captioning.study.collect import GROUNDING_KINDS
@@ -390,8 +431,8 @@ def _signal_text(summary: dict) -> list[str]:
         "`train/attention_entropy`, the mean entropy of alpha_t per word in nats (both mechanisms; "
         "a uniform map over the grid has log L); for hard attention, in the minibatches that sampled "
         "locations (the others use the expected context and have no REINFORCE term), the baseline "
-        "`train/baseline` b, the mean cost C_n (the caption's NLL over its padded length), and the learning "
-        "signal lambda_r (C_n - b) that multiplies d log p(s|a)/dW in the REINFORCE estimate: "
+        "`train/baseline` b, the mean cost C_n (the caption's NLL per real token), and the learning "
+        "signal lambda_r (C_n - b) (b: the baseline, or for `hard-loo` the mean cost of the caption's other draws) that multiplies d log p(s|a)/dW in the REINFORCE estimate: "
         "`train/reinforce_signal_var`, its variance over the minibatch's captions (the part no constant "
         "baseline can remove), and `train/reinforce_signal_sq`, its mean square (variance + squared mean: "
         "what the estimator's variance scales with), beside `train/reinforce_signal_sq_no_baseline`, the mean "
@@ -452,8 +493,11 @@ def _settings_text(summary: dict) -> list[str]:
         hw = env["hardware"]
         versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
         gpus = ", ".join(hw["gpus"]) or "no GPU"
-        did = (f"trained {len(inv['did']['trained'])}, evaluated {len(inv['did']['evaluated'])}" if inv.get("did")
-               else "interrupted")
+        did = "interrupted"
+        if inv.get("did"):
+            did = f"trained {len(inv['did']['trained'])}, evaluated {len(inv['did']['evaluated'])}"
+            if inv["did"].get("in_parallel"):
+                did += f"; {len(inv['did']['in_parallel'])} runs trained and evaluated in parallel processes"
         rows.append([inv["started"], f"{hw['cpu']} ({hw['cpu_cores']} cores), {hw['memory_gib']} GiB, {gpus}",
                      versions, did])
     lines += _table(["started", "hardware", "software", "did"], rows)

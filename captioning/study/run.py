@@ -1,17 +1,28 @@
 """Plan and run the study: one folder per (arm, seed), trained and evaluated, resumable.
 
-An *arm* is a mechanism with its settings (:data:`ARMS`): the no-attention control ``none``,
-``soft``, ``hard`` (the authors' recipe: one 0.5 substitution draw per minibatch) and
-``hard-image`` (the same with one draw per image, the paper's text) and ``hard-mean`` (the
-authors' draw, but the REINFORCE and entropy terms averaged over captions: B times weaker).
+An *arm* is a mechanism with its settings (:data:`ARMS`). The main arms are the no-attention
+control ``none``, ``soft`` and ``hard`` (the defaults of captioning/config.py). The diagnostic
+arms ask why hard attention trains as it does: ``hard-arctic`` (the authors' code strengths of the
+REINFORCE and entropy terms), ``hard-arctic-le0`` (the same without the entropy bonus),
+``hard-arctic-frozen`` (the same on a frozen encoder taken from the soft run of the same seed,
+as capgen's CNN is fixed and pre-trained) and ``hard-loo`` (several sampled location sequences
+per caption with a leave-one-out baseline: a lower-variance estimator, beyond the paper).
+``hard-image`` (the 0.5 substitution drawn per image, the paper's text) is offered, not run by
+default.
 
-Layout under the study folder OUT (default ``runs/compare``)::
+Two budgets: ``quick`` (2,000 scenes x 6 epochs, :data:`BUDGETS`) and ``default`` (the synthetic
+default users train: 10,000 scenes x 6 epochs).
+
+Layout under the study folder OUT (default ``runs/compare-<budget>``)::
 
     study.json                   the plan of the latest invocation and every invocation's environment
     <arm>-seed<k>/               a training run: captioning train's outputs (best.ckpt, logs/, ...)
     <arm>-ckpt<i>/               with --checkpoints: only the evaluations of a given checkpoint
         eval/metrics_test.json   captioning evaluate with the study's decoder settings (hard: expected)
         eval-argmax/, eval-sample/   hard attention only: the other test-time modes
+    encoders/soft-seed<k>.pt     a frozen arm's encoder: the backbone of soft-seed<k>/best.ckpt
+    features-seed<k>/            its annotation grids, computed once (captioning/data/feature_cache.py)
+    logs/<run>.txt               with --jobs > 1: each run's output
 
 A run counts as trained when its ``metrics.json`` (written by train.py after fitting) and
 ``best.ckpt`` exist and its ``config.yaml`` equals the config this invocation would train; a
@@ -27,6 +38,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -42,35 +54,62 @@ from captioning.files import atomic_write
 from captioning.progress import format_duration
 
 ATTENTIONS = ("none", "soft", "hard")
-#: arm -> (model.attention, config overrides of the arm). Every arm shares the study's other settings.
-ARMS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "none": ("none", ()),
-    "soft": ("soft", ()),
-    "hard": ("hard", ("loss.substitution=minibatch",)),
-    "hard-image": ("hard", ("loss.substitution=image",)),
-    # The averaged REINFORCE and entropy terms (B times weaker than the authors'): what hard
-    # attention trained as before its strengths were matched to capgen's.
-    "hard-mean": ("hard", ("loss.hard_reduction=mean",)),
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm: a mechanism and the config overrides that make it, beside the study's settings."""
+
+    attention: str  # model.attention
+    overrides: tuple[str, ...] = ()
+    about: str = ""  # one sentence for the report
+    main: bool = True  # a main arm (--seeds) or a diagnostic one (--diagnostic-seeds)
+    # A frozen-encoder arm: the encoder of this arm's run of the same seed, frozen (its grids cached).
+    frozen_from: str | None = None
+
+
+#: The study's arms, in report order. Every arm shares the study's other settings.
+ARMS: dict[str, Arm] = {
+    "none": Arm("none", (), "the no-attention control: the context is the mean annotation at every step, "
+                            "the same decoder otherwise"),
+    "soft": Arm("soft", (), "soft attention (Sec. 4.2), the default settings"),
+    "hard": Arm("hard", (), "hard attention (Sec. 4.1) as it trains by default: the REINFORCE and entropy terms "
+                            "averaged over captions (Eq. 12's 1/N), C_n the caption's NLL per real token, the 0.5 "
+                            "substitution drawn once per minibatch (the authors' code)"),
+    "hard-arctic": Arm("hard", ("loss.hard_reduction=sum",),
+                       "hard with the authors' code strengths: REINFORCE and entropy summed over the captions of "
+                       "a step (capgen's known gradients carry no 1/B)", main=False),
+    "hard-arctic-le0": Arm("hard", ("loss.hard_reduction=sum", "loss.entropy=0"),
+                           "hard-arctic without the entropy bonus (lambda_e = 0)", main=False),
+    "hard-arctic-frozen": Arm("hard", ("loss.hard_reduction=sum",),
+                              "hard-arctic on a frozen encoder: the CNN of the soft run of the same seed, as capgen's "
+                              "CNN is fixed and pre-trained", main=False, frozen_from="soft"),
+    "hard-loo": Arm("hard", ("loss.samples=4",),
+                    "hard with a lower-variance estimator (beyond the paper): 4 location sequences sampled per "
+                    "caption, each with the mean cost of the other 3 as its baseline", main=False),
+    "hard-image": Arm("hard", ("loss.substitution=image",),
+                      "hard with the 0.5 substitution drawn once per image (the paper's text)", main=False),
 }
+#: The arms a study trains unless --arms says otherwise.
+DEFAULT_ARMS = ("none", "soft", "hard", "hard-arctic", "hard-arctic-le0", "hard-arctic-frozen", "hard-loo")
 SPLIT = "test"
 WANTED_METRICS = ("bleu", "meteor", "rouge", "cider", "grounding")  # those evaluate.py offers are used
-# Lighter than train.py's default (10,000 scenes x 6 epochs) so that the default study (3 seeds x 5
-# arms) fits about an hour on the shared 2-core CPU; applied only without --config. The reasons are
-# written into study.json and the report.
-STUDY_DEFAULTS = {
-    "data.synthetic.num_train": (
-        2000,
-        "one default captioning train run (10,000 training scenes, 6 epochs) takes about 8 minutes on the "
-        "project's 2-core CPU, so the 15 runs of 5 arms x 3 seeds would take 2 hours; with 2,000 scenes "
-        "for 6 epochs (12,000 scene presentations) soft attention already beats the no-attention control "
-        "(measured first, one seed each at 2,000 scenes: validation BLEU-4 77.3 vs 65.4 after 5 epochs). "
-        "Quality is therefore below the default's numbers in the README.",
-    ),
-    "train.max_epochs": (
-        6,
-        "with 2,000 training scenes (see data.synthetic.num_train), 6 epochs fit the budget; the cosine "
-        "learning-rate decay is stretched to the run.",
-    ),
+#: budget -> {config key: (value, reason)}, applied only without --config (the synthetic dataset).
+BUDGETS: dict[str, dict[str, tuple[object, str]]] = {
+    "quick": {
+        "data.synthetic.num_train": (
+            2000,
+            "the quick budget: 2,000 training scenes for 6 epochs (12,000 scene presentations, 378 steps), a fifth "
+            "of the synthetic default, so that every arm over 3 seeds fits an hour or two of a 2-core CPU; soft "
+            "attention already beats the no-attention control there, but quality is below the default budget's.",
+        ),
+        "train.max_epochs": (
+            6,
+            "with 2,000 training scenes (see data.synthetic.num_train), 6 epochs; the cosine learning-rate decay is "
+            "stretched to the run.",
+        ),
+    },
+    "default": {},  # captioning train's defaults: 10,000 scenes x 6 epochs (1,875 steps)
 }
 
 
@@ -94,8 +133,26 @@ class Run:
     def __post_init__(self) -> None:
         self.arm = self.arm or self.attention
 
+    @property
+    def depends_on(self) -> str | None:
+        """The run whose encoder this frozen-encoder run trains on (it must be trained first)."""
+        arm = ARMS.get(self.arm) if self.trained_here else None
+        return f"{arm.frozen_from}-seed{self.seed}" if arm and arm.frozen_from else None
+
+    @property
+    def encoder_file(self) -> Path:
+        """A frozen-encoder run's backbone weights, taken from its source run's best.ckpt."""
+        return self.dir.parent / "encoders" / f"{self.depends_on}.pt"
+
     def arm_overrides(self) -> tuple[str, ...]:
-        return ARMS[self.arm][1] if self.trained_here and self.arm in ARMS else ()
+        if not self.trained_here or self.arm not in ARMS:
+            return ()
+        overrides = ARMS[self.arm].overrides
+        if self.depends_on:  # paths JSON-quoted, so YAML reads them as strings whatever they look like
+            cache = self.dir.parent / f"features-seed{self.seed}"
+            overrides += (f"model.encoder.weights={json.dumps(str(self.encoder_file))}",
+                          "model.encoder.fine_tune_from=null", f"data.feature_cache={json.dumps(str(cache))}")
+        return overrides
 
     def modes(self) -> tuple[str | None, ...]:
         """Test-time attention modes evaluated: soft and none None; hard expected, argmax and sample."""
@@ -124,6 +181,7 @@ class Plan:
     checkpoints_given: bool = False
     checkpoint_differences: list[str] = field(default_factory=list)
     config: dict | None = None  # the runs' shared config (attention and seed marked as varying)
+    budget: str | None = None  # BUDGETS key (None with --config or --checkpoints)
 
     def decode(self) -> dict:
         return {"split": SPLIT, "beam_size": self.beam_size, "max_len": self.max_len}
@@ -132,12 +190,13 @@ class Plan:
 # ------------------------------------------------------------------------------ planning
 
 
-def study_overrides(config_file: Path | None, user_sets: Sequence[str]) -> tuple[list[str], dict[str, dict]]:
-    """The study's lighter defaults (synthetic only: without --config), then the user's --set."""
+def study_overrides(config_file: Path | None, user_sets: Sequence[str],
+                    budget: str = "quick") -> tuple[list[str], dict[str, dict]]:
+    """The budget's settings (synthetic only: without --config), then the user's --set."""
     if config_file is not None:
         return list(user_sets), {}
     user_keys = {text.split("=", 1)[0].strip() for text in user_sets}
-    defaults = {key: {"value": value, "reason": reason} for key, (value, reason) in STUDY_DEFAULTS.items()
+    defaults = {key: {"value": value, "reason": reason} for key, (value, reason) in BUDGETS[budget].items()
                 if key not in user_keys}
     return [f"{key}={d['value']}" for key, d in defaults.items()] + list(user_sets), defaults
 
@@ -152,18 +211,29 @@ def run_config(config_file: Path | None, overrides: Sequence[str], attention: st
         raise StudyError(str(err)) from None
 
 
-def plan_training_runs(out_dir: Path, seeds: int, arms: Sequence[str] = tuple(ARMS)) -> list[Run]:
-    """Seeds 0..seeds-1 of each arm, every arm for each seed in turn (so a cut-short study is balanced)."""
-    if seeds < 1:
-        raise StudyError(f"--seeds must be at least 1, got {seeds}")
+def plan_training_runs(out_dir: Path, seeds: int, arms: Sequence[str] = DEFAULT_ARMS,
+                       diagnostic_seeds: int | None = None) -> list[Run]:
+    """Seeds 0..seeds-1 of each main arm and 0..diagnostic_seeds-1 (default: seeds) of each diagnostic
+    arm, every arm for each seed in turn (so a cut-short study is balanced)."""
+    diagnostic_seeds = seeds if diagnostic_seeds is None else diagnostic_seeds
+    if seeds < 1 or diagnostic_seeds < 1:
+        raise StudyError(f"--seeds and --diagnostic-seeds must be at least 1, got {seeds} and {diagnostic_seeds}")
     unknown = [a for a in arms if a not in ARMS]
     if unknown or not arms:
         raise StudyError(f"unknown arm(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(ARMS)}")
     runs = []
-    for seed in range(seeds):
+    for seed in range(max(seeds, diagnostic_seeds)):
         for arm in dict.fromkeys(arms):
+            if seed >= (seeds if ARMS[arm].main else diagnostic_seeds):
+                continue
             folder = out_dir / f"{arm}-seed{seed}"
-            runs.append(Run(f"{arm}-seed{seed}", ARMS[arm][0], folder, folder / "best.ckpt", seed, folder, arm=arm))
+            runs.append(Run(f"{arm}-seed{seed}", ARMS[arm].attention, folder, folder / "best.ckpt", seed, folder,
+                            arm=arm))
+    names = {r.name for r in runs}
+    for run in runs:
+        if run.depends_on and run.depends_on not in names:
+            raise StudyError(f"arm {run.arm} trains on the encoder of {run.depends_on}, which this study does not "
+                             f"train: add arm {ARMS[run.arm].frozen_from} to --arms (with at least as many seeds)")
     return runs
 
 
@@ -328,6 +398,8 @@ def write_study_json(plan: Plan, invocation: dict, replace_last: bool = False) -
         previous = previous[:-1]
     study = {
         "command": plan.command,
+        "budget": plan.budget,
+        "arms": {r.arm: ARMS[r.arm].about for r in plan.runs if r.trained_here and r.arm in ARMS},
         "config_file": str(plan.config_file) if plan.config_file else None,
         "overrides": plan.overrides,
         "defaults": plan.defaults,
@@ -368,12 +440,114 @@ def evaluate_argv(plan: Plan, run: Run, mode: str | None) -> list[str]:
     return argv
 
 
+def prepare_dataset(configs: dict[str, Config]) -> None:
+    """Generate the dataset before the first run, so no run's training time includes it."""
+    from captioning.data.datamodule import CaptionDataModule
+
+    CaptionDataModule(next(iter(configs.values())).data).prepare_data()
+
+
+def execute_parallel(plan: Plan, child_argv: Callable[[str], list[str]], jobs: int,
+                     log: Callable[[str], None] = print) -> list[str]:
+    """Work on up to ``jobs`` runs at a time, each in its own ``captioning compare ... --runs NAME``
+    process with ``cores // jobs`` threads (at least 1), its output in OUT/logs/NAME.txt; a run waits
+    for the run it depends on (a frozen encoder's source). -> the names of the runs worked on.
+
+    Each child trains and evaluates its run exactly as the one-process study does (execute), so the
+    results do not depend on --jobs beyond the thread count's float rounding."""
+    configs = run_configs(plan)
+    waiting = [r for r in plan.runs if not is_done(r, plan, configs)]
+    if not waiting:
+        return []
+    prepare_dataset(configs)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = str(max(1, cores // jobs))
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    logs = plan.out_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    running: dict[str, tuple[subprocess.Popen, float, object]] = {}
+    done, failed = [], []
+    clock = _Clock({"run": len(waiting)}, log)
+    log(f"compare: {len(waiting)} runs to do, {jobs} at a time with {threads} thread(s) each; "
+        f"each run's output in {logs}/")
+    try:
+        while waiting or running:
+            for run in list(waiting):
+                if len(running) >= jobs:
+                    break
+                if run.depends_on in failed:
+                    waiting.remove(run)
+                    failed.append(run.name)
+                    log(f"compare: {run.name} skipped: {run.depends_on} failed")
+                    continue
+                if run.depends_on in running or any(w.name == run.depends_on for w in waiting):
+                    continue  # its source run is not trained yet
+                waiting.remove(run)
+                out = (logs / f"{run.name}.txt").open("a")
+                proc = subprocess.Popen([sys.executable, "-m", "captioning", "compare", *child_argv(run.name)],
+                                        stdout=out, stderr=subprocess.STDOUT, env=env)
+                running[run.name] = (proc, time.perf_counter(), out)
+                log(f"compare: started {run.name} (pid {proc.pid})")
+            time.sleep(1.0)
+            for name, (proc, started, out) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                out.close()
+                del running[name]
+                if proc.returncode == 0:
+                    done.append(name)
+                    clock.finished("run", f"finished {name}", time.perf_counter() - started)
+                else:
+                    failed.append(name)
+                    log(f"compare: {name} failed with exit status {proc.returncode}; see {logs / f'{name}.txt'}")
+    except KeyboardInterrupt:
+        for proc, _, _ in running.values():
+            proc.send_signal(signal.SIGINT)
+        for proc, _, out in running.values():
+            proc.wait()
+            out.close()
+        raise
+    if failed:
+        raise StudyError(f"{len(failed)} run(s) failed: {', '.join(failed)} (their output is in {logs}/); "
+                         "rerun the same command to retry them")
+    return done
+
+
 def train_in_subprocess(argv: list[str]) -> None:
     """Multi-device training: Lightning's DDP relaunches the current program for every rank, so the
     study must not be that program; ``captioning train`` runs in its own process instead."""
     proc = subprocess.run([sys.executable, "-m", "captioning", "train", *argv])
     if proc.returncode != 0:
         raise StudyError(f"captioning train {' '.join(argv)} failed with exit status {proc.returncode}")
+
+
+def write_encoder_file(checkpoint: Path, path: Path) -> None:
+    """The torchvision state dict of ``checkpoint``'s encoder backbone -> ``path``, loadable with
+    ``model.encoder.weights=path``. Stages the model does not keep stay at their fresh initialisation
+    (they are never run)."""
+    import io
+
+    import torch
+    import torchvision
+
+    from captioning.checkpoint import CheckpointError, checkpoint_config, read_checkpoint
+    from captioning.models.encoder import RESNETS, _resnet_stages, _vgg_stages
+
+    try:
+        ckpt = read_checkpoint(checkpoint)
+        cfg, _ = checkpoint_config(ckpt, checkpoint)
+    except CheckpointError as err:
+        raise StudyError(str(err)) from None
+    prefix = "model.encoder.stages."
+    trained = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    net = torchvision.models.get_model(cfg.model.encoder.backbone, weights=None)
+    stages = dict(_resnet_stages(net) if cfg.model.encoder.backbone in RESNETS else _vgg_stages(net))
+    for name in {key.split(".", 1)[0] for key in trained}:
+        stages[name].load_state_dict({k.split(".", 1)[1]: v for k, v in trained.items() if k.startswith(f"{name}.")})
+    buffer = io.BytesIO()
+    torch.save(net.state_dict(), buffer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, buffer.getbuffer())
 
 
 class _Clock:
@@ -400,33 +574,47 @@ class _Clock:
         return sum(rates) / len(rates) if rates else 0.0
 
 
+def run_configs(plan: Plan) -> dict[str, Config]:
+    """The config each run the study trains is trained with, by run name."""
+    return {r.name: run_config(plan.config_file, plan.overrides, r.attention, r.seed, r.arm_overrides())
+            for r in plan.runs if r.trained_here}
+
+
+def is_done(run: Run, plan: Plan, configs: dict[str, Config]) -> bool:
+    trained = not run.trained_here or is_trained(run, configs[run.name])
+    return trained and all(is_evaluated(run, m, plan) for m in run.modes())
+
+
 def execute(plan: Plan, train_fn: Callable[[list[str]], object], evaluate_fn: Callable[[list[str]], object],
-            log: Callable[[str], None] = print) -> dict:
+            log: Callable[[str], None] = print, only: set[str] | None = None) -> dict:
     """Train what is not trained, evaluate what is not evaluated; -> what this invocation did.
 
     ``train_fn``/``evaluate_fn`` take captioning train's and captioning evaluate's argv (their
-    ``main``), so the study runs exactly the project's entry points.
+    ``main``), so the study runs exactly the project's entry points. ``only``: the names of the runs
+    to work on (the others are left as they are).
     """
     import torch
 
-    configs = {r.name: run_config(plan.config_file, plan.overrides, r.attention, r.seed, r.arm_overrides())
-               for r in plan.runs if r.trained_here}
-    to_train = [r for r in plan.runs if r.trained_here and not is_trained(r, configs[r.name])]
-    to_eval_count = sum(1 for r in plan.runs for m in r.modes() if r in to_train or not is_evaluated(r, m, plan))
+    configs = run_configs(plan)
+    mine = [r for r in plan.runs if only is None or r.name in only]
+    to_train = [r for r in mine if r.trained_here and not is_trained(r, configs[r.name])]
+    to_eval_count = sum(1 for r in mine for m in r.modes() if r in to_train or not is_evaluated(r, m, plan))
     did = {"trained": [], "evaluated": []}
     clock = _Clock({"training": len(to_train), "evaluation": to_eval_count}, log)
-    skipped = [r.name for r in plan.runs if r.trained_here and r not in to_train]
+    skipped = [r.name for r in mine if r.trained_here and r not in to_train]
     if skipped:
         log(f"compare: already trained, skipped: {', '.join(skipped)}")
     if to_train:
-        from captioning.data.datamodule import CaptionDataModule
+        prepare_dataset(configs)
 
-        # Generate the dataset before the first run, so no run's training time includes it.
-        CaptionDataModule(next(iter(configs.values())).data).prepare_data()
-
-    for run in plan.runs:
+    for run in mine:
         if run in to_train:
             cfg = configs[run.name]
+            if run.depends_on:  # a frozen-encoder run: its source run's encoder, written out for it
+                source = next((r for r in plan.runs if r.name == run.depends_on), None)
+                if source is None or not is_trained(source, configs[source.name]):
+                    raise StudyError(f"{run.name} needs {run.depends_on} trained first (its encoder)")
+                write_encoder_file(source.checkpoint, run.encoder_file)
             clear_unfinished(run)
             log(f"compare: training {run.name} ({cfg.train.max_epochs} epochs) into {run.dir}")
             start = time.perf_counter()

@@ -27,6 +27,17 @@ VAL_METRICS = ("bleu", "cider")
 TEST_METRICS = ("bleu", "meteor", "rouge", "cider")
 
 
+def capgen_adam_factor(step: int, beta1: float = 0.9, beta2: float = 0.999) -> float:
+    """lr multiplier that turns torch's Adam into capgen's (``optimizers.py``, ``optim.adam_bias_correction:
+    false``) at update t = step + 1: torch scales its step by sqrt(1 - beta2^t) / (1 - beta1^t);
+    capgen writes beta1 = 0.9 as ``b1 = 0.1`` and so corrects by sqrt(1 - 0.001^t) / (1 - 0.1^t),
+    about 1. The ratio is exact but for where epsilon (1e-8) enters."""
+    t = step + 1
+    capgen = math.sqrt(1.0 - (1.0 - beta2) ** t) / (1.0 - (1.0 - beta1) ** t)
+    torch_adam = math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
+    return capgen / torch_adam
+
+
 class CaptioningModule(pl.LightningModule):
     def __init__(self, config: dict, vocab: list[str]) -> None:
         super().__init__()
@@ -41,6 +52,7 @@ class CaptioningModule(pl.LightningModule):
         # Built only for hard attention: soft attention has no baseline.
         self.baseline = ReinforceBaseline(self.cfg.loss.baseline_decay) if self.hard else None
         self._predictions: dict[int, str] = {}
+        self._val_nll: list[torch.Tensor] = []  # [sum, count] of the reference NLL (train.monitor "nll")
         self._alphas: dict[int, torch.Tensor] = {}
         self.eval_results: dict | None = None  # filled on rank 0 after validation/test
         self._fit_started: float | None = None  # perf_counter at fit start, for val/elapsed_s
@@ -75,14 +87,21 @@ class CaptioningModule(pl.LightningModule):
         """The training step's forward and loss (also what captioning/perf/benchmark.py times)."""
         images, captions = batch["images"], batch["captions"]
         mode, sample_mask = self._attention_plan(images.shape[0])
-        out = self.model(images, captions, mode=mode, sample_mask=sample_mask, return_logits=False)
         # Captions of the whole optimiser step: hard attention's REINFORCE and entropy terms are
         # scaled by it (loss.hard_reduction "sum", the authors' strength; losses.py).
         world = self.trainer.world_size if self._trainer is not None else 1
+        captions_per_step = captions.shape[0] * world
+        samples = self.cfg.loss.samples if mode == "sample" else 1  # the expected context draws nothing
+        if samples > 1:  # K draws of each caption: rows n*K .. n*K+K-1, all of the same image
+            captions = captions.repeat_interleave(samples, 0)  # (B*K, T+1)
+        out = self.model(images, captions, mode=mode, sample_mask=sample_mask, return_logits=False)
+        sampled = None
+        if sample_mask is not None:  # per image -> per row
+            sampled = sample_mask.repeat_interleave(captions.shape[0] // sample_mask.shape[0])
         terms = caption_loss(
             self.cfg.loss, None, captions[:, 1:], out.alphas, out.mask, self.vocab.pad_id,
             self.cfg.model.attention, out.log_probs, self.baseline.value if self.hard else None, out.token_nll,
-            captions_per_step=captions.shape[0] * world,
+            captions_per_step=captions_per_step, samples=samples, sampled=sampled,
         )
         return terms, mode, sample_mask
 
@@ -114,18 +133,19 @@ class CaptioningModule(pl.LightningModule):
         train/attention_entropy: mean over real (caption, step) pairs of H(alpha_t) in nats, both
         mechanisms (log L for a uniform map). Hard attention, in steps that sampled locations:
         the REINFORCE learning signal of caption n is s_n = lambda_r (C_n - b), the scalar that
-        multiplies d log p(s_n|a)/dW in the estimator (C_n and b as in losses.caption_loss).
+        multiplies d log p(s_n|a)/dW in the estimator (C_n and b as in losses.caption_loss: b is
+        the moving average, or with loss.samples > 1 the mean cost of the caption's other draws).
         Logged over the sampled captions: train/reinforce_cost (mean C_n),
         train/reinforce_signal_mean (mean s_n), train/reinforce_signal_var (population variance
         of s_n over the minibatch), train/reinforce_signal_sq (mean s_n^2 = var + mean^2: the
         estimator's variance scales with it; a baseline at the mean cost would leave only var) and
         train/reinforce_signal_sq_no_baseline (mean (lambda_r C_n)^2: the same without a baseline).
         """
-        targets = captions[:, 1:]
-        token_mask = targets != self.vocab.pad_id
         n = captions.shape[0]
+        tokens = (captions[:, 1:] != self.vocab.pad_id).sum()
+        draws = terms.entropy_per_caption.shape[0] // n  # loss.samples rows per caption when sampled
         # From the per-caption values caption_loss computed: nothing is recomputed here.
-        per_step = terms.entropy_per_caption.sum() / token_mask.sum().clamp_min(1)
+        per_step = terms.entropy_per_caption.sum() / (tokens * draws).clamp_min(1)
         self.log("train/attention_entropy", per_step, batch_size=n)
         if not self.hard:
             return
@@ -133,8 +153,8 @@ class CaptioningModule(pl.LightningModule):
         if mode != "sample":
             cost = cost[:0]  # expected-context step: no REINFORCE term
         elif sample_mask is not None:  # per-image substitution: only the sampled images' captions
-            cost = cost[sample_mask.repeat_interleave(n // sample_mask.shape[0])]
-        signal = self.cfg.loss.reward_scale * (cost - self.baseline.value)  # (N_sampled,)
+            cost = cost[sample_mask.repeat_interleave(cost.shape[0] // sample_mask.shape[0])]
+        signal = self.cfg.loss.reward_scale * terms.advantage  # (N_sampled,) lambda_r (C_n - b)
         # NaN where nothing was sampled: Lightning would otherwise repeat the last value in the log.
         nan = torch.full((), float("nan"), device=cost.device)
         empty = cost.numel() == 0
@@ -156,14 +176,19 @@ class CaptioningModule(pl.LightningModule):
         # Lightning cannot clip gradients of an optimizer that unscales them itself.
         fused = self._trainer is None or self.trainer.precision != "16-mixed"
         optimizer = torch.optim.Adam(groups, weight_decay=self.cfg.optim.weight_decay, fused=fused)
-        if self.cfg.optim.schedule == "constant":
+        factors = []  # each multiplies every group's lr at a step (0-based: the update t = step + 1)
+        if self.cfg.optim.schedule == "cosine":
+            total = max(1, self.trainer.estimated_stepping_batches)
+            factors.append(lambda step: 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total)))
+        if not self.cfg.optim.adam_bias_correction:
+            factors.append(capgen_adam_factor)
+        if not factors:
             return optimizer
-        total = max(1, self.trainer.estimated_stepping_batches)
 
-        def cosine(step: int) -> float:  # multiplies each group's lr: 1 -> 0.05 over the run
-            return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+        def multiplier(step: int) -> float:
+            return math.prod(f(step) for f in factors)
 
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------------------ evaluation
@@ -176,18 +201,38 @@ class CaptioningModule(pl.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._decode_batch(batch, "val")
+        if "captions" in batch:  # train.monitor "nll": the datamodule adds the references
+            nll = self._reference_nll(batch)
+            self._val_nll[0] += nll.sum()
+            self._val_nll[1] += nll.numel()
+
+    def _reference_nll(self, batch: dict) -> torch.Tensor:
+        """Teacher-forced NLL of every reference caption of the batch's images, summed over its
+        tokens -> [N] (capgen's ``pred_probs``; a hard model attends with the expected context).
+        batch["captions"] [N, T+1], batch["caption_rows"] [N]: the image of each caption."""
+        features, mask = self.model.encode(batch["images"])
+        keys = self.model.decoder.project(features)  # once per image
+        captions = batch["captions"]
+        out = self.model.decoder(features, mask, captions, "expected", keys=keys, rows=batch["caption_rows"],
+                                 return_logits=False)
+        return (out.token_nll.float() * (captions[:, 1:] != self.vocab.pad_id)).sum(1)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._decode_batch(batch, "test")
 
     def on_validation_epoch_start(self) -> None:
         self._predictions = {}
+        self._val_nll = [torch.zeros((), device=self.device), torch.zeros((), device=self.device)]
 
     def on_test_epoch_start(self) -> None:
         self._predictions = {}
 
     def on_validation_epoch_end(self) -> None:
         self._score("val", VAL_METRICS)
+        if self.cfg.train.monitor == "nll" and not self.trainer.sanity_checking:
+            # Mean over every rank's reference captions (DDP's sampler may repeat a few images).
+            total, count = (self.trainer.strategy.reduce(v, reduce_op="sum") for v in self._val_nll)
+            self.log("val/nll", total / count, prog_bar=True, rank_zero_only=False)
         if self._fit_started is not None and not self.trainer.sanity_checking:
             # Wall time from the start of fit to the end of this validation (learning curves vs time).
             self.log("val/elapsed_s", time.perf_counter() - self._fit_started, rank_zero_only=False)

@@ -155,6 +155,7 @@ def train(args: argparse.Namespace, prog: str, argv: list[str] | None = None) ->
 
     started = time.perf_counter()
     data = CaptionDataModule(cfg.data, vocab)
+    data.val_captions = cfg.train.monitor == "nll"
     data.prepare_data()  # the vocabulary is needed to build the model, so the data comes first
     data.setup("fit")
     module = CaptioningModule.create(cfg, data.vocab)

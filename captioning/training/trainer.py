@@ -21,7 +21,9 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from captioning.config import Config
 from captioning.files import atomic_write
 
-MONITOR = "val/bleu_4"  # from real greedy decoding of the whole validation split
+#: train.monitor -> (logged key, mode). BLEU-4 from real greedy decoding of the whole validation
+#: split; NLL of its reference captions under teacher forcing (capgen's criterion).
+MONITORS = {"bleu_4": ("val/bleu_4", "max"), "nll": ("val/nll", "min")}
 
 
 def resolve_precision(cfg: Config) -> str:
@@ -246,13 +248,14 @@ def build_trainer(
     out_dir = Path(out_dir)
     loggers = build_loggers(out_dir, logger, resume_step)
     t = cfg.train
+    monitor, mode = MONITORS[t.monitor]
     callbacks: list[pl.Callback] = [
-        ModelCheckpoint(dirpath=out_dir, filename="best", monitor=MONITOR, mode="max", save_top_k=1,
+        ModelCheckpoint(dirpath=out_dir, filename="best", monitor=monitor, mode=mode, save_top_k=1,
                         enable_version_counter=False, auto_insert_metric_name=False),
         # A second callback without a monitor keeps last.ckpt current after every epoch: Lightning
         # 2.6's save_last only writes it in epochs where the best checkpoint also improved.
         ModelCheckpoint(dirpath=out_dir, filename="last", save_top_k=1, enable_version_counter=False),
-        EarlyStopping(monitor=MONITOR, mode="max", patience=t.patience),
+        EarlyStopping(monitor=monitor, mode=mode, patience=t.patience),
         LearningRateMonitor(logging_interval="epoch"),
         RunGuard(check_every=t.log_every),
         RNGState(),
