@@ -10,19 +10,17 @@ import pytest
 
 from captioning.training import run as train
 
-# attention -> (minimum test BLEU-4, minimum caption accuracy), as docs/training.md states them.
-# The hard target is for the REINFORCE and entropy terms averaged over captions: at the authors'
-# strength (the default, loss.hard_reduction "sum") the entropy bonus holds the attention near
-# uniform on this budget (docs/study.md), and no target is set for it.
-TARGETS = {"soft": (0.90, 0.80), "hard": (0.85, 0.65)}
-EXTRA = {"soft": [], "hard": ["--set", "loss.hard_reduction=mean"]}
+# attention -> (minimum test BLEU-4, minimum caption accuracy), as docs/training.md states them:
+# both mechanisms with every setting at its default (hard: the paper's averaged REINFORCE and
+# entropy terms). Soft's BLEU-4 spreads 88-92 from one draw to another (docs/training.md).
+TARGETS = {"soft": (0.88, 0.85), "hard": (0.88, 0.85)}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("attention", ["soft", "hard"])
 def test_default_training_reaches_targets(tmp_path, attention):
     result = train.run(["--attention", attention, "--out-dir", str(tmp_path / attention),
-                         "--no-progress", "--set", f"data.root={tmp_path / 'data'}", *EXTRA[attention]])
+                         "--no-progress", "--set", f"data.root={tmp_path / 'data'}"])
     metrics = result["metrics"]
     print(f"{attention}: BLEU-4 {metrics['bleu_4']:.3f}, caption accuracy {metrics['caption_accuracy']:.3f}, "
           f"{result['total_seconds']} s, peak RSS {result['peak_rss_mib']} MiB")
