@@ -15,6 +15,7 @@ import torch
 from captioning import Captioner
 from captioning.checkpoint import FOLDER_FILES, CheckpointError
 from captioning.config import build_config
+from captioning.files import MARKER
 from captioning.data.datamodule import CaptionDataModule
 from captioning.vocab import SPECIALS, Vocabulary
 from conftest import save_untrained_checkpoint
@@ -42,7 +43,7 @@ def tiny(tmp_path_factory):
 
 
 def test_folder_holds_the_four_files_and_a_model_card(tiny):
-    assert sorted(p.name for p in tiny.folder.iterdir()) == sorted(FOLDER_FILES)
+    assert sorted(p.name for p in tiny.folder.iterdir()) == sorted([*FOLDER_FILES, MARKER])
     card = (tiny.folder / "README.md").read_text()
     assert "| BLEU-4 | 43.21 |" in card and "| CIDEr | 150.00 |" in card
     assert "captioning train --config configs/tiny.yaml" in card
@@ -207,7 +208,7 @@ def test_saving_new_weights_removes_graphs_of_the_old_ones(tiny, tmp_path):
     for name in ("onnx.json", "encoder.onnx", "step.onnx"):
         (folder / name).write_text("graphs of earlier weights")
     tiny.captioner.save_pretrained(folder)
-    assert sorted(p.name for p in folder.iterdir()) == sorted(FOLDER_FILES)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*FOLDER_FILES, MARKER])
 
 
 def test_evaluate_takes_the_decoding_options(tiny, tmp_path, capsys):
