@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 from captioning.console import EXIT_OK, EXIT_USAGE, print_error
 
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a process that wrote to a closed pipe
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("captioning.training.run:main", "train soft or hard attention, then score the test split"),
@@ -43,13 +44,34 @@ def usage() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``captioning COMMAND ...``: run the command; returns its exit status."""
+    return _guarded(lambda: _dispatch(argv))
+
+
+def script(command: str) -> int:
+    """``python scripts/<name>.py ARGS``: the workflow of ``command`` on this process's arguments."""
+    def run() -> int:
+        from captioning.perf.allocator import keep_freed_memory
+
+        keep_freed_memory()
+        return workflow(command)(sys.argv[1:])
+
+    return _guarded(run)
+
+
+def _guarded(run: Callable[[], int]) -> int:
     try:
-        return _dispatch(argv)
+        return run()
     except BrokenPipeError:
         # The reader of our output went away (``captioning caption ... | head``): no traceback.
         # stdout is pointed at /dev/null so the interpreter's final flush does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:
+        # Ctrl-C where no workflow handles it, such as during the seconds of imports (Lightning):
+        # one line, and the status a shell gives a process ended by SIGINT. Workflows that were
+        # writing say themselves what they left.
+        print_error("interrupted (Ctrl-C)")
+        return EXIT_INTERRUPTED
 
 
 def _dispatch(argv: Sequence[str] | None) -> int:
