@@ -422,19 +422,16 @@ def check_folder(folder: str | Path, kind: str, option: str | None = None) -> bo
     return False
 
 
-def claim_folder(folder: str | Path, kind: str, option: str | None = None) -> Path:
-    """:func:`check_folder`, then create ``folder`` if needed and mark it as a folder of ``kind``."""
+def claim_folder(folder: str | Path, kind: str, option: str | None = None, what: str = "write") -> Path:
+    """:func:`check_folder`, then create ``folder`` if needed (proving it writable: FileWriteError
+    'cannot ``what`` into ...') and mark it as a folder of ``kind``."""
     folder = Path(folder)
     if not check_folder(folder, kind, option):
+        check_writable(folder, what)
         try:
-            folder.mkdir(parents=True, exist_ok=True)
             mark_folder(folder, kind)
-        except FileWriteError:
-            raise
-        except NotADirectoryError:
-            raise FileWriteError(errno.ENOTDIR, f"cannot write into {folder}: a part of the path is a file") from None
         except OSError as err:
-            raise write_error(err, folder) from None
+            raise write_error(err, folder, what) from None
     return folder
 
 

@@ -31,7 +31,7 @@ from typing import Sequence
 
 from captioning.caption import add_decoding_options, captioner_and_settings, data_config
 from captioning.console import EXIT_USAGE, UsageError, one_line, positive_int, print_error
-from captioning.files import ForeignFolderError, atomic_write_json, check_writable, claim_folder, folder_kind
+from captioning.files import ForeignFolderError, atomic_write_json, claim_folder, folder_kind
 from captioning.data.coco import write_results
 from captioning.progress import format_duration
 
@@ -102,8 +102,7 @@ def _writable(out_dir: Path) -> Path:
     """--out-dir as an evaluation folder: new, empty, or one an evaluation wrote (its marker);
     anyone else's folder is refused before any work."""
     try:
-        claim_folder(out_dir, "evaluation", "--out-dir")
-        return check_writable(out_dir, "write results")
+        return claim_folder(out_dir, "evaluation", "--out-dir", "write results")
     except (ForeignFolderError, OSError) as err:
         raise UsageError(err) from None
 
