@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from captioning.config import Config, ConfigError, from_dict, merge, validate
+from captioning.config import Config, ConfigError, checked, merge
 from captioning.model_folder import (FOLDER_FILES, FOLDER_FORMAT, FOLDER_FORMAT_VERSION,  # noqa: F401
                                      STALE_AFTER_SAVE, CheckpointError, read_folder_meta, run_record,
                                      vocab_fingerprint)
@@ -63,9 +63,9 @@ def checkpoint_config(ckpt: dict, path: str | Path = "checkpoint") -> tuple[Conf
     if not isinstance(words, (list, tuple)) or not all(isinstance(w, str) for w in words):
         raise CheckpointError(f"{path} is damaged: it holds no vocabulary (a list of words), got {type(words).__name__}")
     try:
-        cfg = validate(from_dict(hp["config"]))
+        cfg = checked(hp["config"], f"{path} holds a damaged or incompatible config")
     except ConfigError as err:
-        raise CheckpointError(f"{path} holds a damaged or incompatible config: {err}") from None
+        raise CheckpointError(err) from None
     try:
         vocab = Vocabulary(list(words))
     except (ValueError, KeyError, TypeError) as err:

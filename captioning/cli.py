@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
+import threading
+from types import FrameType
 from typing import Callable, Sequence
 
 from captioning.console import EXIT_OK, EXIT_USAGE, print_error
@@ -58,7 +61,23 @@ def script(command: str) -> int:
     return _guarded(run)
 
 
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    """SIGINT: KeyboardInterrupt, as Python's own handler raises it, but never in the middle of an
+    import. Interrupted there, a C++ extension aborts the process ("terminate called after throwing
+    ... KeyboardInterrupt") and a half-imported package (numpy) fails later with a traceback; so the
+    signal is sent again a moment later, until it arrives outside every import."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
+            return
+        frame = frame.f_back
+    raise KeyboardInterrupt
+
+
 def _guarded(run: Callable[[], int]) -> int:
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where Ctrl-C is ignored
+        signal.signal(signal.SIGINT, _interrupt)
     try:
         return run()
     except BrokenPipeError:

@@ -288,9 +288,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_bytes()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {err}".splitlines()[0]) from None
+    except RecursionError:
+        raise ConfigError(f"config file {path} is not a config: it is nested too deeply") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(data).__name__}")
     return data
@@ -302,7 +306,14 @@ def parse_override(text: str) -> dict[str, Any]:
         raise ConfigError(f"override '{text}' must look like key=value, e.g. optim.lr=0.0004")
     key, raw = text.split("=", 1)
     key = key.strip()
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except (yaml.YAMLError, RecursionError) as err:
+        reason = " ".join(str(err).split())[:120] if isinstance(err, yaml.YAMLError) else "nested too deeply"
+        raise ConfigError(f"override '{text[:80]}': the value is not valid YAML ({reason}); quote it, "
+                          "e.g. data.root='\"my path\"'") from None
+    if not key or not all(key.split(".")):
+        raise ConfigError(f"override '{text[:80]}' must look like key=value, e.g. optim.lr=0.0004")
     nested: dict[str, Any] = {}
     node = nested
     parts = key.split(".")
@@ -453,11 +464,27 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def _missing_sections(cfg: Any, data: Mapping, prefix: str = "") -> str | None:
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            if not isinstance(data.get(f.name), Mapping):
+                return f"{prefix}{f.name}"
+            missing = _missing_sections(value, data[f.name], f"{prefix}{f.name}.")
+            if missing:
+                return missing
+    return None
+
+
 def checked(data: Any, where: str) -> Config:
     """A config as a checkpoint, a model folder or an exported folder stores it (a nested mapping)
     -> the validated Config; ConfigError names ``where`` and the key."""
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{where} holds no config mapping (got {type(data).__name__})")
+        raise ConfigError(f"{where}: it is a {type(data).__name__}, not a mapping of settings")
+    # Keys added since a file was written take their defaults; a whole section missing is damage.
+    missing = _missing_sections(Config(), data)
+    if missing:
+        raise ConfigError(f"{where}: the section '{missing}' is missing")
     try:
         return validate(from_dict(data))
     except ConfigError as err:

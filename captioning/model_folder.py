@@ -44,8 +44,9 @@ def _read_json(path: Path) -> Any:
         raise CheckpointError(f"{path} is missing; a model folder holds {', '.join(FOLDER_FILES)}")
     try:
         return json.loads(path.read_bytes())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path} is damaged (not JSON: {str(err).splitlines()[0]}); copy the folder again") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
+        reason = "nested too deeply" if isinstance(err, RecursionError) else str(err).splitlines()[0]
+        raise CheckpointError(f"{path} is damaged (not JSON: {reason}); copy the folder again") from None
     except OSError as err:
         raise CheckpointError(f"cannot read {path}: {err.strerror or err}") from None
 
@@ -65,9 +66,9 @@ def read_folder_meta(folder: str | Path) -> tuple[dict, Config, Vocabulary]:
         raise CheckpointError(f"{folder} has model folder format version {meta.get('format_version')!r}; "
                               f"this version reads {FOLDER_FORMAT_VERSION}")
     try:
-        cfg = checked(meta["config"], str(folder / "config.json"))
+        cfg = checked(meta["config"], f"{folder / 'config.json'} holds a damaged or incompatible config")
     except ConfigError as err:
-        raise CheckpointError(f"{err} (damaged, or written by an incompatible version)") from None
+        raise CheckpointError(err) from None
     if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
         raise CheckpointError(f"{folder / 'vocab.json'} is not a list of words; copy the folder again")
     try:

@@ -228,7 +228,7 @@ def test_a_bad_content_length_is_refused_before_the_body_is_read(demo, headers, 
     ("GET /api/example/" + "9" * 5000 + " HTTP/1.0", 404),
     ("GET /api/example/\u00b2 HTTP/1.0", 404),  # a non-ASCII digit, as a raw byte of the request line
     ("GET /api/example/%D9%A3 HTTP/1.0", 404),
-    ("PUT /api/caption HTTP/1.0", 501),
+    ("PUT /api/caption HTTP/1.0", 405),
     ("NONSENSE", 400),
 ])
 def test_odd_requests_get_json_4xx_answers(demo, request_line, status):

@@ -454,3 +454,45 @@ def test_a_full_disk_during_training_is_one_line_naming_the_folder(small_disk, d
     left = sorted(p.name for p in out.iterdir())
     assert "best.ckpt" not in left and "last.ckpt" not in left and "train.lock" not in left
     assert not [name for name in left if name.startswith(".tmp-")]
+
+
+# ------------------------------------------------------------------------------ Ctrl-C
+
+INTERRUPTED_IMPORT = r"""
+import importlib.abc, runpy, sys
+class CtrlC(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "pytorch_lightning":
+            raise KeyboardInterrupt  # what Ctrl-C raises while Lightning is being imported
+sys.meta_path.insert(0, CtrlC())
+entry, sys.argv = sys.argv[1], sys.argv[1:]
+if entry == "cli":
+    from captioning.cli import main
+    sys.exit(main(sys.argv[1:]))
+runpy.run_path(entry, run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("entry", ["cli", "scripts/train.py"])
+def test_ctrl_c_during_the_imports_is_one_line_and_status_130(tmp_path, entry):
+    """Ctrl-C during the seconds of imports printed a 35-line KeyboardInterrupt traceback."""
+    args = (["train"] if entry == "cli" else []) + ["--out-dir", str(tmp_path / "run")]
+    proc = subprocess.run([sys.executable, "-c", INTERRUPTED_IMPORT, entry, *args], capture_output=True, text=True,
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    assert proc.returncode == 130 and proc.stderr == "error: interrupted (Ctrl-C)\n", proc.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_at_any_moment_of_a_start_is_one_line(tmp_path, data_root):
+    """Interrupted in the middle of importing torch, a process aborted in C++ ("terminate called
+    after throwing ... KeyboardInterrupt"); in numpy's, it failed later with a RecursionError."""
+    for delay in (0.2, 0.5, 0.8, 1.1, 1.4, 1.7, 2.0, 3.0):
+        proc = subprocess.Popen([sys.executable, "-m", "captioning", "train", *tiny_args(tmp_path / "run", data_root)],
+                                cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=300)
+        lines = err.strip().splitlines()
+        assert proc.returncode == 130, (delay, err[-2000:])
+        assert "Traceback" not in err and lines[-1].startswith("error: interrupted"), (delay, err[-2000:])

@@ -68,6 +68,8 @@ def read_json(path: str | Path, what: str, error: type[Exception] = AnnotationEr
         return json.loads(path.read_bytes())  # bytes: json detects UTF-8/16/32 itself
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise error(f"{what} {path} is not valid JSON: {err}") from None
+    except RecursionError:
+        raise error(f"{what} {path} is not a {what}: its JSON is nested too deeply") from None
 
 
 def write_json(path: str | Path, obj: Any, indent: int | None = None) -> None:
@@ -150,7 +152,8 @@ def read_captions(path: str | Path, what: str = "captions file", error: type[Exc
                         f"schema), got {img!r:.80}")
     for i, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict) or not _is_id(ann.get("image_id")) or "caption" not in ann:
-            hint = (" (this is an instances_*.json file: pass the captions_*.json file instead)"
+            hint = (" (this is an instances_*.json file: pass it with --instances, and the captions_*.json file "
+                    "as the captions)"
                     if isinstance(ann, dict) and "bbox" in ann else "")
             raise error(f"{path}: annotations[{i}] needs an 'image_id' (a number) and a 'caption'{hint}, "
                         f"got {ann!r:.80}")

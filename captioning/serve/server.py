@@ -206,6 +206,7 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "show-attend-tell-demo"
     timeout = TIMEOUT  # socket timeout of every read and write (StreamRequestHandler.setup)
     cause = ""  # why a request failed, for its one log line
+    unread = 0  # bytes of a refused body still to read away after the answer
 
     # ------------------------------------------------------------------------------ logging
 
@@ -235,6 +236,8 @@ class Handler(BaseHTTPRequestHandler):
         headers too long or too many) answer in JSON as ours do."""
         self.close_connection = True
         self.request_version = "HTTP/1.0"  # a request line too broken to name one still gets a status line
+        if code == HTTPStatus.NOT_IMPLEMENTED:  # a method without a do_ handler: the client's mistake
+            code, message = HTTPStatus.METHOD_NOT_ALLOWED, f"the demo answers GET and POST, not {self.command[:20]!r}"
         status = HTTPStatus(code)
         self.send_json(status, {"error": " ".join(str(message or status.phrase).split())[:200]})
 
@@ -265,6 +268,8 @@ class Handler(BaseHTTPRequestHandler):
             route()
         except RequestError as err:
             self.send_json(err.status, {"error": str(err)})
+            if self.unread:
+                self._discard(self.unread)
         except (ConnectionError, TimeoutError):
             raise
         except Exception as err:  # never let one request take the server down
@@ -331,7 +336,7 @@ class Handler(BaseHTTPRequestHandler):
                                                        f"{', '.join(v[:20] for v in values)!r}")
         length = int(text)
         if length > MAX_UPLOAD_BYTES:
-            self._discard(length)
+            self.unread = length  # read away after the answer (see _discard)
             raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                                f"the file is {length / 2**20:.1f} MiB; the demo takes images up to "
                                f"{MAX_UPLOAD_BYTES // 2**20} MiB")
@@ -342,8 +347,9 @@ class Handler(BaseHTTPRequestHandler):
         return body
 
     def _discard(self, length: int) -> None:
-        """Read a refused body away (up to DISCARD_BYTES), so that the client, still sending, gets
-        the answer instead of a broken connection; beyond that the connection is closed."""
+        """Read a refused body away after the answer (up to DISCARD_BYTES, each read bounded by the
+        timeout), so that a client still sending reads the answer instead of a reset connection;
+        beyond that the connection is closed."""
         self.close_connection = True
         left = min(length, DISCARD_BYTES)
         while left > 0:
