@@ -456,6 +456,32 @@ def test_a_full_disk_during_training_is_one_line_naming_the_folder(small_disk, d
     assert not [name for name in left if name.startswith(".tmp-")]
 
 
+def test_a_full_disk_at_the_results_says_how_to_score_again(tmp_path, data_root, monkeypatch):
+    from captioning.files import FileWriteError
+
+    def full(path, *args, **kwargs):
+        raise FileWriteError(28, f"cannot write into {Path(path).parent}: no space left on the device")
+
+    monkeypatch.setattr(train, "atomic_write_json", full)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as info:
+        train.run(tiny_args(out, data_root, "--max-epochs", "1", "--no-test"))
+    message = str(info.value)
+    assert "no space left on the device" in message and "\n" not in message
+    assert f"captioning evaluate --checkpoint {out / 'best.ckpt'} --split test' computes the test scores" in message
+
+
+def test_random_bytes_are_not_said_to_hold_pickled_objects(tmp_path):
+    path = tmp_path / "noise.ckpt"
+    path.write_bytes(bytes(range(256)) * 40)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    assert "is not a readable checkpoint" in str(info.value) and "pickled" not in str(info.value)
+    torch.save({"args": __import__("argparse").Namespace(a=1)}, path)  # a class: refused by weights_only
+    with pytest.raises(CheckpointError, match="holds pickled objects"):
+        load_checkpoint(path)
+
+
 # ------------------------------------------------------------------------------ Ctrl-C
 
 INTERRUPTED_IMPORT = r"""
