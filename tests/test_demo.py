@@ -63,8 +63,10 @@ def demo(tmp_path_factory):
     server.server_close()
 
 
-def post(url: str, body: bytes, query: str = "") -> tuple[int, dict]:
-    request = urllib.request.Request(f"{url}/api/caption?{query}", data=body, method="POST")
+def post(url: str, body: bytes, query: str = "", content_type: str = "application/octet-stream") -> tuple[int, dict]:
+    """POST ``body`` to /api/caption -> (status, the JSON answer)."""
+    request = urllib.request.Request(f"{url}/api/caption?{query}", data=body, method="POST",
+                                     headers={"Content-Type": content_type})
     try:
         with urllib.request.urlopen(request, timeout=60) as r:
             return r.status, json.loads(r.read())
@@ -135,23 +137,13 @@ def multipart(fields: list[tuple[str, str | None, bytes, str | None]], boundary:
     return out, f"multipart/form-data; boundary={boundary}"
 
 
-def post_as(url: str, body: bytes, content_type: str, query: str = "") -> tuple[int, dict]:
-    request = urllib.request.Request(f"{url}/api/caption?{query}", data=body, method="POST",
-                                     headers={"Content-Type": content_type})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
-
-
 def test_multipart_upload_as_curl_sends_it(demo):
     expected = demo.captioner.caption(demo.photo, beam_size=1)[0].words
     body, ctype = multipart([("note", None, b"hello", None), ("file", "photo.png", demo.photo.read_bytes(), "image/png")])
-    status, data = post_as(demo.url, body, ctype, "method=greedy")
+    status, data = post(demo.url, body, "method=greedy", ctype)
     assert status == 200 and data["captions"][0]["words"] == expected
     body, ctype = multipart([("upload", "photo.png", demo.photo.read_bytes(), "application/octet-stream")])
-    assert post_as(demo.url, body, ctype, "method=greedy")[1]["captions"][0]["words"] == expected  # any file field
+    assert post(demo.url, body, "method=greedy", ctype)[1]["captions"][0]["words"] == expected  # any file field
     curl = shutil.which("curl")
     if curl is not None:  # the tool itself, where it is installed
         import subprocess
@@ -177,7 +169,7 @@ def test_an_upload_that_holds_no_image_says_which_form_it_came_in(demo, fields, 
     else:
         body, given = multipart(fields)
         given = ctype or given
-    code, data = post_as(demo.url, body, given)
+    code, data = post(demo.url, body, content_type=given)
     assert code == 400 and message in data["error"] and "\n" not in data["error"], data
     if "request body" in message:
         assert "multipart/form-data field 'file' (curl -F file=@photo.jpg)" in data["error"]

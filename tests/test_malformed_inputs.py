@@ -241,19 +241,21 @@ def test_checkpoints(world, case, name, make, command):
 # ------------------------------------------------------------------------------ model folders
 
 
-def _meta(change: Callable[[dict], Any]) -> Callable[[Path], None]:
+def _edit(name: str, change: Callable[[Any], Any]) -> Callable[[Path], None]:
+    """Change the JSON file ``name`` of a folder: ``change`` edits it in place or returns a new value."""
     def apply(folder: Path) -> None:
-        meta = json.loads((folder / "config.json").read_text())
-        result = change(meta)
-        (folder / "config.json").write_text(json.dumps(meta if result is None else result))
+        data = json.loads((folder / name).read_text())
+        result = change(data)
+        (folder / name).write_text(json.dumps(data if result is None else result))
     return apply
+
+
+def _meta(change: Callable[[dict], Any]) -> Callable[[Path], None]:
+    return _edit("config.json", change)
 
 
 def _vocab(change: Callable[[list], Any]) -> Callable[[Path], None]:
-    def apply(folder: Path) -> None:
-        words = json.loads((folder / "vocab.json").read_text())
-        (folder / "vocab.json").write_text(json.dumps(change(words)))
-    return apply
+    return _edit("vocab.json", change)
 
 
 def _file(name: str, content: str | bytes | None) -> Callable[[Path], None]:
@@ -310,11 +312,7 @@ def test_missing_model_folder(world, case):
 
 
 def _onnx_meta(change: Callable[[dict], Any]) -> Callable[[Path], None]:
-    def apply(folder: Path) -> None:
-        meta = json.loads((folder / "onnx.json").read_text())
-        result = change(meta)
-        (folder / "onnx.json").write_text(json.dumps(meta if result is None else result))
-    return apply
+    return _edit("onnx.json", change)
 
 
 ONNX_FOLDERS: list[tuple[str, Callable[[Path], None]]] = FOLDERS[:6] + FOLDERS[9:15] + FOLDERS[16:] + [
