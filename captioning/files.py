@@ -12,6 +12,11 @@ can be interrupted half-way.
 complete); :class:`RunLock` is a lock file holding pid, host and command, so a second live
 process writing the same folder is refused with a message naming the first, and the lock of a
 dead process is taken over.
+
+:func:`claim_folder` decides whose a folder is: the project writes only into a new or empty
+folder, which it marks (:data:`MARKER`, naming the kind: a run, a model, a prepared dataset, an
+evaluation), or into a folder carrying the marker of that kind; :func:`remove_own` removes from a
+marked folder only the names the project writes there.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import socket
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 #: Prefix of the temporary siblings of files being written: ``.tmp-<pid>-<n>-NAME`` (hidden, and
 #: ending in NAME so writers that add a suffix, such as ``np.save``, keep the name as given).
@@ -435,7 +440,7 @@ def claim_folder(folder: str | Path, kind: str, option: str | None = None, what:
     return folder
 
 
-def remove_own(folder: str | Path, names: Iterator[str] | list[str] | tuple[str, ...]) -> list[str]:
+def remove_own(folder: str | Path, names: Iterable[str]) -> list[str]:
     """Remove the entries of ``names`` (files or folders the project writes) from ``folder``, which
     must carry the marker; nothing else in it is touched. -> the names removed."""
     folder = Path(folder)
