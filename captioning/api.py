@@ -107,14 +107,15 @@ class Captioner:
 
     def save_pretrained(self, folder: str | Path, command: str | None = None) -> Path:
         """Write this model as a folder: config.json, vocab.json, model.safetensors and a README.md
-        model card, with the test scores of the training run's metrics.json beside the checkpoint
-        (when loaded from one) and ``command`` (default: this process's command line)."""
+        model card, with the test scores of the training run (its metrics.json beside the checkpoint,
+        or what the model folder it was loaded from kept of it) and ``command`` (default: this
+        process's command line). Only a new or empty folder, or a model folder, is written into:
+        anything else raises CheckpointError and is left as it was."""
         if command is None:
             command = " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]])
-        from_checkpoint = self.source is not None and Path(self.source).is_file()
-        metrics = read_run_metrics(self.source) if from_checkpoint else None
+        metrics = read_run_metrics(self.source) if self.source is not None else None
         card = model_card(self.model, self.config, self.vocab, command, self.source, metrics)
-        return save_model_folder(folder, self.model, self.config, self.vocab, card)
+        return save_model_folder(folder, self.model, self.config, self.vocab, card, run=metrics)
 
     # ------------------------------------------------------------------------------ settings
 

@@ -14,13 +14,12 @@ from typing import Any, NamedTuple
 
 import torch
 
-from captioning.config import Config, ConfigError, from_dict, merge, validate
+from captioning.config import Config, ConfigError, checked, merge
+from captioning.model_folder import (FOLDER_FILES, FOLDER_FORMAT, FOLDER_FORMAT_VERSION,  # noqa: F401
+                                     STALE_AFTER_SAVE, CheckpointError, read_folder_meta, run_record,
+                                     vocab_fingerprint)
 from captioning.models import ShowAttendTell
 from captioning.vocab import Vocabulary
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, not a checkpoint, or from an incompatible version."""
 
 
 class LoadedModel(NamedTuple):
@@ -39,7 +38,9 @@ def read_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint {path} is not a regular file (a pipe, socket or device)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" not in str(err):  # bytes that are no pickle of ours at all, or cut short
+            raise CheckpointError(f"{path} is not a readable checkpoint: not a PyTorch file, or truncated") from None
         # weights_only refuses pickled classes: not one of ours, which hold plain types only.
         raise CheckpointError(f"{path} holds pickled objects, so it is not a show-attend-tell checkpoint") from None
     except Exception as err:  # torch.load raises many types on garbage (KeyError, EOFError, ...)
@@ -62,9 +63,9 @@ def checkpoint_config(ckpt: dict, path: str | Path = "checkpoint") -> tuple[Conf
     if not isinstance(words, (list, tuple)) or not all(isinstance(w, str) for w in words):
         raise CheckpointError(f"{path} is damaged: it holds no vocabulary (a list of words), got {type(words).__name__}")
     try:
-        cfg = validate(from_dict(hp["config"]))
+        cfg = checked(hp["config"], f"{path} holds a damaged or incompatible config")
     except ConfigError as err:
-        raise CheckpointError(f"{path} holds a damaged or incompatible config: {err}") from None
+        raise CheckpointError(err) from None
     try:
         vocab = Vocabulary(list(words))
     except (ValueError, KeyError, TypeError) as err:
@@ -112,45 +113,37 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 # A model folder is what ``Captioner.save_pretrained`` writes and ``Captioner.from_pretrained``
 # (and the ONNX export) reads: plain files that need neither Lightning nor the training code.
 #
-#   config.json        {"format", "format_version", "vocab_size", "vocab_sha256", "config"}
+#   config.json        {"format", "format_version", "vocab_size", "vocab_sha256", "config", "run"?}
 #   vocab.json         the vocabulary, a list of words (ids are positions)
 #   model.safetensors  the model's weights (ShowAttendTell's state_dict), no pickle
 #   README.md          a model card: architecture, test scores, how it was made, how to load it
-
-FOLDER_FORMAT = "show-attend-tell"
-FOLDER_FORMAT_VERSION = 1
-FOLDER_FILES = ("config.json", "vocab.json", "model.safetensors", "README.md")
-#: Files derived from the weights (the ONNX export's), removed when new weights are saved.
-STALE_AFTER_SAVE = ("onnx.json", "encoder.onnx", "step.onnx")
-
-
-def vocab_fingerprint(vocab: Vocabulary) -> str:
-    """sha256 of the words in order: ties a vocab.json to the weights it was saved with."""
-    import hashlib
-    import json
-
-    return hashlib.sha256(json.dumps(vocab.words).encode()).hexdigest()
+#
+# config.json and vocab.json are read and checked without torch (captioning/model_folder.py).
 
 
 def save_model_folder(folder: str | Path, model: ShowAttendTell, cfg: Config, vocab: Vocabulary,
-                      card: str) -> Path:
-    """Write a model folder (see above); ``card`` is the README.md text. Files are written under
-    temporary names and renamed, so a folder is never left half-old, half-new."""
+                      card: str, run: dict | None = None) -> Path:
+    """Write a model folder (see above); ``card`` is the README.md text, ``run`` what the training
+    run said of the model (config.json "run"). Only a new or empty folder, or a model folder
+    written before, is written into (captioning/files.py, the folder marker); files are written
+    under temporary names and renamed, so a folder is never left half-old, half-new."""
     import contextlib
     import json
 
     from safetensors.torch import save_file
 
-    from captioning.files import atomic_path
-
     from captioning.config import to_dict
+    from captioning.files import ForeignFolderError, atomic_path, claim_folder
 
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise CheckpointError(f"{folder} exists and is not a folder; choose another output path")
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        claim_folder(folder, "model")
+    except ForeignFolderError as err:
+        raise CheckpointError(err) from None
     meta = {"format": FOLDER_FORMAT, "format_version": FOLDER_FORMAT_VERSION, "vocab_size": len(vocab),
             "vocab_sha256": vocab_fingerprint(vocab), "config": to_dict(cfg)}
+    if run_record(run):
+        meta["run"] = run_record(run)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     # Every file is written under a temporary name first (files.atomic_path); the renames happen
     # only once all four are written, so a failure leaves the folder as it was.
@@ -167,42 +160,6 @@ def save_model_folder(folder: str | Path, model: ShowAttendTell, cfg: Config, vo
     for name in STALE_AFTER_SAVE:
         (folder / name).unlink(missing_ok=True)
     return folder
-
-
-def read_folder_meta(folder: str | Path) -> tuple[dict, Config, Vocabulary]:
-    """config.json and vocab.json of a model folder -> (meta, config, vocabulary), checked
-    against each other. Raises CheckpointError (one line) for a missing, damaged or mismatched file."""
-    import json
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise CheckpointError(f"model folder {folder} does not exist (write one with Captioner.save_pretrained "
-                              "or 'captioning export')")
-    texts = {}
-    for name in ("config.json", "vocab.json"):
-        path = folder / name
-        if not path.is_file():
-            raise CheckpointError(f"{path} is missing; a model folder holds {', '.join(FOLDER_FILES)}")
-        try:
-            texts[name] = json.loads(path.read_text())
-        except (ValueError, UnicodeDecodeError) as err:
-            raise CheckpointError(f"{path} is damaged (not JSON: {str(err).splitlines()[0]}); "
-                                  "copy the folder again") from None
-    meta, words = texts["config.json"], texts["vocab.json"]
-    if not isinstance(meta, dict) or meta.get("format") != FOLDER_FORMAT or "config" not in meta:
-        raise CheckpointError(f"{folder / 'config.json'} is not a show-attend-tell model folder's config")
-    if meta.get("format_version") != FOLDER_FORMAT_VERSION:
-        raise CheckpointError(f"{folder} has model folder format version {meta.get('format_version')!r}; "
-                              f"this version reads {FOLDER_FORMAT_VERSION}")
-    try:
-        cfg = from_dict(meta["config"])
-        vocab = Vocabulary(words if isinstance(words, list) else [])
-    except (ConfigError, ValueError, TypeError) as err:
-        raise CheckpointError(f"{folder} was written by an incompatible version: {err}") from None
-    if len(vocab) != meta.get("vocab_size") or vocab_fingerprint(vocab) != meta.get("vocab_sha256"):
-        raise CheckpointError(f"{folder / 'vocab.json'} ({len(vocab)} words) is not the vocabulary this model was "
-                              f"saved with ({meta.get('vocab_size')} words); copy the folder's files together")
-    return meta, cfg, vocab
 
 
 def load_model_folder(folder: str | Path, map_location: str | torch.device = "cpu") -> LoadedModel:
@@ -233,15 +190,19 @@ def load_model_folder(folder: str | Path, map_location: str | torch.device = "cp
     return LoadedModel(model.to(map_location).eval(), cfg, vocab)
 
 
-def read_run_metrics(checkpoint: str | Path) -> dict | None:
-    """The training run's metrics.json beside a checkpoint (scores on the test split), or None."""
+def read_run_metrics(source: str | Path) -> dict | None:
+    """What the training run said of a model (scores on the test split, the command): the
+    metrics.json beside a checkpoint, or a model folder's config.json "run"; None if neither."""
     import json
 
-    path = Path(checkpoint).parent / "metrics.json"
+    source = Path(source)
+    path = source / "config.json" if source.is_dir() else source.parent / "metrics.json"
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError, UnicodeDecodeError):
         return None
+    if source.is_dir():
+        data = data.get("run") if isinstance(data, dict) else None
     return data if isinstance(data, dict) else None
 
 

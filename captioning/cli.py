@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
+import threading
+from types import FrameType
 from typing import Callable, Sequence
 
 from captioning.console import EXIT_OK, EXIT_USAGE, print_error
 
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a process that wrote to a closed pipe
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("captioning.training.run:main", "train soft or hard attention, then score the test split"),
@@ -43,13 +47,50 @@ def usage() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``captioning COMMAND ...``: run the command; returns its exit status."""
+    return _guarded(lambda: _dispatch(argv))
+
+
+def script(command: str) -> int:
+    """``python scripts/<name>.py ARGS``: the workflow of ``command`` on this process's arguments."""
+    def run() -> int:
+        from captioning.perf.allocator import keep_freed_memory
+
+        keep_freed_memory()
+        return workflow(command)(sys.argv[1:])
+
+    return _guarded(run)
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    """SIGINT: KeyboardInterrupt, as Python's own handler raises it, but never in the middle of an
+    import. Interrupted there, a C++ extension aborts the process ("terminate called after throwing
+    ... KeyboardInterrupt") and a half-imported package (numpy) fails later with a traceback; so the
+    signal is sent again a moment later, until it arrives outside every import."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
+            return
+        frame = frame.f_back
+    raise KeyboardInterrupt
+
+
+def _guarded(run: Callable[[], int]) -> int:
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where Ctrl-C is ignored
+        signal.signal(signal.SIGINT, _interrupt)
     try:
-        return _dispatch(argv)
+        return run()
     except BrokenPipeError:
         # The reader of our output went away (``captioning caption ... | head``): no traceback.
         # stdout is pointed at /dev/null so the interpreter's final flush does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:
+        # Ctrl-C where no workflow handles it, such as during the seconds of imports (Lightning):
+        # one line, and the status a shell gives a process ended by SIGINT. Workflows that were
+        # writing say themselves what they left.
+        print_error("interrupted (Ctrl-C)")
+        return EXIT_INTERRUPTED
 
 
 def _dispatch(argv: Sequence[str] | None) -> int:

@@ -288,9 +288,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_bytes()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {err}".splitlines()[0]) from None
+    except RecursionError:
+        raise ConfigError(f"config file {path} is not a config: it is nested too deeply") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(data).__name__}")
     return data
@@ -302,7 +306,14 @@ def parse_override(text: str) -> dict[str, Any]:
         raise ConfigError(f"override '{text}' must look like key=value, e.g. optim.lr=0.0004")
     key, raw = text.split("=", 1)
     key = key.strip()
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except (yaml.YAMLError, RecursionError) as err:
+        reason = " ".join(str(err).split())[:120] if isinstance(err, yaml.YAMLError) else "nested too deeply"
+        raise ConfigError(f"override '{text[:80]}': the value is not valid YAML ({reason}); quote it, "
+                          "e.g. data.root='\"my path\"'") from None
+    if not key or not all(key.split(".")):
+        raise ConfigError(f"override '{text[:80]}' must look like key=value, e.g. optim.lr=0.0004")
     nested: dict[str, Any] = {}
     node = nested
     parts = key.split(".")
@@ -318,60 +329,166 @@ def save_yaml(cfg: Config, path: str | Path) -> None:
     atomic_write(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
+#: The encoder backbones (torchvision ResNets and VGGs) and their stages, as
+#: captioning/models/encoder.py cuts them; here so that a config is checked without torch.
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+VGGS = ("vgg11", "vgg13", "vgg16", "vgg19")
+BACKBONES = RESNETS + VGGS
+RESNET_STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
+VGG_STAGES = ("conv1", "conv2", "conv3", "conv4", "conv5")
+
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")  # Lightning's accelerator names this project runs on
+PRECISIONS = ("auto", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true")
+
+
+class Range(typing.NamedTuple):
+    """The values a number may take: ``low`` .. ``high``, each end closed unless said open."""
+
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+    why: str = ""  # why the upper bound, for the message
+
+
+# Sizes are bounded far above any setting that trains (the paper's COCO model: LSTM 1800, 14x14
+# grid, 64 images a batch) and far below one that would try to allocate terabytes.
+_LAYER = Range(1, 8192, why="a wider layer needs more memory than a GPU has")
+_COUNT = Range(1, 10**7, why="ten million")
+_FRACTION = Range(0, 1, low_open=True)
+RANGES: dict[str, Range] = {
+    "model.encoder.grid_size": Range(1, 64, why="the paper's grid is 14x14"),
+    "model.decoder.embed_dim": _LAYER,
+    "model.decoder.hidden_dim": _LAYER,
+    "model.decoder.attention_dim": _LAYER,
+    "model.decoder.attention_layers": Range(1, 8),
+    "model.decoder.dropout": Range(0, 1, high_open=True),
+    "loss.doubly_stochastic": Range(0, 1e6),
+    "loss.reward_scale": Range(0, 1e6),
+    "loss.entropy": Range(0, 1e6),
+    "loss.baseline_decay": Range(0, 1, high_open=True),
+    "loss.expected_context_prob": Range(0, 1),
+    "loss.samples": Range(1, 64, why="each caption is decoded once per sample"),
+    "data.image_size": Range(1, 4096, why="images are resized to data.image_size squared"),
+    "data.batch_size": Range(1, 65536, why="a larger batch does not fit in memory"),
+    "data.captions_per_image": Range(1, 100),
+    "data.eval_batch_size": Range(1, 65536, why="a larger batch does not fit in memory"),
+    "data.num_workers": Range(0, 256),
+    "data.min_word_count": Range(1, 10**9),
+    "data.max_caption_len": Range(1, 1000),
+    "data.synthetic.seed": Range(0, 2**32 - 1),
+    "data.synthetic.num_train": _COUNT,
+    "data.synthetic.num_val": _COUNT,
+    "data.synthetic.num_test": Range(0, 10**7, why="ten million"),
+    "data.synthetic.image_size": Range(16, 1024, why="the scenes are drawn at this size"),
+    "data.synthetic.captions_per_image": Range(1, 5, why="a one-object scene has 5 distinct true captions"),
+    "optim.lr": Range(0, 10, low_open=True),
+    "optim.encoder_lr": Range(0, 10),
+    "optim.weight_decay": Range(0, 10),
+    "optim.grad_clip": Range(0, 1e6),
+    "decode.max_len": Range(1, 1000),
+    "decode.beam_size": Range(1, 100),
+    "decode.length_penalty": Range(0, 10),
+    "train.max_epochs": Range(1, 10**6),
+    "train.max_time_minutes": Range(0, 10**7),
+    "train.patience": Range(1, 10**6),
+    "train.val_every": Range(1, 10**6),
+    "train.log_every": Range(1, 10**9),
+    "train.devices": Range(1, 1024),
+    "train.num_nodes": Range(1, 1024),
+    "train.seed": Range(0, 2**32 - 1, why="seeds are unsigned 32-bit numbers"),
+    # A fraction of the batches; 0 would train (or validate) nothing and still report success.
+    "train.limit_train_batches": _FRACTION,
+    "train.limit_val_batches": _FRACTION,
+}
+
+
+def _range_error(key: str, value: float, rule: Range) -> str | None:
+    if value < rule.low or (rule.low_open and value == rule.low):
+        if rule.low == 1 and isinstance(value, int) and not rule.low_open:
+            need = "positive"
+        elif rule.low == 0:
+            need = "positive" if rule.low_open else ">= 0"
+        else:
+            need = f"above {rule.low}" if rule.low_open else f"at least {rule.low}"
+    elif value > rule.high or (rule.high_open and value == rule.high):
+        need = (f"below {rule.high}" if rule.high_open else f"at most {rule.high:,}") + (
+            f" ({rule.why})" if rule.why else "")
+    else:
+        return None
+    return f"config key '{key}' must be {need}, got {value}"
+
+
+def _choice_error(key: str, value: Any, choices: typing.Sequence[Any]) -> str | None:
+    if value in choices:
+        return None
+    return f"config key '{key}' is {value!r}, not one of {', '.join('null' if c is None else str(c) for c in choices)}"
+
+
 def validate(cfg: Config) -> Config:
-    """Range checks that types cannot express."""
-    for key, value in flatten(to_dict(cfg)).items():
+    """Every value checked against its range or choices (:data:`RANGES`, the fields' types and the
+    rules below), so that a bad value is one line naming the key before anything is allocated or
+    written. Every way a config enters goes through it: files, --set, checkpoints, model folders."""
+    flat = flatten(to_dict(cfg))
+    for key, value in flat.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"config key '{key}' must be a finite number, got {value}")
-    for key, value in {"optim.lr": cfg.optim.lr, "train.max_epochs": cfg.train.max_epochs,
-                       "train.patience": cfg.train.patience, "train.val_every": cfg.train.val_every,
-                       "train.log_every": cfg.train.log_every}.items():
-        if value <= 0:
-            # -1 is Lightning's "no limit" for max_epochs; here it would train until max_time or forever.
-            raise ConfigError(f"config key '{key}' must be positive, got {value}")
-    for key, value in {"optim.encoder_lr": cfg.optim.encoder_lr, "optim.weight_decay": cfg.optim.weight_decay,
-                       "optim.grad_clip": cfg.optim.grad_clip, "train.max_time_minutes": cfg.train.max_time_minutes,
-                       "loss.doubly_stochastic": cfg.loss.doubly_stochastic}.items():
-        if value < 0:
-            raise ConfigError(f"config key '{key}' must be >= 0, got {value}")
-    positive = {
-        "data.batch_size": cfg.data.batch_size,
-        "data.eval_batch_size": cfg.data.eval_batch_size,
-        "data.captions_per_image": cfg.data.captions_per_image,
-        "data.image_size": cfg.data.image_size,
-        "data.max_caption_len": cfg.data.max_caption_len,
-        "model.encoder.grid_size": cfg.model.encoder.grid_size,
-        "model.decoder.embed_dim": cfg.model.decoder.embed_dim,
-        "model.decoder.hidden_dim": cfg.model.decoder.hidden_dim,
-        "model.decoder.attention_dim": cfg.model.decoder.attention_dim,
-        "decode.max_len": cfg.decode.max_len,
-        "decode.beam_size": cfg.decode.beam_size,
-        "train.devices": cfg.train.devices,
-        "train.num_nodes": cfg.train.num_nodes,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"config key '{key}' must be positive, got {value}")
-    if cfg.model.decoder.attention_layers < 1:
-        raise ConfigError(f"config key 'model.decoder.attention_layers' must be at least 1, got "
-                          f"{cfg.model.decoder.attention_layers}")
+        if key in RANGES and (message := _range_error(key, value, RANGES[key])):
+            raise ConfigError(message)
+    enc = cfg.model.encoder
+    stages = RESNET_STAGES if enc.backbone in RESNETS else VGG_STAGES
+    for key, value, choices in (
+        ("model.encoder.backbone", enc.backbone, BACKBONES),
+        ("model.encoder.stage", enc.stage, (None, *stages)),
+        ("train.accelerator", cfg.train.accelerator, ACCELERATORS),
+        ("train.precision", cfg.train.precision, PRECISIONS),
+    ):
+        if message := _choice_error(key, value, choices):
+            raise ConfigError(message)
+    kept = stages[: stages.index(enc.stage or stages[-1]) + 1]
+    if enc.fine_tune_from is not None and enc.fine_tune_from not in kept:
+        raise ConfigError(f"config key 'model.encoder.fine_tune_from' is {enc.fine_tune_from!r}, not one of the kept "
+                          f"stages of {enc.backbone} ({', '.join(kept)}) or null (a frozen encoder)")
+    for key in ("model.encoder.weights", "data.root", "data.feature_cache"):
+        if flat[key] is not None and not flat[key].strip():
+            raise ConfigError(f"config key '{key}' is empty; give a path" + (
+                ", 'none' or 'imagenet'" if key == "model.encoder.weights" else ""))
     if cfg.model.decoder.attention_layers > 1 and cfg.model.decoder.score != "additive":
         raise ConfigError("config key 'model.decoder.attention_layers' > 1 needs model.decoder.score=additive "
                           f"(now '{cfg.model.decoder.score}')")
-    if not 0.0 <= cfg.model.decoder.dropout < 1.0:
-        raise ConfigError(f"config key 'model.decoder.dropout' must be in [0, 1), got {cfg.model.decoder.dropout}")
-    if not 0.0 <= cfg.loss.expected_context_prob <= 1.0:
-        raise ConfigError("config key 'loss.expected_context_prob' must be in [0, 1]")
-    if not 0.0 <= cfg.loss.baseline_decay < 1.0:
-        raise ConfigError("config key 'loss.baseline_decay' must be in [0, 1)")
-    if not 1 <= cfg.loss.samples <= 64:
-        raise ConfigError(f"config key 'loss.samples' must be in [1, 64], got {cfg.loss.samples}")
     if cfg.data.feature_cache is not None and cfg.model.encoder.fine_tune_from is not None:
         raise ConfigError(
             "config key 'data.feature_cache' needs a frozen encoder (cached annotations cannot be "
             f"fine-tuned): set model.encoder.fine_tune_from=null (now '{cfg.model.encoder.fine_tune_from}')"
         )
     return cfg
+
+
+def _missing_sections(cfg: Any, data: Mapping, prefix: str = "") -> str | None:
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            if not isinstance(data.get(f.name), Mapping):
+                return f"{prefix}{f.name}"
+            missing = _missing_sections(value, data[f.name], f"{prefix}{f.name}.")
+            if missing:
+                return missing
+    return None
+
+
+def checked(data: Any, where: str) -> Config:
+    """A config as a checkpoint, a model folder or an exported folder stores it (a nested mapping)
+    -> the validated Config; ConfigError names ``where`` and the key."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: it is a {type(data).__name__}, not a mapping of settings")
+    # Keys added since a file was written take their defaults; a whole section missing is damage.
+    missing = _missing_sections(Config(), data)
+    if missing:
+        raise ConfigError(f"{where}: the section '{missing}' is missing")
+    try:
+        return validate(from_dict(data))
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
 
 
 def build_config(

@@ -12,6 +12,11 @@ can be interrupted half-way.
 complete); :class:`RunLock` is a lock file holding pid, host and command, so a second live
 process writing the same folder is refused with a message naming the first, and the lock of a
 dead process is taken over.
+
+:func:`claim_folder` decides whose a folder is: the project writes only into a new or empty
+folder, which it marks (:data:`MARKER`, naming the kind: a run, a model, a prepared dataset, an
+evaluation), or into a folder carrying the marker of that kind; :func:`remove_own` removes from a
+marked folder only the names the project writes there.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import socket
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 #: Prefix of the temporary siblings of files being written: ``.tmp-<pid>-<n>-NAME`` (hidden, and
 #: ending in NAME so writers that add a suffix, such as ``np.save``, keep the name as given).
@@ -352,3 +357,103 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+# ------------------------------------------------------------------------------ ownership
+#
+# A folder is the project's only if it carries the project's marker: a small JSON file that the
+# project writes into every folder it creates for a run, a model, a prepared dataset or an
+# evaluation. A folder without it that holds anything is someone else's: it is refused, never
+# written into, and --overwrite removes only files that the project writes in a folder of that
+# kind, never the rest.
+
+#: The marker's name (hidden, so listings of a folder's files leave it out).
+MARKER = ".show-attend-tell.json"
+#: What each kind of folder is called in messages.
+FOLDER_KINDS = {"run": "training run folder", "model": "model folder", "prepared": "prepared dataset folder",
+                "evaluation": "evaluation folder"}
+
+
+class ForeignFolderError(ValueError):
+    """A folder holds files the project did not write, or is another kind of the project's folders."""
+
+
+def folder_kind(folder: str | Path) -> str | None:
+    """The kind named by ``folder``'s marker ("run", "model", "prepared", "evaluation"), or None
+    when the folder carries no readable marker (it is then not the project's)."""
+    try:
+        data = json.loads((Path(folder) / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    kind = data.get("kind") if isinstance(data, dict) else None
+    return kind if kind in FOLDER_KINDS else None
+
+
+def mark_folder(folder: str | Path, kind: str) -> None:
+    """Write ``folder``'s marker (the folder exists): from now on the project may write there."""
+    from captioning import __version__
+
+    atomic_write_json(Path(folder) / MARKER, {"kind": kind, "written_by": "show-attend-tell",
+                                              "version": __version__})
+
+
+def _shown(names: list[str], limit: int = 4) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_folder(folder: str | Path, kind: str, option: str | None = None) -> bool:
+    """Refuse (ForeignFolderError, one line with the fix) a ``folder`` the project may not write as
+    a folder of ``kind``: a file, a folder of another kind, or a non-empty folder without the
+    marker. ``option`` names the command-line option that gave the folder, for the fix.
+    -> whether the folder is already ours (False: missing or empty). Writes nothing."""
+    folder = Path(folder)
+    other = f"choose another {option}" if option else "choose another folder"
+    if folder.exists() and not folder.is_dir():
+        raise ForeignFolderError(f"{folder} is a file, not a folder: {other}")
+    found = folder_kind(folder)
+    if found == kind:
+        return True
+    if found is not None:
+        raise ForeignFolderError(f"{folder} is a {FOLDER_KINDS[found]} of show-attend-tell, not a "
+                                 f"{FOLDER_KINDS[kind]}: {other}")
+    try:
+        entries = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    except OSError as err:
+        raise write_error(err, folder) from None
+    if entries:
+        raise ForeignFolderError(
+            f"{folder} is not empty and was not written by show-attend-tell (it holds {_shown(entries)}, and no "
+            f"{MARKER}): nothing was written; {other}, new or empty")
+    return False
+
+
+def claim_folder(folder: str | Path, kind: str, option: str | None = None, what: str = "write") -> Path:
+    """:func:`check_folder`, then create ``folder`` if needed (proving it writable: FileWriteError
+    'cannot ``what`` into ...') and mark it as a folder of ``kind``."""
+    folder = Path(folder)
+    if not check_folder(folder, kind, option):
+        check_writable(folder, what)
+        try:
+            mark_folder(folder, kind)
+        except OSError as err:
+            raise write_error(err, folder, what) from None
+    return folder
+
+
+def remove_own(folder: str | Path, names: Iterable[str]) -> list[str]:
+    """Remove the entries of ``names`` (files or folders the project writes) from ``folder``, which
+    must carry the marker; nothing else in it is touched. -> the names removed."""
+    folder = Path(folder)
+    if folder_kind(folder) is None:
+        raise ForeignFolderError(f"{folder} carries no {MARKER} marker: the project removes nothing there")
+    removed = []
+    for name in names:
+        path = folder / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed

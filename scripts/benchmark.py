@@ -4,9 +4,9 @@
 The workflow lives in captioning.perf.run; run ``python scripts/benchmark.py --help`` for its options.
 """
 
-from captioning.perf.allocator import keep_freed_memory
-from captioning.perf.run import main
+import sys
+
+from captioning.cli import script
 
 if __name__ == "__main__":
-    keep_freed_memory()
-    raise SystemExit(main())
+    sys.exit(script("benchmark"))

@@ -4,9 +4,9 @@
 The workflow lives in captioning.evaluation.run; run ``python scripts/evaluate.py --help`` for its options.
 """
 
-from captioning.evaluation.run import main
-from captioning.perf.allocator import keep_freed_memory
+import sys
+
+from captioning.cli import script
 
 if __name__ == "__main__":
-    keep_freed_memory()
-    raise SystemExit(main())
+    sys.exit(script("evaluate"))

@@ -4,9 +4,9 @@
 The workflow lives in captioning.data.run; run ``python scripts/prepare_data.py --help`` for its options.
 """
 
-from captioning.data.run import main
-from captioning.perf.allocator import keep_freed_memory
+import sys
+
+from captioning.cli import script
 
 if __name__ == "__main__":
-    keep_freed_memory()
-    raise SystemExit(main())
+    sys.exit(script("prepare"))

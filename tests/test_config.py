@@ -11,6 +11,7 @@ from captioning.config import (
     Config,
     ConfigError,
     build_config,
+    flatten,
     from_dict,
     merge,
     parse_override,
@@ -264,3 +265,49 @@ def test_resnet101_config_has_a_native_grid():
     cfg = build_config(REPO_CONFIGS / "coco_resnet101_soft.yaml")
     assert cfg.model.encoder.stage == "layer4"
     assert cfg.data.image_size // 32 >= cfg.model.encoder.grid_size
+
+
+def test_every_field_has_a_range_or_choices():
+    """One validation of every config the project loads: every number has a range, every free
+    string its choices or a path rule (a new key needs its rule in config.RANGES)."""
+    import typing
+
+    from captioning import config as module
+
+    paths = {"model.encoder.weights", "data.root", "data.feature_cache"}
+    choices = {"model.encoder.backbone", "model.encoder.stage", "model.encoder.fine_tune_from", "train.accelerator",
+               "train.precision"}
+    for key, value in flatten(to_dict(Config())).items():
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)):
+            assert key in module.RANGES, f"{key} has no range in config.RANGES"
+        else:
+            section, name = key.rsplit(".", 1)
+            node = Config()
+            for part in section.split("."):
+                node = getattr(node, part)
+            literal = typing.get_origin(typing.get_type_hints(type(node))[name]) is typing.Literal
+            assert literal or key in paths | choices, f"{key} has no choices"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.num_workers=-1", "'data.num_workers' must be >= 0"),
+    ("train.limit_train_batches=-1", "'train.limit_train_batches' must be positive"),
+    ("train.limit_train_batches=0", "'train.limit_train_batches' must be positive"),
+    ("train.accelerator=tpu", "'train.accelerator' is 'tpu', not one of auto, cpu"),
+    ("model.encoder.backbone=nope", "'model.encoder.backbone' is 'nope', not one of resnet18"),
+    ("model.encoder.stage=layer9", "'model.encoder.stage' is 'layer9', not one of null, stem"),
+    ("data.synthetic.num_train=-3", "'data.synthetic.num_train' must be positive"),
+    ("data.synthetic.captions_per_image=0", "'data.synthetic.captions_per_image' must be positive"),
+    ("model.decoder.hidden_dim=1000000", "'model.decoder.hidden_dim' must be at most 8,192"),
+    ("data.eval_batch_size=100000000000000000000", "'data.eval_batch_size' must be at most 65,536"),
+    ("train.seed=-1", "'train.seed' must be >= 0"),
+    ("model.encoder.fine_tune_from=layer4", "not one of the kept stages of resnet18"),
+    ("optim.lr=[", "the value is not valid YAML"),
+])
+def test_every_value_is_bounded_before_anything_is_allocated(override, message):
+    """These --set values gave tracebacks, some only after a 16 TB allocation was tried."""
+    with pytest.raises(ConfigError) as err:
+        build_config(overrides=[override])
+    assert message in str(err.value) and "\n" not in str(err.value)

@@ -63,8 +63,10 @@ def demo(tmp_path_factory):
     server.server_close()
 
 
-def post(url: str, body: bytes, query: str = "") -> tuple[int, dict]:
-    request = urllib.request.Request(f"{url}/api/caption?{query}", data=body, method="POST")
+def post(url: str, body: bytes, query: str = "", content_type: str = "application/octet-stream") -> tuple[int, dict]:
+    """POST ``body`` to /api/caption -> (status, the JSON answer)."""
+    request = urllib.request.Request(f"{url}/api/caption?{query}", data=body, method="POST",
+                                     headers={"Content-Type": content_type})
     try:
         with urllib.request.urlopen(request, timeout=60) as r:
             return r.status, json.loads(r.read())
@@ -94,7 +96,7 @@ def test_caption_endpoint_matches_the_api(demo):
     (b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "", 400, "cannot be read as an image"),
     (b"", "", 400, "no image"),
     (b"", "example=99", 404, "no example image"),
-    (None, "", 400, "temperature must be a positive number"),
+    (None, "", 400, "temperature must be a number from 0.01 to 100"),
     (None, "method=beam&beam_size=abc", 400, "beam_size must be a whole number"),
 ])
 def test_bad_requests_get_one_line_errors_and_the_server_keeps_serving(demo, body, query, status, message):
@@ -116,6 +118,212 @@ def test_truncated_jpeg_and_oversized_upload(demo):
     code, data = post(demo.url, b"\0" * (MAX_UPLOAD_BYTES + 1))
     assert code == 413 and "MiB" in data["error"]
     assert post(demo.url, demo.photo.read_bytes(), "method=greedy")[0] == 200
+
+
+# ----------------------------------------------------------------------------- uploads as tools send them
+
+
+def multipart(fields: list[tuple[str, str | None, bytes, str | None]], boundary: str = "------------------------d74496d66958873e") -> tuple[bytes, str]:
+    """A multipart/form-data body as curl -F builds it: (name, filename or None, bytes, type or None)."""
+    out = b""
+    for name, filename, data, ctype in fields:
+        out += f"--{boundary}\r\n".encode()
+        disposition = f'Content-Disposition: form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        out += disposition.encode() + b"\r\n"
+        if ctype:
+            out += f"Content-Type: {ctype}\r\n".encode()
+        out += b"\r\n" + data + b"\r\n"
+    out += f"--{boundary}--\r\n".encode()
+    return out, f"multipart/form-data; boundary={boundary}"
+
+
+def test_multipart_upload_as_curl_sends_it(demo):
+    expected = demo.captioner.caption(demo.photo, beam_size=1)[0].words
+    body, ctype = multipart([("note", None, b"hello", None), ("file", "photo.png", demo.photo.read_bytes(), "image/png")])
+    status, data = post(demo.url, body, "method=greedy", ctype)
+    assert status == 200 and data["captions"][0]["words"] == expected
+    body, ctype = multipart([("upload", "photo.png", demo.photo.read_bytes(), "application/octet-stream")])
+    assert post(demo.url, body, "method=greedy", ctype)[1]["captions"][0]["words"] == expected  # any file field
+    curl = shutil.which("curl")
+    if curl is not None:  # the tool itself, where it is installed
+        import subprocess
+
+        out = subprocess.run([curl, "-sS", "-F", f"file=@{demo.photo}", f"{demo.url}/api/caption?method=greedy"],
+                             capture_output=True, timeout=60, check=True).stdout
+        assert json.loads(out)["captions"][0]["words"] == expected
+
+
+@pytest.mark.parametrize("fields,ctype,message", [
+    ([("file", "notes.txt", b"not an image", "text/plain")], None,
+     "the file 'notes.txt' of the multipart/form-data field 'file' cannot be read as an image"),
+    ([("caption", None, b"a red square", None)], None, "the multipart/form-data upload holds no file (fields: 'caption')"),
+    ([("file", "", b"", "application/octet-stream")], None, "is empty: no image was chosen"),
+    (None, "text/plain", "the request body (text/plain) cannot be read as an image"),
+    ([("file", "photo.png", b"x", "image/png")], "application/octet-stream",
+     "the body is multipart/form-data but its Content-Type is application/octet-stream"),
+    (None, "multipart/form-data", "the multipart/form-data body cannot be parsed"),
+])
+def test_an_upload_that_holds_no_image_says_which_form_it_came_in(demo, fields, ctype, message):
+    if fields is None:
+        body, given = b"this is not an image\n", ctype
+    else:
+        body, given = multipart(fields)
+        given = ctype or given
+    code, data = post(demo.url, body, content_type=given)
+    assert code == 400 and message in data["error"] and "\n" not in data["error"], data
+    if "request body" in message:
+        assert "multipart/form-data field 'file' (curl -F file=@photo.jpg)" in data["error"]
+
+
+# ----------------------------------------------------------------------------- bounds
+
+
+def raw_request(url: str, data: bytes, wait: float = 10.0, half_close: bool = False) -> bytes:
+    """Send ``data`` over a new connection; -> all the server answered before closing (or ``wait`` s)."""
+    import socket
+
+    host, port = url.rsplit("/", 1)[-1].split(":")
+    with socket.create_connection((host, int(port)), timeout=wait) as sock:
+        sock.sendall(data)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except TimeoutError:
+            answer += b"<no answer: timed out>"
+    return answer
+
+
+def status_of(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/") else -1
+
+
+@pytest.mark.parametrize("headers,status,message", [
+    ("Content-Length: -1", 400, "Content-Length must be a whole number"),
+    ("Content-Length: abc", 400, "Content-Length must be a whole number"),
+    ("Content-Length: 1_0", 400, "Content-Length must be a whole number"),
+    ("Content-Length: 5\r\nContent-Length: 7", 400, "Content-Length must be a whole number"),
+    ("Transfer-Encoding: chunked", 411, "not in chunks"),
+    ("", 411, "has no Content-Length"),
+])
+def test_a_bad_content_length_is_refused_before_the_body_is_read(demo, headers, status, message):
+    """The body is never sent: a server that read it would wait for it (and time out here)."""
+    head = "POST /api/caption HTTP/1.1\r\nHost: x\r\n" + (headers + "\r\n" if headers else "") + "\r\n"
+    answer = raw_request(demo.url, head.encode(), wait=10.0)
+    assert status_of(answer) == status, answer[:300]
+    assert message in json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
+
+
+@pytest.mark.parametrize("request_line,status", [
+    ("GET /api/example/" + "9" * 5000 + " HTTP/1.0", 404),
+    ("GET /api/example/\u00b2 HTTP/1.0", 404),  # a non-ASCII digit, as a raw byte of the request line
+    ("GET /api/example/%D9%A3 HTTP/1.0", 404),
+    ("PUT /api/caption HTTP/1.0", 405),
+    ("NONSENSE", 400),
+])
+def test_odd_requests_get_json_4xx_answers(demo, request_line, status):
+    answer = raw_request(demo.url, request_line.encode("latin-1") + b"\r\n\r\n")
+    assert status_of(answer) == status, answer[:300]
+    assert "error" in json.loads(answer.split(b"\r\n\r\n", 1)[1])
+
+
+@pytest.mark.parametrize("query,message", [
+    ("method=sample&temperature=1e-300", "temperature must be a number from 0.01 to 100"),
+    ("method=sample&temperature=nan", "temperature must be a number"),
+    ("method=sample&temperature=inf", "temperature must be a number"),
+    ("example=" + "7" * 5000, "no example image"),
+    ("method=beam&beam_size=1_0", "beam_size must be a whole number"),
+    ("method=sample&seed=\u0663", "seed must be a whole number"),
+    ("method=beam&n_best=99", "n_best must be a whole number from 1 to 10"),
+])
+def test_numbers_are_parsed_and_bounded_in_one_place(demo, query, message):
+    from urllib.parse import quote
+
+    body = b"" if query.startswith("example=") else demo.photo.read_bytes()
+    code, data = post(demo.url, body, quote(query, safe="=&"))
+    assert code in (400, 404) and message in data["error"], data
+
+
+def test_fifty_simultaneous_connections_are_all_served(demo):
+    """With a listen backlog of 5, connections beyond the first few are dropped or reset while the
+    server is busy; here all 50 arrive before the server accepts any, and all are answered."""
+    import socket
+
+    server = make_server(demo.captioner, "127.0.0.1", 0, demo.examples)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    socks = []
+    try:
+        for _ in range(50):  # the kernel holds them (the listen backlog): connecting does not wait for accept()
+            socks.append(socket.create_connection(("127.0.0.1", server.server_port), timeout=3))
+            socks[-1].sendall(b"GET /api/info HTTP/1.0\r\n\r\n")
+        thread.start()
+        answers = []
+        for sock in socks:
+            sock.settimeout(60)
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+            answers.append(status_of(data))
+    finally:
+        for sock in socks:
+            sock.close()
+        if thread.is_alive():
+            server.shutdown()
+        server.server_close()
+    assert answers == [200] * 50
+
+
+def test_silent_connections_are_closed_and_do_not_hold_the_server(demo):
+    server = make_server(demo.captioner, "127.0.0.1", 0, demo.examples, timeout=1.0, workers=2, queue=2)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    try:
+        # Half-open connections (nothing sent, or half a request): closed after the timeout.
+        assert raw_request(url, b"", wait=10.0) == b""
+        assert raw_request(url, b"POST /api/caption HTTP/1.0\r\nContent-Length: 100\r\n\r\nabc", wait=10.0) == b""
+        # More connections than workers and queue: the extra ones get a 503 at once, none waits forever.
+        import socket
+
+        idle = [socket.create_connection(("127.0.0.1", server.server_port), timeout=10) for _ in range(6)]
+        try:
+            answers = [raw_request(url, b"GET /api/info HTTP/1.0\r\n\r\n", wait=10.0) for _ in range(2)]
+            assert all(status_of(a) in (200, 503) for a in answers), answers
+        finally:
+            for sock in idle:
+                sock.close()
+        import time
+
+        deadline = time.monotonic() + 20  # served again once they are gone (their workers see them close)
+        while status_of(raw_request(url, b"GET /api/info HTTP/1.0\r\n\r\n")) != 200:
+            assert time.monotonic() < deadline, "the server stayed busy after the idle connections closed"
+            time.sleep(0.2)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_clients_that_go_away_leave_no_tracebacks(demo, capfd):
+    import socket
+    import struct
+
+    for i in range(20):
+        sock = socket.create_connection(("127.0.0.1", demo.server.server_port), timeout=10)
+        if i % 2:
+            sock.sendall(b"POST /api/caption?method=greedy HTTP/1.0\r\nContent-Length: 100000\r\n\r\n" + b"\0" * 10)
+        else:
+            sock.sendall(b"POST /api/caption?method=greedy HTTP/1.0\r\nContent-Length: %d\r\n\r\n"
+                         % demo.photo.stat().st_size + demo.photo.read_bytes())
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
+        sock.close()
+    assert post(demo.url, demo.photo.read_bytes(), "method=greedy")[0] == 200  # still serving
+    import time
+
+    time.sleep(0.5)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err[-2000:]
 
 
 def test_page_and_info(demo):

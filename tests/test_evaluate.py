@@ -156,7 +156,7 @@ def files(tmp_path):
 def test_results_file_scored_against_a_captions_file(files, capsys):
     results_file = files.results([{"image_id": i, "caption": refs[0], "score": 0.5} for i, refs in REFS.items()])
     results, out, _ = run(capsys, "--results", results_file, "--annotations", files.annotations, *FAST)
-    saved = json.loads((files.tmp / "metrics_results.json").read_text())
+    saved = json.loads((files.tmp / "eval" / "metrics_results.json").read_text())  # not beside the user's files
     assert saved["metrics"] == results["metrics"]
     assert saved["scale"] == "0-100" and saved["num_images"] == 3 and saved["num_annotated_images"] == 3
     assert saved["metrics"]["bleu_4"] == pytest.approx(100.0, abs=1e-3)  # identical to a reference
@@ -194,6 +194,15 @@ def test_malformed_results_files_are_one_line_errors(files, capsys, entries, mes
     ("[]", "is not a COCO captions file"),
     (json.dumps({"images": [], "annotations": [{"image_id": 1, "bbox": [0, 0, 1, 1]}]}), "instances_*.json"),
     ("{", "is not valid JSON"),
+    (json.dumps({"images": [{"id": 1, "file_name": "1.jpg"}], "annotations": {"0": {"image_id": 1}}}),
+     "is not a COCO captions file"),
+    (json.dumps({"images": [{"id": 1, "file_name": "1.jpg"}], "annotations": [{"image_id": 1}]}),
+     "annotations[0] needs an 'image_id' (a number) and a 'caption'"),
+    (json.dumps({"images": [{"file_name": "1.jpg"}], "annotations": [{"image_id": 1, "caption": "a"}]}),
+     "images[0] needs an 'id'"),
+    (json.dumps({"images": [{"id": 1, "file_name": "1.jpg"}], "annotations": [{"image_id": 1, "caption": 5}]}),
+     "holds no image with a non-empty caption"),
+    (json.dumps({"images": [{"id": [1], "file_name": "1.jpg"}], "annotations": []}), "images[0] needs an 'id'"),
 ])
 def test_malformed_annotations_files_are_one_line_errors(files, capsys, content, message):
     bad = files.tmp / "captions_bad.json"

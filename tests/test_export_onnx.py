@@ -193,3 +193,36 @@ def test_cli_onnx_engine_errors(untrained, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["caption", "--engine", "onnx", "--checkpoint", str(untrained.ckpt), str(untrained.paths[0])])
     assert "--engine onnx needs --model" in capsys.readouterr().err
+
+
+def _reordered(words: list) -> list:
+    return words[:4] + [words[5], words[4]] + words[6:]
+
+
+@pytest.mark.parametrize("name,change,message", [
+    ("vocab.json", _reordered, "is not the vocabulary this model was saved with"),
+    ("vocab.json", lambda words: words[:-3], "is not the vocabulary this model was saved with"),
+    ("onnx.json", lambda meta: {k: v for k, v in meta.items() if k != "image_size"}, "lacks 'image_size'"),
+    ("onnx.json", lambda meta: [], "is not a mapping"),
+    ("onnx.json", lambda meta: {**meta, "encoder": "../encoder.onnx"}, "must name a file in the folder"),
+    ("onnx.json", lambda meta: {**meta, "image_size": 64}, "describes soft attention at 64 pixels"),
+    ("config.json", lambda meta: {**meta, "config": {k: v for k, v in meta["config"].items() if k != "model"}},
+     "the section 'model' is missing"),
+    ("config.json", lambda meta: {**meta, "config": {**meta["config"], "decode": {"beam_size": -2}}},
+     "'decode.beam_size' must be positive"),
+])
+def test_the_onnx_engine_checks_a_folder_as_the_torch_engine_does(untrained, tmp_path, capsys, name, change, message):
+    """A reordered vocab.json captioned with wrong words, exit 0; a damaged onnx.json or config.json
+    gave a traceback."""
+    import shutil
+
+    from captioning import cli
+
+    folder = Path(shutil.copytree(untrained.folder, tmp_path / "m"))
+    (folder / name).write_text(json.dumps(change(json.loads((folder / name).read_text()))))
+    with pytest.raises(OnnxModelError, match=message) as err:
+        OnnxCaptioner(folder)
+    assert "\n" not in str(err.value)
+    assert cli.main(["caption", "--engine", "onnx", "--model", str(folder), str(untrained.paths[0])]) == 2
+    out, err_text = capsys.readouterr()
+    assert out == "" and err_text.count("\n") == 1 and message in err_text

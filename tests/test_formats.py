@@ -9,7 +9,7 @@ import pytest
 
 from captioning.data.coco import AnnotationError
 from captioning.data.formats import (DUPLICATE_FILE, DUPLICATE_ID, EMPTY_CAPTION, NO_CAPTIONS, NOT_IN_SPLIT,
-                                     TWO_SPLITS, UNKNOWN_IMAGE, assign_splits, default_flickr8k_lists,
+                                     NOT_UTF8, OUTSIDE_IMAGES, TWO_SPLITS, UNKNOWN_IMAGE, assign_splits, default_flickr8k_lists,
                                      detect_format, normalize_caption, read_coco, read_flickr8k, read_instances,
                                      read_karpathy)
 
@@ -203,6 +203,32 @@ def test_flickr8k_wrong_line_names_file_and_line(tmp_path):
     with pytest.raises(AnnotationError, match=r"line 2 is not") as err:
         read_flickr8k(token, tmp_path)
     assert str(token) in str(err.value)
+
+
+def test_flickr8k_bytes_that_are_not_utf8_are_a_counted_skip_not_mangled(tmp_path):
+    token = tmp_path / "Flickr8k.token.txt"
+    token.write_bytes(b"a.jpg#0\tcaf\xe9 au lait\nb.jpg#0\ta dog in caf\xc3\xa9 light\n")  # Latin-1, then UTF-8
+    data = read_flickr8k(token, tmp_path)
+    assert [(img.file_name, img.captions) for img in data.images] == [("b.jpg", ["a dog in cafe light"])]
+    assert reasons(data) == {NOT_UTF8: 1}
+    assert "line 1: byte 0xe9" in data.skipped[0].item and "UTF-8" in data.skipped[0].item
+
+
+def test_image_paths_that_leave_the_images_folder_are_skipped_never_opened(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    token = tmp_path / "Flickr8k.token.txt"
+    token.write_text("../secret.jpg#0\ta cat\n/etc/passwd#0\ta dog\nok.jpg#0\ta bird\nsub/../../x.jpg#0\ta fish\n")
+    data = read_flickr8k(token, images)
+    assert [img.file_name for img in data.images] == ["ok.jpg"] and reasons(data) == {OUTSIDE_IMAGES: 3}
+    entries = [karpathy_entry(1, "train", ["a cat"], folder="../.."), karpathy_entry(2, "train", ["a dog"])]
+    entries[1]["filename"] = "/etc/hostname"
+    entries.append(karpathy_entry(3, "val", ["a bird"]))
+    data = read_karpathy(write_json(tmp_path / "dataset_coco.json", {"images": entries}), images)
+    assert [img.image_id for img in data.images] == [3] and reasons(data) == {OUTSIDE_IMAGES: 2}
+    coco = coco_file(tmp_path / "captions_x.json", [(1, "../../etc/hostname"), (2, "b.jpg")], [(1, "a"), (2, "b c")])
+    data = read_coco([(None, coco)], images)
+    assert [img.image_id for img in data.images] == [2] and reasons(data) == {OUTSIDE_IMAGES: 1}
 
 
 def test_detect_format_refuses_unknown_files(tmp_path):

@@ -15,6 +15,7 @@ import torch
 from captioning import Captioner
 from captioning.checkpoint import FOLDER_FILES, CheckpointError
 from captioning.config import build_config
+from captioning.files import MARKER
 from captioning.data.datamodule import CaptionDataModule
 from captioning.vocab import SPECIALS, Vocabulary
 from conftest import save_untrained_checkpoint
@@ -42,7 +43,7 @@ def tiny(tmp_path_factory):
 
 
 def test_folder_holds_the_four_files_and_a_model_card(tiny):
-    assert sorted(p.name for p in tiny.folder.iterdir()) == sorted(FOLDER_FILES)
+    assert sorted(p.name for p in tiny.folder.iterdir()) == sorted([*FOLDER_FILES, MARKER])
     card = (tiny.folder / "README.md").read_text()
     assert "| BLEU-4 | 43.21 |" in card and "| CIDEr | 150.00 |" in card
     assert "captioning train --config configs/tiny.yaml" in card
@@ -207,7 +208,7 @@ def test_saving_new_weights_removes_graphs_of_the_old_ones(tiny, tmp_path):
     for name in ("onnx.json", "encoder.onnx", "step.onnx"):
         (folder / name).write_text("graphs of earlier weights")
     tiny.captioner.save_pretrained(folder)
-    assert sorted(p.name for p in folder.iterdir()) == sorted(FOLDER_FILES)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*FOLDER_FILES, MARKER])
 
 
 def test_evaluate_takes_the_decoding_options(tiny, tmp_path, capsys):
@@ -220,3 +221,67 @@ def test_evaluate_takes_the_decoding_options(tiny, tmp_path, capsys):
     assert predictions and all(len(p["caption"].split()) >= 4 for p in predictions)
     metrics = json.loads((tmp_path / "metrics_test.json").read_text())
     assert metrics["decode"]["min_len"] == 4 and metrics["decode"]["no_unk"] is True
+
+
+# ------------------------------------------------------------------- whose folder it is
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_export_refuses_a_folder_of_someone_elses_files(tiny, tmp_path, capsys):
+    """`captioning export --out DIR` replaced a user's README.md, config.json and vocab.json, exit 0."""
+    from captioning import cli
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for name, text in (("README.md", "# my notes\n"), ("config.json", '{"mine": 1}\n'), ("vocab.json", "[]\n")):
+        (mine / name).write_text(text)
+    before = _snapshot(mine)
+    assert cli.main(["export", "--checkpoint", str(tiny.ckpt), "--out", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not empty and was not written by show-attend-tell" in err
+    assert _snapshot(mine) == before
+    with pytest.raises(CheckpointError, match="was not written by show-attend-tell"):
+        tiny.captioner.save_pretrained(mine)
+    assert _snapshot(mine) == before
+    # A model folder written before is the project's: exported into again, its other files kept.
+    (tiny.folder.parent / "again").mkdir()
+    folder = tiny.captioner.save_pretrained(tiny.folder.parent / "again")
+    (folder / "notes.txt").write_text("mine")
+    assert cli.main(["export", "--checkpoint", str(tiny.ckpt), "--out", str(folder)]) == 0
+    assert (folder / "notes.txt").read_text() == "mine"
+
+
+def test_exporting_a_model_folder_keeps_its_scores_and_training_command(tiny, tmp_path, capsys):
+    from captioning import cli
+
+    assert cli.main(["export", "--checkpoint", str(tiny.folder), "--out", str(tmp_path / "copy")]) == 0
+    card = (tmp_path / "copy" / "README.md").read_text()
+    assert "| BLEU-4 | 43.21 |" in card and "captioning train --config configs/tiny.yaml" in card
+
+
+def test_export_to_a_read_only_file_system_is_one_line_in_words(tiny, tmp_path, capsys, monkeypatch):
+    import errno
+
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    from captioning import cli
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    assert cli.main(["export", "--checkpoint", str(tiny.ckpt), "--out", str(tmp_path / "ro" / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "read-only file system" in err and "[Errno" not in err
+
+
+def test_a_folder_config_out_of_range_is_one_line(tiny, tmp_path):
+    """A model folder with "dropout": NaN loaded (folder configs were never validated)."""
+    folder = copy_folder(tiny.folder, tmp_path / "m")
+    meta = json.loads((folder / "config.json").read_text())
+    meta["config"]["model"]["decoder"]["dropout"] = float("nan")
+    (folder / "config.json").write_text(json.dumps(meta))  # JSON's NaN, as Python writes it
+    with pytest.raises(CheckpointError, match="'model.decoder.dropout' must be a finite number") as err:
+        Captioner.from_pretrained(folder, device="cpu")
+    assert "\n" not in str(err.value)

@@ -25,6 +25,7 @@ from captioning.data.formats import EMPTY_CAPTION, read_karpathy
 from captioning.data.prepare import (MISSING_FILE, NO_TRAINING_CAPTION, UNREADABLE, PrepareError, PrepareOptions,
                                      prepare)
 from captioning.data.store import PreparedDataError, PreparedFolder
+from captioning.files import mark_folder
 from captioning.data.transforms import unnormalize
 from captioning.vocab import tokenize
 
@@ -277,6 +278,7 @@ def test_changed_options_start_over_and_existing_folder_needs_overwrite(source, 
     dataset = read_karpathy(source / "dataset_example.json", source)
     partial = tmp_path / "p.partial"
     (partial / "chunks").mkdir(parents=True)
+    mark_folder(partial, "prepared")
     (partial / "plan.json").write_text("{}")  # a partial run with other options
     (partial / "chunks" / "train-000000.json").write_text("[]")
     prepare(dataset, out, PrepareOptions(**OPTIONS))
@@ -287,8 +289,9 @@ def test_changed_options_start_over_and_existing_folder_needs_overwrite(source, 
     assert PreparedFolder(out).image_size == 16 and not list(tmp_path.glob("p.old-*"))
     (tmp_path / "notprepared").mkdir()
     (tmp_path / "notprepared" / "precious.txt").write_text("x")
-    with pytest.raises(PrepareError, match="not a prepared folder"):
+    with pytest.raises(PrepareError, match="not empty and was not written by show-attend-tell"):
         prepare(dataset, tmp_path / "notprepared", PrepareOptions(**{**OPTIONS, "overwrite": True}))
+    assert (tmp_path / "notprepared" / "precious.txt").read_text() == "x"
 
 
 def test_image_size_and_vocabulary_mismatch_are_one_line_errors(prepared):

@@ -13,12 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from conftest import make_config
 from test_files import small_disk  # noqa: F401 (a fixture)
 from captioning.checkpoint import CheckpointError, check_resumable, load_checkpoint
 from captioning.config import ConfigError, build_config, flatten, load_yaml, to_dict
 from captioning.training import run as train
+from captioning.files import MARKER, folder_kind, mark_folder
 from captioning.training.module import CaptioningModule
 
 pytestmark = pytest.mark.usefixtures("seed", "one_thread")
@@ -115,7 +117,8 @@ def test_a_folder_holding_another_run_is_refused(tmp_path):
 
     run = tmp_path / "run"
     run.mkdir()
-    check_out_dir(run)  # empty: fine
+    check_out_dir(run)  # empty: fine, and marked as a run folder
+    assert folder_kind(run) == "run"
     (run / "config.yaml").write_text("seed: 7\n")
     (run / "last.ckpt").write_bytes(b"ckpt")
     with pytest.raises(RunFolderError) as info:
@@ -130,12 +133,12 @@ def test_a_folder_holding_another_run_is_refused(tmp_path):
         check_out_dir(run, resume=tmp_path / "x.ckpt")
     lock = take_folder(run, overwrite=True, command="train.py --overwrite")
     try:
-        assert sorted(p.name for p in run.iterdir()) == ["train.lock"]
+        assert sorted(p.name for p in run.iterdir()) == sorted([MARKER, "train.lock"])
         message = _second_process_takes(run)
         assert f"pid {os.getpid()} on " in message and "(train.py --overwrite) is training there" in message
     finally:
         lock.release()
-    assert list(run.iterdir()) == []
+    assert [p.name for p in run.iterdir()] == [MARKER]
 
 
 def _second_process_takes(run) -> str:
@@ -213,6 +216,7 @@ def test_a_second_live_training_is_refused(tmp_path, data_root):
     """Item 2: two trainings into one --out-dir mixed their files."""
     out = tmp_path / "run"
     out.mkdir()
+    mark_folder(out, "run")
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (out / "train.lock").write_text(json.dumps({"pid": other.pid, "host": socket.gethostname(),
@@ -224,7 +228,62 @@ def test_a_second_live_training_is_refused(tmp_path, data_root):
         other.wait()
     message = str(info.value)
     assert f"pid {other.pid}" in message and "captioning train --seed 7" in message and "\n" not in message
-    assert sorted(p.name for p in out.iterdir()) == ["train.lock"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([MARKER, "train.lock"])
+
+
+def test_overwrite_refuses_a_folder_the_project_did_not_write(tmp_path, data_root):
+    """A folder of a user's own files (no run ever there) is not "another run": even with
+    --overwrite it is refused, and every file stays as it was."""
+    out = tmp_path / "mine"
+    (out / "logs").mkdir(parents=True)
+    (out / "config.yaml").write_text("my: settings\n")
+    (out / "logs" / "important.txt").write_text("keep me")
+    before = _files(out)
+    for extra in ([], ["--overwrite"]):
+        with pytest.raises(SystemExit) as info:
+            train.run(tiny_args(out, data_root, "--max-epochs", "1", *extra))
+        message = str(info.value)
+        assert "not empty and was not written by show-attend-tell" in message and "\n" not in message
+        assert _files(out) == before and sorted(p.name for p in out.iterdir()) == ["config.yaml", "logs"]
+
+
+def test_overwrite_removes_only_what_a_training_writes(tmp_path):
+    from captioning.training.run_folder import take_folder
+
+    run = tmp_path / "run"
+    (run / "logs").mkdir(parents=True)
+    mark_folder(run, "run")
+    for name in ("best.ckpt", "last.ckpt", "metrics.json", "notes.txt"):
+        (run / name).write_text(name)
+    (run / "logs" / "metrics.csv").write_text("step\n")
+    take_folder(run, overwrite=True).release()
+    assert sorted(p.name for p in run.iterdir()) == sorted([MARKER, "notes.txt"])
+
+
+def test_a_start_refused_at_any_point_does_not_block_the_fixed_command(tmp_path, data_root, monkeypatch):
+    """A config refused only once the trainer was built left config.yaml behind, and the fixed
+    command was then refused as "another run"."""
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match="'train.accelerator' is 'tpu', not one of"):
+        train.run(tiny_args(out, data_root, "--max-epochs", "1", "--no-test", "--set", "train.accelerator=tpu"))
+    from captioning.training import run as train_module
+
+    def refuse(*args, **kwargs):
+        raise MisconfigurationException("no such device here")
+
+    with monkeypatch.context() as patch:  # refused after config.yaml was written
+        patch.setattr(train_module, "build_trainer", refuse)
+        with pytest.raises(SystemExit, match="no such device here"):
+            train.run(tiny_args(out, data_root, "--max-epochs", "1", "--no-test"))
+    assert (out / "config.yaml").is_file()
+    train.run(tiny_args(out, data_root, "--max-epochs", "1", "--no-test"))  # the same command, once fixed
+    assert (out / "last.ckpt").is_file()
+
+
+def test_zero_training_batches_is_refused_not_a_success(tmp_path, data_root):
+    with pytest.raises(SystemExit, match="'train.limit_train_batches' must be positive"):
+        train.run(tiny_args(tmp_path / "run", data_root, "--set", "train.limit_train_batches=0"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_an_empty_test_split_is_skipped_not_faked(tmp_path, data_root, capsys):
@@ -395,3 +454,71 @@ def test_a_full_disk_during_training_is_one_line_naming_the_folder(small_disk, d
     left = sorted(p.name for p in out.iterdir())
     assert "best.ckpt" not in left and "last.ckpt" not in left and "train.lock" not in left
     assert not [name for name in left if name.startswith(".tmp-")]
+
+
+def test_a_full_disk_at_the_results_says_how_to_score_again(tmp_path, data_root, monkeypatch):
+    from captioning.files import FileWriteError
+
+    def full(path, *args, **kwargs):
+        raise FileWriteError(28, f"cannot write into {Path(path).parent}: no space left on the device")
+
+    monkeypatch.setattr(train, "atomic_write_json", full)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as info:
+        train.run(tiny_args(out, data_root, "--max-epochs", "1", "--no-test"))
+    message = str(info.value)
+    assert "no space left on the device" in message and "\n" not in message
+    assert f"captioning evaluate --checkpoint {out / 'best.ckpt'} --split test' computes the test scores" in message
+
+
+def test_random_bytes_are_not_said_to_hold_pickled_objects(tmp_path):
+    path = tmp_path / "noise.ckpt"
+    path.write_bytes(bytes(range(256)) * 40)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    assert "is not a readable checkpoint" in str(info.value) and "pickled" not in str(info.value)
+    torch.save({"args": __import__("argparse").Namespace(a=1)}, path)  # a class: refused by weights_only
+    with pytest.raises(CheckpointError, match="holds pickled objects"):
+        load_checkpoint(path)
+
+
+# ------------------------------------------------------------------------------ Ctrl-C
+
+INTERRUPTED_IMPORT = r"""
+import importlib.abc, runpy, sys
+class CtrlC(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "pytorch_lightning":
+            raise KeyboardInterrupt  # what Ctrl-C raises while Lightning is being imported
+sys.meta_path.insert(0, CtrlC())
+entry, sys.argv = sys.argv[1], sys.argv[1:]
+if entry == "cli":
+    from captioning.cli import main
+    sys.exit(main(sys.argv[1:]))
+runpy.run_path(entry, run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("entry", ["cli", "scripts/train.py"])
+def test_ctrl_c_during_the_imports_is_one_line_and_status_130(tmp_path, entry):
+    """Ctrl-C during the seconds of imports printed a 35-line KeyboardInterrupt traceback."""
+    args = (["train"] if entry == "cli" else []) + ["--out-dir", str(tmp_path / "run")]
+    proc = subprocess.run([sys.executable, "-c", INTERRUPTED_IMPORT, entry, *args], capture_output=True, text=True,
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    assert proc.returncode == 130 and proc.stderr == "error: interrupted (Ctrl-C)\n", proc.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_at_any_moment_of_a_start_is_one_line(tmp_path, data_root):
+    """Interrupted in the middle of importing torch, a process aborted in C++ ("terminate called
+    after throwing ... KeyboardInterrupt"); in numpy's, it failed later with a RecursionError."""
+    for delay in (0.2, 0.5, 0.8, 1.1, 1.4, 1.7, 2.0, 3.0):
+        proc = subprocess.Popen([sys.executable, "-m", "captioning", "train", *tiny_args(tmp_path / "run", data_root)],
+                                cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=300)
+        lines = err.strip().splitlines()
+        assert proc.returncode == 130, (delay, err[-2000:])
+        assert "Traceback" not in err and lines[-1].startswith("error: interrupted"), (delay, err[-2000:])

@@ -169,8 +169,8 @@ def test_unknown_config_key_fails_naming_it(tmp_path, data_root, capsys):
 def test_config_file_holds_differences(tmp_path, data_root):
     config = tmp_path / "small.yaml"
     config.write_text("model:\n  decoder:\n    dropout: 0.1\n")
-    train.run(tiny_args(tmp_path, data_root, "--config", str(config), "--fast-dev-run"))
-    saved = (tmp_path / "config.yaml").read_text()
+    train.run(tiny_args(tmp_path / "run", data_root, "--config", str(config), "--fast-dev-run"))
+    saved = (tmp_path / "run" / "config.yaml").read_text()
     assert "dropout: 0.1" in saved
 
 

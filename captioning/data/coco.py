@@ -68,6 +68,8 @@ def read_json(path: str | Path, what: str, error: type[Exception] = AnnotationEr
         return json.loads(path.read_bytes())  # bytes: json detects UTF-8/16/32 itself
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise error(f"{what} {path} is not valid JSON: {err}") from None
+    except RecursionError:
+        raise error(f"{what} {path} is not a {what}: its JSON is nested too deeply") from None
 
 
 def write_json(path: str | Path, obj: Any, indent: int | None = None) -> None:
@@ -122,28 +124,54 @@ def normalize_caption(text: str) -> tuple[str, bool]:
 # ------------------------------------------------------------------------------ captions
 
 
+def _is_id(value: Any) -> bool:
+    return isinstance(value, (int, str)) and not isinstance(value, bool)
+
+
+def read_captions(path: str | Path, what: str = "captions file", error: type[Exception] = AnnotationError):
+    """A COCO captions file, checked and indexed: -> (pycocotools ``COCO``, the parsed data).
+
+    The one reader of captions files (preparation, the ``coco`` dataset, the references of
+    ``evaluate --annotations``). Checked: the two top-level lists; every image an object with an
+    ``id`` (number or string) and a ``file_name`` string; every annotation an object with an
+    ``image_id`` and a ``caption`` (a caption that is not a string counts as empty). A Karpathy
+    split file or an instances file given by mistake is named as such.
+    """
+    path = Path(path)
+    data = read_json(path, what, error)
+    if isinstance(data, dict) and isinstance(data.get("images"), list) and data["images"] \
+            and isinstance(data["images"][0], dict) and "sentences" in data["images"][0]:
+        raise error(f"{path} is a Karpathy split file, not a COCO captions file; use --format karpathy")
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
+            or not isinstance(data.get("annotations"), list):
+        raise error(f"{path} is not a COCO captions file: it needs top-level 'images' and 'annotations' lists "
+                    "(like captions_train2014.json)")
+    for i, img in enumerate(data["images"]):
+        if not isinstance(img, dict) or not _is_id(img.get("id")) or not isinstance(img.get("file_name"), str):
+            raise error(f"{path}: images[{i}] needs an 'id' (a number) and a 'file_name' string (COCO captions "
+                        f"schema), got {img!r:.80}")
+    for i, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, dict) or not _is_id(ann.get("image_id")) or "caption" not in ann:
+            hint = (" (this is an instances_*.json file: pass it with --instances, and the captions_*.json file "
+                    "as the captions)"
+                    if isinstance(ann, dict) and "bbox" in ann else "")
+            raise error(f"{path}: annotations[{i}] needs an 'image_id' (a number) and a 'caption'{hint}, "
+                        f"got {ann!r:.80}")
+    return coco_index(data), data
+
+
 def load_coco_captions(captions_json: str | Path, image_dir: str | Path) -> list[ImageRecord]:
     """One record per image that has at least one non-empty caption, sorted by image id.
 
-    Captions are normalised by :func:`normalize_caption`; empty ones are left out.
+    Read by :func:`read_captions`; captions are normalised by :func:`normalize_caption`; empty
+    ones (and ones that are not strings) are left out.
     """
     captions_json, image_dir = Path(captions_json), Path(image_dir)
-    data = read_json(captions_json, "captions file")
-    if not isinstance(data, dict) or not {"images", "annotations"} <= data.keys():
-        raise AnnotationError(
-            f"{captions_json} is not a COCO captions file: it needs top-level 'images' and "
-            "'annotations' lists (like captions_train2014.json)"
-        )
-    for ann in data["annotations"][:1]:
-        if not {"image_id", "caption"} <= set(ann):
-            raise AnnotationError(
-                f"{captions_json}: annotations need 'image_id' and 'caption' (is this an "
-                "instances_*.json file? pass the captions_*.json file instead)"
-            )
-    coco = coco_index(data)
+    coco, _ = read_captions(captions_json)
     records = []
-    for image_id in sorted(coco.imgs):
-        cleaned = (normalize_caption(ann["caption"])[0] for ann in coco.imgToAnns.get(image_id, []))
+    for image_id in sorted(coco.imgs, key=lambda i: (isinstance(i, str), i)):
+        cleaned = (normalize_caption(ann["caption"] if isinstance(ann["caption"], str) else "")[0]
+                   for ann in coco.imgToAnns.get(image_id, []))
         captions = tuple(c for c in cleaned if c)
         if captions:
             records.append(ImageRecord(image_id, image_dir / coco.imgs[image_id]["file_name"], captions))

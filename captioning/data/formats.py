@@ -48,10 +48,10 @@ import random
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Mapping, Sequence
 
-from captioning.data.coco import SPLITS, AnnotationError, coco_index, normalize_caption, read_json
+from captioning.data.coco import SPLITS, AnnotationError, normalize_caption, read_captions, read_json
 from captioning.data.coco import read_instances as read_instances_file
 from captioning.vocab import tokenize
 
@@ -65,6 +65,8 @@ DUPLICATE_FILE = "image file listed twice"  # one file under two ids (or twice i
 NOT_IN_SPLIT = "image in no split"
 TWO_SPLITS = "image in two splits"
 UNKNOWN_IMAGE = "caption for an unknown image"  # a COCO annotation whose image_id has no image entry
+OUTSIDE_IMAGES = "image path outside --images"  # absolute, or climbing out with '..': never opened
+NOT_UTF8 = "caption line not UTF-8"  # a token-file line that does not decode: skipped, never mangled
 
 @dataclass
 class SourceImage:
@@ -115,6 +117,13 @@ def _clean_captions(raw: Iterable[Any], item: str, dataset: SourceDataset) -> li
 
 
 # ------------------------------------------------------------------------------------ helpers
+
+
+def inside_images(rel: str) -> bool:
+    """Whether a captions file's image path stays inside the images folder: relative, and no
+    '..' part (a file outside --images is never opened, whatever the captions file says)."""
+    path = PurePosixPath(rel.replace("\\", "/"))  # a Windows path's separators count too
+    return bool(path.parts) and not path.is_absolute() and ".." not in path.parts and path.parts[0][1:2] != ":"
 
 
 def detect_format(path: Path) -> str:
@@ -235,6 +244,16 @@ def assign_splits(dataset: SourceDataset, lists: Mapping[str, Path] | None, seed
 # ------------------------------------------------------------------------------------ readers
 
 
+def _sentence_text(sentence: Any) -> str:
+    """A Karpathy sentence's text: ``raw``, else its ``tokens`` joined; "" (an empty caption) if neither is text."""
+    if not isinstance(sentence, dict):
+        return ""
+    if isinstance(sentence.get("raw"), str):
+        return sentence["raw"]
+    tokens = sentence.get("tokens")
+    return " ".join(t for t in tokens if isinstance(t, str)) if isinstance(tokens, list) else ""
+
+
 def read_karpathy(path: Path, images_root: Path) -> SourceDataset:
     """Karpathy's ``dataset_*.json``: splits come from the file (restval joins train)."""
     path, images_root = Path(path), Path(images_root)
@@ -255,11 +274,19 @@ def read_karpathy(path: Path, images_root: Path) -> SourceDataset:
             raise AnnotationError(f"{path}: images[{i}] has split {entry['split']!r}; Karpathy files use "
                                   "train, restval, val or test")
     id_key = "cocoid" if entries and all("cocoid" in e for e in entries) else "imgid"
+    for i, entry in enumerate(entries):
+        if isinstance(entry.get(id_key), bool) or not isinstance(entry.get(id_key), int) \
+                or not isinstance(entry["filename"], str):
+            raise AnnotationError(f"{path}: images[{i}] needs a whole-number '{id_key}' and a 'filename' string, got "
+                                  f"{entry.get(id_key)!r} and {entry['filename']!r:.60}")
     dataset = SourceDataset("karpathy", images_root, [], [("captions", path)])
     images = []
     for entry in entries:
-        rel = str(Path(entry.get("filepath") or "") / entry["filename"])
-        raw = [s.get("raw", " ".join(s.get("tokens", []))) if isinstance(s, dict) else "" for s in entry["sentences"]]
+        rel = str(Path(str(entry.get("filepath") or "")) / str(entry["filename"]))
+        if not inside_images(rel):
+            dataset.skipped.append(Skip(OUTSIDE_IMAGES, rel))
+            continue
+        raw = [_sentence_text(s) for s in entry["sentences"]]
         split = "train" if entry["split"] == "restval" else entry["split"]
         images.append(SourceImage(int(entry[id_key]), images_root / rel, rel, split,
                                   _clean_captions(raw, rel, dataset)))
@@ -269,27 +296,6 @@ def read_karpathy(path: Path, images_root: Path) -> SourceDataset:
     return dataset
 
 
-def _coco_index(path: Path):
-    """A pycocotools COCO index of a captions file, after checking its schema."""
-    data = read_json(path, "COCO captions file")
-    if isinstance(data, dict) and isinstance(data.get("images"), list) and data["images"] \
-            and isinstance(data["images"][0], dict) and "sentences" in data["images"][0]:
-        raise AnnotationError(f"{path} is a Karpathy split file, not a COCO captions file; use --format karpathy")
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
-            or not isinstance(data.get("annotations"), list):
-        raise AnnotationError(f"{path} is not a COCO captions file: it needs top-level 'images' and "
-                              "'annotations' lists (like captions_train2014.json)")
-    for i, img in enumerate(data["images"]):
-        if not isinstance(img, dict) or not {"id", "file_name"} <= img.keys():
-            raise AnnotationError(f"{path}: images[{i}] needs 'id' and 'file_name' (COCO captions schema)")
-    for i, ann in enumerate(data["annotations"]):
-        if not isinstance(ann, dict) or not {"image_id", "caption"} <= ann.keys():
-            hint = (" (this is an instances_*.json file: pass it with --instances, and the captions_*.json "
-                    "file with --captions)") if isinstance(ann, dict) and "bbox" in ann else ""
-            raise AnnotationError(f"{path}: annotations[{i}] needs 'image_id' and 'caption'{hint}")
-    return coco_index(data), data
-
-
 def read_coco(captions: Sequence[tuple[str | None, Path]], images_root: Path) -> SourceDataset:
     """Official COCO captions files; ``(split, path)`` pairs, split None for pooled files."""
     images_root = Path(images_root)
@@ -297,7 +303,7 @@ def read_coco(captions: Sequence[tuple[str | None, Path]], images_root: Path) ->
     images: list[SourceImage] = []
     for split, path in captions:
         path = Path(path)
-        coco, data = _coco_index(path)
+        coco, data = read_captions(path, "COCO captions file")
         dataset.files.append((f"captions {split}" if split else "captions", path))
         tag = path.stem[len("captions_"):] if path.stem.startswith("captions_") else None
         folders = [images_root] + [images_root / t for t in (tag, split) if t]
@@ -313,6 +319,9 @@ def read_coco(captions: Sequence[tuple[str | None, Path]], images_root: Path) ->
             anns = coco.imgToAnns.get(image_id, [])
             for entry in entries_by_id[image_id]:
                 name = str(entry["file_name"])
+                if not inside_images(name):
+                    dataset.skipped.append(Skip(OUTSIDE_IMAGES, f"{path.name}: image {image_id}: {name}"))
+                    continue
                 folder = next((f for f in folders if (f / name).is_file()), folders[-1])
                 rel = str((folder / name).relative_to(images_root))
                 caps = _clean_captions([a["caption"] for a in anns], rel, dataset) if entry is entries_by_id[image_id][0] else []
@@ -334,8 +343,13 @@ def read_flickr8k(path: Path, images_root: Path) -> SourceDataset:
         raise AnnotationError(f"token file {path} does not exist")
     dataset = SourceDataset("flickr8k", images_root, [], [("captions", path)])
     captions: dict[str, dict[int, str]] = defaultdict(dict)
-    text = path.read_bytes().decode("utf-8", errors="replace")
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, raw in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as err:
+            dataset.skipped.append(Skip(NOT_UTF8, f"{path.name} line {number}: byte 0x{raw[err.start]:02x} (convert the "
+                                                  "file to UTF-8, e.g. iconv -f latin1 -t utf-8)"))
+            continue
         if not line.strip():
             continue
         match = _TOKEN_LINE.match(line)
@@ -343,6 +357,9 @@ def read_flickr8k(path: Path, images_root: Path) -> SourceDataset:
             raise AnnotationError(f"{path} line {number} is not '<image file>#<n><TAB><caption>' "
                                   "(Flickr8k.token.txt format); pass the token file, or --format for another format")
         name, n = match["name"].strip(), int(match["n"])
+        if not inside_images(name):
+            dataset.skipped.append(Skip(OUTSIDE_IMAGES, f"{path.name} line {number}: {name}"))
+            continue
         if n in captions[name]:
             dataset.skipped.append(Skip(DUPLICATE_FILE, f"{name}#{n} (line {number}: caption number repeated)"))
             continue

@@ -38,6 +38,7 @@ dropped from training (``--long-captions drop``; they stay references).
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import io
 import json
@@ -59,7 +60,8 @@ from PIL import Image
 from captioning.data.coco import SPLITS, read_json, write_json
 from captioning.data.formats import Skip, SourceDataset, read_instances
 from captioning.data.transforms import ImageLoadError, load_image, resize_square
-from captioning.files import LockedError, RunLock, atomic_path, partial_name, publish_folder
+from captioning.files import (MARKER, ForeignFolderError, LockedError, RunLock, atomic_path, check_folder,
+                              claim_folder, folder_kind, partial_name, publish_folder)
 from captioning.progress import Progress
 from captioning.vocab import Vocabulary, tokenize
 
@@ -195,7 +197,11 @@ def _open_partial(out: Path, plan: dict[str, Any], progress: bool) -> tuple[Path
     """OUT.partial/ ready for this plan (reused if it was started with the same plan), and its lock."""
     partial = partial_name(out)
     plan_file = partial / "plan.json"
-    if partial.is_dir():
+    try:
+        check_folder(partial, "prepared", "--out")  # OUT.partial/ of someone else's is never removed
+    except ForeignFolderError as err:
+        raise PrepareError(f"{err} (the resumable part of --out {out})") from None
+    if partial.is_dir() and folder_kind(partial) == "prepared":
         try:
             same = json.loads(plan_file.read_text()) == json.loads(json.dumps(plan))
         except (OSError, ValueError):
@@ -211,22 +217,35 @@ def _open_partial(out: Path, plan: dict[str, Any], progress: bool) -> tuple[Path
             print(f"prepare: {partial} was started with other options or sources: starting over",
                   file=sys.stderr, flush=True)
         shutil.rmtree(partial)
-    (partial / "chunks").mkdir(parents=True)
+    claim_folder(partial, "prepared", "--out")
+    (partial / "chunks").mkdir()
     lock = _take_lock(partial)
     write_json(plan_file, plan)
     return partial, lock
 
 
+def _own_name(name: str) -> bool:
+    """Whether ``name`` is one of the files a preparation writes (FILE_FORMATS, the marker)."""
+    return name == MARKER or any(fnmatch.fnmatch(name, pattern.replace("{split}", "*")) for pattern in FILE_FORMATS)
+
+
 def _check_out(out: Path, overwrite: bool) -> None:
-    if not out.exists():
+    """--out must be new, empty, or (with --overwrite) a prepared folder holding only what a
+    preparation writes: it is replaced whole, so a file of anyone else's in it is refused first."""
+    try:
+        ours = check_folder(out, "prepared", "--out")
+    except ForeignFolderError as err:
+        raise PrepareError(err) from None
+    if not ours:
+        if out.is_dir():
+            out.rmdir()  # empty: the finished folder is renamed into its place
         return
-    if not (out / "manifest.json").is_file():
-        if out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-            return
-        raise PrepareError(f"{out} exists and is not a prepared folder; choose another --out")
     if not overwrite:
-        raise PrepareError(f"{out} is already a prepared folder (manifest.json); pass --overwrite to prepare it again")
+        raise PrepareError(f"{out} is already a prepared folder; pass --overwrite to prepare it again")
+    foreign = sorted(p.name for p in out.iterdir() if not _own_name(p.name))
+    if foreign:
+        raise PrepareError(f"{out} holds files a preparation does not write ({', '.join(foreign[:4])}): move them "
+                           "out of the folder, then run again (--overwrite replaces the whole folder)")
 
 
 def _decode_images(dataset: SourceDataset, partial: Path, options: PrepareOptions) -> dict[str, list[dict]]:

@@ -16,7 +16,8 @@ results format) and metrics_<split>.json to --out-dir (default: <checkpoint fold
 
 Results mode: scores [{"image_id", "caption"}] against a COCO captions file (no decoding, no
 grounding: a results file has no attention); writes metrics_<results name>.json to --out-dir
-(default: the results file's folder). Every score is on the 0-100 scale ("scale": "0-100").
+(default: the results file's folder if an evaluation wrote it, else its eval/ subfolder).
+--out-dir must be new, empty, or a folder an evaluation wrote: anyone else's is refused. Every score is on the 0-100 scale ("scale": "0-100").
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Sequence
 
 from captioning.caption import add_decoding_options, captioner_and_settings, data_config
 from captioning.console import EXIT_USAGE, UsageError, one_line, positive_int, print_error
-from captioning.files import atomic_write_json, check_writable
+from captioning.files import ForeignFolderError, atomic_write_json, claim_folder, folder_kind
 from captioning.data.coco import write_results
 from captioning.progress import format_duration
 
@@ -49,7 +50,8 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
                    help="with --results: the COCO captions file holding the references (captions_*.json)")
     p.add_argument("--split", choices=["train", "val", "test"], help="default: test")
     p.add_argument("--out-dir", type=Path,
-                   help="default: <checkpoint folder>/eval, or the results file's folder")
+                   help="a new or empty folder, or one an evaluation wrote (default: <checkpoint folder>/eval, "
+                        "or the results file's eval/ subfolder)")
     p.add_argument("--batch-size", type=positive_int, metavar="N",
                    help="images decoded together (default: the checkpoint's data.eval_batch_size)")
     p.add_argument("--metrics", nargs="+", choices=METRICS, default=["bleu", "meteor", "rouge", "cider"],
@@ -97,9 +99,11 @@ def check_mode(args: argparse.Namespace) -> str:
 
 
 def _writable(out_dir: Path) -> Path:
+    """--out-dir as an evaluation folder: new, empty, or one an evaluation wrote (its marker);
+    anyone else's folder is refused before any work."""
     try:
-        return check_writable(out_dir, "write results")
-    except OSError as err:
+        return claim_folder(out_dir, "evaluation", "--out-dir", "write results")
+    except (ForeignFolderError, OSError) as err:
         raise UsageError(err) from None
 
 
@@ -245,6 +249,12 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     return results
 
 
+def _results_out_dir(results: Path) -> Path:
+    """The default --out-dir of results mode: the results file's folder when an evaluation wrote it,
+    else its eval/ subfolder (the project writes into no folder of anyone else's)."""
+    return results.parent if folder_kind(results.parent) == "evaluation" else results.parent / "eval"
+
+
 def evaluate_results(args: argparse.Namespace) -> dict:
     from captioning.data.coco import AnnotationError, ResultsError, load_coco_captions, load_results
     from captioning.evaluation.evaluator import score_record
@@ -256,7 +266,7 @@ def evaluate_results(args: argparse.Namespace) -> dict:
     except (ResultsError, AnnotationError) as err:
         raise UsageError(err) from None
     references = {r.image_id: list(r.captions) for r in records}
-    out_dir = _writable(args.out_dir or args.results.parent)
+    out_dir = _writable(args.out_dir or _results_out_dir(args.results))
     unknown = sorted(set(predictions) - set(references))
     if unknown:
         shown = ", ".join(map(str, unknown[:5])) + (", ..." if len(unknown) > 5 else "")

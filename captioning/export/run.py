@@ -4,7 +4,9 @@
     captioning export --checkpoint runs/soft/best.ckpt --out exported/soft --format onnx # + ONNX graphs
 
 The folder (captioning/checkpoint.py) holds config.json, vocab.json, model.safetensors and a
-README.md model card built from the run's metrics.json; ``Captioner.from_pretrained(DIR)`` loads it
+README.md model card built from the run's metrics.json (or from the model folder exported again).
+--out must be a new or empty folder, or a model folder written before (its files are replaced;
+files of anyone else's are never touched). ``Captioner.from_pretrained(DIR)`` loads it
 without Lightning. ``--format onnx`` adds encoder.onnx and step.onnx (captioning/export/onnx.py),
 which ``captioning caption --engine onnx --model DIR`` runs without PyTorch.
 """
@@ -50,8 +52,13 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
             folder = export_checkpoint(args.checkpoint, args.out, args.format, args.hard_mode, command=command)
         except ExportError as err:
             raise CheckpointError(err) from None
-    except (CheckpointError, OSError) as err:
+    except CheckpointError as err:
         print_error(err)
+        return EXIT_USAGE
+    except OSError as err:  # a read-only file system, a full disk: the folder and the cause, in words
+        from captioning.files import as_write_error
+
+        print_error(as_write_error(err) or f"cannot write {args.out}: {err.strerror or err}")
         return EXIT_USAGE
     files = ", ".join(sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")))
     print(f"wrote {folder}: {files}")

@@ -16,14 +16,15 @@ PyTorch's token for token.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from captioning.config import to_dict
 from captioning.data.transforms import MEAN, STD, load_image, resize_square, to_rgb
+from captioning.model_folder import CheckpointError, read_folder_meta, read_onnx_meta
 from captioning.vocab import Vocabulary, banned_ids
 
 NEG_INF = np.float32(-np.inf)
@@ -71,16 +72,17 @@ class OnnxCaptioner:
         if not meta_path.is_file():
             raise OnnxModelError(f"{folder} holds no ONNX graphs (no onnx.json); write them with "
                                  "'captioning export --checkpoint CKPT --out DIR --format onnx'")
+        # The folder is checked as the PyTorch loader checks it (vocabulary fingerprint, config
+        # ranges), and onnx.json against config.json, before any graph is loaded.
         try:
-            meta = json.loads(meta_path.read_text())
-            config = json.loads((folder / "config.json").read_text())["config"]
-            self.vocab = Vocabulary(json.loads((folder / "vocab.json").read_text()))
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise OnnxModelError(f"{folder} is not a readable exported model folder: {' '.join(str(err).split())}") from None
+            _, cfg, self.vocab = read_folder_meta(folder)
+            meta = read_onnx_meta(folder, cfg)
+        except CheckpointError as err:
+            raise OnnxModelError(err) from None
         self.meta = meta
-        self.image_size = int(meta["image_size"])
-        self.grid_size = int(config["model"]["encoder"]["grid_size"])
-        self.decode_defaults = config["decode"]
+        self.image_size = meta["image_size"]
+        self.grid_size = cfg.model.encoder.grid_size
+        self.decode_defaults = to_dict(cfg.decode)
         self.attention = meta["attention"]
         self.hard_mode = meta.get("hard_mode")
         options = ort.SessionOptions()

@@ -16,14 +16,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from captioning.config import EncoderConfig
-
-RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-VGGS = ("vgg11", "vgg13", "vgg16", "vgg19")
-BACKBONES = RESNETS + VGGS
-
-RESNET_STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
-VGG_STAGES = ("conv1", "conv2", "conv3", "conv4", "conv5")
+from captioning.config import BACKBONES, RESNET_STAGES, RESNETS, VGG_STAGES, VGGS, EncoderConfig  # noqa: F401
 
 
 class EncoderWeightsError(RuntimeError):

@@ -23,6 +23,7 @@ from typing import Sequence
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from captioning.checkpoint import (CheckpointError, check_resumable, check_state_dict, checkpoint_config,
                                    read_checkpoint)
@@ -35,6 +36,7 @@ from captioning.data.store import PreparedDataError
 from captioning.device import peak_rss_mib
 from captioning.evaluation.metrics import format_metrics_table
 from captioning.files import FileWriteError, as_write_error, atomic_write_json
+from captioning.models.encoder import EncoderWeightsError
 from captioning.training.module import CaptioningModule
 from captioning.training.run_folder import (RunFolderError, check_out_dir, choose_out_dir, launched_as_rank_zero,
                                             take_folder)
@@ -102,6 +104,15 @@ def make_config(args: argparse.Namespace):
 
 @rank_zero_only
 def write_outputs(out_dir: Path, module: CaptioningModule, extra: dict, skipped: str | None = None) -> None:
+    try:
+        _write_outputs(out_dir, module, extra, skipped)
+    except FileWriteError as err:  # a full disk at the very end: the checkpoints are whole, say how to score them
+        best = extra.get("checkpoint") or out_dir / "last.ckpt"
+        raise FileWriteError(err.errno, f"{err}; the checkpoints are saved, and 'captioning evaluate --checkpoint "
+                                        f"{best} --split test' computes the test scores again") from None
+
+
+def _write_outputs(out_dir: Path, module: CaptioningModule, extra: dict, skipped: str | None) -> None:
     if skipped is not None:  # module.eval_results holds the last validation's, not the test split's
         atomic_write_json(out_dir / "metrics.json", {"test": f"skipped ({skipped})", **extra})
         print(f"wrote {out_dir / 'metrics.json'} (test split not scored: {skipped})")
@@ -121,8 +132,8 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> dict:
     try:
         return train(args, prog or "captioning train", argv)
     except (ConfigError, CheckpointError, RunFolderError, AnnotationError, PreparedDataError, FeatureCacheError,
-            FileWriteError) as err:
-        sys.exit(f"error: {one_line(err)}")  # status 1, nothing written
+            FileWriteError, EncoderWeightsError, MisconfigurationException) as err:
+        sys.exit(f"error: {one_line(err)}")  # status 1; what a refused start wrote does not block its rerun
     except TrainingStopped as err:
         print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
         raise SystemExit(err.status) from None

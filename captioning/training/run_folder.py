@@ -1,21 +1,28 @@
 """An output folder belongs to one run: which folder a training writes, and what it may replace.
 
-A fresh training refuses a folder that holds another run's files unless ``--overwrite`` says to
-replace them; ``--resume CKPT`` continues in the checkpoint's own folder unless ``--out-dir``
-names another. While a training runs, a lock file in the folder (captioning/files.py RunLock)
-refuses a second live process.
+A training writes only into a new or empty folder, which it marks as a run folder
+(captioning/files.py, the folder marker), or into a folder carrying that marker. A marked folder
+holding another run's results (a checkpoint, metrics.json) is refused unless ``--overwrite``
+says to replace them, and then only the files a training writes are removed; ``--resume CKPT``
+continues in the checkpoint's own folder unless ``--out-dir`` names another. A start refused
+before any checkpoint leaves nothing that blocks the same command once fixed: a marked folder
+without results is taken as it is. While a training runs, a lock file in the folder
+(captioning/files.py RunLock) refuses a second live process.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
-from captioning.files import LockedError, RunLock, check_writable, remove_temporaries
+from captioning.files import (ForeignFolderError, LockedError, RunLock, check_folder, check_writable, folder_kind,
+                              mark_folder, remove_own, remove_temporaries)
 
-#: What a training writes into its folder; a folder holding any of them holds a run.
-RUN_FILES = ("config.yaml", "best.ckpt", "last.ckpt", "metrics.json", "test_predictions.json", "logs")
+#: What a training writes into its folder (and evaluate's default eval/): all that --overwrite removes.
+RUN_FILES = ("config.yaml", "best.ckpt", "last.ckpt", "metrics.json", "test_predictions.json", "logs",
+             "attention", "eval")
+#: The files that make a folder hold a run: without them, what a refused start left is replaced freely.
+RESULT_FILES = ("best.ckpt", "last.ckpt", "metrics.json", "test_predictions.json")
 LOCK_NAME = "train.lock"
 
 
@@ -49,22 +56,28 @@ def run_files(out_dir: Path) -> list[str]:
 
 
 def check_out_dir(out_dir: Path, overwrite: bool = False, resume: Path | None = None) -> None:
-    """Refuse (RunFolderError, one line saying what to pass) a folder holding another run's files.
+    """Refuse (RunFolderError, one line saying what to pass) a folder that is not a run folder of
+    this project (files of someone else's, even with --overwrite), or that holds another run.
 
-    A resume into the checkpoint's own folder continues that run, so its files are expected there.
-    Nothing is written here except a probe proving the folder is writable.
+    A resume into the checkpoint's own folder continues that run, so its files are expected there
+    (a run folder written before folders carried the marker is marked then). A new or empty
+    folder is created and marked; nothing else is written here except a probe proving it writable.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise RunFolderError(f"--out-dir {out_dir} is a file, not a folder: choose another --out-dir")
     continuing = resume is not None and out_dir.resolve() == Path(resume).resolve().parent
-    found = run_files(out_dir) if out_dir.is_dir() else []
+    try:
+        ours = continuing and out_dir.is_dir() or check_folder(out_dir, "run", "--out-dir")
+    except ForeignFolderError as err:
+        raise RunFolderError(str(err)) from None
+    found = [name for name in RESULT_FILES if (out_dir / name).exists()] if ours else []
     if found and not continuing and not overwrite:
         hint = f"--resume {out_dir / 'last.ckpt'} to continue it, " if (out_dir / "last.ckpt").is_file() else ""
-        raise RunFolderError(f"{out_dir} holds another run ({', '.join(found)}): pass --overwrite to replace it, "
-                             f"{hint}or --out-dir to write elsewhere")
+        raise RunFolderError(f"{out_dir} holds another run ({', '.join(run_files(out_dir))}): pass --overwrite to "
+                             f"replace it, {hint}or --out-dir to write elsewhere")
     try:
         check_writable(out_dir, "write the run")
+        if folder_kind(out_dir) != "run":
+            mark_folder(out_dir, "run")
     except OSError as err:
         raise RunFolderError(str(err)) from None
 
@@ -81,10 +94,8 @@ def take_folder(out_dir: Path, overwrite: bool = False, resume: Path | None = No
         raise RunFolderError(str(err)) from None
     remove_temporaries(out_dir)
     continuing = resume is not None and Path(out_dir).resolve() == Path(resume).resolve().parent
-    if overwrite and not continuing:
-        for name in run_files(Path(out_dir)):
-            path = Path(out_dir) / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if not continuing and (overwrite or not any((Path(out_dir) / name).exists() for name in RESULT_FILES)):
+        remove_own(out_dir, RUN_FILES)  # the previous run's files, or what a refused start left; nothing else
     return lock
 
 
