@@ -14,6 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import yaml
 import torch
 from PIL import Image
 
@@ -340,3 +341,85 @@ def test_train_two_seeds_end_to_end(tmp_path, capsys):
     assert "already trained, skipped: none-seed0, soft-seed0, hard-seed0, none-seed1, soft-seed1, hard-seed1" in err
     assert "compare: evaluated" not in err
     assert (out / "hard-seed1" / "best.ckpt").stat().st_mtime == stamp
+
+
+# ------------------------------------------------------------------------------ arms, budgets, parts
+
+
+def test_diagnostic_arms_take_their_own_seed_count_and_a_frozen_arm_needs_its_source(tmp_path):
+    from captioning.study.run import plan_training_runs
+
+    runs = plan_training_runs(tmp_path, 2, ["none", "soft", "hard-arctic-frozen", "hard-loo"], diagnostic_seeds=1)
+    assert [r.name for r in runs] == ["none-seed0", "soft-seed0", "hard-arctic-frozen-seed0", "hard-loo-seed0",
+                                      "none-seed1", "soft-seed1"]
+    frozen = runs[2]
+    assert frozen.depends_on == "soft-seed0"
+    overrides = frozen.arm_overrides()
+    assert "loss.hard_reduction=sum" in overrides and "model.encoder.fine_tune_from=null" in overrides
+    assert any(o.startswith("model.encoder.weights=") and "soft-seed0.pt" in o for o in overrides)
+    assert runs[3].arm_overrides() == ("loss.samples=4",)
+    with pytest.raises(StudyError, match="add arm soft"):
+        plan_training_runs(tmp_path, 1, ["hard", "hard-arctic-frozen"])
+    with pytest.raises(StudyError, match="add arm soft"):  # seed 1 of the frozen arm has no soft-seed1
+        plan_training_runs(tmp_path, 1, ["soft", "hard-arctic-frozen"], diagnostic_seeds=2)
+
+
+def test_budgets_set_the_synthetic_size_only_without_a_config(tmp_path):
+    quick, _ = study_overrides(None, [], "quick")
+    assert quick == ["data.synthetic.num_train=2000", "train.max_epochs=6"]
+    assert study_overrides(None, ["optim.lr=0.001"], "default") == (["optim.lr=0.001"], {})
+
+
+def test_a_part_of_a_study_runs_without_jobs_or_runs_of_its_own():
+    argv = ["--budget", "default", "--jobs", "2", "--arms", "none", "soft", "--runs", "a", "b", "--seeds", "3",
+            "--jobs=4"]
+    assert compare.child_argv(argv, "soft-seed1") == ["--budget", "default", "--arms", "none", "soft", "--seeds", "3",
+                                                      "--runs", "soft-seed1"]
+
+
+def test_unknown_run_name_exits_2(tmp_path, capsys):
+    rc = compare.main(["--out-dir", str(tmp_path), "--seeds", "1", "--arms", "none", "--runs", "none-seed7"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "none-seed7" in err[0] and "none-seed0" in err[0]
+
+
+def test_encoder_file_holds_the_runs_trained_encoder(checkpoints, tmp_path):
+    """The frozen arm's encoder: loading the file gives the checkpoint's encoder, output for output."""
+    from captioning.checkpoint import checkpoint_config, read_checkpoint
+    from captioning.config import merge
+    from captioning.models.encoder import Encoder
+    from captioning.study.run import write_encoder_file
+
+    path = checkpoints.paths["soft-a"]
+    ckpt = read_checkpoint(path)
+    cfg, _ = checkpoint_config(ckpt, path)
+    trained = Encoder(cfg.model.encoder)
+    prefix = "model.encoder."
+    trained.load_state_dict({k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)})
+    out = tmp_path / "encoders" / "soft-seed0.pt"
+    write_encoder_file(path, out)
+    loaded = Encoder(merge(cfg.model.encoder, {"weights": str(out), "fine_tune_from": None}))
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded.eval()(images)[0], trained.eval()(images)[0])
+    fresh = Encoder(merge(cfg.model.encoder, {"weights": "none"}))
+    assert not torch.allclose(fresh.eval()(images)[0], trained.eval()(images)[0])
+
+
+@pytest.mark.slow
+def test_parallel_parts_train_the_frozen_and_leave_one_out_arms(tmp_path, capsys):
+    """--jobs 2: each run in its own process; the frozen arm waits for its soft run's encoder."""
+    out = tmp_path / "study"
+    argv = ["--config", str(REPO / "configs" / "tiny.yaml"), "--set", f"data.root={tmp_path / 'data'}",
+            "--set", "train.max_epochs=1", "--seeds", "1", "--arms", "none", "soft", "hard-arctic-frozen", "hard-loo",
+            "--out-dir", str(out), "--metrics", "bleu", "--max-len", "6", "--examples", "1", "--jobs", "2"]
+    assert compare.main(argv) == 0
+    err = capsys.readouterr().err
+    assert err.index("finished soft-seed0") < err.index("started hard-arctic-frozen-seed0")
+    for name in ("none-seed0", "soft-seed0", "hard-arctic-frozen-seed0", "hard-loo-seed0"):
+        assert (out / "logs" / f"{name}.txt").is_file()
+    frozen = yaml.safe_load((out / "hard-arctic-frozen-seed0" / "config.yaml").read_text())
+    assert frozen["model"]["encoder"]["fine_tune_from"] is None and frozen["loss"]["hard_reduction"] == "sum"
+    assert (out / "encoders" / "soft-seed0.pt").is_file()
+    assert yaml.safe_load((out / "hard-loo-seed0" / "config.yaml").read_text())["loss"]["samples"] == 4
+    report = (out / "report.md").read_text()
+    assert "Welch's t-test" in report and "hard-loo vs soft" in report
