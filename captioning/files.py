@@ -267,6 +267,11 @@ class RunLock:
                 return {"host": parts[0], "pid": int(parts[1])}
             return {}
 
+    def live_holder(self) -> dict[str, Any] | None:
+        """The record of the live process that holds the lock, or None (no lock, or a stale one)."""
+        info = self.holder()
+        return info if info and self._holder_alive(info) else None
+
     def _holder_alive(self, info: dict[str, Any]) -> bool:
         pid = info.get("pid")
         if not isinstance(pid, int):

@@ -423,3 +423,31 @@ def test_parallel_parts_train_the_frozen_and_leave_one_out_arms(tmp_path, capsys
     assert yaml.safe_load((out / "hard-loo-seed0" / "config.yaml").read_text())["loss"]["samples"] == 4
     report = (out / "report.md").read_text()
     assert "Welch's t-test" in report and "hard-loo vs soft" in report
+
+
+def test_a_run_another_process_is_training_is_never_cleared(tmp_path):
+    """Parts of a study run at once: a run whose folder another live process has locked is refused,
+    and its files are left as they are."""
+    import os
+    import subprocess
+    import sys
+
+    from captioning.files import host_name
+    from captioning.study.run import Run, clear_unfinished
+
+    folder = tmp_path / "soft-seed0"
+    (folder / "logs").mkdir(parents=True)
+    (folder / "last.ckpt").write_bytes(b"half a run")
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (folder / "train.lock").write_text(json.dumps({"pid": holder.pid, "host": host_name(), "command": "train"}))
+        run = Run("soft-seed0", "soft", folder, folder / "best.ckpt", 0, folder)
+        with pytest.raises(StudyError, match=f"soft-seed0 is being trained by pid {holder.pid}"):
+            clear_unfinished(run)
+        assert (folder / "last.ckpt").read_bytes() == b"half a run" and (folder / "logs").is_dir()
+    finally:
+        holder.kill()
+        holder.wait()
+    clear_unfinished(run)  # the holder is gone: a stale lock, and the leftovers are cleared
+    assert not (folder / "last.ckpt").exists()
+    assert os.path.exists(folder)

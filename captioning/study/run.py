@@ -50,7 +50,7 @@ import yaml
 
 from captioning.config import Config, ConfigError, build_config, flatten, to_dict
 from captioning.decoding import HARD_MODES  # expected first: the study's default
-from captioning.files import atomic_write
+from captioning.files import RunLock, atomic_write
 from captioning.progress import format_duration
 
 ATTENTIONS = ("none", "soft", "hard")
@@ -339,7 +339,15 @@ def is_evaluated(run: Run, mode: str | None, plan: Plan) -> bool:
 
 
 def clear_unfinished(run: Run) -> None:
-    """Remove what a run interrupted mid-training left, so it restarts cleanly (only train.py's files)."""
+    """Remove what a run interrupted mid-training left, so it restarts cleanly (only train.py's files).
+    A run that another live process is training (a part of the study run elsewhere) is refused."""
+    from captioning.training.run_folder import LOCK_NAME
+
+    lock = RunLock(run.dir / LOCK_NAME)
+    holder = lock.live_holder()
+    if holder is not None:
+        raise StudyError(f"{run.name} is being trained by {lock.describe(holder)}; let it finish, then run this "
+                         "command again")
     for name in ("best.ckpt", "last.ckpt", "metrics.json", "test_predictions.json"):
         (run.dir / name).unlink(missing_ok=True)
     for folder in [run.dir / "logs", *[run.eval_dir(m) for m in HARD_MODES]]:
