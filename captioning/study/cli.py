@@ -1,7 +1,7 @@
 """No attention, soft and hard attention: train every arm under identical settings over several
 seeds, evaluate them alike, and write a report folder (report.md, PNG figures, the raw numbers as JSON).
 
-    captioning compare --jobs 2                          # the quick budget: 7 arms x 3 seeds
+    captioning compare --jobs 2                          # the quick budget: 9 arms x 3 seeds
     captioning compare --budget default --jobs 2 --diagnostic-seeds 1   # what users train
     captioning compare --arms none soft hard             # the main arms only
     captioning compare --config my_coco.yaml --set data.root=/data/coco   # full size, GPU

@@ -17,7 +17,8 @@ import yaml
 from captioning.files import atomic_write
 
 COLORS = {"none": "tab:gray", "soft": "tab:blue", "hard": "tab:orange", "hard-arctic": "tab:red",
-          "hard-arctic-le0": "tab:pink", "hard-arctic-frozen": "tab:brown", "hard-loo": "tab:green",
+          "hard-arctic-le0": "tab:pink", "hard-arctic-frozen": "tab:brown", "none-frozen": "tab:cyan",
+          "hard-frozen": "gold", "hard-loo": "tab:green",
           "hard-image": "tab:olive"}
 #: The metrics each arm is tested on against the control and against soft attention.
 TESTED = (("bleu_4", "BLEU-4"), ("cider", "CIDEr"), ("caption_accuracy", "caption accuracy"))

@@ -5,7 +5,8 @@ control ``none``, ``soft`` and ``hard`` (the defaults of captioning/config.py). 
 arms ask why hard attention trains as it does: ``hard-arctic`` (the authors' code strengths of the
 REINFORCE and entropy terms), ``hard-arctic-le0`` (the same without the entropy bonus),
 ``hard-arctic-frozen`` (the same on a frozen encoder taken from the soft run of the same seed,
-as capgen's CNN is fixed and pre-trained) and ``hard-loo`` (several sampled location sequences
+as capgen's CNN is fixed and pre-trained; ``none-frozen`` and ``hard-frozen`` are the control and
+the default hard arm on that encoder) and ``hard-loo`` (several sampled location sequences
 per caption with a leave-one-out baseline: a lower-variance estimator, beyond the paper).
 ``hard-image`` (the 0.5 substitution drawn per image, the paper's text) is offered, not run by
 default.
@@ -84,6 +85,10 @@ ARMS: dict[str, Arm] = {
     "hard-arctic-frozen": Arm("hard", ("loss.hard_reduction=sum",),
                               "hard-arctic on a frozen encoder: the CNN of the soft run of the same seed, as capgen's "
                               "CNN is fixed and pre-trained", main=False, frozen_from="soft"),
+    "none-frozen": Arm("none", (), "the control on the same frozen encoder as hard-arctic-frozen: what that encoder "
+                                   "gives without attention", main=False, frozen_from="soft"),
+    "hard-frozen": Arm("hard", (), "hard (the default strength) on the same frozen encoder", main=False,
+                       frozen_from="soft"),
     "hard-loo": Arm("hard", ("loss.samples=4",),
                     "hard with a lower-variance estimator (beyond the paper): 4 location sequences sampled per "
                     "caption, each with the mean cost of the other 3 as its baseline", main=False),
@@ -91,7 +96,8 @@ ARMS: dict[str, Arm] = {
                       "hard with the 0.5 substitution drawn once per image (the paper's text)", main=False),
 }
 #: The arms a study trains unless --arms says otherwise.
-DEFAULT_ARMS = ("none", "soft", "hard", "hard-arctic", "hard-arctic-le0", "hard-arctic-frozen", "hard-loo")
+DEFAULT_ARMS = ("none", "soft", "hard", "hard-arctic", "hard-arctic-le0", "hard-arctic-frozen", "none-frozen",
+                "hard-frozen", "hard-loo")
 SPLIT = "test"
 WANTED_METRICS = ("bleu", "meteor", "rouge", "cider", "grounding")  # those evaluate.py offers are used
 #: budget -> {config key: (value, reason)}, applied only without --config (the synthetic dataset).
