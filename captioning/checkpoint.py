@@ -9,6 +9,7 @@ package that reads the same config keys can load them.
 from __future__ import annotations
 
 import pickle
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -70,7 +71,22 @@ def checkpoint_config(ckpt: dict, path: str | Path = "checkpoint") -> tuple[Conf
         vocab = Vocabulary(list(words))
     except (ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{path} holds a damaged vocabulary: {err}") from None
-    return cfg, vocab
+    return at_workdir(cfg, ckpt.get("workdir")), vocab
+
+
+def at_workdir(cfg: Config, workdir: str | None) -> Config:
+    """``cfg`` with its relative data paths (data.root, data.feature_cache) made absolute against
+    ``workdir``, the folder the training ran in (recorded in every checkpoint by
+    captioning/training/trainer.py RunPlace): a command run from another folder then reads the
+    run's own data instead of looking for it, or generating it, where it stands. Without a
+    ``workdir`` (a checkpoint written before it was recorded) the paths stay as they are."""
+    if not isinstance(workdir, str) or not workdir:
+        return cfg
+    data = cfg.data
+    paths = {"root": data.root, "feature_cache": data.feature_cache}
+    changed = {key: str(Path(workdir) / value) for key, value in paths.items()
+               if value is not None and not Path(value).is_absolute()}
+    return replace(cfg, data=replace(data, **changed)) if changed else cfg
 
 
 def check_state_dict(expected: dict[str, torch.Tensor], found: dict[str, Any], path: str | Path) -> None:
