@@ -180,12 +180,16 @@ class TrainingProgress(ProgressBar):
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module) -> None:
         self._close()
-        scores = {key.split("/", 1)[1]: float(value) for key, value in trainer.callback_metrics.items()
-                  if key in ("val/bleu_4", "val/caption_accuracy")}
-        if self.enabled and scores and not trainer.sanity_checking:
-            names = {"bleu_4": "BLEU-4", "caption_accuracy": "caption accuracy"}
-            text = ", ".join(f"{names[key]} {100 * value:.1f}" for key, value in scores.items())
-            print(f"{self._epoch(trainer)} validation (greedy, x100): {text}", file=sys.stderr, flush=True)
+        if not self.enabled or trainer.sanity_checking:
+            return
+        metrics = trainer.callback_metrics
+        names = {"val/bleu_4": "BLEU-4", "val/caption_accuracy": "caption accuracy"}
+        parts = [f"{name} {100 * float(metrics[key]):.1f}" for key, name in names.items() if key in metrics]
+        text = f"(greedy, x100): {', '.join(parts)}" if parts else ""
+        if "val/nll" in metrics:  # train.monitor "nll"
+            text += f"{'; ' if parts else ': '}NLL {float(metrics['val/nll']):.3f}"
+        if text:
+            print(f"{self._epoch(trainer)} validation {text}", file=sys.stderr, flush=True)
 
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module) -> None:
         self._start(sum(trainer.num_test_batches), "test")
