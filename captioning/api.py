@@ -105,17 +105,39 @@ class Captioner:
         loaded = load_model_folder(folder, map_location=dev)
         return cls(loaded.model, loaded.config, loaded.vocab, dev, source=folder)
 
+    def __repr__(self) -> str:
+        enc = self.config.model.encoder
+        params = sum(p.numel() for p in self.model.parameters())
+        return (f"Captioner(source={self.source!r}, attention={self.config.model.attention!r}, "
+                f"encoder='{enc.backbone} up to {enc.stage or 'the last stage'}, {self.grid_size}x{self.grid_size} "
+                f"grid', image_size={self.image_size}, words={len(self.vocab)}, parameters={params}, "
+                f"device='{self.device}')")
+
     def save_pretrained(self, folder: str | Path, command: str | None = None) -> Path:
         """Write this model as a folder: config.json, vocab.json, model.safetensors and a README.md
         model card, with the test scores of the training run (its metrics.json beside the checkpoint,
-        or what the model folder it was loaded from kept of it) and ``command`` (default: this
-        process's command line). Only a new or empty folder, or a model folder, is written into:
-        anything else raises CheckpointError and is left as it was."""
+        or what the model folder it was loaded from kept of it) and ``command``, what made the folder
+        (default: the Python calls that loaded and saved this model, and the script that ran them).
+        Only a new or empty folder, or a model folder, is written into: anything else raises
+        CheckpointError and is left as it was."""
         if command is None:
-            command = " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]])
+            command = self._save_calls(folder)
         metrics = read_run_metrics(self.source) if self.source is not None else None
         card = model_card(self.model, self.config, self.vocab, command, self.source, metrics)
         return save_model_folder(folder, self.model, self.config, self.vocab, card, run=metrics)
+
+    def _save_calls(self, folder: str | Path) -> str:
+        """What a card records when Python, not a command, wrote the folder: the calls, as code."""
+        if self.source is None:
+            load = "captioner = Captioner(model, config, vocab)"
+        else:
+            how = "from_pretrained" if Path(self.source).is_dir() else "from_checkpoint"
+            load = f"captioner = Captioner.{how}({self.source!r})"
+        lines = ["from captioning import Captioner", "", load, f"captioner.save_pretrained({str(folder)!r})"]
+        script = sys.argv[0] if sys.argv else ""
+        if script not in ("", "-", "-c") and Path(script).is_file():  # not an interactive session or `python -c`
+            lines.append(f"# run by: python {' '.join(shlex.quote(a) for a in sys.argv)}")
+        return "\n".join(lines)
 
     # ------------------------------------------------------------------------------ settings
 

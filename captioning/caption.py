@@ -162,11 +162,21 @@ def captioner_and_settings(args: argparse.Namespace):
 
 
 def data_config(captioner, data_root: str | None):
-    """The checkpoint's data config, with its root replaced if --data-root was given."""
+    """The checkpoint's data config, with its root replaced if --data-root was given. Without it,
+    the root is the training's own (relative to the folder it ran in): the synthetic set is never
+    generated in the current folder (captioning/data/datamodule.py check_trained_data)."""
     import dataclasses
 
+    from captioning.data.datamodule import check_trained_data
+
     cfg = captioner.config.data
-    return dataclasses.replace(cfg, root=str(data_root)) if data_root is not None else cfg
+    if data_root is not None:
+        return dataclasses.replace(cfg, root=str(data_root))
+    try:
+        check_trained_data(cfg)
+    except ValueError as err:
+        raise UsageError(err) from None
+    return cfg
 
 
 # ------------------------------------------------------------------------------------ caption
@@ -212,7 +222,8 @@ def caption_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 
 def split_paths(captioner, split: str, limit: int | None, data_root: str | None) -> list[Path]:
-    """Image files of a split of the checkpoint's dataset (generated first if synthetic)."""
+    """Image files of a split of the checkpoint's dataset (the synthetic set generated first, in the
+    training's data folder, if missing)."""
     from captioning.data.coco import AnnotationError
     from captioning.data.datamodule import CaptionDataModule
 

@@ -9,6 +9,7 @@ package that reads the same config keys can load them.
 from __future__ import annotations
 
 import pickle
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -70,7 +71,22 @@ def checkpoint_config(ckpt: dict, path: str | Path = "checkpoint") -> tuple[Conf
         vocab = Vocabulary(list(words))
     except (ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{path} holds a damaged vocabulary: {err}") from None
-    return cfg, vocab
+    return at_workdir(cfg, ckpt.get("workdir")), vocab
+
+
+def at_workdir(cfg: Config, workdir: str | None) -> Config:
+    """``cfg`` with its relative data paths (data.root, data.feature_cache) made absolute against
+    ``workdir``, the folder the training ran in (recorded in every checkpoint by
+    captioning/training/trainer.py RunPlace): a command run from another folder then reads the
+    run's own data instead of looking for it, or generating it, where it stands. Without a
+    ``workdir`` (a checkpoint written before it was recorded) the paths stay as they are."""
+    if not isinstance(workdir, str) or not workdir:
+        return cfg
+    data = cfg.data
+    paths = {"root": data.root, "feature_cache": data.feature_cache}
+    changed = {key: str(Path(workdir) / value) for key, value in paths.items()
+               if value is not None and not Path(value).is_absolute()}
+    return replace(cfg, data=replace(data, **changed)) if changed else cfg
 
 
 def check_state_dict(expected: dict[str, torch.Tensor], found: dict[str, Any], path: str | Path) -> None:
@@ -210,13 +226,41 @@ _CARD_METRICS = (("bleu_1", "BLEU-1"), ("bleu_2", "BLEU-2"), ("bleu_3", "BLEU-3"
                  ("meteor", "METEOR"), ("rouge_l", "ROUGE-L"), ("cider", "CIDEr"), ("spice", "SPICE"))
 
 
+#: Metric ids of the card's metadata (the names model hubs use), for the scores a card can show.
+_HUB_METRICS = {"bleu_1": "bleu", "bleu_2": "bleu", "bleu_3": "bleu", "bleu_4": "bleu", "meteor": "meteor",
+                "rouge_l": "rouge", "cider": "cider", "spice": "spice"}
+
+
+def card_metadata(cfg: Config, metrics: dict | None = None) -> list[str]:
+    """The card's YAML front matter, the metadata header model hubs read (library_name,
+    pipeline_tag, license, tags, datasets, metrics). ``metrics``: the run's metrics.json; its
+    test scores name the metrics, else the ones training scores. Values are JSON strings, which
+    YAML reads as they are."""
+    import json
+
+    data = cfg.data
+    dataset = {"synthetic": "show-attend-tell-synthetic", "coco": "coco"}.get(data.dataset) or Path(data.root).name
+    scores = (metrics or {}).get("metrics")
+    keys = [k for k in scores if k in _HUB_METRICS] if isinstance(scores, dict) else []
+    hub_metrics = list(dict.fromkeys(_HUB_METRICS[k] for k in keys or ("bleu_4", "meteor", "rouge_l", "cider")))
+    tags = ["image-captioning", "show-attend-tell", f"{cfg.model.attention}-attention", "pytorch"]
+
+    def items(values: list[str]) -> list[str]:
+        return [f"- {json.dumps(v)}" for v in values]
+
+    return ["---", "library_name: show-attend-tell", "pipeline_tag: image-to-text", "license: mit",
+            "tags:", *items(tags), "datasets:", *items([dataset]), "metrics:", *items(hub_metrics), "---", ""]
+
+
 def model_card(model: ShowAttendTell, cfg: Config, vocab: Vocabulary, command: str,
                source: str | None = None, metrics: dict | None = None) -> str:
-    """README.md of a model folder: what the model is, its test scores (from the training run's
-    metrics.json, when there is one), the command that made the folder, and how to load it."""
+    """README.md of a model folder: the metadata header (card_metadata), what the model is, its
+    test scores (from the training run's metrics.json, when there is one), the command that made
+    the folder, and how to load it."""
     enc, dec = cfg.model.encoder, cfg.model.decoder
     params = sum(p.numel() for p in model.parameters())
     lines = [
+        *card_metadata(cfg, metrics),
         f"# Show, Attend and Tell: {cfg.model.attention} attention",
         "",
         "An image captioning model (Xu et al., 2015), saved by `Captioner.save_pretrained`.",

@@ -97,13 +97,29 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def new_file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0o666 less the process's umask (0644 under umask 022)."""
+    try:
+        with open("/proc/self/status") as f:  # Linux: read without changing it
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere the only way to read it is to set it, then put it back
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is fsync'ed and renamed to ``path``.
 
     For writers that need a file name (``np.save``, ``torch.save``, ``open_memmap``). On any
     failure the temporary file is removed and ``path`` is untouched; ENOSPC, EACCES, EPERM and
-    EROFS become a :class:`FileWriteError` naming the folder.
+    EROFS become a :class:`FileWriteError` naming the folder. The file gets the mode a plain
+    ``open()`` gives (the umask respected): some writers, such as safetensors', create theirs
+    readable by the owner alone, and a model folder is meant to be shared.
     """
     path = Path(path)
     tmp = _tmp_sibling(path)
@@ -111,6 +127,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
     except BaseException as err:
         with contextlib.suppress(OSError):

@@ -32,7 +32,8 @@ class Progress:
     """Count work done against ``total``; ``update(n)`` after each piece, ``close()`` at the end.
 
     ``initial`` counts work done before (a resumed run): it is shown as done, but the rate and
-    ETA come from this run's work only. ``enabled=False`` prints nothing.
+    ETA come from this run's work only. ``enabled=False`` prints nothing. ``update(n, note)``
+    shows ``note`` (such as the current loss) after the counts until another note replaces it.
     """
 
     def __init__(self, total: int, label: str, unit: str = "images", enabled: bool = True,
@@ -41,6 +42,7 @@ class Progress:
         self.stream = stream if stream is not None else sys.stderr
         self.interval = interval
         self.done, self.new = initial, 0
+        self.note: str | None = None
         self.start = self.last = time.perf_counter()
         self._bar = None
         if enabled and _is_terminal(self.stream):
@@ -53,12 +55,16 @@ class Progress:
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
-    def update(self, count: int) -> None:
+    def update(self, count: int, note: str | None = None) -> None:
         self.done += count
         self.new += count
+        if note is not None:
+            self.note = note
         if not self.enabled:
             return
         if self._bar is not None:
+            if note is not None:
+                self._bar.set_postfix_str(note, refresh=False)
             self._bar.update(count)
             if self.done >= self.total:
                 self.close()
@@ -76,7 +82,8 @@ class Progress:
         rate_text = f"{rate:.1f}" if rate < 100 else f"{rate:.0f}"
         return (f"{self.label}: {self.done}/{self.total} {self.unit} "
                 f"({100 * self.done / max(self.total, 1):.0f}%), {rate_text} {self.unit}/s, "
-                f"elapsed {format_duration(elapsed)}, ETA {format_duration(eta)}")
+                f"elapsed {format_duration(elapsed)}, ETA {format_duration(eta)}"
+                + (f", {self.note}" if self.note else ""))
 
     def close(self) -> None:
         if self._bar is not None:

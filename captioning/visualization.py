@@ -1,34 +1,40 @@
 """Paper-style per-word attention figures (Xu et al., 2015, Figs. 2-3), drawn with PIL and numpy.
 
-A figure is a grid of square panels. The first panel is the input image (labelled ``<image>``);
+A figure is a grid of panels of the photo's own shape. The first panel is the input image (labelled ``<image>``);
 each following panel shows the image lit by one generated word's attention map, with the word
 written above it. The optional title (typically the whole caption) is drawn in a strip on top.
 
 Rendering of one word panel (``attention`` map ``a`` of shape ``[gh, gw]``):
 
-1. the map is upsampled to ``panel_size x panel_size`` - bilinearly and then Gaussian-blurred
-   (sigma = :data:`SMOOTH_SIGMA_CELLS` grid cells) when ``smooth=True``, like the paper's
-   ``pyramid_expand`` figures; nearest-neighbour (visible grid cells) when ``smooth=False``;
+1. the map is upsampled to the panel (``panel_w x panel_h``) - bilinearly and then
+   Gaussian-blurred (sigma = :data:`SMOOTH_SIGMA_CELLS` grid cells along each side) when
+   ``smooth=True``, like the paper's ``pyramid_expand`` figures; nearest-neighbour (visible grid
+   cells) when ``smooth=False``;
 2. it is normalised per map by its maximum to ``a_norm`` in [0, 1] (so a uniform map lights the
    whole image and an all-zero map leaves it dark);
 3. the panel is ``dark = image * (0.25 + 0.75 * a_norm)`` then brightened towards white where
    attended: ``dark + (255 - dark) * 0.3 * a_norm``. Attended regions are bright, the rest dimmed.
 
-The image is resized (bicubic, ignoring aspect ratio) to the panel, assuming the attention grid
-covers the whole model input, which is how the encoder sees a resized image. Tiny images (e.g.
-64x64) are upscaled the same way.
+The model sees the image resized to a square (captioning/data/transforms.py), so its attention
+grid covers the whole photo; the figure draws the photo as it is, its aspect ratio kept (the
+longer side resized, bicubic, to the panel size), and stretches the grid over it: each cell
+lights the part of the photo the model saw in it. Tiny images (e.g. 64x64) are upscaled the
+same way.
 
-Figure geometry (all integers, see :func:`figure_size`), for ``n`` words and ``P = panel_size``::
+Figure geometry (all integers, see :func:`figure_size`), for ``n`` words, ``P = panel_size`` and
+the photo's ``aspect`` = width / height::
 
+    panel_w = P if aspect >= 1 else max(1, round(P * aspect))   # the photo's shape, longer side P
+    panel_h = P if aspect <= 1 else max(1, round(P / aspect))
     strip   = max(16, round(P / 8))        # height of each word label strip (28 for P=224)
     title_h = 2 * strip                    # title strip on top, always reserved (2 text lines)
     pad     = max(2, P // 32)              # gap around panels (7 for P=224)
     cols    = min(columns, n + 1)          # n + 1 panels: the image, then one per word
     rows    = ceil((n + 1) / cols)
-    width   = pad + cols * (P + pad)
-    height  = title_h + rows * (strip + P + pad)
+    width   = pad + cols * (panel_w + pad)
+    height  = title_h + rows * (strip + panel_h + pad)
 
-e.g. 20 words at the defaults: 5 columns x 5 rows, 1162 x 1351 pixels.
+e.g. 20 words of a square photo at the defaults: 5 columns x 5 rows, 1162 x 1351 pixels.
 """
 
 from __future__ import annotations
@@ -70,8 +76,9 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def figure_layout(num_words: int, panel_size: int = 224, columns: int = 5) -> dict[str, int]:
-    """All layout numbers of a figure: strip, title_h, pad, cols, rows, width, height.
+def figure_layout(num_words: int, panel_size: int = 224, columns: int = 5, aspect: float = 1.0) -> dict[str, int]:
+    """All layout numbers of a figure: panel_w, panel_h, strip, title_h, pad, cols, rows, width,
+    height. ``aspect``: the photo's width / height.
 
     See the module docstring for the formulas.
     """
@@ -81,32 +88,39 @@ def figure_layout(num_words: int, panel_size: int = 224, columns: int = 5) -> di
         raise ValueError(f"panel_size must be an integer >= 16, got {panel_size!r}")
     if not _is_int(columns) or columns < 1:
         raise ValueError(f"columns must be a positive integer, got {columns!r}")
+    if isinstance(aspect, bool) or not isinstance(aspect, (int, float)) or not 0 < aspect < math.inf:
+        raise ValueError(f"aspect (width / height) must be a positive number, got {aspect!r}")
     panel_size, columns, num_words = int(panel_size), int(columns), int(num_words)
+    panel_w = panel_size if aspect >= 1 else max(1, round(panel_size * aspect))
+    panel_h = panel_size if aspect <= 1 else max(1, round(panel_size / aspect))
     strip = max(16, round(panel_size / 8))
     pad = max(2, panel_size // 32)
     panels = num_words + 1
     cols = min(columns, panels)
     rows = math.ceil(panels / cols)
     return {
+        "panel_w": panel_w,
+        "panel_h": panel_h,
         "strip": strip,
         "title_h": 2 * strip,
         "pad": pad,
         "cols": cols,
         "rows": rows,
-        "width": pad + cols * (panel_size + pad),
-        "height": 2 * strip + rows * (strip + panel_size + pad),
+        "width": pad + cols * (panel_w + pad),
+        "height": 2 * strip + rows * (strip + panel_h + pad),
     }
 
 
-def figure_size(num_words: int, panel_size: int = 224, columns: int = 5) -> tuple[int, int]:
-    """``(width, height)`` in pixels of :func:`attention_figure` for ``num_words`` words.
+def figure_size(num_words: int, panel_size: int = 224, columns: int = 5, aspect: float = 1.0) -> tuple[int, int]:
+    """``(width, height)`` in pixels of :func:`attention_figure` for ``num_words`` words of a
+    photo whose width / height is ``aspect``.
 
-    ``width = pad + cols * (panel_size + pad)`` and
-    ``height = 2 * strip + rows * (strip + panel_size + pad)`` with ``strip = max(16,
+    ``width = pad + cols * (panel_w + pad)`` and ``height = 2 * strip + rows * (strip + panel_h +
+    pad)`` with the panel the photo's shape, its longer side ``panel_size``, ``strip = max(16,
     round(panel_size / 8))``, ``pad = max(2, panel_size // 32)``, ``cols = min(columns,
     num_words + 1)``, ``rows = ceil((num_words + 1) / cols)``. ``figure_size(20) == (1162, 1351)``.
     """
-    layout = figure_layout(num_words, panel_size, columns)
+    layout = figure_layout(num_words, panel_size, columns, aspect)
     return layout["width"], layout["height"]
 
 
@@ -219,16 +233,15 @@ def _upsample_matrix(cells: int, size: int, smooth: bool, sigma: float) -> np.nd
     return matrix
 
 
-def _upsample_map(amap: np.ndarray, size: int, smooth: bool) -> np.ndarray:
-    """Upsample one ``[gh, gw]`` map to ``[size, size]`` and normalise it by its max to [0, 1].
+def _upsample_map(amap: np.ndarray, height: int, width: int, smooth: bool) -> np.ndarray:
+    """Upsample one ``[gh, gw]`` map to ``[height, width]`` and normalise it by its max to [0, 1].
 
     smooth: bilinear upsampling followed by a Gaussian blur of ``SMOOTH_SIGMA_CELLS`` grid cells
-    (mirrored borders); otherwise nearest-neighbour.
+    along each side (mirrored borders); otherwise nearest-neighbour.
     """
     gh, gw = amap.shape
-    sigma = SMOOTH_SIGMA_CELLS * size / max(gh, gw) if smooth else 0.0
-    rows = _upsample_matrix(gh, size, smooth, sigma)
-    cols = _upsample_matrix(gw, size, smooth, sigma)
+    rows = _upsample_matrix(gh, height, smooth, SMOOTH_SIGMA_CELLS * height / gh if smooth else 0.0)
+    cols = _upsample_matrix(gw, width, smooth, SMOOTH_SIGMA_CELLS * width / gw if smooth else 0.0)
     # einsum, not @: small products through a multi-threaded BLAS can be ~50x slower on few cores.
     up = np.einsum("ik,jk->ij", np.einsum("ik,kl->il", rows, amap), cols)
     up = np.clip(up, 0.0, None)
@@ -288,18 +301,20 @@ def attention_figure(
     """Render the paper-style grid: the image, then one attention-lit panel per generated word.
 
     Args:
-        image: the original image (any size and mode; converted to RGB and resized to the panel).
+        image: the original image (any size and mode; converted to RGB and resized to the panel,
+            which has the image's aspect ratio, its longer side ``panel_size``).
         words: the generated words, ``<end>`` excluded.
         attention: ``numpy.ndarray`` or ``torch.Tensor`` of shape ``[len(words), gh, gw]``; each
             map non-negative and finite (it need not sum to 1; padded/masked cells may be 0).
         title: optional text (e.g. the full caption) drawn above the grid, wrapped to at most two
             lines (font shrunk, then truncated with "...", if needed).
-        panel_size: side of each square panel in pixels (>= 16).
+        panel_size: the longer side of each panel in pixels (>= 16).
         columns: panels per row (the image panel counts as one).
         smooth: bilinear upsampling + Gaussian blur (paper look) if True; blocky grid if False.
 
     Returns:
-        An RGB ``PIL.Image.Image`` of exactly ``figure_size(len(words), panel_size, columns)``.
+        An RGB ``PIL.Image.Image`` of exactly ``figure_size(len(words), panel_size, columns,
+        image.width / image.height)``.
 
     Raises:
         TypeError: ``image`` is not a PIL image.
@@ -315,10 +330,11 @@ def attention_figure(
         raise ValueError("words must be a sequence of word strings (not a single string)")
     if not all(isinstance(w, str) for w in words):
         raise ValueError("every word must be a string")
-    layout = figure_layout(len(words), panel_size, columns)
+    layout = figure_layout(len(words), panel_size, columns, image.width / image.height)
     maps = _as_maps(attention, len(words))
 
-    P, strip, pad, cols = int(panel_size), layout["strip"], layout["pad"], layout["cols"]
+    W, H = layout["panel_w"], layout["panel_h"]
+    strip, pad, cols = layout["strip"], layout["pad"], layout["cols"]
     figure = Image.new("RGB", (layout["width"], layout["height"]), _BACKGROUND)
     draw = ImageDraw.Draw(figure)
 
@@ -335,20 +351,20 @@ def attention_figure(
             _draw_centered(draw, line, font, (pad, y0, layout["width"] - pad, round(y0 + line_h)))
 
     base_img = image.convert("RGB")
-    if base_img.size != (P, P):
-        base_img = base_img.resize((P, P), Image.Resampling.BICUBIC)
+    if base_img.size != (W, H):
+        base_img = base_img.resize((W, H), Image.Resampling.BICUBIC)
     base = np.asarray(base_img, dtype=np.float64)
 
     labels = [_IMAGE_LABEL] + [" ".join(w.split()) for w in words]
     for index, label in enumerate(labels):
         row, col = divmod(index, cols)
-        x0 = pad + col * (P + pad)
-        y0 = layout["title_h"] + row * (strip + P + pad)
-        panel = base_img if index == 0 else _shade(base, _upsample_map(maps[index - 1], P, smooth))
+        x0 = pad + col * (W + pad)
+        y0 = layout["title_h"] + row * (strip + H + pad)
+        panel = base_img if index == 0 else _shade(base, _upsample_map(maps[index - 1], H, W, smooth))
         figure.paste(panel, (x0, y0 + strip))
         if label:
-            text, font = _fit_line(draw, label, P, word_size, min_size)
-            _draw_centered(draw, text, font, (x0, y0, x0 + P, y0 + strip))
+            text, font = _fit_line(draw, label, W, word_size, min_size)
+            _draw_centered(draw, text, font, (x0, y0, x0 + W, y0 + strip))
     return figure
 
 

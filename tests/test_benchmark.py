@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import platform
 import sys
+import warnings
 
 import pytest
 import torch
@@ -151,13 +152,17 @@ def test_counting_rows_counts_every_step_and_restores_the_method():
     assert "step" not in vars(model.decoder)  # the class's method again
 
 
-def test_quick_encoder_section(tmp_path):
-    saved = benchmark.run(["--quick", "--out", str(tmp_path / "b.json"), "--sections", "encoder",
-                            "--backbones", "resnet18"])
+def test_quick_encoder_section(tmp_path, capsys):
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        saved = benchmark.run(["--quick", "--out", str(tmp_path / "b.json"), "--sections", "encoder",
+                                "--backbones", "resnet18"])
+    assert not [str(w.message) for w in seen if "encoder" in str(w.message)]  # --quick's own sizes fit its grid
     (row,) = saved["encoder"]
     assert row["backbone"] == "resnet18" and row["grid"] == "4x4x512" and row["images_per_s"] > 0
     assert row["gflop_per_image"] > 0
     assert "matmul" not in saved  # only the sections asked for
+    assert "encoder forward (random weights, frozen, the last stage pooled to 4x4)" in capsys.readouterr().out
 
 
 def test_benchmark_rejects_missing_cuda(tmp_path, monkeypatch):

@@ -4,12 +4,14 @@ attention heatmaps of fixed validation images written at every validation."""
 from __future__ import annotations
 
 import csv
+import logging
+import warnings
 from pathlib import Path
 
 import pytest
 
 from captioning.training.run import run
-from captioning.training.trainer import build_loggers
+from captioning.training.trainer import Trainer, build_loggers
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,3 +37,30 @@ def test_tensorboard_logger_and_attention_heatmaps(tmp_path):
 def test_unknown_logger_is_a_one_line_error(tmp_path):
     with pytest.raises(ValueError, match="unknown logger 'wandb'; choose csv or tensorboard"):
         build_loggers(tmp_path, "wandb")
+
+
+
+def test_dependency_noise_is_dropped_only_while_the_trainer_is_built_and_runs(tmp_path, caplog):
+    """Lightning's advert is not logged when the Trainer is built; inside the Trainer's filter a
+    warning of the user's own code still shows, and outside it the same messages show again."""
+    from captioning.training.trainer import _quiet_dependencies
+
+    lightning = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    advert = "💡 Tip: For seamless cloud logging, try installing [litlogger](https://pypi.org/project/litlogger/)"
+    with caplog.at_level(logging.INFO, lightning.name):
+        Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    assert caplog.records and not [r for r in caplog.records if "litlogger" in r.getMessage()]
+
+    caplog.clear()
+    with warnings.catch_warnings(record=True) as seen, caplog.at_level(logging.INFO, lightning.name):
+        warnings.simplefilter("always")
+        with _quiet_dependencies():
+            warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning)
+            warnings.warn(f"Checkpoint directory {tmp_path} exists and is not empty.")
+            warnings.warn("the user's own warning")
+            lightning.info(advert)
+        warnings.warn(f"Checkpoint directory {tmp_path} exists and is not empty.")
+        lightning.info(advert)
+    assert [str(w.message) for w in seen] == ["the user's own warning",
+                                             f"Checkpoint directory {tmp_path} exists and is not empty."]
+    assert [r.getMessage() for r in caplog.records] == [advert]

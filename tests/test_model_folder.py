@@ -4,6 +4,8 @@ a tiny untrained checkpoint built in-process (no training run)."""
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 
 from captioning import Captioner
 from captioning.checkpoint import FOLDER_FILES, CheckpointError
@@ -49,6 +52,46 @@ def test_folder_holds_the_four_files_and_a_model_card(tiny):
     assert "captioning train --config configs/tiny.yaml" in card
     assert "captioning export --checkpoint best.ckpt" in card
     assert json.loads((tiny.folder / "vocab.json").read_text()) == tiny.captioner.vocab.words
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_every_file_of_a_folder_has_the_mode_the_umask_gives(tiny, tmp_path, umask, mode):
+    """safetensors' writer makes its file readable by the owner alone; a shared folder needs every
+    file readable as the user's umask allows (0644 under 022), and no more than it allows."""
+    old = os.umask(umask)
+    try:
+        folder = tiny.captioner.save_pretrained(tmp_path / "m")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
+    assert modes == dict.fromkeys([*FOLDER_FILES, MARKER], mode)
+
+
+def test_card_starts_with_the_metadata_model_hubs_read(tiny):
+    card = (tiny.folder / "README.md").read_text()
+    assert card.startswith("---\n")
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["library_name"] == "show-attend-tell" and meta["pipeline_tag"] == "image-to-text"
+    assert meta["license"] == "mit"
+    assert {"image-captioning", "soft-attention"} <= set(meta["tags"])
+    assert meta["datasets"] == ["show-attend-tell-synthetic"]
+    assert meta["metrics"] == ["bleu", "cider"]  # the scores of the run's metrics.json
+
+
+def test_card_of_save_pretrained_records_the_calls_that_made_it(tiny, tmp_path):
+    folder = tiny.captioner.save_pretrained(tmp_path / "m")
+    card = (folder / "README.md").read_text()
+    block = card.split("written into this folder by:")[1].split("```")[1]
+    assert f"captioner = Captioner.from_checkpoint({str(tiny.ckpt)!r})" in block
+    assert f"captioner.save_pretrained({str(tmp_path / 'm')!r})" in block
+
+
+def test_captioner_repr_says_what_model_it_is(tiny):
+    text = repr(tiny.captioner)
+    params = sum(p.numel() for p in tiny.captioner.model.parameters())
+    assert text.startswith(f"Captioner(source={str(tiny.ckpt)!r}, attention='soft', ")
+    assert f"words={len(tiny.captioner.vocab)}" in text and f"parameters={params}" in text
+    assert "4x4 grid" in text and "device='cpu'" in text
 
 
 def test_round_trip_gives_the_same_captions(tiny):

@@ -34,6 +34,23 @@ def test_interval_thins_lines_but_keeps_the_last():
     assert lines == [lines[-1]] and lines[-1].startswith("prepare: 100/100 images (100%)")
 
 
+def test_a_note_follows_the_counts_on_lines_and_on_a_bar():
+    stream = io.StringIO()
+    bar = Progress(4, "epoch 1/6", unit="batches", stream=stream)
+    bar.update(2, "loss 3.250")
+    bar.update(2)  # the note stays until another replaces it
+    assert all(line.endswith(", loss 3.250") for line in stream.getvalue().splitlines())
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Terminal()
+    bar = Progress(4, "epoch 1/6", unit="batches", stream=screen)
+    bar.update(4, "loss 2.500")
+    assert "epoch 1/6" in screen.getvalue() and "loss 2.500" in screen.getvalue() and "\r" in screen.getvalue()
+
+
 def test_disabled_prints_nothing():
     stream = io.StringIO()
     Progress(3, "x", enabled=False, stream=stream).update(3)

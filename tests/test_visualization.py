@@ -33,14 +33,14 @@ def _maps(n: int, grid: int = 14, seed: int = 0) -> np.ndarray:
     return maps / maps.sum(axis=(1, 2), keepdims=True)
 
 
-def _panel(figure: Image.Image, index: int, num_words: int, panel_size: int, columns: int):
+def _panel(figure: Image.Image, index: int, num_words: int, panel_size: int, columns: int, aspect: float = 1.0):
     """Pixels of panel ``index`` (0 = the image, k = word k) as a float array."""
-    layout = figure_layout(num_words, panel_size, columns)
+    layout = figure_layout(num_words, panel_size, columns, aspect)
+    w, h = layout["panel_w"], layout["panel_h"]
     row, col = divmod(index, layout["cols"])
-    x0 = layout["pad"] + col * (panel_size + layout["pad"])
-    y0 = layout["title_h"] + row * (layout["strip"] + panel_size + layout["pad"]) + layout["strip"]
-    box = (x0, y0, x0 + panel_size, y0 + panel_size)
-    return np.asarray(figure.crop(box), dtype=np.float64)
+    x0 = layout["pad"] + col * (w + layout["pad"])
+    y0 = layout["title_h"] + row * (layout["strip"] + h + layout["pad"]) + layout["strip"]
+    return np.asarray(figure.crop((x0, y0, x0 + w, y0 + h)), dtype=np.float64)
 
 
 # ------------------------------------------------------------------------------- geometry
@@ -56,7 +56,8 @@ def test_figure_size_formula():
     assert figure_size(2, panel_size=100, columns=5) == (3 + 3 * 103, 32 + (16 + 100 + 3))
     assert figure_size(0) == (7 + 231, 56 + 259)
     bad_args = (
-        {"num_words": -1}, {"num_words": 3, "panel_size": 8}, {"num_words": 3, "columns": 0}
+        {"num_words": -1}, {"num_words": 3, "panel_size": 8}, {"num_words": 3, "columns": 0},
+        {"num_words": 3, "aspect": 0}, {"num_words": 3, "aspect": float("nan")},
     )
     for bad in bad_args:
         with pytest.raises(ValueError):
@@ -128,6 +129,27 @@ def test_tiny_and_non_rgb_images_are_fine():
     gray = attention_figure(tiny.convert("L"), ["a"], _maps(1), panel_size=32)
     rgba = attention_figure(tiny.convert("RGBA"), ["a"], _maps(1), panel_size=32)
     assert gray.mode == rgba.mode == "RGB"
+
+
+def test_a_600x400_photo_keeps_its_shape_and_its_attention_lands_where_the_model_looked():
+    """The model sees the photo squashed to a square; the figure shows it as it is (3:2), with the
+    grid stretched over it: a cell of the right-hand column lights the photo's right-hand side."""
+    photo = Image.new("RGB", (600, 400), (128, 128, 128))
+    ImageDraw.Draw(photo).rectangle([450, 0, 599, 399], fill=(200, 40, 40))  # the right quarter is red
+    attention = np.zeros((1, 4, 4))
+    attention[0, :, 3] = 0.25  # the right-hand column of the grid
+    fig = attention_figure(photo, ["red"], attention, panel_size=224, smooth=False)
+    layout = figure_layout(1, 224, aspect=1.5)
+    assert (layout["panel_w"], layout["panel_h"]) == (224, 149)  # 3:2, the longer side 224
+    assert fig.size == figure_size(1, aspect=1.5) == (7 + 2 * (224 + 7), 56 + 28 + 149 + 7)
+    image = _panel(fig, 0, 1, 224, 5, aspect=1.5)
+    assert image.shape[:2] == (149, 224)
+    assert image[:, -40:, 0].mean() > 190 and image[:, :150, 0].mean() < 140  # the red quarter stays right
+    lit = _panel(fig, 1, 1, 224, 5, aspect=1.5).mean(axis=2)
+    assert lit[:, -50:].mean() > lit[:, :160].mean() + 40
+    tall = attention_figure(photo.rotate(90, expand=True), ["red"], attention, panel_size=224)
+    assert tall.size == figure_size(1, aspect=400 / 600)
+    assert figure_layout(1, 224, aspect=400 / 600)["panel_w"] == 149
 
 
 def test_masked_cells_and_rectangular_grids():

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 import captioning
 from captioning import cli
@@ -17,7 +20,7 @@ from captioning.config import build_config
 from captioning.data.datamodule import CaptionDataModule
 from conftest import save_untrained_checkpoint
 
-WORKFLOWS = ("train", "evaluate", "prepare", "caption", "compare", "benchmark")
+WORKFLOWS = ("train", "evaluate", "prepare", "caption", "compare", "benchmark", "export", "demo")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -48,6 +51,28 @@ def test_workflow_help_runs_outside_the_repository(outside, command):
     proc = run_module([command, "--help"], outside)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(f"usage: captioning {command} ")
+    assert "`" not in proc.stdout  # plain words, not the reStructuredText of a docstring
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_setup_shows_pips_progress_and_the_quick_demo_trains_on_the_tiny_config(tmp_path):
+    """A dry run (make -n) of a fresh clone's setup and quick demo: what they would run and say."""
+    proc = subprocess.run(["make", "-n", "-C", str(REPO), "demo", "QUICK=1", f"VENV={tmp_path / 'venv'}"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    pip = next(line for line in lines if " -m pip install " in line)
+    assert "--quiet" not in pip and " -q " not in pip
+    train = next(line for line in lines if "scripts/train.py" in line)
+    assert "--config configs/tiny.yaml" in train
+    assert [line.split(":")[0] for line in lines if line.startswith('echo "demo ')] == [
+        'echo "demo 1/3', 'echo "demo 2/3', 'echo "demo 3/3']
+
+
+def test_readme_lists_every_command():
+    line = next(line for line in (REPO / "README.md").read_text().splitlines()
+                if line.startswith("captioning --help"))
+    assert line.split("#", 1)[1].split("(")[0].split() == " | ".join(cli.COMMANDS).split()
 
 
 def test_every_command_resolves_to_a_main():
@@ -94,3 +119,66 @@ def test_a_closed_pipe_ends_quietly(tmp_path):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141
     assert "Traceback" not in err and "BrokenPipeError" not in err
+
+
+# ---------------------------------------------------------------- a new user's first training
+
+
+@pytest.fixture(scope="module")
+def new_run(tmp_path_factory) -> SimpleNamespace:
+    """A tiny training into a new folder, as a new user starts one: in its own folder (relative
+    data root and run folder), output to pipes (not a terminal), --logger tensorboard."""
+    pytest.importorskip("tensorboard", reason="--logger tensorboard needs the tensorboard extra")
+    here = tmp_path_factory.mktemp("first")
+    proc = run_module(["train", "--config", str(REPO / "configs" / "tiny.yaml"), "--max-epochs", "2",
+                       "--out-dir", "runs/new", "--logger", "tensorboard"], here)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return SimpleNamespace(folder=here, ckpt=here / "runs" / "new" / "best.ckpt", out=proc.stdout, err=proc.stderr)
+
+
+def test_a_new_training_prints_what_a_user_needs_and_no_dependency_noise(new_run):
+    text = new_run.out + new_run.err
+    for noise in ("litlogger", "LeafSpec", "exists and is not empty", "v_num", "was configured so 100%",
+                  "multiple `ModelCheckpoint` callbacks", "Total Flops"):
+        assert noise not in text, noise
+    assert "\r" not in text  # plain lines off a terminal: no carriage-return bars in a log
+    lines = new_run.err.splitlines()
+    assert any(line.startswith("epoch 2/2: 4/4 batches (100%)") and "loss " in line for line in lines)
+    assert any(line.startswith("epoch 2/2 validation (greedy, x100): BLEU-4 ") for line in lines)
+    scoring = lines.index("test: scoring the captions with the COCO metrics ...")
+    assert any(line.startswith("test: 1/1 batches (100%)") for line in lines[:scoring])
+    assert "test split, 8 images" in new_run.out
+
+
+def test_caption_and_evaluate_from_another_folder_use_the_runs_data_and_write_nothing_there(new_run, tmp_path):
+    data = new_run.folder / "data"
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    proc = run_module(["caption", "--checkpoint", str(new_run.ckpt), "--from-split", "test", "--limit", "2",
+                       "--json", "--device", "cpu"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert [Path(json.loads(line)["path"]).parents[2] for line in proc.stdout.splitlines()] == [data, data]
+    proc = run_module(["evaluate", "--checkpoint", str(new_run.ckpt), "--split", "test", "--metrics", "bleu",
+                       "--tokenizer", "simple", "--device", "cpu", "--out-dir", str(new_run.folder / "eval")],
+                      tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert list(tmp_path.iterdir()) == []  # no data/ generated where the command ran
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
+
+
+def test_a_checkpoint_that_does_not_say_where_it_was_trained_is_refused_with_the_fix(new_run, tmp_path):
+    """A checkpoint from before the training folder was recorded, read from another folder: the
+    relative data root would generate a new synthetic set here; refused, with --data-root as the fix."""
+    ckpt = torch.load(new_run.ckpt, map_location="cpu", weights_only=True)
+    del ckpt["workdir"]
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    here = tmp_path / "elsewhere"
+    here.mkdir()
+    proc = run_module(["caption", "--checkpoint", str(tmp_path / "old.ckpt"), "--from-split", "test",
+                       "--device", "cpu"], here)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "--data-root" in proc.stderr and "Traceback" not in proc.stderr
+    assert list(here.iterdir()) == []
+    proc = run_module(["caption", "--checkpoint", str(tmp_path / "old.ckpt"), "--from-split", "test", "--limit", "1",
+                       "--data-root", str(new_run.folder / "data"), "--device", "cpu"], here)
+    assert proc.returncode == 0, proc.stderr
+    assert list(here.iterdir()) == []

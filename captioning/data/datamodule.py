@@ -28,6 +28,28 @@ from captioning.vocab import Vocabulary
 
 
 
+def check_trained_data(cfg: DataConfig) -> None:
+    """Before a command other than training reads the synthetic dataset a model was trained on:
+    refuse (ValueError, one line with the fix) to generate it anywhere but the training's own data
+    folder. A checkpoint records the folder its training ran in, so a relative data.root arrives
+    here made absolute (captioning/checkpoint.py ``at_workdir``); a relative one (a model folder,
+    or a checkpoint from before that record) would be generated in the current folder instead."""
+    if cfg.dataset != "synthetic":
+        return  # other datasets are only read: a missing one is a one-line read error
+    from captioning.data.synthetic import dataset_dir
+
+    folder = dataset_dir(cfg.root, cfg.synthetic)
+    if folder.is_dir():
+        return
+    fix = f"pass --data-root DIR, the folder that holds (or will hold) {folder.name}"
+    if not Path(cfg.root).is_absolute():
+        raise ValueError(f"the model's synthetic dataset {folder} is not in the current folder and the model does "
+                         f"not record the folder it was trained in: run from that folder, or {fix}")
+    if not Path(cfg.root).parent.is_dir():
+        raise ValueError(f"the model's synthetic dataset {folder} is not on this machine (its training ran in "
+                         f"{Path(cfg.root).parent}): {fix}")
+
+
 class ImageSource:
     """Preprocessed images by index, decoded on demand or all at once into memory."""
 

@@ -1,4 +1,4 @@
-"""``captioning export``: a checkpoint as a shareable model folder, optionally with ONNX graphs.
+"""Write a checkpoint as a shareable model folder, optionally with ONNX graphs.
 
     captioning export --checkpoint runs/soft/best.ckpt --out exported/soft               # model folder
     captioning export --checkpoint runs/soft/best.ckpt --out exported/soft --format onnx # + ONNX graphs

@@ -65,8 +65,9 @@ class Sizes:
 
 
 COCO = Sizes()
+# image_size 128: every backbone's last stage (stride 32 at most) then gives at least the 4x4 grid.
 QUICK = Sizes(locations=16, feature_dim=128, embed_dim=32, hidden_dim=32, attention_dim=32, vocab_size=200,
-              min_tokens=4, max_tokens=7, backbone="resnet18", stage="layer2", image_size=64, encoder_batch=2,
+              min_tokens=4, max_tokens=7, backbone="resnet18", stage="layer2", image_size=128, encoder_batch=2,
               beam_vocab_size=200, beam_images=6, beam_size=3, beam_max_len=6)
 
 
@@ -346,7 +347,8 @@ def train_step(
 
 def encoder_forward(backbone: str, sizes: Sizes, device: torch.device, precision: str = "fp32",
                     reps: int = 2, batch: int | None = None) -> dict[str, Any]:
-    """Images/s of the frozen encoder's forward (random weights, conv5, 14x14 grid at 224 px)."""
+    """Images/s of the frozen encoder's forward (random weights, the last stage pooled to the grid
+    of ``sizes``: 14x14 at 224 px for COCO)."""
     batch = batch or (64 if device.type == "cuda" else sizes.encoder_batch)
     grid = int(sizes.locations**0.5)
     encoder = Encoder(EncoderConfig(backbone=backbone, stage=None, grid_size=grid, weights="none",

@@ -80,7 +80,8 @@ def format_report(results: dict[str, Any]) -> str:
         sizes = ", ".join(f"{n}: {g}" for n, g in mm["gflops_by_size"].items())
         out.append(f"matmul {key}: best {mm['best_gflops']} GFLOP/s (n = {sizes})")
     if results.get("train"):
-        out.append("\nteacher-forced training step (random 196x2048 grids as input; fwd+loss, bwd, clip+Adam)")
+        grids = f"{results['sizes']['locations']}x{results['sizes']['feature_dim']}"
+        out.append(f"\nteacher-forced training step (random {grids} grids as input; fwd+loss, bwd, clip+Adam)")
         out.append(_table(
             ["attention", "batch", "prec", "compile", "fwd ms", "bwd ms", "opt ms", "step ms", "captions/s",
              "tokens/s", "GFLOP/capt", "GFLOP/s", "% matmul", "peak MiB"],
@@ -92,7 +93,8 @@ def format_report(results: dict[str, Any]) -> str:
                    "GFLOP/s and % matmul: useful FLOPs at the best step, over the best matmul GFLOP/s above.")
         out.append(f"Peak memory: {results['train_memory_method']}.")
     if results.get("encoder"):
-        out.append("\nencoder forward (random weights, frozen, conv5 pooled to 14x14)")
+        grid = int(results["sizes"]["locations"] ** 0.5)
+        out.append(f"\nencoder forward (random weights, frozen, the last stage pooled to {grid}x{grid})")
         out.append(_table(["backbone", "size", "batch", "grid", "ms/batch", "images/s", "GFLOP/img", "GFLOP/s"],
                           [[r["backbone"], r["image_size"], r["batch"], r["grid"], r["ms_per_batch"], r["images_per_s"],
                             r["gflop_per_image"], r["achieved_gflops"]] for r in results["encoder"]]))

@@ -1,9 +1,10 @@
-"""``captioning demo``: the browser demo of a checkpoint (captioning/serve/server.py).
+"""Serve the browser demo of a checkpoint: caption an image, see each word's attention.
 
     captioning demo --checkpoint runs/soft/best.ckpt                 # http://127.0.0.1:8000
     captioning demo --checkpoint exported/soft --port 8080 --examples photos/
 
-Serves on 127.0.0.1 (this machine only) unless --host says otherwise; Ctrl-C stops it.
+Serves on 127.0.0.1 (this machine only) unless --host says otherwise; Ctrl-C stops it. The
+server and its page: captioning/serve/server.py.
 """
 
 from __future__ import annotations

@@ -177,8 +177,10 @@ def train(args: argparse.Namespace, prog: str, argv: list[str] | None = None) ->
         gpu = cfg.train.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
         attach_feature_cache(data, cfg, module.model.encoder, "cuda" if gpu else "cpu", log=rank_zero_info,
                              progress=not args.no_progress)
-    rank_zero_info(f"{cfg.model.attention} attention, {len(data.vocab)} words, "
-                   f"{sum(p.numel() for p in module.parameters() if p.requires_grad):,} trained parameters")
+    trained = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
+    rank_zero_info(f"{cfg.model.attention} attention, {len(data.vocab)} words, {trained:,} trained parameters"
+                   + (f", {frozen:,} frozen" if frozen else ""))
 
     skipped = "--no-test" if args.no_test else None
     if skipped is None and not _test_split(data):
@@ -200,7 +202,10 @@ def train(args: argparse.Namespace, prog: str, argv: list[str] | None = None) ->
         train_seconds = time.perf_counter() - started
         best = None if cfg.train.fast_dev_run else "best"
         if skipped is None:
-            run_guarded(trainer, lambda: trainer.test(module, datamodule=data, ckpt_path=best, verbose=False),
+            # The monitored checkpoint's own path: "best" would make Lightning warn that it picks the
+            # first of the two ModelCheckpoint callbacks, which is this one.
+            ckpt_path = best and (trainer.checkpoint_callback.best_model_path or best)
+            run_guarded(trainer, lambda: trainer.test(module, datamodule=data, ckpt_path=ckpt_path, verbose=False),
                         out_dir, prog)
 
         extra = {

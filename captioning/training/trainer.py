@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
+import logging
+import math
+import os
 import random
 import sys
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, ProgressBar
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.plugins.io import TorchCheckpointIO
@@ -20,6 +25,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from captioning.config import Config
 from captioning.files import atomic_write
+from captioning.progress import Progress
 
 #: train.monitor -> (logged key, mode). BLEU-4 from real greedy decoding of the whole validation
 #: split; NLL of its reference captions under teacher forcing (capgen's criterion).
@@ -101,6 +107,157 @@ class RunGuard(pl.Callback):
             self.interrupted = "SIGTERM"
         elif isinstance(exception, KeyboardInterrupt):
             self.interrupted = "SIGINT"
+
+
+class RunPlace(pl.Callback):
+    """Records in every checkpoint the folder the training ran in (``checkpoint["workdir"]``):
+    the config's relative paths (data.root, data.feature_cache) are relative to it, and the
+    commands that read the checkpoint from another folder resolve them there
+    (captioning/checkpoint.py ``at_workdir``)."""
+
+    def __init__(self) -> None:
+        self.workdir = os.getcwd()
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint["workdir"] = self.workdir
+
+
+class TrainingProgress(ProgressBar):
+    """Training, validation and test progress through the project's one progress helper
+    (captioning/progress.py): a bar on a terminal, plain lines at most every ``interval`` seconds
+    (and at the end of each epoch) in a log file or a pipe. After each validation one line gives
+    its scores; before the test split's captions are scored (the Java tokenizer and METEOR take a
+    while) one line says so."""
+
+    def __init__(self, interval: float = 30.0) -> None:
+        super().__init__()
+        self.interval = interval
+        self.enabled = True
+        self._bar: Progress | None = None
+
+    def disable(self) -> None:  # Lightning disables the bar on every rank but global rank 0
+        self.enabled = False
+
+    def enable(self) -> None:
+        self.enabled = True
+
+    def _start(self, total: int | float, label: str) -> None:
+        self._close()
+        if self.enabled and math.isfinite(total) and total > 0:
+            self._bar = Progress(int(total), label, unit="batches", interval=self.interval)
+
+    def _step(self, note: str | None = None) -> None:
+        if self._bar is not None:
+            self._bar.update(1, note)
+
+    def _close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def _epoch(self, trainer: pl.Trainer) -> str:
+        total = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
+        return f"epoch {trainer.current_epoch + 1}{total}"
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module) -> None:
+        self._start(self.total_train_batches, self._epoch(trainer))
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        loss = trainer.progress_bar_metrics.get("train/loss")
+        self._step(None if loss is None else f"loss {float(loss):.3f}")
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
+        self._close()
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._start(self.total_val_batches, f"{self._epoch(trainer)} validation")
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int,
+                                dataloader_idx: int = 0) -> None:
+        if not trainer.sanity_checking:
+            self._step()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module) -> None:
+        self._close()
+        if not self.enabled or trainer.sanity_checking:
+            return
+        metrics = trainer.callback_metrics
+        names = {"val/bleu_4": "BLEU-4", "val/caption_accuracy": "caption accuracy"}
+        parts = [f"{name} {100 * float(metrics[key]):.1f}" for key, name in names.items() if key in metrics]
+        text = f"(greedy, x100): {', '.join(parts)}" if parts else ""
+        if "val/nll" in metrics:  # train.monitor "nll"
+            text += f"{'; ' if parts else ': '}NLL {float(metrics['val/nll']):.3f}"
+        if text:
+            print(f"{self._epoch(trainer)} validation {text}", file=sys.stderr, flush=True)
+
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module) -> None:
+        self._start(sum(trainer.num_test_batches), "test")
+
+    def on_test_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int,
+                          dataloader_idx: int = 0) -> None:
+        self._step()
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
+        # Called before the module's own on_test_epoch_end, which scores the captions.
+        self._close()
+        if self.enabled:
+            print("test: scoring the captions with the COCO metrics ...", file=sys.stderr, flush=True)
+
+
+#: Messages of the dependencies that tell a user of this command nothing: Lightning's advert for
+#: its cloud logger (every Trainer), its note that it loads the training data to count the steps
+#: (for the cosine schedule), a deprecation inside its own use of torch's pytree, and its warnings
+#: that the run folder and its logs/ are not empty: the run-folder check
+#: (captioning/training/run_folder.py) has already refused another run's files, so the folder
+#: holds this run's config.yaml and lock (or, on --resume, its own files), and
+#: ResumableCSVLogger keeps the earlier log rows that the second warning says are deleted.
+_NOISE_LOGGED = ("💡 Tip: For seamless cloud logging", "Loading `train_dataloader` to estimate number of stepping")
+_NOISE_WARNED = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                 r"Checkpoint directory .* exists and is not empty",
+                 r"Experiment logs directory .* exists and is not empty")
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_NOISE_LOGGED)
+
+
+@contextlib.contextmanager
+def _quiet_dependencies():
+    """While the Trainer is built and runs: the dependency messages above are dropped, nothing else
+    (a warning of the user's code or of ours still shows)."""
+    logger = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    noise = _DropNoise()
+    logger.addFilter(noise)
+    try:
+        with warnings.catch_warnings():
+            for message in _NOISE_WARNED:
+                warnings.filterwarnings("ignore", message=message)
+            yield
+    finally:
+        logger.removeFilter(noise)
+
+
+class Trainer(pl.Trainer):
+    """Lightning's Trainer, quiet about its dependencies' noise while it is built and while it runs
+    (see _quiet_dependencies); otherwise the same."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        with _quiet_dependencies():
+            super().__init__(*args, **kwargs)
+
+    def fit(self, *args, **kwargs):
+        with _quiet_dependencies():
+            return super().fit(*args, **kwargs)
+
+    def validate(self, *args, **kwargs):
+        with _quiet_dependencies():
+            return super().validate(*args, **kwargs)
+
+    def test(self, *args, **kwargs):
+        with _quiet_dependencies():
+            return super().test(*args, **kwargs)
 
 
 class TrainingStopped(Exception):
@@ -259,13 +416,14 @@ def build_trainer(
         LearningRateMonitor(logging_interval="epoch"),
         RunGuard(check_every=t.log_every),
         RNGState(),
+        RunPlace(),
     ]
     if heatmaps and not t.fast_dev_run:
         callbacks.append(AttentionHeatmaps(out_dir))
     if progress_bar:
-        callbacks.append(TQDMProgressBar(refresh_rate=10))
+        callbacks.append(TrainingProgress())
     multi = t.devices * t.num_nodes > 1
-    return pl.Trainer(
+    return Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
@@ -278,14 +436,16 @@ def build_trainer(
         check_val_every_n_epoch=t.val_every,
         log_every_n_steps=t.log_every,
         gradient_clip_val=cfg.optim.grad_clip or None,
-        limit_train_batches=t.limit_train_batches,
-        limit_val_batches=t.limit_val_batches,
+        # None when 1.0 (all batches): the same, without Lightning's note saying so.
+        limit_train_batches=t.limit_train_batches if t.limit_train_batches != 1.0 else None,
+        limit_val_batches=t.limit_val_batches if t.limit_val_batches != 1.0 else None,
         fast_dev_run=t.fast_dev_run,
         num_sanity_val_steps=0,
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO()],
         logger=loggers,
         enable_progress_bar=progress_bar,
+        enable_model_summary=False,  # captioning train prints the trained parameter count itself
         default_root_dir=out_dir,
         deterministic=False,
     )

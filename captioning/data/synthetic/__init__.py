@@ -177,7 +177,6 @@ from captioning.data.synthetic.write import (  # noqa: F401
     SPLITS,
     _FILE_FORMATS,
     _LOCK,
-    _Progress,
     _dump,
     _image_rng,
     _info,
