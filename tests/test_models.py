@@ -12,9 +12,8 @@ import torch
 import torchvision
 from torch import nn
 
-from conftest import make_captions, make_config, random_captions, random_images
+from conftest import make_captions, make_config, random_captions, random_images, greedy_decode
 from captioning.config import ConfigError, EncoderConfig, LossConfig, validate
-from captioning.decoding import greedy_decode
 from captioning.losses import (
     ReinforceBaseline,
     attention_entropy,

@@ -385,7 +385,8 @@ def beam_search_speedup(sizes: Sizes, device: torch.device, sequential_images: i
     search's matrix-multiply FLOPs per image (counted from the decoder rows each step really ran)
     and the speed-up the batched side would reach if it ran every one of them at that rate and did
     nothing else (no softmax, top-k, attention map or bookkeeping): a ceiling for this machine."""
-    from captioning.decoding import beam_search_features
+    from captioning.decoding import ModelSearch, best_captions
+    from captioning.search import DecodeOptions
 
     torch.manual_seed(seed)
     cfg = coco_model_config(sizes, "soft")
@@ -396,7 +397,8 @@ def beam_search_speedup(sizes: Sizes, device: torch.device, sequential_images: i
     features = torch.randn(n, sizes.locations, sizes.feature_dim, generator=torch.Generator().manual_seed(seed)).to(device)
     mask = torch.ones(n, sizes.locations, dtype=torch.bool, device=device)
     K, max_len = sizes.beam_size, sizes.beam_max_len
-    run = lambda f, m: beam_search_features(model, f, m, K, max_len)  # noqa: E731
+    search, options = ModelSearch(model), DecodeOptions(beam_size=K, max_len=max_len)
+    run = lambda f, m: best_captions(search.annotations(f, m, options))  # noqa: E731
 
     run(features[:2], mask[:2])  # warm-up
     m = min(n, sequential_images or n)

@@ -50,7 +50,7 @@ from typing import Callable, Sequence
 import yaml
 
 from captioning.config import Config, ConfigError, build_config, flatten, to_dict
-from captioning.decoding import HARD_MODES  # expected first: the study's default
+from captioning.search import HARD_MODES  # expected first: the study's default
 from captioning.files import RunLock, atomic_write
 from captioning.progress import format_duration
 

@@ -14,11 +14,12 @@ import pytorch_lightning as pl
 import torch
 
 from captioning.config import Config, from_dict, to_dict
-from captioning.decoding import decode, decode_settings
+from captioning.decoding import ModelSearch
 from captioning.evaluation.evaluator import evaluate_predictions, gather_by_image_id, score_record
 from captioning.losses import LossTerms, ReinforceBaseline, caption_loss
 from captioning.models import ShowAttendTell
 from captioning.perf.compile import compile_model
+from captioning.search import HARD_MODES, DecodeOptions
 from captioning.vocab import Vocabulary
 
 # Every validation: BLEU (val/bleu_4 selects checkpoints) and CIDEr-D, which adds ~0.2-0.35 s to
@@ -49,6 +50,7 @@ class CaptioningModule(pl.LightningModule):
         # Optional torch.compile (train.compile); lazy, and the parameter names stay the same.
         compile_model(self.model, self.cfg.train.compile, self.cfg.train.compile_mode)
         self.hard = self.cfg.model.attention == "hard"
+        self.search = ModelSearch(self.model)
         # Built only for hard attention: soft attention has no baseline.
         self.baseline = ReinforceBaseline(self.cfg.loss.baseline_decay) if self.hard else None
         self._predictions: dict[int, str] = {}
@@ -193,11 +195,9 @@ class CaptioningModule(pl.LightningModule):
 
     # ------------------------------------------------------------------------------ evaluation
     def _decode_batch(self, batch: dict, split: str) -> None:
-        settings = self.decode_settings(split)
-        decoded = decode(self.model, batch["images"], beam_size=settings["beam_size"], max_len=settings["max_len"],
-                         mode=settings["hard_mode"] or "expected", length_penalty=self.cfg.decode.length_penalty)
-        for image_id, tokens in zip(batch["image_ids"].tolist(), decoded.tokens):
-            self._predictions[image_id] = " ".join(self.vocab.decode(tokens))
+        pools = self.search(batch["images"], self.decode_options(split))
+        for image_id, pool in zip(batch["image_ids"].tolist(), pools):
+            self._predictions[image_id] = " ".join(self.vocab.decode(pool[0].tokens))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._decode_batch(batch, "val")
@@ -240,9 +240,10 @@ class CaptioningModule(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._score("test", TEST_METRICS)
 
-    def decode_settings(self, split: str) -> dict:
+    def decode_options(self, split: str) -> DecodeOptions:
         """Validation decodes greedily (cheap, every epoch); the test split with the config's beam."""
-        return decode_settings(self.cfg, beam_size=1 if split == "val" else None)
+        return DecodeOptions.for_model(self.cfg.decode, HARD_MODES if self.hard else (), self.cfg.model.attention,
+                                       beam_size=1 if split == "val" else None)
 
     def _gather_predictions(self) -> dict[int, str]:
         """All ranks' predictions, de-duplicated by image id (DistributedSampler pads with repeats)."""
@@ -266,7 +267,7 @@ class CaptioningModule(pl.LightningModule):
             values, report = evaluate_predictions(predictions, refs, scenes, metrics)
             self.eval_results = {
                 "split": split, **score_record(values, report, len(predictions), percent=False),
-                "decode": self.decode_settings(split),
+                "decode": self.decode_options(split).record(self.cfg.model.attention),
                 "predictions": predictions, "scoring_seconds": time.perf_counter() - start,
             }
         values = self.trainer.strategy.broadcast(values, src=0)
