@@ -39,12 +39,12 @@ from PIL import Image
 
 from captioning.checkpoint import (load_checkpoint, load_model_folder, model_card, read_run_metrics,
                                    save_model_folder)
-from captioning.config import Config
+from captioning.config import HARD_MODES, Config
 from captioning.data.transforms import load_image, preprocess, to_rgb
 from captioning.device import resolve_device
 from captioning.decoding import ModelSearch
 from captioning.models import ShowAttendTell
-from captioning.search import HARD_MODES, DecodeOptions, Hypothesis
+from captioning.search import DecodeOptions, Hypothesis
 from captioning.vocab import Vocabulary
 
 __all__ = ["Caption", "Captioner", "DecodeOptions", "ImageInput", "HARD_MODES", "resolve_device"]
@@ -84,9 +84,8 @@ class Captioner:
         self.vocab = vocab
         self.image_size = config.data.image_size
         self.grid_size = config.model.encoder.grid_size
-        self.hard = config.model.attention == "hard"
-        self.modes = HARD_MODES if self.hard else ()  # the test-time attention modes it offers
-        self.search = ModelSearch(self.model)
+        self.modes = self.model.mechanism.test_modes  # the test-time attention modes it offers
+        self.search = ModelSearch(self.model, fast=config.model.decoder.fast)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | None = None) -> "Captioner":

@@ -24,6 +24,11 @@ class ConfigError(ValueError):
     """A config key is unknown, has the wrong type, or a value is out of range."""
 
 
+#: How a hard-attention model may attend at test time (Sec. 4.2): the expected context (the
+#: authors' default), its single most likely location, or a sampled one.
+HARD_MODES = ("expected", "argmax", "sample")
+
+
 @dataclass
 class EncoderConfig:
     backbone: str = "resnet18"  # any of captioning.models.encoder.BACKBONES
@@ -54,8 +59,9 @@ class DecoderConfig:
     # Weight initialisation: PyTorch's defaults, or capgen's (N(0, 0.01), orthogonal square and
     # recurrent matrices, zero biases; captioning/models/decoder.py, arctic_init_).
     init: Literal["pytorch", "arctic"] = "pytorch"
-    # Teacher forcing with gradients through captioning/models/fast.py (same maths, faster on the
-    # CPU: docs/performance.md); False runs the reference loop of captioning/models/decoder.py.
+    # The fused training pass and decoding's additive-score form of captioning/fast.py (the same
+    # maths, rearranged for speed; docs/performance.md), chosen once where training and a search
+    # are built; False runs the reference loop of captioning/models/decoder.py.
     fast: bool = True
 
 
@@ -160,7 +166,7 @@ class DecodeConfig:
     max_len: int = 30  # generated tokens, <end> excluded
     # How a hard-attention model attends at test time: "expected" (soft alpha, the authors'
     # default), "argmax" (the single most likely location) or "sample".
-    hard_mode: Literal["expected", "argmax", "sample"] = "expected"
+    hard_mode: Literal["expected", "argmax", "sample"] = "expected"  # HARD_MODES
     # Test-split, evaluate.py and caption decoding; 1 = greedy. Validation during training is
     # always greedy (cheap, and the same every epoch).
     beam_size: int = 3

@@ -4,7 +4,7 @@ The search itself (greedy, sampling, beam, n-best, min length, <unk> suppression
 captioning/search.py, shared with the ONNX engine; this file is the PyTorch engine, which supplies
 only the model's decoder step and torch's array operations::
 
-    search = ModelSearch(model)                                  # once per model
+    search = ModelSearch(model, fast=True)                       # once per model
     pools = search(images, DecodeOptions(beam_size=3))           # per image: its captions, best first
     decoded = best_captions(pools)                               # the best ones as padded tensors
 
@@ -17,6 +17,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from captioning import fast as fast_path
 from captioning.models.captioner import ShowAttendTell
 from captioning.models.decoder import DecoderState
 from captioning.search import DecodeOptions, Hypothesis, StepResult, search
@@ -93,10 +94,12 @@ class TorchOps:
 class ModelStep:
     """The search's step over ``model``'s decoder (captioning.search.Step): the image-side
     projection and h_0, c_0 once per image; rows of the same image share its one copy of the
-    annotations (grouped attention, captioning/models/attention.py), only the LSTM state is per row."""
+    annotations (grouped attention, captioning/models/attention.py), only the LSTM state is per row.
+    ``scores``: f_att's scores of (keys, h) in a faster form (captioning/fast.py), or None."""
 
-    def __init__(self, model: ShowAttendTell, features: torch.Tensor, mask: torch.Tensor, mode: str) -> None:
-        self.decoder, self.features, self.mask, self.mode = model.decoder, features, mask, mode
+    def __init__(self, model: ShowAttendTell, features: torch.Tensor, mask: torch.Tensor, mode: str,
+                 scores=None) -> None:
+        self.decoder, self.features, self.mask, self.mode, self.scores = model.decoder, features, mask, mode, scores
         self.keys = self.decoder.project(features)  # (B, L, K), once per image
         self.ops = TorchOps(features.device)
 
@@ -104,7 +107,8 @@ class ModelStep:
         return self.decoder.init_state(self.features, self.mask)
 
     def __call__(self, words: torch.Tensor, state: DecoderState) -> StepResult:
-        out = self.decoder.step(words, state, self.features, self.keys, self.mask, self.mode)
+        scores = None if self.scores is None else self.scores(self.keys, state.h)
+        out = self.decoder.step(words, state, self.features, self.keys, self.mask, mode=self.mode, scores=scores)
         attended = out.attended
         return StepResult(out.logits.float().log_softmax(-1), out.state, attended.alpha, attended.location)
 
@@ -113,10 +117,15 @@ class ModelStep:
 
 
 class ModelSearch:
-    """The PyTorch engine of captioning/search.py for one model (in eval mode: no dropout)."""
+    """The PyTorch engine of captioning/search.py for one model (in eval mode: no dropout).
 
-    def __init__(self, model: ShowAttendTell) -> None:
+    ``fast`` (``model.decoder.fast``): the steps take the additive score's attention scores in
+    captioning/fast.py's form, chosen here once for this model (the same alphas; a score the fast
+    path does not know computes its own, and says so once); False: the paper's form throughout."""
+
+    def __init__(self, model: ShowAttendTell, *, fast: bool = True) -> None:
         self.model = model
+        self.scores = fast_path.decoding_scores(model.decoder) if fast else None
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, options: DecodeOptions,
@@ -133,7 +142,7 @@ class ModelSearch:
 
     def step(self, features: torch.Tensor, mask: torch.Tensor, mode: str = "expected") -> ModelStep:
         """The search's step over these annotations, attending in ``mode``."""
-        return ModelStep(self.model, features, mask, mode)
+        return ModelStep(self.model, features, mask, mode, self.scores)
 
 
 def best_captions(pools: Sequence[Sequence[Hypothesis]]) -> Decoded:

@@ -20,14 +20,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, Sequence
 
-from captioning.config import DecodeConfig
+from captioning.config import HARD_MODES, DecodeConfig
 from captioning.vocab import Vocabulary, banned_ids
 
 Array = Any  # a torch.Tensor or a numpy.ndarray: whatever the engine's ArrayOps make
-
-#: How a hard-attention model may attend at test time (Sec. 4.2): the expected context (the
-#: authors' default), its single most likely location, or a sampled one.
-HARD_MODES = ("expected", "argmax", "sample")
 
 # ----------------------------------------------------------------------------- options
 

@@ -103,7 +103,7 @@ def teacher_forced(model: ShowAttendTell, features: torch.Tensor, mask: torch.Te
         prev = torch.tensor([Vocabulary.start_id])
         total, alphas = 0.0, []
         for w in [*words, Vocabulary.end_id]:
-            out = decoder.step(prev, state, features, keys, mask, mode)
+            out = decoder.step(prev, state, features, keys, mask, mode=mode)
             total += out.logits.float().log_softmax(-1)[0, w].item()
             alphas.append(out.attended.alpha[0])
             prev, state = torch.tensor([w]), out.state
@@ -411,8 +411,7 @@ def overfitted():
     model.train()
     for _ in range(100):
         out = model(images, captions)
-        loss = caption_loss(cfg.loss, out.logits, captions[:, 1:], out.alphas, out.mask,
-                            Vocabulary.pad_id, "soft").loss
+        loss = caption_loss(cfg.loss, out, captions[:, 1:], terms=model.mechanism.loss_terms).loss
         opt.zero_grad()
         loss.backward()
         opt.step()

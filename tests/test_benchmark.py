@@ -12,6 +12,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import make_config, random_captions
+from captioning import fast
 from captioning.losses import caption_loss
 from captioning.models import ShowAttendTell
 from captioning.perf.compile import compile_model, compile_unsupported_reason
@@ -33,12 +34,12 @@ def grids(model: ShowAttendTell, images: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(images, L, model.encoder.out_channels, generator=torch.Generator().manual_seed(seed))
 
 
-def loss_of(model: ShowAttendTell, inputs: torch.Tensor, captions: torch.Tensor, attention: str, mode: str):
-    """The training step's loss, computed as CaptioningModule.training_step computes it."""
-    out = model(inputs, captions, mode=mode, return_logits=False)
-    baseline = torch.zeros(()) if attention == "hard" else None
-    return caption_loss(make_config().loss, None, captions[:, 1:], out.alphas, out.mask, Vocabulary.pad_id,
-                        attention, out.log_probs, baseline, out.token_nll).loss
+def loss_of(model: ShowAttendTell, inputs: torch.Tensor, captions: torch.Tensor, mode: str, fused: bool = True):
+    """The training step's loss, as CaptioningModule computes it: on the fused pass of
+    captioning/fast.py, or (``fused`` False) on the model's own reference loop."""
+    out = (fast.FusedTrainingPass(model) if fused else model)(inputs, captions, mode=mode)
+    return caption_loss(make_config().loss, out, captions[:, 1:], terms=model.mechanism.loss_terms,
+                        baseline=torch.zeros(())).loss
 
 
 # ============================================================================ FLOP count
@@ -56,9 +57,9 @@ def test_executed_flops_match_pytorch_flop_counter(attention, mode, score, gate,
     captions = random_captions(3 * k, V, min_len=2, max_len=6)
     tokens = (captions[:, 1:] != Vocabulary.pad_id).sum(1).tolist()
     with FlopCounterMode(display=False) as counter:
-        loss_of(model, features, captions, attention, mode).backward()
+        loss_of(model, features, captions, mode).backward()
     L, D = features.shape[1:]
-    flops = decoder_flops(cfg.model.decoder, L, D, V, attention, mode)
+    flops = decoder_flops(cfg.model.decoder, L, D, V, mode)
     assert counter.get_total_flops() == training_step_flops(flops, tokens, k).executed
 
 
@@ -69,7 +70,7 @@ def test_fine_tuned_features_double_the_image_side_backward():
     captions = random_captions(2, V)
     tokens = (captions[:, 1:] != Vocabulary.pad_id).sum(1).tolist()
     with FlopCounterMode(display=False) as counter:
-        loss_of(model, features, captions, "soft", "expected").backward()
+        loss_of(model, features, captions, "expected").backward()
     flops = decoder_flops(cfg.model.decoder, 16, 128, V, features_need_grad=True)
     assert counter.get_total_flops() == training_step_flops(flops, tokens).executed
 
@@ -195,7 +196,7 @@ def test_compile_config_is_applied_lazily_and_keeps_parameter_names():
     compiled = CaptioningModule.create(cfg, Vocabulary(vocab))
     decoder = compiled.model.decoder
     assert decoder.attention._compiled_call_impl is not None and decoder.lstm._compiled_call_impl is not None
-    assert not decoder.fast and eager.model.decoder.fast  # compiled runs the reference loop
+    assert compiled.fused is None and eager.fused is not None  # compiled runs the reference loop
     assert eager.model.decoder.attention._compiled_call_impl is None
     assert not any(callable(v) for v in vars(decoder).values())  # no method replaced on the instance
     assert list(compiled.state_dict()) == list(eager.state_dict())  # checkpoints stay interchangeable
@@ -214,8 +215,8 @@ def test_compiled_step_gives_the_eager_loss_and_gradients(attention, mode):
     eager = ShowAttendTell(cfg.model, V)
     compiled = ShowAttendTell(cfg.model, V)
     compiled.load_state_dict(eager.state_dict())
-    compile_model(compiled, "step")  # compiled runs the reference teacher-forced loop ...
-    eager.decoder.fast = False  # ... so eager does too: sampled locations are drawn in the same order
+    compile_model(compiled, "step")  # compiled runs the reference teacher-forced loop, and so does
+    # the eager one here (fused=False): sampled locations are drawn in the same order
     features, captions = grids(eager, 4), random_captions(4, V, min_len=3, max_len=6)
     torch._dynamo.reset()
     from torch._dynamo.utils import counters
@@ -224,7 +225,7 @@ def test_compiled_step_gives_the_eager_loss_and_gradients(attention, mode):
     losses, grads = [], []
     for model in (eager, compiled):
         torch.manual_seed(1)  # the same sampled locations in hard mode
-        loss = loss_of(model, features, captions, attention, mode)
+        loss = loss_of(model, features, captions, mode, fused=False)
         loss.backward()
         losses.append(loss.detach())
         grads.append(torch.cat([p.grad.flatten() for p in model.decoder.parameters()]))
@@ -240,9 +241,9 @@ def test_bf16_autocast_on_cpu_trains_in_fp32_weights(attention):
     cfg = make_config(model__attention=attention)
     model = ShowAttendTell(cfg.model, V)
     features, captions = grids(model, 4), random_captions(4, V, min_len=3, max_len=6)
-    reference = loss_of(model, features, captions, attention, "expected")
+    reference = loss_of(model, features, captions, "expected")
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = loss_of(model, features, captions, attention, "expected")
+        loss = loss_of(model, features, captions, "expected")
         out = model(features, captions)
     assert out.logits.dtype == torch.bfloat16  # the matmuls really ran in bf16
     loss.backward()

@@ -158,7 +158,7 @@ def test_hard_attention_graphs_match_the_decoder_step(tmp_path, attention, mode)
     with torch.no_grad():
         f, m = model.encode(images)
         k = model.decoder.project(f)
-        out = model.decoder.step(torch.full((5,), 1), model.decoder.init_state(f, m), f, k, m, mode)
+        out = model.decoder.step(torch.full((5,), 1), model.decoder.init_state(f, m), f, k, m, mode=mode)
     log_p, h1, c1, alpha = step.run(None, {"words": np.ones(5, np.int64), "h": h, "c": c, "features": features,
                                            "keys": keys})
     np.testing.assert_allclose(log_p, out.logits.log_softmax(-1).numpy(), atol=1e-4)

@@ -240,7 +240,7 @@ TRAIN_PATHS = ("fast", "reference")
 def training_module(sizes: Sizes, attention: str, path: str = "fast", compile_target: str = "none",
                     compile_mode: str = "default") -> CaptioningModule:
     """The LightningModule at ``sizes``, set up as the benchmark times it: the decoder's teacher-forced
-    ``path`` ("fast": captioning/models/fast.py; "reference": the loop of decoder.py), a constant
+    ``path`` ("fast": captioning/fast.py's fused pass; "reference": the loop of decoder.py), a constant
     learning rate (no Trainer to schedule it), and hard attention sampling at every step."""
     if path not in TRAIN_PATHS:
         raise ValueError(f"unknown training path '{path}'; choose one of {', '.join(TRAIN_PATHS)}")
@@ -287,7 +287,8 @@ def train_step(
     features = torch.randn(images, sizes.locations, sizes.feature_dim, generator=gen).to(device)
     captions, tokens = random_captions(batch, sizes.vocab_size, sizes.min_tokens, sizes.max_tokens, gen)
     data = {"images": features, "captions": captions.to(device)}
-    mode = "sample" if attention == "hard" else "expected"  # hard: the REINFORCE path
+    # What its training steps sample (hard attention: locations at every step, the REINFORCE path).
+    mode = module.mechanism.training_plan(module.cfg.loss, 1, 0, device).mode
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def forward() -> torch.Tensor:
@@ -312,11 +313,11 @@ def train_step(
     total = statistics.median(sum(t) for t in times)
     best = min(sum(t) for t in times)
 
-    flops = decoder_flops(cfg.decoder, sizes.locations, sizes.feature_dim, sizes.vocab_size, attention, mode)
+    flops = decoder_flops(cfg.decoder, sizes.locations, sizes.feature_dim, sizes.vocab_size, mode)
     counted = training_step_flops(flops, tokens, captions_per_image)
     real_tokens = sum(tokens)
     result = {
-        "attention": attention + (" (sampled locations)" if attention == "hard" else ""), "path": path,
+        "attention": attention + (" (sampled locations)" if mode == "sample" else ""), "path": path,
         "batch_captions": batch, "captions_per_image": captions_per_image, "precision": precision,
         "compile": compile_target if compile_target == "none" else f"{compile_target}/{compile_mode}",
         "tokens": real_tokens, "padded_steps": max(tokens),

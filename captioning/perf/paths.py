@@ -1,6 +1,6 @@
 """The teacher-forced training paths timed side by side, in one process, alternating step by step:
-the reference loop (captioning/models/decoder.py), the fast path (captioning/models/fast.py), and
-the fast path without each of its tricks (what each one buys, docs/performance.md)::
+the reference loop (captioning/models/decoder.py), the fused pass (captioning/fast.py), and the
+fused pass without each of its tricks (what each one buys, docs/performance.md)::
 
     python -m captioning.perf.paths --attention soft --batch 32 --reps 10
 
@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import torch
 
-from captioning.models import fast
+from captioning import fast
 from captioning.perf.benchmark import COCO, QUICK, Sizes, random_captions, training_module
 
 
@@ -34,13 +34,14 @@ VARIANTS = ("reference", "fast", *(f"fast-without-{name}" for name in TRICKS))
 
 @contextlib.contextmanager
 def variant(module, name: str) -> Iterator[None]:
-    """Within the block ``module`` trains on the path ``name`` (one of VARIANTS)."""
+    """Within the block ``module`` trains on the path ``name`` (one of VARIANTS): its fused pass is
+    swapped for the model's own loop ("reference"), or runs with a trick left out."""
     if name not in VARIANTS:
         raise ValueError(f"unknown variant '{name}'; choose one of {', '.join(VARIANTS)}")
-    decoder = module.model.decoder
     patches = TRICKS[name.removeprefix("fast-without-")] if name.startswith("fast-without-") else {}
     saved = {attr: getattr(fast, attr) for attr in patches}
-    decoder.fast = name != "reference"
+    fused = module.fused
+    module.fused = None if name == "reference" else fast.FusedTrainingPass(module.model)
     try:
         for attr, value in patches.items():
             setattr(fast, attr, value)
@@ -48,7 +49,7 @@ def variant(module, name: str) -> Iterator[None]:
     finally:
         for attr, value in saved.items():
             setattr(fast, attr, value)
-        decoder.fast = True
+        module.fused = fused
 
 
 def training_step_runner(sizes: Sizes, attention: str, batch: int, seed: int = 0):

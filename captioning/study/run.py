@@ -49,8 +49,8 @@ from typing import Callable, Sequence
 
 import yaml
 
-from captioning.config import Config, ConfigError, build_config, flatten, to_dict
-from captioning.search import HARD_MODES  # expected first: the study's default
+from captioning.config import HARD_MODES, Config, ConfigError, build_config, flatten, to_dict  # expected first
+from captioning.data.coco import read_json
 from captioning.files import RunLock, atomic_write
 from captioning.progress import format_duration
 
@@ -307,10 +307,12 @@ def _differences(configs: dict[str, dict]) -> list[str]:
 # ------------------------------------------------------------------------------ state
 
 
-def read_json(path: Path) -> dict | None:
+def read_record(path: Path) -> dict | None:
+    """A JSON record a run wrote (metrics, study.json), or None where it is missing or damaged:
+    the work that writes it is then done again."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        data = read_json(path, "record", StudyError)
+    except (StudyError, OSError):
         return None
     return data if isinstance(data, dict) else None
 
@@ -327,12 +329,12 @@ def is_trained(run: Run, cfg: Config) -> bool:
             k = changed[0]
             raise StudyError(f"{run.dir} was trained with other settings ({k}: {old.get(k)!r}, now {new.get(k)!r}); "
                              f"use another --out-dir, or delete that folder to train it again")
-    metrics = read_json(run.dir / "metrics.json")
+    metrics = read_record(run.dir / "metrics.json")
     return metrics is not None and "train_seconds" in metrics and run.checkpoint.is_file()
 
 
 def is_evaluated(run: Run, mode: str | None, plan: Plan) -> bool:
-    data = read_json(run.metrics_file(mode))
+    data = read_record(run.metrics_file(mode))
     if data is None:
         return False
     decode = data.get("decode", {})
@@ -406,7 +408,7 @@ def write_study_json(plan: Plan, invocation: dict, replace_last: bool = False) -
     """study.json: the latest plan, and every invocation (command, environment, what it ran) appended
     (``replace_last``: this invocation's entry, written when it started, is updated)."""
     path = plan.out_dir / "study.json"
-    old = read_json(path) or {}
+    old = read_record(path) or {}
     previous = old.get("invocations", [])
     if replace_last and previous:
         previous = previous[:-1]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from captioning.config import SyntheticConfig
 from captioning.files import RunLock, atomic_folder, partial_name
+from captioning.progress import Progress
 from captioning.data.synthetic.language import MAX_CAPTIONS_PER_IMAGE, VOCABULARY, reference_captions
 from captioning.data.synthetic.scenes import (CATEGORIES, MIN_IMAGE_SIZE, _CATEGORY_ID, _area, _segmentation, make_scene,
                                               render_scene)
@@ -53,28 +54,6 @@ def _image_rng(cfg: SyntheticConfig, split: str, index: int, purpose: str) -> ra
     return random.Random(f"synthetic-v{GENERATOR_VERSION}/seed={cfg.seed}/{split}/{index}/{purpose}")
 
 
-class _Progress:
-    """A line on stderr about once a second: count, rate, ETA."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.enabled = total, enabled
-        self.done = 0
-        self.start = self.last = time.monotonic()
-
-    def update(self) -> None:
-        self.done += 1
-        now = time.monotonic()
-        if self.enabled and (now - self.last >= 1.0 or self.done == self.total):
-            self.last = now
-            rate = self.done / max(now - self.start, 1e-9)
-            eta = (self.total - self.done) / rate
-            print(
-                f"synthetic: {self.done}/{self.total} images, {rate:.0f} images/s, ETA {eta:.0f} s",
-                file=sys.stderr,
-                flush=True,
-            )
-
-
 def _info(split: str) -> dict:
     return {
         "description": f"show-attend-tell synthetic shapes dataset, split {split}",
@@ -103,7 +82,7 @@ _FILE_FORMATS = {
 def _write_dataset(out: Path, cfg: SyntheticConfig, progress: bool) -> None:
     (out / "annotations").mkdir(parents=True)
     counts = {"train": cfg.num_train, "val": cfg.num_val, "test": cfg.num_test}
-    bar = _Progress(sum(counts.values()), progress)
+    bar = Progress(sum(counts.values()), "synthetic", enabled=progress, interval=1.0)
     image_id = caption_id = object_id = 0
     splits_summary = {}
     for split in SPLITS:
@@ -136,7 +115,7 @@ def _write_dataset(out: Path, cfg: SyntheticConfig, progress: bool) -> None:
                         "attributes": {"size": obj.size, "colour": obj.colour},
                     }
                 )
-            bar.update()
+            bar.update(1)
         header = {"info": _info(split), "licenses": [], "images": images}
         _dump({**header, "annotations": captions}, out / "annotations" / f"captions_{split}.json")
         _dump(
@@ -149,6 +128,7 @@ def _write_dataset(out: Path, cfg: SyntheticConfig, progress: bool) -> None:
             "objects": len(instances),
             "image_ids": [images[0]["id"], images[-1]["id"]] if images else [],
         }
+    bar.close()
     manifest = {
         "generator": "captioning.data.synthetic",
         "version": GENERATOR_VERSION,
