@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from captioning import Captioner
-from captioning import caption as caption_script  # captioning caption (scripts/caption.py)
+from captioning.caption import run as caption_script  # captioning caption (scripts/caption.py)
 from captioning import cli
 from captioning.checkpoint import CheckpointError
 from captioning.config import build_config

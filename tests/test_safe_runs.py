@@ -431,7 +431,7 @@ def test_caption_output_is_one_line_per_image_and_notes_tiny_images(tmp_path, on
     """Item 10: a file name with a newline split its TSV record; a 1x1 image got no note."""
     from PIL import Image
 
-    from captioning import caption
+    from captioning.caption import run as caption
 
     odd = tmp_path / "two\nlines.png"
     Image.new("RGB", (40, 40), "red").save(odd)

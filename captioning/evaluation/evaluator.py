@@ -86,7 +86,7 @@ def shard_indices(count: int, rank: int, world: int) -> list[int]:
     return list(range(rank, count, world))
 
 
-def decode_split(captioner: "Captioner", data: "CaptionDataModule", split: str, options: "DecodeOptions",
+def decode_split(captioner: "Captioner", data: "CaptionDataModule", split: str, options: "DecodeOptions", *,
                  matcher: WordMatcher | None = None, rank: int = 0, world: int = 1,
                  progress: bool = True) -> dict[int, DecodedImage]:
     """Decode this rank's shard of a split: image_id -> caption and its naming words' attention.
@@ -167,7 +167,7 @@ def _decode_worker(rank: int, world: int, port: int, checkpoint: str, device_typ
             device = f"cuda:{rank}" if device_type == "cuda" else device_type
             captioner = Captioner.from_checkpoint(checkpoint, device=device)
             data = CaptionDataModule(data_cfg, captioner.vocab)  # the parent prepared the data
-            part: tuple = ("ok", decode_split(captioner, data, split, options, matcher, rank, world,
+            part: tuple = ("ok", decode_split(captioner, data, split, options, matcher=matcher, rank=rank, world=world,
                                               progress=rank == 0))
         except Exception as err:  # reported by the parent as one line
             part = ("error", f"rank {rank}: {type(err).__name__}: {' '.join(str(err).split())}")
@@ -180,7 +180,7 @@ def _decode_worker(rank: int, world: int, port: int, checkpoint: str, device_typ
 
 
 def decode_distributed(checkpoint: str | Path, device_type: str, data_cfg: "DataConfig", split: str,
-                       options: "DecodeOptions", matcher: WordMatcher | None,
+                       options: "DecodeOptions", *, matcher: WordMatcher | None,
                        world: int) -> tuple[dict[int, DecodedImage], int]:
     """Decode a split in ``world`` processes (torch.multiprocessing spawn, gloo process group):
     -> (predictions de-duplicated by image id, duplicates dropped). ``device_type`` "cpu" or

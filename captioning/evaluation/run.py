@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from captioning.caption import add_decoding_options, captioner_and_options, data_config
+from captioning.caption.run import add_decoding_options, captioner_and_options, data_config
 from captioning.console import EXIT_USAGE, UsageError, one_line, positive_int, print_error
 from captioning.files import ForeignFolderError, atomic_write_json, claim_folder, folder_kind
 from captioning.data.coco import write_results
@@ -208,10 +208,10 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     duplicates = 0
     try:
         if args.devices > 1:
-            decoded, duplicates = decode_distributed(args.checkpoint, device_type, cfg, split, options, matcher,
-                                                     args.devices)
+            decoded, duplicates = decode_distributed(args.checkpoint, device_type, cfg, split, options,
+                                                     matcher=matcher, world=args.devices)
         else:
-            decoded = decode_split(captioner, data, split, options, matcher)
+            decoded = decode_split(captioner, data, split, options, matcher=matcher)
     except (ImageLoadError, OSError, RuntimeError) as err:
         raise UsageError(_reason(err)) from None
     decode_seconds = time.perf_counter() - started

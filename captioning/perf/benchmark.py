@@ -258,6 +258,7 @@ def train_step(
     batch: int,
     device: torch.device,
     matmul_gflops: float,
+    *,
     captions_per_image: int = 1,
     precision: str = "fp32",
     compile_target: str = "none",

@@ -21,9 +21,8 @@ import functools
 
 import torch
 
+from captioning.config import COMPILE_TARGETS
 from captioning.models.captioner import ShowAttendTell
-
-COMPILE_TARGETS = ("none", "step", "model")
 
 
 def compile_model(model: ShowAttendTell, target: str, mode: str = "default") -> ShowAttendTell:

@@ -21,7 +21,7 @@ import statistics
 from pathlib import Path
 from typing import Iterable
 
-from captioning.study.run import ARMS, HARD_MODES, Plan, Run, StudyError, read_record
+from captioning.study.runs import ARMS, HARD_MODES, Plan, Run, StudyError, read_record
 
 #: (key in a metrics file, column title); the caption metrics first.
 METRICS: tuple[tuple[str, str], ...] = (

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from captioning.study.run import Plan, Run, StudyError
+from captioning.study.runs import Plan, Run, StudyError
 
 ENTROPY_IMAGES = 100  # test images per run for the entropy-by-word-position curve
 PANEL = 112  # pixels per panel in the attention figures
