@@ -271,3 +271,49 @@ def test_keep_freed_memory_applies_on_glibc_and_honours_the_opt_out(monkeypatch)
     monkeypatch.delenv("CAPTIONING_MALLOC")
     expected = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     assert allocator.keep_freed_memory() is expected and allocator.applied is expected
+
+
+# ============================================================================ side by side
+
+
+PORT_MODELS = '''
+import torch
+from torch import nn
+
+
+class DecoderWithAttention(nn.Module):
+    """A stand-in with the port's interface: (encoder_out [B, s, s, D], captions, lengths [B, 1]) ->
+    (scores [B, T, V], sorted captions, decode lengths, alphas [B, T, L], sort order)."""
+
+    def __init__(self, attention_dim, embed_dim, decoder_dim, vocab_size, encoder_dim=2048, dropout=0.5):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.embedding = nn.Embedding(vocab_size, embed_dim)
+        self.fc = nn.Linear(embed_dim + encoder_dim, vocab_size)
+
+    def forward(self, encoder_out, encoded_captions, caption_lengths):
+        B, D = encoder_out.shape[0], encoder_out.shape[-1]
+        encoder_out = encoder_out.view(B, -1, D)
+        caption_lengths, sort_ind = caption_lengths.squeeze(1).sort(dim=0, descending=True)
+        encoder_out, encoded_captions = encoder_out[sort_ind], encoded_captions[sort_ind]
+        decode_lengths = (caption_lengths - 1).tolist()
+        T = max(decode_lengths)
+        context = encoder_out.mean(1, keepdim=True).expand(B, T, D)
+        scores = self.fc(torch.cat([self.embedding(encoded_captions[:, :T]), context], -1))
+        alphas = torch.full((B, T, encoder_out.shape[1]), 1.0 / encoder_out.shape[1])
+        return scores, encoded_captions, decode_lengths, alphas, sort_ind
+'''
+
+
+def test_paths_times_the_port_beside_ours_on_the_same_batch(tmp_path):
+    """python -m captioning.perf.paths --port DIR: the port's training step (here a stand-in with its
+    interface) alternates with ours and its rate is the yardstick of over_port."""
+    from captioning.perf import paths
+
+    (tmp_path / "models.py").write_text(PORT_MODELS)
+    result = paths.main(["--quick", "--reps", "1", "--variants", "fast", "--port", str(tmp_path)])
+    assert set(result["captions_per_s"]) == {"fast", "port"}
+    assert result["over_port"]["fast"] == pytest.approx(result["captions_per_s"]["fast"] / result["captions_per_s"]["port"],
+                                                        rel=0.05)
+    with pytest.raises(SystemExit):
+        paths.main(["--quick", "--port", str(tmp_path / "missing")])

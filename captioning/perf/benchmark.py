@@ -379,7 +379,7 @@ def encoder_forward(backbone: str, sizes: Sizes, device: torch.device, precision
 def beam_search_speedup(sizes: Sizes, device: torch.device, sequential_images: int | None = None,
                         seed: int = 0, reps: int = 1, matmul_gflops: float | None = None) -> dict[str, Any]:
     """Captions/s of beam search over ``beam_images`` images at once vs one at a time (same code,
-    ``decoding.beam_search_features``), from random grids with random weights. Each side is timed
+    ``decoding.ModelSearch.annotations``), from random grids with random weights. Each side is timed
     ``reps`` times, the two sides alternating, and its best time counts (a shared machine's noise
     only ever adds time).
 
