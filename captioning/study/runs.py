@@ -161,8 +161,11 @@ class Run:
         return overrides
 
     def modes(self) -> tuple[str | None, ...]:
-        """Test-time attention modes evaluated: soft and none None; hard expected, argmax and sample."""
-        return HARD_MODES if self.attention == "hard" else (None,)
+        """Test-time attention modes evaluated: the mechanism's own (hard: expected, argmax and
+        sample), or None for one that has none (soft, none)."""
+        from captioning.models.attention import MECHANISMS  # torch: here, not when the command parses
+
+        return MECHANISMS[self.attention].test_modes or (None,)
 
     def eval_dir(self, mode: str | None) -> Path:
         return self.dir / ("eval" if mode in (None, "expected") else f"eval-{mode}")
