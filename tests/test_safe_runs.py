@@ -266,13 +266,13 @@ def test_a_start_refused_at_any_point_does_not_block_the_fixed_command(tmp_path,
     out = tmp_path / "run"
     with pytest.raises(SystemExit, match="'train.accelerator' is 'tpu', not one of"):
         train.run(tiny_args(out, data_root, "--max-epochs", "1", "--no-test", "--set", "train.accelerator=tpu"))
-    from captioning.training import run as train_module
+    from captioning.training import trainer  # the run imports build_trainer from it when it starts
 
     def refuse(*args, **kwargs):
         raise MisconfigurationException("no such device here")
 
     with monkeypatch.context() as patch:  # refused after config.yaml was written
-        patch.setattr(train_module, "build_trainer", refuse)
+        patch.setattr(trainer, "build_trainer", refuse)
         with pytest.raises(SystemExit, match="no such device here"):
             train.run(tiny_args(out, data_root, "--max-epochs", "1", "--no-test"))
     assert (out / "config.yaml").is_file()

@@ -22,6 +22,10 @@ from typing import Sequence
 
 from captioning.config import ATTENTIONS, LOGGERS, ConfigError, build_config, merge, parse_override, validate
 from captioning.console import one_line, positive_int
+from captioning.data.coco import AnnotationError, write_results
+from captioning.files import FileWriteError, as_write_error, atomic_write_json
+from captioning.training.run_folder import (RunFolderError, check_out_dir, choose_out_dir, launched_as_rank_zero,
+                                            take_folder)
 
 # torch, Lightning and the data pipeline are imported where a run needs them, after the arguments
 # are parsed: --help and a bad flag answer at once.
@@ -90,8 +94,6 @@ def make_config(args: argparse.Namespace):
 
 def write_outputs(out_dir: Path, module, extra: dict, skipped: str | None = None) -> None:
     """metrics.json (and test_predictions.json) of a finished run; rank 0 calls it."""
-    from captioning.files import FileWriteError
-
     try:
         _write_outputs(out_dir, module, extra, skipped)
     except FileWriteError as err:  # a full disk at the very end: the checkpoints are whole, say how to score them
@@ -101,9 +103,7 @@ def write_outputs(out_dir: Path, module, extra: dict, skipped: str | None = None
 
 
 def _write_outputs(out_dir: Path, module, extra: dict, skipped: str | None) -> None:
-    from captioning.data.coco import write_results
     from captioning.evaluation.metrics import format_metrics_table
-    from captioning.files import atomic_write_json
 
     if skipped is not None:  # module.eval_results holds the last validation's, not the test split's
         atomic_write_json(out_dir / "metrics.json", {"test": f"skipped ({skipped})", **extra})
@@ -121,15 +121,13 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> dict:
     """``captioning train`` with ``argv``; -> what it wrote, as a dict. Bad input, a non-finite loss,
     SIGTERM and Ctrl-C end in SystemExit with a one-line message (status 1, 1, 143, 130)."""
     args = parse_args(argv, prog)
+    from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
     from captioning.checkpoint import CheckpointError
-    from captioning.data.coco import AnnotationError
     from captioning.data.feature_cache import FeatureCacheError
     from captioning.data.store import PreparedDataError
-    from captioning.files import FileWriteError, as_write_error
     from captioning.models.encoder import EncoderWeightsError
-    from captioning.training.run_folder import RunFolderError
     from captioning.training.trainer import TrainingStopped
-    from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
     try:
         return train(args, prog or "captioning train", argv)
@@ -151,8 +149,6 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> dict:
 
 def _test_split(data) -> list:
     """The test split's records, read before training: a missing test file fails now, not after it."""
-    from captioning.data.coco import AnnotationError
-
     try:
         return data.load_split("test")
     except AnnotationError as err:
@@ -170,7 +166,6 @@ def train(args: argparse.Namespace, prog: str, argv: list[str] | None = None) ->
     from captioning.data.feature_cache import attach_feature_cache
     from captioning.device import peak_rss_mib
     from captioning.training.module import CaptioningModule
-    from captioning.training.run_folder import check_out_dir, choose_out_dir, launched_as_rank_zero, take_folder
     from captioning.training.trainer import build_trainer, run_guarded
 
     cfg, vocab, ckpt = make_config(args)
