@@ -11,14 +11,18 @@ vocabulary. ``save_pretrained(DIR)`` writes a model folder (config.json, vocab.j
 model.safetensors, a README.md model card) that ``Captioner.from_pretrained(DIR)`` loads without
 Lightning or the training code.
 
-Decoding options (one implementation each, captioning/decoding.py)::
+Decoding options (one search, captioning/search.py), as keywords or as one
+:class:`~captioning.search.DecodeOptions`::
 
     captioner.caption("cat.jpg", beam_size=5, n_best=3)[0].alternatives   # the 2nd and 3rd best
     captioner.caption("cat.jpg", temperature=0.8, top_k=10, seed=0)        # a sampled caption
     captioner.caption("cat.jpg", min_len=5, no_unk=True)                   # >= 5 words, no <unk>
- Images go through the one preprocessing path training uses
+    options = captioner.options(beam_size=5)                               # checked once, reused
+    captioner.caption(["a.jpg", "b.jpg"], options)
+
+Images go through the one preprocessing path training uses
 (:func:`captioning.data.transforms.load_image` / :func:`~captioning.data.transforms.to_rgb`, then
-:func:`~captioning.data.transforms.preprocess`), and are decoded in batches (greedy, or beam search with ``beam_size`` > 1).
+:func:`~captioning.data.transforms.preprocess`), and are decoded in batches.
 """
 
 from __future__ import annotations
@@ -35,18 +39,17 @@ from PIL import Image
 
 from captioning.checkpoint import (load_checkpoint, load_model_folder, model_card, read_run_metrics,
                                    save_model_folder)
-from captioning.config import Config
+from captioning.config import HARD_MODES, Config
 from captioning.data.transforms import load_image, preprocess, to_rgb
 from captioning.device import resolve_device
-from captioning.decoding import HARD_MODES, Hypothesis, decode_n_best, decode_settings
+from captioning.decoding import ModelSearch
 from captioning.models import ShowAttendTell
+from captioning.search import DecodeOptions, Hypothesis
 from captioning.vocab import Vocabulary
 
-__all__ = ["Caption", "Captioner", "ImageInput", "HARD_MODES", "resolve_device"]
+__all__ = ["Caption", "Captioner", "DecodeOptions", "ImageInput", "HARD_MODES", "resolve_device"]
 
 ImageInput = Union[str, Path, Image.Image]
-
-#: How a hard-attention model may attend at test time (see DecodeConfig.hard_mode).
 
 PIL_SOURCE = "<PIL image>"
 
@@ -81,7 +84,8 @@ class Captioner:
         self.vocab = vocab
         self.image_size = config.data.image_size
         self.grid_size = config.model.encoder.grid_size
-        self.hard = config.model.attention == "hard"
+        self.modes = self.model.mechanism.test_modes  # the test-time attention modes it offers
+        self.search = ModelSearch(self.model, fast=config.model.decoder.fast)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | None = None) -> "Captioner":
@@ -141,18 +145,23 @@ class Captioner:
 
     # ------------------------------------------------------------------------------ settings
 
-    def decode_settings(self, max_len: int | None = None, hard_mode: str | None = None,
-                        beam_size: int | None = None, *, n_best: int = 1, temperature: float | None = None,
-                        top_k: int | None = None, min_len: int = 0, no_unk: bool = False) -> dict:
-        """The decoding settings a call with these overrides uses (validated); see
-        :func:`captioning.decoding.decode_settings`."""
-        return decode_settings(self.config, max_len, hard_mode, beam_size, n_best=n_best, temperature=temperature,
-                               top_k=top_k, min_len=min_len, no_unk=no_unk)
+    def options(self, options: DecodeOptions | None = None, **overrides) -> DecodeOptions:
+        """The decoding options of a call, validated: ``options`` as given, or the checkpoint's
+        decoding defaults (config ``decode``) with keyword ``overrides``: beam_size, max_len,
+        hard_mode, n_best, temperature, top_k, min_len, no_unk (:class:`~captioning.search.DecodeOptions`).
+        Raises ValueError naming the problem."""
+        return DecodeOptions.for_model(self.config.decode, self.modes, self.config.model.attention, options,
+                                       **overrides)
+
+    def record(self, options: DecodeOptions) -> dict:
+        """How this model decodes with ``options``, as results files record it: method, beam size,
+        max_len, hard_mode (None for soft), attention, and the options."""
+        return options.record(self.config.model.attention)
 
     @property
     def settings(self) -> dict:
-        """Decoding settings used by default: method, max_len, hard_mode (None for soft), attention."""
-        return self.decode_settings()
+        """:meth:`record` of the default options."""
+        return self.record(self.options())
 
     # ------------------------------------------------------------------------------ images
 
@@ -179,14 +188,11 @@ class Captioner:
 
     @torch.no_grad()
     def caption_tensors(self, images: torch.Tensor, sources: Sequence[str] | None = None,
-                        max_len: int | None = None, hard_mode: str | None = None,
-                        beam_size: int | None = None, *, seed: int | None = None, **options) -> list[Caption]:
-        """Decode a batch of preprocessed images [B, 3, S, S] (from :meth:`preprocess`).
-
-        ``options``: n_best, temperature, top_k, min_len, no_unk (see :meth:`decode_settings`);
-        ``seed`` makes sampling (words, and hard attention's "sample" mode) repeatable.
-        """
-        settings = self.decode_settings(max_len, hard_mode, beam_size, **options)
+                        options: DecodeOptions | None = None, *, seed: int | None = None) -> list[Caption]:
+        """Decode a batch of preprocessed images [B, 3, S, S] (from :meth:`preprocess`) with
+        ``options`` (default: :meth:`options`); ``seed`` makes sampling (words, and hard attention's
+        "sample" mode) repeatable."""
+        options = self.options(options)
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must have shape [B, 3, H, W], got {tuple(images.shape)}")
         sources = list(sources) if sources is not None else [PIL_SOURCE] * images.shape[0]
@@ -199,11 +205,7 @@ class Captioner:
                                    enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)
-            pools = decode_n_best(
-                self.model, images.to(self.device), n_best=settings["n_best"], beam_size=settings["beam_size"],
-                max_len=settings["max_len"], mode=settings["hard_mode"] or "expected",
-                length_penalty=self.config.decode.length_penalty, min_len=settings["min_len"],
-                no_unk=settings["no_unk"], temperature=settings["temperature"], top_k=settings["top_k"])
+            pools = self.search(images.to(self.device), options)
         out = []
         for source, pool in zip(sources, pools):
             best, *rest = [self._caption(h, source) for h in pool]
@@ -221,40 +223,27 @@ class Captioner:
         return Caption(" ".join(words), words, float(hyp.score), attention, source, bool(hyp.ended),
                        locations=hyp.locations)
 
-    def caption(
-        self,
-        images: Sequence[ImageInput] | ImageInput,
-        batch_size: int = 32,
-        max_len: int | None = None,
-        hard_mode: str | None = None,
-        beam_size: int | None = None,
-        *,
-        n_best: int = 1,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        min_len: int = 0,
-        no_unk: bool = False,
-        seed: int | None = None,
-    ) -> list[Caption]:
+    def caption(self, images: Sequence[ImageInput] | ImageInput, options: DecodeOptions | None = None, *,
+                batch_size: int = 32, seed: int | None = None, **overrides) -> list[Caption]:
         """Caption image files and/or PIL images, in order, ``batch_size`` at a time.
 
-        A single path or image gives a list of one. ``n_best`` > 1 fills each caption's
-        ``alternatives``; a ``temperature`` or ``top_k`` samples (``seed``: repeatable); ``min_len``
-        forbids <end> before that many words; ``no_unk`` never emits <unk>. Raises ImageLoadError
+        A single path or image gives a list of one. ``options``: a DecodeOptions, or the keyword
+        ``overrides`` of :meth:`options` (``n_best`` > 1 fills each caption's ``alternatives``; a
+        ``temperature`` or ``top_k`` samples; ``min_len`` forbids <end> before that many words;
+        ``no_unk`` never emits <unk>); ``seed`` makes sampling repeatable. Raises ImageLoadError
         naming the first file that cannot be read, ValueError for bad settings.
         """
-        options = dict(n_best=n_best, temperature=temperature, top_k=top_k, min_len=min_len, no_unk=no_unk)
         if isinstance(images, (str, Path, Image.Image)):
             images = [images]
         images = list(images)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        self.decode_settings(max_len, hard_mode, beam_size, **options)  # fail before reading any image
+        options = self.options(options, **overrides)  # fails before reading any image
         results: list[Caption] = []
         for i, chunk in enumerate(_chunks(images, batch_size)):
             batch = torch.stack([self.preprocess(image) for image in chunk])
-            results += self.caption_tensors(batch, [source_name(image) for image in chunk], max_len, hard_mode,
-                                            beam_size, seed=None if seed is None else seed + i, **options)
+            results += self.caption_tensors(batch, [source_name(image) for image in chunk], options,
+                                            seed=None if seed is None else seed + i)
         return results
 
 

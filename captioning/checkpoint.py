@@ -273,7 +273,7 @@ def model_card(model: ShowAttendTell, cfg: Config, vocab: Vocabulary, command: s
         f"| parameters | {params:,} |",
         f"| images | {cfg.data.image_size}x{cfg.data.image_size}, dataset `{cfg.data.dataset}` |",
         f"| decoding | beam {cfg.decode.beam_size}, at most {cfg.decode.max_len} words"
-        + (f", hard mode {cfg.decode.hard_mode}" if cfg.model.attention == "hard" else "") + " |",
+        + (f", hard mode {cfg.decode.hard_mode}" if model.mechanism.test_modes else "") + " |",
         "",
     ]
     scores = (metrics or {}).get("metrics")

@@ -24,9 +24,22 @@ class ConfigError(ValueError):
     """A config key is unknown, has the wrong type, or a value is out of range."""
 
 
+# The names of things the command lines offer, here so that every --help answers without
+# importing torch (tests/test_config.py holds each equal to its Literal below or to its user).
+#: Attention mechanisms (model.attention; captioning/models/attention.py MECHANISMS).
+ATTENTIONS = ("soft", "hard", "none")
+#: How a hard-attention model may attend at test time (Sec. 4.2): the expected context (the
+#: authors' default), its single most likely location, or a sampled one.
+HARD_MODES = ("expected", "argmax", "sample")
+#: What torch.compile compiles (train.compile; captioning/perf/compile.py).
+COMPILE_TARGETS = ("none", "step", "model")
+#: The logs ``captioning train --logger`` writes: the CSV log (logs/metrics.csv) always, TensorBoard too.
+LOGGERS = ("csv", "tensorboard")
+
+
 @dataclass
 class EncoderConfig:
-    backbone: str = "resnet18"  # any of captioning.models.encoder.BACKBONES
+    backbone: str = "resnet18"  # any of BACKBONES
     # Last stage kept; None = the backbone's conv5 (resnet layer4, VGG conv5_4 before max-pool).
     # The synthetic default stops at layer2: stride 8 gives an 8x8 grid from 64x64 images.
     stage: str | None = "layer2"
@@ -54,8 +67,9 @@ class DecoderConfig:
     # Weight initialisation: PyTorch's defaults, or capgen's (N(0, 0.01), orthogonal square and
     # recurrent matrices, zero biases; captioning/models/decoder.py, arctic_init_).
     init: Literal["pytorch", "arctic"] = "pytorch"
-    # Teacher forcing with gradients through captioning/models/fast.py (same maths, faster on the
-    # CPU: docs/performance.md); False runs the reference loop of captioning/models/decoder.py.
+    # The fused training pass and decoding's additive-score form of captioning/fast.py (the same
+    # maths, rearranged for speed; docs/performance.md), chosen once where training and a search
+    # are built; False runs the reference loop of captioning/models/decoder.py.
     fast: bool = True
 
 
@@ -75,8 +89,7 @@ class LossConfig:
     # The paper gives no value; the authors' code amounts to alpha_c * B / L per caption on this scale
     # (configs/coco_*.yaml: 64 / 196 = 0.3265; docs/faithfulness.md). The synthetic default is 0.02 (~1/L): with
     # L=64 locations and ~8 words, sum_t alpha_ti cannot approach 1, the term (~45 per caption)
-    # outweighs the NLL (~3) and drives attention onto never-attended background; measured: with
-    # lambda=1 the heatmaps avoid the objects, with 0.02 they find them and accuracy rises.
+    # outweighs the NLL (~3) and drives attention onto never-attended background (docs/training.md).
     doubly_stochastic: float = 0.02
     # Hard attention (Xu et al. 2015, Sec. 4.1; the authors' capgen.py, kelvinxu/arctic-captions;
     # docs/faithfulness.md):
@@ -105,7 +118,7 @@ class LossConfig:
 class SyntheticConfig:
     seed: int = 0
     # 10,000 scenes seen 6 times beat 3,000 seen 22 times at the same compute: the smaller set
-    # over-fitted (train caption accuracy 94%, test 84%; docs/training.md).
+    # over-fitted (docs/training.md).
     num_train: int = 10000
     num_val: int = 200
     num_test: int = 500
@@ -160,7 +173,7 @@ class DecodeConfig:
     max_len: int = 30  # generated tokens, <end> excluded
     # How a hard-attention model attends at test time: "expected" (soft alpha, the authors'
     # default), "argmax" (the single most likely location) or "sample".
-    hard_mode: Literal["expected", "argmax", "sample"] = "expected"
+    hard_mode: Literal["expected", "argmax", "sample"] = "expected"  # HARD_MODES
     # Test-split, evaluate.py and caption decoding; 1 = greedy. Validation during training is
     # always greedy (cheap, and the same every epoch).
     beam_size: int = 3
@@ -169,14 +182,14 @@ class DecodeConfig:
 
 @dataclass
 class TrainConfig:
-    max_epochs: int = 6  # the synthetic default fits 10 minutes on a 2-core CPU (README, Results)
+    max_epochs: int = 6  # the synthetic default trains in minutes on a CPU (wall times: README, Results)
     max_time_minutes: float = 0.0  # 0 = no limit; otherwise stop training after this long
     # What selects best.ckpt and stops early: "bleu_4", validation BLEU-4 of greedy captions
     # (default), or "nll", the validation captions' mean summed NLL under teacher forcing, as
     # capgen selects (``pred_probs``; a hard model is scored with the expected context).
     monitor: Literal["bleu_4", "nll"] = "bleu_4"
     # Early stopping: validations without a better monitored value. 10 lets a cosine run finish its
-    # low-learning-rate tail, where the best checkpoints come (patience 5 stopped a 22-epoch run at 18).
+    # low-learning-rate tail, where the best checkpoints come (docs/training.md).
     patience: int = 10
     val_every: int = 1  # epochs between validations
     log_every: int = 20  # steps between logged training losses

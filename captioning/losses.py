@@ -29,13 +29,15 @@ every padded step and padded location too; we mask padded steps (they carry no w
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Collection, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from captioning.config import LossConfig
+from captioning.models.decoder import DecoderOutput
+from captioning.vocab import Vocabulary
 
 
 class LossTerms(NamedTuple):
@@ -68,8 +70,8 @@ def caption_nll(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [B, T, V], targets [B, T] -> (per-caption summed NLL [B], token mask [B, T] bool).
 
-    ``token_nll`` [B, T]: the per-token NLL the decoder computed itself (``return_logits=False``);
-    then ``logits`` may be None."""
+    ``token_nll`` [B, T]: the per-token NLL a pass computed itself (the fused pass of
+    captioning/fast.py); then ``logits`` may be None."""
     token_mask = targets != pad_id
     if token_nll is None:
         if logits is None:
@@ -125,57 +127,56 @@ def leave_one_out_baseline(cost: torch.Tensor, samples: int) -> torch.Tensor:
     return others.reshape(-1)
 
 
+#: The terms a mechanism may add to the NLL (``Mechanism.loss_terms``, captioning/models/attention.py).
+TERMS = ("doubly_stochastic", "reinforce", "entropy")
+
+
 def caption_loss(
     cfg: LossConfig,
-    logits: torch.Tensor | None,
+    out: DecoderOutput,
     targets: torch.Tensor,
-    alphas: torch.Tensor,
-    feature_mask: torch.Tensor,
-    pad_id: int,
-    attention: str,
-    log_probs: torch.Tensor | None = None,
+    *,
+    terms: Collection[str],
     baseline: torch.Tensor | None = None,
-    token_nll: torch.Tensor | None = None,
     captions_per_step: int | None = None,
     samples: int = 1,
     sampled: torch.Tensor | None = None,
 ) -> LossTerms:
-    """All terms for one minibatch.
+    """All terms for one minibatch: the NLL, and the ``terms`` the mechanism adds (its
+    ``loss_terms``: Eq. 14's "doubly_stochastic" penalty; Eq. 12's "reinforce" and "entropy").
 
-    logits [B, T, V] (or None with ``token_nll`` [B, T], from a decoder pass with
-    ``return_logits=False``), targets [B, T], alphas [B, T, L], feature_mask [B, L] bool;
-    hard attention: log_probs [B, T] (0 where the expected context was used) and baseline (scalar).
+    ``out``: a teacher-forced pass over targets [B, T] (captions[:, 1:]): logits [B, T, V], or the
+    fused pass's token_nll [B, T]; alphas [B, T, L]; mask [B, L] bool; with sampled locations,
+    log_probs [B, T] (0 where the expected context was used). ``baseline`` (scalar): REINFORCE's b.
     ``captions_per_step``: captions in the whole optimiser step (every DDP rank); None = this
     batch's rows / ``samples``. With ``cfg.hard_reduction == "sum"`` it multiplies the REINFORCE
     and entropy terms.
     ``samples`` K > 1: the rows are K draws of each caption (rows n*K .. n*K+K-1), every term is
     averaged over them, and each draw's REINFORCE baseline is the mean cost of the other K - 1
     (``baseline`` is then unused). ``sampled`` [B] bool: the rows whose locations were sampled
-    (None = all rows when ``log_probs`` is given), for the logged advantage.
+    (None = all rows when log_probs are given), for the logged advantage.
     """
-    nll_per_caption, token_mask = caption_nll(logits, targets, pad_id, token_nll)
+    unknown = set(terms) - set(TERMS)
+    if unknown:
+        raise ValueError(f"unknown loss terms {sorted(unknown)}; the losses are {', '.join(TERMS)}")
+    nll_per_caption, token_mask = caption_nll(out.logits, targets, Vocabulary.pad_id, out.token_nll)
     nll = nll_per_caption.mean()
     token_nll = nll_per_caption.sum() / token_mask.sum().clamp_min(1)
-    penalty = doubly_stochastic_penalty(alphas.float(), token_mask, feature_mask).mean()
-    entropy_per_caption = attention_entropy(alphas.float(), token_mask)
+    penalty = doubly_stochastic_penalty(out.alphas.float(), token_mask, out.mask).mean()
+    entropy_per_caption = attention_entropy(out.alphas.float(), token_mask)
     entropy = entropy_per_caption.mean()
-    zero = nll.new_zeros(())
     cost = reinforce_cost(nll_per_caption, token_mask)  # (B,)
     monitored = (nll_per_caption.detach(), entropy_per_caption.detach(), cost)
-    if attention != "hard":  # soft, and the no-attention control (its alpha is uniform, fixed)
-        return LossTerms(nll + cfg.doubly_stochastic * penalty, nll, token_nll, penalty, zero, entropy, *monitored,
-                         cost[:0])
-
+    loss, reinforce, advantage = nll, nll.new_zeros(()), cost[:0]
+    if "doubly_stochastic" in terms:
+        loss = loss + cfg.doubly_stochastic * penalty
     # Hard attention (Eq. 12 with the authors' choices, capgen.py). Surrogate whose gradient is
     # lambda_r (C_n - b) d log p(s|a)/dW, i.e. lambda_r (log p(y|s,a) - b') d log p(s|a)/dW; its
     # gradient on alpha is the authors' known gradient (C_n - b)/10 * s/alpha (times the scale).
-    # The doubly stochastic term is left out: in the authors' code the known gradient on alpha
-    # replaces it, so it has no effect in hard mode (it is still logged).
-    captions = captions_per_step or targets.shape[0] // samples
-    scale = float(captions) if cfg.hard_reduction == "sum" else 1.0
-    reinforce = zero
-    advantage = cost[:0]
-    if log_probs is not None:
+    # Hard attention adds no doubly stochastic term: in the authors' code the known gradient on
+    # alpha replaces it, so it has no effect in hard mode (it is still logged).
+    scale = float(captions_per_step or targets.shape[0] // samples) if cfg.hard_reduction == "sum" else 1.0
+    if "reinforce" in terms and out.log_probs is not None:
         if samples > 1:
             b = leave_one_out_baseline(cost, samples)  # (B,)
         elif baseline is None:
@@ -184,8 +185,10 @@ def caption_loss(
             b = baseline.detach()
         advantage = cost - b  # (B,)
         # The mean over rows is the mean over captions of the mean over their K draws.
-        reinforce = scale * (cfg.reward_scale * advantage * (log_probs * token_mask).sum(1)).mean()
+        reinforce = scale * (cfg.reward_scale * advantage * (out.log_probs * token_mask).sum(1)).mean()
+        loss = loss + reinforce
         advantage = advantage if sampled is None else advantage[sampled]
-    # Entropy bonus: minimise lambda_e * sum alpha log alpha, i.e. maximise attention entropy.
-    loss = nll + reinforce - scale * cfg.entropy * entropy
+    if "entropy" in terms:
+        # Entropy bonus: minimise lambda_e * sum alpha log alpha, i.e. maximise attention entropy.
+        loss = loss - scale * cfg.entropy * entropy
     return LossTerms(loss, nll, token_nll, penalty, reinforce, entropy, *monitored, advantage)

@@ -36,7 +36,7 @@ class Progress:
     shows ``note`` (such as the current loss) after the counts until another note replaces it.
     """
 
-    def __init__(self, total: int, label: str, unit: str = "images", enabled: bool = True,
+    def __init__(self, total: int, label: str, *, unit: str = "images", enabled: bool = True,
                  stream: TextIO | None = None, interval: float = 0.0, initial: int = 0) -> None:
         self.total, self.label, self.unit, self.enabled = total, label, unit, enabled
         self.stream = stream if stream is not None else sys.stderr

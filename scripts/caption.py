@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Caption images with a trained checkpoint (same as ``captioning caption``).
 
-The workflow lives in captioning.caption; run ``python scripts/caption.py --help`` for its options.
+The workflow lives in captioning.caption.run; run ``python scripts/caption.py --help`` for its options.
 """
 
 import sys

@@ -62,6 +62,16 @@ def random_images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
+def greedy_decode(model, images: torch.Tensor, image_mask: torch.Tensor | None = None, max_len: int = 30,
+                  mode: str = "expected"):
+    """The greedy caption of each image (pixels, or annotation grids [B, L, D]) as padded tensors
+    (captioning.decoding.Decoded): the search of captioning/search.py over the model's step."""
+    from captioning.decoding import ModelSearch, best_captions
+    from captioning.search import DecodeOptions
+
+    return best_captions(ModelSearch(model)(images, DecodeOptions(max_len=max_len, hard_mode=mode), image_mask))
+
+
 def save_untrained_checkpoint(cfg: Config, vocab: Vocabulary, path: Path, prefer_word: str | None = None) -> Path:
     """An untrained model saved as Lightning's ModelCheckpoint saves it (as far as loading is
     concerned). ``prefer_word``: push the output layer towards this word, so that every caption

@@ -13,6 +13,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import make_config, random_captions
+from captioning import fast
 from captioning.losses import caption_loss
 from captioning.models import ShowAttendTell
 from captioning.perf.compile import compile_model, compile_unsupported_reason
@@ -34,12 +35,12 @@ def grids(model: ShowAttendTell, images: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(images, L, model.encoder.out_channels, generator=torch.Generator().manual_seed(seed))
 
 
-def loss_of(model: ShowAttendTell, inputs: torch.Tensor, captions: torch.Tensor, attention: str, mode: str):
-    """The training step's loss, computed as CaptioningModule.training_step computes it."""
-    out = model(inputs, captions, mode=mode, return_logits=False)
-    baseline = torch.zeros(()) if attention == "hard" else None
-    return caption_loss(make_config().loss, None, captions[:, 1:], out.alphas, out.mask, Vocabulary.pad_id,
-                        attention, out.log_probs, baseline, out.token_nll).loss
+def loss_of(model: ShowAttendTell, inputs: torch.Tensor, captions: torch.Tensor, mode: str, fused: bool = True):
+    """The training step's loss, as CaptioningModule computes it: on the fused pass of
+    captioning/fast.py, or (``fused`` False) on the model's own reference loop."""
+    out = (fast.FusedTrainingPass(model) if fused else model)(inputs, captions, mode=mode)
+    return caption_loss(make_config().loss, out, captions[:, 1:], terms=model.mechanism.loss_terms,
+                        baseline=torch.zeros(())).loss
 
 
 # ============================================================================ FLOP count
@@ -57,9 +58,9 @@ def test_executed_flops_match_pytorch_flop_counter(attention, mode, score, gate,
     captions = random_captions(3 * k, V, min_len=2, max_len=6)
     tokens = (captions[:, 1:] != Vocabulary.pad_id).sum(1).tolist()
     with FlopCounterMode(display=False) as counter:
-        loss_of(model, features, captions, attention, mode).backward()
+        loss_of(model, features, captions, mode).backward()
     L, D = features.shape[1:]
-    flops = decoder_flops(cfg.model.decoder, L, D, V, attention, mode)
+    flops = decoder_flops(cfg.model.decoder, L, D, V, mode)
     assert counter.get_total_flops() == training_step_flops(flops, tokens, k).executed
 
 
@@ -70,7 +71,7 @@ def test_fine_tuned_features_double_the_image_side_backward():
     captions = random_captions(2, V)
     tokens = (captions[:, 1:] != Vocabulary.pad_id).sum(1).tolist()
     with FlopCounterMode(display=False) as counter:
-        loss_of(model, features, captions, "soft", "expected").backward()
+        loss_of(model, features, captions, "expected").backward()
     flops = decoder_flops(cfg.model.decoder, 16, 128, V, features_need_grad=True)
     assert counter.get_total_flops() == training_step_flops(flops, tokens).executed
 
@@ -200,7 +201,7 @@ def test_compile_config_is_applied_lazily_and_keeps_parameter_names():
     compiled = CaptioningModule.create(cfg, Vocabulary(vocab))
     decoder = compiled.model.decoder
     assert decoder.attention._compiled_call_impl is not None and decoder.lstm._compiled_call_impl is not None
-    assert not decoder.fast and eager.model.decoder.fast  # compiled runs the reference loop
+    assert compiled.fused is None and eager.fused is not None  # compiled runs the reference loop
     assert eager.model.decoder.attention._compiled_call_impl is None
     assert not any(callable(v) for v in vars(decoder).values())  # no method replaced on the instance
     assert list(compiled.state_dict()) == list(eager.state_dict())  # checkpoints stay interchangeable
@@ -219,8 +220,8 @@ def test_compiled_step_gives_the_eager_loss_and_gradients(attention, mode):
     eager = ShowAttendTell(cfg.model, V)
     compiled = ShowAttendTell(cfg.model, V)
     compiled.load_state_dict(eager.state_dict())
-    compile_model(compiled, "step")  # compiled runs the reference teacher-forced loop ...
-    eager.decoder.fast = False  # ... so eager does too: sampled locations are drawn in the same order
+    compile_model(compiled, "step")  # compiled runs the reference teacher-forced loop, and so does
+    # the eager one here (fused=False): sampled locations are drawn in the same order
     features, captions = grids(eager, 4), random_captions(4, V, min_len=3, max_len=6)
     torch._dynamo.reset()
     from torch._dynamo.utils import counters
@@ -229,7 +230,7 @@ def test_compiled_step_gives_the_eager_loss_and_gradients(attention, mode):
     losses, grads = [], []
     for model in (eager, compiled):
         torch.manual_seed(1)  # the same sampled locations in hard mode
-        loss = loss_of(model, features, captions, attention, mode)
+        loss = loss_of(model, features, captions, mode, fused=False)
         loss.backward()
         losses.append(loss.detach())
         grads.append(torch.cat([p.grad.flatten() for p in model.decoder.parameters()]))
@@ -245,9 +246,9 @@ def test_bf16_autocast_on_cpu_trains_in_fp32_weights(attention):
     cfg = make_config(model__attention=attention)
     model = ShowAttendTell(cfg.model, V)
     features, captions = grids(model, 4), random_captions(4, V, min_len=3, max_len=6)
-    reference = loss_of(model, features, captions, attention, "expected")
+    reference = loss_of(model, features, captions, "expected")
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = loss_of(model, features, captions, attention, "expected")
+        loss = loss_of(model, features, captions, "expected")
         out = model(features, captions)
     assert out.logits.dtype == torch.bfloat16  # the matmuls really ran in bf16
     loss.backward()
@@ -275,3 +276,49 @@ def test_keep_freed_memory_applies_on_glibc_and_honours_the_opt_out(monkeypatch)
     monkeypatch.delenv("CAPTIONING_MALLOC")
     expected = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     assert allocator.keep_freed_memory() is expected and allocator.applied is expected
+
+
+# ============================================================================ side by side
+
+
+PORT_MODELS = '''
+import torch
+from torch import nn
+
+
+class DecoderWithAttention(nn.Module):
+    """A stand-in with the port's interface: (encoder_out [B, s, s, D], captions, lengths [B, 1]) ->
+    (scores [B, T, V], sorted captions, decode lengths, alphas [B, T, L], sort order)."""
+
+    def __init__(self, attention_dim, embed_dim, decoder_dim, vocab_size, encoder_dim=2048, dropout=0.5):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.embedding = nn.Embedding(vocab_size, embed_dim)
+        self.fc = nn.Linear(embed_dim + encoder_dim, vocab_size)
+
+    def forward(self, encoder_out, encoded_captions, caption_lengths):
+        B, D = encoder_out.shape[0], encoder_out.shape[-1]
+        encoder_out = encoder_out.view(B, -1, D)
+        caption_lengths, sort_ind = caption_lengths.squeeze(1).sort(dim=0, descending=True)
+        encoder_out, encoded_captions = encoder_out[sort_ind], encoded_captions[sort_ind]
+        decode_lengths = (caption_lengths - 1).tolist()
+        T = max(decode_lengths)
+        context = encoder_out.mean(1, keepdim=True).expand(B, T, D)
+        scores = self.fc(torch.cat([self.embedding(encoded_captions[:, :T]), context], -1))
+        alphas = torch.full((B, T, encoder_out.shape[1]), 1.0 / encoder_out.shape[1])
+        return scores, encoded_captions, decode_lengths, alphas, sort_ind
+'''
+
+
+def test_paths_times_the_port_beside_ours_on_the_same_batch(tmp_path):
+    """python -m captioning.perf.paths --port DIR: the port's training step (here a stand-in with its
+    interface) alternates with ours and its rate is the yardstick of over_port."""
+    from captioning.perf import paths
+
+    (tmp_path / "models.py").write_text(PORT_MODELS)
+    result = paths.main(["--quick", "--reps", "1", "--variants", "fast", "--port", str(tmp_path)])
+    assert set(result["captions_per_s"]) == {"fast", "port"}
+    assert result["over_port"]["fast"] == pytest.approx(result["captions_per_s"]["fast"] / result["captions_per_s"]["port"],
+                                                        rel=0.05)
+    with pytest.raises(SystemExit):
+        paths.main(["--quick", "--port", str(tmp_path / "missing")])

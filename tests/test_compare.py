@@ -21,12 +21,12 @@ from PIL import Image
 from captioning.data.datamodule import CaptionDataModule
 from captioning.study import collect
 from captioning.study.report import cell
-from captioning.study.run import StudyError, parse_checkpoints, study_overrides
+from captioning.study.runs import StudyError, parse_checkpoints, study_overrides
 from captioning.training.module import CaptioningModule
 from conftest import make_config
 
 REPO = Path(__file__).resolve().parents[1]
-from captioning.study import cli as compare  # captioning compare (scripts/compare.py)
+from captioning.study import run as compare  # captioning compare (scripts/compare.py)
 
 SECTIONS = ("## Results", "## Grounding by word kind", "## Learning curves", "## Training signal",
             "## Attention maps: the same test images, soft and hard",
@@ -347,7 +347,7 @@ def test_train_two_seeds_end_to_end(tmp_path, capsys):
 
 
 def test_diagnostic_arms_take_their_own_seed_count_and_a_frozen_arm_needs_its_source(tmp_path):
-    from captioning.study.run import plan_training_runs
+    from captioning.study.runs import plan_training_runs
 
     runs = plan_training_runs(tmp_path, 2, ["none", "soft", "hard-arctic-frozen", "hard-loo"], diagnostic_seeds=1)
     assert [r.name for r in runs] == ["none-seed0", "soft-seed0", "hard-arctic-frozen-seed0", "hard-loo-seed0",
@@ -388,7 +388,7 @@ def test_encoder_file_holds_the_runs_trained_encoder(checkpoints, tmp_path):
     from captioning.checkpoint import checkpoint_config, read_checkpoint
     from captioning.config import merge
     from captioning.models.encoder import Encoder
-    from captioning.study.run import write_encoder_file
+    from captioning.study.runs import write_encoder_file
 
     path = checkpoints.paths["soft-a"]
     ckpt = read_checkpoint(path)
@@ -433,7 +433,7 @@ def test_a_run_another_process_is_training_is_never_cleared(tmp_path):
     import sys
 
     from captioning.files import host_name
-    from captioning.study.run import Run, clear_unfinished
+    from captioning.study.runs import Run, clear_unfinished
 
     folder = tmp_path / "soft-seed0"
     (folder / "logs").mkdir(parents=True)

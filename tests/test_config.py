@@ -311,3 +311,21 @@ def test_every_value_is_bounded_before_anything_is_allocated(override, message):
     with pytest.raises(ConfigError) as err:
         build_config(overrides=[override])
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_names_the_command_lines_offer_are_the_configs_and_the_models():
+    """config.py's name tuples (read by every --help without importing torch) are the Literals of
+    the config and the registries of captioning/models/attention.py."""
+    import typing
+
+    from captioning.config import (ATTENTIONS, COMPILE_TARGETS, HARD_MODES, DecodeConfig, DecoderConfig, ModelConfig,
+                                   TrainConfig)
+    from captioning.models.attention import MECHANISMS, SCORES, HardAttention
+
+    def literal(cls, key):
+        return typing.get_args(typing.get_type_hints(cls)[key])
+
+    assert literal(ModelConfig, "attention") == ATTENTIONS == tuple(MECHANISMS)
+    assert literal(DecodeConfig, "hard_mode") == HARD_MODES == HardAttention.test_modes
+    assert literal(TrainConfig, "compile") == COMPILE_TARGETS
+    assert literal(DecoderConfig, "score") == tuple(SCORES)

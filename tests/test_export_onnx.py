@@ -111,6 +111,22 @@ def test_onnx_options_n_best_min_len_no_unk(untrained):
         assert len(o.words) >= 3 and "<unk>" not in o.words
 
 
+def test_onnx_engine_samples_with_the_same_search(untrained):
+    """Sampling runs in the ONNX engine too (the one search loop, NumPy's generator): top-k 1 is
+    greedy decoding, a seed repeats its draws, n-best draws are distinct and ranked."""
+    paths = untrained.paths[:12]
+    greedy = [c.words for c in untrained.captioner.caption(paths, beam_size=1)]
+    assert [c.words for c in untrained.onnx.caption(paths, top_k=1, temperature=3.0, seed=0)] == greedy
+    a, b, c = (untrained.onnx.caption(paths, temperature=5.0, seed=s) for s in (1, 1, 2))
+    assert [x.words for x in a] == [x.words for x in b] != [x.words for x in c]
+    for cap in untrained.onnx.caption(paths, temperature=5.0, n_best=4, seed=0):
+        drawn = [cap, *cap.alternatives]
+        assert len({tuple(x.words) for x in drawn}) == len(drawn)
+        assert [x.score for x in drawn] == sorted((x.score for x in drawn), reverse=True)
+    with pytest.raises(ValueError, match="needs a hard-attention model"):
+        untrained.onnx.caption(paths[:1], hard_mode="argmax")
+
+
 def test_onnx_engine_imports_no_torch(untrained):
     trained = untrained
     code = ("import sys\nfrom captioning.export.runtime import OnnxCaptioner\n"
@@ -142,7 +158,7 @@ def test_hard_attention_graphs_match_the_decoder_step(tmp_path, attention, mode)
     with torch.no_grad():
         f, m = model.encode(images)
         k = model.decoder.project(f)
-        out = model.decoder.step(torch.full((5,), 1), model.decoder.init_state(f, m), f, k, m, mode)
+        out = model.decoder.step(torch.full((5,), 1), model.decoder.init_state(f, m), f, k, m, mode=mode)
     log_p, h1, c1, alpha = step.run(None, {"words": np.ones(5, np.int64), "h": h, "c": c, "features": features,
                                            "keys": keys})
     np.testing.assert_allclose(log_p, out.logits.log_softmax(-1).numpy(), atol=1e-4)

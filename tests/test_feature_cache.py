@@ -101,8 +101,8 @@ def test_loss_from_the_cache_equals_the_encoders(tmp_path, data_root, attention)
         torch.testing.assert_close(grids.float(), features, rtol=2e-3, atol=2e-3)  # fp16 rounding only
         for inputs in (images, grids):
             out = model(inputs, captions, mode="expected")
-            losses.append(caption_loss(cfg.loss, out.logits, captions[:, 1:], out.alphas, out.mask, 0,
-                                       attention, None, None).loss)
+            losses.append(caption_loss(cfg.loss, out, captions[:, 1:], terms=model.mechanism.loss_terms,
+                                       baseline=torch.zeros(())).loss)
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-3, atol=1e-4)
 
 

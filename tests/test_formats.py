@@ -10,7 +10,7 @@ import pytest
 from captioning.data.coco import AnnotationError
 from captioning.data.formats import (DUPLICATE_FILE, DUPLICATE_ID, EMPTY_CAPTION, NO_CAPTIONS, NOT_IN_SPLIT,
                                      NOT_UTF8, OUTSIDE_IMAGES, TWO_SPLITS, UNKNOWN_IMAGE, assign_splits, default_flickr8k_lists,
-                                     detect_format, normalize_caption, read_coco, read_flickr8k, read_instances,
+                                     detect_format, normalize_caption, pool_instances, read_coco, read_flickr8k,
                                      read_karpathy)
 
 
@@ -167,8 +167,8 @@ def test_coco_per_split_files_and_instances_file_mistaken_for_captions(tmp_path)
         read_coco([(None, instances)], tmp_path)
     assert str(instances) in str(err.value)
     with pytest.raises(AnnotationError, match="pass it with --captions"):
-        read_instances([train])
-    categories, annotations, images = read_instances([instances])
+        pool_instances([train])
+    categories, annotations, images = pool_instances([instances])
     assert categories == [{"id": 1, "name": "cat"}] and annotations[0]["bbox"] == [0, 0, 1, 1] and 1 in images
 
 

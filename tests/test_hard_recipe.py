@@ -13,12 +13,15 @@ import torch
 from captioning.config import LossConfig
 from captioning.losses import caption_loss
 from captioning.models import ShowAttendTell
+from captioning.models.attention import HardAttention
+from captioning.models.decoder import DecoderOutput
 from captioning.training.module import CaptioningModule
 from captioning.vocab import Vocabulary
 from conftest import TINY_WORDS, make_captions, make_config, random_images
 from captioning.vocab import SPECIALS
 
 WORDS = list(SPECIALS) + list(TINY_WORDS)
+HARD = HardAttention.loss_terms  # REINFORCE and the entropy bonus
 V = len(WORDS)
 
 
@@ -45,8 +48,8 @@ def test_reinforce_and_entropy_gradient_on_alpha_is_capgens():
 
     def alpha_gradient(cfg: LossConfig, **kwargs) -> torch.Tensor:
         log_probs = alphas.log().gather(2, samples_idx[..., None]).squeeze(-1) * token_mask  # log alpha_{s_t}
-        terms = caption_loss(cfg, None, targets, alphas, torch.ones(B, L, dtype=torch.bool), Vocabulary.pad_id,
-                             "hard", log_probs=log_probs, baseline=baseline, token_nll=token_nll, **kwargs)
+        out = DecoderOutput(None, alphas, log_probs, torch.ones(B, L, dtype=torch.bool), token_nll)
+        terms = caption_loss(cfg, out, targets, terms=HARD, baseline=baseline, **kwargs)
         return torch.autograd.grad(terms.loss, alphas)[0]
 
     cfg = LossConfig(hard_reduction="sum")  # the authors' strength; lambda_r 0.1, lambda_e 0.002
@@ -72,8 +75,8 @@ def test_padded_steps_get_no_reinforce_or_entropy_gradient():
     targets = torch.where(token_mask, torch.full((B, T), 5), torch.full((B, T), Vocabulary.pad_id))
     alphas = torch.softmax(torch.randn(B, T, L), -1).requires_grad_(True)
     log_probs = alphas.log()[..., 0] * token_mask
-    terms = caption_loss(LossConfig(), None, targets, alphas, torch.ones(B, L, dtype=torch.bool), Vocabulary.pad_id,
-                         "hard", log_probs=log_probs, baseline=torch.tensor(0.3), token_nll=torch.rand(B, T))
+    out = DecoderOutput(None, alphas, log_probs, torch.ones(B, L, dtype=torch.bool), torch.rand(B, T))
+    terms = caption_loss(LossConfig(), out, targets, terms=HARD, baseline=torch.tensor(0.3))
     grad = torch.autograd.grad(terms.loss, alphas)[0]
     assert (grad[~token_mask] == 0).all() and (grad[token_mask] != 0).any()
 
@@ -101,9 +104,9 @@ def test_a_captions_cost_does_not_change_when_a_longer_caption_joins_its_batch()
             targets[i, :len(r)] = torch.tensor(r)
             token_nll[i, :len(n)] = torch.tensor(n)
         alphas = torch.full((len(rows), T, L), 1 / L)
-        terms = caption_loss(LossConfig(), None, targets, alphas, torch.ones(len(rows), L, dtype=torch.bool),
-                             Vocabulary.pad_id, "hard", log_probs=torch.zeros(len(rows), T),
-                             baseline=torch.tensor(0.0), token_nll=token_nll)
+        out = DecoderOutput(None, alphas, torch.zeros(len(rows), T), torch.ones(len(rows), L, dtype=torch.bool),
+                            token_nll)
+        terms = caption_loss(LossConfig(), out, targets, terms=HARD, baseline=torch.tensor(0.0))
         return terms.cost
 
     short = [[5, 6, 3]], [[1.0, 2.0, 0.5]]
@@ -126,8 +129,8 @@ def test_leave_one_out_samples_average_every_term_and_use_the_other_draws_as_bas
     alphas = torch.softmax(torch.randn(B * K, T, L), -1).requires_grad_(True)
     log_probs = alphas.log()[..., 1]
     cfg = LossConfig()
-    terms = caption_loss(cfg, None, targets, alphas, torch.ones(B * K, L, dtype=torch.bool), Vocabulary.pad_id,
-                         "hard", log_probs=log_probs, baseline=None, token_nll=token_nll, samples=K)
+    out = DecoderOutput(None, alphas, log_probs, torch.ones(B * K, L, dtype=torch.bool), token_nll)
+    terms = caption_loss(cfg, out, targets, terms=HARD, baseline=None, samples=K)
     c = token_nll.mean(1)
     advantage = c - leave_one_out_baseline(c, K)
     torch.testing.assert_close(terms.advantage, advantage)
@@ -135,8 +138,7 @@ def test_leave_one_out_samples_average_every_term_and_use_the_other_draws_as_bas
     torch.testing.assert_close(terms.reinforce, expected)
     torch.testing.assert_close(terms.nll, token_nll.sum(1).mean())  # mean over captions of mean over draws
     # With "sum", the scale is the captions of the step (B), not the rows (B * K).
-    summed = caption_loss(LossConfig(hard_reduction="sum"), None, targets, alphas, torch.ones(B * K, L, dtype=torch.bool),
-                          Vocabulary.pad_id, "hard", log_probs=log_probs, token_nll=token_nll, samples=K)
+    summed = caption_loss(LossConfig(hard_reduction="sum"), out, targets, terms=HARD, samples=K)
     torch.testing.assert_close(summed.reinforce, B * expected)
 
 
@@ -243,12 +245,11 @@ def test_no_attention_trains_through_the_plain_loop_with_the_gate():
     cfg = make_config(model__attention="none")
     model = ShowAttendTell(cfg.model, V).train()
     captions = make_captions([[4, 5, 6], [7, 8]])
-    out = model(random_images(2), captions, return_logits=False)
-    assert out.log_probs is None and out.token_nll.shape == (2, captions.shape[1] - 1)
+    out = model(random_images(2), captions)
+    assert out.log_probs is None and out.logits.shape[:2] == (2, captions.shape[1] - 1)
     L = out.alphas.shape[-1]
     torch.testing.assert_close(out.alphas[0], torch.full_like(out.alphas[0], 1 / L))
-    terms = caption_loss(cfg.loss, None, captions[:, 1:], out.alphas, out.mask, Vocabulary.pad_id, "none",
-                         token_nll=out.token_nll)
+    terms = caption_loss(cfg.loss, out, captions[:, 1:], terms=model.mechanism.loss_terms)
     terms.loss.backward()
     gate = model.decoder.gate.weight.grad  # beta applies as for soft attention
     assert gate is not None and gate.abs().sum() > 0

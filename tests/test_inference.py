@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from captioning import Captioner
-from captioning import caption as caption_script  # captioning caption (scripts/caption.py)
+from captioning.caption import run as caption_script  # captioning caption (scripts/caption.py)
 from captioning import cli
 from captioning.checkpoint import CheckpointError
 from captioning.config import build_config
@@ -342,8 +342,8 @@ def test_hard_attention_uses_the_checkpoint_hard_mode(tiny):
     assert captioner.settings == {"method": "beam", "beam_size": 3, "length_penalty": 0.0, "max_len": MAX_LEN,
                                   "hard_mode": "argmax", "attention": "hard", "n_best": 1, "temperature": None,
                                   "top_k": None, "min_len": 0, "no_unk": False}
-    assert captioner.decode_settings(beam_size=1)["method"] == "greedy"
-    assert captioner.decode_settings(hard_mode="expected")["hard_mode"] == "expected"
+    assert captioner.options(beam_size=1).method == "greedy"
+    assert captioner.options(hard_mode="expected").hard_mode == "expected"
     g = tiny.cfg.model.encoder.grid_size
     for mode in (None, "expected", "sample"):
         [cap] = captioner.caption(tiny.test_paths[0], hard_mode=mode)

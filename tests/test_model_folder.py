@@ -198,8 +198,8 @@ def test_api_sampling_is_repeatable_by_seed(tiny):
     c = tiny.captioner.caption(tiny.paths, temperature=5.0, seed=4)
     assert [x.words for x in a] == [x.words for x in b]
     assert [x.words for x in a] != [x.words for x in c]
-    settings = tiny.captioner.decode_settings(temperature=0.5, top_k=3)
-    assert settings["method"] == "sample" and settings["beam_size"] == 1
+    options = tiny.captioner.options(temperature=0.5, top_k=3)
+    assert options.method == "sample" and options.beam_size == 1
     with pytest.raises(ValueError, match="cannot use a beam"):
         tiny.captioner.caption(tiny.paths[0], beam_size=3, temperature=0.5)
 

@@ -12,20 +12,22 @@ import torch
 import torchvision
 from torch import nn
 
-from conftest import make_captions, make_config, random_captions, random_images
+from conftest import make_captions, make_config, random_captions, random_images, greedy_decode
 from captioning.config import ConfigError, EncoderConfig, LossConfig, validate
-from captioning.decoding import greedy_decode
+from captioning import fast
+from captioning.decoding import ModelSearch, best_captions
+from captioning.search import DecodeOptions
 from captioning.losses import (
     ReinforceBaseline,
     attention_entropy,
     caption_loss,
     caption_nll,
     doubly_stochastic_penalty,
+    per_token_nll,
 )
 from captioning.models import ShowAttendTell
-from captioning.models import fast
 from captioning.models.attention import AdditiveScore, HardAttention, NoAttention, SoftAttention, build_score, masked_softmax
-from captioning.models.decoder import Decoder
+from captioning.models.decoder import Decoder, DecoderOutput
 from captioning.models.encoder import Encoder, EncoderWeightsError
 from captioning.vocab import Vocabulary
 
@@ -37,6 +39,20 @@ V = 14  # len(tiny_vocab)
 def build_model(**dotted) -> ShowAttendTell:
     cfg = make_config(**dotted)
     return ShowAttendTell(cfg.model, V)
+
+
+def teacher_forced(model: ShowAttendTell, images: torch.Tensor, captions: torch.Tensor, *, fused: bool,
+                   logits: bool = True, **kwargs) -> DecoderOutput:
+    """The model's own reference loop, or (``fused``) the fused pass of captioning/fast.py, as the
+    training module runs it. ``logits`` False: the per-token NLL instead of the logits."""
+    if fused:
+        x = model.teacher_forcing(images, captions, sample_mask=kwargs.pop("sample_mask", None))
+        return fast.teacher_forced(model.decoder, captions, features=x.features, mask=x.mask, keys=x.keys,
+                                   rows=x.rows, sample_mask=x.sample_mask, logits=logits, **kwargs)
+    out = model(images, captions, **kwargs)
+    if logits:
+        return out
+    return out._replace(logits=None, token_nll=per_token_nll(out.logits, captions[:, 1:], Vocabulary.pad_id))
 
 
 # ============================================================================ encoder
@@ -378,10 +394,12 @@ def test_hard_sample_mask_per_image_is_repeated_for_its_captions():
     B, k = 2, 2
     captions = random_captions(B * k, V)
     real = captions[:, 1:] != Vocabulary.pad_id
-    out = model(random_images(B), captions, mode="sample", sample_mask=torch.tensor([True, False]))
-    assert (out.log_probs[:2][real[:2]] < 0).all()  # image 0's captions sample at every real step
-    assert (out.log_probs[2:] == 0).all()  # image 1's captions use the expected context
-    assert (out.log_probs[~real] == 0).all()  # padded steps are not run
+    for fused in (False, True):
+        out = teacher_forced(model, random_images(B), captions, fused=fused, mode="sample",
+                             sample_mask=torch.tensor([True, False]))
+        assert (out.log_probs[:2][real[:2]] < 0).all()  # image 0's captions sample at every real step
+        assert (out.log_probs[2:] == 0).all()  # image 1's captions use the expected context
+    assert (out.log_probs[~real] == 0).all()  # the fused pass does not run padded steps
 
 
 @pytest.mark.parametrize("attention, mode", [("soft", "expected"), ("hard", "expected"), ("hard", "argmax")])
@@ -404,12 +422,11 @@ def test_fast_teacher_forcing_equals_the_reference_loop(attention, mode, score, 
         assert (lengths.sort().values.diff() > 0).any()
     real = captions[:, 1:] != Vocabulary.pad_id
     results = []
-    for fast_path in (False, True):
-        model.decoder.fast = fast_path
+    for fused in (False, True):
         model.zero_grad()
-        out = model(features, captions, mode=mode)
-        loss = caption_loss(cfg.loss, out.logits, captions[:, 1:], out.alphas, out.mask, Vocabulary.pad_id,
-                            attention, out.log_probs, torch.zeros(()) if attention == "hard" else None).loss
+        out = teacher_forced(model, features, captions, fused=fused, mode=mode)
+        loss = caption_loss(cfg.loss, out, captions[:, 1:], terms=model.mechanism.loss_terms,
+                            baseline=torch.zeros(())).loss
         loss.backward()
         grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
         results.append((loss.detach(), out.logits[real].detach(), out.alphas[real].detach(), grads))
@@ -423,26 +440,25 @@ def test_fast_teacher_forcing_equals_the_reference_loop(attention, mode, score, 
 
     # Training's form: token NLL instead of logits (output layer and loss on the real tokens only).
     model.zero_grad()
-    out = model(features, captions, mode=mode, return_logits=False)
+    out = teacher_forced(model, features, captions, fused=True, logits=False, mode=mode)
     assert out.logits is None and out.token_nll.shape == captions[:, 1:].shape
     assert (out.token_nll[~real] == 0).all()
     nll = torch.nn.functional.cross_entropy(logits_a.float(), captions[:, 1:][real], reduction="none")
     torch.testing.assert_close(out.token_nll[real].detach(), nll)
-    caption_loss(cfg.loss, None, captions[:, 1:], out.alphas, out.mask, Vocabulary.pad_id, attention, out.log_probs,
-                 torch.zeros(()) if attention == "hard" else None, out.token_nll).loss.backward()
+    caption_loss(cfg.loss, out, captions[:, 1:], terms=model.mechanism.loss_terms,
+                 baseline=torch.zeros(())).loss.backward()
     for name, p in model.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(p.grad, grads_a[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def assert_fast_equals_reference(model: ShowAttendTell, loss_of_model) -> torch.Tensor:
-    """``loss_of_model()`` with the reference teacher-forced loop, then with the fast path: the same
-    loss and the same gradient for every parameter. Returns the fast path's loss."""
+    """``loss_of_model(fused)`` with the reference teacher-forced loop, then with the fused pass: the
+    same loss and the same gradient for every parameter. Returns the fused pass's loss."""
     results = []
-    for fast_path in (False, True):
-        model.decoder.fast = fast_path
+    for fused in (False, True):
         model.zero_grad()
-        loss = loss_of_model()
+        loss = loss_of_model(fused)
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (loss_a, grads_a), (loss_b, grads_b) = results
@@ -455,7 +471,7 @@ def assert_fast_equals_reference(model: ShowAttendTell, loss_of_model) -> torch.
 
 @pytest.mark.parametrize("k", [1, 2])
 def test_fast_training_pass_draws_the_reference_loops_dropout_masks(k):
-    """With dropout on, the fast path's packed output layer (return_logits=False) draws the masks
+    """With dropout on, the fused pass's packed output layer (token NLL) draws the masks
     the reference loop draws for its padded [B, T, m] batch, so training takes the same path whichever
     runs: same loss and gradients under the same seed."""
     cfg = make_config(model__decoder__dropout=0.5)
@@ -464,14 +480,13 @@ def test_fast_training_pass_draws_the_reference_loops_dropout_masks(k):
     features = torch.randn(3, 16, model.encoder.out_channels)
     captions = random_captions(3 * k, V, min_len=1, max_len=6)
 
-    def loss(seed: int) -> torch.Tensor:
+    def loss(seed: int, fused: bool) -> torch.Tensor:
         torch.manual_seed(seed)
-        out = model(features, captions, return_logits=False)
-        return caption_loss(cfg.loss, None, captions[:, 1:], out.alphas, out.mask, Vocabulary.pad_id, "soft",
-                            token_nll=out.token_nll).loss
+        out = teacher_forced(model, features, captions, fused=fused, logits=False)
+        return caption_loss(cfg.loss, out, captions[:, 1:], terms=model.mechanism.loss_terms).loss
 
-    fast_loss = assert_fast_equals_reference(model, lambda: loss(1))
-    assert abs(float(loss(2).detach()) - float(fast_loss)) > 1e-3  # another draw, another loss: dropout is on
+    fast_loss = assert_fast_equals_reference(model, lambda fused: loss(1, fused))
+    assert abs(float(loss(2, True).detach()) - float(fast_loss)) > 1e-3  # another draw, another loss: dropout is on
 
 
 def test_training_batches_of_one_caption_per_image_come_longest_first():
@@ -503,7 +518,7 @@ def test_fast_additive_score_equals_autograd(scale, chunk, monkeypatch):
     sigmoid) gives the reference loop's loss and gradients, with small keys and with keys far in
     tanh's saturation (scale 300), its map computed for all images at once and one image at a
     time (chunk 1)."""
-    monkeypatch.setattr("captioning.models.fast.SCORE_CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr("captioning.fast.SCORE_CHUNK_ELEMENTS", chunk)
     cfg = make_config(model__decoder__score="additive")
     model = ShowAttendTell(cfg.model, V).eval()
     with torch.no_grad():
@@ -512,8 +527,8 @@ def test_fast_additive_score_equals_autograd(scale, chunk, monkeypatch):
     captions = random_captions(3, V, min_len=1, max_len=6)
     real = captions[:, 1:] != Vocabulary.pad_id
 
-    def loss() -> torch.Tensor:
-        out = model(features, captions)
+    def loss(fused: bool) -> torch.Tensor:
+        out = teacher_forced(model, features, captions, fused=fused)
         return caption_nll(out.logits, captions[:, 1:], Vocabulary.pad_id)[0].sum() + out.alphas[real].square().sum()
 
     assert_fast_equals_reference(model, loss)
@@ -524,7 +539,7 @@ def test_fast_path_backward_twice_with_retain_graph():
     same gradients twice."""
     model = build_model()
     captions = random_captions(3, V, min_len=2, max_len=6)
-    out = model(torch.randn(3, 16, model.encoder.out_channels), captions)
+    out = teacher_forced(model, torch.randn(3, 16, model.encoder.out_channels), captions, fused=True)
     loss = caption_nll(out.logits, captions[:, 1:], Vocabulary.pad_id)[0].sum()
     params = list(model.decoder.attention.parameters())
     first = torch.autograd.grad(loss, params, retain_graph=True)
@@ -563,9 +578,10 @@ def test_greedy_decoding_is_the_same_with_and_without_the_fast_scores():
     features = torch.randn(3, 16, model.encoder.out_channels)
     mask = torch.ones(3, 16, dtype=torch.bool)
     runs = []
-    for fast_path in (False, True):
-        model.decoder.fast = fast_path
-        runs.append(greedy_decode(model, features, mask, max_len=6))
+    for fast_scores in (False, True):
+        search = ModelSearch(model, fast=fast_scores)
+        assert (search.scores is not None) == fast_scores
+        runs.append(best_captions(search.annotations(features, mask, DecodeOptions(max_len=6))))
     assert torch.equal(runs[0].tokens, runs[1].tokens)
     torch.testing.assert_close(runs[0].alphas, runs[1].alphas)
 
@@ -590,19 +606,26 @@ class _FlatScore(AdditiveScore):
         return h.new_zeros(h.shape[0], keys.shape[1]) + 0.0 * self.U(h).sum()
 
 
-def test_a_subclass_overriding_forward_trains_with_its_own_forward():
-    """The fast path runs only for modules it knows exactly: a subclass of AdditiveScore that
-    overrides forward trains (gradients on, fast path requested) on the reference loop with its
-    own forward -- here uniform alphas -- not on the additive maths it inherits."""
+def test_a_subclass_overriding_forward_trains_with_its_own_forward(caplog):
+    """The fast path runs only for modules it knows exactly: where training and a search are built
+    for a model whose score subclasses AdditiveScore and overrides forward, the choice says so in
+    one log line each and the model trains on its own loop with its own forward -- here uniform
+    alphas -- not on the additive maths it inherits."""
     model = build_model().train()
     decoder = model.decoder
     decoder.attention.score = _FlatScore(model.encoder.out_channels, 32, 7)
-    assert decoder.fast and not fast.supports(decoder)
+    assert not fast.supports(decoder)
+    with caplog.at_level("WARNING", logger="captioning.fast"):
+        assert fast.training_pass(model) is None and fast.training_pass(model) is None
+        assert ModelSearch(model).scores is None
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and all("_FlatScore" in line for line in lines), lines
+    assert "reference loop" in lines[0] and "decoder.attention.score (_FlatScore)" in lines[0]
     captions = random_captions(3, V, min_len=2, max_len=6)
     real = captions[:, 1:] != Vocabulary.pad_id
-    out = model(torch.randn(3, 16, model.encoder.out_channels), captions, return_logits=False)
+    out = model(torch.randn(3, 16, model.encoder.out_channels), captions)
     torch.testing.assert_close(out.alphas[real], torch.full_like(out.alphas[real], 1 / 16))
-    out.token_nll.sum().backward()
+    caption_nll(out.logits, captions[:, 1:], Vocabulary.pad_id)[0].sum().backward()
     assert decoder.attention.score.U.weight.grad is not None
 
 
@@ -660,9 +683,10 @@ def test_no_attention_model_has_no_f_att_and_trains_and_decodes():
     model = build_model(model__attention="none")
     assert not any(".attention." in k for k in model.state_dict())  # no score parameters at all
     assert model.decoder.gate is not None  # beta gates the mean context as for soft attention
+    assert fast.training_pass(model) is None  # the fused pass does not know NoAttention
     captions = random_captions(4, V, min_len=2, max_len=6)
     features = torch.randn(2, 16, model.encoder.out_channels)
-    out = model(features, captions, return_logits=False)
+    out = teacher_forced(model, features, captions, fused=False, logits=False)
     real = captions[:, 1:] != Vocabulary.pad_id
     assert out.log_probs is None
     torch.testing.assert_close(out.alphas[real], torch.full_like(out.alphas[real], 1 / 16))
@@ -688,8 +712,8 @@ def test_two_layer_attention_mlp_follows_capgen():
     captions = random_captions(3, V, min_len=1, max_len=6)
     real = captions[:, 1:] != Vocabulary.pad_id
 
-    def loss() -> torch.Tensor:
-        out = model(features, captions, return_logits=False)
+    def loss(fused: bool) -> torch.Tensor:
+        out = teacher_forced(model, features, captions, fused=fused, logits=False)
         return out.token_nll.sum() + out.alphas[real].square().sum()
 
     assert_fast_equals_reference(model, loss)
@@ -734,7 +758,7 @@ def test_fast_path_weight_gradients_survive_bf16_autocast():
     model = build_model()
     captions = random_captions(4, V, min_len=2, max_len=6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(torch.randn(4, 16, model.encoder.out_channels), captions)
+        out = teacher_forced(model, torch.randn(4, 16, model.encoder.out_channels), captions, fused=True)
     assert out.logits.dtype == torch.bfloat16
     caption_nll(out.logits, captions[:, 1:], Vocabulary.pad_id)[0].sum().backward()
     for p in (model.decoder.lstm.weight_ih, model.decoder.lstm.weight_hh, model.decoder.attention.score.U.weight):
@@ -752,11 +776,10 @@ def test_fast_path_under_bf16_autocast_gives_the_reference_loss_and_gradients(at
     captions = random_captions(4, V, min_len=2, max_len=6)
     real = captions[:, 1:] != Vocabulary.pad_id
     results = []
-    for fast_path in (False, True):
-        model.decoder.fast = fast_path
+    for fused in (False, True):
         model.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(features, captions, mode=mode, return_logits=False)
+            out = teacher_forced(model, features, captions, fused=fused, logits=False, mode=mode)
         loss = out.token_nll.sum() + out.alphas[real].float().square().sum()
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
@@ -805,8 +828,7 @@ def test_hard_sampled_nll_gives_no_gradient_to_attention_scores():
     nll, _ = caption_nll(out.logits, targets, Vocabulary.pad_id)
     assert not _nonzero(_grads(nll.mean(), score_params))
 
-    terms = caption_loss(LossConfig(), out.logits, targets, out.alphas, out.mask, Vocabulary.pad_id,
-                         "hard", log_probs=out.log_probs, baseline=torch.tensor(0.0))
+    terms = caption_loss(LossConfig(), out, targets, terms=model.mechanism.loss_terms, baseline=torch.tensor(0.0))
     assert terms.reinforce.item() != 0.0
     assert _nonzero(_grads(terms.loss, score_params))
     # Each of REINFORCE and the entropy bonus reaches them on its own.
@@ -890,7 +912,7 @@ def test_caption_nll_masks_padding():
     full = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
     torch.testing.assert_close(nll, torch.stack([full[0, :3].sum(), full[1, :2].sum()]))
     assert token_mask.sum().item() == 5
-    # The decoder's own per-token NLL (return_logits=False) is summed the same way, pads masked.
+    # A pass's own per-token NLL (the fused pass of captioning/fast.py) is summed the same way, pads masked.
     from_tokens, _ = caption_nll(None, targets, Vocabulary.pad_id, token_nll=full + 1.0)
     torch.testing.assert_close(from_tokens, nll + token_mask.sum(1))
     with pytest.raises(ValueError, match="needs the logits or the decoder's token_nll"):
@@ -989,14 +1011,14 @@ def test_overfits_a_tiny_batch_and_decodes_it_back():
     model.train()
     for _ in range(200):
         out = model(images, captions)
-        terms = caption_loss(cfg.loss, out.logits, targets, out.alphas, out.mask, Vocabulary.pad_id, "soft")
+        terms = caption_loss(cfg.loss, out, targets, terms=model.mechanism.loss_terms)
         opt.zero_grad()
         terms.loss.backward()
         opt.step()
     model.eval()
     with torch.no_grad():
         out = model(images, captions)
-        terms = caption_loss(cfg.loss, out.logits, targets, out.alphas, out.mask, Vocabulary.pad_id, "soft")
+        terms = caption_loss(cfg.loss, out, targets, terms=model.mechanism.loss_terms)
     assert terms.token_nll.item() < 0.1
     dec = greedy_decode(model, images, max_len=8)
     assert dec.ended.all()

@@ -51,12 +51,13 @@ NODE = textwrap.dedent('''
                                        "world_size": trainer.world_size, "global_step": trainer.global_step,
                                        "start": self.start, "end": weights(module)}))
 
-    build = train.build_trainer
+    from captioning.training import trainer as trainer_module  # the run imports build_trainer from it
+    build = trainer_module.build_trainer
     def build_with_dump(*args, **kwargs):
         trainer = build(*args, **kwargs)
         trainer.callbacks.append(Dump())
         return trainer
-    train.build_trainer = build_with_dump
+    trainer_module.build_trainer = build_with_dump
     train.run(sys.argv[3:])
 ''')
 

@@ -312,7 +312,7 @@ def test_image_size_and_vocabulary_mismatch_are_one_line_errors(prepared):
 
 @pytest.mark.parametrize("fmt", ["karpathy", "coco", "flickr8k"])
 def test_cli_prepares_each_format_with_two_processes(tmp_path, fmt, capsys):
-    captions, images = write_example_dataset(tmp_path / "src", 12, 40, fmt, val=2, test=2, noise=0)
+    captions, images = write_example_dataset(tmp_path / "src", 12, image_size=40, fmt=fmt, val=2, test=2, noise=0)
     args = ["--captions", str(captions), "--images", str(images), "--out", str(tmp_path / "out"), "--image-size",
             "16", "--min-word-count", "1", "--workers", "2", "--chunk-size", "3", "--no-progress"]
     if fmt == "coco":
@@ -332,7 +332,7 @@ def test_cli_prepares_each_format_with_two_processes(tmp_path, fmt, capsys):
 
 
 def test_cli_wrong_schema_is_one_line_exit_2(tmp_path, capsys):
-    captions, images = write_example_dataset(tmp_path / "src", 4, 16, "karpathy", val=1, test=1)
+    captions, images = write_example_dataset(tmp_path / "src", 4, image_size=16, fmt="karpathy", val=1, test=1)
     with pytest.raises(SystemExit) as exit_:
         prepare_data.run(["--format", "coco", "--captions", str(captions), "--images", str(images), "--out",
                            str(tmp_path / "out")])
@@ -388,7 +388,7 @@ def test_train_and_evaluate_on_a_prepared_synthetic_folder(tmp_path, one_thread)
     metrics = evaluate.run(["--checkpoint", str(out / "best.ckpt"), "--split", "val", "--metrics", "bleu",
                              "--tokenizer", "simple", "--beam-size", "1", "--device", "cpu"])
     assert metrics["num_images"] == 4 and "bleu_4" in metrics["metrics"]
-    from captioning.caption import main as caption_main
+    from captioning.caption.run import main as caption_main
 
     # Captioning a split reads the source files the folder was prepared from.
     assert caption_main(["--checkpoint", str(out / "best.ckpt"), "--from-split", "test", "--limit", "2",

@@ -266,13 +266,13 @@ def test_a_start_refused_at_any_point_does_not_block_the_fixed_command(tmp_path,
     out = tmp_path / "run"
     with pytest.raises(SystemExit, match="'train.accelerator' is 'tpu', not one of"):
         train.run(tiny_args(out, data_root, "--max-epochs", "1", "--no-test", "--set", "train.accelerator=tpu"))
-    from captioning.training import run as train_module
+    from captioning.training import trainer  # the run imports build_trainer from it when it starts
 
     def refuse(*args, **kwargs):
         raise MisconfigurationException("no such device here")
 
     with monkeypatch.context() as patch:  # refused after config.yaml was written
-        patch.setattr(train_module, "build_trainer", refuse)
+        patch.setattr(trainer, "build_trainer", refuse)
         with pytest.raises(SystemExit, match="no such device here"):
             train.run(tiny_args(out, data_root, "--max-epochs", "1", "--no-test"))
     assert (out / "config.yaml").is_file()
@@ -431,7 +431,7 @@ def test_caption_output_is_one_line_per_image_and_notes_tiny_images(tmp_path, on
     """Item 10: a file name with a newline split its TSV record; a 1x1 image got no note."""
     from PIL import Image
 
-    from captioning import caption
+    from captioning.caption import run as caption
 
     odd = tmp_path / "two\nlines.png"
     Image.new("RGB", (40, 40), "red").save(odd)

@@ -24,16 +24,15 @@ from captioning.data.synthetic import (
     VOCABULARY,
     SceneObject,
     canonical_caption,
-    caption_accuracy,
-    check_caption,
     dataset_dir,
-    explain_caption,
     generate_synthetic,
     load_scenes,
     make_scene,
     reference_captions,
     render_scene,
 )
+from captioning.data.synthetic import language, scenes, write
+from captioning.evaluation.caption_check import caption_accuracy, check_caption, explain_caption
 
 TINY = SyntheticConfig(seed=0, num_train=40, num_val=10, num_test=10, image_size=64, captions_per_image=5)
 
@@ -194,8 +193,8 @@ def test_groups_are_clearly_ordered(image_size, n):
             relations["y"] += dy >= margin  # the pool then also offers above/below
         if len(xs) >= 2 and len(xs) == len(objects):  # every group one object: the order is stated
             ordered = [o.key for o in sorted(objects, key=lambda o: o.cx)]
-            body = " ".join(syn._np_text(key, 1) for key in ordered[:-1]) + " and " + syn._np_text(ordered[-1], 1)
-            assert f"from left to right {body}" in syn.caption_pool(objects, image_size)
+            body = " ".join(language._np_text(key, 1) for key in ordered[:-1]) + " and " + language._np_text(ordered[-1], 1)
+            assert f"from left to right {body}" in language.caption_pool(objects, image_size)
         assert check_caption(canonical, objects)
     assert set(counts) == {1, 2, 3}
     if n >= 500:  # the rejection keeps the object counts about uniform
@@ -213,13 +212,13 @@ def test_make_scene_is_deterministic_and_always_ends(monkeypatch):
         calls["check"] += 1
         return False
 
-    monkeypatch.setattr(syn.scenes, "_clearly_ordered", never)
+    monkeypatch.setattr(scenes, "_clearly_ordered", never)
     for seed in range(3):
         objects = make_scene(random.Random(seed), 64)
         assert len(objects) == 1 and objects == make_scene(random.Random(seed), 64)
         x, y, w, h = objects[0].bbox
         assert 0 <= x and 0 <= y and x + w <= 64 and y + h <= 64
-    assert calls["check"] == 6 * syn.MAX_PLACEMENTS * syn.MAX_SCENE_DRAWS
+    assert calls["check"] == 6 * scenes.MAX_PLACEMENTS * scenes.MAX_SCENE_DRAWS
 
 
 def test_render_is_deterministic_and_draws_the_colours():
@@ -358,13 +357,13 @@ def test_reference_pool_and_limits():
     rng = random.Random(0)
     for _ in range(200):
         objects = make_scene(rng, 64)
-        pool = syn.caption_pool(objects, 64)
+        pool = language.caption_pool(objects, 64)
         assert pool[0] == canonical_caption(objects) and len(pool) == len(set(pool)) >= 5
         assert all(check_caption(c, objects) for c in pool)
         refs = reference_captions(objects, 5, random.Random(1), 64)
         assert refs[0] == pool[0] and len(set(refs)) == 5 and set(refs) <= set(pool)
     one = [TWO[0]]
-    assert len(syn.caption_pool(one)) == 5
+    assert len(language.caption_pool(one)) == 5
     with pytest.raises(ValueError):
         reference_captions(one, 6, random.Random(0))
     with pytest.raises(ValueError):
@@ -439,9 +438,9 @@ def test_waits_for_another_live_generator(tmp_path, monkeypatch):
     try:
         lock = tmp_path / f"{final.name}.lock"
         lock.write_text(json.dumps({"pid": other.pid, "host": socket.gethostname(), "command": "rank 1"}))
-        real_write = syn._write_dataset
+        real_write = write._write_dataset
         calls = []
-        monkeypatch.setattr(syn.write, "_write_dataset", lambda *a: calls.append(a))
+        monkeypatch.setattr(write, "_write_dataset", lambda *a: calls.append(a))
         finisher = threading.Timer(0.3, lambda: (real_write(final, cfg, False), lock.unlink()))
         finisher.start()
         assert generate_synthetic(tmp_path, cfg, progress=False) == final
@@ -459,7 +458,7 @@ def test_failed_generation_leaves_nothing(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(syn.write, "render_scene", boom)
+    monkeypatch.setattr(write, "render_scene", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         generate_synthetic(tmp_path, cfg, progress=False)
     assert list(tmp_path.iterdir()) == []

@@ -7,10 +7,9 @@ import random
 import pytest
 import torch
 
-from conftest import make_config, random_captions, random_images
+from conftest import make_config, random_captions, random_images, greedy_decode
 from captioning.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
 from captioning.config import to_dict
-from captioning.decoding import greedy_decode
 from captioning.training.module import CaptioningModule
 from captioning.vocab import SPECIALS, Vocabulary, tokenize
 

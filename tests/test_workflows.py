@@ -75,7 +75,41 @@ def test_readme_lists_every_command():
     assert line.split("#", 1)[1].split("(")[0].split() == " | ".join(cli.COMMANDS).split()
 
 
+HEAVY = ("torch", "torchvision", "pytorch_lightning", "matplotlib")
+
+
+def imported_by(code: str, cwd: Path) -> list[str]:
+    """The heavy packages that importing and running ``code`` in a fresh process loaded."""
+    probe = f"import sys\n{code}\nprint(' '.join(m for m in {HEAVY!r} if m in sys.modules))"
+    env = dict(os.environ, PYTHONPATH=str(Path(captioning.__file__).resolve().parents[1]))
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.split("\n")[-2].split() if proc.stdout.strip() else []
+
+
+@pytest.mark.parametrize("command", list(cli.COMMANDS))
+def test_every_help_answers_before_torch_or_lightning_load(outside, command):
+    """--help parses the arguments before the workflow imports torch, Lightning or matplotlib (each
+    takes seconds to import on a busy CPU)."""
+    code = (f"from captioning.cli import main\ntry:\n    main([{command!r}, '--help'])\n"
+            "except SystemExit:\n    pass")
+    assert imported_by(code, outside) == []
+
+
+def test_the_api_imports_only_what_it_uses(outside):
+    """``import captioning`` imports nothing heavy; ``from captioning import Captioner`` imports torch
+    (the model) but not torchvision (until a backbone is built), Lightning or matplotlib."""
+    assert imported_by("import captioning", outside) == []
+    assert imported_by("from captioning import Captioner", outside) == ["torch"]
+
+
 def test_every_command_resolves_to_a_main():
+    """Every command is the main() of captioning/<area>/run.py."""
+    for name in cli.COMMANDS:
+        module = cli.COMMANDS[name][0].split(":")[0]
+        assert module.startswith("captioning.") and module.endswith(".run"), module
+        assert callable(cli.workflow(name)), name
     for name in cli.COMMANDS:
         assert callable(cli.workflow(name)), name
 

@@ -283,7 +283,7 @@ class CaptionDataModule(pl.LightningDataModule):
 # ------------------------------------------------------------------------------------ loader speed
 
 
-def benchmark_loader(root: str | Path, workers: Sequence[int], batch_size: int = 32, captions_per_image: int = 5,
+def benchmark_loader(root: str | Path, workers: Sequence[int], *, batch_size: int = 32, captions_per_image: int = 5,
                      seconds: float = 10.0, source: str = "store", progress: bool = True) -> list[dict[str, Any]]:
     """Images/s of the training DataLoader alone (no model), for each worker count.
 

@@ -43,7 +43,7 @@ def example_captions(image_id: int, count: int = 5) -> list[str]:
             for _ in range(count)]
 
 
-def write_example_dataset(root: str | Path, num_images: int, image_size: int = 256, fmt: str = "karpathy",
+def write_example_dataset(root: str | Path, num_images: int, *, image_size: int = 256, fmt: str = "karpathy",
                           val: int | None = None, test: int | None = None, noise: int = 12) -> tuple[Path, Path]:
     """Write ``root/images/*.jpg`` and a captions file in ``fmt``; -> (captions file, images root).
 

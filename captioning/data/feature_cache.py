@@ -184,16 +184,17 @@ class _Images(Dataset):
         return self.source[index]
 
 
-def build_split(path: Path, encoder: Encoder, images: Any, n: int, batch_size: int, num_workers: int,
+def build_split(path: Path, encoder: Encoder, images: Any, n: int, *, batch_size: int, num_workers: int,
                 device: torch.device, split: str, progress: bool = True) -> tuple[int, int]:
     """Run the frozen encoder over ``n`` images (``images[i]`` -> [3, S, S]) into ``path`` (fp16
     [n, L, D] .npy, written beside it and renamed when complete). Returns (L, D)."""
     with atomic_path(path) as partial:
-        _encode_into(partial, encoder, images, n, batch_size, num_workers, device, split, progress)
+        _encode_into(partial, encoder, images, n, batch_size=batch_size, num_workers=num_workers, device=device,
+                     split=split, progress=progress)
     return encoder.grid_size ** 2, encoder.out_channels
 
 
-def _encode_into(partial: Path, encoder: Encoder, images: Any, n: int, batch_size: int, num_workers: int,
+def _encode_into(partial: Path, encoder: Encoder, images: Any, n: int, *, batch_size: int, num_workers: int,
                  device: torch.device, split: str, progress: bool) -> None:
     L, D = encoder.grid_size ** 2, encoder.out_channels
     out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=(n, L, D))
@@ -229,6 +230,7 @@ def prepare_feature_cache(
     dataset: str,
     records: dict[str, Sequence[ImageRecord]],
     image_sources: dict[str, Any],
+    *,
     device: str | torch.device = "cpu",
     batch_size: int = 64,
     num_workers: int = 0,
@@ -276,7 +278,8 @@ def prepare_feature_cache(
                     log(f"feature cache: computing {split} ({len(recs):,} images) into {directory / (split + '.npy')}")
                     started = time.perf_counter()
                     L, D = build_split(directory / f"{split}.npy", encoder, image_sources[split], len(recs),
-                                       batch_size, num_workers, device, split, progress)
+                                       batch_size=batch_size, num_workers=num_workers, device=device, split=split,
+                                       progress=progress)
                     atomic_write_json(meta_path, {"format": CACHE_FORMAT, "shape": [len(recs), L, D], "dtype": "float16",
                                  "image_ids": [r.image_id for r in recs], "fingerprint": prints[split],
                                  "seconds": round(time.perf_counter() - started, 1)}, indent=None)

@@ -51,8 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Mapping, Sequence
 
-from captioning.data.coco import SPLITS, AnnotationError, normalize_caption, read_captions, read_json
-from captioning.data.coco import read_instances as read_instances_file
+from captioning.data.coco import SPLITS, AnnotationError, normalize_caption, read_captions, read_instances, read_json
 from captioning.vocab import tokenize
 
 FORMATS = ("karpathy", "coco", "flickr8k")
@@ -382,7 +381,7 @@ def default_flickr8k_lists(token_file: Path) -> dict[str, Path] | None:
 # ------------------------------------------------------------------------------------ instances
 
 
-def read_instances(paths: Sequence[Path]) -> tuple[list[dict], list[dict], dict[int, dict]]:
+def pool_instances(paths: Sequence[Path]) -> tuple[list[dict], list[dict], dict[int, dict]]:
     """COCO ``instances_*.json`` files pooled (each read and checked by ``coco.read_instances``).
 
     -> (categories, annotations without 'segmentation', image entries by id). Segmentations are
@@ -392,7 +391,7 @@ def read_instances(paths: Sequence[Path]) -> tuple[list[dict], list[dict], dict[
     annotations: list[dict] = []
     images: dict[int, dict] = {}
     for path in paths:
-        index = read_instances_file(path)
+        index = read_instances(path)
         for cat_id, cat in index.cats.items():
             if cat_id in categories and categories[cat_id].get("name") != cat.get("name"):
                 raise AnnotationError(f"{path}: category {cat_id} is '{cat.get('name')}' here but "

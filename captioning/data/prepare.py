@@ -58,7 +58,7 @@ import numpy as np
 from PIL import Image
 
 from captioning.data.coco import SPLITS, read_json, write_json
-from captioning.data.formats import Skip, SourceDataset, read_instances
+from captioning.data.formats import Skip, SourceDataset, pool_instances
 from captioning.data.transforms import ImageLoadError, load_image, resize_square
 from captioning.files import (MARKER, ForeignFolderError, LockedError, RunLock, atomic_path, check_folder,
                               claim_folder, folder_kind, partial_name, publish_folder)
@@ -460,7 +460,7 @@ def _image_set_digest(results: list[dict]) -> dict[str, Any]:
 def _write_instances(paths: Sequence[Path], partial: Path, ids: dict[str, list[int]]) -> dict[str, int] | None:
     if not paths:
         return None
-    categories, annotations, images = read_instances(paths)
+    categories, annotations, images = pool_instances(paths)
     with_boxes = {}
     for split in SPLITS:
         wanted = set(ids[split])

@@ -174,10 +174,10 @@ def run_benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
     print(f"loader benchmark on {args.benchmark}: batch {args.batch_size} images x {args.captions_per_image} "
           f"captions, {args.seconds:.0f}s per setting, {available_cores()} CPU cores, main process "
           f"{torch.get_num_threads()} torch threads, torch {torch.__version__}", flush=True)
-    rows = benchmark_loader(args.benchmark, workers, args.batch_size, args.captions_per_image, args.seconds)
+    settings = dict(batch_size=args.batch_size, captions_per_image=args.captions_per_image, seconds=args.seconds)
+    rows = benchmark_loader(args.benchmark, workers, **settings)
     if args.compare_files:
-        rows += benchmark_loader(args.benchmark, workers, args.batch_size, args.captions_per_image, args.seconds,
-                                 source="files")
+        rows += benchmark_loader(args.benchmark, workers, **settings, source="files")
     print(f"\n| source | workers | images/s | first batch after |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['source']} | {r['workers']} | {r['images_per_s']:.0f} | {r['startup_s']:.2f} s |")
@@ -195,8 +195,8 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> Any:
         if args.make_example is not None:
             from captioning.data.examples import write_example_dataset
 
-            captions, images = write_example_dataset(args.make_example, args.num_images, args.example_size,
-                                                     args.example_format)
+            captions, images = write_example_dataset(args.make_example, args.num_images, image_size=args.example_size,
+                                                     fmt=args.example_format)
             print(f"wrote {args.num_images} images and {captions}; prepare them with:\n  captioning prepare "
                   f"--format {args.example_format} --captions {captions} --images {images} --out prepared/example")
             return captions

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from captioning.api import Captioner
     from captioning.config import DataConfig
     from captioning.data.datamodule import CaptionDataModule
+    from captioning.search import DecodeOptions
 
 #: The reporting scale of evaluate.py's metrics JSON and table.
 SCALE = "0-100"
@@ -85,16 +86,15 @@ def shard_indices(count: int, rank: int, world: int) -> list[int]:
     return list(range(rank, count, world))
 
 
-def decode_split(captioner: "Captioner", data: "CaptionDataModule", split: str, settings: Mapping,
+def decode_split(captioner: "Captioner", data: "CaptionDataModule", split: str, options: "DecodeOptions", *,
                  matcher: WordMatcher | None = None, rank: int = 0, world: int = 1,
                  progress: bool = True) -> dict[int, DecodedImage]:
     """Decode this rank's shard of a split: image_id -> caption and its naming words' attention.
 
-    ``settings`` are ``Captioner.decode_settings``; ``matcher`` None skips the naming words.
+    ``options``: from ``Captioner.options``; ``matcher`` None skips the naming words.
     """
     from torch.utils.data import DataLoader, Subset
 
-    from captioning.decoding import settings_options
     from captioning.progress import Progress
 
     loader = data.eval_dataloader(split)  # one item per image of the split
@@ -107,8 +107,7 @@ def decode_split(captioner: "Captioner", data: "CaptionDataModule", split: str, 
     bar = Progress(total, label, enabled=progress)
     decoded: dict[int, DecodedImage] = {}
     for batch in loader:
-        captions = captioner.caption_tensors(batch["images"], None, settings["max_len"], settings["hard_mode"],
-                                            settings["beam_size"], **settings_options(settings, n_best=False))
+        captions = captioner.caption_tensors(batch["images"], None, options)
         for image_id, cap in zip(batch["image_ids"].tolist(), captions):
             named = named_words(cap.words, cap.attention, matcher) if matcher is not None else []
             decoded[image_id] = DecodedImage(cap.text, named)
@@ -150,7 +149,7 @@ def _free_port() -> int:
 
 
 def _decode_worker(rank: int, world: int, port: int, checkpoint: str, device_type: str, data_cfg: "DataConfig",
-                   split: str, settings: dict, matcher: WordMatcher | None, out_path: str) -> None:
+                   split: str, options: "DecodeOptions", matcher: WordMatcher | None, out_path: str) -> None:
     """One process of :func:`decode_distributed`. Errors travel through the gather, so no rank is
     left waiting in a collective for a rank that failed."""
     import torch
@@ -168,7 +167,7 @@ def _decode_worker(rank: int, world: int, port: int, checkpoint: str, device_typ
             device = f"cuda:{rank}" if device_type == "cuda" else device_type
             captioner = Captioner.from_checkpoint(checkpoint, device=device)
             data = CaptionDataModule(data_cfg, captioner.vocab)  # the parent prepared the data
-            part: tuple = ("ok", decode_split(captioner, data, split, settings, matcher, rank, world,
+            part: tuple = ("ok", decode_split(captioner, data, split, options, matcher=matcher, rank=rank, world=world,
                                               progress=rank == 0))
         except Exception as err:  # reported by the parent as one line
             part = ("error", f"rank {rank}: {type(err).__name__}: {' '.join(str(err).split())}")
@@ -181,7 +180,8 @@ def _decode_worker(rank: int, world: int, port: int, checkpoint: str, device_typ
 
 
 def decode_distributed(checkpoint: str | Path, device_type: str, data_cfg: "DataConfig", split: str,
-                       settings: dict, matcher: WordMatcher | None, world: int) -> tuple[dict[int, DecodedImage], int]:
+                       options: "DecodeOptions", *, matcher: WordMatcher | None,
+                       world: int) -> tuple[dict[int, DecodedImage], int]:
     """Decode a split in ``world`` processes (torch.multiprocessing spawn, gloo process group):
     -> (predictions de-duplicated by image id, duplicates dropped). ``device_type`` "cpu" or
     "cuda" (process r uses cuda:r). Raises RuntimeError with the first failing rank's error."""
@@ -191,7 +191,7 @@ def decode_distributed(checkpoint: str | Path, device_type: str, data_cfg: "Data
         out_path = Path(tmp) / "gathered.pkl"
         try:
             mp.spawn(_decode_worker, nprocs=world, join=True,
-                     args=(world, _free_port(), str(checkpoint), device_type, data_cfg, split, settings, matcher,
+                     args=(world, _free_port(), str(checkpoint), device_type, data_cfg, split, options, matcher,
                            str(out_path)))
         except Exception as err:  # a process died outside the gather (killed, crashed)
             raise RuntimeError(f"a decoding process failed: {' '.join(str(err).split())[-300:]}") from None

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from captioning.caption import add_decoding_options, captioner_and_settings, data_config
+from captioning.caption.run import add_decoding_options, captioner_and_options, data_config
 from captioning.console import EXIT_USAGE, UsageError, one_line, positive_int, print_error
 from captioning.files import ForeignFolderError, atomic_write_json, claim_folder, folder_kind
 from captioning.data.coco import write_results
@@ -178,7 +178,8 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     from captioning.evaluation.grounding import score_grounding
     from captioning.evaluation.metrics import format_metrics_table
 
-    captioner, settings = captioner_and_settings(args)
+    captioner, options = captioner_and_options(args)
+    settings = captioner.record(options)
     device_type = _device_type(args, captioner)
     split = args.split or "test"
     cfg = data_config(captioner, args.data_root)
@@ -207,10 +208,10 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     duplicates = 0
     try:
         if args.devices > 1:
-            decoded, duplicates = decode_distributed(args.checkpoint, device_type, cfg, split, settings, matcher,
-                                                     args.devices)
+            decoded, duplicates = decode_distributed(args.checkpoint, device_type, cfg, split, options,
+                                                     matcher=matcher, world=args.devices)
         else:
-            decoded = decode_split(captioner, data, split, settings, matcher)
+            decoded = decode_split(captioner, data, split, options, matcher=matcher)
     except (ImageLoadError, OSError, RuntimeError) as err:
         raise UsageError(_reason(err)) from None
     decode_seconds = time.perf_counter() - started
@@ -224,7 +225,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     grounding = None
     if instances is not None:
         grounding = score_grounding({i: item.named for i, item in decoded.items()}, instances,
-                                    settings["hard_mode"] or "expected")
+                                    options.hard_mode or "expected")
         values.update(grounding.metrics())
     print(format_metrics_table(values, title=f"{split} split, {len(predictions)} images"))
     for note in report.notes() + (grounding.notes() if grounding else ["grounding: not computed (no boxes: "

@@ -30,8 +30,6 @@ from captioning.models.decoder import DecoderState
 
 OPSET = 18
 META_FILE, ENCODER_FILE, STEP_FILE = STALE_AFTER_SAVE  # removed when a folder's weights are saved again
-#: How a hard-attention model may attend in the exported step: both are deterministic.
-EXPORTABLE_HARD_MODES = ("expected", "argmax")
 
 
 class ExportError(ValueError):
@@ -62,25 +60,29 @@ class StepGraph(nn.Module):
 
     def forward(self, words, h, c, features, keys):
         mask = torch.ones_like(features[:, :, 0], dtype=torch.bool)  # square images: every location is real
-        out = self.decoder.step(words, DecoderState(h, c), features, keys, mask, self.mode)
+        out = self.decoder.step(words, DecoderState(h, c), features, keys, mask, mode=self.mode)
         return out.logits.float().log_softmax(-1), out.state.h, out.state.c, out.attended.alpha
 
 
 def export_onnx(model: ShowAttendTell, image_size: int, folder: str | Path, hard_mode: str | None = None) -> Path:
     """Write encoder.onnx, step.onnx and onnx.json into ``folder`` (a model folder already).
 
-    ``hard_mode`` (hard attention only): "expected" or "argmax"; "sample" draws random locations,
-    which a graph of fixed weights cannot reproduce, so it is refused.
+    ``hard_mode``: one of the mechanism's test-time modes that a graph can run (its
+    ``exportable_modes``: hard attention's "expected" or "argmax"; "sample" draws random
+    locations, which a graph of fixed weights cannot reproduce, so it is refused). A mechanism
+    without modes attends in its one way.
     """
     folder = Path(folder)
-    attention = model.attention
-    if attention == "hard":
-        mode = hard_mode or "expected"
-        if mode not in EXPORTABLE_HARD_MODES:
-            raise ExportError(f"hard attention's {mode!r} mode draws random locations and cannot be exported; "
-                              f"export with hard mode {' or '.join(EXPORTABLE_HARD_MODES)}")
-    else:
-        mode = "expected"
+    mechanism = model.mechanism
+    mode = None
+    if mechanism.test_modes:
+        mode = hard_mode or mechanism.test_modes[0]
+        if mode not in mechanism.exportable_modes:
+            raise ExportError(f"{model.attention} attention's {mode!r} mode draws random locations and cannot be "
+                              f"exported; export with hard mode {' or '.join(mechanism.exportable_modes)}")
+    elif hard_mode not in (None, "expected"):
+        raise ExportError(f"hard mode {hard_mode!r} needs a hard-attention model; this one uses {model.attention} "
+                          "attention")
     model = model.float().eval().cpu()
     images = torch.zeros(2, 3, image_size, image_size)
     # The export traces with gradients on: the teacher-forced paths are the plain tensor maths
@@ -89,10 +91,10 @@ def export_onnx(model: ShowAttendTell, image_size: int, folder: str | Path, hard
         features, keys, h, c = EncoderGraph(model)(images)
         words = torch.ones(2, dtype=torch.long)
         _export(EncoderGraph(model), (images,), folder / ENCODER_FILE, ["images"], ["features", "keys", "h", "c"])
-        _export(StepGraph(model, mode), (words, h.detach(), c.detach(), features.detach(), keys.detach()),
+        _export(StepGraph(model, mode or "expected"), (words, h.detach(), c.detach(), features.detach(), keys.detach()),
                 folder / STEP_FILE, ["words", "h", "c", "features", "keys"], ["log_probs", "h_out", "c_out", "alpha"])
-    meta = {"encoder": ENCODER_FILE, "step": STEP_FILE, "attention": attention,
-            "hard_mode": mode if attention == "hard" else None, "opset": OPSET, "image_size": image_size}
+    meta = {"encoder": ENCODER_FILE, "step": STEP_FILE, "attention": model.attention, "hard_mode": mode,
+            "opset": OPSET, "image_size": image_size}
     (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return folder
 
@@ -124,7 +126,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "folde
     captioner = Captioner.from_pretrained(source, "cpu") if source.is_dir() else Captioner.from_checkpoint(source, "cpu")
     folder = captioner.save_pretrained(out, command=command)
     if fmt == "onnx":
-        mode = hard_mode or (captioner.config.decode.hard_mode if captioner.hard else None)
+        mode = hard_mode or (captioner.config.decode.hard_mode if captioner.modes else None)
         export_onnx(captioner.model, captioner.image_size, folder, mode)
     elif fmt != "folder":
         raise ExportError(f"unknown export format {fmt!r}; choose folder or onnx")

@@ -46,15 +46,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     onnx_in = [np.stack([onnx.preprocess(p) for p in b]) for b in batches]
 
     def run_torch(beam: int) -> list[list[str]]:
-        return [c.words for x in torch_in for c in captioner.caption_tensors(x, beam_size=beam)]
+        options = captioner.options(beam_size=beam)
+        return [c.words for x in torch_in for c in captioner.caption_tensors(x, None, options)]
 
     def run_onnx(beam: int) -> list[list[str]]:
-        out = []
-        for x in onnx_in:
-            pools = [[h] for h in onnx.greedy(x, captioner.config.decode.max_len)] if beam == 1 else \
-                onnx.beam(x, beam, captioner.config.decode.max_len, captioner.config.decode.length_penalty)
-            out += [onnx.vocab.decode(pool[0].tokens) for pool in pools]
-        return out
+        options = onnx.options(beam_size=beam)
+        return [onnx.vocab.decode(pool[0].tokens) for x in onnx_in for pool in onnx.search(x, options)]
 
     def best_time(fn, beam: int):
         words = fn(beam)  # warm-up

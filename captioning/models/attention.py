@@ -10,6 +10,12 @@ mechanism shares one interface::
 with B = g * N: rows i*g .. i*g+g-1 of h all attend over image i (g = 1 in training; g = the beam
 size in beam search, so an image's beams share one copy of its annotations and the context is a
 [g, L] x [L, D] product per image instead of g reads of the grid).
+
+A mechanism is also what the rest of the project asks about attention, instead of comparing its
+name: what a training step samples (``training_plan``), which loss terms it adds (``loss_terms``,
+computed by captioning/losses.py), which test-time modes it offers (``test_modes``) and which of
+them a graph of fixed weights can run (``exportable_modes``). ``MECHANISMS`` and ``SCORES`` map
+the config's names to the classes; a new score is one class here and its name in config.py.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+
+from captioning.config import HARD_MODES, DecoderConfig, LossConfig
 
 
 def _grouped(x: torch.Tensor, images: int) -> torch.Tensor:
@@ -57,7 +65,19 @@ def _query_products(keys: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- score functions
 
 
-class AdditiveScore(nn.Module):
+class Score(nn.Module):
+    """f_att: ``project(features [N, L, D]) -> keys [N, L, K]`` once per image, then
+    ``forward(keys, h [N*g, n]) -> e [N*g, L]`` per step (``from_query`` when the query side,
+    e.g. U h, was computed elsewhere)."""
+
+    @classmethod
+    def build(cls, feature_dim: int, hidden_dim: int, attention_dim: int, layers: int = 1) -> "Score":
+        if layers != 1:
+            raise ValueError(f"model.decoder.attention_layers={layers} needs the additive score, not {cls.__name__}")
+        return cls(feature_dim, hidden_dim, attention_dim)
+
+
+class AdditiveScore(Score):
     """The paper's f_att (Sec. 4, after Bahdanau et al.): e_ti = v^T tanh(W a_i + U h_{t-1}) + b.
 
     ``layers`` > 1 puts extra layers on the image side, as capgen.py's ``n_layers_att`` does
@@ -75,6 +95,10 @@ class AdditiveScore(nn.Module):
         self.W_deep = nn.ModuleList(nn.Linear(attention_dim, attention_dim) for _ in range(layers - 1))
         self.U = nn.Linear(hidden_dim, attention_dim, bias=False)
         self.v = nn.Linear(attention_dim, 1)
+
+    @classmethod
+    def build(cls, feature_dim: int, hidden_dim: int, attention_dim: int, layers: int = 1) -> "AdditiveScore":
+        return cls(feature_dim, hidden_dim, attention_dim, layers)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """W a_i, once per image: [N, L, D] -> keys [N, L, A]."""
@@ -94,14 +118,16 @@ class AdditiveScore(nn.Module):
         return e.view(query.shape[0], L)
 
 
-class DotScore(nn.Module):
-    """e = (W a)^T (U h), optionally divided by sqrt(A) (scaled dot product)."""
+class DotScore(Score):
+    """e = (W a)^T (U h)."""
 
-    def __init__(self, feature_dim: int, hidden_dim: int, attention_dim: int, scaled: bool) -> None:
+    scaled = False
+
+    def __init__(self, feature_dim: int, hidden_dim: int, attention_dim: int) -> None:
         super().__init__()
         self.W = nn.Linear(feature_dim, attention_dim, bias=False)
         self.U = nn.Linear(hidden_dim, attention_dim, bias=False)
-        self.scale = 1.0 / math.sqrt(attention_dim) if scaled else 1.0
+        self.scale = 1.0 / math.sqrt(attention_dim) if self.scaled else 1.0
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return self.W(features) * self.scale  # (N, L, A)
@@ -113,11 +139,17 @@ class DotScore(nn.Module):
         return _query_products(keys, query)  # (N*g, L)
 
 
-class BilinearScore(nn.Module):
+class ScaledDotScore(DotScore):
+    """e = (W a)^T (U h) / sqrt(A) (the scaled dot product)."""
+
+    scaled = True
+
+
+class BilinearScore(Score):
     """e = a^T M h (Luong's "general" score); M a is the per-image part."""
 
-    def __init__(self, feature_dim: int, hidden_dim: int) -> None:
-        super().__init__()
+    def __init__(self, feature_dim: int, hidden_dim: int, attention_dim: int | None = None) -> None:
+        super().__init__()  # attention_dim unused: the query is h itself
         self.M = nn.Linear(feature_dim, hidden_dim, bias=False)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
@@ -130,16 +162,15 @@ class BilinearScore(nn.Module):
         return _query_products(keys, query)  # (N*g, L): the query is h itself
 
 
-def build_score(kind: str, feature_dim: int, hidden_dim: int, attention_dim: int, layers: int = 1) -> nn.Module:
-    if layers != 1 and kind != "additive":
-        raise ValueError(f"model.decoder.attention_layers={layers} needs the additive score, not '{kind}'")
-    if kind == "additive":
-        return AdditiveScore(feature_dim, hidden_dim, attention_dim, layers)
-    if kind in ("dot", "scaled_dot"):
-        return DotScore(feature_dim, hidden_dim, attention_dim, scaled=kind == "scaled_dot")
-    if kind == "bilinear":
-        return BilinearScore(feature_dim, hidden_dim)
-    raise ValueError(f"unknown attention score '{kind}'; choose additive, dot, scaled_dot or bilinear")
+#: model.decoder.score -> its class (config.py's DecoderConfig.score lists the same names).
+SCORES: dict[str, type[Score]] = {"additive": AdditiveScore, "dot": DotScore, "scaled_dot": ScaledDotScore,
+                                  "bilinear": BilinearScore}
+
+
+def build_score(kind: str, feature_dim: int, hidden_dim: int, attention_dim: int, layers: int = 1) -> Score:
+    if kind not in SCORES:
+        raise ValueError(f"unknown attention score '{kind}'; choose {', '.join(SCORES)}")
+    return SCORES[kind].build(feature_dim, hidden_dim, attention_dim, layers)
 
 
 # ----------------------------------------------------------------------------- mechanisms
@@ -152,10 +183,41 @@ class Attended(NamedTuple):
     location: torch.Tensor | None  # [B] long, the chosen location; -1 where the expectation was used
 
 
-class SoftAttention(nn.Module):
+class TrainingPlan(NamedTuple):
+    """What one training step samples (``Mechanism.training_plan``)."""
+
+    mode: str  # how the teacher-forced pass attends: "expected", or "sample" (hard attention)
+    sample_mask: torch.Tensor | None  # [images] bool: which images sample (None: all, in "sample")
+    samples: int  # location sequences drawn per caption (loss.samples where it samples, else 1)
+
+
+class Mechanism(nn.Module):
+    """What every mechanism answers, so that no caller compares its name."""
+
+    #: The attention modes it offers at test time, the first the default; empty: it has no choice
+    #: to make (it always attends in the one way it has).
+    test_modes: tuple[str, ...] = ()
+    #: Those a graph of fixed weights reproduces (ONNX export).
+    exportable_modes: tuple[str, ...] = ()
+    #: The terms its training adds to the caption NLL, by captioning/losses.py's names: Eq. 14's
+    #: "doubly_stochastic" penalty; Eq. 12's "reinforce" (with a baseline) and "entropy" bonus.
+    loss_terms: tuple[str, ...] = ("doubly_stochastic",)
+
+    @classmethod
+    def build(cls, cfg: DecoderConfig, feature_dim: int) -> "Mechanism":
+        """The mechanism with its score f_att as ``cfg`` describes it."""
+        return cls(build_score(cfg.score, feature_dim, cfg.hidden_dim, cfg.attention_dim, cfg.attention_layers))
+
+    def training_plan(self, cfg: LossConfig, images: int, step_seed: int, device: torch.device) -> TrainingPlan:
+        """What a training step of ``images`` images samples (``step_seed``: the same on every
+        DDP rank for one optimiser step): a deterministic mechanism samples nothing."""
+        return TrainingPlan("expected", None, 1)
+
+
+class SoftAttention(Mechanism):
     """Deterministic soft attention: z = sum_i alpha_i a_i (Sec. 4.2)."""
 
-    def __init__(self, score: nn.Module) -> None:
+    def __init__(self, score: Score) -> None:
         super().__init__()
         self.score = score
 
@@ -168,16 +230,23 @@ class SoftAttention(nn.Module):
         keys: torch.Tensor,
         mask: torch.Tensor,
         h: torch.Tensor,
+        *,
         mode: str = "expected",
         sample_mask: torch.Tensor | None = None,
+        scores: torch.Tensor | None = None,
     ) -> Attended:
-        return self.attend(features, mask, self.score(keys, h), mode, sample_mask)
+        """``scores``: f_att's e [N*g, L] of ``h`` where the caller computed them (a faster form of
+        the same scores, captioning/fast.py); None: this score module computes them."""
+        if scores is None:
+            scores = self.score(keys, h)
+        return self.attend(features, mask, scores, mode=mode, sample_mask=sample_mask)
 
     def attend(
         self,
         features: torch.Tensor,
         mask: torch.Tensor,
         scores: torch.Tensor,
+        *,
         mode: str = "expected",
         sample_mask: torch.Tensor | None = None,
     ) -> Attended:
@@ -192,16 +261,34 @@ class HardAttention(SoftAttention):
     """Stochastic hard attention: s_t ~ Multinoulli(alpha_t), z = a_{s_t} (Sec. 4.1).
 
     mode "sample": images whose ``sample_mask`` entry is True draw a location; the others use the
-    expected context sum_i alpha_i a_i (the paper's 0.5 substitution, decided by the caller).
+    expected context sum_i alpha_i a_i (the paper's 0.5 substitution, ``training_plan``).
     mode "expected": every image uses the expected context (the authors' default at test time).
     mode "argmax": every image takes its single most likely location.
     """
+
+    test_modes = HARD_MODES
+    # "sample" draws random locations inside the step, which a graph of fixed weights cannot.
+    exportable_modes = ("expected", "argmax")
+    # Eq. 12: the REINFORCE term replaces the doubly stochastic one (in the authors' code the
+    # known gradient on alpha takes its place; losses.py still logs it).
+    loss_terms = ("reinforce", "entropy")
+
+    def training_plan(self, cfg: LossConfig, images: int, step_seed: int, device: torch.device) -> TrainingPlan:
+        """With probability ``cfg.expected_context_prob`` the expected context instead of a sampled
+        location (Sec. 4.1): one draw per minibatch, the same on every rank (the authors' code,
+        ``cfg.substitution`` "minibatch"), or one per image ("image", the paper's text)."""
+        p = cfg.expected_context_prob
+        if cfg.substitution == "minibatch":
+            use_expected = torch.rand((), generator=torch.Generator().manual_seed(step_seed)).item() < p
+            return TrainingPlan("expected", None, 1) if use_expected else TrainingPlan("sample", None, cfg.samples)
+        return TrainingPlan("sample", torch.rand(images, device=device) >= p, cfg.samples)
 
     def attend(
         self,
         features: torch.Tensor,
         mask: torch.Tensor,
         scores: torch.Tensor,
+        *,
         mode: str = "expected",
         sample_mask: torch.Tensor | None = None,
     ) -> Attended:
@@ -215,7 +302,7 @@ class HardAttention(SoftAttention):
         elif mode == "sample":
             location = torch.multinomial(alpha.detach(), 1).squeeze(1)  # (B,)
         else:
-            raise ValueError(f"unknown hard attention mode '{mode}'; choose sample, expected or argmax")
+            raise ValueError(f"unknown hard attention mode '{mode}'; choose {', '.join(HARD_MODES)}")
         rows = torch.arange(B, device=features.device)
         sampled_context = features[rows // (B // features.shape[0]), location]  # (B, D)
         log_prob = log_alpha[rows, location]  # (B,)
@@ -228,11 +315,15 @@ class HardAttention(SoftAttention):
         return Attended(sampled_context, alpha, log_prob, location)
 
 
-class NoAttention(nn.Module):
+class NoAttention(Mechanism):
     """The no-attention control ("Show and Tell" with the same decoder): z_t is the mean of the
     real annotations, the same at every step. alpha_t is uniform over the real locations (1/L_valid,
-    0 elsewhere), so heatmaps and grounding code run unchanged (and score what a uniform map scores).
-    There is no f_att and so no parameter here."""
+    0 elsewhere), so heatmaps and grounding code run unchanged (and score what a uniform map scores;
+    its doubly stochastic penalty is a constant). There is no f_att and so no parameter here."""
+
+    @classmethod
+    def build(cls, cfg: DecoderConfig, feature_dim: int) -> "NoAttention":
+        return cls()
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return features.new_empty(*features.shape[:2], 0)  # no keys: nothing depends on the image side
@@ -243,8 +334,10 @@ class NoAttention(nn.Module):
         keys: torch.Tensor,
         mask: torch.Tensor,
         h: torch.Tensor,
+        *,
         mode: str = "expected",
         sample_mask: torch.Tensor | None = None,
+        scores: torch.Tensor | None = None,
     ) -> Attended:
         if mode != "expected":
             raise ValueError(f"attention 'none' has no '{mode}' mode; only hard attention samples")
@@ -255,11 +348,11 @@ class NoAttention(nn.Module):
         return Attended(expected_context(alpha, features), alpha, None, None)
 
 
-def build_attention(kind: str, score: nn.Module | None) -> nn.Module:
-    if kind == "soft":
-        return SoftAttention(score)
-    if kind == "hard":
-        return HardAttention(score)
-    if kind == "none":
-        return NoAttention()
-    raise ValueError(f"unknown attention '{kind}'; choose soft, hard or none")
+#: model.attention -> its class (config.py's ModelConfig.attention lists the same names).
+MECHANISMS: dict[str, type[Mechanism]] = {"soft": SoftAttention, "hard": HardAttention, "none": NoAttention}
+
+
+def build_attention(kind: str, cfg: DecoderConfig, feature_dim: int) -> Mechanism:
+    if kind not in MECHANISMS:
+        raise ValueError(f"unknown attention '{kind}'; choose {', '.join(MECHANISMS)}")
+    return MECHANISMS[kind].build(cfg, feature_dim)

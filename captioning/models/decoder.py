@@ -5,8 +5,9 @@
     h_t, c_t      = LSTM([E y_{t-1}; z_t], h_{t-1}, c_{t-1})
     p(y_t)        ∝ exp(L_o(E y_{t-1} + L_h h_t + L_z z_t))          (deep output, Eq. 7)
 
-This file is the reference: ``step`` is one word, ``forward``'s loop is teacher forcing. A faster
-arrangement of the same teacher-forced maths lives in captioning/models/fast.py (``fast``).
+``step`` is one word, ``forward``'s loop is teacher forcing: this file is what runs, unless a
+caller chose captioning/fast.py's arrangement of the same maths for speed (the training module
+and a search choose it once, where they are built).
 """
 
 from __future__ import annotations
@@ -17,10 +18,7 @@ import torch
 from torch import nn
 
 from captioning.config import DecoderConfig
-from captioning.losses import per_token_nll
-from captioning.models import fast
-from captioning.models.attention import AdditiveScore, Attended, build_attention, build_score
-from captioning.vocab import Vocabulary
+from captioning.models.attention import AdditiveScore, Attended, Mechanism, build_attention
 
 
 class DecoderState(NamedTuple):
@@ -36,14 +34,14 @@ class StepOutput(NamedTuple):
 
 class DecoderOutput(NamedTuple):
     """At padded steps (targets == <pad>) the values are not the model's: losses mask them (the
-    fast path does not run those steps and leaves alphas, log_probs and token_nll 0 there). A pass
-    asked for ``return_logits=False`` gives token_nll and no logits."""
+    fused pass of captioning/fast.py does not run those steps and leaves alphas, log_probs and
+    token_nll 0 there). That pass gives token_nll instead of logits."""
 
-    logits: torch.Tensor | None  # [B, T, V] for targets captions[:, 1:]; None with return_logits=False
+    logits: torch.Tensor | None  # [B, T, V] for targets captions[:, 1:]; None from the fused pass
     alphas: torch.Tensor  # [B, T, L]
     log_probs: torch.Tensor | None  # [B, T] log p(s_t) of sampled locations (hard, "sample"/"argmax")
     mask: torch.Tensor  # [B, L] bool, the real annotation locations
-    token_nll: torch.Tensor | None = None  # [B, T] -log p(captions[:, 1:]) (return_logits=False)
+    token_nll: torch.Tensor | None = None  # [B, T] -log p(captions[:, 1:]), from the fused pass
 
 
 class Decoder(nn.Module):
@@ -54,9 +52,7 @@ class Decoder(nn.Module):
         self.embedding = nn.Embedding(vocab_size, m)
         self.init_h = nn.Linear(D, n)
         self.init_c = nn.Linear(D, n)
-        # "none" (the no-attention control) builds no f_att at all.
-        score = None if attention == "none" else build_score(cfg.score, D, n, cfg.attention_dim, cfg.attention_layers)
-        self.attention = build_attention(attention, score)
+        self.attention: Mechanism = build_attention(attention, cfg, D)  # with its f_att, if it has one
         # Sec. 4.2.1: a SCALAR gate beta_t; "vector" (one gate per channel) is a common variant.
         self.gate = {"scalar": nn.Linear(n, 1), "vector": nn.Linear(n, D), "none": None}[cfg.gate]
         self.lstm = nn.LSTMCell(m + D, n)
@@ -66,10 +62,6 @@ class Decoder(nn.Module):
         self.L_z = nn.Linear(D, m)
         self.L_o = nn.Linear(m, vocab_size)
         self.dropout = nn.Dropout(cfg.dropout)
-        # Teacher forcing with gradients, and the additive score in decoding, run
-        # captioning/models/fast.py where it knows the modules (fast.supports); False keeps the
-        # reference maths of this file and attention.py (torch.compile sets it so).
-        self.fast = cfg.fast
         if cfg.init == "arctic":
             arctic_init_(self)
 
@@ -85,21 +77,18 @@ class Decoder(nn.Module):
         return self.attention.project(features)
 
     # -- per step ---------------------------------------------------------------------------
-    def attend(self, h, features, keys, mask, mode="expected", sample_mask=None) -> Attended:
-        """alpha_t and the gated context beta_t * z_t from h_{t-1} (Sec. 4.2.1)."""
-        if self.fast and not torch.is_grad_enabled() and fast.supports_inference(self):  # decoding
-            scores = fast.inference_scores(self.attention.score, keys, h)
-            attended = self.attention.attend(features, mask, scores, mode, sample_mask)
-        else:
-            attended = self.attention(features, keys, mask, h, mode, sample_mask)
+    def attend(self, h, features, keys, mask, *, mode="expected", sample_mask=None, scores=None) -> Attended:
+        """alpha_t and the gated context beta_t * z_t from h_{t-1} (Sec. 4.2.1). ``scores``: f_att's
+        e_t where the caller computed them already (see ``step``)."""
+        attended = self.attention(features, keys, mask, h, mode=mode, sample_mask=sample_mask, scores=scores)
         if self.gate is None:
             return attended
         beta = torch.sigmoid(self.gate(h))  # (B, 1) scalar gate or (B, D) vector gate
         return attended._replace(context=beta * attended.context)
 
-    def recur(self, emb, state, features, keys, mask, mode="expected", sample_mask=None):
+    def recur(self, emb, state, features, keys, mask, *, mode="expected", sample_mask=None, scores=None):
         """One step of the recurrence: (E y_{t-1} [B, m], h_{t-1}, c_{t-1}) -> ((h_t, c_t), attended)."""
-        attended = self.attend(state.h, features, keys, mask, mode, sample_mask)
+        attended = self.attend(state.h, features, keys, mask, mode=mode, sample_mask=sample_mask, scores=scores)
         h, c = self.lstm(torch.cat([emb, attended.context], dim=1), state)  # (B, n)
         return DecoderState(h, c), attended
 
@@ -118,12 +107,17 @@ class Decoder(nn.Module):
         features: torch.Tensor,
         keys: torch.Tensor,
         mask: torch.Tensor,
+        *,
         mode: str = "expected",
         sample_mask: torch.Tensor | None = None,
+        scores: torch.Tensor | None = None,
     ) -> StepOutput:
-        """One word: prev_words [B] long -> logits [B, V] for the next word."""
+        """One word: prev_words [B] long -> logits [B, V] for the next word. ``scores`` [B, L]:
+        f_att(keys, state.h) when the caller computed them (decoding's faster form of the same
+        scores, captioning/fast.py); None computes them here."""
         emb = self.embedding(prev_words)  # (B, m)
-        state, attended = self.recur(emb, state, features, keys, mask, mode, sample_mask)
+        state, attended = self.recur(emb, state, features, keys, mask, mode=mode, sample_mask=sample_mask,
+                                     scores=scores)
         return StepOutput(self.deep_output(emb, state.h, attended.context), state, attended)
 
     # -- teacher forcing --------------------------------------------------------------------
@@ -132,11 +126,11 @@ class Decoder(nn.Module):
         features: torch.Tensor,
         mask: torch.Tensor,
         captions: torch.Tensor,
+        *,
         mode: str = "expected",
         sample_mask: torch.Tensor | None = None,
         keys: torch.Tensor | None = None,
         rows: torch.Tensor | None = None,
-        return_logits: bool = True,
     ) -> DecoderOutput:
         """Teacher-forced pass. captions [B, T+1] = <start> w_1 ... <end> <pad>...; predicts
         captions[:, 1:]; padding is masked in the loss. ``sample_mask``: [B], per caption.
@@ -144,23 +138,17 @@ class Decoder(nn.Module):
         ``rows`` [B] long: caption b belongs to image ``rows[b]`` of ``features`` / ``mask`` /
         ``keys`` [N, ...] (several captions per image share the image's projection ``W a`` and
         ``h_0, c_0``, computed once per image). None: one image per caption, in order.
-
-        ``return_logits=False`` (training: all a loss needs): the output carries ``token_nll``
-        [B, T], the NLL of each target word, instead of the [B, T, V] logits.
         """
         if keys is None:  # the caller may pass project(features), computed once per image
             keys = self.project(features)  # (N, L, K)
         state = self.init_state(features, mask)  # (N, n): once per image
         emb = self.embedding(captions[:, :-1])  # (B, T, m)
-        if self.fast and torch.is_grad_enabled() and fast.supports(self):
-            return fast.teacher_forced(self, features, mask, keys, state, rows, emb, captions, mode, sample_mask,
-                                       return_logits)
         if rows is not None:
             features, mask, keys = features[rows], mask[rows], keys[rows]
             state = DecoderState(state.h[rows], state.c[rows])
         hs, zs, alphas, log_probs = [], [], [], []
         for t in range(emb.shape[1]):
-            state, attended = self.recur(emb[:, t], state, features, keys, mask, mode, sample_mask)
+            state, attended = self.recur(emb[:, t], state, features, keys, mask, mode=mode, sample_mask=sample_mask)
             hs.append(state.h)
             zs.append(attended.context)
             alphas.append(attended.alpha)
@@ -168,11 +156,8 @@ class Decoder(nn.Module):
                 log_probs.append(attended.log_prob)
         # The output layer does not feed back: it runs once on all steps (one large matmul).
         logits = self.deep_output(emb, torch.stack(hs, 1), torch.stack(zs, 1))  # (B, T, V)
-        alpha_all = torch.stack(alphas, 1)  # (B, T, L)
         log_p = torch.stack(log_probs, 1) if log_probs else None  # (B, T)
-        if return_logits:
-            return DecoderOutput(logits, alpha_all, log_p, mask)
-        return DecoderOutput(None, alpha_all, log_p, mask, per_token_nll(logits, captions[:, 1:], Vocabulary.pad_id))
+        return DecoderOutput(logits, torch.stack(alphas, 1), log_p, mask)
 
 
 # ----------------------------------------------------------------------------- initialisation

@@ -10,13 +10,16 @@ from __future__ import annotations
 import warnings
 from collections import OrderedDict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 from captioning.config import BACKBONES, RESNET_STAGES, RESNETS, VGG_STAGES, VGGS, EncoderConfig  # noqa: F401
+
+if TYPE_CHECKING:
+    import torchvision
 
 
 class EncoderWeightsError(RuntimeError):
@@ -56,6 +59,8 @@ def load_backbone_weights(net: nn.Module, backbone: str, weights: str) -> None:
     if weights == "none":
         return
     if weights == "imagenet":
+        import torchvision
+
         enum = torchvision.models.get_model_weights(backbone).DEFAULT
         try:
             state = enum.get_state_dict(progress=True, check_hash=True)
@@ -105,6 +110,8 @@ class Encoder(nn.Module):
         super().__init__()
         if cfg.backbone not in BACKBONES:
             raise ValueError(f"unknown encoder backbone '{cfg.backbone}'; choose one of {', '.join(BACKBONES)}")
+        import torchvision  # here, where a backbone is built: importing the model needs none
+
         net = torchvision.models.get_model(cfg.backbone, weights=None)
         load_backbone_weights(net, cfg.backbone, cfg.weights)
         all_stages = _resnet_stages(net) if cfg.backbone in RESNETS else _vgg_stages(net)

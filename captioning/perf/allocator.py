@@ -5,10 +5,9 @@ them again within milliseconds. glibc serves allocations that large with fresh `
 (or trims them off the heap when freed), so every step the kernel maps and zeroes the same
 memory again: tens of thousands of page faults per COCO-size training step on the project's
 2-core CPU. Serving them from the heap and keeping the freed heap (``mallopt``: mmap threshold
-64 MiB, trim threshold 1 GiB) removes those faults: measured 8% faster COCO-size soft training
-steps at batch 32 (``captioning benchmark --sections matmul train --attention soft``, three
-alternating runs each way: median step 844-912 ms vs 930-1005 ms). PyTorch's CPU performance
-guide reaches the same end by preloading jemalloc or tcmalloc; this needs no extra library.
+64 MiB, trim threshold 1 GiB) removes those faults (what that buys: docs/performance.md).
+PyTorch's CPU performance guide reaches the same end by preloading jemalloc or tcmalloc; this
+needs no extra library.
 
 The cost: the heap keeps its high-water mark (up to 1 GiB free above it before it trims), which
 a training process reaches at every step anyway. The scripts call :func:`keep_freed_memory` at

@@ -241,7 +241,7 @@ TRAIN_PATHS = ("fast", "reference")
 def training_module(sizes: Sizes, attention: str, path: str = "fast", compile_target: str = "none",
                     compile_mode: str = "default") -> CaptioningModule:
     """The LightningModule at ``sizes``, set up as the benchmark times it: the decoder's teacher-forced
-    ``path`` ("fast": captioning/models/fast.py; "reference": the loop of decoder.py), a constant
+    ``path`` ("fast": captioning/fast.py's fused pass; "reference": the loop of decoder.py), a constant
     learning rate (no Trainer to schedule it), and hard attention sampling at every step."""
     if path not in TRAIN_PATHS:
         raise ValueError(f"unknown training path '{path}'; choose one of {', '.join(TRAIN_PATHS)}")
@@ -259,6 +259,7 @@ def train_step(
     batch: int,
     device: torch.device,
     matmul_gflops: float,
+    *,
     captions_per_image: int = 1,
     precision: str = "fp32",
     compile_target: str = "none",
@@ -288,7 +289,8 @@ def train_step(
     features = torch.randn(images, sizes.locations, sizes.feature_dim, generator=gen).to(device)
     captions, tokens = random_captions(batch, sizes.vocab_size, sizes.min_tokens, sizes.max_tokens, gen)
     data = {"images": features, "captions": captions.to(device)}
-    mode = "sample" if attention == "hard" else "expected"  # hard: the REINFORCE path
+    # What its training steps sample (hard attention: locations at every step, the REINFORCE path).
+    mode = module.mechanism.training_plan(module.cfg.loss, 1, 0, device).mode
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def forward() -> torch.Tensor:
@@ -313,11 +315,11 @@ def train_step(
     total = statistics.median(sum(t) for t in times)
     best = min(sum(t) for t in times)
 
-    flops = decoder_flops(cfg.decoder, sizes.locations, sizes.feature_dim, sizes.vocab_size, attention, mode)
+    flops = decoder_flops(cfg.decoder, sizes.locations, sizes.feature_dim, sizes.vocab_size, mode)
     counted = training_step_flops(flops, tokens, captions_per_image)
     real_tokens = sum(tokens)
     result = {
-        "attention": attention + (" (sampled locations)" if attention == "hard" else ""), "path": path,
+        "attention": attention + (" (sampled locations)" if mode == "sample" else ""), "path": path,
         "batch_captions": batch, "captions_per_image": captions_per_image, "precision": precision,
         "compile": compile_target if compile_target == "none" else f"{compile_target}/{compile_mode}",
         "tokens": real_tokens, "padded_steps": max(tokens),
@@ -379,7 +381,7 @@ def encoder_forward(backbone: str, sizes: Sizes, device: torch.device, precision
 def beam_search_speedup(sizes: Sizes, device: torch.device, sequential_images: int | None = None,
                         seed: int = 0, reps: int = 1, matmul_gflops: float | None = None) -> dict[str, Any]:
     """Captions/s of beam search over ``beam_images`` images at once vs one at a time (same code,
-    ``decoding.beam_search_features``), from random grids with random weights. Each side is timed
+    ``decoding.ModelSearch.annotations``), from random grids with random weights. Each side is timed
     ``reps`` times, the two sides alternating, and its best time counts (a shared machine's noise
     only ever adds time).
 
@@ -387,7 +389,8 @@ def beam_search_speedup(sizes: Sizes, device: torch.device, sequential_images: i
     search's matrix-multiply FLOPs per image (counted from the decoder rows each step really ran)
     and the speed-up the batched side would reach if it ran every one of them at that rate and did
     nothing else (no softmax, top-k, attention map or bookkeeping): a ceiling for this machine."""
-    from captioning.decoding import beam_search_features
+    from captioning.decoding import ModelSearch, best_captions
+    from captioning.search import DecodeOptions
 
     torch.manual_seed(seed)
     cfg = coco_model_config(sizes, "soft")
@@ -398,7 +401,8 @@ def beam_search_speedup(sizes: Sizes, device: torch.device, sequential_images: i
     features = torch.randn(n, sizes.locations, sizes.feature_dim, generator=torch.Generator().manual_seed(seed)).to(device)
     mask = torch.ones(n, sizes.locations, dtype=torch.bool, device=device)
     K, max_len = sizes.beam_size, sizes.beam_max_len
-    run = lambda f, m: beam_search_features(model, f, m, K, max_len)  # noqa: E731
+    search, options = ModelSearch(model), DecodeOptions(beam_size=K, max_len=max_len)
+    run = lambda f, m: best_captions(search.annotations(f, m, options))  # noqa: E731
 
     run(features[:2], mask[:2])  # warm-up
     m = min(n, sequential_images or n)

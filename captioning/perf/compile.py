@@ -1,6 +1,7 @@
 """The optional ``torch.compile`` paths (config ``train.compile``), applied in place: the portable
 route to speed. They compile the reference teacher-forced loop of captioning/models/decoder.py
-(``model.decoder.fast`` is switched off: the hand-written fast path is eager-only).
+(a compiled run does not take captioning/fast.py's hand-written pass, which is eager-only: the
+training module chooses so where it is built).
 
 * ``"step"``: the per-step modules -- the attention (score, masked softmax, context) and the LSTM
   cell -- each with ``nn.Module.compile``. The shapes are the same at every step, so a small graph
@@ -20,9 +21,8 @@ import functools
 
 import torch
 
+from captioning.config import COMPILE_TARGETS
 from captioning.models.captioner import ShowAttendTell
-
-COMPILE_TARGETS = ("none", "step", "model")
 
 
 def compile_model(model: ShowAttendTell, target: str, mode: str = "default") -> ShowAttendTell:
@@ -31,7 +31,6 @@ def compile_model(model: ShowAttendTell, target: str, mode: str = "default") -> 
         raise ValueError(f"unknown compile target '{target}'; choose one of {', '.join(COMPILE_TARGETS)}")
     if target == "none":
         return model
-    model.decoder.fast = False  # the compiled graphs are the reference loop's
     if target == "step":
         model.decoder.attention.compile(mode=mode)
         model.decoder.lstm.compile(mode=mode)

@@ -9,8 +9,8 @@ Two totals, kept apart on purpose:
 * **useful**: what the maths of one caption needs. The image-side attention projection ``W a``
   and ``h_0, c_0`` run once per *image* (shared by its captions); the per-step work and the
   output layer run for the caption's real tokens only (words + ``<end>``), never for padding.
-* **executed**: what the training pass runs (the fast path, captioning/models/fast.py, with
-  ``return_logits=False``, as ``CaptioningModule.training_step`` calls it): the projection
+* **executed**: what the training pass runs (the fused pass of captioning/fast.py, as
+  ``CaptioningModule.training_step`` calls it): the projection
   ``W a`` and ``h_0, c_0`` once per image (shared by its ``k`` captions); the recurrence and the
   work hoisted out of it (the LSTM's product with the word embedding, the deep output layer)
   for the real tokens only. It equals useful (kept apart so that a path that runs more, e.g.
@@ -58,18 +58,16 @@ def decoder_flops(
     num_locations: int,
     feature_dim: int,
     vocab_size: int,
-    attention: str = "soft",
     mode: str = "expected",
     features_need_grad: bool = False,
 ) -> DecoderFlops:
-    """Matmul FLOPs of :class:`captioning.models.decoder.Decoder` as it is written.
+    """Matmul FLOPs of :class:`captioning.models.decoder.Decoder` with an f_att score (soft or hard
+    attention) as it is written.
 
     ``mode`` is the attention mode of the step: "expected" (soft, or hard with the expected
     context) computes ``alpha @ a``; "sample"/"argmax" (hard) gathers one location instead.
     ``features_need_grad``: True when the encoder is fine-tuned (then ``a`` needs a gradient too).
     """
-    if attention not in ("soft", "hard"):
-        raise ValueError(f"FLOPs are counted for the fast path's soft and hard attention, not '{attention}'")
     L, D, V = num_locations, feature_dim, vocab_size
     m, n, A = cfg.embed_dim, cfg.hidden_dim, cfg.attention_dim
     a_grad = 2.0 if features_need_grad else 1.0  # backward products per forward product touching a
@@ -84,7 +82,7 @@ def decoder_flops(
     # Per step: f_att's query side, the score, the context, the gate, the LSTM cell.
     query = 0.0 if cfg.score == "bilinear" else 2.0 * n * A  # U h
     score = 2.0 * L * key_dim  # additive: v^T tanh(.) over L; dot/bilinear: keys @ q
-    context = 2.0 * L * D if (attention == "soft" or mode == "expected") else 0.0  # alpha @ a
+    context = 2.0 * L * D if mode == "expected" else 0.0  # alpha @ a
     gate = {"scalar": 2.0 * n, "vector": 2.0 * n * D, "none": 0.0}[cfg.gate]
     lstm_z = 2.0 * D * 4 * n  # W_ih[:, m:] z
     step_other = query + score + gate + lstm_z + 2.0 * n * 4 * n  # ... + W_hh h

@@ -1,8 +1,13 @@
 """The teacher-forced training paths timed side by side, in one process, alternating step by step:
-the reference loop (captioning/models/decoder.py), the fast path (captioning/models/fast.py), and
-the fast path without each of its tricks (what each one buys, docs/performance.md)::
+the reference loop (captioning/models/decoder.py), the fused pass (captioning/fast.py), and the
+fused pass without each of its tricks (what each one buys, docs/performance.md)::
 
     python -m captioning.perf.paths --attention soft --batch 32 --reps 10
+    python -m captioning.perf.paths --attention soft --variants reference fast --port SG_DIR
+
+``--port DIR`` adds the most-used public PyTorch port's training step (DIR holds the ``models.py``
+of sgrvinod/a-PyTorch-Tutorial-to-Image-Captioning, cloned anywhere: its code is not part of this
+project), on the same grids and captions.
 
 One training step is ``CaptioningModule.training_loss`` + backward + gradient clipping + the
 module's Adam, from random annotation grids at COCO sizes (``benchmark.COCO``). The variants share
@@ -14,15 +19,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import statistics
 import time
-from typing import Any, Iterator
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import torch
 
-from captioning.models import fast
+from captioning import fast
 from captioning.perf.benchmark import COCO, QUICK, Sizes, random_captions, training_module
+from captioning.vocab import Vocabulary
 
 
 # Trick -> the fast module's attributes that, replaced so, leave it out (same maths, autograd's way).
@@ -34,13 +42,14 @@ VARIANTS = ("reference", "fast", *(f"fast-without-{name}" for name in TRICKS))
 
 @contextlib.contextmanager
 def variant(module, name: str) -> Iterator[None]:
-    """Within the block ``module`` trains on the path ``name`` (one of VARIANTS)."""
+    """Within the block ``module`` trains on the path ``name`` (one of VARIANTS): its fused pass is
+    swapped for the model's own loop ("reference"), or runs with a trick left out."""
     if name not in VARIANTS:
         raise ValueError(f"unknown variant '{name}'; choose one of {', '.join(VARIANTS)}")
-    decoder = module.model.decoder
     patches = TRICKS[name.removeprefix("fast-without-")] if name.startswith("fast-without-") else {}
     saved = {attr: getattr(fast, attr) for attr in patches}
-    decoder.fast = name != "reference"
+    fused = module.fused
+    module.fused = None if name == "reference" else fast.FusedTrainingPass(module.model)
     try:
         for attr, value in patches.items():
             setattr(fast, attr, value)
@@ -48,11 +57,12 @@ def variant(module, name: str) -> Iterator[None]:
     finally:
         for attr, value in saved.items():
             setattr(fast, attr, value)
-        decoder.fast = True
+        module.fused = fused
 
 
 def training_step_runner(sizes: Sizes, attention: str, batch: int, seed: int = 0):
-    """-> (module, run): ``run()`` is one training step of ``module``, in seconds."""
+    """-> (module, run, data): ``run()`` is one training step of ``module`` on ``data`` (grids and
+    captions), in seconds."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     module = training_module(sizes, attention)
@@ -71,18 +81,60 @@ def training_step_runner(sizes: Sizes, attention: str, batch: int, seed: int = 0
         optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - start
 
-    return module, run
+    return module, run, data
+
+
+def port_step_runner(port: Path, sizes: Sizes, data: dict, seed: int = 0) -> Callable[[], float]:
+    """-> ``run()``: one training step, in seconds, of the port's ``DecoderWithAttention`` (from
+    ``port``/models.py) as its train.py takes one -- forward, ``pack_padded_sequence`` and
+    cross-entropy, the doubly stochastic term (alpha_c 1), gradients clamped to +-5, Adam -- on
+    ``data``'s grids (as its [B, 14, 14, D] encoder output) and captions, at ``sizes``."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    spec = importlib.util.spec_from_file_location("port_models", Path(port) / "models.py")
+    if spec is None or not (Path(port) / "models.py").is_file():
+        raise SystemExit(f"error: {port} holds no models.py (clone the port and pass its folder)")
+    models = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(models)
+    torch.manual_seed(seed)
+    decoder = models.DecoderWithAttention(sizes.attention_dim, sizes.embed_dim, sizes.hidden_dim, sizes.vocab_size,
+                                          sizes.feature_dim, sizes.dropout).train()
+    optimizer = torch.optim.Adam(decoder.parameters())
+    captions = data["captions"]
+    lengths = (captions != Vocabulary.pad_id).sum(1, keepdim=True)  # <start> .. <end>
+    side = int(sizes.locations ** 0.5)
+    grids = data["images"].view(captions.shape[0], side, side, sizes.feature_dim)
+
+    def run() -> float:
+        start = time.perf_counter()
+        scores, sorted_captions, decode_lengths, alphas, _ = decoder(grids, captions, lengths)
+        scores = pack_padded_sequence(scores, decode_lengths, batch_first=True).data
+        targets = pack_padded_sequence(sorted_captions[:, 1:], decode_lengths, batch_first=True).data
+        loss = torch.nn.functional.cross_entropy(scores, targets) + ((1.0 - alphas.sum(dim=1)) ** 2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        for p in decoder.parameters():
+            if p.grad is not None:
+                p.grad.clamp_(-5.0, 5.0)
+        optimizer.step()
+        return time.perf_counter() - start
+
+    return run
 
 
 def compare(attention: str = "soft", batch: int = 32, reps: int = 10, variants: tuple[str, ...] = VARIANTS,
-            sizes: Sizes = COCO) -> dict[str, Any]:
-    """Median captions/s of each variant over ``reps`` alternating steps (after one warm-up each)."""
-    module, run = training_step_runner(sizes, attention, batch)
-    times: dict[str, list[float]] = {name: [] for name in variants}
+            sizes: Sizes = COCO, port: Path | None = None) -> dict[str, Any]:
+    """Median captions/s of each variant (and the port's step, given its folder) over ``reps``
+    alternating steps, after one warm-up each."""
+    module, run, data = training_step_runner(sizes, attention, batch)
+    runs = {name: run for name in variants}
+    if port is not None:
+        runs["port"] = port_step_runner(port, sizes, data)
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for rep in range(reps + 1):
-        for name in variants:
-            with variant(module, name):
-                t = run()
+        for name, step in runs.items():
+            with variant(module, name) if name != "port" else contextlib.nullcontext():
+                t = step()
             if rep:  # the first round warms every path up
                 times[name].append(t)
     rates = {name: batch / statistics.median(ts) for name, ts in times.items()}
@@ -101,10 +153,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (seconds), to check the command")
+    p.add_argument("--port", type=Path, metavar="DIR",
+                   help="also time sgrvinod's port: DIR holds its models.py (soft attention only)")
     args = p.parse_args(argv)
+    if args.port is not None and args.attention != "soft":
+        p.error("--port: the port has soft attention only")
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = compare(args.attention, args.batch, args.reps, tuple(args.variants), QUICK if args.quick else COCO)
+    result = compare(args.attention, args.batch, args.reps, tuple(args.variants), QUICK if args.quick else COCO,
+                     args.port)
+    if "port" in result["captions_per_s"]:
+        result["over_port"] = {name: round(r / result["captions_per_s"]["port"], 2)
+                               for name, r in result["captions_per_s"].items() if name != "port"}
     print(json.dumps(result, indent=1))
     return result
 

@@ -23,12 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-
-from captioning.device import resolve_device
-from captioning.models.encoder import BACKBONES
-from captioning.perf import benchmark as bench
-from captioning.perf.compile import COMPILE_TARGETS, compile_unsupported_reason
+from captioning.config import BACKBONES, COMPILE_TARGETS
 
 SECTIONS = ("matmul", "train", "encoder", "beam", "loader")
 
@@ -128,7 +123,13 @@ def format_report(results: dict[str, Any]) -> str:
 
 def run(argv: list[str] | None = None, prog: str | None = None) -> dict[str, Any]:
     """``captioning benchmark`` with ``argv``; -> what it wrote, as a dict (bad input: SystemExit, one line)."""
-    args = parse_args(argv, prog)
+    args = parse_args(argv, prog)  # first: --help answers without importing torch
+    import torch
+
+    from captioning.device import resolve_device
+    from captioning.perf import benchmark as bench
+    from captioning.perf.compile import compile_unsupported_reason
+
     if args.threads or args.quick:  # --quick: tiny tensors run faster on one thread of a shared CPU
         torch.set_num_threads(args.threads or 1)
     try:
@@ -178,8 +179,9 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> dict[str, Any
         elif section == "train":
             attention, batch, target = item
             peak = results["matmul"]["bf16" if precision == "bf16" else "fp32"]["best_gflops"]
-            row = bench.train_step(sizes, attention, batch, device, peak, args.captions_per_image, precision,
-                                   target, args.compile_mode, reps)
+            row = bench.train_step(sizes, attention, batch, device, peak, captions_per_image=args.captions_per_image,
+                                   precision=precision, compile_target=target, compile_mode=args.compile_mode,
+                                   reps=reps)
             results.setdefault("train", []).append(row)
             results["train_memory_method"] = bench.CUDA_MEMORY_METHOD if device.type == "cuda" else bench.CPU_MEMORY_METHOD
         elif section == "encoder":

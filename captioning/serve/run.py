@@ -32,7 +32,7 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     args = parser(prog).parse_args(argv)
-    from captioning.caption import expand_inputs, load_captioner
+    from captioning.caption.run import expand_inputs, load_captioner
     from captioning.serve.server import MAX_EXAMPLES, make_server, split_examples
 
     try:

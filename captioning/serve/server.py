@@ -148,16 +148,19 @@ class Demo:
     def caption(self, image_path: Path, query: dict, what: str = "the upload") -> dict:
         """Caption the image at ``image_path``; ``what`` names it in messages (which field, or the body)."""
         options = self.options(query)
+        seed = options.pop("seed", None)
         try:
+            decode = self.captioner.options(**options)  # checked once, before the image is read
             with self.lock:
-                captions = self.captioner.caption(image_path, **options)
+                captions = self.captioner.caption(image_path, decode, seed=seed)
         except ImageLoadError as err:
             raise RequestError(HTTPStatus.BAD_REQUEST, _image_message(err, image_path, what)) from None
         except ValueError as err:  # bad decoding options
             raise RequestError(HTTPStatus.BAD_REQUEST, " ".join(str(err).split())) from None
         best = captions[0]
+        settings = {k: v for k, v in {**self.captioner.record(decode), "seed": seed}.items() if v is not None}
         return {"captions": [_as_json(c) for c in [best, *best.alternatives]], "grid": self.captioner.grid_size,
-                "settings": {k: v for k, v in options.items() if v is not None}}
+                "settings": settings}
 
 
 def _image_message(err: Exception, path: Path, what: str) -> str:

@@ -21,7 +21,7 @@ import statistics
 from pathlib import Path
 from typing import Iterable
 
-from captioning.study.run import ARMS, HARD_MODES, Plan, Run, StudyError, read_json
+from captioning.study.runs import ARMS, HARD_MODES, Plan, Run, StudyError, read_record
 
 #: (key in a metrics file, column title); the caption metrics first.
 METRICS: tuple[tuple[str, str], ...] = (
@@ -56,7 +56,7 @@ def display_factor(scale: object, source: Path | str) -> float:
 
 def read_eval(path: Path, root: Path) -> dict:
     """One evaluate.py metrics file -> {"file", "scale", "decode", "num_images", "values"} (display scale)."""
-    data = read_json(path)
+    data = read_record(path)
     if data is None:
         raise StudyError(f"{path} is missing or not JSON; rerun captioning compare to evaluate again")
     factor = display_factor(data.get("scale"), path)
@@ -149,7 +149,7 @@ def collect_run(run: Run, root: Path) -> dict:
     evals = {}
     for mode in run.modes():
         evals[mode or "expected"] = read_eval(run.metrics_file(mode), root)
-    train = read_json(run.train_dir / "metrics.json") if run.train_dir else None
+    train = read_record(run.train_dir / "metrics.json") if run.train_dir else None
     log = read_log(run.train_dir)
     curve = log["curve"]
     return {

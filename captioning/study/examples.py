@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from captioning.study.run import Plan, Run, StudyError
+from captioning.study.runs import Plan, Run, StudyError
 
 ENTROPY_IMAGES = 100  # test images per run for the entropy-by-word-position curve
 PANEL = 112  # pixels per panel in the attention figures
@@ -69,9 +69,9 @@ def decode_examples(plan: Plan, count: int, log=print) -> dict:
     grid_locations = None
     for run in plan.runs:
         captioner = Captioner.from_checkpoint(run.checkpoint)
-        settings = {"beam_size": plan.beam_size, "max_len": plan.max_len,
-                    "hard_mode": "expected" if run.attention == "hard" else None}
-        captions = captioner.caption(paths, batch_size=50, **settings)
+        # The same decoding for every run: hard attention with the expected context.
+        options = captioner.options(beam_size=plan.beam_size, max_len=plan.max_len, hard_mode="expected")
+        captions = captioner.caption(paths, options, batch_size=50)
         grid_locations = captioner.grid_size ** 2
         entropies = [_entropy(c.attention) for c in captions if c.words]
         longest = max((len(e) for e in entropies), default=0)

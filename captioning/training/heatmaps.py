@@ -17,7 +17,6 @@ import torch
 from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 
 from captioning.data.transforms import ImageLoadError, load_image, preprocess
-from captioning.decoding import decode
 
 #: Validation images drawn at every validation.
 NUM_IMAGES = 4
@@ -52,8 +51,7 @@ class AttentionHeatmaps(pl.Callback):
         was_training = model.training
         model.eval()
         try:
-            decoded = decode(model, images, max_len=cfg.decode.max_len,
-                             mode=cfg.decode.hard_mode if cfg.model.attention == "hard" else "expected")
+            pools = module.search(images, module.decode_options("val"))
         finally:
             model.train(was_training)
         g = cfg.model.encoder.grid_size
@@ -61,9 +59,9 @@ class AttentionHeatmaps(pl.Callback):
         self.folder.mkdir(parents=True, exist_ok=True)
         tensorboard = _tensorboard(trainer)
         for i, (name, img) in enumerate(self._images):
-            n = int(decoded.lengths[i])
-            words = module.vocab.decode(decoded.tokens[i, :n])
-            maps = decoded.alphas[i, :n].float().cpu().reshape(n, g, g).numpy()
+            best = pools[i][0]
+            words = module.vocab.decode(best.tokens)
+            maps = best.alphas[:len(words)].float().cpu().reshape(len(words), g, g).numpy()
             figure = attention_figure(img, words, maps, title=f"step {step}: {' '.join(words)}", panel_size=128)
             figure.save(self.folder / f"step{step:07d}_{i}.png", format="PNG")
             if tensorboard is not None:

@@ -13,16 +13,19 @@ import time
 import pytorch_lightning as pl
 import torch
 
+from captioning import fast
 from captioning.config import Config, from_dict, to_dict
-from captioning.decoding import decode, decode_settings
+from captioning.decoding import ModelSearch
 from captioning.evaluation.evaluator import evaluate_predictions, gather_by_image_id, score_record
-from captioning.losses import LossTerms, ReinforceBaseline, caption_loss
+from captioning.losses import LossTerms, ReinforceBaseline, caption_loss, per_token_nll
 from captioning.models import ShowAttendTell
+from captioning.models.attention import Mechanism, TrainingPlan
 from captioning.perf.compile import compile_model
+from captioning.search import DecodeOptions
 from captioning.vocab import Vocabulary
 
-# Every validation: BLEU (val/bleu_4 selects checkpoints) and CIDEr-D, which adds ~0.2-0.35 s to
-# a ~5 s validation of the 200 synthetic val images (2-core CPU). METEOR (a JVM, ~7 s) is test-only.
+# Every validation scores BLEU (val/bleu_4 selects checkpoints) and CIDEr-D, both cheap beside
+# decoding; METEOR runs a JVM, so it is test-only (docs/training.md, the cost of each).
 VAL_METRICS = ("bleu", "cider")
 TEST_METRICS = ("bleu", "meteor", "rouge", "cider")
 
@@ -48,14 +51,25 @@ class CaptioningModule(pl.LightningModule):
         self.model = ShowAttendTell(self.cfg.model, len(self.vocab))
         # Optional torch.compile (train.compile); lazy, and the parameter names stay the same.
         compile_model(self.model, self.cfg.train.compile, self.cfg.train.compile_mode)
-        self.hard = self.cfg.model.attention == "hard"
-        # Built only for hard attention: soft attention has no baseline.
-        self.baseline = ReinforceBaseline(self.cfg.loss.baseline_decay) if self.hard else None
+        # Speed, chosen once (model.decoder.fast, captioning/fast.py): the fused teacher-forced pass
+        # (None: the model's own loop) and decoding's form of the additive score. Compiled runs
+        # keep the reference maths, which is what torch.compile compiles.
+        fast_path = self.cfg.model.decoder.fast and self.cfg.train.compile == "none"
+        self.fused = fast.training_pass(self.model) if fast_path else None
+        self.search = ModelSearch(self.model, fast=fast_path)
+        # Built only for a mechanism whose training adds REINFORCE: the others have no baseline.
+        self.baseline = (ReinforceBaseline(self.cfg.loss.baseline_decay) if "reinforce" in self.mechanism.loss_terms
+                         else None)
         self._predictions: dict[int, str] = {}
         self._val_nll: list[torch.Tensor] = []  # [sum, count] of the reference NLL (train.monitor "nll")
         self._alphas: dict[int, torch.Tensor] = {}
         self.eval_results: dict | None = None  # filled on rank 0 after validation/test
         self._fit_started: float | None = None  # perf_counter at fit start, for val/elapsed_s
+
+    @property
+    def mechanism(self) -> Mechanism:
+        """The attention mechanism: what it samples, which loss terms it adds, its test-time modes."""
+        return self.model.mechanism
 
     @classmethod
     def create(cls, cfg: Config, vocab: Vocabulary) -> "CaptioningModule":
@@ -70,53 +84,40 @@ class CaptioningModule(pl.LightningModule):
         # own dropout masks and attention samples.
         torch.manual_seed(self.cfg.train.seed * 1009 + 1 + self.global_rank)
 
-    def _attention_plan(self, batch_size: int) -> tuple[str, torch.Tensor | None]:
-        """Hard attention: which captions use a sampled location vs the expected context."""
-        if not self.hard:
-            return "expected", None
-        p = self.cfg.loss.expected_context_prob
-        if self.cfg.loss.substitution == "minibatch":
-            # One draw per global minibatch, identical on every rank (seeded by the step).
-            gen = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + self.global_step)
-            use_expected = torch.rand((), generator=gen).item() < p
-            return ("expected", None) if use_expected else ("sample", None)
-        sample_mask = torch.rand(batch_size, device=self.device) >= p  # per image
-        return "sample", sample_mask
-
-    def training_loss(self, batch: dict) -> tuple[LossTerms, str, torch.Tensor | None]:
+    def training_loss(self, batch: dict) -> tuple[LossTerms, TrainingPlan]:
         """The training step's forward and loss (also what captioning/perf/benchmark.py times)."""
         images, captions = batch["images"], batch["captions"]
-        mode, sample_mask = self._attention_plan(images.shape[0])
+        # What this step samples (the mechanism decides; a minibatch draw is the same on every rank).
+        plan = self.mechanism.training_plan(self.cfg.loss, images.shape[0],
+                                            self.cfg.train.seed * 7919 + self.global_step, self.device)
         # Captions of the whole optimiser step: hard attention's REINFORCE and entropy terms are
         # scaled by it (loss.hard_reduction "sum", the authors' strength; losses.py).
         world = self.trainer.world_size if self._trainer is not None else 1
         captions_per_step = captions.shape[0] * world
-        samples = self.cfg.loss.samples if mode == "sample" else 1  # the expected context draws nothing
-        if samples > 1:  # K draws of each caption: rows n*K .. n*K+K-1, all of the same image
-            captions = captions.repeat_interleave(samples, 0)  # (B*K, T+1)
-        out = self.model(images, captions, mode=mode, sample_mask=sample_mask, return_logits=False)
+        if plan.samples > 1:  # K draws of each caption: rows n*K .. n*K+K-1, all of the same image
+            captions = captions.repeat_interleave(plan.samples, 0)  # (B*K, T+1)
+        teacher_forced = self.model if self.fused is None else self.fused
+        out = teacher_forced(images, captions, mode=plan.mode, sample_mask=plan.sample_mask)
         sampled = None
-        if sample_mask is not None:  # per image -> per row
-            sampled = sample_mask.repeat_interleave(captions.shape[0] // sample_mask.shape[0])
-        terms = caption_loss(
-            self.cfg.loss, None, captions[:, 1:], out.alphas, out.mask, self.vocab.pad_id,
-            self.cfg.model.attention, out.log_probs, self.baseline.value if self.hard else None, out.token_nll,
-            captions_per_step=captions_per_step, samples=samples, sampled=sampled,
-        )
-        return terms, mode, sample_mask
+        if plan.sample_mask is not None:  # per image -> per row
+            sampled = plan.sample_mask.repeat_interleave(captions.shape[0] // plan.sample_mask.shape[0])
+        terms = caption_loss(self.cfg.loss, out, captions[:, 1:], terms=self.mechanism.loss_terms,
+                             baseline=None if self.baseline is None else self.baseline.value,
+                             captions_per_step=captions_per_step, samples=plan.samples, sampled=sampled)
+        return terms, plan
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         captions = batch["captions"]
-        terms, mode, sample_mask = self.training_loss(batch)
+        terms, plan = self.training_loss(batch)
         n = captions.shape[0]
         self.log("train/loss", terms.loss, prog_bar=True, batch_size=n)
         self.log("train/token_nll", terms.token_nll, prog_bar=True, batch_size=n)
         self.log_dict({"train/nll": terms.nll, "train/doubly_stochastic": terms.doubly_stochastic,
                        "train/entropy": terms.entropy}, batch_size=n)
-        self._log_training_signal(terms, captions, mode, sample_mask)
-        if self.hard:
+        self._log_training_signal(terms, captions, plan)
+        if self.baseline is not None:
             self.log_dict({"train/reinforce": terms.reinforce, "train/baseline": self.baseline.value,
-                           "train/sampled": float(mode == "sample")}, batch_size=n)
+                           "train/sampled": float(plan.mode == "sample")}, batch_size=n)
             # The step uses the old b; b is then moved towards the mean cost C_n of the global
             # minibatch (all-reduced), the quantity it is subtracted from, so every rank holds the same b.
             self.baseline.update(self._mean_over_ranks(terms.cost.mean()))
@@ -126,8 +127,7 @@ class CaptioningModule(pl.LightningModule):
         return value if self._trainer is None else self.trainer.strategy.reduce(value, reduce_op="mean")
 
     @torch.no_grad()
-    def _log_training_signal(self, terms: LossTerms, captions: torch.Tensor, mode: str,
-                             sample_mask: torch.Tensor | None) -> None:
+    def _log_training_signal(self, terms: LossTerms, captions: torch.Tensor, plan: TrainingPlan) -> None:
         """What the soft-vs-hard study (captioning compare) plots; monitoring only, no gradient.
 
         train/attention_entropy: mean over real (caption, step) pairs of H(alpha_t) in nats, both
@@ -147,13 +147,13 @@ class CaptioningModule(pl.LightningModule):
         # From the per-caption values caption_loss computed: nothing is recomputed here.
         per_step = terms.entropy_per_caption.sum() / (tokens * draws).clamp_min(1)
         self.log("train/attention_entropy", per_step, batch_size=n)
-        if not self.hard:
+        if self.baseline is None:  # no REINFORCE term: no signal to log
             return
         cost = terms.cost  # (N,) the C_n of caption_loss
-        if mode != "sample":
+        if plan.mode != "sample":
             cost = cost[:0]  # expected-context step: no REINFORCE term
-        elif sample_mask is not None:  # per-image substitution: only the sampled images' captions
-            cost = cost[sample_mask.repeat_interleave(cost.shape[0] // sample_mask.shape[0])]
+        elif plan.sample_mask is not None:  # per-image substitution: only the sampled images' captions
+            cost = cost[plan.sample_mask.repeat_interleave(cost.shape[0] // plan.sample_mask.shape[0])]
         signal = self.cfg.loss.reward_scale * terms.advantage  # (N_sampled,) lambda_r (C_n - b)
         # NaN where nothing was sampled: Lightning would otherwise repeat the last value in the log.
         nan = torch.full((), float("nan"), device=cost.device)
@@ -171,9 +171,9 @@ class CaptioningModule(pl.LightningModule):
         groups = [{"params": list(self.model.decoder.parameters()), "lr": self.cfg.optim.lr, "name": "decoder"}]
         if encoder:
             groups.append({"params": encoder, "lr": self.cfg.optim.encoder_lr, "name": "encoder"})
-        # fused: one kernel for all parameters, on CPU and GPU (gradient clipping + Adam at COCO
-        # sizes on the 2-core CPU: 94 -> 26 ms a step). Not under fp16's GradScaler, where
-        # Lightning cannot clip gradients of an optimizer that unscales them itself.
+        # fused: one kernel for all parameters, on CPU and GPU (docs/performance.md). Not under
+        # fp16's GradScaler, where Lightning cannot clip gradients of an optimizer that unscales
+        # them itself.
         fused = self._trainer is None or self.trainer.precision != "16-mixed"
         optimizer = torch.optim.Adam(groups, weight_decay=self.cfg.optim.weight_decay, fused=fused)
         factors = []  # each multiplies every group's lr at a step (0-based: the update t = step + 1)
@@ -193,11 +193,9 @@ class CaptioningModule(pl.LightningModule):
 
     # ------------------------------------------------------------------------------ evaluation
     def _decode_batch(self, batch: dict, split: str) -> None:
-        settings = self.decode_settings(split)
-        decoded = decode(self.model, batch["images"], beam_size=settings["beam_size"], max_len=settings["max_len"],
-                         mode=settings["hard_mode"] or "expected", length_penalty=self.cfg.decode.length_penalty)
-        for image_id, tokens in zip(batch["image_ids"].tolist(), decoded.tokens):
-            self._predictions[image_id] = " ".join(self.vocab.decode(tokens))
+        pools = self.search(batch["images"], self.decode_options(split))
+        for image_id, pool in zip(batch["image_ids"].tolist(), pools):
+            self._predictions[image_id] = " ".join(self.vocab.decode(pool[0].tokens))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._decode_batch(batch, "val")
@@ -213,9 +211,8 @@ class CaptioningModule(pl.LightningModule):
         features, mask = self.model.encode(batch["images"])
         keys = self.model.decoder.project(features)  # once per image
         captions = batch["captions"]
-        out = self.model.decoder(features, mask, captions, "expected", keys=keys, rows=batch["caption_rows"],
-                                 return_logits=False)
-        return (out.token_nll.float() * (captions[:, 1:] != self.vocab.pad_id)).sum(1)
+        out = self.model.decoder(features, mask, captions, keys=keys, rows=batch["caption_rows"])
+        return per_token_nll(out.logits, captions[:, 1:], self.vocab.pad_id).sum(1)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._decode_batch(batch, "test")
@@ -240,9 +237,10 @@ class CaptioningModule(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._score("test", TEST_METRICS)
 
-    def decode_settings(self, split: str) -> dict:
+    def decode_options(self, split: str) -> DecodeOptions:
         """Validation decodes greedily (cheap, every epoch); the test split with the config's beam."""
-        return decode_settings(self.cfg, beam_size=1 if split == "val" else None)
+        return DecodeOptions.for_model(self.cfg.decode, self.mechanism.test_modes, self.cfg.model.attention,
+                                       beam_size=1 if split == "val" else None)
 
     def _gather_predictions(self) -> dict[int, str]:
         """All ranks' predictions, de-duplicated by image id (DistributedSampler pads with repeats)."""
@@ -266,7 +264,7 @@ class CaptioningModule(pl.LightningModule):
             values, report = evaluate_predictions(predictions, refs, scenes, metrics)
             self.eval_results = {
                 "split": split, **score_record(values, report, len(predictions), percent=False),
-                "decode": self.decode_settings(split),
+                "decode": self.decode_options(split).record(self.cfg.model.attention),
                 "predictions": predictions, "scoring_seconds": time.perf_counter() - start,
             }
         values = self.trainer.strategy.broadcast(values, src=0)

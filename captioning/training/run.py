@@ -20,32 +20,20 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import pytorch_lightning as pl
-import torch
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
-
-from captioning.checkpoint import (CheckpointError, check_resumable, check_state_dict, checkpoint_config,
-                                   read_checkpoint)
-from captioning.config import ConfigError, build_config, merge, parse_override, save_yaml, validate
+from captioning.config import ATTENTIONS, LOGGERS, ConfigError, build_config, merge, parse_override, validate
 from captioning.console import one_line, positive_int
 from captioning.data.coco import AnnotationError, write_results
-from captioning.data.datamodule import CaptionDataModule
-from captioning.data.feature_cache import FeatureCacheError, attach_feature_cache
-from captioning.data.store import PreparedDataError
-from captioning.device import peak_rss_mib
-from captioning.evaluation.metrics import format_metrics_table
 from captioning.files import FileWriteError, as_write_error, atomic_write_json
-from captioning.models.encoder import EncoderWeightsError
-from captioning.training.module import CaptioningModule
 from captioning.training.run_folder import (RunFolderError, check_out_dir, choose_out_dir, launched_as_rank_zero,
                                             take_folder)
-from captioning.training.trainer import LOGGERS, TrainingStopped, build_trainer, run_guarded
+
+# torch, Lightning and the data pipeline are imported where a run needs them, after the arguments
+# are parsed: --help and a bad flag answer at once.
 
 
 def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    p.add_argument("--attention", choices=["soft", "hard", "none"],
+    p.add_argument("--attention", choices=ATTENTIONS,
                    help="attention mechanism (default: soft; none: the no-attention control)")
     p.add_argument("--config", type=Path, help="YAML file holding differences from the defaults")
     p.add_argument("--data", type=Path, metavar="PREPARED_DIR",
@@ -92,6 +80,8 @@ def make_config(args: argparse.Namespace):
         overrides += ["data.dataset=prepared", f"data.root={json.dumps(str(args.data))}"]
     if args.resume is None:
         return build_config(args.config, overrides), None, None
+    from captioning.checkpoint import check_resumable, checkpoint_config, read_checkpoint
+
     if args.config is not None:
         raise ConfigError("--resume takes its config from the checkpoint; pass changes with --set, not --config")
     ckpt = read_checkpoint(args.resume)
@@ -102,8 +92,8 @@ def make_config(args: argparse.Namespace):
     return validate(cfg), vocab, ckpt
 
 
-@rank_zero_only
-def write_outputs(out_dir: Path, module: CaptioningModule, extra: dict, skipped: str | None = None) -> None:
+def write_outputs(out_dir: Path, module, extra: dict, skipped: str | None = None) -> None:
+    """metrics.json (and test_predictions.json) of a finished run; rank 0 calls it."""
     try:
         _write_outputs(out_dir, module, extra, skipped)
     except FileWriteError as err:  # a full disk at the very end: the checkpoints are whole, say how to score them
@@ -112,7 +102,9 @@ def write_outputs(out_dir: Path, module: CaptioningModule, extra: dict, skipped:
                                         f"{best} --split test' computes the test scores again") from None
 
 
-def _write_outputs(out_dir: Path, module: CaptioningModule, extra: dict, skipped: str | None) -> None:
+def _write_outputs(out_dir: Path, module, extra: dict, skipped: str | None) -> None:
+    from captioning.evaluation.metrics import format_metrics_table
+
     if skipped is not None:  # module.eval_results holds the last validation's, not the test split's
         atomic_write_json(out_dir / "metrics.json", {"test": f"skipped ({skipped})", **extra})
         print(f"wrote {out_dir / 'metrics.json'} (test split not scored: {skipped})")
@@ -129,6 +121,14 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> dict:
     """``captioning train`` with ``argv``; -> what it wrote, as a dict. Bad input, a non-finite loss,
     SIGTERM and Ctrl-C end in SystemExit with a one-line message (status 1, 1, 143, 130)."""
     args = parse_args(argv, prog)
+    from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+    from captioning.checkpoint import CheckpointError
+    from captioning.data.feature_cache import FeatureCacheError
+    from captioning.data.store import PreparedDataError
+    from captioning.models.encoder import EncoderWeightsError
+    from captioning.training.trainer import TrainingStopped
+
     try:
         return train(args, prog or "captioning train", argv)
     except (ConfigError, CheckpointError, RunFolderError, AnnotationError, PreparedDataError, FeatureCacheError,
@@ -147,7 +147,7 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> dict:
         raise SystemExit(130) from None
 
 
-def _test_split(data: CaptionDataModule) -> list:
+def _test_split(data) -> list:
     """The test split's records, read before training: a missing test file fails now, not after it."""
     try:
         return data.load_split("test")
@@ -156,6 +156,18 @@ def _test_split(data: CaptionDataModule) -> list:
 
 
 def train(args: argparse.Namespace, prog: str, argv: list[str] | None = None) -> dict:
+    import pytorch_lightning as pl
+    import torch
+    from pytorch_lightning.utilities import rank_zero_info
+
+    from captioning.checkpoint import check_state_dict
+    from captioning.config import save_yaml
+    from captioning.data.datamodule import CaptionDataModule
+    from captioning.data.feature_cache import attach_feature_cache
+    from captioning.device import peak_rss_mib
+    from captioning.training.module import CaptioningModule
+    from captioning.training.trainer import build_trainer, run_guarded
+
     cfg, vocab, ckpt = make_config(args)
     resume_step = int(ckpt.get("global_step", 0)) if ckpt is not None else None
     out_dir = choose_out_dir(args.out_dir, cfg.model.attention, args.resume)
@@ -219,7 +231,8 @@ def train(args: argparse.Namespace, prog: str, argv: list[str] | None = None) ->
             "total_seconds": round(time.perf_counter() - started, 1),
             "peak_rss_mib": peak_rss_mib(),  # None where the platform cannot measure it
         }
-        write_outputs(out_dir, module, extra, skipped)
+        if trainer.is_global_zero:
+            write_outputs(out_dir, module, extra, skipped)
     finally:
         if lock is not None:
             lock.release()

@@ -23,7 +23,7 @@ from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from captioning.config import Config
+from captioning.config import LOGGERS, Config
 from captioning.files import atomic_write
 from captioning.progress import Progress
 
@@ -368,10 +368,6 @@ def _write_csv(path: Path, fieldnames: list[str], rows: list[dict[str, str]]) ->
         out.writerows(rows)
 
     atomic_write(path, write)
-
-
-#: Loggers ``build_trainer`` knows; the CSV log (logs/metrics.csv) is always written.
-LOGGERS = ("csv", "tensorboard")
 
 
 def build_loggers(out_dir: Path, logger: str = "csv", resume_step: int | None = None) -> list:

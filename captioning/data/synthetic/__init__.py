@@ -2,14 +2,15 @@
 
 Modules: :mod:`.scenes` (objects, placement, rendering), :mod:`.language` (the grammar, canonical
 captions and references), :mod:`.write` (the atomic writer of the dataset files); the caption
-checker lives beside the evaluation code, :mod:`captioning.evaluation.caption_check`. Their
-public names are importable from this package.
+checker lives beside the evaluation code, :mod:`captioning.evaluation.caption_check`. The names
+other code uses are importable from this package (``__all__``); the rest stay in their module.
 
 Nothing is downloaded. :func:`generate_synthetic` draws the dataset on first use (a few seconds
 for the default :class:`~captioning.config.SyntheticConfig`) and writes it in the *real* COCO
-formats, so the one COCO reader serves both datasets. :func:`check_caption` is a strict checker
-that decides whether any caption -- a reference or a model's output -- is exactly true of a scene;
-:func:`caption_accuracy` turns it into a metric.
+formats, so the one COCO reader serves both datasets.
+:func:`captioning.evaluation.caption_check.check_caption` is a strict checker that decides whether
+any caption -- a reference or a model's output -- is exactly true of a scene;
+:func:`~captioning.evaluation.caption_check.caption_accuracy` turns it into a metric.
 
 Scenes
 ------
@@ -118,81 +119,11 @@ Leftover temporary folders of dead processes on this host are removed; concurren
 
 from __future__ import annotations
 
-from captioning.data.synthetic.scenes import (  # noqa: F401
-    CATEGORIES,
-    COLOURS,
-    COLOUR_JITTER,
-    DUPLICATE_PROB,
-    MARGIN_FRACTION,
-    MAX_PLACEMENTS,
-    MAX_SCENE_DRAWS,
-    MIN_GAP,
-    MIN_IMAGE_SIZE,
-    NOISE,
-    RGB,
-    SHAPES,
-    SIZES,
-    SIZE_FRACTION,
-    SceneObject,
-    TRIPLE_PROB,
-    _CATEGORY_ID,
-    _apart,
-    _area,
-    _background_colour,
-    _clearly_ordered,
-    _coord,
-    _groups,
-    _leftmost,
-    _objects,
-    _place,
-    _segmentation,
-    _side,
-    load_scenes,
-    make_scene,
-    render_scene,
-)
-from captioning.data.synthetic.language import (  # noqa: F401
-    CANONICAL_BODY_REFERENCES,
-    COUNT_WORDS,
-    MAX_CAPTIONS_PER_IMAGE,
-    ORDERS,
-    PLURALS,
-    PREFIXES,
-    RELATIONS,
-    VOCABULARY,
-    _COUNT_OF,
-    _PREFIX_STARTS,
-    _VOCABULARY_SET,
-    _first_count,
-    _list_body,
-    _np_text,
-    _prefixed,
-    canonical_caption,
-    caption_pool,
-    reference_captions,
-)
-from captioning.data.synthetic.write import (  # noqa: F401
-    GENERATOR_VERSION,
-    JPEG_QUALITY,
-    SPLITS,
-    _FILE_FORMATS,
-    _LOCK,
-    _dump,
-    _image_rng,
-    _info,
-    _validate,
-    _write_dataset,
-    dataset_dir,
-    generate_synthetic,
-)
+from captioning.data.synthetic.language import PLURALS, VOCABULARY, canonical_caption, reference_captions
+from captioning.data.synthetic.scenes import (COLOURS, SHAPES, SIZES, SceneObject, load_scenes, make_scene,
+                                              render_scene)
+from captioning.data.synthetic.write import GENERATOR_VERSION, dataset_dir, generate_synthetic
 
-# The checker imports this package's grammar, so it is loaded on first use (no import cycle).
-_CHECKER = ("check_caption", "explain_caption", "caption_accuracy")
-
-
-def __getattr__(name: str):
-    if name in _CHECKER:
-        from captioning.evaluation import caption_check
-
-        return getattr(caption_check, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = ["COLOURS", "GENERATOR_VERSION", "PLURALS", "SHAPES", "SIZES", "SceneObject", "VOCABULARY",
+           "canonical_caption", "dataset_dir", "generate_synthetic", "load_scenes", "make_scene",
+           "reference_captions", "render_scene"]

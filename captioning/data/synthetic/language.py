@@ -132,12 +132,9 @@ def reference_captions(
     Of the others, up to :data:`CANONICAL_BODY_REFERENCES` are the canonical caption behind a
     prefix ("there is ...", "the image shows ..."), the rest other bodies without a prefix where
     the scene has them (another group order, the reversed relation, "from left to right ...").
-    Why the canonical body dominates (measured with the default model, 20 epochs): with 2 of 4
-    references drawn from the ~40 true phrasings of a 3-object scene, correct captions often
-    matched no reference (test BLEU-4 0.876 at caption accuracy 0.80); with 3 prefixed copies a
-    beam-searched caption still missed whenever its prefix was the one left out (BLEU-4 0.893 at
-    accuracy 0.874). With all four prefixes (the default), BLEU measures correctness, not which of
-    equally true phrasings a model prefers -- COCO's references share a modal style in the same way.
+    With all four prefixes (the default), BLEU measures correctness, not which of equally true
+    phrasings a model prefers -- COCO's references share a modal style in the same way (what the
+    other choices scored: docs/synthetic.md, References).
     """
     pool = caption_pool(objects, image_size)
     if not 1 <= n <= len(pool):

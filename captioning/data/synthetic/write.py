@@ -128,6 +128,7 @@ def _write_dataset(out: Path, cfg: SyntheticConfig, progress: bool) -> None:
             "objects": len(instances),
             "image_ids": [images[0]["id"], images[-1]["id"]] if images else [],
         }
+    bar.close()
     manifest = {
         "generator": "captioning.data.synthetic",
         "version": GENERATOR_VERSION,

@@ -1,10 +1,15 @@
-"""The teacher-forced training pass arranged for speed (``model.decoder.fast``, on by default).
+"""Speed, as a guest of the paper's maths: the same teacher-forced pass and decoding scores as
+captioning/models/, rearranged to run faster (``model.decoder.fast``, on by default).
 
-It computes what the reference loop of captioning/models/decoder.py computes -- the same loss, the
-same gradients up to float rounding, the same dropout masks, under fp32 and bf16 autocast (tests/
-test_models.py holds it to that) -- and only for modules it knows exactly (``supports``: type
-equality, not isinstance). A subclass that overrides a forward, or a new score function, trains on
-the reference loop with its own maths. The measured gain of each trick is in docs/performance.md.
+Nothing in captioning/models/ imports this file. It is attached from outside, once, where the
+work is set up: the training module takes ``training_pass(model)`` for its teacher-forced pass
+(captioning/training/module.py), and a search takes ``decoding_scores(model.decoder)`` for its
+attention scores (captioning/decoding.py). Each gives the fast form only for modules it knows
+exactly (``supports``: type equality, not isinstance) and otherwise says so in one log line and
+leaves the reference maths to run: a subclass that overrides a forward, a new score function or
+the no-attention control runs its own code. tests/test_models.py holds the fast forms to the
+reference: the same loss, the same gradients up to float rounding, the same dropout masks, under
+fp32 and bf16 autocast. What each trick buys is measured in docs/performance.md.
 
 1. **Live rows, packed.** Captions run longest first and step t computes only the rows still
    inside their caption; padded steps are skipped, not computed and masked, and the output layer
@@ -15,8 +20,7 @@ the reference loop with its own maths. The measured gain of each trick is in doc
    time in one reused buffer, with tanh written through the sigmoid: v^T tanh(x) + b =
    2 (v^T sigmoid(2x) + b) - sum(v) - b, a per-row constant that the softmax over locations cancels.
 
-Without gradients (greedy and beam decoding), ``Decoder.attend`` takes its additive scores from
-``inference_scores``:
+Without gradients (greedy and beam decoding), the search's scores come from ``inference_scores``:
 
 3. **The additive map through exponentials of the keys**: sigmoid(k + q) = 1 / (1 + e^-q / e^k),
    with e^k computed once per keys tensor (kept while the tensor lives and is unchanged) and e^-q
@@ -26,13 +30,21 @@ Without gradients (greedy and beam decoding), ``Decoder.attend`` takes its addit
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from captioning.models.attention import AdditiveScore, BilinearScore, DotScore, HardAttention, SoftAttention, _grouped
+from captioning.models.attention import (AdditiveScore, BilinearScore, DotScore, HardAttention, ScaledDotScore,
+                                         SoftAttention, _grouped)
+from captioning.models.captioner import ShowAttendTell
+from captioning.models.decoder import Decoder, DecoderOutput
 from captioning.vocab import Vocabulary
+
+log = logging.getLogger(__name__)
 
 # The additive score's [g, L, A] map is computed for this many elements at a time in one reused
 # buffer, which then stays in cache instead of streaming a [B, L, A] tensor through memory.
@@ -42,33 +54,86 @@ SCORE_CHUNK_ELEMENTS = 2**20
 EXP_FORM_BOUND = 80.0
 
 _MECHANISMS = (SoftAttention, HardAttention)
-_SCORES = (AdditiveScore, DotScore, BilinearScore)
+_SCORES = (AdditiveScore, DotScore, ScaledDotScore, BilinearScore)
+
+
+def unknown_modules(decoder: nn.Module) -> list[str]:
+    """The modules of ``decoder`` the fused training pass re-arranges but does not know exactly
+    (their type names); empty where it runs."""
+    if type(decoder) is not Decoder:
+        return [type(decoder).__name__]
+    parts = {"decoder.attention": decoder.attention, "decoder.lstm": decoder.lstm, "decoder.dropout": decoder.dropout,
+             "decoder.L_h": decoder.L_h, "decoder.L_z": decoder.L_z, "decoder.L_o": decoder.L_o}
+    known = {"decoder.attention": _MECHANISMS, "decoder.lstm": (nn.LSTMCell,), "decoder.dropout": (nn.Dropout,)}
+    if decoder.gate is not None:
+        parts["decoder.gate"] = decoder.gate
+    if type(decoder.attention) in _MECHANISMS:
+        parts["decoder.attention.score"], known["decoder.attention.score"] = decoder.attention.score, _SCORES
+    return [f"{name} ({type(module).__name__})" for name, module in parts.items()
+            if type(module) not in known.get(name, (nn.Linear,))]
 
 
 def supports(decoder: nn.Module) -> bool:
-    """True where every module the pass re-arranges is exactly one this file knows."""
-    from captioning.models.decoder import Decoder  # decoder.py imports this module
-
-    return (type(decoder) is Decoder and type(decoder.attention) in _MECHANISMS
-            and type(decoder.attention.score) in _SCORES and type(decoder.lstm) is nn.LSTMCell
-            and (decoder.gate is None or type(decoder.gate) is nn.Linear) and type(decoder.dropout) is nn.Dropout
-            and all(type(layer) is nn.Linear for layer in (decoder.L_h, decoder.L_z, decoder.L_o))
-            and not torch.compiler.is_compiling())
+    """True where every module the fused training pass re-arranges is exactly one it knows."""
+    return not unknown_modules(decoder)
 
 
 def supports_inference(decoder: nn.Module) -> bool:
     """True where decoding's additive score can take ``inference_scores``."""
-    from captioning.models.decoder import Decoder
-
     return (type(decoder) is Decoder and type(decoder.attention) in _MECHANISMS
-            and type(decoder.attention.score) is AdditiveScore and not torch.compiler.is_compiling())
+            and type(decoder.attention.score) is AdditiveScore)
 
 
-def teacher_forced(decoder, features, mask, keys, state, rows, emb, captions, mode, sample_mask, return_logits):
-    """Decoder.forward's teacher-forced pass from its prepared inputs (keys, h_0/c_0 per image,
-    the embedded words [B, T, m]) -> DecoderOutput, with zeros at padded steps."""
-    from captioning.models.decoder import DecoderOutput
+@functools.lru_cache(maxsize=None)
+def _say_once(message: str) -> None:
+    log.warning(message)
 
+
+class FusedTrainingPass:
+    """``model``'s teacher-forced pass with gradients, fused: called as the model is
+    (``ShowAttendTell.forward``'s arguments) -> DecoderOutput with ``token_nll`` instead of logits."""
+
+    def __init__(self, model: ShowAttendTell) -> None:
+        self.model = model
+
+    def __call__(self, images: torch.Tensor, captions: torch.Tensor, *, image_mask: torch.Tensor | None = None,
+                 mode: str = "expected", sample_mask: torch.Tensor | None = None) -> DecoderOutput:
+        x = self.model.teacher_forcing(images, captions, image_mask=image_mask, sample_mask=sample_mask)
+        return teacher_forced(self.model.decoder, captions, features=x.features, mask=x.mask, keys=x.keys,
+                              rows=x.rows, mode=mode, sample_mask=x.sample_mask)
+
+
+def training_pass(model: ShowAttendTell) -> FusedTrainingPass | None:
+    """The fused pass for ``model``, or None (the model's own loop runs) where the pass does not
+    know one of its modules: that is said once, in a log line naming them."""
+    unknown = unknown_modules(model.decoder)
+    if unknown:
+        _say_once(f"fast path: training runs the reference loop of captioning/models/decoder.py: the fused pass "
+                  f"does not know {', '.join(unknown)}")
+        return None
+    return FusedTrainingPass(model)
+
+
+def decoding_scores(decoder: Decoder):
+    """``scores(keys, h)`` for a search's steps: the additive score's form of trick 3, or None (the
+    attention computes its own scores) where the decoder's score is not the additive one this
+    file knows; a mechanism with a score it does not know is said once, in a log line."""
+    if supports_inference(decoder):
+        return functools.partial(inference_scores, decoder.attention.score)
+    score = getattr(decoder.attention, "score", None)
+    if score is not None and type(score) not in _SCORES:
+        _say_once(f"fast path: decoding computes the scores of {type(score).__name__} by its own forward")
+    return None
+
+
+def teacher_forced(decoder: Decoder, captions: torch.Tensor, *, features: torch.Tensor, mask: torch.Tensor,
+                   keys: torch.Tensor, rows: torch.Tensor | None, mode: str = "expected",
+                   sample_mask: torch.Tensor | None = None, logits: bool = False) -> DecoderOutput:
+    """``Decoder.forward``'s teacher-forced pass, fused, from the per-image inputs (features, mask
+    and keys [N, ...], ``rows`` [B] the image of each caption or None) -> DecoderOutput with zeros
+    at padded steps: ``token_nll`` [B, T], or with ``logits`` the logits [B, T, V]."""
+    state = decoder.init_state(features, mask)  # (N, n): once per image
+    emb = decoder.embedding(captions[:, :-1])  # (B, T, m)
     B, T, m = emb.shape
     lengths = (captions[:, 1:] != Vocabulary.pad_id).sum(1)  # real target tokens per caption
     live = (lengths[:, None] > torch.arange(T, device=lengths.device)).sum(0).tolist()  # rows per step
@@ -110,7 +175,7 @@ def teacher_forced(decoder, features, mask, keys, state, rows, emb, captions, mo
         parts = list(F.linear(h, of_h).split(splits, dim=1))
         recurrent = parts.pop()  # W_hh h
         query = parts.pop(0) if query_weight is not None else h
-        attended = decoder.attention.attend(features, mask, scores_of(keys, query), mode, sample_mask)
+        attended = decoder.attention.attend(features, mask, scores_of(keys, query), mode=mode, sample_mask=sample_mask)
         z = attended.context
         if gate is not None:
             z = torch.sigmoid(parts.pop(0) + gate.bias) * z  # beta_t z_t
@@ -134,11 +199,11 @@ def teacher_forced(decoder, features, mask, keys, state, rows, emb, captions, mo
 
     log_p = caption_order(stack([lp[:, None] for lp in log_probs]).squeeze(-1)) if log_probs else None
     alphas, full_mask = caption_order(stack(alphas)), caption_order(full_mask)
-    if not return_logits:
+    if not logits:
         token_nll = _packed_nll(decoder, packed_emb, torch.cat(hs), torch.cat(zs), index, captions)
         return DecoderOutput(None, alphas, log_p, full_mask, token_nll)
-    logits = decoder.deep_output(emb, caption_order(stack(hs)), caption_order(stack(zs)))
-    return DecoderOutput(logits, alphas, log_p, full_mask)
+    return DecoderOutput(decoder.deep_output(emb, caption_order(stack(hs)), caption_order(stack(zs))), alphas, log_p,
+                         full_mask)
 
 
 def _packed_nll(decoder, emb, h, z, index, captions) -> torch.Tensor:

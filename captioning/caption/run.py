@@ -131,14 +131,15 @@ def load_captioner(checkpoint: Path, device: str | None):
 
 
 def decoding_options(args: argparse.Namespace) -> dict:
-    """--n-best, --temperature, --top-k, --min-len, --no-unk as keyword arguments of
-    Captioner.decode_settings / caption (checked there: captioning.decoding.check_options)."""
-    return {"n_best": getattr(args, "n_best", 1), "temperature": args.temperature, "top_k": args.top_k,
+    """--beam-size, --max-len, --hard-mode, --n-best, --temperature, --top-k, --min-len and --no-unk
+    as the keyword arguments of an engine's ``options`` (checked there: captioning.search.DecodeOptions)."""
+    return {"beam_size": args.beam_size, "max_len": args.max_len, "hard_mode": args.hard_mode,
+            "n_best": getattr(args, "n_best", 1), "temperature": args.temperature, "top_k": args.top_k,
             "min_len": args.min_len, "no_unk": args.no_unk}
 
 
 def add_decoding_options(p: argparse.ArgumentParser, n_best: bool = True) -> None:
-    """The decoding options shared by caption and evaluate (captioning/decoding.py); evaluate
+    """The decoding options shared by caption and evaluate (captioning/search.py); evaluate
     scores one caption per image, so it has no --n-best."""
     if n_best:
         p.add_argument("--n-best", type=positive_int, default=1, metavar="K",
@@ -150,13 +151,11 @@ def add_decoding_options(p: argparse.ArgumentParser, n_best: bool = True) -> Non
     p.add_argument("--no-unk", action="store_true", help="never emit <unk>")
 
 
-def captioner_and_settings(args: argparse.Namespace):
-    """The checkpoint's Captioner and the decoding settings of --max-len, --hard-mode, --beam-size
-    and the decoding options."""
+def captioner_and_options(args: argparse.Namespace):
+    """The checkpoint's Captioner and the DecodeOptions of the command line's decoding flags."""
     captioner = load_captioner(args.checkpoint, args.device)
     try:
-        return captioner, captioner.decode_settings(args.max_len, args.hard_mode, args.beam_size,
-                                                    **decoding_options(args))
+        return captioner, captioner.options(**decoding_options(args))
     except ValueError as err:
         raise UsageError(err) from None
 
@@ -249,9 +248,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     if args.engine == "onnx":
         if args.model is None:
             parser.error("--engine onnx needs --model DIR (written by 'captioning export --format onnx')")
-        if args.temperature is not None or args.top_k is not None or args.hard_mode or args.from_split:
-            parser.error("--engine onnx decodes greedily or by beam search from the exported graphs: "
-                         "--temperature, --top-k, --hard-mode and --from-split need --engine torch")
+        if args.from_split:
+            parser.error("--from-split reads the checkpoint's dataset with PyTorch's loader: it needs --engine torch")
     try:
         return _run_caption(args)
     except UsageError as err:
@@ -267,15 +265,13 @@ def tsv_field(text: str) -> str:
     return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
 
 
-def onnx_engine_and_settings(args: argparse.Namespace):
-    """The ONNX engine of --model and its decoding settings (imports no torch)."""
+def onnx_engine_and_options(args: argparse.Namespace):
+    """The ONNX engine of --model and the DecodeOptions of the decoding flags (imports no torch)."""
     from captioning.export.runtime import OnnxCaptioner, OnnxModelError
 
     try:
         engine = OnnxCaptioner(args.model)
-        options = {"beam_size": args.beam_size, "max_len": args.max_len, "n_best": args.n_best,
-                   "min_len": args.min_len, "no_unk": args.no_unk}
-        return engine, options, engine.settings(**options)
+        return engine, engine.options(**decoding_options(args))
     except (OnnxModelError, ValueError) as err:
         raise UsageError(err) from None
 
@@ -284,19 +280,18 @@ def _run_caption(args: argparse.Namespace) -> int:
     if args.engine == "onnx":
         import numpy as np
 
-        engine, options, settings = onnx_engine_and_settings(args)
+        captioner, options = onnx_engine_and_options(args)
 
         def run(batch: list, sources: list[str]) -> list:
-            return engine.caption_arrays(np.stack(batch), sources, **options)
+            return captioner.caption_arrays(np.stack(batch), sources, options, seed=args.seed)
     else:
         import torch
 
-        engine, settings = captioner_and_settings(args)
+        captioner, options = captioner_and_options(args)
 
         def run(batch: list, sources: list[str]) -> list:
-            return engine.caption_tensors(torch.stack(batch), sources, settings["max_len"], settings["hard_mode"],
-                                          settings["beam_size"], seed=args.seed, **decoding_options(args))
-    captioner = engine
+            return captioner.caption_tensors(torch.stack(batch), sources, options, seed=args.seed)
+    settings = captioner.record(options)
 
     paths, input_errors = expand_inputs(args.inputs)
     for message in input_errors:

@@ -1,0 +1,665 @@
+"""Plan and run the study: one folder per (arm, seed), trained and evaluated, resumable.
+
+An *arm* is a mechanism with its settings (:data:`ARMS`). The main arms are the no-attention
+control ``none``, ``soft`` and ``hard`` (the defaults of captioning/config.py). The diagnostic
+arms ask why hard attention trains as it does: ``hard-arctic`` (the authors' code strengths of the
+REINFORCE and entropy terms), ``hard-arctic-le0`` (the same without the entropy bonus),
+``hard-arctic-frozen`` (the same on a frozen encoder taken from the soft run of the same seed,
+as capgen's CNN is fixed and pre-trained; ``none-frozen`` and ``hard-frozen`` are the control and
+the default hard arm on that encoder) and ``hard-loo`` (several sampled location sequences
+per caption with a leave-one-out baseline: a lower-variance estimator, beyond the paper).
+``hard-image`` (the 0.5 substitution drawn per image, the paper's text) is offered, not run by
+default.
+
+Two budgets: ``quick`` (2,000 scenes x 6 epochs, :data:`BUDGETS`) and ``default`` (the synthetic
+default users train: 10,000 scenes x 6 epochs).
+
+Layout under the study folder OUT (default ``runs/compare-<budget>``)::
+
+    study.json                   the plan of the latest invocation and every invocation's environment
+    <arm>-seed<k>/               a training run: captioning train's outputs (best.ckpt, logs/, ...)
+    <arm>-ckpt<i>/               with --checkpoints: only the evaluations of a given checkpoint
+        eval/metrics_test.json   captioning evaluate with the study's decoder settings (hard: expected)
+        eval-argmax/, eval-sample/   hard attention only: the other test-time modes
+    encoders/soft-seed<k>.pt     a frozen arm's encoder: the backbone of soft-seed<k>/best.ckpt
+    features-seed<k>/            its annotation grids, computed once (captioning/data/feature_cache.py)
+    logs/<run>.txt               with --jobs > 1: each run's output
+
+A run counts as trained when its ``metrics.json`` (written by train.py after fitting) and
+``best.ckpt`` exist and its ``config.yaml`` equals the config this invocation would train; a
+folder trained with other settings is an error, never silently mixed in. A run interrupted
+mid-training is trained again from scratch: its learning curve against wall time must come from
+one uninterrupted process. An evaluation counts as done when its metrics file has the study's
+decoder settings and metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import yaml
+
+from captioning.config import HARD_MODES, Config, ConfigError, build_config, flatten, to_dict  # expected first
+from captioning.data.coco import read_json
+from captioning.files import RunLock, atomic_write
+from captioning.progress import format_duration
+
+ATTENTIONS = ("none", "soft", "hard")
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm: a mechanism and the config overrides that make it, beside the study's settings."""
+
+    attention: str  # model.attention
+    overrides: tuple[str, ...] = ()
+    about: str = ""  # one sentence for the report
+    main: bool = True  # a main arm (--seeds) or a diagnostic one (--diagnostic-seeds)
+    # A frozen-encoder arm: the encoder of this arm's run of the same seed, frozen (its grids cached).
+    frozen_from: str | None = None
+
+
+#: The study's arms, in report order. Every arm shares the study's other settings.
+ARMS: dict[str, Arm] = {
+    "none": Arm("none", (), "the no-attention control: the context is the mean annotation at every step, "
+                            "the same decoder otherwise"),
+    "soft": Arm("soft", (), "soft attention (Sec. 4.2), the default settings"),
+    "hard": Arm("hard", (), "hard attention (Sec. 4.1) as it trains by default: the REINFORCE and entropy terms "
+                            "averaged over captions (Eq. 12's 1/N), C_n the caption's NLL per real token, the 0.5 "
+                            "substitution drawn once per minibatch (the authors' code)"),
+    "hard-arctic": Arm("hard", ("loss.hard_reduction=sum",),
+                       "hard with the authors' code strengths: REINFORCE and entropy summed over the captions of "
+                       "a step (capgen's known gradients carry no 1/B)", main=False),
+    "hard-arctic-le0": Arm("hard", ("loss.hard_reduction=sum", "loss.entropy=0"),
+                           "hard-arctic without the entropy bonus (lambda_e = 0)", main=False),
+    "hard-arctic-frozen": Arm("hard", ("loss.hard_reduction=sum",),
+                              "hard-arctic on a frozen encoder: the CNN of the soft run of the same seed, as capgen's "
+                              "CNN is fixed and pre-trained", main=False, frozen_from="soft"),
+    "none-frozen": Arm("none", (), "the control on the same frozen encoder as hard-arctic-frozen: what that encoder "
+                                   "gives without attention", main=False, frozen_from="soft"),
+    "hard-frozen": Arm("hard", (), "hard (the default strength) on the same frozen encoder", main=False,
+                       frozen_from="soft"),
+    "hard-loo": Arm("hard", ("loss.samples=4",),
+                    "hard with a lower-variance estimator (beyond the paper): 4 location sequences sampled per "
+                    "caption, each with the mean cost of the other 3 as its baseline", main=False),
+    "hard-image": Arm("hard", ("loss.substitution=image",),
+                      "hard with the 0.5 substitution drawn once per image (the paper's text)", main=False),
+}
+#: The arms a study trains unless --arms says otherwise.
+DEFAULT_ARMS = ("none", "soft", "hard", "hard-arctic", "hard-arctic-le0", "hard-arctic-frozen", "none-frozen",
+                "hard-frozen", "hard-loo")
+SPLIT = "test"
+WANTED_METRICS = ("bleu", "meteor", "rouge", "cider", "grounding")  # those evaluate.py offers are used
+#: budget -> {config key: (value, reason)}, applied only without --config (the synthetic dataset).
+BUDGETS: dict[str, dict[str, tuple[object, str]]] = {
+    "quick": {
+        "data.synthetic.num_train": (
+            2000,
+            "the quick budget: 2,000 training scenes for 6 epochs (12,000 scene presentations, 378 steps), a fifth "
+            "of the synthetic default, so that every arm over 3 seeds fits an hour or two of a 2-core CPU; soft "
+            "attention already beats the no-attention control there, but quality is below the default budget's.",
+        ),
+        "train.max_epochs": (
+            6,
+            "with 2,000 training scenes (see data.synthetic.num_train), 6 epochs; the cosine learning-rate decay is "
+            "stretched to the run.",
+        ),
+    },
+    "default": {},  # captioning train's defaults: 10,000 scenes x 6 epochs (1,875 steps)
+}
+
+
+class StudyError(Exception):
+    """A one-line problem with the study's inputs or its folder, and how to fix it."""
+
+
+@dataclass
+class Run:
+    """One model of the study: trained by it, or given as a checkpoint."""
+
+    name: str  # e.g. "soft-seed0" or "hard-ckpt1"
+    attention: str  # model.attention: none, soft or hard
+    dir: Path  # this run's folder under the study folder
+    checkpoint: Path  # the checkpoint evaluated: dir/best.ckpt, or the one given
+    seed: int  # train.seed (a given checkpoint's from its config)
+    train_dir: Path | None = None  # where train.py's metrics.json and logs/metrics.csv are, if known
+    trained_here: bool = True  # False: a checkpoint given with --checkpoints
+    arm: str = ""  # the arm (ARMS); "" = the attention's name
+
+    def __post_init__(self) -> None:
+        self.arm = self.arm or self.attention
+
+    @property
+    def depends_on(self) -> str | None:
+        """The run whose encoder this frozen-encoder run trains on (it must be trained first)."""
+        arm = ARMS.get(self.arm) if self.trained_here else None
+        return f"{arm.frozen_from}-seed{self.seed}" if arm and arm.frozen_from else None
+
+    @property
+    def encoder_file(self) -> Path:
+        """A frozen-encoder run's backbone weights, taken from its source run's best.ckpt."""
+        return self.dir.parent / "encoders" / f"{self.depends_on}.pt"
+
+    def arm_overrides(self) -> tuple[str, ...]:
+        if not self.trained_here or self.arm not in ARMS:
+            return ()
+        overrides = ARMS[self.arm].overrides
+        if self.depends_on:  # paths JSON-quoted, so YAML reads them as strings whatever they look like
+            cache = self.dir.parent / f"features-seed{self.seed}"
+            overrides += (f"model.encoder.weights={json.dumps(str(self.encoder_file))}",
+                          "model.encoder.fine_tune_from=null", f"data.feature_cache={json.dumps(str(cache))}")
+        return overrides
+
+    def modes(self) -> tuple[str | None, ...]:
+        """Test-time attention modes evaluated: the mechanism's own (hard: expected, argmax and
+        sample), or None for one that has none (soft, none)."""
+        from captioning.models.attention import MECHANISMS  # torch: here, not when the command parses
+
+        return MECHANISMS[self.attention].test_modes or (None,)
+
+    def eval_dir(self, mode: str | None) -> Path:
+        return self.dir / ("eval" if mode in (None, "expected") else f"eval-{mode}")
+
+    def metrics_file(self, mode: str | None) -> Path:
+        return self.eval_dir(mode) / f"metrics_{SPLIT}.json"
+
+
+@dataclass
+class Plan:
+    """What one invocation of compare.py asked for."""
+
+    out_dir: Path
+    runs: list[Run]
+    config_file: Path | None
+    overrides: list[str]  # study defaults, then the user's --set, in order
+    defaults: dict[str, dict]  # study defaults applied: key -> {"value", "reason"}
+    beam_size: int
+    max_len: int
+    metrics: list[str]
+    command: str
+    checkpoints_given: bool = False
+    checkpoint_differences: list[str] = field(default_factory=list)
+    config: dict | None = None  # the runs' shared config (attention and seed marked as varying)
+    budget: str | None = None  # BUDGETS key (None with --config or --checkpoints)
+
+    def decode(self) -> dict:
+        return {"split": SPLIT, "beam_size": self.beam_size, "max_len": self.max_len}
+
+
+# ------------------------------------------------------------------------------ planning
+
+
+def study_overrides(config_file: Path | None, user_sets: Sequence[str],
+                    budget: str = "quick") -> tuple[list[str], dict[str, dict]]:
+    """The budget's settings (synthetic only: without --config), then the user's --set."""
+    if config_file is not None:
+        return list(user_sets), {}
+    user_keys = {text.split("=", 1)[0].strip() for text in user_sets}
+    defaults = {key: {"value": value, "reason": reason} for key, (value, reason) in BUDGETS[budget].items()
+                if key not in user_keys}
+    return [f"{key}={d['value']}" for key, d in defaults.items()] + list(user_sets), defaults
+
+
+def run_config(config_file: Path | None, overrides: Sequence[str], attention: str, seed: int,
+               arm_overrides: Sequence[str] = ()) -> Config:
+    """The config train.py builds for ``--config F --set ... --set <arm's> --attention A --seed S``."""
+    try:
+        return build_config(config_file, [*overrides, *arm_overrides, f"model.attention={attention}",
+                                           f"train.seed={seed}"])
+    except ConfigError as err:
+        raise StudyError(str(err)) from None
+
+
+def plan_training_runs(out_dir: Path, seeds: int, arms: Sequence[str] = DEFAULT_ARMS,
+                       diagnostic_seeds: int | None = None) -> list[Run]:
+    """Seeds 0..seeds-1 of each main arm and 0..diagnostic_seeds-1 (default: seeds) of each diagnostic
+    arm, every arm for each seed in turn (so a cut-short study is balanced)."""
+    diagnostic_seeds = seeds if diagnostic_seeds is None else diagnostic_seeds
+    if seeds < 1 or diagnostic_seeds < 1:
+        raise StudyError(f"--seeds and --diagnostic-seeds must be at least 1, got {seeds} and {diagnostic_seeds}")
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown or not arms:
+        raise StudyError(f"unknown arm(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(ARMS)}")
+    runs = []
+    for seed in range(max(seeds, diagnostic_seeds)):
+        for arm in dict.fromkeys(arms):
+            if seed >= (seeds if ARMS[arm].main else diagnostic_seeds):
+                continue
+            folder = out_dir / f"{arm}-seed{seed}"
+            runs.append(Run(f"{arm}-seed{seed}", ARMS[arm].attention, folder, folder / "best.ckpt", seed, folder,
+                            arm=arm))
+    names = {r.name for r in runs}
+    for run in runs:
+        if run.depends_on and run.depends_on not in names:
+            raise StudyError(f"arm {run.arm} trains on the encoder of {run.depends_on}, which this study does not "
+                             f"train: add arm {ARMS[run.arm].frozen_from} to --arms (with at least as many seeds)")
+    return runs
+
+
+def parse_checkpoints(items: Sequence[str]) -> dict[str, list[Path]]:
+    """``["soft=a.ckpt,b.ckpt", "hard=c.ckpt"]`` -> {"soft": [...], "hard": [...]}; soft and hard needed,
+    ``none=`` (the no-attention control) optional."""
+    given: dict[str, list[Path]] = {}
+    for item in items:
+        name, sep, paths = item.partition("=")
+        name = name.strip()
+        if not sep or name not in ATTENTIONS or not paths.strip():
+            raise StudyError(f"--checkpoints takes soft=A.ckpt,B.ckpt and hard=C.ckpt,D.ckpt (and optionally "
+                             f"none=E.ckpt), got {item!r}")
+        given.setdefault(name, []).extend(Path(p.strip()) for p in paths.split(",") if p.strip())
+    missing = [a for a in ("soft", "hard") if not given.get(a)]
+    if missing:
+        raise StudyError(f"--checkpoints needs checkpoints of both mechanisms; none given for {', '.join(missing)} "
+                         f"(e.g. --checkpoints soft=runs/soft/best.ckpt hard=runs/hard/best.ckpt)")
+    for paths in given.values():
+        for path in paths:
+            if not path.is_file():
+                raise StudyError(f"checkpoint {path} does not exist")
+    return given
+
+
+def plan_checkpoint_runs(out_dir: Path, given: dict[str, list[Path]]) -> tuple[list[Run], list[str]]:
+    """Runs for given checkpoints, and the config differences between them beyond attention and seed.
+
+    Each checkpoint's attention must be the one it was given as. Its training logs are used when
+    they sit beside it (train.py's folder layout).
+    """
+    from captioning.checkpoint import CheckpointError, checkpoint_config, read_checkpoint
+
+    runs, configs = [], {}
+    for attention in ATTENTIONS:
+        for i, path in enumerate(given.get(attention, [])):
+            try:
+                cfg, _ = checkpoint_config(read_checkpoint(path), path)
+            except CheckpointError as err:
+                raise StudyError(str(err)) from None
+            if cfg.model.attention != attention:
+                raise StudyError(f"{path} is a {cfg.model.attention}-attention checkpoint, given as {attention}=")
+            train_dir = path.parent if (path.parent / "logs" / "metrics.csv").is_file() \
+                or (path.parent / "metrics.json").is_file() else None
+            name = f"{attention}-ckpt{i}"
+            runs.append(Run(name, attention, out_dir / name, path, cfg.train.seed, train_dir, trained_here=False))
+            configs[name] = flatten(to_dict(cfg))
+    return runs, _differences(configs)
+
+
+# Keys that legitimately differ between the runs of one study.
+_PER_RUN_KEYS = {"model.attention", "train.seed", "decode.hard_mode"}
+
+
+def _differences(configs: dict[str, dict]) -> list[str]:
+    keys = sorted(set().union(*configs.values()) - _PER_RUN_KEYS) if configs else []
+    out = []
+    for key in keys:
+        values = {name: flat.get(key) for name, flat in configs.items()}
+        if len({json.dumps(v) for v in values.values()}) > 1:
+            out.append(f"{key}: " + ", ".join(f"{name}={v!r}" for name, v in values.items()))
+    return out
+
+
+# ------------------------------------------------------------------------------ state
+
+
+def read_record(path: Path) -> dict | None:
+    """A JSON record a run wrote (metrics, study.json), or None where it is missing or damaged:
+    the work that writes it is then done again."""
+    try:
+        data = read_json(path, "record", StudyError)
+    except (StudyError, OSError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def is_trained(run: Run, cfg: Config) -> bool:
+    """Finished with exactly ``cfg``; raises StudyError if the folder holds a run of other settings."""
+    saved = run.dir / "config.yaml"
+    if saved.is_file():
+        old = flatten(yaml.safe_load(saved.read_text()) or {})
+        new = flatten(to_dict(cfg))
+        # Keys on one side only were added to (or removed from) the config since: not a difference.
+        changed = [k for k in sorted(set(old) & set(new)) if old[k] != new[k]]
+        if changed:
+            k = changed[0]
+            raise StudyError(f"{run.dir} was trained with other settings ({k}: {old.get(k)!r}, now {new.get(k)!r}); "
+                             f"use another --out-dir, or delete that folder to train it again")
+    metrics = read_record(run.dir / "metrics.json")
+    return metrics is not None and "train_seconds" in metrics and run.checkpoint.is_file()
+
+
+def is_evaluated(run: Run, mode: str | None, plan: Plan) -> bool:
+    data = read_record(run.metrics_file(mode))
+    if data is None:
+        return False
+    decode = data.get("decode", {})
+    same = (decode.get("beam_size") == plan.beam_size and decode.get("max_len") == plan.max_len
+            and decode.get("hard_mode") == mode and data.get("split") == SPLIT
+            and data.get("checkpoint") == str(run.checkpoint))
+    done = set(data.get("metrics", {})) | set(data.get("skipped", {}))
+    wanted = {"bleu": "bleu_4", "meteor": "meteor", "rouge": "rouge_l", "cider": "cider"}
+    return same and all(wanted[m] in done for m in plan.metrics if m in wanted)
+
+
+def clear_unfinished(run: Run) -> None:
+    """Remove what a run interrupted mid-training left, so it restarts cleanly (only train.py's files).
+    A run that another live process is training (a part of the study run elsewhere) is refused."""
+    from captioning.training.run_folder import LOCK_NAME
+
+    lock = RunLock(run.dir / LOCK_NAME)
+    holder = lock.live_holder()
+    if holder is not None:
+        raise StudyError(f"{run.name} is being trained by {lock.describe(holder)}; let it finish, then run this "
+                         "command again")
+    for name in ("best.ckpt", "last.ckpt", "metrics.json", "test_predictions.json"):
+        (run.dir / name).unlink(missing_ok=True)
+    for folder in [run.dir / "logs", *[run.eval_dir(m) for m in HARD_MODES]]:
+        if folder.is_dir():
+            shutil.rmtree(folder)
+
+
+# ------------------------------------------------------------------------------ environment
+
+
+def environment() -> dict:
+    """Software versions and hardware, for the report's settings section."""
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for dist in ("torch", "torchvision", "pytorch-lightning", "numpy", "pillow", "pycocoevalcap", "matplotlib"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    try:
+        proc = subprocess.run(["java", "-version"], capture_output=True, text=True, timeout=30)
+        versions["java"] = (proc.stderr or proc.stdout).strip().splitlines()[0] if proc.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired, IndexError):
+        versions["java"] = None
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    versions["torch"] = torch.__version__  # with its build tag, e.g. +cu130 or +cpu
+    gpus = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+            if torch.cuda.is_available() else [])
+    try:
+        memory_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        memory_gib = None
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"versions": versions, "hardware": {"cpu": cpu, "cpu_cores": usable, "memory_gib": memory_gib,
+                                                "gpus": gpus, "platform": platform.platform()},
+            "torch_threads": torch.get_num_threads()}
+
+
+def write_study_json(plan: Plan, invocation: dict, replace_last: bool = False) -> dict:
+    """study.json: the latest plan, and every invocation (command, environment, what it ran) appended
+    (``replace_last``: this invocation's entry, written when it started, is updated)."""
+    path = plan.out_dir / "study.json"
+    old = read_record(path) or {}
+    previous = old.get("invocations", [])
+    if replace_last and previous:
+        previous = previous[:-1]
+    study = {
+        "command": plan.command,
+        "budget": plan.budget,
+        "arms": {r.arm: ARMS[r.arm].about for r in plan.runs if r.trained_here and r.arm in ARMS},
+        "config_file": str(plan.config_file) if plan.config_file else None,
+        "overrides": plan.overrides,
+        "defaults": plan.defaults,
+        "decode": plan.decode(),
+        "hard_modes": list(HARD_MODES),
+        "metrics": plan.metrics,
+        "checkpoints_given": plan.checkpoints_given,
+        "checkpoint_differences": plan.checkpoint_differences,
+        "config": plan.config,
+        "runs": [{"name": r.name, "arm": r.arm, "attention": r.attention, "seed": r.seed, "dir": r.dir.name,
+                  "checkpoint": str(r.checkpoint), "train_dir": str(r.train_dir) if r.train_dir else None}
+                 for r in plan.runs],
+        "invocations": [*previous, invocation],
+    }
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, json.dumps(study, indent=2))
+    return study
+
+
+# ------------------------------------------------------------------------------ running
+
+
+def train_argv(plan: Plan, run: Run) -> list[str]:
+    argv = ["--attention", run.attention, "--seed", str(run.seed), "--out-dir", str(run.dir),
+            "--no-progress", "--no-test"]
+    if plan.config_file is not None:
+        argv += ["--config", str(plan.config_file)]
+    for text in [*plan.overrides, *run.arm_overrides()]:
+        argv += ["--set", text]
+    return argv
+
+
+def evaluate_argv(plan: Plan, run: Run, mode: str | None) -> list[str]:
+    argv = ["--checkpoint", str(run.checkpoint), "--split", SPLIT, "--out-dir", str(run.eval_dir(mode)),
+            "--beam-size", str(plan.beam_size), "--max-len", str(plan.max_len), "--metrics", *plan.metrics]
+    if mode is not None:
+        argv += ["--hard-mode", mode]
+    return argv
+
+
+def prepare_dataset(configs: dict[str, Config]) -> None:
+    """Generate the dataset before the first run, so no run's training time includes it."""
+    from captioning.data.datamodule import CaptionDataModule
+
+    CaptionDataModule(next(iter(configs.values())).data).prepare_data()
+
+
+def execute_parallel(plan: Plan, child_argv: Callable[[str], list[str]], jobs: int,
+                     log: Callable[[str], None] = print) -> list[str]:
+    """Work on up to ``jobs`` runs at a time, each in its own ``captioning compare ... --runs NAME``
+    process with ``cores // jobs`` threads (at least 1), its output in OUT/logs/NAME.txt; a run waits
+    for the run it depends on (a frozen encoder's source). -> the names of the runs worked on.
+
+    Each child trains and evaluates its run exactly as the one-process study does (execute), so the
+    results do not depend on --jobs beyond the thread count's float rounding."""
+    configs = run_configs(plan)
+    waiting = [r for r in plan.runs if not is_done(r, plan, configs)]
+    if not waiting:
+        return []
+    prepare_dataset(configs)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = str(max(1, cores // jobs))
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    logs = plan.out_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    running: dict[str, tuple[subprocess.Popen, float, object]] = {}
+    done, failed = [], []
+    clock = _Clock({"run": len(waiting)}, log)
+    log(f"compare: {len(waiting)} runs to do, {jobs} at a time with {threads} thread(s) each; "
+        f"each run's output in {logs}/")
+    try:
+        while waiting or running:
+            for run in list(waiting):
+                if len(running) >= jobs:
+                    break
+                if run.depends_on in failed:
+                    waiting.remove(run)
+                    failed.append(run.name)
+                    log(f"compare: {run.name} skipped: {run.depends_on} failed")
+                    continue
+                if run.depends_on in running or any(w.name == run.depends_on for w in waiting):
+                    continue  # its source run is not trained yet
+                waiting.remove(run)
+                out = (logs / f"{run.name}.txt").open("a")
+                proc = subprocess.Popen([sys.executable, "-m", "captioning", "compare", *child_argv(run.name)],
+                                        stdout=out, stderr=subprocess.STDOUT, env=env)
+                running[run.name] = (proc, time.perf_counter(), out)
+                log(f"compare: started {run.name} (pid {proc.pid})")
+            time.sleep(1.0)
+            for name, (proc, started, out) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                out.close()
+                del running[name]
+                if proc.returncode == 0:
+                    done.append(name)
+                    clock.finished("run", f"finished {name}", time.perf_counter() - started)
+                else:
+                    failed.append(name)
+                    log(f"compare: {name} failed with exit status {proc.returncode}; see {logs / f'{name}.txt'}")
+    except KeyboardInterrupt:
+        for proc, _, _ in running.values():
+            proc.send_signal(signal.SIGINT)
+        for proc, _, out in running.values():
+            proc.wait()
+            out.close()
+        raise
+    if failed:
+        raise StudyError(f"{len(failed)} run(s) failed: {', '.join(failed)} (their output is in {logs}/); "
+                         "rerun the same command to retry them")
+    return done
+
+
+def train_in_subprocess(argv: list[str]) -> None:
+    """Multi-device training: Lightning's DDP relaunches the current program for every rank, so the
+    study must not be that program; ``captioning train`` runs in its own process instead."""
+    proc = subprocess.run([sys.executable, "-m", "captioning", "train", *argv])
+    if proc.returncode != 0:
+        raise StudyError(f"captioning train {' '.join(argv)} failed with exit status {proc.returncode}")
+
+
+def write_encoder_file(checkpoint: Path, path: Path) -> None:
+    """The torchvision state dict of ``checkpoint``'s encoder backbone -> ``path``, loadable with
+    ``model.encoder.weights=path``. Stages the model does not keep stay at their fresh initialisation
+    (they are never run)."""
+    import io
+
+    import torch
+    import torchvision
+
+    from captioning.checkpoint import CheckpointError, checkpoint_config, read_checkpoint
+    from captioning.models.encoder import RESNETS, _resnet_stages, _vgg_stages
+
+    try:
+        ckpt = read_checkpoint(checkpoint)
+        cfg, _ = checkpoint_config(ckpt, checkpoint)
+    except CheckpointError as err:
+        raise StudyError(str(err)) from None
+    prefix = "model.encoder.stages."
+    trained = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    net = torchvision.models.get_model(cfg.model.encoder.backbone, weights=None)
+    stages = dict(_resnet_stages(net) if cfg.model.encoder.backbone in RESNETS else _vgg_stages(net))
+    for name in {key.split(".", 1)[0] for key in trained}:
+        stages[name].load_state_dict({k.split(".", 1)[1]: v for k, v in trained.items() if k.startswith(f"{name}.")})
+    buffer = io.BytesIO()
+    torch.save(net.state_dict(), buffer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, buffer.getbuffer())
+
+
+class _Clock:
+    """Progress lines: done/total, mean seconds per item (the rate) and ETA, per kind of work."""
+
+    def __init__(self, totals: dict[str, int], log: Callable[[str], None]) -> None:
+        self.totals, self.log = totals, log
+        self.done = {k: 0 for k in totals}
+        self.spent = {k: 0.0 for k in totals}
+        self.started = time.perf_counter()
+
+    def finished(self, kind: str, what: str, seconds: float) -> None:
+        self.done[kind] += 1
+        self.spent[kind] += seconds
+        eta = sum((self.totals[k] - self.done[k]) * (self.spent[k] / self.done[k] if self.done[k] else
+                                                     self._guess(k)) for k in self.totals)
+        steps = ", ".join(f"{self.done[k]}/{self.totals[k]} {k}s" for k in self.totals if self.totals[k])
+        self.log(f"compare: {what} in {format_duration(seconds)} ({steps}; {format_duration(self.spent[kind] / self.done[kind])} per "
+                 f"{kind}; elapsed {format_duration(time.perf_counter() - self.started)}, ETA {format_duration(eta)})")
+
+    def _guess(self, kind: str) -> float:
+        """Before the first of a kind finishes: the mean of the other kinds, or 0."""
+        rates = [self.spent[k] / self.done[k] for k in self.totals if self.done[k]]
+        return sum(rates) / len(rates) if rates else 0.0
+
+
+def run_configs(plan: Plan) -> dict[str, Config]:
+    """The config each run the study trains is trained with, by run name."""
+    return {r.name: run_config(plan.config_file, plan.overrides, r.attention, r.seed, r.arm_overrides())
+            for r in plan.runs if r.trained_here}
+
+
+def is_done(run: Run, plan: Plan, configs: dict[str, Config]) -> bool:
+    trained = not run.trained_here or is_trained(run, configs[run.name])
+    return trained and all(is_evaluated(run, m, plan) for m in run.modes())
+
+
+def execute(plan: Plan, train_fn: Callable[[list[str]], object], evaluate_fn: Callable[[list[str]], object],
+            log: Callable[[str], None] = print, only: set[str] | None = None) -> dict:
+    """Train what is not trained, evaluate what is not evaluated; -> what this invocation did.
+
+    ``train_fn``/``evaluate_fn`` take captioning train's and captioning evaluate's argv (their
+    ``main``), so the study runs exactly the project's entry points. ``only``: the names of the runs
+    to work on (the others are left as they are).
+    """
+    import torch
+
+    configs = run_configs(plan)
+    mine = [r for r in plan.runs if only is None or r.name in only]
+    to_train = [r for r in mine if r.trained_here and not is_trained(r, configs[r.name])]
+    to_eval_count = sum(1 for r in mine for m in r.modes() if r in to_train or not is_evaluated(r, m, plan))
+    did = {"trained": [], "evaluated": []}
+    clock = _Clock({"training": len(to_train), "evaluation": to_eval_count}, log)
+    skipped = [r.name for r in mine if r.trained_here and r not in to_train]
+    if skipped:
+        log(f"compare: already trained, skipped: {', '.join(skipped)}")
+    if to_train:
+        prepare_dataset(configs)
+
+    for run in mine:
+        if run in to_train:
+            cfg = configs[run.name]
+            if run.depends_on:  # a frozen-encoder run: its source run's encoder, written out for it
+                source = next((r for r in plan.runs if r.name == run.depends_on), None)
+                if source is None or not is_trained(source, configs[source.name]):
+                    raise StudyError(f"{run.name} needs {run.depends_on} trained first (its encoder)")
+                write_encoder_file(source.checkpoint, run.encoder_file)
+            clear_unfinished(run)
+            log(f"compare: training {run.name} ({cfg.train.max_epochs} epochs) into {run.dir}")
+            start = time.perf_counter()
+            argv = train_argv(plan, run)
+            try:
+                (train_in_subprocess if cfg.train.devices * cfg.train.num_nodes > 1 else train_fn)(argv)
+            except SystemExit as err:  # train.py exits with a one-line message on bad input
+                raise StudyError(f"training {run.name} failed: {err}") from None
+            if not is_trained(run, cfg):
+                raise StudyError(f"training {run.name} finished without {run.dir / 'metrics.json'} and best.ckpt")
+            did["trained"].append(run.name)
+            clock.finished("training", f"trained {run.name}", time.perf_counter() - start)
+        for mode in run.modes():
+            if is_evaluated(run, mode, plan):
+                continue
+            start = time.perf_counter()
+            # Seeded, so that decoding with sampled locations is reproducible.
+            torch.manual_seed(run.seed)
+            try:
+                evaluate_fn(evaluate_argv(plan, run, mode))
+            except SystemExit as err:
+                raise StudyError(f"evaluating {run.name} ({mode or 'soft'}) failed with exit status {err.code}; "
+                                 f"its error is printed above") from None
+            if not is_evaluated(run, mode, plan):
+                raise StudyError(f"evaluating {run.name} wrote no usable {run.metrics_file(mode)}")
+            did["evaluated"].append(f"{run.name}:{mode or 'soft'}")
+            clock.finished("evaluation", f"evaluated {run.name}" + (f" ({mode})" if mode else ""),
+                           time.perf_counter() - start)
+    return did
