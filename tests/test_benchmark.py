@@ -128,7 +128,9 @@ def test_quick_benchmark_writes_json_and_tables(tmp_path, capsys):
     rate = saved["matmul"]["fp32"]["best_gflops"] * 1e9
     floor_s = beam["batched_flop_per_image"] / rate
     assert beam["speedup_ceiling"] == pytest.approx(beam["sequential_seconds"] / 6 / floor_s, rel=0.01)
-    assert beam["batched_fraction_of_matmul"] == pytest.approx(6 * floor_s / beam["batched_seconds"], rel=0.01)
+    # Stored to 4 decimals: at a fraction of 0.002 that rounding alone is 2.5%.
+    assert beam["batched_fraction_of_matmul"] == pytest.approx(6 * floor_s / beam["batched_seconds"], rel=0.01,
+                                                               abs=5e-5)
     assert "skipped" in saved["loader"] and "--loader-root" in saved["loader"]["skipped"]
     printed = capsys.readouterr().out
     assert "teacher-forced training step" in printed and "speed-up" in printed and str(out) in printed
