@@ -33,3 +33,22 @@ def test_t_distribution_tail(t, df, p):
 def test_welch_needs_two_values_a_side_and_some_spread():
     assert welch([1.0], [2.0, 3.0]) is None
     assert welch([1.0, 1.0], [2.0, 2.0]) is None
+
+
+def test_report_tests_each_diagnostic_arm_against_the_arm_it_varies():
+    """Beside none and soft, the report's table holds 'hard-arctic-le0 vs hard-arctic' (the entropy term
+    alone) and 'hard-frozen vs hard-arctic-frozen' (the strength on a frozen encoder), each Welch's test
+    of the two arms' values; an arm whose reference was not trained gets no row."""
+    from captioning.study.report import _significance_text
+
+    values = {"none": [60.0, 61.0, 62.0], "soft": [70.0, 71.5, 69.0], "hard-arctic": [57.4, 58.2, 56.7],
+              "hard-arctic-le0": [56.1, 58.0, 56.9], "hard-arctic-frozen": [68.0, 70.7, 66.9],
+              "hard-frozen": [73.7, 74.1, 72.7], "hard-loo": [68.7, 63.4, 65.3]}
+    table = {arm: {key: {"values": v} for key in ("bleu_4", "cider", "caption_accuracy")} for arm, v in values.items()}
+    text = "\n".join(_significance_text({"arms": list(values), "table": table}))
+    row = next(line for line in text.splitlines() if line.startswith("| hard-arctic-le0 vs hard-arctic |"))
+    result = welch(values["hard-arctic-le0"], values["hard-arctic"])
+    assert f"{result.difference:+.1f} (t = {result.t:.2f}, df = {result.df:.1f}, p = {result.p:.3f})" in row
+    assert "| hard-frozen vs hard-arctic-frozen |" in text and "| hard-arctic vs hard |" not in text
+    assert "hard-frozen vs none-frozen" not in text and "hard-loo vs hard |" not in text  # not trained here
+    assert "| hard-loo vs soft |" in text and "| soft vs none |" in text

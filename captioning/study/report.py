@@ -361,23 +361,27 @@ def _significance_text(summary: dict) -> list[str]:
     """Welch's t-test of each arm against the control and against soft attention, over seeds."""
     from captioning.study.stats import welch
 
+    from captioning.study.runs import ARMS
+
     table = summary["table"]
+    pairs = [(arm, reference) for reference in ("none", "soft") if reference in table
+             for arm in _arms(summary) if arm not in (reference, "none")]  # none vs soft is soft vs none
+    # A diagnostic arm against the arm it differs from by one setting (e.g. hard-arctic-le0 vs hard-arctic).
+    pairs += [(arm, other) for arm in _arms(summary) if arm in ARMS
+              for other in ARMS[arm].versus if other in table and other not in ("none", "soft")]
     rows = []
-    for reference in ("none", "soft"):
-        if reference not in table:
-            continue
-        for arm in _arms(summary):
-            if arm in (reference, "none"):  # none vs soft is soft vs none
-                continue
-            row = [f"{arm} vs {reference}"]
-            for key, _ in TESTED:
-                mine, ref = table[arm].get(key), table[reference].get(key)
-                result = welch(mine["values"], ref["values"]) if mine and ref else None
-                row.append("n/a" if result is None else
-                           f"{result.difference:+.1f} (t = {result.t:.2f}, df = {result.df:.1f}, p = {_p(result.p)})")
-            rows.append(row)
+    for arm, reference in pairs:
+        row = [f"{arm} vs {reference}"]
+        for key, _ in TESTED:
+            mine, ref = table[arm].get(key), table[reference].get(key)
+            result = welch(mine["values"], ref["values"]) if mine and ref else None
+            row.append("n/a" if result is None else
+                       f"{result.difference:+.1f} (t = {result.t:.2f}, df = {result.df:.1f}, p = {_p(result.p)})")
+        rows.append(row)
     text = [
-        "Welch's t-test over seeds (difference of the means; two-sided p; n/a with fewer than 2 runs on a side). "
+        "Welch's t-test over seeds of each arm against the control, against soft attention and against the arm "
+        "it differs from by one setting (difference of the means; two-sided p; n/a with fewer than 2 runs on a "
+        "side). "
         "The spread covers the training seed only: initial weights, dropout masks, minibatch order and sampled "
         "locations; every run trains and is tested on the same data (`data.synthetic.seed`). With 3 runs an arm, "
         "only large differences reach p < 0.05.",

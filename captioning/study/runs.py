@@ -67,6 +67,8 @@ class Arm:
     main: bool = True  # a main arm (--seeds) or a diagnostic one (--diagnostic-seeds)
     # A frozen-encoder arm: the encoder of this arm's run of the same seed, frozen (its grids cached).
     frozen_from: str | None = None
+    # The arms this one differs from by one setting, tested against it in the report (beside none and soft).
+    versus: tuple[str, ...] = ()
 
 
 #: The study's arms, in report order. Every arm shares the study's other settings.
@@ -79,21 +81,25 @@ ARMS: dict[str, Arm] = {
                             "substitution drawn once per minibatch (the authors' code)"),
     "hard-arctic": Arm("hard", ("loss.hard_reduction=sum",),
                        "hard with the authors' code strengths: REINFORCE and entropy summed over the captions of "
-                       "a step (capgen's known gradients carry no 1/B)", main=False),
+                       "a step (capgen's known gradients carry no 1/B)", main=False, versus=("hard",)),
     "hard-arctic-le0": Arm("hard", ("loss.hard_reduction=sum", "loss.entropy=0"),
-                           "hard-arctic without the entropy bonus (lambda_e = 0)", main=False),
+                           "hard-arctic without the entropy bonus (lambda_e = 0)", main=False,
+                           versus=("hard-arctic",)),
     "hard-arctic-frozen": Arm("hard", ("loss.hard_reduction=sum",),
                               "hard-arctic on a frozen encoder: the CNN of the soft run of the same seed, as capgen's "
-                              "CNN is fixed and pre-trained", main=False, frozen_from="soft"),
+                              "CNN is fixed and pre-trained", main=False, frozen_from="soft",
+                              versus=("none-frozen",)),
     "none-frozen": Arm("none", (), "the control on the same frozen encoder as hard-arctic-frozen: what that encoder "
                                    "gives without attention", main=False, frozen_from="soft"),
     "hard-frozen": Arm("hard", (), "hard (the default strength) on the same frozen encoder", main=False,
-                       frozen_from="soft"),
+                       frozen_from="soft", versus=("none-frozen", "hard-arctic-frozen")),
     "hard-loo": Arm("hard", ("loss.samples=4",),
                     "hard with a lower-variance estimator (beyond the paper): 4 location sequences sampled per "
-                    "caption, each with the mean cost of the other 3 as its baseline", main=False),
+                    "caption, each with the mean cost of the other 3 as its baseline", main=False,
+                    versus=("hard",)),
     "hard-image": Arm("hard", ("loss.substitution=image",),
-                      "hard with the 0.5 substitution drawn once per image (the paper's text)", main=False),
+                      "hard with the 0.5 substitution drawn once per image (the paper's text)", main=False,
+                      versus=("hard",)),
 }
 #: The arms a study trains unless --arms says otherwise.
 DEFAULT_ARMS = ("none", "soft", "hard", "hard-arctic", "hard-arctic-le0", "hard-arctic-frozen", "none-frozen",
