@@ -52,3 +52,14 @@ def test_report_tests_each_diagnostic_arm_against_the_arm_it_varies():
     assert "| hard-frozen vs hard-arctic-frozen |" in text and "| hard-arctic vs hard |" not in text
     assert "hard-frozen vs none-frozen" not in text and "hard-loo vs hard |" not in text  # not trained here
     assert "| hard-loo vs soft |" in text and "| soft vs none |" in text
+
+
+def test_arms_with_one_run_are_named_once_not_tested():
+    from captioning.study.report import _significance_text
+
+    values = {"none": [60.0, 61.0, 62.0], "soft": [70.0, 71.5, 69.0], "hard": [64.0, 66.0, 65.0],
+              "hard-arctic": [57.4], "hard-loo": [68.7]}
+    table = {arm: {key: {"values": v} for key in ("bleu_4", "cider", "caption_accuracy")} for arm, v in values.items()}
+    text = "\n".join(_significance_text({"arms": list(values), "table": table}))
+    assert "Not tested (one run): hard-arctic, hard-loo;" in text
+    assert "hard-arctic vs" not in text and "hard-loo vs" not in text and "| hard vs soft |" in text

@@ -369,8 +369,12 @@ def _significance_text(summary: dict) -> list[str]:
     # A diagnostic arm against the arm it differs from by one setting (e.g. hard-arctic-le0 vs hard-arctic).
     pairs += [(arm, other) for arm in _arms(summary) if arm in ARMS
               for other in ARMS[arm].versus if other in table and other not in ("none", "soft")]
-    rows = []
+    rows, single = [], []
     for arm, reference in pairs:
+        counts = [len((table[name].get("bleu_4") or {}).get("values", [])) for name in (arm, reference)]
+        if min(counts) < 2:  # no test with one run on a side: say so once, not in a row of n/a
+            single += [name for name, n in zip((arm, reference), counts) if n < 2 and name not in single]
+            continue
         row = [f"{arm} vs {reference}"]
         for key, _ in TESTED:
             mine, ref = table[arm].get(key), table[reference].get(key)
@@ -387,9 +391,11 @@ def _significance_text(summary: dict) -> list[str]:
         "only large differences reach p < 0.05.",
         "",
     ]
+    note = ([f"Not tested (one run): {', '.join(single)}; their differences are in the table above.", ""]
+            if single else [])
     if not rows:
-        return text + ["n/a: neither the control nor soft attention is among the arms."]
-    return text + _table(["comparison"] + [title for _, title in TESTED], rows)
+        return text + note + ["n/a: no two arms with 2 runs or more to compare."]
+    return text + note + _table(["comparison"] + [title for _, title in TESTED], rows)
 
 
 def _p(p: float) -> str:
