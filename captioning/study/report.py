@@ -497,7 +497,7 @@ def _settings_text(summary: dict) -> list[str]:
     if config:
         lines += ["", "<details><summary>Full config of the runs (attention and seed vary per run)</summary>", "",
                   "```yaml", yaml.safe_dump(config, sort_keys=False).rstrip(), "```", "", "</details>"]
-    lines += ["", "Software and hardware of each invocation of compare.py on this folder:", ""]
+    lines += ["", "Software and hardware of each invocation of the study on this folder:", ""]
     rows = []
     for inv in study["invocations"]:
         env = inv["environment"]

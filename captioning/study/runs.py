@@ -182,7 +182,7 @@ class Run:
 
 @dataclass
 class Plan:
-    """What one invocation of compare.py asked for."""
+    """What one invocation of the study (captioning compare) asked for."""
 
     out_dir: Path
     runs: list[Run]
