@@ -295,6 +295,9 @@ def test_checkpoint_of_the_wrong_mechanism_exits_2(checkpoints, capsys, tmp_path
 
 
 def test_folder_trained_with_other_settings_is_refused(tmp_path, capsys):
+    from captioning.files import mark_folder
+
+    mark_folder(tmp_path, "study")  # a study folder of an earlier invocation
     run = tmp_path / "soft-seed0"
     run.mkdir()
     (run / "config.yaml").write_text("train:\n  max_epochs: 7\n")
@@ -451,3 +454,22 @@ def test_a_run_another_process_is_training_is_never_cleared(tmp_path):
     clear_unfinished(run)  # the holder is gone: a stale lock, and the leftovers are cleared
     assert not (folder / "last.ckpt").exists()
     assert os.path.exists(folder)
+
+
+def test_a_folder_of_someone_elses_files_is_refused_and_left_as_it_was(tmp_path, capsys):
+    """The study writes report.md, summary.json and study.json: never into a folder it did not make."""
+    theirs = tmp_path / "notes"
+    theirs.mkdir()
+    (theirs / "report.md").write_text("my own report\n")
+    rc = compare.main(["--out-dir", str(theirs), "--seeds", "1", "--set", f"data.root={tmp_path / 'data'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "not written by show-attend-tell" in err[0] and "--out-dir" in err[0]
+    assert sorted(p.name for p in theirs.iterdir()) == ["report.md"]
+    assert (theirs / "report.md").read_text() == "my own report\n" and not (tmp_path / "data").exists()
+
+
+def test_a_study_folder_is_marked_as_the_studys(given_study):
+    """An invocation marks its folder, so the next one (a rerun, the report) may write there again."""
+    from captioning.files import folder_kind
+
+    assert folder_kind(given_study.out) == "study"

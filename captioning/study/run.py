@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Sequence
 
 from captioning.console import positive_int, print_error
+from captioning.files import ForeignFolderError, claim_folder
 from captioning.config import to_dict
 from captioning.evaluation import run as evaluate
 from captioning.progress import format_duration
@@ -133,6 +134,9 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
 
     try:
         plan = make_plan(args, argv, prog)
+        # The study writes its runs, study.json, summary.json, report.md and figures/ only into a
+        # folder of its own: new, empty, or marked by an earlier invocation.
+        claim_folder(plan.out_dir, "study", "--out-dir", what="write the study")
         if args.runs:  # one part of a study: its runs, no study.json entry, no report
             did = execute(plan, train.main, evaluate.main, log=log, only=set(args.runs))
             print(f"compare: did {', '.join(did['trained'] + did['evaluated']) or 'nothing'}; "
@@ -153,7 +157,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         summary = collect.build_summary(plan, study, decoded)
         (plan.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         path = report.write_report(summary, plan.out_dir)
-    except StudyError as err:
+    except (StudyError, ForeignFolderError, OSError) as err:
         print_error(err)
         return EXIT_ERROR
     print(f"wrote {path}, {plan.out_dir / 'summary.json'} and {plan.out_dir / 'figures'}/ "
