@@ -9,6 +9,8 @@ import logging
 import os
 from pathlib import Path
 
+import subprocess
+
 import pytest
 
 from captioning.evaluation import metrics as M
@@ -145,6 +147,34 @@ def test_matches_pycocoevalcap_called_directly_with_ptb():
     assert set(report.scores) == set(expected)
     for key, value in expected.items():
         assert report.scores[key] == pytest.approx(value, abs=1e-12), key
+
+
+@needs_java
+def test_the_java_tokenizer_scores_without_printing_its_token_count(capfd):
+    """The Java PTBTokenizer writes 'PTBTokenizer tokenized N tokens at ...' to standard error on
+    every call; scoring collects it instead, and the tokenizer's module gets its subprocess back."""
+    from pycocoevalcap.tokenizer import ptbtokenizer
+
+    from captioning.evaluation import metrics
+
+    metrics._PTB_CACHE.clear()
+    assert metrics._ptb_tokenize_strings(["A man, riding a horse.", "two dogs"]) == ["a man riding a horse", "two dogs"]
+    captured = capfd.readouterr()
+    assert "PTBTokenizer" not in captured.err + captured.out
+    assert ptbtokenizer.subprocess is subprocess
+
+
+@needs_java
+def test_a_failing_java_tokenizer_is_one_error_with_its_last_line(monkeypatch):
+    from pycocoevalcap.tokenizer import ptbtokenizer
+
+    from captioning.evaluation import metrics
+
+    metrics._PTB_CACHE.clear()
+    monkeypatch.setattr(ptbtokenizer, "STANFORD_CORENLP_3_4_1_JAR", "no-such.jar")
+    with pytest.raises(RuntimeError, match=r"the Java PTBTokenizer failed \(exit status 1\): .*ClassNotFoundException"):
+        metrics._ptb_tokenize_strings(["a sentence never tokenised before"])
+    assert ptbtokenizer.subprocess is subprocess
 
 
 def test_matches_pycocoevalcap_called_directly_with_simple_tokenizer():

@@ -251,15 +251,47 @@ _PTB_CACHE_MAX = 500_000
 _PTB_LOCK = threading.Lock()
 
 
+class _QuietSubprocess:
+    """The ``subprocess`` module as pycocoevalcap's tokenizer sees it while we call it: the Java
+    tokenizer's standard error (a "PTBTokenizer tokenized N tokens at ..." line every call, which
+    says nothing about the run) is collected, not printed, and kept to explain a failure."""
+
+    def __init__(self) -> None:
+        self.errors: list[bytes] = []
+
+    def __getattr__(self, name: str):
+        return getattr(subprocess, name)
+
+    def Popen(self, *args, **kwargs):  # noqa: N802 - the name pycocoevalcap calls
+        errors = self.errors
+
+        class Process(subprocess.Popen):
+            def communicate(self, *a, **k):
+                out, err = super().communicate(*a, **k)
+                errors.append(err or b"")
+                if self.returncode:
+                    last = (err or b"").decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
+                    raise RuntimeError(f"the Java PTBTokenizer failed (exit status {self.returncode}): {last[0]}")
+                return out, err
+
+        return Process(*args, **{**kwargs, "stderr": subprocess.PIPE})
+
+
 def _ptb_tokenize_strings(strings: Sequence[str]) -> list[str]:
     """PTB-tokenise a list of (already whitespace-normalised) strings, memoised per string."""
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+    from pycocoevalcap.tokenizer import ptbtokenizer
 
     with _PTB_LOCK:
         todo = list(dict.fromkeys(s for s in strings if s not in _PTB_CACHE))
         if todo:
-            # One "image" holding all the new strings: PTBTokenizer returns them in order.
-            tokenized = PTBTokenizer().tokenize({0: [{"caption": s} for s in todo]})[0]
+            # One "image" holding all the new strings: PTBTokenizer returns them in order. Only
+            # the tokenizer's module sees the quiet subprocess (under the lock), nothing else.
+            quiet, module = _QuietSubprocess(), ptbtokenizer.subprocess
+            ptbtokenizer.subprocess = quiet
+            try:
+                tokenized = ptbtokenizer.PTBTokenizer().tokenize({0: [{"caption": s} for s in todo]})[0]
+            finally:
+                ptbtokenizer.subprocess = module
             if len(tokenized) != len(todo):  # pragma: no cover - defensive
                 raise RuntimeError(
                     f"PTBTokenizer returned {len(tokenized)} lines for {len(todo)} captions"
