@@ -1,9 +1,10 @@
 # Two entry points for a fresh clone (see README "Quick start"):
 #   make demo   set up .venv, then train, evaluate and caption on the synthetic dataset
-#               (one default training: 22 min to 2 h on a shared 2-core CPU, README "Quick
-#               start"); make demo QUICK=1 checks the same steps with configs/tiny.yaml in about a minute
+#               (one default training: about 5 min on an idle 2-core CPU, longer on a busy one,
+#               README "Quick start"); make demo QUICK=1 checks the same steps with configs/tiny.yaml
+#               in under a minute
 #   make test   set up .venv, then run the test suite (what CI runs)
-#   make test-slow  the slow tests: the default trainings against their quality targets (~20 min),
+#   make test-slow  the slow tests: the default trainings against their quality targets (~12 min),
 #                   the soft-vs-hard study end to end (~3 min), torch.compile vs eager (~1 min)
 PYTHON ?= python3
 VENV := .venv
@@ -16,9 +17,9 @@ CONFIG ?= $(if $(QUICK),configs/tiny.yaml)
 PYTEST_ARGS ?=
 # What the demo's training is, and how long it took as measured (README "Quick start").
 ifeq ($(CONFIG),)
-DEMO_TIME := the default settings (10,000 synthetic scenes, 6 epochs): 22 min to 2 h on a 2-core CPU, as busy as it is
+DEMO_TIME := the default settings (10,000 synthetic scenes, 6 epochs): about 5 min on an idle 2-core CPU, longer when it is busy
 else
-DEMO_TIME := $(CONFIG)$(if $(filter configs/tiny.yaml,$(CONFIG)),: about a minute in all)
+DEMO_TIME := $(CONFIG)$(if $(filter configs/tiny.yaml,$(CONFIG)),: under a minute in all)
 endif
 
 .PHONY: setup demo test test-slow clean
@@ -47,5 +48,6 @@ test: setup
 test-slow: setup
 	$(PY) -m pytest -m slow -s $(PYTEST_ARGS)
 
+# Only the environment: run folders under runs/ may hold work of yours, so they are left to you.
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV)
