@@ -1,4 +1,5 @@
-"""The quality targets of the default synthetic training (docs/training.md; slow: about 6 minutes each on an idle 2-core CPU).
+"""The quality targets of the default synthetic training (docs/training.md; slow: about 6 minutes
+each on an idle 2-core CPU).
 
 Run with `make test-slow` (CI leaves them out: see .ci/run). These assert quality, not speed:
 the time each run took is recorded in metrics.json and printed, never asserted.
