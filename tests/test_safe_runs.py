@@ -337,6 +337,13 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, da
     assert not (out / "metrics.json").exists() and not (out / "train.lock").exists()
 
 
+def _as_from_a_terminal() -> None:
+    """A child's SIGINT as a terminal's Ctrl-C meets it. A shell starts background jobs with SIGINT
+    ignored, and Python leaves an ignored SIGINT ignored: run under `nohup make test &`, the child
+    would never see the signal these tests send."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("signal_name, status", [("SIGTERM", 143), ("SIGINT", 130)])
 def test_sigterm_and_sigint_exit_non_zero_saying_how_to_resume(tmp_path, data_root, signal_name, status):
     """Item 6: SIGTERM exited 0, so `train && evaluate` carried on."""
@@ -344,7 +351,8 @@ def test_sigterm_and_sigint_exit_non_zero_saying_how_to_resume(tmp_path, data_ro
     proc = subprocess.Popen([sys.executable, "-m", "captioning", "train",
                              *tiny_args(out, data_root, "--max-epochs", "100")],
                             cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_as_from_a_terminal)
     deadline = time.monotonic() + 300
     while not (out / "last.ckpt").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -515,7 +523,7 @@ def test_ctrl_c_at_any_moment_of_a_start_is_one_line(tmp_path, data_root):
     for delay in (0.2, 0.5, 0.8, 1.1, 1.4, 1.7, 2.0, 3.0):
         proc = subprocess.Popen([sys.executable, "-m", "captioning", "train", *tiny_args(tmp_path / "run", data_root)],
                                 cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, text=True, preexec_fn=_as_from_a_terminal)
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=300)
