@@ -5,7 +5,7 @@
 #               in under a minute
 #   make test   set up .venv, then run the test suite (what CI runs)
 #   make test-slow  the slow tests: the default trainings against their quality targets (~12 min),
-#                   the soft-vs-hard study end to end (~3 min), torch.compile vs eager (~1 min)
+#                   the soft-vs-hard study end to end and torch.compile vs eager (about 1 min in all)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
