@@ -251,30 +251,29 @@ _PTB_CACHE_MAX = 500_000
 _PTB_LOCK = threading.Lock()
 
 
+class _QuietProcess(subprocess.Popen):
+    """A process whose standard error is collected; a non-zero exit is one error with its last line."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **{**kwargs, "stderr": subprocess.PIPE})
+
+    def communicate(self, *args, **kwargs):
+        out, err = super().communicate(*args, **kwargs)
+        if self.returncode:
+            last = (err or b"").decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
+            raise RuntimeError(f"the Java PTBTokenizer failed (exit status {self.returncode}): {last[0]}")
+        return out, err
+
+
 class _QuietSubprocess:
     """The ``subprocess`` module as pycocoevalcap's tokenizer sees it while we call it: the Java
     tokenizer's standard error (a "PTBTokenizer tokenized N tokens at ..." line every call, which
-    says nothing about the run) is collected, not printed, and kept to explain a failure."""
+    says nothing about the run) is collected, not printed; its last line explains a failure."""
 
-    def __init__(self) -> None:
-        self.errors: list[bytes] = []
+    Popen = _QuietProcess
 
     def __getattr__(self, name: str):
         return getattr(subprocess, name)
-
-    def Popen(self, *args, **kwargs):  # noqa: N802 - the name pycocoevalcap calls
-        errors = self.errors
-
-        class Process(subprocess.Popen):
-            def communicate(self, *a, **k):
-                out, err = super().communicate(*a, **k)
-                errors.append(err or b"")
-                if self.returncode:
-                    last = (err or b"").decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
-                    raise RuntimeError(f"the Java PTBTokenizer failed (exit status {self.returncode}): {last[0]}")
-                return out, err
-
-        return Process(*args, **{**kwargs, "stderr": subprocess.PIPE})
 
 
 def _ptb_tokenize_strings(strings: Sequence[str]) -> list[str]:
@@ -286,8 +285,8 @@ def _ptb_tokenize_strings(strings: Sequence[str]) -> list[str]:
         if todo:
             # One "image" holding all the new strings: PTBTokenizer returns them in order. Only
             # the tokenizer's module sees the quiet subprocess (under the lock), nothing else.
-            quiet, module = _QuietSubprocess(), ptbtokenizer.subprocess
-            ptbtokenizer.subprocess = quiet
+            module = ptbtokenizer.subprocess
+            ptbtokenizer.subprocess = _QuietSubprocess()
             try:
                 tokenized = ptbtokenizer.PTBTokenizer().tokenize({0: [{"caption": s} for s in todo]})[0]
             finally:

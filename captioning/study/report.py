@@ -359,9 +359,8 @@ def _control_text(summary: dict) -> list[str]:
 
 def _significance_text(summary: dict) -> list[str]:
     """Welch's t-test of each arm against the control and against soft attention, over seeds."""
-    from captioning.study.stats import welch
-
     from captioning.study.runs import ARMS
+    from captioning.study.stats import welch
 
     table = summary["table"]
     pairs = [(arm, reference) for reference in ("none", "soft") if reference in table
@@ -384,8 +383,8 @@ def _significance_text(summary: dict) -> list[str]:
         rows.append(row)
     text = [
         "Welch's t-test over seeds of each arm against the control, against soft attention and against the arm "
-        "it differs from by one setting (difference of the means; two-sided p; n/a with fewer than 2 runs on a "
-        "side). "
+        "it differs from by one setting (difference of the means; two-sided p; n/a where a metric is missing or "
+        "neither side varies). "
         "The spread covers the training seed only: initial weights, dropout masks, minibatch order and sampled "
         "locations; every run trains and is tested on the same data (`data.synthetic.seed`). With 3 runs an arm, "
         "only large differences reach p < 0.05.",
