@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import pickle
 import socket
+import sys
 import tempfile
 from datetime import timedelta
 from pathlib import Path
@@ -177,6 +178,12 @@ def _decode_worker(rank: int, world: int, port: int, checkpoint: str, device_typ
             Path(out_path).write_bytes(pickle.dumps(parts))
     finally:
         dist.destroy_process_group()
+    # Leave without the interpreter's teardown: a C++ destructor there can abort the process
+    # ("terminate called without an active exception", no Python frame left) after the results
+    # were written, and the parent would report a failed evaluation. Everything is written above.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def decode_distributed(checkpoint: str | Path, device_type: str, data_cfg: "DataConfig", split: str,
