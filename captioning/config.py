@@ -192,6 +192,9 @@ class TrainConfig:
     # low-learning-rate tail, where the best checkpoints come (docs/training.md).
     patience: int = 10
     val_every: int = 1  # epochs between validations
+    # Also keep every epoch's checkpoint as epochs/epoch<N>.ckpt (the study's post-hoc checks of
+    # checkpoint selection and of the estimator's variance mid-training use them).
+    save_every_epoch: bool = False
     log_every: int = 20  # steps between logged training losses
     precision: str = "auto"  # "auto": bf16-mixed on GPU, 32-true on CPU
     accelerator: str = "auto"

@@ -367,7 +367,7 @@ def clear_unfinished(run: Run) -> None:
                          "command again")
     for name in ("best.ckpt", "last.ckpt", "metrics.json", "test_predictions.json"):
         (run.dir / name).unlink(missing_ok=True)
-    for folder in [run.dir / "logs", *[run.eval_dir(m) for m in HARD_MODES]]:
+    for folder in [run.dir / "logs", run.dir / "epochs", *[run.eval_dir(m) for m in HARD_MODES]]:
         if folder.is_dir():
             shutil.rmtree(folder)
 

@@ -19,7 +19,7 @@ from captioning.files import (ForeignFolderError, LockedError, RunLock, check_fo
                               mark_folder, remove_own, remove_temporaries)
 
 #: What a training writes into its folder (and evaluate's default eval/): all that --overwrite removes.
-RUN_FILES = ("config.yaml", "best.ckpt", "last.ckpt", "metrics.json", "test_predictions.json", "logs",
+RUN_FILES = ("config.yaml", "best.ckpt", "last.ckpt", "metrics.json", "test_predictions.json", "logs", "epochs",
              "attention", "eval")
 #: The files that make a folder hold a run: without them, what a refused start left is replaced freely.
 RESULT_FILES = ("best.ckpt", "last.ckpt", "metrics.json", "test_predictions.json")

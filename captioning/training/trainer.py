@@ -414,6 +414,11 @@ def build_trainer(
         RNGState(),
         RunPlace(),
     ]
+    if t.save_every_epoch:
+        # monitor="epoch" only gives this callback a state key of its own beside last.ckpt's.
+        callbacks.append(ModelCheckpoint(dirpath=out_dir / "epochs", filename="epoch{epoch}", monitor="epoch",
+                                         mode="max", save_top_k=-1, enable_version_counter=False,
+                                         auto_insert_metric_name=False))
     if heatmaps and not t.fast_dev_run:
         callbacks.append(AttentionHeatmaps(out_dir))
     if progress_bar:
