@@ -71,6 +71,11 @@ class Arm:
     versus: tuple[str, ...] = ()
 
 
+#: capgen's optimiser (optimizers.py, capgen.py): Adam at 2e-4 with its own update (bias correction
+#: about none, captioning/training/optimizers.py), a constant learning rate, no gradient clipping.
+CAPGEN_OPTIM = ("optim.lr=2e-4", "optim.encoder_lr=2e-4", "optim.adam_bias_correction=false",
+                "optim.schedule=constant", "optim.grad_clip=0")
+
 #: The study's arms, in report order. Every arm shares the study's other settings.
 ARMS: dict[str, Arm] = {
     "none": Arm("none", (), "the no-attention control: the context is the mean annotation at every step, "
@@ -97,6 +102,17 @@ ARMS: dict[str, Arm] = {
                     "hard with a lower-variance estimator (beyond the paper): 4 location sequences sampled per "
                     "caption, each with the mean cost of the other 3 as its baseline", main=False,
                     versus=("hard",)),
+    # The factorial {averaged, summed terms} x {this project's optimiser, capgen's}, with soft under both.
+    "soft-capgen-optim": Arm("soft", CAPGEN_OPTIM,
+                             "soft with capgen's optimiser: Adam 2e-4 without bias correction (capgen's update), "
+                             "constant learning rate, no clipping", main=False, versus=("soft",)),
+    "hard-capgen-optim": Arm("hard", CAPGEN_OPTIM,
+                             "hard (averaged terms) with capgen's optimiser", main=False,
+                             versus=("hard", "soft-capgen-optim")),
+    "hard-arctic-capgen-optim": Arm("hard", ("loss.hard_reduction=sum", *CAPGEN_OPTIM),
+                                    "hard-arctic (summed terms) with capgen's optimiser: the authors' recipe in both "
+                                    "factors", main=False,
+                                    versus=("hard-arctic", "hard-capgen-optim", "soft-capgen-optim")),
     "hard-image": Arm("hard", ("loss.substitution=image",),
                       "hard with the 0.5 substitution drawn once per image (the paper's text)", main=False,
                       versus=("hard",)),

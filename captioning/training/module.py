@@ -22,23 +22,13 @@ from captioning.models import ShowAttendTell
 from captioning.models.attention import Mechanism, TrainingPlan
 from captioning.perf.compile import compile_model
 from captioning.search import DecodeOptions
+from captioning.training.optimizers import CapgenAdam
 from captioning.vocab import Vocabulary
 
 # Every validation scores BLEU (val/bleu_4 selects checkpoints) and CIDEr-D, both cheap beside
 # decoding; METEOR runs a JVM, so it is test-only (docs/training.md, the cost of each).
 VAL_METRICS = ("bleu", "cider")
 TEST_METRICS = ("bleu", "meteor", "rouge", "cider")
-
-
-def capgen_adam_factor(step: int, beta1: float = 0.9, beta2: float = 0.999) -> float:
-    """lr multiplier that turns torch's Adam into capgen's (``optimizers.py``, ``optim.adam_bias_correction:
-    false``) at update t = step + 1: torch scales its step by sqrt(1 - beta2^t) / (1 - beta1^t);
-    capgen writes beta1 = 0.9 as ``b1 = 0.1`` and so corrects by sqrt(1 - 0.001^t) / (1 - 0.1^t),
-    about 1. The ratio is exact but for where epsilon (1e-8) enters."""
-    t = step + 1
-    capgen = math.sqrt(1.0 - (1.0 - beta2) ** t) / (1.0 - (1.0 - beta1) ** t)
-    torch_adam = math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
-    return capgen / torch_adam
 
 
 class CaptioningModule(pl.LightningModule):
@@ -175,20 +165,18 @@ class CaptioningModule(pl.LightningModule):
         # fp16's GradScaler, where Lightning cannot clip gradients of an optimizer that unscales
         # them itself.
         fused = self._trainer is None or self.trainer.precision != "16-mixed"
-        optimizer = torch.optim.Adam(groups, weight_decay=self.cfg.optim.weight_decay, fused=fused)
-        factors = []  # each multiplies every group's lr at a step (0-based: the update t = step + 1)
-        if self.cfg.optim.schedule == "cosine":
-            total = max(1, self.trainer.estimated_stepping_batches)
-            factors.append(lambda step: 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total)))
-        if not self.cfg.optim.adam_bias_correction:
-            factors.append(capgen_adam_factor)
-        if not factors:
+        if self.cfg.optim.adam_bias_correction:
+            optimizer = torch.optim.Adam(groups, weight_decay=self.cfg.optim.weight_decay, fused=fused)
+        else:  # the authors' update, bias correction about none (captioning/training/optimizers.py)
+            optimizer = CapgenAdam(groups, weight_decay=self.cfg.optim.weight_decay)
+        if self.cfg.optim.schedule == "constant":
             return optimizer
+        total = max(1, self.trainer.estimated_stepping_batches)
 
-        def multiplier(step: int) -> float:
-            return math.prod(f(step) for f in factors)
+        def cosine(step: int) -> float:  # decays to 5% of lr over the run
+            return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
 
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------------------ evaluation
