@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from captioning.data.datamodule import CaptionDataModule
-from captioning.study import collect
+from captioning.study import collect, results
 from captioning.study.report import cell
 from captioning.study.runs import StudyError, parse_checkpoints, study_overrides
 from captioning.training.module import CaptioningModule
@@ -344,6 +344,21 @@ def test_train_two_seeds_end_to_end(tmp_path, capsys):
     assert "already trained, skipped: none-seed0, soft-seed0, hard-seed0, none-seed1, soft-seed1, hard-seed1" in err
     assert "compare: evaluated" not in err
     assert (out / "hard-seed1" / "best.ckpt").stat().st_mtime == stamp
+    # The raw results: one record per run, holding the numbers of the run's own files.
+    results_dir = tmp_path / "results"
+    assert compare.main([*argv, "--export-results", str(results_dir)]) == 0
+    records = {r["name"]: r for r in results.load(results_dir)}
+    assert set(records) == {f"{arm}-seed{seed}" for arm in ("none", "soft", "hard") for seed in (0, 1)}
+    hard = records["hard-seed1"]
+    evaluated = collect.read_eval(out / "hard-seed1" / "eval" / "metrics_test.json", out)["values"]
+    assert hard["test"]["expected"]["bleu_4"] == pytest.approx(evaluated["bleu_4"], abs=1e-4)
+    assert set(hard["test"]) == {"expected", "argmax", "sample"} and set(records["soft-seed0"]["test"]) == {"expected"}
+    assert hard["seed"] == 1 and hard["arm"] == "hard" and "train.max_epochs=2" in hard["overrides"]
+    assert len(hard["validation"]["bleu_4"]) == 2 and hard["signal"]["attention_entropy"]["late"] > 0
+    for record in records.values():  # where validation chose the first epoch, the last one was scored too
+        chose_earlier = record["selection"]["best_epoch"] != record["selection"]["last_epoch"]
+        assert chose_earlier == ("test_last" in record)
+        assert chose_earlier == (out / record["name"] / "eval-last" / "metrics_test.json").is_file()
 
 
 # ------------------------------------------------------------------------------ arms, budgets, parts

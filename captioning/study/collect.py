@@ -135,7 +135,7 @@ def reach(curve: dict | None, target: float) -> dict | None:
     return None
 
 
-def _early_late(series: dict | None, fraction: float = 0.2) -> dict | None:
+def early_late(series: dict | None, fraction: float = 0.2) -> dict | None:
     """Mean of a logged series over its first and last ``fraction`` of points (training signal summary)."""
     if not series or len(series["value"]) < 2:
         return None
@@ -197,7 +197,7 @@ def build_summary(plan: Plan, study: dict, examples: dict | None) -> dict:
         table[arm] = row
         signal_summary[arm] = {}
         for key in SIGNAL_KEYS:
-            parts = [_early_late(r["signal"].get(key)) for r in mine]
+            parts = [early_late(r["signal"].get(key)) for r in mine]
             parts = [p for p in parts if p]
             if parts:
                 signal_summary[arm][key] = {

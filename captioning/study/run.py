@@ -33,7 +33,7 @@ from captioning.files import ForeignFolderError, claim_folder
 from captioning.config import to_dict
 from captioning.evaluation import run as evaluate
 from captioning.progress import format_duration
-from captioning.study import collect, examples, report
+from captioning.study import collect, examples, report, results
 from captioning.study.runs import (ARMS, BUDGETS, DEFAULT_ARMS, Plan, StudyError, environment, execute, execute_parallel,
                                   parse_checkpoints, plan_checkpoint_runs, plan_training_runs, run_config,
                                   study_overrides, write_study_json)
@@ -68,6 +68,9 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
     wanted = [m for m in ("bleu", "meteor", "rouge", "cider", "grounding") if m in evaluate.METRICS]
     p.add_argument("--metrics", nargs="+", choices=evaluate.METRICS, default=wanted,
                    help=f"passed to evaluate.py (default: {' '.join(wanted)})")
+    p.add_argument("--export-results", type=Path, metavar="DIR",
+                   help="train nothing: write one small JSON record per finished run into DIR (settings, seed, test "
+                        "metrics, validation curve, training signal), the raw results the docs' tables are built from")
     p.add_argument("--examples", type=positive_int, default=3, metavar="K",
                    help="test images drawn with soft and hard attention side by side (default 3)")
     return p.parse_args(argv)
@@ -137,6 +140,9 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         # The study writes its runs, study.json, summary.json, report.md and figures/ only into a
         # folder of its own: new, empty, or marked by an earlier invocation.
         claim_folder(plan.out_dir, "study", "--out-dir", what="write the study")
+        if args.export_results is not None:
+            results.export(plan, args.export_results, log=log)
+            return 0
         if args.runs:  # one part of a study: its runs, no study.json entry, no report
             did = execute(plan, train.main, evaluate.main, log=log, only=set(args.runs))
             print(f"compare: did {', '.join(did['trained'] + did['evaluated']) or 'nothing'}; "

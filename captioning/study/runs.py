@@ -195,6 +195,21 @@ class Run:
     def metrics_file(self, mode: str | None) -> Path:
         return self.eval_dir(mode) / f"metrics_{SPLIT}.json"
 
+    @property
+    def last_metrics_file(self) -> Path:
+        """last.ckpt scored as best.ckpt is (the first test-time mode), where the two differ."""
+        return self.dir / "eval-last" / f"metrics_{SPLIT}.json"
+
+    def selection_differs(self) -> bool:
+        """Whether best.ckpt (chosen on the validation split) is not the last epoch's checkpoint."""
+        import torch
+
+        last = self.dir / "last.ckpt"
+        if not self.trained_here or not last.is_file():
+            return False
+        steps = [torch.load(p, map_location="cpu", weights_only=True).get("global_step") for p in (self.checkpoint, last)]
+        return steps[0] != steps[1]
+
 
 @dataclass
 class Plan:
@@ -358,14 +373,16 @@ def is_trained(run: Run, cfg: Config) -> bool:
     return metrics is not None and "train_seconds" in metrics and run.checkpoint.is_file()
 
 
-def is_evaluated(run: Run, mode: str | None, plan: Plan) -> bool:
-    data = read_record(run.metrics_file(mode))
+def is_evaluated(run: Run, mode: str | None, plan: Plan, last: bool = False) -> bool:
+    """``last``: the evaluation of last.ckpt (eval-last/) rather than the run's checkpoint."""
+    data = read_record(run.last_metrics_file if last else run.metrics_file(mode))
     if data is None:
         return False
     decode = data.get("decode", {})
+    checkpoint = run.dir / "last.ckpt" if last else run.checkpoint
     same = (decode.get("beam_size") == plan.beam_size and decode.get("max_len") == plan.max_len
             and decode.get("hard_mode") == mode and data.get("split") == SPLIT
-            and data.get("checkpoint") == str(run.checkpoint))
+            and data.get("checkpoint") == str(checkpoint))
     done = set(data.get("metrics", {})) | set(data.get("skipped", {}))
     wanted = {"bleu": "bleu_4", "meteor": "meteor", "rouge": "rouge_l", "cider": "cider"}
     return same and all(wanted[m] in done for m in plan.metrics if m in wanted)
@@ -383,7 +400,7 @@ def clear_unfinished(run: Run) -> None:
                          "command again")
     for name in ("best.ckpt", "last.ckpt", "metrics.json", "test_predictions.json"):
         (run.dir / name).unlink(missing_ok=True)
-    for folder in [run.dir / "logs", run.dir / "epochs", *[run.eval_dir(m) for m in HARD_MODES]]:
+    for folder in [run.dir / "logs", run.dir / "epochs", run.dir / "eval-last", *[run.eval_dir(m) for m in HARD_MODES]]:
         if folder.is_dir():
             shutil.rmtree(folder)
 
@@ -473,8 +490,10 @@ def train_argv(plan: Plan, run: Run) -> list[str]:
     return argv
 
 
-def evaluate_argv(plan: Plan, run: Run, mode: str | None) -> list[str]:
-    argv = ["--checkpoint", str(run.checkpoint), "--split", SPLIT, "--out-dir", str(run.eval_dir(mode)),
+def evaluate_argv(plan: Plan, run: Run, mode: str | None, last: bool = False) -> list[str]:
+    checkpoint, out = (run.dir / "last.ckpt", run.last_metrics_file.parent) if last else (run.checkpoint,
+                                                                                        run.eval_dir(mode))
+    argv = ["--checkpoint", str(checkpoint), "--split", SPLIT, "--out-dir", str(out),
             "--beam-size", str(plan.beam_size), "--max-len", str(plan.max_len), "--metrics", *plan.metrics]
     if mode is not None:
         argv += ["--hard-mode", mode]
@@ -684,4 +703,15 @@ def execute(plan: Plan, train_fn: Callable[[list[str]], object], evaluate_fn: Ca
             did["evaluated"].append(f"{run.name}:{mode or 'soft'}")
             clock.finished("evaluation", f"evaluated {run.name}" + (f" ({mode})" if mode else ""),
                            time.perf_counter() - start)
+        # How much the choice of checkpoint matters: the last epoch's, scored alike, where the
+        # validation chose another (results.py's "test_last").
+        mode = run.modes()[0]
+        if run.selection_differs() and not is_evaluated(run, mode, plan, last=True):
+            torch.manual_seed(run.seed)
+            try:
+                evaluate_fn(evaluate_argv(plan, run, mode, last=True))
+            except SystemExit as err:
+                raise StudyError(f"evaluating {run.name}'s last.ckpt failed with exit status {err.code}; "
+                                 f"its error is printed above") from None
+            did["evaluated"].append(f"{run.name}:last")
     return did

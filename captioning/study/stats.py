@@ -69,3 +69,73 @@ def welch(a: Sequence[float], b: Sequence[float]) -> WelchResult | None:
     t = difference / math.sqrt(va + vb)
     df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
     return WelchResult(difference, t, df, t_two_sided_p(t, df))
+
+
+def t_quantile(q: float, df: float) -> float:
+    """The ``q`` quantile (0.5 < q < 1) of Student's t with ``df`` degrees of freedom, by bisection
+    on :func:`t_two_sided_p` (P(T > t) = p / 2)."""
+    if not 0.5 < q < 1.0:
+        raise ValueError(f"t_quantile takes 0.5 < q < 1, got {q}")
+    low, high = 0.0, 1.0
+    while t_two_sided_p(high, df) / 2.0 > 1.0 - q:
+        high *= 2.0
+    for _ in range(200):
+        mid = (low + high) / 2.0
+        if t_two_sided_p(mid, df) / 2.0 > 1.0 - q:
+            low = mid
+        else:
+            high = mid
+    return (low + high) / 2.0
+
+
+class Interval(NamedTuple):
+    difference: float  # mean(a) - mean(b)
+    low: float  # the confidence interval of the difference
+    high: float
+    p: float  # Welch's two-sided p
+    df: float
+
+
+def welch_interval(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> Interval | None:
+    """Welch's confidence interval of mean(a) - mean(b) at ``level``, with its test's p; None where
+    :func:`welch` has none."""
+    result = welch(a, b)
+    if result is None:
+        return None
+    half = t_quantile(0.5 + level / 2.0, result.df) * math.sqrt(
+        statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
+    return Interval(result.difference, result.difference - half, result.difference + half, result.p, result.df)
+
+
+def mean_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float] | None:
+    """Student's confidence interval of the mean of ``values``; None with fewer than 2."""
+    if len(values) < 2:
+        return None
+    half = t_quantile(0.5 + level / 2.0, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    mean = statistics.fmean(values)
+    return mean - half, mean + half
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of a family of p-values (it controls the family-wise error rate
+    without assuming independence): the k-th smallest is multiplied by (m - k + 1), made monotone,
+    capped at 1. Returned in the input's order."""
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def detectable_difference(sd_a: float, sd_b: float, n_a: int, n_b: int, alpha: float = 0.05,
+                          power: float = 0.8) -> float:
+    """The smallest true difference of means that a two-sided Welch test at ``alpha`` detects with
+    probability ``power``, given these spreads and sizes (normal approximation of the power with
+    t quantiles at the Welch-Satterthwaite degrees of freedom)."""
+    va, vb = sd_a ** 2 / n_a, sd_b ** 2 / n_b
+    se = math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / (n_a - 1) + vb ** 2 / (n_b - 1)) if va + vb > 0 else n_a + n_b - 2
+    return (t_quantile(1.0 - alpha / 2.0, df) + t_quantile(power, df)) * se

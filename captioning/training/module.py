@@ -74,12 +74,15 @@ class CaptioningModule(pl.LightningModule):
         # own dropout masks and attention samples.
         torch.manual_seed(self.cfg.train.seed * 1009 + 1 + self.global_rank)
 
-    def training_loss(self, batch: dict) -> tuple[LossTerms, TrainingPlan]:
-        """The training step's forward and loss (also what captioning/perf/benchmark.py times)."""
+    def training_loss(self, batch: dict, plan: TrainingPlan | None = None) -> tuple[LossTerms, TrainingPlan]:
+        """The training step's forward and loss (also what captioning/perf/benchmark.py times).
+        ``plan``: what the step samples; None lets the mechanism decide, as training does
+        (captioning/study/variance.py fixes it to measure the estimator)."""
         images, captions = batch["images"], batch["captions"]
         # What this step samples (the mechanism decides; a minibatch draw is the same on every rank).
-        plan = self.mechanism.training_plan(self.cfg.loss, images.shape[0],
-                                            self.cfg.train.seed * 7919 + self.global_step, self.device)
+        if plan is None:
+            plan = self.mechanism.training_plan(self.cfg.loss, images.shape[0],
+                                                self.cfg.train.seed * 7919 + self.global_step, self.device)
         # Captions of the whole optimiser step: hard attention's REINFORCE and entropy terms are
         # scaled by it (loss.hard_reduction "sum", the authors' strength; losses.py).
         world = self.trainer.world_size if self._trainer is not None else 1

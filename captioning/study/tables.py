@@ -1,0 +1,295 @@
+"""The study's tables in README.md and docs/study.md, regenerated from the committed run records.
+
+    python -m captioning.study.tables            # rewrite every table block from docs/results/
+    python -m captioning.study.tables --check    # exit 1, naming the block, where a doc disagrees
+
+A table block in a Markdown file is the text between ``<!-- results: NAME -->`` and
+``<!-- /results -->``; NAME is a key of :data:`BLOCKS`. Everything else in the file is left as it is.
+The records are captioning/study/results.py's, one JSON file per run under
+``docs/results/<budget>/``; the estimator measurement is ``docs/results/variance.json``
+(captioning/study/variance.py).
+
+Statistics: mean ± sample standard deviation over seeds; intervals are 95% (Student's for a mean,
+Welch's for a difference of means); each table of tests is one family, corrected with Holm's
+method; "detectable" is the true difference a Welch test at 0.05 would find with probability 0.8,
+given the observed spreads and seed counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from captioning.study import results
+from captioning.study.runs import StudyError
+from captioning.study.stats import detectable_difference, holm, mean_interval, welch_interval
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "docs" / "results"
+DOCS = (ROOT / "README.md", ROOT / "docs" / "study.md", ROOT / "docs" / "faithfulness.md")
+MAIN = ("none", "soft", "hard")
+#: (metric key, title) tested in the tables.
+TESTED = (("bleu_4", "BLEU-4"), ("cider", "CIDEr"), ("caption_accuracy", "caption accuracy"))
+#: The factorial: (arm, terms, optimiser).
+FACTORIAL = (("soft", "-", "this project's"), ("soft-capgen-optim", "-", "capgen's"),
+             ("hard", "averaged", "this project's"), ("hard-capgen-optim", "averaged", "capgen's"),
+             ("hard-arctic", "summed", "this project's"), ("hard-arctic-capgen-optim", "summed", "capgen's"))
+#: The factorial's tests: (label, arm a, arm b), difference a - b.
+FACTORIAL_TESTS = (
+    ("summed - averaged, this project's optimiser", "hard-arctic", "hard"),
+    ("summed - averaged, capgen's optimiser", "hard-arctic-capgen-optim", "hard-capgen-optim"),
+    ("capgen's - this project's optimiser, soft", "soft-capgen-optim", "soft"),
+    ("capgen's - this project's optimiser, hard averaged", "hard-capgen-optim", "hard"),
+    ("capgen's - this project's optimiser, hard summed", "hard-arctic-capgen-optim", "hard-arctic"),
+)
+#: The study's design: budget -> arm -> seeds. The docs' conclusions are drawn at these counts;
+#: ``--missing BUDGET`` names the runs that have no record yet.
+DESIGN: dict[str, dict[str, int]] = {
+    "default": {"none": 10, "soft": 10, "hard": 10, "hard-arctic": 2, "soft-capgen-optim": 2,
+                "hard-capgen-optim": 2, "hard-arctic-capgen-optim": 2},
+    "quick": {arm: 3 for arm, _, _ in FACTORIAL},
+}
+BLOCK = re.compile(r"(<!-- results: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
+
+
+def _fmt(value: float | None, decimals: int = 1) -> str:
+    return "n/a" if value is None else f"{value:.{decimals}f}"
+
+
+def _p(p: float) -> str:
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+
+
+class Records:
+    """The committed records of one budget, by arm (seed order)."""
+
+    def __init__(self, records: list[dict]) -> None:
+        self.by_arm: dict[str, list[dict]] = {}
+        for record in sorted(records, key=lambda r: (r["arm"], r["seed"])):
+            self.by_arm.setdefault(record["arm"], []).append(record)
+
+    def values(self, arm: str, key: str, mode: str | None = None) -> list[float]:
+        out = []
+        for record in self.by_arm.get(arm, []):
+            test = record["test"].get(mode) if mode else next(iter(record["test"].values()))
+            if test and test.get(key) is not None:
+                out.append(test[key])
+        return out
+
+    def seeds(self, arm: str) -> list[int]:
+        return [r["seed"] for r in self.by_arm.get(arm, [])]
+
+    def signal(self, arm: str, key: str, part: str = "late") -> list[float]:
+        return [r["signal"][key][part] for r in self.by_arm.get(arm, []) if key in r.get("signal", {})]
+
+
+def _summary(values: list[float], decimals: int = 1) -> str:
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{_fmt(values[0], decimals)} (1 seed)"
+    return f"{_fmt(statistics.fmean(values), decimals)} ± {_fmt(statistics.stdev(values), decimals)}"
+
+
+def load(budget: str, folder: Path = RESULTS) -> Records:
+    path = folder / budget
+    return Records(results.load(path) if path.is_dir() else [])
+
+
+# ------------------------------------------------------------------------------ the blocks
+
+
+def main_per_seed(folder: Path) -> str:
+    """Every seed of the main arms at the default budget: BLEU-4 / caption accuracy."""
+    recs = load("default", folder)
+    seeds = sorted(set().union(*(recs.seeds(a) for a in MAIN)))
+    rows = []
+    for seed in seeds:
+        row = [str(seed)]
+        for arm in MAIN:
+            record = next((r for r in recs.by_arm.get(arm, []) if r["seed"] == seed), None)
+            test = next(iter(record["test"].values())) if record else None
+            row.append("-" if test is None else f"{_fmt(test['bleu_4'])} / {_fmt(test['caption_accuracy'])}")
+        rows.append(row)
+    for label, fn in (("mean ± sd", _summary), ("95% interval of the mean", _interval_text)):
+        rows.append([f"**{label}**"] + [f"{fn(recs.values(a, 'bleu_4'))} / {fn(recs.values(a, 'caption_accuracy'))}"
+                                        for a in MAIN])
+    return _table(["seed", *[f"{a}: BLEU-4 / caption accuracy" for a in MAIN]], rows)
+
+
+def _interval_text(values: list[float]) -> str:
+    interval = mean_interval(values)
+    return "n/a" if interval is None else f"[{_fmt(interval[0])}, {_fmt(interval[1])}]"
+
+
+def _tests(recs: Records, pairs: Sequence[tuple[str, str, str]], metrics=TESTED) -> str:
+    """One family: each (label, a, b) x metric, Welch's 95% interval of a - b, p, Holm's p."""
+    found = []
+    for label, a, b in pairs:
+        for key, title in metrics:
+            xa, xb = recs.values(a, key), recs.values(b, key)
+            interval = welch_interval(xa, xb)
+            found.append((label, title, xa, xb, interval))
+    tested = [f for f in found if f[4] is not None]
+    adjusted = iter(holm([f[4].p for f in tested]))
+    rows = []
+    for label, title, xa, xb, interval in found:
+        if interval is None:
+            rows.append([label, title, f"{len(xa)} / {len(xb)}", "not tested (fewer than 2 seeds on a side)",
+                         "-", "-", "-"])
+            continue
+        detectable = detectable_difference(statistics.stdev(xa), statistics.stdev(xb), len(xa), len(xb))
+        rows.append([label, title, f"{len(xa)} / {len(xb)}",
+                     f"{interval.difference:+.1f} [{interval.low:+.1f}, {interval.high:+.1f}]",
+                     _p(interval.p), _p(next(adjusted)), _fmt(detectable)])
+    return _table(["comparison", "metric", "seeds", "difference [95% interval]", "p (Welch)", "p (Holm)",
+                   "detectable"], rows)
+
+
+def main_differences(folder: Path) -> str:
+    return _tests(load("default", folder), (("soft - none", "soft", "none"), ("hard - none", "hard", "none"),
+                                            ("hard - soft", "hard", "soft")))
+
+
+def _factorial_means(budget: str, folder: Path) -> str:
+    recs = load(budget, folder)
+    rows = []
+    for arm, terms, optimiser in FACTORIAL:
+        if arm not in recs.by_arm:
+            continue
+        entropy = recs.signal(arm, "attention_entropy")
+        rows.append([f"`{arm}`", terms, optimiser, str(len(recs.by_arm[arm])),
+                     _summary(recs.values(arm, "bleu_4")), _summary(recs.values(arm, "caption_accuracy")),
+                     _summary(entropy, 2)])
+    return _table(["arm", "REINFORCE and entropy", "optimiser", "seeds", "BLEU-4", "caption accuracy",
+                   "attention entropy, last fifth (nats)"], rows)
+
+
+def _factorial_tests(budget: str, folder: Path) -> str:
+    recs = load(budget, folder)
+    return _tests(recs, FACTORIAL_TESTS, metrics=(("bleu_4", "BLEU-4"), ("caption_accuracy", "caption accuracy")))
+
+
+def selection(folder: Path) -> str:
+    """best.ckpt (chosen on the validation split) against the last epoch's checkpoint, on the test split."""
+    recs = load("default", folder)
+    rows = []
+    for arm in MAIN:
+        mine = recs.by_arm.get(arm, [])
+        if not mine:
+            continue
+        best = [next(iter(r["test"].values()))["bleu_4"] for r in mine]
+        last = [r["test_last"]["bleu_4"] if "test_last" in r else b for r, b in zip(mine, best)]
+        differ = sum(1 for r in mine if r["selection"]["best_epoch"] != r["selection"]["last_epoch"])
+        missing = sum(1 for r in mine if r["selection"]["best_epoch"] != r["selection"]["last_epoch"]
+                      and "test_last" not in r)
+        if missing:
+            raise StudyError(f"{arm}: {missing} run(s) chose an earlier epoch but have no test_last; "
+                             "rerun captioning compare to score last.ckpt, then export again")
+        epochs = sorted(r["selection"]["best_epoch"] + 1 for r in mine)
+        changes = [l - b for b, l in zip(best, last)]
+        rows.append([arm, str(len(mine)), f"{differ}", ", ".join(map(str, epochs)), _summary(best), _summary(last),
+                     f"{statistics.fmean(changes):+.2f}"])
+    return _table(["arm", "seeds", "runs whose best epoch is not the last", "epoch chosen (1-6), per seed",
+                   "test BLEU-4, validation's choice", "test BLEU-4, last epoch", "mean change"], rows)
+
+
+def readme(folder: Path) -> str:
+    recs = load("default", folder)
+    rows = []
+    for arm in MAIN:
+        values = recs.values(arm, "bleu_4")
+        rows.append([f"`{arm}`", str(len(values)), _summary(values), _summary(recs.values(arm, "cider"), 0),
+                     _summary(recs.values(arm, "caption_accuracy"))])
+    return _table(["attention", "seeds", "BLEU-4", "CIDEr", "caption accuracy"], rows)
+
+
+def variance(folder: Path) -> str:
+    path = folder / "variance.json"
+    if not path.is_file():
+        return "No measurement committed yet (`python -m captioning.study.variance`).\n"
+    data = json.loads(path.read_text())
+    rows = []
+    for point in data["points"]:
+        one, loo = point["estimators"]["1"], point["estimators"][str(data["samples"])]
+        k = data["samples"]
+        rows.append([point["checkpoint"], f"{point['baseline']:.3f}", f"{one['mean_gradient_sq_norm']:.3g}",
+                     f"{one['variance']:.3g}", f"{one['variance'] / k:.3g}", f"{loo['variance']:.3g}",
+                     f"{one['variance'] / k / loo['variance']:.2f}"])
+    return _table(["checkpoint", "baseline b", "squared norm of the mean gradient", "1 draw, moving baseline",
+                   f"mean of {k} independent draws ({k} decoder passes)",
+                   f"{k} draws, leave-one-out ({k} decoder passes)", f"ratio: {k} independent / leave-one-out"],
+                  rows)
+
+
+BLOCKS: dict[str, Callable[[Path], str]] = {
+    "readme": readme,
+    "main-per-seed": main_per_seed,
+    "main-differences": main_differences,
+    "selection": selection,
+    "factorial-quick": lambda folder: _factorial_means("quick", folder),
+    "factorial-quick-tests": lambda folder: _factorial_tests("quick", folder),
+    "factorial-default": lambda folder: _factorial_means("default", folder),
+    "factorial-default-tests": lambda folder: _factorial_tests("default", folder),
+    "variance": variance,
+}
+
+
+def render(text: str, folder: Path = RESULTS) -> str:
+    """``text`` with every table block rebuilt from the records in ``folder``."""
+    def block(match: re.Match) -> str:
+        name = match["name"]
+        if name not in BLOCKS:
+            raise StudyError(f"unknown results block {name!r}; known: {', '.join(BLOCKS)}")
+        return match.group(1) + BLOCKS[name](folder) + match.group(4)
+
+    return BLOCK.sub(block, text)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m captioning.study.tables", description=__doc__.split("\n\n")[0])
+    p.add_argument("--check", action="store_true", help="change nothing; exit 1 where a doc's table disagrees")
+    p.add_argument("--results", type=Path, default=RESULTS, help="the records' folder (default: docs/results)")
+    p.add_argument("--missing", choices=list(DESIGN), metavar="BUDGET",
+                   help="print the runs of the study's design at BUDGET (quick, default) that have no record yet, "
+                        "for captioning compare --runs; change nothing")
+    args = p.parse_args(argv)
+    if args.missing:
+        done = {r["name"] for r in (results.load(args.results / args.missing)
+                                    if (args.results / args.missing).is_dir() else [])}
+        design = DESIGN[args.missing]
+        print(" ".join(f"{arm}-seed{seed}" for seed in range(max(design.values())) for arm, seeds in design.items()
+                       if seed < seeds and f"{arm}-seed{seed}" not in done))
+        return 0
+    stale = []
+    try:
+        for doc in DOCS:
+            text = doc.read_text()
+            new = render(text, args.results)
+            if new != text:
+                stale.append(doc)
+                if not args.check:
+                    doc.write_text(new)
+    except StudyError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.check and stale:
+        print("error: tables out of step with docs/results in " + ", ".join(str(d.relative_to(ROOT)) for d in stale)
+              + "; run python -m captioning.study.tables", file=sys.stderr)
+        return 1
+    print(("checked " if args.check else "rebuilt ") + ", ".join(str(d.relative_to(ROOT)) for d in DOCS))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
