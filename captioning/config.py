@@ -100,8 +100,7 @@ class LossConfig:
     # "mean" = averaged over captions like the NLL, the 1/N over all three terms of the paper's
     # Eq. 12 (default); "sum" = the authors' code's strength, B times a mean over captions (B =
     # captions per optimiser step, every DDP rank): capgen's known gradients on alpha carry no 1/B.
-    # On the synthetic default, whose CNN trains from scratch, "sum"'s entropy bonus holds alpha at
-    # the uniform map (docs/study.md).
+    # docs/study.md measures both forms under both optimisers on the synthetic task.
     hard_reduction: Literal["sum", "mean"] = "mean"
     # Location sequences sampled per caption in a minibatch that samples. 1: the paper's estimator
     # with the moving-average baseline b. K > 1: each caption is decoded K times with its own draws

@@ -204,14 +204,46 @@ def selection(folder: Path) -> str:
                    "test BLEU-4, validation's choice", "test BLEU-4, last epoch", "mean change"], rows)
 
 
+README_METRICS = (("bleu_1", "BLEU-1", 1), ("bleu_4", "BLEU-4", 1), ("meteor", "METEOR", 1), ("rouge_l", "ROUGE-L", 1),
+                  ("cider", "CIDEr", 0), ("caption_accuracy", "caption accuracy", 1))
+
+
 def readme(folder: Path) -> str:
     recs = load("default", folder)
+    rows = [[f"`{arm}`", str(len(recs.by_arm.get(arm, [])))]
+            + [_summary(recs.values(arm, key), decimals) for key, _, decimals in README_METRICS] for arm in MAIN]
+    return _table(["attention", "seeds", *[title for _, title, _ in README_METRICS]], rows)
+
+
+def grounding(folder: Path) -> str:
+    """Pointing game / mass in box by word kind, the main attention arms at the default budget."""
+    from captioning.study.collect import GROUNDING_KINDS
+
+    recs = load("default", folder)
     rows = []
-    for arm in MAIN:
-        values = recs.values(arm, "bleu_4")
-        rows.append([f"`{arm}`", str(len(values)), _summary(values), _summary(recs.values(arm, "cider"), 0),
-                     _summary(recs.values(arm, "caption_accuracy"))])
-    return _table(["attention", "seeds", "BLEU-4", "CIDEr", "caption accuracy"], rows)
+    for arm in ("soft", "hard"):
+        if arm not in recs.by_arm:
+            continue
+        row = [arm]
+        for _, _, suffix in GROUNDING_KINDS:
+            row.append(f"{_summary(recs.values(arm, 'pointing_game' + suffix))} / "
+                       f"{_summary(recs.values(arm, 'mass_in_box' + suffix))}")
+        rows.append(row)
+    uniform = ["a uniform map"] + [f"{_summary(recs.values('soft', 'uniform_pointing_game' + suffix))} / "
+                                   f"{_summary(recs.values('soft', 'uniform_mass_in_box' + suffix))}"
+                                   for _, _, suffix in GROUNDING_KINDS]
+    return _table(["arm", *[f"{title}: pointing / mass" for _, title, _ in GROUNDING_KINDS]], rows + [uniform])
+
+
+def hard_modes(folder: Path) -> str:
+    """The hard checkpoints decoded with each test-time mode (BLEU-4)."""
+    rows = []
+    for budget in ("quick", "default"):
+        recs = load(budget, folder)
+        if "hard" in recs.by_arm:
+            rows.append(["hard", budget, str(len(recs.by_arm["hard"]))]
+                        + [_summary(recs.values("hard", "bleu_4", mode)) for mode in ("expected", "argmax", "sample")])
+    return _table(["arm", "budget", "seeds", "expected", "argmax", "sample"], rows)
 
 
 def variance(folder: Path) -> str:
@@ -237,6 +269,8 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "main-per-seed": main_per_seed,
     "main-differences": main_differences,
     "selection": selection,
+    "grounding": grounding,
+    "hard-modes": hard_modes,
     "factorial-quick": lambda folder: _factorial_means("quick", folder),
     "factorial-quick-tests": lambda folder: _factorial_tests("quick", folder),
     "factorial-default": lambda folder: _factorial_means("default", folder),
