@@ -124,7 +124,19 @@ def main_per_seed(folder: Path) -> str:
     for label, fn in (("mean ± sd", _summary), ("95% interval of the mean", _interval_text)):
         rows.append([f"**{label}**"] + [f"{fn(recs.values(a, 'bleu_4'))} / {fn(recs.values(a, 'caption_accuracy'))}"
                                         for a in MAIN])
-    return _table(["seed", *[f"{a}: BLEU-4 / caption accuracy" for a in MAIN]], rows)
+    return _table(["seed", *[f"{a}: BLEU-4 / caption accuracy" for a in MAIN]], rows) + "\n" + _threads_text(recs)
+
+
+def _threads_text(recs: Records) -> str:
+    """Which thread count the runs trained with (their float rounding depends on it)."""
+    counts: dict[object, int] = {}
+    for record in (r for mine in recs.by_arm.values() for r in mine):
+        counts[record.get("threads")] = counts.get(record.get("threads"), 0) + 1
+    if not counts:
+        return "No run recorded yet.\n"
+    parts = [f"{n} run(s) on {t if t is not None else 'an unrecorded number of'} thread(s)"
+             for t, n in sorted(counts.items(), key=lambda kv: str(kv[0]))]
+    return "Threads per run, every arm of this budget: " + ", ".join(parts) + ".\n"
 
 
 def _interval_text(values: list[float]) -> str:
@@ -172,7 +184,7 @@ def _factorial_means(budget: str, folder: Path) -> str:
                      _summary(recs.values(arm, "bleu_4")), _summary(recs.values(arm, "caption_accuracy")),
                      _summary(entropy, 2)])
     return _table(["arm", "REINFORCE and entropy", "optimiser", "seeds", "BLEU-4", "caption accuracy",
-                   "attention entropy, last fifth (nats)"], rows)
+                   "attention entropy, last fifth (nats)"], rows) + "\n" + _threads_text(recs)
 
 
 def _factorial_tests(budget: str, folder: Path) -> str:
