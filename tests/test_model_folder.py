@@ -388,7 +388,7 @@ def test_caption_says_once_that_a_synthetic_model_sees_shapes(tiny, tmp_path, ca
         "note: this model was trained on the built-in synthetic set (coloured shapes on a plain background): it "
         "describes every image as coloured shapes, whatever the image shows"]
     rc, out, err = run_caption(capsys, "--checkpoint", tiny.ckpt, *tiny.paths[:2])  # the set's own images
-    assert rc == 0 and err.splitlines() == [f"caption: the model was trained on {tiny.captioner.trained_on}"]
+    assert rc == 0 and err.splitlines() == [f"model: trained on {tiny.captioner.trained_on}"]
     captioner = Captioner.from_checkpoint(tiny.ckpt, device="cpu")
     with pytest.warns(UserWarning, match="describes every image as coloured shapes") as seen:
         captioner.caption(photos[0], beam_size=1)

@@ -338,7 +338,7 @@ def _run_caption(args: argparse.Namespace) -> int:
 
     # What the model knows, said once: a synthetic-trained model names shapes in any photo.
     note = captioner.note_for([str(p) for p in paths])
-    print(note or f"caption: the model was trained on {captioner.trained_on}", file=sys.stderr, flush=True)
+    print(note or f"model: trained on {captioner.trained_on}", file=sys.stderr, flush=True)
     failed = len(input_errors)
     used_names: set[str] = set()
     progress = Progress(len(paths), "caption", enabled=len(paths) > args.batch_size)
