@@ -9,11 +9,15 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-OUT ?= runs/demo
 ATTENTION ?= soft
 # A YAML file of differences for the demo's training (captioning train --config); QUICK=1 picks
 # configs/tiny.yaml: 32 tiny images, seconds of training, so its captions mean nothing.
 CONFIG ?= $(if $(QUICK),configs/tiny.yaml)
+# One folder per variant, so that no demo replaces another: runs/demo-soft, runs/demo-hard,
+# runs/demo-tiny-soft (CONFIG=configs/tiny.yaml), ...
+OUT ?= runs/demo-$(if $(CONFIG),$(basename $(notdir $(CONFIG)))-)$(ATTENTION)
+# What to type after setup: the venv's captioning is on PATH only once the venv is activated.
+RUN_HINT := to run captioning yourself: source $(VENV)/bin/activate, then captioning --help (or, without activating, $(VENV)/bin/captioning --help)
 PYTEST_ARGS ?=
 # What the demo's training is, and how long it took as measured (README "Quick start").
 ifeq ($(CONFIG),)
@@ -33,6 +37,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 setup: $(VENV)/.installed
+	@echo "setup: done; $(RUN_HINT)"
 
 demo: setup
 	@echo "demo 1/3: train $(ATTENTION) attention into $(OUT) with $(DEMO_TIME)"
@@ -41,6 +46,8 @@ demo: setup
 	$(PY) scripts/evaluate.py --checkpoint $(OUT)/best.ckpt --split test --out-dir $(OUT)/eval
 	@echo "demo 3/3: caption 4 test images, one attention figure each in $(OUT)/heatmaps"
 	$(PY) scripts/caption.py --checkpoint $(OUT)/best.ckpt --heatmaps $(OUT)/heatmaps --limit 4 --from-split test
+	@echo "demo: done, everything is in $(OUT) (another ATTENTION or CONFIG writes its own folder)"
+	@echo "demo: $(RUN_HINT)"
 
 test: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -20,7 +20,9 @@ Decoding options (one search, captioning/search.py), as keywords or as one
     options = captioner.options(beam_size=5)                               # checked once, reused
     captioner.caption(["a.jpg", "b.jpg"], options)
 
-Images go through the one preprocessing path training uses
+Images are paths, PIL images, NumPy arrays [H, W, 3] of uint8 (RGB, as PIL and imageio give them)
+or torch tensors [3, H, W] (uint8, or float in [0, 1], as torchvision's ``read_image`` and
+``to_tensor`` give them); each goes through the one preprocessing path training uses
 (:func:`captioning.data.transforms.load_image` / :func:`~captioning.data.transforms.to_rgb`, then
 :func:`~captioning.data.transforms.preprocess`), and are decoded in batches.
 """
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence, Union
@@ -37,8 +40,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from captioning.checkpoint import (load_checkpoint, load_model_folder, model_card, read_run_metrics,
-                                   save_model_folder)
+from captioning import provenance
+from captioning.checkpoint import (load_checkpoint_and_data, load_model_folder_and_data, model_card,
+                                   read_run_metrics, save_model_folder)
 from captioning.config import HARD_MODES, Config
 from captioning.data.transforms import load_image, preprocess, to_rgb
 from captioning.device import resolve_device
@@ -49,9 +53,11 @@ from captioning.vocab import Vocabulary
 
 __all__ = ["Caption", "Captioner", "DecodeOptions", "ImageInput", "HARD_MODES", "resolve_device"]
 
-ImageInput = Union[str, Path, Image.Image]
+ImageInput = Union[str, Path, Image.Image, np.ndarray, torch.Tensor]
 
 PIL_SOURCE = "<PIL image>"
+ARRAY_SOURCE = "<array>"
+TENSOR_SOURCE = "<tensor>"
 
 @dataclass
 class Caption:
@@ -59,7 +65,7 @@ class Caption:
     words: list[str]  # generated words, <end> excluded
     score: float  # sum of log p(word) over the words and <end>
     attention: np.ndarray  # [len(words), gh, gw] float32: each word's attention map
-    source: str  # the image's path, or "<PIL image>"
+    source: str  # the image's path, or "<PIL image>", "<array>", "<tensor>"
     ended: bool = True  # False if the caption reached max_len words without <end>
     # Hard attention, "argmax" or "sample" mode, greedy or sampled decoding: the grid cell (row-major
     # index) each word looked at. None otherwise.
@@ -69,15 +75,50 @@ class Caption:
 
 
 def source_name(image: ImageInput) -> str:
-    return PIL_SOURCE if isinstance(image, Image.Image) else str(image)
+    if isinstance(image, Image.Image):
+        return PIL_SOURCE
+    if isinstance(image, np.ndarray):
+        return ARRAY_SOURCE
+    if isinstance(image, torch.Tensor):
+        return TENSOR_SOURCE
+    return str(image)
+
+
+def array_image(image: np.ndarray | torch.Tensor) -> Image.Image:
+    """A NumPy array [H, W, 3] of uint8 (RGB) or a tensor [3, H, W] (uint8, or float in [0, 1])
+    -> PIL image. Anything else raises ValueError in one line, naming the shape and dtype it got."""
+    if isinstance(image, torch.Tensor):
+        got = f"a tensor of shape {tuple(image.shape)} and dtype {str(image.dtype).replace('torch.', '')}"
+        if image.ndim != 3 or image.shape[0] != 3 or not (image.dtype == torch.uint8 or image.is_floating_point()):
+            raise ValueError(f"an image tensor must be [3, H, W], uint8 or float in [0, 1]; got {got} "
+                             "(a batch: pass its images as a list; [H, W, 3]: permute(2, 0, 1))")
+        if image.is_floating_point():
+            if image.numel() and not bool(((image >= 0) & (image <= 1)).all()):
+                raise ValueError(f"a float image tensor must hold values in [0, 1]; got {got} with values "
+                                 f"from {float(image.min()):g} to {float(image.max()):g} (divide by 255)")
+            image = (image * 255).round().to(torch.uint8)
+        array = image.detach().cpu().permute(1, 2, 0).contiguous().numpy()  # [3, H, W] -> [H, W, 3]
+    else:
+        array = image
+        got = f"an array of shape {array.shape} and dtype {array.dtype}"
+        if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+            raise ValueError(f"an image array must be [H, W, 3] of uint8 (RGB); got {got} "
+                             "(floats in [0, 1]: (a * 255).astype(np.uint8); grey: np.stack([a] * 3, axis=-1))")
+    if min(array.shape[:2]) < 1:
+        raise ValueError(f"an image must have at least one pixel; got {got}")
+    return Image.fromarray(np.ascontiguousarray(array), "RGB")
 
 
 class Captioner:
     """A trained model in eval mode plus what it needs to caption images: config and vocabulary."""
 
     def __init__(self, model: ShowAttendTell, config: Config, vocab: Vocabulary,
-                 device: str | torch.device | None = None, source: str | Path | None = None) -> None:
+                 device: str | torch.device | None = None, source: str | Path | None = None,
+                 training_data: dict | None = None) -> None:
         self.source = None if source is None else str(source)  # the checkpoint or folder it came from
+        # What the model was trained on (captioning/provenance.py): all it can describe.
+        self.training_data = provenance.checked(training_data, config, len(vocab))
+        self._noted = False  # the synthetic note is given once per captioner
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.config = config
@@ -95,8 +136,8 @@ class Captioner:
         invalid checkpoint and ValueError for an unavailable device.
         """
         dev = resolve_device(device)  # before reading the file: an unavailable device fails fast
-        loaded = load_checkpoint(path, map_location=dev)
-        return cls(loaded.model, loaded.config, loaded.vocab, dev, source=path)
+        loaded, trained_on = load_checkpoint_and_data(path, map_location=dev)
+        return cls(loaded.model, loaded.config, loaded.vocab, dev, source=path, training_data=trained_on)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | None = None) -> "Captioner":
@@ -106,8 +147,8 @@ class Captioner:
         missing folder or file, a damaged file, or a vocab.json that is not the weights' own.
         """
         dev = resolve_device(device)
-        loaded = load_model_folder(folder, map_location=dev)
-        return cls(loaded.model, loaded.config, loaded.vocab, dev, source=folder)
+        loaded, trained_on = load_model_folder_and_data(folder, map_location=dev)
+        return cls(loaded.model, loaded.config, loaded.vocab, dev, source=folder, training_data=trained_on)
 
     def __repr__(self) -> str:
         enc = self.config.model.encoder
@@ -115,7 +156,20 @@ class Captioner:
         return (f"Captioner(source={self.source!r}, attention={self.config.model.attention!r}, "
                 f"encoder='{enc.backbone} up to {enc.stage or 'the last stage'}, {self.grid_size}x{self.grid_size} "
                 f"grid', image_size={self.image_size}, words={len(self.vocab)}, parameters={params}, "
-                f"device='{self.device}')")
+                f"device='{self.device}', trained_on='{provenance.describe(self.training_data)}')")
+
+    @property
+    def trained_on(self) -> str:
+        """What the model was trained on, in one phrase (captioning/provenance.py describe)."""
+        return provenance.describe(self.training_data)
+
+    def note_for(self, sources: Sequence[str]) -> str | None:
+        """The one-line note owed before captioning ``sources`` (paths, or "<array>" and the like),
+        once per captioner: a model trained on the synthetic set says that it describes every
+        image as coloured shapes when an image is not from that set. None when nothing is owed."""
+        found = None if self._noted else provenance.note(self.training_data, list(sources))
+        self._noted = self._noted or found is not None
+        return found
 
     def save_pretrained(self, folder: str | Path, command: str | None = None) -> Path:
         """Write this model as a folder: config.json, vocab.json, model.safetensors and a README.md
@@ -127,8 +181,9 @@ class Captioner:
         if command is None:
             command = self._save_calls(folder)
         metrics = read_run_metrics(self.source) if self.source is not None else None
-        card = model_card(self.model, self.config, self.vocab, command, self.source, metrics)
-        return save_model_folder(folder, self.model, self.config, self.vocab, card, run=metrics)
+        card = model_card(self.model, self.config, self.vocab, command, self.source, metrics, self.training_data)
+        return save_model_folder(folder, self.model, self.config, self.vocab, card, run=metrics,
+                                 training_data=self.training_data)
 
     def _save_calls(self, folder: str | Path) -> str:
         """What a card records when Python, not a command, wrote the folder: the calls, as code."""
@@ -167,18 +222,23 @@ class Captioner:
 
     @staticmethod
     def open(image: ImageInput) -> Image.Image:
-        """A path or PIL image -> RGB PIL image with EXIF orientation applied.
+        """A path, PIL image, array or tensor (see the module's docstring) -> RGB PIL image, with
+        EXIF orientation applied to a file.
 
-        Raises ImageLoadError (a ValueError) naming the file if it cannot be read.
+        Raises ImageLoadError (a ValueError) naming the file if it cannot be read, ValueError for
+        an array or tensor of another shape or dtype.
         """
         if isinstance(image, Image.Image):
             return to_rgb(image)
         if isinstance(image, (str, Path)):
             return load_image(image)
-        raise TypeError(f"an image must be a path or a PIL.Image.Image, got {type(image).__name__}")
+        if isinstance(image, (np.ndarray, torch.Tensor)):
+            return array_image(image)
+        raise TypeError(f"an image must be a path, a PIL.Image.Image, a NumPy array [H, W, 3] of uint8 or a "
+                        f"tensor [3, H, W]; got {type(image).__name__}")
 
     def preprocess(self, image: ImageInput) -> torch.Tensor:
-        """A path or PIL image -> the normalised tensor [3, S, S] fed to the model (CPU).
+        """An image (see :meth:`open`) -> the normalised tensor [3, S, S] fed to the model (CPU).
 
         Exactly the training pipeline: load_image / to_rgb, then preprocess(img, data.image_size).
         """
@@ -225,20 +285,26 @@ class Captioner:
 
     def caption(self, images: Sequence[ImageInput] | ImageInput, options: DecodeOptions | None = None, *,
                 batch_size: int = 32, seed: int | None = None, **overrides) -> list[Caption]:
-        """Caption image files and/or PIL images, in order, ``batch_size`` at a time.
+        """Caption images (paths, PIL images, arrays [H, W, 3] uint8, tensors [3, H, W]), in order,
+        ``batch_size`` at a time.
 
-        A single path or image gives a list of one. ``options``: a DecodeOptions, or the keyword
+        A single path or image gives a list of one; a list of them, a list as long. A model trained
+        on the synthetic set warns once (UserWarning) when an image is not from that set: it
+        describes every image as coloured shapes. ``options``: a DecodeOptions, or the keyword
         ``overrides`` of :meth:`options` (``n_best`` > 1 fills each caption's ``alternatives``; a
         ``temperature`` or ``top_k`` samples; ``min_len`` forbids <end> before that many words;
         ``no_unk`` never emits <unk>); ``seed`` makes sampling repeatable. Raises ImageLoadError
         naming the first file that cannot be read, ValueError for bad settings.
         """
-        if isinstance(images, (str, Path, Image.Image)):
-            images = [images]
+        if isinstance(images, (str, Path, Image.Image, np.ndarray, torch.Tensor)):
+            images = [images]  # one image; a batch is passed as a list of them
         images = list(images)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         options = self.options(options, **overrides)  # fails before reading any image
+        note = self.note_for([source_name(image) for image in images])
+        if note is not None:
+            warnings.warn(note, UserWarning, stacklevel=2)
         results: list[Caption] = []
         for i, chunk in enumerate(_chunks(images, batch_size)):
             batch = torch.stack([self.preprocess(image) for image in chunk])

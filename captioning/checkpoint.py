@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from captioning import provenance
 from captioning.config import Config, ConfigError, checked, merge
 from captioning.model_folder import (FOLDER_FILES, FOLDER_FORMAT, FOLDER_FORMAT_VERSION,  # noqa: F401
                                      STALE_AFTER_SAVE, CheckpointError, read_folder_meta, run_record,
@@ -27,6 +28,12 @@ class LoadedModel(NamedTuple):
     model: ShowAttendTell
     config: Config
     vocab: Vocabulary
+
+
+def checkpoint_training_data(ckpt: dict, cfg: Config, vocab: Vocabulary) -> dict:
+    """What the checkpoint's model was trained on (captioning/provenance.py): its record, or one
+    inferred from its config for a checkpoint written before the record was kept."""
+    return provenance.checked(ckpt["hyper_parameters"].get("training_data"), cfg, len(vocab))
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -113,6 +120,11 @@ def check_resumable(ckpt: dict, path: str | Path) -> None:
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> LoadedModel:
     """Rebuild the model in eval mode from a checkpoint file alone."""
+    return load_checkpoint_and_data(path, map_location)[0]
+
+
+def load_checkpoint_and_data(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[LoadedModel, dict]:
+    """:func:`load_checkpoint`, and what the model was trained on (:func:`checkpoint_training_data`)."""
     ckpt = read_checkpoint(path)
     cfg, vocab = checkpoint_config(ckpt, path)
     # The weights come from the checkpoint: never fetch ImageNet weights just to overwrite them.
@@ -121,7 +133,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     check_state_dict(model.state_dict(), state, path)
     model.load_state_dict(state)
-    return LoadedModel(model.to(map_location).eval(), cfg, vocab)
+    return LoadedModel(model.to(map_location).eval(), cfg, vocab), checkpoint_training_data(ckpt, cfg, vocab)
 
 
 # ================================================================================ model folders
@@ -129,7 +141,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 # A model folder is what ``Captioner.save_pretrained`` writes and ``Captioner.from_pretrained``
 # (and the ONNX export) reads: plain files that need neither Lightning nor the training code.
 #
-#   config.json        {"format", "format_version", "vocab_size", "vocab_sha256", "config", "run"?}
+#   config.json        {"format", "format_version", "vocab_size", "vocab_sha256", "config",
+#                       "training_data" (captioning/provenance.py), "run"?}
 #   vocab.json         the vocabulary, a list of words (ids are positions)
 #   model.safetensors  the model's weights (ShowAttendTell's state_dict), no pickle
 #   README.md          a model card: architecture, test scores, how it was made, how to load it
@@ -138,9 +151,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def save_model_folder(folder: str | Path, model: ShowAttendTell, cfg: Config, vocab: Vocabulary,
-                      card: str, run: dict | None = None) -> Path:
+                      card: str, run: dict | None = None, training_data: dict | None = None) -> Path:
     """Write a model folder (see above); ``card`` is the README.md text, ``run`` what the training
-    run said of the model (config.json "run"). Only a new or empty folder, or a model folder
+    run said of the model (config.json "run"), ``training_data`` what it was trained on (default:
+    inferred from ``cfg``, captioning/provenance.py). Only a new or empty folder, or a model folder
     written before, is written into (captioning/files.py, the folder marker); files are written
     under temporary names and renamed, so a folder is never left half-old, half-new."""
     import contextlib
@@ -157,7 +171,8 @@ def save_model_folder(folder: str | Path, model: ShowAttendTell, cfg: Config, vo
     except ForeignFolderError as err:
         raise CheckpointError(err) from None
     meta = {"format": FOLDER_FORMAT, "format_version": FOLDER_FORMAT_VERSION, "vocab_size": len(vocab),
-            "vocab_sha256": vocab_fingerprint(vocab), "config": to_dict(cfg)}
+            "vocab_sha256": vocab_fingerprint(vocab), "config": to_dict(cfg),
+            "training_data": provenance.checked(training_data, cfg, len(vocab))}
     if run_record(run):
         meta["run"] = run_record(run)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
@@ -180,11 +195,18 @@ def save_model_folder(folder: str | Path, model: ShowAttendTell, cfg: Config, vo
 
 def load_model_folder(folder: str | Path, map_location: str | torch.device = "cpu") -> LoadedModel:
     """Rebuild the model in eval mode from a model folder (see above)."""
+    return load_model_folder_and_data(folder, map_location)[0]
+
+
+def load_model_folder_and_data(folder: str | Path,
+                               map_location: str | torch.device = "cpu") -> tuple[LoadedModel, dict]:
+    """:func:`load_model_folder`, and what the model was trained on (config.json "training_data",
+    or inferred from its config for a folder written before it was kept)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    _, cfg, vocab = read_folder_meta(folder)
+    meta, cfg, vocab = read_folder_meta(folder)
     weights = folder / "model.safetensors"
     if not weights.is_file():
         raise CheckpointError(f"{weights} is missing; a model folder holds {', '.join(FOLDER_FILES)}")
@@ -203,7 +225,8 @@ def load_model_folder(folder: str | Path, map_location: str | torch.device = "cp
         model.load_state_dict(state)
     except RuntimeError as err:
         raise CheckpointError(f"{weights}: weights do not match config.json ({str(err).splitlines()[0]})") from None
-    return LoadedModel(model.to(map_location).eval(), cfg, vocab)
+    trained_on = provenance.checked(meta.get("training_data"), cfg, len(vocab))
+    return LoadedModel(model.to(map_location).eval(), cfg, vocab), trained_on
 
 
 def read_run_metrics(source: str | Path) -> dict | None:
@@ -253,10 +276,12 @@ def card_metadata(cfg: Config, metrics: dict | None = None) -> list[str]:
 
 
 def model_card(model: ShowAttendTell, cfg: Config, vocab: Vocabulary, command: str,
-               source: str | None = None, metrics: dict | None = None) -> str:
-    """README.md of a model folder: the metadata header (card_metadata), what the model is, its
-    test scores (from the training run's metrics.json, when there is one), the command that made
-    the folder, and how to load it."""
+               source: str | None = None, metrics: dict | None = None, training_data: dict | None = None) -> str:
+    """README.md of a model folder: the metadata header (card_metadata), what the model is, what
+    it was trained on, its intended use and limitations, its test scores (from the training run's
+    metrics.json, when there is one), the command that made the folder, and how to load it, with
+    PyTorch and with ONNX Runtime."""
+    trained_on = provenance.checked(training_data, cfg, len(vocab))
     enc, dec = cfg.model.encoder, cfg.model.decoder
     params = sum(p.numel() for p in model.parameters())
     lines = [
@@ -274,7 +299,9 @@ def model_card(model: ShowAttendTell, cfg: Config, vocab: Vocabulary, command: s
         f"| images | {cfg.data.image_size}x{cfg.data.image_size}, dataset `{cfg.data.dataset}` |",
         f"| decoding | beam {cfg.decode.beam_size}, at most {cfg.decode.max_len} words"
         + (f", hard mode {cfg.decode.hard_mode}" if model.mechanism.test_modes else "") + " |",
+        f"| training data | {provenance.describe(trained_on)} |",
         "",
+        *_intended_use(trained_on, metrics),
     ]
     scores = (metrics or {}).get("metrics")
     if isinstance(scores, dict) and scores:
@@ -299,5 +326,47 @@ def model_card(model: ShowAttendTell, cfg: Config, vocab: Vocabulary, command: s
     lines += ["```", command, "```", "",
               "## Use", "", "```python", "from captioning import Captioner", "",
               "captioner = Captioner.from_pretrained(\"THIS_FOLDER\")",
-              "print(captioner.caption(\"photo.jpg\")[0].text)", "```", ""]
+              "print(captioner.caption(\"photo.jpg\")[0].text)", "```", "",
+              "With ONNX Runtime, without PyTorch (`pip install 'show-attend-tell[export]'`): export the "
+              "graphs into the folder once, then caption with them:", "",
+              "```bash", "captioning export --checkpoint THIS_FOLDER --out THIS_FOLDER-onnx --format onnx",
+              "captioning caption --engine onnx --model THIS_FOLDER-onnx photo.jpg", "```", "",
+              "```python", "from captioning.export.runtime import OnnxCaptioner", "",
+              "engine = OnnxCaptioner(\"THIS_FOLDER-onnx\")",
+              "print(engine.caption(\"photo.jpg\")[0].text)", "```", ""]
     return "\n".join(lines)
+
+
+def _intended_use(trained_on: dict, metrics: dict | None) -> list[str]:
+    """The card's "Intended use" and "Limitations": what the model was trained on, what it
+    cannot do, and its measured scores with the command that measured them."""
+    lines = ["## Intended use", ""]
+    if provenance.is_synthetic(trained_on):
+        lines += ["Research and teaching: a small model of the paper's soft or hard attention on the built-in "
+                  "synthetic set of coloured shapes, to see where each word looks and to compare the two "
+                  "mechanisms. It is not a captioner of photographs.", "",
+                  "## Limitations", "",
+                  f"- Trained on {provenance.describe(trained_on)} only: every image it is given, a photo of a "
+                  "cat included, is described as coloured shapes (\"a large yellow square to the left of ...\").",
+                  f"- It can say only its {trained_on.get('vocab_size')} words: colours, sizes, shapes and "
+                  "places. It knows no objects, people, scenes or actions of the real world."]
+    else:
+        lines += [f"Captioning images like those it was trained on ({provenance.describe(trained_on)}).", "",
+                  "## Limitations", "",
+                  f"- It can say only the {trained_on.get('vocab_size')} words of its training captions, and "
+                  "describes images unlike its training data poorly.",
+                  "- Captions carry the biases of the training captions; do not use them for decisions about "
+                  "people."]
+    lines.append(f"- Images are resized to a square at the model's input size: fine detail and the aspect "
+                 "of long panoramas are lost.")
+    scores = (metrics or {}).get("metrics")
+    bleu = scores.get("bleu_4") if isinstance(scores, dict) else None
+    if isinstance(bleu, (int, float)):
+        n = (metrics or {}).get("num_images")
+        measured = f"- Measured: BLEU-4 {100 * bleu:.1f} on the test split{f' ({n} images)' if n else ''} of its " \
+                   "training data, the only data it was scored on"
+        command = (metrics or {}).get("command")
+        lines.append(measured + (f", by `{command}` (all scores below)." if isinstance(command, str) else "."))
+    else:
+        lines.append("- Measured: not scored (no test scores in a metrics.json beside the checkpoint).")
+    return lines + [""]

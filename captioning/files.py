@@ -393,7 +393,7 @@ class RunLock:
 MARKER = ".show-attend-tell.json"
 #: What each kind of folder is called in messages.
 FOLDER_KINDS = {"run": "training run folder", "model": "model folder", "prepared": "prepared dataset folder",
-                "evaluation": "evaluation folder", "study": "study folder"}
+                "evaluation": "evaluation folder", "study": "study folder", "benchmark": "benchmark folder"}
 
 
 class ForeignFolderError(ValueError):
@@ -401,7 +401,8 @@ class ForeignFolderError(ValueError):
 
 
 def folder_kind(folder: str | Path) -> str | None:
-    """The kind named by ``folder``'s marker ("run", "model", "prepared", "evaluation", "study"), or None
+    """The kind named by ``folder``'s marker ("run", "model", "prepared", "evaluation", "study",
+    "benchmark"), or None
     when the folder carries no readable marker (it is then not the project's)."""
     try:
         data = json.loads((Path(folder) / MARKER).read_text())

@@ -2,7 +2,8 @@
 loader (captioning/checkpoint.py) and the ONNX engine (captioning/export/runtime.py) check a
 folder the same way:
 
-    config.json   {"format", "format_version", "vocab_size", "vocab_sha256", "config", "run"?}
+    config.json   {"format", "format_version", "vocab_size", "vocab_sha256", "config", "training_data"
+                   (captioning/provenance.py), "run"?}
     vocab.json    the vocabulary, a list of words (ids are positions)
     onnx.json     (ONNX exports only) {"encoder", "step", "attention", "hard_mode", "opset", "image_size"}
 

@@ -324,3 +324,30 @@ def test_paths_times_the_port_beside_ours_on_the_same_batch(tmp_path):
                                                         rel=0.05)
     with pytest.raises(SystemExit):
         paths.main(["--quick", "--port", str(tmp_path / "missing")])
+
+
+def test_benchmark_writes_into_its_own_folder_or_only_where_out_says(tmp_path, monkeypatch, capsys):
+    from captioning.files import MARKER, folder_kind
+
+    monkeypatch.chdir(tmp_path)
+    benchmark.run(["--quick", "--sections", "matmul"])
+    folder = tmp_path / "runs" / "benchmark"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["benchmark.json", MARKER])
+    assert folder_kind(folder) == "benchmark" and "matmul" in json.loads((folder / "benchmark.json").read_text())
+    benchmark.run(["--quick", "--sections", "matmul"])  # its own folder: written again
+    assert not (tmp_path / "runs" / "benchmark.json").exists()
+    benchmark.run(["--quick", "--sections", "matmul", "--out", "mine/b.json"])
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["b.json"]  # no marker, nothing else
+
+    foreign = tmp_path / "other"
+    (foreign / "runs" / "benchmark").mkdir(parents=True)
+    (foreign / "runs" / "benchmark" / "notes.txt").write_text("mine")
+    monkeypatch.chdir(foreign)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        benchmark.run(["--quick", "--sections", "matmul"])
+    assert "is not empty and was not written by show-attend-tell" in str(exc.value) and "--out FILE" in str(exc.value)
+    assert sorted(p.name for p in (foreign / "runs" / "benchmark").iterdir()) == ["notes.txt"]
+    with pytest.raises(SystemExit) as exc:
+        benchmark.run(["--quick", "--sections", "matmul", "--out", "runs"])
+    assert "is a folder: name the JSON file to write" in str(exc.value)

@@ -24,9 +24,9 @@ from captioning.study.report import cell
 from captioning.study.runs import StudyError, parse_checkpoints, study_overrides
 from captioning.training.module import CaptioningModule
 from conftest import make_config
+from captioning.study import run as compare  # captioning compare (scripts/compare.py)
 
 REPO = Path(__file__).resolve().parents[1]
-from captioning.study import run as compare  # captioning compare (scripts/compare.py)
 
 SECTIONS = ("## Results", "## Grounding by word kind", "## Learning curves", "## Training signal",
             "## Attention maps: the same test images, soft and hard",
@@ -489,3 +489,21 @@ def test_a_study_folder_is_marked_as_the_studys(given_study):
     from captioning.files import folder_kind
 
     assert folder_kind(given_study.out) == "study"
+
+
+def test_help_states_each_budgets_run_count_as_the_plan_counts_them(tmp_path, capsys):
+    """--help says what a study costs before anything starts: the run counts it states are the
+    plans' own (the durations come from docs/study.md, where they were measured)."""
+    from captioning.study.runs import DEFAULT_ARMS, plan_training_runs
+
+    with pytest.raises(SystemExit) as exc:
+        compare.parse_args(["--help"])
+    assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    quick = len(plan_training_runs(tmp_path, 3, list(DEFAULT_ARMS)))
+    default = len(plan_training_runs(tmp_path, 3, list(DEFAULT_ARMS), diagnostic_seeds=1))
+    assert f"--budget quick (what runs without arguments) trains 9 arms x 3 seeds = {quick} runs, 2 h 15 min" in text
+    assert f"--budget default --diagnostic-seeds 1 trains 3 main arms x 3 seeds + 6 diagnostic arms x 1 seed = " \
+           f"{default} runs" in text and "7.5 to 10 min" in text
+    study = (REPO / "docs" / "study.md").read_text()
+    assert f"= {quick} | 2 h 15 min on the 2-core CPU" in study and f"= {default} | a main-arm run took 7.5 to 10 min" in study

@@ -333,6 +333,9 @@ def test_page_and_info(demo):
     with urllib.request.urlopen(f"{demo.url}/api/info", timeout=30) as r:
         info = json.loads(r.read())
     assert info["attention"] == "soft" and len(info["examples"]) == len(demo.examples)
+    assert info["training_data"] == demo.captioner.training_data
+    assert info["trained_on"] == demo.captioner.trained_on
+    assert "describes every image as coloured shapes" in info["note"]  # a synthetic model says so
 
 
 def test_server_listens_on_loopback_by_default(demo):
@@ -407,10 +410,51 @@ def test_browser_upload_caption_and_word_heatmaps(demo, browser):
     bad.write_text("not an image")
     browser.find_element(By.ID, "file").send_keys(str(bad))
     wait.until(lambda d: d.find_element(By.ID, "error").text)
-    assert "cannot be read as an image" in browser.find_element(By.ID, "error").text
+    error = browser.find_element(By.ID, "error").text
+    assert "the chosen file cannot be read as an image" in error and "curl" not in error  # a browser user's words
+    # Nothing of the earlier image stays: no captions, no legend, an empty canvas.
+    assert not browser.find_elements(By.CSS_SELECTOR, ".hyp") and browser.find_element(By.ID, "legend").text == ""
+    assert browser.execute_script(
+        "const c = document.getElementById('heatmap');"
+        "return c.getContext('2d').getImageData(0, 0, c.width, c.height).data.every(v => v === 0);")
     # The server kept serving: an example image still captions.
     browser.find_elements(By.CSS_SELECTOR, "#examples img")[0].click()
     wait.until(lambda d: d.find_element(By.ID, "error").text == "" and d.find_elements(By.CSS_SELECTOR, ".hyp"))
+
+
+def test_browser_shows_a_panorama_at_its_own_aspect_with_a_named_scale(demo, browser, tmp_path):
+    """A 1200x200 panorama is shown at 6:1 (the model squeezes it to a square; the page does not),
+    its attention grid stretched over it as the model saw it, and the legend names its scale."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    pano = tmp_path / "panorama.png"
+    Image.open(demo.examples[0]).resize((1200, 200), Image.Resampling.BICUBIC).save(pano)
+    wait = WebDriverWait(browser, 60)
+    browser.get(demo.url)
+    wait.until(lambda d: "attention" in d.find_element(By.ID, "model").text)
+    assert demo.captioner.trained_on in browser.find_element(By.ID, "model").text
+    assert "coloured shapes" in browser.find_element(By.ID, "note").text
+    browser.find_element(By.CSS_SELECTOR, "input[name=method][value=greedy]").click()
+    browser.find_element(By.ID, "file").send_keys(str(pano))
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".hyp .word"))
+    canvas = browser.find_element(By.ID, "heatmap")
+    wait.until(lambda d: "Scale:" in d.find_element(By.ID, "legend").text)
+    size = browser.execute_script("const c = arguments[0]; return [c.width, c.height, c.clientWidth, c.clientHeight];",
+                                  canvas)
+    assert size[0] / size[1] == pytest.approx(6.0, rel=0.02) and size[2] / size[3] == pytest.approx(6.0, rel=0.02)
+    shot = Image.open(io.BytesIO(canvas.screenshot_as_png))  # what the user sees, border included
+    assert shot.width / shot.height == pytest.approx(6.0, rel=0.05), shot.size
+    shot.save(Path("/tmp") / "demo_panorama.png")
+    legend = browser.find_element(By.ID, "legend").text
+    assert "Scale: absolute, attention weight 0 (dark) to 1 (bright)" in legend
+    g, side = demo.captioner.grid_size, demo.captioner.image_size
+    assert f"uniform level 1/{g * g}" in legend and f"squeezed to {side} pixels square" in legend
+    absolute = heatmap_pixels(browser)
+    Select(browser.find_element(By.ID, "scale")).select_by_value("word")
+    wait.until(lambda d: "Scale: per word" in d.find_element(By.ID, "legend").text)
+    assert heatmap_pixels(browser) != absolute  # the same map, stretched from its min to its max
+    assert not browser.find_element(By.ID, "scalebar").get_attribute("hidden")
 
 
 def test_hard_checkpoint_reports_where_each_word_looked(demo, tmp_path):

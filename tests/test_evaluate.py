@@ -72,6 +72,23 @@ def test_grounding_keys_in_the_metrics_json_on_the_0_100_scale(tiny, capsys, tmp
     assert grounding["mode"] == "expected" and grounding["words_to_classes"] == "synthetic shapes"
     assert grounding["words"] == metrics["grounding_words"]
     assert "0-100" in out and "pointing game (mean over words)" in out and "grounding words (count)" in out
+    # It leads with a summary: the caption metrics, then grounding by word kind beside the uniform
+    # map's score on the same words; the full table follows.
+    lines = out.splitlines()
+    assert lines[0].startswith("decoded: ")
+    lines = lines[1:]  # the scores begin here
+    captioner = Captioner.from_checkpoint(tiny.ckpt, device="cpu")
+    assert lines[0] == f"summary: test split, {len(tiny.data.load_split('test'))} images; the model was trained " \
+                       f"on {captioner.trained_on}"
+    assert lines[1] == (f"  captions (x100): BLEU-4 {metrics['bleu_4']:.2f}, CIDEr {metrics['cider']:.2f}, "
+                        f"caption accuracy {metrics['caption_accuracy']:.2f}")
+    assert lines[3] == (f"    object nouns ({metrics['grounding_words']} words): pointing game "
+                        f"{metrics['pointing_game']:.2f} vs {metrics['uniform_pointing_game']:.2f}, mass in box "
+                        f"{metrics['mass_in_box']:.2f} vs {metrics['uniform_mass_in_box']:.2f}")
+    assert [line.split(" (")[0].strip() for line in lines[3:6]] == ["object nouns", "attribute words",
+                                                                    "whole object phrase"]
+    assert lines.index("the full table:") == 6
+    assert saved["training_data"] == captioner.training_data
 
     # The same numbers from the public pieces: the API's captions and attention, the split's boxes.
     captioner = Captioner.from_checkpoint(tiny.ckpt, device="cpu")

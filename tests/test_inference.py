@@ -131,7 +131,8 @@ def test_json_lines_and_one_heatmap_per_image(tiny, capsys, tmp_path):
     rows = [json.loads(line) for line in out.splitlines()]
     assert [r["path"] for r in rows] == [str(p) for p in paths]
     for row in rows:
-        assert set(row) == {"path", "caption", "score", "words", "settings"}
+        assert set(row) == {"path", "caption", "score", "words", "cut", "settings", "training_data"}
+        assert row["training_data"]["dataset"] == "synthetic" and row["cut"] is (len(row["words"]) == MAX_LEN)
         assert row["caption"] == " ".join(row["words"])
         assert row["score"] < 0
         assert row["settings"] == {"method": "beam", "beam_size": 3, "length_penalty": 0.0, "max_len": MAX_LEN,

@@ -328,3 +328,147 @@ def test_a_folder_config_out_of_range_is_one_line(tiny, tmp_path):
     with pytest.raises(CheckpointError, match="'model.decoder.dropout' must be a finite number") as err:
         Captioner.from_pretrained(folder, device="cpu")
     assert "\n" not in str(err.value)
+
+
+# ------------------------------------------------------------------- what the model knows
+
+
+def test_an_old_checkpoint_without_a_record_says_what_its_config_says(tiny):
+    """The fixture's checkpoint is saved without "training_data", as checkpoints were before it was
+    kept: the record is inferred from the config (the synthetic set's size is in it)."""
+    assert "training_data" not in torch.load(tiny.ckpt, weights_only=True)["hyper_parameters"]
+    data = tiny.captioner.training_data
+    assert data == {"dataset": "synthetic", "name": "synthetic-v8-seed0-n20-8-8-s32-c5",
+                    "vocab_size": len(tiny.captioner.vocab), "train_images": 20}
+    assert "trained_on='the built-in synthetic shapes (synthetic-v8-seed0-n20-8-8-s32-c5, 20 training images, " \
+           f"{len(tiny.captioner.vocab)} words)'" in repr(tiny.captioner)
+
+
+def test_a_recorded_training_set_travels_into_the_folder_and_its_card(tiny, tmp_path):
+    from captioning.training.module import CaptioningModule
+
+    ckpt = torch.load(tiny.ckpt, weights_only=True)
+    record = {"dataset": "coco", "name": "coco2014", "vocab_size": len(tiny.captioner.vocab), "train_images": 113287}
+    ckpt["hyper_parameters"]["training_data"] = record
+    path = tmp_path / "run" / "best.ckpt"
+    path.parent.mkdir()
+    torch.save(ckpt, path)
+    captioner = Captioner.from_checkpoint(path, device="cpu")
+    assert captioner.training_data == record and "113,287 training images" in repr(captioner)
+    folder = captioner.save_pretrained(tmp_path / "model")
+    assert json.loads((folder / "config.json").read_text())["training_data"] == record
+    assert Captioner.from_pretrained(folder, device="cpu").training_data == record
+    assert captioner.note_for(["photo.jpg"]) is None  # only a synthetic model owes the note
+    module = CaptioningModule.create(captioner.config, captioner.vocab, record)  # what training saves
+    assert module.hparams["training_data"] == record
+
+
+def test_the_card_has_intended_use_limitations_and_onnx_usage(tiny):
+    card = (tiny.folder / "README.md").read_text()
+    sections = [line for line in card.splitlines() if line.startswith("## ")]
+    assert sections.index("## Intended use") < sections.index("## Limitations") < sections.index("## Use")
+    limits = card.split("## Limitations")[1].split("## ")[0]
+    assert "synthetic-v8-seed0-n20-8-8-s32-c5, 20 training images" in limits
+    assert "every image it is given" in limits and "coloured shapes" in limits
+    assert "BLEU-4 43.2" in limits and "`captioning train --config configs/tiny.yaml`" in limits
+    assert "captioning caption --engine onnx --model" in card and "OnnxCaptioner(" in card
+    assert json.loads((tiny.folder / "config.json").read_text())["training_data"] == tiny.captioner.training_data
+
+
+def test_caption_says_once_that_a_synthetic_model_sees_shapes(tiny, tmp_path, capsys):
+    from PIL import Image
+
+    photos = []
+    for i in range(3):
+        photos.append(tmp_path / f"photo{i}.png")
+        Image.new("RGB", (90, 60), (40 * i, 120, 200)).save(photos[-1])
+    rc, out, err = run_caption(capsys, "--checkpoint", tiny.ckpt, *photos, tiny.paths[0])
+    assert rc == 0 and len(out) == 4
+    assert err.splitlines() == [
+        "note: this model was trained on the built-in synthetic set (coloured shapes on a plain background): it "
+        "describes every image as coloured shapes, whatever the image shows"]
+    rc, out, err = run_caption(capsys, "--checkpoint", tiny.ckpt, *tiny.paths[:2])  # the set's own images
+    assert rc == 0 and err.splitlines() == [f"model: trained on {tiny.captioner.trained_on}"]
+    captioner = Captioner.from_checkpoint(tiny.ckpt, device="cpu")
+    with pytest.warns(UserWarning, match="describes every image as coloured shapes") as seen:
+        captioner.caption(photos[0], beam_size=1)
+        captioner.caption(photos[1], beam_size=1)
+    assert len(seen) == 1  # once per captioner
+
+
+# ------------------------------------------------------------------- the command line's output
+
+
+def test_a_caption_cut_at_max_len_is_marked_plain_and_json(tiny, capsys):
+    path = tiny.paths[0]
+    cap = tiny.captioner.caption(path, beam_size=1, max_len=2)[0]
+    assert not cap.ended  # the untrained model never ends within two words
+    rc, out, _ = run_caption(capsys, "--checkpoint", tiny.ckpt, path, "--beam-size", "1", "--max-len", "2")
+    assert rc == 0 and out == [f"{path}\t{cap.text}\t(cut at --max-len 2)"]
+    rc, out, _ = run_caption(capsys, "--checkpoint", tiny.ckpt, path, "--beam-size", "1", "--max-len", "2", "--json")
+    row = json.loads(out[0])
+    assert row["cut"] is True and row["caption"] == cap.text and "attention" not in row
+    assert row["training_data"] == tiny.captioner.training_data
+    rc, out, _ = run_caption(capsys, "--checkpoint", tiny.ckpt, path, "--json", "--min-len", "0", "--max-len", "6",
+                             "--beam-size", "1")
+    ended = tiny.captioner.caption(path, beam_size=1)[0]
+    assert json.loads(out[0])["cut"] is (not ended.ended)
+
+
+def test_n_best_prints_every_score_and_json_carries_attention_on_request(tiny, capsys):
+    path = tiny.paths[0]
+    expected = tiny.captioner.caption(path, beam_size=4, n_best=3)[0]
+    rc, out, _ = run_caption(capsys, "--checkpoint", tiny.ckpt, path, "--beam-size", "4", "--n-best", "3")
+    assert rc == 0 and len(out) == 3
+    scores = [float(line.split("\t")[2]) for line in out]
+    assert scores == pytest.approx([round(c.score, 4) for c in [expected, *expected.alternatives]], abs=1e-4)
+    rc, out, _ = run_caption(capsys, "--checkpoint", tiny.ckpt, path, "--json", "--with-attention", "--n-best", "2")
+    row = json.loads(out[0])
+    assert torch.tensor(row["attention"]).shape == (len(row["words"]), 4, 4)
+    assert torch.tensor(row["alternatives"][0]["attention"]).shape[0] == len(row["alternatives"][0]["words"])
+    with pytest.raises(SystemExit) as exc:
+        run_caption(capsys, "--checkpoint", tiny.ckpt, path, "--with-attention")
+    assert exc.value.code == 2
+    assert "--with-attention adds the attention to --json lines: give --json too" in capsys.readouterr().err
+
+
+def test_fewer_captions_than_n_best_say_why(tiny, capsys):
+    """Sampled draws that repeat a caption are dropped: at a low temperature the 5 draws agree."""
+    path = tiny.paths[0]
+    rc, out, err = run_caption(capsys, "--checkpoint", tiny.ckpt, path, "--temperature", "0.05", "--n-best", "5",
+                               "--seed", "0")
+    assert rc == 0 and len(out) < 5
+    assert f"note: {path}: {len(out)} distinct caption(s) of the 5 asked: the other draws repeated a caption" in err
+
+
+# ------------------------------------------------------------------- images as arrays and tensors
+
+
+def test_caption_takes_paths_pil_images_arrays_and_tensors_alike(tiny):
+    import numpy as np
+    from PIL import Image
+
+    path = tiny.paths[0]
+    pil = Image.open(path).convert("RGB")
+    array = np.array(pil)  # [H, W, 3] uint8
+    tensor = torch.from_numpy(array).permute(2, 0, 1)  # [3, H, W] uint8, as torchvision's read_image
+    caps = tiny.captioner.caption([path, pil, array, tensor, tensor.float() / 255], beam_size=1)
+    assert len({tuple(c.words) for c in caps}) == 1
+    assert [c.source for c in caps] == [str(path), "<PIL image>", "<array>", "<tensor>", "<tensor>"]
+    assert tiny.captioner.caption(array, beam_size=1)[0].words == caps[0].words  # one array: one image
+
+
+@pytest.mark.parametrize("image,message", [
+    ("np.zeros((32, 32), np.uint8)", "an image array must be [H, W, 3] of uint8 (RGB); got an array of shape (32, 32)"),
+    ("np.zeros((32, 32, 3), np.float32)", "got an array of shape (32, 32, 3) and dtype float32"),
+    ("torch.zeros(2, 3, 32, 32)", "an image tensor must be [3, H, W], uint8 or float in [0, 1]; got a tensor of "
+                                  "shape (2, 3, 32, 32)"),
+    ("torch.full((3, 8, 8), 255.0)", "a float image tensor must hold values in [0, 1]"),
+    ("torch.zeros(3, 8, 8, dtype=torch.int64)", "dtype int64"),
+])
+def test_an_array_of_another_shape_or_dtype_is_a_one_line_error(tiny, image, message):
+    import numpy as np  # noqa: F401  (the parameters name it)
+
+    with pytest.raises(ValueError) as err:
+        tiny.captioner.caption(eval(image))
+    assert message in str(err.value) and "\n" not in str(err.value)

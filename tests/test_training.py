@@ -76,6 +76,11 @@ def test_outputs_describe_themselves(hard_run):
     assert "baseline.value" in ckpt["state_dict"]
     model, cfg, vocab = load_checkpoint(out / "best.ckpt")
     assert cfg.model.attention == "hard" and len(vocab) == model.decoder.vocab_size
+    # What the model was trained on, as counted when it trained (captioning/provenance.py).
+    trained_on = ckpt["hyper_parameters"]["training_data"]
+    assert trained_on["name"].startswith("synthetic-v") and trained_on["name"].endswith("-n32-8-8-s32-c5")
+    assert trained_on == {"dataset": "synthetic", "name": trained_on["name"], "vocab_size": len(vocab),
+                          "train_images": 32}  # configs/tiny.yaml: 32 training scenes
 
 
 def test_validation_logs_cider_and_selects_on_bleu_4(hard_run):

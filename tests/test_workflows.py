@@ -69,6 +69,32 @@ def test_make_setup_shows_pips_progress_and_the_quick_demo_trains_on_the_tiny_co
         'echo "demo 1/3', 'echo "demo 2/3', 'echo "demo 3/3']
 
 
+def test_make_demo_variants_write_their_own_folders_and_say_how_to_run_captioning(tmp_path):
+    """make demo ATTENTION=hard after make demo leaves both runs: each variant trains into its own
+    folder. The last lines of setup and demo say how to reach the venv's captioning."""
+    venv = tmp_path / "venv"
+
+    def planned(*variables: str) -> list[str]:
+        proc = subprocess.run(["make", "-n", "--no-print-directory", "-C", str(REPO), "demo", *variables,
+                               f"VENV={venv}"], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.splitlines()
+
+    folders = {}
+    for variables in [(), ("ATTENTION=hard",), ("QUICK=1",), ("CONFIG=configs/tiny.yaml", "ATTENTION=hard")]:
+        lines = planned(*variables)
+        train = next(line for line in lines if "scripts/train.py" in line).split()
+        folders[variables] = train[train.index("--out-dir") + 1]
+        assert lines[-1] == (f'echo "demo: to run captioning yourself: source {venv}/bin/activate, then captioning '
+                             f'--help (or, without activating, {venv}/bin/captioning --help)"')
+    assert list(folders.values()) == ["runs/demo-soft", "runs/demo-hard", "runs/demo-tiny-soft", "runs/demo-tiny-hard"]
+    setup = subprocess.run(["make", "-n", "--no-print-directory", "-C", str(REPO), "setup", f"VENV={venv}"],
+                           capture_output=True, text=True, timeout=60).stdout.splitlines()
+    assert f"{venv}/bin/captioning --help" in setup[-1] and setup[-1].startswith('echo "setup: done')
+    readme = (REPO / "README.md").read_text()
+    assert "source .venv/bin/activate && captioning --help   # or: .venv/bin/captioning --help" in readme
+
+
 def test_readme_lists_every_command():
     line = next(line for line in (REPO / "README.md").read_text().splitlines()
                 if line.startswith("captioning --help"))

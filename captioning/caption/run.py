@@ -8,12 +8,17 @@
     captioning caption --model exported/soft photo.jpg                  # a model folder (PyTorch)
     captioning caption --engine onnx --model exported/soft photo.jpg    # ONNX Runtime, no torch
 
-Prints ``path<TAB>caption`` per image (``--json``: one JSON object per line); a tab, newline or
-backslash in a path is written as ``\\t``, ``\\n``, ``\\\\``, so each image is one line. An image
-smaller than 16 pixels on a side gets a note on stderr: upscaled, it shows too little for its
-caption to mean much. A file that cannot be read is reported on stderr as one
-``error: <path>: <reason>`` line and the others are still captioned; the exit status is then 1. A missing or invalid checkpoint, or no image at all, is a
-one-line error with exit status 2.
+Prints ``path<TAB>caption`` per image (``--n-best K``: K lines ``path<TAB>caption<TAB>score``, best
+first, the others' captions indented by two spaces; ``--json``: one JSON object per line,
+``--with-attention`` adds each word's attention); a caption cut at ``--max-len`` words gets one
+more field, ``(cut at --max-len N)`` (JSON: ``"cut": true``). One line on stderr says what the
+model was trained on: a model trained on the synthetic set says that it describes every image as
+coloured shapes, unless every image is from that set. A tab, newline or backslash in a path is
+written as ``\\t``, ``\\n``, ``\\\\``, so each image is one line. An image smaller than 16 pixels on
+a side gets a note on stderr: upscaled, it shows too little for its caption to mean much. A file
+that cannot be read is reported on stderr as one ``error: <path>: <reason>`` line and the others
+are still captioned; the exit status is then 1. A missing or invalid checkpoint, or no image at
+all, is a one-line error with exit status 2.
 """
 
 from __future__ import annotations
@@ -199,7 +204,10 @@ def caption_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--heatmaps", type=Path, metavar="DIR",
                    help="write one attention figure (PNG) per image into DIR")
     p.add_argument("--json", action="store_true",
-                   help="one JSON object per line: path, caption, score, words, settings")
+                   help="one JSON object per line: path, caption, score, words, cut (true when the caption "
+                        "reached --max-len without ending), settings, training_data")
+    p.add_argument("--with-attention", action="store_true",
+                   help="with --json: each caption's attention too, one grid per word ([words][grid][grid])")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     p.add_argument("--batch-size", type=positive_int, default=32, metavar="N",
                    help="images decoded together (default: 32)")
@@ -243,6 +251,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         parser.error("--limit needs --from-split")
     if args.data_root is not None and args.from_split is None:
         parser.error("--data-root needs --from-split")
+    if args.with_attention and not args.json:
+        parser.error("--with-attention adds the attention to --json lines: give --json too")
     if args.checkpoint is None:
         args.checkpoint = args.model
     if args.engine == "onnx":
@@ -263,6 +273,29 @@ TINY_SIDE = 16  # pixels; a smaller image is mostly interpolation once resized t
 def tsv_field(text: str) -> str:
     """``text`` with backslash, tab, newline and carriage return escaped: one field of one line."""
     return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def cut_mark(cap, max_len: int) -> str:
+    """The plain output's last field for a caption cut at the length limit, else nothing: the
+    caption's own field stays the caption's words."""
+    return "" if cap.ended else f"\t(cut at --max-len {max_len})"
+
+
+def caption_fields(cap, with_attention: bool) -> dict:
+    """One caption's JSON fields; ``cut`` is true when it reached max_len words without <end>."""
+    fields = {"caption": cap.text, "score": cap.score, "words": cap.words, "cut": not cap.ended}
+    if with_attention:  # [words][grid][grid], 5 decimals: a float32's noise beyond them says nothing
+        fields["attention"] = [[[round(float(v), 5) for v in row] for row in grid] for grid in cap.attention]
+    return fields
+
+
+def fewer_reason(found: int, options) -> str:
+    """Why fewer captions than --n-best came back for an image (captioning/search.py search)."""
+    if options.method == "sample":
+        return (f"{found} distinct caption(s) of the {options.n_best} asked: the other draws repeated a caption "
+                "already drawn, and repeats are dropped (a higher --temperature varies them more)")
+    return (f"{found} caption(s) of the {options.n_best} asked: the beam search found no more that end within "
+            f"--max-len {options.max_len} words (a wider --beam-size or a larger --max-len finds more)")
 
 
 def onnx_engine_and_options(args: argparse.Namespace):
@@ -303,6 +336,9 @@ def _run_caption(args: argparse.Namespace) -> int:
 
     from captioning.visualization import save_attention_figure
 
+    # What the model knows, said once: a synthetic-trained model names shapes in any photo.
+    note = captioner.note_for([str(p) for p in paths])
+    print(note or f"model: trained on {captioner.trained_on}", file=sys.stderr, flush=True)
     failed = len(input_errors)
     used_names: set[str] = set()
     progress = Progress(len(paths), "caption", enabled=len(paths) > args.batch_size)
@@ -322,17 +358,21 @@ def _run_caption(args: argparse.Namespace) -> int:
         if loaded:
             captions = run([t for _, _, t in loaded], [str(p) for p, _, _ in loaded])
             for (path, image, _), cap in zip(loaded, captions):
+                shown = [cap, *cap.alternatives]
                 if args.json:
-                    row = {"path": cap.source, "caption": cap.text, "score": cap.score, "words": cap.words,
-                           "settings": settings}
+                    row = {"path": cap.source, **caption_fields(cap, args.with_attention), "settings": settings,
+                           "training_data": captioner.training_data}
                     if cap.alternatives:
-                        row["alternatives"] = [{"caption": a.text, "score": a.score, "words": a.words}
-                                               for a in cap.alternatives]
+                        row["alternatives"] = [caption_fields(a, args.with_attention) for a in cap.alternatives]
                     print(json.dumps(row))
+                elif options.n_best > 1:  # every caption with its score, best first, the others indented
+                    for i, alt in enumerate(shown):
+                        print(f"{tsv_field(cap.source)}\t{'  ' if i else ''}{alt.text}\t{alt.score:.4f}"
+                              f"{cut_mark(alt, options.max_len)}")
                 else:
-                    print(f"{tsv_field(cap.source)}\t{cap.text}")
-                    for alt in cap.alternatives:  # --n-best: the others, indented, best first
-                        print(f"{tsv_field(cap.source)}\t  {alt.text}\t{alt.score:.4f}")
+                    print(f"{tsv_field(cap.source)}\t{cap.text}{cut_mark(cap, options.max_len)}")
+                if len(shown) < options.n_best:
+                    print(f"note: {path}: {fewer_reason(len(shown), options)}", file=sys.stderr, flush=True)
                 if args.heatmaps is not None:
                     target = heatmap_path(args.heatmaps, path, used_names)
                     try:

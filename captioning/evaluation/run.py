@@ -203,7 +203,8 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     print(f"evaluate: {args.checkpoint}, {split} split of {data.root}: {len(records)} images, "
           f"{settings['attention']} attention, {settings['method']} (beam {settings['beam_size']}), max_len {settings['max_len']}"
           + (f", hard_mode {settings['hard_mode']}" if settings["hard_mode"] else "")
-          + (f", {args.devices} {device_type} processes" if args.devices > 1 else ""), file=sys.stderr, flush=True)
+          + (f", {args.devices} {device_type} processes" if args.devices > 1 else "")
+          + f"; trained on {captioner.trained_on}", file=sys.stderr, flush=True)
     started = time.perf_counter()
     duplicates = 0
     try:
@@ -227,7 +228,9 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
         grounding = score_grounding({i: item.named for i, item in decoded.items()}, instances,
                                     options.hard_mode or "expected")
         values.update(grounding.metrics())
-    print(format_metrics_table(values, title=f"{split} split, {len(predictions)} images"))
+    for line in summary_lines(values, f"{split} split, {len(predictions)} images", captioner.trained_on):
+        print(line)
+    print(format_metrics_table(values, title="the full table:"))
     for note in report.notes() + (grounding.notes() if grounding else ["grounding: not computed (no boxes: "
                                                                         "the dataset has no instances file)"]):
         print(note)
@@ -241,7 +244,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
         "split": split, **score_record(values, report, len(predictions), percent=True), "decode": settings,
         "grounding": ({**grounding.describe(scale=100.0), "instances": instances.path, "words_to_classes":
                        instances.matcher().name} if grounding else None),
-        "devices": args.devices, "checkpoint": str(args.checkpoint),
+        "devices": args.devices, "checkpoint": str(args.checkpoint), "training_data": captioner.training_data,
     }
     _write_json(metrics_file, results)
     print(f"decoded in {format_duration(decode_seconds)} ({len(predictions) / max(decode_seconds, 1e-9):.1f} "
@@ -254,6 +257,38 @@ def _results_out_dir(results: Path) -> Path:
     """The default --out-dir of results mode: the results file's folder when an evaluation wrote it,
     else its eval/ subfolder (the project writes into no folder of anyone else's)."""
     return results.parent if folder_kind(results.parent) == "evaluation" else results.parent / "eval"
+
+
+#: The caption metrics the summary leads with (x100), before the full table.
+SUMMARY_METRICS = (("bleu_4", "BLEU-4"), ("meteor", "METEOR"), ("rouge_l", "ROUGE-L"), ("cider", "CIDEr"),
+                   ("caption_accuracy", "caption accuracy"))
+
+
+def summary_lines(values: dict, title: str, trained_on: str | None = None) -> list[str]:
+    """The few lines evaluate leads with: the caption metrics, then grounding by word kind, each
+    beside what a uniform attention map scores on the same words (the reference that says whether
+    a number is good: a pointing game of 2 is poor against a uniform 9, 70 is strong)."""
+    def x100(key: str) -> str:
+        value = values.get(key)
+        return "n/a" if not isinstance(value, (int, float)) or value != value else f"{100 * value:.2f}"
+
+    shown = [f"{name} {x100(key)}" for key, name in SUMMARY_METRICS if key in values]
+    lines = [f"summary: {title}" + (f"; the model was trained on {trained_on}" if trained_on else ""),
+             f"  captions (x100): {', '.join(shown)}"]
+    if "grounding_words" not in values:
+        return lines + ["  grounding: not computed (no boxes)"]
+    from captioning.evaluation.grounding import KIND_NAMES
+
+    lines.append("  grounding (x100), the model vs a uniform attention map on the same words:")
+    for suffix, name in (("", "object nouns"), *((f"_{k}", v) for k, v in KIND_NAMES.items())):
+        words = values.get(f"grounding_words{suffix}") or 0
+        if not words:
+            lines.append(f"    {name} (0 words): n/a")
+            continue
+        lines.append(f"    {name} ({words} words): pointing game {x100('pointing_game' + suffix)} vs "
+                     f"{x100('uniform_pointing_game' + suffix)}, mass in box {x100('mass_in_box' + suffix)} vs "
+                     f"{x100('uniform_mass_in_box' + suffix)}")
+    return lines
 
 
 def evaluate_results(args: argparse.Namespace) -> dict:
@@ -279,7 +314,9 @@ def evaluate_results(args: argparse.Namespace) -> dict:
         print(f"warning: {args.results} covers {len(predictions)} of the {len(references)} images; the scores "
               f"(CIDEr's document frequencies too) are over those {len(predictions)} only", file=sys.stderr)
     values, report = _score(predictions, {i: references[i] for i in predictions}, None, args)
-    print(format_metrics_table(values, title=f"{args.results.name}, {len(predictions)} images"))
+    for line in summary_lines(values, f"{args.results.name}, {len(predictions)} images"):
+        print(line)
+    print(format_metrics_table(values, title="the full table:"))
     for note in report.notes() + ["grounding: not computed (a results file has no attention maps)"]:
         print(note)
     metrics_file = out_dir / f"metrics_{args.results.stem}.json"

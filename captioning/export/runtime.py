@@ -22,6 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
+from captioning import provenance
 from captioning.data.transforms import MEAN, STD, load_image, resize_square, to_rgb
 from captioning.model_folder import CheckpointError, read_folder_meta, read_onnx_meta
 from captioning.search import DecodeOptions, Hypothesis, StepResult, search
@@ -141,11 +142,14 @@ class OnnxCaptioner:
         # The folder is checked as the PyTorch loader checks it (vocabulary fingerprint, config
         # ranges), and onnx.json against config.json, before any graph is loaded.
         try:
-            _, cfg, self.vocab = read_folder_meta(folder)
+            folder_meta, cfg, self.vocab = read_folder_meta(folder)
             meta = read_onnx_meta(folder, cfg)
         except CheckpointError as err:
             raise OnnxModelError(err) from None
         self.meta = meta
+        # What the model was trained on (captioning/provenance.py): all it can describe.
+        self.training_data = provenance.checked(folder_meta.get("training_data"), cfg, len(self.vocab))
+        self._noted = False
         self.image_size = meta["image_size"]
         self.grid_size = cfg.model.encoder.grid_size
         self.decode_defaults = cfg.decode  # checked by read_folder_meta
@@ -159,6 +163,17 @@ class OnnxCaptioner:
             self.step = ort.InferenceSession(str(folder / meta["step"]), options, providers=["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime raises its own types for missing or damaged files
             raise OnnxModelError(f"cannot load the ONNX graphs of {folder}: {' '.join(str(err).split())[:300]}") from None
+
+    @property
+    def trained_on(self) -> str:
+        """What the model was trained on, in one phrase (captioning/provenance.py describe)."""
+        return provenance.describe(self.training_data)
+
+    def note_for(self, sources: Sequence[str]) -> str | None:
+        """The synthetic set's one-line note (captioning/provenance.py note), once per engine."""
+        found = None if self._noted else provenance.note(self.training_data, list(sources))
+        self._noted = self._noted or found is not None
+        return found
 
     # ------------------------------------------------------------------------------ images
 

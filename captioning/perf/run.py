@@ -3,7 +3,7 @@
     captioning benchmark                              # every section, COCO sizes, best device
     captioning benchmark --sections train --batches 32 --attention soft --reps 5
     captioning benchmark --sections train --compile none step   # eager vs torch.compile
-    captioning benchmark --device cuda --out runs/bench-h100.json
+    captioning benchmark --device cuda --out bench-h100.json  # that file only
     captioning benchmark --sections loader --loader-root prepared/coco
     captioning benchmark --quick                      # tiny sizes, seconds (used by the tests)
 
@@ -11,13 +11,14 @@ Sections (captioning/perf/benchmark.py): matmul (the machine's matrix-multiply G
 yardstick), train (teacher-forced step at COCO sizes: 196x2048 grids, 512 dims, 9,490 words,
 captions of 12-18 tokens), encoder (every backbone at 224 px), beam (beam 5 over 100 images at
 once vs one at a time, 10,000 words), loader (the prepared store's loader, given --loader-root).
-Progress goes to stderr, tables to stdout, everything to --out as JSON.
+Progress goes to stderr, tables to stdout, everything as JSON to --out, or by default to
+runs/benchmark/benchmark.json: the folder is the benchmark's own (captioning/files.py marker), so a
+folder of yours is never written into without --out naming a file in it.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -32,7 +33,9 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="what to measure")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
-    p.add_argument("--out", type=Path, default=Path("runs/benchmark.json"), help="JSON results file")
+    p.add_argument("--out", type=Path, metavar="FILE",
+                   help="the JSON results file, written there only (default: runs/benchmark/benchmark.json, in "
+                        "a folder the benchmark marks as its own and writes nothing else into)")
     p.add_argument("--quick", action="store_true", help="tiny sizes and one repetition: a smoke test in seconds")
     p.add_argument("--batches", type=int, nargs="+", help="training-step batch sizes in captions (default 32 128)")
     p.add_argument("--attention", nargs="+", choices=["soft", "hard"], default=["soft", "hard"])
@@ -121,6 +124,27 @@ def format_report(results: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+#: Where results go without --out: a folder of the benchmark's own.
+DEFAULT_FOLDER = Path("runs") / "benchmark"
+
+
+def results_file(out: Path | None) -> Path:
+    """The JSON file to write: ``out`` (its folder created if missing), or benchmark.json in
+    :data:`DEFAULT_FOLDER`, claimed with the project's marker (captioning/files.py). A folder that
+    holds files of someone else's, or an ``out`` that is a folder, exits with a one-line error."""
+    from captioning.files import FileWriteError, ForeignFolderError, check_writable, claim_folder
+
+    try:
+        if out is None:
+            return claim_folder(DEFAULT_FOLDER, "benchmark", "--out FILE") / "benchmark.json"
+        if out.is_dir():
+            raise ForeignFolderError(f"--out {out} is a folder: name the JSON file to write, such as {out / 'benchmark.json'}")
+        check_writable(out.parent)
+    except (ForeignFolderError, FileWriteError) as err:
+        sys.exit(f"error: {err}")
+    return out
+
+
 def run(argv: list[str] | None = None, prog: str | None = None) -> dict[str, Any]:
     """``captioning benchmark`` with ``argv``; -> what it wrote, as a dict (bad input: SystemExit, one line)."""
     args = parse_args(argv, prog)  # first: --help answers without importing torch
@@ -130,6 +154,7 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> dict[str, Any
     from captioning.perf import benchmark as bench
     from captioning.perf.compile import compile_unsupported_reason
 
+    out = results_file(args.out)  # before any measuring: a folder that is not ours fails now
     if args.threads or args.quick:  # --quick: tiny tensors run faster on one thread of a shared CPU
         torch.set_num_threads(args.threads or 1)
     try:
@@ -199,10 +224,11 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> dict[str, Any
         bench.progress(f"[{i + 1}/{len(plan)}] {label}: done, elapsed {elapsed:.0f}s, ETA ~{eta:.0f}s")
     results["total_seconds"] = round(time.perf_counter() - started, 1)
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+    from captioning.files import atomic_write_json
+
+    atomic_write_json(out, results)
     print(format_report(results))
-    print(f"wrote {args.out} ({results['total_seconds']} s)")
+    print(f"wrote {out} ({results['total_seconds']} s)")
     return results
 
 

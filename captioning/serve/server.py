@@ -14,7 +14,9 @@ this file) has no external scripts, and the server listens on 127.0.0.1 unless t
                              requests); or empty with example=<i>; query: method (beam | greedy |
                              sample), beam_size, n_best, temperature, top_k, min_len, no_unk,
                              hard_mode, seed (ranges: NUMBERS)
-                             -> {"captions": [{"text", "words", "score", "ended", "attention"}], ...}
+                             -> {"captions": [{"text", "words", "score", "ended", "attention"}], ...};
+                             the page sends the header X-Demo-Client: page, and its messages then
+                             speak of "the chosen file" without the hints for curl
 
 Every answer is JSON, errors too: ``{"error": one line}`` with a 4xx status for a bad request
 (not an image, truncated, too large, too many pixels, a missing or malformed Content-Length, a
@@ -39,6 +41,7 @@ import re
 import sys
 import tempfile
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from email.parser import BytesParser
 from email.policy import HTTP
@@ -115,8 +118,13 @@ class Demo:
 
     def info(self) -> dict:
         c = self.captioner
+        from captioning import provenance
+
+        note = provenance.SYNTHETIC_NOTE[len("note: "):] if provenance.is_synthetic(c.training_data) else None
         return {"attention": c.config.model.attention, "grid": c.grid_size, "image_size": c.image_size,
                 "vocab_size": len(c.vocab), "defaults": c.settings, "source": Path(c.source).name if c.source else None,
+                "training_data": c.training_data, "trained_on": c.trained_on,
+                "note": note and note[0].upper() + note[1:] + ".",
                 "examples": [p.name for p in self.examples], "max_upload_bytes": MAX_UPLOAD_BYTES}
 
     def options(self, query: dict) -> dict:
@@ -151,7 +159,10 @@ class Demo:
         seed = options.pop("seed", None)
         try:
             decode = self.captioner.options(**options)  # checked once, before the image is read
-            with self.lock:
+            with self.lock, warnings.catch_warnings():
+                # The page's header says what the model was trained on (info "note"): the API's
+                # once-per-captioner warning would only repeat it in the server's log.
+                warnings.simplefilter("ignore", UserWarning)
                 captions = self.captioner.caption(image_path, decode, seed=seed)
         except ImageLoadError as err:
             raise RequestError(HTTPStatus.BAD_REQUEST, _image_message(err, image_path, what)) from None
@@ -309,6 +320,8 @@ class Handler(BaseHTTPRequestHandler):
         content_type = self.headers.get("Content-Type", "")
         if content_type.split(";")[0].strip().lower() == "multipart/form-data":
             data, what = form_file(content_type, body)
+        elif self.headers.get("X-Demo-Client") == "page":  # the page sends the chosen file as the body
+            data, what = body, "the chosen file"
         else:
             data, what = body, f"the request body ({content_type.split(';')[0].strip()[:60] or 'no Content-Type'})"
             if body.startswith(b"--") and b"content-disposition: form-data" in body[:4096].lower():

@@ -42,11 +42,23 @@ from captioning.training import run as train
 EXIT_ERROR = 2
 
 
+#: What --help says a study costs: the run counts and the wall times measured on the project's
+#: 2-core CPU, as docs/study.md reports them (its table of budgets).
+DURATIONS = (
+    "How long, as measured on a 2-core CPU with --jobs 2 (docs/study.md): --budget quick (what runs "
+    "without arguments) trains 9 arms x 3 seeds = 27 runs, 2 h 15 min in all (a run 1 to 15 min, the CPU "
+    "shared with other work); --budget default --diagnostic-seeds 1 trains 3 main arms x 3 seeds + 6 "
+    "diagnostic arms x 1 seed = 15 runs, a main-arm run 7.5 to 10 min on the otherwise idle CPU (up to 55 min "
+    "when other jobs shared it), a frozen-encoder run 3 to 13 min. Fewer runs: --arms none soft hard, "
+    "--seeds 1, or --runs NAME ...")
+
+
 def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                                epilog=DURATIONS)
     p.add_argument("--budget", choices=list(BUDGETS), default="quick",
-                   help="synthetic training budget without --config: quick (2,000 scenes x 6 epochs, default) or "
-                        "default (captioning train's 10,000 x 6)")
+                   help="synthetic training budget without --config: quick (2,000 scenes x 6 epochs, default: "
+                        "27 runs, about 2 h on 2 cores) or default (captioning train's 10,000 x 6; see below)")
     p.add_argument("--seeds", type=positive_int, default=3, metavar="N",
                    help="training seeds per main arm (default 3)")
     p.add_argument("--diagnostic-seeds", type=positive_int, metavar="N",

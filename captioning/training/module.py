@@ -32,10 +32,14 @@ TEST_METRICS = ("bleu", "meteor", "rouge", "cider")
 
 
 class CaptioningModule(pl.LightningModule):
-    def __init__(self, config: dict, vocab: list[str]) -> None:
+    def __init__(self, config: dict, vocab: list[str], training_data: dict | None = None) -> None:
         super().__init__()
-        # Plain types only, so checkpoints need none of our classes to load.
-        self.save_hyperparameters({"config": config, "vocab": vocab})
+        # Plain types only, so checkpoints need none of our classes to load. training_data: what
+        # the model was trained on (captioning/provenance.py), so that every command can say it.
+        hparams = {"config": config, "vocab": vocab}
+        if training_data is not None:
+            hparams["training_data"] = training_data
+        self.save_hyperparameters(hparams)
         self.cfg: Config = from_dict(config)
         self.vocab = Vocabulary(vocab)
         self.model = ShowAttendTell(self.cfg.model, len(self.vocab))
@@ -62,8 +66,8 @@ class CaptioningModule(pl.LightningModule):
         return self.model.mechanism
 
     @classmethod
-    def create(cls, cfg: Config, vocab: Vocabulary) -> "CaptioningModule":
-        return cls(to_dict(cfg), list(vocab.words))
+    def create(cls, cfg: Config, vocab: Vocabulary, training_data: dict | None = None) -> "CaptioningModule":
+        return cls(to_dict(cfg), list(vocab.words), training_data)
 
     # ------------------------------------------------------------------------------ training
     def on_fit_start(self) -> None:

@@ -160,6 +160,7 @@ def train(args: argparse.Namespace, prog: str, argv: list[str] | None = None) ->
     import torch
     from pytorch_lightning.utilities import rank_zero_info
 
+    from captioning import provenance
     from captioning.checkpoint import check_state_dict
     from captioning.config import save_yaml
     from captioning.data.datamodule import CaptionDataModule
@@ -181,7 +182,8 @@ def train(args: argparse.Namespace, prog: str, argv: list[str] | None = None) ->
     data.val_captions = cfg.train.monitor == "nll"
     data.prepare_data()  # the vocabulary is needed to build the model, so the data comes first
     data.setup("fit")
-    module = CaptioningModule.create(cfg, data.vocab)
+    trained_on = provenance.record(cfg, len(data.vocab), len(data.load_split("train")), data.root.name)
+    module = CaptioningModule.create(cfg, data.vocab, trained_on)
     if ckpt is not None:  # a mismatch is refused here, before the run folder changes
         check_state_dict(module.state_dict(), ckpt["state_dict"], args.resume)
         del ckpt
