@@ -501,9 +501,10 @@ def test_help_states_each_budgets_run_count_as_the_plan_counts_them(tmp_path, ca
     assert exc.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     quick = len(plan_training_runs(tmp_path, 3, list(DEFAULT_ARMS)))
-    default = len(plan_training_runs(tmp_path, 3, list(DEFAULT_ARMS), diagnostic_seeds=1))
-    assert f"--budget quick (what runs without arguments) trains 9 arms x 3 seeds = {quick} runs, 2 h 15 min" in text
-    assert f"--budget default --diagnostic-seeds 1 trains 3 main arms x 3 seeds + 6 diagnostic arms x 1 seed = " \
-           f"{default} runs" in text and "7.5 to 10 min" in text
+    default = len(plan_training_runs(tmp_path, 10, list(DEFAULT_ARMS), diagnostic_seeds=2))
+    assert f"--budget quick (what runs without arguments) trains 7 arms x 3 seeds = {quick} runs, a run 1 to 18 " \
+           "min" in text
+    assert f"--budget default --seeds 10 --diagnostic-seeds 2 trains 3 main arms x 10 seeds + 4 factorial arms x " \
+           f"2 seeds = {default} runs, a run 7.5 to 10 min on the otherwise idle CPU" in text
     study = (REPO / "docs" / "study.md").read_text()
-    assert f"= {quick} | 2 h 15 min on the 2-core CPU" in study and f"= {default} | a main-arm run took 7.5 to 10 min" in study
+    assert "a run took 1 to 18 min" in study and "a run took 7.5 to 10 min on the otherwise idle CPU" in study

@@ -1,8 +1,8 @@
 """No attention, soft and hard attention: train every arm under identical settings over several
 seeds, evaluate them alike, and write a report folder (report.md, PNG figures, the raw numbers as JSON).
 
-    captioning compare --jobs 2                          # the quick budget: 9 arms x 3 seeds
-    captioning compare --budget default --jobs 2 --diagnostic-seeds 1   # what users train
+    captioning compare --jobs 2                          # the quick budget: 7 arms x 3 seeds
+    captioning compare --budget default --seeds 10 --diagnostic-seeds 2 --jobs 2   # what users train
     captioning compare --arms none soft hard             # the main arms only
     captioning compare --config my_coco.yaml --set data.root=/data/coco   # full size, GPU
     captioning compare --checkpoints soft=runs/a/best.ckpt,runs/b/best.ckpt hard=runs/c/best.ckpt
@@ -45,12 +45,11 @@ EXIT_ERROR = 2
 #: What --help says a study costs: the run counts and the wall times measured on the project's
 #: 2-core CPU, as docs/study.md reports them (its table of budgets).
 DURATIONS = (
-    "How long, as measured on a 2-core CPU with --jobs 2 (docs/study.md): --budget quick (what runs "
-    "without arguments) trains 9 arms x 3 seeds = 27 runs, 2 h 15 min in all (a run 1 to 15 min, the CPU "
-    "shared with other work); --budget default --diagnostic-seeds 1 trains 3 main arms x 3 seeds + 6 "
-    "diagnostic arms x 1 seed = 15 runs, a main-arm run 7.5 to 10 min on the otherwise idle CPU (up to 55 min "
-    "when other jobs shared it), a frozen-encoder run 3 to 13 min. Fewer runs: --arms none soft hard, "
-    "--seeds 1, or --runs NAME ...")
+    "How long, as measured on a 2-core CPU with --jobs 2 (docs/study.md): --budget quick (what runs without "
+    "arguments) trains 7 arms x 3 seeds = 21 runs, a run 1 to 18 min (the longer ones with four trainings "
+    "sharing the CPU); --budget default --seeds 10 --diagnostic-seeds 2 trains 3 main arms x 10 seeds + 4 "
+    "factorial arms x 2 seeds = 38 runs, a run 7.5 to 10 min on the otherwise idle CPU and about 40 min with four "
+    "trainings sharing it. Fewer runs: --arms none soft hard, --seeds 1, or --runs NAME ...")
 
 
 def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
@@ -58,7 +57,7 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
                                 epilog=DURATIONS)
     p.add_argument("--budget", choices=list(BUDGETS), default="quick",
                    help="synthetic training budget without --config: quick (2,000 scenes x 6 epochs, default: "
-                        "27 runs, about 2 h on 2 cores) or default (captioning train's 10,000 x 6; see below)")
+                        "21 runs) or default (captioning train's 10,000 x 6); their durations below")
     p.add_argument("--seeds", type=positive_int, default=3, metavar="N",
                    help="training seeds per main arm (default 3)")
     p.add_argument("--diagnostic-seeds", type=positive_int, metavar="N",

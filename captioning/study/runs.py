@@ -118,8 +118,8 @@ ARMS: dict[str, Arm] = {
                       versus=("hard",)),
 }
 #: The arms a study trains unless --arms says otherwise.
-DEFAULT_ARMS = ("none", "soft", "hard", "hard-arctic", "hard-arctic-le0", "hard-arctic-frozen", "none-frozen",
-                "hard-frozen", "hard-loo")
+DEFAULT_ARMS = ("none", "soft", "hard", "hard-arctic", "soft-capgen-optim", "hard-capgen-optim",
+                "hard-arctic-capgen-optim")
 SPLIT = "test"
 WANTED_METRICS = ("bleu", "meteor", "rouge", "cider", "grounding")  # those evaluate.py offers are used
 #: budget -> {config key: (value, reason)}, applied only without --config (the synthetic dataset).
