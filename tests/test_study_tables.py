@@ -170,3 +170,22 @@ def test_missing_names_the_designs_runs_without_a_record(results, capsys):
     missing = capsys.readouterr().out.split()
     assert "soft-seed1" not in missing and "soft-seed3" in missing and "hard-arctic-capgen-optim-seed1" in missing
     assert len(missing) == sum(tables.DESIGN["default"].values()) - 9
+
+
+def test_export_never_replaces_a_file_that_is_not_a_record_of_the_same_run(tmp_path):
+    from captioning.study import results
+    from captioning.study.runs import Plan, plan_training_runs
+
+    runs = plan_training_runs(tmp_path / "study", 1, ["soft"])
+    plan = Plan(tmp_path / "study", runs, None, [], {}, 3, 30, ["bleu"], "captioning compare")
+    dest = tmp_path / "results"
+    dest.mkdir()
+    (dest / "notes.txt").write_text("mine")
+    (dest / "soft-seed0.json").write_text('{"my": "data"}')
+    with pytest.raises(StudyError, match="soft-seed0.json is not a results record of run soft-seed0"):
+        results.export(plan, dest, log=lambda line: None)
+    assert (dest / "soft-seed0.json").read_text() == '{"my": "data"}'
+    (dest / "soft-seed0.json").write_text(json.dumps(_record("soft", 0, 90.0, 88.0) | {"name": "soft-seed0"}))
+    lines = []
+    assert results.export(plan, dest, log=lines.append) == []  # not trained: named, nothing written
+    assert "not finished yet: soft-seed0" in lines[0] and (dest / "notes.txt").read_text() == "mine"

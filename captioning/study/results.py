@@ -27,7 +27,7 @@ import json
 import shlex
 from pathlib import Path
 
-from captioning.files import atomic_write, claim_folder
+from captioning.files import atomic_write
 from captioning.study import collect
 from captioning.study.runs import ARMS, Plan, Run, StudyError, is_evaluated, read_record
 
@@ -108,11 +108,31 @@ def run_record(run: Run, plan: Plan) -> dict:
     return record
 
 
+def _own_record(path: Path, name: str) -> bool:
+    """Whether ``path`` is absent or a record of run ``name`` (one the export may replace)."""
+    if not path.exists():
+        return True
+    try:
+        record = json.loads(path.read_text()) if path.is_file() and not path.is_symlink() else None
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("format") == FORMAT and record.get("name") == name
+
+
 def export(plan: Plan, dest: Path, log=print) -> list[Path]:
-    """Write the record of every finished run of ``plan`` into ``dest`` (a folder of the project's
-    own, marked as ``results``); -> the files written. Unfinished runs are named and skipped."""
-    claim_folder(dest, "results", "--export-results", what="write the study's results")
+    """Write the record of every finished run of ``plan`` into ``dest`` as ``<run>.json``; -> the
+    files written. Unfinished runs are named and skipped. The folder may hold other files (it is
+    committed, in a checkout at any path): the export writes only its own file names, and replaces
+    such a file only where it already holds a record of the same run."""
     written, waiting = [], []
+    foreign = [f"{run.name}.json" for run in plan.runs if not _own_record(dest / f"{run.name}.json", run.name)]
+    if foreign:
+        raise StudyError(f"{dest / foreign[0]} is not a results record of run {foreign[0][:-5]}; move it away, "
+                         "or export into another folder")
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise StudyError(f"cannot write the study's results into {dest}: {err.strerror or err}") from None
     for run in plan.runs:
         if not (run.dir / "metrics.json").is_file() or not all(is_evaluated(run, m, plan) for m in run.modes()):
             waiting.append(run.name)
