@@ -269,11 +269,11 @@ def variance(folder: Path) -> str:
         k = data["samples"]
         rows.append([point["checkpoint"], f"{point['baseline']:.3f}", f"{one['mean_gradient_sq_norm']:.3g}",
                      f"{one['variance']:.3g}", f"{one['variance'] / k:.3g}", f"{loo['variance']:.3g}",
-                     f"{one['variance'] / k / loo['variance']:.2f}"])
+                     f"{one['variance'] / k / loo['variance']:.2f}", f"{loo['seconds'] / one['seconds']:.2f}"])
     return _table(["checkpoint", "baseline b", "squared norm of the mean gradient", "1 draw, moving baseline",
                    f"mean of {k} independent draws ({k} decoder passes)",
-                   f"{k} draws, leave-one-out ({k} decoder passes)", f"ratio: {k} independent / leave-one-out"],
-                  rows)
+                   f"{k} draws, leave-one-out ({k} decoder passes)", f"ratio: {k} independent / leave-one-out",
+                   f"seconds per estimate, {k} draws / 1"], rows)
 
 
 BLOCKS: dict[str, Callable[[Path], str]] = {
