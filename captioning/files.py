@@ -9,14 +9,17 @@ temporary file in ``$TMPDIR`` would not do: moving it onto another file system i
 can be interrupted half-way.
 
 :func:`atomic_folder` does the same for a whole folder (``NAME.partial/``, renamed when
-complete); :class:`RunLock` is a lock file holding pid, host and command, so a second live
-process writing the same folder is refused with a message naming the first, and the lock of a
-dead process is taken over.
+complete), and :func:`replacing_folder` replaces a folder the project wrote with a new one in one
+atomic exchange. :class:`RunLock` is a lock the kernel holds (flock), with a record of pid, host
+and command in its file, so a second live process writing the same folder is refused with a
+message naming the first, and the lock goes with its process however that ends.
 
 :func:`claim_folder` decides whose a folder is: the project writes only into a new or empty
 folder, which it marks (:data:`MARKER`, naming the kind: a run, a model, a prepared dataset, an
-evaluation), or into a folder carrying the marker of that kind; :func:`remove_own` removes from a
-marked folder only the names the project writes there.
+evaluation..., the folder's real path and a random id), or into a folder carrying the project's
+own marker of that kind (:func:`read_marker`); :func:`remove_own` removes from a marked folder
+only the names the project writes there. Every file the project takes as its own (a marker, a
+lock) is opened without following a link and without blocking on a FIFO (:func:`open_regular`).
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ folder the same way:
     vocab.json    the vocabulary, a list of words (ids are positions)
     onnx.json     (ONNX exports only) {"encoder", "step", "attention", "hard_mode", "opset", "image_size",
                   "sha256": {file: digest} of the graphs and of the files they were exported from
-                  (config.json, vocab.json, model.safetensors), "shapes": {graph: {"inputs",
-                  "outputs": {name: [dim, ...]}}} with "?" for a free dimension}
+                  (config.json, vocab.json, model.safetensors), "shapes": {"encoder"|"step":
+                  {"inputs"|"outputs": {name: [dim, ...]}}} with "?" for a free dimension}
 
 ``run`` (optional) is what the training run's metrics.json said of the model (its test scores and
 the command that trained it), so that a model card written again from the folder keeps them.

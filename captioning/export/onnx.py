@@ -99,7 +99,7 @@ def export_onnx(model: ShowAttendTell, image_size: int, folder: str | Path, hard
             "opset": OPSET, "image_size": image_size,
             # Checked at load (captioning/model_folder.py read_onnx_meta), as a checkpoint's weights are.
             "sha256": {name: file_sha256(folder / name) for name in (*ONNX_FINGERPRINTED, ENCODER_FILE, STEP_FILE)},
-            "shapes": {name: graph_shapes(folder / name) for name in (ENCODER_FILE, STEP_FILE)}}
+            "shapes": {"encoder": graph_shapes(folder / ENCODER_FILE), "step": graph_shapes(folder / STEP_FILE)}}
     (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return folder
 

@@ -170,8 +170,8 @@ class OnnxCaptioner:
             raise OnnxModelError(f"cannot load the ONNX graphs of {folder}: {' '.join(str(err).split())[:300]}") from None
         fix = "export it again with 'captioning export --format onnx'"
         try:
-            for name, session in ((meta["encoder"], self.encoder), (meta["step"], self.step)):
-                check_graph_shapes(folder / name, meta["shapes"].get(name), _session_shapes(session), fix)
+            for role, session in (("encoder", self.encoder), ("step", self.step)):
+                check_graph_shapes(folder / meta[role], meta["shapes"].get(role), _session_shapes(session), fix)
         except CheckpointError as err:
             raise OnnxModelError(err) from None
 
