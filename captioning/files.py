@@ -301,9 +301,23 @@ def read_regular(path: str | Path, limit: int = 1 << 20) -> bytes:
     return data
 
 
-#: (device, inode) of the lock files this process holds: a second RunLock of the same file in
-#: the same process re-enters instead of refusing its own process.
-_held_here: set[tuple[int, int]] = set()
+#: (device, inode) of the lock files this process holds -> their descriptors: a second RunLock
+#: of the same file in the same process re-enters instead of refusing its own process.
+_held_here: dict[tuple[int, int], int] = {}
+
+
+def _forget_locks_in_child() -> None:
+    """A forked child (a worker of a pool, a data loader) shares the parent's lock: flock belongs
+    to the open file, which fork shares (flock(2)). Its copy is closed, so a child that outlives
+    a killed parent does not keep the folder locked."""
+    for fd in _held_here.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held_here.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_locks_in_child)
 
 
 class RunLock:
@@ -322,6 +336,7 @@ class RunLock:
         self.what = what
         self.held = False
         self._fd: int | None = None
+        self._pid = os.getpid()
 
     def holder(self) -> dict[str, Any] | None:
         """The record in the lock file, {} if unreadable (being written), None if there is no lock."""
@@ -403,8 +418,8 @@ class RunLock:
                 os.close(fd)
                 raise write_error(err, self.path.parent, "take the lock") from None
             info = os.fstat(fd)
-            _held_here.add((info.st_dev, info.st_ino))
-            self._fd = fd
+            _held_here[(info.st_dev, info.st_ino)] = fd
+            self._fd, self._pid = fd, os.getpid()
             self.held = True
             return True
         return False
@@ -443,14 +458,14 @@ class RunLock:
             waited += 1
 
     def release(self) -> None:
-        if self.held and self._fd is not None:
+        if self.held and self._fd is not None and self._pid == os.getpid():  # not in a forked child
             # Unlinked while still locked, so no other process can lock this file after us and
             # believe it holds the path (see try_acquire).
             with contextlib.suppress(OSError):
                 if os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(self._fd).st_ino:
                     self.path.unlink()
             info = os.fstat(self._fd)
-            _held_here.discard((info.st_dev, info.st_ino))
+            _held_here.pop((info.st_dev, info.st_ino), None)
             os.close(self._fd)
         self._fd = None
         self.held = False

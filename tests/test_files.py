@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -174,6 +175,35 @@ def test_the_kernel_releases_the_lock_of_a_killed_process(tmp_path):
     with RunLock(path, command="train.py") as lock:
         assert lock.holder() == {"pid": os.getpid(), "host": socket.gethostname(), "command": "train.py"}
     assert not path.exists()
+
+
+_FORKER = textwrap.dedent("""
+    import os, sys, time
+    from captioning.files import RunLock
+    lock = RunLock(sys.argv[1]).acquire()
+    if os.fork() == 0:  # a pool worker or data loader, which outlives its killed parent here
+        time.sleep(60)
+        os._exit(0)
+    print("held", flush=True)
+    time.sleep(60)
+""")
+
+
+def test_a_forked_child_does_not_keep_a_killed_parents_lock(tmp_path):
+    """flock belongs to the open file, which fork shares: the child's copy is closed at fork."""
+    path = tmp_path / "lock"
+    proc = subprocess.Popen([sys.executable, "-c", _FORKER, str(path)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        assert not RunLock(path).try_acquire()
+        proc.kill()
+        proc.wait()
+        with RunLock(path):  # the child still runs, the lock is free
+            pass
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 9)  # the child, in the session started for it
 
 
 def test_a_lock_record_naming_a_live_process_is_not_a_lock(tmp_path):
