@@ -490,7 +490,7 @@ MARKER = ".show-attend-tell.json"
 #: What each kind of folder is called in messages.
 FOLDER_KINDS = {"run": "training run folder", "model": "model folder", "prepared": "prepared dataset folder",
                 "evaluation": "evaluation folder", "study": "study folder", "figures": "attention figure folder",
-                "example": "example dataset folder"}
+                "example": "example dataset folder", "features": "feature cache folder"}
 
 
 class ForeignFolderError(ValueError):

@@ -236,6 +236,57 @@ def test_a_run_lock_that_is_not_a_file_is_refused_at_once(world, extra, place, w
     assert "train.lock" in err and not (out / "nothing").exists()
 
 
+# ------------------------------------------------------------------------------ other outputs
+
+BENCHMARK_OUTS: list[tuple[str, Callable[[Path], Path]]] = [
+    ("a user's JSON file", lambda p: (p / "mine.json").write_text('{"mine": 1}') and p / "mine.json"),
+    ("a link to a user's file", lambda p: (p / "out.json").symlink_to(p / "notes.txt") or p / "out.json"),
+    ("a folder", lambda p: p),
+]
+
+
+@pytest.mark.parametrize("what,make", BENCHMARK_OUTS, ids=[w for w, _ in BENCHMARK_OUTS])
+def test_benchmark_never_overwrites_a_file_it_did_not_write(place, what, make):
+    out = make(place)
+    err = probe(["benchmark", "--quick", "--out", out], place)
+    assert "--out" in err
+
+
+CACHES: list[tuple[str, Callable[[Path], None]]] = [
+    ("a user's files", lambda d: ((d / "train.npy").write_bytes(b"the user's array"), (d / "a.txt").write_text("x"))),
+    ("a user's train.npy alone", lambda d: (d / "train.npy").write_bytes(b"the user's array")),
+    ("a user's train.json alone", lambda d: (d / "train.json").write_text('{"mine": 1}')),
+    ("a copied marker", lambda d: _copied(d, "features")),
+    ("a FIFO marker", lambda d: _fifo(d, "features")),
+    ("a linked train.npy", lambda d: mark_folder(d, "features") and (d / "train.npy").symlink_to(d.parent / "notes.txt")),
+]
+
+
+@pytest.mark.parametrize("what,make", CACHES, ids=[w for w, _ in CACHES])
+def test_a_feature_cache_folder_of_someone_elses_is_refused(place, what, make):
+    from captioning.data.feature_cache import FeatureCacheError, claim_cache_folder
+
+    cache = place / "cache"
+    cache.mkdir()
+    make(cache)
+    before = files_of(place)
+    SUMMARY["tried"] += 1
+    with deadline(), pytest.raises(FeatureCacheError) as info:
+        claim_cache_folder(cache)
+    assert "\n" not in str(info.value) and files_of(place) == before
+
+
+def test_a_feature_cache_written_before_folders_were_marked_is_adopted(tmp_path):
+    from captioning.data.feature_cache import claim_cache_folder
+    from captioning.files import folder_kind
+
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "train.json").write_text('{"format": 1}')
+    (tmp_path / "cache" / "train.npy").write_bytes(b"")
+    claim_cache_folder(tmp_path / "cache")
+    assert folder_kind(tmp_path / "cache") == "features"
+
+
 # ------------------------------------------------------------------------------ links inside our folders
 
 
