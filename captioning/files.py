@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import glob
 import json
 import os
@@ -367,6 +366,8 @@ class RunLock:
             if (info.st_dev, info.st_ino) in _held_here:
                 return None  # this process holds it
             try:
+                import fcntl  # POSIX only: imported where a lock is taken, not with the module
+
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except OSError:
                 return self.holder() or {}
@@ -394,6 +395,8 @@ class RunLock:
             except OSError as err:
                 raise write_error(err, self.path.parent, "take the lock") from None
             try:
+                import fcntl  # POSIX only: imported where a lock is taken, not with the module
+
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 info = os.fstat(fd)
