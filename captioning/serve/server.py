@@ -540,26 +540,33 @@ class Reception(threading.Thread):
 
     def run(self) -> None:
         while not self.stopping:
-            now = time.monotonic()
-            next_deadline = min((a.deadline for a in self.arriving.values()), default=now + 1.0)
-            for key, _ in self.selector.select(max(0.0, min(1.0, next_deadline - now))):
-                if key.fileobj is self.wake_read:
-                    try:
-                        while self.wake_read.recv(4096):
-                            pass
-                    except OSError:
-                        pass
-                else:
-                    self._read(self.arriving.get(key.fileobj.fileno()))
-            self._take_incoming()
-            now = time.monotonic()
-            for arriving in [a for a in self.arriving.values() if a.deadline <= now]:
-                self._drop(arriving)  # the request did not arrive in time: closed without an answer
+            try:
+                self._turn()
+            except Exception as err:  # one bad connection never stops the reception of the others
+                sys.stderr.write(f"demo: reception: {type(err).__name__}: {_one_line(err)}\n")
         for arriving in list(self.arriving.values()):
             self._drop(arriving)
         self.selector.close()
         self.wake_read.close()
         self.wake_write.close()
+
+    def _turn(self) -> None:
+        """Read what arrived, take new connections, close those past their deadline."""
+        now = time.monotonic()
+        next_deadline = min((a.deadline for a in self.arriving.values()), default=now + 1.0)
+        for key, _ in self.selector.select(max(0.0, min(1.0, next_deadline - now))):
+            if key.fileobj is self.wake_read:
+                try:
+                    while self.wake_read.recv(4096):
+                        pass
+                except OSError:
+                    pass
+            else:
+                self._read(self.arriving.get(key.fileobj.fileno()))
+        self._take_incoming()
+        now = time.monotonic()
+        for arriving in [a for a in self.arriving.values() if a.deadline <= now]:
+            self._drop(arriving)  # the request did not arrive in time: closed without an answer
 
     def _take_incoming(self) -> None:
         with self.incoming_lock:
