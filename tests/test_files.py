@@ -182,7 +182,7 @@ _FORKER = textwrap.dedent("""
     from captioning.files import RunLock
     lock = RunLock(sys.argv[1]).acquire()
     if os.fork() == 0:  # a pool worker or data loader, which outlives its killed parent here
-        print("child", flush=True)  # after the fork handlers ran in the child
+        open(sys.argv[1] + ".child", "w").close()  # after the fork handlers ran in the child
         time.sleep(60)
         os._exit(0)
     print("held", flush=True)
@@ -196,7 +196,11 @@ def test_a_forked_child_does_not_keep_a_killed_parents_lock(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", _FORKER, str(path)], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)
     try:
-        assert sorted(proc.stdout.readline().strip() for _ in range(2)) == ["child", "held"]
+        assert proc.stdout.readline().strip() == "held"
+        deadline = time.monotonic() + 60
+        while not path.with_name("lock.child").exists():
+            assert time.monotonic() < deadline, "the forked child never ran"
+            time.sleep(0.05)
         assert not RunLock(path).try_acquire()
         proc.kill()
         proc.wait()
