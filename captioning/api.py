@@ -34,7 +34,7 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence, Union
+from typing import Callable, Iterator, Sequence, Union
 
 import numpy as np
 import torch
@@ -171,19 +171,22 @@ class Captioner:
         self._noted = self._noted or found is not None
         return found
 
-    def save_pretrained(self, folder: str | Path, command: str | None = None) -> Path:
+    def save_pretrained(self, folder: str | Path, command: str | None = None,
+                        also: Callable[[Path], None] | None = None) -> Path:
         """Write this model as a folder: config.json, vocab.json, model.safetensors and a README.md
         model card, with the test scores of the training run (its metrics.json beside the checkpoint,
         or what the model folder it was loaded from kept of it) and ``command``, what made the folder
         (default: the Python calls that loaded and saved this model, and the script that ran them).
         Only a new or empty folder, or a model folder, is written into: anything else raises
-        CheckpointError and is left as it was."""
+        CheckpointError and is left as it was. The folder is written whole, then swapped in: the
+        old one stays intact until then. ``also`` writes more files into the new folder first
+        (``captioning export``: the ONNX graphs)."""
         if command is None:
             command = self._save_calls(folder)
         metrics = read_run_metrics(self.source) if self.source is not None else None
         card = model_card(self.model, self.config, self.vocab, command, self.source, metrics, self.training_data)
         return save_model_folder(folder, self.model, self.config, self.vocab, card, run=metrics,
-                                 training_data=self.training_data)
+                                 training_data=self.training_data, also=also)
 
     def _save_calls(self, folder: str | Path) -> str:
         """What a card records when Python, not a command, wrote the folder: the calls, as code."""

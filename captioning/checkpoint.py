@@ -8,10 +8,11 @@ package that reads the same config keys can load them.
 
 from __future__ import annotations
 
+import os
 import pickle
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -86,14 +87,31 @@ def at_workdir(cfg: Config, workdir: str | None) -> Config:
     ``workdir``, the folder the training ran in (recorded in every checkpoint by
     captioning/training/trainer.py RunPlace): a command run from another folder then reads the
     run's own data instead of looking for it, or generating it, where it stands. Without a
-    ``workdir`` (a checkpoint written before it was recorded) the paths stay as they are."""
+    ``workdir`` (a checkpoint written before it was recorded) the paths stay as they are.
+
+    The recorded folder is only read from: a path is moved there only when what it names exists
+    there already (for the synthetic dataset, its generated folder). Otherwise it stays relative
+    to where the command runs, so the data is generated or looked for here, never written into a
+    folder the checkpoint names, which may be someone else's."""
     if not isinstance(workdir, str) or not workdir:
         return cfg
     data = cfg.data
     paths = {"root": data.root, "feature_cache": data.feature_cache}
     changed = {key: str(Path(workdir) / value) for key, value in paths.items()
-               if value is not None and not Path(value).is_absolute()}
+               if value is not None and not Path(value).is_absolute() and _present(Path(workdir) / value, key, cfg)}
     return replace(cfg, data=replace(data, **changed)) if changed else cfg
+
+
+def _present(path: Path, key: str, cfg: Config) -> bool:
+    """Whether the data that ``path`` (data.``key`` resolved in the recorded folder) names is there."""
+    if key == "root" and cfg.data.dataset == "synthetic":
+        from captioning.data.synthetic.write import dataset_dir
+
+        try:
+            return dataset_dir(path, cfg.data.synthetic).is_dir()
+        except (OSError, ValueError):
+            return False
+    return path.exists()
 
 
 def check_state_dict(expected: dict[str, torch.Tensor], found: dict[str, Any], path: str | Path) -> None:
@@ -151,45 +169,41 @@ def load_checkpoint_and_data(path: str | Path, map_location: str | torch.device 
 
 
 def save_model_folder(folder: str | Path, model: ShowAttendTell, cfg: Config, vocab: Vocabulary,
-                      card: str, run: dict | None = None, training_data: dict | None = None) -> Path:
+                      card: str, run: dict | None = None, training_data: dict | None = None,
+                      also: Callable[[Path], None] | None = None) -> Path:
     """Write a model folder (see above); ``card`` is the README.md text, ``run`` what the training
     run said of the model (config.json "run"), ``training_data`` what it was trained on (default:
-    inferred from ``cfg``, captioning/provenance.py). Only a new or empty folder, or a model folder
-    written before, is written into (captioning/files.py, the folder marker); files are written
-    under temporary names and renamed, so a folder is never left half-old, half-new."""
-    import contextlib
+    inferred from ``cfg``, captioning/provenance.py); ``also`` writes more files (the ONNX graphs)
+    into the new folder before it is put in place. Only a new or empty folder, or a model folder,
+    is written (a file of yours in it is kept): anything else raises CheckpointError and is left as
+    it was. The folder is written whole beside ``folder`` and then swapped in
+    (captioning/files.py replacing_folder), so ``folder`` holds the old model, intact, until the
+    new one is complete: a kill, a full disk or a failed export never leaves it half-old, half-new."""
     import json
 
     from safetensors.torch import save_file
 
     from captioning.config import to_dict
-    from captioning.files import ForeignFolderError, atomic_path, claim_folder
+    from captioning.files import ForeignFolderError, new_file_mode, replacing_folder
 
     folder = Path(folder)
-    try:
-        claim_folder(folder, "model")
-    except ForeignFolderError as err:
-        raise CheckpointError(err) from None
     meta = {"format": FOLDER_FORMAT, "format_version": FOLDER_FORMAT_VERSION, "vocab_size": len(vocab),
             "vocab_sha256": vocab_fingerprint(vocab), "config": to_dict(cfg),
             "training_data": provenance.checked(training_data, cfg, len(vocab))}
     if run_record(run):
         meta["run"] = run_record(run)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    # Every file is written under a temporary name first (files.atomic_path); the renames happen
-    # only once all four are written, so a failure leaves the folder as it was.
-    with contextlib.ExitStack() as staged:
-        for name, write in (
-            ("model.safetensors", lambda p: save_file(state, str(p), metadata={"format": FOLDER_FORMAT})),
-            ("config.json", lambda p: p.write_text(json.dumps(meta, indent=2) + "\n")),
-            ("vocab.json", lambda p: p.write_text(json.dumps(vocab.words, indent=0) + "\n")),
-            ("README.md", lambda p: p.write_text(card)),
-        ):
-            write(staged.enter_context(atomic_path(folder / name)))
-    # ONNX graphs of earlier weights would caption with them: a folder's graphs are written after
-    # its weights (captioning/export/onnx.py), never left beside other weights.
-    for name in STALE_AFTER_SAVE:
-        (folder / name).unlink(missing_ok=True)
+    try:
+        with replacing_folder(folder, "model", [*FOLDER_FILES, *STALE_AFTER_SAVE], what="write the model") as new:
+            save_file(state, str(new / "model.safetensors"), metadata={"format": FOLDER_FORMAT})
+            os.chmod(new / "model.safetensors", new_file_mode())  # safetensors makes it owner-only; a model is shared
+            (new / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+            (new / "vocab.json").write_text(json.dumps(vocab.words, indent=0) + "\n")
+            (new / "README.md").write_text(card)
+            if also is not None:
+                also(new)
+    except ForeignFolderError as err:
+        raise CheckpointError(err) from None
     return folder
 
 

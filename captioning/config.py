@@ -298,12 +298,30 @@ def from_dict(data: Mapping[str, Any]) -> Config:
     return merge(Config(), data)
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML without aliases (``*name``): a config has no use for them, and a few lines of nested
+    aliases (a "billion laughs") stand for a tree of billions of nodes that every later walk
+    (merge, validation, saving) would visit. Refused as the parser meets the first one."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.events.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not accepted in a config: write the "
+                                                          "value out", mark)
+        return super().compose_node(parent, index)
+
+
+def safe_yaml(text: str | bytes) -> Any:
+    """YAML -> plain Python values, without aliases (see _NoAliasLoader); raises yaml.YAMLError."""
+    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 -- a SafeLoader subclass
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_bytes()) or {}
+        data = safe_yaml(path.read_bytes()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {err}".splitlines()[0]) from None
     except RecursionError:
@@ -322,7 +340,7 @@ def parse_override(text: str) -> dict[str, Any]:
     key, raw = text.split("=", 1)
     key = key.strip()
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = safe_yaml(raw) if raw.strip() else ""
     except (yaml.YAMLError, RecursionError) as err:
         reason = " ".join(str(err).split())[:120] if isinstance(err, yaml.YAMLError) else "nested too deeply"
         raise ConfigError(f"override '{text[:80]}': the value is not valid YAML ({reason}); quote it, "

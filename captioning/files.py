@@ -9,24 +9,29 @@ temporary file in ``$TMPDIR`` would not do: moving it onto another file system i
 can be interrupted half-way.
 
 :func:`atomic_folder` does the same for a whole folder (``NAME.partial/``, renamed when
-complete); :class:`RunLock` is a lock file holding pid, host and command, so a second live
-process writing the same folder is refused with a message naming the first, and the lock of a
-dead process is taken over.
+complete), and :func:`replacing_folder` replaces a folder the project wrote with a new one in one
+atomic exchange. :class:`RunLock` is a lock the kernel holds (flock), with a record of pid, host
+and command in its file, so a second live process writing the same folder is refused with a
+message naming the first, and the lock goes with its process however that ends.
 
 :func:`claim_folder` decides whose a folder is: the project writes only into a new or empty
 folder, which it marks (:data:`MARKER`, naming the kind: a run, a model, a prepared dataset, an
-evaluation), or into a folder carrying the marker of that kind; :func:`remove_own` removes from a
-marked folder only the names the project writes there.
+evaluation..., the folder's real path and a random id), or into a folder carrying the project's
+own marker of that kind (:func:`read_marker`); :func:`remove_own` removes from a marked folder
+only the names the project writes there. Every file the project takes as its own (a marker, a
+lock) is opened without following a link and without blocking on a FIFO (:func:`open_regular`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import os
 import shutil
 import socket
+import stat
 import sys
 import threading
 from pathlib import Path
@@ -197,18 +202,9 @@ def partial_name(final: str | Path) -> Path:
 
 
 def publish_folder(partial: str | Path, final: str | Path) -> Path:
-    """Rename a completed ``partial`` folder to ``final``, replacing an existing ``final`` with the
-    shortest window possible (old moved aside, new renamed in, old removed)."""
-    partial, final = Path(partial), Path(final)
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(partial, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(partial, final)
-    _fsync_folder(final.parent)
-    return final
+    """Rename a completed ``partial`` folder to ``final``, replacing an existing ``final`` in one
+    atomic exchange where the system can (:func:`swap_in`)."""
+    return swap_in(partial, final)
 
 
 @contextlib.contextmanager
@@ -253,12 +249,84 @@ class LockedError(RuntimeError):
     """Another live process holds the lock."""
 
 
-class RunLock:
-    """A lock file (``path``) holding ``{"pid", "host", "command"}`` of the process that owns a folder.
+class NotARegularFileError(OSError):
+    """A path the project reads or writes as its own file is a link, a FIFO, a device or a folder."""
 
-    :meth:`acquire` creates it with O_EXCL. If it exists and its process is alive (or runs on
-    another host, where it cannot be checked), :class:`LockedError` says who holds it; if its
-    process is dead the lock is stale and taken over. Use as a context manager.
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
+def _kind_of(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a device"),
+                       (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a link")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def open_regular(path: str | Path, flags: int = os.O_RDONLY, mode: int = 0o644, follow_links: bool = False) -> int:
+    """``os.open`` that never follows a link in the last component and never blocks on a FIFO,
+    then refuses (NotARegularFileError, one line) anything but a regular file. -> the descriptor.
+
+    O_NOFOLLOW makes the open of a link fail (ELOOP) instead of reaching its target, and
+    O_NONBLOCK makes the open of a FIFO return at once instead of waiting for a writer (open(2));
+    fstat on the descriptor then tells what was opened, with no window between check and use.
+    ``follow_links``: a link is followed (a user's image may be one); a FIFO is still refused."""
+    path = Path(path)
+    nofollow = 0 if follow_links else os.O_NOFOLLOW
+    try:
+        fd = os.open(path, flags | nofollow | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise NotARegularFileError(errno.ELOOP, f"{path} is a link, not a regular file") from None
+        if err.errno == errno.EISDIR:
+            raise NotARegularFileError(errno.EISDIR, f"{path} is a folder, not a regular file") from None
+        raise
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise NotARegularFileError(errno.EINVAL, f"{path} is {_kind_of(info.st_mode)}, not a regular file")
+    return fd
+
+
+def read_regular(path: str | Path, limit: int = 1 << 20) -> bytes:
+    """The bytes of the regular file ``path`` (:func:`open_regular`), at most ``limit`` of them
+    (a larger file is refused with ValueError: none of the project's small records is that big)."""
+    fd = open_regular(path)
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{path} is larger than {limit} bytes")
+    return data
+
+
+#: (device, inode) of the lock files this process holds -> their descriptors: a second RunLock
+#: of the same file in the same process re-enters instead of refusing its own process.
+_held_here: dict[tuple[int, int], int] = {}
+
+
+def _forget_locks_in_child() -> None:
+    """A forked child (a worker of a pool, a data loader) shares the parent's lock: flock belongs
+    to the open file, which fork shares (flock(2)). Its copy is closed, so a child that outlives
+    a killed parent does not keep the folder locked."""
+    for fd in _held_here.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held_here.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_locks_in_child)
+
+
+class RunLock:
+    """A lock on ``path`` that the kernel holds for the process (flock(2)), with a record of
+    ``{"pid", "host", "command"}`` in the file for messages.
+
+    The kernel releases the lock when its process ends, however it ends, so a lock is never left
+    stale and no pid is ever guessed alive or dead. The file is opened without following a link
+    and without blocking on a FIFO (:func:`open_regular`): a lock path that is anything but a
+    regular file is refused with one line. Use as a context manager.
     """
 
     def __init__(self, path: str | Path, command: str | None = None, what: str = "writing") -> None:
@@ -266,36 +334,46 @@ class RunLock:
         self.command = command if command is not None else " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
         self.what = what
         self.held = False
+        self._fd: int | None = None
+        self._pid = os.getpid()
 
     def holder(self) -> dict[str, Any] | None:
-        """The holder's record, {} if unreadable (being written), None if there is no lock."""
+        """The record in the lock file, {} if unreadable (being written), None if there is no lock."""
         try:
-            text = self.path.read_text()
+            text = read_regular(self.path, 1 << 16).decode("utf-8", "replace")
         except FileNotFoundError:
             return None
-        except OSError:
+        except (OSError, ValueError):
             return {}
         try:
             info = json.loads(text)
             return info if isinstance(info, dict) else {}
         except ValueError:
-            parts = text.split()  # the older "host pid" form
-            if len(parts) == 2 and parts[1].isdigit():
-                return {"host": parts[0], "pid": int(parts[1])}
             return {}
 
     def live_holder(self) -> dict[str, Any] | None:
-        """The record of the live process that holds the lock, or None (no lock, or a stale one)."""
-        info = self.holder()
-        return info if info and self._holder_alive(info) else None
+        """The record of the live process that holds the lock, or None (nobody else holds it)."""
+        if self.held:
+            return None
+        try:
+            fd = open_regular(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        except OSError:
+            return {}  # not a regular file: nobody can be shown not to hold it
+        try:
+            info = os.fstat(fd)
+            if (info.st_dev, info.st_ino) in _held_here:
+                return None  # this process holds it
+            try:
+                import fcntl  # POSIX only: imported where a lock is taken, not with the module
 
-    def _holder_alive(self, info: dict[str, Any]) -> bool:
-        pid = info.get("pid")
-        if not isinstance(pid, int):
-            return False  # unreadable or damaged: nobody can be shown to hold it
-        if info.get("host") != host_name():
-            return True  # another machine's process: cannot check, trust it
-        return pid == os.getpid() or pid_alive(pid)
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                return self.holder() or {}
+            return None
+        finally:
+            os.close(fd)  # closing drops the shared lock taken to look
 
     def describe(self, info: dict[str, Any]) -> str:
         who = f"pid {info.get('pid', '?')} on {info.get('host', '?')}"
@@ -304,46 +382,58 @@ class RunLock:
         return who
 
     def try_acquire(self) -> bool:
-        """True: the lock is ours. False: a live process holds it (see :meth:`holder`)."""
-        record = json.dumps({"pid": os.getpid(), "host": host_name(), "command": self.command})
+        """True: the lock is ours. False: a live process holds it (see :meth:`holder`).
+        Raises NotARegularFileError for a lock path that is a link, FIFO or device."""
+        if self.held:
+            return True
+        record = json.dumps({"pid": os.getpid(), "host": host_name(), "command": self.command}).encode()
         for _ in range(100):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                info = self.holder()
-                if info is None:
-                    continue  # released meanwhile
-                if info.get("pid") == os.getpid() and info.get("host") == host_name():
-                    self.held = True  # re-entered by the same process
-                    return True
-                if info == {} or self._holder_alive(info):
-                    if info == {} and self._stale_unreadable():
-                        self.path.unlink(missing_ok=True)
-                        continue
-                    return False
-                self.path.unlink(missing_ok=True)  # stale: its process died
-                continue
+                fd = open_regular(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except NotARegularFileError:
+                raise
             except OSError as err:
                 raise write_error(err, self.path.parent, "take the lock") from None
             try:
-                os.write(fd, record.encode())
-            finally:
+                import fcntl  # POSIX only: imported where a lock is taken, not with the module
+
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                info = os.fstat(fd)
                 os.close(fd)
+                if (info.st_dev, info.st_ino) in _held_here:
+                    self.held = True  # re-entered by this process, whose first holder releases it
+                    return True
+                return False
+            # A holder that released the lock unlinks its file first: if ours is no longer the file
+            # at the path, another process may be locking a new one; start again on that.
+            try:
+                same = os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            try:
+                os.ftruncate(fd, 0)
+                os.write(fd, record)
+            except OSError as err:
+                os.close(fd)
+                raise write_error(err, self.path.parent, "take the lock") from None
+            info = os.fstat(fd)
+            _held_here[(info.st_dev, info.st_ino)] = fd
+            self._fd, self._pid = fd, os.getpid()
             self.held = True
             return True
         return False
 
-    def _stale_unreadable(self) -> bool:
-        """An empty or damaged lock older than a few seconds belongs to nobody."""
-        import time
-
-        try:
-            return time.time() - self.path.stat().st_mtime > 5.0
-        except OSError:
-            return False
-
     def acquire(self) -> "RunLock":
-        if not self.try_acquire():
+        try:
+            taken = self.try_acquire()
+        except NotARegularFileError as err:
+            raise LockedError(f"{err}: the lock file of {self.path.parent} must be a regular file; remove it if it "
+                              "is not yours to keep, then run again") from None
+        if not taken:
             info = self.holder() or {}
             raise LockedError(f"{self.path.parent} is in use by another process: {self.describe(info)} is "
                               f"{self.what} there (lock file {self.path}); wait for it or stop it")
@@ -353,26 +443,35 @@ class RunLock:
                         poll: float = 1.0) -> bool:
         """For work one process does for all (a shared cache, a generated dataset): True when the
         lock is ours and we must do the work; False when ``done()`` says another process did it
-        while we waited. Waits while a live holder works; takes over a dead holder's lock."""
+        while we waited. Waits while a live holder works."""
         import time
 
         waited = 0
         while True:
             if done():
                 return False
-            if self.try_acquire():
-                return True
+            try:
+                if self.try_acquire():
+                    return True
+            except NotARegularFileError as err:
+                raise LockedError(f"{err}: remove it, then run again") from None
             if log is not None and waited % 30 == 0:
                 log(f"waiting for {self.describe(self.holder() or {})} to finish {self.what} {self.path.parent}")
             time.sleep(poll)
             waited += 1
 
     def release(self) -> None:
-        if self.held:
-            info = self.holder()
-            if info and info.get("pid") == os.getpid() and info.get("host") == host_name():
-                self.path.unlink(missing_ok=True)
-            self.held = False
+        if self.held and self._fd is not None and self._pid == os.getpid():  # not in a forked child
+            # Unlinked while still locked, so no other process can lock this file after us and
+            # believe it holds the path (see try_acquire).
+            with contextlib.suppress(OSError):
+                if os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(self._fd).st_ino:
+                    self.path.unlink()
+            info = os.fstat(self._fd)
+            _held_here.pop((info.st_dev, info.st_ino), None)
+            os.close(self._fd)
+        self._fd = None
+        self.held = False
 
     def __enter__(self) -> "RunLock":
         return self.acquire()
@@ -393,47 +492,112 @@ class RunLock:
 MARKER = ".show-attend-tell.json"
 #: What each kind of folder is called in messages.
 FOLDER_KINDS = {"run": "training run folder", "model": "model folder", "prepared": "prepared dataset folder",
-                "evaluation": "evaluation folder", "study": "study folder", "benchmark": "benchmark folder"}
+                "evaluation": "evaluation folder", "study": "study folder", "benchmark": "benchmark folder",
+                "figures": "attention figure folder", "example": "example dataset folder",
+                "features": "feature cache folder"}
 
 
 class ForeignFolderError(ValueError):
     """A folder holds files the project did not write, or is another kind of the project's folders."""
 
 
-def folder_kind(folder: str | Path) -> str | None:
-    """The kind named by ``folder``'s marker ("run", "model", "prepared", "evaluation", "study",
-    "benchmark"), or None
-    when the folder carries no readable marker (it is then not the project's)."""
+def real_folder(folder: str | Path) -> str:
+    """The path a marker records for ``folder``: absolute, links resolved."""
+    return os.path.realpath(folder)
+
+
+def _marker_record(folder: Path) -> dict | None:
+    """The marker of ``folder`` as written, or None when there is none. A marker that is a link,
+    FIFO or device, or not a JSON mapping, is refused (ForeignFolderError, one line)."""
+    path = folder / MARKER
     try:
-        data = json.loads((Path(folder) / MARKER).read_text())
-    except (OSError, ValueError):
+        data = json.loads(read_regular(path, 1 << 16))
+    except FileNotFoundError:
         return None
-    kind = data.get("kind") if isinstance(data, dict) else None
-    return kind if kind in FOLDER_KINDS else None
+    except NotADirectoryError:
+        return None
+    except NotARegularFileError as err:
+        raise ForeignFolderError(f"{err}: {folder} is not a folder show-attend-tell made; nothing was written") \
+            from None
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        raise ForeignFolderError(f"{path} is not a marker show-attend-tell wrote (unreadable or not JSON): {folder} "
+                                 "is not a folder it made; nothing was written") from None
+    if not isinstance(data, dict):
+        raise ForeignFolderError(f"{path} is not a marker show-attend-tell wrote: {folder} is not a folder it made")
+    return data
 
 
-def mark_folder(folder: str | Path, kind: str) -> None:
-    """Write ``folder``'s marker (the folder exists): from now on the project may write there."""
+def read_marker(folder: str | Path, name_as: str | Path | None = None) -> dict | None:
+    """``folder``'s marker if it is the project's own (a regular file of a known kind that names
+    this very folder, by its real path, and carries a random id), else None when there is none.
+    A marker that is there but not ours (a link, a FIFO, a copy from another folder, a marker of
+    an older version that names no folder) is refused with ForeignFolderError (one line).
+    ``name_as``: the folder the marker must name, when ``folder`` is a staged copy of it."""
+    folder = Path(folder)
+    data = _marker_record(folder)
+    if data is None:
+        return None
+    kind, named, ident = data.get("kind"), data.get("folder"), data.get("id")
+    if kind not in FOLDER_KINDS or not isinstance(named, str) or not isinstance(ident, str) or not ident:
+        raise ForeignFolderError(f"{folder / MARKER} does not name its folder and id (copied, edited or written by an "
+                                 f"older version): {folder} is not taken as show-attend-tell's; nothing was written; "
+                                 "use a new folder")
+    if named != real_folder(name_as if name_as is not None else folder):
+        raise ForeignFolderError(f"{folder / MARKER} was written for {named}, not for this folder (copied or moved): "
+                                 f"{folder} is not taken as show-attend-tell's; nothing was written; use a new folder")
+    return data
+
+
+def folder_kind(folder: str | Path, name_as: str | Path | None = None) -> str | None:
+    """The kind named by ``folder``'s marker ("run", "model", "prepared", "evaluation", "study"), or
+    None when the folder carries no marker (it is then not the project's). A marker that is not
+    the project's own raises ForeignFolderError (:func:`read_marker`)."""
+    data = read_marker(folder, name_as)
+    return data["kind"] if data else None
+
+
+def folder_id(folder: str | Path) -> str | None:
+    """The random id of ``folder``'s marker (our files in it record it too), or None."""
+    data = read_marker(folder)
+    return data["id"] if data else None
+
+
+def mark_folder(folder: str | Path, kind: str, name_as: str | Path | None = None) -> str:
+    """Write ``folder``'s marker (the folder exists): from now on the project may write there.
+    The marker names the folder's real path (``name_as``'s, for a staged folder that will be
+    renamed to it) and a new random id. -> the id."""
+    import uuid
+
     from captioning import __version__
 
-    atomic_write_json(Path(folder) / MARKER, {"kind": kind, "written_by": "show-attend-tell",
-                                              "version": __version__})
+    ident = uuid.uuid4().hex
+    atomic_write_json(Path(folder) / MARKER, {"kind": kind, "written_by": "show-attend-tell", "version": __version__,
+                                              "folder": real_folder(name_as if name_as is not None else folder),
+                                              "id": ident})
+    return ident
 
 
 def _shown(names: list[str], limit: int = 4) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def check_folder(folder: str | Path, kind: str, option: str | None = None) -> bool:
+def check_folder(folder: str | Path, kind: str, option: str | None = None, name_as: str | Path | None = None) -> bool:
     """Refuse (ForeignFolderError, one line with the fix) a ``folder`` the project may not write as
-    a folder of ``kind``: a file, a folder of another kind, or a non-empty folder without the
-    marker. ``option`` names the command-line option that gave the folder, for the fix.
+    a folder of ``kind``: a file, a link to a file, a folder of another kind, a folder whose
+    marker is not the project's own, or a non-empty folder without the marker. ``option`` names
+    the command-line option that gave the folder, for the fix.
+    ``name_as``: the folder the marker names, for a staged folder renamed to it when complete.
     -> whether the folder is already ours (False: missing or empty). Writes nothing."""
     folder = Path(folder)
     other = f"choose another {option}" if option else "choose another folder"
+    if folder.is_symlink() and not folder.exists():
+        raise ForeignFolderError(f"{folder} is a link to nothing ({os.readlink(folder)}): {other}")
     if folder.exists() and not folder.is_dir():
         raise ForeignFolderError(f"{folder} is a file, not a folder: {other}")
-    found = folder_kind(folder)
+    try:
+        found = folder_kind(folder, name_as)
+    except ForeignFolderError as err:
+        raise ForeignFolderError(f"{err} ({other})") from None
     if found == kind:
         return True
     if found is not None:
@@ -450,24 +614,37 @@ def check_folder(folder: str | Path, kind: str, option: str | None = None) -> bo
     return False
 
 
-def claim_folder(folder: str | Path, kind: str, option: str | None = None, what: str = "write") -> Path:
+def claim_folder(folder: str | Path, kind: str, option: str | None = None, what: str = "write",
+                 name_as: str | Path | None = None) -> Path:
     """:func:`check_folder`, then create ``folder`` if needed (proving it writable: FileWriteError
     'cannot ``what`` into ...') and mark it as a folder of ``kind``."""
     folder = Path(folder)
-    if not check_folder(folder, kind, option):
+    if not check_folder(folder, kind, option, name_as):
         check_writable(folder, what)
         try:
-            mark_folder(folder, kind)
+            mark_folder(folder, kind, name_as)
         except OSError as err:
             raise write_error(err, folder, what) from None
     return folder
 
 
-def remove_own(folder: str | Path, names: Iterable[str]) -> list[str]:
-    """Remove the entries of ``names`` (files or folders the project writes) from ``folder``, which
-    must carry the marker; nothing else in it is touched. -> the names removed."""
+def check_no_links(folder: str | Path, names: Iterable[str], option: str | None = None) -> None:
+    """Refuse (ForeignFolderError) a ``folder`` where one of ``names`` (what a command writes
+    there) is a link: the project writes nothing through a link, into a place it did not choose."""
     folder = Path(folder)
-    if folder_kind(folder) is None:
+    links = [name for name in names if (folder / name).is_symlink()]
+    if links:
+        other = f", or choose another {option}" if option else ""
+        raise ForeignFolderError(f"{folder / links[0]} is a link ({os.readlink(folder / links[0])}): show-attend-tell "
+                                 f"writes nothing through a link; move it out of {folder}{other}")
+
+
+def remove_own(folder: str | Path, names: Iterable[str], name_as: str | Path | None = None) -> list[str]:
+    """Remove the entries of ``names`` (files or folders the project writes) from ``folder``, which
+    must carry the project's own marker; nothing else in it is touched (a link among ``names`` is
+    removed itself, never what it points to). -> the names removed."""
+    folder = Path(folder)
+    if folder_kind(folder, name_as) is None:
         raise ForeignFolderError(f"{folder} carries no {MARKER} marker: the project removes nothing there")
     removed = []
     for name in names:
@@ -480,3 +657,145 @@ def remove_own(folder: str | Path, names: Iterable[str]) -> list[str]:
             continue
         removed.append(name)
     return removed
+
+
+# ------------------------------------------------------------------------------ replacing folders
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE). -> False where the
+    system or the file system cannot (the caller then renames twice)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2  # <fcntl.h> AT_FDCWD, <linux/fs.h> RENAME_EXCHANGE
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _staged_name(final: Path, role: str, pid: int | None = None) -> Path:
+    return final.with_name(f".{final.name}.{role}-{os.getpid() if pid is None else pid}")
+
+
+def remove_leftovers(final: str | Path, own_names: Iterable[str]) -> list[Path]:
+    """Remove what a killed replacement of ``final`` left beside it: in ``.NAME.new-PID`` and
+    ``.NAME.old-PID`` folders of processes no longer alive, whose marker is the project's and
+    names ``final``, the entries of ``own_names`` (what the command writes there); the folder
+    goes too once empty, while a file of anyone else's in it keeps it. -> the folders removed."""
+    final = Path(final)
+    removed = []
+    if not final.parent.is_dir():
+        return removed
+    for path in final.parent.glob(f".{glob.escape(final.name)}.*-*"):
+        role, _, pid = path.name[len(final.name) + 2:].rpartition("-")
+        if role not in ("new", "old") or not pid.isdigit() or pid_alive(int(pid)) or path.is_symlink() \
+                or not path.is_dir():
+            continue
+        try:
+            if read_marker(path, name_as=final) is None:
+                continue
+        except ForeignFolderError:
+            continue
+        if _remove_staged(path, own_names):
+            removed.append(path)
+    return removed
+
+
+def _remove_staged(folder: Path, own_names: Iterable[str]) -> bool:
+    """Remove ``own_names`` and the marker from ``folder``, then the folder if that emptied it.
+    -> whether the folder is gone."""
+    for name in [*own_names, MARKER]:
+        path = folder / name
+        with contextlib.suppress(OSError):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+    try:
+        folder.rmdir()
+    except OSError:
+        return False
+    return True
+
+
+def swap_in(staged: str | Path, final: str | Path) -> Path:
+    """Put the complete folder ``staged`` at ``final``. An existing ``final`` is exchanged with it
+    in one atomic step where the system can (a reader, or a kill, sees the old folder or the new,
+    whole), else moved aside then replaced; the old folder is removed last."""
+    staged, final = Path(staged), Path(final)
+    if final.exists() or final.is_symlink():
+        if _exchange(staged, final):
+            shutil.rmtree(staged, ignore_errors=True)  # now the old folder
+        else:
+            old = _staged_name(final, "old")
+            os.replace(final, old)
+            os.replace(staged, final)
+            shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staged, final)
+    _fsync_folder(final.parent)
+    return final
+
+
+@contextlib.contextmanager
+def replacing_folder(final: str | Path, kind: str, own_names: Iterable[str], option: str | None = None,
+                     what: str = "write") -> Iterator[Path]:
+    """Yield a new, marked folder beside ``final`` to write whole; on success it replaces
+    ``final``, so ``final`` holds the old folder, intact, until the new one is complete, and
+    never a mixture. ``final`` must be new, empty, or a folder of ``kind``
+    (:func:`check_folder`); ``own_names`` are the names the command writes there. The swap is one
+    atomic exchange where the system can (:func:`_exchange`); then a file of anyone else's in the
+    old folder is moved into the new one, and the old folder's own files are removed. On an
+    exception the new folder is removed and ``final`` is as it was."""
+    final = Path(final)
+    own = [*own_names]
+    ours = check_folder(final, kind, option)
+    remove_leftovers(final, own)
+    check_writable(final.parent, what)
+    staged = _staged_name(final, "new")
+    if staged.exists():
+        shutil.rmtree(staged)
+    try:
+        staged.mkdir()
+        mark_folder(staged, kind, name_as=final)
+    except OSError as err:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise write_error(err, final.parent, what) from None
+    try:
+        yield staged
+        for path in staged.iterdir():  # on disk before the folder is renamed into place
+            if path.is_file() and not path.is_symlink():
+                with open(path, "rb+") as f:
+                    os.fsync(f.fileno())
+        if final.is_dir() and not ours and not any(final.iterdir()):
+            final.rmdir()  # an empty folder of the user's becomes the new folder
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    if not (final.exists() or final.is_symlink()):
+        os.replace(staged, final)
+    else:
+        if _exchange(staged, final):
+            old = staged
+        else:
+            old = _staged_name(final, "old")
+            os.replace(final, old)
+            os.replace(staged, final)
+        keep = set(own) | {MARKER}
+        for path in old.iterdir():  # a file of the user's beside the model stays beside it
+            if path.name not in keep and not (final / path.name).exists():
+                with contextlib.suppress(OSError):
+                    os.replace(path, final / path.name)
+        _remove_staged(old, own)
+    _fsync_folder(final.parent)

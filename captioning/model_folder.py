@@ -5,7 +5,10 @@ folder the same way:
     config.json   {"format", "format_version", "vocab_size", "vocab_sha256", "config", "training_data"
                    (captioning/provenance.py), "run"?}
     vocab.json    the vocabulary, a list of words (ids are positions)
-    onnx.json     (ONNX exports only) {"encoder", "step", "attention", "hard_mode", "opset", "image_size"}
+    onnx.json     (ONNX exports only) {"encoder", "step", "attention", "hard_mode", "opset", "image_size",
+                  "sha256": {file: digest} of the graphs and of the files they were exported from
+                  (config.json, vocab.json, model.safetensors), "shapes": {"encoder"|"step":
+                  {"inputs"|"outputs": {name: [dim, ...]}}} with "?" for a free dimension}
 
 ``run`` (optional) is what the training run's metrics.json said of the model (its test scores and
 the command that trained it), so that a model card written again from the folder keeps them.
@@ -102,7 +105,49 @@ def read_onnx_meta(folder: str | Path, cfg: Config) -> dict:
                               f"config.json a {cfg.model.attention} attention model at {cfg.data.image_size}; {fix}")
     if cfg.model.attention == "hard" and meta.get("hard_mode") not in ("expected", "argmax"):
         raise CheckpointError(f"{path}: 'hard_mode' is {meta.get('hard_mode')!r}, not expected or argmax; {fix}")
+    digests, shapes = meta.get("sha256"), meta.get("shapes")
+    if not isinstance(digests, dict) or not isinstance(shapes, dict):
+        raise CheckpointError(f"{path} records no fingerprints of the graphs and weights (an older export); {fix}")
+    # The graphs carry their own copy of the weights: a graph, config or weights file from another
+    # model would otherwise caption with that model's weights, or fail inside onnxruntime.
+    for name in ONNX_FINGERPRINTED + (meta["encoder"], meta["step"]):
+        if digests.get(name) != file_sha256(folder / name):
+            raise CheckpointError(f"{folder / name} is not the file the ONNX graphs were exported with (its "
+                                  f"fingerprint differs from onnx.json's): copy the folder's files together, or {fix}")
     return meta
+
+
+#: The files of a model folder whose fingerprints onnx.json records, beside the graphs'.
+ONNX_FINGERPRINTED = ("config.json", "vocab.json", "model.safetensors")
+
+
+def file_sha256(path: Path) -> str | None:
+    """The sha256 of a regular file's bytes, or None when it is missing or not a regular file."""
+    from captioning.files import open_regular
+
+    try:
+        fd = open_regular(path)
+    except OSError:
+        return None
+    digest = hashlib.sha256()
+    with open(fd, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_graph_shapes(path: Path, recorded: Any, found: dict, fix: str) -> None:
+    """Refuse (CheckpointError) a graph whose inputs and outputs are not the ones onnx.json
+    recorded at export. ``found``: {"inputs"|"outputs": {name: [dim, ...]}}, "?" for a free dim."""
+    if recorded != found:
+        raise CheckpointError(f"{path}'s inputs and outputs are not the ones recorded in onnx.json at export "
+                              f"({_shape_text(found)} instead of {_shape_text(recorded)}); {fix}")
+
+
+def _shape_text(shapes: Any) -> str:
+    if not isinstance(shapes, dict):
+        return repr(shapes)[:80]
+    return "; ".join(f"{k} {v}" for k, v in shapes.items())[:200]
 
 
 def run_record(metrics: dict | None) -> dict | None:

@@ -451,15 +451,17 @@ def test_a_run_another_process_is_training_is_never_cleared(tmp_path):
     import subprocess
     import sys
 
-    from captioning.files import host_name
     from captioning.study.runs import Run, clear_unfinished
 
     folder = tmp_path / "soft-seed0"
     (folder / "logs").mkdir(parents=True)
     (folder / "last.ckpt").write_bytes(b"half a run")
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    code = ("import sys, time\nfrom captioning.files import RunLock\nRunLock(sys.argv[1], command='train').acquire()\n"
+            "print('held', flush=True)\ntime.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(folder / "train.lock")], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     try:
-        (folder / "train.lock").write_text(json.dumps({"pid": holder.pid, "host": host_name(), "command": "train"}))
+        assert holder.stdout.readline().strip() == "held"  # the kernel's lock, held by a live process
         run = Run("soft-seed0", "soft", folder, folder / "best.ckpt", 0, folder)
         with pytest.raises(StudyError, match=f"soft-seed0 is being trained by pid {holder.pid}"):
             clear_unfinished(run)
@@ -467,7 +469,7 @@ def test_a_run_another_process_is_training_is_never_cleared(tmp_path):
     finally:
         holder.kill()
         holder.wait()
-    clear_unfinished(run)  # the holder is gone: a stale lock, and the leftovers are cleared
+    clear_unfinished(run)  # the holder is gone, and its lock with it: the leftovers are cleared
     assert not (folder / "last.ckpt").exists()
     assert os.path.exists(folder)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -134,13 +135,29 @@ def test_atomic_folder(tmp_path):
 # ------------------------------------------------------------------------------ locks
 
 
+_HOLDER = textwrap.dedent("""
+    import sys, time
+    from captioning.files import RunLock
+    lock = RunLock(sys.argv[1], command="train.py --seed 7").acquire()
+    print("held", flush=True)
+    time.sleep(60)
+""")
+
+
+def _holder(path: Path) -> subprocess.Popen:
+    """A process that holds the lock ``path`` (the kernel's) until it is killed."""
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(path)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
 def test_lock_refuses_a_live_holder_and_names_it(tmp_path):
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    other = _holder(tmp_path / "lock")
     try:
-        (tmp_path / "lock").write_text(json.dumps({"pid": other.pid, "host": socket.gethostname(),
-                                                   "command": "train.py --seed 7"}))
         with pytest.raises(LockedError) as info:
             RunLock(tmp_path / "lock", what="training").acquire()
+        assert RunLock(tmp_path / "lock").live_holder()["pid"] == other.pid
     finally:
         other.kill()
         other.wait()
@@ -149,19 +166,75 @@ def test_lock_refuses_a_live_holder_and_names_it(tmp_path):
     assert "\n" not in message
 
 
-def test_lock_of_a_dead_process_is_taken_over(tmp_path):
+def test_the_kernel_releases_the_lock_of_a_killed_process(tmp_path):
     path = tmp_path / "lock"
-    path.write_text(json.dumps({"pid": _dead_pid(), "host": socket.gethostname(), "command": "x"}))
+    other = _holder(path)
+    other.kill()
+    other.wait()
+    assert path.exists() and RunLock(path).live_holder() is None  # left behind, but nobody holds it
     with RunLock(path, command="train.py") as lock:
         assert lock.holder() == {"pid": os.getpid(), "host": socket.gethostname(), "command": "train.py"}
     assert not path.exists()
 
 
-def test_lock_of_another_host_is_trusted(tmp_path):
+_FORKER = textwrap.dedent("""
+    import os, sys, time
+    from captioning.files import RunLock
+    lock = RunLock(sys.argv[1]).acquire()
+    if os.fork() == 0:  # a pool worker or data loader, which outlives its killed parent here
+        open(sys.argv[1] + ".child", "w").close()  # after the fork handlers ran in the child
+        time.sleep(60)
+        os._exit(0)
+    print("held", flush=True)
+    time.sleep(60)
+""")
+
+
+def test_a_forked_child_does_not_keep_a_killed_parents_lock(tmp_path):
+    """flock belongs to the open file, which fork shares: the child's copy is closed at fork."""
     path = tmp_path / "lock"
+    proc = subprocess.Popen([sys.executable, "-c", _FORKER, str(path)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        deadline = time.monotonic() + 60
+        while not path.with_name("lock.child").exists():
+            assert time.monotonic() < deadline, "the forked child never ran"
+            time.sleep(0.05)
+        assert not RunLock(path).try_acquire()
+        proc.kill()
+        proc.wait()
+        with RunLock(path):  # the child still runs, the lock is free
+            pass
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 9)  # the child, in the session started for it
+
+
+def test_a_lock_record_naming_a_live_process_is_not_a_lock(tmp_path):
+    path = tmp_path / "lock"  # a file that says a live process holds it, while no process holds the kernel lock
     path.write_text(json.dumps({"pid": 1, "host": "some-other-node", "command": "x"}))
-    assert not RunLock(path).try_acquire()
-    assert path.exists()
+    with RunLock(path):
+        assert RunLock(path).live_holder() is None  # the same process re-enters
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link to a file", "link to /dev/zero", "dangling link", "folder"])
+def test_a_lock_path_that_is_not_a_regular_file_is_refused_without_waiting(tmp_path, kind):
+    path, target = tmp_path / "train.lock", tmp_path / "someone's file"
+    target.write_text("keep")
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "folder":
+        path.mkdir()
+    else:
+        path.symlink_to({"link to a file": target, "link to /dev/zero": Path("/dev/zero"),
+                         "dangling link": tmp_path / "nothing"}[kind])
+    started = time.monotonic()
+    with pytest.raises(LockedError, match="must be a regular file") as info:
+        RunLock(path).acquire()
+    assert time.monotonic() - started < 10 and "\n" not in str(info.value)
+    assert target.read_text() == "keep" and not (tmp_path / "nothing").exists()
 
 
 # ------------------------------------------------------------------------------ checkpoints

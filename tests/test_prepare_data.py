@@ -25,7 +25,7 @@ from captioning.data.formats import EMPTY_CAPTION, read_karpathy
 from captioning.data.prepare import (MISSING_FILE, NO_TRAINING_CAPTION, UNREADABLE, PrepareError, PrepareOptions,
                                      prepare)
 from captioning.data.store import PreparedDataError, PreparedFolder
-from captioning.files import mark_folder
+from captioning.files import MARKER, mark_folder
 from captioning.data.transforms import unnormalize
 from captioning.vocab import tokenize
 
@@ -241,7 +241,8 @@ def test_strict_fails_on_the_first_skip_and_leaves_no_folder(source, tmp_path):
 
 
 def _folder_contents(root: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(root.iterdir()) if p.name != "manifest.json"}
+    # The marker names its own folder and a random id: the one file that differs by design.
+    return {p.name: p.read_bytes() for p in sorted(root.iterdir()) if p.name not in ("manifest.json", MARKER)}
 
 
 def test_interrupted_preparation_resumes_only_the_unfinished_chunks(source, prepared, tmp_path, monkeypatch):
@@ -278,7 +279,7 @@ def test_changed_options_start_over_and_existing_folder_needs_overwrite(source, 
     dataset = read_karpathy(source / "dataset_example.json", source)
     partial = tmp_path / "p.partial"
     (partial / "chunks").mkdir(parents=True)
-    mark_folder(partial, "prepared")
+    mark_folder(partial, "prepared", name_as=out)  # OUT.partial/ is marked for the folder it becomes
     (partial / "plan.json").write_text("{}")  # a partial run with other options
     (partial / "chunks" / "train-000000.json").write_text("[]")
     prepare(dataset, out, PrepareOptions(**OPTIONS))

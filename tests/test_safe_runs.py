@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -217,10 +216,13 @@ def test_a_second_live_training_is_refused(tmp_path, data_root):
     out = tmp_path / "run"
     out.mkdir()
     mark_folder(out, "run")
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = ("import sys, time\nfrom captioning.files import RunLock\n"
+              "RunLock(sys.argv[1], command='captioning train --seed 7').acquire()\nprint('held', flush=True)\n"
+              "time.sleep(60)\n")
+    other = subprocess.Popen([sys.executable, "-c", holder, str(out / "train.lock")], stdout=subprocess.PIPE,
+                             text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     try:
-        (out / "train.lock").write_text(json.dumps({"pid": other.pid, "host": socket.gethostname(),
-                                                    "command": "captioning train --seed 7"}))
+        assert other.stdout.readline().strip() == "held"
         with pytest.raises(SystemExit) as info:
             train.run(tiny_args(out, data_root, "--max-epochs", "1"))
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import socket
 import subprocess
@@ -434,14 +435,18 @@ def test_waits_for_another_live_generator(tmp_path, monkeypatch):
     """Another live process (a DDP rank) holds the lock: we wait and use its folder, generating nothing."""
     cfg = SyntheticConfig(num_train=4, num_val=2, num_test=2)
     final = dataset_dir(tmp_path, cfg)
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    lock = tmp_path / f"{final.name}.lock"
+    code = ("import sys, time\nfrom captioning.files import RunLock\nRunLock(sys.argv[1], command='rank 1').acquire()\n"
+            "print('held', flush=True)\ntime.sleep(60)\n")
+    other = subprocess.Popen([sys.executable, "-c", code, str(lock)], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     try:
-        lock = tmp_path / f"{final.name}.lock"
-        lock.write_text(json.dumps({"pid": other.pid, "host": socket.gethostname(), "command": "rank 1"}))
+        assert other.stdout.readline().strip() == "held"  # the kernel's lock, held by a live process
         real_write = write._write_dataset
         calls = []
         monkeypatch.setattr(write, "_write_dataset", lambda *a: calls.append(a))
-        finisher = threading.Timer(0.3, lambda: (real_write(final, cfg, False), lock.unlink()))
+        # The other rank finishes the folder, then ends (and its lock with it).
+        finisher = threading.Timer(0.3, lambda: (real_write(final, cfg, False), other.kill()))
         finisher.start()
         assert generate_synthetic(tmp_path, cfg, progress=False) == final
         finisher.join()

@@ -18,6 +18,7 @@ from captioning.training import run as train  # (captioning train)
 
 from captioning.checkpoint import load_checkpoint  # noqa: E402
 from captioning.config import flatten, load_yaml  # noqa: E402
+from captioning.files import MARKER  # noqa: E402
 
 
 def tiny_args(tmp: Path, data_root: Path, *extra: str) -> list[str]:
@@ -151,6 +152,10 @@ def test_resume_in_the_same_folder_keeps_the_earlier_log(hard_run, tmp_path, dat
     out, _ = hard_run
     again = tmp_path / "again"
     shutil.copytree(out, again)
+    # A copied run folder is not taken as the run's (its marker names the original): give the copy
+    # the marker the run's own folder would carry, its real path and the id the checkpoints record.
+    marker = json.loads((out / MARKER).read_text())
+    (again / MARKER).write_text(json.dumps({**marker, "folder": os.path.realpath(again)}))
     epochs_before = _val_epochs(again / "logs" / "metrics.csv")
     assert epochs_before == [0, 1]
     train.run(tiny_args(again, data_root, "--resume", str(again / "last.ckpt"), "--max-epochs", "3"))

@@ -42,8 +42,43 @@ def _is_image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _folder_images(folder: Path) -> list[Path]:
-    return sorted((p for p in folder.iterdir() if p.is_file() and _is_image_name(p)), key=lambda p: p.name)
+def _folder_images(folder: Path, errors: list[str]) -> list[Path]:
+    """The image files of ``folder``, sorted; every entry with an image suffix that is not a
+    readable file (a link to nothing, a FIFO, a socket, a device, a folder) is named in ``errors``."""
+    try:
+        entries = sorted(folder.iterdir(), key=lambda p: p.name)
+    except OSError as err:
+        errors.append(f"{folder}: cannot list the folder ({err.strerror or err})")
+        return []
+    found = []
+    for path in entries:
+        if not _is_image_name(path):
+            continue
+        why = _not_a_file(path)
+        if why is None:
+            found.append(path)
+        else:
+            errors.append(f"{path}: {why}")
+    return found
+
+
+def _not_a_file(path: Path) -> str | None:
+    """Why ``path`` cannot be read as an image file, or None when it is a regular file."""
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "a link to nothing" if path.is_symlink() else "no such file"
+    except OSError as err:
+        return err.strerror or str(err)
+    if stat.S_ISREG(mode):
+        return None
+    for test, what in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device")):
+        if test(mode):
+            return f"{what}, not an image file"
+    return "not a regular file"
 
 
 def expand_inputs(items: Sequence[str]) -> tuple[list[Path], list[str]]:
@@ -57,21 +92,33 @@ def expand_inputs(items: Sequence[str]) -> tuple[list[Path], list[str]]:
     for item in items:
         path = Path(item)
         if path.is_dir():
-            found = _folder_images(path)
-            if not found:
+            bad: list[str] = []
+            found = _folder_images(path, bad)
+            errors += bad
+            if not found and not bad:
                 errors.append(f"{item}: folder holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
             paths += found
         elif path.exists():
-            paths.append(path)
+            why = _not_a_file(path)
+            if why is None:
+                paths.append(path)
+            else:
+                errors.append(f"{item}: {why}")
         elif any(ch in item for ch in "*?["):
             matches = sorted(glob.glob(item, recursive=True))
             found = []
+            bad = []
             for match in map(Path, matches):
                 if match.is_dir():
-                    found += _folder_images(match)
-                elif match.is_file() and _is_image_name(match):
-                    found.append(match)
-            if not found:
+                    found += _folder_images(match, bad)
+                elif _is_image_name(match):
+                    why = _not_a_file(match)
+                    if why is None:
+                        found.append(match)
+                    else:
+                        bad.append(f"{match}: {why}")
+            errors += bad
+            if not found and not bad:
                 why = "matches no image files" if matches else "matches nothing"
                 errors.append(f"{item}: {why}")
             paths += found
@@ -115,6 +162,17 @@ def heatmap_path(folder: Path, source: Path | str, used: set[str]) -> Path:
         name = f"{stem}_{n}"
     used.add(name.lower())
     return folder / f"{name}.png"
+
+
+def claim_figure_folder(folder: Path) -> None:
+    """--heatmaps writes only into a new or empty folder, or one it marked before: the figures
+    are named after the images, so a folder holding the images themselves would lose them."""
+    from captioning.files import ForeignFolderError, claim_folder
+
+    try:
+        claim_folder(folder, "figures", "--heatmaps", "write attention figures")
+    except (ForeignFolderError, OSError) as err:  # OSError: FileWriteError, one line
+        raise UsageError(str(err)) from None
 
 
 def load_captioner(checkpoint: Path, device: str | None):
@@ -336,6 +394,8 @@ def _run_caption(args: argparse.Namespace) -> int:
 
     from captioning.visualization import save_attention_figure
 
+    if args.heatmaps is not None:
+        claim_figure_folder(args.heatmaps)
     # What the model knows, said once: a synthetic-trained model names shapes in any photo.
     note = captioner.note_for([str(p) for p in paths])
     print(note or f"model: trained on {captioner.trained_on}", file=sys.stderr, flush=True)

@@ -44,7 +44,8 @@ from captioning.config import ModelConfig
 from captioning.data import transforms
 from captioning.data.coco import SPLITS, ImageRecord
 from captioning.data.store import LazyArray
-from captioning.files import RunLock, atomic_path, atomic_write_json
+from captioning.files import (MARKER, TMP_PREFIX, ForeignFolderError, RunLock, as_write_error, atomic_path,
+                              atomic_write_json, check_no_links, claim_folder, mark_folder)
 from captioning.models.encoder import Encoder
 from captioning.progress import Progress
 
@@ -222,6 +223,41 @@ def _encode_into(partial: Path, encoder: Encoder, images: Any, n: int, *, batch_
     del out
 
 
+def claim_cache_folder(directory: Path) -> None:
+    """The cache writes only into a folder of its own: new, empty, marked as a feature cache
+    (captioning/files.py), or holding nothing but the files a cache writes (one written before
+    folders were marked, or being started by another process of the same training: it is marked
+    now). A folder with anything else in it is refused (FeatureCacheError) before anything is
+    written, and nothing is written through a link in it."""
+    own = {f"{split}.{ext}" for split in SPLITS for ext in ("json", "npy", "lock")}
+    try:
+        if directory.is_dir() and not (directory / MARKER).exists() and not directory.is_symlink():
+            names = [p.name for p in directory.iterdir()]
+            if names and all(n in own or n.startswith(TMP_PREFIX) for n in names) and _cache_files(directory, names):
+                mark_folder(directory, "features")
+        claim_folder(directory, "features", "data.feature_cache", "write the feature cache")
+        check_no_links(directory, sorted(own), "data.feature_cache")
+    except ForeignFolderError as err:
+        raise FeatureCacheError(str(err)) from None
+    except OSError as err:
+        raise FeatureCacheError(str(as_write_error(err) or err)) from None
+
+
+def _cache_files(directory: Path, names: list[str]) -> bool:
+    """Whether ``names`` are what a cache writes: every .json a cache's record, every .npy beside one."""
+    for name in names:
+        if name.endswith(".npy") and name[:-4] + ".json" not in names:
+            return False
+        if name.endswith(".json"):
+            try:
+                meta = json.loads((directory / name).read_text())
+            except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+                return False
+            if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT:
+                return False
+    return True
+
+
 def prepare_feature_cache(
     directory: str | Path,
     model_cfg: ModelConfig,
@@ -244,7 +280,7 @@ def prepare_feature_cache(
     whose stored fingerprint differs from this encoder's, or a build the disk has no room for.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    claim_cache_folder(directory)
     device = torch.device(device)
     encoder_hash = weights_hash(encoder)
     grid, channels = encoder.grid_size, encoder.out_channels

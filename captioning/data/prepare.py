@@ -38,7 +38,7 @@ dropped from training (``--long-captions drop``; they stay references).
 
 from __future__ import annotations
 
-import fnmatch
+import errno
 import hashlib
 import io
 import json
@@ -61,7 +61,7 @@ from captioning.data.coco import SPLITS, read_json, write_json
 from captioning.data.formats import Skip, SourceDataset, pool_instances
 from captioning.data.transforms import ImageLoadError, load_image, resize_square
 from captioning.files import (MARKER, ForeignFolderError, LockedError, RunLock, atomic_path, check_folder,
-                              claim_folder, folder_kind, partial_name, publish_folder)
+                              claim_folder, partial_name, publish_folder, remove_leftovers)
 from captioning.progress import Progress
 from captioning.vocab import Vocabulary, tokenize
 
@@ -159,6 +159,31 @@ def _decode_one(path: Path, size: int, store: np.ndarray, row: int) -> dict[str,
             "sha256": hashlib.sha256(data).hexdigest(), "converted": _conversions(data)}
 
 
+def _preallocate(path: Path) -> None:
+    """Give the memory-mapped store every block it will need now. open_memmap makes a sparse
+    file, and a write through a memory map into a block the full disk cannot give is a SIGBUS
+    that kills the process (mmap(2)); allocated first, a full disk is an ENOSPC here, which
+    atomic_path turns into one line. posix_fallocate writes zeros where the file system cannot
+    allocate otherwise."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as err:
+        if err.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # no fallocate here: write the zeros ourselves
+            _write_zeros(fd)
+        else:
+            raise
+    finally:
+        os.close(fd)
+
+
+def _write_zeros(fd: int) -> None:
+    size, block = os.fstat(fd).st_size, bytes(1 << 20)
+    done = min(size, 4096)  # the first block holds the .npy header, written (so allocated) already
+    while done < size:
+        done += os.pwrite(fd, block[:min(len(block), size - done)], done)
+
+
 def _decode_chunk(task: tuple[str, int, int, list[str], int, str]) -> tuple[str, int, list[dict]]:
     """Worker: decode a chunk of images straight into the memory-mapped store (no pickled pixels).
 
@@ -198,10 +223,11 @@ def _open_partial(out: Path, plan: dict[str, Any], progress: bool) -> tuple[Path
     partial = partial_name(out)
     plan_file = partial / "plan.json"
     try:
-        check_folder(partial, "prepared", "--out")  # OUT.partial/ of someone else's is never removed
+        # OUT.partial/ of someone else's is never removed; ours names OUT, which it becomes.
+        ours = check_folder(partial, "prepared", "--out", name_as=out)
     except ForeignFolderError as err:
         raise PrepareError(f"{err} (the resumable part of --out {out})") from None
-    if partial.is_dir() and folder_kind(partial) == "prepared":
+    if ours:
         try:
             same = json.loads(plan_file.read_text()) == json.loads(json.dumps(plan))
         except (OSError, ValueError):
@@ -217,16 +243,20 @@ def _open_partial(out: Path, plan: dict[str, Any], progress: bool) -> tuple[Path
             print(f"prepare: {partial} was started with other options or sources: starting over",
                   file=sys.stderr, flush=True)
         shutil.rmtree(partial)
-    claim_folder(partial, "prepared", "--out")
+    claim_folder(partial, "prepared", "--out", name_as=out)
     (partial / "chunks").mkdir()
     lock = _take_lock(partial)
     write_json(plan_file, plan)
     return partial, lock
 
 
+#: Every name a preparation writes into its folder: FILE_FORMATS for each split, and the marker.
+OWN_NAMES = frozenset([MARKER, *(pattern.format(split=split) for pattern in FILE_FORMATS for split in SPLITS)])
+
+
 def _own_name(name: str) -> bool:
-    """Whether ``name`` is one of the files a preparation writes (FILE_FORMATS, the marker)."""
-    return name == MARKER or any(fnmatch.fnmatch(name, pattern.replace("{split}", "*")) for pattern in FILE_FORMATS)
+    """Whether ``name`` is one of the files a preparation writes (a user's captions_mine.json is not)."""
+    return name in OWN_NAMES
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -236,6 +266,8 @@ def _check_out(out: Path, overwrite: bool) -> None:
         ours = check_folder(out, "prepared", "--out")
     except ForeignFolderError as err:
         raise PrepareError(err) from None
+    # The old or new folder a replacement killed half-way left beside OUT (its own files only).
+    remove_leftovers(out, [*OWN_NAMES, "chunks", "plan.json", "lock"])
     if not ours:
         if out.is_dir():
             out.rmdir()  # empty: the finished folder is renamed into its place
@@ -262,6 +294,7 @@ def _decode_images(dataset: SourceDataset, partial: Path, options: PrepareOption
             with atomic_path(store_path) as tmp:
                 store = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(images), size, size, 3))
                 del store
+                _preallocate(tmp)
         results[split] = [None] * len(images)
         for index, start in enumerate(range(0, len(images), chunk)):
             marker = partial / "chunks" / f"{split}-{index:06d}.json"
@@ -316,8 +349,8 @@ def prepare(dataset: SourceDataset, out: str | Path, options: PrepareOptions,
             instances: Sequence[Path] = (), command: Sequence[str] | None = None) -> dict[str, Any]:
     """Write the prepared folder ``out`` from ``dataset``; -> its manifest (with the summary)."""
     options.check()
+    _check_out(Path(out), options.overwrite)  # before resolving: a link to nothing is refused, not followed
     out = Path(out).resolve()
-    _check_out(out, options.overwrite)
     if options.strict and dataset.skipped:
         first = dataset.skipped[0]
         raise PrepareError(f"--strict: {first.reason}: {first.item}")

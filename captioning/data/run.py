@@ -194,7 +194,14 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> Any:
             return run_benchmark(args)
         if args.make_example is not None:
             from captioning.data.examples import write_example_dataset
+            from captioning.files import ForeignFolderError, check_no_links, claim_folder
 
+            try:  # a folder of the user's files is never written into (its images/img_1.jpg kept)
+                claim_folder(args.make_example, "example", "--make-example", "write the example dataset")
+                check_no_links(args.make_example, ["images", "dataset_example.json", "captions_example.json",
+                                                   "Flickr8k.token.txt"], "--make-example")
+            except ForeignFolderError as err:
+                raise PrepareError(err) from None
             captions, images = write_example_dataset(args.make_example, args.num_images, image_size=args.example_size,
                                                      fmt=args.example_format)
             print(f"wrote {args.num_images} images and {captions}; prepare them with:\n  captioning prepare "

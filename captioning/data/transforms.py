@@ -6,6 +6,7 @@ from training's; here there is exactly one path from a file to a tensor.
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -34,33 +35,78 @@ class ImageLoadError(ValueError):
 DRAFT_SIZE = 1024
 
 
+#: The most pixels an image may have, after the reduced-scale decoding of large JPEGs, to be
+#: decoded at all: 50 megapixels (an 8000 x 6000 photo) take some 150 MB as RGB. A PNG of a few
+#: hundred kilobytes can claim 13000 x 13000 pixels, which would take gigabytes once decoded; the
+#: size is read from the file's header, so such a file is refused before any pixel is decoded.
+#: Raise it with the environment variable CAPTIONING_MAX_IMAGE_PIXELS (Pillow's own bound,
+#: PIL.Image.MAX_IMAGE_PIXELS, still applies beyond twice its value).
+DEFAULT_MAX_PIXELS = 50_000_000
+MAX_PIXELS_VARIABLE = "CAPTIONING_MAX_IMAGE_PIXELS"
+
+
+def max_image_pixels() -> int:
+    """The pixel bound in force: CAPTIONING_MAX_IMAGE_PIXELS if set to a positive integer, else
+    DEFAULT_MAX_PIXELS. Raises ImageLoadError (one line) for a value that is not a positive integer."""
+    text = os.environ.get(MAX_PIXELS_VARIABLE, "").strip().replace("_", "")
+    if not text:
+        return DEFAULT_MAX_PIXELS
+    if not text.isdigit() or int(text) < 1:
+        raise ImageLoadError(f"{MAX_PIXELS_VARIABLE} must be a positive whole number of pixels, got "
+                         f"{os.environ[MAX_PIXELS_VARIABLE][:40]!r}")
+    return int(text)
+
+
 def load_image(path: str | Path) -> Image.Image:
     """Open an image file as RGB with its EXIF orientation applied.
 
     Grayscale, CMYK, palette, RGBA (composited on white) and 16-bit images are converted; large
     JPEGs are decoded at a reduced scale (see DRAFT_SIZE). A missing, truncated or non-image file,
-    or a decompression bomb, raises ImageLoadError naming the file.
+    a decompression bomb, or an image of more pixels than :func:`max_image_pixels` (read from the
+    header, before decoding) raises ImageLoadError naming the file.
 
     Decompression bombs: Pillow refuses images of more than 2 x Image.MAX_IMAGE_PIXELS (179
     megapixels by default) when opening them, before decoding anything -- a tiny file claiming
     gigapixels fails here. Between 1x and 2x (89-179 MP) Pillow only warns; a genuine 10000x10000
-    (100 MP) photo is in that band, so the warning is silenced and the image is read.
+    (100 MP) JPEG is in that band, and decodes at 1/8 scale (DRAFT_SIZE), so the warning is
+    silenced and the image is read; the same size as a PNG is above the pixel bound.
     """
+    from captioning.files import NotARegularFileError, open_regular
+
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ImageLoadError(f"image file {path} does not exist")
+    bound = max_image_pixels()
     try:
-        with warnings.catch_warnings():
+        # Opened without blocking and checked to be a regular file: a FIFO would wait forever.
+        stream = os.fdopen(open_regular(path, follow_links=True), "rb")
+    except NotARegularFileError as err:
+        raise ImageLoadError(f"cannot read image {path}: it {str(err).replace(str(path) + ' ', '', 1)}") from None
+    except OSError as err:
+        raise ImageLoadError(f"cannot read image {path}: {err.strerror or err}") from None
+    try:
+        with stream, warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(stream) as img:
                 img.draft(img.mode, (DRAFT_SIZE, DRAFT_SIZE))  # JPEG only; a no-op for other formats
+                width, height = img.size  # from the header (after the JPEG's reduced scale): nothing decoded yet
+                if width * height > bound:
+                    raise ImageLoadError(
+                        f"cannot read image {path}: it is {width}x{height} pixels, more than the {bound:,} decoded at "
+                        f"most; set {MAX_PIXELS_VARIABLE} to a larger number to read it")
                 img.load()  # decode now: a truncated file fails here, not later in a worker
                 return to_rgb(img)
+    except ImageLoadError:
+        raise
     except Image.DecompressionBombError as err:
         raise ImageLoadError(f"cannot read image {path}: refused as a possible decompression bomb ({err}); "
                              "if it is a genuine image, raise PIL.Image.MAX_IMAGE_PIXELS") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise ImageLoadError(f"cannot read image {path}: {err}") from None
+    except Exception as err:  # noqa: BLE001 -- Pillow's decoders raise ValueError (a PNG text chunk
+        # claiming 100 MB: "Decompressed Data Too Large"), struct.error, IndexError... on hostile files
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        raise ImageLoadError(f"cannot read image {path}: {reason}") from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

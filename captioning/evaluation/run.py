@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
@@ -98,9 +99,13 @@ def check_mode(args: argparse.Namespace) -> str:
     return "checkpoint"
 
 
-def _writable(out_dir: Path) -> Path:
+def _writable(out_dir: Path, chosen: bool = False) -> Path:
     """--out-dir as an evaluation folder: new, empty, or one an evaluation wrote (its marker);
-    anyone else's folder is refused before any work."""
+    anyone else's folder is refused before any work. ``chosen``: the folder is the default, not
+    one the user named, so a link there (eval/ of a run folder) leads somewhere nobody chose."""
+    if chosen and out_dir.is_symlink():
+        raise UsageError(f"{out_dir} is a link ({os.readlink(out_dir)}): show-attend-tell writes nothing through a "
+                         "link; pass --out-dir to name the folder to write")
     try:
         return claim_folder(out_dir, "evaluation", "--out-dir", "write results")
     except (ForeignFolderError, OSError) as err:
@@ -196,7 +201,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     if not records:
         raise UsageError(f"the {split} split of {data.root} has no images: nothing to evaluate"
                          + (" (try --split val)" if split == "test" else ""))
-    out_dir = _writable(args.out_dir or args.checkpoint.parent / "eval")  # before the long decoding
+    out_dir = _writable(args.out_dir or args.checkpoint.parent / "eval", args.out_dir is None)  # before the decoding
     instances = _load_grounding(args, data, split, [r.image_id for r in records])
     matcher = instances.matcher() if instances is not None else None
 
@@ -256,7 +261,11 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
 def _results_out_dir(results: Path) -> Path:
     """The default --out-dir of results mode: the results file's folder when an evaluation wrote it,
     else its eval/ subfolder (the project writes into no folder of anyone else's)."""
-    return results.parent if folder_kind(results.parent) == "evaluation" else results.parent / "eval"
+    try:
+        ours = folder_kind(results.parent) == "evaluation"
+    except ForeignFolderError:  # a marker that is not the project's own: not an evaluation folder
+        ours = False
+    return results.parent if ours else results.parent / "eval"
 
 
 #: The caption metrics the summary leads with (x100), before the full table.
@@ -302,7 +311,7 @@ def evaluate_results(args: argparse.Namespace) -> dict:
     except (ResultsError, AnnotationError) as err:
         raise UsageError(err) from None
     references = {r.image_id: list(r.captions) for r in records}
-    out_dir = _writable(args.out_dir or _results_out_dir(args.results))
+    out_dir = _writable(args.out_dir or _results_out_dir(args.results), args.out_dir is None)
     unknown = sorted(set(predictions) - set(references))
     if unknown:
         shown = ", ".join(map(str, unknown[:5])) + (", ..." if len(unknown) > 5 else "")

@@ -9,7 +9,8 @@ model.safetensors, README.md) plus
     step.onnx     one word (Sec. 3.1.2): y_{t-1} [B] int64, h, c, a, keys
                   -> log p(y_t) [B, V], h_t, c_t, alpha_t [B, L]
                   (attention, the gate beta_t, the LSTM and the deep output of Eq. 7)
-    onnx.json     what the graphs are: file names, hard attention's mode, opset
+    onnx.json     what the graphs are: file names, hard attention's mode, opset, and the
+                  fingerprints and shapes checked at load (captioning/model_folder.py)
 
 The decoding loops (greedy and beam search) are NumPy, in captioning/export/runtime.py: the step
 runs once per word, so a graph per word keeps the search itself readable and the graphs small.
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from captioning.checkpoint import STALE_AFTER_SAVE
+from captioning.model_folder import ONNX_FINGERPRINTED, file_sha256
 from captioning.models import ShowAttendTell
 from captioning.models.decoder import DecoderState
 
@@ -94,9 +96,24 @@ def export_onnx(model: ShowAttendTell, image_size: int, folder: str | Path, hard
         _export(StepGraph(model, mode or "expected"), (words, h.detach(), c.detach(), features.detach(), keys.detach()),
                 folder / STEP_FILE, ["words", "h", "c", "features", "keys"], ["log_probs", "h_out", "c_out", "alpha"])
     meta = {"encoder": ENCODER_FILE, "step": STEP_FILE, "attention": model.attention, "hard_mode": mode,
-            "opset": OPSET, "image_size": image_size}
+            "opset": OPSET, "image_size": image_size,
+            # Checked at load (captioning/model_folder.py read_onnx_meta), as a checkpoint's weights are.
+            "sha256": {name: file_sha256(folder / name) for name in (*ONNX_FINGERPRINTED, ENCODER_FILE, STEP_FILE)},
+            "shapes": {"encoder": graph_shapes(folder / ENCODER_FILE), "step": graph_shapes(folder / STEP_FILE)}}
     (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return folder
+
+
+def graph_shapes(path: Path) -> dict:
+    """{"inputs"|"outputs": {name: [dim, ...]}} of an ONNX graph file, "?" for a free dimension."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+
+    def dims(value) -> list:
+        return [d.dim_value if d.HasField("dim_value") else "?" for d in value.type.tensor_type.shape.dim]
+
+    return {"inputs": {v.name: dims(v) for v in graph.input}, "outputs": {v.name: dims(v) for v in graph.output}}
 
 
 def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str]) -> None:
@@ -123,11 +140,13 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "folde
     from captioning.api import Captioner
 
     source = Path(checkpoint)
+    if fmt not in ("folder", "onnx"):
+        raise ExportError(f"unknown export format {fmt!r}; choose folder or onnx")
     captioner = Captioner.from_pretrained(source, "cpu") if source.is_dir() else Captioner.from_checkpoint(source, "cpu")
-    folder = captioner.save_pretrained(out, command=command)
+    also = None
     if fmt == "onnx":
         mode = hard_mode or (captioner.config.decode.hard_mode if captioner.modes else None)
-        export_onnx(captioner.model, captioner.image_size, folder, mode)
-    elif fmt != "folder":
-        raise ExportError(f"unknown export format {fmt!r}; choose folder or onnx")
-    return folder
+
+        def also(new: Path) -> None:  # into the new folder, before it replaces the old one
+            export_onnx(captioner.model, captioner.image_size, new, mode)
+    return captioner.save_pretrained(out, command=command, also=also)

@@ -24,7 +24,7 @@ import numpy as np
 
 from captioning import provenance
 from captioning.data.transforms import MEAN, STD, load_image, resize_square, to_rgb
-from captioning.model_folder import CheckpointError, read_folder_meta, read_onnx_meta
+from captioning.model_folder import CheckpointError, check_graph_shapes, read_folder_meta, read_onnx_meta
 from captioning.search import DecodeOptions, Hypothesis, StepResult, search
 from captioning.vocab import Vocabulary
 
@@ -126,6 +126,15 @@ class _OnnxStep:
         return h[rows], c[rows]
 
 
+def _session_shapes(session) -> dict:
+    """{"inputs"|"outputs": {name: [dim, ...]}} as onnxruntime reads a graph, "?" for a free dim."""
+    def dims(shape) -> list:
+        return [d if isinstance(d, int) else "?" for d in shape]
+
+    return {"inputs": {v.name: dims(v.shape) for v in session.get_inputs()},
+            "outputs": {v.name: dims(v.shape) for v in session.get_outputs()}}
+
+
 class OnnxCaptioner:
     """The exported encoder and decoder step of a model folder: the ONNX engine of captioning/search.py."""
 
@@ -163,6 +172,12 @@ class OnnxCaptioner:
             self.step = ort.InferenceSession(str(folder / meta["step"]), options, providers=["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime raises its own types for missing or damaged files
             raise OnnxModelError(f"cannot load the ONNX graphs of {folder}: {' '.join(str(err).split())[:300]}") from None
+        fix = "export it again with 'captioning export --format onnx'"
+        try:
+            for role, session in (("encoder", self.encoder), ("step", self.step)):
+                check_graph_shapes(folder / meta[role], meta["shapes"].get(role), _session_shapes(session), fix)
+        except CheckpointError as err:
+            raise OnnxModelError(err) from None
 
     @property
     def trained_on(self) -> str:

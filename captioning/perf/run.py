@@ -145,9 +145,32 @@ def results_file(out: Path | None) -> Path:
     return out
 
 
+def results_file_problem(out: Path) -> str | None:
+    """Why ``out`` may not be written (a link, a folder, a file a benchmark did not write: the
+    project never overwrites a file of someone else's), or None."""
+    if out.is_symlink():
+        return f"--out {out} is a link: show-attend-tell writes nothing through a link; choose another --out"
+    if not out.exists():
+        return None
+    if not out.is_file():
+        return f"--out {out} is not a file: choose another --out"
+    try:
+        from captioning.files import read_regular
+
+        data = json.loads(read_regular(out, 1 << 24))
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        data = None
+    if not (isinstance(data, dict) and "total_seconds" in data and "skipped" in data):
+        return f"--out {out} exists and is not a benchmark result written by show-attend-tell: choose another --out"
+    return None
+
+
 def run(argv: list[str] | None = None, prog: str | None = None) -> dict[str, Any]:
     """``captioning benchmark`` with ``argv``; -> what it wrote, as a dict (bad input: SystemExit, one line)."""
     args = parse_args(argv, prog)  # first: --help answers without importing torch
+    reason = results_file_problem(args.out) if args.out is not None else None
+    if reason:  # before the long measurements
+        sys.exit(f"error: {reason}")
     import torch
 
     from captioning.device import resolve_device
@@ -224,9 +247,12 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> dict[str, Any
         bench.progress(f"[{i + 1}/{len(plan)}] {label}: done, elapsed {elapsed:.0f}s, ETA ~{eta:.0f}s")
     results["total_seconds"] = round(time.perf_counter() - started, 1)
 
-    from captioning.files import atomic_write_json
+    from captioning.files import FileWriteError, atomic_write_json
 
-    atomic_write_json(out, results)
+    try:
+        atomic_write_json(out, results)  # replaces the name, never writes through a link
+    except (FileWriteError, OSError) as err:
+        sys.exit(f"error: cannot write {out}: {err}")
     print(format_report(results))
     print(f"wrote {out} ({results['total_seconds']} s)")
     return results

@@ -22,29 +22,32 @@ Every answer is JSON, errors too: ``{"error": one line}`` with a 4xx status for 
 (not an image, truncated, too large, too many pixels, a missing or malformed Content-Length, a
 number out of range) and 500 for a failure of the model, logged as one line; the server keeps
 serving. It is built to stay up on a shared machine: a request body is read only up to
-MAX_UPLOAD_BYTES and only with a Content-Length; a connection silent for TIMEOUT seconds is
-closed; WORKERS threads answer, QUEUE more connections wait, any beyond get 503 at once; the
-listen backlog is BACKLOG; a client that goes away is forgotten without a traceback.
+MAX_UPLOAD_BYTES and only with a Content-Length; one thread (Reception) reads every request
+whole before a worker sees it, and a request that has not arrived whole TIMEOUT seconds after
+its connection was accepted is closed, so idle or trickling clients hold no worker; WORKERS
+threads answer, QUEUE more complete requests wait, any beyond get 503 at once; the listen
+backlog is BACKLOG; a client that goes away is forgotten without a traceback. A multipart
+upload is parsed in one pass whose cost grows with the body's size only (form_file).
 
 Why the standard library and not a web framework: the demo takes one kind of request, so
-http.server with the bounds above is short, and a multipart upload is parsed by the standard
-library's email parser, the replacement for the ``cgi`` module that Python 3.13 removed
-(docs/demo.md says more).
+http.server with the bounds above is short (docs/demo.md says more).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import mimetypes
 import os
 import re
+import selectors
+import socket
 import sys
 import tempfile
 import threading
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from email.parser import BytesParser
-from email.policy import HTTP
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -60,13 +63,27 @@ MAX_UPLOAD_BYTES = 10 * 2**20
 DISCARD_BYTES = 64 * 2**20
 #: Example images offered by the page.
 MAX_EXAMPLES = 8
-#: Seconds a connection may stay silent (before its request line, a header or a piece of its
-#: body) before it is closed: a half-open connection holds a worker this long at most.
+#: Seconds a request has to arrive whole (request line, headers and body), from the moment its
+#: connection is accepted: a deadline for the request, not for each read, so a client sending a
+#: byte now and then cannot keep it open. Until then the connection holds no worker (see
+#: Reception), only its bytes so far.
 TIMEOUT = 30.0
-#: Connections answered at once (one caption decodes at a time; the others read, wait or send).
+#: Requests answered at once (one caption decodes at a time; the others wait or send).
 WORKERS = 8
-#: Connections accepted while every worker is busy; beyond them, 503 at once.
+#: Whole requests accepted while every worker is busy; beyond them, 503 at once.
 QUEUE = 64
+#: Connections whose request is still arriving; beyond them the one that has waited longest is
+#: closed, so idle sockets can never lock the others out.
+MAX_ARRIVING = 512
+#: Bytes held for requests still arriving, all together; beyond it the request is refused (503).
+MAX_ARRIVING_BYTES = 256 * 2**20
+#: The request line and headers of one request, at most (the standard library's own limits on
+#: each line and on the header count apply after that).
+MAX_HEAD_BYTES = 64 * 2**10
+#: Parts of a multipart/form-data body, at most (the page sends one; curl -F, one per field).
+MAX_PARTS = 32
+#: The headers of one multipart part, at most.
+MAX_PART_HEAD_BYTES = 8 * 2**10
 #: The listen backlog: connections the kernel holds before they are accepted (socketserver: 5).
 BACKLOG = 128
 #: The query's numbers, checked here before any decoding: name -> (type, lowest, highest).
@@ -182,26 +199,92 @@ def _image_message(err: Exception, path: Path, what: str) -> str:
     return f"{what} cannot be read as an image ({message}){hint}"
 
 
+_TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_PARAM = re.compile(rb";\s*(" + _TOKEN + rb")\s*=\s*(\"(?:[^\"\\]|\\.){0,1000}\"|[^;\s]{0,1000})", re.ASCII)
+
+
+def _params(value: bytes) -> tuple[str, dict[str, str]]:
+    """A header value ``type; key=value; key="quoted"`` -> (type, {key: value}), keys lowercased.
+    One pass of a regular expression over at most a part's head: its cost is bounded by its size.
+    An RFC 2231 ``key*`` is read as one value (charset''percent-encoded); its continuations
+    (``key*0``, ``key*1``...) are not joined, so they cannot make the parse cost grow."""
+    head, _, rest = value.partition(b";")
+    found: dict[str, str] = {}
+    for key, raw in _PARAM.findall(b";" + rest):
+        name = key.decode("ascii").lower()
+        text = raw[1:-1].replace(b'\\"', b'"') if raw.startswith(b'"') else raw
+        if name.endswith("*") and b"''" in text:  # RFC 5987 / 2231: charset'lang'percent-encoded
+            from urllib.parse import unquote_to_bytes
+
+            charset, _, encoded = text.decode("latin-1").partition("'")
+            encoded = encoded.partition("'")[2]
+            try:
+                found.setdefault(name[:-1], unquote_to_bytes(encoded).decode(charset or "utf-8", "replace"))
+            except LookupError:
+                found.setdefault(name[:-1], encoded)
+        elif not name.endswith("*") and not re.search(r"\*[0-9]+\*?$", name):
+            found.setdefault(name, text.decode("utf-8", "replace"))
+    return head.strip().decode("latin-1").lower(), found
+
+
+def _part_headers(head: bytes) -> dict[str, bytes]:
+    headers: dict[str, bytes] = {}
+    for line in head.split(b"\r\n"):
+        key, sep, value = line.partition(b":")
+        if sep:
+            headers.setdefault(key.strip().lower().decode("latin-1"), value.strip())
+    return headers
+
+
 def form_file(content_type: str, body: bytes) -> tuple[bytes, str]:
     """The file of a multipart/form-data body (the field "file" or "image", else the first field
-    holding a file) -> (its bytes, what it is, for messages). Parsed by the standard library's
-    email parser (the MIME format is the same); a body without a file is a 400 naming its fields."""
-    message = BytesParser(policy=HTTP).parsebytes(
-        b"Content-Type: " + content_type.encode("latin-1", "replace") + b"\r\n\r\n" + body)
-    if not message.is_multipart() or message.get_boundary() is None:
-        raise RequestError(HTTPStatus.BAD_REQUEST, "the multipart/form-data body cannot be parsed (no boundary, or "
-                                                   "no part): send the image as the field 'file' (curl -F file=@photo.jpg)")
-    parts = [part for part in message.iter_parts() if part.get_param("name", header="content-disposition")]
-    names = [str(part.get_param("name", header="content-disposition")) for part in parts]
-    files = [part for part in parts if part.get_filename()]
-    chosen = next((part for part, name in zip(parts, names) if name in ("file", "image")), files[0] if files else None)
+    holding a file) -> (its bytes, what it is, for messages); a body without a file is a 400
+    naming its fields.
+
+    Parsed here, in one pass over the body (RFC 7578: the body split at its boundary, each part's
+    few headers read), so the cost grows with the body's size only: at most MAX_PARTS parts, each
+    head at most MAX_PART_HEAD_BYTES, and a part that is itself multipart (nesting, which the
+    form-data format has no use for) refused with 400. The standard library's email parser
+    recursed into nested parts without bound and joined RFC 2231 continuations at a cost that
+    grew faster than the body."""
+    bad = ("the multipart/form-data body cannot be parsed ({}): send the image as the field 'file' "
+           "(curl -F file=@photo.jpg)")
+    _, params = _params(content_type.encode("latin-1", "replace"))
+    boundary = params.get("boundary", "").encode("latin-1", "replace")
+    if not boundary or len(boundary) > 200:
+        raise RequestError(HTTPStatus.BAD_REQUEST, bad.format("no boundary, or no part"))
+    delimiter = b"\r\n--" + boundary
+    if body.count(delimiter) > MAX_PARTS + 1:  # before splitting: a 180,000-part form costs one count
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"the multipart/form-data body holds more than {MAX_PARTS} parts: "
+                                                   "send the image as the one field 'file' (curl -F file=@photo.jpg)")
+    pieces = (b"\r\n" + body).split(delimiter)
+    fields = []  # (name, filename, headers, content)
+    for piece in pieces[1:]:
+        if piece.startswith(b"--"):
+            break  # the close delimiter; what follows is the epilogue
+        line_end = piece.find(b"\r\n")
+        if line_end < 0 or piece[:line_end].strip(b" \t"):
+            raise RequestError(HTTPStatus.BAD_REQUEST, bad.format("a boundary line is malformed"))
+        head_end = piece.find(b"\r\n\r\n", line_end)
+        if head_end < 0 or head_end - line_end > MAX_PART_HEAD_BYTES:
+            raise RequestError(HTTPStatus.BAD_REQUEST, bad.format("a part's headers are missing or too long"))
+        headers = _part_headers(piece[line_end + 2:head_end])
+        kind, _ = _params(headers.get("content-type", b"text/plain"))
+        if kind.startswith("multipart/"):
+            raise RequestError(HTTPStatus.BAD_REQUEST, "a multipart/form-data part that is itself multipart is not "
+                                                       "accepted: send the image as the field 'file' "
+                                                       "(curl -F file=@photo.jpg)")
+        _, disposition = _params(headers.get("content-disposition", b""))
+        if "name" in disposition:
+            fields.append((disposition["name"], disposition.get("filename", ""), piece[head_end + 4:]))
+    if not fields:
+        raise RequestError(HTTPStatus.BAD_REQUEST, bad.format("no boundary, or no part"))
+    chosen = next((f for f in fields if f[0] in ("file", "image")), next((f for f in fields if f[1]), None))
     if chosen is None:
-        shown = ", ".join(repr(n[:40]) for n in names[:5]) or "none"
+        shown = ", ".join(repr(f[0][:40]) for f in fields[:5]) or "none"
         raise RequestError(HTTPStatus.BAD_REQUEST, f"the multipart/form-data upload holds no file (fields: {shown}): "
                                                    "send the image as the field 'file' (curl -F file=@photo.jpg)")
-    data = chosen.get_payload(decode=True) or b""
-    name = str(chosen.get_param("name", header="content-disposition"))[:40]
-    filename = str(chosen.get_filename() or "")[:80]
+    name, filename, data = chosen[0][:40], chosen[1][:80], chosen[2]
     what = f"the file {filename!r} of the multipart/form-data field {name!r}" if filename else \
         f"the multipart/form-data field {name!r}"
     if not data:
@@ -218,7 +301,7 @@ def _as_json(cap) -> dict:
 class Handler(BaseHTTPRequestHandler):
     demo: Demo  # set on the subclass made by make_server
     server_version = "show-attend-tell-demo"
-    timeout = TIMEOUT  # socket timeout of every read and write (StreamRequestHandler.setup)
+    timeout = TIMEOUT  # socket timeout of each write of the answer (StreamRequestHandler.setup)
     cause = ""  # why a request failed, for its one log line
     unread = 0  # bytes of a refused body still to read away after the answer
 
@@ -263,11 +346,21 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def __init__(self, request, client_address, server, received: bytes = b"") -> None:
+        self.received = received  # the whole request, as the reception read it
+        super().__init__(request, client_address, server)
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile = io.BufferedReader(_BufferedSocketReader(self.received, self.connection))
+
     def handle(self) -> None:
+        """One request per connection: the reception read it whole, the answer closes it."""
+        self.close_connection = True
         try:
-            super().handle()
+            self.handle_one_request()
         except (ConnectionError, TimeoutError):  # the client went away or fell silent: nothing to answer
-            self.close_connection = True
+            pass
 
     def do_GET(self) -> None:
         self._answer(self._get)
@@ -363,55 +456,237 @@ class Handler(BaseHTTPRequestHandler):
         return body
 
     def _discard(self, length: int) -> None:
-        """Read a refused body away after the answer (up to DISCARD_BYTES, each read bounded by the
-        timeout), so that a client still sending reads the answer instead of a reset connection;
-        beyond that the connection is closed."""
+        """Read a refused body away after the answer (up to DISCARD_BYTES, within the timeout, all
+        reads together), so that a client still sending reads the answer instead of a reset
+        connection; beyond that the connection is closed."""
         self.close_connection = True
         left = min(length, DISCARD_BYTES)
-        while left > 0:
-            chunk = self.rfile.read(min(left, 2**20))
+        deadline = time.monotonic() + self.timeout  # for all of it, not for each read
+        while left > 0 and time.monotonic() < deadline:
+            self.connection.settimeout(max(0.01, deadline - time.monotonic()))
+            chunk = self.rfile.read1(min(left, 2**20))
             if not chunk:
                 break
             left -= len(chunk)
 
 
+class _BufferedSocketReader(io.RawIOBase):
+    """The handler's rfile: the bytes the reception read first, then the socket itself (only to
+    read away a refused body, each read bounded by the socket's timeout)."""
+
+    def __init__(self, head: bytes, sock: socket.socket) -> None:
+        self.head = memoryview(head)
+        self.sock = sock
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self.head:
+            n = min(len(buffer), len(self.head))
+            buffer[:n] = self.head[:n]
+            self.head = self.head[n:]
+            return n
+        return self.sock.recv_into(buffer)
+
+
+class _Arriving:
+    """A connection whose request is still arriving: its bytes so far and its deadline."""
+
+    __slots__ = ("sock", "address", "data", "deadline", "needed")
+
+    def __init__(self, sock: socket.socket, address, deadline: float) -> None:
+        self.sock, self.address, self.data, self.deadline = sock, address, bytearray(), deadline
+        self.needed: int | None = None  # the request's whole length, once its head has arrived
+
+
+def _request_length(head: bytes) -> int | None:
+    """The length of the request whose head (up to and including the blank line) is ``head``: the
+    head plus a valid Content-Length up to MAX_UPLOAD_BYTES; the head alone when the body is not to
+    be read (no, several, malformed or too large a Content-Length, or chunked: the handler answers
+    those without reading the body)."""
+    lengths = re.findall(rb"(?im)^content-length[ \t]*:[ \t]*([^\r\n]*)", head)
+    chunked = re.search(rb"(?im)^transfer-encoding[ \t]*:", head)
+    if chunked or len(set(v.strip() for v in lengths)) != 1:
+        return len(head)
+    text = lengths[0].strip()
+    if not re.fullmatch(rb"[0-9]{1,15}", text) or int(text) > MAX_UPLOAD_BYTES:
+        return len(head)
+    return len(head) + int(text)
+
+
+class Reception(threading.Thread):
+    """Reads every connection's request whole, for all connections in one thread (a selector),
+    before a worker sees it: a worker only ever answers a complete request, so idle sockets and
+    clients that trickle their bytes hold none. Each request must arrive within ``timeout`` of
+    its connection's acceptance (a deadline, not a limit on each read); at most MAX_ARRIVING
+    connections wait, the one waiting longest closed when a new one comes, and their bytes
+    together are bounded by MAX_ARRIVING_BYTES."""
+
+    def __init__(self, server: "DemoServer", timeout: float) -> None:
+        super().__init__(name="demo-reception", daemon=True)
+        self.server, self.timeout = server, timeout
+        self.selector = selectors.DefaultSelector()
+        self.arriving: dict[int, _Arriving] = {}
+        self.incoming: list[tuple[socket.socket, tuple]] = []
+        self.incoming_lock = threading.Lock()
+        self.wake_read, self.wake_write = socket.socketpair()
+        self.wake_read.setblocking(False)
+        self.selector.register(self.wake_read, selectors.EVENT_READ)
+        self.held_bytes = 0
+        self.stopping = False
+
+    def add(self, sock: socket.socket, address) -> None:
+        with self.incoming_lock:
+            self.incoming.append((sock, address))
+        self._wake()
+
+    def stop(self) -> None:
+        self.stopping = True
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            self.wake_write.send(b"\0")
+        except OSError:  # the wake-up buffer is full: the thread is awake anyway
+            pass
+
+    def run(self) -> None:
+        while not self.stopping:
+            try:
+                self._turn()
+            except Exception as err:  # one bad connection never stops the reception of the others
+                sys.stderr.write(f"demo: reception: {type(err).__name__}: {_one_line(err)}\n")
+        for arriving in list(self.arriving.values()):
+            self._drop(arriving)
+        self.selector.close()
+        self.wake_read.close()
+        self.wake_write.close()
+
+    def _turn(self) -> None:
+        """Read what arrived, take new connections, close those past their deadline."""
+        now = time.monotonic()
+        next_deadline = min((a.deadline for a in self.arriving.values()), default=now + 1.0)
+        for key, _ in self.selector.select(max(0.0, min(1.0, next_deadline - now))):
+            if key.fileobj is self.wake_read:
+                try:
+                    while self.wake_read.recv(4096):
+                        pass
+                except OSError:
+                    pass
+            else:
+                self._read(self.arriving.get(key.fileobj.fileno()))
+        self._take_incoming()
+        now = time.monotonic()
+        for arriving in [a for a in self.arriving.values() if a.deadline <= now]:
+            self._drop(arriving)  # the request did not arrive in time: closed without an answer
+
+    def _take_incoming(self) -> None:
+        with self.incoming_lock:
+            incoming, self.incoming = self.incoming, []
+        for sock, address in incoming:
+            if len(self.arriving) >= MAX_ARRIVING:  # the longest-waiting connection makes room
+                self._drop(min(self.arriving.values(), key=lambda a: a.deadline))
+            sock.setblocking(False)
+            arriving = _Arriving(sock, address, time.monotonic() + self.timeout)
+            self.arriving[sock.fileno()] = arriving
+            self.selector.register(sock, selectors.EVENT_READ)
+            self._read(arriving)  # what a fast client sent already
+
+    def _read(self, arriving: _Arriving | None) -> None:
+        if arriving is None:
+            return
+        want = (arriving.needed or MAX_HEAD_BYTES + 4) - len(arriving.data)
+        try:
+            chunk = arriving.sock.recv(max(1, min(want, 1 << 20)))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            return self._drop(arriving)
+        if not chunk:
+            return self._drop(arriving)  # the client went away (or half-closed before finishing)
+        if self.held_bytes + len(chunk) > MAX_ARRIVING_BYTES:
+            self._release(arriving)
+            return self.server.busy(arriving.sock)
+        arriving.data += chunk
+        self.held_bytes += len(chunk)
+        if arriving.needed is None:
+            end = arriving.data.find(b"\r\n\r\n")
+            if end < 0 and not arriving.data.startswith(b"\n") and len(arriving.data) <= MAX_HEAD_BYTES:
+                if b"\n\n" not in arriving.data:
+                    return
+                end = arriving.data.find(b"\n\n") - 2  # bare LF line ends: http.server accepts them
+            if end < 0:  # a head larger than MAX_HEAD_BYTES: the handler refuses it
+                arriving.needed = len(arriving.data)
+            else:
+                arriving.needed = _request_length(bytes(arriving.data[:end + 4]))
+        if len(arriving.data) >= arriving.needed:
+            self._release(arriving)
+            self.server.hand_over(arriving.sock, arriving.address, bytes(arriving.data))
+
+    def _release(self, arriving: _Arriving) -> None:
+        self.arriving.pop(arriving.sock.fileno(), None)
+        self.held_bytes -= len(arriving.data)
+        try:
+            self.selector.unregister(arriving.sock)
+        except (KeyError, ValueError):
+            pass
+
+    def _drop(self, arriving: _Arriving) -> None:
+        self._release(arriving)
+        self.server.shutdown_request(arriving.sock)
+
+
 class DemoServer(HTTPServer):
-    """An HTTP server with a bounded pool: WORKERS threads answer, QUEUE more connections wait,
-    and any beyond get a 503 at once; the listen backlog is BACKLOG. (socketserver's threading
-    server starts a thread per connection, without bound, and listens with a backlog of 5.)"""
+    """An HTTP server with a bounded pool: a Reception thread reads each request whole, WORKERS
+    threads answer complete requests, QUEUE more wait, and any beyond get a 503 at once; the
+    listen backlog is BACKLOG. (socketserver's threading server starts a thread per connection,
+    without bound, and listens with a backlog of 5.) Every connection carries one request: the
+    answer closes it."""
 
     request_queue_size = BACKLOG
 
-    def __init__(self, address: tuple[str, int], handler: type, workers: int = WORKERS, queue: int = QUEUE) -> None:
+    def __init__(self, address: tuple[str, int], handler: type, workers: int = WORKERS, queue: int = QUEUE,
+                 timeout: float = TIMEOUT) -> None:
         super().__init__(address, handler)
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="demo")
         self.slots = threading.BoundedSemaphore(workers + queue)
+        self.reception = Reception(self, timeout)
+        self.reception.start()
 
     def process_request(self, request, client_address) -> None:
+        self.reception.add(request, client_address)
+
+    def hand_over(self, request, client_address, data: bytes) -> None:
+        """A complete request (``data``) from the reception: to a worker, or 503 if all are taken."""
         if not self.slots.acquire(blocking=False):
-            return self._busy(request)
+            return self.busy(request)
         try:
-            self.pool.submit(self._serve, request, client_address)
+            self.pool.submit(self._serve, request, client_address, data)
         except RuntimeError:  # the pool was shut down: the server is closing
             self.slots.release()
             self.shutdown_request(request)
 
-    def _serve(self, request, client_address) -> None:
+    def finish_request(self, request, client_address, data: bytes = b"") -> None:
+        self.RequestHandlerClass(request, client_address, self, data)
+
+    def _serve(self, request, client_address, data: bytes) -> None:
         try:
-            self.finish_request(request, client_address)
+            request.setblocking(True)
+            self.finish_request(request, client_address, data)
         except Exception:
             self.handle_error(request, client_address)
         finally:
             self.shutdown_request(request)
             self.slots.release()
 
-    def _busy(self, request) -> None:
+    def busy(self, request) -> None:
         body = json.dumps({"error": "the demo is busy; try again in a moment"}).encode()
         head = (f"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
                 "\r\nRetry-After: 1\r\nConnection: close\r\n\r\n").encode()
         try:
-            request.settimeout(1.0)
-            request.sendall(head + body)
+            request.setblocking(False)
+            request.send(head + body)  # best effort, never waiting on the client
         except OSError:
             pass
         self.shutdown_request(request)
@@ -423,6 +698,7 @@ class DemoServer(HTTPServer):
             sys.stderr.write(f"demo: {client_address[0]}: {type(err).__name__}: {_one_line(err)}\n")
 
     def server_close(self) -> None:
+        self.reception.stop()
         super().server_close()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
@@ -431,7 +707,7 @@ def make_server(captioner, host: str = "127.0.0.1", port: int = 8000, examples: 
                 timeout: float = TIMEOUT, workers: int = WORKERS, queue: int = QUEUE) -> DemoServer:
     """A server (not yet serving) for ``captioner``; port 0 picks a free port (server.server_port)."""
     handler = type("DemoHandler", (Handler,), {"demo": Demo(captioner, examples), "timeout": timeout})
-    return DemoServer((host, port), handler, workers, queue)
+    return DemoServer((host, port), handler, workers, queue, timeout)
 
 
 def split_examples(captioner, split: str = "test", limit: int = MAX_EXAMPLES) -> list[Path]:

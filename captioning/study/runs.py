@@ -47,9 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-import yaml
 
-from captioning.config import HARD_MODES, Config, ConfigError, build_config, flatten, to_dict  # expected first
+from captioning.config import HARD_MODES, Config, ConfigError, build_config, flatten, safe_yaml, to_dict  # expected first
 from captioning.data.coco import read_json
 from captioning.files import RunLock, atomic_write
 from captioning.progress import format_duration
@@ -361,7 +360,7 @@ def is_trained(run: Run, cfg: Config) -> bool:
     """Finished with exactly ``cfg``; raises StudyError if the folder holds a run of other settings."""
     saved = run.dir / "config.yaml"
     if saved.is_file():
-        old = flatten(yaml.safe_load(saved.read_text()) or {})
+        old = flatten(safe_yaml(saved.read_text()) or {})
         new = flatten(to_dict(cfg))
         # Keys on one side only were added to (or removed from) the config since: not a difference.
         changed = [k for k in sorted(set(old) & set(new)) if old[k] != new[k]]

@@ -171,10 +171,12 @@ def train(args: argparse.Namespace, prog: str, argv: list[str] | None = None) ->
 
     cfg, vocab, ckpt = make_config(args)
     resume_step = int(ckpt.get("global_step", 0)) if ckpt is not None else None
+    resume_id = ckpt.get("run_folder_id") if ckpt is not None else None
+    resume_id = resume_id if isinstance(resume_id, str) else None
     out_dir = choose_out_dir(args.out_dir, cfg.model.attention, args.resume)
     rank_zero = launched_as_rank_zero()
     if rank_zero:  # before any long work: a folder holding another run is refused now
-        check_out_dir(out_dir, args.overwrite, args.resume)
+        check_out_dir(out_dir, args.overwrite, args.resume, resume_id)
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
 
     started = time.perf_counter()
@@ -202,7 +204,7 @@ def train(args: argparse.Namespace, prog: str, argv: list[str] | None = None) ->
         rank_zero_info(f"test: the test split of {data.root} has no image, so it will not be scored "
                        "(evaluate the checkpoints with --split val)")
 
-    lock = take_folder(out_dir, args.overwrite, args.resume) if rank_zero else None
+    lock = take_folder(out_dir, args.overwrite, args.resume, resume_id=resume_id) if rank_zero else None
     try:
         if rank_zero:
             save_yaml(cfg, out_dir / "config.yaml")

@@ -4,7 +4,8 @@ A training writes only into a new or empty folder, which it marks as a run folde
 (captioning/files.py, the folder marker), or into a folder carrying that marker. A marked folder
 holding another run's results (a checkpoint, metrics.json) is refused unless ``--overwrite``
 says to replace them, and then only the files a training writes are removed; ``--resume CKPT``
-continues in the checkpoint's own folder unless ``--out-dir`` names another. A start refused
+continues in the checkpoint's own folder when that folder is the run's (its marker carries the
+id the checkpoint recorded), and otherwise only in a new folder named with ``--out-dir``. A start refused
 before any checkpoint leaves nothing that blocks the same command once fixed: a marked folder
 without results is taken as it is. While a training runs, a lock file in the folder
 (captioning/files.py RunLock) refuses a second live process.
@@ -15,8 +16,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from captioning.files import (ForeignFolderError, LockedError, RunLock, check_folder, check_writable, folder_kind,
-                              mark_folder, remove_own, remove_temporaries)
+from captioning.files import (MARKER, ForeignFolderError, LockedError, RunLock, check_folder, check_no_links,
+                              check_writable, folder_id, mark_folder, remove_own, remove_temporaries)
 
 #: What a training writes into its folder (and evaluate's default eval/): all that --overwrite removes.
 RUN_FILES = ("config.yaml", "best.ckpt", "last.ckpt", "metrics.json", "test_predictions.json", "logs", "epochs",
@@ -55,18 +56,36 @@ def run_files(out_dir: Path) -> list[str]:
     return [name for name in RUN_FILES if (out_dir / name).exists()]
 
 
-def check_out_dir(out_dir: Path, overwrite: bool = False, resume: Path | None = None) -> None:
+def _continuing(out_dir: Path, resume: Path | None) -> bool:
+    return resume is not None and Path(out_dir).resolve() == Path(resume).resolve().parent
+
+
+def check_out_dir(out_dir: Path, overwrite: bool = False, resume: Path | None = None,
+                  resume_id: str | None = None) -> None:
     """Refuse (RunFolderError, one line saying what to pass) a folder that is not a run folder of
     this project (files of someone else's, even with --overwrite), or that holds another run.
 
-    A resume into the checkpoint's own folder continues that run, so its files are expected there
-    (a run folder written before folders carried the marker is marked then). A new or empty
+    A resume into the checkpoint's own folder continues that run there only if the folder is
+    ours: it carries the project's own marker (captioning/files.py read_marker), and the id that
+    the checkpoint recorded (``resume_id``, checkpoint["run_folder_id"]) is that marker's. A
+    checkpoint elsewhere (downloaded beside someone's files, or copied) is resumed into a new
+    folder named with --out-dir. Nothing is written through a link in the folder. A new or empty
     folder is created and marked; nothing else is written here except a probe proving it writable.
     """
     out_dir = Path(out_dir)
-    continuing = resume is not None and out_dir.resolve() == Path(resume).resolve().parent
+    continuing = _continuing(out_dir, resume)
     try:
-        ours = continuing and out_dir.is_dir() or check_folder(out_dir, "run", "--out-dir")
+        ours = check_folder(out_dir, "run", "--out-dir")
+        if continuing:
+            if not ours:
+                raise ForeignFolderError(
+                    f"{out_dir} is not a run folder of show-attend-tell (no {MARKER} of its own), so --resume writes "
+                    f"nothing there: pass --out-dir NEW_FOLDER to continue {resume} in a new folder")
+            if resume_id is not None and resume_id != folder_id(out_dir):
+                raise ForeignFolderError(
+                    f"{resume} was not written by the run of {out_dir} (its run id is not the folder's), so --resume "
+                    f"writes nothing there: pass --out-dir NEW_FOLDER to continue it in a new folder")
+            check_no_links(out_dir, RUN_FILES, "--out-dir")
     except ForeignFolderError as err:
         raise RunFolderError(str(err)) from None
     found = [name for name in RESULT_FILES if (out_dir / name).exists()] if ours else []
@@ -76,24 +95,24 @@ def check_out_dir(out_dir: Path, overwrite: bool = False, resume: Path | None = 
                              f"replace it, {hint}or --out-dir to write elsewhere")
     try:
         check_writable(out_dir, "write the run")
-        if folder_kind(out_dir) != "run":
+        if not ours:
             mark_folder(out_dir, "run")
     except OSError as err:
         raise RunFolderError(str(err)) from None
 
 
 def take_folder(out_dir: Path, overwrite: bool = False, resume: Path | None = None,
-                command: str | None = None) -> RunLock:
+                command: str | None = None, resume_id: str | None = None) -> RunLock:
     """Check the folder, lock it against a second live training, clear what a dead process left
     half-written, and (with --overwrite) remove the previous run's files. -> the held lock."""
-    check_out_dir(out_dir, overwrite, resume)
+    check_out_dir(out_dir, overwrite, resume, resume_id)
     lock = RunLock(Path(out_dir) / LOCK_NAME, command=command, what="training")
     try:
         lock.acquire()
     except (LockedError, OSError) as err:  # another live training, or a folder refusing the lock file
         raise RunFolderError(str(err)) from None
     remove_temporaries(out_dir)
-    continuing = resume is not None and Path(out_dir).resolve() == Path(resume).resolve().parent
+    continuing = _continuing(out_dir, resume)
     if not continuing and (overwrite or not any((Path(out_dir) / name).exists() for name in RESULT_FILES)):
         remove_own(out_dir, RUN_FILES)  # the previous run's files, or what a refused start left; nothing else
     return lock

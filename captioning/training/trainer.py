@@ -113,13 +113,39 @@ class RunPlace(pl.Callback):
     """Records in every checkpoint the folder the training ran in (``checkpoint["workdir"]``):
     the config's relative paths (data.root, data.feature_cache) are relative to it, and the
     commands that read the checkpoint from another folder resolve them there
-    (captioning/checkpoint.py ``at_workdir``)."""
+    (captioning/checkpoint.py ``at_workdir``). Also the random id of the run folder's marker
+    (``checkpoint["run_folder_id"]``, captioning/files.py): --resume continues in place only in
+    the folder whose marker carries it."""
 
-    def __init__(self) -> None:
+    def __init__(self, out_dir: Path | None = None) -> None:
         self.workdir = os.getcwd()
+        self.run_folder_id = _run_folder_id(out_dir)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module, checkpoint: dict) -> None:
         checkpoint["workdir"] = self.workdir
+        if self.run_folder_id is not None:  # --resume continues in place only in the folder of this id
+            checkpoint["run_folder_id"] = self.run_folder_id
+
+
+def _run_folder_id(out_dir: Path | None) -> str | None:
+    from captioning.files import ForeignFolderError, folder_id
+
+    try:
+        return folder_id(out_dir) if out_dir is not None else None
+    except ForeignFolderError:
+        return None
+
+
+class ConfiguredEarlyStopping(EarlyStopping):
+    """Early stopping whose patience is the config's, also after --resume: Lightning's own
+    restores the patience saved in the checkpoint over the one it was built with, so
+    ``--resume --set train.patience=N`` was recorded in config.yaml but never applied. The
+    progress (epochs without improvement, best score) is restored as saved."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        patience = self.patience
+        super().load_state_dict(state_dict)
+        self.patience = patience
 
 
 class TrainingProgress(ProgressBar):
@@ -408,11 +434,11 @@ def build_trainer(
         # A second callback without a monitor keeps last.ckpt current after every epoch: Lightning
         # 2.6's save_last only writes it in epochs where the best checkpoint also improved.
         ModelCheckpoint(dirpath=out_dir, filename="last", save_top_k=1, enable_version_counter=False),
-        EarlyStopping(monitor=monitor, mode=mode, patience=t.patience),
+        ConfiguredEarlyStopping(monitor=monitor, mode=mode, patience=t.patience),
         LearningRateMonitor(logging_interval="epoch"),
         RunGuard(check_every=t.log_every),
         RNGState(),
-        RunPlace(),
+        RunPlace(out_dir),
     ]
     if t.save_every_epoch:
         # monitor="epoch" only gives this callback a state key of its own beside last.ckpt's.
