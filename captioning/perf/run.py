@@ -152,6 +152,8 @@ def results_file_problem(out: Path) -> str | None:
         return f"--out {out} is a link: show-attend-tell writes nothing through a link; choose another --out"
     if not out.exists():
         return None
+    if out.is_dir():
+        return f"--out {out} is a folder: name the JSON file to write, such as {out / 'benchmark.json'}"
     if not out.is_file():
         return f"--out {out} is not a file: choose another --out"
     try:
