@@ -19,6 +19,7 @@ folder of yours is never written into without --out naming a file in it.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
