@@ -504,9 +504,9 @@ def test_help_states_each_budgets_run_count_as_the_plan_counts_them(tmp_path, ca
     text = " ".join(capsys.readouterr().out.split())
     quick = len(plan_training_runs(tmp_path, 3, list(DEFAULT_ARMS)))
     default = len(plan_training_runs(tmp_path, 10, list(DEFAULT_ARMS), diagnostic_seeds=2))
-    assert f"--budget quick (what runs without arguments) trains 7 arms x 3 seeds = {quick} runs, a run 1 to 18 " \
+    assert f"--budget quick (what runs without arguments) trains 7 arms x 3 seeds = {quick} runs, a run 4.5 to 19 " \
            "min" in text
     assert f"--budget default --seeds 10 --diagnostic-seeds 2 trains 3 main arms x 10 seeds + 4 factorial arms x " \
            f"2 seeds = {default} runs, a run 7.5 to 10 min on the otherwise idle CPU" in text
     study = (REPO / "docs" / "study.md").read_text()
-    assert "a run took 1 to 18 min" in study and "a run took 7.5 to 10 min on the otherwise idle CPU" in study
+    assert "a run took 4.5 to 19 min" in study and "a run took 7.5 to 10 min on the otherwise idle CPU" in study
