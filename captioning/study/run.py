@@ -48,7 +48,7 @@ DURATIONS = (
     "How long, as measured on a 2-core CPU with --jobs 2 (docs/study.md): --budget quick (what runs without "
     "arguments) trains 7 arms x 3 seeds = 21 runs, a run 4.5 to 19 min (the CPU shared with other "
     "trainings); --budget default --seeds 10 --diagnostic-seeds 2 trains 3 main arms x 10 seeds + 4 "
-    "factorial arms x 2 seeds = 38 runs, a run 7.5 to 10 min on the otherwise idle CPU and 12 to 56 min with "
+    "factorial arms x 2 seeds = 38 runs, a run 7.5 to 10 min on the otherwise idle CPU and 10 to 56 min with "
     "other trainings sharing it. Fewer runs: --arms none soft hard, --seeds 1, or --runs NAME ...")
 
 
