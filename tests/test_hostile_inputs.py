@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 from captioning.files import MARKER, mark_folder
-from test_malformed_inputs import run_cli, world  # noqa: F401 (world: a fixture)
+from test_malformed_inputs import run_cli, running_demo, world  # noqa: F401 (world: a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 SUMMARY = {"tried": 0, "tracebacks": 0, "not_one_line": 0, "files_changed": 0}
@@ -571,14 +571,8 @@ def test_yaml_aliases_are_refused_at_once(world, place, what, where, text):  # n
 
 @pytest.fixture(scope="module")
 def server(world):  # noqa: F811
-    from captioning.serve.server import make_server
-
-    server = make_server(world.captioner, "127.0.0.1", 0, [world.image], timeout=5.0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with running_demo(world, timeout=5.0) as running:
+        yield running
 
 
 def _post(body: bytes, content_type: str = "multipart/form-data; boundary=b0") -> bytes:

@@ -452,16 +452,25 @@ def test_split_lists_and_missing_files(world, case):
 # ------------------------------------------------------------------------------ HTTP requests
 
 
-@pytest.fixture(scope="module")
-def server(world):
+@contextlib.contextmanager
+def running_demo(world, timeout: float):
+    """The demo server on a free loopback port, serving in a thread until the block ends."""
     from captioning.serve.server import make_server
 
-    server = make_server(world.captioner, "127.0.0.1", 0, [world.image], timeout=2.0)
+    server = make_server(world.captioner, "127.0.0.1", 0, [world.image], timeout=timeout)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="module")
+def server(world):
+    with running_demo(world, timeout=2.0) as running:
+        yield running
 
 
 def _post(query: str, body: bytes, *headers: str) -> bytes:

@@ -27,11 +27,14 @@ import json
 import shlex
 from pathlib import Path
 
+from captioning.config import safe_yaml
 from captioning.files import atomic_write
 from captioning.study import collect
 from captioning.study.runs import ARMS, Plan, Run, StudyError, is_evaluated, read_record
 
 FORMAT = 1
+#: train.monitor -> what chose best.ckpt, in the record's words.
+SELECTION_RULES = {"bleu_4": "validation BLEU-4 (greedy)", "nll": "validation NLL"}
 #: The metrics a record keeps per test-time mode (the caption metrics, then grounding).
 KEPT = tuple(key for key, _ in collect.METRICS) + collect.GROUNDING_SCORES + collect.GROUNDING_COUNTS
 
@@ -66,13 +69,13 @@ def _values(evaluation: dict) -> dict:
     return {key: round(value, 4) for key, value in evaluation["values"].items() if key in KEPT}
 
 
-def _best_epoch(curve: dict | None, monitor_higher: bool = True) -> int | None:
-    """The 0-based validation whose BLEU-4 is the best (the first of equals, as Lightning keeps it)."""
-    if not curve:
+def _best_epoch(run: Run, curve: dict | None) -> int | None:
+    """The 0-based validation that chose best.ckpt: the one at its step (whatever train.monitor
+    was), or None when the run or its curve is not known."""
+    steps = run.checkpoint_steps()
+    if not curve or steps is None or steps[0] not in curve["step"]:
         return None
-    values = curve["bleu_4"]
-    best = max(values) if monitor_higher else min(values)
-    return values.index(best)
+    return curve["step"].index(steps[0])
 
 
 def run_record(run: Run, plan: Plan) -> dict:
@@ -99,9 +102,11 @@ def run_record(run: Run, plan: Plan) -> dict:
         part = collect.early_late(series)
         if part:
             record["signal"][key] = {"early": round(part["early"], 6), "late": round(part["late"], 6)}
-    best = _best_epoch(curve)
+    best = _best_epoch(run, curve)
     last = None if curve is None else len(curve["step"]) - 1
-    record["selection"] = {"rule": "validation BLEU-4 (greedy)", "best_epoch": best, "last_epoch": last}
+    saved = safe_yaml((run.dir / "config.yaml").read_text()) if (run.dir / "config.yaml").is_file() else {}
+    monitor = ((saved or {}).get("train") or {}).get("monitor", "bleu_4")
+    record["selection"] = {"rule": SELECTION_RULES.get(monitor, monitor), "best_epoch": best, "last_epoch": last}
     last_eval = run.dir / "eval-last" / "metrics_test.json"
     if best is not None and best != last and last_eval.is_file():
         record["test_last"] = _values(collect.read_eval(last_eval, plan.out_dir))

@@ -199,15 +199,22 @@ class Run:
         """last.ckpt scored as best.ckpt is (the first test-time mode), where the two differ."""
         return self.dir / "eval-last" / f"metrics_{SPLIT}.json"
 
-    def selection_differs(self) -> bool:
-        """Whether best.ckpt (chosen on the validation split) is not the last epoch's checkpoint."""
+    def checkpoint_steps(self) -> tuple[int, int] | None:
+        """The optimizer steps of best.ckpt (chosen on the validation split) and last.ckpt, or None
+        for a run this study did not train. Memory-mapped: only the step is read."""
         import torch
 
         last = self.dir / "last.ckpt"
         if not self.trained_here or not last.is_file():
-            return False
-        steps = [torch.load(p, map_location="cpu", weights_only=True).get("global_step") for p in (self.checkpoint, last)]
-        return steps[0] != steps[1]
+            return None
+        best_step, last_step = (torch.load(p, map_location="cpu", weights_only=True, mmap=True).get("global_step")
+                                for p in (self.checkpoint, last))
+        return best_step, last_step
+
+    def selection_differs(self) -> bool:
+        """Whether best.ckpt is not the last epoch's checkpoint."""
+        steps = self.checkpoint_steps()
+        return steps is not None and steps[0] != steps[1]
 
 
 @dataclass
@@ -705,7 +712,7 @@ def execute(plan: Plan, train_fn: Callable[[list[str]], object], evaluate_fn: Ca
         # How much the choice of checkpoint matters: the last epoch's, scored alike, where the
         # validation chose another (results.py's "test_last").
         mode = run.modes()[0]
-        if run.selection_differs() and not is_evaluated(run, mode, plan, last=True):
+        if not is_evaluated(run, mode, plan, last=True) and run.selection_differs():
             torch.manual_seed(run.seed)
             try:
                 evaluate_fn(evaluate_argv(plan, run, mode, last=True))
