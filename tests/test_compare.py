@@ -395,6 +395,28 @@ def test_a_part_of_a_study_runs_without_jobs_or_runs_of_its_own():
                                                       "--runs", "soft-seed1"]
 
 
+def test_a_part_of_a_study_with_jobs_runs_its_runs_in_parallel(tmp_path, monkeypatch):
+    """--runs A B --jobs 2: the named runs, and only they, go to separate processes two at a time."""
+    calls = {}
+
+    def parallel(plan, child_argv, jobs, log):
+        calls["parallel"] = ([r.name for r in plan.runs], jobs, child_argv("none-seed1"))
+        return []
+
+    def execute(plan, train, evaluate, log, only):
+        calls["execute"] = only
+        return {"trained": [], "evaluated": []}
+
+    monkeypatch.setattr(compare, "execute_parallel", parallel)
+    monkeypatch.setattr(compare, "execute", execute)
+    argv = ["--out-dir", str(tmp_path / "study"), "--seeds", "3", "--arms", "none", "soft", "--jobs", "2",
+            "--runs", "none-seed1", "soft-seed2"]
+    assert compare.main(argv) == 0
+    names, jobs, child = calls["parallel"]
+    assert names == ["none-seed1", "soft-seed2"] and jobs == 2 and child[-2:] == ["--runs", "none-seed1"]
+    assert "--jobs" not in child and calls["execute"] == {"none-seed1", "soft-seed2"}
+
+
 def test_unknown_run_name_exits_2(tmp_path, capsys):
     rc = compare.main(["--out-dir", str(tmp_path), "--seeds", "1", "--arms", "none", "--runs", "none-seed7"])
     err = capsys.readouterr().err.strip().splitlines()

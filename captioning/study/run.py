@@ -20,6 +20,7 @@ trains on the synthetic dataset at the chosen budget: quick (2,000 scenes x 6 ep
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import shlex
@@ -155,6 +156,9 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
             results.export(plan, args.export_results, log=log)
             return 0
         if args.runs:  # one part of a study: its runs, no study.json entry, no report
+            if args.jobs > 1:
+                part = dataclasses.replace(plan, runs=[r for r in plan.runs if r.name in args.runs])
+                execute_parallel(part, lambda name: child_argv(argv, name), args.jobs, log=log)
             did = execute(plan, train.main, evaluate.main, log=log, only=set(args.runs))
             print(f"compare: did {', '.join(did['trained'] + did['evaluated']) or 'nothing'}; "
                   "run the command without --runs for the report", file=sys.stderr)
