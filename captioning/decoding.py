@@ -95,11 +95,12 @@ class ModelStep:
     """The search's step over ``model``'s decoder (captioning.search.Step): the image-side
     projection and h_0, c_0 once per image; rows of the same image share its one copy of the
     annotations (grouped attention, captioning/models/attention.py), only the LSTM state is per row.
-    ``scores``: f_att's scores of (keys, h) in a faster form (captioning/fast.py), or None."""
+    ``step``: the decoder's step in a faster form (captioning/fast.py), or None for its own."""
 
     def __init__(self, model: ShowAttendTell, features: torch.Tensor, mask: torch.Tensor, mode: str,
-                 scores=None) -> None:
-        self.decoder, self.features, self.mask, self.mode, self.scores = model.decoder, features, mask, mode, scores
+                 step=None) -> None:
+        self.decoder, self.features, self.mask, self.mode = model.decoder, features, mask, mode
+        self.decoder_step = step or model.decoder.step
         self.keys = self.decoder.project(features)  # (B, L, K), once per image
         self.ops = TorchOps(features.device)
 
@@ -107,8 +108,7 @@ class ModelStep:
         return self.decoder.init_state(self.features, self.mask)
 
     def __call__(self, words: torch.Tensor, state: DecoderState) -> StepResult:
-        scores = None if self.scores is None else self.scores(self.keys, state.h)
-        out = self.decoder.step(words, state, self.features, self.keys, self.mask, mode=self.mode, scores=scores)
+        out = self.decoder_step(words, state, self.features, self.keys, self.mask, mode=self.mode)
         attended = out.attended
         return StepResult(out.logits.float().log_softmax(-1), out.state, attended.alpha, attended.location)
 
@@ -119,13 +119,13 @@ class ModelStep:
 class ModelSearch:
     """The PyTorch engine of captioning/search.py for one model (in eval mode: no dropout).
 
-    ``fast`` (``model.decoder.fast``): the steps take the additive score's attention scores in
+    ``fast`` (``model.decoder.fast``): the steps compute the additive score's attention scores in
     captioning/fast.py's form, chosen here once for this model (the same alphas; a score the fast
     path does not know computes its own, and says so once); False: the paper's form throughout."""
 
     def __init__(self, model: ShowAttendTell, *, fast: bool = True) -> None:
         self.model = model
-        self.scores = fast_path.decoding_scores(model.decoder) if fast else None
+        self.fast_step = fast_path.decoding_step(model.decoder) if fast else None
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, options: DecodeOptions,
@@ -142,7 +142,7 @@ class ModelSearch:
 
     def step(self, features: torch.Tensor, mask: torch.Tensor, mode: str = "expected") -> ModelStep:
         """The search's step over these annotations, attending in ``mode``."""
-        return ModelStep(self.model, features, mask, mode, self.scores)
+        return ModelStep(self.model, features, mask, mode, self.fast_step)
 
 
 def best_captions(pools: Sequence[Sequence[Hypothesis]]) -> Decoded:

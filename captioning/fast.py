@@ -3,8 +3,8 @@ captioning/models/, rearranged to run faster (``model.decoder.fast``, on by defa
 
 Nothing in captioning/models/ imports this file. It is attached from outside, once, where the
 work is set up: the training module takes ``training_pass(model)`` for its teacher-forced pass
-(captioning/training/module.py), and a search takes ``decoding_scores(model.decoder)`` for its
-attention scores (captioning/decoding.py). Each gives the fast form only for modules it knows
+(captioning/training/module.py), and a search takes ``decoding_step(model.decoder)`` for its
+steps (captioning/decoding.py). Each gives the fast form only for modules it knows
 exactly (``supports``: type equality, not isinstance) and otherwise says so in one log line and
 leaves the reference maths to run: a subclass that overrides a forward, a new score function or
 the no-attention control runs its own code. tests/test_models.py holds the fast forms to the
@@ -41,7 +41,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from captioning.models.attention import (AdditiveScore, BilinearScore, DotScore, HardAttention, ScaledDotScore,
                                          SoftAttention, _grouped)
 from captioning.models.captioner import ShowAttendTell
-from captioning.models.decoder import Decoder, DecoderOutput
+from captioning.models.decoder import Decoder, DecoderOutput, StepOutput
 from captioning.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
@@ -114,16 +114,24 @@ def training_pass(model: ShowAttendTell) -> FusedTrainingPass | None:
     return FusedTrainingPass(model)
 
 
-def decoding_scores(decoder: Decoder):
-    """``scores(keys, h)`` for a search's steps: the additive score's form of trick 3, or None (the
-    attention computes its own scores) where the decoder's score is not the additive one this
-    file knows; a mechanism with a score it does not know is said once, in a log line."""
-    if supports_inference(decoder):
-        return functools.partial(inference_scores, decoder.attention.score)
-    score = getattr(decoder.attention, "score", None)
-    if score is not None and type(score) not in _SCORES:
-        _say_once(f"fast path: decoding computes the scores of {type(score).__name__} by its own forward")
-    return None
+def decoding_step(decoder: Decoder):
+    """``decoder.step`` for a search's steps with f_att's scores in trick 3's form, or None (the
+    decoder's own step runs) where the decoder's score is not the additive one this file knows; a
+    mechanism with a score it does not know is said once, in a log line."""
+    if not supports_inference(decoder):
+        score = getattr(decoder.attention, "score", None)
+        if score is not None and type(score) not in _SCORES:
+            _say_once(f"fast path: decoding computes the scores of {type(score).__name__} by its own forward")
+        return None
+
+    def step(prev_words, state, features, keys, mask, *, mode="expected", sample_mask=None) -> StepOutput:
+        emb = decoder.embedding(prev_words)  # (B, m)
+        scores = inference_scores(decoder.attention.score, keys, state.h)  # (B, L)
+        attended = decoder.attention.attend(features, mask, scores, mode=mode, sample_mask=sample_mask)
+        state, attended = decoder.lstm_step(emb, state, decoder.gated(state.h, attended))
+        return StepOutput(decoder.deep_output(emb, state.h, attended.context), state, attended)
+
+    return step
 
 
 def teacher_forced(decoder: Decoder, captions: torch.Tensor, *, features: torch.Tensor, mask: torch.Tensor,

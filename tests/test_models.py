@@ -580,7 +580,7 @@ def test_greedy_decoding_is_the_same_with_and_without_the_fast_scores():
     runs = []
     for fast_scores in (False, True):
         search = ModelSearch(model, fast=fast_scores)
-        assert (search.scores is not None) == fast_scores
+        assert (search.fast_step is not None) == fast_scores
         runs.append(best_captions(search.annotations(features, mask, DecodeOptions(max_len=6))))
     assert torch.equal(runs[0].tokens, runs[1].tokens)
     torch.testing.assert_close(runs[0].alphas, runs[1].alphas)
@@ -617,7 +617,7 @@ def test_a_subclass_overriding_forward_trains_with_its_own_forward(caplog):
     assert not fast.supports(decoder)
     with caplog.at_level("WARNING", logger="captioning.fast"):
         assert fast.training_pass(model) is None and fast.training_pass(model) is None
-        assert ModelSearch(model).scores is None
+        assert ModelSearch(model).fast_step is None
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2 and all("_FlatScore" in line for line in lines), lines
     assert "reference loop" in lines[0] and "decoder.attention.score (_FlatScore)" in lines[0]

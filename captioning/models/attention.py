@@ -233,13 +233,8 @@ class SoftAttention(Mechanism):
         *,
         mode: str = "expected",
         sample_mask: torch.Tensor | None = None,
-        scores: torch.Tensor | None = None,
     ) -> Attended:
-        """``scores``: f_att's e [N*g, L] of ``h`` where the caller computed them (a faster form of
-        the same scores, captioning/fast.py); None: this score module computes them."""
-        if scores is None:
-            scores = self.score(keys, h)
-        return self.attend(features, mask, scores, mode=mode, sample_mask=sample_mask)
+        return self.attend(features, mask, self.score(keys, h), mode=mode, sample_mask=sample_mask)
 
     def attend(
         self,
@@ -337,7 +332,6 @@ class NoAttention(Mechanism):
         *,
         mode: str = "expected",
         sample_mask: torch.Tensor | None = None,
-        scores: torch.Tensor | None = None,
     ) -> Attended:
         if mode != "expected":
             raise ValueError(f"attention 'none' has no '{mode}' mode; only hard attention samples")

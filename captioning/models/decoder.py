@@ -77,18 +77,23 @@ class Decoder(nn.Module):
         return self.attention.project(features)
 
     # -- per step ---------------------------------------------------------------------------
-    def attend(self, h, features, keys, mask, *, mode="expected", sample_mask=None, scores=None) -> Attended:
-        """alpha_t and the gated context beta_t * z_t from h_{t-1} (Sec. 4.2.1). ``scores``: f_att's
-        e_t where the caller computed them already (see ``step``)."""
-        attended = self.attention(features, keys, mask, h, mode=mode, sample_mask=sample_mask, scores=scores)
+    def attend(self, h, features, keys, mask, *, mode="expected", sample_mask=None) -> Attended:
+        """alpha_t and the gated context beta_t * z_t from h_{t-1} (Sec. 4.2.1)."""
+        return self.gated(h, self.attention(features, keys, mask, h, mode=mode, sample_mask=sample_mask))
+
+    def gated(self, h: torch.Tensor, attended: Attended) -> Attended:
+        """The context scaled by the gate beta_t = sigmoid(f_beta(h_{t-1})) (Sec. 4.2.1), where there is one."""
         if self.gate is None:
             return attended
         beta = torch.sigmoid(self.gate(h))  # (B, 1) scalar gate or (B, D) vector gate
         return attended._replace(context=beta * attended.context)
 
-    def recur(self, emb, state, features, keys, mask, *, mode="expected", sample_mask=None, scores=None):
+    def recur(self, emb, state, features, keys, mask, *, mode="expected", sample_mask=None):
         """One step of the recurrence: (E y_{t-1} [B, m], h_{t-1}, c_{t-1}) -> ((h_t, c_t), attended)."""
-        attended = self.attend(state.h, features, keys, mask, mode=mode, sample_mask=sample_mask, scores=scores)
+        return self.lstm_step(emb, state, self.attend(state.h, features, keys, mask, mode=mode, sample_mask=sample_mask))
+
+    def lstm_step(self, emb: torch.Tensor, state: DecoderState, attended: Attended):
+        """Eq. 1-3: the LSTM's input is [E y_{t-1}; z_hat_t] -> ((h_t, c_t), attended)."""
         h, c = self.lstm(torch.cat([emb, attended.context], dim=1), state)  # (B, n)
         return DecoderState(h, c), attended
 
@@ -110,14 +115,10 @@ class Decoder(nn.Module):
         *,
         mode: str = "expected",
         sample_mask: torch.Tensor | None = None,
-        scores: torch.Tensor | None = None,
     ) -> StepOutput:
-        """One word: prev_words [B] long -> logits [B, V] for the next word. ``scores`` [B, L]:
-        f_att(keys, state.h) when the caller computed them (decoding's faster form of the same
-        scores, captioning/fast.py); None computes them here."""
+        """One word: prev_words [B] long -> logits [B, V] for the next word."""
         emb = self.embedding(prev_words)  # (B, m)
-        state, attended = self.recur(emb, state, features, keys, mask, mode=mode, sample_mask=sample_mask,
-                                     scores=scores)
+        state, attended = self.recur(emb, state, features, keys, mask, mode=mode, sample_mask=sample_mask)
         return StepOutput(self.deep_output(emb, state.h, attended.context), state, attended)
 
     # -- teacher forcing --------------------------------------------------------------------
