@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 
 
 # The names of things the command lines offer, here so that every --help answers without
-# importing torch (tests/test_config.py holds each equal to its Literal below or to its user).
+# importing torch (tests/test_config.py holds each equal to its user), and the config's choices.
 #: Attention mechanisms (model.attention; captioning/models/attention.py MECHANISMS).
 ATTENTIONS = ("soft", "hard", "none")
 #: How a hard-attention model may attend at test time (Sec. 4.2): the expected context (the
@@ -37,13 +37,36 @@ COMPILE_TARGETS = ("none", "step", "model")
 LOGGERS = ("csv", "tensorboard")
 
 
+class Range(typing.NamedTuple):
+    """The values a number may take: ``low`` .. ``high``, each end closed unless said open."""
+
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+    why: str = ""  # why the upper bound, for the message
+
+
+# Sizes are bounded far above any setting that trains (the paper's COCO model: LSTM 1800, 14x14
+# grid, 64 images a batch) and far below one that would try to allocate terabytes.
+_LAYER = Range(1, 8192, why="a wider layer needs more memory than a GPU has")
+_COUNT = Range(1, 10**7, why="ten million")
+_FRACTION = Range(0, 1, low_open=True)
+
+
+def bounded(default: float, rule: Range):
+    """A numeric setting's default and the values it may take (:func:`validate` checks them)."""
+    return field(default=default, metadata={"range": rule})
+
+
 @dataclass
 class EncoderConfig:
     backbone: str = "resnet18"  # any of BACKBONES
     # Last stage kept; None = the backbone's conv5 (resnet layer4, VGG conv5_4 before max-pool).
     # The synthetic default stops at layer2: stride 8 gives an 8x8 grid from 64x64 images.
     stage: str | None = "layer2"
-    grid_size: int = 8  # annotation grid is grid_size x grid_size (paper: 14x14 -> L=196)
+    # annotation grid is grid_size x grid_size (paper: 14x14 -> L=196)
+    grid_size: int = bounded(8, Range(1, 64, why="the paper's grid is 14x14"))
     # "none" (random init), "imagenet" (torchvision weights API), or a path to a state-dict file.
     weights: str = "none"
     # First stage that is trained; None freezes the whole encoder (the paper's setting).
@@ -53,17 +76,18 @@ class EncoderConfig:
 
 @dataclass
 class DecoderConfig:
-    embed_dim: int = 128  # m in the paper (arctic COCO: 512)
-    hidden_dim: int = 256  # n, LSTM size (arctic COCO: 1800)
+    embed_dim: int = bounded(128, _LAYER)  # m in the paper (arctic COCO: 512)
+    hidden_dim: int = bounded(256, _LAYER)  # n, LSTM size (arctic COCO: 1800)
     # Width of f_att's hidden layer (the COCO configs: 512). The synthetic default is small: its
     # per-step [B, L, A] map is the decoder's largest elementwise op.
-    attention_dim: int = 64
+    attention_dim: int = bounded(64, _LAYER)
     score: Literal["additive", "dot", "scaled_dot", "bilinear"] = "additive"  # paper: additive
     # Image-side layers of the additive f_att: 1 is the paper's W a; capgen's COCO setting
     # n_layers_att=2 adds tanh(W_2 . + b_2) (captioning/models/attention.py, AdditiveScore).
-    attention_layers: int = 1
+    attention_layers: int = bounded(1, Range(1, 8))
     gate: Literal["scalar", "vector", "none"] = "scalar"  # paper Sec. 4.2.1: scalar beta
-    dropout: float = 0.3  # on the deep-output layer's input (paper: dropout; arctic: 0.5)
+    # on the deep-output layer's input (paper: dropout; arctic: 0.5)
+    dropout: float = bounded(0.3, Range(0, 1, high_open=True))
     # Weight initialisation: PyTorch's defaults, or capgen's (N(0, 0.01), orthogonal square and
     # recurrent matrices, zero biases; captioning/models/decoder.py, arctic_init_).
     init: Literal["pytorch", "arctic"] = "pytorch"
@@ -76,7 +100,7 @@ class DecoderConfig:
 @dataclass
 class ModelConfig:
     # "none": the no-attention control (z_t = the mean annotation at every step, no f_att).
-    attention: Literal["soft", "hard", "none"] = "soft"
+    attention: Literal[ATTENTIONS] = "soft"
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
 
@@ -90,12 +114,13 @@ class LossConfig:
     # (configs/coco_*.yaml: 64 / 196 = 0.3265; docs/faithfulness.md). The synthetic default is 0.02 (~1/L): with
     # L=64 locations and ~8 words, sum_t alpha_ti cannot approach 1, the term (~45 per caption)
     # outweighs the NLL (~3) and drives attention onto never-attended background (docs/training.md).
-    doubly_stochastic: float = 0.02
+    doubly_stochastic: float = bounded(0.02, Range(0, 1e6))
     # Hard attention (Xu et al. 2015, Sec. 4.1; the authors' capgen.py, kelvinxu/arctic-captions;
     # docs/faithfulness.md):
-    reward_scale: float = 0.1  # lambda_r, the hard-coded 1/10
-    entropy: float = 0.002  # lambda_e on sum alpha log alpha
-    baseline_decay: float = 0.9  # b <- decay * b + (1 - decay) * mean_n C_n (the cost it is subtracted from)
+    reward_scale: float = bounded(0.1, Range(0, 1e6))  # lambda_r, the hard-coded 1/10
+    entropy: float = bounded(0.002, Range(0, 1e6))  # lambda_e on sum alpha log alpha
+    # b <- decay * b + (1 - decay) * mean_n C_n (the cost it is subtracted from)
+    baseline_decay: float = bounded(0.9, Range(0, 1, high_open=True))
     # How the REINFORCE and entropy terms are reduced over captions (losses.py, docs/faithfulness.md):
     # "mean" = averaged over captions like the NLL, the 1/N over all three terms of the paper's
     # Eq. 12 (default); "sum" = the authors' code's strength, B times a mean over captions (B =
@@ -106,8 +131,8 @@ class LossConfig:
     # with the moving-average baseline b. K > 1: each caption is decoded K times with its own draws
     # and each draw's baseline is the mean cost of the other K - 1 (leave-one-out), an unbiased
     # baseline that needs no running state (beyond the paper; docs/study.md).
-    samples: int = 1
-    expected_context_prob: float = 0.5  # probability of using the expected context instead
+    samples: int = bounded(1, Range(1, 64, why="each caption is decoded once per sample"))
+    expected_context_prob: float = bounded(0.5, Range(0, 1))  # probability of using the expected context instead
     # "minibatch": one Bernoulli draw per minibatch (the authors' code, default);
     # "image": one draw per image (the paper's text).
     substitution: Literal["minibatch", "image"] = "minibatch"
@@ -115,14 +140,15 @@ class LossConfig:
 
 @dataclass
 class SyntheticConfig:
-    seed: int = 0
+    seed: int = bounded(0, Range(0, 2**32 - 1))
     # 10,000 scenes seen 6 times beat 3,000 seen 22 times at the same compute: the smaller set
     # over-fitted (docs/training.md).
-    num_train: int = 10000
-    num_val: int = 200
-    num_test: int = 500
-    image_size: int = 64
-    captions_per_image: int = 5  # references per image (at most 5: a 1-object scene has 5 phrasings)
+    num_train: int = bounded(10000, _COUNT)
+    num_val: int = bounded(200, _COUNT)
+    num_test: int = bounded(500, Range(0, 10**7, why="ten million"))
+    image_size: int = bounded(64, Range(16, 1024, why="the scenes are drawn at this size"))
+    # references per image (at most 5: a 1-object scene has 5 phrasings)
+    captions_per_image: int = bounded(5, Range(1, 5, why="a one-object scene has 5 distinct true captions"))
 
 
 @dataclass
@@ -133,17 +159,18 @@ class DataConfig:
     dataset: Literal["synthetic", "coco", "prepared"] = "synthetic"
     root: str = "data"
     # Images are resized to image_size x image_size; a prepared folder must store this size.
-    image_size: int = 64
-    batch_size: int = 32  # images per device; the global batch is batch_size * devices * num_nodes
+    image_size: int = bounded(64, Range(1, 4096, why="images are resized to data.image_size squared"))
+    # images per device; the global batch is batch_size * devices * num_nodes
+    batch_size: int = bounded(32, Range(1, 65536, why="a larger batch does not fit in memory"))
     # Captions drawn (without replacement, anew each epoch) per training image. The encoder runs
     # once per image and its annotations are shared by the k captions. At the synthetic sizes the
     # encoder costs more than the decoder's work for one caption, and vision learns per image
     # seen: k=2 learns fastest per second.
-    captions_per_image: int = 2
-    eval_batch_size: int = 100
-    num_workers: int = 0
-    min_word_count: int = 5  # vocabulary: training-split words seen at least this often
-    max_caption_len: int = 30  # tokens without <start>/<end>; longer captions are truncated
+    captions_per_image: int = bounded(2, Range(1, 100))
+    eval_batch_size: int = bounded(100, Range(1, 65536, why="a larger batch does not fit in memory"))
+    num_workers: int = bounded(0, Range(0, 256))
+    min_word_count: int = bounded(5, Range(1, 10**9))  # vocabulary: training-split words seen at least this often
+    max_caption_len: int = bounded(30, Range(1, 1000))  # tokens without <start>/<end>; longer captions are truncated
     cache_images: bool = True  # decode every image once into memory (small datasets only)
     # A directory: with a frozen encoder (model.encoder.fine_tune_from null), compute every
     # split's annotation grids once into memory-mapped fp16 .npy files there and train the
@@ -154,10 +181,10 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 2e-3
-    encoder_lr: float = 2e-3  # for encoder stages that are fine-tuned
-    weight_decay: float = 0.0
-    grad_clip: float = 5.0  # 0 disables clipping (arctic: none)
+    lr: float = bounded(2e-3, Range(0, 10, low_open=True))
+    encoder_lr: float = bounded(2e-3, Range(0, 10))  # for encoder stages that are fine-tuned
+    weight_decay: float = bounded(0.0, Range(0, 10))
+    grad_clip: float = bounded(5.0, Range(0, 1e6))  # 0 disables clipping (arctic: none)
     # Adam's bias correction. False reproduces capgen's optimizers.py, whose correction terms
     # 1 - 0.1^t and 1 - 0.001^t are ~1 from the first step (it writes beta1 = 0.9 as b1 = 0.1), so
     # its early steps are 3.5-6.6x torch Adam's; the two agree after ~3,000 steps.
@@ -169,44 +196,46 @@ class OptimConfig:
 
 @dataclass
 class DecodeConfig:
-    max_len: int = 30  # generated tokens, <end> excluded
+    max_len: int = bounded(30, Range(1, 1000))  # generated tokens, <end> excluded
     # How a hard-attention model attends at test time: "expected" (soft alpha, the authors'
     # default), "argmax" (the single most likely location) or "sample".
-    hard_mode: Literal["expected", "argmax", "sample"] = "expected"  # HARD_MODES
+    hard_mode: Literal[HARD_MODES] = "expected"
     # Test-split, evaluate.py and caption decoding; 1 = greedy. Validation during training is
     # always greedy (cheap, and the same every epoch).
-    beam_size: int = 3
-    length_penalty: float = 0.0  # beams ranked by score / (length + 1) ** length_penalty
+    beam_size: int = bounded(3, Range(1, 100))
+    length_penalty: float = bounded(0.0, Range(0, 10))  # beams ranked by score / (length + 1) ** length_penalty
 
 
 @dataclass
 class TrainConfig:
-    max_epochs: int = 6  # the synthetic default trains in minutes on a CPU (wall times: README, Results)
-    max_time_minutes: float = 0.0  # 0 = no limit; otherwise stop training after this long
+    # the synthetic default trains in minutes on a CPU (wall times: README, Results)
+    max_epochs: int = bounded(6, Range(1, 10**6))
+    max_time_minutes: float = bounded(0.0, Range(0, 10**7))  # 0 = no limit; otherwise stop training after this long
     # What selects best.ckpt and stops early: "bleu_4", validation BLEU-4 of greedy captions
     # (default), or "nll", the validation captions' mean summed NLL under teacher forcing, as
     # capgen selects (``pred_probs``; a hard model is scored with the expected context).
     monitor: Literal["bleu_4", "nll"] = "bleu_4"
     # Early stopping: validations without a better monitored value. 10 lets a cosine run finish its
     # low-learning-rate tail, where the best checkpoints come (docs/training.md).
-    patience: int = 10
-    val_every: int = 1  # epochs between validations
+    patience: int = bounded(10, Range(1, 10**6))
+    val_every: int = bounded(1, Range(1, 10**6))  # epochs between validations
     # Also keep every epoch's checkpoint as epochs/epoch<N>.ckpt (the study's post-hoc checks of
     # checkpoint selection and of the estimator's variance mid-training use them).
     save_every_epoch: bool = False
-    log_every: int = 20  # steps between logged training losses
+    log_every: int = bounded(20, Range(1, 10**9))  # steps between logged training losses
     precision: str = "auto"  # "auto": bf16-mixed on GPU, 32-true on CPU
     accelerator: str = "auto"
-    devices: int = 1
-    num_nodes: int = 1
-    seed: int = 0
-    limit_train_batches: float = 1.0
-    limit_val_batches: float = 1.0
+    devices: int = bounded(1, Range(1, 1024))
+    num_nodes: int = bounded(1, Range(1, 1024))
+    seed: int = bounded(0, Range(0, 2**32 - 1, why="seeds are unsigned 32-bit numbers"))
+    # A fraction of the batches; 0 would train (or validate) nothing and still report success.
+    limit_train_batches: float = bounded(1.0, _FRACTION)
+    limit_val_batches: float = bounded(1.0, _FRACTION)
     fast_dev_run: bool = False
     # torch.compile (captioning/perf/compile.py): "step" compiles the decoder's per-step work
     # (gated attention, LSTM cell), one graph for every step; "model" the whole forward, one graph
     # per padded caption length. compile_mode "reduce-overhead" adds CUDA graphs on GPU.
-    compile: Literal["none", "step", "model"] = "none"
+    compile: Literal[COMPILE_TARGETS] = "none"
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
 
 
@@ -374,66 +403,19 @@ ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")  # Lightning's accelerator 
 PRECISIONS = ("auto", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true")
 
 
-class Range(typing.NamedTuple):
-    """The values a number may take: ``low`` .. ``high``, each end closed unless said open."""
+def _ranges(cls: type, prefix: str = "") -> dict[str, Range]:
+    """The dotted key of every bounded field (``bounded``) under dataclass ``cls``, and its range."""
+    found: dict[str, Range] = {}
+    for f in dataclasses.fields(cls):
+        if "range" in f.metadata:
+            found[prefix + f.name] = f.metadata["range"]
+        elif f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
+            found.update(_ranges(f.default_factory, f"{prefix}{f.name}."))
+    return found
 
-    low: float
-    high: float
-    low_open: bool = False
-    high_open: bool = False
-    why: str = ""  # why the upper bound, for the message
 
-
-# Sizes are bounded far above any setting that trains (the paper's COCO model: LSTM 1800, 14x14
-# grid, 64 images a batch) and far below one that would try to allocate terabytes.
-_LAYER = Range(1, 8192, why="a wider layer needs more memory than a GPU has")
-_COUNT = Range(1, 10**7, why="ten million")
-_FRACTION = Range(0, 1, low_open=True)
-RANGES: dict[str, Range] = {
-    "model.encoder.grid_size": Range(1, 64, why="the paper's grid is 14x14"),
-    "model.decoder.embed_dim": _LAYER,
-    "model.decoder.hidden_dim": _LAYER,
-    "model.decoder.attention_dim": _LAYER,
-    "model.decoder.attention_layers": Range(1, 8),
-    "model.decoder.dropout": Range(0, 1, high_open=True),
-    "loss.doubly_stochastic": Range(0, 1e6),
-    "loss.reward_scale": Range(0, 1e6),
-    "loss.entropy": Range(0, 1e6),
-    "loss.baseline_decay": Range(0, 1, high_open=True),
-    "loss.expected_context_prob": Range(0, 1),
-    "loss.samples": Range(1, 64, why="each caption is decoded once per sample"),
-    "data.image_size": Range(1, 4096, why="images are resized to data.image_size squared"),
-    "data.batch_size": Range(1, 65536, why="a larger batch does not fit in memory"),
-    "data.captions_per_image": Range(1, 100),
-    "data.eval_batch_size": Range(1, 65536, why="a larger batch does not fit in memory"),
-    "data.num_workers": Range(0, 256),
-    "data.min_word_count": Range(1, 10**9),
-    "data.max_caption_len": Range(1, 1000),
-    "data.synthetic.seed": Range(0, 2**32 - 1),
-    "data.synthetic.num_train": _COUNT,
-    "data.synthetic.num_val": _COUNT,
-    "data.synthetic.num_test": Range(0, 10**7, why="ten million"),
-    "data.synthetic.image_size": Range(16, 1024, why="the scenes are drawn at this size"),
-    "data.synthetic.captions_per_image": Range(1, 5, why="a one-object scene has 5 distinct true captions"),
-    "optim.lr": Range(0, 10, low_open=True),
-    "optim.encoder_lr": Range(0, 10),
-    "optim.weight_decay": Range(0, 10),
-    "optim.grad_clip": Range(0, 1e6),
-    "decode.max_len": Range(1, 1000),
-    "decode.beam_size": Range(1, 100),
-    "decode.length_penalty": Range(0, 10),
-    "train.max_epochs": Range(1, 10**6),
-    "train.max_time_minutes": Range(0, 10**7),
-    "train.patience": Range(1, 10**6),
-    "train.val_every": Range(1, 10**6),
-    "train.log_every": Range(1, 10**9),
-    "train.devices": Range(1, 1024),
-    "train.num_nodes": Range(1, 1024),
-    "train.seed": Range(0, 2**32 - 1, why="seeds are unsigned 32-bit numbers"),
-    # A fraction of the batches; 0 would train (or validate) nothing and still report success.
-    "train.limit_train_batches": _FRACTION,
-    "train.limit_val_batches": _FRACTION,
-}
+#: Every number's range, by its dotted key (as --set writes it).
+RANGES: dict[str, Range] = _ranges(Config)
 
 
 def _range_error(key: str, value: float, rule: Range) -> str | None:

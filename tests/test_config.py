@@ -269,7 +269,7 @@ def test_resnet101_config_has_a_native_grid():
 
 def test_every_field_has_a_range_or_choices():
     """One validation of every config the project loads: every number has a range, every free
-    string its choices or a path rule (a new key needs its rule in config.RANGES)."""
+    string its choices or a path rule (a new number is declared with its range: config.bounded)."""
     import typing
 
     from captioning import config as module
@@ -281,7 +281,7 @@ def test_every_field_has_a_range_or_choices():
         if isinstance(value, bool):
             continue
         if isinstance(value, (int, float)):
-            assert key in module.RANGES, f"{key} has no range in config.RANGES"
+            assert key in module.RANGES, f"{key} has no range: declare it with config.bounded"
         else:
             section, name = key.rsplit(".", 1)
             node = Config()
