@@ -35,7 +35,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from captioning.config import Config, DecoderConfig, EncoderConfig, LossConfig, ModelConfig, OptimConfig, TrainConfig
 from captioning.models.captioner import ShowAttendTell
 from captioning.models.encoder import Encoder
-from captioning.perf import allocator
 from captioning.perf.flops import decoder_flops, training_step_flops
 from captioning.training.module import CaptioningModule
 from captioning.vocab import SPECIALS, Vocabulary
@@ -177,7 +176,9 @@ def machine_info(device: torch.device) -> dict[str, Any]:
             "torch": torch.__version__, "python": platform.python_version(), "gpu": None}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
-    info["malloc"] = "keeps freed memory (captioning/perf/allocator.py)" if allocator.applied else "glibc defaults"
+    # glibc's malloc settings this process started with (docs/performance.md, "Around the model").
+    tuned = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"]
+    info["malloc"] = ", ".join(tuned) or "glibc defaults"
     try:
         info["load_average_1min"] = round(os.getloadavg()[0], 2)
     except OSError:
