@@ -312,9 +312,7 @@ def _example_ids(ids: set, limit: int = 5) -> str:
     return ", ".join(repr(i) for i in shown) + (", ..." if len(ids) > limit else "")
 
 
-def _validate(
-    predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]]
-) -> list[Hashable]:
+def _validate(predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]]) -> list[Hashable]:
     if not isinstance(predictions, Mapping) or not isinstance(references, Mapping):
         raise TypeError("predictions and references must be mappings keyed by image id")
     if len(predictions) == 0:
@@ -324,40 +322,23 @@ def _validate(
         missing, extra = ref_ids - pred_ids, pred_ids - ref_ids
         parts = []
         if missing:
-            parts.append(
-                f"{len(missing)} image id(s) have references but no prediction "
-                f"(e.g. {_example_ids(missing)})"
-            )
+            parts.append(f"{len(missing)} image id(s) have references but no prediction (e.g. {_example_ids(missing)})")
         if extra:
-            parts.append(
-                f"{len(extra)} predicted image id(s) have no references "
-                f"(e.g. {_example_ids(extra)})"
-            )
-        raise ValueError(
-            "predictions and references must cover exactly the same image ids: " + "; ".join(parts)
-        )
+            parts.append(f"{len(extra)} predicted image id(s) have no references (e.g. {_example_ids(extra)})")
+        raise ValueError("predictions and references must cover exactly the same image ids: " + "; ".join(parts))
     ids = list(predictions)
     for image_id in ids:
-        hyp = predictions[image_id]
+        hyp, refs = predictions[image_id], references[image_id]
         if not isinstance(hyp, str):
-            raise ValueError(
-                f"prediction for image {image_id!r} must be one caption string, "
-                f"got {type(hyp).__name__}"
-            )
-        refs = references[image_id]
+            raise ValueError(f"prediction for image {image_id!r} must be one caption string, got {type(hyp).__name__}")
         if isinstance(refs, str) or not isinstance(refs, Sequence):
-            raise ValueError(
-                f"references for image {image_id!r} must be a sequence of caption strings, "
-                f"got {type(refs).__name__}"
-            )
+            raise ValueError(f"references for image {image_id!r} must be a sequence of caption strings, "
+                             f"got {type(refs).__name__}")
         if len(refs) == 0:
             raise ValueError(f"image {image_id!r} has no reference captions")
         for ref in refs:
             if not isinstance(ref, str):
-                raise ValueError(
-                    f"reference captions for image {image_id!r} must be strings, "
-                    f"got {type(ref).__name__}"
-                )
+                raise ValueError(f"reference captions for image {image_id!r} must be strings, got {type(ref).__name__}")
     return ids
 
 
@@ -381,17 +362,8 @@ def _resolve_metrics(metrics: Sequence[str]) -> list[str]:
 
 
 class Scorer(abc.ABC):
-    """One score of the table :data:`SCORERS`. A new score is one subclass that sets the attributes
-    and implements :meth:`compute`, and one :func:`register_scorer`::
-
-        @register_scorer
-        class Length(Scorer):
-            name, keys, labels = "length", ("length",), ("words per caption",)
-
-            def compute(self, gts, res, **options):
-                each = [len(res[i][0].split()) for i in gts]
-                return [sum(each) / len(each)], [each]
-    """
+    """One score of the table :data:`SCORERS`. A new score is one subclass, setting the attributes
+    below and implementing :meth:`compute`, decorated with :func:`register_scorer`."""
 
     name: str  #: the name ``metrics=`` accepts (lower case)
     keys: tuple[str, ...]  #: the score keys it produces, in reporting order
@@ -402,8 +374,7 @@ class Scorer(abc.ABC):
     warn_unavailable: bool = False  #: log a warning when it cannot run here, not only when it fails
 
     @property
-    def title(self) -> str:
-        """The score's name in skip reasons and log lines."""
+    def title(self) -> str:  # the score's name in skip reasons and log lines
         return self.labels[0] if len(self.labels) == 1 else self.name
 
     def unavailable(self) -> str:
@@ -687,15 +658,8 @@ def score_details(
         if failed or scorer.warn_unavailable:
             logger.warning("%s skipped: %s", scorer.title, why)
 
-    return ScoreReport(
-        scores=scores,
-        tokenizer=tok,
-        num_images=len(ids),
-        image_ids=tuple(ids),
-        per_image=per_image,
-        skipped=skipped,
-        seconds=time.perf_counter() - start,
-    )
+    return ScoreReport(scores=scores, tokenizer=tok, num_images=len(ids), image_ids=tuple(ids), per_image=per_image,
+                       skipped=skipped, seconds=time.perf_counter() - start)
 
 
 def score_captions(
@@ -713,9 +677,7 @@ def score_captions(
     had to be skipped (METEOR without Java, SPICE without models) is absent; use
     :func:`score_details` to learn why and which tokenizer was used.
     """
-    return score_details(
-        predictions, references, metrics, tokenizer, meteor_timeout=meteor_timeout
-    ).scores
+    return score_details(predictions, references, metrics, tokenizer, meteor_timeout=meteor_timeout).scores
 
 
 def format_metrics_table(metrics: Mapping[str, float], title: str | None = None) -> str:
