@@ -52,13 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def script(command: str) -> int:
     """``python scripts/<name>.py ARGS``: the workflow of ``command`` on this process's arguments."""
-    def run() -> int:
-        from captioning.perf.allocator import keep_freed_memory
-
-        keep_freed_memory()
-        return workflow(command)(sys.argv[1:])
-
-    return _guarded(run)
+    return _guarded(lambda: workflow(command)(sys.argv[1:]))
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -107,9 +101,6 @@ def _dispatch(argv: Sequence[str] | None) -> int:
     if command not in COMMANDS:
         print_error(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")
         return EXIT_USAGE
-    from captioning.perf.allocator import keep_freed_memory
-
-    keep_freed_memory()  # this process is the workflow's (see captioning/perf/allocator.py)
     return workflow(command)(rest, prog=f"captioning {command}")
 
 

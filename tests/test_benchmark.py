@@ -4,8 +4,7 @@ that can run on a CPU (torch.compile, bf16 autocast). Speed itself is never asse
 from __future__ import annotations
 
 import json
-import platform
-import sys
+import os
 import warnings
 
 import pytest
@@ -49,9 +48,9 @@ def loss_of(model: ShowAttendTell, inputs: torch.Tensor, captions: torch.Tensor,
 @pytest.mark.parametrize("attention, mode", [("soft", "expected"), ("hard", "expected"), ("hard", "sample")])
 @pytest.mark.parametrize("score, gate", [("additive", "scalar"), ("dot", "vector"), ("bilinear", "none")])
 @pytest.mark.parametrize("k", [1, 2])
-def test_executed_flops_match_pytorch_flop_counter(attention, mode, score, gate, k):
-    """The analytic count equals what torch.utils.flop_counter sees in a real training forward +
-    backward (k captions share each image)."""
+def test_the_fused_pass_runs_exactly_the_useful_flops(attention, mode, score, gate, k):
+    """The analytic useful count equals what torch.utils.flop_counter sees in a real training
+    forward + backward on the fused pass (k captions share each image)."""
     cfg = make_config(model__attention=attention, model__decoder__score=score, model__decoder__gate=gate)
     model = ShowAttendTell(cfg.model, V)
     features = grids(model, 3)
@@ -61,7 +60,7 @@ def test_executed_flops_match_pytorch_flop_counter(attention, mode, score, gate,
         loss_of(model, features, captions, mode).backward()
     L, D = features.shape[1:]
     flops = decoder_flops(cfg.model.decoder, L, D, V, mode)
-    assert counter.get_total_flops() == training_step_flops(flops, tokens, k).executed
+    assert counter.get_total_flops() == training_step_flops(flops, tokens, k)
 
 
 def test_fine_tuned_features_double_the_image_side_backward():
@@ -73,17 +72,15 @@ def test_fine_tuned_features_double_the_image_side_backward():
     with FlopCounterMode(display=False) as counter:
         loss_of(model, features, captions, "expected").backward()
     flops = decoder_flops(cfg.model.decoder, 16, 128, V, features_need_grad=True)
-    assert counter.get_total_flops() == training_step_flops(flops, tokens).executed
+    assert counter.get_total_flops() == training_step_flops(flops, tokens)
 
 
 def test_useful_flops_count_images_once_and_real_tokens_only():
     flops = decoder_flops(make_config().model.decoder, 16, 128, V)
-    step = training_step_flops(flops, [3, 5, 2, 6], captions_per_image=2)  # 2 images, 16 real tokens
-    assert step.useful == pytest.approx(flops.training(images=2, steps=16))
+    useful = training_step_flops(flops, [3, 5, 2, 6], captions_per_image=2)  # 2 images, 16 real tokens
+    assert useful == pytest.approx(flops.training(images=2, steps=16))
     assert flops.projection_training > 0
-    assert step.executed == pytest.approx(step.useful)  # the fast path runs no padded step or word
-    assert step.executed < flops.training(images=2, steps=4 * 6)
-    assert step.useful_per_caption == pytest.approx(step.useful / 4)
+    assert useful < flops.training(images=2, steps=4 * 6)  # every caption for every padded step
     with pytest.raises(ValueError, match="multiple of captions_per_image"):
         training_step_flops(flops, [3, 5, 2], captions_per_image=2)
 
@@ -135,6 +132,21 @@ def test_quick_benchmark_writes_json_and_tables(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "teacher-forced training step" in printed and "speed-up" in printed and str(out) in printed
     assert results["total_seconds"] == saved["total_seconds"]
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_the_benchmark_measures_the_executed_flops_of_each_path(k):
+    """executed_flop_per_step is what the step ran: the useful count on the fast path, every
+    caption for every padded step on the reference loop."""
+    from captioning.perf.benchmark import QUICK, coco_model_config, train_step
+
+    flops = decoder_flops(coco_model_config(QUICK, "soft").decoder, QUICK.locations, QUICK.feature_dim, QUICK.vocab_size)
+    fast_row, reference = (train_step(QUICK, "soft", 4, torch.device("cpu"), 100.0, captions_per_image=k, path=path,
+                                      reps=1) for path in ("fast", "reference"))
+    assert fast_row["executed_flop_per_step"] == fast_row["useful_flop_per_step"]
+    assert reference["useful_flop_per_step"] == fast_row["useful_flop_per_step"]
+    assert reference["executed_flop_per_step"] == flops.training(4 // k, 4 * reference["padded_steps"])
+    assert reference["executed_flop_per_step"] > reference["useful_flop_per_step"]
 
 
 def test_counting_rows_counts_every_step_and_restores_the_method():
@@ -269,15 +281,17 @@ def test_precision_auto_is_bf16_on_gpu_only(monkeypatch):
     assert resolve_precision(make_config(train__accelerator="cpu")) == "32-true"
 
 
-def test_keep_freed_memory_applies_on_glibc_and_honours_the_opt_out(monkeypatch):
-    from captioning.perf import allocator
+def test_machine_info_names_the_malloc_settings_the_process_started_with(monkeypatch):
+    """The library leaves glibc's malloc alone; the benchmark records the environment variables
+    that tuned it (docs/performance.md), or that there were none."""
+    from captioning.perf.benchmark import machine_info
 
-    monkeypatch.setattr(allocator, "applied", False)
-    monkeypatch.setenv("CAPTIONING_MALLOC", "system")
-    assert allocator.keep_freed_memory() is False and allocator.applied is False
-    monkeypatch.delenv("CAPTIONING_MALLOC")
-    expected = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
-    assert allocator.keep_freed_memory() is expected and allocator.applied is expected
+    for key in [k for k in os.environ if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"]:
+        monkeypatch.delenv(key)
+    assert machine_info(torch.device("cpu"))["malloc"] == "glibc defaults"
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1073741824")
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "67108864")
+    assert machine_info(torch.device("cpu"))["malloc"] == "MALLOC_MMAP_THRESHOLD_=67108864, MALLOC_TRIM_THRESHOLD_=1073741824"
 
 
 # ============================================================================ side by side

@@ -13,12 +13,16 @@ Entry points
 ------------
 ``score_captions(predictions, references, metrics=..., tokenizer=...) -> dict[str, float]``
     Corpus-level scores on the scorers' native **0-1 scale** (CIDEr-D is natively 0-10), keyed by
-    :data:`METRIC_KEYS` names. Only metrics that were actually computed are present.
+    the scorers' keys (:data:`METRIC_KEYS` for the built-in ones). Only metrics that were actually
+    computed are present.
 ``score_details(...) -> ScoreReport``
     Same arguments; additionally records the tokenizer used, the number of images, per-image scores
     and every skipped metric with the reason (e.g. METEOR without Java, SPICE without its models).
 ``format_metrics_table(metrics, title=None) -> str``
     Plain-text table of the scores multiplied by 100 (the scale papers report).
+
+Each score is one :class:`Scorer` in the table :data:`SCORERS` (its keys, display names, whether
+it needs Java, how it computes corpus and per-image scores); :func:`register_scorer` adds one.
 
 Cost
 ----
@@ -49,6 +53,7 @@ Caveats worth knowing
 
 from __future__ import annotations
 
+import abc
 import functools
 import logging
 import math
@@ -56,6 +61,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -64,6 +70,9 @@ from typing import Hashable, Mapping, Sequence
 __all__ = [
     "METRIC_KEYS",
     "METRIC_GROUPS",
+    "SCORERS",
+    "Scorer",
+    "register_scorer",
     "ScoreReport",
     "java_available",
     "simple_tokenize",
@@ -74,36 +83,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Every score key this module can produce, in reporting order.
-METRIC_KEYS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider", "spice")
-
-#: Metric names accepted by ``metrics=`` and the score keys each produces.
-METRIC_GROUPS: dict[str, tuple[str, ...]] = {
-    "bleu": ("bleu_1", "bleu_2", "bleu_3", "bleu_4"),
-    "meteor": ("meteor",),
-    "rouge": ("rouge_l",),
-    "cider": ("cider",),
-    "spice": ("spice",),
-}
-_ALIASES = {
-    "rouge_l": "rouge",
-    "rouge-l": "rouge",
-    "cider-d": "cider",
-    "cider_d": "cider",
-    **{f"bleu_{n}": "bleu" for n in range(1, 5)},
-    **{f"bleu-{n}": "bleu" for n in range(1, 5)},
-}
 _TOKENIZERS = ("auto", "ptb", "simple")
 
+# Display names of the other values format_metrics_table shows (scorers name their own keys).
 _DISPLAY_NAMES = {
-    "bleu_1": "BLEU-1",
-    "bleu_2": "BLEU-2",
-    "bleu_3": "BLEU-3",
-    "bleu_4": "BLEU-4",
-    "meteor": "METEOR",
-    "rouge_l": "ROUGE-L",
-    "cider": "CIDEr",
-    "spice": "SPICE",
     "caption_accuracy": "caption accuracy",
     "pointing_game": "pointing game (mean over words)",
     "mass_in_box": "mass in box (mean over words)",
@@ -142,8 +125,8 @@ class ScoreReport:
     """Result of :func:`score_details`.
 
     Attributes:
-        scores: corpus scores on the 0-1 scale (CIDEr-D natively 0-10), keys from
-            :data:`METRIC_KEYS` in that order; only metrics that were computed.
+        scores: corpus scores on the 0-1 scale (CIDEr-D natively 0-10), keys in
+            :data:`SCORERS` order; only metrics that were computed.
         tokenizer: ``"ptb"`` (official Stanford PTBTokenizer) or ``"simple"`` (pure-Python
             approximation, see :func:`simple_tokenize`).
         num_images: number of images scored.
@@ -251,46 +234,34 @@ _PTB_CACHE_MAX = 500_000
 _PTB_LOCK = threading.Lock()
 
 
-class _QuietProcess(subprocess.Popen):
-    """A process whose standard error is collected; a non-zero exit is one error with its last line."""
+def _java_ptb_tokenize(lines: list[str]) -> list[str]:
+    """pycocoevalcap 1.2's ``PTBTokenizer.tokenize`` of ``lines`` (one image), run here: the same
+    Java command on the same input file, and the same punctuation filter on its output lines. The
+    Java tokenizer's standard error (a "PTBTokenizer tokenized N tokens at ..." line every call,
+    which says nothing about the run) is collected, not printed; its last line explains a failure.
+    The input file goes to a temporary folder, not into the installed package."""
+    from pycocoevalcap.tokenizer import ptbtokenizer
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **{**kwargs, "stderr": subprocess.PIPE})
-
-    def communicate(self, *args, **kwargs):
-        out, err = super().communicate(*args, **kwargs)
-        if self.returncode:
-            last = (err or b"").decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
-            raise RuntimeError(f"the Java PTBTokenizer failed (exit status {self.returncode}): {last[0]}")
-        return out, err
-
-
-class _QuietSubprocess:
-    """The ``subprocess`` module as pycocoevalcap's tokenizer sees it while we call it: the Java
-    tokenizer's standard error (a "PTBTokenizer tokenized N tokens at ..." line every call, which
-    says nothing about the run) is collected, not printed; its last line explains a failure."""
-
-    Popen = _QuietProcess
-
-    def __getattr__(self, name: str):
-        return getattr(subprocess, name)
+    jar = os.path.join(os.path.dirname(os.path.abspath(ptbtokenizer.__file__)), ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR)
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "captions.txt")
+        with open(path, "wb") as f:
+            f.write("\n".join(lines).encode())
+        proc = subprocess.run(["java", "-cp", jar, "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines",
+                               "-lowerCase", path], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if proc.returncode:
+        last = proc.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
+        raise RuntimeError(f"the Java PTBTokenizer failed (exit status {proc.returncode}): {last[0]}")
+    out = proc.stdout.decode().split("\n")[: len(lines)]
+    return [" ".join(w for w in line.rstrip().split(" ") if w not in PTB_PUNCTUATIONS) for line in out]
 
 
 def _ptb_tokenize_strings(strings: Sequence[str]) -> list[str]:
     """PTB-tokenise a list of (already whitespace-normalised) strings, memoised per string."""
-    from pycocoevalcap.tokenizer import ptbtokenizer
-
     with _PTB_LOCK:
         todo = list(dict.fromkeys(s for s in strings if s not in _PTB_CACHE))
         if todo:
-            # One "image" holding all the new strings: PTBTokenizer returns them in order. Only
-            # the tokenizer's module sees the quiet subprocess (under the lock), nothing else.
-            module = ptbtokenizer.subprocess
-            ptbtokenizer.subprocess = _QuietSubprocess()
-            try:
-                tokenized = ptbtokenizer.PTBTokenizer().tokenize({0: [{"caption": s} for s in todo]})[0]
-            finally:
-                ptbtokenizer.subprocess = module
+            tokenized = _java_ptb_tokenize(todo)  # PTB tokenises line by line, in order
             if len(tokenized) != len(todo):  # pragma: no cover - defensive
                 raise RuntimeError(
                     f"PTBTokenizer returned {len(tokenized)} lines for {len(todo)} captions"
@@ -341,9 +312,7 @@ def _example_ids(ids: set, limit: int = 5) -> str:
     return ", ".join(repr(i) for i in shown) + (", ..." if len(ids) > limit else "")
 
 
-def _validate(
-    predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]]
-) -> list[Hashable]:
+def _validate(predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]]) -> list[Hashable]:
     if not isinstance(predictions, Mapping) or not isinstance(references, Mapping):
         raise TypeError("predictions and references must be mappings keyed by image id")
     if len(predictions) == 0:
@@ -353,62 +322,87 @@ def _validate(
         missing, extra = ref_ids - pred_ids, pred_ids - ref_ids
         parts = []
         if missing:
-            parts.append(
-                f"{len(missing)} image id(s) have references but no prediction "
-                f"(e.g. {_example_ids(missing)})"
-            )
+            parts.append(f"{len(missing)} image id(s) have references but no prediction (e.g. {_example_ids(missing)})")
         if extra:
-            parts.append(
-                f"{len(extra)} predicted image id(s) have no references "
-                f"(e.g. {_example_ids(extra)})"
-            )
-        raise ValueError(
-            "predictions and references must cover exactly the same image ids: " + "; ".join(parts)
-        )
+            parts.append(f"{len(extra)} predicted image id(s) have no references (e.g. {_example_ids(extra)})")
+        raise ValueError("predictions and references must cover exactly the same image ids: " + "; ".join(parts))
     ids = list(predictions)
     for image_id in ids:
-        hyp = predictions[image_id]
+        hyp, refs = predictions[image_id], references[image_id]
         if not isinstance(hyp, str):
-            raise ValueError(
-                f"prediction for image {image_id!r} must be one caption string, "
-                f"got {type(hyp).__name__}"
-            )
-        refs = references[image_id]
+            raise ValueError(f"prediction for image {image_id!r} must be one caption string, got {type(hyp).__name__}")
         if isinstance(refs, str) or not isinstance(refs, Sequence):
-            raise ValueError(
-                f"references for image {image_id!r} must be a sequence of caption strings, "
-                f"got {type(refs).__name__}"
-            )
+            raise ValueError(f"references for image {image_id!r} must be a sequence of caption strings, "
+                             f"got {type(refs).__name__}")
         if len(refs) == 0:
             raise ValueError(f"image {image_id!r} has no reference captions")
         for ref in refs:
             if not isinstance(ref, str):
-                raise ValueError(
-                    f"reference captions for image {image_id!r} must be strings, "
-                    f"got {type(ref).__name__}"
-                )
+                raise ValueError(f"reference captions for image {image_id!r} must be strings, got {type(ref).__name__}")
     return ids
 
 
 def _resolve_metrics(metrics: Sequence[str]) -> list[str]:
     if isinstance(metrics, str):
         metrics = (metrics,)
+    names = {alias: s.name for s in SCORERS.values() for alias in (s.name, *s.aliases)}
     groups: list[str] = []
     for name in metrics:
-        key = str(name).lower()
-        key = _ALIASES.get(key, key)
-        if key not in METRIC_GROUPS:
-            raise ValueError(
-                f"unknown metric {name!r}; choose from {sorted(METRIC_GROUPS)}"
-            )
+        key = names.get(str(name).lower())
+        if key is None:
+            raise ValueError(f"unknown metric {name!r}; choose from {sorted(SCORERS)}")
         if key not in groups:
             groups.append(key)
     if not groups:
-        raise ValueError("metrics is empty: ask for at least one of " + ", ".join(METRIC_GROUPS))
+        raise ValueError("metrics is empty: ask for at least one of " + ", ".join(SCORERS))
     return groups
 
 
 # --------------------------------------------------------------------------------- scorers
+
+
+class Scorer(abc.ABC):
+    """One score of the table :data:`SCORERS`. A new score is one subclass, setting the attributes
+    below and implementing :meth:`compute`, decorated with :func:`register_scorer`."""
+
+    name: str  #: the name ``metrics=`` accepts (lower case)
+    keys: tuple[str, ...]  #: the score keys it produces, in reporting order
+    labels: tuple[str, ...]  #: the display names of ``keys`` (:func:`format_metrics_table`)
+    aliases: tuple[str, ...] = ()  #: other (lower-case) names ``metrics=`` accepts
+    java: str = ""  #: what of it runs on Java (e.g. "METEOR 1.5 jar"); without Java it is skipped
+    fallible: bool = False  #: a failure skips the score, with the reason, instead of raising
+    warn_unavailable: bool = False  #: log a warning when it cannot run here, not only when it fails
+
+    @property
+    def title(self) -> str:  # the score's name in skip reasons and log lines
+        return self.labels[0] if len(self.labels) == 1 else self.name
+
+    def unavailable(self) -> str:
+        """Why the score cannot run here ("" when it can)."""
+        if self.java and not java_available():
+            return f"needs Java ({self.java}) and no working 'java' is on PATH"
+        return ""
+
+    @abc.abstractmethod
+    def compute(self, gts: dict, res: dict, **options) -> tuple[Sequence[float], Sequence[Sequence[float]]]:
+        """Corpus scores, and per-image scores in ``gts`` order, each aligned with :attr:`keys`.
+
+        ``gts = {image_id: [tokenised reference, ...]}`` and ``res = {image_id: [tokenised
+        hypothesis]}`` (same ids, same order); ``options`` are :func:`score_details`' keyword
+        arguments (``meteor_timeout``).
+        """
+
+
+#: The scorers by name, in reporting order: the metrics ``metrics=`` accepts.
+SCORERS: dict[str, Scorer] = {}
+
+
+def register_scorer(cls: type[Scorer]) -> type[Scorer]:
+    """Class decorator: add an instance of ``cls`` to :data:`SCORERS`, after those already there."""
+    if cls.name in SCORERS:
+        raise ValueError(f"a scorer named {cls.name!r} is already registered")
+    SCORERS[cls.name] = cls()
+    return cls
 
 
 def _close_meteor(meteor) -> None:
@@ -512,6 +506,74 @@ def _run_spice(gts: dict, res: dict) -> tuple[float, list[float]]:
     return float(score), [per_id[k] for k in gts]
 
 
+@register_scorer
+class BleuScorer(Scorer):
+    name, keys = "bleu", ("bleu_1", "bleu_2", "bleu_3", "bleu_4")
+    labels = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4")
+    aliases = (*(f"bleu_{n}" for n in range(1, 5)), *(f"bleu-{n}" for n in range(1, 5)))
+
+    def compute(self, gts, res, **options):
+        from pycocoevalcap.bleu.bleu import Bleu
+
+        return Bleu(4).compute_score(gts, res, verbose=0)
+
+
+@register_scorer
+class MeteorScorer(Scorer):
+    name, keys, labels = "meteor", ("meteor",), ("METEOR",)
+    java, fallible = "METEOR 1.5 jar", True  # never let METEOR take the evaluation down
+
+    def compute(self, gts, res, meteor_timeout=None, **options):
+        if meteor_timeout is None:
+            meteor_timeout = METEOR_TIMEOUT_BASE_S + METEOR_TIMEOUT_PER_IMAGE_S * len(gts)
+        value, each = _run_meteor(gts, res, meteor_timeout)
+        return [value], [each]
+
+
+@register_scorer
+class RougeScorer(Scorer):
+    name, keys, labels, aliases = "rouge", ("rouge_l",), ("ROUGE-L",), ("rouge_l", "rouge-l")
+
+    def compute(self, gts, res, **options):
+        from pycocoevalcap.rouge.rouge import Rouge
+
+        value, each = Rouge().compute_score(gts, res)
+        return [value], [each]
+
+
+@register_scorer
+class CiderScorer(Scorer):
+    name, keys, labels, aliases = "cider", ("cider",), ("CIDEr",), ("cider-d", "cider_d")
+
+    def compute(self, gts, res, **options):
+        from pycocoevalcap.cider.cider import Cider
+
+        value, each = Cider().compute_score(gts, res)
+        return [value], [each]
+
+
+@register_scorer
+class SpiceScorer(Scorer):
+    name, keys, labels = "spice", ("spice",), ("SPICE",)
+    java, fallible, warn_unavailable = "SPICE 1.0 jar", True, True
+
+    def unavailable(self) -> str:
+        return super().unavailable() or _spice_models_present()[1]
+
+    def compute(self, gts, res, **options):
+        value, each = _run_spice(gts, res)
+        if not math.isfinite(value):
+            raise RuntimeError("SPICE returned a non-finite score")
+        return [value], [each]
+
+
+#: The built-in score keys, in reporting order (a registered scorer's keys follow).
+METRIC_KEYS = tuple(key for scorer in SCORERS.values() for key in scorer.keys)
+
+#: The built-in metric names ``metrics=`` accepts and the score keys each produces.
+METRIC_GROUPS: dict[str, tuple[str, ...]] = {scorer.name: scorer.keys for scorer in SCORERS.values()}
+
+
 # ------------------------------------------------------------------------------------ public
 
 
@@ -530,7 +592,8 @@ def score_details(
         references: ``image_id -> all reference captions`` (non-empty sequence of strings). Must
             have exactly the same ids as ``predictions``.
         metrics: any of ``"bleu"`` (BLEU-1..4), ``"meteor"``, ``"rouge"`` (ROUGE-L), ``"cider"``
-            (CIDEr-D), ``"spice"``. Aliases like ``"rouge_l"`` / ``"bleu_4"`` are accepted.
+            (CIDEr-D), ``"spice"``, or a registered scorer's name (:data:`SCORERS`). Aliases like
+            ``"rouge_l"`` / ``"bleu_4"`` are accepted.
         tokenizer: ``"ptb"`` (official Stanford PTBTokenizer, needs Java; RuntimeError without),
             ``"simple"`` (pure Python, :func:`simple_tokenize`), or ``"auto"`` (ptb if Java
             works, otherwise simple, with a warning logged once per process).
@@ -576,71 +639,27 @@ def score_details(
     per_image: dict[str, tuple[float, ...]] = {}
     skipped: dict[str, str] = {}
 
-    if "bleu" in groups:
-        from pycocoevalcap.bleu.bleu import Bleu
-
-        corpus, sentence = Bleu(4).compute_score(gts, res, verbose=0)
-        for n in range(4):
-            scores[f"bleu_{n + 1}"] = float(corpus[n])
-            per_image[f"bleu_{n + 1}"] = tuple(float(x) for x in sentence[n])
-
-    if "meteor" in groups:
-        if not java_available():
-            skipped["meteor"] = "needs Java (METEOR 1.5 jar) and no working 'java' is on PATH"
-        else:
-            timeout = (
-                meteor_timeout
-                if meteor_timeout is not None
-                else METEOR_TIMEOUT_BASE_S + METEOR_TIMEOUT_PER_IMAGE_S * len(ids)
-            )
+    for scorer in SCORERS.values():  # reporting order
+        if scorer.name not in groups:
+            continue
+        why, failed = scorer.unavailable(), False
+        if not why:
             try:
-                value, each = _run_meteor(gts, res, timeout)
-                scores["meteor"], per_image["meteor"] = value, tuple(each)
-            except Exception as exc:  # never let METEOR take the evaluation down
-                skipped["meteor"] = f"METEOR failed: {type(exc).__name__}: {exc}"
-                logger.warning("METEOR skipped: %s", skipped["meteor"])
-
-    if "rouge" in groups:
-        from pycocoevalcap.rouge.rouge import Rouge
-
-        value, each = Rouge().compute_score(gts, res)
-        scores["rouge_l"] = float(value)
-        per_image["rouge_l"] = tuple(float(x) for x in each)
-
-    if "cider" in groups:
-        from pycocoevalcap.cider.cider import Cider
-
-        value, each = Cider().compute_score(gts, res)
-        scores["cider"] = float(value)
-        per_image["cider"] = tuple(float(x) for x in each)
-
-    if "spice" in groups:
-        present, why = _spice_models_present()
-        if not java_available():
-            skipped["spice"] = "needs Java (SPICE 1.0 jar) and no working 'java' is on PATH"
-        elif not present:
-            skipped["spice"] = why
-        else:
-            try:
-                value, each = _run_spice(gts, res)
-                if not math.isfinite(value):
-                    raise RuntimeError("SPICE returned a non-finite score")
-                scores["spice"], per_image["spice"] = value, tuple(each)
+                corpus, each = scorer.compute(gts, res, meteor_timeout=meteor_timeout)
             except Exception as exc:
-                skipped["spice"] = f"SPICE failed: {type(exc).__name__}: {exc}"
-        if "spice" in skipped:
-            logger.warning("SPICE skipped: %s", skipped["spice"])
+                if not scorer.fallible:
+                    raise
+                why, failed = f"{scorer.title} failed: {type(exc).__name__}: {exc}", True
+            else:
+                for key, value, values in zip(scorer.keys, corpus, each, strict=True):
+                    scores[key], per_image[key] = float(value), tuple(float(x) for x in values)
+                continue
+        skipped.update(dict.fromkeys(scorer.keys, why))
+        if failed or scorer.warn_unavailable:
+            logger.warning("%s skipped: %s", scorer.title, why)
 
-    ordered = {k: scores[k] for k in METRIC_KEYS if k in scores}
-    return ScoreReport(
-        scores=ordered,
-        tokenizer=tok,
-        num_images=len(ids),
-        image_ids=tuple(ids),
-        per_image={k: per_image[k] for k in METRIC_KEYS if k in per_image},
-        skipped=skipped,
-        seconds=time.perf_counter() - start,
-    )
+    return ScoreReport(scores=scores, tokenizer=tok, num_images=len(ids), image_ids=tuple(ids), per_image=per_image,
+                       skipped=skipped, seconds=time.perf_counter() - start)
 
 
 def score_captions(
@@ -654,20 +673,18 @@ def score_captions(
     """Corpus scores only: ``score_details(...).scores`` (see :func:`score_details`).
 
     Returns ``{key: score}`` on the 0-1 scale for the computed metrics, keys in
-    :data:`METRIC_KEYS` order (e.g. ``bleu_1..bleu_4, meteor, rouge_l, cider``). A metric that
+    :data:`SCORERS` order (e.g. ``bleu_1..bleu_4, meteor, rouge_l, cider``). A metric that
     had to be skipped (METEOR without Java, SPICE without models) is absent; use
     :func:`score_details` to learn why and which tokenizer was used.
     """
-    return score_details(
-        predictions, references, metrics, tokenizer, meteor_timeout=meteor_timeout
-    ).scores
+    return score_details(predictions, references, metrics, tokenizer, meteor_timeout=meteor_timeout).scores
 
 
 def format_metrics_table(metrics: Mapping[str, float], title: str | None = None) -> str:
     """Render scores as a plain-text table, multiplied by 100 (the scale papers report).
 
-    Known keys use display names (BLEU-4, METEOR, ROUGE-L, CIDEr, SPICE) in :data:`METRIC_KEYS`
-    order; other keys follow in their given order. None and non-finite values show as ``n/a``;
+    Scorers' keys use their display names (BLEU-4, METEOR, ROUGE-L, CIDEr, SPICE) in
+    :data:`SCORERS` order; other keys follow in their given order. None and non-finite values show as ``n/a``;
     counts (:data:`COUNT_KEYS`) as they are. The
     second header line names the scale; for example::
 
@@ -685,7 +702,8 @@ def format_metrics_table(metrics: Mapping[str, float], title: str | None = None)
     Raises:
         ValueError: a value that is not a number.
     """
-    keys = [k for k in METRIC_KEYS if k in metrics] + [k for k in metrics if k not in METRIC_KEYS]
+    labels = {key: label for scorer in SCORERS.values() for key, label in zip(scorer.keys, scorer.labels)}
+    keys = [k for k in labels if k in metrics] + [k for k in metrics if k not in labels]
     rows: list[tuple[str, str]] = []
     for key in keys:
         value = metrics[key]
@@ -697,7 +715,7 @@ def format_metrics_table(metrics: Mapping[str, float], title: str | None = None)
             shown = "n/a"  # e.g. grounding when no generated word names an object
         else:
             shown = str(int(number)) if key in COUNT_KEYS else f"{number * 100:.2f}"
-        rows.append((_DISPLAY_NAMES.get(key, str(key)), shown))
+        rows.append((labels.get(key, _DISPLAY_NAMES.get(key, str(key))), shown))
     name_w = max([len("Metric")] + [len(n) for n, _ in rows])
     val_w = max([len("x100")] + [len(v) for _, v in rows])
     lines = []

@@ -5,7 +5,8 @@
 * ``train``: the training step (``CaptioningModule.training_loss``, backward, gradient clipping,
   the module's Adam) on the fast or the reference teacher-forced path at COCO sizes from random annotation grids -- exactly the path of training from the feature
   cache (``ShowAttendTell.encode`` passes grids through) -- with useful FLOPs counted
-  analytically (captioning/perf/flops.py) and peak memory.
+  analytically (captioning/perf/flops.py), the FLOPs one step executes counted by
+  ``torch.utils.flop_counter``, and peak memory.
 * ``encoder``: the CNN forward for every supported backbone at the COCO image size.
 * ``beam``: batched beam search over a batch of images vs the same code one image at a time.
 * ``loader``: the prepared-store training loader, when ``captioning.data.store`` offers it.
@@ -35,7 +36,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from captioning.config import Config, DecoderConfig, EncoderConfig, LossConfig, ModelConfig, OptimConfig, TrainConfig
 from captioning.models.captioner import ShowAttendTell
 from captioning.models.encoder import Encoder
-from captioning.perf import allocator
 from captioning.perf.flops import decoder_flops, training_step_flops
 from captioning.training.module import CaptioningModule
 from captioning.vocab import SPECIALS, Vocabulary
@@ -177,7 +177,9 @@ def machine_info(device: torch.device) -> dict[str, Any]:
             "torch": torch.__version__, "python": platform.python_version(), "gpu": None}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
-    info["malloc"] = "keeps freed memory (captioning/perf/allocator.py)" if allocator.applied else "glibc defaults"
+    # glibc's malloc settings this process started with (docs/performance.md, "Around the model").
+    tuned = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"]
+    info["malloc"] = ", ".join(tuned) or "glibc defaults"
     try:
         info["load_average_1min"] = round(os.getloadavg()[0], 2)
     except OSError:
@@ -315,8 +317,11 @@ def train_step(
     total = statistics.median(sum(t) for t in times)
     best = min(sum(t) for t in times)
 
+    with FlopCounterMode(display=False) as counter:  # what one step runs; after the timing, as counting is slow
+        forward().backward()
+    executed = counter.get_total_flops()
     flops = decoder_flops(cfg.decoder, sizes.locations, sizes.feature_dim, sizes.vocab_size, mode)
-    counted = training_step_flops(flops, tokens, captions_per_image)
+    useful = training_step_flops(flops, tokens, captions_per_image)
     real_tokens = sum(tokens)
     result = {
         "attention": attention + (" (sampled locations)" if mode == "sample" else ""), "path": path,
@@ -326,15 +331,15 @@ def train_step(
         "forward_ms": round(1e3 * fwd, 1), "backward_ms": round(1e3 * bwd, 1), "optimizer_ms": round(1e3 * opt, 1),
         "step_ms": round(1e3 * total, 1), "first_step_s": round(first, 2),
         "captions_per_s": round(batch / total, 1), "tokens_per_s": round(real_tokens / total, 1),
-        "useful_gflop_per_caption": round(counted.useful_per_caption / 1e9, 3),
-        "useful_flop_per_step": counted.useful, "executed_flop_per_step": counted.executed,
+        "useful_gflop_per_caption": round(useful / batch / 1e9, 3),
+        "useful_flop_per_step": useful, "executed_flop_per_step": executed,
         "step_s": total, "best_step_s": best,
         # The yardstick is the best matmul rate seen, so the step is compared at its best too (on a
         # shared machine other jobs slow some repetitions down); the median's ratio is kept as well.
-        "achieved_gflops": round(counted.useful / best / 1e9, 1),
-        "fraction_of_matmul": round(counted.useful / best / 1e9 / matmul_gflops, 4),
-        "fraction_of_matmul_median": round(counted.useful / total / 1e9 / matmul_gflops, 4),
-        "executed_fraction_of_matmul": round(counted.executed / best / 1e9 / matmul_gflops, 4),
+        "achieved_gflops": round(useful / best / 1e9, 1),
+        "fraction_of_matmul": round(useful / best / 1e9 / matmul_gflops, 4),
+        "fraction_of_matmul_median": round(useful / total / 1e9 / matmul_gflops, 4),
+        "executed_fraction_of_matmul": round(executed / best / 1e9 / matmul_gflops, 4),
         "peak_memory_mib": None if peak is None else round(peak, 1),
         "reps": reps,
     }

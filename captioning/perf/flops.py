@@ -1,20 +1,19 @@
-"""Analytic matrix-multiply FLOPs of the decoder's teacher-forced training step.
+"""Analytic matrix-multiply FLOPs of the decoder's teacher-forced training step (and of decoding).
 
 Only matrix products are counted (``2 * m * n * k`` per product, the convention of
 ``torch.utils.flop_counter``): they are >98% of the arithmetic at COCO sizes, and the tanh,
 softmax and gradient sums around them are memory-bound work that no FLOP budget describes.
 
-Two totals, kept apart on purpose:
-
-* **useful**: what the maths of one caption needs. The image-side attention projection ``W a``
-  and ``h_0, c_0`` run once per *image* (shared by its captions); the per-step work and the
-  output layer run for the caption's real tokens only (words + ``<end>``), never for padding.
-* **executed**: what the training pass runs (the fused pass of captioning/fast.py, as
-  ``CaptioningModule.training_step`` calls it): the projection
-  ``W a`` and ``h_0, c_0`` once per image (shared by its ``k`` captions); the recurrence and the
-  work hoisted out of it (the LSTM's product with the word embedding, the deep output layer)
-  for the real tokens only. It equals useful (kept apart so that a path that runs more, e.g.
-  the reference loop over padded steps, can be told from the maths).
+The count is of **useful** work: what the maths of one caption needs. The image-side attention
+projection ``W a`` and ``h_0, c_0`` run once per *image* (shared by its captions); the per-step
+work and the output layer run for the caption's real tokens only (words + ``<end>``), never for
+padding. What a training step *executes* is measured instead, by ``torch.utils.flop_counter`` on
+the real forward and backward (``captioning benchmark``'s ``executed_flop_per_step``). The two
+are kept apart because they differ by path: the fused pass of captioning/fast.py runs exactly the
+useful products (tests/test_benchmark.py checks it against the counter), while the reference
+loop of captioning/models/decoder.py (the one ``torch.compile`` compiles) runs every caption of
+the batch for every padded step. FLOP/s are reported on the useful count, so that paths are
+compared on the same work.
 
 Backward costs two products per forward product (the gradient of each operand), except where an
 operand needs no gradient: with a frozen encoder (or random feature inputs, as in the benchmark)
@@ -107,23 +106,10 @@ def decoder_flops(
     )
 
 
-@dataclass(frozen=True)
-class StepFlops:
-    useful: float  # forward + backward FLOPs the maths needs (see module docstring)
-    executed: float  # forward + backward FLOPs the implementation runs
-    useful_per_caption: float
-
-
-def training_step_flops(
-    flops: DecoderFlops, caption_tokens: list[int], captions_per_image: int = 1
-) -> StepFlops:
-    """Totals for one minibatch. ``caption_tokens``: per caption row, its real target
-    tokens (words + <end>); rows i*k .. i*k+k-1 share image i."""
+def training_step_flops(flops: DecoderFlops, caption_tokens: list[int], captions_per_image: int = 1) -> float:
+    """Useful forward + backward FLOPs of one minibatch. ``caption_tokens``: per caption row, its
+    real target tokens (words + <end>); rows i*k .. i*k+k-1 share image i."""
     rows = len(caption_tokens)
     if rows % captions_per_image:
         raise ValueError(f"{rows} captions is not a multiple of captions_per_image={captions_per_image}")
-    images = rows // captions_per_image
-    real = float(sum(caption_tokens))
-    useful = flops.training(images, real)
-    executed = useful  # the fast path runs exactly the useful products
-    return StepFlops(useful, executed, useful / rows)
+    return flops.training(rows // captions_per_image, float(sum(caption_tokens)))
