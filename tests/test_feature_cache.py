@@ -214,7 +214,7 @@ def test_prepared_folder_trains_from_the_cache(tmp_path, data_root):
     attach(cfg, data, module)
     batch = next(iter(data.train_dataloader()))
     assert batch["images"].shape == (8, 16, 128) and batch["images"].dtype == torch.float16
-    first = data.prepared.train_dataset(data.vocab, 1, 8).images[0]  # the store's own pixels, for comparison
+    first = data.source.folder.train_dataset(data.vocab, 1, 8).images[0]  # the store's own pixels, for comparison
     with torch.no_grad():
         expected, _ = module.model.eval().encode(first[None])
     torch.testing.assert_close(data.images("train")[0].float(), expected[0], rtol=2e-3, atol=2e-3)

@@ -8,6 +8,7 @@ shows in both the pixels and the words.
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 from pathlib import Path
@@ -21,7 +22,8 @@ from captioning.config import DataConfig
 from captioning.data import prepare as prepare_module
 from captioning.data.datamodule import CaptionDataModule, ImageSource, benchmark_loader
 from captioning.data.examples import example_captions, example_image, id_colour, write_example_dataset
-from captioning.data.formats import EMPTY_CAPTION, read_karpathy
+from captioning.data.formats import (EMPTY_CAPTION, FORMATS, Format, SourceDataset, SourceImage, assign_splits,
+                                     read_karpathy, register)
 from captioning.data.prepare import (MISSING_FILE, NO_TRAINING_CAPTION, UNREADABLE, PrepareError, PrepareOptions,
                                      prepare)
 from captioning.data.store import PreparedDataError, PreparedFolder
@@ -343,6 +345,57 @@ def test_cli_wrong_schema_is_one_line_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit):
         prepare_data.run(["--captions", str(captions), "--images", str(tmp_path / "nowhere"), "--out", "x"])
     assert "images folder" in capsys.readouterr().err
+
+
+class CsvFormat(Format):
+    """A format the package does not know: 'image,caption' rows under that header, split by seed."""
+
+    name, help = "csv", "image,caption rows"
+
+    def detect(self, head, data):
+        return data is None and head.startswith("image,caption\n")
+
+    def read(self, files, lists, args):
+        (_, path), = files
+        by_name: dict[str, list[str]] = {}
+        for name, caption in list(csv.reader(path.open(encoding="utf-8")))[1:]:
+            by_name.setdefault(name, []).append(caption)
+        dataset = SourceDataset("csv", args.images, [], [("captions", path)])
+        dataset.images = [SourceImage(i, args.images / name, name, None, caps)
+                          for i, (name, caps) in enumerate(sorted(by_name.items()))]
+        assign_splits(dataset, lists, args.split_seed, args.val_size, args.test_size)
+        return dataset
+
+
+@pytest.fixture
+def csv_format():
+    register(CsvFormat)
+    yield FORMATS["csv"]
+    del FORMATS["csv"]
+
+
+def test_a_format_class_defined_outside_the_package_prepares_a_folder_that_loads(csv_format, tmp_path):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    rows = ["image,caption"]
+    for i in range(1, 9):
+        example_image(i, 24, noise=0).save(images / f"img_{i}.jpg", quality=95)
+        rows += [f"img_{i}.jpg,{caption}" for caption in example_captions(i, 2)]
+    (tmp_path / "captions.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    assert prepare_data.main(["--captions", str(tmp_path / "captions.csv"), "--images", str(images), "--out", str(out),
+                              "--image-size", "16", "--min-word-count", "1", "--val-size", "2", "--test-size", "2",
+                              "--workers", "1", "--no-progress"]) == 0  # --format auto: told apart by detect
+    assert json.loads((out / "manifest.json").read_text())["source"]["format"] == "csv"
+    data = CaptionDataModule(DataConfig(dataset="prepared", root=str(out), image_size=16, cache_images=False))
+    data.setup()
+    assert [len(data.load_split(s)) for s in ("train", "val", "test")] == [4, 2, 2]
+    for split in ("train", "val", "test"):
+        for i, record in enumerate(data.load_split(split)):
+            image_id = int(record.path.stem.split("_")[1])
+            assert list(record.captions) == example_captions(image_id, 2)
+            assert np.abs(data.images(split).pixels(i).reshape(-1, 3).mean(0) - id_colour(image_id)).max() < 3
+    assert next(iter(data.train_dataloader()))["images"].shape[1:] == (3, 16, 16)
 
 
 def test_benchmark_measures_the_loader(prepared):

@@ -6,14 +6,14 @@ Folder layout read (the synthetic generator writes it; a COCO-format folder uses
     ROOT/annotations/instances_{split}.json           optional: boxes (grounding, synthetic checks)
     ROOT/{train,val,test}/<file_name>                 the images
 
-or, with data.dataset "prepared", a folder written by captioning prepare (formats in
-captioning/data/prepare.py; read by captioning/data/store.py).
+or, with data.dataset "prepared", a folder written by captioning prepare (PreparedSource below).
 """
 
 from __future__ import annotations
 
 import random
 import time
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -26,28 +26,6 @@ from captioning.data.coco import SPLITS, AnnotationError, EmptySplitError, Image
 from captioning.data.transforms import load_image, preprocess
 from captioning.vocab import Vocabulary
 
-
-
-def check_trained_data(cfg: DataConfig) -> None:
-    """Before a command other than training reads the synthetic dataset a model was trained on:
-    refuse (ValueError, one line with the fix) to generate it anywhere but the training's own data
-    folder. A checkpoint records the folder its training ran in, so a relative data.root arrives
-    here made absolute (captioning/checkpoint.py ``at_workdir``); a relative one (a model folder,
-    or a checkpoint from before that record) would be generated in the current folder instead."""
-    if cfg.dataset != "synthetic":
-        return  # other datasets are only read: a missing one is a one-line read error
-    from captioning.data.synthetic import dataset_dir
-
-    folder = dataset_dir(cfg.root, cfg.synthetic)
-    if folder.is_dir():
-        return
-    fix = f"pass --data-root DIR, the folder that holds (or will hold) {folder.name}"
-    if not Path(cfg.root).is_absolute():
-        raise ValueError(f"the model's synthetic dataset {folder} is not in the current folder and the model does "
-                         f"not record the folder it was trained in: run from that folder, or {fix}")
-    if not Path(cfg.root).parent.is_dir():
-        raise ValueError(f"the model's synthetic dataset {folder} is not on this machine (its training ran in "
-                         f"{Path(cfg.root).parent}): {fix}")
 
 
 class ImageSource:
@@ -142,17 +120,151 @@ def collate_eval(batch) -> dict[str, torch.Tensor]:
     return out
 
 
+# ------------------------------------------------------------------------------------ dataset kinds
+
+
+class FolderSource:
+    """data.dataset "coco": COCO-format files under data.root (the layout above). Each kind of
+    dataset is one class in SOURCES, chosen by data.dataset; CaptionDataModule asks it for
+    records, images, the vocabulary, boxes and its one-line errors."""
+
+    def __init__(self, cfg: DataConfig) -> None:
+        self.cfg = cfg
+
+    @property
+    def root(self) -> Path:
+        return Path(self.cfg.root)
+
+    def prepare_data(self) -> None:
+        """Make the dataset where it is made on first use (the synthetic set); others are only read."""
+
+    def check_trained(self) -> None:
+        """Before a command other than training reads a model's training data: refuse (ValueError, one
+        line with the fix) what would go wrong. Read-only datasets: a missing one is a read error."""
+
+    def records(self, split: str) -> list[ImageRecord]:
+        try:
+            return load_coco_captions(self.root / "annotations" / f"captions_{split}.json", self.root / split)
+        except EmptySplitError:
+            return []  # setup refuses an empty train/val split; callers skip an empty test
+
+    def vocabulary(self, vocab: Vocabulary | None, stage: str | None) -> Vocabulary | None:
+        """The vocabulary to use: ``vocab``, or None to build one from the training captions."""
+        return vocab
+
+    def empty_split_error(self, split: str):
+        raise AnnotationError(f"the {split} split of {self.root} has no image "
+                              f"({self.root / 'annotations' / f'captions_{split}.json'}): check the dataset")
+
+    def images(self, split: str, records: Sequence[ImageRecord], cache: bool) -> ImageSource:
+        return ImageSource(records, self.cfg.image_size, cache)
+
+    def train_dataset(self, records: Sequence[ImageRecord], images: ImageSource, vocab: Vocabulary) -> Dataset:
+        return TrainDataset(records, images, vocab, self.cfg.captions_per_image, self.cfg.max_caption_len)
+
+    def scenes(self, split: str):
+        """Synthetic ground truth (objects with boxes) by image id, or None for other datasets."""
+        return None
+
+    def instances(self, split: str) -> Path:
+        return self.root / "annotations" / f"instances_{split}.json"
+
+    def boxes(self, split: str) -> dict[int, list[tuple[str, list[float]]]] | None:
+        return read_boxes(self.instances(split)) if self.instances(split).is_file() else None
+
+
+class SyntheticSource(FolderSource):
+    """data.dataset "synthetic": generated on first use into a folder under data.root named by its settings."""
+
+    @property
+    def root(self) -> Path:
+        from captioning.data.synthetic import dataset_dir
+
+        return dataset_dir(self.cfg.root, self.cfg.synthetic)
+
+    def prepare_data(self) -> None:
+        from captioning.data.synthetic import generate_synthetic
+
+        generate_synthetic(self.cfg.root, self.cfg.synthetic)
+
+    def check_trained(self) -> None:
+        """Refuse to generate the synthetic set anywhere but the training's own data folder. A
+        checkpoint records the folder its training ran in, so a relative data.root arrives here
+        made absolute (captioning/checkpoint.py ``at_workdir``); a relative one (a model folder, or
+        a checkpoint from before that record) would be generated in the current folder instead."""
+        folder, root = self.root, Path(self.cfg.root)
+        if folder.is_dir():
+            return
+        fix = f"pass --data-root DIR, the folder that holds (or will hold) {folder.name}"
+        if not root.is_absolute():
+            raise ValueError(f"the model's synthetic dataset {folder} is not in the current folder and the model does "
+                             f"not record the folder it was trained in: run from that folder, or {fix}")
+        if not root.parent.is_dir():
+            raise ValueError(f"the model's synthetic dataset {folder} is not on this machine (its training ran in "
+                             f"{root.parent}): {fix}")
+
+    def scenes(self, split: str):
+        from captioning.data.synthetic import load_scenes
+
+        return load_scenes(self.instances(split))
+
+
+class PreparedSource(FolderSource):
+    """data.dataset "prepared": a folder written by captioning prepare (formats in
+    captioning/data/prepare.py; read by captioning/data/store.py)."""
+
+    @cached_property
+    def folder(self):
+        from captioning.data.store import PreparedFolder
+
+        folder = PreparedFolder(self.cfg.root)
+        folder.check_image_size(self.cfg.image_size)
+        return folder
+
+    def records(self, split: str) -> list[ImageRecord]:
+        return self.folder.records(split)  # record paths: the source files
+
+    def vocabulary(self, vocab: Vocabulary | None, stage: str | None) -> Vocabulary:
+        vocab = self.folder.vocab if vocab is None else vocab  # built at preparation, from the train split
+        if stage == "fit":
+            self.folder.check_vocab(vocab)  # the stored caption ids are in the folder's vocabulary
+        return vocab
+
+    def empty_split_error(self, split: str):
+        from captioning.data.store import PreparedDataError
+
+        raise PreparedDataError(f"the {split} split of the prepared folder {self.root} has no image: prepare it "
+                                "again from a source whose images and split lists are found")
+
+    def images(self, split: str, records: Sequence[ImageRecord], cache: bool):
+        return self.folder.images(split)  # memory-mapped, no decoding
+
+    def train_dataset(self, records: Sequence[ImageRecord], images, vocab: Vocabulary) -> Dataset:
+        dataset = self.folder.train_dataset(vocab, self.cfg.captions_per_image, self.cfg.max_caption_len)
+        dataset.images = images  # the store's, or cached grids of the same images, in record order
+        return dataset  # captions encoded at preparation, read from the folder
+
+    def instances(self, split: str) -> Path:
+        return self.root / f"instances_{split}.json"  # at the folder's top level
+
+    def boxes(self, split: str) -> dict[int, list[tuple[str, list[float]]]] | None:
+        return self.folder.boxes(split)
+
+
+SOURCES: dict[str, type[FolderSource]] = {"synthetic": SyntheticSource, "coco": FolderSource, "prepared": PreparedSource}
+
+
 class CaptionDataModule(pl.LightningDataModule):
-    """Owns the data: the folder, the vocabulary (built from training captions unless given),
-    references and scenes by image id, and the per-device batch arithmetic."""
+    """Owns the data: its kind's source (SOURCES), the vocabulary (built from training captions
+    unless given or the folder's), references and scenes by image id, and the per-device batch arithmetic."""
 
     def __init__(self, cfg: DataConfig, vocab: Vocabulary | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.vocab = vocab
+        self.source = SOURCES[cfg.dataset](cfg)
         self.records: dict[str, list[ImageRecord]] = {}
-        self._sources: dict[str, ImageSource] = {}
-        self._prepared = None  # the PreparedFolder of dataset "prepared", opened on first use
+        self._images: dict[str, Any] = {}
         # Set by captioning.data.feature_cache.attach_feature_cache: every split's annotation grids
         # [L, D] (fp16) replace its images, so batch["images"] is then [B, L, D] (model.encode
         # passes grids through).
@@ -161,48 +273,20 @@ class CaptionDataModule(pl.LightningDataModule):
         self.val_captions = False
 
     @property
-    def prepared(self):
-        """The prepared folder (data.dataset "prepared"): captioning/data/store.PreparedFolder."""
-        if self._prepared is None:
-            from captioning.data.store import PreparedFolder
-
-            folder = PreparedFolder(self.cfg.root)
-            folder.check_image_size(self.cfg.image_size)
-            self._prepared = folder
-        return self._prepared
-
-    @property
     def root(self) -> Path:
-        if self.cfg.dataset == "synthetic":
-            from captioning.data.synthetic import dataset_dir
-
-            return dataset_dir(self.cfg.root, self.cfg.synthetic)
-        return Path(self.cfg.root)
+        return self.source.root
 
     def prepare_data(self) -> None:
         # Runs on one process per node before the others set up: generation happens once.
-        if self.cfg.dataset == "synthetic":
-            from captioning.data.synthetic import generate_synthetic
-
-            generate_synthetic(self.cfg.root, self.cfg.synthetic)
+        self.source.prepare_data()
 
     def load_split(self, split: str) -> list[ImageRecord]:
-        if split not in self.records and self.cfg.dataset == "prepared":
-            self.records[split] = self.prepared.records(split)  # record paths: the source files
         if split not in self.records:
-            try:
-                self.records[split] = load_coco_captions(
-                    self.root / "annotations" / f"captions_{split}.json", self.root / split
-                )
-            except EmptySplitError:
-                self.records[split] = []  # setup refuses an empty train/val split; callers skip an empty test
+            self.records[split] = self.source.records(split)
         return self.records[split]
 
     def setup(self, stage: str | None = None) -> None:
-        if self.vocab is None and self.cfg.dataset == "prepared":
-            self.vocab = self.prepared.vocab  # built at preparation, from the train split
-        if self.cfg.dataset == "prepared" and stage == "fit":
-            self.prepared.check_vocab(self.vocab)  # the stored caption ids are in the folder's vocabulary
+        self.vocab = self.source.vocabulary(self.vocab, stage)
         if self.vocab is None:
             self.vocab = Vocabulary.build(
                 (c for r in self.load_split("train") for c in r.captions), self.cfg.min_word_count
@@ -210,46 +294,26 @@ class CaptionDataModule(pl.LightningDataModule):
         needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, SPLITS)
         for split in needed:
             if not self.load_split(split) and split != "test":  # an empty test split is skipped by its callers
-                self.empty_split_error(split)
-
-    def empty_split_error(self, split: str):
-        """Raise the one-line error for a split with no image (AnnotationError, or PreparedDataError)."""
-        if self.cfg.dataset == "prepared":
-            from captioning.data.store import PreparedDataError
-
-            raise PreparedDataError(f"the {split} split of the prepared folder {self.root} has no image: prepare it "
-                                    "again from a source whose images and split lists are found")
-        raise AnnotationError(f"the {split} split of {self.root} has no image "
-                              f"({self.root / 'annotations' / f'captions_{split}.json'}): check the dataset")
+                self.source.empty_split_error(split)
 
     def images(self, split: str) -> ImageSource:
         if self.feature_cache is not None:
             return self.feature_cache.split(split)
-        if split not in self._sources and self.cfg.dataset == "prepared":
-            self._sources[split] = self.prepared.images(split)  # memory-mapped, no decoding
-        if split not in self._sources:
-            self._sources[split] = ImageSource(self.load_split(split), self.cfg.image_size, self.cfg.cache_images)
-        return self._sources[split]
+        if split not in self._images:
+            self._images[split] = self.source.images(split, self.load_split(split), self.cfg.cache_images)
+        return self._images[split]
 
     def references(self, split: str) -> dict[int, list[str]]:
         return {r.image_id: list(r.captions) for r in self.load_split(split)}
 
     def scenes(self, split: str):
-        """Synthetic ground truth (objects with boxes) by image id, or None for other datasets."""
-        if self.cfg.dataset != "synthetic":
-            return None
-        from captioning.data.synthetic import load_scenes
-
-        return load_scenes(self.root / "annotations" / f"instances_{split}.json")
+        return self.source.scenes(split)
 
     def boxes(self, split: str) -> dict[int, list[tuple[str, list[float]]]] | None:
         """{image_id: [(category name, [x, y, w, h]), ...]} in source-image pixels, from the split's
         COCO instances file (synthetic: always; coco: annotations/instances_{split}.json; prepared:
         when prepared with --instances), or None where the dataset has none."""
-        if self.cfg.dataset == "prepared":
-            return self.prepared.boxes(split)
-        path = self.root / "annotations" / f"instances_{split}.json"
-        return read_boxes(path) if path.is_file() else None
+        return self.source.boxes(split)
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, collate) -> DataLoader:
         return DataLoader(
@@ -259,13 +323,7 @@ class CaptionDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        if self.cfg.dataset == "prepared":  # captions encoded at preparation, read from the folder
-            dataset = self.prepared.train_dataset(self.vocab, self.cfg.captions_per_image, self.cfg.max_caption_len)
-            if self.feature_cache is not None:  # cached grids of the same images, in record order
-                dataset.images = self.images("train")
-            return self._loader(dataset, self.cfg.batch_size, True, collate_train)
-        dataset = TrainDataset(self.load_split("train"), self.images("train"), self.vocab,
-                               self.cfg.captions_per_image, self.cfg.max_caption_len)
+        dataset = self.source.train_dataset(self.load_split("train"), self.images("train"), self.vocab)
         return self._loader(dataset, self.cfg.batch_size, True, collate_train)
 
     def eval_dataloader(self, split: str, captions: bool = False) -> DataLoader:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from captioning.data.coco import write_json
+from captioning.data.formats import FORMATS
 
 WORDS = ("red", "small", "large", "bright", "dark", "round", "square", "old", "new", "busy")
 NOUNS = ("dog", "cat", "car", "tree", "house", "boat", "bird", "table", "street", "man")
@@ -58,25 +58,9 @@ def write_example_dataset(root: str | Path, num_images: int, *, image_size: int 
     test = max(1, num_images // 10) if test is None else test
     ids = list(range(1, num_images + 1))
     split_of = {i: "val" if n < val else "test" if n < val + test else "train" for n, i in enumerate(ids)}
+    writer = getattr(FORMATS.get(fmt), "write_example", None)
+    if writer is None:
+        raise ValueError(f"unknown example format {fmt!r}: karpathy, coco or flickr8k")
     for i in ids:
         example_image(i, image_size, noise).save(root / "images" / f"img_{i}.jpg", quality=90)
-    if fmt == "karpathy":
-        images = [{"filepath": "images", "filename": f"img_{i}.jpg", "imgid": i - 1, "cocoid": i, "split": split_of[i],
-                   "sentences": [{"raw": c, "tokens": c.split(), "imgid": i - 1} for c in example_captions(i)]}
-                  for i in ids]
-        path = root / "dataset_example.json"
-        write_json(path, {"images": images, "dataset": "example"})
-    elif fmt == "coco":
-        path = root / "captions_example.json"
-        anns = [{"id": n, "image_id": i, "caption": c} for n, (i, c) in
-                enumerate(((i, c) for i in ids for c in example_captions(i)), 1)]
-        write_json(path, {"images": [{"id": i, "file_name": f"images/img_{i}.jpg"} for i in ids], "annotations": anns})
-    elif fmt == "flickr8k":
-        path = root / "Flickr8k.token.txt"
-        path.write_text("".join(f"img_{i}.jpg#{n}\t{c}\n" for i in ids for n, c in enumerate(example_captions(i))))
-        for split, name in (("train", "train"), ("val", "dev"), ("test", "test")):
-            (root / f"Flickr_8k.{name}Images.txt").write_text(
-                "".join(f"img_{i}.jpg\n" for i in ids if split_of[i] == split))
-    else:
-        raise ValueError(f"unknown example format {fmt!r}: karpathy, coco or flickr8k")
-    return path, root / "images" if fmt == "flickr8k" else root
+    return writer(root, {i: example_captions(i) for i in ids}, split_of)

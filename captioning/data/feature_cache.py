@@ -355,15 +355,11 @@ def attach_feature_cache(data: Any, cfg: Any, encoder: Encoder, device: str | to
     CaptionDataModule ``data`` (set up, vocabulary built) and attach it: from then on
     ``data.images(split)`` serves annotation grids. ``encoder`` must be the model's own (frozen)
     encoder -- its weights are part of the fingerprint."""
-    from captioning.data.datamodule import ImageSource
-
     if cfg.model.encoder.fine_tune_from is not None:
         raise FeatureCacheError("data.feature_cache needs a frozen encoder: set model.encoder.fine_tune_from=null")
     records = {split: data.load_split(split) for split in SPLITS}
-    if data.cfg.dataset == "prepared":  # the store's memory-mapped pixels, no decoding
-        sources = {split: data.prepared.images(split) for split in SPLITS}
-    else:  # decoded on demand (never all at once into memory)
-        sources = {split: ImageSource(records[split], data.cfg.image_size, cache=False) for split in SPLITS}
+    # A prepared store's memory-mapped pixels, or image files decoded on demand (never all at once into memory).
+    sources = {split: data.source.images(split, records[split], cache=False) for split in SPLITS}
     cache = prepare_feature_cache(
         cfg.data.feature_cache, cfg.model, encoder, data.cfg.image_size, data.cfg.dataset, records, sources,
         device=device, batch_size=data.cfg.eval_batch_size, num_workers=data.cfg.num_workers, log=log,

@@ -1,36 +1,8 @@
 """Readers for the caption datasets users bring, into one in-memory form for preparation.
 
-Formats (``--format`` of captioning prepare; ``auto`` tells them apart by content):
-
-``karpathy``  Karpathy's split files ``dataset_coco.json`` / ``dataset_flickr8k.json`` /
-    ``dataset_flickr30k.json``::
-
-        {"images": [{"filepath"?: "val2014", "filename": "...jpg", "imgid": int, "cocoid"?: int,
-                     "split": "train"|"restval"|"val"|"test",
-                     "sentences": [{"raw": str, "tokens": [str], ...}]}], "dataset": "coco"}
-
-    The image file is ``IMAGES/filepath/filename`` (``IMAGES/filename`` without ``filepath``).
-    Image id: ``cocoid`` when every image has one (so ids are COCO's and instances files match),
-    else ``imgid``. ``restval`` joins ``train`` (the usual 113,287 training images). The caption
-    is ``raw`` (``tokens`` joined by spaces when ``raw`` is absent).
-
-``coco``  Official COCO captions files (``captions_train2014.json``), read with pycocotools::
-
-        {"images": [{"id": int, "file_name": str}], "annotations": [{"image_id": int, "caption": str}]}
-
-    Either several files pooled and then split (a split-list file per split, or a seeded
-    5,000 / 5,000 / rest split), or one file per split given as ``SPLIT=FILE``. The image file is
-    the first of ``IMAGES/file_name``, ``IMAGES/<tag>/file_name`` (``<tag>`` from the file's name,
-    ``captions_val2014.json`` -> ``val2014``) and, for ``SPLIT=FILE``, ``IMAGES/<split>/file_name``
-    that exists.
-
-``flickr8k``  ``Flickr8k.token.txt`` (also Flickr30k's ``results_20130124.token``): lines
-    ``<file name>#<n><TAB><caption>``, with the split lists ``Flickr_8k.trainImages.txt``,
-    ``Flickr_8k.devImages.txt`` (-> val), ``Flickr_8k.testImages.txt``: one file name per line.
-    Image ids are the positions of the file names in sorted order (0, 1, ...); the file name is
-    kept beside the id in the prepared folder.
-
-A user's own dataset is a folder of images with a captions file in any of these formats.
+Each ``--format`` of captioning prepare is one :class:`Format` subclass in :data:`FORMATS`
+(``auto`` asks each in turn whether the file is its own); its docstring describes its files. A
+user's own dataset is a folder of images with a captions file in any of these formats.
 
 Split lists (``--splits val=FILE``): one image id or file name per line; a split not listed
 takes, for ``train``, every image listed nowhere else, and is empty otherwise. Without lists
@@ -51,10 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Mapping, Sequence
 
-from captioning.data.coco import SPLITS, AnnotationError, normalize_caption, read_captions, read_instances, read_json
+from captioning.data.coco import (SPLITS, AnnotationError, normalize_caption, read_captions, read_instances, read_json,
+                                  write_json)
 from captioning.vocab import tokenize
-
-FORMATS = ("karpathy", "coco", "flickr8k")
 
 # Skip reasons (the summary counts items by these exact strings).
 EMPTY_CAPTION = "empty caption"  # empty, whitespace, or no word left after normalisation
@@ -126,24 +97,20 @@ def inside_images(rel: str) -> bool:
 
 
 def detect_format(path: Path) -> str:
-    """``karpathy``, ``coco`` or ``flickr8k`` by the file's content, or a one-line AnnotationError."""
+    """The name of the first format in FORMATS that claims the file, or a one-line AnnotationError."""
     path = Path(path)
     if not path.is_file():
         raise AnnotationError(f"captions file {path} does not exist")
     with path.open("rb") as f:
         head = f.read(1 << 16).decode("utf-8", errors="replace")
-    if not head.lstrip().startswith("{"):
-        if re.match(r"[^\t\n]+#\d+\t", head):
-            return "flickr8k"
+    data = read_json(path, "captions file") if head.lstrip().startswith("{") else None
+    found = next((name for name, fmt in FORMATS.items() if fmt.detect(head, data)), None)
+    if found is not None:
+        return found
+    if data is None:
         raise AnnotationError(
             f"cannot tell the format of {path}: not JSON and not 'image.jpg#N<TAB>caption' lines; "
-            "pass --format karpathy|coco|flickr8k with the right file")
-    data = read_json(path, "captions file")
-    images = data.get("images") if isinstance(data, dict) else None
-    if isinstance(images, list) and images and isinstance(images[0], dict) and "sentences" in images[0]:
-        return "karpathy"
-    if isinstance(data, dict) and "annotations" in data:
-        return "coco"
+            f"pass --format {'|'.join(FORMATS)} with the right file")
     raise AnnotationError(
         f"cannot tell the format of {path}: neither a Karpathy split file (images with 'sentences') nor "
         "a COCO captions file ('images' and 'annotations'); pass --format with the right file")
@@ -376,6 +343,127 @@ def default_flickr8k_lists(token_file: Path) -> dict[str, Path] | None:
     lists = {"train": folder / "Flickr_8k.trainImages.txt", "val": folder / "Flickr_8k.devImages.txt",
              "test": folder / "Flickr_8k.testImages.txt"}
     return lists if all(p.is_file() for p in lists.values()) else None
+
+
+# ------------------------------------------------------------------------------------ formats
+
+
+class Format:
+    """One ``--format`` of captioning prepare, added to FORMATS by :func:`register`. It names itself
+    (``name``; ``help``: its files), tells its files apart (``detect(head, data)``: the file's first
+    64 KiB and its JSON, None when not JSON), reads them (``read(files, lists, args)``: --captions as
+    ``(split or None, path)`` pairs, --splits, the other options -> a SourceDataset with splits) and
+    may write --make-example's captions for ``root/images/img_<id>.jpg`` (``write_example(root,
+    captions, split_of)`` -> (captions file, images root))."""
+
+
+FORMATS: dict[str, Format] = {}  # by name, in --format auto's order of asking
+
+
+def register(fmt: type[Format]) -> type[Format]:
+    """Class decorator: ``fmt`` becomes a --format choice, a detected format and a --make-example format."""
+    FORMATS[fmt.name] = fmt()
+    return fmt
+
+
+@register
+class Karpathy(Format):
+    """Karpathy's split files ``dataset_coco.json`` / ``dataset_flickr8k.json`` /
+    ``dataset_flickr30k.json``::
+
+        {"images": [{"filepath"?: "val2014", "filename": "...jpg", "imgid": int, "cocoid"?: int,
+                     "split": "train"|"restval"|"val"|"test",
+                     "sentences": [{"raw": str, "tokens": [str], ...}]}], "dataset": "coco"}
+
+    The image file is ``IMAGES/filepath/filename`` (``IMAGES/filename`` without ``filepath``).
+    Image id: ``cocoid`` when every image has one (so ids are COCO's and instances files match),
+    else ``imgid``. ``restval`` joins ``train`` (the usual 113,287 training images). The caption
+    is ``raw`` (``tokens`` joined by spaces when ``raw`` is absent).
+    """
+
+    name, help = "karpathy", "dataset_*.json"
+
+    def detect(self, head: str, data: Any) -> bool:
+        images = data.get("images") if isinstance(data, dict) else None
+        return isinstance(images, list) and bool(images) and isinstance(images[0], dict) and "sentences" in images[0]
+
+    def read(self, files: list[tuple[str | None, Path]], lists: dict[str, Path], args: Any) -> SourceDataset:
+        if files[0][0] or len(files) != 1 or lists:
+            raise AnnotationError("--format karpathy takes one dataset_*.json, which carries its own splits "
+                                  "(no SPLIT=FILE, no --splits)")
+        return read_karpathy(files[0][1], args.images)
+
+    def write_example(self, root: Path, captions: dict[int, list[str]], split_of: dict[int, str]) -> tuple[Path, Path]:
+        images = [{"filepath": "images", "filename": f"img_{i}.jpg", "imgid": i - 1, "cocoid": i, "split": split_of[i],
+                   "sentences": [{"raw": c, "tokens": c.split(), "imgid": i - 1} for c in caps]}
+                  for i, caps in captions.items()]
+        write_json(root / "dataset_example.json", {"images": images, "dataset": "example"})
+        return root / "dataset_example.json", root
+
+
+@register
+class Coco(Format):
+    """Official COCO captions files (``captions_train2014.json``), read with pycocotools::
+
+        {"images": [{"id": int, "file_name": str}], "annotations": [{"image_id": int, "caption": str}]}
+
+    Either several files pooled and then split (a split-list file per split, or a seeded
+    5,000 / 5,000 / rest split), or one file per split given as ``SPLIT=FILE``. The image file is
+    the first of ``IMAGES/file_name``, ``IMAGES/<tag>/file_name`` (``<tag>`` from the file's name,
+    ``captions_val2014.json`` -> ``val2014``) and, for ``SPLIT=FILE``, ``IMAGES/<split>/file_name``
+    that exists.
+    """
+
+    name, help = "coco", "official captions_*.json"
+
+    def detect(self, head: str, data: Any) -> bool:
+        return isinstance(data, dict) and "annotations" in data
+
+    def read(self, files: list[tuple[str | None, Path]], lists: dict[str, Path], args: Any) -> SourceDataset:
+        dataset = read_coco(files, args.images)
+        if not files[0][0]:
+            assign_splits(dataset, lists, args.split_seed, args.val_size, args.test_size)
+        elif lists:
+            raise AnnotationError("--splits does not go with SPLIT=FILE captions files: they already name the splits")
+        return dataset
+
+    def write_example(self, root: Path, captions: dict[int, list[str]], split_of: dict[int, str]) -> tuple[Path, Path]:
+        anns = [{"id": n, "image_id": i, "caption": c}
+                for n, (i, c) in enumerate(((i, c) for i, caps in captions.items() for c in caps), 1)]
+        images = [{"id": i, "file_name": f"images/img_{i}.jpg"} for i in captions]
+        write_json(root / "captions_example.json", {"images": images, "annotations": anns})
+        return root / "captions_example.json", root
+
+
+@register
+class Flickr8k(Format):
+    """``Flickr8k.token.txt`` (also Flickr30k's ``results_20130124.token``): lines
+    ``<file name>#<n><TAB><caption>``, with the split lists ``Flickr_8k.trainImages.txt``,
+    ``Flickr_8k.devImages.txt`` (-> val), ``Flickr_8k.testImages.txt``: one file name per line.
+    Image ids are the positions of the file names in sorted order (0, 1, ...); the file name is
+    kept beside the id in the prepared folder.
+    """
+
+    name, help = "flickr8k", "token file"
+
+    def detect(self, head: str, data: Any) -> bool:
+        return data is None and re.match(r"[^\t\n]+#\d+\t", head) is not None
+
+    def read(self, files: list[tuple[str | None, Path]], lists: dict[str, Path], args: Any) -> SourceDataset:
+        if files[0][0] or len(files) != 1:
+            raise AnnotationError("--format flickr8k takes one token file; give the split lists with --splits")
+        dataset = read_flickr8k(files[0][1], args.images)
+        assign_splits(dataset, lists or default_flickr8k_lists(files[0][1]), args.split_seed, args.val_size,
+                      args.test_size)
+        return dataset
+
+    def write_example(self, root: Path, captions: dict[int, list[str]], split_of: dict[int, str]) -> tuple[Path, Path]:
+        path = root / "Flickr8k.token.txt"
+        path.write_text("".join(f"img_{i}.jpg#{n}\t{c}\n" for i, caps in captions.items() for n, c in enumerate(caps)))
+        for split, name in (("train", "train"), ("val", "dev"), ("test", "test")):
+            (root / f"Flickr_8k.{name}Images.txt").write_text(
+                "".join(f"img_{i}.jpg\n" for i in captions if split_of[i] == split))
+        return path, root / "images"
 
 
 # ------------------------------------------------------------------------------------ instances

@@ -37,8 +37,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from captioning.data.coco import AnnotationError
-from captioning.data.formats import (FORMATS, SourceDataset, assign_splits, default_flickr8k_lists, detect_format,
-                                     read_coco, read_flickr8k, read_karpathy)
+from captioning.data.formats import FORMATS, SourceDataset, detect_format
 from captioning.data.prepare import PrepareError, PrepareOptions, available_cores, format_summary, prepare
 
 EXIT_USAGE = 2
@@ -53,9 +52,8 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
     mode.add_argument("--make-example", type=Path, metavar="DIR",
                       help="write a generated dataset (JPEGs + a captions file) to DIR, to try preparation on")
     src = p.add_argument_group("source")
-    src.add_argument("--format", choices=("auto",) + FORMATS, default="auto",
-                     help="karpathy (dataset_*.json), coco (official captions_*.json), flickr8k (token file); "
-                          "default: told apart by content")
+    src.add_argument("--format", choices=("auto", *FORMATS), default="auto",
+                     help=", ".join(f"{n} ({f.help})" for n, f in FORMATS.items()) + "; default: told apart by content")
     src.add_argument("--captions", nargs="+", metavar="FILE",
                      help="captions file(s); coco also takes SPLIT=FILE, one per split")
     src.add_argument("--images", type=Path, metavar="DIR", help="images root (see formats.py for each format's layout)")
@@ -94,7 +92,7 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
     ex = p.add_argument_group("--make-example")
     ex.add_argument("--num-images", type=int, default=500)
     ex.add_argument("--example-size", type=int, default=256, help="side of the generated JPEGs (256)")
-    ex.add_argument("--example-format", choices=FORMATS, default="karpathy")
+    ex.add_argument("--example-format", choices=list(FORMATS), default="karpathy")
     return p.parse_args(argv)
 
 
@@ -109,7 +107,7 @@ def _split_items(items: list[str], what: str) -> dict[str, Path]:
 
 
 def read_source(args: argparse.Namespace) -> SourceDataset:
-    """The --format reader on --captions/--images, with splits assigned."""
+    """The --format reader (formats.FORMATS) on --captions/--images, with splits assigned."""
     if not args.captions or args.images is None:
         raise AnnotationError("preparing needs --captions FILE and --images DIR (and --out DIR)")
     if not args.images.is_dir():
@@ -120,24 +118,7 @@ def read_source(args: argparse.Namespace) -> SourceDataset:
         raise AnnotationError("--captions takes either plain files or SPLIT=FILE entries, not both")
     files = list(_split_items(args.captions, "--captions").items()) if per_split else [(None, Path(c)) for c in args.captions]
     fmt = args.format if args.format != "auto" else detect_format(files[0][1])
-    lists = _split_items(args.splits, "--splits")
-    if fmt == "karpathy":
-        if per_split or len(files) != 1 or lists:
-            raise AnnotationError("--format karpathy takes one dataset_*.json, which carries its own splits "
-                                  "(no SPLIT=FILE, no --splits)")
-        return read_karpathy(files[0][1], args.images)
-    if fmt == "coco":
-        dataset = read_coco(files, args.images)
-        if not per_split:
-            assign_splits(dataset, lists, args.split_seed, args.val_size, args.test_size)
-        elif lists:
-            raise AnnotationError("--splits does not go with SPLIT=FILE captions files: they already name the splits")
-        return dataset
-    if per_split or len(files) != 1:
-        raise AnnotationError("--format flickr8k takes one token file; give the split lists with --splits")
-    dataset = read_flickr8k(files[0][1], args.images)
-    assign_splits(dataset, lists or default_flickr8k_lists(files[0][1]), args.split_seed, args.val_size, args.test_size)
-    return dataset
+    return FORMATS[fmt].read(files, _split_items(args.splits, "--splits"), args)
 
 
 def run_prepare(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:

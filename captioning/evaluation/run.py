@@ -160,9 +160,7 @@ def _load_grounding(args: argparse.Namespace, data, split: str, image_ids: list[
     """The split's boxes (Instances) or None when the dataset has none."""
     from captioning.evaluation.grounding import InstancesError, load_instances
 
-    # A prepared folder (captioning prepare) keeps the split's instances at its top level.
-    folder = data.root if data.cfg.dataset == "prepared" else data.root / "annotations"
-    path = args.instances or folder / f"instances_{split}.json"
+    path = args.instances or data.source.instances(split)
     if args.instances is None and not path.is_file():
         return None
     try:
