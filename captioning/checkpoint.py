@@ -18,6 +18,7 @@ import torch
 
 from captioning import provenance
 from captioning.config import Config, ConfigError, checked, merge
+from captioning.console import one_line
 from captioning.model_folder import (FOLDER_FILES, FOLDER_FORMAT, FOLDER_FORMAT_VERSION,  # noqa: F401
                                      STALE_AFTER_SAVE, CheckpointError, read_folder_meta, run_record,
                                      vocab_fingerprint)
@@ -227,7 +228,7 @@ def load_model_folder_and_data(folder: str | Path,
     try:
         state = load_file(str(weights), device="cpu")
     except (SafetensorError, OSError, ValueError) as err:
-        reason = " ".join(str(err).split())
+        reason = one_line(err)
         raise CheckpointError(f"{weights} is damaged ({reason}); copy the folder again") from None
     cfg = merge(cfg, {"model": {"encoder": {"weights": "none"}}})  # the weights come from the folder
     model = ShowAttendTell(cfg.model, len(vocab))

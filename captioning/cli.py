@@ -15,7 +15,7 @@ import threading
 from types import FrameType
 from typing import Callable, Sequence
 
-from captioning.console import EXIT_OK, EXIT_USAGE, print_error
+from captioning.console import EXIT_OK, EXIT_USAGE, CaptioningError, print_error
 
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a process that wrote to a closed pipe
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
@@ -79,6 +79,9 @@ def _guarded(run: Callable[[], int]) -> int:
         # stdout is pointed at /dev/null so the interpreter's final flush does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
+    except CaptioningError as err:  # a user's error that its workflow left to this one printer
+        print_error(err)
+        return err.exit_status
     except KeyboardInterrupt:
         # Ctrl-C where no workflow handles it, such as during the seconds of imports (Lightning):
         # one line, and the status a shell gives a process ended by SIGINT. Workflows that were

@@ -19,8 +19,10 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
+from captioning.console import CaptioningError, one_line
 
-class ConfigError(ValueError):
+
+class ConfigError(CaptioningError, ValueError):
     """A config key is unknown, has the wrong type, or a value is out of range."""
 
 
@@ -371,7 +373,7 @@ def parse_override(text: str) -> dict[str, Any]:
     try:
         value = safe_yaml(raw) if raw.strip() else ""
     except (yaml.YAMLError, RecursionError) as err:
-        reason = " ".join(str(err).split())[:120] if isinstance(err, yaml.YAMLError) else "nested too deeply"
+        reason = one_line(err, 120) if isinstance(err, yaml.YAMLError) else "nested too deeply"
         raise ConfigError(f"override '{text[:80]}': the value is not valid YAML ({reason}); quote it, "
                           "e.g. data.root='\"my path\"'") from None
     if not key or not all(key.split(".")):

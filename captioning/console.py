@@ -8,13 +8,25 @@ import sys
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-class UsageError(Exception):
+def one_line(text: object, limit: int | None = None) -> str:
+    """Collapse whitespace (newlines included) so a message stays on one line; at most ``limit`` characters."""
+    return " ".join(str(text).split())[:limit]
+
+
+class CaptioningError(Exception):
+    """The base of every error the package raises to its users: the message names the problem and
+    the fix, on one line; ``exit_status`` is what a command exits with when it ends on it. Each
+    subclass keeps the built-in class it refines (ValueError, OSError, ...) as its second base, so
+    ``except ValueError`` still catches what it caught."""
+
+    exit_status = EXIT_USAGE
+
+    def __str__(self) -> str:
+        return one_line(super().__str__())
+
+
+class UsageError(CaptioningError):
     """Nothing can be done (bad checkpoint, no images, bad settings): exit status 2."""
-
-
-def one_line(text: object) -> str:
-    """Collapse whitespace (newlines included) so a message stays on one line."""
-    return " ".join(str(text).split())
 
 
 def print_error(message: object) -> None:

@@ -37,6 +37,8 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from captioning.console import CaptioningError
+
 #: Prefix of the temporary siblings of files being written: ``.tmp-<pid>-<n>-NAME`` (hidden, and
 #: ending in NAME so writers that add a suffix, such as ``np.save``, keep the name as given).
 TMP_PREFIX = ".tmp-"
@@ -45,7 +47,7 @@ _counter = iter(range(1 << 62))
 _counter_lock = threading.Lock()
 
 
-class FileWriteError(OSError):
+class FileWriteError(CaptioningError, OSError):
     """A write failed for a reason the user must fix (full disk, no permission, read-only)."""
 
     def __str__(self) -> str:  # the message alone, without OSError's "[Errno 28]" prefix
@@ -245,11 +247,11 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-class LockedError(RuntimeError):
+class LockedError(CaptioningError, RuntimeError):
     """Another live process holds the lock."""
 
 
-class NotARegularFileError(OSError):
+class NotARegularFileError(CaptioningError, OSError):
     """A path the project reads or writes as its own file is a link, a FIFO, a device or a folder."""
 
     def __str__(self) -> str:
@@ -497,7 +499,7 @@ FOLDER_KINDS = {"run": "training run folder", "model": "model folder", "prepared
                 "features": "feature cache folder"}
 
 
-class ForeignFolderError(ValueError):
+class ForeignFolderError(CaptioningError, ValueError):
     """A folder holds files the project did not write, or is another kind of the project's folders."""
 
 

@@ -21,11 +21,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from captioning.console import CaptioningError
 from captioning.config import Config, ConfigError, checked
 from captioning.vocab import Vocabulary
 
 
-class CheckpointError(ValueError):
+class CheckpointError(CaptioningError, ValueError):
     """A checkpoint or model folder is missing, damaged, or from an incompatible version."""
 
 

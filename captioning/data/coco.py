@@ -32,19 +32,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from captioning.console import CaptioningError
 from captioning.files import atomic_write_json
 
 #: The splits of every dataset, in this order.
 SPLITS = ("train", "val", "test")
 
 
-class AnnotationError(ValueError):
+class AnnotationError(CaptioningError, ValueError):
     """An annotation file is missing or does not follow the expected schema."""
 
 
 class EmptySplitError(AnnotationError):
     """A well-formed captions file with no captioned image (a split that is empty)."""
-class ResultsError(ValueError):
+class ResultsError(CaptioningError, ValueError):
     """A results file is missing or is not in the COCO results format."""
 
 

@@ -40,6 +40,7 @@ import PIL
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from captioning.console import CaptioningError
 from captioning.config import ModelConfig
 from captioning.data import transforms
 from captioning.data.coco import SPLITS, ImageRecord
@@ -53,7 +54,7 @@ CACHE_FORMAT = 1
 COCO_IMAGES = 123_287  # train2014 + val2014, the Karpathy splits' total
 
 
-class FeatureCacheError(ValueError):
+class FeatureCacheError(CaptioningError, ValueError):
     """The cache directory holds grids made by another encoder, preprocessing or dataset, or lacks room."""
 
 

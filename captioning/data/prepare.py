@@ -57,6 +57,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 from PIL import Image
 
+from captioning.console import CaptioningError, one_line
 from captioning.data.coco import SPLITS, read_json, write_json
 from captioning.data.formats import Skip, SourceDataset, pool_instances
 from captioning.data.transforms import ImageLoadError, load_image, resize_square
@@ -86,7 +87,7 @@ FILE_FORMATS = {
 }
 
 
-class PrepareError(RuntimeError):
+class PrepareError(CaptioningError, RuntimeError):
     """Preparation cannot go on (a --strict skip, an occupied output folder, another run)."""
 
 
@@ -153,7 +154,7 @@ def _decode_one(path: Path, size: int, store: np.ndarray, row: int) -> dict[str,
     try:
         img = load_image(path)  # the one loader: training, evaluation and captioning use it too
     except ImageLoadError as err:
-        return {"status": UNREADABLE, "error": " ".join(str(err).split())}
+        return {"status": UNREADABLE, "error": one_line(err)}
     store[row] = np.asarray(resize_square(img, size))
     return {"status": "ok", "width": img.width, "height": img.height, "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest(), "converted": _conversions(data)}

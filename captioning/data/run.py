@@ -36,11 +36,10 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from captioning.console import EXIT_USAGE, one_line
 from captioning.data.coco import AnnotationError
 from captioning.data.formats import FORMATS, SourceDataset, detect_format
 from captioning.data.prepare import PrepareError, PrepareOptions, available_cores, format_summary, prepare
-
-EXIT_USAGE = 2
 
 
 def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
@@ -190,7 +189,7 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> Any:
             return captions
         return run_prepare(args, argv)
     except (AnnotationError, PrepareError, ValueError, OSError) as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
+        print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_USAGE) from None
     except KeyboardInterrupt:
         out = getattr(args, "out", None)

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from captioning.console import CaptioningError
 from captioning.data.coco import ImageRecord, read_boxes, read_json
 from captioning.data.transforms import preprocess
 from captioning.vocab import Vocabulary
@@ -29,7 +30,7 @@ from captioning.vocab import Vocabulary
 FORMAT_VERSION = 1
 
 
-class PreparedDataError(ValueError):
+class PreparedDataError(CaptioningError, ValueError):
     """A prepared folder is missing, unfinished, from another version, or does not fit the config."""
 
 

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from captioning.console import CaptioningError, one_line
+
 if TYPE_CHECKING:
     import torch
 
@@ -22,7 +24,7 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
 
-class ImageLoadError(ValueError):
+class ImageLoadError(CaptioningError, ValueError):
     """An image file is missing, unreadable, truncated or not an image."""
 
 
@@ -105,7 +107,7 @@ def load_image(path: str | Path) -> Image.Image:
         raise ImageLoadError(f"cannot read image {path}: {err}") from None
     except Exception as err:  # noqa: BLE001 -- Pillow's decoders raise ValueError (a PNG text chunk
         # claiming 100 MB: "Decompressed Data Too Large"), struct.error, IndexError... on hostile files
-        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        reason = one_line(err, 200) or type(err).__name__
         raise ImageLoadError(f"cannot read image {path}: {reason}") from None
 
 

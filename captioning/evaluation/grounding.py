@@ -86,6 +86,7 @@ from typing import Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
+from captioning.console import CaptioningError
 from captioning.data.coco import read_instances
 
 #: How the decoder attended (see the module docstring, "Which attention").
@@ -182,7 +183,7 @@ def matcher_for(categories: Iterable[str]) -> WordMatcher:
 # ------------------------------------------------------------------------------ boxes
 
 
-class InstancesError(ValueError):
+class InstancesError(CaptioningError, ValueError):
     """An instances file is missing or does not follow the COCO instances schema."""
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from captioning.console import CaptioningError
 from captioning.checkpoint import STALE_AFTER_SAVE
 from captioning.model_folder import ONNX_FINGERPRINTED, file_sha256
 from captioning.models import ShowAttendTell
@@ -34,7 +35,7 @@ OPSET = 18
 META_FILE, ENCODER_FILE, STEP_FILE = STALE_AFTER_SAVE  # removed when a folder's weights are saved again
 
 
-class ExportError(ValueError):
+class ExportError(CaptioningError, ValueError):
     """The model cannot be exported as asked."""
 
 

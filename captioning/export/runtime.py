@@ -22,6 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
+from captioning.console import CaptioningError
 from captioning import provenance
 from captioning.data.transforms import MEAN, STD, load_image, resize_square, to_rgb
 from captioning.model_folder import CheckpointError, check_graph_shapes, read_folder_meta, read_onnx_meta
@@ -29,7 +30,7 @@ from captioning.search import DecodeOptions, Hypothesis, StepResult, search
 from captioning.vocab import Vocabulary
 
 
-class OnnxModelError(ValueError):
+class OnnxModelError(CaptioningError, ValueError):
     """The folder holds no exported graphs, or graphs this engine cannot run."""
 
 

@@ -16,13 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from captioning.console import CaptioningError
 from captioning.config import BACKBONES, RESNET_STAGES, RESNETS, VGG_STAGES, VGGS, EncoderConfig  # noqa: F401
 
 if TYPE_CHECKING:
     import torchvision
 
 
-class EncoderWeightsError(RuntimeError):
+class EncoderWeightsError(CaptioningError, RuntimeError):
     """Pretrained weights could not be loaded (offline, missing or mismatched file)."""
 
 

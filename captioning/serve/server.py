@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 from urllib.parse import parse_qs, urlparse
 
+from captioning.console import CaptioningError, one_line
 from captioning.data.transforms import ImageLoadError
 
 PAGE = Path(__file__).with_name("page.html")
@@ -96,7 +97,7 @@ _INT = re.compile(r"[+-]?[0-9]{1,12}", re.ASCII)
 _FLOAT = re.compile(r"[+-]?([0-9]{1,12}(\.[0-9]{0,12})?|\.[0-9]{1,12})([eE][+-]?[0-9]{1,3})?", re.ASCII)
 
 
-class RequestError(Exception):
+class RequestError(CaptioningError):
     """A request the demo cannot answer: the status and a one-line message for the page."""
 
     def __init__(self, status: HTTPStatus, message: str) -> None:
@@ -119,10 +120,6 @@ def number(query: dict, name: str, default: int | float | None = None) -> int | 
     if not low <= value <= high:
         raise RequestError(HTTPStatus.BAD_REQUEST, f"{name} must be {what} {bounds}, got {text[:40]}")
     return value
-
-
-def _one_line(err: BaseException, limit: int = 200) -> str:
-    return " ".join(str(err).split())[:limit]
 
 
 class Demo:
@@ -184,7 +181,7 @@ class Demo:
         except ImageLoadError as err:
             raise RequestError(HTTPStatus.BAD_REQUEST, _image_message(err, image_path, what)) from None
         except ValueError as err:  # bad decoding options
-            raise RequestError(HTTPStatus.BAD_REQUEST, " ".join(str(err).split())) from None
+            raise RequestError(HTTPStatus.BAD_REQUEST, one_line(err)) from None
         best = captions[0]
         settings = {k: v for k, v in {**self.captioner.record(decode), "seed": seed}.items() if v is not None}
         return {"captions": [_as_json(c) for c in [best, *best.alternatives]], "grid": self.captioner.grid_size,
@@ -192,7 +189,7 @@ class Demo:
 
 
 def _image_message(err: Exception, path: Path, what: str) -> str:
-    message = " ".join(str(err).split())
+    message = one_line(err)
     message = message.replace(f"cannot read image {path}: ", "").replace(str(path), "the upload")
     hint = ("; send an image file as the body, or as the multipart/form-data field 'file' "
             "(curl -F file=@photo.jpg)") if what.startswith("the request body") else ""
@@ -313,7 +310,7 @@ class Handler(BaseHTTPRequestHandler):
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         """One line per failed request (status 4xx or 5xx), with its cause for a 500; none else."""
         if str(code)[:1] in ("4", "5"):
-            line = " ".join(str(getattr(self, "requestline", "")).split())[:200]
+            line = one_line(getattr(self, "requestline", ""), 200)
             cause = f" ({self.cause})" if self.cause else ""
             sys.stderr.write(f"demo: {self.address_string()} {line!r} {code}{cause}\n")
 
@@ -336,7 +333,7 @@ class Handler(BaseHTTPRequestHandler):
         if code == HTTPStatus.NOT_IMPLEMENTED:  # a method without a do_ handler: the client's mistake
             code, message = HTTPStatus.METHOD_NOT_ALLOWED, f"the demo answers GET and POST, not {self.command[:20]!r}"
         status = HTTPStatus(code)
-        self.send_json(status, {"error": " ".join(str(message or status.phrase).split())[:200]})
+        self.send_json(status, {"error": one_line(message or status.phrase, 200)})
 
     def send_file(self, path: Path, content_type: str | None = None) -> None:
         body = path.read_bytes()
@@ -380,7 +377,7 @@ class Handler(BaseHTTPRequestHandler):
         except (ConnectionError, TimeoutError):
             raise
         except Exception as err:  # never let one request take the server down
-            self.cause = f"{type(err).__name__}: {_one_line(err)}"
+            self.cause = f"{type(err).__name__}: {one_line(err, 200)}"
             self.close_connection = True
             self.send_json(HTTPStatus.INTERNAL_SERVER_ERROR,
                            {"error": f"the model failed on this request ({self.cause})"})
@@ -556,7 +553,7 @@ class Reception(threading.Thread):
             try:
                 self._turn()
             except Exception as err:  # one bad connection never stops the reception of the others
-                sys.stderr.write(f"demo: reception: {type(err).__name__}: {_one_line(err)}\n")
+                sys.stderr.write(f"demo: reception: {type(err).__name__}: {one_line(err, 200)}\n")
         for arriving in list(self.arriving.values()):
             self._drop(arriving)
         self.selector.close()
@@ -695,7 +692,7 @@ class DemoServer(HTTPServer):
         """One line, never a traceback; nothing for a client that went away."""
         err = sys.exc_info()[1]
         if err is not None and not isinstance(err, (ConnectionError, TimeoutError)):
-            sys.stderr.write(f"demo: {client_address[0]}: {type(err).__name__}: {_one_line(err)}\n")
+            sys.stderr.write(f"demo: {client_address[0]}: {type(err).__name__}: {one_line(err, 200)}\n")
 
     def server_close(self) -> None:
         self.reception.stop()

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from captioning.console import positive_int, print_error
+from captioning.console import EXIT_USAGE, positive_int, print_error
 from captioning.files import ForeignFolderError, claim_folder
 from captioning.config import to_dict
 from captioning.evaluation import run as evaluate
@@ -39,8 +39,6 @@ from captioning.study.runs import (ARMS, BUDGETS, DEFAULT_ARMS, Plan, StudyError
                                   parse_checkpoints, plan_checkpoint_runs, plan_training_runs, run_config,
                                   study_overrides, write_study_json)
 from captioning.training import run as train
-
-EXIT_ERROR = 2
 
 
 #: What --help says a study costs: the run counts and the wall times measured on the project's
@@ -180,7 +178,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         path = report.write_report(summary, plan.out_dir)
     except (StudyError, ForeignFolderError, OSError) as err:
         print_error(err)
-        return EXIT_ERROR
+        return EXIT_USAGE
     print(f"wrote {path}, {plan.out_dir / 'summary.json'} and {plan.out_dir / 'figures'}/ "
           f"in {format_duration(time.perf_counter() - started)}")
     return 0

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 
+from captioning.console import CaptioningError
 from captioning.config import HARD_MODES, Config, ConfigError, build_config, flatten, safe_yaml, to_dict  # expected first
 from captioning.data.coco import read_json
 from captioning.files import RunLock, atomic_write
@@ -140,7 +141,7 @@ BUDGETS: dict[str, dict[str, tuple[object, str]]] = {
 }
 
 
-class StudyError(Exception):
+class StudyError(CaptioningError):
     """A one-line problem with the study's inputs or its folder, and how to fix it."""
 
 

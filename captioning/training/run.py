@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Sequence
 
 from captioning.config import ATTENTIONS, LOGGERS, ConfigError, build_config, merge, parse_override, validate
-from captioning.console import one_line, positive_int
+from captioning.console import CaptioningError, one_line, positive_int
 from captioning.data.coco import AnnotationError, write_results
 from captioning.files import FileWriteError, as_write_error, atomic_write_json
-from captioning.training.run_folder import (RunFolderError, check_out_dir, choose_out_dir, launched_as_rank_zero,
+from captioning.training.run_folder import (check_out_dir, choose_out_dir, launched_as_rank_zero,
                                             take_folder)
 
 # torch, Lightning and the data pipeline are imported where a run needs them, after the arguments
@@ -123,20 +123,15 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> dict:
     args = parse_args(argv, prog)
     from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-    from captioning.checkpoint import CheckpointError
-    from captioning.data.feature_cache import FeatureCacheError
-    from captioning.data.store import PreparedDataError
-    from captioning.models.encoder import EncoderWeightsError
     from captioning.training.trainer import TrainingStopped
 
     try:
         return train(args, prog or "captioning train", argv)
-    except (ConfigError, CheckpointError, RunFolderError, AnnotationError, PreparedDataError, FeatureCacheError,
-            FileWriteError, EncoderWeightsError, MisconfigurationException) as err:
-        sys.exit(f"error: {one_line(err)}")  # status 1; what a refused start wrote does not block its rerun
     except TrainingStopped as err:
-        print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
-        raise SystemExit(err.status) from None
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(err.exit_status) from None
+    except (CaptioningError, MisconfigurationException) as err:
+        sys.exit(f"error: {one_line(err)}")  # status 1; what a refused start wrote does not block its rerun
     except OSError as err:  # a full disk or a permission, met by Lightning's own writers (logs)
         failure = as_write_error(err)
         if failure is None:

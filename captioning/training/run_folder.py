@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from captioning.console import CaptioningError
 from captioning.files import (MARKER, ForeignFolderError, LockedError, RunLock, check_folder, check_no_links,
                               check_writable, folder_id, mark_folder, remove_own, remove_temporaries)
 
@@ -27,7 +28,7 @@ RESULT_FILES = ("best.ckpt", "last.ckpt", "metrics.json", "test_predictions.json
 LOCK_NAME = "train.lock"
 
 
-class RunFolderError(ValueError):
+class RunFolderError(CaptioningError, ValueError):
     """The output folder cannot be used as asked (another run's files, or not writable)."""
 
 

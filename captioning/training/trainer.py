@@ -23,6 +23,7 @@ from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from captioning.console import CaptioningError
 from captioning.config import LOGGERS, Config
 from captioning.files import atomic_write
 from captioning.progress import Progress
@@ -57,7 +58,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_write(path, buffer.getbuffer())
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(CaptioningError, RuntimeError):
     """The training loss became NaN or infinite: training stopped before any checkpoint held it."""
 
 
@@ -286,12 +287,12 @@ class Trainer(pl.Trainer):
             return super().test(*args, **kwargs)
 
 
-class TrainingStopped(Exception):
-    """A training or test stage ended early: ``status`` is the exit status, the message one line."""
+class TrainingStopped(CaptioningError):
+    """A training or test stage ended early: ``exit_status`` is the command's exit status."""
 
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
-        self.status = status
+        self.exit_status = status
 
 
 EXIT_STATUS = {"SIGINT": 130, "SIGTERM": 143}  # 128 + the signal's number, as a shell reports it
