@@ -368,20 +368,7 @@ def onnx_engine_and_options(args: argparse.Namespace):
 
 
 def _run_caption(args: argparse.Namespace) -> int:
-    if args.engine == "onnx":
-        import numpy as np
-
-        captioner, options = onnx_engine_and_options(args)
-
-        def run(batch: list, sources: list[str]) -> list:
-            return captioner.caption_arrays(np.stack(batch), sources, options, seed=args.seed)
-    else:
-        import torch
-
-        captioner, options = captioner_and_options(args)
-
-        def run(batch: list, sources: list[str]) -> list:
-            return captioner.caption_tensors(torch.stack(batch), sources, options, seed=args.seed)
+    captioner, options = (onnx_engine_and_options if args.engine == "onnx" else captioner_and_options)(args)
     settings = captioner.record(options)
 
     paths, input_errors = expand_inputs(args.inputs)
@@ -416,7 +403,8 @@ def _run_caption(args: argparse.Namespace) -> int:
                 print_error(f"{path}: {image_error_reason(err, path)}")
                 failed += 1
         if loaded:
-            captions = run([t for _, _, t in loaded], [str(p) for p, _, _ in loaded])
+            captions = captioner.caption_tensors(captioner.stack([t for _, _, t in loaded]),
+                                                 [str(p) for p, _, _ in loaded], options, seed=args.seed)
             for (path, image, _), cap in zip(loaded, captions):
                 shown = [cap, *cap.alternatives]
                 if args.json:

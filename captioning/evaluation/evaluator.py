@@ -1,21 +1,15 @@
 """Evaluating captions: decoding a split (in one process or N), the official metrics, the synthetic
 checker, grounding, results files of other systems, and the 0-100 reporting scale.
 
-Decoding over N processes (``decode_distributed``): each process takes every N-th image of the
-split (disjoint shards, so no padding and no image decoded twice), decodes its shard, and the
-shards are gathered with ``torch.distributed.all_gather_object`` (gloo, also for GPUs: only
-Python objects travel). The merged predictions are de-duplicated by image id (first rank wins)
-before any corpus metric, and the caller checks that their count equals the split's.
+Decoding over N processes (``decode_distributed``) is a Lightning Trainer's ``predict`` under DDP
+(captioning/training/module.py SplitDecoding): each process decodes every N-th image of the split,
+and the captions are gathered and de-duplicated by image id (first rank wins) with
+:func:`gather_by_image_id`, as the test split's at the end of training are, before any corpus
+metric; the caller checks that their count equals the split's.
 """
 
 from __future__ import annotations
 
-import os
-import pickle
-import socket
-import sys
-import tempfile
-from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, NamedTuple, Sequence
 
@@ -24,7 +18,6 @@ from captioning.evaluation.metrics import COUNT_KEYS, ScoreReport, score_details
 
 if TYPE_CHECKING:
     from captioning.api import Captioner
-    from captioning.config import DataConfig
     from captioning.data.datamodule import CaptionDataModule
     from captioning.search import DecodeOptions
 
@@ -82,37 +75,29 @@ class DecodedImage(NamedTuple):
     named: list[NamedWord]  # its words that name an object class, with their attention ([] if none)
 
 
-def shard_indices(count: int, rank: int, world: int) -> list[int]:
-    """Every world-th index from rank: disjoint shards covering 0..count-1 exactly once."""
-    return list(range(rank, count, world))
+def decode_batch(captioner: "Captioner", batch: dict, options: "DecodeOptions",
+                 matcher: WordMatcher | None) -> dict[int, DecodedImage]:
+    """One batch of a split's loader: image_id -> caption and its naming words' attention
+    (``matcher`` None skips the naming words)."""
+    captions = captioner.caption_tensors(batch["images"], None, options)
+    return {image_id: DecodedImage(cap.text, [] if matcher is None else named_words(cap.words, cap.attention, matcher))
+            for image_id, cap in zip(batch["image_ids"].tolist(), captions)}
 
 
 def decode_split(captioner: "Captioner", data: "CaptionDataModule", split: str, options: "DecodeOptions", *,
-                 matcher: WordMatcher | None = None, rank: int = 0, world: int = 1,
-                 progress: bool = True) -> dict[int, DecodedImage]:
-    """Decode this rank's shard of a split: image_id -> caption and its naming words' attention.
+                 matcher: WordMatcher | None = None, progress: bool = True) -> dict[int, DecodedImage]:
+    """Decode a split in this process: image_id -> caption and its naming words' attention.
 
     ``options``: from ``Captioner.options``; ``matcher`` None skips the naming words.
     """
-    from torch.utils.data import DataLoader, Subset
-
     from captioning.progress import Progress
 
     loader = data.eval_dataloader(split)  # one item per image of the split
-    if world > 1:
-        indices = shard_indices(len(loader.dataset), rank, world)
-        loader = DataLoader(Subset(loader.dataset, indices), batch_size=loader.batch_size, shuffle=False,
-                            collate_fn=loader.collate_fn, num_workers=loader.num_workers)
-    total = len(loader.dataset)
-    label = f"evaluate {split}" + (f" (rank 0 of {world}, its shard)" if world > 1 else "")
-    bar = Progress(total, label, enabled=progress)
+    bar = Progress(len(loader.dataset), f"evaluate {split}", enabled=progress)
     decoded: dict[int, DecodedImage] = {}
     for batch in loader:
-        captions = captioner.caption_tensors(batch["images"], None, options)
-        for image_id, cap in zip(batch["image_ids"].tolist(), captions):
-            named = named_words(cap.words, cap.attention, matcher) if matcher is not None else []
-            decoded[image_id] = DecodedImage(cap.text, named)
-        bar.update(len(captions))
+        decoded.update(decode_batch(captioner, batch, options, matcher))
+        bar.update(len(batch["image_ids"]))
     bar.close()
     return decoded
 
@@ -143,67 +128,37 @@ def gather_by_image_id(local: Mapping[int, object]) -> tuple[dict[int, object], 
     return merge_shards(parts)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _decode_worker(rank: int, world: int, port: int, checkpoint: str, device_type: str, data_cfg: "DataConfig",
-                   split: str, options: "DecodeOptions", matcher: WordMatcher | None, out_path: str) -> None:
-    """One process of :func:`decode_distributed`. Errors travel through the gather, so no rank is
-    left waiting in a collective for a rank that failed."""
-    import torch
-    import torch.distributed as dist
-
-    if device_type == "cpu":  # N processes share the cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(minutes=60))
-    try:
-        try:
-            from captioning.api import Captioner
-            from captioning.data.datamodule import CaptionDataModule
-
-            device = f"cuda:{rank}" if device_type == "cuda" else device_type
-            captioner = Captioner.from_checkpoint(checkpoint, device=device)
-            data = CaptionDataModule(data_cfg, captioner.vocab)  # the parent prepared the data
-            part: tuple = ("ok", decode_split(captioner, data, split, options, matcher=matcher, rank=rank, world=world,
-                                              progress=rank == 0))
-        except Exception as err:  # reported by the parent as one line
-            part = ("error", f"rank {rank}: {type(err).__name__}: {' '.join(str(err).split())}")
-        parts: list = [None] * world
-        dist.all_gather_object(parts, part)
-        if rank == 0:
-            Path(out_path).write_bytes(pickle.dumps(parts))
-    finally:
-        dist.destroy_process_group()
-    # Leave without the interpreter's teardown: a C++ destructor there can abort the process
-    # ("terminate called without an active exception", no Python frame left) after the results
-    # were written, and the parent would report a failed evaluation. Everything is written above.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def decode_distributed(checkpoint: str | Path, device_type: str, data_cfg: "DataConfig", split: str,
+def decode_distributed(checkpoint: str | Path, device_type: str, data: "CaptionDataModule", split: str,
                        options: "DecodeOptions", *, matcher: WordMatcher | None,
                        world: int) -> tuple[dict[int, DecodedImage], int]:
-    """Decode a split in ``world`` processes (torch.multiprocessing spawn, gloo process group):
-    -> (predictions de-duplicated by image id, duplicates dropped). ``device_type`` "cpu" or
-    "cuda" (process r uses cuda:r). Raises RuntimeError with the first failing rank's error."""
-    import torch.multiprocessing as mp
+    """Decode a split in ``world`` processes, a Lightning Trainer's ``predict`` under DDP
+    (captioning/training/module.py SplitDecoding; process r uses cuda:r with ``device_type``
+    "cuda"): -> (predictions de-duplicated by image id, duplicates dropped). Raises RuntimeError
+    with the first failing process's error."""
+    import pickle
+    import tempfile
 
-    with tempfile.TemporaryDirectory(prefix="evaluate-ddp-") as tmp:
+    from pytorch_lightning.strategies import DDPStrategy
+
+    from captioning.training.module import SplitDecoding
+    from captioning.training.trainer import Trainer, quiet_lightning
+
+    with tempfile.TemporaryDirectory(prefix="evaluate-ddp-") as tmp, quiet_lightning():
         out_path = Path(tmp) / "gathered.pkl"
         try:
-            mp.spawn(_decode_worker, nprocs=world, join=True,
-                     args=(world, _free_port(), str(checkpoint), device_type, data_cfg, split, options, matcher,
-                           str(out_path)))
-        except Exception as err:  # a process died outside the gather (killed, crashed)
-            raise RuntimeError(f"a decoding process failed: {' '.join(str(err).split())[-300:]}") from None
-        parts = pickle.loads(out_path.read_bytes())  # written by our own rank 0 just now
-    errors = [message for status, message in parts if status == "error"]
-    if errors:
-        raise RuntimeError(errors[0])
-    return merge_shards([shard for _, shard in parts])
+            # gloo on GPUs too: only Python objects travel, and spawned processes run from any caller.
+            strategy = DDPStrategy(start_method="spawn", process_group_backend="gloo")
+            trainer = Trainer(accelerator=device_type, devices=world, strategy=strategy, logger=False,
+                              use_distributed_sampler=False, enable_checkpointing=False, enable_progress_bar=False,
+                              enable_model_summary=False)
+            trainer.predict(SplitDecoding(str(checkpoint), data, split, options, matcher, str(out_path)),
+                            return_predictions=False)
+        except Exception as err:  # a process died (killed, crashed)
+            # Once process 0 has written the gather, every process had given its part: a process
+            # that dies after it (a C++ destructor can abort at the interpreter's exit) loses nothing.
+            if not out_path.is_file():
+                raise RuntimeError(f"a decoding process failed: {' '.join(str(err).split())[-300:]}") from None
+        error, gathered = pickle.loads(out_path.read_bytes())  # written by our own process 0 just now
+    if error is not None:
+        raise RuntimeError(error)
+    return gathered

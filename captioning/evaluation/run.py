@@ -212,7 +212,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     duplicates = 0
     try:
         if args.devices > 1:
-            decoded, duplicates = decode_distributed(args.checkpoint, device_type, cfg, split, options,
+            decoded, duplicates = decode_distributed(args.checkpoint, device_type, data, split, options,
                                                      matcher=matcher, world=args.devices)
         else:
             decoded = decode_split(captioner, data, split, options, matcher=matcher)

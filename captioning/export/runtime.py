@@ -16,33 +16,21 @@ PyTorch's token for token.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from captioning.console import CaptioningError
-from captioning import provenance
-from captioning.data.transforms import MEAN, STD, load_image, resize_square, to_rgb
+from captioning.data.transforms import MEAN, STD, resize_square
+from captioning.engine import Caption, CaptionEngine
 from captioning.model_folder import CheckpointError, check_graph_shapes, read_folder_meta, read_onnx_meta
-from captioning.search import DecodeOptions, Hypothesis, StepResult, search
-from captioning.vocab import Vocabulary
+from captioning.search import DecodeOptions, StepResult
+
+OnnxCaption = Caption  # the one Caption of both engines (captioning/engine.py)
 
 
 class OnnxModelError(CaptioningError, ValueError):
     """The folder holds no exported graphs, or graphs this engine cannot run."""
-
-
-@dataclass
-class OnnxCaption:
-    text: str
-    words: list[str]
-    score: float  # sum of log p(word) over the words and <end>
-    attention: np.ndarray  # [len(words), gh, gw] float32
-    source: str
-    ended: bool = True
-    alternatives: list["OnnxCaption"] = field(default_factory=list)
 
 
 class NumpyOps:
@@ -136,8 +124,10 @@ def _session_shapes(session) -> dict:
             "outputs": {v.name: dims(v.shape) for v in session.get_outputs()}}
 
 
-class OnnxCaptioner:
+class OnnxCaptioner(CaptionEngine):
     """The exported encoder and decoder step of a model folder: the ONNX engine of captioning/search.py."""
+
+    record_engine = {"engine": "onnx"}
 
     def __init__(self, folder: str | Path, threads: int | None = None) -> None:
         try:
@@ -152,19 +142,13 @@ class OnnxCaptioner:
         # The folder is checked as the PyTorch loader checks it (vocabulary fingerprint, config
         # ranges), and onnx.json against config.json, before any graph is loaded.
         try:
-            folder_meta, cfg, self.vocab = read_folder_meta(folder)
+            folder_meta, cfg, vocab = read_folder_meta(folder)
             meta = read_onnx_meta(folder, cfg)
         except CheckpointError as err:
             raise OnnxModelError(err) from None
-        self.meta = meta
-        # What the model was trained on (captioning/provenance.py): all it can describe.
-        self.training_data = provenance.checked(folder_meta.get("training_data"), cfg, len(self.vocab))
-        self._noted = False
-        self.image_size = meta["image_size"]
-        self.grid_size = cfg.model.encoder.grid_size
-        self.decode_defaults = cfg.decode  # checked by read_folder_meta
-        self.attention = meta["attention"]
-        self.hard_mode = meta.get("hard_mode")
+        self.meta, self.hard_mode = meta, meta.get("hard_mode")
+        # The exported step attends in one way only: its one hard mode, or none (soft).
+        super().__init__(cfg, vocab, folder_meta.get("training_data"), (self.hard_mode,) if self.hard_mode else ())
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -180,21 +164,10 @@ class OnnxCaptioner:
         except CheckpointError as err:
             raise OnnxModelError(err) from None
 
-    @property
-    def trained_on(self) -> str:
-        """What the model was trained on, in one phrase (captioning/provenance.py describe)."""
-        return provenance.describe(self.training_data)
-
-    def note_for(self, sources: Sequence[str]) -> str | None:
-        """The synthetic set's one-line note (captioning/provenance.py note), once per engine."""
-        found = None if self._noted else provenance.note(self.training_data, list(sources))
-        self._noted = self._noted or found is not None
-        return found
-
     # ------------------------------------------------------------------------------ images
 
     def preprocess(self, image) -> np.ndarray:
-        """A path or PIL image -> [3, S, S] float32, as captioning.data.transforms.preprocess gives."""
+        """An image (see :meth:`open`) -> [3, S, S] float32, as captioning.data.transforms.preprocess gives."""
         img = self.open(image)
         x = np.asarray(resize_square(img, self.image_size), dtype=np.float32) / np.float32(255)
         x = (x - np.asarray(MEAN, dtype=np.float32)) / np.asarray(STD, dtype=np.float32)
@@ -206,66 +179,11 @@ class OnnxCaptioner:
         """images [B, 3, S, S] -> features [B, L, D], keys [B, L, K], h_0, c_0 [B, n]."""
         return tuple(self.encoder.run(None, {"images": images.astype(np.float32, copy=False)}))
 
-    @property
-    def modes(self) -> tuple[str, ...]:
-        """The test-time attention modes of the exported step: its one hard mode, or none (soft)."""
-        return (self.hard_mode,) if self.hard_mode else ()
+    def decoder_step(self, images: np.ndarray, options: DecodeOptions, seed: int | None = None) -> _OnnxStep:
+        """The exported step graph over these images; ``seed`` makes sampled words repeatable."""
+        return _OnnxStep(self, images, NumpyOps(np.random.default_rng(seed)))
 
-    def options(self, options: DecodeOptions | None = None, **overrides) -> DecodeOptions:
-        """``options`` as given, or built from the folder's decoding defaults and ``overrides``
-        (beam_size, max_len, hard_mode, n_best, temperature, top_k, min_len, no_unk); the exported
-        step attends in one way only. Raises ValueError naming the problem."""
-        return DecodeOptions.for_model(self.decode_defaults, self.modes, self.attention, options, **overrides)
-
-    def record(self, options: DecodeOptions) -> dict:
-        """What ``--json`` lines record of how this engine decoded with ``options``."""
-        return {"engine": "onnx", **options.record(self.attention)}
-
-    def search(self, images: np.ndarray, options: DecodeOptions, seed: int | None = None) -> list[list[Hypothesis]]:
-        """Preprocessed images [B, 3, S, S] -> per image, up to ``options.n_best`` hypotheses, best
-        first (captioning.search.search); ``seed`` makes sampled words repeatable."""
-        step = _OnnxStep(self, images, NumpyOps(np.random.default_rng(seed)))
-        return search(step, images.shape[0], options)
-
-    def open(self, image):
-        """A path or PIL image -> RGB PIL image, by the one loader (captioning/data/transforms.py)."""
-        from PIL import Image
-
-        return to_rgb(image) if isinstance(image, Image.Image) else load_image(image)
-
-    def caption_arrays(self, images: np.ndarray, sources: Sequence[str], options: DecodeOptions,
-                       seed: int | None = None) -> list[OnnxCaption]:
-        """Decode preprocessed images [B, 3, S, S] (from :meth:`preprocess`)."""
-        out = []
-        for source, pool in zip(sources, self.search(images, options, seed)):
-            best, *rest = [self._caption(hyp, source) for hyp in pool]
-            best.alternatives = rest
-            out.append(best)
-        return out
-
-    def caption(self, images: Sequence, options: DecodeOptions | None = None, *, batch_size: int = 32,
-                seed: int | None = None, **overrides) -> list[OnnxCaption]:
-        """Caption image files or PIL images, ``batch_size`` at a time, with ``options`` (or the
-        keyword ``overrides`` of :meth:`options`); ``seed`` makes sampling repeatable."""
-        from PIL import Image
-
-        if isinstance(images, (str, Path, Image.Image)):
-            images = [images]
-        images = list(images)
-        options = self.options(options, **overrides)  # fails before reading any image
-        out: list[OnnxCaption] = []
-        for i, start in enumerate(range(0, len(images), batch_size)):
-            chunk = images[start:start + batch_size]
-            batch = np.stack([self.preprocess(image) for image in chunk])
-            sources = ["<PIL image>" if isinstance(image, Image.Image) else str(image) for image in chunk]
-            out += self.caption_arrays(batch, sources, options, None if seed is None else seed + i)
-        return out
-
-    def _caption(self, hyp: Hypothesis, source: str) -> OnnxCaption:
-        words = self.vocab.decode(hyp.tokens)
-        g = self.grid_size
-        attention = hyp.alphas[: len(words)].reshape(len(words), g, g).astype(np.float32)
-        return OnnxCaption(" ".join(words), words, hyp.score, attention, source, hyp.ended)
+    caption_arrays = CaptionEngine.caption_tensors  # preprocessed images [B, 3, S, S], as NumPy arrays
 
 
 def _top(x: np.ndarray, k: int) -> np.ndarray:

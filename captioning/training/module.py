@@ -16,7 +16,7 @@ import torch
 from captioning import fast
 from captioning.config import Config, from_dict, to_dict
 from captioning.decoding import ModelSearch
-from captioning.evaluation.evaluator import evaluate_predictions, gather_by_image_id, score_record
+from captioning.evaluation.evaluator import decode_batch, evaluate_predictions, gather_by_image_id, score_record
 from captioning.losses import LossTerms, ReinforceBaseline, caption_loss, per_token_nll
 from captioning.models import ShowAttendTell
 from captioning.models.attention import Mechanism, TrainingPlan
@@ -266,3 +266,77 @@ class CaptioningModule(pl.LightningModule):
         prefix = "val" if split == "val" else "test"
         for key, value in values.items():
             self.log(f"{prefix}/{key}", float(value), prog_bar=key in ("bleu_4", "caption_accuracy"), rank_zero_only=False)
+
+
+class SplitDecoding(pl.LightningModule):
+    """``captioning evaluate --devices N``: a split decoded by ``Trainer.predict`` in N processes.
+    Each process loads the checkpoint on its own device and decodes every N-th image of the split
+    (disjoint shards); at the end the captions are gathered and de-duplicated by image id, as the
+    test split's are at the end of training (gather_by_image_id), and process 0 writes them, with
+    the first error of any process, to ``out_path`` for the process that started them. An error
+    travels through the gather, so no process is left waiting in it for one that failed."""
+
+    def __init__(self, checkpoint: str, data, split: str, options: DecodeOptions, matcher, out_path: str) -> None:
+        super().__init__()
+        self.checkpoint, self.data, self.split, self.options = checkpoint, data, split, options
+        self.matcher, self.out_path, self.decoded, self.error = matcher, out_path, {}, None
+
+    def __setstate__(self, state: dict) -> None:
+        # Unpickled in each spawned process before Lightning starts there: as quiet as the first.
+        from captioning.training.trainer import silence_lightning
+
+        super().__setstate__(state)
+        silence_lightning()
+
+    def _failed(self, err: Exception) -> None:
+        self.error = self.error or f"rank {self.global_rank}: {type(err).__name__}: {' '.join(str(err).split())}"
+
+    def setup(self, stage: str) -> None:
+        from captioning.api import Captioner
+
+        try:
+            self.captioner = Captioner.from_checkpoint(self.checkpoint, device=self.trainer.strategy.root_device)
+        except Exception as err:  # reported by the first process, in one line
+            self._failed(err)
+
+    def predict_dataloader(self):
+        from torch.utils.data import DataLoader, Subset
+
+        from captioning.progress import Progress
+
+        loader = self.data.eval_dataloader(self.split)  # one item per image of the split
+        rank, world = self.global_rank, self.trainer.world_size
+        shard = Subset(loader.dataset, range(rank, len(loader.dataset), world))
+        self.bar = Progress(len(shard), f"evaluate {self.split} (rank 0 of {world}, its shard)", enabled=rank == 0)
+        return self._guarded(DataLoader(shard, batch_size=loader.batch_size, shuffle=False,
+                                        collate_fn=loader.collate_fn, num_workers=loader.num_workers))
+
+    def _guarded(self, batches):
+        """The batches until one cannot be loaded (an unreadable image): that error is kept."""
+        try:
+            yield from batches
+        except Exception as err:
+            self._failed(err)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> None:
+        if self.error is None:
+            try:
+                self.decoded.update(decode_batch(self.captioner, batch, self.options, self.matcher))
+            except Exception as err:
+                self._failed(err)
+        self.bar.update(len(batch["image_ids"]))
+
+    def on_predict_epoch_end(self) -> None:
+        import pickle
+        from pathlib import Path
+
+        import torch.distributed as dist
+
+        self.bar.close()
+        errors = [None] * self.trainer.world_size
+        dist.all_gather_object(errors, self.error)
+        gathered = gather_by_image_id(self.decoded)
+        if self.global_rank == 0:  # whole or not at all: renamed into place once written
+            part = Path(self.out_path + ".part")
+            part.write_bytes(pickle.dumps((next(filter(None, errors), None), gathered)))
+            part.replace(self.out_path)

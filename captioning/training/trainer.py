@@ -266,6 +266,29 @@ def _quiet_dependencies():
         logger.removeFilter(noise)
 
 
+def silence_lightning() -> None:
+    """From here on in this process, Lightning's info lines (the accelerators it found, the process
+    group it started) and its warnings are dropped: ``captioning evaluate --devices N`` says itself
+    what it runs, and its processes print what one process does."""
+    for name in ("pytorch_lightning", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", module="pytorch_lightning|lightning_fabric")
+
+
+@contextlib.contextmanager
+def quiet_lightning():
+    """:func:`silence_lightning` while the block runs; the loggers' levels and the warning filters
+    are restored after it."""
+    levels = {name: logging.getLogger(name).level for name in ("pytorch_lightning", "lightning_fabric")}
+    try:
+        with warnings.catch_warnings():
+            silence_lightning()
+            yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
 class Trainer(pl.Trainer):
     """Lightning's Trainer, quiet about its dependencies' noise while it is built and while it runs
     (see _quiet_dependencies); otherwise the same."""
