@@ -25,6 +25,18 @@ class CaptioningError(Exception):
         return one_line(super().__str__())
 
 
+class InvalidValue(CaptioningError, ValueError):
+    """An argument, option or file value the package cannot take."""
+
+
+class InvalidType(CaptioningError, TypeError):
+    """An argument of a type the package cannot take."""
+
+
+class OperationFailed(CaptioningError, RuntimeError):
+    """Work that could not be done (a scorer's Java process, a decoding process, a scene layout)."""
+
+
 class UsageError(CaptioningError):
     """Nothing can be done (bad checkpoint, no images, bad settings): exit status 2."""
 

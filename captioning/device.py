@@ -6,6 +6,8 @@ import sys
 
 import torch
 
+from captioning.console import InvalidValue
+
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """None or "auto" -> cuda if available, else cpu. Raises ValueError for unknown or unavailable devices."""
@@ -14,11 +16,11 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as err:
-        raise ValueError(f"unknown device {device!r} ({str(err).splitlines()[0]})") from None
+        raise InvalidValue(f"unknown device {device!r} ({str(err).splitlines()[0]})") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available; use cpu")
+        raise InvalidValue(f"device {device!r} requested but CUDA is not available; use cpu")
     if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise ValueError(f"device {device!r} requested but MPS is not available; use cpu")
+        raise InvalidValue(f"device {device!r} requested but MPS is not available; use cpu")
     return dev
 
 

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
+from captioning.console import InvalidType, InvalidValue, OperationFailed
 from captioning import provenance
 from captioning.config import Config
 from captioning.data.transforms import load_image, to_rgb
@@ -69,22 +70,22 @@ def array_image(image: Any) -> Image.Image:
 
         got = f"a tensor of shape {tuple(image.shape)} and dtype {str(image.dtype).replace('torch.', '')}"
         if image.ndim != 3 or image.shape[0] != 3 or not (image.dtype == torch.uint8 or image.is_floating_point()):
-            raise ValueError(f"an image tensor must be [3, H, W], uint8 or float in [0, 1]; got {got} "
-                             "(a batch: pass its images as a list; [H, W, 3]: permute(2, 0, 1))")
+            raise InvalidValue(f"an image tensor must be [3, H, W], uint8 or float in [0, 1]; got {got} "
+                               "(a batch: pass its images as a list; [H, W, 3]: permute(2, 0, 1))")
         if image.is_floating_point():
             if image.numel() and not bool(((image >= 0) & (image <= 1)).all()):
-                raise ValueError(f"a float image tensor must hold values in [0, 1]; got {got} with values "
-                                 f"from {float(image.min()):g} to {float(image.max()):g} (divide by 255)")
+                raise InvalidValue(f"a float image tensor must hold values in [0, 1]; got {got} with values "
+                                   f"from {float(image.min()):g} to {float(image.max()):g} (divide by 255)")
             image = (image * 255).round().to(torch.uint8)
         array = image.detach().cpu().permute(1, 2, 0).contiguous().numpy()  # [3, H, W] -> [H, W, 3]
     else:
         array = image
         got = f"an array of shape {array.shape} and dtype {array.dtype}"
         if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
-            raise ValueError(f"an image array must be [H, W, 3] of uint8 (RGB); got {got} "
-                             "(floats in [0, 1]: (a * 255).astype(np.uint8); grey: np.stack([a] * 3, axis=-1))")
+            raise InvalidValue(f"an image array must be [H, W, 3] of uint8 (RGB); got {got} "
+                               "(floats in [0, 1]: (a * 255).astype(np.uint8); grey: np.stack([a] * 3, axis=-1))")
     if min(array.shape[:2]) < 1:
-        raise ValueError(f"an image must have at least one pixel; got {got}")
+        raise InvalidValue(f"an image must have at least one pixel; got {got}")
     return Image.fromarray(np.ascontiguousarray(array), "RGB")
 
 
@@ -153,8 +154,8 @@ class CaptionEngine:
             return load_image(image)
         if isinstance(image, np.ndarray) or is_tensor(image):
             return array_image(image)
-        raise TypeError(f"an image must be a path, a PIL.Image.Image, a NumPy array [H, W, 3] of uint8 or a "
-                        f"tensor [3, H, W]; got {type(image).__name__}")
+        raise InvalidType(f"an image must be a path, a PIL.Image.Image, a NumPy array [H, W, 3] of uint8 or a "
+                          f"tensor [3, H, W]; got {type(image).__name__}")
 
     # ------------------------------------------------------------------------------ decoding
 
@@ -170,10 +171,10 @@ class CaptionEngine:
         "sample" mode) repeatable."""
         options = self.options(options)
         if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must have shape [B, 3, H, W], got {tuple(images.shape)}")
+            raise InvalidValue(f"images must have shape [B, 3, H, W], got {tuple(images.shape)}")
         sources = list(sources) if sources is not None else [PIL_SOURCE] * images.shape[0]
         if len(sources) != images.shape[0]:
-            raise ValueError(f"{len(sources)} sources for {images.shape[0]} images")
+            raise InvalidValue(f"{len(sources)} sources for {images.shape[0]} images")
         if images.shape[0] == 0:
             return []
         out = []
@@ -187,7 +188,7 @@ class CaptionEngine:
         g, n = self.grid_size, len(hyp.tokens)
         alphas = hyp.alphas.float().cpu().numpy() if is_tensor(hyp.alphas) else hyp.alphas
         if alphas.shape[-1] != g * g:
-            raise RuntimeError(f"attention has {alphas.shape[-1]} locations, expected a {g}x{g} grid")
+            raise OperationFailed(f"attention has {alphas.shape[-1]} locations, expected a {g}x{g} grid")
         words = self.vocab.decode(hyp.tokens)
         attention = alphas[:n].reshape(n, g, g).astype(np.float32, copy=True)
         return Caption(" ".join(words), words, float(hyp.score), attention, source, bool(hyp.ended),
@@ -210,7 +211,7 @@ class CaptionEngine:
             images = [images]  # one image; a batch is passed as a list of them
         images = list(images)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+            raise InvalidValue(f"batch_size must be a positive integer, got {batch_size!r}")
         options = self.options(options, **overrides)  # fails before reading any image
         note = self.note_for([source_name(image) for image in images])
         if note is not None:

@@ -37,7 +37,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from captioning.console import CaptioningError
+from captioning.console import CaptioningError, InvalidValue
 
 #: Prefix of the temporary siblings of files being written: ``.tmp-<pid>-<n>-NAME`` (hidden, and
 #: ending in NAME so writers that add a suffix, such as ``np.save``, keep the name as given).
@@ -298,7 +298,7 @@ def read_regular(path: str | Path, limit: int = 1 << 20) -> bytes:
     with os.fdopen(fd, "rb") as f:
         data = f.read(limit + 1)
     if len(data) > limit:
-        raise ValueError(f"{path} is larger than {limit} bytes")
+        raise InvalidValue(f"{path} is larger than {limit} bytes")
     return data
 
 

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from captioning.console import InvalidValue
 from captioning.config import LossConfig
 from captioning.models.decoder import DecoderOutput
 from captioning.vocab import Vocabulary
@@ -75,7 +76,7 @@ def caption_nll(
     token_mask = targets != pad_id
     if token_nll is None:
         if logits is None:
-            raise ValueError("caption_nll needs the logits or the decoder's token_nll")
+            raise InvalidValue("caption_nll needs the logits or the decoder's token_nll")
         token_nll = per_token_nll(logits, targets, pad_id)
     return (token_nll.float() * token_mask).sum(1), token_mask
 
@@ -158,7 +159,7 @@ def caption_loss(
     """
     unknown = set(terms) - set(TERMS)
     if unknown:
-        raise ValueError(f"unknown loss terms {sorted(unknown)}; the losses are {', '.join(TERMS)}")
+        raise InvalidValue(f"unknown loss terms {sorted(unknown)}; the losses are {', '.join(TERMS)}")
     nll_per_caption, token_mask = caption_nll(out.logits, targets, Vocabulary.pad_id, out.token_nll)
     nll = nll_per_caption.mean()
     token_nll = nll_per_caption.sum() / token_mask.sum().clamp_min(1)
@@ -180,7 +181,7 @@ def caption_loss(
         if samples > 1:
             b = leave_one_out_baseline(cost, samples)  # (B,)
         elif baseline is None:
-            raise ValueError("hard attention with sampled locations needs the REINFORCE baseline")
+            raise InvalidValue("hard attention with sampled locations needs the REINFORCE baseline")
         else:
             b = baseline.detach()
         advantage = cost - b  # (B,)

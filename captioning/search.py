@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, Sequence
 
+from captioning.console import InvalidValue
 from captioning.config import HARD_MODES, DecodeConfig
 from captioning.vocab import Vocabulary, banned_ids
 
@@ -53,36 +54,37 @@ class DecodeOptions:
     def __post_init__(self) -> None:
         def positive(name: str, value) -> None:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise InvalidValue(f"{name} must be a positive integer, got {value!r}")
 
         positive("max_len", self.max_len)
         positive("beam_size", self.beam_size)
         positive("n_best", self.n_best)
         if isinstance(self.min_len, bool) or not isinstance(self.min_len, int) or self.min_len < 0:
-            raise ValueError(f"min_len must be a non-negative integer, got {self.min_len!r}")
+            raise InvalidValue(f"min_len must be a non-negative integer, got {self.min_len!r}")
         if self.min_len > self.max_len:
-            raise ValueError(f"min_len {self.min_len} is above max_len {self.max_len}; lower min_len or raise max_len")
+            raise InvalidValue(f"min_len {self.min_len} is above max_len {self.max_len}; lower min_len or raise "
+                               f"max_len")
         if not isinstance(self.no_unk, bool):
-            raise ValueError(f"no_unk must be True or False, got {self.no_unk!r}")
+            raise InvalidValue(f"no_unk must be True or False, got {self.no_unk!r}")
         if self.top_k is not None:
             positive("top_k", self.top_k)
         t = self.temperature
         if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < math.inf):
-            raise ValueError(f"temperature must be a positive number, got {t!r} "
-                             "(greedy decoding is beam_size 1 without a temperature)")
+            raise InvalidValue(f"temperature must be a positive number, got {t!r} "
+                               "(greedy decoding is beam_size 1 without a temperature)")
         lp = self.length_penalty
         if isinstance(lp, bool) or not isinstance(lp, (int, float)) or not math.isfinite(lp):
-            raise ValueError(f"length_penalty must be a finite number, got {lp!r}")
+            raise InvalidValue(f"length_penalty must be a finite number, got {lp!r}")
         if self.hard_mode is not None and self.hard_mode not in HARD_MODES:
-            raise ValueError(f"hard_mode must be one of {', '.join(HARD_MODES)}, got {self.hard_mode!r}")
+            raise InvalidValue(f"hard_mode must be one of {', '.join(HARD_MODES)}, got {self.hard_mode!r}")
         if self.sampling:
             if self.beam_size > 1:
-                raise ValueError(f"sampling (temperature/top_k) draws words one by one and cannot use a beam; "
-                                 f"drop beam_size {self.beam_size} or the sampling options")
+                raise InvalidValue(f"sampling (temperature/top_k) draws words one by one and cannot use a beam; "
+                                   f"drop beam_size {self.beam_size} or the sampling options")
             method = "sample"
         elif self.n_best > self.beam_size:
-            raise ValueError(f"n_best {self.n_best} needs a beam at least as wide (beam_size {self.beam_size}), "
-                             "or sampling (a temperature or top_k) to draw several captions")
+            raise InvalidValue(f"n_best {self.n_best} needs a beam at least as wide (beam_size {self.beam_size}), "
+                               "or sampling (a temperature or top_k) to draw several captions")
         else:
             method = "greedy" if self.beam_size == 1 else "beam"
         object.__setattr__(self, "method", method)
@@ -101,11 +103,11 @@ class DecodeOptions:
         if options is None:
             return cls._with_defaults(defaults, modes, attention, **overrides)
         if overrides:
-            raise ValueError(f"give the decoding options as one DecodeOptions or as keywords, not both "
-                             f"(got {', '.join(overrides)})")
+            raise InvalidValue(f"give the decoding options as one DecodeOptions or as keywords, not both "
+                               f"(got {', '.join(overrides)})")
         if options.hard_mode not in (tuple(modes) or ("expected",)) + (None,):
-            raise ValueError(f"hard_mode {options.hard_mode!r} is not offered by this model's {attention} attention "
-                             f"({'it offers ' + ', '.join(modes) if modes else 'it has no hard mode'})")
+            raise InvalidValue(f"hard_mode {options.hard_mode!r} is not offered by this model's {attention} attention "
+                               f"({'it offers ' + ', '.join(modes) if modes else 'it has no hard mode'})")
         return options
 
     @classmethod
@@ -124,9 +126,11 @@ class DecodeOptions:
         if modes:
             mode = hard_mode or (defaults.hard_mode if defaults.hard_mode in modes else modes[0])
             if mode not in modes:
-                raise ValueError(f"hard_mode must be one of {', '.join(modes)} (what this model offers), got {mode!r}")
+                raise InvalidValue(f"hard_mode must be one of {', '.join(modes)} (what this model offers), got "
+                                   f"{mode!r}")
         elif hard_mode not in (None, "expected"):
-            raise ValueError(f"hard_mode {hard_mode!r} needs a hard-attention model; this one uses {attention} attention")
+            raise InvalidValue(f"hard_mode {hard_mode!r} needs a hard-attention model; this one uses "
+                               f"{attention} attention")
         else:
             mode = None
         return cls(beam_size=beam_size, max_len=defaults.max_len if max_len is None else max_len, n_best=n_best,

@@ -47,6 +47,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from captioning.console import InvalidType, InvalidValue
 from captioning.files import atomic_path
 
 __all__ = [
@@ -83,13 +84,13 @@ def figure_layout(num_words: int, panel_size: int = 224, columns: int = 5, aspec
     See the module docstring for the formulas.
     """
     if not _is_int(num_words) or num_words < 0:
-        raise ValueError(f"num_words must be a non-negative integer, got {num_words!r}")
+        raise InvalidValue(f"num_words must be a non-negative integer, got {num_words!r}")
     if not _is_int(panel_size) or panel_size < 16:
-        raise ValueError(f"panel_size must be an integer >= 16, got {panel_size!r}")
+        raise InvalidValue(f"panel_size must be an integer >= 16, got {panel_size!r}")
     if not _is_int(columns) or columns < 1:
-        raise ValueError(f"columns must be a positive integer, got {columns!r}")
+        raise InvalidValue(f"columns must be a positive integer, got {columns!r}")
     if isinstance(aspect, bool) or not isinstance(aspect, (int, float)) or not 0 < aspect < math.inf:
-        raise ValueError(f"aspect (width / height) must be a positive number, got {aspect!r}")
+        raise InvalidValue(f"aspect (width / height) must be a positive number, got {aspect!r}")
     panel_size, columns, num_words = int(panel_size), int(columns), int(num_words)
     panel_w = panel_size if aspect >= 1 else max(1, round(panel_size * aspect))
     panel_h = panel_size if aspect <= 1 else max(1, round(panel_size / aspect))
@@ -265,27 +266,27 @@ def _as_maps(attention: Any, num_words: int) -> np.ndarray:
     try:
         maps = np.asarray(attention, dtype=np.float64)
     except (TypeError, ValueError):
-        raise ValueError(
+        raise InvalidValue(
             "attention must be a numeric array of shape [num_words, gh, gw], "
             f"got {type(attention).__name__}"
         ) from None
     if maps.ndim != 3:
-        raise ValueError(
+        raise InvalidValue(
             "attention must have shape [num_words, gh, gw] (one 2-D map per word), "
             f"got shape {tuple(maps.shape)}"
         )
     if maps.shape[0] != num_words:
-        raise ValueError(
+        raise InvalidValue(
             f"got {maps.shape[0]} attention maps for {num_words} words; need one map per word"
         )
     if maps.shape[1] == 0 or maps.shape[2] == 0:
-        raise ValueError(
+        raise InvalidValue(
             f"attention maps must be non-empty 2-D grids, got shape {tuple(maps.shape)}"
         )
     if not np.all(np.isfinite(maps)):
-        raise ValueError("attention contains non-finite values (nan or inf)")
+        raise InvalidValue("attention contains non-finite values (nan or inf)")
     if maps.size and maps.min() < 0:
-        raise ValueError(f"attention must be non-negative, found a minimum of {maps.min():.4g}")
+        raise InvalidValue(f"attention must be non-negative, found a minimum of {maps.min():.4g}")
     return maps
 
 
@@ -323,13 +324,13 @@ def attention_figure(
             attention values, bad ``panel_size``/``columns``.
     """
     if not isinstance(image, Image.Image):
-        raise TypeError(f"image must be a PIL.Image.Image, got {type(image).__name__}")
+        raise InvalidType(f"image must be a PIL.Image.Image, got {type(image).__name__}")
     if image.width == 0 or image.height == 0:
-        raise ValueError(f"image is empty ({image.width}x{image.height})")
+        raise InvalidValue(f"image is empty ({image.width}x{image.height})")
     if isinstance(words, (str, bytes)) or not isinstance(words, Sequence):
-        raise ValueError("words must be a sequence of word strings (not a single string)")
+        raise InvalidValue("words must be a sequence of word strings (not a single string)")
     if not all(isinstance(w, str) for w in words):
-        raise ValueError("every word must be a string")
+        raise InvalidValue("every word must be a string")
     layout = figure_layout(len(words), panel_size, columns, image.width / image.height)
     maps = _as_maps(attention, len(words))
 

@@ -8,6 +8,8 @@ import re
 from collections import Counter
 from typing import Any, Iterable, Sequence
 
+from captioning.console import InvalidValue
+
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
 
@@ -25,9 +27,9 @@ class Vocabulary:
     def __init__(self, words: Sequence[str]) -> None:
         words = list(words)
         if tuple(words[:4]) != SPECIALS:
-            raise ValueError(f"a vocabulary must start with {SPECIALS}, got {words[:4]}")
+            raise InvalidValue(f"a vocabulary must start with {SPECIALS}, got {words[:4]}")
         if len(set(words)) != len(words):
-            raise ValueError("a vocabulary must not repeat words")
+            raise InvalidValue("a vocabulary must not repeat words")
         self.words = words
         self.index = {w: i for i, w in enumerate(words)}
 

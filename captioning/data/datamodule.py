@@ -21,6 +21,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from captioning.console import InvalidValue
 from captioning.config import DataConfig
 from captioning.data.coco import SPLITS, AnnotationError, EmptySplitError, ImageRecord, load_coco_captions, read_boxes
 from captioning.data.transforms import load_image, preprocess
@@ -197,11 +198,11 @@ class SyntheticSource(FolderSource):
             return
         fix = f"pass --data-root DIR, the folder that holds (or will hold) {folder.name}"
         if not root.is_absolute():
-            raise ValueError(f"the model's synthetic dataset {folder} is not in the current folder and the model does "
-                             f"not record the folder it was trained in: run from that folder, or {fix}")
+            raise InvalidValue(f"the model's synthetic dataset {folder} is not in the current folder and the "
+                               f"model does not record the folder it was trained in: run from that folder, or {fix}")
         if not root.parent.is_dir():
-            raise ValueError(f"the model's synthetic dataset {folder} is not on this machine (its training ran in "
-                             f"{root.parent}): {fix}")
+            raise InvalidValue(f"the model's synthetic dataset {folder} is not on this machine (its training ran in "
+                               f"{root.parent}): {fix}")
 
     def scenes(self, split: str):
         from captioning.data.synthetic import load_scenes

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from captioning.console import InvalidValue
 from captioning.data.formats import FORMATS
 
 WORDS = ("red", "small", "large", "bright", "dark", "round", "square", "old", "new", "busy")
@@ -60,7 +61,7 @@ def write_example_dataset(root: str | Path, num_images: int, *, image_size: int 
     split_of = {i: "val" if n < val else "test" if n < val + test else "train" for n, i in enumerate(ids)}
     writer = getattr(FORMATS.get(fmt), "write_example", None)
     if writer is None:
-        raise ValueError(f"unknown example format {fmt!r}: karpathy, coco or flickr8k")
+        raise InvalidValue(f"unknown example format {fmt!r}: karpathy, coco or flickr8k")
     for i in ids:
         example_image(i, image_size, noise).save(root / "images" / f"img_{i}.jpg", quality=90)
     return writer(root, {i: example_captions(i) for i in ids}, split_of)

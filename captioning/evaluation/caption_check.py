@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+from captioning.console import InvalidValue
 from captioning.data.synthetic.language import (_COUNT_OF, _VOCABULARY_SET, COUNT_WORDS, ORDERS, PLURALS, PREFIXES,
                                                 RELATIONS, _np_text)
 from captioning.data.synthetic.scenes import COLOURS, SHAPES, SIZES, SceneObject, _coord, _groups
@@ -195,7 +196,7 @@ def caption_accuracy(predictions: Mapping[int, str], scenes: Mapping[int, Sequen
     if unknown:
         shown = ", ".join(str(i) for i in sorted(unknown, key=str)[:10])
         more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
-        raise ValueError(f"{len(unknown)} prediction(s) have no scene: image ids {shown}{more}")
+        raise InvalidValue(f"{len(unknown)} prediction(s) have no scene: image ids {shown}{more}")
     if not predictions:
         return 0.0
     correct = sum(check_caption(caption, scenes[image_id]) for image_id, caption in predictions.items())

@@ -86,7 +86,7 @@ from typing import Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from captioning.console import CaptioningError
+from captioning.console import CaptioningError, InvalidValue
 from captioning.data.coco import read_instances
 
 #: How the decoder attended (see the module docstring, "Which attention").
@@ -217,7 +217,7 @@ def load_instances(path: str | Path) -> Instances:
 def boxes_to_grid(boxes: Sequence[Box], width: float, height: float, gh: int, gw: int) -> np.ndarray:
     """COCO boxes in pixels of a W x H image -> [N, 4] (x0, y0, x1, y1) in grid units."""
     if width <= 0 or height <= 0:
-        raise ValueError(f"image size must be positive, got {width} x {height}")
+        raise InvalidValue(f"image size must be positive, got {width} x {height}")
     b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     sx, sy = gw / width, gh / height
     return np.stack([b[:, 0] * sx, b[:, 1] * sy, (b[:, 0] + b[:, 2]) * sx, (b[:, 1] + b[:, 3]) * sy], axis=1)
@@ -266,13 +266,13 @@ def score_word(attention: np.ndarray, grid_boxes: np.ndarray, mode: str = "expec
     """Pointing game and mass in box of one word's attention map [gh, gw] against boxes in grid
     units (see :func:`boxes_to_grid`); ``mode`` is how the decoder attended (module docstring)."""
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        raise InvalidValue(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     a = np.asarray(attention, dtype=np.float64)
     if a.ndim != 2:
-        raise ValueError(f"attention must be a [gh, gw] map, got shape {a.shape}")
+        raise InvalidValue(f"attention must be a [gh, gw] map, got shape {a.shape}")
     total = float(a.sum())
     if not math.isfinite(total) or total <= 0 or (a < 0).any():
-        raise ValueError(f"attention must be non-negative weights with a positive sum, got sum {total}")
+        raise InvalidValue(f"attention must be non-negative weights with a positive sum, got sum {total}")
     gh, gw = a.shape
     cover = cell_coverage(grid_boxes, gh, gw)
     inside = centre_inside(grid_boxes, gh, gw)
@@ -300,8 +300,8 @@ def named_words(words: Sequence[str], attention: np.ndarray, matcher: WordMatche
     """The naming words of one caption: words [n], attention [n, gh, gw] -> NamedWords."""
     attention = np.asarray(attention)
     if attention.ndim != 3 or attention.shape[0] != len(words):
-        raise ValueError(f"attention must be [{len(words)}, gh, gw] for {len(words)} words, "
-                         f"got shape {attention.shape}")
+        raise InvalidValue(f"attention must be [{len(words)}, gh, gw] for {len(words)} words, "
+                           f"got shape {attention.shape}")
     return [NamedWord(i, words[i], category, attention[i].astype(np.float32, copy=True),
                       tuple(attention[j].astype(np.float32, copy=True) for j in matcher.attribute_run(words, i)))
             for i, category in matcher.match(words)]

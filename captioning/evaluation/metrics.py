@@ -67,6 +67,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Hashable, Mapping, Sequence
 
+from captioning.console import InvalidType, InvalidValue, OperationFailed
+
 __all__ = [
     "METRIC_KEYS",
     "METRIC_GROUPS",
@@ -251,7 +253,7 @@ def _java_ptb_tokenize(lines: list[str]) -> list[str]:
                                "-lowerCase", path], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     if proc.returncode:
         last = proc.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
-        raise RuntimeError(f"the Java PTBTokenizer failed (exit status {proc.returncode}): {last[0]}")
+        raise OperationFailed(f"the Java PTBTokenizer failed (exit status {proc.returncode}): {last[0]}")
     out = proc.stdout.decode().split("\n")[: len(lines)]
     return [" ".join(w for w in line.rstrip().split(" ") if w not in PTB_PUNCTUATIONS) for line in out]
 
@@ -263,7 +265,7 @@ def _ptb_tokenize_strings(strings: Sequence[str]) -> list[str]:
         if todo:
             tokenized = _java_ptb_tokenize(todo)  # PTB tokenises line by line, in order
             if len(tokenized) != len(todo):  # pragma: no cover - defensive
-                raise RuntimeError(
+                raise OperationFailed(
                     f"PTBTokenizer returned {len(tokenized)} lines for {len(todo)} captions"
                 )
             new = dict(zip(todo, tokenized))
@@ -280,7 +282,7 @@ _WARNED_SIMPLE_FALLBACK = False  # the no-Java fallback warning is logged once p
 
 def _resolve_tokenizer(tokenizer: str) -> str:
     if tokenizer not in _TOKENIZERS:
-        raise ValueError(f"tokenizer must be one of {_TOKENIZERS}, got {tokenizer!r}")
+        raise InvalidValue(f"tokenizer must be one of {_TOKENIZERS}, got {tokenizer!r}")
     if tokenizer == "auto":
         if java_available():
             return "ptb"
@@ -294,7 +296,7 @@ def _resolve_tokenizer(tokenizer: str) -> str:
         )
         return "simple"
     if tokenizer == "ptb" and not java_available():
-        raise RuntimeError(
+        raise OperationFailed(
             "tokenizer='ptb' needs Java (Stanford PTBTokenizer) but no working 'java' is on PATH; "
             "install a JRE or pass tokenizer='simple' / 'auto'"
         )
@@ -314,9 +316,9 @@ def _example_ids(ids: set, limit: int = 5) -> str:
 
 def _validate(predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]]) -> list[Hashable]:
     if not isinstance(predictions, Mapping) or not isinstance(references, Mapping):
-        raise TypeError("predictions and references must be mappings keyed by image id")
+        raise InvalidType("predictions and references must be mappings keyed by image id")
     if len(predictions) == 0:
-        raise ValueError("predictions is empty: nothing to score")
+        raise InvalidValue("predictions is empty: nothing to score")
     pred_ids, ref_ids = set(predictions), set(references)
     if pred_ids != ref_ids:
         missing, extra = ref_ids - pred_ids, pred_ids - ref_ids
@@ -325,20 +327,22 @@ def _validate(predictions: Mapping[Hashable, str], references: Mapping[Hashable,
             parts.append(f"{len(missing)} image id(s) have references but no prediction (e.g. {_example_ids(missing)})")
         if extra:
             parts.append(f"{len(extra)} predicted image id(s) have no references (e.g. {_example_ids(extra)})")
-        raise ValueError("predictions and references must cover exactly the same image ids: " + "; ".join(parts))
+        raise InvalidValue("predictions and references must cover exactly the same image ids: " + "; ".join(parts))
     ids = list(predictions)
     for image_id in ids:
         hyp, refs = predictions[image_id], references[image_id]
         if not isinstance(hyp, str):
-            raise ValueError(f"prediction for image {image_id!r} must be one caption string, got {type(hyp).__name__}")
+            raise InvalidValue(f"prediction for image {image_id!r} must be one caption string, got "
+                               f"{type(hyp).__name__}")
         if isinstance(refs, str) or not isinstance(refs, Sequence):
-            raise ValueError(f"references for image {image_id!r} must be a sequence of caption strings, "
-                             f"got {type(refs).__name__}")
+            raise InvalidValue(f"references for image {image_id!r} must be a sequence of caption strings, "
+                               f"got {type(refs).__name__}")
         if len(refs) == 0:
-            raise ValueError(f"image {image_id!r} has no reference captions")
+            raise InvalidValue(f"image {image_id!r} has no reference captions")
         for ref in refs:
             if not isinstance(ref, str):
-                raise ValueError(f"reference captions for image {image_id!r} must be strings, got {type(ref).__name__}")
+                raise InvalidValue(f"reference captions for image {image_id!r} must be strings, got "
+                                   f"{type(ref).__name__}")
     return ids
 
 
@@ -350,11 +354,11 @@ def _resolve_metrics(metrics: Sequence[str]) -> list[str]:
     for name in metrics:
         key = names.get(str(name).lower())
         if key is None:
-            raise ValueError(f"unknown metric {name!r}; choose from {sorted(SCORERS)}")
+            raise InvalidValue(f"unknown metric {name!r}; choose from {sorted(SCORERS)}")
         if key not in groups:
             groups.append(key)
     if not groups:
-        raise ValueError("metrics is empty: ask for at least one of " + ", ".join(SCORERS))
+        raise InvalidValue("metrics is empty: ask for at least one of " + ", ".join(SCORERS))
     return groups
 
 
@@ -400,7 +404,7 @@ SCORERS: dict[str, Scorer] = {}
 def register_scorer(cls: type[Scorer]) -> type[Scorer]:
     """Class decorator: add an instance of ``cls`` to :data:`SCORERS`, after those already there."""
     if cls.name in SCORERS:
-        raise ValueError(f"a scorer named {cls.name!r} is already registered")
+        raise InvalidValue(f"a scorer named {cls.name!r} is already registered")
     SCORERS[cls.name] = cls()
     return cls
 
@@ -473,7 +477,7 @@ def _run_meteor(gts: dict, res: dict, timeout: float) -> tuple[float, list[float
         except Exception:  # pragma: no cover - best effort diagnostics
             pass
         detail = f"; java: {stderr}" if stderr else ""
-        raise RuntimeError(f"{type(exc).__name__}: {exc}{detail}") from exc
+        raise RuntimeError(f"{type(exc).__name__}: {exc}{detail}") from exc  # the skip reason names its type
     finally:
         watchdog.cancel()
         _close_meteor(meteor)
@@ -563,7 +567,7 @@ class SpiceScorer(Scorer):
     def compute(self, gts, res, **options):
         value, each = _run_spice(gts, res)
         if not math.isfinite(value):
-            raise RuntimeError("SPICE returned a non-finite score")
+            raise RuntimeError("SPICE returned a non-finite score")  # the skip reason names its type
         return [value], [each]
 
 
@@ -710,7 +714,7 @@ def format_metrics_table(metrics: Mapping[str, float], title: str | None = None)
         try:
             number = float("nan") if value is None else float(value)
         except (TypeError, ValueError):
-            raise ValueError(f"metric {key!r} is not a number: {value!r}") from None
+            raise InvalidValue(f"metric {key!r} is not a number: {value!r}") from None
         if not math.isfinite(number):
             shown = "n/a"  # e.g. grounding when no generated word names an object
         else:

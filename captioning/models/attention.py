@@ -26,6 +26,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from captioning.console import InvalidValue
 from captioning.config import HARD_MODES, DecoderConfig, LossConfig
 
 
@@ -33,7 +34,7 @@ def _grouped(x: torch.Tensor, images: int) -> torch.Tensor:
     """[N*g, ...] -> [N, g, ...]: the rows of each image together."""
     g, rem = x.shape[0] // images, x.shape[0] % images  # not divmod: torch.export traces // and %
     if rem or g == 0:
-        raise ValueError(f"{x.shape[0]} attention rows for {images} images: need the same number per image")
+        raise InvalidValue(f"{x.shape[0]} attention rows for {images} images: need the same number per image")
     return x.view(images, g, *x.shape[1:])
 
 
@@ -73,7 +74,7 @@ class Score(nn.Module):
     @classmethod
     def build(cls, feature_dim: int, hidden_dim: int, attention_dim: int, layers: int = 1) -> "Score":
         if layers != 1:
-            raise ValueError(f"model.decoder.attention_layers={layers} needs the additive score, not {cls.__name__}")
+            raise InvalidValue(f"model.decoder.attention_layers={layers} needs the additive score, not {cls.__name__}")
         return cls(feature_dim, hidden_dim, attention_dim)
 
 
@@ -89,7 +90,7 @@ class AdditiveScore(Score):
     def __init__(self, feature_dim: int, hidden_dim: int, attention_dim: int, layers: int = 1) -> None:
         super().__init__()
         if layers < 1:
-            raise ValueError(f"the additive score needs at least 1 image-side layer, got {layers}")
+            raise InvalidValue(f"the additive score needs at least 1 image-side layer, got {layers}")
         self.W = nn.Linear(feature_dim, attention_dim)
         # capgen's W_att_1 .. W_att_{n-1}; an empty list (the paper's form) has no parameters.
         self.W_deep = nn.ModuleList(nn.Linear(attention_dim, attention_dim) for _ in range(layers - 1))
@@ -169,7 +170,7 @@ SCORES: dict[str, type[Score]] = {"additive": AdditiveScore, "dot": DotScore, "s
 
 def build_score(kind: str, feature_dim: int, hidden_dim: int, attention_dim: int, layers: int = 1) -> Score:
     if kind not in SCORES:
-        raise ValueError(f"unknown attention score '{kind}'; choose {', '.join(SCORES)}")
+        raise InvalidValue(f"unknown attention score '{kind}'; choose {', '.join(SCORES)}")
     return SCORES[kind].build(feature_dim, hidden_dim, attention_dim, layers)
 
 
@@ -247,7 +248,7 @@ class SoftAttention(Mechanism):
     ) -> Attended:
         """The mechanism itself, from scores [N*g, L] already computed."""
         if mode != "expected":
-            raise ValueError(f"soft attention has no '{mode}' mode; only hard attention samples")
+            raise InvalidValue(f"soft attention has no '{mode}' mode; only hard attention samples")
         alpha = masked_softmax(scores, mask)  # (B, L)
         return Attended(expected_context(alpha, features), alpha, None, None)
 
@@ -297,7 +298,7 @@ class HardAttention(SoftAttention):
         elif mode == "sample":
             location = torch.multinomial(alpha.detach(), 1).squeeze(1)  # (B,)
         else:
-            raise ValueError(f"unknown hard attention mode '{mode}'; choose {', '.join(HARD_MODES)}")
+            raise InvalidValue(f"unknown hard attention mode '{mode}'; choose {', '.join(HARD_MODES)}")
         rows = torch.arange(B, device=features.device)
         sampled_context = features[rows // (B // features.shape[0]), location]  # (B, D)
         log_prob = log_alpha[rows, location]  # (B,)
@@ -334,7 +335,7 @@ class NoAttention(Mechanism):
         sample_mask: torch.Tensor | None = None,
     ) -> Attended:
         if mode != "expected":
-            raise ValueError(f"attention 'none' has no '{mode}' mode; only hard attention samples")
+            raise InvalidValue(f"attention 'none' has no '{mode}' mode; only hard attention samples")
         N, L = mask.shape
         g = _grouped(h, N).shape[1]  # rows per image
         uniform = mask.to(features.dtype) / mask.sum(1, keepdim=True).clamp_min(1)  # (N, L)
@@ -348,5 +349,5 @@ MECHANISMS: dict[str, type[Mechanism]] = {"soft": SoftAttention, "hard": HardAtt
 
 def build_attention(kind: str, cfg: DecoderConfig, feature_dim: int) -> Mechanism:
     if kind not in MECHANISMS:
-        raise ValueError(f"unknown attention '{kind}'; choose {', '.join(MECHANISMS)}")
+        raise InvalidValue(f"unknown attention '{kind}'; choose {', '.join(MECHANISMS)}")
     return MECHANISMS[kind].build(cfg, feature_dim)

@@ -7,6 +7,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from captioning.console import InvalidValue
 from captioning.config import ModelConfig
 from captioning.models.attention import Mechanism
 from captioning.models.decoder import Decoder, DecoderOutput
@@ -69,7 +70,7 @@ class ShowAttendTell(nn.Module):
         features, mask = self.encode(images, image_mask)
         k, rem = divmod(captions.shape[0], images.shape[0])
         if rem or k == 0:
-            raise ValueError(f"{captions.shape[0]} captions for {images.shape[0]} images: need k per image")
+            raise InvalidValue(f"{captions.shape[0]} captions for {images.shape[0]} images: need k per image")
         keys = self.decoder.project(features)  # (B, L, K): W a once per image, not once per caption
         rows = None  # one caption per image: caption b is image b's
         if k > 1:

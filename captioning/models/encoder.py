@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from captioning.console import CaptioningError
+from captioning.console import CaptioningError, InvalidValue
 from captioning.config import BACKBONES, RESNET_STAGES, RESNETS, VGG_STAGES, VGGS, EncoderConfig  # noqa: F401
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ def _stage_channels(stages: list[tuple[str, nn.Module]]) -> int:
         convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
         if convs:
             return convs[-1].out_channels
-    raise ValueError("encoder has no convolution")
+    raise InvalidValue("encoder has no convolution")
 
 
 def load_backbone_weights(net: nn.Module, backbone: str, weights: str) -> None:
@@ -110,7 +110,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
         if cfg.backbone not in BACKBONES:
-            raise ValueError(f"unknown encoder backbone '{cfg.backbone}'; choose one of {', '.join(BACKBONES)}")
+            raise InvalidValue(f"unknown encoder backbone '{cfg.backbone}'; choose one of {', '.join(BACKBONES)}")
         import torchvision  # here, where a backbone is built: importing the model needs none
 
         net = torchvision.models.get_model(cfg.backbone, weights=None)
@@ -119,7 +119,7 @@ class Encoder(nn.Module):
         names = [name for name, _ in all_stages]
         last = cfg.stage or names[-1]
         if last not in names:
-            raise ValueError(f"model.encoder.stage '{last}' is not a stage of {cfg.backbone} ({', '.join(names)})")
+            raise InvalidValue(f"model.encoder.stage '{last}' is not a stage of {cfg.backbone} ({', '.join(names)})")
         kept = all_stages[: names.index(last) + 1]
         # Channels-last: oneDNN's convolutions on CPU and tensor cores on GPU are faster in NHWC.
         self.stages = nn.Sequential(OrderedDict(kept)).to(memory_format=torch.channels_last)
@@ -135,7 +135,7 @@ class Encoder(nn.Module):
         elif cfg.fine_tune_from in kept_names:
             self.trainable_from = kept_names.index(cfg.fine_tune_from)
         else:
-            raise ValueError(
+            raise InvalidValue(
                 f"model.encoder.fine_tune_from '{cfg.fine_tune_from}' is not a kept stage "
                 f"({', '.join(kept_names)}) nor null (frozen)"
             )

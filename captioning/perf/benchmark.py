@@ -33,6 +33,7 @@ from typing import Any, Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from captioning.console import InvalidValue
 from captioning.config import Config, DecoderConfig, EncoderConfig, LossConfig, ModelConfig, OptimConfig, TrainConfig
 from captioning.models.captioner import ShowAttendTell
 from captioning.models.encoder import Encoder
@@ -246,7 +247,7 @@ def training_module(sizes: Sizes, attention: str, path: str = "fast", compile_ta
     ``path`` ("fast": captioning/fast.py's fused pass; "reference": the loop of decoder.py), a constant
     learning rate (no Trainer to schedule it), and hard attention sampling at every step."""
     if path not in TRAIN_PATHS:
-        raise ValueError(f"unknown training path '{path}'; choose one of {', '.join(TRAIN_PATHS)}")
+        raise InvalidValue(f"unknown training path '{path}'; choose one of {', '.join(TRAIN_PATHS)}")
     model_cfg = coco_model_config(sizes, attention)
     model_cfg = replace(model_cfg, decoder=replace(model_cfg.decoder, fast=path == "fast"))
     cfg = Config(model=model_cfg, loss=LossConfig(expected_context_prob=0.0), optim=OptimConfig(schedule="constant"),
@@ -274,7 +275,7 @@ def train_step(
     then backward, gradient clipping and the module's own optimizer; ``batch`` is captions
     (batch // k images)."""
     if batch % captions_per_image:
-        raise ValueError(f"batch {batch} is not a multiple of captions_per_image {captions_per_image}")
+        raise InvalidValue(f"batch {batch} is not a multiple of captions_per_image {captions_per_image}")
     memory = MemoryProbe(device)
     memory.set_baseline()
     gen = torch.Generator().manual_seed(seed)
@@ -282,7 +283,8 @@ def train_step(
     module = training_module(sizes, attention, path, compile_target, compile_mode)
     model, cfg = module.model, module.cfg.model
     if model.encoder.out_channels != sizes.feature_dim:
-        raise ValueError(f"{sizes.backbone} {sizes.stage} gives {model.encoder.out_channels} channels, not {sizes.feature_dim}")
+        raise InvalidValue(f"{sizes.backbone} {sizes.stage} gives {model.encoder.out_channels} channels, not "
+                           f"{sizes.feature_dim}")
     model.encoder.stages = torch.nn.Sequential()  # never run here (grids are the input); frees its memory
     module.to(device).train()
     params = list(model.decoder.parameters())

@@ -21,6 +21,7 @@ import functools
 
 import torch
 
+from captioning.console import InvalidValue
 from captioning.config import COMPILE_TARGETS
 from captioning.models.captioner import ShowAttendTell
 
@@ -28,7 +29,7 @@ from captioning.models.captioner import ShowAttendTell
 def compile_model(model: ShowAttendTell, target: str, mode: str = "default") -> ShowAttendTell:
     """Compile ``target`` ("none", "step" or "model") of ``model`` in place; returns ``model``."""
     if target not in COMPILE_TARGETS:
-        raise ValueError(f"unknown compile target '{target}'; choose one of {', '.join(COMPILE_TARGETS)}")
+        raise InvalidValue(f"unknown compile target '{target}'; choose one of {', '.join(COMPILE_TARGETS)}")
     if target == "none":
         return model
     if target == "step":

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from captioning.console import InvalidValue
 from captioning.config import DecoderConfig
 
 
@@ -111,5 +112,5 @@ def training_step_flops(flops: DecoderFlops, caption_tokens: list[int], captions
     real target tokens (words + <end>); rows i*k .. i*k+k-1 share image i."""
     rows = len(caption_tokens)
     if rows % captions_per_image:
-        raise ValueError(f"{rows} captions is not a multiple of captions_per_image={captions_per_image}")
+        raise InvalidValue(f"{rows} captions is not a multiple of captions_per_image={captions_per_image}")
     return flops.training(rows // captions_per_image, float(sum(caption_tokens)))

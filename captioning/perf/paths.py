@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from captioning.console import InvalidValue
 from captioning import fast
 from captioning.perf.benchmark import COCO, QUICK, Sizes, random_captions, training_module
 from captioning.vocab import Vocabulary
@@ -45,7 +46,7 @@ def variant(module, name: str) -> Iterator[None]:
     """Within the block ``module`` trains on the path ``name`` (one of VARIANTS): its fused pass is
     swapped for the model's own loop ("reference"), or runs with a trick left out."""
     if name not in VARIANTS:
-        raise ValueError(f"unknown variant '{name}'; choose one of {', '.join(VARIANTS)}")
+        raise InvalidValue(f"unknown variant '{name}'; choose one of {', '.join(VARIANTS)}")
     patches = TRICKS[name.removeprefix("fast-without-")] if name.startswith("fast-without-") else {}
     saved = {attr: getattr(fast, attr) for attr in patches}
     fused = module.fused

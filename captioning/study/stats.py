@@ -12,6 +12,8 @@ import math
 import statistics
 from typing import NamedTuple, Sequence
 
+from captioning.console import InvalidValue
+
 
 class WelchResult(NamedTuple):
     difference: float  # mean(a) - mean(b)
@@ -75,7 +77,7 @@ def t_quantile(q: float, df: float) -> float:
     """The ``q`` quantile (0.5 < q < 1) of Student's t with ``df`` degrees of freedom, by bisection
     on :func:`t_two_sided_p` (P(T > t) = p / 2)."""
     if not 0.5 < q < 1.0:
-        raise ValueError(f"t_quantile takes 0.5 < q < 1, got {q}")
+        raise InvalidValue(f"t_quantile takes 0.5 < q < 1, got {q}")
     low, high = 0.0, 1.0
     while t_two_sided_p(high, df) / 2.0 > 1.0 - q:
         high *= 2.0

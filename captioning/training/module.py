@@ -13,6 +13,7 @@ import time
 import pytorch_lightning as pl
 import torch
 
+from captioning.console import OperationFailed
 from captioning import fast
 from captioning.config import Config, from_dict, to_dict
 from captioning.decoding import ModelSearch
@@ -253,7 +254,7 @@ class CaptioningModule(pl.LightningModule):
             if limited or self.trainer.fast_dev_run:  # a partial pass scores what it decoded
                 refs = {i: refs[i] for i in predictions}
             elif set(predictions) != set(refs):
-                raise RuntimeError(f"{split}: decoded {len(predictions)} images but the split has {len(refs)}")
+                raise OperationFailed(f"{split}: decoded {len(predictions)} images but the split has {len(refs)}")
             scenes = dm.scenes(split)
             start = time.perf_counter()
             values, report = evaluate_predictions(predictions, refs, scenes, metrics)

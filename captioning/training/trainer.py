@@ -23,7 +23,7 @@ from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from captioning.console import CaptioningError
+from captioning.console import CaptioningError, InvalidType, InvalidValue
 from captioning.config import LOGGERS, Config
 from captioning.files import atomic_write
 from captioning.progress import Progress
@@ -48,7 +48,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         if storage_options is not None:
-            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
+            raise InvalidType(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         # Serialised in memory first, then written by Python: a full disk is then an OSError
@@ -425,7 +425,7 @@ def build_loggers(out_dir: Path, logger: str = "csv", resume_step: int | None = 
     TensorBoard event files in logs/tensorboard. Raises ValueError for an unknown logger or a
     missing tensorboard package."""
     if logger not in LOGGERS:
-        raise ValueError(f"unknown logger {logger!r}; choose {' or '.join(LOGGERS)}")
+        raise InvalidValue(f"unknown logger {logger!r}; choose {' or '.join(LOGGERS)}")
     loggers = [ResumableCSVLogger(out_dir, name="logs", version="", keep_before_step=resume_step)]
     if logger == "tensorboard":
         from pytorch_lightning.loggers import TensorBoardLogger
@@ -433,8 +433,8 @@ def build_loggers(out_dir: Path, logger: str = "csv", resume_step: int | None = 
         try:
             import tensorboard  # noqa: F401  (Lightning falls back to tensorboardX otherwise)
         except ImportError:
-            raise ValueError("--logger tensorboard needs the tensorboard package: "
-                             "pip install 'show-attend-tell[tensorboard]'") from None
+            raise InvalidValue("--logger tensorboard needs the tensorboard package: "
+                               "pip install 'show-attend-tell[tensorboard]'") from None
         loggers.append(TensorBoardLogger(out_dir, name="logs", version="tensorboard", default_hp_metric=False))
     return loggers
 

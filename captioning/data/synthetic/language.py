@@ -7,6 +7,7 @@ import itertools
 import random
 from typing import Sequence
 
+from captioning.console import InvalidValue
 from captioning.config import SyntheticConfig
 from captioning.data.synthetic.scenes import COLOURS, MARGIN_FRACTION, SHAPES, SIZES, SceneObject, _coord, _groups
 
@@ -52,7 +53,7 @@ def _np_text(key: tuple[str, str, str], count: int) -> str:
     if count == 1:
         return f"a {size} {colour} {shape}"
     if count not in COUNT_WORDS:
-        raise ValueError(f"the grammar has no count word for {count} objects")
+        raise InvalidValue(f"the grammar has no count word for {count} objects")
     return f"{COUNT_WORDS[count]} {size} {colour} {PLURALS[shape]}"
 
 
@@ -75,7 +76,7 @@ def _prefixed(body: str, first_count: int) -> list[str]:
 def canonical_caption(objects: Sequence[SceneObject]) -> str:
     """Reference #1: the single phrasing a model should learn (see the module docstring)."""
     if not objects:
-        raise ValueError("a scene needs at least one object")
+        raise InvalidValue("a scene needs at least one object")
     groups = _groups(objects)
     if len(objects) == 2 and len(groups) == 2:
         a, b = objects
@@ -138,7 +139,7 @@ def reference_captions(
     """
     pool = caption_pool(objects, image_size)
     if not 1 <= n <= len(pool):
-        raise ValueError(f"asked for {n} references, but this scene has {len(pool)} distinct phrasings")
+        raise InvalidValue(f"asked for {n} references, but this scene has {len(pool)} distinct phrasings")
     canonical = pool[0]
     prefixed = [c for c in _prefixed(canonical, _first_count(canonical)) if c in pool]
     n_prefixed = min(CANONICAL_BODY_REFERENCES, n - 1, len(prefixed))

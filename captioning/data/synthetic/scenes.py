@@ -13,6 +13,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from captioning.console import InvalidValue, OperationFailed
+
 SIZES = ("small", "large")
 COLOURS = ("red", "green", "blue", "yellow")
 SHAPES = ("circle", "square", "triangle")
@@ -46,9 +48,9 @@ class SceneObject:
 
     def __post_init__(self) -> None:
         if self.size not in SIZES or self.colour not in COLOURS or self.shape not in SHAPES:
-            raise ValueError(f"unknown object attributes {self.size!r}, {self.colour!r}, {self.shape!r}")
+            raise InvalidValue(f"unknown object attributes {self.size!r}, {self.colour!r}, {self.shape!r}")
         if len(self.bbox) != 4:
-            raise ValueError(f"bbox must be (x, y, w, h), got {self.bbox!r}")
+            raise InvalidValue(f"bbox must be (x, y, w, h), got {self.bbox!r}")
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -92,7 +94,7 @@ def _place(sides: Sequence[int], image_size: int, rng: random.Random) -> list[tu
                 break
         if len(boxes) == len(sides):
             return boxes
-    raise RuntimeError(f"could not place objects of sides {list(sides)} in a {image_size} px image")
+    raise OperationFailed(f"could not place objects of sides {list(sides)} in a {image_size} px image")
 
 
 def _objects(
@@ -150,7 +152,7 @@ def make_scene(rng: random.Random, image_size: int) -> list[SceneObject]:
     Everything comes from ``rng``, so the result is a function of its state.
     """
     if image_size < MIN_IMAGE_SIZE:
-        raise ValueError(f"image_size must be at least {MIN_IMAGE_SIZE}, got {image_size}")
+        raise InvalidValue(f"image_size must be at least {MIN_IMAGE_SIZE}, got {image_size}")
     for _ in range(MAX_SCENE_DRAWS):
         count = rng.randint(1, 3)
         attrs = [(rng.choice(SIZES), rng.choice(COLOURS), rng.choice(SHAPES)) for _ in range(count)]

@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+from captioning.console import InvalidValue
 from captioning.config import SyntheticConfig
 from captioning.files import RunLock, atomic_folder, partial_name
 from captioning.progress import Progress
@@ -31,11 +32,11 @@ JPEG_QUALITY = 95
 def _validate(cfg: SyntheticConfig) -> None:
     for name in ("num_train", "num_val", "num_test"):
         if getattr(cfg, name) < 0:
-            raise ValueError(f"synthetic.{name} must be >= 0, got {getattr(cfg, name)}")
+            raise InvalidValue(f"synthetic.{name} must be >= 0, got {getattr(cfg, name)}")
     if cfg.image_size < MIN_IMAGE_SIZE:
-        raise ValueError(f"synthetic.image_size must be >= {MIN_IMAGE_SIZE}, got {cfg.image_size}")
+        raise InvalidValue(f"synthetic.image_size must be >= {MIN_IMAGE_SIZE}, got {cfg.image_size}")
     if not 1 <= cfg.captions_per_image <= MAX_CAPTIONS_PER_IMAGE:
-        raise ValueError(
+        raise InvalidValue(
             f"synthetic.captions_per_image must be in 1..{MAX_CAPTIONS_PER_IMAGE} (a one-object scene has "
             f"only {MAX_CAPTIONS_PER_IMAGE} distinct true captions), got {cfg.captions_per_image}"
         )
