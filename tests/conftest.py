@@ -114,8 +114,9 @@ def untrained(tmp_path_factory) -> Callable[..., SimpleNamespace]:
     """``untrained(*overrides, config=None, prefer_word=None, seed=0)``: an untrained checkpoint
     (see save_untrained_checkpoint; ``prefer_word`` a word or a function of the data module) of
     the defaults + SMALL_DECODER, or of ``config`` (a YAML file), + UNTRAINED + ``overrides``, on
-    its synthetic set under one data root; each variant is built once per session. -> SimpleNamespace(cfg, data, ckpt, test_paths). Shared:
-    read it, and copy it (``own_copy``) to change it or to write beside it."""
+    its synthetic set under one data root; each variant is built once per session.
+    -> SimpleNamespace(cfg, data, ckpt, test_paths). Shared: read it, and copy it (``own_copy``)
+    to change it or to write beside it."""
     from captioning.config import build_config
     from captioning.data.datamodule import CaptionDataModule
 
