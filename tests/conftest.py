@@ -1,16 +1,21 @@
 """Shared small fixtures: a tiny config (random encoder weights, never a download), a tiny
-vocabulary, and helpers that build image and caption batches."""
+vocabulary, helpers that build image and caption batches, and untrained checkpoints on a small
+synthetic set (``untrained``), built once per session."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from types import SimpleNamespace
+from typing import Any, Callable, Sequence
 
 import pytest
 import torch
 
 from captioning.config import Config, merge
 from captioning.vocab import SPECIALS, Vocabulary
+
+REPO = Path(__file__).resolve().parents[1]
 
 TINY_WORDS = ("a", "red", "blue", "green", "circle", "square", "triangle", "left", "right", "of")
 
@@ -72,13 +77,14 @@ def greedy_decode(model, images: torch.Tensor, image_mask: torch.Tensor | None =
     return best_captions(ModelSearch(model)(images, DecodeOptions(max_len=max_len, hard_mode=mode), image_mask))
 
 
-def save_untrained_checkpoint(cfg: Config, vocab: Vocabulary, path: Path, prefer_word: str | None = None) -> Path:
+def save_untrained_checkpoint(cfg: Config, vocab: Vocabulary, path: Path, prefer_word: str | None = None,
+                              seed: int = 0) -> Path:
     """An untrained model saved as Lightning's ModelCheckpoint saves it (as far as loading is
     concerned). ``prefer_word``: push the output layer towards this word, so that every caption
     contains it (e.g. a shape noun, which gives grounding words to score)."""
     from captioning.training.module import CaptioningModule
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     module = CaptioningModule.create(cfg, vocab)
     if prefer_word is not None:
         with torch.no_grad():
@@ -86,6 +92,59 @@ def save_untrained_checkpoint(cfg: Config, vocab: Vocabulary, path: Path, prefer
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
     return path
+
+
+# The untrained checkpoints' settings: a 20/8/8-image synthetic set, captions of at most 5 words,
+# and, over the defaults (not over a config file), a smaller decoder.
+UNTRAINED = ("data.synthetic.num_train=20", "data.synthetic.num_val=8", "data.synthetic.num_test=8",
+             "decode.max_len=5")
+SMALL_DECODER = ("model.decoder.embed_dim=32", "model.decoder.hidden_dim=64", "model.decoder.attention_dim=32")
+TINY_YAML = REPO / "configs" / "tiny.yaml"
+HARD = ("model.attention=hard", "decode.hard_mode=argmax")
+
+
+def first_test_shape(data) -> str:
+    """The shape of the first test object: present in at least one test image (a ``prefer_word``
+    that gives grounding words to score)."""
+    return next(iter(data.scenes("test").values()))[0].shape
+
+
+@pytest.fixture(scope="session")
+def untrained(tmp_path_factory) -> Callable[..., SimpleNamespace]:
+    """``untrained(*overrides, config=None, prefer_word=None, seed=0)``: an untrained checkpoint
+    (see save_untrained_checkpoint; ``prefer_word`` a word or a function of the data module) of
+    the defaults + SMALL_DECODER, or of ``config`` (a YAML file), + UNTRAINED + ``overrides``, on
+    its synthetic set under one data root; each variant is built once per session.
+    -> SimpleNamespace(cfg, data, ckpt, test_paths). Shared: read it, and copy it (``own_copy``)
+    to change it or to write beside it."""
+    from captioning.config import build_config
+    from captioning.data.datamodule import CaptionDataModule
+
+    root = tmp_path_factory.mktemp("untrained")
+    made: dict[tuple, SimpleNamespace] = {}
+
+    def make(*overrides: str, config: Path | None = None, prefer_word: str | Callable | None = None,
+             seed: int = 0) -> SimpleNamespace:
+        key = (overrides, config, prefer_word, seed)
+        if key not in made:
+            small = SMALL_DECODER if config is None else ()
+            cfg = build_config(config, [f"data.root={root / 'data'}", *small, *UNTRAINED, *overrides])
+            data = CaptionDataModule(cfg.data)
+            data.prepare_data()
+            data.setup("fit")
+            word = prefer_word(data) if callable(prefer_word) else prefer_word
+            ckpt = save_untrained_checkpoint(cfg, data.vocab, root / f"run{len(made)}" / "best.ckpt", word, seed)
+            made[key] = SimpleNamespace(cfg=cfg, data=data, ckpt=ckpt,
+                                        test_paths=[Path(r.path) for r in data.load_split("test")])
+        return made[key]
+
+    return make
+
+
+def own_copy(ckpt: Path, folder: Path) -> Path:
+    """``ckpt`` copied to ``folder``/best.ckpt, for a test that changes it or writes beside it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return Path(shutil.copy(ckpt, folder / "best.ckpt"))
 
 
 @pytest.fixture

@@ -19,11 +19,9 @@ import torch
 from PIL import Image
 
 from captioning import Captioner
-from captioning.config import build_config
 from captioning.serve.server import MAX_UPLOAD_BYTES, make_server
-from conftest import save_untrained_checkpoint
+from conftest import own_copy, save_untrained_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def sharpen_attention(ckpt: Path) -> None:
@@ -37,21 +35,13 @@ def sharpen_attention(ckpt: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo(untrained, tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    cfg = build_config(overrides=[f"data.root={root / 'data'}", "data.synthetic.num_train=8",
-                                  "data.synthetic.num_val=4", "data.synthetic.num_test=4", "decode.max_len=6",
-                                  "model.decoder.embed_dim=32", "model.decoder.hidden_dim=64",
-                                  "model.decoder.attention_dim=32"])
-    from captioning.data.datamodule import CaptionDataModule
-
-    data = CaptionDataModule(cfg.data)
-    data.prepare_data()
-    data.setup("fit")
-    ckpt = save_untrained_checkpoint(cfg, data.vocab, root / "run" / "best.ckpt")
+    run = untrained("decode.max_len=6")
+    ckpt = own_copy(run.ckpt, root / "run")
     sharpen_attention(ckpt)
     captioner = Captioner.from_checkpoint(ckpt, device="cpu")
-    examples = [Path(r.path) for r in data.load_split("test")]
+    examples = run.test_paths
     server = make_server(captioner, "127.0.0.1", 0, examples)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -10,32 +10,19 @@ from types import SimpleNamespace
 import pytest
 
 from captioning import Captioner
-from captioning.config import build_config
-from captioning.data.datamodule import CaptionDataModule
 from captioning.evaluation import run as evaluate_script  # captioning evaluate (scripts/evaluate.py)
 from captioning.evaluation.grounding import load_instances, named_words, score_grounding
-from conftest import save_untrained_checkpoint
+from conftest import HARD, first_test_shape
 
 FAST = ["--metrics", "bleu", "cider", "--tokenizer", "simple"]  # no Java: seconds, not tens of seconds
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("evaluate")
-    overrides = [f"data.root={root / 'data'}", "data.synthetic.num_train=20", "data.synthetic.num_val=8",
-                 "data.synthetic.num_test=8", "decode.max_len=4", "model.decoder.embed_dim=32",
-                 "model.decoder.hidden_dim=64", "model.decoder.attention_dim=32"]
-    cfg = build_config(overrides=overrides)
-    data = CaptionDataModule(cfg.data)
-    data.prepare_data()
-    data.setup("fit")
-    # The shape of the first test object: present in at least one test image.
-    word = next(iter(data.scenes("test").values()))[0].shape
-    ckpt = save_untrained_checkpoint(cfg, data.vocab, root / "soft" / "best.ckpt", word)
-    hard_cfg = build_config(overrides=overrides + ["model.attention=hard"])
-    hard_ckpt = save_untrained_checkpoint(hard_cfg, data.vocab, root / "hard" / "best.ckpt", word)
-    return SimpleNamespace(root=root, data=data, ckpt=ckpt, hard_ckpt=hard_ckpt,
-                           test_ids=sorted(r.image_id for r in data.load_split("test")))
+def tiny(untrained):
+    """Soft and hard attention; every caption names the shape of the first test object."""
+    soft, hard = untrained(prefer_word=first_test_shape), untrained(*HARD, prefer_word=first_test_shape)
+    return SimpleNamespace(data=soft.data, ckpt=soft.ckpt, hard_ckpt=hard.ckpt,
+                           test_ids=sorted(r.image_id for r in soft.data.load_split("test")))
 
 
 def run(capsys, *args: str) -> tuple[dict, str, str]:

@@ -20,7 +20,7 @@ from captioning import Captioner  # noqa: E402
 from captioning.data.datamodule import CaptionDataModule  # noqa: E402
 from captioning.export.onnx import ExportError, export_checkpoint, export_onnx  # noqa: E402
 from captioning.export.runtime import OnnxCaptioner, OnnxModelError  # noqa: E402
-from conftest import make_config  # noqa: E402
+from conftest import TINY_YAML, make_config, own_copy  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_TEST = 100
@@ -48,18 +48,12 @@ def exported(root: Path, ckpt: Path, data_cfg_root: Path | None = None) -> Simpl
 
 
 @pytest.fixture(scope="module")
-def untrained(tmp_path_factory):
-    """An untrained configs/tiny.yaml model with sharpened image-side weights, exported: seconds."""
-    from captioning.config import build_config
-    from conftest import save_untrained_checkpoint
-
+def untrained(untrained, tmp_path_factory):
+    """An untrained configs/tiny.yaml model (conftest's, overridden here) with sharpened image-side
+    weights, exported: seconds."""
     root = tmp_path_factory.mktemp("onnx_untrained")
-    cfg = build_config(REPO / "configs" / "tiny.yaml", [f"data.root={root / 'data'}",
-                                                        f"data.synthetic.num_test={NUM_TEST}", "decode.max_len=12"])
-    data = CaptionDataModule(cfg.data)
-    data.prepare_data()
-    data.setup("fit")
-    ckpt = save_untrained_checkpoint(cfg, data.vocab, root / "run" / "best.ckpt")
+    ckpt = own_copy(untrained(f"data.synthetic.num_test={NUM_TEST}", "decode.max_len=12", config=TINY_YAML).ckpt,
+                    root / "run")
     sharpen(ckpt)
     return exported(root, ckpt)
 

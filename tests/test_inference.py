@@ -19,43 +19,30 @@ from captioning import Captioner
 from captioning.caption import run as caption_script  # captioning caption (scripts/caption.py)
 from captioning import cli
 from captioning.checkpoint import CheckpointError
-from captioning.config import build_config
-from captioning.data.datamodule import CaptionDataModule, EvalDataset
+from captioning.data.datamodule import EvalDataset
 from captioning.data.transforms import ImageLoadError
 from captioning.evaluation import run as evaluate_script  # captioning evaluate (scripts/evaluate.py)
 from captioning.visualization import figure_size
-from conftest import save_untrained_checkpoint
+from conftest import HARD
 
 REPO = Path(__file__).resolve().parents[1]
 
-MAX_LEN = 5
+MAX_LEN = 5  # the untrained checkpoints' decode.max_len (conftest.UNTRAINED)
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("inference")
-    overrides = [
-        f"data.root={root / 'data'}", "data.synthetic.num_train=20", "data.synthetic.num_val=8",
-        "data.synthetic.num_test=8", f"decode.max_len={MAX_LEN}", "model.decoder.embed_dim=32",
-        "model.decoder.hidden_dim=64", "model.decoder.attention_dim=32",
-    ]
-    cfg = build_config(overrides=overrides)
-    data = CaptionDataModule(cfg.data)
-    data.prepare_data()
-    data.setup("fit")
-    ckpt = save_untrained_checkpoint(cfg, data.vocab, root / "run" / "best.ckpt")
-    hard_cfg = build_config(overrides=overrides + ["model.attention=hard", "decode.hard_mode=argmax"])
-    hard_ckpt = save_untrained_checkpoint(hard_cfg, data.vocab, root / "hard" / "best.ckpt")
-    test_records = data.load_split("test")
-    return SimpleNamespace(root=root, cfg=cfg, ckpt=ckpt, hard_ckpt=hard_ckpt, data=data,
-                           test_paths=[Path(r.path) for r in test_records])
+def tiny(untrained):
+    """Soft and hard attention (argmax)."""
+    soft, hard = untrained(), untrained(*HARD)
+    assert soft.cfg.decode.max_len == MAX_LEN
+    return SimpleNamespace(cfg=soft.cfg, ckpt=soft.ckpt, hard_ckpt=hard.ckpt, data=soft.data,
+                           test_paths=soft.test_paths)
 
 
 @pytest.fixture(scope="module")
-def images(tiny):
+def images(tmp_path_factory):
     """Images in awkward formats (all must caption) and broken files (each one error line)."""
-    folder = tiny.root / "images"
-    folder.mkdir()
+    folder = tmp_path_factory.mktemp("images")
     rng = np.random.default_rng(0)
     noise = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), "RGB")
     good = {}

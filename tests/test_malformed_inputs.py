@@ -27,27 +27,19 @@ import torch
 from PIL import Image
 
 from captioning import Captioner, cli
-from captioning.config import build_config
-from captioning.data.datamodule import CaptionDataModule
-from conftest import save_untrained_checkpoint
+from conftest import TINY_YAML, own_copy
 
-REPO = Path(__file__).resolve().parents[1]
 SUMMARY = {"tried": 0, "tracebacks": 0, "not_one_line": 0, "files_changed": 0}
 DEEP = "[" * 100000 + "]" * 100000  # nested too deeply for a recursive parser
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(untrained, tmp_path_factory):
     """A tiny untrained checkpoint, its model folder (and ONNX graphs when the export extra is
     installed), a results file and its annotations, a small image dataset in three formats."""
     root = tmp_path_factory.mktemp("malformed")
-    cfg = build_config(REPO / "configs" / "tiny.yaml", [f"data.root={root / 'data'}", "data.synthetic.num_train=16",
-                                                        "data.synthetic.num_val=4", "data.synthetic.num_test=4",
-                                                        "decode.max_len=5"])
-    data = CaptionDataModule(cfg.data)
-    data.prepare_data()
-    data.setup("fit")
-    ckpt = save_untrained_checkpoint(cfg, data.vocab, root / "run" / "best.ckpt")
+    run = untrained(config=TINY_YAML)
+    cfg, ckpt = run.cfg, own_copy(run.ckpt, root / "run")  # a copy: every file under root must stay as it was
     captioner = Captioner.from_checkpoint(ckpt, device="cpu")
     folder = captioner.save_pretrained(root / "model")
     onnx = None

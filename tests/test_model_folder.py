@@ -17,32 +17,24 @@ import yaml
 
 from captioning import Captioner
 from captioning.checkpoint import FOLDER_FILES, CheckpointError
-from captioning.config import build_config
 from captioning.files import MARKER
-from captioning.data.datamodule import CaptionDataModule
 from captioning.vocab import SPECIALS, Vocabulary
-from conftest import save_untrained_checkpoint
+from conftest import TINY_YAML, own_copy
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(untrained, tmp_path_factory):
     root = tmp_path_factory.mktemp("folder")
-    overrides = [f"data.root={root / 'data'}", "data.synthetic.num_train=20", "data.synthetic.num_val=8",
-                 "data.synthetic.num_test=8", "decode.max_len=6"]
-    cfg = build_config("configs/tiny.yaml" if (REPO / "configs/tiny.yaml").is_file() else None, overrides)
-    data = CaptionDataModule(cfg.data)
-    data.prepare_data()
-    data.setup("fit")
-    ckpt = save_untrained_checkpoint(cfg, data.vocab, root / "run" / "best.ckpt", prefer_word="circle")
+    run = untrained("decode.max_len=6", config=TINY_YAML, prefer_word="circle")
+    ckpt = own_copy(run.ckpt, root / "run")
     (ckpt.parent / "metrics.json").write_text(json.dumps({
         "metrics": {"bleu_4": 0.4321, "cider": 1.5}, "num_images": 8, "global_step": 12, "epochs": 2,
         "train_seconds": 3.5, "command": "captioning train --config configs/tiny.yaml"}))
-    paths = [Path(r.path) for r in data.load_split("test")]
     captioner = Captioner.from_checkpoint(ckpt, device="cpu")
     folder = captioner.save_pretrained(root / "model", command="captioning export --checkpoint best.ckpt")
-    return SimpleNamespace(root=root, ckpt=ckpt, folder=folder, paths=paths, captioner=captioner)
+    return SimpleNamespace(root=root, ckpt=ckpt, folder=folder, paths=run.test_paths, captioner=captioner)
 
 
 def test_folder_holds_the_four_files_and_a_model_card(tiny):

@@ -16,9 +16,6 @@ import torch
 
 import captioning
 from captioning import cli
-from captioning.config import build_config
-from captioning.data.datamodule import CaptionDataModule
-from conftest import save_untrained_checkpoint
 
 WORKFLOWS = ("train", "evaluate", "prepare", "caption", "compare", "benchmark", "export", "demo")
 REPO = Path(__file__).resolve().parents[1]
@@ -147,16 +144,10 @@ def test_unknown_command_is_one_line_error(outside):
         f"error: unknown command 'nonsense'; commands: {', '.join(cli.COMMANDS)}"]
 
 
-def test_caption_and_evaluate_run_outside_the_repository(outside):
+def test_caption_and_evaluate_run_outside_the_repository(outside, untrained):
     """A tiny untrained checkpoint: caption two test images, then score the test split."""
-    cfg = build_config(overrides=[
-        f"data.root={outside / 'data'}", "data.synthetic.num_train=12", "data.synthetic.num_val=4",
-        "data.synthetic.num_test=4", "decode.max_len=4", "model.decoder.embed_dim=16",
-        "model.decoder.hidden_dim=32", "model.decoder.attention_dim=16"])
-    data = CaptionDataModule(cfg.data)
-    data.prepare_data()
-    data.setup("fit")
-    ckpt = save_untrained_checkpoint(cfg, data.vocab, outside / "run" / "best.ckpt")
+    run = untrained()
+    ckpt = run.ckpt
 
     proc = run_module(["caption", "--checkpoint", str(ckpt), "--from-split", "test", "--limit", "2", "--json",
                        "--device", "cpu"], outside)
@@ -168,7 +159,7 @@ def test_caption_and_evaluate_run_outside_the_repository(outside):
                        "--tokenizer", "simple", "--device", "cpu", "--out-dir", str(outside / "eval")], outside)
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((outside / "eval" / "metrics_test.json").read_text())
-    assert metrics["num_images"] == 4
+    assert metrics["num_images"] == len(run.test_paths)
 
 
 def test_a_closed_pipe_ends_quietly(tmp_path):
