@@ -81,10 +81,10 @@ def export_onnx(model: ShowAttendTell, image_size: int, folder: str | Path, hard
     if mechanism.test_modes:
         mode = hard_mode or mechanism.test_modes[0]
         if mode not in mechanism.exportable_modes:
-            raise ExportError(f"{model.attention} attention's {mode!r} mode draws random locations and cannot be "
+            raise ExportError(f"{model.attention_kind} attention's {mode!r} mode draws random locations and cannot be "
                               f"exported; export with hard mode {' or '.join(mechanism.exportable_modes)}")
     elif hard_mode not in (None, "expected"):
-        raise ExportError(f"hard mode {hard_mode!r} needs a hard-attention model; this one uses {model.attention} "
+        raise ExportError(f"hard mode {hard_mode!r} needs a hard-attention model; this one uses {model.attention_kind} "
                           "attention")
     model = model.float().eval().cpu()
     images = torch.zeros(2, 3, image_size, image_size)
@@ -96,7 +96,7 @@ def export_onnx(model: ShowAttendTell, image_size: int, folder: str | Path, hard
         _export(EncoderGraph(model), (images,), folder / ENCODER_FILE, ["images"], ["features", "keys", "h", "c"])
         _export(StepGraph(model, mode or "expected"), (words, h.detach(), c.detach(), features.detach(), keys.detach()),
                 folder / STEP_FILE, ["words", "h", "c", "features", "keys"], ["log_probs", "h_out", "c_out", "alpha"])
-    meta = {"encoder": ENCODER_FILE, "step": STEP_FILE, "attention": model.attention, "hard_mode": mode,
+    meta = {"encoder": ENCODER_FILE, "step": STEP_FILE, "attention": model.attention_kind, "hard_mode": mode,
             "opset": OPSET, "image_size": image_size,
             # Checked at load (captioning/model_folder.py read_onnx_meta), as a checkpoint's weights are.
             "sha256": {name: file_sha256(folder / name) for name in (*ONNX_FINGERPRINTED, ENCODER_FILE, STEP_FILE)},
