@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from captioning import Captioner
-from captioning.checkpoint import FOLDER_FILES, CheckpointError
+from captioning.model_folder import FOLDER_FILES, CheckpointError
 from captioning.config import build_config
 from captioning.files import MARKER
 from captioning.data.datamodule import CaptionDataModule

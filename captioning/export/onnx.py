@@ -2,7 +2,7 @@
 
     captioning export --checkpoint runs/soft/best.ckpt --out exported/soft --format onnx
 
-The folder is a model folder (captioning/checkpoint.py: config.json, vocab.json,
+The folder is a model folder (captioning/model_folder.py: config.json, vocab.json,
 model.safetensors, README.md) plus
 
     encoder.onnx  images [B, 3, S, S] -> annotations a [B, L, D], keys W a [B, L, K], h_0, c_0 [B, n]
@@ -26,8 +26,7 @@ import torch
 from torch import nn
 
 from captioning.console import CaptioningError
-from captioning.checkpoint import STALE_AFTER_SAVE
-from captioning.model_folder import ONNX_FINGERPRINTED, file_sha256
+from captioning.model_folder import ONNX_FINGERPRINTED, STALE_AFTER_SAVE, file_sha256
 from captioning.models import ShowAttendTell
 from captioning.models.decoder import DecoderState
 
