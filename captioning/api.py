@@ -39,8 +39,8 @@ import torch
 from PIL import Image
 
 from captioning import provenance
-from captioning.checkpoint import (load_checkpoint_and_data, load_model_folder_and_data, model_card,
-                                   read_run_metrics, save_model_folder)
+from captioning.checkpoint import load_checkpoint_and_data
+from captioning.model_folder import load_model_folder_and_data, model_card, read_run_metrics, save_model_folder
 from captioning.config import HARD_MODES, Config
 from captioning.data.transforms import preprocess
 from captioning.device import resolve_device

@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from captioning.models.attention import (AdditiveScore, BilinearScore, DotScore, HardAttention, ScaledDotScore,
-                                         SoftAttention, _grouped)
+                                         SoftAttention, grouped)
 from captioning.models.captioner import ShowAttendTell
 from captioning.models.decoder import Decoder, DecoderOutput, StepOutput
 from captioning.vocab import Vocabulary
@@ -91,16 +91,17 @@ def _say_once(message: str) -> None:
 
 class FusedTrainingPass:
     """``model``'s teacher-forced pass with gradients, fused: called as the model is
-    (``ShowAttendTell.forward``'s arguments) -> DecoderOutput with ``token_nll`` instead of logits."""
+    (``ShowAttendTell.forward``'s arguments) -> DecoderOutput with ``token_nll`` instead of logits.
+    ``additive_by_hand=False`` leaves trick 2 out (autograd's way, to measure what it buys)."""
 
-    def __init__(self, model: ShowAttendTell) -> None:
-        self.model = model
+    def __init__(self, model: ShowAttendTell, additive_by_hand: bool = True) -> None:
+        self.model, self.additive_by_hand = model, additive_by_hand
 
     def __call__(self, images: torch.Tensor, captions: torch.Tensor, *, image_mask: torch.Tensor | None = None,
                  mode: str = "expected", sample_mask: torch.Tensor | None = None) -> DecoderOutput:
         x = self.model.teacher_forcing(images, captions, image_mask=image_mask, sample_mask=sample_mask)
         return teacher_forced(self.model.decoder, captions, features=x.features, mask=x.mask, keys=x.keys,
-                              rows=x.rows, mode=mode, sample_mask=x.sample_mask)
+                              rows=x.rows, mode=mode, sample_mask=x.sample_mask, additive_by_hand=self.additive_by_hand)
 
 
 def training_pass(model: ShowAttendTell) -> FusedTrainingPass | None:
@@ -136,10 +137,12 @@ def decoding_step(decoder: Decoder):
 
 def teacher_forced(decoder: Decoder, captions: torch.Tensor, *, features: torch.Tensor, mask: torch.Tensor,
                    keys: torch.Tensor, rows: torch.Tensor | None, mode: str = "expected",
-                   sample_mask: torch.Tensor | None = None, logits: bool = False) -> DecoderOutput:
+                   sample_mask: torch.Tensor | None = None, logits: bool = False,
+                   additive_by_hand: bool = True) -> DecoderOutput:
     """``Decoder.forward``'s teacher-forced pass, fused, from the per-image inputs (features, mask
     and keys [N, ...], ``rows`` [B] the image of each caption or None) -> DecoderOutput with zeros
-    at padded steps: ``token_nll`` [B, T], or with ``logits`` the logits [B, T, V]."""
+    at padded steps: ``token_nll`` [B, T], or with ``logits`` the logits [B, T, V]. The additive
+    score runs by hand (trick 2) unless ``additive_by_hand`` is False."""
     state = decoder.init_state(features, mask)  # (N, n): once per image
     emb = decoder.embedding(captions[:, :-1])  # (B, T, m)
     B, T, m = emb.shape
@@ -173,7 +176,9 @@ def teacher_forced(decoder: Decoder, captions: torch.Tensor, *, features: torch.
     h_weights = [w for w in (query_weight, None if gate is None else gate.weight) if w is not None]
     splits = [w.shape[0] for w in h_weights] + [lstm.weight_hh.shape[0]]
     of_h = torch.cat([*h_weights, lstm.weight_hh])  # every product of h_{t-1}
-    scores_of = _step_scorer(score, keys)
+    # scores_of(keys_t, query_t) [n_t, L] at each step (keys_t: the first n_t images of keys)
+    by_hand = additive_by_hand and type(score) is AdditiveScore
+    scores_of = UnrolledAdditiveScore(score, keys) if by_hand else score.from_query
     hs, zs, alphas, log_probs = [], [], [], []
     for t in range(steps):
         n = live[t]
@@ -231,14 +236,6 @@ def _packed_nll(decoder, emb, h, z, index, captions) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- the additive score
-
-
-def _step_scorer(score: nn.Module, keys: torch.Tensor):
-    """-> scores_of(keys_t, query_t) [n_t, L] for the steps of one loop (keys_t: the first n_t
-    images of ``keys``)."""
-    if type(score) is AdditiveScore:
-        return UnrolledAdditiveScore(score, keys)
-    return score.from_query
 
 
 class UnrolledAdditiveScore:
@@ -335,7 +332,7 @@ def inference_scores(score: AdditiveScore, keys: torch.Tensor, h: torch.Tensor) 
     N, L, A = keys.shape
     # An inference tensor (Lightning's validation) has no version counter to cache by.
     exp_k = _exp_form_keys(keys * 2.0) if keys.is_inference() else _cached_exp_keys(keys)
-    q = _grouped(score.U(h).to(keys.dtype) * 2.0, N)[:, :, None, :]  # (N, g, 1, A)
+    q = grouped(score.U(h).to(keys.dtype) * 2.0, N)[:, :, None, :]  # (N, g, 1, A)
     g = q.shape[1]
     exp_neg_q = torch.exp(-q) if exp_k is not None and float(q.abs().amax()) <= EXP_FORM_BOUND else None
     n = min(N, max(1, SCORE_CHUNK_ELEMENTS // (g * L * A)))  # images per chunk

@@ -1,11 +1,15 @@
-"""A model folder's description files, read and checked without torch, so that the PyTorch
-loader (captioning/checkpoint.py) and the ONNX engine (captioning/export/runtime.py) check a
-folder the same way:
+"""Model folders, written and read: what ``Captioner.save_pretrained`` writes and
+``Captioner.from_pretrained`` and the ONNX engine read, plain files that need neither Lightning
+nor the training code. The description files are read and checked without torch, so that the
+PyTorch loader and the ONNX engine (captioning/export/runtime.py) check a folder the same way;
+torch is imported only to write or load the weights.
 
-    config.json   {"format", "format_version", "vocab_size", "vocab_sha256", "config", "training_data"
-                   (captioning/provenance.py), "run"?}
-    vocab.json    the vocabulary, a list of words (ids are positions)
-    onnx.json     (ONNX exports only) {"encoder", "step", "attention", "hard_mode", "opset", "image_size",
+    config.json        {"format", "format_version", "vocab_size", "vocab_sha256", "config",
+                        "training_data" (captioning/provenance.py), "run"?}
+    vocab.json         the vocabulary, a list of words (ids are positions)
+    model.safetensors  the model's weights (ShowAttendTell's state_dict), no pickle
+    README.md          a model card: architecture, test scores, how it was made, how to load it
+    onnx.json          (ONNX exports only) {"encoder", "step", "attention", "hard_mode", "opset", "image_size",
                   "sha256": {file: digest} of the graphs and of the files they were exported from
                   (config.json, vocab.json, model.safetensors), "shapes": {"encoder"|"step":
                   {"inputs"|"outputs": {name: [dim, ...]}}} with "?" for a free dimension}
@@ -18,16 +22,30 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
-from captioning.console import CaptioningError
-from captioning.config import Config, ConfigError, checked
+from captioning import provenance
+from captioning.console import CaptioningError, one_line
+from captioning.config import Config, ConfigError, checked, merge, to_dict
+from captioning.files import ForeignFolderError, new_file_mode, open_regular, replacing_folder
 from captioning.vocab import Vocabulary
+
+if TYPE_CHECKING:
+    import torch
+
+    from captioning.models import ShowAttendTell
 
 
 class CheckpointError(CaptioningError, ValueError):
     """A checkpoint or model folder is missing, damaged, or from an incompatible version."""
+
+
+class LoadedModel(NamedTuple):
+    model: ShowAttendTell
+    config: Config
+    vocab: Vocabulary
 
 
 FOLDER_FORMAT = "show-attend-tell"
@@ -124,8 +142,6 @@ ONNX_FINGERPRINTED = ("config.json", "vocab.json", "model.safetensors")
 
 def file_sha256(path: Path) -> str | None:
     """The sha256 of a regular file's bytes, or None when it is missing or not a regular file."""
-    from captioning.files import open_regular
-
     try:
         fd = open_regular(path)
     except OSError:
@@ -157,3 +173,214 @@ def run_record(metrics: dict | None) -> dict | None:
         return None
     record = {key: metrics[key] for key in RUN_KEYS if key in metrics}
     return record or None
+
+
+def save_model_folder(folder: str | Path, model: ShowAttendTell, cfg: Config, vocab: Vocabulary,
+                      card: str, run: dict | None = None, training_data: dict | None = None,
+                      also: Callable[[Path], None] | None = None) -> Path:
+    """Write a model folder; ``card`` is the README.md text, ``run`` what the training run said of
+    the model (config.json "run"), ``training_data`` what it was trained on (default: inferred
+    from ``cfg``, captioning/provenance.py); ``also`` writes more files (the ONNX graphs) into the
+    new folder before it is put in place. Only a new or empty folder, or a model folder,
+    is written (a file of yours in it is kept): anything else raises CheckpointError and is left as
+    it was. The folder is written whole beside ``folder`` and then swapped in
+    (captioning/files.py replacing_folder), so ``folder`` holds the old model, intact, until the
+    new one is complete: a kill, a full disk or a failed export never leaves it half-old, half-new."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    meta = {"format": FOLDER_FORMAT, "format_version": FOLDER_FORMAT_VERSION, "vocab_size": len(vocab),
+            "vocab_sha256": vocab_fingerprint(vocab), "config": to_dict(cfg),
+            "training_data": provenance.checked(training_data, cfg, len(vocab))}
+    if run_record(run):
+        meta["run"] = run_record(run)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    try:
+        with replacing_folder(folder, "model", [*FOLDER_FILES, *STALE_AFTER_SAVE], what="write the model") as new:
+            save_file(state, str(new / "model.safetensors"), metadata={"format": FOLDER_FORMAT})
+            os.chmod(new / "model.safetensors", new_file_mode())  # safetensors makes it owner-only; a model is shared
+            (new / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+            (new / "vocab.json").write_text(json.dumps(vocab.words, indent=0) + "\n")
+            (new / "README.md").write_text(card)
+            if also is not None:
+                also(new)
+    except ForeignFolderError as err:
+        raise CheckpointError(err) from None
+    return folder
+
+
+def load_model_folder(folder: str | Path, map_location: str | torch.device = "cpu") -> LoadedModel:
+    """Rebuild the model in eval mode from a model folder."""
+    return load_model_folder_and_data(folder, map_location)[0]
+
+
+def load_model_folder_and_data(folder: str | Path,
+                               map_location: str | torch.device = "cpu") -> tuple[LoadedModel, dict]:
+    """:func:`load_model_folder`, and what the model was trained on (config.json "training_data",
+    or inferred from its config for a folder written before it was kept)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from captioning.models import ShowAttendTell
+
+    folder = Path(folder)
+    meta, cfg, vocab = read_folder_meta(folder)
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"{weights} is missing; a model folder holds {', '.join(FOLDER_FILES)}")
+    try:
+        state = load_file(str(weights), device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        reason = one_line(err)
+        raise CheckpointError(f"{weights} is damaged ({reason}); copy the folder again") from None
+    cfg = merge(cfg, {"model": {"encoder": {"weights": "none"}}})  # the weights come from the folder
+    model = ShowAttendTell(cfg.model, len(vocab))
+    embedding = state.get("decoder.embedding.weight")
+    if embedding is not None and embedding.shape[0] != len(vocab):
+        raise CheckpointError(f"{weights} was saved for {embedding.shape[0]} words but vocab.json holds "
+                              f"{len(vocab)}; copy the folder's files together")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(f"{weights}: weights do not match config.json ({str(err).splitlines()[0]})") from None
+    trained_on = provenance.checked(meta.get("training_data"), cfg, len(vocab))
+    return LoadedModel(model.to(map_location).eval(), cfg, vocab), trained_on
+
+
+def read_run_metrics(source: str | Path) -> dict | None:
+    """What the training run said of a model (scores on the test split, the command): the
+    metrics.json beside a checkpoint, or a model folder's config.json "run"; None if neither."""
+    source = Path(source)
+    path = source / "config.json" if source.is_dir() else source.parent / "metrics.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if source.is_dir():
+        data = data.get("run") if isinstance(data, dict) else None
+    return data if isinstance(data, dict) else None
+
+
+_CARD_METRICS = (("bleu_1", "BLEU-1"), ("bleu_2", "BLEU-2"), ("bleu_3", "BLEU-3"), ("bleu_4", "BLEU-4"),
+                 ("meteor", "METEOR"), ("rouge_l", "ROUGE-L"), ("cider", "CIDEr"), ("spice", "SPICE"))
+
+
+#: Metric ids of the card's metadata (the names model hubs use), for the scores a card can show.
+_HUB_METRICS = {"bleu_1": "bleu", "bleu_2": "bleu", "bleu_3": "bleu", "bleu_4": "bleu", "meteor": "meteor",
+                "rouge_l": "rouge", "cider": "cider", "spice": "spice"}
+
+
+def card_metadata(cfg: Config, metrics: dict | None = None) -> list[str]:
+    """The card's YAML front matter, the metadata header model hubs read (library_name,
+    pipeline_tag, license, tags, datasets, metrics). ``metrics``: the run's metrics.json; its
+    test scores name the metrics, else the ones training scores. Values are JSON strings, which
+    YAML reads as they are."""
+    data = cfg.data
+    dataset = {"synthetic": "show-attend-tell-synthetic", "coco": "coco"}.get(data.dataset) or Path(data.root).name
+    scores = (metrics or {}).get("metrics")
+    keys = [k for k in scores if k in _HUB_METRICS] if isinstance(scores, dict) else []
+    hub_metrics = list(dict.fromkeys(_HUB_METRICS[k] for k in keys or ("bleu_4", "meteor", "rouge_l", "cider")))
+    tags = ["image-captioning", "show-attend-tell", f"{cfg.model.attention}-attention", "pytorch"]
+
+    def items(values: list[str]) -> list[str]:
+        return [f"- {json.dumps(v)}" for v in values]
+
+    return ["---", "library_name: show-attend-tell", "pipeline_tag: image-to-text", "license: mit",
+            "tags:", *items(tags), "datasets:", *items([dataset]), "metrics:", *items(hub_metrics), "---", ""]
+
+
+def model_card(model: ShowAttendTell, cfg: Config, vocab: Vocabulary, command: str,
+               source: str | None = None, metrics: dict | None = None, training_data: dict | None = None) -> str:
+    """README.md of a model folder: the metadata header (card_metadata), what the model is, what
+    it was trained on, its intended use and limitations, its test scores (from the training run's
+    metrics.json, when there is one), the command that made the folder, and how to load it, with
+    PyTorch and with ONNX Runtime."""
+    trained_on = provenance.checked(training_data, cfg, len(vocab))
+    enc, dec = cfg.model.encoder, cfg.model.decoder
+    params = sum(p.numel() for p in model.parameters())
+    lines = [
+        *card_metadata(cfg, metrics),
+        f"# Show, Attend and Tell: {cfg.model.attention} attention",
+        "",
+        "An image captioning model (Xu et al., 2015), saved by `Captioner.save_pretrained`.",
+        "",
+        "| | |", "|---|---|",
+        f"| attention | {cfg.model.attention} ({dec.score} score, {dec.gate} gate) |",
+        f"| encoder | {enc.backbone} up to {enc.stage or 'the last stage'}, {enc.grid_size}x{enc.grid_size} grid |",
+        f"| decoder | LSTM {dec.hidden_dim}, embedding {dec.embed_dim}, attention {dec.attention_dim} |",
+        f"| vocabulary | {len(vocab)} words |",
+        f"| parameters | {params:,} |",
+        f"| images | {cfg.data.image_size}x{cfg.data.image_size}, dataset `{cfg.data.dataset}` |",
+        f"| decoding | beam {cfg.decode.beam_size}, at most {cfg.decode.max_len} words"
+        + (f", hard mode {cfg.decode.hard_mode}" if model.mechanism.test_modes else "") + " |",
+        f"| training data | {provenance.describe(trained_on)} |",
+        "",
+        *_intended_use(trained_on, metrics),
+    ]
+    scores = (metrics or {}).get("metrics")
+    if isinstance(scores, dict) and scores:
+        n = metrics.get("num_images")
+        lines += [f"## Test split scores (x100{f', {n} images' if n else ''})", "", "| metric | score |", "|---|---|"]
+        for key, name in _CARD_METRICS:
+            if isinstance(scores.get(key), (int, float)):
+                lines.append(f"| {name} | {100 * scores[key]:.2f} |")
+        lines.append("")
+    else:
+        lines += ["## Test split scores", "", "Not scored: no test scores in a metrics.json beside the checkpoint.", ""]
+    lines += ["## How it was made", ""]
+    if isinstance((metrics or {}).get("command"), str):
+        lines += ["Trained with:", "", "```", metrics["command"], "```", ""]
+    if metrics and metrics.get("global_step") is not None:
+        lines += [f"{metrics.get('epochs')} epochs, {metrics.get('global_step')} steps, "
+                  f"{metrics.get('train_seconds')} s of training.", ""]
+    if source:
+        lines += [f"From the checkpoint `{Path(source).name}`, written into this folder by:", ""]
+    else:
+        lines += ["Written into this folder by:", ""]
+    lines += ["```", command, "```", "",
+              "## Use", "", "```python", "from captioning import Captioner", "",
+              "captioner = Captioner.from_pretrained(\"THIS_FOLDER\")",
+              "print(captioner.caption(\"photo.jpg\")[0].text)", "```", "",
+              "With ONNX Runtime, without PyTorch (`pip install 'show-attend-tell[export]'`): export the "
+              "graphs into the folder once, then caption with them:", "",
+              "```bash", "captioning export --checkpoint THIS_FOLDER --out THIS_FOLDER-onnx --format onnx",
+              "captioning caption --engine onnx --model THIS_FOLDER-onnx photo.jpg", "```", "",
+              "```python", "from captioning.export.runtime import OnnxCaptioner", "",
+              "engine = OnnxCaptioner(\"THIS_FOLDER-onnx\")",
+              "print(engine.caption(\"photo.jpg\")[0].text)", "```", ""]
+    return "\n".join(lines)
+
+
+def _intended_use(trained_on: dict, metrics: dict | None) -> list[str]:
+    """The card's "Intended use" and "Limitations": what the model was trained on, what it
+    cannot do, and its measured scores with the command that measured them."""
+    lines = ["## Intended use", ""]
+    if provenance.is_synthetic(trained_on):
+        lines += ["Research and teaching: a small model of the paper's soft or hard attention on the built-in "
+                  "synthetic set of coloured shapes, to see where each word looks and to compare the two "
+                  "mechanisms. It is not a captioner of photographs.", "",
+                  "## Limitations", "",
+                  f"- Trained on {provenance.describe(trained_on)} only: every image it is given, a photo of a "
+                  "cat included, is described as coloured shapes (\"a large yellow square to the left of ...\").",
+                  f"- It can say only its {trained_on.get('vocab_size')} words: colours, sizes, shapes and "
+                  "places. It knows no objects, people, scenes or actions of the real world."]
+    else:
+        lines += [f"Captioning images like those it was trained on ({provenance.describe(trained_on)}).", "",
+                  "## Limitations", "",
+                  f"- It can say only the {trained_on.get('vocab_size')} words of its training captions, and "
+                  "describes images unlike its training data poorly.",
+                  "- Captions carry the biases of the training captions; do not use them for decisions about "
+                  "people."]
+    lines.append(f"- Images are resized to a square at the model's input size: fine detail and the aspect "
+                 "of long panoramas are lost.")
+    scores = (metrics or {}).get("metrics")
+    bleu = scores.get("bleu_4") if isinstance(scores, dict) else None
+    if isinstance(bleu, (int, float)):
+        n = (metrics or {}).get("num_images")
+        measured = f"- Measured: BLEU-4 {100 * bleu:.1f} on the test split{f' ({n} images)' if n else ''} of its " \
+                   "training data, the only data it was scored on"
+        command = (metrics or {}).get("command")
+        lines.append(measured + (f", by `{command}` (all scores below)." if isinstance(command, str) else "."))
+    else:
+        lines.append("- Measured: not scored (no test scores in a metrics.json beside the checkpoint).")
+    return lines + [""]

@@ -55,6 +55,16 @@ class Progress:
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
+    @property
+    def rate(self) -> float:
+        """This run's work per second."""
+        return self.new / max(self.elapsed, 1e-9)
+
+    @property
+    def eta(self) -> float:
+        """Seconds left at this run's rate (0 before any of its work)."""
+        return (self.total - self.done) / self.rate if self.rate > 0 else 0.0
+
     def update(self, count: int, note: str | None = None) -> None:
         self.done += count
         self.new += count
@@ -76,13 +86,11 @@ class Progress:
         print(self.line(), file=self.stream, flush=True)
 
     def line(self) -> str:
-        elapsed = max(self.elapsed, 1e-9)
-        rate = self.new / elapsed
-        eta = (self.total - self.done) / rate if rate > 0 else 0.0
+        rate = self.rate
         rate_text = f"{rate:.1f}" if rate < 100 else f"{rate:.0f}"
         return (f"{self.label}: {self.done}/{self.total} {self.unit} "
                 f"({100 * self.done / max(self.total, 1):.0f}%), {rate_text} {self.unit}/s, "
-                f"elapsed {format_duration(elapsed)}, ETA {format_duration(eta)}"
+                f"elapsed {format_duration(self.elapsed)}, ETA {format_duration(self.eta)}"
                 + (f", {self.note}" if self.note else ""))
 
     def close(self) -> None:

@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from captioning import Captioner
-from captioning.checkpoint import FOLDER_FILES, CheckpointError
+from captioning.model_folder import FOLDER_FILES, CheckpointError
 from captioning.files import MARKER
 from captioning.vocab import SPECIALS, Vocabulary
 from conftest import TINY_YAML, own_copy

@@ -1,4 +1,5 @@
-"""The one progress helper, the device helper's peak memory, and the package's import layering."""
+"""The one progress helper, the device helper's peak memory, and the package's import layering
+and boundaries."""
 
 from __future__ import annotations
 
@@ -102,3 +103,31 @@ def test_no_library_module_imports_the_cli_or_a_posix_only_module_at_top():
 
 def test_store_does_not_import_the_datamodule():
     assert not any(name.startswith("captioning.data.datamodule") for name in _imports(PACKAGE / "data" / "store.py"))
+
+
+def test_no_module_uses_another_modules_private_names():
+    """A name with a leading underscore is its module's own: no `from captioning.x import _y`, and
+    no `x._y` where x names a module or an object imported from the package."""
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("captioning"):
+                found += [f"{path}: from {node.module} import {a.name}" for a in node.names if _private(a.name)]
+                imported.update(a.asname or a.name for a in node.names)
+            elif isinstance(node, ast.Import):
+                imported.update(a.asname or a.name.split(".")[0] for a in node.names if a.name.startswith("captioning"))
+        found += [f"{path}:{node.lineno}: {ast.unparse(node)}" for node in ast.walk(tree)
+                  if isinstance(node, ast.Attribute) and _private(node.attr) and _root(node.value) in imported]
+    assert not found, found
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _root(node: ast.expr) -> str | None:
+    while isinstance(node, ast.Attribute):
+        node = node.value
+    return node.id if isinstance(node, ast.Name) else None

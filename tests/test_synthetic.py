@@ -194,7 +194,8 @@ def test_groups_are_clearly_ordered(image_size, n):
             relations["y"] += dy >= margin  # the pool then also offers above/below
         if len(xs) >= 2 and len(xs) == len(objects):  # every group one object: the order is stated
             ordered = [o.key for o in sorted(objects, key=lambda o: o.cx)]
-            body = " ".join(language._np_text(key, 1) for key in ordered[:-1]) + " and " + language._np_text(ordered[-1], 1)
+            nps = [language.noun_phrase_text(key, 1) for key in ordered]
+            body = " ".join(nps[:-1]) + " and " + nps[-1]
             assert f"from left to right {body}" in language.caption_pool(objects, image_size)
         assert check_caption(canonical, objects)
     assert set(counts) == {1, 2, 3}

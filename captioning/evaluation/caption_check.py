@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from captioning.console import InvalidValue
-from captioning.data.synthetic.language import (_COUNT_OF, _VOCABULARY_SET, COUNT_WORDS, ORDERS, PLURALS, PREFIXES,
-                                                RELATIONS, _np_text)
-from captioning.data.synthetic.scenes import COLOURS, SHAPES, SIZES, SceneObject, _coord, _groups
+from captioning.data.synthetic.language import (COUNT_OF, COUNT_WORDS, ORDERS, PLURALS, PREFIXES, RELATIONS, VOCABULARY,
+                                                noun_phrase_text)
+from captioning.data.synthetic.scenes import COLOURS, SHAPES, SIZES, SceneObject, group_objects
 
 @dataclass(frozen=True)
 class _NounPhrase:
@@ -19,7 +19,7 @@ class _NounPhrase:
     key: tuple[str, str, str]
 
     def __str__(self) -> str:
-        return _np_text(self.key, self.count)
+        return noun_phrase_text(self.key, self.count)
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ class _Parser:
         return word
 
     def noun_phrase(self) -> _NounPhrase:
-        count = _COUNT_OF[self.expect(list(_COUNT_OF), "'a', 'two' or 'three'")]
+        count = COUNT_OF[self.expect(list(COUNT_OF), "'a', 'two' or 'three'")]
         size = self.expect(SIZES, "a size")
         colour = self.expect(COLOURS, "a colour")
         if count == 1:
@@ -116,14 +116,14 @@ def _parse(caption: str) -> _Parsed:
     tokens = caption.lower().split()
     if not tokens:
         raise _Ungrammatical("empty caption")
-    unknown = [t for t in tokens if t not in _VOCABULARY_SET]
+    unknown = [t for t in tokens if t not in VOCABULARY]
     if unknown:
         raise _Ungrammatical(f"unknown word {unknown[0]!r}")
     return _Parser(tokens).caption()
 
 
 def _falsity(parsed: _Parsed, objects: Sequence[SceneObject]) -> str | None:
-    groups = _groups(objects)
+    groups = group_objects(objects)
     if parsed.form == "relation":
         a, b = parsed.nps
         if len(objects) != 2 or len(groups) != 2:
@@ -139,27 +139,27 @@ def _falsity(parsed: _Parsed, objects: Sequence[SceneObject]) -> str | None:
         if a.key == b.key:
             return f"both sides of the relation are '{a}'"
         axis, sign = RELATIONS[parsed.phrase]  # type: ignore[index]
-        if sign * (_coord(groups[a.key][0], axis) - _coord(groups[b.key][0], axis)) <= 0:
+        if sign * (groups[a.key][0].centre(axis) - groups[b.key][0].centre(axis)) <= 0:
             return f"'{a}' is not {parsed.phrase} '{b}'"
         return None
     named: set[tuple[str, str, str]] = set()
     for np_ in parsed.nps:
         if np_.key in named:
-            return f"'{_np_text(np_.key, 1)}' kind named twice"
+            return f"'{noun_phrase_text(np_.key, 1)}' kind named twice"
         named.add(np_.key)
         members = groups.get(np_.key)
         if members is None:
             return f"'{np_}' is not in the scene"
         if len(members) != np_.count:
             return f"the caption says '{np_}' but the scene has {len(members)}"
-    missing = [_np_text(key, len(members)) for key, members in groups.items() if key not in named]
+    missing = [noun_phrase_text(key, len(members)) for key, members in groups.items() if key not in named]
     if missing:
         return "missing: " + ", ".join(f"'{m}'" for m in missing)
     if parsed.form == "ordered":
         if any(np_.count != 1 for np_ in parsed.nps):
             return f"'{parsed.phrase}' is used only when every object is of a different kind"
         axis = ORDERS[parsed.phrase]  # type: ignore[index]
-        coords = [_coord(groups[np_.key][0], axis) for np_ in parsed.nps]
+        coords = [groups[np_.key][0].centre(axis) for np_ in parsed.nps]
         if not all(a < b for a, b in zip(coords, coords[1:])):
             return f"the objects are not listed {parsed.phrase}"
     return None

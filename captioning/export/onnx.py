@@ -2,7 +2,7 @@
 
     captioning export --checkpoint runs/soft/best.ckpt --out exported/soft --format onnx
 
-The folder is a model folder (captioning/checkpoint.py: config.json, vocab.json,
+The folder is a model folder (captioning/model_folder.py: config.json, vocab.json,
 model.safetensors, README.md) plus
 
     encoder.onnx  images [B, 3, S, S] -> annotations a [B, L, D], keys W a [B, L, K], h_0, c_0 [B, n]
@@ -26,8 +26,7 @@ import torch
 from torch import nn
 
 from captioning.console import CaptioningError
-from captioning.checkpoint import STALE_AFTER_SAVE
-from captioning.model_folder import ONNX_FINGERPRINTED, file_sha256
+from captioning.model_folder import ONNX_FINGERPRINTED, STALE_AFTER_SAVE, file_sha256
 from captioning.models import ShowAttendTell
 from captioning.models.decoder import DecoderState
 
@@ -81,10 +80,10 @@ def export_onnx(model: ShowAttendTell, image_size: int, folder: str | Path, hard
     if mechanism.test_modes:
         mode = hard_mode or mechanism.test_modes[0]
         if mode not in mechanism.exportable_modes:
-            raise ExportError(f"{model.attention} attention's {mode!r} mode draws random locations and cannot be "
+            raise ExportError(f"{model.attention_kind} attention's {mode!r} mode draws random locations and cannot be "
                               f"exported; export with hard mode {' or '.join(mechanism.exportable_modes)}")
     elif hard_mode not in (None, "expected"):
-        raise ExportError(f"hard mode {hard_mode!r} needs a hard-attention model; this one uses {model.attention} "
+        raise ExportError(f"hard mode {hard_mode!r} needs a hard-attention model; this one uses {model.attention_kind} "
                           "attention")
     model = model.float().eval().cpu()
     images = torch.zeros(2, 3, image_size, image_size)
@@ -96,7 +95,7 @@ def export_onnx(model: ShowAttendTell, image_size: int, folder: str | Path, hard
         _export(EncoderGraph(model), (images,), folder / ENCODER_FILE, ["images"], ["features", "keys", "h", "c"])
         _export(StepGraph(model, mode or "expected"), (words, h.detach(), c.detach(), features.detach(), keys.detach()),
                 folder / STEP_FILE, ["words", "h", "c", "features", "keys"], ["log_probs", "h_out", "c_out", "alpha"])
-    meta = {"encoder": ENCODER_FILE, "step": STEP_FILE, "attention": model.attention, "hard_mode": mode,
+    meta = {"encoder": ENCODER_FILE, "step": STEP_FILE, "attention": model.attention_kind, "hard_mode": mode,
             "opset": OPSET, "image_size": image_size,
             # Checked at load (captioning/model_folder.py read_onnx_meta), as a checkpoint's weights are.
             "sha256": {name: file_sha256(folder / name) for name in (*ONNX_FINGERPRINTED, ENCODER_FILE, STEP_FILE)},

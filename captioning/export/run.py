@@ -3,7 +3,7 @@
     captioning export --checkpoint runs/soft/best.ckpt --out exported/soft               # model folder
     captioning export --checkpoint runs/soft/best.ckpt --out exported/soft --format onnx # + ONNX graphs
 
-The folder (captioning/checkpoint.py) holds config.json, vocab.json, model.safetensors and a
+The folder (captioning/model_folder.py) holds config.json, vocab.json, model.safetensors and a
 README.md model card built from the run's metrics.json (or from the model folder exported again).
 --out must be a new or empty folder, or a model folder written before (its files are replaced;
 files of anyone else's are never touched). ``Captioner.from_pretrained(DIR)`` loads it

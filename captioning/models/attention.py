@@ -30,7 +30,7 @@ from captioning.console import InvalidValue
 from captioning.config import HARD_MODES, DecoderConfig, LossConfig
 
 
-def _grouped(x: torch.Tensor, images: int) -> torch.Tensor:
+def grouped(x: torch.Tensor, images: int) -> torch.Tensor:
     """[N*g, ...] -> [N, g, ...]: the rows of each image together."""
     g, rem = x.shape[0] // images, x.shape[0] % images  # not divmod: torch.export traces // and %
     if rem or g == 0:
@@ -40,7 +40,7 @@ def _grouped(x: torch.Tensor, images: int) -> torch.Tensor:
 
 def _masked(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """scores [N*g, L] -> [N, g, L] with -inf where mask [N, L] is False."""
-    return _grouped(scores, mask.shape[0]).masked_fill(~mask[:, None], float("-inf"))
+    return grouped(scores, mask.shape[0]).masked_fill(~mask[:, None], float("-inf"))
 
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -55,12 +55,12 @@ def masked_log_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
 
 def expected_context(alpha: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
     """z_t = sum_i alpha_ti a_i (Eq. 13): alpha [N*g, L], features [N, L, D] -> [N*g, D]."""
-    return torch.bmm(_grouped(alpha, features.shape[0]), features).view(alpha.shape[0], -1)
+    return torch.bmm(grouped(alpha, features.shape[0]), features).view(alpha.shape[0], -1)
 
 
 def _query_products(keys: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
     """keys [N, L, A] . query [N*g, A] -> [N*g, L] (dot-product scores, grouped per image)."""
-    return torch.bmm(keys, _grouped(query, keys.shape[0]).transpose(1, 2)).transpose(1, 2).reshape(query.shape[0], -1)
+    return torch.bmm(keys, grouped(query, keys.shape[0]).transpose(1, 2)).transpose(1, 2).reshape(query.shape[0], -1)
 
 
 # ----------------------------------------------------------------------------- score functions
@@ -114,7 +114,7 @@ class AdditiveScore(Score):
     def from_query(self, keys: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         """keys W a [N, L, A], query U h [N*g, A] -> e = v^T tanh(W a + U h) + b [N*g, L]."""
         N, L, A = keys.shape
-        q = _grouped(query, N)[:, :, None, :]  # (N, g, 1, A)
+        q = grouped(query, N)[:, :, None, :]  # (N, g, 1, A)
         e = self.v(torch.tanh(keys[:, None] + q))  # (N, g, L, 1)
         return e.view(query.shape[0], L)
 
@@ -193,7 +193,9 @@ class TrainingPlan(NamedTuple):
 
 
 class Mechanism(nn.Module):
-    """What every mechanism answers, so that no caller compares its name."""
+    """What every mechanism answers, so that no caller compares its name; and, for a mechanism
+    with a score f_att, its two halves: ``project`` (W a_i, once per image) and ``forward`` (the
+    step's scores e_t, handed to the mechanism's ``attend``)."""
 
     #: The attention modes it offers at test time, the first the default; empty: it has no choice
     #: to make (it always attends in the one way it has).
@@ -209,18 +211,9 @@ class Mechanism(nn.Module):
         """The mechanism with its score f_att as ``cfg`` describes it."""
         return cls(build_score(cfg.score, feature_dim, cfg.hidden_dim, cfg.attention_dim, cfg.attention_layers))
 
-    def training_plan(self, cfg: LossConfig, images: int, step_seed: int, device: torch.device) -> TrainingPlan:
-        """What a training step of ``images`` images samples (``step_seed``: the same on every
-        DDP rank for one optimiser step): a deterministic mechanism samples nothing."""
-        return TrainingPlan("expected", None, 1)
-
-
-class SoftAttention(Mechanism):
-    """Deterministic soft attention: z = sum_i alpha_i a_i (Sec. 4.2)."""
-
-    def __init__(self, score: Score) -> None:
+    def __init__(self, score: Score | None = None) -> None:
         super().__init__()
-        self.score = score
+        self.score = score  # f_att; None where the mechanism has none (NoAttention)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return self.score.project(features)
@@ -236,6 +229,15 @@ class SoftAttention(Mechanism):
         sample_mask: torch.Tensor | None = None,
     ) -> Attended:
         return self.attend(features, mask, self.score(keys, h), mode=mode, sample_mask=sample_mask)
+
+    def training_plan(self, cfg: LossConfig, images: int, step_seed: int, device: torch.device) -> TrainingPlan:
+        """What a training step of ``images`` images samples (``step_seed``: the same on every
+        DDP rank for one optimiser step): a deterministic mechanism samples nothing."""
+        return TrainingPlan("expected", None, 1)
+
+
+class SoftAttention(Mechanism):
+    """Deterministic soft attention: z = sum_i alpha_i a_i (Sec. 4.2)."""
 
     def attend(
         self,
@@ -253,7 +255,7 @@ class SoftAttention(Mechanism):
         return Attended(expected_context(alpha, features), alpha, None, None)
 
 
-class HardAttention(SoftAttention):
+class HardAttention(Mechanism):
     """Stochastic hard attention: s_t ~ Multinoulli(alpha_t), z = a_{s_t} (Sec. 4.1).
 
     mode "sample": images whose ``sample_mask`` entry is True draw a location; the others use the
@@ -337,7 +339,7 @@ class NoAttention(Mechanism):
         if mode != "expected":
             raise InvalidValue(f"attention 'none' has no '{mode}' mode; only hard attention samples")
         N, L = mask.shape
-        g = _grouped(h, N).shape[1]  # rows per image
+        g = grouped(h, N).shape[1]  # rows per image
         uniform = mask.to(features.dtype) / mask.sum(1, keepdim=True).clamp_min(1)  # (N, L)
         alpha = uniform[:, None].expand(N, g, L).reshape(N * g, L)  # (B, L)
         return Attended(expected_context(alpha, features), alpha, None, None)

@@ -27,14 +27,14 @@ class TeacherForcing(NamedTuple):
 class ShowAttendTell(nn.Module):
     """images [B, 3, H, W] -> annotation grid [B, L, D] -> word distributions, one per step.
 
-    ``attention`` ("soft", "hard" or "none") picks the mechanism once, at construction: the model
-    holds only the modules that mechanism uses. ``mechanism`` is that module: ask it what the
-    mechanism does (captioning/models/attention.py).
+    ``attention_kind`` ("soft", "hard" or "none") names the mechanism, picked once, at construction:
+    the model holds only the modules that mechanism uses. ``mechanism`` is that module: ask it what
+    the mechanism does (captioning/models/attention.py).
     """
 
     def __init__(self, cfg: ModelConfig, vocab_size: int) -> None:
         super().__init__()
-        self.attention = cfg.attention  # its name, as the config and the records say it
+        self.attention_kind = cfg.attention  # its name, as the config and the records say it
         self.encoder = Encoder(cfg.encoder)
         self.decoder = Decoder(cfg.decoder, vocab_size, self.encoder.out_channels, cfg.attention)
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from captioning.console import CaptioningError, InvalidValue
-from captioning.config import BACKBONES, RESNET_STAGES, RESNETS, VGG_STAGES, VGGS, EncoderConfig  # noqa: F401
+from captioning.config import BACKBONES, RESNETS, VGG_STAGES, EncoderConfig
 
 if TYPE_CHECKING:
     import torchvision
@@ -27,16 +27,16 @@ class EncoderWeightsError(CaptioningError, RuntimeError):
     """Pretrained weights could not be loaded (offline, missing or mismatched file)."""
 
 
-def _resnet_stages(net: torchvision.models.ResNet) -> list[tuple[str, nn.Module]]:
-    stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
-    return [("stem", stem), ("layer1", net.layer1), ("layer2", net.layer2),
-            ("layer3", net.layer3), ("layer4", net.layer4)]
-
-
-def _vgg_stages(net: torchvision.models.VGG) -> list[tuple[str, nn.Module]]:
-    """Split ``features`` at its max-pools. conv_k is the k-th block; conv1..conv4 end with their
-    pool (so the next block sees the downsampled map), conv5 stops BEFORE its pool: the paper's
-    annotations are conv5_4 (VGG-19) before max-pooling, at stride 16."""
+def backbone_stages(net: torchvision.models.ResNet | torchvision.models.VGG,
+                    backbone: str) -> list[tuple[str, nn.Module]]:
+    """The named stages of the torchvision ``backbone`` ``net``, in order. A VGG's ``features`` are
+    split at its max-pools: conv_k is the k-th block; conv1..conv4 end with their pool (so the next
+    block sees the downsampled map), conv5 stops BEFORE its pool: the paper's annotations are
+    conv5_4 (VGG-19) before max-pooling, at stride 16."""
+    if backbone in RESNETS:
+        stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        return [("stem", stem), ("layer1", net.layer1), ("layer2", net.layer2),
+                ("layer3", net.layer3), ("layer4", net.layer4)]
     stages, current = [], []
     for layer in net.features:
         current.append(layer)
@@ -115,7 +115,7 @@ class Encoder(nn.Module):
 
         net = torchvision.models.get_model(cfg.backbone, weights=None)
         load_backbone_weights(net, cfg.backbone, cfg.weights)
-        all_stages = _resnet_stages(net) if cfg.backbone in RESNETS else _vgg_stages(net)
+        all_stages = backbone_stages(net, cfg.backbone)
         names = [name for name, _ in all_stages]
         last = cfg.stage or names[-1]
         if last not in names:

@@ -52,7 +52,7 @@ from captioning.console import CaptioningError
 from captioning.config import HARD_MODES, Config, ConfigError, build_config, flatten, safe_yaml, to_dict  # expected first
 from captioning.data.coco import read_json
 from captioning.files import RunLock, atomic_write
-from captioning.progress import format_duration
+from captioning.progress import Progress, format_duration
 
 ATTENTIONS = ("none", "soft", "hard")
 
@@ -534,7 +534,7 @@ def execute_parallel(plan: Plan, child_argv: Callable[[str], list[str]], jobs: i
     logs.mkdir(parents=True, exist_ok=True)
     running: dict[str, tuple[subprocess.Popen, float, object]] = {}
     done, failed = [], []
-    clock = _Clock({"run": len(waiting)}, log)
+    progress = Progress(len(waiting), "compare", unit="runs", enabled=False)
     log(f"compare: {len(waiting)} runs to do, {jobs} at a time with {threads} thread(s) each; "
         f"each run's output in {logs}/")
     try:
@@ -563,7 +563,7 @@ def execute_parallel(plan: Plan, child_argv: Callable[[str], list[str]], jobs: i
                 del running[name]
                 if proc.returncode == 0:
                     done.append(name)
-                    clock.finished("run", f"finished {name}", time.perf_counter() - started)
+                    _log_done(log, progress, f"finished {name}", time.perf_counter() - started)
                 else:
                     failed.append(name)
                     log(f"compare: {name} failed with exit status {proc.returncode}; see {logs / f'{name}.txt'}")
@@ -598,7 +598,7 @@ def write_encoder_file(checkpoint: Path, path: Path) -> None:
     import torchvision
 
     from captioning.checkpoint import CheckpointError, checkpoint_config, read_checkpoint
-    from captioning.models.encoder import RESNETS, _resnet_stages, _vgg_stages
+    from captioning.models.encoder import backbone_stages
 
     try:
         ckpt = read_checkpoint(checkpoint)
@@ -608,7 +608,7 @@ def write_encoder_file(checkpoint: Path, path: Path) -> None:
     prefix = "model.encoder.stages."
     trained = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     net = torchvision.models.get_model(cfg.model.encoder.backbone, weights=None)
-    stages = dict(_resnet_stages(net) if cfg.model.encoder.backbone in RESNETS else _vgg_stages(net))
+    stages = dict(backbone_stages(net, cfg.model.encoder.backbone))
     for name in {key.split(".", 1)[0] for key in trained}:
         stages[name].load_state_dict({k.split(".", 1)[1]: v for k, v in trained.items() if k.startswith(f"{name}.")})
     buffer = io.BytesIO()
@@ -617,28 +617,11 @@ def write_encoder_file(checkpoint: Path, path: Path) -> None:
     atomic_write(path, buffer.getbuffer())
 
 
-class _Clock:
-    """Progress lines: done/total, mean seconds per item (the rate) and ETA, per kind of work."""
-
-    def __init__(self, totals: dict[str, int], log: Callable[[str], None]) -> None:
-        self.totals, self.log = totals, log
-        self.done = {k: 0 for k in totals}
-        self.spent = {k: 0.0 for k in totals}
-        self.started = time.perf_counter()
-
-    def finished(self, kind: str, what: str, seconds: float) -> None:
-        self.done[kind] += 1
-        self.spent[kind] += seconds
-        eta = sum((self.totals[k] - self.done[k]) * (self.spent[k] / self.done[k] if self.done[k] else
-                                                     self._guess(k)) for k in self.totals)
-        steps = ", ".join(f"{self.done[k]}/{self.totals[k]} {k}s" for k in self.totals if self.totals[k])
-        self.log(f"compare: {what} in {format_duration(seconds)} ({steps}; {format_duration(self.spent[kind] / self.done[kind])} per "
-                 f"{kind}; elapsed {format_duration(time.perf_counter() - self.started)}, ETA {format_duration(eta)})")
-
-    def _guess(self, kind: str) -> float:
-        """Before the first of a kind finishes: the mean of the other kinds, or 0."""
-        rates = [self.spent[k] / self.done[k] for k in self.totals if self.done[k]]
-        return sum(rates) / len(rates) if rates else 0.0
+def _log_done(log: Callable[[str], None], progress: Progress, what: str, seconds: float) -> None:
+    """One line per piece of work done: its time, the count done and the study's elapsed time and ETA."""
+    progress.update(1)
+    log(f"compare: {what} in {format_duration(seconds)} ({progress.done}/{progress.total} {progress.unit}; "
+        f"elapsed {format_duration(progress.elapsed)}, ETA {format_duration(progress.eta)})")
 
 
 def run_configs(plan: Plan) -> dict[str, Config]:
@@ -667,7 +650,7 @@ def execute(plan: Plan, train_fn: Callable[[list[str]], object], evaluate_fn: Ca
     to_train = [r for r in mine if r.trained_here and not is_trained(r, configs[r.name])]
     to_eval_count = sum(1 for r in mine for m in r.modes() if r in to_train or not is_evaluated(r, m, plan))
     did = {"trained": [], "evaluated": []}
-    clock = _Clock({"training": len(to_train), "evaluation": to_eval_count}, log)
+    progress = Progress(len(to_train) + to_eval_count, "compare", unit="trainings and evaluations", enabled=False)
     skipped = [r.name for r in mine if r.trained_here and r not in to_train]
     if skipped:
         log(f"compare: already trained, skipped: {', '.join(skipped)}")
@@ -693,7 +676,7 @@ def execute(plan: Plan, train_fn: Callable[[list[str]], object], evaluate_fn: Ca
             if not is_trained(run, cfg):
                 raise StudyError(f"training {run.name} finished without {run.dir / 'metrics.json'} and best.ckpt")
             did["trained"].append(run.name)
-            clock.finished("training", f"trained {run.name}", time.perf_counter() - start)
+            _log_done(log, progress, f"trained {run.name}", time.perf_counter() - start)
         for mode in run.modes():
             if is_evaluated(run, mode, plan):
                 continue
@@ -708,8 +691,8 @@ def execute(plan: Plan, train_fn: Callable[[list[str]], object], evaluate_fn: Ca
             if not is_evaluated(run, mode, plan):
                 raise StudyError(f"evaluating {run.name} wrote no usable {run.metrics_file(mode)}")
             did["evaluated"].append(f"{run.name}:{mode or 'soft'}")
-            clock.finished("evaluation", f"evaluated {run.name}" + (f" ({mode})" if mode else ""),
-                           time.perf_counter() - start)
+            _log_done(log, progress, f"evaluated {run.name}" + (f" ({mode})" if mode else ""),
+                      time.perf_counter() - start)
         # How much the choice of checkpoint matters: the last epoch's, scored alike, where the
         # validation chose another (results.py's "test_last").
         mode = run.modes()[0]

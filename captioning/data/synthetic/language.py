@@ -9,12 +9,12 @@ from typing import Sequence
 
 from captioning.console import InvalidValue
 from captioning.config import SyntheticConfig
-from captioning.data.synthetic.scenes import COLOURS, MARGIN_FRACTION, SHAPES, SIZES, SceneObject, _coord, _groups
+from captioning.data.synthetic.scenes import COLOURS, MARGIN_FRACTION, SHAPES, SIZES, SceneObject, group_objects
 
 MAX_CAPTIONS_PER_IMAGE = 5
 CANONICAL_BODY_REFERENCES = 4  # references that are the canonical caption behind a prefix
 COUNT_WORDS = {1: "a", 2: "two", 3: "three"}
-_COUNT_OF = {word: count for count, word in COUNT_WORDS.items()}
+COUNT_OF = {word: count for count, word in COUNT_WORDS.items()}
 PLURALS = {shape: shape + "s" for shape in SHAPES}
 # Each prefix starts with its own word, and none with "a", the first word of most bodies: a greedy
 # decoder picks word by word, so prefixes sharing a first word pool their votes against the plain
@@ -42,13 +42,12 @@ VOCABULARY: tuple[str, ...] = tuple(
     )
 )
 """Every word the grammar can produce, sorted."""
-_VOCABULARY_SET = frozenset(VOCABULARY)
 
 
 # --------------------------------------------------------------------------- captions
 
 
-def _np_text(key: tuple[str, str, str], count: int) -> str:
+def noun_phrase_text(key: tuple[str, str, str], count: int) -> str:
     size, colour, shape = key
     if count == 1:
         return f"a {size} {colour} {shape}"
@@ -65,7 +64,7 @@ def _list_body(nps: Sequence[str]) -> str:
 
 def _first_count(body: str) -> int:
     first = body.split(" ", 1)[0]
-    return _COUNT_OF.get(first, 1)
+    return COUNT_OF.get(first, 1)
 
 
 def _prefixed(body: str, first_count: int) -> list[str]:
@@ -77,7 +76,7 @@ def canonical_caption(objects: Sequence[SceneObject]) -> str:
     """Reference #1: the single phrasing a model should learn (see the module docstring)."""
     if not objects:
         raise InvalidValue("a scene needs at least one object")
-    groups = _groups(objects)
+    groups = group_objects(objects)
     if len(objects) == 2 and len(groups) == 2:
         a, b = objects
         dx, dy = abs(a.cx - b.cx), abs(a.cy - b.cy)
@@ -86,10 +85,10 @@ def canonical_caption(objects: Sequence[SceneObject]) -> str:
         if max(dx, dy) > 0:  # always for generated scenes; coinciding centres fall back to the list
             if dx > 0:
                 first, second = sorted(objects, key=lambda o: o.cx)
-                return f"{_np_text(first.key, 1)} to the left of {_np_text(second.key, 1)}"
+                return f"{noun_phrase_text(first.key, 1)} to the left of {noun_phrase_text(second.key, 1)}"
             first, second = sorted(objects, key=lambda o: o.cy)
-            return f"{_np_text(first.key, 1)} above {_np_text(second.key, 1)}"
-    return _list_body([_np_text(key, len(members)) for key, members in groups.items()])
+            return f"{noun_phrase_text(first.key, 1)} above {noun_phrase_text(second.key, 1)}"
+    return _list_body([noun_phrase_text(key, len(members)) for key, members in groups.items()])
 
 
 def caption_pool(objects: Sequence[SceneObject], image_size: int = SyntheticConfig.image_size) -> list[str]:
@@ -99,7 +98,7 @@ def caption_pool(objects: Sequence[SceneObject], image_size: int = SyntheticConf
     ``MARGIN_FRACTION * image_size`` on their axis.
     """
     margin = MARGIN_FRACTION * image_size
-    groups = _groups(objects)
+    groups = group_objects(objects)
     pool: dict[str, None] = {canonical_caption(objects): None}  # a dict keeps order and drops repeats
 
     def add(body: str, first_count: int, prefixes: bool = True) -> None:
@@ -110,18 +109,18 @@ def caption_pool(objects: Sequence[SceneObject], image_size: int = SyntheticConf
 
     if len(objects) == 2 and len(groups) == 2:
         for axis, (before, after) in {"x": ("to the left of", "to the right of"), "y": ("above", "below")}.items():
-            first, second = sorted(objects, key=lambda o: _coord(o, axis))
-            if _coord(second, axis) - _coord(first, axis) >= margin:
-                add(f"{_np_text(first.key, 1)} {before} {_np_text(second.key, 1)}", 1)
-                add(f"{_np_text(second.key, 1)} {after} {_np_text(first.key, 1)}", 1)
+            first, second = sorted(objects, key=lambda o: o.centre(axis))
+            if second.centre(axis) - first.centre(axis) >= margin:
+                add(f"{noun_phrase_text(first.key, 1)} {before} {noun_phrase_text(second.key, 1)}", 1)
+                add(f"{noun_phrase_text(second.key, 1)} {after} {noun_phrase_text(first.key, 1)}", 1)
     for order in itertools.permutations(groups.items()):
-        add(_list_body([_np_text(key, len(members)) for key, members in order]), len(order[0][1]))
+        add(_list_body([noun_phrase_text(key, len(members)) for key, members in order]), len(order[0][1]))
     if len(groups) >= 2 and all(len(members) == 1 for members in groups.values()):
         for phrase, axis in ORDERS.items():
-            ordered = sorted(objects, key=lambda o: _coord(o, axis))
-            coords = [_coord(o, axis) for o in ordered]
+            ordered = sorted(objects, key=lambda o: o.centre(axis))
+            coords = [o.centre(axis) for o in ordered]
             if all(b - a >= margin for a, b in zip(coords, coords[1:])):
-                add(f"{phrase} {_list_body([_np_text(o.key, 1) for o in ordered])}", 1, prefixes=False)
+                add(f"{phrase} {_list_body([noun_phrase_text(o.key, 1) for o in ordered])}", 1, prefixes=False)
     return list(pool)
 
 

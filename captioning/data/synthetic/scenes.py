@@ -31,7 +31,6 @@ MAX_PLACEMENTS = 100  # placements of one drawn scene tried before the scene is 
 MAX_SCENE_DRAWS = 100  # scenes drawn before make_scene falls back to a single object
 
 CATEGORIES = [{"id": i + 1, "name": shape, "supercategory": "shape"} for i, shape in enumerate(SHAPES)]
-_CATEGORY_ID = {shape: i + 1 for i, shape in enumerate(SHAPES)}
 
 
 # --------------------------------------------------------------------------- scenes
@@ -64,9 +63,8 @@ class SceneObject:
     def cy(self) -> float:
         return self.bbox[1] + self.bbox[3] / 2
 
-
-def _coord(obj: SceneObject, axis: str) -> float:
-    return obj.cx if axis == "x" else obj.cy
+    def centre(self, axis: str) -> float:
+        return self.cx if axis == "x" else self.cy
 
 
 def _side(size: str, image_size: int, rng: random.Random) -> int:
@@ -111,7 +109,7 @@ def _leftmost(members: Sequence[SceneObject]) -> SceneObject:
     return min(members, key=lambda o: (o.cx, o.cy))
 
 
-def _groups(objects: Sequence[SceneObject]) -> dict[tuple[str, str, str], list[SceneObject]]:
+def group_objects(objects: Sequence[SceneObject]) -> dict[tuple[str, str, str], list[SceneObject]]:
     """Objects grouped by (size, colour, shape), groups ordered left to right by their leftmost member."""
     groups: dict[tuple[str, str, str], list[SceneObject]] = {}
     for obj in objects:
@@ -133,7 +131,7 @@ def _clearly_ordered(objects: Sequence[SceneObject], image_size: int) -> bool:
     by at least the margin on the axis of the canonical relation (always x, see canonical_caption).
     """
     margin = MARGIN_FRACTION * image_size
-    groups = _groups(objects)
+    groups = group_objects(objects)
     lefts = sorted(_leftmost(members).cx for members in groups.values())
     if any(b - a < margin for a, b in zip(lefts, lefts[1:])):
         return False
@@ -202,25 +200,6 @@ def render_scene(objects: Sequence[SceneObject], image_size: int, rng: random.Ra
             draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) / 2, y0)], fill=fill)
     return image
 
-
-def _segmentation(obj: SceneObject) -> list[list[float]]:
-    x, y, w, h = obj.bbox
-    if obj.shape == "square":
-        points = [(x, y), (x + w, y), (x + w, y + h), (x, y + h)]
-    elif obj.shape == "triangle":
-        points = [(x, y + h), (x + w, y + h), (x + w / 2, y)]
-    else:
-        points = [
-            (x + w / 2 + w / 2 * math.cos(2 * math.pi * k / 24), y + h / 2 + h / 2 * math.sin(2 * math.pi * k / 24))
-            for k in range(24)
-        ]
-    return [[round(v, 2) for point in points for v in point]]
-
-
-def _area(obj: SceneObject) -> float:
-    _, _, w, h = obj.bbox
-    factor = {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5}[obj.shape]
-    return round(factor * w * h, 2)
 
 def load_scenes(instances_json: str | Path) -> dict[int, list[SceneObject]]:
     """image_id -> its objects, read back from an ``instances_{split}.json`` file.

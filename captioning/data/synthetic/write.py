@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 import shutil
 import sys
@@ -17,8 +18,7 @@ from captioning.config import SyntheticConfig
 from captioning.files import RunLock, atomic_folder, partial_name
 from captioning.progress import Progress
 from captioning.data.synthetic.language import MAX_CAPTIONS_PER_IMAGE, VOCABULARY, reference_captions
-from captioning.data.synthetic.scenes import (CATEGORIES, MIN_IMAGE_SIZE, _CATEGORY_ID, _area, _segmentation, make_scene,
-                                              render_scene)
+from captioning.data.synthetic.scenes import CATEGORIES, MIN_IMAGE_SIZE, SHAPES, SceneObject, make_scene, render_scene
 
 GENERATOR_VERSION = 8  # part of the folder name: bump it whenever the output would change
 # v2: placement keeps the leftmost members of different groups >= the margin apart in x
@@ -69,6 +69,26 @@ def _dump(obj: object, path: Path, indent: int | None = None) -> None:
     path.write_text(json.dumps(obj, indent=indent, separators=separators) + "\n")
 
 
+def _segmentation(obj: SceneObject) -> list[list[float]]:
+    x, y, w, h = obj.bbox
+    if obj.shape == "square":
+        points = [(x, y), (x + w, y), (x + w, y + h), (x, y + h)]
+    elif obj.shape == "triangle":
+        points = [(x, y + h), (x + w, y + h), (x + w / 2, y)]
+    else:
+        points = [
+            (x + w / 2 + w / 2 * math.cos(2 * math.pi * k / 24), y + h / 2 + h / 2 * math.sin(2 * math.pi * k / 24))
+            for k in range(24)
+        ]
+    return [[round(v, 2) for point in points for v in point]]
+
+
+def _area(obj: SceneObject) -> float:
+    _, _, w, h = obj.bbox
+    factor = {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5}[obj.shape]
+    return round(factor * w * h, 2)
+
+
 _FILE_FORMATS = {
     "{split}/SYN_{split}_{image_id:012d}.jpg": "RGB JPEG (quality 95, no chroma subsampling), image_size x image_size",
     "annotations/captions_{split}.json": "COCO captions: {info, licenses, images: [{id, file_name, width, height}], "
@@ -108,7 +128,7 @@ def _write_dataset(out: Path, cfg: SyntheticConfig, progress: bool) -> None:
                     {
                         "id": object_id,
                         "image_id": image_id,
-                        "category_id": _CATEGORY_ID[obj.shape],
+                        "category_id": SHAPES.index(obj.shape) + 1,  # the ids of CATEGORIES
                         "bbox": list(obj.bbox),
                         "area": _area(obj),
                         "iscrowd": 0,
