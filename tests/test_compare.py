@@ -18,12 +18,10 @@ import yaml
 import torch
 from PIL import Image
 
-from captioning.data.datamodule import CaptionDataModule
 from captioning.study import collect, results
 from captioning.study.report import cell
 from captioning.study.runs import StudyError, parse_checkpoints, study_overrides
-from captioning.training.module import CaptioningModule
-from conftest import make_config
+from conftest import TINY_YAML, own_copy
 from captioning.study import run as compare  # captioning compare (scripts/compare.py)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,30 +134,16 @@ CURVES = {"soft-a": [0.10, 0.30, 0.50], "soft-b": [0.20, 0.40, 0.60], "hard-a": 
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
+def checkpoints(untrained, tmp_path_factory):
     """Five untrained tiny checkpoints (two per attention mechanism, one without attention, different
     weights) on an 8-image test split."""
     root = tmp_path_factory.mktemp("compare")
-    cfg = make_config(data__root=str(root / "data"), data__min_word_count=1,
-                      data__synthetic__num_train=16, data__synthetic__num_val=4, data__synthetic__num_test=6,
-                      data__synthetic__image_size=32, decode__max_len=4)
-    data = CaptionDataModule(cfg.data)
-    data.prepare_data()
-    data.setup("fit")
     paths = {}
     for i, name in enumerate(CURVES):
         attention = name.split("-")[0]
-        run_cfg = make_config(**{"data__root": str(root / "data"), "data__min_word_count": 1,
-                                 "data__synthetic__num_train": 16, "data__synthetic__num_val": 4,
-                                 "data__synthetic__num_test": 6, "data__synthetic__image_size": 32,
-                                 "decode__max_len": 4, "model__attention": attention, "train__seed": i})
-        torch.manual_seed(i)
-        module = CaptioningModule.create(run_cfg, data.vocab)
-        folder = root / "runs" / name
-        folder.mkdir(parents=True)
-        torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, folder / "best.ckpt")
-        write_fake_training(folder, CURVES[name], attention == "hard", seconds=100.0 + 10 * i)
-        paths[name] = folder / "best.ckpt"
+        run = untrained(f"model.attention={attention}", f"train.seed={i}", config=TINY_YAML, seed=i)
+        paths[name] = own_copy(run.ckpt, root / "runs" / name)
+        write_fake_training(paths[name].parent, CURVES[name], attention == "hard", seconds=100.0 + 10 * i)
     return SimpleNamespace(root=root, paths=paths)
 
 
