@@ -21,8 +21,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from captioning.console import InvalidType, InvalidValue, OperationFailed
 from captioning import provenance
+from captioning.console import InvalidType, InvalidValue, OperationFailed
 from captioning.config import Config
 from captioning.data.transforms import load_image, to_rgb
 from captioning.search import DecodeOptions, Hypothesis, search

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, NamedTuple, Sequence
 
-from captioning.console import OperationFailed
+from captioning.console import OperationFailed, one_line
 from captioning.evaluation.grounding import NamedWord, WordMatcher, named_words
 from captioning.evaluation.metrics import COUNT_KEYS, ScoreReport, score_details
 
@@ -158,7 +158,7 @@ def decode_distributed(checkpoint: str | Path, device_type: str, data: "CaptionD
             # Once process 0 has written the gather, every process had given its part: a process
             # that dies after it (a C++ destructor can abort at the interpreter's exit) loses nothing.
             if not out_path.is_file():
-                raise OperationFailed(f"a decoding process failed: {' '.join(str(err).split())[-300:]}") from None
+                raise OperationFailed(f"a decoding process failed: {one_line(err)[-300:]}") from None
         error, gathered = pickle.loads(out_path.read_bytes())  # written by our own process 0 just now
     if error is not None:
         raise OperationFailed(error)

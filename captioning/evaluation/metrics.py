@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import abc
 import functools
+import importlib
 import logging
 import math
 import os
@@ -534,26 +535,27 @@ class MeteorScorer(Scorer):
         return [value], [each]
 
 
+class OneValueScorer(Scorer):
+    """A pycocoevalcap scorer of one value, ``module``'s ``cls``, imported when first used."""
+
+    module: str
+    cls: str
+
+    def compute(self, gts, res, **options):
+        value, each = getattr(importlib.import_module(self.module), self.cls)().compute_score(gts, res)
+        return [value], [each]
+
+
 @register_scorer
-class RougeScorer(Scorer):
+class RougeScorer(OneValueScorer):
     name, keys, labels, aliases = "rouge", ("rouge_l",), ("ROUGE-L",), ("rouge_l", "rouge-l")
-
-    def compute(self, gts, res, **options):
-        from pycocoevalcap.rouge.rouge import Rouge
-
-        value, each = Rouge().compute_score(gts, res)
-        return [value], [each]
+    module, cls = "pycocoevalcap.rouge.rouge", "Rouge"
 
 
 @register_scorer
-class CiderScorer(Scorer):
+class CiderScorer(OneValueScorer):
     name, keys, labels, aliases = "cider", ("cider",), ("CIDEr",), ("cider-d", "cider_d")
-
-    def compute(self, gts, res, **options):
-        from pycocoevalcap.cider.cider import Cider
-
-        value, each = Cider().compute_score(gts, res)
-        return [value], [each]
+    module, cls = "pycocoevalcap.cider.cider", "Cider"
 
 
 @register_scorer

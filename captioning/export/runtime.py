@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from captioning.console import CaptioningError
+from captioning.console import CaptioningError, one_line
 from captioning.data.transforms import MEAN, STD, resize_square
 from captioning.engine import Caption, CaptionEngine
 from captioning.model_folder import CheckpointError, check_graph_shapes, read_folder_meta, read_onnx_meta
@@ -156,7 +156,7 @@ class OnnxCaptioner(CaptionEngine):
             self.encoder = ort.InferenceSession(str(folder / meta["encoder"]), options, providers=["CPUExecutionProvider"])
             self.step = ort.InferenceSession(str(folder / meta["step"]), options, providers=["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime raises its own types for missing or damaged files
-            raise OnnxModelError(f"cannot load the ONNX graphs of {folder}: {' '.join(str(err).split())[:300]}") from None
+            raise OnnxModelError(f"cannot load the ONNX graphs of {folder}: {one_line(err, 300)}") from None
         fix = "export it again with 'captioning export --format onnx'"
         try:
             for role, session in (("encoder", self.encoder), ("step", self.step)):

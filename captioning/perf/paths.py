@@ -28,8 +28,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from captioning.console import InvalidValue
 from captioning import fast
+from captioning.console import InvalidValue
 from captioning.perf.benchmark import COCO, QUICK, Sizes, random_captions, training_module
 from captioning.vocab import Vocabulary
 

@@ -13,9 +13,9 @@ import time
 import pytorch_lightning as pl
 import torch
 
-from captioning.console import OperationFailed
 from captioning import fast
 from captioning.config import Config, from_dict, to_dict
+from captioning.console import OperationFailed, one_line
 from captioning.decoding import ModelSearch
 from captioning.evaluation.evaluator import decode_batch, evaluate_predictions, gather_by_image_id, score_record
 from captioning.losses import LossTerms, ReinforceBaseline, caption_loss, per_token_nll
@@ -290,7 +290,7 @@ class SplitDecoding(pl.LightningModule):
         silence_lightning()
 
     def _failed(self, err: Exception) -> None:
-        self.error = self.error or f"rank {self.global_rank}: {type(err).__name__}: {' '.join(str(err).split())}"
+        self.error = self.error or f"rank {self.global_rank}: {type(err).__name__}: {one_line(err)}"
 
     def setup(self, stage: str) -> None:
         from captioning.api import Captioner
