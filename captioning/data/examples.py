@@ -59,9 +59,9 @@ def write_example_dataset(root: str | Path, num_images: int, *, image_size: int 
     test = max(1, num_images // 10) if test is None else test
     ids = list(range(1, num_images + 1))
     split_of = {i: "val" if n < val else "test" if n < val + test else "train" for n, i in enumerate(ids)}
-    writer = getattr(FORMATS.get(fmt), "write_example", None)
-    if writer is None:
-        raise InvalidValue(f"unknown example format {fmt!r}: karpathy, coco or flickr8k")
+    writers = [name for name, f in FORMATS.items() if hasattr(f, "write_example")]
+    if fmt not in writers:
+        raise InvalidValue(f"unknown example format {fmt!r}: {', '.join(writers[:-1])} or {writers[-1]}")
     for i in ids:
         example_image(i, image_size, noise).save(root / "images" / f"img_{i}.jpg", quality=90)
-    return writer(root, {i: example_captions(i) for i in ids}, split_of)
+    return FORMATS[fmt].write_example(root, {i: example_captions(i) for i in ids}, split_of)
