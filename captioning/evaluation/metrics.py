@@ -1,59 +1,34 @@
-"""Official COCO caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, SPICE) via ``pycocoevalcap``.
+"""Official COCO caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, SPICE) via ``pycocoevalcap`` 1.2.
 
-This module is a thin, defensive wrapper around the scorers of ``pycocoevalcap`` 1.2, used the same
-way the official COCO caption evaluation (``pycocoevalcap.eval.COCOEvalCap``) uses them:
+The scorers are used as ``pycocoevalcap.eval.COCOEvalCap`` uses them: every caption is tokenised
+with the Stanford ``PTBTokenizer`` (Java; lower-cased, the tokens of ``PTB_PUNCTUATIONS`` removed),
+then ``compute_score(gts, res)`` with ``gts = {image_id: [ref, ...]}`` and ``res = {image_id:
+[hypothesis]}``. :func:`score_captions` returns corpus scores on the scorers' native 0-1 scale
+(CIDEr-D natively 0-10); :func:`score_details` also the tokenizer, per-image scores and every
+skipped metric with its reason; :func:`format_metrics_table` prints them x100. Each score is one
+:class:`Scorer` of :data:`SCORERS`; :func:`register_scorer` adds one.
 
-1. every caption (hypotheses and references) is tokenised with the Stanford ``PTBTokenizer``
-   (Java; lower-cases and removes the punctuation tokens listed in
-   ``pycocoevalcap.tokenizer.ptbtokenizer.PUNCTUATIONS``);
-2. each scorer is called as ``compute_score(gts, res)`` with ``gts = {image_id: [ref, ...]}`` and
-   ``res = {image_id: [hypothesis]}`` (exactly one hypothesis per image).
+Cost: BLEU-only calls never start METEOR's JVM; the ``"ptb"`` tokenizer starts one short JVM and
+memoises each tokenised string (PTB tokenises line by line), so repeated validation calls only
+tokenise new hypotheses; ``"simple"`` needs no Java. METEOR costs a JVM start and ~7 s of
+paraphrase loading per call; its process always ends before the call returns.
 
-Entry points
-------------
-``score_captions(predictions, references, metrics=..., tokenizer=...) -> dict[str, float]``
-    Corpus-level scores on the scorers' native **0-1 scale** (CIDEr-D is natively 0-10), keyed by
-    the scorers' keys (:data:`METRIC_KEYS` for the built-in ones). Only metrics that were actually
-    computed are present.
-``score_details(...) -> ScoreReport``
-    Same arguments; additionally records the tokenizer used, the number of images, per-image scores
-    and every skipped metric with the reason (e.g. METEOR without Java, SPICE without its models).
-``format_metrics_table(metrics, title=None) -> str``
-    Plain-text table of the scores multiplied by 100 (the scale papers report).
-
-Each score is one :class:`Scorer` in the table :data:`SCORERS` (its keys, display names, whether
-it needs Java, how it computes corpus and per-image scores); :func:`register_scorer` adds one.
-
-Cost
-----
-BLEU-only calls (``metrics=("bleu",)``) never start METEOR's JVM. With the ``"ptb"`` tokenizer
-they start one short-lived tokenizer JVM (well under a second); tokenised strings are memoised
-in-process (PTB tokenisation of a line does not depend on other lines), so repeated validation
-calls on the same references only tokenise new hypotheses. ``tokenizer="simple"`` avoids Java
-altogether. METEOR costs a JVM start plus paraphrase-table loading (~7 s) per call; the process is
-always terminated before the call returns.
-
-Caveats worth knowing
----------------------
-* **CIDEr-D is corpus dependent**: its IDF weights (document frequencies) are computed from the
-  references passed in, so the same caption scores differently inside different evaluation sets;
-  only compare CIDEr values computed on the same image set. With a single image every n-gram has
-  IDF 0 and CIDEr is 0 whatever the caption.
-* BLEU-n needs hypotheses with at least n tokens to be non-zero (a perfect 3-word caption has
-  BLEU-4 close to 0).
-* Whitespace inside captions is collapsed to single spaces before tokenisation: the PTB wrapper
-  joins all captions with ``\\n`` and splits its output on ``\\n``, so a ``\\r``, form feed or
-  Unicode line separator inside a caption would silently misalign every following caption.
-* Empty captions (or captions that tokenise to nothing, e.g. ``"..."``) are scored as they are
-  (BLEU/ROUGE-L/CIDEr/METEOR all give them 0 for that image); no placeholder token is substituted.
-  ``"|||"`` (METEOR's field separator) is removed from all strings sent to METEOR.
-* METEOR runs under a watchdog: a METEOR process that stops answering (its line protocol hangs on
-  malformed input) is killed after ``meteor_timeout`` seconds and the metric is reported skipped.
+Caveats:
+* CIDEr-D's IDF weights come from the references passed in: compare CIDEr only on the same image
+  set (with one image every n-gram has IDF 0 and CIDEr is 0).
+* BLEU-n is close to 0 for a hypothesis shorter than n tokens, however right it is.
+* Whitespace inside captions is collapsed to single spaces first: the PTB wrapper joins captions
+  with ``\\n`` and splits its output on ``\\n``, so a ``\\r`` or U+2028 would misalign every later caption.
+* Empty captions are scored as they are (0 for that image), no placeholder token; ``"|||"``
+  (METEOR's field separator) is removed from what METEOR gets.
+* A METEOR process that stops answering is killed after ``meteor_timeout`` seconds and the metric
+  reported skipped.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 import functools
 import importlib
 import logging
@@ -68,21 +43,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Hashable, Mapping, Sequence
 
-from captioning.console import InvalidType, InvalidValue, OperationFailed
+from captioning.console import InvalidType, InvalidValue, OperationFailed, one_line
 
-__all__ = [
-    "METRIC_KEYS",
-    "METRIC_GROUPS",
-    "SCORERS",
-    "Scorer",
-    "register_scorer",
-    "ScoreReport",
-    "java_available",
-    "simple_tokenize",
-    "score_captions",
-    "score_details",
-    "format_metrics_table",
-]
+__all__ = ["METRIC_KEYS", "METRIC_GROUPS", "SCORERS", "Scorer", "register_scorer", "ScoreReport", "java_available",
+           "simple_tokenize", "score_captions", "score_details", "format_metrics_table"]
 
 logger = logging.getLogger(__name__)
 
@@ -111,12 +75,10 @@ _DISPLAY_NAMES = {
 #: Values that are counts, not scores: shown and reported as they are, never x100.
 COUNT_KEYS = frozenset({"grounding_words", "grounding_words_attribute", "grounding_words_phrase"})
 
-# Punctuation tokens PTBTokenizer removes (copied from pycocoevalcap 1.2 so the simple tokenizer
-# works even if the Java-side package layout changes; identical to ``ptbtokenizer.PUNCTUATIONS``).
-PTB_PUNCTUATIONS = frozenset(
-    ["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-",
-     ".", "?", "!", ",", ":", "-", "--", "...", ";"]
-)
+# The punctuation tokens pycocoevalcap 1.2's PTBTokenizer removes (its ``PUNCTUATIONS``), copied so
+# that the simple tokenizer does not depend on the package's layout.
+PTB_PUNCTUATIONS = frozenset(["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-",
+                              ".", "?", "!", ",", ":", "-", "--", "...", ";"])
 
 #: Default upper bound (seconds) for one METEOR run: ``base + per_image * num_images``.
 METEOR_TIMEOUT_BASE_S = 120.0
@@ -125,28 +87,16 @@ METEOR_TIMEOUT_PER_IMAGE_S = 0.05
 
 @dataclass(frozen=True)
 class ScoreReport:
-    """Result of :func:`score_details`.
+    """Result of :func:`score_details`."""
 
-    Attributes:
-        scores: corpus scores on the 0-1 scale (CIDEr-D natively 0-10), keys in
-            :data:`SCORERS` order; only metrics that were computed.
-        tokenizer: ``"ptb"`` (official Stanford PTBTokenizer) or ``"simple"`` (pure-Python
-            approximation, see :func:`simple_tokenize`).
-        num_images: number of images scored.
-        image_ids: the image ids in the order used for ``per_image``.
-        per_image: ``{score key: per-image scores aligned with image_ids}`` (BLEU-n per image is
-            pycocoevalcap's sentence-level BLEU; SPICE is the per-image "All" F-score).
-        skipped: ``{score key: reason}`` for every requested metric that was not computed.
-        seconds: wall time of the call.
-    """
-
-    scores: dict[str, float]
-    tokenizer: str
+    scores: dict[str, float]  # corpus scores, 0-1 (CIDEr-D 0-10), SCORERS order; only those computed
+    tokenizer: str  # "ptb" (official Stanford PTBTokenizer) or "simple" (simple_tokenize)
     num_images: int
-    image_ids: tuple[Hashable, ...] = ()
+    image_ids: tuple[Hashable, ...] = ()  # the order of per_image
+    # score key -> per-image scores (BLEU-n: pycocoevalcap's sentence BLEU; SPICE: the "All" F-score)
     per_image: dict[str, tuple[float, ...]] = field(default_factory=dict)
-    skipped: dict[str, str] = field(default_factory=dict)
-    seconds: float = 0.0
+    skipped: dict[str, str] = field(default_factory=dict)  # score key -> why it was not computed
+    seconds: float = 0.0  # wall time of the call
 
     def notes(self) -> list[str]:
         """Human-readable notes (tokenizer used, skipped metrics) for logs and reports."""
@@ -163,10 +113,7 @@ class ScoreReport:
 
 @functools.lru_cache(maxsize=1)
 def java_available() -> bool:
-    """True if a working ``java`` executable is on PATH (checked once per process, cached).
-
-    Call ``java_available.cache_clear()`` to re-check.
-    """
+    """True if a working ``java`` is on PATH (cached: ``java_available.cache_clear()`` re-checks)."""
     if shutil.which("java") is None:
         return False
     try:
@@ -190,22 +137,15 @@ _DOLLAR_RE = re.compile(r"\$(\S)")
 _INITIALISM_RE = re.compile(r"^(?:[a-z]\.){2,}$")
 
 
-def _normalise_whitespace(caption: str) -> str:
-    """Collapse every kind of whitespace (incl. ``\\r``, form feed, U+2028) to single spaces."""
-    return " ".join(caption.split())
-
-
 def simple_tokenize(caption: str) -> str:
     """Pure-Python approximation of pycocoevalcap's PTB tokenisation (no Java needed).
 
-    Lower-cases, splits on whitespace, peels leading/trailing punctuation (``. , ! ? : ; " ' ```)
-    off each token, splits what PTB splits (``dog's`` -> ``dog 's``, ``don't`` -> ``do n't``,
-    ``cannot`` -> ``can not``, ``dog,cat`` -> ``dog cat``, ``100%`` -> ``100 %``, ``$5`` ->
-    ``$ 5``) and drops the tokens the official wrapper removes (:data:`PTB_PUNCTUATIONS`).
-    Brackets become ``-lrb-``/``-rrb-``/... tokens exactly as in the official pipeline (which
-    lower-cases ``-LRB-`` *before* filtering, so those escapes survive there). Hyphenated words,
-    decimals and initialisms (``u.s.``) are kept whole. Identical to PTB on ordinary captions;
-    may still differ on rare constructs (e.g. ``rock 'n' roll``).
+    Lower-cases, peels edge punctuation off each token, splits what PTB splits (``dog's`` -> ``dog
+    's``, ``don't`` -> ``do n't``, ``cannot`` -> ``can not``, ``dog,cat``, ``100%``, ``$5``) and
+    drops :data:`PTB_PUNCTUATIONS`. Brackets become ``-lrb-``/... as in the official pipeline
+    (which lower-cases ``-LRB-`` before filtering, so they survive). Hyphenated words, decimals
+    and initialisms (``u.s.``) stay whole. Identical to PTB on ordinary captions; rare constructs
+    (``rock 'n' roll``) may differ.
     """
     text = _BRACKET_RE.sub(lambda m: f" {_BRACKETS[m.group(0)]} ", caption.lower())
     text = _COMMA_RE.sub(" ", text)
@@ -231,18 +171,16 @@ def simple_tokenize(caption: str) -> str:
     return " ".join(out)
 
 
-# Memo of PTB tokenisations (sanitised caption -> tokenised string). Bounded; cleared when full.
+# Memo of PTB tokenisations (caption -> tokenised string), cleared when full.
 _PTB_CACHE: dict[str, str] = {}
 _PTB_CACHE_MAX = 500_000
 _PTB_LOCK = threading.Lock()
 
 
 def _java_ptb_tokenize(lines: list[str]) -> list[str]:
-    """pycocoevalcap 1.2's ``PTBTokenizer.tokenize`` of ``lines`` (one image), run here: the same
-    Java command on the same input file, and the same punctuation filter on its output lines. The
-    Java tokenizer's standard error (a "PTBTokenizer tokenized N tokens at ..." line every call,
-    which says nothing about the run) is collected, not printed; its last line explains a failure.
-    The input file goes to a temporary folder, not into the installed package."""
+    """pycocoevalcap 1.2's ``PTBTokenizer.tokenize`` of ``lines``: the same Java command and
+    punctuation filter, but the input file in a temporary folder, not the installed package, and
+    Java's standard error (a "tokenized N tokens" line every call) kept for a failure's message."""
     from pycocoevalcap.tokenizer import ptbtokenizer
 
     jar = os.path.join(os.path.dirname(os.path.abspath(ptbtokenizer.__file__)), ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR)
@@ -260,22 +198,18 @@ def _java_ptb_tokenize(lines: list[str]) -> list[str]:
 
 
 def _ptb_tokenize_strings(strings: Sequence[str]) -> list[str]:
-    """PTB-tokenise a list of (already whitespace-normalised) strings, memoised per string."""
+    """PTB-tokenise whitespace-normalised strings, memoised per string."""
     with _PTB_LOCK:
         todo = list(dict.fromkeys(s for s in strings if s not in _PTB_CACHE))
-        if todo:
-            tokenized = _java_ptb_tokenize(todo)  # PTB tokenises line by line, in order
-            if len(tokenized) != len(todo):  # pragma: no cover - defensive
-                raise OperationFailed(
-                    f"PTBTokenizer returned {len(tokenized)} lines for {len(todo)} captions"
-                )
-            new = dict(zip(todo, tokenized))
-            if len(_PTB_CACHE) + len(new) > _PTB_CACHE_MAX:
-                _PTB_CACHE.clear()
-            _PTB_CACHE.update(new)
-        else:
-            new = {}
-        return [new[s] if s in new else _PTB_CACHE[s] for s in strings]
+        tokenized = _java_ptb_tokenize(todo) if todo else []  # PTB tokenises line by line, in order
+        if len(tokenized) != len(todo):  # pragma: no cover - defensive
+            raise OperationFailed(f"PTBTokenizer returned {len(tokenized)} lines for {len(todo)} captions")
+        new = dict(zip(todo, tokenized))
+        out = [new[s] if s in new else _PTB_CACHE[s] for s in strings]
+        if len(_PTB_CACHE) + len(new) > _PTB_CACHE_MAX:
+            _PTB_CACHE.clear()
+        _PTB_CACHE.update(new)
+        return out
 
 
 _WARNED_SIMPLE_FALLBACK = False  # the no-Java fallback warning is logged once per process
@@ -290,17 +224,12 @@ def _resolve_tokenizer(tokenizer: str) -> str:
         global _WARNED_SIMPLE_FALLBACK
         log = logger.debug if _WARNED_SIMPLE_FALLBACK else logger.warning
         _WARNED_SIMPLE_FALLBACK = True
-        log(
-            "java not found: using the pure-Python 'simple' tokenizer instead of the official "
-            "PTBTokenizer (scores are close to, but not exactly, the official COCO protocol); "
-            "METEOR and SPICE cannot run"
-        )
+        log("java not found: using the pure-Python 'simple' tokenizer instead of the official PTBTokenizer "
+            "(scores are close to, but not exactly, the official COCO protocol); METEOR and SPICE cannot run")
         return "simple"
     if tokenizer == "ptb" and not java_available():
-        raise OperationFailed(
-            "tokenizer='ptb' needs Java (Stanford PTBTokenizer) but no working 'java' is on PATH; "
-            "install a JRE or pass tokenizer='simple' / 'auto'"
-        )
+        raise OperationFailed("tokenizer='ptb' needs Java (Stanford PTBTokenizer) but no working 'java' is on PATH; "
+                              "install a JRE or pass tokenizer='simple' / 'auto'")
     return tokenizer
 
 
@@ -411,36 +340,27 @@ def register_scorer(cls: type[Scorer]) -> type[Scorer]:
 
 
 def _close_meteor(meteor) -> None:
-    """Terminate a pycocoevalcap Meteor's JVM and release its pipes (idempotent).
+    """Kill a pycocoevalcap Meteor's JVM and close its pipes (idempotent).
 
-    pycocoevalcap 1.2's ``Meteor`` has no ``close()``; its ``__del__`` acquires ``self.lock``
-    first, which deadlocks the garbage collector if ``compute_score`` raised while holding the
-    lock. We release the lock (a plain ``threading.Lock`` may be released from any thread) so a
-    later ``__del__`` is harmless, then kill the process and close its pipes.
+    pycocoevalcap 1.2's ``Meteor`` has no ``close()``, and its ``__del__`` takes ``self.lock``
+    first, which deadlocks the garbage collector when ``compute_score`` raised holding it: the lock
+    (a plain ``threading.Lock``, releasable from any thread) is released first.
     """
     lock = getattr(meteor, "lock", None)
     if lock is not None and lock.locked():
-        try:
+        with contextlib.suppress(RuntimeError):  # released concurrently
             lock.release()
-        except RuntimeError:  # pragma: no cover - released concurrently
-            pass
     proc = getattr(meteor, "meteor_p", None)
     if proc is None:
         return
     for stream in (proc.stdin, proc.stdout, proc.stderr):
-        try:
-            if stream is not None:
+        if stream is not None:
+            with contextlib.suppress(OSError):
                 stream.close()
-        except OSError:
-            pass
-    try:
+    with contextlib.suppress(OSError):
         proc.kill()
-    except OSError:  # pragma: no cover
-        pass
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:  # pragma: no cover
-        pass
 
 
 def _run_meteor(gts: dict, res: dict, timeout: float) -> tuple[float, list[float]]:
@@ -456,10 +376,8 @@ def _run_meteor(gts: dict, res: dict, timeout: float) -> tuple[float, list[float
 
     def _kill() -> None:
         timed_out.set()
-        try:
+        with contextlib.suppress(OSError):
             meteor.meteor_p.kill()
-        except OSError:  # pragma: no cover
-            pass
 
     watchdog = threading.Timer(timeout, _kill)
     watchdog.daemon = True
@@ -468,15 +386,11 @@ def _run_meteor(gts: dict, res: dict, timeout: float) -> tuple[float, list[float
         score, scores = meteor.compute_score(gts, res)
     except Exception as exc:
         if timed_out.is_set():
-            raise TimeoutError(
-                f"METEOR did not answer within {timeout:g} s (process killed)"
-            ) from exc
+            raise TimeoutError(f"METEOR did not answer within {timeout:g} s (process killed)") from exc
         stderr = ""
-        try:
+        with contextlib.suppress(Exception):  # best-effort diagnostics
             meteor.meteor_p.kill()
             stderr = meteor.meteor_p.stderr.read().decode(errors="replace").strip()[-300:]
-        except Exception:  # pragma: no cover - best effort diagnostics
-            pass
         detail = f"; java: {stderr}" if stderr else ""
         raise RuntimeError(f"{type(exc).__name__}: {exc}{detail}") from exc  # the skip reason names its type
     finally:
@@ -492,12 +406,9 @@ def _spice_models_present() -> tuple[bool, str]:
     needed = [os.path.join(lib, f"{gsm.JAR}.jar"), os.path.join(lib, f"{gsm.JAR}-models.jar")]
     missing = [p for p in needed if not os.path.exists(p)]
     if missing:
-        return False, (
-            "Stanford CoreNLP models not present ("
-            + ", ".join(os.path.basename(p) for p in missing)
-            + f" missing in {lib}); pycocoevalcap would download them on first use. Fetch them "
-            "once with network access: python -m pycocoevalcap.spice.get_stanford_models"
-        )
+        return False, (f"Stanford CoreNLP models not present ({', '.join(os.path.basename(p) for p in missing)} "
+                       f"missing in {lib}); pycocoevalcap would download them on first use. Fetch them once with "
+                       "network access: python -m pycocoevalcap.spice.get_stanford_models")
     return True, ""
 
 
@@ -591,55 +502,33 @@ def score_details(
     *,
     meteor_timeout: float | None = None,
 ) -> ScoreReport:
-    """Score captions with the official COCO caption metrics and report how it was done.
+    """Score ``predictions`` (``image_id -> one caption``, may be "") against ``references``
+    (``image_id -> non-empty sequence of captions``, the same ids) and report how it was done.
 
-    Args:
-        predictions: ``image_id -> generated caption`` (exactly one string per image; may be "").
-        references: ``image_id -> all reference captions`` (non-empty sequence of strings). Must
-            have exactly the same ids as ``predictions``.
-        metrics: any of ``"bleu"`` (BLEU-1..4), ``"meteor"``, ``"rouge"`` (ROUGE-L), ``"cider"``
-            (CIDEr-D), ``"spice"``, or a registered scorer's name (:data:`SCORERS`). Aliases like
-            ``"rouge_l"`` / ``"bleu_4"`` are accepted.
-        tokenizer: ``"ptb"`` (official Stanford PTBTokenizer, needs Java; RuntimeError without),
-            ``"simple"`` (pure Python, :func:`simple_tokenize`), or ``"auto"`` (ptb if Java
-            works, otherwise simple, with a warning logged once per process).
-        meteor_timeout: seconds before a hung METEOR process is killed (metric then skipped).
-            Default ``120 + 0.05 * num_images``.
+    ``metrics``: names of :data:`SCORERS` (``"bleu"``, ``"meteor"``, ``"rouge"``, ``"cider"``,
+    ``"spice"``, a registered one) or their aliases (``"rouge_l"``, ``"bleu_4"``). ``tokenizer``:
+    ``"ptb"`` (official, needs Java), ``"simple"`` (:func:`simple_tokenize`) or ``"auto"`` (ptb
+    where Java works, else simple with a warning logged once per process). ``meteor_timeout``:
+    seconds before a hung METEOR is killed and skipped (default ``120 + 0.05 * num_images``).
 
-    Returns:
-        :class:`ScoreReport`. ``report.scores`` holds corpus scores on the 0-1 scale (CIDEr-D is
-        natively 0-10: 1.0 = "100" in papers) for the computed metrics only; metrics that could
-        not be computed are in ``report.skipped`` with the reason (METEOR/SPICE without Java,
-        SPICE without its Stanford models or when its JVM fails, METEOR timeout/crash).
-
-    Raises:
-        ValueError: empty predictions, id mismatch (message names counts and example ids),
-            non-string captions, images without references, unknown metric or tokenizer names.
-        RuntimeError: ``tokenizer="ptb"`` without Java.
-
-    Note:
-        CIDEr-D's IDF statistics come from the references passed in, so CIDEr depends on the
-        evaluated image set (and is 0 for a single image).
+    Returns a :class:`ScoreReport`: corpus scores of the computed metrics on the 0-1 scale (CIDEr-D
+    natively 0-10), each metric that could not run (no Java, no SPICE models, a failing or hung
+    JVM) in ``skipped`` with its reason. Raises ValueError for empty predictions, differing ids
+    (counts and example ids named), non-string captions, an image without references, an unknown
+    metric or tokenizer; RuntimeError for ``tokenizer="ptb"`` without Java.
     """
     start = time.perf_counter()
     groups = _resolve_metrics(metrics)
     ids = _validate(predictions, references)
     tok = _resolve_tokenizer(tokenizer)
 
-    # Sanitise and tokenise, keeping the per-image structure.
-    hyps = [_normalise_whitespace(predictions[i]) for i in ids]
-    refs = [[_normalise_whitespace(r) for r in references[i]] for i in ids]
+    # Whitespace collapsed, then tokenised in one call: hypotheses first, then every reference.
+    hyps = [one_line(predictions[i]) for i in ids]
+    refs = [[one_line(r) for r in references[i]] for i in ids]
     flat = hyps + [r for rs in refs for r in rs]
-    if tok == "ptb":
-        flat_tok = _ptb_tokenize_strings(flat)
-    else:
-        flat_tok = [simple_tokenize(s) for s in flat]
-    res = {image_id: [flat_tok[n]] for n, image_id in enumerate(ids)}
-    gts: dict = {}
-    pos = len(ids)
-    for image_id, rs in zip(ids, refs):
-        gts[image_id] = flat_tok[pos : pos + len(rs)]
-        pos += len(rs)
+    tokens = iter(_ptb_tokenize_strings(flat) if tok == "ptb" else [simple_tokenize(s) for s in flat])
+    res = {image_id: [next(tokens)] for image_id in ids}
+    gts = {image_id: [next(tokens) for _ in rs] for image_id, rs in zip(ids, refs)}
 
     scores: dict[str, float] = {}
     per_image: dict[str, tuple[float, ...]] = {}
@@ -676,23 +565,15 @@ def score_captions(
     *,
     meteor_timeout: float | None = None,
 ) -> dict[str, float]:
-    """Corpus scores only: ``score_details(...).scores`` (see :func:`score_details`).
-
-    Returns ``{key: score}`` on the 0-1 scale for the computed metrics, keys in
-    :data:`SCORERS` order (e.g. ``bleu_1..bleu_4, meteor, rouge_l, cider``). A metric that
-    had to be skipped (METEOR without Java, SPICE without models) is absent; use
-    :func:`score_details` to learn why and which tokenizer was used.
-    """
+    """``score_details(...).scores``: ``{key: score}`` on the 0-1 scale in :data:`SCORERS` order; a
+    skipped metric is absent (:func:`score_details` says why)."""
     return score_details(predictions, references, metrics, tokenizer, meteor_timeout=meteor_timeout).scores
 
 
 def format_metrics_table(metrics: Mapping[str, float], title: str | None = None) -> str:
-    """Render scores as a plain-text table, multiplied by 100 (the scale papers report).
-
-    Scorers' keys use their display names (BLEU-4, METEOR, ROUGE-L, CIDEr, SPICE) in
-    :data:`SCORERS` order; other keys follow in their given order. None and non-finite values show as ``n/a``;
-    counts (:data:`COUNT_KEYS`) as they are. The
-    second header line names the scale; for example::
+    """Scores as a plain-text table, x100 (the scale papers report): scorers' keys by their labels
+    in :data:`SCORERS` order, then the other keys in their order; None and non-finite values
+    ``n/a``, counts (:data:`COUNT_KEYS`) as they are. For example::
 
         Test split
         COCO caption metrics, scores x100 (0-100 scale)
@@ -705,8 +586,7 @@ def format_metrics_table(metrics: Mapping[str, float], title: str | None = None)
         CIDEr    192.00
         (CIDEr-D is natively 0-10, so x100 it can exceed 100)
 
-    Raises:
-        ValueError: a value that is not a number.
+    Raises ValueError for a value that is not a number.
     """
     labels = {key: label for scorer in SCORERS.values() for key, label in zip(scorer.keys, scorer.labels)}
     keys = [k for k in labels if k in metrics] + [k for k in metrics if k not in labels]
@@ -724,12 +604,9 @@ def format_metrics_table(metrics: Mapping[str, float], title: str | None = None)
         rows.append((labels.get(key, _DISPLAY_NAMES.get(key, str(key))), shown))
     name_w = max([len("Metric")] + [len(n) for n, _ in rows])
     val_w = max([len("x100")] + [len(v) for _, v in rows])
-    lines = []
-    if title:
-        lines.append(str(title))
-    lines.append("COCO caption metrics, scores x100 (0-100 scale)")
-    lines.append(f"{'Metric':<{name_w}}  {'x100':>{val_w}}")
-    lines.append(f"{'-' * name_w}  {'-' * val_w}")
+    lines = [str(title)] if title else []
+    lines += ["COCO caption metrics, scores x100 (0-100 scale)", f"{'Metric':<{name_w}}  {'x100':>{val_w}}",
+              f"{'-' * name_w}  {'-' * val_w}"]
     if not rows:
         lines.append("(no metrics)")
     lines += [f"{n:<{name_w}}  {v:>{val_w}}" for n, v in rows]
