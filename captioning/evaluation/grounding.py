@@ -1,77 +1,51 @@
 """Grounding scores: does the attention of a word that names an object look at that object?
 
-Every generated word that names an object class (a *naming word*, see "Words to classes") whose
-class has at least one box in the image is scored against the boxes of that class:
+Every generated word naming an object class (see "Words to classes") whose class has a box in the
+image is scored against that class's boxes. *Pointing game*: 1 if the attention maximum falls
+inside a box of the class, else 0 (Zhang et al., "Top-down neural attention by excitation
+backprop", ECCV 2016, without their 15-pixel tolerance). *Mass in box*: the share of the word's
+attention weight inside the union of the class's boxes.
 
-pointing game
-    1 if the attention maximum falls inside a box of the class, else 0 (Zhang et al., "Top-down
-    neural attention by excitation backprop", ECCV 2016; without their 15-pixel tolerance).
-mass in box
-    the fraction of the word's attention weight inside the union of the class's boxes.
+Grid to image. The model sees the image resized to a square (aspect not kept,
+``captioning.data.transforms.preprocess``) and the feature map is adaptive-average-pooled to a
+gh x gw grid, so cell (r, c) stands for an equal share of the original W x H image (its size in
+the instances file). Boxes are scaled by (gw / W, gh / H) into grid units, where cell (r, c) is
+``[c, c + 1) x [r, r + 1)``. (A cell's receptive field is larger than its share; the share is the
+convention of the paper's upsampled attention figures.) The *point* is the centre ``(c + 0.5,
+r + 0.5)`` of the maximum cell (on a tie the first in row-major order); boxes are half-open like
+COCO's, ``[x, x + w) x [y, y + h)``. For the *mass* each cell's weight is spread uniformly over
+the cell: mass = ``sum_rc alpha_rc * cover_rc / sum_rc alpha_rc``, ``cover_rc`` the exact share
+of the cell inside the union of the boxes (overlaps counted once).
 
-Grid to image
--------------
-The model sees the image resized to a square (plain resize, aspect not kept, see
-``captioning.data.transforms.preprocess``), and the encoder's feature map is adaptive-average-pooled
-to a gh x gw grid, so grid cell (r, c) stands for an equal share of the *original* image:
-``[c * W / gw, (c + 1) * W / gw) x [r * H / gh, (r + 1) * H / gh)`` in pixels, W and H the image's
-size in the instances file. Boxes are scaled by (gw / W, gh / H) into grid units, where cell
-(r, c) is the unit square ``[c, c + 1) x [r, r + 1)``. (A cell's receptive field is larger than
-its share; the share is the convention the paper's upsampled attention figures also use.)
+Which attention: the one the decoder used (``mode``, recorded with every number). ``"expected"``
+(soft attention, and hard attention decoded with the expected context sum_i alpha_i a_i, the
+authors' default): alpha. ``"argmax"`` (hard): one-hot on the argmax of alpha, so the mass is that
+cell's cover. ``"sample"`` (hard): one-hot on a location drawn from alpha, which the decoder does
+not keep, so the word is scored in expectation over the draw: mass = sum alpha * cover, pointing
+game = the alpha weight on cells whose centre lies in a box (the probability that the draw hits).
 
-* The *point* of the pointing game is the centre ``(c + 0.5, r + 0.5)`` of the maximum cell (on an
-  exact tie, the first maximum in row-major order). Boxes are half-open like COCO's,
-  ``[x, x + w) x [y, y + h)``: a centre on a box's left or top edge is inside, on its right or
-  bottom edge outside.
-* For the *mass*, each cell's weight is spread uniformly over the cell: mass =
-  ``sum_rc alpha_rc * cover_rc / sum_rc alpha_rc``, where ``cover_rc`` is the exact fraction of the
-  cell's area inside the union of the boxes (overlapping boxes counted once).
+Averaging: ``pointing_game`` and ``mass_in_box`` are means over all scored words of the split;
+``*_per_image`` average each image's words first, then the images with a scored word. A naming
+word whose class has no box in the image is excluded and counted (``absent_words``); an image
+missing from the instances file is counted (``images_without_boxes``). With no scored word every
+score is None, never 0. For scale the report gives what a uniform map scores on the same words
+(the share of cells whose centre is in a box; the boxes' share of the image).
 
-Which attention
----------------
-The attention the decoder actually used for the caption (``mode``, recorded with every number):
-``"expected"`` (soft attention, and hard attention decoded with the expected context
-sum_i alpha_i a_i, the authors' default): alpha itself. ``"argmax"`` (hard): a one-hot map on the
-argmax of alpha, so the mass is the cover of that one cell. ``"sample"`` (hard): a one-hot map on a
-location drawn from alpha; the drawn location is not kept by the decoder, so the word is scored in
-expectation over the draw: mass = sum alpha * cover (as for "expected"), pointing game = the alpha
-weight on cells whose centre lies inside a box (the probability that the draw hits).
+Word kinds. Which step of "a large red circle" is scored decides the verdict (a model may look at
+the object at "large" and "red" and elsewhere at "circle"), so three kinds are scored, each
+against the named class's boxes and with its own uniform reference (``uniform_*``):
+*nouns* (``pointing_game``, ``mass_in_box``), the naming word itself; *attribute words*
+(``*_attribute``), those of the matcher's ``attributes`` (sizes and colours for the synthetic
+dataset; none for COCO) directly before the noun, each on its own map; *the whole object phrase*
+(``*_phrase``), the mean of the maps used at the attribute words and the noun, scored as one map
+(argmax: the mean of the one-hot maps; its maximum is the point). A bare noun is its own phrase.
 
-Averaging
----------
-``pointing_game`` and ``mass_in_box`` are means over all scored words of the split (an image with
-three naming words counts three times); ``*_per_image`` first average each image's words, then
-average over the images that have at least one scored word. A naming word whose class has no box
-in the image is *excluded* and counted (``absent_words``); an image missing from the instances file
-is counted in ``images_without_boxes``. With no scored word at all every score is None, never 0.
-For scale, the report also gives what a uniform attention map would score on the same words (the
-share of cells whose centre lies in a box, and the boxes' share of the image).
-
-Word kinds
-----------
-Which step of a phrase such as "a large red circle" is scored decides the verdict (a model may
-look at the object while it says "large" and "red" and elsewhere at "circle"), so three kinds are
-scored, each against the boxes of the named class and each with its own uniform-map reference:
-
-* *nouns* (``pointing_game``, ``mass_in_box``): the naming word itself, as above;
-* *attribute words* (``*_attribute``): the attribute words (the matcher's ``attributes``: sizes and
-  colours for the synthetic dataset; none for COCO) that directly precede the noun, each scored on
-  its own map;
-* *the whole object phrase* (``*_phrase``): the mean of the maps the decoder used at the attribute
-  words and the noun, scored as one map (argmax: the mean of the one-hot maps, i.e. how often each
-  cell was attended; its maximum is the point). A noun without attribute words is its own phrase.
-
-The uniform references are ``uniform_*`` (``uniform_pointing_game``, ``uniform_mass_in_box_phrase``, ...).
-
-Words to classes
-----------------
-Synthetic dataset: the shape nouns, singular and plural (``circle``/``circles`` -> circle, ...).
-COCO: :data:`COCO_SYNONYMS` (one word -> one of the 80 categories; written for this project,
-listed below) and :data:`COCO_PHRASES` (two-word names such as "traffic light", "hot dog",
-"teddy bear"; the head noun, the second word, is the scored word, and the first word is then not
-matched on its own, so "hot dog" is one hot dog and no dog). Words that are mostly something else
-in captions are left out on purpose: "orange" (a colour; only "oranges" names the fruit), "glass"
-(windows), "bag", "meter", "baseball" (the game), "screen". Any other dataset: each category name
+Words to classes. Synthetic: the shape nouns, singular and plural (``circle``/``circles``, ...).
+COCO: :data:`COCO_SYNONYMS` (one word -> one of the 80 categories, written for this project) and
+:data:`COCO_PHRASES` (two-word names: "traffic light", "hot dog", "teddy bear"; the head noun is
+scored and the first word is then not matched alone, so "hot dog" is no dog). Words mostly meaning
+something else in captions are left out: "orange" (only "oranges" is the fruit), "glass"
+(windows), "bag", "meter", "baseball" (the game), "screen". Another dataset: each category name
 and its name + "s" (two-word names as phrases).
 """
 
@@ -258,8 +232,8 @@ def centre_inside(grid_boxes: np.ndarray, gh: int, gw: int) -> np.ndarray:
 
 
 class WordScore(NamedTuple):
-    pointing: float  # 0 or 1 (in [0, 1] for mode "sample": the hit probability)
-    mass: float  # in [0, 1]
+    pointing: float | None  # 0 or 1 (in [0, 1] for mode "sample": the hit probability); None: no word
+    mass: float | None  # in [0, 1]
 
 
 def score_word(attention: np.ndarray, grid_boxes: np.ndarray, mode: str = "expected") -> WordScore:
@@ -340,14 +314,16 @@ class GroundingReport:
                "mass_in_box_per_image": self.mass_in_box_per_image, "grounding_words": self.words,
                "uniform_pointing_game": self.chance_pointing_game, "uniform_mass_in_box": self.chance_mass_in_box}
         for kind, row in self.kinds.items():
-            out.update({f"{key}_{kind}": row[key] for key in ("pointing_game", "mass_in_box", "uniform_pointing_game",
-                                                               "uniform_mass_in_box")})
+            out.update({f"{key}_{kind}": value for key, value in row.items() if key != "words"})
             out[f"grounding_words_{kind}"] = row["words"]
         return out
 
     def describe(self, scale: float = 1.0) -> dict:
         """How the numbers were computed, for the metrics JSON; per-category scores x ``scale``."""
-        per_category = {name: {k: (v * scale if k != "words" and v is not None else v) for k, v in row.items()}
+        def scaled(value: float | None) -> float | None:
+            return None if value is None else value * scale
+
+        per_category = {name: {k: v if k == "words" else scaled(v) for k, v in row.items()}
                         for name, row in self.per_category.items()}
         return {
             "averaged": "pointing_game, mass_in_box: mean over scored words; *_per_image: mean over "
@@ -357,8 +333,7 @@ class GroundingReport:
             "words": self.words, "images": self.images, "absent_class_words_excluded": self.absent_words,
             "images_without_boxes": self.images_without_boxes, "per_category": per_category,
             "uniform_attention": {
-                "pointing_game": None if self.chance_pointing_game is None else self.chance_pointing_game * scale,
-                "mass_in_box": None if self.chance_mass_in_box is None else self.chance_mass_in_box * scale,
+                "pointing_game": scaled(self.chance_pointing_game), "mass_in_box": scaled(self.chance_mass_in_box),
                 "what": "a uniform map on the same words: share of cells whose centre is in a box; boxes' share "
                         "of the image"},
         }
@@ -399,10 +374,17 @@ def _used_map(attention: np.ndarray, mode: str) -> np.ndarray:
     return out
 
 
-def _kind_row(scores: Sequence[WordScore], chance: Sequence[WordScore]) -> dict:
-    return {"words": len(scores), "pointing_game": _mean([s.pointing for s in scores]),
-            "mass_in_box": _mean([s.mass for s in scores]), "uniform_pointing_game": _mean([s.pointing for s in chance]),
-            "uniform_mass_in_box": _mean([s.mass for s in chance])}
+def _average(scores: Sequence[WordScore]) -> WordScore:
+    """The mean pointing game and mass in box of ``scores`` (None each when there are none)."""
+    return WordScore(_mean([s.pointing for s in scores]), _mean([s.mass for s in scores]))
+
+
+def _row(scores: Sequence[WordScore], chance: Sequence[WordScore] | None = None) -> dict:
+    """A table row: the words, their mean scores, and a uniform map's on the same words (``chance``)."""
+    row = {"words": len(scores), **dict(zip(("pointing_game", "mass_in_box"), _average(scores)))}
+    if chance is not None:
+        row.update(zip(("uniform_pointing_game", "uniform_mass_in_box"), _average(chance)))
+    return row
 
 
 def score_grounding(named: Mapping[int, Sequence[NamedWord]], instances: Instances, mode: str = "expected") -> GroundingReport:
@@ -441,18 +423,11 @@ def score_grounding(named: Mapping[int, Sequence[NamedWord]], instances: Instanc
             by_category.setdefault(item.category, []).append(score)
         word_scores += scores
         if scores:
-            image_means.append(WordScore(_mean([s.pointing for s in scores]), _mean([s.mass for s in scores])))
-    per_category = {
-        name: {"words": len(s), "pointing_game": _mean([x.pointing for x in s]), "mass_in_box": _mean([x.mass for x in s])}
-        for name, s in sorted(by_category.items())
-    }
+            image_means.append(_average(scores))
+    (pointing, mass), per_image, uniform = _average(word_scores), _average(image_means), _average(chance)
     return GroundingReport(
-        mode=mode, words=len(word_scores), images=len(image_means), absent_words=absent,
-        images_without_boxes=missing,
-        pointing_game=_mean([s.pointing for s in word_scores]), mass_in_box=_mean([s.mass for s in word_scores]),
-        pointing_game_per_image=_mean([s.pointing for s in image_means]),
-        mass_in_box_per_image=_mean([s.mass for s in image_means]),
-        per_category=per_category,
-        chance_pointing_game=_mean([s.pointing for s in chance]), chance_mass_in_box=_mean([s.mass for s in chance]),
-        kinds={kind: _kind_row(*pair) for kind, pair in kind_scores.items()},
-    )
+        mode=mode, words=len(word_scores), images=len(image_means), absent_words=absent, images_without_boxes=missing,
+        pointing_game=pointing, mass_in_box=mass, pointing_game_per_image=per_image.pointing,
+        mass_in_box_per_image=per_image.mass, per_category={name: _row(s) for name, s in sorted(by_category.items())},
+        chance_pointing_game=uniform.pointing, chance_mass_in_box=uniform.mass,
+        kinds={kind: _row(*pair) for kind, pair in kind_scores.items()})

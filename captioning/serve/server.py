@@ -18,23 +18,21 @@ this file) has no external scripts, and the server listens on 127.0.0.1 unless t
                              the page sends the header X-Demo-Client: page, and its messages then
                              speak of "the chosen file" without the hints for curl
 
-Every answer is JSON, errors too: ``{"error": one line}`` with a 4xx status for a bad request
-(not an image, truncated, too large, too many pixels, a missing or malformed Content-Length, a
-number out of range) and 500 for a failure of the model, logged as one line; the server keeps
-serving. It is built to stay up on a shared machine: a request body is read only up to
-MAX_UPLOAD_BYTES and only with a Content-Length; one thread (Reception) reads every request
-whole before a worker sees it, and a request that has not arrived whole TIMEOUT seconds after
-its connection was accepted is closed, so idle or trickling clients hold no worker; WORKERS
-threads answer, QUEUE more complete requests wait, any beyond get 503 at once; the listen
-backlog is BACKLOG; a client that goes away is forgotten without a traceback. A multipart
-upload is parsed in one pass whose cost grows with the body's size only (form_file).
-
-Why the standard library and not a web framework: the demo takes one kind of request, so
-http.server with the bounds above is short (docs/demo.md says more).
+Every answer is JSON, errors too: ``{"error": one line}``, 4xx for a bad request (not an image,
+truncated, too large, too many pixels, a missing or malformed Content-Length, a number out of
+range), 500 for a failure of the model, logged as one line; the server keeps serving. Built to
+stay up on a shared machine: a body is read only with a Content-Length up to MAX_UPLOAD_BYTES;
+one thread (Reception) reads every request whole before a worker sees it and closes one not
+whole TIMEOUT seconds after its connection was accepted, so idle or trickling clients hold no
+worker; WORKERS threads answer, QUEUE more complete requests wait, any beyond get 503 at once;
+the listen backlog is BACKLOG; a client that goes away is forgotten without a traceback; a
+multipart upload is parsed in one pass whose cost grows with the body's size only (form_file).
+The standard library, not a web framework: the demo takes one kind of request (docs/demo.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import mimetypes
@@ -64,10 +62,9 @@ MAX_UPLOAD_BYTES = 10 * 2**20
 DISCARD_BYTES = 64 * 2**20
 #: Example images offered by the page.
 MAX_EXAMPLES = 8
-#: Seconds a request has to arrive whole (request line, headers and body), from the moment its
-#: connection is accepted: a deadline for the request, not for each read, so a client sending a
-#: byte now and then cannot keep it open. Until then the connection holds no worker (see
-#: Reception), only its bytes so far.
+#: Seconds a request has to arrive whole (request line, headers and body) from its connection's
+#: acceptance: a deadline, not a limit on each read, so a client sending a byte now and then
+#: cannot keep it open; until then it holds no worker (Reception), only its bytes so far.
 TIMEOUT = 30.0
 #: Requests answered at once (one caption decodes at a time; the others wait or send).
 WORKERS = 8
@@ -78,8 +75,7 @@ QUEUE = 64
 MAX_ARRIVING = 512
 #: Bytes held for requests still arriving, all together; beyond it the request is refused (503).
 MAX_ARRIVING_BYTES = 256 * 2**20
-#: The request line and headers of one request, at most (the standard library's own limits on
-#: each line and on the header count apply after that).
+#: The request line and headers of one request, at most (http.server's limits apply after it).
 MAX_HEAD_BYTES = 64 * 2**10
 #: Parts of a multipart/form-data body, at most (the page sends one; curl -F, one per field).
 MAX_PARTS = 32
@@ -106,8 +102,7 @@ class RequestError(CaptioningError):
 
 
 def number(query: dict, name: str, default: int | float | None = None) -> int | float | None:
-    """The query's ``name`` as :data:`NUMBERS` types and bounds it, or ``default`` when absent;
-    anything else is a 400 naming the parameter and its range."""
+    """The query's ``name`` typed and bounded by :data:`NUMBERS`, or ``default`` when absent; else a 400."""
     kind, low, high = NUMBERS[name]
     text = query.get(name, [""])[0].strip()
     if not text:
@@ -142,7 +137,7 @@ class Demo:
                 "examples": [p.name for p in self.examples], "max_upload_bytes": MAX_UPLOAD_BYTES}
 
     def options(self, query: dict) -> dict:
-        """The query string -> Captioner.caption keyword arguments (checked there too)."""
+        """The query -> Captioner.caption keyword arguments (checked there too)."""
         method = query.get("method", ["beam"])[0]
         if method not in ("beam", "greedy", "sample"):
             raise RequestError(HTTPStatus.BAD_REQUEST, f"method must be beam, greedy or sample, got {method[:40]!r}")
@@ -168,7 +163,7 @@ class Demo:
         raise RequestError(HTTPStatus.NOT_FOUND, f"no example image {index[:40]!r}")
 
     def caption(self, image_path: Path, query: dict, what: str = "the upload") -> dict:
-        """Caption the image at ``image_path``; ``what`` names it in messages (which field, or the body)."""
+        """Caption the image at ``image_path``; ``what`` names it in messages."""
         options = self.options(query)
         seed = options.pop("seed", None)
         try:
@@ -196,15 +191,15 @@ def _image_message(err: Exception, path: Path, what: str) -> str:
     return f"{what} cannot be read as an image ({message}){hint}"
 
 
+_AS_FILE = "send the image as the field 'file' (curl -F file=@photo.jpg)"
 _TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _PARAM = re.compile(rb";\s*(" + _TOKEN + rb")\s*=\s*(\"(?:[^\"\\]|\\.){0,1000}\"|[^;\s]{0,1000})", re.ASCII)
 
 
 def _params(value: bytes) -> tuple[str, dict[str, str]]:
-    """A header value ``type; key=value; key="quoted"`` -> (type, {key: value}), keys lowercased.
-    One pass of a regular expression over at most a part's head: its cost is bounded by its size.
-    An RFC 2231 ``key*`` is read as one value (charset''percent-encoded); its continuations
-    (``key*0``, ``key*1``...) are not joined, so they cannot make the parse cost grow."""
+    """A header value ``type; key=value; key="quoted"`` -> (type, {key: value}), keys lowercased, in
+    one regular-expression pass. An RFC 2231 ``key*`` is one value (charset''percent-encoded); its
+    continuations (``key*0``, ``key*1``...) are not joined, so they cannot make the cost grow."""
     head, _, rest = value.partition(b";")
     found: dict[str, str] = {}
     for key, raw in _PARAM.findall(b";" + rest):
@@ -235,17 +230,14 @@ def _part_headers(head: bytes) -> dict[str, bytes]:
 
 def form_file(content_type: str, body: bytes) -> tuple[bytes, str]:
     """The file of a multipart/form-data body (the field "file" or "image", else the first field
-    holding a file) -> (its bytes, what it is, for messages); a body without a file is a 400
-    naming its fields.
+    holding a file) -> (its bytes, what it is, for messages); without a file, a 400 naming the fields.
 
-    Parsed here, in one pass over the body (RFC 7578: the body split at its boundary, each part's
-    few headers read), so the cost grows with the body's size only: at most MAX_PARTS parts, each
-    head at most MAX_PART_HEAD_BYTES, and a part that is itself multipart (nesting, which the
-    form-data format has no use for) refused with 400. The standard library's email parser
+    One pass over the body (RFC 7578: split at the boundary, each part's few headers read), so the
+    cost grows with the body's size only: at most MAX_PARTS parts, heads of at most
+    MAX_PART_HEAD_BYTES, a nested multipart part refused. (The standard library's email parser
     recursed into nested parts without bound and joined RFC 2231 continuations at a cost that
-    grew faster than the body."""
-    bad = ("the multipart/form-data body cannot be parsed ({}): send the image as the field 'file' "
-           "(curl -F file=@photo.jpg)")
+    grew faster than the body.)"""
+    bad = "the multipart/form-data body cannot be parsed ({}): " + _AS_FILE
     _, params = _params(content_type.encode("latin-1", "replace"))
     boundary = params.get("boundary", "").encode("latin-1", "replace")
     if not boundary or len(boundary) > 200:
@@ -268,9 +260,8 @@ def form_file(content_type: str, body: bytes) -> tuple[bytes, str]:
         headers = _part_headers(piece[line_end + 2:head_end])
         kind, _ = _params(headers.get("content-type", b"text/plain"))
         if kind.startswith("multipart/"):
-            raise RequestError(HTTPStatus.BAD_REQUEST, "a multipart/form-data part that is itself multipart is not "
-                                                       "accepted: send the image as the field 'file' "
-                                                       "(curl -F file=@photo.jpg)")
+            raise RequestError(HTTPStatus.BAD_REQUEST,
+                               "a multipart/form-data part that is itself multipart is not accepted: " + _AS_FILE)
         _, disposition = _params(headers.get("content-disposition", b""))
         if "name" in disposition:
             fields.append((disposition["name"], disposition.get("filename", ""), piece[head_end + 4:]))
@@ -280,7 +271,7 @@ def form_file(content_type: str, body: bytes) -> tuple[bytes, str]:
     if chosen is None:
         shown = ", ".join(repr(f[0][:40]) for f in fields[:5]) or "none"
         raise RequestError(HTTPStatus.BAD_REQUEST, f"the multipart/form-data upload holds no file (fields: {shown}): "
-                                                   "send the image as the field 'file' (curl -F file=@photo.jpg)")
+                                                   + _AS_FILE)
     name, filename, data = chosen[0][:40], chosen[1][:80], chosen[2]
     what = f"the file {filename!r} of the multipart/form-data field {name!r}" if filename else \
         f"the multipart/form-data field {name!r}"
@@ -302,8 +293,6 @@ class Handler(BaseHTTPRequestHandler):
     cause = ""  # why a request failed, for its one log line
     unread = 0  # bytes of a refused body still to read away after the answer
 
-    # ------------------------------------------------------------------------------ logging
-
     def log_message(self, format: str, *args) -> None:
         """Quiet: the standard library's own notes (timeouts and the like) are not logged."""
 
@@ -314,34 +303,28 @@ class Handler(BaseHTTPRequestHandler):
             cause = f" ({self.cause})" if self.cause else ""
             sys.stderr.write(f"demo: {self.address_string()} {line!r} {code}{cause}\n")
 
-    # ------------------------------------------------------------------------------ answers
-
     def send_json(self, status: HTTPStatus, payload: dict) -> None:
-        body = json.dumps(payload).encode()
+        self.send_body(status, json.dumps(payload).encode(), "application/json", ("Cache-Control", "no-store"))
+
+    def send_file(self, path: Path, content_type: str | None = None) -> None:
+        self.send_body(HTTPStatus.OK, path.read_bytes(),
+                       content_type or mimetypes.guess_type(path.name)[0] or "application/octet-stream")
+
+    def send_body(self, status: HTTPStatus, body: bytes, content_type: str, *headers: tuple[str, str]) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
+        for key, value in (("Content-Type", content_type), ("Content-Length", str(len(body))), *headers):
+            self.send_header(key, value)
         self.end_headers()
         self.wfile.write(body)
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """The standard library's own refusals (a malformed request line, an unsupported method,
         headers too long or too many) answer in JSON as ours do."""
-        self.close_connection = True
         self.request_version = "HTTP/1.0"  # a request line too broken to name one still gets a status line
         if code == HTTPStatus.NOT_IMPLEMENTED:  # a method without a do_ handler: the client's mistake
             code, message = HTTPStatus.METHOD_NOT_ALLOWED, f"the demo answers GET and POST, not {self.command[:20]!r}"
         status = HTTPStatus(code)
         self.send_json(status, {"error": one_line(message or status.phrase, 200)})
-
-    def send_file(self, path: Path, content_type: str | None = None) -> None:
-        body = path.read_bytes()
-        self.send_response(HTTPStatus.OK)
-        self.send_header("Content-Type", content_type or mimetypes.guess_type(path.name)[0] or "application/octet-stream")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
 
     def __init__(self, request, client_address, server, received: bytes = b"") -> None:
         self.received = received  # the whole request, as the reception read it
@@ -353,7 +336,6 @@ class Handler(BaseHTTPRequestHandler):
 
     def handle(self) -> None:
         """One request per connection: the reception read it whole, the answer closes it."""
-        self.close_connection = True
         try:
             self.handle_one_request()
         except (ConnectionError, TimeoutError):  # the client went away or fell silent: nothing to answer
@@ -378,11 +360,8 @@ class Handler(BaseHTTPRequestHandler):
             raise
         except Exception as err:  # never let one request take the server down
             self.cause = f"{type(err).__name__}: {one_line(err, 200)}"
-            self.close_connection = True
             self.send_json(HTTPStatus.INTERNAL_SERVER_ERROR,
                            {"error": f"the model failed on this request ({self.cause})"})
-
-    # ------------------------------------------------------------------------------ routes
 
     def _get(self) -> None:
         url = urlparse(self.path)
@@ -427,17 +406,14 @@ class Handler(BaseHTTPRequestHandler):
         """The request body, read only up to its Content-Length, which must be there and be a
         whole number of bytes up to MAX_UPLOAD_BYTES (a larger body is refused before it is read)."""
         if self.headers.get("Transfer-Encoding"):
-            self.close_connection = True
             raise RequestError(HTTPStatus.LENGTH_REQUIRED, "send the body with a Content-Length, not in chunks "
                                                            "(curl -F file=@photo.jpg does)")
         values = self.headers.get_all("Content-Length") or []
         if not values:
-            self.close_connection = True
             raise RequestError(HTTPStatus.LENGTH_REQUIRED, "the request has no Content-Length: send the image with "
                                                            "one (curl -F file=@photo.jpg does; an empty body: 0)")
         text = values[0].strip()
         if len(set(v.strip() for v in values)) > 1 or not re.fullmatch(r"[0-9]{1,15}", text, re.ASCII):
-            self.close_connection = True
             raise RequestError(HTTPStatus.BAD_REQUEST, f"Content-Length must be a whole number of bytes, got "
                                                        f"{', '.join(v[:20] for v in values)!r}")
         length = int(text)
@@ -448,15 +424,12 @@ class Handler(BaseHTTPRequestHandler):
                                f"{MAX_UPLOAD_BYTES // 2**20} MiB")
         body = self.rfile.read(length) if length else b""
         if len(body) < length:
-            self.close_connection = True
             raise RequestError(HTTPStatus.BAD_REQUEST, f"the body ended after {len(body)} of its {length} bytes")
         return body
 
     def _discard(self, length: int) -> None:
-        """Read a refused body away after the answer (up to DISCARD_BYTES, within the timeout, all
-        reads together), so that a client still sending reads the answer instead of a reset
-        connection; beyond that the connection is closed."""
-        self.close_connection = True
+        """Read a refused body away after the answer (up to DISCARD_BYTES within the timeout, all reads
+        together), so that a client still sending reads the answer, not a reset connection."""
         left = min(length, DISCARD_BYTES)
         deadline = time.monotonic() + self.timeout  # for all of it, not for each read
         while left > 0 and time.monotonic() < deadline:
@@ -498,10 +471,9 @@ class _Arriving:
 
 
 def _request_length(head: bytes) -> int | None:
-    """The length of the request whose head (up to and including the blank line) is ``head``: the
-    head plus a valid Content-Length up to MAX_UPLOAD_BYTES; the head alone when the body is not to
-    be read (no, several, malformed or too large a Content-Length, or chunked: the handler answers
-    those without reading the body)."""
+    """The length of the request whose head (through the blank line) is ``head``: plus a valid
+    Content-Length up to MAX_UPLOAD_BYTES, else the head alone (the handler refuses the request
+    without reading its body)."""
     lengths = re.findall(rb"(?im)^content-length[ \t]*:[ \t]*([^\r\n]*)", head)
     chunked = re.search(rb"(?im)^transfer-encoding[ \t]*:", head)
     if chunked or len(set(v.strip() for v in lengths)) != 1:
@@ -513,12 +485,10 @@ def _request_length(head: bytes) -> int | None:
 
 
 class Reception(threading.Thread):
-    """Reads every connection's request whole, for all connections in one thread (a selector),
-    before a worker sees it: a worker only ever answers a complete request, so idle sockets and
-    clients that trickle their bytes hold none. Each request must arrive within ``timeout`` of
-    its connection's acceptance (a deadline, not a limit on each read); at most MAX_ARRIVING
-    connections wait, the one waiting longest closed when a new one comes, and their bytes
-    together are bounded by MAX_ARRIVING_BYTES."""
+    """Reads every connection's request whole in one thread (a selector) before a worker sees it, so
+    idle sockets and trickling clients hold no worker. Each request must arrive within ``timeout``
+    of its connection's acceptance; at most MAX_ARRIVING connections wait (the longest-waiting one
+    closed when a new one comes), with at most MAX_ARRIVING_BYTES together."""
 
     def __init__(self, server: "DemoServer", timeout: float) -> None:
         super().__init__(name="demo-reception", daemon=True)
@@ -543,10 +513,8 @@ class Reception(threading.Thread):
         self._wake()
 
     def _wake(self) -> None:
-        try:
+        with contextlib.suppress(OSError):  # the wake-up buffer is full: the thread is awake anyway
             self.wake_write.send(b"\0")
-        except OSError:  # the wake-up buffer is full: the thread is awake anyway
-            pass
 
     def run(self) -> None:
         while not self.stopping:
@@ -566,11 +534,9 @@ class Reception(threading.Thread):
         next_deadline = min((a.deadline for a in self.arriving.values()), default=now + 1.0)
         for key, _ in self.selector.select(max(0.0, min(1.0, next_deadline - now))):
             if key.fileobj is self.wake_read:
-                try:
+                with contextlib.suppress(OSError):
                     while self.wake_read.recv(4096):
                         pass
-                except OSError:
-                    pass
             else:
                 self._read(self.arriving.get(key.fileobj.fileno()))
         self._take_incoming()
@@ -624,10 +590,8 @@ class Reception(threading.Thread):
     def _release(self, arriving: _Arriving) -> None:
         self.arriving.pop(arriving.sock.fileno(), None)
         self.held_bytes -= len(arriving.data)
-        try:
+        with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(arriving.sock)
-        except (KeyError, ValueError):
-            pass
 
     def _drop(self, arriving: _Arriving) -> None:
         self._release(arriving)
@@ -635,11 +599,9 @@ class Reception(threading.Thread):
 
 
 class DemoServer(HTTPServer):
-    """An HTTP server with a bounded pool: a Reception thread reads each request whole, WORKERS
-    threads answer complete requests, QUEUE more wait, and any beyond get a 503 at once; the
-    listen backlog is BACKLOG. (socketserver's threading server starts a thread per connection,
-    without bound, and listens with a backlog of 5.) Every connection carries one request: the
-    answer closes it."""
+    """An HTTP server with a bounded pool (socketserver's threading server starts a thread per
+    connection without bound, with a backlog of 5): a Reception reads each request whole, WORKERS
+    threads answer, QUEUE more wait, any beyond get a 503 at once. One request per connection."""
 
     request_queue_size = BACKLOG
 
@@ -681,11 +643,9 @@ class DemoServer(HTTPServer):
         body = json.dumps({"error": "the demo is busy; try again in a moment"}).encode()
         head = (f"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
                 "\r\nRetry-After: 1\r\nConnection: close\r\n\r\n").encode()
-        try:
+        with contextlib.suppress(OSError):  # best effort, never waiting on the client
             request.setblocking(False)
-            request.send(head + body)  # best effort, never waiting on the client
-        except OSError:
-            pass
+            request.send(head + body)
         self.shutdown_request(request)
 
     def handle_error(self, request, client_address) -> None:
@@ -708,8 +668,8 @@ def make_server(captioner, host: str = "127.0.0.1", port: int = 8000, examples: 
 
 
 def split_examples(captioner, split: str = "test", limit: int = MAX_EXAMPLES) -> list[Path]:
-    """The first images of the checkpoint's dataset split that exist on disk (none if it is not
-    there: the demo never generates or downloads a dataset)."""
+    """The first images of the checkpoint's dataset split that exist on disk (the demo never
+    generates or downloads a dataset)."""
     from captioning.data.datamodule import CaptionDataModule
 
     try:
