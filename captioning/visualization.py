@@ -1,28 +1,22 @@
 """Paper-style per-word attention figures (Xu et al., 2015, Figs. 2-3), drawn with PIL and numpy.
 
-A figure is a grid of panels of the photo's own shape. The first panel is the input image (labelled ``<image>``);
-each following panel shows the image lit by one generated word's attention map, with the word
-written above it. The optional title (typically the whole caption) is drawn in a strip on top.
+A figure is a grid of panels of the photo's own shape: the input image (labelled ``<image>``),
+then the image lit by each generated word's attention map, the word written above it; an optional
+title (typically the caption) in a strip on top.
 
-Rendering of one word panel (``attention`` map ``a`` of shape ``[gh, gw]``):
+A word panel, for its map ``a`` of shape ``[gh, gw]``: (1) ``a`` is upsampled to the panel,
+bilinearly and then Gaussian-blurred (sigma :data:`SMOOTH_SIGMA_CELLS` grid cells) when
+``smooth=True``, like the paper's ``pyramid_expand`` figures, nearest-neighbour (visible cells)
+otherwise; (2) normalised by its maximum to ``a_norm`` in [0, 1] (a uniform map lights the whole
+image, an all-zero map leaves it dark); (3) ``dark = image * (0.25 + 0.75 * a_norm)``, brightened
+towards white where attended: ``dark + (255 - dark) * 0.3 * a_norm``.
 
-1. the map is upsampled to the panel (``panel_w x panel_h``) - bilinearly and then
-   Gaussian-blurred (sigma = :data:`SMOOTH_SIGMA_CELLS` grid cells along each side) when
-   ``smooth=True``, like the paper's ``pyramid_expand`` figures; nearest-neighbour (visible grid
-   cells) when ``smooth=False``;
-2. it is normalised per map by its maximum to ``a_norm`` in [0, 1] (so a uniform map lights the
-   whole image and an all-zero map leaves it dark);
-3. the panel is ``dark = image * (0.25 + 0.75 * a_norm)`` then brightened towards white where
-   attended: ``dark + (255 - dark) * 0.3 * a_norm``. Attended regions are bright, the rest dimmed.
+The model sees the image resized to a square (captioning/data/transforms.py), so its grid covers
+the whole photo; the figure draws the photo with its aspect ratio kept (longer side resized,
+bicubic, to the panel size; tiny images upscaled) and stretches the grid over it.
 
-The model sees the image resized to a square (captioning/data/transforms.py), so its attention
-grid covers the whole photo; the figure draws the photo as it is, its aspect ratio kept (the
-longer side resized, bicubic, to the panel size), and stretches the grid over it: each cell
-lights the part of the photo the model saw in it. Tiny images (e.g. 64x64) are upscaled the
-same way.
-
-Figure geometry (all integers, see :func:`figure_size`), for ``n`` words, ``P = panel_size`` and
-the photo's ``aspect`` = width / height::
+Geometry (integers; :func:`figure_layout`), for ``n`` words, ``P = panel_size`` and the photo's
+``aspect`` = width / height::
 
     panel_w = P if aspect >= 1 else max(1, round(P * aspect))   # the photo's shape, longer side P
     panel_h = P if aspect <= 1 else max(1, round(P / aspect))
@@ -50,13 +44,7 @@ from PIL import Image, ImageDraw, ImageFont
 from captioning.console import InvalidType, InvalidValue
 from captioning.files import atomic_path
 
-__all__ = [
-    "SMOOTH_SIGMA_CELLS",
-    "attention_figure",
-    "figure_layout",
-    "figure_size",
-    "save_attention_figure",
-]
+__all__ = ["SMOOTH_SIGMA_CELLS", "attention_figure", "figure_layout", "figure_size", "save_attention_figure"]
 
 #: Gaussian blur sigma, in attention-grid cells, applied after bilinear upsampling (smooth=True).
 SMOOTH_SIGMA_CELLS = 0.6
@@ -78,11 +66,8 @@ def _is_int(value: Any) -> bool:
 
 
 def figure_layout(num_words: int, panel_size: int = 224, columns: int = 5, aspect: float = 1.0) -> dict[str, int]:
-    """All layout numbers of a figure: panel_w, panel_h, strip, title_h, pad, cols, rows, width,
-    height. ``aspect``: the photo's width / height.
-
-    See the module docstring for the formulas.
-    """
+    """All layout numbers of a figure (the module docstring's formulas): panel_w, panel_h, strip,
+    title_h, pad, cols, rows, width, height. ``aspect``: the photo's width / height."""
     if not _is_int(num_words) or num_words < 0:
         raise InvalidValue(f"num_words must be a non-negative integer, got {num_words!r}")
     if not _is_int(panel_size) or panel_size < 16:
@@ -99,28 +84,13 @@ def figure_layout(num_words: int, panel_size: int = 224, columns: int = 5, aspec
     panels = num_words + 1
     cols = min(columns, panels)
     rows = math.ceil(panels / cols)
-    return {
-        "panel_w": panel_w,
-        "panel_h": panel_h,
-        "strip": strip,
-        "title_h": 2 * strip,
-        "pad": pad,
-        "cols": cols,
-        "rows": rows,
-        "width": pad + cols * (panel_w + pad),
-        "height": 2 * strip + rows * (strip + panel_h + pad),
-    }
+    return {"panel_w": panel_w, "panel_h": panel_h, "strip": strip, "title_h": 2 * strip, "pad": pad, "cols": cols,
+            "rows": rows, "width": pad + cols * (panel_w + pad), "height": 2 * strip + rows * (strip + panel_h + pad)}
 
 
 def figure_size(num_words: int, panel_size: int = 224, columns: int = 5, aspect: float = 1.0) -> tuple[int, int]:
-    """``(width, height)`` in pixels of :func:`attention_figure` for ``num_words`` words of a
-    photo whose width / height is ``aspect``.
-
-    ``width = pad + cols * (panel_w + pad)`` and ``height = 2 * strip + rows * (strip + panel_h +
-    pad)`` with the panel the photo's shape, its longer side ``panel_size``, ``strip = max(16,
-    round(panel_size / 8))``, ``pad = max(2, panel_size // 32)``, ``cols = min(columns,
-    num_words + 1)``, ``rows = ceil((num_words + 1) / cols)``. ``figure_size(20) == (1162, 1351)``.
-    """
+    """``(width, height)`` in pixels of :func:`attention_figure` for ``num_words`` words of a photo
+    whose width / height is ``aspect`` (:func:`figure_layout`); ``figure_size(20) == (1162, 1351)``."""
     layout = figure_layout(num_words, panel_size, columns, aspect)
     return layout["width"], layout["height"]
 
@@ -137,18 +107,14 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
-def _text_width(draw: ImageDraw.ImageDraw, text: str, font) -> float:
-    return draw.textlength(text, font=font)
-
-
 def _fit_line(draw, text: str, max_width: int, size: int, min_size: int):
     """Largest font in [min_size, size] fitting ``text`` in ``max_width``, else truncate."""
     for s in range(size, min_size - 1, -1):
         font = _font(s)
-        if _text_width(draw, text, font) <= max_width:
+        if draw.textlength(text, font=font) <= max_width:
             return text, font
     font = _font(min_size)
-    while text and _text_width(draw, text + "...", font) > max_width:
+    while text and draw.textlength(text + "...", font=font) > max_width:
         text = text[:-1]
     return text + "...", font
 
@@ -158,7 +124,7 @@ def _wrap(draw, text: str, font, max_width: int) -> list[str]:
     current = ""
     for word in text.split():
         candidate = f"{current} {word}" if current else word
-        if current and _text_width(draw, candidate, font) > max_width:
+        if current and draw.textlength(candidate, font=font) > max_width:
             lines.append(current)
             current = word
         else:
@@ -173,12 +139,12 @@ def _fit_title(draw, text: str, max_width: int, size: int, min_size: int):
     for s in range(size, min_size - 1, -1):
         font = _font(s)
         lines = _wrap(draw, text, font, max_width)
-        if len(lines) <= 2 and all(_text_width(draw, ln, font) <= max_width for ln in lines):
+        if len(lines) <= 2 and all(draw.textlength(ln, font=font) <= max_width for ln in lines):
             return lines, font
     font = _font(min_size)
     lines = _wrap(draw, text, font, max_width)
     first = lines[0] if lines else ""
-    if _text_width(draw, first, font) > max_width:
+    if draw.textlength(first, font=font) > max_width:
         first, font = _fit_line(draw, first, max_width, min_size, min_size)
     rest = " ".join(lines[1:])
     if not rest:
@@ -218,12 +184,9 @@ def _blur_matrix(n: int, sigma: float) -> np.ndarray:
 
 @functools.lru_cache(maxsize=16)
 def _upsample_matrix(cells: int, size: int, smooth: bool, sigma: float) -> np.ndarray:
-    """``[size, cells]`` matrix applying 1-D upsampling (+ blur if ``smooth``) to a column vector.
-
-    PIL's resampling filters are separable, so the 2-D upsampled map is
-    ``U_h @ map @ U_w.T``; folding the (separable) Gaussian blur into ``U`` makes smoothing a
-    map two tiny matrix products instead of two full-resolution convolutions.
-    """
+    """``[size, cells]`` matrix ``U`` of 1-D upsampling (and blur if ``smooth``): PIL's filters are
+    separable, so the 2-D map is ``U_h @ map @ U_w.T``, and the (separable) blur folded into ``U``
+    makes smoothing two tiny matrix products instead of two full-resolution convolutions."""
     resample = Image.Resampling.BILINEAR if smooth else Image.Resampling.NEAREST
     basis = Image.fromarray(np.eye(cells, dtype=np.float32))
     matrix = np.asarray(basis.resize((cells, size), resample), dtype=np.float64)  # [size, cells]
@@ -235,11 +198,8 @@ def _upsample_matrix(cells: int, size: int, smooth: bool, sigma: float) -> np.nd
 
 
 def _upsample_map(amap: np.ndarray, height: int, width: int, smooth: bool) -> np.ndarray:
-    """Upsample one ``[gh, gw]`` map to ``[height, width]`` and normalise it by its max to [0, 1].
-
-    smooth: bilinear upsampling followed by a Gaussian blur of ``SMOOTH_SIGMA_CELLS`` grid cells
-    along each side (mirrored borders); otherwise nearest-neighbour.
-    """
+    """One ``[gh, gw]`` map upsampled to ``[height, width]`` (smooth: bilinear, then a Gaussian blur of
+    ``SMOOTH_SIGMA_CELLS`` cells, mirrored borders; else nearest) and divided by its maximum."""
     gh, gw = amap.shape
     rows = _upsample_matrix(gh, height, smooth, SMOOTH_SIGMA_CELLS * height / gh if smooth else 0.0)
     cols = _upsample_matrix(gw, width, smooth, SMOOTH_SIGMA_CELLS * width / gw if smooth else 0.0)
@@ -247,9 +207,7 @@ def _upsample_map(amap: np.ndarray, height: int, width: int, smooth: bool) -> np
     up = np.einsum("ik,jk->ij", np.einsum("ik,kl->il", rows, amap), cols)
     up = np.clip(up, 0.0, None)
     peak = float(up.max())
-    if peak <= 0.0:
-        return np.zeros_like(up)
-    return up / peak
+    return up / peak if peak > 0.0 else np.zeros_like(up)
 
 
 def _shade(base: np.ndarray, a_norm: np.ndarray) -> Image.Image:
@@ -266,23 +224,15 @@ def _as_maps(attention: Any, num_words: int) -> np.ndarray:
     try:
         maps = np.asarray(attention, dtype=np.float64)
     except (TypeError, ValueError):
-        raise InvalidValue(
-            "attention must be a numeric array of shape [num_words, gh, gw], "
-            f"got {type(attention).__name__}"
-        ) from None
+        raise InvalidValue("attention must be a numeric array of shape [num_words, gh, gw], "
+                           f"got {type(attention).__name__}") from None
     if maps.ndim != 3:
-        raise InvalidValue(
-            "attention must have shape [num_words, gh, gw] (one 2-D map per word), "
-            f"got shape {tuple(maps.shape)}"
-        )
+        raise InvalidValue("attention must have shape [num_words, gh, gw] (one 2-D map per word), "
+                           f"got shape {tuple(maps.shape)}")
     if maps.shape[0] != num_words:
-        raise InvalidValue(
-            f"got {maps.shape[0]} attention maps for {num_words} words; need one map per word"
-        )
+        raise InvalidValue(f"got {maps.shape[0]} attention maps for {num_words} words; need one map per word")
     if maps.shape[1] == 0 or maps.shape[2] == 0:
-        raise InvalidValue(
-            f"attention maps must be non-empty 2-D grids, got shape {tuple(maps.shape)}"
-        )
+        raise InvalidValue(f"attention maps must be non-empty 2-D grids, got shape {tuple(maps.shape)}")
     if not np.all(np.isfinite(maps)):
         raise InvalidValue("attention contains non-finite values (nan or inf)")
     if maps.size and maps.min() < 0:
@@ -290,38 +240,19 @@ def _as_maps(attention: Any, num_words: int) -> np.ndarray:
     return maps
 
 
-def attention_figure(
-    image: Image.Image,
-    words: Sequence[str],
-    attention: Any,
-    title: str | None = None,
-    panel_size: int = 224,
-    columns: int = 5,
-    smooth: bool = True,
-) -> Image.Image:
-    """Render the paper-style grid: the image, then one attention-lit panel per generated word.
+def attention_figure(image: Image.Image, words: Sequence[str], attention: Any, title: str | None = None,
+                     panel_size: int = 224, columns: int = 5, smooth: bool = True) -> Image.Image:
+    """The paper-style grid: ``image`` (any size and mode), then one panel per generated word of
+    ``words`` (``<end>`` excluded), lit by its map of ``attention``, a numpy array or torch tensor
+    ``[len(words), gh, gw]`` of non-negative finite weights (need not sum to 1). ``title`` (e.g. the
+    caption) is wrapped to at most two lines above the grid (font shrunk, then truncated with
+    "..."); ``panel_size`` is each panel's longer side (>= 16), ``columns`` the panels per row (the
+    image counts); ``smooth`` False draws the blocky grid.
 
-    Args:
-        image: the original image (any size and mode; converted to RGB and resized to the panel,
-            which has the image's aspect ratio, its longer side ``panel_size``).
-        words: the generated words, ``<end>`` excluded.
-        attention: ``numpy.ndarray`` or ``torch.Tensor`` of shape ``[len(words), gh, gw]``; each
-            map non-negative and finite (it need not sum to 1; padded/masked cells may be 0).
-        title: optional text (e.g. the full caption) drawn above the grid, wrapped to at most two
-            lines (font shrunk, then truncated with "...", if needed).
-        panel_size: the longer side of each panel in pixels (>= 16).
-        columns: panels per row (the image panel counts as one).
-        smooth: bilinear upsampling + Gaussian blur (paper look) if True; blocky grid if False.
-
-    Returns:
-        An RGB ``PIL.Image.Image`` of exactly ``figure_size(len(words), panel_size, columns,
-        image.width / image.height)``.
-
-    Raises:
-        TypeError: ``image`` is not a PIL image.
-        ValueError: one-line message for: ``words`` not a sequence of strings, attention not
-            ``[num_words, gh, gw]``, number of maps != number of words, negative or non-finite
-            attention values, bad ``panel_size``/``columns``.
+    Returns an RGB image of exactly ``figure_size(len(words), panel_size, columns, image.width /
+    image.height)``. Raises TypeError for an ``image`` that is not a PIL image, ValueError (one
+    line) for words that are not a sequence of strings, attention not one map per word, negative or
+    non-finite weights, a bad ``panel_size`` or ``columns``.
     """
     if not isinstance(image, Image.Image):
         raise InvalidType(f"image must be a PIL.Image.Image, got {type(image).__name__}")
@@ -369,17 +300,10 @@ def attention_figure(
     return figure
 
 
-def save_attention_figure(
-    path: str | Path,
-    image: Image.Image,
-    words: Sequence[str],
-    attention: Any,
-    **kwargs: Any,
-) -> Path:
-    """Render :func:`attention_figure` (``kwargs`` are passed on) and write it as PNG.
-
-    Parent directories are created. The file is PNG whatever the suffix. Returns the path.
-    """
+def save_attention_figure(path: str | Path, image: Image.Image, words: Sequence[str], attention: Any,
+                          **kwargs: Any) -> Path:
+    """Write :func:`attention_figure` (``kwargs`` passed on) to ``path`` as PNG whatever the suffix,
+    parent folders created; -> ``path``."""
     path = Path(path)
     figure = attention_figure(image, words, attention, **kwargs)
     path.parent.mkdir(parents=True, exist_ok=True)

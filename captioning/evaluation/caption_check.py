@@ -13,6 +13,7 @@ from captioning.data.synthetic.language import (COUNT_OF, COUNT_WORDS, ORDERS, P
                                                 noun_phrase_text)
 from captioning.data.synthetic.scenes import COLOURS, SHAPES, SIZES, SceneObject, group_objects
 
+
 @dataclass(frozen=True)
 class _NounPhrase:
     count: int
@@ -127,10 +128,8 @@ def _falsity(parsed: _Parsed, objects: Sequence[SceneObject]) -> str | None:
     if parsed.form == "relation":
         a, b = parsed.nps
         if len(objects) != 2 or len(groups) != 2:
-            return (
-                f"a relation describes exactly two objects of different kinds; the scene has "
-                f"{len(objects)} object(s) in {len(groups)} group(s)"
-            )
+            return (f"a relation describes exactly two objects of different kinds; the scene has "
+                    f"{len(objects)} object(s) in {len(groups)} group(s)")
         for np_ in (a, b):
             if np_.count != 1:
                 return f"a relation relates single objects, not '{np_}'"
@@ -176,22 +175,15 @@ def explain_caption(caption: str, objects: Sequence[SceneObject]) -> str | None:
 
 
 def check_caption(caption: str, objects: Sequence[SceneObject]) -> bool:
-    """True iff the caption parses under the grammar AND is exactly true of the scene.
-
-    Every object must be named with the right size, colour and shape, counts right,
-    relations/order right, nothing extra, nothing missing, prefix agreement right. Extra
-    whitespace and upper case are tolerated; anything else (an unknown word, punctuation,
-    an ungrammatical sequence) makes it False.
-    """
+    """True iff the caption parses under the grammar AND is exactly true of the scene: every object
+    named with its size, colour and shape, counts, relations, order and prefix agreement right,
+    nothing extra or missing. Extra whitespace and upper case are tolerated, nothing else."""
     return explain_caption(caption, objects) is None
 
 
-
 def caption_accuracy(predictions: Mapping[int, str], scenes: Mapping[int, Sequence[SceneObject]]) -> float:
-    """Fraction of predicted captions that :func:`check_caption` accepts (0.0 for no predictions).
-
-    Raises ValueError naming the image ids of predictions that have no scene.
-    """
+    """Fraction of predicted captions that :func:`check_caption` accepts (0.0 for no predictions);
+    ValueError naming the image ids of predictions that have no scene."""
     unknown = [image_id for image_id in predictions if image_id not in scenes]
     if unknown:
         shown = ", ".join(str(i) for i in sorted(unknown, key=str)[:10])

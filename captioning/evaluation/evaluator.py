@@ -1,10 +1,9 @@
 """Evaluating captions: decoding a split (in one process or N), the official metrics, the synthetic
-checker, grounding, results files of other systems, and the 0-100 reporting scale.
+checker, grounding, and the 0-100 reporting scale.
 
-Decoding over N processes (``decode_distributed``) is a Lightning Trainer's ``predict`` under DDP
-(captioning/training/module.py SplitDecoding): each process decodes every N-th image of the split,
-and the captions are gathered and de-duplicated by image id (first rank wins) with
-:func:`gather_by_image_id`, as the test split's at the end of training are, before any corpus
+Over N processes (``decode_distributed``, a Lightning Trainer's ``predict`` under DDP) each process
+decodes every N-th image, and the captions are gathered and de-duplicated by image id (first rank
+wins, :func:`gather_by_image_id`, as the test split's at the end of training) before any corpus
 metric; the caller checks that their count equals the split's.
 """
 
@@ -26,6 +25,8 @@ if TYPE_CHECKING:
 SCALE = "0-100"
 SCALE_NOTE = ("every score x100 (CIDEr-D is natively 0-10, so x100 it can exceed 100, as on the COCO "
               "leaderboard); grounding_words is a count")
+
+
 def evaluate_predictions(
     predictions: Mapping[int, str],
     references: Mapping[int, Sequence[str]],
@@ -33,11 +34,8 @@ def evaluate_predictions(
     metrics: Sequence[str] = ("bleu",),
     tokenizer: str = "auto",
 ) -> tuple[dict[str, float], ScoreReport]:
-    """-> ({metric: value on the 0-1 scale}, how it was computed).
-
-    ``caption_accuracy`` is added when synthetic ``scenes`` are given: the fraction of captions
-    the generator's own checker finds exactly true of the scene.
-    """
+    """-> ({metric: value on the 0-1 scale}, how it was computed); with synthetic ``scenes`` also
+    ``caption_accuracy``, the share of captions the generator's checker finds exactly true."""
     report = score_details(predictions, references, metrics, tokenizer)
     values = dict(report.scores)
     if scenes is not None:
@@ -57,15 +55,11 @@ def to_percent(values: Mapping[str, float | int | None]) -> dict[str, float | in
 
 def score_record(values: Mapping[str, float | int | None], report: ScoreReport, num_images: int,
                  percent: bool) -> dict:
-    """The part of every results record that says what was scored and how: validation and test
-    during training keep the 0-1 scale of the training logs (``percent`` False); the metrics files
-    of ``captioning evaluate`` the 0-100 scale of the printed tables (``percent`` True)."""
+    """The part of every results record that says what was scored and how, on the 0-100 scale of
+    the printed tables (``percent``, captioning evaluate) or the 0-1 scale of the training logs."""
     scale = {"scale": SCALE, "scale_note": SCALE_NOTE} if percent else {"scale": "0-1"}
     return {"num_images": num_images, **scale, "tokenizer": report.tokenizer, "skipped": dict(report.skipped),
             "metrics": to_percent(values) if percent else dict(values)}
-
-
-# ------------------------------------------------------------------------------ results files
 
 
 # ------------------------------------------------------------------------------ decoding
@@ -87,10 +81,8 @@ def decode_batch(captioner: "Captioner", batch: dict, options: "DecodeOptions",
 
 def decode_split(captioner: "Captioner", data: "CaptionDataModule", split: str, options: "DecodeOptions", *,
                  matcher: WordMatcher | None = None, progress: bool = True) -> dict[int, DecodedImage]:
-    """Decode a split in this process: image_id -> caption and its naming words' attention.
-
-    ``options``: from ``Captioner.options``; ``matcher`` None skips the naming words.
-    """
+    """Decode a split in this process: image_id -> caption and its naming words' attention
+    (``options`` from ``Captioner.options``; ``matcher`` None skips the naming words)."""
     from captioning.progress import Progress
 
     loader = data.eval_dataloader(split)  # one item per image of the split
@@ -106,14 +98,10 @@ def decode_split(captioner: "Captioner", data: "CaptionDataModule", split: str, 
 def merge_shards(parts: Sequence[Mapping[int, DecodedImage]]) -> tuple[dict[int, DecodedImage], int]:
     """Gathered shards -> (one entry per image id, the first rank's; number of duplicates dropped)."""
     merged: dict[int, DecodedImage] = {}
-    dropped = 0
     for part in parts:
         for image_id, item in part.items():
-            if image_id in merged:
-                dropped += 1
-            else:
-                merged[image_id] = item
-    return merged, dropped
+            merged.setdefault(image_id, item)
+    return merged, sum(len(part) for part in parts) - len(merged)
 
 
 def gather_by_image_id(local: Mapping[int, object]) -> tuple[dict[int, object], int]:
