@@ -123,16 +123,6 @@ class WordMatcher:
         return out
 
 
-def _name_words(name: str) -> tuple[dict[str, str], dict[tuple[str, str], str]]:
-    """A category name and its plain plural: one word -> words, two words -> a phrase."""
-    parts = name.lower().split()
-    if len(parts) == 1:
-        return {parts[0]: name, parts[0] + "s": name}, {}
-    if len(parts) == 2:
-        return {}, {(parts[0], parts[1]): name, (parts[0], parts[1] + "s"): name}
-    return {}, {}  # longer names are not matched (no caption word stands for them alone)
-
-
 def matcher_for(categories: Iterable[str]) -> WordMatcher:
     """The word list for a dataset, chosen by its category names (see the module docstring)."""
     from captioning.data.synthetic import COLOURS, PLURALS, SHAPES, SIZES
@@ -144,11 +134,16 @@ def matcher_for(categories: Iterable[str]) -> WordMatcher:
     known = [n for n in names if n in COCO_SYNONYMS]
     words: dict[str, str] = {w: n for n in known for w in COCO_SYNONYMS[n]}
     phrases = {k: v for k, v in COCO_PHRASES.items() if v in known}
-    for n in names:
-        if n not in COCO_SYNONYMS:  # a category of another dataset: its own name only
-            more_words, more_phrases = _name_words(n)
-            words.update({w: c for w, c in more_words.items() if w not in words})
-            phrases.update({p: c for p, c in more_phrases.items() if p not in phrases})
+    for name in names:
+        if name in COCO_SYNONYMS:
+            continue
+        parts = name.lower().split()  # another dataset's category: its own name and its plain plural
+        if len(parts) == 1:
+            words.setdefault(parts[0], name)
+            words.setdefault(parts[0] + "s", name)
+        elif len(parts) == 2:  # a phrase; longer names are not matched (no caption word stands for them)
+            phrases.setdefault((parts[0], parts[1]), name)
+            phrases.setdefault((parts[0], parts[1] + "s"), name)
     label = "COCO synonyms" if known and len(known) == len(names) else (
         "COCO synonyms + category names" if known else "category names")
     return WordMatcher(words, phrases, label)
@@ -339,16 +334,14 @@ class GroundingReport:
         }
 
     def notes(self) -> list[str]:
-        if self.words == 0:
-            head = "grounding: no generated word names an object present in its image: scores n/a"
+        if not self.words:
+            lines = ["grounding: no generated word names an object present in its image: scores n/a"]
         else:
-            head = (f"grounding: {self.words} words naming an object in {self.images} images, averaged over "
-                    f"words (per image: pointing game {100 * self.pointing_game_per_image:.2f}, mass in box "
-                    f"{100 * self.mass_in_box_per_image:.2f}); attention scored: {MODE_DESCRIPTIONS[self.mode]}")
-        lines = [head]
-        if self.words:
-            lines.append(f"grounding: a uniform attention map would score pointing game {100 * self.chance_pointing_game:.2f}, "
-                         f"mass in box {100 * self.chance_mass_in_box:.2f} on these words")
+            lines = [f"grounding: {self.words} words naming an object in {self.images} images, averaged over words "
+                     f"(per image: pointing game {100 * self.pointing_game_per_image:.2f}, mass in box "
+                     f"{100 * self.mass_in_box_per_image:.2f}); attention scored: {MODE_DESCRIPTIONS[self.mode]}",
+                     f"grounding: a uniform attention map would score pointing game "
+                     f"{100 * self.chance_pointing_game:.2f}, mass in box {100 * self.chance_mass_in_box:.2f} on these words"]
         for kind, row in self.kinds.items():
             if row["words"]:
                 lines.append(f"grounding, {KIND_NAMES[kind]} ({row['words']}): pointing game "

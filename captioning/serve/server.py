@@ -46,6 +46,7 @@ import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -460,14 +461,15 @@ class _BufferedSocketReader(io.RawIOBase):
         return self.sock.recv_into(buffer)
 
 
+@dataclass(slots=True, eq=False)  # compared and hashed by identity, as any connection
 class _Arriving:
     """A connection whose request is still arriving: its bytes so far and its deadline."""
 
-    __slots__ = ("sock", "address", "data", "deadline", "needed")
-
-    def __init__(self, sock: socket.socket, address, deadline: float) -> None:
-        self.sock, self.address, self.data, self.deadline = sock, address, bytearray(), deadline
-        self.needed: int | None = None  # the request's whole length, once its head has arrived
+    sock: socket.socket
+    address: tuple
+    deadline: float
+    data: bytearray = field(default_factory=bytearray)
+    needed: int | None = None  # the request's whole length, once its head has arrived
 
 
 def _request_length(head: bytes) -> int | None:
