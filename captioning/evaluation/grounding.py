@@ -340,8 +340,8 @@ class GroundingReport:
             lines = [f"grounding: {self.words} words naming an object in {self.images} images, averaged over words "
                      f"(per image: pointing game {100 * self.pointing_game_per_image:.2f}, mass in box "
                      f"{100 * self.mass_in_box_per_image:.2f}); attention scored: {MODE_DESCRIPTIONS[self.mode]}",
-                     f"grounding: a uniform attention map would score pointing game "
-                     f"{100 * self.chance_pointing_game:.2f}, mass in box {100 * self.chance_mass_in_box:.2f} on these words"]
+                     f"grounding: a uniform attention map would score pointing game {100 * self.chance_pointing_game:.2f}"
+                     f", mass in box {100 * self.chance_mass_in_box:.2f} on these words"]
         for kind, row in self.kinds.items():
             if row["words"]:
                 lines.append(f"grounding, {KIND_NAMES[kind]} ({row['words']}): pointing game "
@@ -380,7 +380,8 @@ def _row(scores: Sequence[WordScore], chance: Sequence[WordScore] | None = None)
     return row
 
 
-def score_grounding(named: Mapping[int, Sequence[NamedWord]], instances: Instances, mode: str = "expected") -> GroundingReport:
+def score_grounding(named: Mapping[int, Sequence[NamedWord]], instances: Instances,
+                    mode: str = "expected") -> GroundingReport:
     """Score every image's naming words (``named``: image_id -> its NamedWords, every decoded image
     a key, [] when its caption names nothing) against the instances' boxes."""
     word_scores: list[WordScore] = []
