@@ -30,7 +30,7 @@ import torch
 
 from captioning import fast
 from captioning.console import InvalidValue
-from captioning.perf.benchmark import COCO, QUICK, Sizes, random_captions, training_module
+from captioning.perf.benchmark import COCO, QUICK, Sizes, training_setup
 from captioning.vocab import Vocabulary
 
 
@@ -57,22 +57,12 @@ def variant(module, name: str) -> Iterator[None]:
 def training_step_runner(sizes: Sizes, attention: str, batch: int, seed: int = 0):
     """-> (module, run, data): ``run()`` is one training step of ``module`` on ``data`` (grids and
     captions), in seconds."""
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    module = training_module(sizes, attention)
-    module.model.encoder.stages = torch.nn.Sequential()  # grids are the input
-    module.train()
-    params = list(module.model.decoder.parameters())
-    optimizer = module.configure_optimizers()
-    data = {"images": torch.randn(batch, sizes.locations, sizes.feature_dim, generator=gen),
-            "captions": random_captions(batch, sizes.vocab_size, sizes.min_tokens, sizes.max_tokens, gen)[0]}
+    module, data, _, optimise = training_setup(sizes, attention, batch, torch.device("cpu"), seed=seed)
 
     def run() -> float:
         start = time.perf_counter()
         module.training_loss(data)[0].loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, module.cfg.optim.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimise()
         return time.perf_counter() - start
 
     return module, run, data
