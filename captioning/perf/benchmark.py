@@ -379,13 +379,10 @@ def encoder_forward(backbone: str, sizes: Sizes, device: torch.device, precision
 
 def beam_search_speedup(sizes: Sizes, device: torch.device, sequential_images: int | None = None,
                         seed: int = 0, reps: int = 1, matmul_gflops: float | None = None) -> dict[str, Any]:
-    """Captions/s of beam search over ``beam_images`` images at once vs one at a time (same code,
-    ``decoding.ModelSearch.annotations``), from random grids and weights. The two sides alternate
-    ``reps`` times and each one's best time counts (a shared machine's noise only adds time).
-
-    With ``matmul_gflops`` (the measured fp32 matmul rate) it also gives the batched search's
-    matmul FLOPs per image (from the decoder rows each step really ran) and the speed-up the
-    batched side would reach running all of them at that rate and nothing else: a ceiling."""
+    """Captions/s of beam search (``ModelSearch.annotations``) over ``beam_images`` random grids at
+    once vs one at a time; the sides alternate ``reps`` times, each one's best time counting (noise
+    only adds time). With ``matmul_gflops`` (fp32), also the batched side's matmul FLOPs per image
+    (from the decoder rows each step ran) and its speed-up at that rate doing nothing else: a ceiling."""
     from captioning.decoding import ModelSearch, best_captions
     from captioning.search import DecodeOptions
 

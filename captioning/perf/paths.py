@@ -1,18 +1,15 @@
-"""The teacher-forced training paths timed side by side, in one process, alternating step by step:
+"""The teacher-forced training paths timed side by side in one process, alternating step by step:
 the reference loop (captioning/models/decoder.py), the fused pass (captioning/fast.py), and the
-fused pass without each of its tricks (what each one buys, docs/performance.md)::
+fused pass without each of its tricks (docs/performance.md)::
 
     python -m captioning.perf.paths --attention soft --batch 32 --reps 10
     python -m captioning.perf.paths --attention soft --variants reference fast --port SG_DIR
 
-``--port DIR`` adds the most-used public PyTorch port's training step (DIR holds the ``models.py``
-of sgrvinod/a-PyTorch-Tutorial-to-Image-Captioning, cloned anywhere: its code is not part of this
-project), on the same grids and captions.
-
-One training step is ``CaptioningModule.training_loss`` + backward + gradient clipping + the
-module's Adam, from random annotation grids at COCO sizes (``benchmark.COCO``). The variants share
-one model and optimizer and run in turn, so a shared machine's load falls on all of them alike;
-the medians are reported.
+``--port DIR`` adds the training step of the most-used public PyTorch port (DIR holds the
+``models.py`` of sgrvinod/a-PyTorch-Tutorial-to-Image-Captioning, not part of this project) on the
+same grids and captions. A step is :func:`captioning.perf.benchmark.training_setup`'s at COCO sizes;
+the variants share one model and optimizer and take turns, so a shared machine's load falls on all
+alike. Medians are reported.
 """
 
 from __future__ import annotations
