@@ -20,11 +20,9 @@ Decoding options (one search, captioning/search.py), as keywords or as one
     options = captioner.options(beam_size=5)                               # checked once, reused
     captioner.caption(["a.jpg", "b.jpg"], options)
 
-Images are paths, PIL images, NumPy arrays [H, W, 3] of uint8 (RGB, as PIL and imageio give them)
-or torch tensors [3, H, W] (uint8, or float in [0, 1], as torchvision's ``read_image`` and
-``to_tensor`` give them); each goes through the one preprocessing path training uses
-(:func:`captioning.data.transforms.load_image` / :func:`~captioning.data.transforms.to_rgb`, then
-:func:`~captioning.data.transforms.preprocess`), and are decoded in batches.
+Images are paths, PIL images, NumPy arrays [H, W, 3] of uint8 (RGB) or torch tensors [3, H, W]
+(uint8, or float in [0, 1], as torchvision gives them); each goes through training's preprocessing
+(captioning/data/transforms.py), and they are decoded in batches.
 """
 
 from __future__ import annotations
@@ -38,7 +36,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from captioning import provenance
 from captioning.checkpoint import load_checkpoint_and_data
 from captioning.model_folder import load_model_folder_and_data, model_card, read_run_metrics, save_model_folder
 from captioning.config import HARD_MODES, Config
@@ -56,9 +53,8 @@ ImageInput = Union[str, Path, Image.Image, np.ndarray, torch.Tensor]
 
 
 class Captioner(CaptionEngine):
-    """A trained model in eval mode plus what it needs to caption images: config and vocabulary.
-    The front end (options, images, batching, captions) is captioning/engine.py's; this engine
-    supplies the model's decoder step and torch's preprocessing."""
+    """A trained model in eval mode, its config and vocabulary: the PyTorch engine of the front end
+    of captioning/engine.py (options, images, batching, captions)."""
 
     stack = staticmethod(torch.stack)
 
@@ -73,22 +69,17 @@ class Captioner(CaptionEngine):
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | None = None) -> "Captioner":
-        """Load a checkpoint written by captioning train (best.ckpt / last.ckpt).
-
-        ``device`` None: cuda if available, else cpu. Raises CheckpointError for a missing or
-        invalid checkpoint and ValueError for an unavailable device.
-        """
+        """Load a checkpoint written by captioning train (best.ckpt / last.ckpt) onto ``device`` (None:
+        cuda if available, else cpu). Raises CheckpointError (a missing or invalid checkpoint) or
+        ValueError (an unavailable device)."""
         dev = resolve_device(device)  # before reading the file: an unavailable device fails fast
         loaded, trained_on = load_checkpoint_and_data(path, map_location=dev)
         return cls(loaded.model, loaded.config, loaded.vocab, dev, source=path, training_data=trained_on)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | None = None) -> "Captioner":
-        """Load a model folder written by :meth:`save_pretrained` (or ``captioning export``).
-
-        Needs neither Lightning nor the training code. Raises CheckpointError (one line) for a
-        missing folder or file, a damaged file, or a vocab.json that is not the weights' own.
-        """
+        """Load a model folder written by :meth:`save_pretrained` or ``captioning export``, without
+        Lightning. Raises CheckpointError for a missing or damaged file, or a vocab.json not the weights' own."""
         dev = resolve_device(device)
         loaded, trained_on = load_model_folder_and_data(folder, map_location=dev)
         return cls(loaded.model, loaded.config, loaded.vocab, dev, source=folder, training_data=trained_on)
@@ -99,18 +90,14 @@ class Captioner(CaptionEngine):
         return (f"Captioner(source={self.source!r}, attention={self.config.model.attention!r}, "
                 f"encoder='{enc.backbone} up to {enc.stage or 'the last stage'}, {self.grid_size}x{self.grid_size} "
                 f"grid', image_size={self.image_size}, words={len(self.vocab)}, parameters={params}, "
-                f"device='{self.device}', trained_on='{provenance.describe(self.training_data)}')")
+                f"device='{self.device}', trained_on='{self.trained_on}')")
 
     def save_pretrained(self, folder: str | Path, command: str | None = None,
                         also: Callable[[Path], None] | None = None) -> Path:
-        """Write this model as a folder: config.json, vocab.json, model.safetensors and a README.md
-        model card, with the test scores of the training run (its metrics.json beside the checkpoint,
-        or what the model folder it was loaded from kept of it) and ``command``, what made the folder
-        (default: the Python calls that loaded and saved this model, and the script that ran them).
-        Only a new or empty folder, or a model folder, is written into: anything else raises
-        CheckpointError and is left as it was. The folder is written whole, then swapped in: the
-        old one stays intact until then. ``also`` writes more files into the new folder first
-        (``captioning export``: the ONNX graphs)."""
+        """Write this model as a folder (config.json, vocab.json, model.safetensors, a README.md card
+        with the run's test scores and ``command``, what made it: default, the Python calls that did).
+        Only a new or empty folder, or a model folder, is written into (else CheckpointError); it is
+        written whole, then swapped in. ``also`` writes more files into it first (the ONNX graphs)."""
         if command is None:
             command = self._save_calls(folder)
         metrics = read_run_metrics(self.source) if self.source is not None else None
@@ -132,17 +119,14 @@ class Captioner(CaptionEngine):
         return "\n".join(lines)
 
     def preprocess(self, image) -> torch.Tensor:
-        """An image (see :meth:`open`) -> the normalised tensor [3, S, S] fed to the model (CPU).
-
-        Exactly the training pipeline: load_image / to_rgb, then preprocess(img, data.image_size).
-        """
+        """An image (see :meth:`open`) -> the normalised tensor [3, S, S] (CPU), as training preprocesses it."""
         return preprocess(self.open(image), self.image_size)
 
     @torch.no_grad()
     def search(self, images: torch.Tensor, options: DecodeOptions,
                seed: int | None = None) -> list[list[Hypothesis]]:
-        """The front end's search, on this captioner's device, with torch's generator seeded by
-        ``seed`` (words, and hard attention's "sample" mode) and left as it was after."""
+        """The front end's search on this captioner's device, torch's generator seeded by ``seed`` and
+        left as it was after."""
         self.model.eval()
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [],
                                    enabled=seed is not None):

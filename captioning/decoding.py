@@ -1,7 +1,6 @@
 """Caption generation in PyTorch: real decoding (each word fed back), never teacher-forced argmax.
 
-The search itself (greedy, sampling, beam, n-best, min length, <unk> suppression) is
-captioning/search.py, shared with the ONNX engine; this file is the PyTorch engine, which supplies
+The search is captioning/search.py's, shared with the ONNX engine; this PyTorch engine supplies
 only the model's decoder step and torch's array operations::
 
     search = ModelSearch(model, fast=True)                       # once per model
@@ -50,6 +49,12 @@ class TorchOps:
     """captioning.search.ArrayOps on torch tensors of one device."""
 
     DTYPES = {"int64": torch.long, "float32": torch.float32, "bool": torch.bool}
+    # The library's own functions take the search's arguments as they are.
+    sample = staticmethod(sample_words)
+    stack = staticmethod(torch.stack)
+    cat = staticmethod(torch.cat)
+    where = staticmethod(torch.where)
+    isfinite = staticmethod(torch.isfinite)
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -59,18 +64,6 @@ class TorchOps:
 
     def arange(self, n):
         return torch.arange(n, device=self.device)
-
-    def stack(self, arrays, axis):
-        return torch.stack(arrays, axis)
-
-    def cat(self, arrays, axis):
-        return torch.cat(arrays, axis)
-
-    def where(self, condition, x, y):
-        return torch.where(condition, x, y)
-
-    def isfinite(self, x):
-        return torch.isfinite(x)
 
     def topk(self, x, k):
         return x.topk(k, dim=-1)
@@ -87,15 +80,11 @@ class TorchOps:
     def repeat(self, x, k):
         return x.repeat_interleave(k, dim=0)
 
-    def sample(self, log_p, temperature, top_k):
-        return sample_words(log_p, temperature, top_k)
-
 
 class ModelStep:
-    """The search's step over ``model``'s decoder (captioning.search.Step): the image-side
-    projection and h_0, c_0 once per image; rows of the same image share its one copy of the
-    annotations (grouped attention, captioning/models/attention.py), only the LSTM state is per row.
-    ``step``: the decoder's step in a faster form (captioning/fast.py), or None for its own."""
+    """captioning.search.Step over ``model``'s decoder: the projection ``W a`` once per image, whose
+    rows share its annotations (grouped attention, captioning/models/attention.py); only the LSTM
+    state is per row. ``step``: the decoder's step in captioning/fast.py's form, or None for its own."""
 
     def __init__(self, model: ShowAttendTell, features: torch.Tensor, mask: torch.Tensor, mode: str,
                  step=None) -> None:
@@ -117,11 +106,9 @@ class ModelStep:
 
 
 class ModelSearch:
-    """The PyTorch engine of captioning/search.py for one model (in eval mode: no dropout).
-
-    ``fast`` (``model.decoder.fast``): the steps compute the additive score's attention scores in
-    captioning/fast.py's form, chosen here once for this model (the same alphas; a score the fast
-    path does not know computes its own, and says so once); False: the paper's form throughout."""
+    """The PyTorch engine of captioning/search.py for one model (in eval mode: no dropout). ``fast``
+    (``model.decoder.fast``): the steps take captioning/fast.py's form of the additive score (the
+    same alphas; another score keeps its own, said once); False: the paper's form throughout."""
 
     def __init__(self, model: ShowAttendTell, *, fast: bool = True) -> None:
         self.model = model

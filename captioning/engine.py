@@ -1,13 +1,12 @@
-"""The one captioning front end of both engines: decoding options and what results record of them,
-image loading, batching and the :class:`Caption` objects.
+"""The one captioning front end of both engines: decoding options and their record, image
+loading, batching and the :class:`Caption` objects.
 
-An engine (:class:`captioning.api.Captioner` in PyTorch, :class:`captioning.export.runtime.OnnxCaptioner`
-under ONNX Runtime) supplies only ``preprocess`` (an image -> its [3, S, S] input), ``stack`` and
-``decoder_step``: the search's step (captioning.search.Step) over a batch of images -- the model's
-decoder step, or the exported step graph. The search is captioning/search.py's, for both.
+An engine (:class:`captioning.api.Captioner`, :class:`captioning.export.runtime.OnnxCaptioner`)
+supplies only ``preprocess`` (an image -> its [3, S, S] input), ``stack`` and ``decoder_step``
+(captioning.search.Step over a batch of images); the search is captioning/search.py's.
 
-This file imports no torch, so that the ONNX engine runs without it. A tensor can exist only once
-torch is imported, so tensors are recognised through ``sys.modules`` (:func:`is_tensor`).
+No torch import here, so that the ONNX engine runs without it: tensors are recognised through
+``sys.modules`` (:func:`is_tensor`), as one can exist only once torch is imported.
 """
 
 from __future__ import annotations
@@ -63,8 +62,8 @@ def source_name(image: Any) -> str:
 
 
 def array_image(image: Any) -> Image.Image:
-    """A NumPy array [H, W, 3] of uint8 (RGB) or a tensor [3, H, W] (uint8, or float in [0, 1])
-    -> PIL image. Anything else raises ValueError in one line, naming the shape and dtype it got."""
+    """An array [H, W, 3] of uint8 (RGB) or a tensor [3, H, W] (uint8, or float in [0, 1]) -> PIL
+    image; anything else raises ValueError naming the shape and dtype it got."""
     if is_tensor(image):
         import torch  # already imported: the image is a tensor
 
@@ -90,8 +89,8 @@ def array_image(image: Any) -> Image.Image:
 
 
 class CaptionEngine:
-    """A model's config, vocabulary and test-time attention ``modes``, and what it was trained on;
-    captions images with the engine's ``decoder_step`` (see the module's docstring)."""
+    """A model's config, vocabulary, test-time attention ``modes`` and training data; captions
+    images with the engine's ``decoder_step``."""
 
     record_engine: dict = {}  # what results record of the engine itself, before the options
     stack = staticmethod(np.stack)  # preprocessed images -> one batch
@@ -107,13 +106,12 @@ class CaptionEngine:
 
     @property
     def trained_on(self) -> str:
-        """What the model was trained on, in one phrase (captioning/provenance.py describe)."""
+        """What the model was trained on, in one phrase."""
         return provenance.describe(self.training_data)
 
     def note_for(self, sources: Sequence[str]) -> str | None:
-        """The one-line note owed before captioning ``sources`` (paths, or "<array>" and the like),
-        once per engine: a model trained on the synthetic set says that it describes every
-        image as coloured shapes when an image is not from that set. None when nothing is owed."""
+        """The one-line note owed, once per engine, before captioning ``sources`` (paths, "<array>"
+        ...): a synthetic-set model describes any other image as coloured shapes. None if none is owed."""
         found = None if self._noted else provenance.note(self.training_data, list(sources))
         self._noted = self._noted or found is not None
         return found
@@ -121,16 +119,14 @@ class CaptionEngine:
     # ------------------------------------------------------------------------------ settings
 
     def options(self, options: DecodeOptions | None = None, **overrides) -> DecodeOptions:
-        """The decoding options of a call, validated: ``options`` as given, or the model's
-        decoding defaults (config ``decode``) with keyword ``overrides``: beam_size, max_len,
-        hard_mode, n_best, temperature, top_k, min_len, no_unk (:class:`~captioning.search.DecodeOptions`).
-        Raises ValueError naming the problem."""
+        """A call's decoding options (DecodeOptions.for_model): ``options`` as given, or the config's
+        ``decode`` defaults with keyword ``overrides`` (beam_size, max_len, hard_mode, n_best,
+        temperature, top_k, min_len, no_unk). Raises ValueError."""
         return DecodeOptions.for_model(self.config.decode, self.modes, self.config.model.attention, options,
                                        **overrides)
 
     def record(self, options: DecodeOptions) -> dict:
-        """How this model decodes with ``options``, as results files and ``--json`` lines record it:
-        method, beam size, max_len, hard_mode (None for soft), attention, and the options."""
+        """How this model decodes with ``options``, as results files and ``--json`` lines record it."""
         return {**self.record_engine, **options.record(self.config.model.attention)}
 
     @property
@@ -142,12 +138,8 @@ class CaptionEngine:
 
     @staticmethod
     def open(image: Any) -> Image.Image:
-        """A path, PIL image, array or tensor (see captioning/api.py) -> RGB PIL image, with
-        EXIF orientation applied to a file.
-
-        Raises ImageLoadError (a ValueError) naming the file if it cannot be read, ValueError for
-        an array or tensor of another shape or dtype.
-        """
+        """A path (EXIF orientation applied), PIL image, array or tensor -> RGB PIL image. Raises
+        ImageLoadError (a ValueError) naming an unreadable file, ValueError for a bad array or tensor."""
         if isinstance(image, Image.Image):
             return to_rgb(image)
         if isinstance(image, (str, Path)):
@@ -166,9 +158,8 @@ class CaptionEngine:
 
     def caption_tensors(self, images: Any, sources: Sequence[str] | None = None,
                         options: DecodeOptions | None = None, *, seed: int | None = None) -> list[Caption]:
-        """Decode a batch of preprocessed images [B, 3, S, S] (from :meth:`preprocess`) with
-        ``options`` (default: :meth:`options`); ``seed`` makes sampling (words, and hard attention's
-        "sample" mode) repeatable."""
+        """Decode preprocessed images [B, 3, S, S] with ``options`` (default: :meth:`options`);
+        ``seed`` makes sampling (words, and hard attention's "sample" mode) repeatable."""
         options = self.options(options)
         if images.ndim != 4 or images.shape[1] != 3:
             raise InvalidValue(f"images must have shape [B, 3, H, W], got {tuple(images.shape)}")
@@ -196,17 +187,10 @@ class CaptionEngine:
 
     def caption(self, images: Any, options: DecodeOptions | None = None, *,
                 batch_size: int = 32, seed: int | None = None, **overrides) -> list[Caption]:
-        """Caption images (paths, PIL images, arrays [H, W, 3] uint8, tensors [3, H, W]), in order,
-        ``batch_size`` at a time.
-
-        A single path or image gives a list of one; a list of them, a list as long. A model trained
-        on the synthetic set warns once (UserWarning) when an image is not from that set: it
-        describes every image as coloured shapes. ``options``: a DecodeOptions, or the keyword
-        ``overrides`` of :meth:`options` (``n_best`` > 1 fills each caption's ``alternatives``; a
-        ``temperature`` or ``top_k`` samples; ``min_len`` forbids <end> before that many words;
-        ``no_unk`` never emits <unk>); ``seed`` makes sampling repeatable. Raises ImageLoadError
-        naming the first file that cannot be read, ValueError for bad settings.
-        """
+        """Caption one image or a list of them (paths, PIL images, arrays [H, W, 3] uint8, tensors
+        [3, H, W]) -> one Caption each, in order, decoded ``batch_size`` at a time, with the options
+        of :meth:`options` (``n_best`` > 1 fills ``alternatives``). :meth:`note_for`'s note is a
+        UserWarning. Raises ImageLoadError naming the first unreadable file, ValueError for bad settings."""
         if isinstance(images, (str, Path, Image.Image, np.ndarray)) or is_tensor(images):
             images = [images]  # one image; a batch is passed as a list of them
         images = list(images)

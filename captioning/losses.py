@@ -1,30 +1,24 @@
 """Training objectives for soft (Sec. 4.2, Eq. 14) and hard (Sec. 4.1, Eq. 12) attention.
 
-Normalisation (stated once, used everywhere; docs/faithfulness.md derives it from the authors'
-code): the NLL is computed PER CAPTION, summed over its real time steps, then averaged over the
-captions of the minibatch -- the paper's 1/N sum_n of Eq. 12 and the authors' ``cost.mean()``.
-The doubly stochastic term is lambda * sum_i (1 - sum_t alpha_ti)^2 per caption, averaged the same
-way (exactly Eq. 14 beside the summed NLL). The authors' code writes
-``alpha_c * ((1 - sum_t alpha)^2).sum(0).mean()``: a mean over locations, so its per-caption lambda
-is alpha_c * B / L (0.33 at alpha_c = 1, B = 64 captions, L = 196); configs/coco_*.yaml use that.
+Normalisation (docs/faithfulness.md derives it from the authors' code): the NLL is summed over each
+caption's real steps, then averaged over the minibatch's captions -- the paper's 1/N sum_n of Eq.
+12 and the authors' ``cost.mean()``. The doubly stochastic term, lambda * sum_i (1 - sum_t
+alpha_ti)^2 per caption, is averaged the same way (Eq. 14). The authors' code writes
+``alpha_c * ((1 - sum_t alpha)^2).sum(0).mean()``, a mean over locations: its per-caption lambda is
+alpha_c * B / L (0.33 at alpha_c = 1, B = 64, L = 196), as configs/coco_*.yaml set it.
 
-Hard attention's REINFORCE and entropy terms. The paper's Eq. 12 puts 1/N over all three terms:
-``loss.hard_reduction: mean`` (the default) averages them over captions like the NLL. The authors'
-code injects ``(C_n - b) / 10 * s / alpha + lambda_e (log alpha + 1)`` as the gradient on every
-alpha with no 1/B, beside the batch-mean NLL, so relative to the NLL each caption's REINFORCE and
-entropy terms are B times (B = captions per optimiser step) what Eq. 12 gives.
-``hard_reduction: sum`` reproduces that: the terms are averaged over the captions of the device's
-batch and multiplied by ``captions_per_step`` (the captions of the whole optimiser step, over
-every DDP rank), which equals the authors' sum over their minibatch.
+Hard attention's REINFORCE and entropy terms: Eq. 12 puts 1/N over all three terms, and
+``loss.hard_reduction: mean`` (the default) averages them like the NLL. The authors' code injects
+``(C_n - b) / 10 * s / alpha + lambda_e (log alpha + 1)`` as the gradient on every alpha with no
+1/B, so each caption's terms are B times (captions per optimiser step) what Eq. 12 gives:
+``hard_reduction: sum`` reproduces that, the batch means times ``captions_per_step`` (every DDP rank).
 
-The cost C_n is the caption's mean NLL per real token. capgen writes ``masked_cost.mean(0)``, a
-mean over the padded length, but its iterator (``homogeneous_data.py``) fills every minibatch with
-captions of one length, so there is no padding and that mean is over the caption's own tokens;
-dividing by the padded length of a randomly drawn batch would make C_n a function of the other
-captions' lengths.
+The cost C_n is the caption's mean NLL per real token. capgen's ``masked_cost.mean(0)`` is a mean
+over the padded length, but its iterator (``homogeneous_data.py``) batches captions of one length,
+so there is no padding; over a random batch's padded length C_n would depend on the other captions.
 
-Deviation from the authors' code, on purpose: they apply the REINFORCE and entropy gradients to
-every padded step and padded location too; we mask padded steps (they carry no word).
+Deviation on purpose: the authors apply the REINFORCE and entropy gradients to padded steps and
+locations too; we mask padded steps (they carry no word).
 """
 
 from __future__ import annotations
@@ -94,11 +88,8 @@ def attention_entropy(alphas: torch.Tensor, token_mask: torch.Tensor) -> torch.T
 
 
 class ReinforceBaseline(nn.Module):
-    """The moving-average baseline b of Sec. 4.1, as the authors' code keeps it.
-
-    A buffer, so it is saved in checkpoints; ``update`` must receive the same value on every DDP
-    rank (the caller all-reduces it), which keeps b identical across ranks.
-    """
+    """The moving-average baseline b of Sec. 4.1, as the authors' code keeps it: a buffer, saved in
+    checkpoints; ``update`` gets the same (all-reduced) value on every DDP rank, so b stays identical."""
 
     def __init__(self, decay: float) -> None:
         super().__init__()
@@ -113,10 +104,8 @@ class ReinforceBaseline(nn.Module):
 
 
 def reinforce_cost(nll_per_caption: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
-    """C_n = the caption's summed NLL / its own number of real tokens -> [B], detached.
-
-    nll_per_caption [B], token_mask [B, T] bool. One sentence-level cost, the same at every step:
-    the authors' ``masked_cost.mean(0)`` over a minibatch of captions of one length."""
+    """C_n = the caption's summed NLL [B] / its real tokens (token_mask [B, T]) -> [B], detached: one
+    sentence-level cost, the authors' ``masked_cost.mean(0)`` over captions of one length."""
     return (nll_per_caption / token_mask.sum(1).clamp_min(1)).detach()
 
 
@@ -143,20 +132,16 @@ def caption_loss(
     samples: int = 1,
     sampled: torch.Tensor | None = None,
 ) -> LossTerms:
-    """All terms for one minibatch: the NLL, and the ``terms`` the mechanism adds (its
-    ``loss_terms``: Eq. 14's "doubly_stochastic" penalty; Eq. 12's "reinforce" and "entropy").
+    """All terms of one minibatch: the NLL and the mechanism's ``terms`` (its ``loss_terms``: Eq.
+    14's "doubly_stochastic"; Eq. 12's "reinforce" and "entropy").
 
-    ``out``: a teacher-forced pass over targets [B, T] (captions[:, 1:]): logits [B, T, V], or the
+    ``out``: a teacher-forced pass over targets [B, T] (captions[:, 1:]): logits [B, T, V] or the
     fused pass's token_nll [B, T]; alphas [B, T, L]; mask [B, L] bool; with sampled locations,
-    log_probs [B, T] (0 where the expected context was used). ``baseline`` (scalar): REINFORCE's b.
-    ``captions_per_step``: captions in the whole optimiser step (every DDP rank); None = this
-    batch's rows / ``samples``. With ``cfg.hard_reduction == "sum"`` it multiplies the REINFORCE
-    and entropy terms.
-    ``samples`` K > 1: the rows are K draws of each caption (rows n*K .. n*K+K-1), every term is
-    averaged over them, and each draw's REINFORCE baseline is the mean cost of the other K - 1
-    (``baseline`` is then unused). ``sampled`` [B] bool: the rows whose locations were sampled
-    (None = all rows when log_probs are given), for the logged advantage.
-    """
+    log_probs [B, T] (0 where the expected context was used). ``baseline``: REINFORCE's scalar b.
+    ``captions_per_step`` (None: rows / ``samples``): the optimiser step's captions on every rank,
+    the REINFORCE and entropy factor of ``hard_reduction == "sum"``. ``samples`` K > 1: rows n*K ..
+    n*K+K-1 are draws of caption n, each with the other K - 1's mean cost as its baseline.
+    ``sampled`` [B] bool: the rows whose locations were sampled (None: all), for the advantage."""
     unknown = set(terms) - set(TERMS)
     if unknown:
         raise InvalidValue(f"unknown loss terms {sorted(unknown)}; the losses are {', '.join(TERMS)}")

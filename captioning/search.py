@@ -1,16 +1,15 @@
 """Caption search, written once: greedy decoding, sampling, beam search and n-best lists.
 
-Every engine decodes with these loops. An engine supplies only its :class:`Step` -- the next
-word's log-probabilities, the new state and the attention of one step -- and the few array
-operations the loops need (:class:`ArrayOps`): the PyTorch engine (captioning/decoding.py) over
-the model's decoder step, the ONNX engine (captioning/export/runtime.py) over the exported step
-graph in NumPy. This file imports neither torch nor NumPy.
+Every engine decodes with these loops and supplies only its :class:`Step` (one step's next-word
+log-probabilities, state and attention) and the few :class:`ArrayOps` the loops need: the PyTorch
+engine (captioning/decoding.py), the ONNX engine in NumPy (captioning/export/runtime.py). This
+file imports neither torch nor NumPy.
 
-How a caption is decoded is one :class:`DecodeOptions`, validated once where it is built and
-recorded beside every score. Scores are always the model's own log-probabilities (a temperature
-and top-k change which word is drawn, not how it is scored), so sampled and beam captions rank on
-one scale. Every loop restricts the vocabulary the same way (:func:`captioning.vocab.banned_ids`):
-never <pad> or <start>, no <end> before ``min_len`` words, and no <unk> with ``no_unk``.
+How a caption is decoded is one :class:`DecodeOptions`, validated where it is built and recorded
+beside every score. Scores are the model's own log-probabilities (a temperature and top-k change
+which word is drawn, not its score), so sampled and beam captions rank on one scale. Every loop
+bans the same words (:func:`captioning.vocab.banned_ids`): <pad>, <start>, <end> before ``min_len``
+words, <unk> with ``no_unk``.
 """
 
 from __future__ import annotations
@@ -31,13 +30,11 @@ Array = Any  # a torch.Tensor or a numpy.ndarray: whatever the engine's ArrayOps
 
 @dataclass(frozen=True)
 class DecodeOptions:
-    """How captions are decoded. Built once (``for_model`` fills in a model's defaults) and checked
-    as it is built: a bad combination raises ValueError naming the problem and the fix.
+    """How captions are decoded, checked as built (a bad combination: ValueError naming the fix).
 
-    ``beam_size`` 1 is greedy decoding; a ``temperature`` or ``top_k`` samples each word (beam size
-    1), ``n_best`` captions per image then being that many draws; otherwise ``n_best`` captions come
-    from a beam at least as wide. ``hard_mode`` is how a hard-attention model attends (one of the
-    model's test-time modes); None for a model that has no modes to choose from (soft, none).
+    ``beam_size`` 1 is greedy; a ``temperature`` or ``top_k`` samples each word (beam size 1), its
+    ``n_best`` captions being draws; otherwise ``n_best`` come from a beam at least as wide.
+    ``hard_mode``: one of a hard-attention model's test-time modes; None for a model without modes.
     """
 
     beam_size: int = 1
@@ -52,22 +49,18 @@ class DecodeOptions:
     method: str = field(init=False)  # "greedy", "beam" or "sample", from the options above
 
     def __post_init__(self) -> None:
-        def positive(name: str, value) -> None:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidValue(f"{name} must be a positive integer, got {value!r}")
-
-        positive("max_len", self.max_len)
-        positive("beam_size", self.beam_size)
-        positive("n_best", self.n_best)
-        if isinstance(self.min_len, bool) or not isinstance(self.min_len, int) or self.min_len < 0:
-            raise InvalidValue(f"min_len must be a non-negative integer, got {self.min_len!r}")
+        for name, least in (("max_len", 1), ("beam_size", 1), ("n_best", 1), ("min_len", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise InvalidValue(f"{name} must be a {'positive' if least else 'non-negative'} integer, got {value!r}")
         if self.min_len > self.max_len:
             raise InvalidValue(f"min_len {self.min_len} is above max_len {self.max_len}; lower min_len or raise "
                                f"max_len")
         if not isinstance(self.no_unk, bool):
             raise InvalidValue(f"no_unk must be True or False, got {self.no_unk!r}")
-        if self.top_k is not None:
-            positive("top_k", self.top_k)
+        k = self.top_k
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise InvalidValue(f"top_k must be a positive integer, got {k!r}")
         t = self.temperature
         if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < math.inf):
             raise InvalidValue(f"temperature must be a positive number, got {t!r} "
@@ -96,10 +89,9 @@ class DecodeOptions:
     @classmethod
     def for_model(cls, defaults: DecodeConfig, modes: Sequence[str], attention: str, options: "DecodeOptions | None" = None,
                   **overrides) -> "DecodeOptions":
-        """The options a model decodes with: ``options`` as given (checked against the model's
-        modes), or its config's ``decode`` section (``defaults``) with keyword ``overrides``
-        (:meth:`_with_defaults`). ``modes``: the test-time attention modes the model offers (empty
-        for a model that has none); ``attention`` names its mechanism in messages."""
+        """``options`` as given (checked against the model's test-time ``modes``, empty if it has
+        none), or the config's ``decode`` ``defaults`` with keyword ``overrides`` (:meth:`_with_defaults`).
+        ``attention`` names the mechanism in messages."""
         if options is None:
             return cls._with_defaults(defaults, modes, attention, **overrides)
         if overrides:
@@ -204,28 +196,23 @@ class Hypothesis(NamedTuple):
 
 def search(step: Step, images: int, options: DecodeOptions) -> list[list[Hypothesis]]:
     """Per image, up to ``options.n_best`` captions, best first: the beam's best finished hypotheses
-    (ranked by its key), the greedy caption, or ``n_best`` draws (ranked by score, repeated
-    captions dropped, so fewer may come back)."""
+    (by its key), the greedy caption, or ``n_best`` draws (by score, repeats dropped)."""
     if options.method == "beam":
         return [pool[:options.n_best] for pool in beam_search(step, images, options)]
     draws = options.n_best if options.method == "sample" else 1
     found = greedy(step, images, options, draws)
-    if draws == 1:
-        return [[hyp] for hyp in found]
     pools = []
     for b in range(images):
-        seen, pool = set(), []
+        unique: dict[tuple[int, ...], Hypothesis] = {}  # the best-scoring draw of each caption
         for hyp in sorted(found[b * draws:(b + 1) * draws], key=lambda h: -h.score):
-            if tuple(hyp.tokens) not in seen:
-                seen.add(tuple(hyp.tokens))
-                pool.append(hyp)
-        pools.append(pool)
+            unique.setdefault(tuple(hyp.tokens), hyp)
+        pools.append(list(unique.values()))
     return pools
 
 
 def greedy(step: Step, images: int, options: DecodeOptions, draws: int = 1) -> list[Hypothesis]:
-    """Greedy decoding, or with ``options.sampling`` each word drawn (``ArrayOps.sample``), over
-    ``draws`` rows per image: -> one hypothesis per row (image b's rows are b*draws .. b*draws+draws-1)."""
+    """Greedy decoding, or each word drawn with ``options.sampling``, over ``draws`` rows per image
+    -> one hypothesis per row (image b's rows are b*draws .. b*draws+draws-1)."""
     xp = step.ops
     state = step.start()
     if draws > 1:

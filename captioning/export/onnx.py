@@ -12,9 +12,9 @@ model.safetensors, README.md) plus
     onnx.json     what the graphs are: file names, hard attention's mode, opset, and the
                   fingerprints and shapes checked at load (captioning/model_folder.py)
 
-The decoding loops (greedy and beam search) are NumPy, in captioning/export/runtime.py: the step
-runs once per word, so a graph per word keeps the search itself readable and the graphs small.
-Both graphs take any batch size; every row of the step has its own copy of the annotations.
+The search runs in NumPy (captioning/export/runtime.py) around a graph of one step, which keeps
+it readable and the graphs small. Both graphs take any batch size; every row of the step has its
+own copy of the annotations.
 """
 
 from __future__ import annotations
@@ -68,12 +68,8 @@ class StepGraph(nn.Module):
 
 def export_onnx(model: ShowAttendTell, image_size: int, folder: str | Path, hard_mode: str | None = None) -> Path:
     """Write encoder.onnx, step.onnx and onnx.json into ``folder`` (a model folder already).
-
-    ``hard_mode``: one of the mechanism's test-time modes that a graph can run (its
-    ``exportable_modes``: hard attention's "expected" or "argmax"; "sample" draws random
-    locations, which a graph of fixed weights cannot reproduce, so it is refused). A mechanism
-    without modes attends in its one way.
-    """
+    ``hard_mode``: one of the mechanism's ``exportable_modes`` (hard attention's "sample" draws random
+    locations, which a graph cannot reproduce: ExportError); a mechanism without modes has its one way."""
     folder = Path(folder)
     mechanism = model.mechanism
     mode = None
@@ -117,9 +113,8 @@ def graph_shapes(path: Path) -> dict:
 
 
 def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str]) -> None:
-    """One graph whose first dimension (images or rows) is free. torch.export's exporter keeps the
-    decoder's shape arithmetic (rows per image in the attention) symbolic; the TorchScript tracer
-    could not."""
+    """One graph whose first dimension (images or rows) is free: torch.export's exporter keeps the
+    decoder's shape arithmetic (rows per image) symbolic, where the TorchScript tracer could not."""
     import warnings
 
     rows = torch.export.Dim("rows")

@@ -6,12 +6,10 @@
     for cap in captioner.caption(["cat.jpg"], beam_size=3):
         print(cap.source, cap.text, cap.score)           # cap.attention: [len(cap.words), grid, grid]
 
-Images go through the same loading and resizing as PyTorch's path (captioning/data/transforms.py,
-which needs only Pillow for those), then the same normalisation, in NumPy. The search is the one
-of captioning/search.py (greedy, sampling, beam, n-best, min length, no <unk>), the PyTorch
-engine's own: this engine supplies only its step (the exported step graph, see
-captioning/export/onnx.py) and NumPy's array operations. A test holds its captions equal to
-PyTorch's token for token.
+Images are loaded and resized as in PyTorch's path (captioning/data/transforms.py, Pillow only),
+then normalised the same way in NumPy. The search is captioning/search.py's, the PyTorch engine's
+own: this engine supplies only its step (the exported step graph) and NumPy's array operations.
+A test holds its captions equal to PyTorch's token for token.
 """
 
 from __future__ import annotations
@@ -22,11 +20,12 @@ import numpy as np
 
 from captioning.console import CaptioningError, one_line
 from captioning.data.transforms import MEAN, STD, resize_square
-from captioning.engine import Caption, CaptionEngine
+from captioning.engine import CaptionEngine
 from captioning.model_folder import CheckpointError, check_graph_shapes, read_folder_meta, read_onnx_meta
 from captioning.search import DecodeOptions, StepResult
 
-OnnxCaption = Caption  # the one Caption of both engines (captioning/engine.py)
+
+ROLES = ("encoder", "step")  # the graphs of onnx.json
 
 
 class OnnxModelError(CaptioningError, ValueError):
@@ -37,6 +36,11 @@ class NumpyOps:
     """captioning.search.ArrayOps on NumPy arrays; ``rng`` draws sampled words."""
 
     DTYPES = {"int64": np.int64, "float32": np.float32, "bool": np.bool_}
+    # The library's own functions take the search's arguments as they are.
+    stack = staticmethod(np.stack)
+    cat = staticmethod(np.concatenate)
+    where = staticmethod(np.where)
+    isfinite = staticmethod(np.isfinite)
 
     def __init__(self, rng: np.random.Generator | None = None) -> None:
         self.rng = rng if rng is not None else np.random.default_rng()
@@ -46,18 +50,6 @@ class NumpyOps:
 
     def arange(self, n):
         return np.arange(n, dtype=np.int64)
-
-    def stack(self, arrays, axis):
-        return np.stack(arrays, axis)
-
-    def cat(self, arrays, axis):
-        return np.concatenate(arrays, axis)
-
-    def where(self, condition, x, y):
-        return np.where(condition, x, y)
-
-    def isfinite(self, x):
-        return np.isfinite(x)
 
     def topk(self, x, k):
         index = _top(x, k)
@@ -89,8 +81,8 @@ class NumpyOps:
 
 
 class _OnnxStep:
-    """The search's step (captioning.search.Step) over the exported step graph. The graph wants
-    every row's own copy of its image's annotations: they are repeated once per rows-per-image."""
+    """captioning.search.Step over the exported step graph, which wants every row's own copy of
+    its image's annotations (made once per rows-per-image)."""
 
     def __init__(self, engine: "OnnxCaptioner", images: np.ndarray, ops: NumpyOps) -> None:
         self.engine, self.ops = engine, ops
@@ -135,8 +127,7 @@ class OnnxCaptioner(CaptionEngine):
         except ImportError:
             raise OnnxModelError("the ONNX engine needs onnxruntime: pip install 'show-attend-tell[export]'") from None
         folder = Path(folder)
-        meta_path = folder / "onnx.json"
-        if not meta_path.is_file():
+        if not (folder / "onnx.json").is_file():
             raise OnnxModelError(f"{folder} holds no ONNX graphs (no onnx.json); write them with "
                                  "'captioning export --checkpoint CKPT --out DIR --format onnx'")
         # The folder is checked as the PyTorch loader checks it (vocabulary fingerprint, config
@@ -153,13 +144,13 @@ class OnnxCaptioner(CaptionEngine):
         if threads:
             options.intra_op_num_threads = threads
         try:
-            self.encoder = ort.InferenceSession(str(folder / meta["encoder"]), options, providers=["CPUExecutionProvider"])
-            self.step = ort.InferenceSession(str(folder / meta["step"]), options, providers=["CPUExecutionProvider"])
+            self.encoder, self.step = (ort.InferenceSession(str(folder / meta[role]), options,
+                                                            providers=["CPUExecutionProvider"]) for role in ROLES)
         except Exception as err:  # onnxruntime raises its own types for missing or damaged files
             raise OnnxModelError(f"cannot load the ONNX graphs of {folder}: {one_line(err, 300)}") from None
         fix = "export it again with 'captioning export --format onnx'"
         try:
-            for role, session in (("encoder", self.encoder), ("step", self.step)):
+            for role, session in zip(ROLES, (self.encoder, self.step)):
                 check_graph_shapes(folder / meta[role], meta["shapes"].get(role), _session_shapes(session), fix)
         except CheckpointError as err:
             raise OnnxModelError(err) from None
@@ -182,8 +173,6 @@ class OnnxCaptioner(CaptionEngine):
     def decoder_step(self, images: np.ndarray, options: DecodeOptions, seed: int | None = None) -> _OnnxStep:
         """The exported step graph over these images; ``seed`` makes sampled words repeatable."""
         return _OnnxStep(self, images, NumpyOps(np.random.default_rng(seed)))
-
-    caption_arrays = CaptionEngine.caption_tensors  # preprocessed images [B, 3, S, S], as NumPy arrays
 
 
 def _top(x: np.ndarray, k: int) -> np.ndarray:

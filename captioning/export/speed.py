@@ -11,7 +11,7 @@ second, with how many captions came out identical.
 from __future__ import annotations
 
 import argparse
-import time
+import timeit
 from pathlib import Path
 
 
@@ -27,7 +27,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--batch-size", type=int, default=32)
     args = p.parse_args(argv)
 
-    import numpy as np
     import torch
 
     from captioning.api import Captioner
@@ -42,31 +41,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
     data.prepare_data()
     paths = [r.path for r in data.load_split(args.split)[: args.limit]]
     batches = [paths[i:i + args.batch_size] for i in range(0, len(paths), args.batch_size)]
-    torch_in = [torch.stack([captioner.preprocess(p) for p in b]) for b in batches]
-    onnx_in = [np.stack([onnx.preprocess(p) for p in b]) for b in batches]
+    engines = {"torch": captioner, "onnx": onnx}
+    inputs = {name: [e.stack([e.preprocess(p) for p in b]) for b in batches] for name, e in engines.items()}
 
-    def run_torch(beam: int) -> list[list[str]]:
-        options = captioner.options(beam_size=beam)
-        return [c.words for x in torch_in for c in captioner.caption_tensors(x, None, options)]
+    def best_time(name: str, beam: int) -> tuple[float, list[list[str]]]:
+        """The best time of ``--repeats`` runs after a warm-up, and each image's words."""
+        engine, options = engines[name], engines[name].options(beam_size=beam)
 
-    def run_onnx(beam: int) -> list[list[str]]:
-        options = onnx.options(beam_size=beam)
-        return [onnx.vocab.decode(pool[0].tokens) for x in onnx_in for pool in onnx.search(x, options)]
+        def run() -> list[list[str]]:
+            return [engine.vocab.decode(pool[0].tokens) for x in inputs[name] for pool in engine.search(x, options)]
 
-    def best_time(fn, beam: int):
-        words = fn(beam)  # warm-up
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            fn(beam)
-            times.append(time.perf_counter() - start)
-        return min(times), words
+        words = run()  # and the warm-up
+        return min(timeit.repeat(run, number=1, repeat=args.repeats)), words
 
     rows = []
     print(f"{len(paths)} images, {args.threads} thread(s), best of {args.repeats}")
     for beam in args.beam_size:
-        t_torch, w_torch = best_time(run_torch, beam)
-        t_onnx, w_onnx = best_time(run_onnx, beam)
+        t_torch, w_torch = best_time("torch", beam)
+        t_onnx, w_onnx = best_time("onnx", beam)
         same = sum(a == b for a, b in zip(w_torch, w_onnx))
         row = {"beam_size": beam, "images": len(paths), "torch_images_per_s": len(paths) / t_torch,
                "onnx_images_per_s": len(paths) / t_onnx, "identical": same}

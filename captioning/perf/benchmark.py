@@ -1,15 +1,15 @@
-"""The benchmark sections behind ``scripts/benchmark.py``: each returns plain JSON-able dicts.
+"""The benchmark sections behind ``captioning benchmark``: each returns plain JSON-able dicts.
 
-* ``matmul``: this machine's own dense matrix-multiply throughput (square products at a few
-  sizes, the best taken): the yardstick for the training step's FLOP/s.
+* ``matmul``: this machine's dense matrix-multiply throughput (the best of square products at a
+  few sizes): the yardstick for the training step's FLOP/s.
 * ``train``: the training step (``CaptioningModule.training_loss``, backward, gradient clipping,
-  the module's Adam) on the fast or the reference teacher-forced path at COCO sizes from random annotation grids -- exactly the path of training from the feature
-  cache (``ShowAttendTell.encode`` passes grids through) -- with useful FLOPs counted
-  analytically (captioning/perf/flops.py), the FLOPs one step executes counted by
-  ``torch.utils.flop_counter``, and peak memory.
+  the module's Adam) on the fast or the reference teacher-forced path at COCO sizes, from random
+  annotation grids -- the path of training from the feature cache -- with useful FLOPs counted
+  analytically (captioning/perf/flops.py), executed FLOPs counted by ``torch.utils.flop_counter``,
+  and peak memory.
 * ``encoder``: the CNN forward for every supported backbone at the COCO image size.
 * ``beam``: batched beam search over a batch of images vs the same code one image at a time.
-* ``loader``: the prepared-store training loader, when ``captioning.data.store`` offers it.
+* ``loader``: the prepared store's training loader.
 
 Timings are medians of repeated runs after a warm-up (the FLOP/s fraction uses the best run, as the
 matmul yardstick does); on CUDA every phase is synchronised.
@@ -89,12 +89,10 @@ def clock(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
     return time.perf_counter() - start, result
 
 
-def _malloc_trim() -> bool:
+def _malloc_trim() -> None:
     """Give freed heap memory back to the OS (glibc), so RSS is close to what is live."""
-    try:
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def rss_bytes() -> int | None:
@@ -105,23 +103,24 @@ def rss_bytes() -> int | None:
         return None
 
 
-class _RssSampler(threading.Thread):
-    """Samples the process RSS every ``interval`` s while it runs (torch ops release the GIL)."""
+def peak_rss(fn: Callable[[], Any], interval: float = 0.001) -> int:
+    """The process's peak RSS in bytes while ``fn()`` runs, sampled every ``interval`` s by a thread
+    (torch ops release the GIL)."""
+    peak, done = [0], threading.Event()
 
-    def __init__(self, interval: float = 0.001) -> None:
-        super().__init__(daemon=True)
-        self.interval, self.peak = interval, 0
-        self._stop_event = threading.Event()
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_bytes() or 0)
+            time.sleep(interval)
 
-    def run(self) -> None:
-        while not self._stop_event.is_set():
-            self.peak = max(self.peak, rss_bytes() or 0)
-            time.sleep(self.interval)
-
-    def stop(self) -> int:
-        self._stop_event.set()
-        self.join()
-        return max(self.peak, rss_bytes() or 0)
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        sampler.join()
+    return max(peak[0], rss_bytes() or 0)
 
 
 CPU_MEMORY_METHOD = ("peak RSS while one step runs (sampled every 1 ms) minus the RSS before the model, "
@@ -129,67 +128,58 @@ CPU_MEMORY_METHOD = ("peak RSS while one step runs (sampled every 1 ms) minus th
 CUDA_MEMORY_METHOD = "torch.cuda.max_memory_allocated over one step (model, optimizer, inputs, activations)"
 
 
-class MemoryProbe:
-    """Peak memory of a piece of work, as CUDA counts it or (CPU) as RSS growth over a baseline."""
+def memory_baseline(device: torch.device) -> int:
+    """What :func:`peak_memory_mib` measures from: 0 on CUDA (its cache emptied), else the RSS with
+    freed heap returned."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        return 0
+    _malloc_trim()
+    return rss_bytes() or 0
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.baseline = 0
 
-    def set_baseline(self) -> None:
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        else:
-            _malloc_trim()
-            self.baseline = rss_bytes() or 0
-
-    def measure(self, fn: Callable[[], Any]) -> float | None:
-        """MiB at the peak of ``fn()``; None where this platform cannot say."""
-        if self.device.type == "cuda":
-            synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            fn()
-            synchronize(self.device)
-            return torch.cuda.max_memory_allocated(self.device) / 2**20
-        if rss_bytes() is None:
-            fn()
-            return None
-        gc.collect()
-        _malloc_trim()
-        sampler = _RssSampler()
-        sampler.start()
-        try:
-            fn()
-        finally:
-            peak = sampler.stop()
-        return (peak - self.baseline) / 2**20
+def peak_memory_mib(device: torch.device, fn: Callable[[], Any], baseline: int) -> float | None:
+    """MiB at the peak of ``fn()`` as CUDA counts it, or (CPU) as RSS growth over ``baseline``; None
+    where this platform cannot say."""
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    if rss_bytes() is None:
+        fn()
+        return None
+    gc.collect()
+    _malloc_trim()
+    return (peak_rss(fn) - baseline) / 2**20
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
-    try:
+    with contextlib.suppress(OSError):
         with open("/proc/cpuinfo") as f:
             names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
         cpu = names[0] if names else cpu
-    except OSError:
-        pass
     info = {"device": str(device), "cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "gpu": None}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
+            "torch": torch.__version__, "python": platform.python_version(),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
     # glibc's malloc settings this process started with (docs/performance.md, "Around the model").
     tuned = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"]
     info["malloc"] = ", ".join(tuned) or "glibc defaults"
-    try:
+    with contextlib.suppress(OSError):
         info["load_average_1min"] = round(os.getloadavg()[0], 2)
-    except OSError:
-        pass
     return info
 
 
 def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast for ``precision`` "bf16", a pass-through otherwise."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 # ------------------------------------------------------------------------------ matmul
@@ -226,9 +216,8 @@ def coco_model_config(sizes: Sizes, attention: str) -> ModelConfig:
 
 def random_captions(n: int, vocab_size: int, min_tokens: int, max_tokens: int,
                     gen: torch.Generator) -> tuple[torch.Tensor, list[int]]:
-    """[n, T+1] <start> w.. <end> <pad>.. with min..max target tokens (words + <end>) each, longest
-    first as ``collate_train`` orders a batch of one caption per image (with several per image the
-    fast path reorders its captions whatever their order, at the same cost)."""
+    """([n, T+1] <start> w.. <end> <pad>.., target tokens per row) with min..max target tokens (words
+    + <end>) each, longest first as ``collate_train`` orders a batch of one caption per image."""
     tokens = sorted(torch.randint(min_tokens, max_tokens + 1, (n,), generator=gen).tolist(), reverse=True)
     captions = torch.full((n, max(tokens) + 1), Vocabulary.pad_id, dtype=torch.long)
     for i, t in enumerate(tokens):
@@ -256,6 +245,37 @@ def training_module(sizes: Sizes, attention: str, path: str = "fast", compile_ta
     return CaptioningModule.create(cfg, Vocabulary(words))
 
 
+def training_setup(sizes: Sizes, attention: str, batch: int, device: torch.device, captions_per_image: int = 1,
+                   path: str = "fast", compile_target: str = "none", compile_mode: str = "default",
+                   seed: int = 0) -> tuple[CaptioningModule, dict[str, torch.Tensor], list[int], Callable[[], None]]:
+    """-> (module, data, tokens, optimise): the module of :func:`training_module` in train mode on
+    ``device`` (its encoder's stages dropped: grids are the input), a batch drawn with ``seed`` (random
+    grids [batch // k, L, D], ``batch`` captions and each one's target tokens), and ``optimise()``:
+    gradient clipping (as the Trainer's gradient_clip_val), the module's optimizer step, zeroed grads."""
+    if batch % captions_per_image:
+        raise InvalidValue(f"batch {batch} is not a multiple of captions_per_image {captions_per_image}")
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    module = training_module(sizes, attention, path, compile_target, compile_mode)
+    model = module.model
+    if model.encoder.out_channels != sizes.feature_dim:
+        raise InvalidValue(f"{sizes.backbone} {sizes.stage} gives {model.encoder.out_channels} channels, not "
+                           f"{sizes.feature_dim}")
+    model.encoder.stages = torch.nn.Sequential()  # never run here (grids are the input); frees its memory
+    module.to(device).train()
+    params = list(model.decoder.parameters())
+    optimizer = module.configure_optimizers()
+    features = torch.randn(batch // captions_per_image, sizes.locations, sizes.feature_dim, generator=gen)
+    captions, tokens = random_captions(batch, sizes.vocab_size, sizes.min_tokens, sizes.max_tokens, gen)
+
+    def optimise() -> None:
+        torch.nn.utils.clip_grad_norm_(params, module.cfg.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return module, {"images": features.to(device), "captions": captions.to(device)}, tokens, optimise
+
+
 def train_step(
     sizes: Sizes,
     attention: str,
@@ -271,49 +291,24 @@ def train_step(
     seed: int = 0,
     path: str = "fast",
 ) -> dict[str, Any]:
-    """One configuration of the training step, as ``CaptioningModule.training_loss`` computes it,
-    then backward, gradient clipping and the module's own optimizer; ``batch`` is captions
-    (batch // k images)."""
-    if batch % captions_per_image:
-        raise InvalidValue(f"batch {batch} is not a multiple of captions_per_image {captions_per_image}")
-    memory = MemoryProbe(device)
-    memory.set_baseline()
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    module = training_module(sizes, attention, path, compile_target, compile_mode)
-    model, cfg = module.model, module.cfg.model
-    if model.encoder.out_channels != sizes.feature_dim:
-        raise InvalidValue(f"{sizes.backbone} {sizes.stage} gives {model.encoder.out_channels} channels, not "
-                           f"{sizes.feature_dim}")
-    model.encoder.stages = torch.nn.Sequential()  # never run here (grids are the input); frees its memory
-    module.to(device).train()
-    params = list(model.decoder.parameters())
-    optimizer = module.configure_optimizers()
-    images = batch // captions_per_image
-    features = torch.randn(images, sizes.locations, sizes.feature_dim, generator=gen).to(device)
-    captions, tokens = random_captions(batch, sizes.vocab_size, sizes.min_tokens, sizes.max_tokens, gen)
-    data = {"images": features, "captions": captions.to(device)}
+    """One configuration of the training step (:func:`training_setup`): forward and loss, backward,
+    clipping and the optimizer; ``batch`` is captions (batch // k images)."""
+    baseline = memory_baseline(device)
+    module, data, tokens, optimise = training_setup(sizes, attention, batch, device, captions_per_image, path,
+                                                    compile_target, compile_mode, seed)
     # What its training steps sample (hard attention: locations at every step, the REINFORCE path).
     mode = module.mechanism.training_plan(module.cfg.loss, 1, 0, device).mode
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def forward() -> torch.Tensor:
-        with autocast:
+        with autocast(device, precision):
             return module.training_loss(data)[0].loss
-
-    def optimise() -> None:
-        torch.nn.utils.clip_grad_norm_(params, module.cfg.optim.grad_clip)  # as the Trainer's gradient_clip_val
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
 
     def step() -> tuple[float, float, float]:
         t_fwd, loss = clock(forward, device)
-        t_bwd, _ = clock(loss.backward, device)
-        t_opt, _ = clock(optimise, device)
-        return t_fwd, t_bwd, t_opt
+        return t_fwd, clock(loss.backward, device)[0], clock(optimise, device)[0]
 
     first = sum(step())  # warm-up (and compilation)
-    peak = memory.measure(step)
+    peak = peak_memory_mib(device, step, baseline)
     times = [step() for _ in range(reps)]
     fwd, bwd, opt = (statistics.median(t[i] for t in times) for i in range(3))
     total = statistics.median(sum(t) for t in times)
@@ -322,7 +317,7 @@ def train_step(
     with FlopCounterMode(display=False) as counter:  # what one step runs; after the timing, as counting is slow
         forward().backward()
     executed = counter.get_total_flops()
-    flops = decoder_flops(cfg.decoder, sizes.locations, sizes.feature_dim, sizes.vocab_size, mode)
+    flops = decoder_flops(module.cfg.model.decoder, sizes.locations, sizes.feature_dim, sizes.vocab_size, mode)
     useful = training_step_flops(flops, tokens, captions_per_image)
     real_tokens = sum(tokens)
     result = {
@@ -345,7 +340,7 @@ def train_step(
         "peak_memory_mib": None if peak is None else round(peak, 1),
         "reps": reps,
     }
-    del module, model, optimizer, features, captions, data
+    del module, data, optimise
     if compile_target != "none":
         torch._dynamo.reset()
     return result
@@ -363,23 +358,20 @@ def encoder_forward(backbone: str, sizes: Sizes, device: torch.device, precision
     encoder = Encoder(EncoderConfig(backbone=backbone, stage=None, grid_size=grid, weights="none",
                                     fine_tune_from=None)).to(device).eval()
     images = torch.randn(batch, 3, sizes.image_size, sizes.image_size, generator=torch.Generator().manual_seed(0)).to(device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     @torch.no_grad()
     def run():
-        with autocast:
+        with autocast(device, precision):
             return encoder(images)
 
     with FlopCounterMode(display=False) as counter:
         first, (features, _) = clock(run, device)
-    times = [clock(run, device)[0] for _ in range(reps)]
-    t = statistics.median(times)
-    result = {"backbone": backbone, "image_size": sizes.image_size, "batch": batch, "precision": precision,
-              "grid": f"{grid}x{grid}x{features.shape[-1]}", "ms_per_batch": round(1e3 * t, 1),
-              "images_per_s": round(batch / t, 1), "gflop_per_image": round(counter.get_total_flops() / batch / 1e9, 2),
-              "achieved_gflops": round(counter.get_total_flops() / t / 1e9, 1), "reps": reps}
-    del encoder, images, features
-    return result
+    t = statistics.median(clock(run, device)[0] for _ in range(reps))
+    flop = counter.get_total_flops()
+    return {"backbone": backbone, "image_size": sizes.image_size, "batch": batch, "precision": precision,
+            "grid": f"{grid}x{grid}x{features.shape[-1]}", "ms_per_batch": round(1e3 * t, 1),
+            "images_per_s": round(batch / t, 1), "gflop_per_image": round(flop / batch / 1e9, 2),
+            "achieved_gflops": round(flop / t / 1e9, 1), "reps": reps}
 
 
 # ------------------------------------------------------------------------------ beam search
@@ -387,15 +379,10 @@ def encoder_forward(backbone: str, sizes: Sizes, device: torch.device, precision
 
 def beam_search_speedup(sizes: Sizes, device: torch.device, sequential_images: int | None = None,
                         seed: int = 0, reps: int = 1, matmul_gflops: float | None = None) -> dict[str, Any]:
-    """Captions/s of beam search over ``beam_images`` images at once vs one at a time (same code,
-    ``decoding.ModelSearch.annotations``), from random grids with random weights. Each side is timed
-    ``reps`` times, the two sides alternating, and its best time counts (a shared machine's noise
-    only ever adds time).
-
-    With ``matmul_gflops`` (the machine's measured fp32 matmul rate) it also gives the batched
-    search's matrix-multiply FLOPs per image (counted from the decoder rows each step really ran)
-    and the speed-up the batched side would reach if it ran every one of them at that rate and did
-    nothing else (no softmax, top-k, attention map or bookkeeping): a ceiling for this machine."""
+    """Captions/s of beam search (``ModelSearch.annotations``) over ``beam_images`` random grids at
+    once vs one at a time; the sides alternate ``reps`` times, each one's best time counting (noise
+    only adds time). With ``matmul_gflops`` (fp32), also the batched side's matmul FLOPs per image
+    (from the decoder rows each step ran) and its speed-up at that rate doing nothing else: a ceiling."""
     from captioning.decoding import ModelSearch, best_captions
     from captioning.search import DecodeOptions
 
@@ -467,27 +454,19 @@ def _counting_rows(decoder: torch.nn.Module):
 
 
 def data_loader(root: str | None, workers: tuple[int, ...] = (0, 2), seconds: float = 5.0) -> dict[str, Any]:
-    """The prepared store's own loader benchmark (captioning.data.store), when it exists."""
-    try:
-        from captioning.data import datamodule as store  # its benchmark_loader
-    except ImportError as err:
-        return {"skipped": f"captioning.data.store is not importable ({err})"}
-    fn = getattr(store, "benchmark_loader", None) or getattr(store, "benchmark", None)
-    if fn is None:
-        return {"skipped": "captioning.data.store has no benchmark_loader/benchmark function"}
+    """The prepared store's own loader benchmark (captioning.data.datamodule.benchmark_loader), called
+    with those of ``workers``, ``seconds`` and no progress that it accepts."""
+    from captioning.data import datamodule as store
+
     if root is None:
         return {"skipped": "pass --loader-root PREPARED_DIR (a folder made by captioning prepare) to time "
                            "the training loader"}
-    params = inspect.signature(fn).parameters
-    kwargs: dict[str, Any] = {}
-    for name, value in (("workers", list(workers)), ("seconds", seconds), ("progress", False)):
-        if name in params:
-            kwargs[name] = value
-    return {"root": root, "results": fn(root, **kwargs)}
+    params = inspect.signature(store.benchmark_loader).parameters
+    wanted = {"workers": list(workers), "seconds": seconds, "progress": False}
+    return {"root": root, "results": store.benchmark_loader(root, **{k: v for k, v in wanted.items() if k in params})}
 
 
-def sizes_dict(sizes: Sizes) -> dict[str, Any]:
-    return asdict(sizes)
+sizes_dict = asdict
 
 
 def with_overrides(sizes: Sizes, **changes: Any) -> Sizes:

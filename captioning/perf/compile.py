@@ -1,18 +1,14 @@
-"""The optional ``torch.compile`` paths (config ``train.compile``), applied in place: the portable
-route to speed. They compile the reference teacher-forced loop of captioning/models/decoder.py
-(a compiled run does not take captioning/fast.py's hand-written pass, which is eager-only: the
-training module chooses so where it is built).
+"""The optional ``torch.compile`` paths (config ``train.compile``), applied in place. They compile
+the reference teacher-forced loop of captioning/models/decoder.py: captioning/fast.py's pass is
+eager-only, and the training module does not take it for a compiled run.
 
-* ``"step"``: the per-step modules -- the attention (score, masked softmax, context) and the LSTM
-  cell -- each with ``nn.Module.compile``. The shapes are the same at every step, so a small graph
-  serves the whole caption (and greedy/beam decoding); it compiles in seconds.
-* ``"model"``: the whole model's forward (encoder and the teacher-forced loop, unrolled). Dynamo
-  specialises on the number of steps, so every new padded caption length compiles a new graph
-  (up to ``torch._dynamo.config.cache_size_limit``, then that length runs eagerly): meant for
-  fixed-length benchmarks and GPU runs with ``train.compile_mode=reduce-overhead`` (CUDA graphs).
+* ``"step"``: the attention and the LSTM cell, each with ``nn.Module.compile``: the same shapes at
+  every step, so one small graph serves the whole caption (and decoding); compiles in seconds.
+* ``"model"``: the whole forward, unrolled. Dynamo specialises on the number of steps, so each new
+  padded length compiles a new graph (up to ``torch._dynamo.config.cache_size_limit``, then eager):
+  for fixed-length benchmarks and GPU runs with ``train.compile_mode=reduce-overhead``.
 
-Compilation is lazy (the first call compiles) and ``nn.Module.compile`` keeps parameter names, so
-checkpoints are the same as eager ones and load into an eager model.
+Compilation is lazy (on the first call) and keeps parameter names, so checkpoints load eagerly.
 """
 
 from __future__ import annotations
@@ -42,8 +38,8 @@ def compile_model(model: ShowAttendTell, target: str, mode: str = "default") -> 
 
 @functools.lru_cache(maxsize=1)
 def compile_unsupported_reason() -> str | None:
-    """None if torch.compile works here (it needs a C++ compiler on CPU, Triton on GPU), else why
-    not, in one line. Compiles a two-op function once per process."""
+    """None if torch.compile works here (a C++ compiler on CPU, Triton on GPU), else why not, in one
+    line. Compiles a two-op function once per process."""
     try:
         fn = torch.compile(lambda x: torch.tanh(x) * 2.0)
         out = fn(torch.ones(4))

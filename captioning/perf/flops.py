@@ -1,24 +1,19 @@
 """Analytic matrix-multiply FLOPs of the decoder's teacher-forced training step (and of decoding).
 
-Only matrix products are counted (``2 * m * n * k`` per product, the convention of
-``torch.utils.flop_counter``): they are >98% of the arithmetic at COCO sizes, and the tanh,
-softmax and gradient sums around them are memory-bound work that no FLOP budget describes.
+Only matrix products count (``2 * m * n * k`` each, as ``torch.utils.flop_counter`` counts): >98%
+of the arithmetic at COCO sizes; the tanh, softmax and sums around them are memory-bound.
 
-The count is of **useful** work: what the maths of one caption needs. The image-side attention
-projection ``W a`` and ``h_0, c_0`` run once per *image* (shared by its captions); the per-step
-work and the output layer run for the caption's real tokens only (words + ``<end>``), never for
-padding. What a training step *executes* is measured instead, by ``torch.utils.flop_counter`` on
-the real forward and backward (``captioning benchmark``'s ``executed_flop_per_step``). The two
-are kept apart because they differ by path: the fused pass of captioning/fast.py runs exactly the
-useful products (tests/test_benchmark.py checks it against the counter), while the reference
-loop of captioning/models/decoder.py (the one ``torch.compile`` compiles) runs every caption of
-the batch for every padded step. FLOP/s are reported on the useful count, so that paths are
-compared on the same work.
+The count is of **useful** work, what the maths of one caption needs: ``W a`` and ``h_0, c_0`` once
+per *image* (shared by its captions), the per-step work and the output layer for real tokens only
+(words + ``<end>``). What a step *executes* is measured instead (``torch.utils.flop_counter``,
+``captioning benchmark``'s ``executed_flop_per_step``): the fused pass of captioning/fast.py runs
+exactly the useful products (tests/test_benchmark.py), the reference loop of decoder.py (the one
+``torch.compile`` compiles) every caption for every padded step. FLOP/s use the useful count, so
+that paths are compared on the same work.
 
-Backward costs two products per forward product (the gradient of each operand), except where an
-operand needs no gradient: with a frozen encoder (or random feature inputs, as in the benchmark)
-the annotations ``a`` are constants, so ``W a``, ``init_h/c(mean a)`` and ``alpha @ a`` need only
-the gradient of their other operand.
+Backward costs two products per forward product, one per operand gradient, except where an operand
+needs none: with a frozen encoder (or random inputs, as in the benchmark) the annotations ``a`` are
+constants, so ``W a``, ``init_h/c(mean a)`` and ``alpha @ a`` need only their other operand's.
 """
 
 from __future__ import annotations
@@ -42,8 +37,7 @@ class DecoderFlops:
     projection_training: float = 0.0  # the W a part of per_image + per_image_backward
 
     def training(self, images: int, steps: float) -> float:
-        """Forward + backward FLOPs for ``images`` image projections and ``steps`` caption-steps
-        (one output token each)."""
+        """Forward + backward FLOPs of ``images`` image sides and ``steps`` caption-steps (a token each)."""
         return (images * (self.per_image + self.per_image_backward)
                 + steps * (self.per_step + self.per_step_backward)
                 + steps * (self.per_token_output + self.per_token_output_backward))
@@ -61,13 +55,9 @@ def decoder_flops(
     mode: str = "expected",
     features_need_grad: bool = False,
 ) -> DecoderFlops:
-    """Matmul FLOPs of :class:`captioning.models.decoder.Decoder` with an f_att score (soft or hard
-    attention) as it is written.
-
-    ``mode`` is the attention mode of the step: "expected" (soft, or hard with the expected
-    context) computes ``alpha @ a``; "sample"/"argmax" (hard) gathers one location instead.
-    ``features_need_grad``: True when the encoder is fine-tuned (then ``a`` needs a gradient too).
-    """
+    """Matmul FLOPs of :class:`captioning.models.decoder.Decoder` with an f_att score, as written.
+    ``mode``: "expected" (soft, or hard's expected context) computes ``alpha @ a``; "sample"/"argmax"
+    gathers one location. ``features_need_grad``: a fine-tuned encoder (``a`` needs a gradient too)."""
     L, D, V = num_locations, feature_dim, vocab_size
     m, n, A = cfg.embed_dim, cfg.hidden_dim, cfg.attention_dim
     a_grad = 2.0 if features_need_grad else 1.0  # backward products per forward product touching a

@@ -1,18 +1,15 @@
-"""The teacher-forced training paths timed side by side, in one process, alternating step by step:
+"""The teacher-forced training paths timed side by side in one process, alternating step by step:
 the reference loop (captioning/models/decoder.py), the fused pass (captioning/fast.py), and the
-fused pass without each of its tricks (what each one buys, docs/performance.md)::
+fused pass without each of its tricks (docs/performance.md)::
 
     python -m captioning.perf.paths --attention soft --batch 32 --reps 10
     python -m captioning.perf.paths --attention soft --variants reference fast --port SG_DIR
 
-``--port DIR`` adds the most-used public PyTorch port's training step (DIR holds the ``models.py``
-of sgrvinod/a-PyTorch-Tutorial-to-Image-Captioning, cloned anywhere: its code is not part of this
-project), on the same grids and captions.
-
-One training step is ``CaptioningModule.training_loss`` + backward + gradient clipping + the
-module's Adam, from random annotation grids at COCO sizes (``benchmark.COCO``). The variants share
-one model and optimizer and run in turn, so a shared machine's load falls on all of them alike;
-the medians are reported.
+``--port DIR`` adds the training step of the most-used public PyTorch port (DIR holds the
+``models.py`` of sgrvinod/a-PyTorch-Tutorial-to-Image-Captioning, not part of this project) on the
+same grids and captions. A step is :func:`captioning.perf.benchmark.training_setup`'s at COCO sizes;
+the variants share one model and optimizer and take turns, so a shared machine's load falls on all
+alike. Medians are reported.
 """
 
 from __future__ import annotations
@@ -30,7 +27,7 @@ import torch
 
 from captioning import fast
 from captioning.console import InvalidValue
-from captioning.perf.benchmark import COCO, QUICK, Sizes, random_captions, training_module
+from captioning.perf.benchmark import COCO, QUICK, Sizes, training_setup
 from captioning.vocab import Vocabulary
 
 
@@ -57,22 +54,12 @@ def variant(module, name: str) -> Iterator[None]:
 def training_step_runner(sizes: Sizes, attention: str, batch: int, seed: int = 0):
     """-> (module, run, data): ``run()`` is one training step of ``module`` on ``data`` (grids and
     captions), in seconds."""
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    module = training_module(sizes, attention)
-    module.model.encoder.stages = torch.nn.Sequential()  # grids are the input
-    module.train()
-    params = list(module.model.decoder.parameters())
-    optimizer = module.configure_optimizers()
-    data = {"images": torch.randn(batch, sizes.locations, sizes.feature_dim, generator=gen),
-            "captions": random_captions(batch, sizes.vocab_size, sizes.min_tokens, sizes.max_tokens, gen)[0]}
+    module, data, _, optimise = training_setup(sizes, attention, batch, torch.device("cpu"), seed=seed)
 
     def run() -> float:
         start = time.perf_counter()
         module.training_loss(data)[0].loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, module.cfg.optim.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimise()
         return time.perf_counter() - start
 
     return module, run, data
