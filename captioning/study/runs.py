@@ -115,17 +115,13 @@ SPLIT = "test"
 #: budget -> {config key: (value, reason)}, applied only without --config (the synthetic dataset).
 BUDGETS: dict[str, dict[str, tuple[object, str]]] = {
     "quick": {
-        "data.synthetic.num_train": (
-            2000,
-            "the quick budget: 2,000 training scenes for 6 epochs (12,000 scene presentations, 378 steps), a fifth "
-            "of the synthetic default, so that every arm over 3 seeds fits an hour or two of a 2-core CPU; soft "
-            "attention already beats the no-attention control there, but quality is below the default budget's.",
-        ),
-        "train.max_epochs": (
-            6,
-            "with 2,000 training scenes (see data.synthetic.num_train), 6 epochs; the cosine learning-rate decay is "
-            "stretched to the run.",
-        ),
+        "data.synthetic.num_train": (2000, "the quick budget: 2,000 training scenes for 6 epochs (12,000 scene "
+                                           "presentations, 378 steps), a fifth of the synthetic default, so that "
+                                           "every arm over 3 seeds fits an hour or two of a 2-core CPU; soft attention "
+                                           "already beats the no-attention control there, but quality is below the "
+                                           "default budget's."),
+        "train.max_epochs": (6, "with 2,000 training scenes (see data.synthetic.num_train), 6 epochs; the cosine "
+                                "learning-rate decay is stretched to the run."),
     },
     "default": {},  # captioning train's defaults: 10,000 scenes x 6 epochs (1,875 steps)
 }
