@@ -424,22 +424,16 @@ def write_study_json(plan: Plan, invocation: dict, replace_last: bool = False) -
     """study.json: the latest plan, and every invocation (command, environment, what it ran) appended
     (``replace_last``: this invocation's entry, written when it started, is updated)."""
     path = plan.out_dir / "study.json"
-    old = read_record(path) or {}
-    previous = old.get("invocations", [])
-    if replace_last and previous:
+    previous = (read_record(path) or {}).get("invocations", [])
+    if replace_last:
         previous = previous[:-1]
     study = {
-        "command": plan.command,
-        "budget": plan.budget,
+        "command": plan.command, "budget": plan.budget,
         "arms": {r.arm: ARMS[r.arm].about for r in plan.runs if r.trained_here and r.arm in ARMS},
         "config_file": str(plan.config_file) if plan.config_file else None,
-        "overrides": plan.overrides,
-        "defaults": plan.defaults,
-        "decode": plan.decode(),
-        "hard_modes": list(HARD_MODES),
-        "metrics": plan.metrics,
-        "checkpoints_given": plan.checkpoints_given,
-        "checkpoint_differences": plan.checkpoint_differences,
+        "overrides": plan.overrides, "defaults": plan.defaults, "decode": plan.decode(),
+        "hard_modes": list(HARD_MODES), "metrics": plan.metrics,
+        "checkpoints_given": plan.checkpoints_given, "checkpoint_differences": plan.checkpoint_differences,
         "config": plan.config,
         "runs": [{"name": r.name, "arm": r.arm, "attention": r.attention, "seed": r.seed, "dir": r.dir.name,
                   "checkpoint": str(r.checkpoint), "train_dir": str(r.train_dir) if r.train_dir else None}
