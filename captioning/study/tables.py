@@ -212,19 +212,14 @@ def readme(folder: Path) -> str:
 def grounding(folder: Path) -> str:
     """Pointing game / mass in box by word kind, the main attention arms at the default budget."""
     recs = load("default", folder)
-    rows = []
-    for arm in ("soft", "hard"):
-        if arm not in recs.by_arm:
-            continue
-        row = [arm]
-        for _, _, suffix in GROUNDING_KINDS:
-            row.append(f"{_summary(recs.values(arm, 'pointing_game' + suffix))} / "
-                       f"{_summary(recs.values(arm, 'mass_in_box' + suffix))}")
-        rows.append(row)
-    uniform = ["a uniform map"] + [f"{_summary(recs.values('soft', 'uniform_pointing_game' + suffix))} / "
-                                   f"{_summary(recs.values('soft', 'uniform_mass_in_box' + suffix))}"
-                                   for _, _, suffix in GROUNDING_KINDS]
-    return _table(["arm", *[f"{title}: pointing / mass" for _, title, _ in GROUNDING_KINDS]], rows + [uniform])
+
+    def scores(arm: str, prefix: str = "") -> list[str]:
+        return [f"{_summary(recs.values(arm, f'{prefix}pointing_game{suffix}'))} / "
+                f"{_summary(recs.values(arm, f'{prefix}mass_in_box{suffix}'))}" for _, _, suffix in GROUNDING_KINDS]
+
+    rows = [[arm, *scores(arm)] for arm in ("soft", "hard") if arm in recs.by_arm]
+    rows.append(["a uniform map", *scores("soft", "uniform_")])
+    return _table(["arm", *[f"{title}: pointing / mass" for _, title, _ in GROUNDING_KINDS]], rows)
 
 
 def hard_modes(folder: Path) -> str:
