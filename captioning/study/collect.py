@@ -38,6 +38,9 @@ GROUNDING_KINDS: tuple[tuple[str, str, str], ...] = (
 GROUNDING_SCORES = tuple(f"{prefix}{name}{suffix}" for _, _, suffix in GROUNDING_KINDS
                          for prefix in ("", "uniform_") for name in ("pointing_game", "mass_in_box"))
 GROUNDING_COUNTS = tuple(f"grounding_words{suffix}" for _, _, suffix in GROUNDING_KINDS)
+#: Every value read from a metrics file: the scores (display scale), then the word counts.
+SCORES = tuple(dict.fromkeys([key for key, _ in METRICS] + list(GROUNDING_SCORES)))
+VALUES = SCORES + GROUNDING_COUNTS
 #: Training-signal keys read from the CSV log (train/<key>); see CaptioningModule._log_training_signal.
 SIGNAL_KEYS = ("attention_entropy", "baseline", "reinforce_cost", "reinforce_signal_mean",
                "reinforce_signal_var", "reinforce_signal_sq", "reinforce_signal_sq_no_baseline")
@@ -62,8 +65,7 @@ def read_eval(path: Path, root: Path) -> dict:
     factor = display_factor(data.get("scale"), path)
     metrics = data.get("metrics", {})
     # A metric may be null (e.g. grounding when no generated word names an object): not measured.
-    scores = [key for key, _ in METRICS] + [k for k in GROUNDING_SCORES if k not in ("pointing_game", "mass_in_box")]
-    values = {key: float(metrics[key]) * factor for key in scores if metrics.get(key) is not None}
+    values = {key: float(metrics[key]) * factor for key in SCORES if metrics.get(key) is not None}
     values.update({key: float(metrics[key]) for key in GROUNDING_COUNTS if metrics.get(key) is not None})
     return {"file": _relative(path, root), "scale": data.get("scale"), "decode": data.get("decode"),
             "num_images": data.get("num_images"), "tokenizer": data.get("tokenizer"),
@@ -146,19 +148,15 @@ def early_late(series: dict | None, fraction: float = 0.2) -> dict | None:
 
 
 def collect_run(run: Run, root: Path) -> dict:
-    evals = {}
-    for mode in run.modes():
-        evals[mode or "expected"] = read_eval(run.metrics_file(mode), root)
-    train = read_record(run.train_dir / "metrics.json") if run.train_dir else None
+    train = (read_record(run.train_dir / "metrics.json") if run.train_dir else None) or {}
     log = read_log(run.train_dir)
     curve = log["curve"]
     return {
         "name": run.name, "arm": run.arm, "attention": run.attention, "seed": run.seed, "dir": run.dir.name,
         "checkpoint": str(run.checkpoint), "trained_here": run.trained_here,
-        "eval": evals,
-        "train_seconds": train.get("train_seconds") if train else None,
-        "global_step": train.get("global_step") if train else None,
-        "epochs": train.get("epochs") if train else None,
+        "eval": {mode or "expected": read_eval(run.metrics_file(mode), root) for mode in run.modes()},
+        "train_seconds": train.get("train_seconds"), "global_step": train.get("global_step"),
+        "epochs": train.get("epochs"),
         "curve": curve,
         "best_val_bleu_4": max(curve["bleu_4"]) if curve else None,
         "final_val_bleu_4": curve["bleu_4"][-1] if curve else None,
@@ -181,11 +179,9 @@ def build_summary(plan: Plan, study: dict, examples: dict | None) -> dict:
         r["to_target"] = reach(r["curve"], target) if target is not None else None
 
     table, signal_summary = {}, {}
-    keys = [key for key, _ in METRICS] + [k for k in GROUNDING_SCORES + GROUNDING_COUNTS
-                                          if k not in ("pointing_game", "mass_in_box")]
     for arm in arms_of(runs):
         mine = [r for r in runs if r["arm"] == arm]
-        row = {key: aggregate(r["eval"]["expected"]["values"].get(key) for r in mine) for key in keys}
+        row = {key: aggregate(r["eval"]["expected"]["values"].get(key) for r in mine) for key in VALUES}
         row["train_seconds"] = aggregate(r["train_seconds"] for r in mine)
         row["global_step"] = aggregate(r["global_step"] for r in mine)
         row["steps_to_target"] = aggregate((r["to_target"] or {}).get("step") for r in mine)
@@ -210,7 +206,7 @@ def build_summary(plan: Plan, study: dict, examples: dict | None) -> dict:
         hard = [r for r in runs if r["arm"] == arm and r["attention"] == "hard"]
         if hard:
             hard_modes[arm] = {mode: {key: aggregate(r["eval"][mode]["values"].get(key) for r in hard
-                                                     if mode in r["eval"]) for key in keys} for mode in HARD_MODES}
+                                                     if mode in r["eval"]) for key in VALUES} for mode in HARD_MODES}
     decodes = {r["name"]: {m: e["decode"] for m, e in r["eval"].items()} for r in runs}
     return {
         "study": study, "metrics": [list(m) for m in METRICS], "arms": arms_of(runs), "runs": runs, "table": table,

@@ -15,12 +15,15 @@ import numpy as np
 import yaml
 
 from captioning.files import atomic_write
+from captioning.study.collect import GROUNDING_KINDS
+from captioning.study.runs import ARMS
+from captioning.study.stats import welch
 
 COLORS = {"none": "tab:gray", "soft": "tab:blue", "hard": "tab:orange", "hard-arctic": "tab:red",
           "hard-arctic-le0": "tab:pink", "hard-arctic-frozen": "tab:brown", "none-frozen": "tab:cyan",
           "hard-frozen": "gold", "hard-loo": "tab:green",
           "hard-image": "tab:olive"}
-#: The metrics each arm is tested on against the control and against soft attention.
+#: The metrics each arm is tested on against the control and against soft attention (here and in the docs).
 TESTED = (("bleu_4", "BLEU-4"), ("cider", "CIDEr"), ("caption_accuracy", "caption accuracy"))
 SIGNAL_BINS = 30  # training-signal series are averaged in this many equal step bins per seed
 PM = "±"
@@ -31,6 +34,10 @@ PM = "±"
 
 def number(value: float | None, decimals: int = 1) -> str:
     return "n/a" if value is None else f"{value:.{decimals}f}"
+
+
+def p_text(p: float) -> str:
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def cell(agg: dict | None, decimals: int = 1, runs: int | None = None) -> str:
@@ -46,7 +53,7 @@ def cell(agg: dict | None, decimals: int = 1, runs: int | None = None) -> str:
     return text
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
@@ -60,6 +67,18 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(fig, labelled: Sequence[tuple], path: Path, **legend) -> None:
+    """Each (axes, x label) labelled, gridded and with a legend where it has lines; the figure -> ``path``."""
+    for ax, xlabel in labelled:
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(**legend)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
 
 
 def _spread(ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -119,19 +138,14 @@ def learning_curves(summary: dict, path: Path) -> bool:
             _band(row[0], steps, ys, arm, _color(arm))
             if wall is not None:
                 _band(row[1], wall, ys, arm, _color(arm))
-        for ax, xlabel in zip(row, ("training step", "wall time (s, mean over seeds)")):
+        for ax in row:
             if key == "bleu_4" and target is not None:
                 ax.axhline(target, color="gray", linestyle=":", linewidth=1, label=f"target {target:.1f}")
-            ax.set_xlabel(xlabel)
             ax.set_ylabel(f"{title} (0-100)")
-            ax.grid(alpha=0.3)
-            if ax.lines:
-                ax.legend(loc="lower right")
         row[0].set_title(f"{title} vs steps (mean {PM} std over seeds)")
         row[1].set_title(f"{title} vs wall time")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    xlabels = ("training step", "wall time (s, mean over seeds)")
+    _save(fig, [(ax, xlabel) for row in axes for ax, xlabel in zip(row, xlabels)], path, loc="lower right")
     return True
 
 
@@ -149,14 +163,13 @@ def _binned(series: list[dict], max_step: int) -> tuple[np.ndarray, np.ndarray]:
     return centres, out
 
 
-def _signal(ax, runs: list[dict], arm: str, key: str, label: str, color: str, linestyle: str = "-") -> bool:
+def _signal(ax, runs: list[dict], arm: str, key: str, label: str, linestyle: str = "-") -> None:
+    """One arm's training-signal series ``key``, binned by step, as a band (nothing where it has none)."""
     series = [r["signal"][key] for r in runs if r["arm"] == arm and key in r["signal"]]
-    if not series:
-        return False
-    centres, binned = _binned(series, max(max(s["step"]) for s in series))
-    keep = ~np.all(np.isnan(binned), axis=0)
-    _band(ax, centres[keep], binned[:, keep], label, color, linestyle)
-    return True
+    if series:
+        centres, binned = _binned(series, max(max(s["step"]) for s in series))
+        keep = ~np.all(np.isnan(binned), axis=0)
+        _band(ax, centres[keep], binned[:, keep], label, _color(arm), linestyle)
 
 
 def training_signal(summary: dict, path: Path) -> bool:
@@ -170,18 +183,16 @@ def training_signal(summary: dict, path: Path) -> bool:
     arms = _arms(summary)
     hard_arms = [arm for arm in arms if summary["table"][arm].get("attention") == "hard"]
     for arm in arms:
-        _signal(a, runs, arm, "attention_entropy", arm, _color(arm))
+        _signal(a, runs, arm, "attention_entropy", arm)
     a.set_title("attention entropy per word, training (nats)")
     for arm in hard_arms:
-        _signal(b, runs, arm, "baseline", f"{arm}: baseline b", _color(arm))
-        _signal(b, runs, arm, "reinforce_cost", f"{arm}: mean cost C_n of sampled captions", _color(arm), "--")
+        _signal(b, runs, arm, "baseline", f"{arm}: baseline b")
+        _signal(b, runs, arm, "reinforce_cost", f"{arm}: mean cost C_n of sampled captions", "--")
     b.set_title("hard: REINFORCE baseline and cost")
     for arm in hard_arms:
-        _signal(c, runs, arm, "reinforce_signal_sq", f"{arm}: with baseline, mean (lambda_r (C_n - b))^2",
-                _color(arm))
-        _signal(c, runs, arm, "reinforce_signal_sq_no_baseline", f"{arm}: without, mean (lambda_r C_n)^2",
-                _color(arm), "--")
-        _signal(c, runs, arm, "reinforce_signal_var", f"{arm}: var of lambda_r C_n over the batch", _color(arm), ":")
+        _signal(c, runs, arm, "reinforce_signal_sq", f"{arm}: with baseline, mean (lambda_r (C_n - b))^2")
+        _signal(c, runs, arm, "reinforce_signal_sq_no_baseline", f"{arm}: without, mean (lambda_r C_n)^2", "--")
+        _signal(c, runs, arm, "reinforce_signal_var", f"{arm}: var of lambda_r C_n over the batch", ":")
     c.set_title("hard: REINFORCE signal, with and without the baseline")
     if c.lines:
         c.set_yscale("log")
@@ -196,14 +207,8 @@ def training_signal(summary: dict, path: Path) -> bool:
     if examples.get("uniform_entropy"):
         d.axhline(examples["uniform_entropy"], color="gray", linestyle=":", label="uniform over the grid")
     d.set_title("attention entropy by word position, test (nats)")
-    for ax, xlabel in zip((a, b, c, d), ("training step", "training step", "training step", "word position")):
-        ax.set_xlabel(xlabel)
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, [(a, "training step"), (b, "training step"), (c, "training step"), (d, "word position")], path,
+          fontsize=8)
     return True
 
 
@@ -219,8 +224,7 @@ def write_report(summary: dict, out_dir: Path) -> Path:
     study, table, metrics = summary["study"], summary["table"], summary["metrics"]
     arms = _arms(summary)
     first_eval = summary["runs"][0]["eval"]["expected"]
-    caption_keys = metrics[:7]
-    other_keys = metrics[7:]
+    caption_keys, other_keys = metrics[:7], metrics[7:]
     target = summary["target"]["val_bleu_4"]
     lines: list[str] = ["# No attention, soft and hard attention", ""]
     counts = ", ".join(f"{a} ({table[a]['runs']} run{'s' if table[a]['runs'] != 1 else ''})" for a in arms)
@@ -239,22 +243,13 @@ def write_report(summary: dict, out_dir: Path) -> Path:
         lines += [f"- `{arm}`: {about}" for arm, about in study["arms"].items() if arm in arms] + [""]
     if study.get("budget"):
         lines += [f"Budget: `{study['budget']}` (`--budget`; its settings and why are under Settings).", ""]
-    lines += [
-        "Regenerate (reruns skip finished runs):",
-        "",
-        "```bash",
-        study["command"],
-        "```",
-        "",
-        "## Results",
-        "",
-    ]
-    lines += _table(["arm", "runs"] + [title for _, title in caption_keys],
-                    [[a, str(table[a]["runs"])] + [cell(table[a][k], 1, table[a]["runs"]) for k, _ in caption_keys]
-                     for a in arms])
+    lines += ["Regenerate (reruns skip finished runs):", "", "```bash", study["command"], "```", "", "## Results", ""]
+    lines += md_table(["arm", "runs"] + [title for _, title in caption_keys],
+                      [[a, str(table[a]["runs"])] + [cell(table[a][k], 1, table[a]["runs"]) for k, _ in caption_keys]
+                       for a in arms])
     lines += [""]
     target_text = number(target)
-    lines += _table(
+    lines += md_table(
         ["arm"] + [title for _, title in other_keys]
         + ["training time (s)", "training steps", f"steps to val BLEU-4 >= {target_text}",
            f"time to val BLEU-4 >= {target_text} (s)"],
@@ -275,14 +270,12 @@ def write_report(summary: dict, out_dir: Path) -> Path:
     lines += _control_text(summary)
     lines += [""] + _significance_text(summary)
     lines += ["", "Each run:", ""]
-    lines += _table(
+    lines += md_table(
         ["run", "seed", "BLEU-4", "CIDEr", "caption accuracy", "training time (s)", "steps to target",
          "best val BLEU-4", "metrics file"],
-        [[r["name"], str(r["seed"]),
-          number(r["eval"]["expected"]["values"].get("bleu_4")), number(r["eval"]["expected"]["values"].get("cider")),
-          number(r["eval"]["expected"]["values"].get("caption_accuracy")), number(r["train_seconds"], 0),
-          str((r["to_target"] or {}).get("step", "n/a")), number(r["best_val_bleu_4"]),
-          f"`{r['eval']['expected']['file']}`"] for r in summary["runs"]])
+        [[r["name"], str(r["seed"])] + [number(r["eval"]["expected"]["values"].get(k)) for k, _ in TESTED]
+         + [number(r["train_seconds"], 0), str((r["to_target"] or {}).get("step", "n/a")), number(r["best_val_bleu_4"]),
+            f"`{r['eval']['expected']['file']}`"] for r in summary["runs"]])
 
     lines += ["", "## Grounding by word kind", ""]
     lines += _grounding_text(summary)
@@ -322,7 +315,7 @@ def write_report(summary: dict, out_dir: Path) -> Path:
               "used (argmax: that one cell; sample: in expectation over the draw).", ""]
     rows = [[f"{arm} {mode}"] + [cell(hm[arm][mode][k], 1, table[arm]["runs"]) for k, _ in metrics]
             for arm in hm for mode in hm[arm]]
-    lines += _table(["hard arm, mode"] + [title for _, title in metrics], rows) if rows else ["n/a: no hard arm."]
+    lines += md_table(["hard arm, mode"] + [title for _, title in metrics], rows) if rows else ["n/a: no hard arm."]
 
     lines += ["", "## Settings", ""]
     lines += _settings_text(summary)
@@ -341,7 +334,7 @@ def _control_text(summary: dict) -> list[str]:
         if arm == "none":
             continue
         row = [arm]
-        for key in ("bleu_4", "cider", "caption_accuracy"):
+        for key, _ in TESTED:
             mine, ctrl = table[arm].get(key), table["none"].get(key)
             if mine is None or ctrl is None:
                 row += ["n/a", "n/a"]
@@ -350,18 +343,13 @@ def _control_text(summary: dict) -> list[str]:
             diff = mine["mean"] - ctrl["mean"]
             row += [f"{diff:+.1f}", f"{number(spread)} ({'beyond' if abs(diff) > spread else 'within'})"]
         rows.append(row)
-    head = ["arm"]
-    for title in ("BLEU-4", "CIDEr", "caption accuracy"):
-        head += [f"{title} minus none", "seed spread"]
+    head = ["arm"] + [column for _, title in TESTED for column in (f"{title} minus none", "seed spread")]
     return ["Against the no-attention control (difference of the means; the seed spread is the larger sample "
-            "standard deviation of the two arms; 'beyond' when the difference exceeds it):", ""] + _table(head, rows)
+            "standard deviation of the two arms; 'beyond' when the difference exceeds it):", ""] + md_table(head, rows)
 
 
 def _significance_text(summary: dict) -> list[str]:
     """Welch's t-test of each arm against the control and against soft attention, over seeds."""
-    from captioning.study.runs import ARMS
-    from captioning.study.stats import welch
-
     table = summary["table"]
     pairs = [(arm, reference) for reference in ("none", "soft") if reference in table
              for arm in _arms(summary) if arm not in (reference, "none")]  # none vs soft is soft vs none
@@ -379,7 +367,7 @@ def _significance_text(summary: dict) -> list[str]:
             mine, ref = table[arm].get(key), table[reference].get(key)
             result = welch(mine["values"], ref["values"]) if mine and ref else None
             row.append("n/a" if result is None else
-                       f"{result.difference:+.1f} (t = {result.t:.2f}, df = {result.df:.1f}, p = {_p(result.p)})")
+                       f"{result.difference:+.1f} (t = {result.t:.2f}, df = {result.df:.1f}, p = {p_text(result.p)})")
         rows.append(row)
     text = [
         "Welch's t-test over seeds of each arm against the control, against soft attention and against the arm "
@@ -394,17 +382,11 @@ def _significance_text(summary: dict) -> list[str]:
             if single else [])
     if not rows:
         return text + note + ["n/a: no two arms with 2 runs or more to compare."]
-    return text + note + _table(["comparison"] + [title for _, title in TESTED], rows)
-
-
-def _p(p: float) -> str:
-    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+    return text + note + md_table(["comparison"] + [title for _, title in TESTED], rows)
 
 
 def _grounding_text(summary: dict) -> list[str]:
     """Pointing game and mass in box for nouns, attribute words and the whole phrase, with the uniform map."""
-    from captioning.study.collect import GROUNDING_KINDS
-
     table = summary["table"]
     rows = []
     for arm in _arms(summary):
@@ -412,11 +394,9 @@ def _grounding_text(summary: dict) -> list[str]:
         for _, title, suffix in GROUNDING_KINDS:
             if t.get(f"grounding_words{suffix}") is None:
                 continue
-            rows.append([f"{arm}, {title}", cell(t.get(f"pointing_game{suffix}"), 1, t["runs"]),
-                         cell(t.get(f"uniform_pointing_game{suffix}"), 1, t["runs"]),
-                         cell(t.get(f"mass_in_box{suffix}"), 1, t["runs"]),
-                         cell(t.get(f"uniform_mass_in_box{suffix}"), 1, t["runs"]),
-                         cell(t.get(f"grounding_words{suffix}"), 0, t["runs"])])
+            scores = ("pointing_game", "uniform_pointing_game", "mass_in_box", "uniform_mass_in_box")
+            rows.append([f"{arm}, {title}"] + [cell(t.get(f"{name}{suffix}"), 1, t["runs"]) for name in scores]
+                        + [cell(t.get(f"grounding_words{suffix}"), 0, t["runs"])])
     text = [
         "Does a word's attention map look at the object it describes? Scored against the boxes of the "
         "object's class, on the test captions (`captioning/evaluation/grounding.py`): *nouns* (the shape "
@@ -430,8 +410,8 @@ def _grounding_text(summary: dict) -> list[str]:
     ]
     if not rows:
         return text + ["n/a: the metrics files hold no grounding by word kind."]
-    return text + _table(["arm, word kind", "pointing game", "uniform map", "mass in box", "uniform map", "words"],
-                         rows)
+    return text + md_table(["arm, word kind", "pointing game", "uniform map", "mass in box", "uniform map", "words"],
+                           rows)
 
 
 def _signal_text(summary: dict) -> list[str]:
@@ -462,7 +442,7 @@ def _signal_text(summary: dict) -> list[str]:
                 rows.append([arm, title, f"{cell(part['early'], 4)} (to step {part['early_until_step']})",
                              f"{cell(part['late'], 4)} (from step {part['late_from_step']})"])
     if rows:
-        lines += _table(["arm", "quantity", "early in training", "late in training"], rows)
+        lines += md_table(["arm", "quantity", "early in training", "late in training"], rows)
     else:
         lines += ["n/a: none of the runs has a training log with these keys."]
     examples = summary.get("examples") or {}
@@ -477,10 +457,8 @@ def _signal_text(summary: dict) -> list[str]:
 
 def _settings_text(summary: dict) -> list[str]:
     study = summary["study"]
-    lines = []
-    if study["defaults"]:
-        for key, d in study["defaults"].items():
-            lines += [f"- Study default `{key}={d['value']}` (applied because no `--config` was given): {d['reason']}"]
+    lines = [f"- Study default `{key}={d['value']}` (applied because no `--config` was given): {d['reason']}"
+             for key, d in study["defaults"].items()]
     config_file = f"`{study['config_file']}`" if study["config_file"] else \
         "none (the defaults of captioning/config.py: the synthetic dataset)"
     lines += [f"- Config file: {config_file}",
@@ -489,9 +467,9 @@ def _settings_text(summary: dict) -> list[str]:
     if study["checkpoint_differences"]:
         lines += ["- **The given checkpoints differ in settings beyond attention and seed:** "
                   + "; ".join(study["checkpoint_differences"])]
-    first = summary["runs"][0]
+    decode = summary["runs"][0]["eval"]["expected"]["decode"]
     lines += ["", "Decoder settings, as recorded in the metrics files (first run; every run used the same beam "
-              "size and length):", "", "```json", json.dumps(first["eval"]["expected"]["decode"], indent=1), "```"]
+              "size and length):", "", "```json", json.dumps(decode, indent=1), "```"]
     config = study.get("config")
     if config:
         lines += ["", "<details><summary>Full config of the runs (attention and seed vary per run)</summary>", "",
@@ -499,8 +477,7 @@ def _settings_text(summary: dict) -> list[str]:
     lines += ["", "Software and hardware of each invocation of the study on this folder:", ""]
     rows = []
     for inv in study["invocations"]:
-        env = inv["environment"]
-        hw = env["hardware"]
+        env, hw = inv["environment"], inv["environment"]["hardware"]
         versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
         gpus = ", ".join(hw["gpus"]) or "no GPU"
         did = "interrupted"
@@ -510,7 +487,7 @@ def _settings_text(summary: dict) -> list[str]:
                 did += f"; {len(inv['did']['in_parallel'])} runs trained and evaluated in parallel processes"
         rows.append([inv["started"], f"{hw['cpu']} ({hw['cpu_cores']} cores), {hw['memory_gib']} GiB, {gpus}",
                      versions, did])
-    lines += _table(["started", "hardware", "software", "did"], rows)
+    lines += md_table(["started", "hardware", "software", "did"], rows)
     lines += ["", "Files: `study.json` (plan and invocations), `summary.json` (every number above), "
               "each run's `metrics.json`, `logs/metrics.csv` and `eval*/metrics_test.json`, figures in `figures/`."]
     return lines

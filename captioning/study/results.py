@@ -35,8 +35,6 @@ from captioning.study.runs import ARMS, Plan, Run, StudyError, is_evaluated, rea
 FORMAT = 1
 #: train.monitor -> what chose best.ckpt, in the record's words.
 SELECTION_RULES = {"bleu_4": "validation BLEU-4 (greedy)", "nll": "validation NLL"}
-#: The metrics a record keeps per test-time mode (the caption metrics, then grounding).
-KEPT = tuple(key for key, _ in collect.METRICS) + collect.GROUNDING_SCORES + collect.GROUNDING_COUNTS
 
 
 def _threads(run: Run, plan: Plan) -> int | None:
@@ -66,7 +64,7 @@ def _settings(run: Run, plan: Plan) -> list[str]:
 
 
 def _values(evaluation: dict) -> dict:
-    return {key: round(value, 4) for key, value in evaluation["values"].items() if key in KEPT}
+    return {key: round(value, 4) for key, value in evaluation["values"].items() if key in collect.VALUES}
 
 
 def _best_epoch(run: Run, curve: dict | None) -> int | None:
@@ -107,7 +105,7 @@ def run_record(run: Run, plan: Plan) -> dict:
     saved = safe_yaml((run.dir / "config.yaml").read_text()) if (run.dir / "config.yaml").is_file() else {}
     monitor = ((saved or {}).get("train") or {}).get("monitor", "bleu_4")
     record["selection"] = {"rule": SELECTION_RULES.get(monitor, monitor), "best_epoch": best, "last_epoch": last}
-    last_eval = run.dir / "eval-last" / "metrics_test.json"
+    last_eval = run.metrics_file("last")
     if best is not None and best != last and last_eval.is_file():
         record["test_last"] = _values(collect.read_eval(last_eval, plan.out_dir))
     return record
@@ -117,11 +115,8 @@ def _own_record(path: Path, name: str) -> bool:
     """Whether ``path`` is absent or a record of run ``name`` (one the export may replace)."""
     if not path.exists():
         return True
-    try:
-        record = json.loads(path.read_text()) if path.is_file() and not path.is_symlink() else None
-    except (OSError, ValueError):
-        return False
-    return isinstance(record, dict) and record.get("format") == FORMAT and record.get("name") == name
+    record = read_record(path) if path.is_file() and not path.is_symlink() else None
+    return record is not None and record.get("format") == FORMAT and record.get("name") == name
 
 
 def export(plan: Plan, dest: Path, log=print) -> list[Path]:

@@ -1,18 +1,9 @@
 """Plan and run the study: one folder per (arm, seed), trained and evaluated, resumable.
 
-An *arm* is a mechanism with its settings (:data:`ARMS`). The main arms are the no-attention
-control ``none``, ``soft`` and ``hard`` (the defaults of captioning/config.py). The diagnostic
-arms ask why hard attention trains as it does: ``hard-arctic`` (the authors' code strengths of the
-REINFORCE and entropy terms), ``hard-arctic-le0`` (the same without the entropy bonus),
-``hard-arctic-frozen`` (the same on a frozen encoder taken from the soft run of the same seed,
-as capgen's CNN is fixed and pre-trained; ``none-frozen`` and ``hard-frozen`` are the control and
-the default hard arm on that encoder) and ``hard-loo`` (several sampled location sequences
-per caption with a leave-one-out baseline: a lower-variance estimator, beyond the paper).
-``hard-image`` (the 0.5 substitution drawn per image, the paper's text) is offered, not run by
-default.
-
-Two budgets: ``quick`` (2,000 scenes x 6 epochs, :data:`BUDGETS`) and ``default`` (the synthetic
-default users train: 10,000 scenes x 6 epochs).
+An *arm* is a mechanism with its settings (:data:`ARMS`, each with the sentence the report prints):
+the main arms ``none`` (the no-attention control), ``soft`` and ``hard`` (captioning/config.py's
+defaults), and diagnostic arms that ask why hard attention trains as it does. Two budgets
+(:data:`BUDGETS`): ``quick`` (2,000 scenes x 6 epochs) and ``default`` (10,000 x 6, what users train).
 
 Layout under the study folder OUT (default ``runs/compare-<budget>``)::
 
@@ -21,16 +12,16 @@ Layout under the study folder OUT (default ``runs/compare-<budget>``)::
     <arm>-ckpt<i>/               with --checkpoints: only the evaluations of a given checkpoint
         eval/metrics_test.json   captioning evaluate with the study's decoder settings (hard: expected)
         eval-argmax/, eval-sample/   hard attention only: the other test-time modes
+        eval-last/               last.ckpt scored alike, where the validation chose another epoch
     encoders/soft-seed<k>.pt     a frozen arm's encoder: the backbone of soft-seed<k>/best.ckpt
     features-seed<k>/            its annotation grids, computed once (captioning/data/feature_cache.py)
     logs/<run>.txt               with --jobs > 1: each run's output
 
-A run counts as trained when its ``metrics.json`` (written by train.py after fitting) and
-``best.ckpt`` exist and its ``config.yaml`` equals the config this invocation would train; a
-folder trained with other settings is an error, never silently mixed in. A run interrupted
-mid-training is trained again from scratch: its learning curve against wall time must come from
-one uninterrupted process. An evaluation counts as done when its metrics file has the study's
-decoder settings and metrics.
+A run counts as trained when its ``metrics.json`` and ``best.ckpt`` exist and its ``config.yaml``
+equals the config this invocation would train (other settings are an error, never mixed in); one
+interrupted mid-training is trained again from scratch, so its learning curve against wall time
+comes from one process. An evaluation counts as done when its metrics file has the study's decoder
+settings and metrics.
 """
 
 from __future__ import annotations
@@ -47,10 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-
 from captioning.console import CaptioningError
 from captioning.config import HARD_MODES, Config, ConfigError, build_config, flatten, safe_yaml, to_dict  # expected first
 from captioning.data.coco import read_json
+from captioning.data.prepare import available_cores
 from captioning.files import RunLock, atomic_write
 from captioning.progress import Progress, format_duration
 
@@ -121,21 +112,16 @@ ARMS: dict[str, Arm] = {
 DEFAULT_ARMS = ("none", "soft", "hard", "hard-arctic", "soft-capgen-optim", "hard-capgen-optim",
                 "hard-arctic-capgen-optim")
 SPLIT = "test"
-WANTED_METRICS = ("bleu", "meteor", "rouge", "cider", "grounding")  # those evaluate.py offers are used
 #: budget -> {config key: (value, reason)}, applied only without --config (the synthetic dataset).
 BUDGETS: dict[str, dict[str, tuple[object, str]]] = {
     "quick": {
-        "data.synthetic.num_train": (
-            2000,
-            "the quick budget: 2,000 training scenes for 6 epochs (12,000 scene presentations, 378 steps), a fifth "
-            "of the synthetic default, so that every arm over 3 seeds fits an hour or two of a 2-core CPU; soft "
-            "attention already beats the no-attention control there, but quality is below the default budget's.",
-        ),
-        "train.max_epochs": (
-            6,
-            "with 2,000 training scenes (see data.synthetic.num_train), 6 epochs; the cosine learning-rate decay is "
-            "stretched to the run.",
-        ),
+        "data.synthetic.num_train": (2000, "the quick budget: 2,000 training scenes for 6 epochs (12,000 scene "
+                                           "presentations, 378 steps), a fifth of the synthetic default, so that "
+                                           "every arm over 3 seeds fits an hour or two of a 2-core CPU; soft attention "
+                                           "already beats the no-attention control there, but quality is below the "
+                                           "default budget's."),
+        "train.max_epochs": (6, "with 2,000 training scenes (see data.synthetic.num_train), 6 epochs; the cosine "
+                                "learning-rate decay is stretched to the run."),
     },
     "default": {},  # captioning train's defaults: 10,000 scenes x 6 epochs (1,875 steps)
 }
@@ -190,15 +176,11 @@ class Run:
         return MECHANISMS[self.attention].test_modes or (None,)
 
     def eval_dir(self, mode: str | None) -> Path:
+        """The evaluation folder of a test-time ``mode``, or with ``"last"`` that of last.ckpt."""
         return self.dir / ("eval" if mode in (None, "expected") else f"eval-{mode}")
 
     def metrics_file(self, mode: str | None) -> Path:
         return self.eval_dir(mode) / f"metrics_{SPLIT}.json"
-
-    @property
-    def last_metrics_file(self) -> Path:
-        """last.ckpt scored as best.ckpt is (the first test-time mode), where the two differ."""
-        return self.dir / "eval-last" / f"metrics_{SPLIT}.json"
 
     def checkpoint_steps(self) -> tuple[int, int] | None:
         """The optimizer steps of best.ckpt (chosen on the validation split) and last.ckpt, or None
@@ -208,14 +190,8 @@ class Run:
         last = self.dir / "last.ckpt"
         if not self.trained_here or not last.is_file():
             return None
-        best_step, last_step = (torch.load(p, map_location="cpu", weights_only=True, mmap=True).get("global_step")
-                                for p in (self.checkpoint, last))
-        return best_step, last_step
-
-    def selection_differs(self) -> bool:
-        """Whether best.ckpt is not the last epoch's checkpoint."""
-        steps = self.checkpoint_steps()
-        return steps is not None and steps[0] != steps[1]
+        return tuple(torch.load(p, map_location="cpu", weights_only=True, mmap=True).get("global_step")
+                     for p in (self.checkpoint, last))
 
 
 @dataclass
@@ -305,19 +281,16 @@ def parse_checkpoints(items: Sequence[str]) -> dict[str, list[Path]]:
     if missing:
         raise StudyError(f"--checkpoints needs checkpoints of both mechanisms; none given for {', '.join(missing)} "
                          f"(e.g. --checkpoints soft=runs/soft/best.ckpt hard=runs/hard/best.ckpt)")
-    for paths in given.values():
-        for path in paths:
-            if not path.is_file():
-                raise StudyError(f"checkpoint {path} does not exist")
+    absent = [path for paths in given.values() for path in paths if not path.is_file()]
+    if absent:
+        raise StudyError(f"checkpoint {absent[0]} does not exist")
     return given
 
 
 def plan_checkpoint_runs(out_dir: Path, given: dict[str, list[Path]]) -> tuple[list[Run], list[str]]:
     """Runs for given checkpoints, and the config differences between them beyond attention and seed.
-
-    Each checkpoint's attention must be the one it was given as. Its training logs are used when
-    they sit beside it (train.py's folder layout).
-    """
+    Each checkpoint's attention must be the one it was given as; its training logs are used when they
+    sit beside it (train.py's folder layout)."""
     from captioning.checkpoint import CheckpointError, checkpoint_config, read_checkpoint
 
     runs, configs = [], {}
@@ -382,7 +355,7 @@ def is_trained(run: Run, cfg: Config) -> bool:
 
 def is_evaluated(run: Run, mode: str | None, plan: Plan, last: bool = False) -> bool:
     """``last``: the evaluation of last.ckpt (eval-last/) rather than the run's checkpoint."""
-    data = read_record(run.last_metrics_file if last else run.metrics_file(mode))
+    data = read_record(run.metrics_file("last" if last else mode))
     if data is None:
         return False
     decode = data.get("decode", {})
@@ -401,8 +374,7 @@ def clear_unfinished(run: Run) -> None:
     from captioning.training.run_folder import LOCK_NAME
 
     lock = RunLock(run.dir / LOCK_NAME)
-    holder = lock.live_holder()
-    if holder is not None:
+    if (holder := lock.live_holder()) is not None:
         raise StudyError(f"{run.name} is being trained by {lock.describe(holder)}; let it finish, then run this "
                          "command again")
     for name in ("best.ckpt", "last.ckpt", "metrics.json", "test_predictions.json"):
@@ -419,6 +391,8 @@ def environment() -> dict:
     """Software versions and hardware, for the report's settings section."""
     from importlib import metadata
 
+    import torch
+
     versions = {"python": platform.python_version()}
     for dist in ("torch", "torchvision", "pytorch-lightning", "numpy", "pillow", "pycocoevalcap", "matplotlib"):
         try:
@@ -430,25 +404,18 @@ def environment() -> dict:
         versions["java"] = (proc.stderr or proc.stdout).strip().splitlines()[0] if proc.returncode == 0 else None
     except (OSError, subprocess.TimeoutExpired, IndexError):
         versions["java"] = None
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import torch
-
     versions["torch"] = torch.__version__  # with its build tag, e.g. +cu130 or +cpu
-    gpus = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-            if torch.cuda.is_available() else [])
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or platform.machine()
     try:
         memory_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     except (ValueError, OSError, AttributeError):
         memory_gib = None
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"versions": versions, "hardware": {"cpu": cpu, "cpu_cores": usable, "memory_gib": memory_gib,
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0)]
+    return {"versions": versions, "hardware": {"cpu": cpu, "cpu_cores": available_cores(), "memory_gib": memory_gib,
                                                 "gpus": gpus, "platform": platform.platform()},
             "torch_threads": torch.get_num_threads()}
 
@@ -457,22 +424,16 @@ def write_study_json(plan: Plan, invocation: dict, replace_last: bool = False) -
     """study.json: the latest plan, and every invocation (command, environment, what it ran) appended
     (``replace_last``: this invocation's entry, written when it started, is updated)."""
     path = plan.out_dir / "study.json"
-    old = read_record(path) or {}
-    previous = old.get("invocations", [])
-    if replace_last and previous:
+    previous = (read_record(path) or {}).get("invocations", [])
+    if replace_last:
         previous = previous[:-1]
     study = {
-        "command": plan.command,
-        "budget": plan.budget,
+        "command": plan.command, "budget": plan.budget,
         "arms": {r.arm: ARMS[r.arm].about for r in plan.runs if r.trained_here and r.arm in ARMS},
         "config_file": str(plan.config_file) if plan.config_file else None,
-        "overrides": plan.overrides,
-        "defaults": plan.defaults,
-        "decode": plan.decode(),
-        "hard_modes": list(HARD_MODES),
-        "metrics": plan.metrics,
-        "checkpoints_given": plan.checkpoints_given,
-        "checkpoint_differences": plan.checkpoint_differences,
+        "overrides": plan.overrides, "defaults": plan.defaults, "decode": plan.decode(),
+        "hard_modes": list(HARD_MODES), "metrics": plan.metrics,
+        "checkpoints_given": plan.checkpoints_given, "checkpoint_differences": plan.checkpoint_differences,
         "config": plan.config,
         "runs": [{"name": r.name, "arm": r.arm, "attention": r.attention, "seed": r.seed, "dir": r.dir.name,
                   "checkpoint": str(r.checkpoint), "train_dir": str(r.train_dir) if r.train_dir else None}
@@ -498,9 +459,8 @@ def train_argv(plan: Plan, run: Run) -> list[str]:
 
 
 def evaluate_argv(plan: Plan, run: Run, mode: str | None, last: bool = False) -> list[str]:
-    checkpoint, out = (run.dir / "last.ckpt", run.last_metrics_file.parent) if last else (run.checkpoint,
-                                                                                        run.eval_dir(mode))
-    argv = ["--checkpoint", str(checkpoint), "--split", SPLIT, "--out-dir", str(out),
+    checkpoint = run.dir / "last.ckpt" if last else run.checkpoint
+    argv = ["--checkpoint", str(checkpoint), "--split", SPLIT, "--out-dir", str(run.eval_dir("last" if last else mode)),
             "--beam-size", str(plan.beam_size), "--max-len", str(plan.max_len), "--metrics", *plan.metrics]
     if mode is not None:
         argv += ["--hard-mode", mode]
@@ -527,12 +487,11 @@ def execute_parallel(plan: Plan, child_argv: Callable[[str], list[str]], jobs: i
     if not waiting:
         return []
     prepare_dataset(configs)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = str(max(1, cores // jobs))
+    threads = str(max(1, available_cores() // jobs))
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     logs = plan.out_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    running: dict[str, tuple[subprocess.Popen, float, object]] = {}
+    running: dict[str, tuple[subprocess.Popen, float]] = {}
     done, failed = [], []
     progress = Progress(len(waiting), "compare", unit="runs", enabled=False)
     log(f"compare: {len(waiting)} runs to do, {jobs} at a time with {threads} thread(s) each; "
@@ -550,16 +509,15 @@ def execute_parallel(plan: Plan, child_argv: Callable[[str], list[str]], jobs: i
                 if run.depends_on in running or any(w.name == run.depends_on for w in waiting):
                     continue  # its source run is not trained yet
                 waiting.remove(run)
-                out = (logs / f"{run.name}.txt").open("a")
-                proc = subprocess.Popen([sys.executable, "-m", "captioning", "compare", *child_argv(run.name)],
-                                        stdout=out, stderr=subprocess.STDOUT, env=env)
-                running[run.name] = (proc, time.perf_counter(), out)
+                with (logs / f"{run.name}.txt").open("a") as out:  # the child writes to its own copy
+                    proc = subprocess.Popen([sys.executable, "-m", "captioning", "compare", *child_argv(run.name)],
+                                            stdout=out, stderr=subprocess.STDOUT, env=env)
+                running[run.name] = (proc, time.perf_counter())
                 log(f"compare: started {run.name} (pid {proc.pid})")
             time.sleep(1.0)
-            for name, (proc, started, out) in list(running.items()):
+            for name, (proc, started) in list(running.items()):
                 if proc.poll() is None:
                     continue
-                out.close()
                 del running[name]
                 if proc.returncode == 0:
                     done.append(name)
@@ -568,11 +526,10 @@ def execute_parallel(plan: Plan, child_argv: Callable[[str], list[str]], jobs: i
                     failed.append(name)
                     log(f"compare: {name} failed with exit status {proc.returncode}; see {logs / f'{name}.txt'}")
     except KeyboardInterrupt:
-        for proc, _, _ in running.values():
+        for proc, _ in running.values():
             proc.send_signal(signal.SIGINT)
-        for proc, _, out in running.values():
+        for proc, _ in running.values():
             proc.wait()
-            out.close()
         raise
     if failed:
         raise StudyError(f"{len(failed)} run(s) failed: {', '.join(failed)} (their output is in {logs}/); "
@@ -645,6 +602,14 @@ def execute(plan: Plan, train_fn: Callable[[list[str]], object], evaluate_fn: Ca
     """
     import torch
 
+    def evaluate(what: str, argv: list[str], seed: int) -> None:
+        torch.manual_seed(seed)  # so that decoding with sampled locations is reproducible
+        try:
+            evaluate_fn(argv)
+        except SystemExit as err:
+            raise StudyError(f"evaluating {what} failed with exit status {err.code}; "
+                             "its error is printed above") from None
+
     configs = run_configs(plan)
     mine = [r for r in plan.runs if only is None or r.name in only]
     to_train = [r for r in mine if r.trained_here and not is_trained(r, configs[r.name])]
@@ -681,13 +646,7 @@ def execute(plan: Plan, train_fn: Callable[[list[str]], object], evaluate_fn: Ca
             if is_evaluated(run, mode, plan):
                 continue
             start = time.perf_counter()
-            # Seeded, so that decoding with sampled locations is reproducible.
-            torch.manual_seed(run.seed)
-            try:
-                evaluate_fn(evaluate_argv(plan, run, mode))
-            except SystemExit as err:
-                raise StudyError(f"evaluating {run.name} ({mode or 'soft'}) failed with exit status {err.code}; "
-                                 f"its error is printed above") from None
+            evaluate(f"{run.name} ({mode or 'soft'})", evaluate_argv(plan, run, mode), run.seed)
             if not is_evaluated(run, mode, plan):
                 raise StudyError(f"evaluating {run.name} wrote no usable {run.metrics_file(mode)}")
             did["evaluated"].append(f"{run.name}:{mode or 'soft'}")
@@ -696,12 +655,7 @@ def execute(plan: Plan, train_fn: Callable[[list[str]], object], evaluate_fn: Ca
         # How much the choice of checkpoint matters: the last epoch's, scored alike, where the
         # validation chose another (results.py's "test_last").
         mode = run.modes()[0]
-        if not is_evaluated(run, mode, plan, last=True) and run.selection_differs():
-            torch.manual_seed(run.seed)
-            try:
-                evaluate_fn(evaluate_argv(plan, run, mode, last=True))
-            except SystemExit as err:
-                raise StudyError(f"evaluating {run.name}'s last.ckpt failed with exit status {err.code}; "
-                                 f"its error is printed above") from None
+        if not is_evaluated(run, mode, plan, last=True) and (steps := run.checkpoint_steps()) and steps[0] != steps[1]:
+            evaluate(f"{run.name}'s last.ckpt", evaluate_argv(plan, run, mode, last=True), run.seed)
             did["evaluated"].append(f"{run.name}:last")
     return did

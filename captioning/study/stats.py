@@ -1,9 +1,8 @@
-"""Welch's t-test, for the study's arms over seeds (standard library only).
+"""Welch's t-test and Student's t intervals for the study's arms over seeds (standard library only).
 
 Welch's test compares two means without assuming equal variances, which suits arms whose seed
-spreads differ several-fold (a hard arm against the control). With 3 seeds per arm it has few
-degrees of freedom, so only large differences reach p < 0.05; the report prints t, the degrees of
-freedom and p, not a verdict alone.
+spreads differ several-fold (a hard arm against the control); with 3 seeds an arm it has few
+degrees of freedom, so the report prints t, the degrees of freedom and p, not a verdict alone.
 """
 
 from __future__ import annotations
@@ -59,17 +58,22 @@ def t_two_sided_p(t: float, df: float) -> float:
     return incomplete_beta(df / 2.0, 0.5, df / (df + t * t))
 
 
+def _welch_df(va: float, vb: float, n_a: int, n_b: int) -> float:
+    """The Welch-Satterthwaite degrees of freedom of two means' squared standard errors va, vb."""
+    return (va + vb) ** 2 / (va ** 2 / (n_a - 1) + vb ** 2 / (n_b - 1))
+
+
 def welch(a: Sequence[float], b: Sequence[float]) -> WelchResult | None:
     """Welch's two-sample t-test of mean(a) = mean(b); None with fewer than 2 values on a side or
     no spread on either."""
     if len(a) < 2 or len(b) < 2:
         return None
     va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
-    difference = statistics.fmean(a) - statistics.fmean(b)
     if va + vb == 0.0:
         return None
+    difference = statistics.fmean(a) - statistics.fmean(b)
     t = difference / math.sqrt(va + vb)
-    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    df = _welch_df(va, vb, len(a), len(b))
     return WelchResult(difference, t, df, t_two_sided_p(t, df))
 
 
@@ -83,10 +87,7 @@ def t_quantile(q: float, df: float) -> float:
         high *= 2.0
     for _ in range(200):
         mid = (low + high) / 2.0
-        if t_two_sided_p(mid, df) / 2.0 > 1.0 - q:
-            low = mid
-        else:
-            high = mid
+        low, high = (mid, high) if t_two_sided_p(mid, df) / 2.0 > 1.0 - q else (low, mid)
     return (low + high) / 2.0
 
 
@@ -104,8 +105,8 @@ def welch_interval(a: Sequence[float], b: Sequence[float], level: float = 0.95) 
     result = welch(a, b)
     if result is None:
         return None
-    half = t_quantile(0.5 + level / 2.0, result.df) * math.sqrt(
-        statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
+    se = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
+    half = t_quantile(0.5 + level / 2.0, result.df) * se
     return Interval(result.difference, result.difference - half, result.difference + half, result.p, result.df)
 
 
@@ -119,9 +120,8 @@ def mean_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, 
 
 
 def holm(p_values: Sequence[float]) -> list[float]:
-    """Holm's step-down adjustment of a family of p-values (it controls the family-wise error rate
-    without assuming independence): the k-th smallest is multiplied by (m - k + 1), made monotone,
-    capped at 1. Returned in the input's order."""
+    """Holm's step-down adjustment (family-wise error rate, no independence assumed), in the input's
+    order: the k-th smallest p times (m - k + 1), made monotone, capped at 1."""
     m = len(p_values)
     order = sorted(range(m), key=lambda i: p_values[i])
     adjusted = [0.0] * m
@@ -138,6 +138,5 @@ def detectable_difference(sd_a: float, sd_b: float, n_a: int, n_b: int, alpha: f
     probability ``power``, given these spreads and sizes (normal approximation of the power with
     t quantiles at the Welch-Satterthwaite degrees of freedom)."""
     va, vb = sd_a ** 2 / n_a, sd_b ** 2 / n_b
-    se = math.sqrt(va + vb)
-    df = (va + vb) ** 2 / (va ** 2 / (n_a - 1) + vb ** 2 / (n_b - 1)) if va + vb > 0 else n_a + n_b - 2
-    return (t_quantile(1.0 - alpha / 2.0, df) + t_quantile(power, df)) * se
+    df = _welch_df(va, vb, n_a, n_b) if va + vb > 0 else n_a + n_b - 2
+    return (t_quantile(1.0 - alpha / 2.0, df) + t_quantile(power, df)) * math.sqrt(va + vb)

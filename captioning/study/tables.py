@@ -22,10 +22,13 @@ import json
 import re
 import statistics
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Sequence
 
 from captioning.study import results
+from captioning.study.collect import GROUNDING_KINDS
+from captioning.study.report import TESTED, md_table, number, p_text
 from captioning.study.runs import StudyError
 from captioning.study.stats import detectable_difference, holm, mean_interval, welch_interval
 
@@ -33,8 +36,6 @@ ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "docs" / "results"
 DOCS = (ROOT / "README.md", ROOT / "docs" / "study.md", ROOT / "docs" / "faithfulness.md")
 MAIN = ("none", "soft", "hard")
-#: (metric key, title) tested in the tables.
-TESTED = (("bleu_4", "BLEU-4"), ("cider", "CIDEr"), ("caption_accuracy", "caption accuracy"))
 #: The factorial: (arm, terms, optimiser).
 FACTORIAL = (("soft", "-", "this project's"), ("soft-capgen-optim", "-", "capgen's"),
              ("hard", "averaged", "this project's"), ("hard-capgen-optim", "averaged", "capgen's"),
@@ -57,17 +58,8 @@ DESIGN: dict[str, dict[str, int]] = {
 BLOCK = re.compile(r"(<!-- results: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
 
 
-def _fmt(value: float | None, decimals: int = 1) -> str:
-    return "n/a" if value is None else f"{value:.{decimals}f}"
-
-
-def _p(p: float) -> str:
-    return "< 0.001" if p < 0.001 else f"{p:.3f}"
-
-
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+    return "\n".join(md_table(header, rows)) + "\n"
 
 
 class Records:
@@ -79,12 +71,9 @@ class Records:
             self.by_arm.setdefault(record["arm"], []).append(record)
 
     def values(self, arm: str, key: str, mode: str | None = None) -> list[float]:
-        out = []
-        for record in self.by_arm.get(arm, []):
-            test = record["test"].get(mode) if mode else next(iter(record["test"].values()))
-            if test and test.get(key) is not None:
-                out.append(test[key])
-        return out
+        """``key`` of each seed's test (``mode``, or the first mode recorded) where it was measured."""
+        tests = [r["test"].get(mode) if mode else next(iter(r["test"].values())) for r in self.by_arm.get(arm, [])]
+        return [test[key] for test in tests if test and test.get(key) is not None]
 
     def seeds(self, arm: str) -> list[int]:
         return [r["seed"] for r in self.by_arm.get(arm, [])]
@@ -97,8 +86,8 @@ def _summary(values: list[float], decimals: int = 1) -> str:
     if not values:
         return "n/a"
     if len(values) == 1:
-        return f"{_fmt(values[0], decimals)} (1 seed)"
-    return f"{_fmt(statistics.fmean(values), decimals)} ± {_fmt(statistics.stdev(values), decimals)}"
+        return f"{number(values[0], decimals)} (1 seed)"
+    return f"{number(statistics.fmean(values), decimals)} ± {number(statistics.stdev(values), decimals)}"
 
 
 def load(budget: str, folder: Path = RESULTS) -> Records:
@@ -119,7 +108,7 @@ def main_per_seed(folder: Path) -> str:
         for arm in MAIN:
             record = next((r for r in recs.by_arm.get(arm, []) if r["seed"] == seed), None)
             test = next(iter(record["test"].values())) if record else None
-            row.append("-" if test is None else f"{_fmt(test['bleu_4'])} / {_fmt(test['caption_accuracy'])}")
+            row.append("-" if test is None else f"{number(test['bleu_4'])} / {number(test['caption_accuracy'])}")
         rows.append(row)
     for label, fn in (("mean ± sd", _summary), ("95% interval of the mean", _interval_text)):
         rows.append([f"**{label}**"] + [f"{fn(recs.values(a, 'bleu_4'))} / {fn(recs.values(a, 'caption_accuracy'))}"
@@ -129,9 +118,7 @@ def main_per_seed(folder: Path) -> str:
 
 def _threads_text(recs: Records) -> str:
     """Which thread count the runs trained with (their float rounding depends on it)."""
-    counts: dict[object, int] = {}
-    for record in (r for mine in recs.by_arm.values() for r in mine):
-        counts[record.get("threads")] = counts.get(record.get("threads"), 0) + 1
+    counts = Counter(r.get("threads") for mine in recs.by_arm.values() for r in mine)
     if not counts:
         return "No run recorded yet.\n"
     parts = [f"{n} run(s) on {t if t is not None else 'an unrecorded number of'} thread(s)"
@@ -141,7 +128,7 @@ def _threads_text(recs: Records) -> str:
 
 def _interval_text(values: list[float]) -> str:
     interval = mean_interval(values)
-    return "n/a" if interval is None else f"[{_fmt(interval[0])}, {_fmt(interval[1])}]"
+    return "n/a" if interval is None else f"[{number(interval[0])}, {number(interval[1])}]"
 
 
 def _tests(recs: Records, pairs: Sequence[tuple[str, str, str]], metrics=TESTED) -> str:
@@ -150,10 +137,8 @@ def _tests(recs: Records, pairs: Sequence[tuple[str, str, str]], metrics=TESTED)
     for label, a, b in pairs:
         for key, title in metrics:
             xa, xb = recs.values(a, key), recs.values(b, key)
-            interval = welch_interval(xa, xb)
-            found.append((label, title, xa, xb, interval))
-    tested = [f for f in found if f[4] is not None]
-    adjusted = iter(holm([f[4].p for f in tested]))
+            found.append((label, title, xa, xb, welch_interval(xa, xb)))
+    adjusted = iter(holm([f[4].p for f in found if f[4] is not None]))
     rows = []
     for label, title, xa, xb, interval in found:
         if interval is None:
@@ -163,7 +148,7 @@ def _tests(recs: Records, pairs: Sequence[tuple[str, str, str]], metrics=TESTED)
         detectable = detectable_difference(statistics.stdev(xa), statistics.stdev(xb), len(xa), len(xb))
         rows.append([label, title, f"{len(xa)} / {len(xb)}",
                      f"{interval.difference:+.1f} [{interval.low:+.1f}, {interval.high:+.1f}]",
-                     _p(interval.p), _p(next(adjusted)), _fmt(detectable)])
+                     p_text(interval.p), p_text(next(adjusted)), number(detectable)])
     return _table(["comparison", "metric", "seeds", "difference [95% interval]", "p (Welch)", "p (Holm)",
                    "detectable"], rows)
 
@@ -179,17 +164,15 @@ def _factorial_means(budget: str, folder: Path) -> str:
     for arm, terms, optimiser in FACTORIAL:
         if arm not in recs.by_arm:
             continue
-        entropy = recs.signal(arm, "attention_entropy")
         rows.append([f"`{arm}`", terms, optimiser, str(len(recs.by_arm[arm])),
                      _summary(recs.values(arm, "bleu_4")), _summary(recs.values(arm, "caption_accuracy")),
-                     _summary(entropy, 2)])
+                     _summary(recs.signal(arm, "attention_entropy"), 2)])
     return _table(["arm", "REINFORCE and entropy", "optimiser", "seeds", "BLEU-4", "caption accuracy",
                    "attention entropy, last fifth (nats)"], rows) + "\n" + _threads_text(recs)
 
 
 def _factorial_tests(budget: str, folder: Path) -> str:
-    recs = load(budget, folder)
-    return _tests(recs, FACTORIAL_TESTS, metrics=(("bleu_4", "BLEU-4"), ("caption_accuracy", "caption accuracy")))
+    return _tests(load(budget, folder), FACTORIAL_TESTS, metrics=(TESTED[0], TESTED[2]))
 
 
 def selection(folder: Path) -> str:
@@ -202,9 +185,8 @@ def selection(folder: Path) -> str:
             continue
         best = [next(iter(r["test"].values()))["bleu_4"] for r in mine]
         last = [r["test_last"]["bleu_4"] if "test_last" in r else b for r, b in zip(mine, best)]
-        differ = sum(1 for r in mine if r["selection"]["best_epoch"] != r["selection"]["last_epoch"])
-        missing = sum(1 for r in mine if r["selection"]["best_epoch"] != r["selection"]["last_epoch"]
-                      and "test_last" not in r)
+        earlier = [r for r in mine if r["selection"]["best_epoch"] != r["selection"]["last_epoch"]]
+        differ, missing = len(earlier), sum(1 for r in earlier if "test_last" not in r)
         if missing:
             raise StudyError(f"{arm}: {missing} run(s) chose an earlier epoch but have no test_last; "
                              "rerun captioning compare to score last.ckpt, then export again")
@@ -229,22 +211,15 @@ def readme(folder: Path) -> str:
 
 def grounding(folder: Path) -> str:
     """Pointing game / mass in box by word kind, the main attention arms at the default budget."""
-    from captioning.study.collect import GROUNDING_KINDS
-
     recs = load("default", folder)
-    rows = []
-    for arm in ("soft", "hard"):
-        if arm not in recs.by_arm:
-            continue
-        row = [arm]
-        for _, _, suffix in GROUNDING_KINDS:
-            row.append(f"{_summary(recs.values(arm, 'pointing_game' + suffix))} / "
-                       f"{_summary(recs.values(arm, 'mass_in_box' + suffix))}")
-        rows.append(row)
-    uniform = ["a uniform map"] + [f"{_summary(recs.values('soft', 'uniform_pointing_game' + suffix))} / "
-                                   f"{_summary(recs.values('soft', 'uniform_mass_in_box' + suffix))}"
-                                   for _, _, suffix in GROUNDING_KINDS]
-    return _table(["arm", *[f"{title}: pointing / mass" for _, title, _ in GROUNDING_KINDS]], rows + [uniform])
+
+    def scores(arm: str, prefix: str = "") -> list[str]:
+        return [f"{_summary(recs.values(arm, f'{prefix}pointing_game{suffix}'))} / "
+                f"{_summary(recs.values(arm, f'{prefix}mass_in_box{suffix}'))}" for _, _, suffix in GROUNDING_KINDS]
+
+    rows = [[arm, *scores(arm)] for arm in ("soft", "hard") if arm in recs.by_arm]
+    rows.append(["a uniform map", *scores("soft", "uniform_")])
+    return _table(["arm", *[f"{title}: pointing / mass" for _, title, _ in GROUNDING_KINDS]], rows)
 
 
 def hard_modes(folder: Path) -> str:
@@ -311,8 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "for captioning compare --runs; change nothing")
     args = p.parse_args(argv)
     if args.missing:
-        done = {r["name"] for r in (results.load(args.results / args.missing)
-                                    if (args.results / args.missing).is_dir() else [])}
+        done = {r["name"] for mine in load(args.missing, args.results).by_arm.values() for r in mine}
         design = DESIGN[args.missing]
         print(" ".join(f"{arm}-seed{seed}" for seed in range(max(design.values())) for arm, seeds in design.items()
                        if seed < seeds and f"{arm}-seed{seed}" not in done))
