@@ -192,10 +192,15 @@ def selection(folder: Path) -> str:
                              "rerun captioning compare to score last.ckpt, then export again")
         epochs = sorted(r["selection"]["best_epoch"] + 1 for r in mine)
         changes = [l - b for b, l in zip(best, last)]
+        # Paired by run: each seed's last epoch against its own choice, Student's interval of the mean change.
+        interval = mean_interval(changes)
+        change = f"{statistics.fmean(changes):+.2f}" + ("" if interval is None else
+                                                        f" [{interval[0]:+.2f}, {interval[1]:+.2f}]")
         rows.append([arm, str(len(mine)), f"{differ}", ", ".join(map(str, epochs)), _summary(best), _summary(last),
-                     f"{statistics.fmean(changes):+.2f}"])
+                     change])
     return _table(["arm", "seeds", "runs whose best epoch is not the last", "epoch chosen (1-6), per seed",
-                   "test BLEU-4, validation's choice", "test BLEU-4, last epoch", "mean change"], rows)
+                   "test BLEU-4, validation's choice", "test BLEU-4, last epoch",
+                   "change, last - chosen [paired 95% interval]"], rows)
 
 
 README_METRICS = (("bleu_1", "BLEU-1", 1), ("bleu_4", "BLEU-4", 1), ("meteor", "METEOR", 1), ("rouge_l", "ROUGE-L", 1),
