@@ -12,7 +12,6 @@ class in captioning/data/sources.py SOURCES.
 
 from __future__ import annotations
 
-import random
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from captioning.config import DataConfig
 from captioning.data.coco import SPLITS, ImageRecord
 from captioning.data.sources import SOURCES, source_for  # noqa: F401  (SOURCES: also imported from here)
+from captioning.data.store import PreparedFolder, draw_captions
 from captioning.data.transforms import load_image, preprocess
 from captioning.vocab import Vocabulary
 
@@ -50,19 +50,18 @@ class TrainDataset(Dataset):
                  captions_per_image: int, max_caption_len: int) -> None:
         self.images = images
         self.k = captions_per_image
-        self.encoded = [[vocab.encode(c, max_caption_len) for c in r.captions] for r in records]
+        self.encoded = _encoded(records, vocab, max_caption_len)
         self.image_ids = [r.image_id for r in records]
 
     def __len__(self) -> int:
         return len(self.encoded)
 
     def __getitem__(self, index: int):
-        options = self.encoded[index]
-        if len(options) >= self.k:
-            chosen = random.sample(options, self.k)
-        else:  # fewer captions than k: each once, then repeats, so every image has k rows
-            chosen = [options[j % len(options)] for j in range(self.k)]
-        return self.images[index], chosen, self.image_ids[index]
+        return self.images[index], draw_captions(self.encoded[index], self.k), self.image_ids[index]
+
+
+def _encoded(records: Sequence[ImageRecord], vocab: Vocabulary, max_caption_len: int) -> list[list[list[int]]]:
+    return [[vocab.encode(c, max_caption_len) for c in r.captions] for r in records]
 
 
 class EvalDataset(Dataset):
@@ -73,8 +72,7 @@ class EvalDataset(Dataset):
                  max_caption_len: int = 0) -> None:
         self.images = images
         self.image_ids = [r.image_id for r in records]
-        self.encoded = None if vocab is None else [[vocab.encode(c, max_caption_len) for c in r.captions]
-                                                   for r in records]
+        self.encoded = None if vocab is None else _encoded(records, vocab, max_caption_len)
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -89,11 +87,9 @@ def collate_train(batch) -> dict[str, torch.Tensor]:
     """-> images [B, 3, S, S], captions [B*k, T+1] padded with <pad>=0, image_ids [B].
 
     With one caption per image (the COCO configs) the images come longest caption first (stable):
-    the decoder's fused teacher-forced pass runs its captions in that order, and a batch that
-    already has it is used without copying its grids into another order
-    (captioning/models/decoder.py). With several captions per image that pass reorders the
-    captions anyway, so the batch is left as it comes. The order of a minibatch changes no loss
-    term (each is a mean over its captions), only which dropout mask meets which caption."""
+    the decoder's fused teacher-forced pass runs its captions in that order, so the batch is used
+    without copying its grids into another order (captioning/models/decoder.py); with several,
+    that pass reorders them anyway. The order changes no loss term (each a mean over captions)."""
     if all(len(item[1]) == 1 for item in batch):
         batch = sorted(batch, key=lambda item: -len(item[1][0]))
     images = torch.stack([item[0] for item in batch])
@@ -209,15 +205,10 @@ class CaptionDataModule(pl.LightningDataModule):
 
 def benchmark_loader(root: str | Path, workers: Sequence[int], *, batch_size: int = 32, captions_per_image: int = 5,
                      seconds: float = 10.0, source: str = "store", progress: bool = True) -> list[dict[str, Any]]:
-    """Images/s of the training DataLoader alone (no model), for each worker count.
-
-    ``source="store"`` reads the prepared store; ``"files"`` decodes and resizes the source image
-    files every time (the unprepared path), for comparison. Each measurement iterates the
-    loader for about ``seconds`` (whole epochs if the split is small) after one warm-up batch
-    (worker start-up, reported separately). The model's input size is the folder's image size.
-    """
-    from captioning.data.store import PreparedFolder
-
+    """Images/s of the training DataLoader alone (no model) on the prepared folder ``root``, for
+    each worker count: ``source="store"`` reads its store, ``"files"`` decodes and resizes the
+    source files (the unprepared path). Each measurement iterates the loader for about ``seconds``
+    after one warm-up batch (worker start-up, reported separately)."""
     folder = PreparedFolder(root)
     results = []
     for n in workers:

@@ -168,12 +168,17 @@ class PreparedFolder:
         return read_boxes(path, PreparedDataError) if path.is_file() else None
 
 
-class StoreTrainDataset(Dataset):
-    """Item i: (image i [3, S, S], k of its captions as id lists, image id), as TrainDataset.
+def draw_captions(options: list[list[int]], k: int) -> list[list[int]]:
+    """``k`` of an image's encoded captions, drawn anew without replacement each time (fewer than
+    k: each once, then repeats, so every image has k rows)."""
+    if len(options) >= k:
+        return random.sample(options, k)
+    return [options[j % len(options)] for j in range(k)]
 
-    Captions are drawn without replacement anew each time (fewer than k: each once, then
-    repeats); longer than ``max_caption_len`` words: truncated, as Vocabulary.encode does.
-    """
+
+class StoreTrainDataset(Dataset):
+    """Item i: (image i [3, S, S], k of its captions as id lists (:func:`draw_captions`), image id),
+    as TrainDataset; captions longer than ``max_caption_len`` words truncated as Vocabulary.encode does."""
 
     def __init__(self, part: PreparedSplit, images: StoreImages, captions_per_image: int, max_caption_len: int) -> None:
         self.part, self.images = part, images
@@ -188,10 +193,6 @@ class StoreTrainDataset(Dataset):
 
     def __getitem__(self, index: int):
         i = int(self.indices[index])
-        options = self.part.encoded(i)
-        if len(options) >= self.k:
-            chosen = random.sample(options, self.k)
-        else:
-            chosen = [options[j % len(options)] for j in range(self.k)]
+        chosen = draw_captions(self.part.encoded(i), self.k)
         chosen = [ids if len(ids) <= self.max_len + 2 else ids[: self.max_len + 1] + [Vocabulary.end_id] for ids in chosen]
         return self.images[i], chosen, self.part.image_ids[i]
