@@ -22,8 +22,10 @@ the file; captions through ``coco.normalize_caption`` and ``vocab.tokenize``, lo
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
+import importlib.metadata
 import io
 import json
 import multiprocessing
@@ -489,12 +491,8 @@ def _versions() -> dict[str, str]:
     import PIL
 
     versions = {"python": platform.python_version(), "numpy": np.__version__, "pillow": PIL.__version__}
-    try:
-        from importlib.metadata import version
-
-        versions["show-attend-tell"] = version("show-attend-tell")
-    except Exception:  # noqa: BLE001 -- not installed as a distribution
-        pass
+    with contextlib.suppress(Exception):  # not installed as a distribution: no version of ours
+        versions["show-attend-tell"] = importlib.metadata.version("show-attend-tell")
     return versions
 
 

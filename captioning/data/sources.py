@@ -1,11 +1,7 @@
-"""The kinds of dataset (config data.dataset), one class each in :data:`SOURCES`: where a kind's
-data lives, how it is made and read, and what a model trained on it can describe.
-
-Every question about the dataset kind is asked of its class here (:func:`source_for`), never by
-comparing data.dataset with a name. Torch-free, so that the provenance of a model
-(captioning/provenance.py) and its model card are read without torch; the datasets the sources
-return import it on use.
-"""
+"""The kinds of dataset (config data.dataset), one class each in :data:`SOURCES`: where its data
+lives, how it is made and read, what a model trained on it can describe. Every question about
+the kind is asked of its class (:func:`source_for`), never by comparing data.dataset with a name.
+Torch-free, so that a model's provenance and card are read without torch."""
 
 from __future__ import annotations
 
@@ -20,9 +16,8 @@ from captioning.vocab import Vocabulary
 
 
 class FolderSource:
-    """data.dataset "coco": COCO-format files under data.root (captioning/data/datamodule.py's
-    layout). CaptionDataModule asks its source for records, images, the vocabulary, boxes and its
-    one-line errors."""
+    """data.dataset "coco": COCO-format files under data.root (the layout in datamodule.py); the
+    DataModule asks its source for records, images, the vocabulary, boxes and one-line errors."""
 
     #: Made by the project on first use (the synthetic set): a model trained on it describes only such images.
     generated = False

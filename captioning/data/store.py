@@ -1,12 +1,9 @@
 """Reading a prepared folder (captioning/data/prepare.py): records, vocabulary, the image store.
 
-The images of a split are one uint8 ``.npy`` file of [rows, S, S, 3], opened with
-``np.load(mmap_mode="r")``. Every process (each DataLoader worker, each DDP rank) opens its own
-read-only mapping on first use, and pickling drops it, so any number of workers read at once
-and the operating system's page cache is shared by all of them (a public port's HDF5 file
-allowed one worker only). Pixels go through ``transforms.preprocess``, the one preprocessing
-function; the stored image already has the target size, so only to_tensor and normalisation
-do work.
+A split's images are one uint8 ``.npy`` of [rows, S, S, 3] that every process (each DataLoader
+worker, each DDP rank) maps read-only on first use and pickling drops, so any number of workers
+share the page cache (a public port's HDF5 file allowed one worker only). Pixels go through
+``transforms.preprocess``, whose resize is then a no-op.
 """
 
 from __future__ import annotations
