@@ -44,7 +44,7 @@ import numpy as np
 from PIL import Image
 
 from captioning.console import CaptioningError, one_line
-from captioning.data.coco import SPLITS, read_json, write_json
+from captioning.data.coco import SPLITS, write_json
 from captioning.data.formats import Skip, SourceDataset, pool_instances
 from captioning.data.transforms import ImageLoadError, load_image, resize_square
 from captioning.files import (MARKER, ForeignFolderError, LockedError, RunLock, atomic_path, check_folder,
