@@ -22,6 +22,7 @@ import re
 from pathlib import Path
 
 from captioning.config import Config
+from captioning.data.sources import is_generated, source_for
 
 #: The one line a synthetic-trained model prints when it captions images that are not from its set.
 SYNTHETIC_NOTE = ("note: this model was trained on the built-in synthetic set (coloured shapes on a plain "
@@ -37,14 +38,10 @@ def record(cfg: Config, vocab_size: int, train_images: int | None, name: str) ->
 
 
 def inferred(cfg: Config, vocab_size: int) -> dict:
-    """The record of a model saved before records were kept: what its config says. The synthetic
-    set's size is its config's data.synthetic.num_train; another dataset's is unknown (None)."""
-    data = cfg.data
-    if data.dataset == "synthetic":
-        from captioning.data.synthetic.write import dataset_dir  # no torch: the generator is PIL only
-
-        return record(cfg, vocab_size, data.synthetic.num_train, dataset_dir(data.root, data.synthetic).name)
-    return record(cfg, vocab_size, None, Path(data.root).name or str(data.root))
+    """The record of a model saved before records were kept: what its config says (the synthetic
+    set's size is its data.synthetic.num_train; another dataset's is unknown, None)."""
+    source = source_for(cfg.data)
+    return record(cfg, vocab_size, source.known_train_images, source.root.name or str(cfg.data.root))
 
 
 def checked(found, cfg: Config, vocab_size: int) -> dict:
@@ -57,7 +54,8 @@ def checked(found, cfg: Config, vocab_size: int) -> dict:
 
 
 def is_synthetic(data: dict) -> bool:
-    return data.get("dataset") == "synthetic"
+    """Whether the record ``data`` names a dataset the project generates (the synthetic set)."""
+    return is_generated(data.get("dataset"))
 
 
 def describe(data: dict) -> str:

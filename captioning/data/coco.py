@@ -45,6 +45,8 @@ class AnnotationError(CaptioningError, ValueError):
 
 class EmptySplitError(AnnotationError):
     """A well-formed captions file with no captioned image (a split that is empty)."""
+
+
 class ResultsError(CaptioningError, ValueError):
     """A results file is missing or is not in the COCO results format."""
 
@@ -74,10 +76,7 @@ def read_json(path: str | Path, what: str, error: type[Exception] = AnnotationEr
 
 
 def write_json(path: str | Path, obj: Any, indent: int | None = None) -> None:
-    """Write atomically (captioning.files), so a reader never sees half a file.
-
-    ``indent`` None writes the compact form (no spaces), as the large annotation files want.
-    """
+    """Write atomically (captioning.files); ``indent`` None: the compact form (no spaces)."""
     atomic_write_json(path, obj, indent=indent, separators=(",", ":") if indent is None else (",", ": "))
 
 
@@ -105,15 +104,11 @@ _ASCII_FORMS = str.maketrans({
 
 
 def normalize_caption(text: str) -> tuple[str, bool]:
-    """-> (ASCII caption, whether non-ASCII text was changed). The one caption normalisation:
-    preparation, the COCO-folder reader and the evaluation's references all go through it.
-
-    Unicode NFKD (ligatures and full-width forms to ASCII, accents split off), combining marks
-    dropped (``café`` -> ``cafe``), typographic quotes and dashes to ASCII (``’`` -> ``'``), any
-    other non-ASCII character replaced by a space; then whitespace collapsed (so leading and
-    trailing blanks go). Case and ASCII punctuation are kept: the references keep them,
-    tokenisation lowercases and drops them.
-    """
+    """-> (ASCII caption, whether non-ASCII text was changed); the one caption normalisation
+    (preparation, the COCO-folder reader, the evaluation's references). NFKD, combining marks
+    dropped (``café`` -> ``cafe``), typographic quotes and dashes to ASCII, any other non-ASCII
+    character to a space, whitespace collapsed. Case and ASCII punctuation stay (the references
+    keep them; tokenisation drops them)."""
     if text.isascii():
         return " ".join(text.split()), False
     decomposed = unicodedata.normalize("NFKD", text).translate(_ASCII_FORMS)
@@ -130,14 +125,10 @@ def _is_id(value: Any) -> bool:
 
 
 def read_captions(path: str | Path, what: str = "captions file", error: type[Exception] = AnnotationError):
-    """A COCO captions file, checked and indexed: -> (pycocotools ``COCO``, the parsed data).
-
-    The one reader of captions files (preparation, the ``coco`` dataset, the references of
-    ``evaluate --annotations``). Checked: the two top-level lists; every image an object with an
-    ``id`` (number or string) and a ``file_name`` string; every annotation an object with an
-    ``image_id`` and a ``caption`` (a caption that is not a string counts as empty). A Karpathy
-    split file or an instances file given by mistake is named as such.
-    """
+    """The one reader of COCO captions files, checked and indexed: -> (pycocotools ``COCO``, the
+    parsed data). Checked: every image has an ``id`` (number or string) and a ``file_name``, every
+    annotation an ``image_id`` and a ``caption`` (not a string: empty); a Karpathy split file or an
+    instances file given by mistake is named as such."""
     path = Path(path)
     data = read_json(path, what, error)
     if isinstance(data, dict) and isinstance(data.get("images"), list) and data["images"] \
@@ -162,11 +153,8 @@ def read_captions(path: str | Path, what: str = "captions file", error: type[Exc
 
 
 def load_coco_captions(captions_json: str | Path, image_dir: str | Path) -> list[ImageRecord]:
-    """One record per image that has at least one non-empty caption, sorted by image id.
-
-    Read by :func:`read_captions`; captions are normalised by :func:`normalize_caption`; empty
-    ones (and ones that are not strings) are left out.
-    """
+    """One record per image with at least one non-empty caption (normalised), sorted by image id.
+    Raises EmptySplitError when there is none."""
     captions_json, image_dir = Path(captions_json), Path(image_dir)
     coco, _ = read_captions(captions_json)
     records = []
@@ -185,13 +173,9 @@ def load_coco_captions(captions_json: str | Path, image_dir: str | Path) -> list
 
 
 def read_instances(path: str | Path, error: type[Exception] = AnnotationError, sizes: bool = False):
-    """A COCO instances file, checked and indexed: a pycocotools ``COCO`` object.
-
-    Checked: the three top-level lists; every annotation has ``image_id``, ``category_id`` and a
-    4-number ``bbox``, a category listed in ``categories`` and an image listed in ``images``;
-    with ``sizes``, every image has ``width`` and ``height`` (what box geometry needs). Crowd
-    boxes (iscrowd 1) are kept. A captions file given by mistake is named as such.
-    """
+    """A COCO instances file, checked and indexed (pycocotools ``COCO``): every annotation has an
+    ``image_id`` and a ``category_id`` that are listed, and a 4-number ``bbox``; with ``sizes``,
+    every image a ``width`` and ``height``. Crowd boxes are kept; a captions file is named as such."""
     path = Path(path)
     data = read_json(path, "instances file", error)
     anns = data.get("annotations") if isinstance(data, dict) else None
@@ -241,12 +225,9 @@ def write_results(path: str | Path, predictions: Mapping[int, str]) -> None:
 
 
 def load_results(path: str | Path) -> dict[int, str]:
-    """A COCO results file ``[{"image_id": int, "caption": str}, ...]`` -> {image_id: caption}.
-
-    Other keys of an entry are ignored. Rule for duplicates: an image id that occurs more than
-    once is an error (which caption to score would be a guess; the official COCO evaluation
-    refuses such files too). Raises ResultsError naming the file, the entry and the fix.
-    """
+    """A COCO results file ``[{"image_id": int, "caption": str}, ...]`` -> {image_id: caption}
+    (other keys ignored). Raises ResultsError naming the file, the entry and the fix, also for an
+    image id given twice: which caption to score would be a guess (the official evaluation refuses it)."""
     path = Path(path)
     data = read_json(path, "results file", ResultsError)
     if not isinstance(data, list):

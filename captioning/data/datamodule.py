@@ -6,14 +6,13 @@ Folder layout read (the synthetic generator writes it; a COCO-format folder uses
     ROOT/annotations/instances_{split}.json           optional: boxes (grounding, synthetic checks)
     ROOT/{train,val,test}/<file_name>                 the images
 
-or, with data.dataset "prepared", a folder written by captioning prepare (PreparedSource below).
+or, with data.dataset "prepared", a folder written by captioning prepare. Each kind of dataset is one
+class in captioning/data/sources.py SOURCES.
 """
 
 from __future__ import annotations
 
-import random
 import time
-from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,12 +20,12 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from captioning.console import InvalidValue
 from captioning.config import DataConfig
-from captioning.data.coco import SPLITS, AnnotationError, EmptySplitError, ImageRecord, load_coco_captions, read_boxes
+from captioning.data.coco import SPLITS, ImageRecord
+from captioning.data.sources import SOURCES, source_for  # noqa: F401  (SOURCES: also imported from here)
+from captioning.data.store import PreparedFolder, draw_captions
 from captioning.data.transforms import load_image, preprocess
 from captioning.vocab import Vocabulary
-
 
 
 class ImageSource:
@@ -51,19 +50,18 @@ class TrainDataset(Dataset):
                  captions_per_image: int, max_caption_len: int) -> None:
         self.images = images
         self.k = captions_per_image
-        self.encoded = [[vocab.encode(c, max_caption_len) for c in r.captions] for r in records]
+        self.encoded = _encoded(records, vocab, max_caption_len)
         self.image_ids = [r.image_id for r in records]
 
     def __len__(self) -> int:
         return len(self.encoded)
 
     def __getitem__(self, index: int):
-        options = self.encoded[index]
-        if len(options) >= self.k:
-            chosen = random.sample(options, self.k)
-        else:  # fewer captions than k: each once, then repeats, so every image has k rows
-            chosen = [options[j % len(options)] for j in range(self.k)]
-        return self.images[index], chosen, self.image_ids[index]
+        return self.images[index], draw_captions(self.encoded[index], self.k), self.image_ids[index]
+
+
+def _encoded(records: Sequence[ImageRecord], vocab: Vocabulary, max_caption_len: int) -> list[list[list[int]]]:
+    return [[vocab.encode(c, max_caption_len) for c in r.captions] for r in records]
 
 
 class EvalDataset(Dataset):
@@ -74,8 +72,7 @@ class EvalDataset(Dataset):
                  max_caption_len: int = 0) -> None:
         self.images = images
         self.image_ids = [r.image_id for r in records]
-        self.encoded = None if vocab is None else [[vocab.encode(c, max_caption_len) for c in r.captions]
-                                                   for r in records]
+        self.encoded = None if vocab is None else _encoded(records, vocab, max_caption_len)
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -90,11 +87,9 @@ def collate_train(batch) -> dict[str, torch.Tensor]:
     """-> images [B, 3, S, S], captions [B*k, T+1] padded with <pad>=0, image_ids [B].
 
     With one caption per image (the COCO configs) the images come longest caption first (stable):
-    the decoder's fused teacher-forced pass runs its captions in that order, and a batch that
-    already has it is used without copying its grids into another order
-    (captioning/models/decoder.py). With several captions per image that pass reorders the
-    captions anyway, so the batch is left as it comes. The order of a minibatch changes no loss
-    term (each is a mean over its captions), only which dropout mask meets which caption."""
+    the decoder's fused teacher-forced pass runs its captions in that order, so the batch is used
+    without copying its grids into another order (captioning/models/decoder.py); with several,
+    that pass reorders them anyway. The order changes no loss term (each a mean over captions)."""
     if all(len(item[1]) == 1 for item in batch):
         batch = sorted(batch, key=lambda item: -len(item[1][0]))
     images = torch.stack([item[0] for item in batch])
@@ -121,140 +116,6 @@ def collate_eval(batch) -> dict[str, torch.Tensor]:
     return out
 
 
-# ------------------------------------------------------------------------------------ dataset kinds
-
-
-class FolderSource:
-    """data.dataset "coco": COCO-format files under data.root (the layout above). Each kind of
-    dataset is one class in SOURCES, chosen by data.dataset; CaptionDataModule asks it for
-    records, images, the vocabulary, boxes and its one-line errors."""
-
-    def __init__(self, cfg: DataConfig) -> None:
-        self.cfg = cfg
-
-    @property
-    def root(self) -> Path:
-        return Path(self.cfg.root)
-
-    def prepare_data(self) -> None:
-        """Make the dataset where it is made on first use (the synthetic set); others are only read."""
-
-    def check_trained(self) -> None:
-        """Before a command other than training reads a model's training data: refuse (ValueError, one
-        line with the fix) what would go wrong. Read-only datasets: a missing one is a read error."""
-
-    def records(self, split: str) -> list[ImageRecord]:
-        try:
-            return load_coco_captions(self.root / "annotations" / f"captions_{split}.json", self.root / split)
-        except EmptySplitError:
-            return []  # setup refuses an empty train/val split; callers skip an empty test
-
-    def vocabulary(self, vocab: Vocabulary | None, stage: str | None) -> Vocabulary | None:
-        """The vocabulary to use: ``vocab``, or None to build one from the training captions."""
-        return vocab
-
-    def empty_split_error(self, split: str):
-        raise AnnotationError(f"the {split} split of {self.root} has no image "
-                              f"({self.root / 'annotations' / f'captions_{split}.json'}): check the dataset")
-
-    def images(self, split: str, records: Sequence[ImageRecord], cache: bool) -> ImageSource:
-        return ImageSource(records, self.cfg.image_size, cache)
-
-    def train_dataset(self, records: Sequence[ImageRecord], images: ImageSource, vocab: Vocabulary) -> Dataset:
-        return TrainDataset(records, images, vocab, self.cfg.captions_per_image, self.cfg.max_caption_len)
-
-    def scenes(self, split: str):
-        """Synthetic ground truth (objects with boxes) by image id, or None for other datasets."""
-        return None
-
-    def instances(self, split: str) -> Path:
-        return self.root / "annotations" / f"instances_{split}.json"
-
-    def boxes(self, split: str) -> dict[int, list[tuple[str, list[float]]]] | None:
-        return read_boxes(self.instances(split)) if self.instances(split).is_file() else None
-
-
-class SyntheticSource(FolderSource):
-    """data.dataset "synthetic": generated on first use into a folder under data.root named by its settings."""
-
-    @property
-    def root(self) -> Path:
-        from captioning.data.synthetic import dataset_dir
-
-        return dataset_dir(self.cfg.root, self.cfg.synthetic)
-
-    def prepare_data(self) -> None:
-        from captioning.data.synthetic import generate_synthetic
-
-        generate_synthetic(self.cfg.root, self.cfg.synthetic)
-
-    def check_trained(self) -> None:
-        """Refuse to generate the synthetic set anywhere but the training's own data folder. A
-        checkpoint records the folder its training ran in, so a relative data.root arrives here
-        made absolute (captioning/checkpoint.py ``at_workdir``); a relative one (a model folder, or
-        a checkpoint from before that record) would be generated in the current folder instead."""
-        folder, root = self.root, Path(self.cfg.root)
-        if folder.is_dir():
-            return
-        fix = f"pass --data-root DIR, the folder that holds (or will hold) {folder.name}"
-        if not root.is_absolute():
-            raise InvalidValue(f"the model's synthetic dataset {folder} is not in the current folder and the "
-                               f"model does not record the folder it was trained in: run from that folder, or {fix}")
-        if not root.parent.is_dir():
-            raise InvalidValue(f"the model's synthetic dataset {folder} is not on this machine (its training ran in "
-                               f"{root.parent}): {fix}")
-
-    def scenes(self, split: str):
-        from captioning.data.synthetic import load_scenes
-
-        return load_scenes(self.instances(split))
-
-
-class PreparedSource(FolderSource):
-    """data.dataset "prepared": a folder written by captioning prepare (formats in
-    captioning/data/prepare.py; read by captioning/data/store.py)."""
-
-    @cached_property
-    def folder(self):
-        from captioning.data.store import PreparedFolder
-
-        folder = PreparedFolder(self.cfg.root)
-        folder.check_image_size(self.cfg.image_size)
-        return folder
-
-    def records(self, split: str) -> list[ImageRecord]:
-        return self.folder.records(split)  # record paths: the source files
-
-    def vocabulary(self, vocab: Vocabulary | None, stage: str | None) -> Vocabulary:
-        vocab = self.folder.vocab if vocab is None else vocab  # built at preparation, from the train split
-        if stage == "fit":
-            self.folder.check_vocab(vocab)  # the stored caption ids are in the folder's vocabulary
-        return vocab
-
-    def empty_split_error(self, split: str):
-        from captioning.data.store import PreparedDataError
-
-        raise PreparedDataError(f"the {split} split of the prepared folder {self.root} has no image: prepare it "
-                                "again from a source whose images and split lists are found")
-
-    def images(self, split: str, records: Sequence[ImageRecord], cache: bool):
-        return self.folder.images(split)  # memory-mapped, no decoding
-
-    def train_dataset(self, records: Sequence[ImageRecord], images, vocab: Vocabulary) -> Dataset:
-        dataset = self.folder.train_dataset(vocab, self.cfg.captions_per_image, self.cfg.max_caption_len)
-        dataset.images = images  # the store's, or cached grids of the same images, in record order
-        return dataset  # captions encoded at preparation, read from the folder
-
-    def instances(self, split: str) -> Path:
-        return self.root / f"instances_{split}.json"  # at the folder's top level
-
-    def boxes(self, split: str) -> dict[int, list[tuple[str, list[float]]]] | None:
-        return self.folder.boxes(split)
-
-
-SOURCES: dict[str, type[FolderSource]] = {"synthetic": SyntheticSource, "coco": FolderSource, "prepared": PreparedSource}
-
-
 class CaptionDataModule(pl.LightningDataModule):
     """Owns the data: its kind's source (SOURCES), the vocabulary (built from training captions
     unless given or the folder's), references and scenes by image id, and the per-device batch arithmetic."""
@@ -263,7 +124,7 @@ class CaptionDataModule(pl.LightningDataModule):
         super().__init__()
         self.cfg = cfg
         self.vocab = vocab
-        self.source = SOURCES[cfg.dataset](cfg)
+        self.source = source_for(cfg)
         self.records: dict[str, list[ImageRecord]] = {}
         self._images: dict[str, Any] = {}
         # Set by captioning.data.feature_cache.attach_feature_cache: every split's annotation grids
@@ -344,15 +205,10 @@ class CaptionDataModule(pl.LightningDataModule):
 
 def benchmark_loader(root: str | Path, workers: Sequence[int], *, batch_size: int = 32, captions_per_image: int = 5,
                      seconds: float = 10.0, source: str = "store", progress: bool = True) -> list[dict[str, Any]]:
-    """Images/s of the training DataLoader alone (no model), for each worker count.
-
-    ``source="store"`` reads the prepared store; ``"files"`` decodes and resizes the source image
-    files every time (the unprepared path), for comparison. Each measurement iterates the
-    loader for about ``seconds`` (whole epochs if the split is small) after one warm-up batch
-    (worker start-up, reported separately). The model's input size is the folder's image size.
-    """
-    from captioning.data.store import PreparedFolder
-
+    """Images/s of the training DataLoader alone (no model) on the prepared folder ``root``, for
+    each worker count: ``source="store"`` reads its store, ``"files"`` decodes and resizes the
+    source files (the unprepared path). Each measurement iterates the loader for about ``seconds``
+    after one warm-up batch (worker start-up, reported separately)."""
     folder = PreparedFolder(root)
     results = []
     for n in workers:

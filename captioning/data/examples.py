@@ -46,13 +46,9 @@ def example_captions(image_id: int, count: int = 5) -> list[str]:
 
 def write_example_dataset(root: str | Path, num_images: int, *, image_size: int = 256, fmt: str = "karpathy",
                           val: int | None = None, test: int | None = None, noise: int = 12) -> tuple[Path, Path]:
-    """Write ``root/images/*.jpg`` and a captions file in ``fmt``; -> (captions file, images root).
-
-    ``karpathy``: root/dataset_example.json with train/val/test splits (val and test default to
-    10% each); ``coco``: root/captions_example.json (split at preparation); ``flickr8k``:
-    root/Flickr8k.token.txt plus root/Flickr_8k.{train,dev,test}Images.txt.
-    Ids are 1..num_images; file names ``img_<id>.jpg``.
-    """
+    """Write ``root/images/img_<id>.jpg`` (ids 1..num_images; ``val`` and ``test`` images: 10% each
+    by default) and captions in ``fmt`` (its Format's ``write_example``: karpathy, coco, flickr8k);
+    -> (captions file, images root)."""
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
     val = max(1, num_images // 10) if val is None else val

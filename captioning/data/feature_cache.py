@@ -38,7 +38,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import PIL
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Subset
 
 from captioning.console import CaptioningError
 from captioning.config import ModelConfig
@@ -63,10 +63,8 @@ class FeatureCacheError(CaptioningError, ValueError):
 
 def preprocessing_hash() -> str:
     """Changes whenever the path from an image file to the encoder's input tensor may change."""
-    parts = [inspect.getsource(fn) for fn in (transforms.load_image, transforms.to_rgb, transforms.preprocess)]
-    if hasattr(transforms, "resize_square"):
-        parts.append(inspect.getsource(transforms.resize_square))
-    parts += [repr(transforms.MEAN), repr(transforms.STD), PIL.__version__]
+    functions = (transforms.load_image, transforms.to_rgb, transforms.preprocess, transforms.resize_square)
+    parts = [*map(inspect.getsource, functions), repr(transforms.MEAN), repr(transforms.STD), PIL.__version__]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
@@ -92,19 +90,14 @@ def split_identity(dataset: str, records: Sequence[ImageRecord]) -> dict[str, An
 def fingerprint(model_cfg: ModelConfig, encoder: Encoder, image_size: int, dataset: str,
                 records: Sequence[ImageRecord], encoder_hash: str | None = None) -> dict[str, Any]:
     enc = model_cfg.encoder
-    return {
-        "encoder": {"backbone": enc.backbone, "stage": enc.stage, "grid_size": enc.grid_size, "weights": enc.weights},
-        "encoder_weights_sha256": encoder_hash or weights_hash(encoder),
-        "image_size": image_size,
-        "preprocessing": preprocessing_hash(),
-        "split": split_identity(dataset, records),
-    }
+    encoder_cfg = {"backbone": enc.backbone, "stage": enc.stage, "grid_size": enc.grid_size, "weights": enc.weights}
+    return {"encoder": encoder_cfg, "encoder_weights_sha256": encoder_hash or weights_hash(encoder),
+            "image_size": image_size, "preprocessing": preprocessing_hash(), "split": split_identity(dataset, records)}
 
 
 def _differences(stored: dict, current: dict, prefix: str = "") -> list[str]:
-    keys = sorted(set(stored) | set(current))
     out = []
-    for key in keys:
+    for key in sorted(set(stored) | set(current)):
         a, b = stored.get(key), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             out += _differences(a, b, f"{prefix}{key}.")
@@ -117,11 +110,11 @@ def _differences(stored: dict, current: dict, prefix: str = "") -> list[str]:
 
 
 def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
             return f"{n:.0f} {unit}" if unit in ("B", "KiB") else f"{n:.1f} {unit}"
         n /= 1024
-    raise AssertionError("unreachable")
+    return f"{n:.1f} TiB"
 
 
 def size_report(grid_size: int, channels: int, counts: dict[str, int]) -> str:
@@ -141,11 +134,8 @@ def size_report(grid_size: int, channels: int, counts: dict[str, int]) -> str:
 
 
 class CachedFeatures(LazyArray):
-    """Image i of a split -> its annotation grid, float16 tensor [L, D] (like ImageSource's images).
-
-    The .npy file is mapped read-only on first use in each process (DataLoader workers, DDP
-    ranks) and never pickled, so workers share the operating system's page cache.
-    """
+    """Image i of a split -> its annotation grid, float16 tensor [L, D] (like ImageSource's images),
+    mapped per process and never pickled (LazyArray), so workers share the page cache."""
 
     def __init__(self, path: Path, shape: Sequence[int]) -> None:
         super().__init__(Path(path))
@@ -175,61 +165,41 @@ class FeatureCache:
 # ------------------------------------------------------------------------------ building
 
 
-class _Images(Dataset):
-    def __init__(self, source: Any, n: int) -> None:
-        self.source, self.n = source, n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.source[index]
-
-
 def build_split(path: Path, encoder: Encoder, images: Any, n: int, *, batch_size: int, num_workers: int,
                 device: torch.device, split: str, progress: bool = True) -> tuple[int, int]:
     """Run the frozen encoder over ``n`` images (``images[i]`` -> [3, S, S]) into ``path`` (fp16
     [n, L, D] .npy, written beside it and renamed when complete). Returns (L, D)."""
-    with atomic_path(path) as partial:
-        _encode_into(partial, encoder, images, n, batch_size=batch_size, num_workers=num_workers, device=device,
-                     split=split, progress=progress)
-    return encoder.grid_size ** 2, encoder.out_channels
-
-
-def _encode_into(partial: Path, encoder: Encoder, images: Any, n: int, *, batch_size: int, num_workers: int,
-                 device: torch.device, split: str, progress: bool) -> None:
     L, D = encoder.grid_size ** 2, encoder.out_channels
-    out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=(n, L, D))
-    loader = DataLoader(_Images(images, n), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+    loader = DataLoader(Subset(images, range(n)), batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
-    was_training = encoder.training
-    home = next(encoder.parameters()).device
+    was_training, home = encoder.training, next(encoder.parameters()).device
     encoder.to(device).eval()
     bar = Progress(n, f"feature cache {split}", enabled=progress, interval=2.0)
-    done = 0
     try:
-        for batch in loader:
-            features, _ = encoder(batch.to(device, non_blocking=True))  # (B, L, D)
-            half = features.to(torch.float16)
-            if not bool(torch.isfinite(half).all()):
-                raise FeatureCacheError(f"annotation grids of {split} overflow fp16 (|a| > 65504): this encoder's "
-                                        "activations are too large to cache; train without data.feature_cache")
-            out[done: done + len(batch)] = half.cpu().numpy()
-            done += len(batch)
-            bar.update(len(batch))
+        with atomic_path(path) as partial:
+            out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=(n, L, D))
+            done = 0
+            for batch in loader:
+                half = encoder(batch.to(device, non_blocking=True))[0].to(torch.float16)  # (B, L, D)
+                if not bool(torch.isfinite(half).all()):
+                    raise FeatureCacheError(f"annotation grids of {split} overflow fp16 (|a| > 65504): this encoder's "
+                                            "activations are too large to cache; train without data.feature_cache")
+                out[done: done + len(batch)] = half.cpu().numpy()
+                done += len(batch)
+                bar.update(len(batch))
+            out.flush()
+            del out
     finally:
         bar.close()
         encoder.to(home).train(was_training)
-    out.flush()
-    del out
+    return L, D
 
 
 def claim_cache_folder(directory: Path) -> None:
-    """The cache writes only into a folder of its own: new, empty, marked as a feature cache
-    (captioning/files.py), or holding nothing but the files a cache writes (one written before
-    folders were marked, or being started by another process of the same training: it is marked
-    now). A folder with anything else in it is refused (FeatureCacheError) before anything is
-    written, and nothing is written through a link in it."""
+    """Refuse (FeatureCacheError) before anything is written a folder that is not the cache's own:
+    new, empty, marked as a feature cache (captioning/files.py), or holding nothing but a cache's
+    files (written before folders were marked, or by another process of the same training: marked
+    now). Nothing is written through a link in it."""
     own = {f"{split}.{ext}" for split in SPLITS for ext in ("json", "npy", "lock")}
     try:
         if directory.is_dir() and not (directory / MARKER).exists() and not directory.is_symlink():
@@ -259,27 +229,14 @@ def _cache_files(directory: Path, names: list[str]) -> bool:
     return True
 
 
-def prepare_feature_cache(
-    directory: str | Path,
-    model_cfg: ModelConfig,
-    encoder: Encoder,
-    image_size: int,
-    dataset: str,
-    records: dict[str, Sequence[ImageRecord]],
-    image_sources: dict[str, Any],
-    *,
-    device: str | torch.device = "cpu",
-    batch_size: int = 64,
-    num_workers: int = 0,
-    log: Callable[[str], None] = print,
-    progress: bool = True,
-) -> FeatureCache:
-    """Open the cache in ``directory``, building the splits that are missing.
-
-    ``records[split]`` are the split's records in the order the DataModule indexes them and
-    ``image_sources[split][i]`` the preprocessed image i. Refuses (FeatureCacheError) a split
-    whose stored fingerprint differs from this encoder's, or a build the disk has no room for.
-    """
+def prepare_feature_cache(directory: str | Path, model_cfg: ModelConfig, encoder: Encoder, image_size: int,
+                          dataset: str, records: dict[str, Sequence[ImageRecord]], image_sources: dict[str, Any], *,
+                          device: str | torch.device = "cpu", batch_size: int = 64, num_workers: int = 0,
+                          log: Callable[[str], None] = print, progress: bool = True) -> FeatureCache:
+    """Open the cache in ``directory``, building the splits that are missing. ``records[split]``:
+    the split's records in the DataModule's order; ``image_sources[split][i]``: preprocessed image
+    i. Refuses (FeatureCacheError) a split whose stored fingerprint differs from this encoder's, or
+    a build the disk has no room for."""
     directory = Path(directory)
     claim_cache_folder(directory)
     device = torch.device(device)
@@ -287,16 +244,11 @@ def prepare_feature_cache(
     grid, channels = encoder.grid_size, encoder.out_channels
     log(size_report(grid, channels, {s: len(r) for s, r in records.items()}))
 
-    opened: dict[str, CachedFeatures] = {}
-    to_build: list[str] = []
-    prints: dict[str, dict] = {}
-    for split, recs in records.items():
-        prints[split] = fingerprint(model_cfg, encoder, image_size, dataset, recs, encoder_hash)
-        meta_path = directory / f"{split}.json"
-        if not meta_path.is_file():
-            to_build.append(split)
-            continue
-        opened[split] = _open_split(directory, split, prints[split], recs)
+    prints = {split: fingerprint(model_cfg, encoder, image_size, dataset, recs, encoder_hash)
+              for split, recs in records.items()}
+    to_build = [split for split in records if not (directory / f"{split}.json").is_file()]
+    opened = {split: _open_split(directory, split, prints[split], records[split])
+              for split in records if split not in to_build}
 
     missing = sum(len(records[s]) for s in to_build) * grid * grid * channels * 2
     if missing:
@@ -317,9 +269,10 @@ def prepare_feature_cache(
                     L, D = build_split(directory / f"{split}.npy", encoder, image_sources[split], len(recs),
                                        batch_size=batch_size, num_workers=num_workers, device=device, split=split,
                                        progress=progress)
-                    atomic_write_json(meta_path, {"format": CACHE_FORMAT, "shape": [len(recs), L, D], "dtype": "float16",
-                                 "image_ids": [r.image_id for r in recs], "fingerprint": prints[split],
-                                 "seconds": round(time.perf_counter() - started, 1)}, indent=None)
+                    atomic_write_json(meta_path, {"format": CACHE_FORMAT, "shape": [len(recs), L, D],
+                                                  "dtype": "float16", "image_ids": [r.image_id for r in recs],
+                                                  "fingerprint": prints[split],
+                                                  "seconds": round(time.perf_counter() - started, 1)}, indent=None)
             finally:
                 lock.release()
         opened[split] = _open_split(directory, split, prints[split], recs)
@@ -328,25 +281,24 @@ def prepare_feature_cache(
 
 def _open_split(directory: Path, split: str, current: dict, records: Sequence[ImageRecord]) -> CachedFeatures:
     meta_path, npy = directory / f"{split}.json", directory / f"{split}.npy"
+    rebuild = f"delete {directory / split}.* to rebuild it"
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise FeatureCacheError(f"{meta_path} is unreadable ({err}): delete {directory / split}.* to rebuild it") from None
+        raise FeatureCacheError(f"{meta_path} is unreadable ({err}): {rebuild}") from None
     if meta.get("format") != CACHE_FORMAT:
         raise FeatureCacheError(f"{meta_path} has cache format {meta.get('format')}, this code reads {CACHE_FORMAT}: "
-                                f"delete {directory / split}.* to rebuild it")
+                                f"{rebuild}")
     diff = _differences(meta.get("fingerprint", {}), current)
     if diff:
-        raise FeatureCacheError(
-            f"the feature cache {npy} was made for something else -- {'; '.join(diff)} -- so its grids are "
-            f"not this encoder's: delete {directory / split}.* to rebuild it, or choose another data.feature_cache"
-        )
+        raise FeatureCacheError(f"the feature cache {npy} was made for something else -- {'; '.join(diff)} -- so its "
+                                f"grids are not this encoder's: {rebuild}, or choose another data.feature_cache")
     if meta.get("image_ids") != [r.image_id for r in records] or not npy.is_file():
-        raise FeatureCacheError(f"{npy} does not hold this split's images in order: delete {directory / split}.* to rebuild it")
+        raise FeatureCacheError(f"{npy} does not hold this split's images in order: {rebuild}")
     features = CachedFeatures(npy, meta["shape"])
     if tuple(features.array.shape) != tuple(meta["shape"]) or features.array.dtype != np.float16:
         raise FeatureCacheError(f"{npy} is {features.array.dtype} {features.array.shape}, its {meta_path.name} says "
-                                f"float16 {tuple(meta['shape'])}: delete {directory / split}.* to rebuild it")
+                                f"float16 {tuple(meta['shape'])}: {rebuild}")
     return features
 
 
@@ -361,10 +313,8 @@ def attach_feature_cache(data: Any, cfg: Any, encoder: Encoder, device: str | to
     records = {split: data.load_split(split) for split in SPLITS}
     # A prepared store's memory-mapped pixels, or image files decoded on demand (never all at once into memory).
     sources = {split: data.source.images(split, records[split], cache=False) for split in SPLITS}
-    cache = prepare_feature_cache(
+    data.feature_cache = prepare_feature_cache(
         cfg.data.feature_cache, cfg.model, encoder, data.cfg.image_size, data.cfg.dataset, records, sources,
         device=device, batch_size=data.cfg.eval_batch_size, num_workers=data.cfg.num_workers, log=log,
-        progress=progress,
-    )
-    data.feature_cache = cache
-    return cache
+        progress=progress)
+    return data.feature_cache

@@ -38,6 +38,7 @@ UNKNOWN_IMAGE = "caption for an unknown image"  # a COCO annotation whose image_
 OUTSIDE_IMAGES = "image path outside --images"  # absolute, or climbing out with '..': never opened
 NOT_UTF8 = "caption line not UTF-8"  # a token-file line that does not decode: skipped, never mangled
 
+
 @dataclass
 class SourceImage:
     """One image of the source dataset with its (normalised, non-empty) captions."""
@@ -70,7 +71,7 @@ class SourceDataset:
     split_rule: str = ""  # how splits were assigned, for the manifest
 
 
-# ------------------------------------------------------------------------------------ captions
+# ------------------------------------------------------------------------------------ helpers
 
 
 def _clean_captions(raw: Iterable[Any], item: str, dataset: SourceDataset) -> list[str]:
@@ -84,9 +85,6 @@ def _clean_captions(raw: Iterable[Any], item: str, dataset: SourceDataset) -> li
         dataset.normalised_captions += changed
         kept.append(text)
     return kept
-
-
-# ------------------------------------------------------------------------------------ helpers
 
 
 def inside_images(rel: str) -> bool:
@@ -117,11 +115,8 @@ def detect_format(path: Path) -> str:
 
 
 def _dedupe_ids(images: list[SourceImage], dataset: SourceDataset) -> list[SourceImage]:
-    """Drop every image whose id is shared by a different file, or whose file has two ids.
-
-    Neither can be paired safely: which captions belong to which file is unknowable. Entries
-    repeating the same (id, file) are merged (their captions joined).
-    """
+    """Drop every image whose id is shared by a different file, or whose file has two ids (which
+    captions are whose is unknowable); entries repeating the same (id, file) are merged."""
     by_id: dict[int, list[SourceImage]] = defaultdict(list)
     by_file: dict[Path, set[int]] = defaultdict(set)
     for img in images:
@@ -146,13 +141,9 @@ def _dedupe_ids(images: list[SourceImage], dataset: SourceDataset) -> list[Sourc
 
 
 def _drop_captionless(dataset: SourceDataset) -> None:
-    kept = []
-    for img in dataset.images:
-        if img.captions:
-            kept.append(img)
-        else:
-            dataset.skipped.append(Skip(NO_CAPTIONS, f"{img.file_name} (id {img.image_id})"))
-    dataset.images = kept
+    dataset.skipped += [Skip(NO_CAPTIONS, f"{img.file_name} (id {img.image_id})") for img in dataset.images
+                        if not img.captions]
+    dataset.images = [img for img in dataset.images if img.captions]
 
 
 def read_split_list(path: Path) -> list[str]:
@@ -174,13 +165,10 @@ def assign_splits(dataset: SourceDataset, lists: Mapping[str, Path] | None, seed
         for split, path in lists.items():
             names[split] = set(read_split_list(path))
             dataset.files.append((f"split list {split}", Path(path)))
-        membership: dict[int, list[str]] = defaultdict(list)
-        for img in images:
-            keys = {str(img.image_id), img.file_name, Path(img.file_name).name}
-            membership[id(img)] = [s for s in SPLITS if s in names and keys & names[s]]
         kept = []
         for img in images:
-            found = membership[id(img)]
+            keys = {str(img.image_id), img.file_name, Path(img.file_name).name}
+            found = [s for s in SPLITS if s in names and keys & names[s]]
             if len(found) > 1:
                 dataset.skipped.append(Skip(TWO_SPLITS, f"{img.file_name} ({', '.join(found)})"))
                 continue

@@ -6,40 +6,26 @@ progress, rate and ETA on stderr. The folder is written as ``OUT.partial/`` and 
 ``OUT.partial/`` with one done-marker per finished chunk; the same command run again decodes the
 unfinished chunks only (a changed command or changed source files start over).
 
-The prepared folder (``manifest.json`` repeats these formats under ``"files"``)::
+The prepared folder's files are :data:`FILE_FORMATS` (``manifest.json`` repeats it under
+``"files"``). Image i of ``captions_{split}.json`` is row ``images[i]["row"]`` of
+``images_{split}.npy`` (read with ``np.load(mmap_mode="r")``; the rows of skipped images stay zero
+and are never referenced); row j of ``tokens_``/``lengths_{split}.npy`` is ``annotations[j]``, and
+length 0 marks a caption not used for training (``--long-captions drop``). ``instances_{split}.json``
+is written with ``--instances`` (always for the synthetic dataset).
 
-    manifest.json          what this folder is: source format, source files (bytes, sha256),
-                           options, counts, summary, software versions, these formats
-    vocab.json             {"words": [<pad>, <start>, <end>, <unk>, ...], "min_count", "counts"}
-                           (ids are positions; words counted on the train split only)
-    captions_{split}.json  COCO captions format, the references: {"info", "images": [{"id",
-                           "file_name" (relative to the source images root), "row", "width",
-                           "height", "bytes", "sha256"}], "annotations": [{"id", "image_id",
-                           "caption"}]}; annotations grouped by image, in image order
-    tokens_{split}.npy     int32 [captions, max_len + 2]: <start> w.. <end> then <pad> (0); row i
-                           is annotations[i]
-    lengths_{split}.npy    int32 [captions]: tokens used, <start>/<end> included; 0 = not a
-                           training caption (longer than max_len under --long-captions drop)
-    images_{split}.npy     uint8 [rows, S, S, 3] RGB, read with np.load(mmap_mode="r"); image i of
-                           captions_{split}.json is row images[i]["row"] (rows of skipped images
-                           stay zero and are never referenced)
-    instances_{split}.json COCO instances of the split's images, 'segmentation' dropped (only
-                           with --instances; always for the synthetic dataset)
-    skipped.json           [{"reason", "item"}]: every record left out, and why
-
-Images: ``transforms.load_image`` (EXIF rotation applied; grayscale, CMYK, palette, alpha and
-16-bit converted to 8-bit RGB), then ``transforms.resize_square`` (bicubic to S x S, aspect ratio
-not kept) -- exactly the geometric part of ``transforms.preprocess``, so training from the store
-gives the same tensors as preprocessing the file (tests/test_prepare_data.py proves it).
-Captions: normalised to ASCII (coco.normalize_caption), tokenised by ``vocab.tokenize``;
-longer than ``max_len`` words: truncated to ``max_len`` (default, as ``Vocabulary.encode``) or
-dropped from training (``--long-captions drop``; they stay references).
+Images go through ``transforms.load_image`` then ``transforms.resize_square``, the geometric part
+of ``transforms.preprocess``, so training from the store gives the same tensors as preprocessing
+the file; captions through ``coco.normalize_caption`` and ``vocab.tokenize``, longer than
+``max_len`` words truncated or (``--long-captions drop``) kept as references only. The manifest's
+``"preprocessing"`` says it in full.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
+import importlib.metadata
 import io
 import json
 import multiprocessing
@@ -58,7 +44,7 @@ import numpy as np
 from PIL import Image
 
 from captioning.console import CaptioningError, one_line
-from captioning.data.coco import SPLITS, read_json, write_json
+from captioning.data.coco import SPLITS, write_json
 from captioning.data.formats import Skip, SourceDataset, pool_instances
 from captioning.data.transforms import ImageLoadError, load_image, resize_square
 from captioning.files import (MARKER, ForeignFolderError, LockedError, RunLock, atomic_path, check_folder,
@@ -255,11 +241,6 @@ def _open_partial(out: Path, plan: dict[str, Any], progress: bool) -> tuple[Path
 OWN_NAMES = frozenset([MARKER, *(pattern.format(split=split) for pattern in FILE_FORMATS for split in SPLITS)])
 
 
-def _own_name(name: str) -> bool:
-    """Whether ``name`` is one of the files a preparation writes (a user's captions_mine.json is not)."""
-    return name in OWN_NAMES
-
-
 def _check_out(out: Path, overwrite: bool) -> None:
     """--out must be new, empty, or (with --overwrite) a prepared folder holding only what a
     preparation writes: it is replaced whole, so a file of anyone else's in it is refused first."""
@@ -275,7 +256,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
         return
     if not overwrite:
         raise PrepareError(f"{out} is already a prepared folder; pass --overwrite to prepare it again")
-    foreign = sorted(p.name for p in out.iterdir() if not _own_name(p.name))
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in OWN_NAMES)  # a user's captions_mine.json
     if foreign:
         raise PrepareError(f"{out} holds files a preparation does not write ({', '.join(foreign[:4])}): move them "
                            "out of the folder, then run again (--overwrite replaces the whole folder)")
@@ -510,12 +491,8 @@ def _versions() -> dict[str, str]:
     import PIL
 
     versions = {"python": platform.python_version(), "numpy": np.__version__, "pillow": PIL.__version__}
-    try:
-        from importlib.metadata import version
-
-        versions["show-attend-tell"] = version("show-attend-tell")
-    except Exception:  # noqa: BLE001 -- not installed as a distribution
-        pass
+    with contextlib.suppress(Exception):  # not installed as a distribution: no version of ours
+        versions["show-attend-tell"] = importlib.metadata.version("show-attend-tell")
     return versions
 
 

@@ -1,12 +1,9 @@
 """Reading a prepared folder (captioning/data/prepare.py): records, vocabulary, the image store.
 
-The images of a split are one uint8 ``.npy`` file of [rows, S, S, 3], opened with
-``np.load(mmap_mode="r")``. Every process (each DataLoader worker, each DDP rank) opens its own
-read-only mapping on first use, and pickling drops it, so any number of workers read at once
-and the operating system's page cache is shared by all of them (a public port's HDF5 file
-allowed one worker only). Pixels go through ``transforms.preprocess``, the one preprocessing
-function; the stored image already has the target size, so only to_tensor and normalisation
-do work.
+A split's images are one uint8 ``.npy`` of [rows, S, S, 3] that every process (each DataLoader
+worker, each DDP rank) maps read-only on first use and pickling drops, so any number of workers
+share the page cache (a public port's HDF5 file allowed one worker only). Pixels go through
+``transforms.preprocess``, whose resize is then a no-op.
 """
 
 from __future__ import annotations
@@ -168,12 +165,17 @@ class PreparedFolder:
         return read_boxes(path, PreparedDataError) if path.is_file() else None
 
 
-class StoreTrainDataset(Dataset):
-    """Item i: (image i [3, S, S], k of its captions as id lists, image id), as TrainDataset.
+def draw_captions(options: list[list[int]], k: int) -> list[list[int]]:
+    """``k`` of an image's encoded captions, drawn anew without replacement each time (fewer than
+    k: each once, then repeats, so every image has k rows)."""
+    if len(options) >= k:
+        return random.sample(options, k)
+    return [options[j % len(options)] for j in range(k)]
 
-    Captions are drawn without replacement anew each time (fewer than k: each once, then
-    repeats); longer than ``max_caption_len`` words: truncated, as Vocabulary.encode does.
-    """
+
+class StoreTrainDataset(Dataset):
+    """Item i: (image i [3, S, S], k of its captions as id lists (:func:`draw_captions`), image id),
+    as TrainDataset; captions longer than ``max_caption_len`` words truncated as Vocabulary.encode does."""
 
     def __init__(self, part: PreparedSplit, images: StoreImages, captions_per_image: int, max_caption_len: int) -> None:
         self.part, self.images = part, images
@@ -188,10 +190,6 @@ class StoreTrainDataset(Dataset):
 
     def __getitem__(self, index: int):
         i = int(self.indices[index])
-        options = self.part.encoded(i)
-        if len(options) >= self.k:
-            chosen = random.sample(options, self.k)
-        else:
-            chosen = [options[j % len(options)] for j in range(self.k)]
+        chosen = draw_captions(self.part.encoded(i), self.k)
         chosen = [ids if len(ids) <= self.max_len + 2 else ids[: self.max_len + 1] + [Vocabulary.end_id] for ids in chosen]
         return self.images[i], chosen, self.part.image_ids[i]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -28,21 +27,17 @@ class ImageLoadError(CaptioningError, ValueError):
     """An image file is missing, unreadable, truncated or not an image."""
 
 
-# JPEGs at least twice this size on both sides are decoded at a reduced scale (1/2, 1/4 or 1/8,
-# libjpeg's DCT scaling via Image.draft) that keeps both sides >= DRAFT_SIZE: a 10000x10000 photo
-# decodes as 1250x1250, about 60x less work and memory. Every image is then resized to a small
-# square (data.image_size, at most a few hundred pixels), so nothing the model sees is lost, and
-# because it happens here, in the one loader, training, evaluation and captioning get identical
-# pixels. Smaller images (e.g. COCO's 640x480) decode exactly as before.
+# JPEGs at least twice this size on both sides decode at a reduced scale (1/2, 1/4 or 1/8: libjpeg's
+# DCT scaling, Image.draft) keeping both sides >= DRAFT_SIZE: a 10000x10000 photo as 1250x1250, ~60x
+# less work. The model sees a square of a few hundred pixels, so nothing is lost, and the one loader
+# gives training, evaluation and captioning identical pixels. Smaller images decode in full.
 DRAFT_SIZE = 1024
 
 
-#: The most pixels an image may have, after the reduced-scale decoding of large JPEGs, to be
-#: decoded at all: 50 megapixels (an 8000 x 6000 photo) take some 150 MB as RGB. A PNG of a few
-#: hundred kilobytes can claim 13000 x 13000 pixels, which would take gigabytes once decoded; the
-#: size is read from the file's header, so such a file is refused before any pixel is decoded.
-#: Raise it with the environment variable CAPTIONING_MAX_IMAGE_PIXELS (Pillow's own bound,
-#: PIL.Image.MAX_IMAGE_PIXELS, still applies beyond twice its value).
+#: The most pixels (after a large JPEG's reduced-scale decoding) an image may have to be decoded:
+#: 50 MP (8000 x 6000, ~150 MB as RGB). A PNG of a few hundred KB can claim 13000 x 13000 pixels
+#: (gigabytes decoded); the size is read from the header, so it is refused before decoding. Raise it
+#: with CAPTIONING_MAX_IMAGE_PIXELS (Pillow's own bound, PIL.Image.MAX_IMAGE_PIXELS, applies beyond twice it).
 DEFAULT_MAX_PIXELS = 50_000_000
 MAX_PIXELS_VARIABLE = "CAPTIONING_MAX_IMAGE_PIXELS"
 

@@ -1,5 +1,5 @@
 """The captions of the synthetic dataset: the grammar's words, canonical captions, the pool of
-true captions and the references (see the package docstring, "Language" and "References")."""
+true captions and the references (the package docstring and docs/synthetic.md state the rules)."""
 
 from __future__ import annotations
 
@@ -18,30 +18,17 @@ COUNT_OF = {word: count for count, word in COUNT_WORDS.items()}
 PLURALS = {shape: shape + "s" for shape in SHAPES}
 # Each prefix starts with its own word, and none with "a", the first word of most bodies: a greedy
 # decoder picks word by word, so prefixes sharing a first word pool their votes against the plain
-# body ("a picture of" beat an unsure "a <size>" at word 2 in generator v4, "an image of/showing"
-# together rivalled "a" at word 1 in v5), and correct captions then miss every reference.
+# body, and correct captions then miss every reference.
 PREFIXES = ("there is", "there are", "the image shows", "an image of", "this image shows")
 _PREFIX_STARTS = tuple(prefix + " " for prefix in PREFIXES)
-RELATIONS = {  # phrase -> (axis, sign): true iff sign * (coord(A) - coord(B)) > 0
-    "to the left of": ("x", -1),
-    "to the right of": ("x", 1),
-    "above": ("y", -1),
-    "below": ("y", 1),
-}
+# phrase -> (axis, sign): "A phrase B" is true iff sign * (coord(A) - coord(B)) > 0
+RELATIONS = {"to the left of": ("x", -1), "to the right of": ("x", 1), "above": ("y", -1), "below": ("y", 1)}
 ORDERS = {"from left to right": "x", "from top to bottom": "y"}
 
-VOCABULARY: tuple[str, ...] = tuple(
-    sorted(
-        set(SIZES)
-        | set(COLOURS)
-        | set(SHAPES)
-        | set(PLURALS.values())
-        | set(COUNT_WORDS.values())
-        | {"and"}
-        | {w for phrase in (*PREFIXES, *RELATIONS, *ORDERS) for w in phrase.split()}
-    )
-)
-"""Every word the grammar can produce, sorted."""
+#: Every word the grammar can produce, sorted.
+VOCABULARY: tuple[str, ...] = tuple(sorted(
+    {*SIZES, *COLOURS, *SHAPES, *PLURALS.values(), *COUNT_WORDS.values(), "and"}
+    | {w for phrase in (*PREFIXES, *RELATIONS, *ORDERS) for w in phrase.split()}))
 
 
 # --------------------------------------------------------------------------- captions
@@ -57,14 +44,7 @@ def noun_phrase_text(key: tuple[str, str, str], count: int) -> str:
 
 
 def _list_body(nps: Sequence[str]) -> str:
-    if len(nps) == 1:
-        return nps[0]
-    return " ".join(nps[:-1]) + " and " + nps[-1]
-
-
-def _first_count(body: str) -> int:
-    first = body.split(" ", 1)[0]
-    return COUNT_OF.get(first, 1)
+    return nps[0] if len(nps) == 1 else " ".join(nps[:-1]) + " and " + nps[-1]
 
 
 def _prefixed(body: str, first_count: int) -> list[str]:
@@ -92,11 +72,8 @@ def canonical_caption(objects: Sequence[SceneObject]) -> str:
 
 
 def caption_pool(objects: Sequence[SceneObject], image_size: int = SyntheticConfig.image_size) -> list[str]:
-    """Every phrasing the generator may produce for a scene; the canonical caption comes first.
-
-    Relations and orders are included only where the centres differ by at least
-    ``MARGIN_FRACTION * image_size`` on their axis.
-    """
+    """Every phrasing the generator may produce for a scene, the canonical caption first; relations
+    and orders only where the centres differ by at least ``MARGIN_FRACTION * image_size``."""
     margin = MARGIN_FRACTION * image_size
     groups = group_objects(objects)
     pool: dict[str, None] = {canonical_caption(objects): None}  # a dict keeps order and drops repeats
@@ -124,9 +101,8 @@ def caption_pool(objects: Sequence[SceneObject], image_size: int = SyntheticConf
     return list(pool)
 
 
-def reference_captions(
-    objects: Sequence[SceneObject], n: int, rng: random.Random, image_size: int = SyntheticConfig.image_size
-) -> list[str]:
+def reference_captions(objects: Sequence[SceneObject], n: int, rng: random.Random,
+                       image_size: int = SyntheticConfig.image_size) -> list[str]:
     """The canonical caption, then ``n - 1`` distinct others drawn from :func:`caption_pool`.
 
     Of the others, up to :data:`CANONICAL_BODY_REFERENCES` are the canonical caption behind a
@@ -140,7 +116,7 @@ def reference_captions(
     if not 1 <= n <= len(pool):
         raise InvalidValue(f"asked for {n} references, but this scene has {len(pool)} distinct phrasings")
     canonical = pool[0]
-    prefixed = [c for c in _prefixed(canonical, _first_count(canonical)) if c in pool]
+    prefixed = [c for c in _prefixed(canonical, COUNT_OF.get(canonical.split(" ", 1)[0], 1)) if c in pool]
     n_prefixed = min(CANONICAL_BODY_REFERENCES, n - 1, len(prefixed))
     chosen = rng.sample(prefixed, n_prefixed)
     # The rest: other bodies without a prefix while the scene has any (a one-object scene has

@@ -1,5 +1,5 @@
-"""Scenes of the synthetic dataset: objects, their placement and their rendering (see the
-package docstring, "Scenes"), and reading scenes back from an instances file."""
+"""Scenes of the synthetic dataset: objects, their placement and their rendering (the rules: the
+package docstring), and reading scenes back from an instances file."""
 
 from __future__ import annotations
 
@@ -95,13 +95,9 @@ def _place(sides: Sequence[int], image_size: int, rng: random.Random) -> list[tu
     raise OperationFailed(f"could not place objects of sides {list(sides)} in a {image_size} px image")
 
 
-def _objects(
-    attrs: Sequence[tuple[str, str, str]], boxes: Sequence[tuple[int, int, int, int]]
-) -> list[SceneObject]:
-    return [
-        SceneObject(size, colour, shape, tuple(float(v) for v in box))  # type: ignore[arg-type]
-        for (size, colour, shape), box in zip(attrs, boxes)
-    ]
+def _objects(attrs: Sequence[tuple[str, str, str]], boxes: Sequence[tuple[int, int, int, int]]) -> list[SceneObject]:
+    return [SceneObject(size, colour, shape, tuple(float(v) for v in box))  # type: ignore[arg-type]
+            for (size, colour, shape), box in zip(attrs, boxes)]
 
 
 def _leftmost(members: Sequence[SceneObject]) -> SceneObject:
@@ -124,12 +120,9 @@ def group_objects(objects: Sequence[SceneObject]) -> dict[tuple[str, str, str], 
 
 
 def _clearly_ordered(objects: Sequence[SceneObject], image_size: int) -> bool:
-    """True iff the canonical caption's orders hold with the margin (see the module docstring).
-
-    The centre x of the leftmost members of any two different groups differ by at least
-    ``MARGIN_FRACTION * image_size``; for two objects of different kinds the centres also differ
-    by at least the margin on the axis of the canonical relation (always x, see canonical_caption).
-    """
+    """True iff the centre x of the leftmost members of any two groups differ by at least
+    ``MARGIN_FRACTION * image_size`` (and so, for two objects of different kinds, the x of their
+    centres: the axis of the canonical relation, language.canonical_caption)."""
     margin = MARGIN_FRACTION * image_size
     groups = group_objects(objects)
     lefts = sorted(_leftmost(members).cx for members in groups.values())
@@ -143,12 +136,9 @@ def _clearly_ordered(objects: Sequence[SceneObject], image_size: int) -> bool:
 
 
 def make_scene(rng: random.Random, image_size: int) -> list[SceneObject]:
-    """A random scene: 1-3 non-overlapping objects (see the module docstring for the rules).
-
-    Rejection sampling with bounded retries: up to :data:`MAX_PLACEMENTS` placements of a drawn
-    scene, up to :data:`MAX_SCENE_DRAWS` drawn scenes, then a single object (always valid).
-    Everything comes from ``rng``, so the result is a function of its state.
-    """
+    """A random scene of 1-3 non-overlapping objects, a function of ``rng``'s state: up to
+    :data:`MAX_PLACEMENTS` placements of a drawn scene, up to :data:`MAX_SCENE_DRAWS` drawn scenes,
+    then a single object (always valid)."""
     if image_size < MIN_IMAGE_SIZE:
         raise InvalidValue(f"image_size must be at least {MIN_IMAGE_SIZE}, got {image_size}")
     for _ in range(MAX_SCENE_DRAWS):
@@ -202,22 +192,13 @@ def render_scene(objects: Sequence[SceneObject], image_size: int, rng: random.Ra
 
 
 def load_scenes(instances_json: str | Path) -> dict[int, list[SceneObject]]:
-    """image_id -> its objects, read back from an ``instances_{split}.json`` file.
-
-    Every image of the file is a key (an image without annotations maps to ``[]``); objects
-    keep the order of their annotation ids.
-    """
+    """image_id -> its objects (in annotation-id order; ``[]`` for an image without any), read
+    back from an ``instances_{split}.json`` file."""
     data = json.loads(Path(instances_json).read_text())
     shape_of = {cat["id"]: cat["name"] for cat in data["categories"]}
     scenes: dict[int, list[SceneObject]] = {img["id"]: [] for img in data["images"]}
     for ann in sorted(data["annotations"], key=lambda a: a["id"]):
-        attributes = ann["attributes"]
-        scenes.setdefault(ann["image_id"], []).append(
-            SceneObject(
-                size=attributes["size"],
-                colour=attributes["colour"],
-                shape=shape_of[ann["category_id"]],
-                bbox=tuple(float(v) for v in ann["bbox"]),  # type: ignore[arg-type]
-            )
-        )
+        attributes, bbox = ann["attributes"], tuple(float(v) for v in ann["bbox"])
+        obj = SceneObject(attributes["size"], attributes["colour"], shape_of[ann["category_id"]], bbox)  # type: ignore
+        scenes.setdefault(ann["image_id"], []).append(obj)
     return scenes

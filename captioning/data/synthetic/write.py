@@ -1,5 +1,5 @@
 """Writing the synthetic dataset: COCO-format files under a folder named after the config,
-atomically (see the package docstring, "Files")."""
+atomically (the package docstring, "Files")."""
 
 from __future__ import annotations
 
@@ -15,14 +15,13 @@ from pathlib import Path
 
 from captioning.console import InvalidValue
 from captioning.config import SyntheticConfig
+from captioning.data.coco import SPLITS
 from captioning.files import RunLock, atomic_folder, partial_name
 from captioning.progress import Progress
 from captioning.data.synthetic.language import MAX_CAPTIONS_PER_IMAGE, VOCABULARY, reference_captions
 from captioning.data.synthetic.scenes import CATEGORIES, MIN_IMAGE_SIZE, SHAPES, SceneObject, make_scene, render_scene
 
 GENERATOR_VERSION = 8  # part of the folder name: bump it whenever the output would change
-# v2: placement keeps the leftmost members of different groups >= the margin apart in x
-SPLITS = ("train", "val", "test")
 JPEG_QUALITY = 95
 
 
@@ -36,19 +35,14 @@ def _validate(cfg: SyntheticConfig) -> None:
     if cfg.image_size < MIN_IMAGE_SIZE:
         raise InvalidValue(f"synthetic.image_size must be >= {MIN_IMAGE_SIZE}, got {cfg.image_size}")
     if not 1 <= cfg.captions_per_image <= MAX_CAPTIONS_PER_IMAGE:
-        raise InvalidValue(
-            f"synthetic.captions_per_image must be in 1..{MAX_CAPTIONS_PER_IMAGE} (a one-object scene has "
-            f"only {MAX_CAPTIONS_PER_IMAGE} distinct true captions), got {cfg.captions_per_image}"
-        )
+        raise InvalidValue(f"synthetic.captions_per_image must be in 1..{MAX_CAPTIONS_PER_IMAGE} (a one-object scene "
+                           f"has only {MAX_CAPTIONS_PER_IMAGE} distinct true captions), got {cfg.captions_per_image}")
 
 
 def dataset_dir(root: str | Path, cfg: SyntheticConfig) -> Path:
     """The dataset folder for ``cfg`` under ``root`` (whether or not it exists yet)."""
-    name = (
-        f"synthetic-v{GENERATOR_VERSION}-seed{cfg.seed}-n{cfg.num_train}-{cfg.num_val}-{cfg.num_test}"
-        f"-s{cfg.image_size}-c{cfg.captions_per_image}"
-    )
-    return Path(root) / name
+    return Path(root) / (f"synthetic-v{GENERATOR_VERSION}-seed{cfg.seed}-n{cfg.num_train}-{cfg.num_val}-"
+                         f"{cfg.num_test}-s{cfg.image_size}-c{cfg.captions_per_image}")
 
 
 def _image_rng(cfg: SyntheticConfig, split: str, index: int, purpose: str) -> random.Random:
@@ -56,12 +50,8 @@ def _image_rng(cfg: SyntheticConfig, split: str, index: int, purpose: str) -> ra
 
 
 def _info(split: str) -> dict:
-    return {
-        "description": f"show-attend-tell synthetic shapes dataset, split {split}",
-        "version": str(GENERATOR_VERSION),
-        "contributor": "captioning.data.synthetic",
-        "url": "",
-    }
+    return {"description": f"show-attend-tell synthetic shapes dataset, split {split}",
+            "version": str(GENERATOR_VERSION), "contributor": "captioning.data.synthetic", "url": ""}
 
 
 def _dump(obj: object, path: Path, indent: int | None = None) -> None:
@@ -76,10 +66,8 @@ def _segmentation(obj: SceneObject) -> list[list[float]]:
     elif obj.shape == "triangle":
         points = [(x, y + h), (x + w, y + h), (x + w / 2, y)]
     else:
-        points = [
-            (x + w / 2 + w / 2 * math.cos(2 * math.pi * k / 24), y + h / 2 + h / 2 * math.sin(2 * math.pi * k / 24))
-            for k in range(24)
-        ]
+        angles = [2 * math.pi * k / 24 for k in range(24)]
+        points = [(x + w / 2 + w / 2 * math.cos(a), y + h / 2 + h / 2 * math.sin(a)) for a in angles]
     return [[round(v, 2) for point in points for v in point]]
 
 
@@ -116,50 +104,30 @@ def _write_dataset(out: Path, cfg: SyntheticConfig, progress: bool) -> None:
             file_name = f"SYN_{split}_{image_id:012d}.jpg"
             image.save(out / split / file_name, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
             images.append({"id": image_id, "file_name": file_name, "width": cfg.image_size, "height": cfg.image_size})
-            references = reference_captions(
-                objects, cfg.captions_per_image, _image_rng(cfg, split, index, "captions"), cfg.image_size
-            )
-            for caption in references:
+            rng = _image_rng(cfg, split, index, "captions")
+            for caption in reference_captions(objects, cfg.captions_per_image, rng, cfg.image_size):
                 caption_id += 1
                 captions.append({"id": caption_id, "image_id": image_id, "caption": caption})
             for obj in objects:
                 object_id += 1
-                instances.append(
-                    {
-                        "id": object_id,
-                        "image_id": image_id,
-                        "category_id": SHAPES.index(obj.shape) + 1,  # the ids of CATEGORIES
-                        "bbox": list(obj.bbox),
-                        "area": _area(obj),
-                        "iscrowd": 0,
-                        "segmentation": _segmentation(obj),
-                        "attributes": {"size": obj.size, "colour": obj.colour},
-                    }
-                )
+                instances.append({"id": object_id, "image_id": image_id,
+                                  "category_id": SHAPES.index(obj.shape) + 1,  # the ids of CATEGORIES
+                                  "bbox": list(obj.bbox), "area": _area(obj), "iscrowd": 0,
+                                  "segmentation": _segmentation(obj),
+                                  "attributes": {"size": obj.size, "colour": obj.colour}})
             bar.update(1)
         header = {"info": _info(split), "licenses": [], "images": images}
         _dump({**header, "annotations": captions}, out / "annotations" / f"captions_{split}.json")
-        _dump(
-            {**header, "categories": CATEGORIES, "annotations": instances},
-            out / "annotations" / f"instances_{split}.json",
-        )
-        splits_summary[split] = {
-            "images": len(images),
-            "captions": len(captions),
-            "objects": len(instances),
-            "image_ids": [images[0]["id"], images[-1]["id"]] if images else [],
-        }
+        _dump({**header, "categories": CATEGORIES, "annotations": instances},
+              out / "annotations" / f"instances_{split}.json")
+        splits_summary[split] = {"images": len(images), "captions": len(captions), "objects": len(instances),
+                                 "image_ids": [images[0]["id"], images[-1]["id"]] if images else []}
     bar.close()
-    manifest = {
-        "generator": "captioning.data.synthetic",
-        "version": GENERATOR_VERSION,
-        "config": dataclasses.asdict(cfg),
-        "splits": splits_summary,
-        "vocabulary": list(VOCABULARY),
-        "files": _FILE_FORMATS,
-        "description": "Coloured shapes on a gradient with captions from a small grammar; "
-        "see the docstring of captioning.data.synthetic for the scene rules and the grammar.",
-    }
+    manifest = {"generator": "captioning.data.synthetic", "version": GENERATOR_VERSION,
+                "config": dataclasses.asdict(cfg), "splits": splits_summary, "vocabulary": list(VOCABULARY),
+                "files": _FILE_FORMATS,
+                "description": "Coloured shapes on a gradient with captions from a small grammar; "
+                               "see the docstring of captioning.data.synthetic for the scene rules and the grammar."}
     _dump(manifest, out / "manifest.json", indent=2)
 
 
@@ -167,12 +135,9 @@ _LOCK = threading.Lock()  # threads of one process share a pid, hence a lock fil
 
 
 def generate_synthetic(root: str | Path, cfg: SyntheticConfig, progress: bool = True) -> Path:
-    """Generate the dataset for ``cfg`` under ``root`` on first use; return its folder.
-
-    A fast no-op when the folder exists (it is complete by construction: it only appears by an
-    atomic rename). ``progress`` prints a line with count, rate and ETA about once a second to
-    stderr.
-    """
+    """Generate the dataset for ``cfg`` under ``root`` on first use; -> its folder. A no-op when the
+    folder exists (complete: it appears only by an atomic rename). ``progress``: count, rate and ETA
+    on stderr."""
     _validate(cfg)
     final = dataset_dir(root, cfg)
     if final.is_dir():
