@@ -1,25 +1,14 @@
 """Files that are never half-written, folders that appear whole, and one run per folder.
 
-Every file the project writes (checkpoints, metrics, predictions, configs, prepared data,
-caches) goes through :func:`atomic_write` or :func:`atomic_path`: the bytes go to a temporary
-file in the *same* folder, are flushed and fsync'ed, then ``os.replace`` puts them under the
-final name. A rename within one folder is atomic on POSIX file systems, so a reader (or the next
-run after a kill -9 or a full disk) sees the old file or the new one, never a mixture. A
-temporary file in ``$TMPDIR`` would not do: moving it onto another file system is a copy, which
-can be interrupted half-way.
-
-:func:`atomic_folder` does the same for a whole folder (``NAME.partial/``, renamed when
-complete), and :func:`replacing_folder` replaces a folder the project wrote with a new one in one
-atomic exchange. :class:`RunLock` is a lock the kernel holds (flock), with a record of pid, host
-and command in its file, so a second live process writing the same folder is refused with a
-message naming the first, and the lock goes with its process however that ends.
-
-:func:`claim_folder` decides whose a folder is: the project writes only into a new or empty
-folder, which it marks (:data:`MARKER`, naming the kind: a run, a model, a prepared dataset, an
-evaluation..., the folder's real path and a random id), or into a folder carrying the project's
-own marker of that kind (:func:`read_marker`); :func:`remove_own` removes from a marked folder
-only the names the project writes there. Every file the project takes as its own (a marker, a
-lock) is opened without following a link and without blocking on a FIFO (:func:`open_regular`).
+Every file the project writes goes through :func:`atomic_write` or :func:`atomic_path`: the bytes
+go to a temporary file in the *same* folder, are fsync'ed, then ``os.replace`` puts them under the
+final name, an atomic rename on POSIX file systems, so a reader (or the run after a kill -9 or a
+full disk) sees the old file or the new one. A temporary file in ``$TMPDIR`` would not do: moving
+it to another file system is a copy, which can be interrupted half-way. :func:`atomic_folder` and
+:func:`replacing_folder` do the same for folders; :class:`RunLock` is a lock the kernel holds
+(flock). A folder is the project's only if it carries its marker (:data:`MARKER`,
+:func:`claim_folder`), and files it takes as its own are opened without following a link or
+blocking on a FIFO (:func:`open_regular`).
 """
 
 from __future__ import annotations
@@ -54,23 +43,21 @@ class FileWriteError(CaptioningError, OSError):
         return self.strerror or super().__str__()
 
 
+_FREE_SPACE = "; free some space or choose another --out-dir"
+_PERMISSIONS = ("permission denied", "; fix its permissions or choose another --out-dir")
+#: errno -> (the cause, the fix) of the write errors a user must fix.
 _REASONS = {
-    errno.ENOSPC: "no space left on the device",
-    errno.EDQUOT: "disk quota exceeded",
-    errno.EACCES: "permission denied",
-    errno.EPERM: "permission denied",
-    errno.EROFS: "read-only file system",
+    errno.ENOSPC: ("no space left on the device", _FREE_SPACE),
+    errno.EDQUOT: ("disk quota exceeded", _FREE_SPACE),
+    errno.EACCES: _PERMISSIONS,
+    errno.EPERM: _PERMISSIONS,
+    errno.EROFS: ("read-only file system", "; choose another --out-dir"),
 }
 
 
 def write_error(err: OSError, folder: str | Path, what: str = "write") -> FileWriteError:
     """One line naming the folder and the cause: 'cannot write into runs/x: no space left ...'."""
-    reason = _REASONS.get(err.errno or 0, err.strerror or type(err).__name__)
-    hint = {errno.ENOSPC: "; free some space or choose another --out-dir",
-            errno.EDQUOT: "; free some space or choose another --out-dir",
-            errno.EROFS: "; choose another --out-dir"}.get(err.errno or 0, "")
-    if err.errno in (errno.EACCES, errno.EPERM):
-        hint = "; fix its permissions or choose another --out-dir"
+    reason, hint = _REASONS.get(err.errno or 0, (err.strerror or type(err).__name__, ""))
     return FileWriteError(err.errno or 0, f"cannot {what} into {folder}: {reason}{hint}")
 
 
@@ -203,12 +190,6 @@ def partial_name(final: str | Path) -> Path:
     return final.with_name(final.name + ".partial")
 
 
-def publish_folder(partial: str | Path, final: str | Path) -> Path:
-    """Rename a completed ``partial`` folder to ``final``, replacing an existing ``final`` in one
-    atomic exchange where the system can (:func:`swap_in`)."""
-    return swap_in(partial, final)
-
-
 @contextlib.contextmanager
 def atomic_folder(final: str | Path, keep_on_error: bool = False) -> Iterator[Path]:
     """Yield ``final.partial/`` to write into; renamed to ``final`` when the block completes.
@@ -229,10 +210,6 @@ def atomic_folder(final: str | Path, keep_on_error: bool = False) -> Iterator[Pa
 
 
 # ------------------------------------------------------------------------------ locks
-
-
-def host_name() -> str:
-    return socket.gethostname()
 
 
 def pid_alive(pid: int) -> bool:
@@ -321,15 +298,27 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_locks_in_child)
 
 
+def _file_key(fd: int) -> tuple[int, int]:
+    info = os.fstat(fd)
+    return info.st_dev, info.st_ino
+
+
+def _flock(fd: int, exclusive: bool) -> bool:
+    """flock(2) without waiting -> False when another open file holds the lock."""
+    import fcntl  # POSIX only: imported where a lock is taken, not with the module
+
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
 class RunLock:
     """A lock on ``path`` that the kernel holds for the process (flock(2)), with a record of
-    ``{"pid", "host", "command"}`` in the file for messages.
-
-    The kernel releases the lock when its process ends, however it ends, so a lock is never left
-    stale and no pid is ever guessed alive or dead. The file is opened without following a link
-    and without blocking on a FIFO (:func:`open_regular`): a lock path that is anything but a
-    regular file is refused with one line. Use as a context manager.
-    """
+    ``{"pid", "host", "command"}`` in the file for messages. The kernel releases it when its
+    process ends, however it ends, so no pid is ever guessed alive or dead. A lock path that is
+    not a regular file is refused (:func:`open_regular`). Use as a context manager."""
 
     def __init__(self, path: str | Path, command: str | None = None, what: str = "writing") -> None:
         self.path = Path(path)
@@ -342,16 +331,12 @@ class RunLock:
     def holder(self) -> dict[str, Any] | None:
         """The record in the lock file, {} if unreadable (being written), None if there is no lock."""
         try:
-            text = read_regular(self.path, 1 << 16).decode("utf-8", "replace")
+            info = json.loads(read_regular(self.path, 1 << 16).decode("utf-8", "replace"))
         except FileNotFoundError:
             return None
         except (OSError, ValueError):
             return {}
-        try:
-            info = json.loads(text)
-            return info if isinstance(info, dict) else {}
-        except ValueError:
-            return {}
+        return info if isinstance(info, dict) else {}
 
     def live_holder(self) -> dict[str, Any] | None:
         """The record of the live process that holds the lock, or None (nobody else holds it)."""
@@ -364,18 +349,17 @@ class RunLock:
         except OSError:
             return {}  # not a regular file: nobody can be shown not to hold it
         try:
-            info = os.fstat(fd)
-            if (info.st_dev, info.st_ino) in _held_here:
-                return None  # this process holds it
-            try:
-                import fcntl  # POSIX only: imported where a lock is taken, not with the module
-
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except OSError:
-                return self.holder() or {}
-            return None
+            if _file_key(fd) in _held_here or _flock(fd, exclusive=False):
+                return None  # this process holds it, or nobody does
+            return self.holder() or {}
         finally:
             os.close(fd)  # closing drops the shared lock taken to look
+
+    def _is_at_path(self, fd: int) -> bool:
+        try:
+            return os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return False
 
     def describe(self, info: dict[str, Any]) -> str:
         who = f"pid {info.get('pid', '?')} on {info.get('host', '?')}"
@@ -388,7 +372,7 @@ class RunLock:
         Raises NotARegularFileError for a lock path that is a link, FIFO or device."""
         if self.held:
             return True
-        record = json.dumps({"pid": os.getpid(), "host": host_name(), "command": self.command}).encode()
+        record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": self.command}).encode()
         for _ in range(100):
             try:
                 fd = open_regular(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -396,24 +380,14 @@ class RunLock:
                 raise
             except OSError as err:
                 raise write_error(err, self.path.parent, "take the lock") from None
-            try:
-                import fcntl  # POSIX only: imported where a lock is taken, not with the module
-
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                info = os.fstat(fd)
+            if not _flock(fd, exclusive=True):
+                key = _file_key(fd)
                 os.close(fd)
-                if (info.st_dev, info.st_ino) in _held_here:
-                    self.held = True  # re-entered by this process, whose first holder releases it
-                    return True
-                return False
+                self.held = key in _held_here  # re-entered by this process, whose first holder releases it
+                return self.held
             # A holder that released the lock unlinks its file first: if ours is no longer the file
             # at the path, another process may be locking a new one; start again on that.
-            try:
-                same = os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if not same:
+            if not self._is_at_path(fd):
                 os.close(fd)
                 continue
             try:
@@ -422,8 +396,7 @@ class RunLock:
             except OSError as err:
                 os.close(fd)
                 raise write_error(err, self.path.parent, "take the lock") from None
-            info = os.fstat(fd)
-            _held_here[(info.st_dev, info.st_ino)] = fd
+            _held_here[_file_key(fd)] = fd
             self._fd, self._pid = fd, os.getpid()
             self.held = True
             return True
@@ -436,9 +409,8 @@ class RunLock:
             raise LockedError(f"{err}: the lock file of {self.path.parent} must be a regular file; remove it if it "
                               "is not yours to keep, then run again") from None
         if not taken:
-            info = self.holder() or {}
-            raise LockedError(f"{self.path.parent} is in use by another process: {self.describe(info)} is "
-                              f"{self.what} there (lock file {self.path}); wait for it or stop it")
+            raise LockedError(f"{self.path.parent} is in use by another process: {self.describe(self.holder() or {})} "
+                              f"is {self.what} there (lock file {self.path}); wait for it or stop it")
         return self
 
     def acquire_or_wait(self, done: Callable[[], bool], log: Callable[[str], None] | None = None,
@@ -467,10 +439,9 @@ class RunLock:
             # Unlinked while still locked, so no other process can lock this file after us and
             # believe it holds the path (see try_acquire).
             with contextlib.suppress(OSError):
-                if os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(self._fd).st_ino:
+                if self._is_at_path(self._fd):
                     self.path.unlink()
-            info = os.fstat(self._fd)
-            _held_here.pop((info.st_dev, info.st_ino), None)
+            _held_here.pop(_file_key(self._fd), None)
             os.close(self._fd)
         self._fd = None
         self.held = False
@@ -484,11 +455,8 @@ class RunLock:
 
 # ------------------------------------------------------------------------------ ownership
 #
-# A folder is the project's only if it carries the project's marker: a small JSON file that the
-# project writes into every folder it creates for a run, a model, a prepared dataset or an
-# evaluation. A folder without it that holds anything is someone else's: it is refused, never
-# written into, and --overwrite removes only files that the project writes in a folder of that
-# kind, never the rest.
+# A folder without the project's marker that holds anything is someone else's: it is refused,
+# and --overwrite removes only the files the project writes in a folder of that kind.
 
 #: The marker's name (hidden, so listings of a folder's files leave it out).
 MARKER = ".show-attend-tell.json"
@@ -514,9 +482,7 @@ def _marker_record(folder: Path) -> dict | None:
     path = folder / MARKER
     try:
         data = json.loads(read_regular(path, 1 << 16))
-    except FileNotFoundError:
-        return None
-    except NotADirectoryError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     except NotARegularFileError as err:
         raise ForeignFolderError(f"{err}: {folder} is not a folder show-attend-tell made; nothing was written") \
@@ -650,15 +616,18 @@ def remove_own(folder: str | Path, names: Iterable[str], name_as: str | Path | N
         raise ForeignFolderError(f"{folder} carries no {MARKER} marker: the project removes nothing there")
     removed = []
     for name in names:
-        path = folder / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
-        else:
-            continue
-        removed.append(name)
+        if (folder / name).exists() or (folder / name).is_symlink():
+            _remove(folder / name)
+            removed.append(name)
     return removed
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, a folder, or a link itself (never what it points to)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 # ------------------------------------------------------------------------------ replacing folders
@@ -686,8 +655,8 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(code, os.strerror(code), str(b))
 
 
-def _staged_name(final: Path, role: str, pid: int | None = None) -> Path:
-    return final.with_name(f".{final.name}.{role}-{os.getpid() if pid is None else pid}")
+def _staged_name(final: Path, role: str) -> Path:
+    return final.with_name(f".{final.name}.{role}-{os.getpid()}")
 
 
 def remove_leftovers(final: str | Path, own_names: Iterable[str]) -> list[Path]:
@@ -718,12 +687,8 @@ def _remove_staged(folder: Path, own_names: Iterable[str]) -> bool:
     """Remove ``own_names`` and the marker from ``folder``, then the folder if that emptied it.
     -> whether the folder is gone."""
     for name in [*own_names, MARKER]:
-        path = folder / name
         with contextlib.suppress(OSError):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            elif path.exists() or path.is_symlink():
-                path.unlink()
+            _remove(folder / name)
     try:
         folder.rmdir()
     except OSError:
@@ -731,21 +696,28 @@ def _remove_staged(folder: Path, own_names: Iterable[str]) -> bool:
     return True
 
 
-def swap_in(staged: str | Path, final: str | Path) -> Path:
-    """Put the complete folder ``staged`` at ``final``. An existing ``final`` is exchanged with it
-    in one atomic step where the system can (a reader, or a kill, sees the old folder or the new,
-    whole), else moved aside then replaced; the old folder is removed last."""
-    staged, final = Path(staged), Path(final)
-    if final.exists() or final.is_symlink():
-        if _exchange(staged, final):
-            shutil.rmtree(staged, ignore_errors=True)  # now the old folder
-        else:
-            old = _staged_name(final, "old")
-            os.replace(final, old)
-            os.replace(staged, final)
-            shutil.rmtree(old, ignore_errors=True)
-    else:
+def _put_in_place(staged: Path, final: Path) -> Path | None:
+    """Rename ``staged`` to ``final``. An existing ``final`` is exchanged with it in one atomic
+    step where the system can (a reader, or a kill, sees the old folder or the new, whole), else
+    moved aside first. -> where the old folder now is, or None when there was none."""
+    if not (final.exists() or final.is_symlink()):
         os.replace(staged, final)
+        return None
+    if _exchange(staged, final):
+        return staged
+    old = _staged_name(final, "old")
+    os.replace(final, old)
+    os.replace(staged, final)
+    return old
+
+
+def publish_folder(staged: str | Path, final: str | Path) -> Path:
+    """Put the complete folder ``staged`` at ``final`` (:func:`_put_in_place`); the old folder is
+    removed last."""
+    staged, final = Path(staged), Path(final)
+    old = _put_in_place(staged, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     _fsync_folder(final.parent)
     return final
 
@@ -785,15 +757,8 @@ def replacing_folder(final: str | Path, kind: str, own_names: Iterable[str], opt
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
-    if not (final.exists() or final.is_symlink()):
-        os.replace(staged, final)
-    else:
-        if _exchange(staged, final):
-            old = staged
-        else:
-            old = _staged_name(final, "old")
-            os.replace(final, old)
-            os.replace(staged, final)
+    old = _put_in_place(staged, final)
+    if old is not None:
         keep = set(own) | {MARKER}
         for path in old.iterdir():  # a file of the user's beside the model stays beside it
             if path.name not in keep and not (final / path.name).exists():
