@@ -275,8 +275,9 @@ def card_metadata(cfg: Config, metrics: dict | None = None) -> list[str]:
     pipeline_tag, license, tags, datasets, metrics). ``metrics``: the run's metrics.json; its
     test scores name the metrics, else the ones training scores. Values are JSON strings, which
     YAML reads as they are."""
-    data = cfg.data
-    dataset = {"synthetic": "show-attend-tell-synthetic", "coco": "coco"}.get(data.dataset) or Path(data.root).name
+    from captioning.data.datamodule import SOURCES
+
+    dataset = SOURCES[cfg.data.dataset].hub_name or Path(cfg.data.root).name
     scores = (metrics or {}).get("metrics")
     keys = [k for k in scores if k in _HUB_METRICS] if isinstance(scores, dict) else []
     hub_metrics = list(dict.fromkeys(_HUB_METRICS[k] for k in keys or ("bleu_4", "meteor", "rouge_l", "cider")))

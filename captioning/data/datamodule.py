@@ -129,6 +129,9 @@ class FolderSource:
     dataset is one class in SOURCES, chosen by data.dataset; CaptionDataModule asks it for
     records, images, the vocabulary, boxes and its one-line errors."""
 
+    #: The dataset's name on model hubs (a model card's metadata); None: the folder's name.
+    hub_name: str | None = "coco"
+
     def __init__(self, cfg: DataConfig) -> None:
         self.cfg = cfg
 
@@ -177,6 +180,8 @@ class FolderSource:
 class SyntheticSource(FolderSource):
     """data.dataset "synthetic": generated on first use into a folder under data.root named by its settings."""
 
+    hub_name = "show-attend-tell-synthetic"
+
     @property
     def root(self) -> Path:
         from captioning.data.synthetic import dataset_dir
@@ -213,6 +218,8 @@ class SyntheticSource(FolderSource):
 class PreparedSource(FolderSource):
     """data.dataset "prepared": a folder written by captioning prepare (formats in
     captioning/data/prepare.py; read by captioning/data/store.py)."""
+
+    hub_name = None
 
     @cached_property
     def folder(self):

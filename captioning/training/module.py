@@ -127,18 +127,11 @@ class CaptioningModule(pl.LightningModule):
     @torch.no_grad()
     def _log_training_signal(self, terms: LossTerms, captions: torch.Tensor, plan: TrainingPlan) -> None:
         """What the soft-vs-hard study (captioning compare) plots; monitoring only, no gradient.
-
-        train/attention_entropy: mean over real (caption, step) pairs of H(alpha_t) in nats, both
-        mechanisms (log L for a uniform map). Hard attention, in steps that sampled locations:
-        the REINFORCE learning signal of caption n is s_n = lambda_r (C_n - b), the scalar that
-        multiplies d log p(s_n|a)/dW in the estimator (C_n and b as in losses.caption_loss: b is
-        the moving average, or with loss.samples > 1 the mean cost of the caption's other draws).
-        Logged over the sampled captions: train/reinforce_cost (mean C_n),
-        train/reinforce_signal_mean (mean s_n), train/reinforce_signal_var (population variance
-        of s_n over the minibatch), train/reinforce_signal_sq (mean s_n^2 = var + mean^2: the
-        estimator's variance scales with it; a baseline at the mean cost would leave only var) and
-        train/reinforce_signal_sq_no_baseline (mean (lambda_r C_n)^2: the same without a baseline).
-        """
+        train/attention_entropy: mean H(alpha_t) in nats over real (caption, step) pairs. Hard
+        attention, over the captions of steps that sampled: s_n = lambda_r (C_n - b) multiplies
+        d log p(s_n|a)/dW (C_n, b as in losses.caption_loss); logged are mean C_n (reinforce_cost),
+        mean s_n, its population variance, mean s_n^2 = var + mean^2 (the estimator's variance
+        scales with it) and mean (lambda_r C_n)^2 (the same without a baseline)."""
         n = captions.shape[0]
         tokens = (captions[:, 1:] != self.vocab.pad_id).sum()
         draws = terms.entropy_per_caption.shape[0] // n  # loss.samples rows per caption when sampled

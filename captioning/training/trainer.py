@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import io
 import logging
 import math
@@ -289,25 +290,22 @@ def quiet_lightning():
             logging.getLogger(name).setLevel(level)
 
 
+def _quietly(method):
+    @functools.wraps(method)
+    def run(*args, **kwargs):
+        with _quiet_dependencies():
+            return method(*args, **kwargs)
+    return run
+
+
 class Trainer(pl.Trainer):
     """Lightning's Trainer, quiet about its dependencies' noise while it is built and while it runs
     (see _quiet_dependencies); otherwise the same."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        with _quiet_dependencies():
-            super().__init__(*args, **kwargs)
-
-    def fit(self, *args, **kwargs):
-        with _quiet_dependencies():
-            return super().fit(*args, **kwargs)
-
-    def validate(self, *args, **kwargs):
-        with _quiet_dependencies():
-            return super().validate(*args, **kwargs)
-
-    def test(self, *args, **kwargs):
-        with _quiet_dependencies():
-            return super().test(*args, **kwargs)
+    __init__ = _quietly(pl.Trainer.__init__)
+    fit = _quietly(pl.Trainer.fit)
+    validate = _quietly(pl.Trainer.validate)
+    test = _quietly(pl.Trainer.test)
 
 
 class TrainingStopped(CaptioningError):
@@ -389,24 +387,22 @@ class ResumableCSVLogger(CSVLogger):
         if self._experiment is not None:
             return self._experiment
         path = Path(self.log_dir) / "metrics.csv"
-        rows: list[dict[str, str]] = []
-        keys: list[str] = []
-        if self._keep_before_step is not None and path.is_file():
-            with path.open(newline="") as f:
-                reader = csv.DictReader(f)
-                keys = list(reader.fieldnames or [])
-                rows = [r for r in reader if r.get("step") and int(float(r["step"])) < self._keep_before_step]
+        keys, rows = _read_csv(path) if self._keep_before_step is not None and path.is_file() else ([], [])
+        rows = [r for r in rows if r.get("step") and int(float(r["step"])) < self._keep_before_step]
         writer = super().experiment  # removes the old file
-        writer._rewrite_with_new_header = lambda fieldnames: _write_csv(path, fieldnames, _read_csv(path))
+        writer._rewrite_with_new_header = lambda fieldnames: _write_csv(path, fieldnames, _read_csv(path)[1])
         if rows:
             _write_csv(path, keys, rows)
             writer.metrics_keys = sorted(keys)
         return writer
 
 
-def _read_csv(path: Path) -> list[dict[str, str]]:
+def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """-> (the header's column names, the rows)."""
     with path.open(newline="") as f:
-        return list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        return list(reader.fieldnames or []), rows
 
 
 def _write_csv(path: Path, fieldnames: list[str], rows: list[dict[str, str]]) -> None:
@@ -452,12 +448,12 @@ def build_trainer(
     loggers = build_loggers(out_dir, logger, resume_step)
     t = cfg.train
     monitor, mode = MONITORS[t.monitor]
+    checkpoint = functools.partial(ModelCheckpoint, enable_version_counter=False, auto_insert_metric_name=False)
     callbacks: list[pl.Callback] = [
-        ModelCheckpoint(dirpath=out_dir, filename="best", monitor=monitor, mode=mode, save_top_k=1,
-                        enable_version_counter=False, auto_insert_metric_name=False),
+        checkpoint(dirpath=out_dir, filename="best", monitor=monitor, mode=mode, save_top_k=1),
         # A second callback without a monitor keeps last.ckpt current after every epoch: Lightning
         # 2.6's save_last only writes it in epochs where the best checkpoint also improved.
-        ModelCheckpoint(dirpath=out_dir, filename="last", save_top_k=1, enable_version_counter=False),
+        checkpoint(dirpath=out_dir, filename="last", save_top_k=1),
         ConfiguredEarlyStopping(monitor=monitor, mode=mode, patience=t.patience),
         LearningRateMonitor(logging_interval="epoch"),
         RunGuard(check_every=t.log_every),
@@ -466,37 +462,27 @@ def build_trainer(
     ]
     if t.save_every_epoch:
         # monitor="epoch" only gives this callback a state key of its own beside last.ckpt's.
-        callbacks.append(ModelCheckpoint(dirpath=out_dir / "epochs", filename="epoch{epoch}", monitor="epoch",
-                                         mode="max", save_top_k=-1, enable_version_counter=False,
-                                         auto_insert_metric_name=False))
+        callbacks.append(checkpoint(dirpath=out_dir / "epochs", filename="epoch{epoch}", monitor="epoch", mode="max",
+                                    save_top_k=-1))
     if heatmaps and not t.fast_dev_run:
         callbacks.append(AttentionHeatmaps(out_dir))
     if progress_bar:
         callbacks.append(TrainingProgress())
     multi = t.devices * t.num_nodes > 1
     return Trainer(
-        accelerator=t.accelerator,
-        devices=t.devices,
-        num_nodes=t.num_nodes,
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
         # Every parameter is used in every step (the mechanism is chosen at construction), so DDP
         # needs no find_unused_parameters search.
         strategy="ddp" if multi else "auto",
         precision=resolve_precision(cfg),
-        max_epochs=t.max_epochs,
-        max_time=timedelta(minutes=t.max_time_minutes) if t.max_time_minutes > 0 else None,
-        check_val_every_n_epoch=t.val_every,
-        log_every_n_steps=t.log_every,
+        max_epochs=t.max_epochs, max_time=timedelta(minutes=t.max_time_minutes) if t.max_time_minutes > 0 else None,
+        check_val_every_n_epoch=t.val_every, log_every_n_steps=t.log_every,
         gradient_clip_val=cfg.optim.grad_clip or None,
         # None when 1.0 (all batches): the same, without Lightning's note saying so.
         limit_train_batches=t.limit_train_batches if t.limit_train_batches != 1.0 else None,
         limit_val_batches=t.limit_val_batches if t.limit_val_batches != 1.0 else None,
-        fast_dev_run=t.fast_dev_run,
-        num_sanity_val_steps=0,
-        callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
-        logger=loggers,
-        enable_progress_bar=progress_bar,
+        fast_dev_run=t.fast_dev_run, num_sanity_val_steps=0,
+        callbacks=callbacks, plugins=[AtomicCheckpointIO()], logger=loggers, enable_progress_bar=progress_bar,
         enable_model_summary=False,  # captioning train prints the trained parameter count itself
-        default_root_dir=out_dir,
-        deterministic=False,
+        default_root_dir=out_dir, deterministic=False,
     )
