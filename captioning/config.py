@@ -228,19 +228,10 @@ def _check_value(value: Any, tp: Any, key: str) -> Any:
         if value not in typing.get_args(tp):
             raise ConfigError(f"config key '{key}': {value!r} is not one of {list(typing.get_args(tp))}")
         return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
+    if origin in (typing.Union, types.UnionType):  # the config's unions are all ``X | None``
+        if value is None:
             return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _check_value(value, arg, key)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0] if errors else f"config key '{key}': bad value {value!r}")
+        return _check_value(value, next(arg for arg in typing.get_args(tp) if arg is not type(None)), key)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):

@@ -79,16 +79,12 @@ def _tmp_sibling(path: Path) -> Path:
 
 def _fsync_folder(folder: Path) -> None:
     """Make the rename itself durable (a crash right after it must not undo it)."""
-    try:
+    with contextlib.suppress(OSError):  # some file systems refuse fsync on folders; the rename is still atomic
         fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems refuse fsync on folders; the rename is still atomic
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def new_file_mode() -> int:
@@ -107,14 +103,10 @@ def new_file_mode() -> int:
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it is fsync'ed and renamed to ``path``.
-
-    For writers that need a file name (``np.save``, ``torch.save``, ``open_memmap``). On any
-    failure the temporary file is removed and ``path`` is untouched; ENOSPC, EACCES, EPERM and
-    EROFS become a :class:`FileWriteError` naming the folder. The file gets the mode a plain
-    ``open()`` gives (the umask respected): some writers, such as safetensors', create theirs
-    readable by the owner alone, and a model folder is meant to be shared.
-    """
+    """Yield a temporary path beside ``path`` for writers that need a file name (``np.save``,
+    ``torch.save``); on success it is fsync'ed and renamed to ``path``. On any failure it is removed
+    and ``path`` is untouched; the errors of :data:`_REASONS` become a :class:`FileWriteError`. The
+    file gets the mode a plain ``open()`` gives: some writers (safetensors) make theirs owner-only."""
     path = Path(path)
     tmp = _tmp_sibling(path)
     try:
@@ -142,7 +134,6 @@ def atomic_write(path: str | Path, data: str | bytes | memoryview | Callable[[An
                 data(f)
             else:
                 f.write(data)
-            f.flush()
     return path
 
 
@@ -192,11 +183,8 @@ def partial_name(final: str | Path) -> Path:
 
 @contextlib.contextmanager
 def atomic_folder(final: str | Path, keep_on_error: bool = False) -> Iterator[Path]:
-    """Yield ``final.partial/`` to write into; renamed to ``final`` when the block completes.
-
-    On an exception the partial folder is removed, unless ``keep_on_error`` (for work that can
-    resume from what the partial folder holds). A folder appears under its final name only whole.
-    """
+    """Yield ``final.partial/`` to write into; renamed to ``final`` when the block completes. On an
+    exception it is removed, unless ``keep_on_error`` (for work that resumes from what it holds)."""
     final = Path(final)
     partial = partial_name(final)
     partial.mkdir(parents=True, exist_ok=True)
@@ -215,11 +203,9 @@ def atomic_folder(final: str | Path, keep_on_error: bool = False) -> Iterator[Pa
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
     except PermissionError:  # exists, owned by someone else
         return True
-    except OverflowError:
+    except (ProcessLookupError, OverflowError):
         return False
     return True
 
@@ -244,12 +230,9 @@ def _kind_of(mode: int) -> str:
 
 
 def open_regular(path: str | Path, flags: int = os.O_RDONLY, mode: int = 0o644, follow_links: bool = False) -> int:
-    """``os.open`` that never follows a link in the last component and never blocks on a FIFO,
-    then refuses (NotARegularFileError, one line) anything but a regular file. -> the descriptor.
-
-    O_NOFOLLOW makes the open of a link fail (ELOOP) instead of reaching its target, and
-    O_NONBLOCK makes the open of a FIFO return at once instead of waiting for a writer (open(2));
-    fstat on the descriptor then tells what was opened, with no window between check and use.
+    """``os.open`` that refuses (NotARegularFileError, one line) anything but a regular file -> the
+    descriptor. O_NOFOLLOW fails on a link (ELOOP), O_NONBLOCK opens a FIFO without waiting for a
+    writer (open(2)); fstat then tells what was opened, with no window between check and use.
     ``follow_links``: a link is followed (a user's image may be one); a FIFO is still refused."""
     path = Path(path)
     nofollow = 0 if follow_links else os.O_NOFOLLOW
@@ -496,11 +479,10 @@ def _marker_record(folder: Path) -> dict | None:
 
 
 def read_marker(folder: str | Path, name_as: str | Path | None = None) -> dict | None:
-    """``folder``'s marker if it is the project's own (a regular file of a known kind that names
-    this very folder, by its real path, and carries a random id), else None when there is none.
-    A marker that is there but not ours (a link, a FIFO, a copy from another folder, a marker of
-    an older version that names no folder) is refused with ForeignFolderError (one line).
-    ``name_as``: the folder the marker must name, when ``folder`` is a staged copy of it."""
+    """``folder``'s marker (a regular file of a known kind naming this folder's real path and a
+    random id), or None when there is none; one not ours (a link, a FIFO, a copy from another
+    folder, an older version's) raises ForeignFolderError. ``name_as``: the folder the marker
+    must name, when ``folder`` is a staged copy of it."""
     folder = Path(folder)
     data = _marker_record(folder)
     if data is None:
@@ -517,9 +499,8 @@ def read_marker(folder: str | Path, name_as: str | Path | None = None) -> dict |
 
 
 def folder_kind(folder: str | Path, name_as: str | Path | None = None) -> str | None:
-    """The kind named by ``folder``'s marker ("run", "model", "prepared", "evaluation", "study"), or
-    None when the folder carries no marker (it is then not the project's). A marker that is not
-    the project's own raises ForeignFolderError (:func:`read_marker`)."""
+    """The kind (:data:`FOLDER_KINDS`) named by ``folder``'s marker, or None without one
+    (:func:`read_marker`)."""
     data = read_marker(folder, name_as)
     return data["kind"] if data else None
 
@@ -531,9 +512,8 @@ def folder_id(folder: str | Path) -> str | None:
 
 
 def mark_folder(folder: str | Path, kind: str, name_as: str | Path | None = None) -> str:
-    """Write ``folder``'s marker (the folder exists): from now on the project may write there.
-    The marker names the folder's real path (``name_as``'s, for a staged folder that will be
-    renamed to it) and a new random id. -> the id."""
+    """Write ``folder``'s marker, naming its real path (``name_as``'s, for a staged folder renamed to
+    it) and a new random id. -> the id."""
     import uuid
 
     from captioning import __version__
@@ -551,11 +531,9 @@ def _shown(names: list[str], limit: int = 4) -> str:
 
 def check_folder(folder: str | Path, kind: str, option: str | None = None, name_as: str | Path | None = None) -> bool:
     """Refuse (ForeignFolderError, one line with the fix) a ``folder`` the project may not write as
-    a folder of ``kind``: a file, a link to a file, a folder of another kind, a folder whose
-    marker is not the project's own, or a non-empty folder without the marker. ``option`` names
-    the command-line option that gave the folder, for the fix.
-    ``name_as``: the folder the marker names, for a staged folder renamed to it when complete.
-    -> whether the folder is already ours (False: missing or empty). Writes nothing."""
+    a folder of ``kind``: a file, a dangling link, a folder of another kind or with a marker not
+    ours, a non-empty folder without the marker. ``option``: the command-line option that gave
+    it. -> whether the folder is already ours (False: missing or empty). Writes nothing."""
     folder = Path(folder)
     other = f"choose another {option}" if option else "choose another folder"
     if folder.is_symlink() and not folder.exists():
@@ -608,9 +586,8 @@ def check_no_links(folder: str | Path, names: Iterable[str], option: str | None 
 
 
 def remove_own(folder: str | Path, names: Iterable[str], name_as: str | Path | None = None) -> list[str]:
-    """Remove the entries of ``names`` (files or folders the project writes) from ``folder``, which
-    must carry the project's own marker; nothing else in it is touched (a link among ``names`` is
-    removed itself, never what it points to). -> the names removed."""
+    """Remove the entries of ``names`` (what the project writes) from ``folder``, which must carry
+    the project's marker; nothing else is touched. -> the names removed."""
     folder = Path(folder)
     if folder_kind(folder, name_as) is None:
         raise ForeignFolderError(f"{folder} carries no {MARKER} marker: the project removes nothing there")
@@ -660,10 +637,9 @@ def _staged_name(final: Path, role: str) -> Path:
 
 
 def remove_leftovers(final: str | Path, own_names: Iterable[str]) -> list[Path]:
-    """Remove what a killed replacement of ``final`` left beside it: in ``.NAME.new-PID`` and
-    ``.NAME.old-PID`` folders of processes no longer alive, whose marker is the project's and
-    names ``final``, the entries of ``own_names`` (what the command writes there); the folder
-    goes too once empty, while a file of anyone else's in it keeps it. -> the folders removed."""
+    """Remove what a killed replacement of ``final`` left beside it: ``own_names`` from the
+    ``.NAME.new-PID`` and ``.NAME.old-PID`` folders of dead processes whose marker names ``final``,
+    then each folder if that emptied it. -> the folders removed."""
     final = Path(final)
     removed = []
     if not final.parent.is_dir():
@@ -725,13 +701,11 @@ def publish_folder(staged: str | Path, final: str | Path) -> Path:
 @contextlib.contextmanager
 def replacing_folder(final: str | Path, kind: str, own_names: Iterable[str], option: str | None = None,
                      what: str = "write") -> Iterator[Path]:
-    """Yield a new, marked folder beside ``final`` to write whole; on success it replaces
-    ``final``, so ``final`` holds the old folder, intact, until the new one is complete, and
-    never a mixture. ``final`` must be new, empty, or a folder of ``kind``
-    (:func:`check_folder`); ``own_names`` are the names the command writes there. The swap is one
-    atomic exchange where the system can (:func:`_exchange`); then a file of anyone else's in the
-    old folder is moved into the new one, and the old folder's own files are removed. On an
-    exception the new folder is removed and ``final`` is as it was."""
+    """Yield a new, marked folder beside ``final`` to write whole; on success it replaces ``final``
+    (:func:`_put_in_place`), which holds the old folder, intact, until then. ``final`` must be new,
+    empty, or a folder of ``kind`` (:func:`check_folder`); ``own_names``: what the command writes
+    there. A file of anyone else's in the old folder is moved into the new one. On an exception
+    the new folder is removed and ``final`` is as it was."""
     final = Path(final)
     own = [*own_names]
     ours = check_folder(final, kind, option)

@@ -42,10 +42,8 @@ def resolve_precision(cfg: Config) -> str:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """best.ckpt and last.ckpt written to a temporary file in their own folder, fsync'ed, then
-    renamed over the old file (captioning/files.py). Lightning's own save goes through a temporary
-    file in $TMPDIR that is then moved: across file systems the move is a copy, which a kill or a
-    full disk leaves half-done in place of the good checkpoint."""
+    """Checkpoints written atomically in their own folder (captioning/files.py): Lightning's own save
+    moves a file from $TMPDIR, a copy across file systems that a kill can leave half-done."""
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         if storage_options is not None:
@@ -64,13 +62,10 @@ class NonFiniteLossError(CaptioningError, RuntimeError):
 
 
 class RunGuard(pl.Callback):
-    """Stops training on a non-finite loss before a checkpoint can hold the damaged weights, and
-    records how a run was interrupted (SIGTERM, Ctrl-C), which Lightning turns into a
-    ``SystemExit`` (status 0 for SIGTERM), so the entry point can exit non-zero and say so.
-
-    The loss is checked every ``check_every`` steps (reading it synchronises a GPU) and always
-    before validation, which is where the checkpoints are written.
-    """
+    """Stops training on a non-finite loss before a checkpoint can hold the damaged weights, checked
+    every ``check_every`` steps (reading it synchronises a GPU) and before validation, where the
+    checkpoints are written; records an interruption (SIGTERM, Ctrl-C), which Lightning turns into
+    a ``SystemExit`` (status 0 for SIGTERM), so the entry point can exit non-zero and say so."""
 
     def __init__(self, check_every: int = 1) -> None:
         self.check_every = max(1, check_every)
@@ -112,11 +107,9 @@ class RunGuard(pl.Callback):
 
 
 class RunPlace(pl.Callback):
-    """Records in every checkpoint the folder the training ran in (``checkpoint["workdir"]``):
-    the config's relative paths (data.root, data.feature_cache) are relative to it, and the
-    commands that read the checkpoint from another folder resolve them there
-    (captioning/checkpoint.py ``at_workdir``). Also the random id of the run folder's marker
-    (``checkpoint["run_folder_id"]``, captioning/files.py): --resume continues in place only in
+    """Records in every checkpoint the folder the training ran in (``checkpoint["workdir"]``), which
+    the config's relative paths are relative to (captioning/checkpoint.py ``at_workdir``), and the
+    run folder marker's id (``checkpoint["run_folder_id"]``): --resume continues in place only in
     the folder whose marker carries it."""
 
     def __init__(self, out_dir: Path | None = None) -> None:
@@ -125,7 +118,7 @@ class RunPlace(pl.Callback):
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module, checkpoint: dict) -> None:
         checkpoint["workdir"] = self.workdir
-        if self.run_folder_id is not None:  # --resume continues in place only in the folder of this id
+        if self.run_folder_id is not None:
             checkpoint["run_folder_id"] = self.run_folder_id
 
 
@@ -139,10 +132,8 @@ def _run_folder_id(out_dir: Path | None) -> str | None:
 
 
 class ConfiguredEarlyStopping(EarlyStopping):
-    """Early stopping whose patience is the config's, also after --resume: Lightning's own
-    restores the patience saved in the checkpoint over the one it was built with, so
-    ``--resume --set train.patience=N`` was recorded in config.yaml but never applied. The
-    progress (epochs without improvement, best score) is restored as saved."""
+    """Early stopping whose patience is the config's also after --resume (Lightning's restores the
+    checkpoint's, ignoring ``--set train.patience=N``); its progress is restored as saved."""
 
     def load_state_dict(self, state_dict: dict) -> None:
         patience = self.patience
@@ -151,11 +142,9 @@ class ConfiguredEarlyStopping(EarlyStopping):
 
 
 class TrainingProgress(ProgressBar):
-    """Training, validation and test progress through the project's one progress helper
-    (captioning/progress.py): a bar on a terminal, plain lines at most every ``interval`` seconds
-    (and at the end of each epoch) in a log file or a pipe. After each validation one line gives
-    its scores; before the test split's captions are scored (the Java tokenizer and METEOR take a
-    while) one line says so."""
+    """Training, validation and test progress through captioning/progress.py (a bar on a terminal,
+    lines at most every ``interval`` seconds elsewhere); a line of scores after each validation,
+    and one before the test captions are scored (the Java tokenizer and METEOR take a while)."""
 
     def __init__(self, interval: float = 30.0) -> None:
         super().__init__()
@@ -233,13 +222,10 @@ class TrainingProgress(ProgressBar):
             print("test: scoring the captions with the COCO metrics ...", file=sys.stderr, flush=True)
 
 
-#: Messages of the dependencies that tell a user of this command nothing: Lightning's advert for
-#: its cloud logger (every Trainer), its note that it loads the training data to count the steps
-#: (for the cosine schedule), a deprecation inside its own use of torch's pytree, and its warnings
-#: that the run folder and its logs/ are not empty: the run-folder check
-#: (captioning/training/run_folder.py) has already refused another run's files, so the folder
-#: holds this run's config.yaml and lock (or, on --resume, its own files), and
-#: ResumableCSVLogger keeps the earlier log rows that the second warning says are deleted.
+#: Messages that tell a user nothing: Lightning's cloud advert, its note that it loads the training
+#: data to count steps, a pytree deprecation inside it, and its warnings that the run folder and
+#: logs/ are not empty (run_folder.py has already refused another run's files, and
+#: ResumableCSVLogger keeps the rows the second warning says are deleted).
 _NOISE_LOGGED = ("💡 Tip: For seamless cloud logging", "Loading `train_dataloader` to estimate number of stepping")
 _NOISE_WARNED = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                  r"Checkpoint directory .* exists and is not empty",
@@ -253,8 +239,7 @@ class _DropNoise(logging.Filter):
 
 @contextlib.contextmanager
 def _quiet_dependencies():
-    """While the Trainer is built and runs: the dependency messages above are dropped, nothing else
-    (a warning of the user's code or of ours still shows)."""
+    """While the block runs the dependency messages above are dropped, nothing else."""
     logger = logging.getLogger("pytorch_lightning.utilities.rank_zero")
     noise = _DropNoise()
     logger.addFilter(noise)
@@ -268,9 +253,8 @@ def _quiet_dependencies():
 
 
 def silence_lightning() -> None:
-    """From here on in this process, Lightning's info lines (the accelerators it found, the process
-    group it started) and its warnings are dropped: ``captioning evaluate --devices N`` says itself
-    what it runs, and its processes print what one process does."""
+    """From here on in this process, Lightning's info lines and warnings are dropped:
+    ``captioning evaluate --devices N`` says itself what it runs."""
     for name in ("pytorch_lightning", "lightning_fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module="pytorch_lightning|lightning_fabric")
@@ -321,8 +305,8 @@ EXIT_STATUS = {"SIGINT": 130, "SIGTERM": 143}  # 128 + the signal's number, as a
 
 def run_guarded(trainer: pl.Trainer, stage, out_dir: str | Path, resume_command: str):
     """Run ``stage()`` (trainer.fit or trainer.test); a non-finite loss, SIGTERM or Ctrl-C becomes
-    :class:`TrainingStopped` saying what was saved and how to continue. Lightning ends SIGTERM with
-    a ``SystemExit`` of status 0, which would let ``train && evaluate`` carry on."""
+    :class:`TrainingStopped` saying what was saved and how to continue (Lightning's SystemExit(0)
+    on SIGTERM would let ``train && evaluate`` carry on)."""
     guard = next(c for c in trainer.callbacks if isinstance(c, RunGuard))
     last = Path(out_dir) / "last.ckpt"
     # What holds the work if this stage saves nothing (the stage's own saves are in guard.saved).
@@ -347,9 +331,8 @@ def _saved(guard: RunGuard, last: Path, before: str) -> str:
 
 
 class RNGState(pl.Callback):
-    """Saves the random generators (Python, NumPy, torch CPU and CUDA) in every checkpoint and
-    restores them on resume, so the resumed epochs shuffle, drop out and sample as the
-    uninterrupted run would have. Stored as plain types and tensors (weights-only loadable)."""
+    """The random generators (Python, NumPy, torch CPU and CUDA) in every checkpoint, as plain types
+    and tensors, restored on resume: the resumed epochs draw as the uninterrupted run would have."""
 
     def state_dict(self) -> dict:
         version, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -360,9 +343,8 @@ class RNGState(pl.Callback):
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        # Called when fit restores the checkpoint, before the resumed epoch's data iterator is made
-        # (which draws the shuffle order) and before CaptioningModule.on_fit_start, which then keeps
-        # these states on one device (with DDP it seeds each rank anew: only rank 0's are saved).
+        # Called before the resumed epoch's shuffle is drawn and before CaptioningModule.on_fit_start
+        # (which, with DDP, seeds each rank anew: only rank 0's states are saved).
         py = state["python"]
         random.setstate((py[0], tuple(py[1]), py[2]))
         torch.set_rng_state(state["torch"])
@@ -373,9 +355,8 @@ class RNGState(pl.Callback):
 
 
 class ResumableCSVLogger(CSVLogger):
-    """Lightning's CSVLogger deletes an existing ``metrics.csv`` when it starts, so a resumed run
-    would lose the log of everything before the resume. This one keeps the rows logged before
-    ``keep_before_step`` (the resumed checkpoint's global step) and appends after them."""
+    """A CSVLogger that keeps the rows of ``metrics.csv`` logged before ``keep_before_step`` (the
+    resumed checkpoint's step): Lightning's deletes the file when it starts."""
 
     def __init__(self, *args, keep_before_step: int | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -439,9 +420,8 @@ def build_trainer(
     cfg: Config, out_dir: str | Path, progress_bar: bool = True, resume_step: int | None = None,
     logger: str = "csv", heatmaps: bool = True,
 ) -> pl.Trainer:
-    """``resume_step``: the global step of the checkpoint being resumed, whose earlier log rows are
-    kept. ``logger``: "csv" or "tensorboard" (see build_loggers). ``heatmaps``: attention figures
-    of a few fixed validation images at every validation (captioning/training/heatmaps.py)."""
+    """``resume_step``: the resumed checkpoint's step (build_loggers). ``heatmaps``: attention figures
+    at every validation (captioning/training/heatmaps.py)."""
     from captioning.training.heatmaps import AttentionHeatmaps
 
     out_dir = Path(out_dir)
