@@ -26,7 +26,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from captioning.console import CaptioningError, InvalidType, InvalidValue
 from captioning.config import LOGGERS, Config
-from captioning.files import atomic_write
+from captioning.files import ForeignFolderError, atomic_write, folder_id
 from captioning.progress import Progress
 
 #: train.monitor -> (logged key, mode). BLEU-4 from real greedy decoding of the whole validation
@@ -114,21 +114,15 @@ class RunPlace(pl.Callback):
 
     def __init__(self, out_dir: Path | None = None) -> None:
         self.workdir = os.getcwd()
-        self.run_folder_id = _run_folder_id(out_dir)
+        try:
+            self.run_folder_id = folder_id(out_dir) if out_dir is not None else None
+        except ForeignFolderError:
+            self.run_folder_id = None
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module, checkpoint: dict) -> None:
         checkpoint["workdir"] = self.workdir
         if self.run_folder_id is not None:
             checkpoint["run_folder_id"] = self.run_folder_id
-
-
-def _run_folder_id(out_dir: Path | None) -> str | None:
-    from captioning.files import ForeignFolderError, folder_id
-
-    try:
-        return folder_id(out_dir) if out_dir is not None else None
-    except ForeignFolderError:
-        return None
 
 
 class ConfiguredEarlyStopping(EarlyStopping):
