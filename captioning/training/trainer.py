@@ -226,24 +226,22 @@ _NOISE_WARNED = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                  r"Experiment logs directory .* exists and is not empty")
 
 
-class _DropNoise(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(_NOISE_LOGGED)
+def _not_noise(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_NOISE_LOGGED)
 
 
 @contextlib.contextmanager
 def _quiet_dependencies():
     """While the block runs the dependency messages above are dropped, nothing else."""
     logger = logging.getLogger("pytorch_lightning.utilities.rank_zero")
-    noise = _DropNoise()
-    logger.addFilter(noise)
+    logger.addFilter(_not_noise)  # a logging filter may be a function (Python 3.2+)
     try:
         with warnings.catch_warnings():
             for message in _NOISE_WARNED:
                 warnings.filterwarnings("ignore", message=message)
             yield
     finally:
-        logger.removeFilter(noise)
+        logger.removeFilter(_not_noise)
 
 
 def silence_lightning() -> None:
