@@ -144,10 +144,7 @@ def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 2, **kwar
 def remove_temporaries(folder: str | Path) -> int:
     """Remove ``.tmp-<pid>-<n>-NAME`` files that dead processes of this host left in ``folder``."""
     removed = 0
-    folder = Path(folder)
-    if not folder.is_dir():
-        return 0
-    for tmp in folder.glob(f"{TMP_PREFIX}*"):
+    for tmp in Path(folder).glob(f"{TMP_PREFIX}*"):  # nothing for a missing folder
         pid = tmp.name[len(TMP_PREFIX):].split("-", 1)[0]
         if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)) and tmp.is_file():
             with contextlib.suppress(OSError):

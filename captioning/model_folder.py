@@ -252,13 +252,10 @@ def read_run_metrics(source: str | Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-_CARD_METRICS = (("bleu_1", "BLEU-1"), ("bleu_2", "BLEU-2"), ("bleu_3", "BLEU-3"), ("bleu_4", "BLEU-4"),
-                 ("meteor", "METEOR"), ("rouge_l", "ROUGE-L"), ("cider", "CIDEr"), ("spice", "SPICE"))
-
-
-#: Metric ids of the card's metadata (the names model hubs use), for the scores a card can show.
-_HUB_METRICS = {"bleu_1": "bleu", "bleu_2": "bleu", "bleu_3": "bleu", "bleu_4": "bleu", "meteor": "meteor",
-                "rouge_l": "rouge", "cider": "cider", "spice": "spice"}
+#: The scores a card shows: metric id -> (its name in the table, its metadata id as model hubs name it).
+_CARD_METRICS = {"bleu_1": ("BLEU-1", "bleu"), "bleu_2": ("BLEU-2", "bleu"), "bleu_3": ("BLEU-3", "bleu"),
+                 "bleu_4": ("BLEU-4", "bleu"), "meteor": ("METEOR", "meteor"), "rouge_l": ("ROUGE-L", "rouge"),
+                 "cider": ("CIDEr", "cider"), "spice": ("SPICE", "spice")}
 
 
 def card_metadata(cfg: Config, metrics: dict | None = None) -> list[str]:
@@ -268,8 +265,8 @@ def card_metadata(cfg: Config, metrics: dict | None = None) -> list[str]:
 
     dataset = SOURCES[cfg.data.dataset].hub_name or Path(cfg.data.root).name
     scores = (metrics or {}).get("metrics")
-    keys = [k for k in scores if k in _HUB_METRICS] if isinstance(scores, dict) else []
-    hub_metrics = list(dict.fromkeys(_HUB_METRICS[k] for k in keys or ("bleu_4", "meteor", "rouge_l", "cider")))
+    keys = [k for k in scores if k in _CARD_METRICS] if isinstance(scores, dict) else []
+    hub_metrics = list(dict.fromkeys(_CARD_METRICS[k][1] for k in keys or ("bleu_4", "meteor", "rouge_l", "cider")))
     tags = ["image-captioning", "show-attend-tell", f"{cfg.model.attention}-attention", "pytorch"]
 
     def items(values: list[str]) -> list[str]:
@@ -289,10 +286,8 @@ def model_card(model: ShowAttendTell, cfg: Config, vocab: Vocabulary, command: s
     params = sum(p.numel() for p in model.parameters())
     lines = [
         *card_metadata(cfg, metrics),
-        f"# Show, Attend and Tell: {cfg.model.attention} attention",
-        "",
-        "An image captioning model (Xu et al., 2015), saved by `Captioner.save_pretrained`.",
-        "",
+        f"# Show, Attend and Tell: {cfg.model.attention} attention", "",
+        "An image captioning model (Xu et al., 2015), saved by `Captioner.save_pretrained`.", "",
         "| | |", "|---|---|",
         f"| attention | {cfg.model.attention} ({dec.score} score, {dec.gate} gate) |",
         f"| encoder | {enc.backbone} up to {enc.stage or 'the last stage'}, {enc.grid_size}x{enc.grid_size} grid |",
@@ -310,7 +305,7 @@ def model_card(model: ShowAttendTell, cfg: Config, vocab: Vocabulary, command: s
     if isinstance(scores, dict) and scores:
         n = metrics.get("num_images")
         lines += [f"## Test split scores (x100{f', {n} images' if n else ''})", "", "| metric | score |", "|---|---|"]
-        for key, name in _CARD_METRICS:
+        for key, (name, _) in _CARD_METRICS.items():
             if isinstance(scores.get(key), (int, float)):
                 lines.append(f"| {name} | {100 * scores[key]:.2f} |")
         lines.append("")
