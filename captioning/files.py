@@ -36,11 +36,15 @@ _counter = iter(range(1 << 62))
 _counter_lock = threading.Lock()
 
 
-class FileWriteError(CaptioningError, OSError):
-    """A write failed for a reason the user must fix (full disk, no permission, read-only)."""
+class _OneLineOSError(CaptioningError, OSError):
+    """An OSError the user must fix, shown as its one-line message."""
 
     def __str__(self) -> str:  # the message alone, without OSError's "[Errno 28]" prefix
         return self.strerror or super().__str__()
+
+
+class FileWriteError(_OneLineOSError):
+    """A write failed for a reason the user must fix (full disk, no permission, read-only)."""
 
 
 _FREE_SPACE = "; free some space or choose another --out-dir"
@@ -211,11 +215,8 @@ class LockedError(CaptioningError, RuntimeError):
     """Another live process holds the lock."""
 
 
-class NotARegularFileError(CaptioningError, OSError):
+class NotARegularFileError(_OneLineOSError):
     """A path the project reads or writes as its own file is a link, a FIFO, a device or a folder."""
-
-    def __str__(self) -> str:
-        return self.strerror or super().__str__()
 
 
 def _kind_of(mode: int) -> str:

@@ -45,10 +45,6 @@ def choose_out_dir(out_dir: Path | None, attention: str, resume: Path | None) ->
     return Path("runs") / attention
 
 
-def run_files(out_dir: Path) -> list[str]:
-    return [name for name in RUN_FILES if (out_dir / name).exists()]
-
-
 def _continuing(out_dir: Path, resume: Path | None) -> bool:
     return resume is not None and Path(out_dir).resolve() == Path(resume).resolve().parent
 
@@ -80,7 +76,8 @@ def check_out_dir(out_dir: Path, overwrite: bool = False, resume: Path | None = 
     found = [name for name in RESULT_FILES if (out_dir / name).exists()] if ours else []
     if found and not continuing and not overwrite:
         hint = f"--resume {out_dir / 'last.ckpt'} to continue it, " if (out_dir / "last.ckpt").is_file() else ""
-        raise RunFolderError(f"{out_dir} holds another run ({', '.join(run_files(out_dir))}): pass --overwrite to "
+        present = ", ".join(name for name in RUN_FILES if (out_dir / name).exists())
+        raise RunFolderError(f"{out_dir} holds another run ({present}): pass --overwrite to "
                              f"replace it, {hint}or --out-dir to write elsewhere")
     try:
         check_writable(out_dir, "write the run")
