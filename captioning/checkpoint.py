@@ -22,12 +22,6 @@ from captioning.models import ShowAttendTell
 from captioning.vocab import Vocabulary
 
 
-def checkpoint_training_data(ckpt: dict, cfg: Config, vocab: Vocabulary) -> dict:
-    """What the checkpoint's model was trained on (captioning/provenance.py): its record, or one
-    inferred from its config for a checkpoint written before the record was kept."""
-    return provenance.checked(ckpt["hyper_parameters"].get("training_data"), cfg, len(vocab))
-
-
 def read_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
@@ -75,15 +69,10 @@ def checkpoint_config(ckpt: dict, path: str | Path = "checkpoint") -> tuple[Conf
 
 def at_workdir(cfg: Config, workdir: str | None) -> Config:
     """``cfg`` with its relative data paths (data.root, data.feature_cache) made absolute against
-    ``workdir``, the folder the training ran in (recorded in every checkpoint by
-    captioning/training/trainer.py RunPlace): a command run from another folder then reads the
-    run's own data instead of looking for it, or generating it, where it stands. Without a
-    ``workdir`` (a checkpoint written before it was recorded) the paths stay as they are.
-
-    The recorded folder is only read from: a path is moved there only when what it names exists
-    there already (for the synthetic dataset, its generated folder). Otherwise it stays relative
-    to where the command runs, so the data is generated or looked for here, never written into a
-    folder the checkpoint names, which may be someone else's."""
+    ``workdir``, the folder the training ran in (captioning/training/trainer.py RunPlace), so that a
+    command run elsewhere reads the run's own data. A path moves there only when what it names
+    exists there (:func:`_present`): the recorded folder, maybe someone else's, is never written
+    into. Without a ``workdir`` (an older checkpoint) the paths stay as they are."""
     if not isinstance(workdir, str) or not workdir:
         return cfg
     data = cfg.data
@@ -94,12 +83,13 @@ def at_workdir(cfg: Config, workdir: str | None) -> Config:
 
 
 def _present(path: Path, key: str, cfg: Config) -> bool:
-    """Whether the data that ``path`` (data.``key`` resolved in the recorded folder) names is there."""
-    if key == "root" and cfg.data.dataset == "synthetic":
-        from captioning.data.synthetic.write import dataset_dir
+    """Whether the data that ``path`` (data.``key`` resolved in the recorded folder) names is there:
+    for data.root, the dataset's folder under it (SOURCES: the synthetic set's generated one)."""
+    if key == "root":
+        from captioning.data.sources import source_for
 
         try:
-            return dataset_dir(path, cfg.data.synthetic).is_dir()
+            path = source_for(cfg.data).folder_at(path)
         except (OSError, ValueError):
             return False
     return path.exists()
@@ -133,7 +123,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def load_checkpoint_and_data(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[LoadedModel, dict]:
-    """:func:`load_checkpoint`, and what the model was trained on (:func:`checkpoint_training_data`)."""
+    """:func:`load_checkpoint`, and what the model was trained on (captioning/provenance.py)."""
     ckpt = read_checkpoint(path)
     cfg, vocab = checkpoint_config(ckpt, path)
     # The weights come from the checkpoint: never fetch ImageNet weights just to overwrite them.
@@ -142,4 +132,5 @@ def load_checkpoint_and_data(path: str | Path, map_location: str | torch.device 
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     check_state_dict(model.state_dict(), state, path)
     model.load_state_dict(state)
-    return LoadedModel(model.to(map_location).eval(), cfg, vocab), checkpoint_training_data(ckpt, cfg, vocab)
+    trained_on = provenance.checked(ckpt["hyper_parameters"].get("training_data"), cfg, len(vocab))
+    return LoadedModel(model.to(map_location).eval(), cfg, vocab), trained_on

@@ -1,11 +1,7 @@
-"""Typed configuration: dataclasses with defaults, YAML files that hold only differences.
-
-The defaults train on the built-in synthetic dataset in minutes on a CPU. The paper's COCO
-settings live in ``configs/*.yaml`` as differences from these defaults.
-
-Every way a config enters (a YAML file, ``--set key=value``, a checkpoint) goes through
-:func:`merge`, which rejects unknown keys and wrong types with a message naming the key.
-"""
+"""Typed configuration: dataclasses whose defaults train on the synthetic dataset in minutes on a
+CPU; the paper's COCO settings are differences from them in ``configs/*.yaml``. Every way a config
+enters (a YAML file, ``--set key=value``, a checkpoint) goes through :func:`merge` (unknown keys and
+wrong types refused, naming the key) and :func:`validate` (ranges and choices)."""
 
 from __future__ import annotations
 
@@ -64,15 +60,13 @@ def bounded(default: float, rule: Range):
 @dataclass
 class EncoderConfig:
     backbone: str = "resnet18"  # any of BACKBONES
-    # Last stage kept; None = the backbone's conv5 (resnet layer4, VGG conv5_4 before max-pool).
-    # The synthetic default stops at layer2: stride 8 gives an 8x8 grid from 64x64 images.
+    # Last stage kept; None = conv5 (resnet layer4, VGG conv5_4 before max-pool). layer2: stride 8,
+    # an 8x8 grid from 64x64 images.
     stage: str | None = "layer2"
-    # annotation grid is grid_size x grid_size (paper: 14x14 -> L=196)
-    grid_size: int = bounded(8, Range(1, 64, why="the paper's grid is 14x14"))
+    grid_size: int = bounded(8, Range(1, 64, why="the paper's grid is 14x14"))  # L = grid_size^2 (paper: 196)
     # "none" (random init), "imagenet" (torchvision weights API), or a path to a state-dict file.
     weights: str = "none"
-    # First stage that is trained; None freezes the whole encoder (the paper's setting).
-    # Random weights must be trained, so the synthetic default trains from the stem on.
+    # First stage trained; None freezes the encoder (the paper's setting). Random weights must train.
     fine_tune_from: str | None = "stem"
 
 
@@ -80,22 +74,19 @@ class EncoderConfig:
 class DecoderConfig:
     embed_dim: int = bounded(128, _LAYER)  # m in the paper (arctic COCO: 512)
     hidden_dim: int = bounded(256, _LAYER)  # n, LSTM size (arctic COCO: 1800)
-    # Width of f_att's hidden layer (the COCO configs: 512). The synthetic default is small: its
-    # per-step [B, L, A] map is the decoder's largest elementwise op.
+    # f_att's hidden width (COCO configs: 512); small here: its [B, L, A] map is the largest op a step.
     attention_dim: int = bounded(64, _LAYER)
     score: Literal["additive", "dot", "scaled_dot", "bilinear"] = "additive"  # paper: additive
-    # Image-side layers of the additive f_att: 1 is the paper's W a; capgen's COCO setting
-    # n_layers_att=2 adds tanh(W_2 . + b_2) (captioning/models/attention.py, AdditiveScore).
+    # Image-side layers of the additive f_att: 1 is the paper's W a; capgen's n_layers_att=2 adds
+    # tanh(W_2 . + b_2) (captioning/models/attention.py, AdditiveScore).
     attention_layers: int = bounded(1, Range(1, 8))
     gate: Literal["scalar", "vector", "none"] = "scalar"  # paper Sec. 4.2.1: scalar beta
-    # on the deep-output layer's input (paper: dropout; arctic: 0.5)
-    dropout: float = bounded(0.3, Range(0, 1, high_open=True))
-    # Weight initialisation: PyTorch's defaults, or capgen's (N(0, 0.01), orthogonal square and
-    # recurrent matrices, zero biases; captioning/models/decoder.py, arctic_init_).
+    dropout: float = bounded(0.3, Range(0, 1, high_open=True))  # on the deep output's input (arctic: 0.5)
+    # capgen's initialisation: N(0, 0.01), orthogonal square and recurrent matrices, zero biases
+    # (captioning/models/decoder.py, arctic_init_).
     init: Literal["pytorch", "arctic"] = "pytorch"
-    # The fused training pass and decoding's additive-score form of captioning/fast.py (the same
-    # maths, rearranged for speed; docs/performance.md), chosen once where training and a search
-    # are built; False runs the reference loop of captioning/models/decoder.py.
+    # captioning/fast.py's fused training pass and decoding form (the same maths, faster;
+    # docs/performance.md); False runs the reference loop of captioning/models/decoder.py.
     fast: bool = True
 
 
@@ -109,42 +100,33 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    # lambda of the doubly stochastic regulariser (Eq. 14). Our normalisation: per caption,
-    # sum over locations of (1 - sum_t alpha_ti)^2, then the mean over the batch -- the same
-    # per-caption scale as the NLL term (summed over time, mean over batch). See losses.py.
-    # The paper gives no value; the authors' code amounts to alpha_c * B / L per caption on this scale
-    # (configs/coco_*.yaml: 64 / 196 = 0.3265; docs/faithfulness.md). The synthetic default is 0.02 (~1/L): with
-    # L=64 locations and ~8 words, sum_t alpha_ti cannot approach 1, the term (~45 per caption)
-    # outweighs the NLL (~3) and drives attention onto never-attended background (docs/training.md).
+    # lambda of Eq. 14 on sum_i (1 - sum_t alpha_ti)^2 per caption, mean over the batch: the NLL's
+    # scale (losses.py). The paper gives no value; the authors' code amounts to alpha_c * B / L
+    # (configs/coco_*.yaml: 64 / 196 = 0.3265; docs/faithfulness.md). 0.02 (~1/L) here: with L=64
+    # and ~8 words the term would outweigh the NLL and push attention onto background (docs/training.md).
     doubly_stochastic: float = bounded(0.02, Range(0, 1e6))
-    # Hard attention (Xu et al. 2015, Sec. 4.1; the authors' capgen.py, kelvinxu/arctic-captions;
-    # docs/faithfulness.md):
+    # Hard attention (Sec. 4.1; capgen.py of kelvinxu/arctic-captions; docs/faithfulness.md):
     reward_scale: float = bounded(0.1, Range(0, 1e6))  # lambda_r, the hard-coded 1/10
     entropy: float = bounded(0.002, Range(0, 1e6))  # lambda_e on sum alpha log alpha
     # b <- decay * b + (1 - decay) * mean_n C_n (the cost it is subtracted from)
     baseline_decay: float = bounded(0.9, Range(0, 1, high_open=True))
-    # How the REINFORCE and entropy terms are reduced over captions (losses.py, docs/faithfulness.md):
-    # "mean" = averaged over captions like the NLL, the 1/N over all three terms of the paper's
-    # Eq. 12 (default); "sum" = the authors' code's strength, B times a mean over captions (B =
-    # captions per optimiser step, every DDP rank): capgen's known gradients on alpha carry no 1/B.
-    # docs/study.md measures both forms under both optimisers on the synthetic task.
+    # The REINFORCE and entropy terms over captions (losses.py): "mean" like the NLL, Eq. 12's 1/N;
+    # "sum" the authors' strength, B times the mean (B = captions per optimiser step, all ranks):
+    # capgen's gradients on alpha carry no 1/B. docs/study.md measures both.
     hard_reduction: Literal["sum", "mean"] = "mean"
-    # Location sequences sampled per caption in a minibatch that samples. 1: the paper's estimator
-    # with the moving-average baseline b. K > 1: each caption is decoded K times with its own draws
-    # and each draw's baseline is the mean cost of the other K - 1 (leave-one-out), an unbiased
-    # baseline that needs no running state (beyond the paper; docs/study.md).
+    # Location sequences sampled per caption. 1: the paper's estimator, moving-average baseline b.
+    # K > 1: each draw's baseline is the mean cost of the caption's other K - 1 draws (leave-one-out,
+    # unbiased, no running state; beyond the paper, docs/study.md).
     samples: int = bounded(1, Range(1, 64, why="each caption is decoded once per sample"))
     expected_context_prob: float = bounded(0.5, Range(0, 1))  # probability of using the expected context instead
-    # "minibatch": one Bernoulli draw per minibatch (the authors' code, default);
-    # "image": one draw per image (the paper's text).
+    # One Bernoulli draw per minibatch (the authors' code) or per image (the paper's text).
     substitution: Literal["minibatch", "image"] = "minibatch"
 
 
 @dataclass
 class SyntheticConfig:
     seed: int = bounded(0, Range(0, 2**32 - 1))
-    # 10,000 scenes seen 6 times beat 3,000 seen 22 times at the same compute: the smaller set
-    # over-fitted (docs/training.md).
+    # 10,000 scenes seen 6 times beat 3,000 seen 22 times at equal compute (docs/training.md).
     num_train: int = bounded(10000, _COUNT)
     num_val: int = bounded(200, _COUNT)
     num_test: int = bounded(500, Range(0, 10**7, why="ten million"))
@@ -156,27 +138,23 @@ class SyntheticConfig:
 @dataclass
 class DataConfig:
     # "synthetic": generated on first use under `root`; "coco": COCO-format files under `root`;
-    # "prepared": `root` is a folder written by captioning prepare (its vocabulary, its
-    # memory-mapped images; min_word_count is then the folder's, stated in its manifest).
+    # "prepared": a folder of captioning prepare (its vocabulary and min_word_count, mapped images).
     dataset: Literal["synthetic", "coco", "prepared"] = "synthetic"
     root: str = "data"
     # Images are resized to image_size x image_size; a prepared folder must store this size.
     image_size: int = bounded(64, Range(1, 4096, why="images are resized to data.image_size squared"))
     # images per device; the global batch is batch_size * devices * num_nodes
     batch_size: int = bounded(32, Range(1, 65536, why="a larger batch does not fit in memory"))
-    # Captions drawn (without replacement, anew each epoch) per training image. The encoder runs
-    # once per image and its annotations are shared by the k captions. At the synthetic sizes the
-    # encoder costs more than the decoder's work for one caption, and vision learns per image
-    # seen: k=2 learns fastest per second.
+    # Captions drawn (without replacement, anew each epoch) per training image, sharing one encoder
+    # pass; at the synthetic sizes the encoder costs more than a caption's decoding: k=2 learns fastest.
     captions_per_image: int = bounded(2, Range(1, 100))
     eval_batch_size: int = bounded(100, Range(1, 65536, why="a larger batch does not fit in memory"))
     num_workers: int = bounded(0, Range(0, 256))
     min_word_count: int = bounded(5, Range(1, 10**9))  # vocabulary: training-split words seen at least this often
     max_caption_len: int = bounded(30, Range(1, 1000))  # tokens without <start>/<end>; longer captions are truncated
     cache_images: bool = True  # decode every image once into memory (small datasets only)
-    # A directory: with a frozen encoder (model.encoder.fine_tune_from null), compute every
-    # split's annotation grids once into memory-mapped fp16 .npy files there and train the
-    # decoder from them (captioning/data/feature_cache.py). None: run the encoder every step.
+    # A folder for every split's annotation grids, computed once with a frozen encoder (fp16 .npy,
+    # captioning/data/feature_cache.py). None: run the encoder every step.
     feature_cache: str | None = None
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -187,42 +165,32 @@ class OptimConfig:
     encoder_lr: float = bounded(2e-3, Range(0, 10))  # for encoder stages that are fine-tuned
     weight_decay: float = bounded(0.0, Range(0, 10))
     grad_clip: float = bounded(5.0, Range(0, 1e6))  # 0 disables clipping (arctic: none)
-    # Adam's bias correction. False reproduces capgen's optimizers.py, whose correction terms
-    # 1 - 0.1^t and 1 - 0.001^t are ~1 from the first step (it writes beta1 = 0.9 as b1 = 0.1), so
-    # its early steps are 3.5-6.6x torch Adam's; the two agree after ~3,000 steps.
+    # False: capgen's Adam, whose bias correction is ~1 from the first step (captioning/training/optimizers.py).
     adam_bias_correction: bool = True
-    # "constant" (the paper's Adam), or "cosine": decay to 5% of lr over train.max_epochs, which
-    # lands a short, fixed-budget run (the synthetic default) at a better point.
+    # "constant" (the paper's), or "cosine": to 5% of lr over train.max_epochs (better for a short run).
     schedule: Literal["constant", "cosine"] = "cosine"
 
 
 @dataclass
 class DecodeConfig:
     max_len: int = bounded(30, Range(1, 1000))  # generated tokens, <end> excluded
-    # How a hard-attention model attends at test time: "expected" (soft alpha, the authors'
-    # default), "argmax" (the single most likely location) or "sample".
     hard_mode: Literal[HARD_MODES] = "expected"
-    # Test-split, evaluate.py and caption decoding; 1 = greedy. Validation during training is
-    # always greedy (cheap, and the same every epoch).
+    # Test split, evaluate and caption; 1 = greedy. Validation is always greedy (cheap, comparable).
     beam_size: int = bounded(3, Range(1, 100))
     length_penalty: float = bounded(0.0, Range(0, 10))  # beams ranked by score / (length + 1) ** length_penalty
 
 
 @dataclass
 class TrainConfig:
-    # the synthetic default trains in minutes on a CPU (wall times: README, Results)
     max_epochs: int = bounded(6, Range(1, 10**6))
     max_time_minutes: float = bounded(0.0, Range(0, 10**7))  # 0 = no limit; otherwise stop training after this long
-    # What selects best.ckpt and stops early: "bleu_4", validation BLEU-4 of greedy captions
-    # (default), or "nll", the validation captions' mean summed NLL under teacher forcing, as
-    # capgen selects (``pred_probs``; a hard model is scored with the expected context).
+    # What selects best.ckpt and stops early: validation BLEU-4 of greedy captions, or the references'
+    # mean summed NLL under teacher forcing, as capgen's pred_probs (hard: the expected context).
     monitor: Literal["bleu_4", "nll"] = "bleu_4"
-    # Early stopping: validations without a better monitored value. 10 lets a cosine run finish its
-    # low-learning-rate tail, where the best checkpoints come (docs/training.md).
+    # Validations without improvement before stopping; 10 lets a cosine run finish its tail (docs/training.md).
     patience: int = bounded(10, Range(1, 10**6))
     val_every: int = bounded(1, Range(1, 10**6))  # epochs between validations
-    # Also keep every epoch's checkpoint as epochs/epoch<N>.ckpt (the study's post-hoc checks of
-    # checkpoint selection and of the estimator's variance mid-training use them).
+    # Also keep epochs/epoch<N>.ckpt (the study's checks of checkpoint selection and variance use them).
     save_every_epoch: bool = False
     log_every: int = bounded(20, Range(1, 10**9))  # steps between logged training losses
     precision: str = "auto"  # "auto": bf16-mixed on GPU, 32-true on CPU
@@ -234,9 +202,8 @@ class TrainConfig:
     limit_train_batches: float = bounded(1.0, _FRACTION)
     limit_val_batches: float = bounded(1.0, _FRACTION)
     fast_dev_run: bool = False
-    # torch.compile (captioning/perf/compile.py): "step" compiles the decoder's per-step work
-    # (gated attention, LSTM cell), one graph for every step; "model" the whole forward, one graph
-    # per padded caption length. compile_mode "reduce-overhead" adds CUDA graphs on GPU.
+    # torch.compile (captioning/perf/compile.py): "step" the decoder's per-step work, one graph;
+    # "model" the whole forward, a graph per padded length. "reduce-overhead" adds CUDA graphs.
     compile: Literal[COMPILE_TARGETS] = "none"
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
 
@@ -261,19 +228,10 @@ def _check_value(value: Any, tp: Any, key: str) -> Any:
         if value not in typing.get_args(tp):
             raise ConfigError(f"config key '{key}': {value!r} is not one of {list(typing.get_args(tp))}")
         return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
+    if origin in (typing.Union, types.UnionType):  # the config's unions are all ``X | None``
+        if value is None:
             return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _check_value(value, arg, key)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0] if errors else f"config key '{key}': bad value {value!r}")
+        return _check_value(value, next(arg for arg in typing.get_args(tp) if arg is not type(None)), key)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):
@@ -378,13 +336,9 @@ def parse_override(text: str) -> dict[str, Any]:
                           "e.g. data.root='\"my path\"'") from None
     if not key or not all(key.split(".")):
         raise ConfigError(f"override '{text[:80]}' must look like key=value, e.g. optim.lr=0.0004")
-    nested: dict[str, Any] = {}
-    node = nested
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-    return nested
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
 
 
 def save_yaml(cfg: Config, path: str | Path) -> None:
@@ -487,8 +441,7 @@ def _missing_sections(cfg: Any, data: Mapping, prefix: str = "") -> str | None:
         if dataclasses.is_dataclass(value):
             if not isinstance(data.get(f.name), Mapping):
                 return f"{prefix}{f.name}"
-            missing = _missing_sections(value, data[f.name], f"{prefix}{f.name}.")
-            if missing:
+            if missing := _missing_sections(value, data[f.name], f"{prefix}{f.name}."):
                 return missing
     return None
 
@@ -499,8 +452,7 @@ def checked(data: Any, where: str) -> Config:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where}: it is a {type(data).__name__}, not a mapping of settings")
     # Keys added since a file was written take their defaults; a whole section missing is damage.
-    missing = _missing_sections(Config(), data)
-    if missing:
+    if missing := _missing_sections(Config(), data):
         raise ConfigError(f"{where}: the section '{missing}' is missing")
     try:
         return validate(from_dict(data))

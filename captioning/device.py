@@ -25,11 +25,8 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 
 
 def peak_rss_mib() -> float | None:
-    """This process's peak resident memory in MiB, or None where it cannot be measured.
-
-    ``ru_maxrss`` is in KiB on Linux but in bytes on macOS; Windows has no ``resource`` module,
-    so psutil's peak working set is used there when psutil is installed.
-    """
+    """This process's peak resident memory in MiB, or None where it cannot be measured
+    (``ru_maxrss`` is KiB on Linux, bytes on macOS; on Windows psutil's peak working set)."""
     try:
         import resource
     except ImportError:  # Windows

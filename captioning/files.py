@@ -1,25 +1,14 @@
 """Files that are never half-written, folders that appear whole, and one run per folder.
 
-Every file the project writes (checkpoints, metrics, predictions, configs, prepared data,
-caches) goes through :func:`atomic_write` or :func:`atomic_path`: the bytes go to a temporary
-file in the *same* folder, are flushed and fsync'ed, then ``os.replace`` puts them under the
-final name. A rename within one folder is atomic on POSIX file systems, so a reader (or the next
-run after a kill -9 or a full disk) sees the old file or the new one, never a mixture. A
-temporary file in ``$TMPDIR`` would not do: moving it onto another file system is a copy, which
-can be interrupted half-way.
-
-:func:`atomic_folder` does the same for a whole folder (``NAME.partial/``, renamed when
-complete), and :func:`replacing_folder` replaces a folder the project wrote with a new one in one
-atomic exchange. :class:`RunLock` is a lock the kernel holds (flock), with a record of pid, host
-and command in its file, so a second live process writing the same folder is refused with a
-message naming the first, and the lock goes with its process however that ends.
-
-:func:`claim_folder` decides whose a folder is: the project writes only into a new or empty
-folder, which it marks (:data:`MARKER`, naming the kind: a run, a model, a prepared dataset, an
-evaluation..., the folder's real path and a random id), or into a folder carrying the project's
-own marker of that kind (:func:`read_marker`); :func:`remove_own` removes from a marked folder
-only the names the project writes there. Every file the project takes as its own (a marker, a
-lock) is opened without following a link and without blocking on a FIFO (:func:`open_regular`).
+Every file the project writes goes through :func:`atomic_write` or :func:`atomic_path`: the bytes
+go to a temporary file in the *same* folder, are fsync'ed, then ``os.replace`` puts them under the
+final name, an atomic rename on POSIX file systems, so a reader (or the run after a kill -9 or a
+full disk) sees the old file or the new one. A temporary file in ``$TMPDIR`` would not do: moving
+it to another file system is a copy, which can be interrupted half-way. :func:`atomic_folder` and
+:func:`replacing_folder` do the same for folders; :class:`RunLock` is a lock the kernel holds
+(flock). A folder is the project's only if it carries its marker (:data:`MARKER`,
+:func:`claim_folder`), and files it takes as its own are opened without following a link or
+blocking on a FIFO (:func:`open_regular`).
 """
 
 from __future__ import annotations
@@ -47,30 +36,32 @@ _counter = iter(range(1 << 62))
 _counter_lock = threading.Lock()
 
 
-class FileWriteError(CaptioningError, OSError):
-    """A write failed for a reason the user must fix (full disk, no permission, read-only)."""
+class _OneLineOSError(CaptioningError, OSError):
+    """An OSError the user must fix, shown as its one-line message."""
 
     def __str__(self) -> str:  # the message alone, without OSError's "[Errno 28]" prefix
         return self.strerror or super().__str__()
 
 
+class FileWriteError(_OneLineOSError):
+    """A write failed for a reason the user must fix (full disk, no permission, read-only)."""
+
+
+_FREE_SPACE = "; free some space or choose another --out-dir"
+_PERMISSIONS = ("permission denied", "; fix its permissions or choose another --out-dir")
+#: errno -> (the cause, the fix) of the write errors a user must fix.
 _REASONS = {
-    errno.ENOSPC: "no space left on the device",
-    errno.EDQUOT: "disk quota exceeded",
-    errno.EACCES: "permission denied",
-    errno.EPERM: "permission denied",
-    errno.EROFS: "read-only file system",
+    errno.ENOSPC: ("no space left on the device", _FREE_SPACE),
+    errno.EDQUOT: ("disk quota exceeded", _FREE_SPACE),
+    errno.EACCES: _PERMISSIONS,
+    errno.EPERM: _PERMISSIONS,
+    errno.EROFS: ("read-only file system", "; choose another --out-dir"),
 }
 
 
 def write_error(err: OSError, folder: str | Path, what: str = "write") -> FileWriteError:
     """One line naming the folder and the cause: 'cannot write into runs/x: no space left ...'."""
-    reason = _REASONS.get(err.errno or 0, err.strerror or type(err).__name__)
-    hint = {errno.ENOSPC: "; free some space or choose another --out-dir",
-            errno.EDQUOT: "; free some space or choose another --out-dir",
-            errno.EROFS: "; choose another --out-dir"}.get(err.errno or 0, "")
-    if err.errno in (errno.EACCES, errno.EPERM):
-        hint = "; fix its permissions or choose another --out-dir"
+    reason, hint = _REASONS.get(err.errno or 0, (err.strerror or type(err).__name__, ""))
     return FileWriteError(err.errno or 0, f"cannot {what} into {folder}: {reason}{hint}")
 
 
@@ -92,16 +83,12 @@ def _tmp_sibling(path: Path) -> Path:
 
 def _fsync_folder(folder: Path) -> None:
     """Make the rename itself durable (a crash right after it must not undo it)."""
-    try:
+    with contextlib.suppress(OSError):  # some file systems refuse fsync on folders; the rename is still atomic
         fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems refuse fsync on folders; the rename is still atomic
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def new_file_mode() -> int:
@@ -120,14 +107,10 @@ def new_file_mode() -> int:
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it is fsync'ed and renamed to ``path``.
-
-    For writers that need a file name (``np.save``, ``torch.save``, ``open_memmap``). On any
-    failure the temporary file is removed and ``path`` is untouched; ENOSPC, EACCES, EPERM and
-    EROFS become a :class:`FileWriteError` naming the folder. The file gets the mode a plain
-    ``open()`` gives (the umask respected): some writers, such as safetensors', create theirs
-    readable by the owner alone, and a model folder is meant to be shared.
-    """
+    """Yield a temporary path beside ``path`` for writers that need a file name (``np.save``,
+    ``torch.save``); on success it is fsync'ed and renamed to ``path``. On any failure it is removed
+    and ``path`` is untouched; the errors of :data:`_REASONS` become a :class:`FileWriteError`. The
+    file gets the mode a plain ``open()`` gives: some writers (safetensors) make theirs owner-only."""
     path = Path(path)
     tmp = _tmp_sibling(path)
     try:
@@ -155,7 +138,6 @@ def atomic_write(path: str | Path, data: str | bytes | memoryview | Callable[[An
                 data(f)
             else:
                 f.write(data)
-            f.flush()
     return path
 
 
@@ -166,10 +148,7 @@ def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 2, **kwar
 def remove_temporaries(folder: str | Path) -> int:
     """Remove ``.tmp-<pid>-<n>-NAME`` files that dead processes of this host left in ``folder``."""
     removed = 0
-    folder = Path(folder)
-    if not folder.is_dir():
-        return 0
-    for tmp in folder.glob(f"{TMP_PREFIX}*"):
+    for tmp in Path(folder).glob(f"{TMP_PREFIX}*"):  # nothing for a missing folder
         pid = tmp.name[len(TMP_PREFIX):].split("-", 1)[0]
         if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)) and tmp.is_file():
             with contextlib.suppress(OSError):
@@ -203,19 +182,10 @@ def partial_name(final: str | Path) -> Path:
     return final.with_name(final.name + ".partial")
 
 
-def publish_folder(partial: str | Path, final: str | Path) -> Path:
-    """Rename a completed ``partial`` folder to ``final``, replacing an existing ``final`` in one
-    atomic exchange where the system can (:func:`swap_in`)."""
-    return swap_in(partial, final)
-
-
 @contextlib.contextmanager
 def atomic_folder(final: str | Path, keep_on_error: bool = False) -> Iterator[Path]:
-    """Yield ``final.partial/`` to write into; renamed to ``final`` when the block completes.
-
-    On an exception the partial folder is removed, unless ``keep_on_error`` (for work that can
-    resume from what the partial folder holds). A folder appears under its final name only whole.
-    """
+    """Yield ``final.partial/`` to write into; renamed to ``final`` when the block completes. On an
+    exception it is removed, unless ``keep_on_error`` (for work that resumes from what it holds)."""
     final = Path(final)
     partial = partial_name(final)
     partial.mkdir(parents=True, exist_ok=True)
@@ -231,18 +201,12 @@ def atomic_folder(final: str | Path, keep_on_error: bool = False) -> Iterator[Pa
 # ------------------------------------------------------------------------------ locks
 
 
-def host_name() -> str:
-    return socket.gethostname()
-
-
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
     except PermissionError:  # exists, owned by someone else
         return True
-    except OverflowError:
+    except (ProcessLookupError, OverflowError):
         return False
     return True
 
@@ -251,11 +215,8 @@ class LockedError(CaptioningError, RuntimeError):
     """Another live process holds the lock."""
 
 
-class NotARegularFileError(CaptioningError, OSError):
+class NotARegularFileError(_OneLineOSError):
     """A path the project reads or writes as its own file is a link, a FIFO, a device or a folder."""
-
-    def __str__(self) -> str:
-        return self.strerror or super().__str__()
 
 
 def _kind_of(mode: int) -> str:
@@ -267,12 +228,9 @@ def _kind_of(mode: int) -> str:
 
 
 def open_regular(path: str | Path, flags: int = os.O_RDONLY, mode: int = 0o644, follow_links: bool = False) -> int:
-    """``os.open`` that never follows a link in the last component and never blocks on a FIFO,
-    then refuses (NotARegularFileError, one line) anything but a regular file. -> the descriptor.
-
-    O_NOFOLLOW makes the open of a link fail (ELOOP) instead of reaching its target, and
-    O_NONBLOCK makes the open of a FIFO return at once instead of waiting for a writer (open(2));
-    fstat on the descriptor then tells what was opened, with no window between check and use.
+    """``os.open`` that refuses (NotARegularFileError, one line) anything but a regular file -> the
+    descriptor. O_NOFOLLOW fails on a link (ELOOP), O_NONBLOCK opens a FIFO without waiting for a
+    writer (open(2)); fstat then tells what was opened, with no window between check and use.
     ``follow_links``: a link is followed (a user's image may be one); a FIFO is still refused."""
     path = Path(path)
     nofollow = 0 if follow_links else os.O_NOFOLLOW
@@ -321,15 +279,27 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_locks_in_child)
 
 
+def _file_key(fd: int) -> tuple[int, int]:
+    info = os.fstat(fd)
+    return info.st_dev, info.st_ino
+
+
+def _flock(fd: int, exclusive: bool) -> bool:
+    """flock(2) without waiting -> False when another open file holds the lock."""
+    import fcntl  # POSIX only: imported where a lock is taken, not with the module
+
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
 class RunLock:
     """A lock on ``path`` that the kernel holds for the process (flock(2)), with a record of
-    ``{"pid", "host", "command"}`` in the file for messages.
-
-    The kernel releases the lock when its process ends, however it ends, so a lock is never left
-    stale and no pid is ever guessed alive or dead. The file is opened without following a link
-    and without blocking on a FIFO (:func:`open_regular`): a lock path that is anything but a
-    regular file is refused with one line. Use as a context manager.
-    """
+    ``{"pid", "host", "command"}`` in the file for messages. The kernel releases it when its
+    process ends, however it ends, so no pid is ever guessed alive or dead. A lock path that is
+    not a regular file is refused (:func:`open_regular`). Use as a context manager."""
 
     def __init__(self, path: str | Path, command: str | None = None, what: str = "writing") -> None:
         self.path = Path(path)
@@ -342,16 +312,12 @@ class RunLock:
     def holder(self) -> dict[str, Any] | None:
         """The record in the lock file, {} if unreadable (being written), None if there is no lock."""
         try:
-            text = read_regular(self.path, 1 << 16).decode("utf-8", "replace")
+            info = json.loads(read_regular(self.path, 1 << 16).decode("utf-8", "replace"))
         except FileNotFoundError:
             return None
         except (OSError, ValueError):
             return {}
-        try:
-            info = json.loads(text)
-            return info if isinstance(info, dict) else {}
-        except ValueError:
-            return {}
+        return info if isinstance(info, dict) else {}
 
     def live_holder(self) -> dict[str, Any] | None:
         """The record of the live process that holds the lock, or None (nobody else holds it)."""
@@ -364,18 +330,17 @@ class RunLock:
         except OSError:
             return {}  # not a regular file: nobody can be shown not to hold it
         try:
-            info = os.fstat(fd)
-            if (info.st_dev, info.st_ino) in _held_here:
-                return None  # this process holds it
-            try:
-                import fcntl  # POSIX only: imported where a lock is taken, not with the module
-
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except OSError:
-                return self.holder() or {}
-            return None
+            if _file_key(fd) in _held_here or _flock(fd, exclusive=False):
+                return None  # this process holds it, or nobody does
+            return self.holder() or {}
         finally:
             os.close(fd)  # closing drops the shared lock taken to look
+
+    def _is_at_path(self, fd: int) -> bool:
+        try:
+            return os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return False
 
     def describe(self, info: dict[str, Any]) -> str:
         who = f"pid {info.get('pid', '?')} on {info.get('host', '?')}"
@@ -388,7 +353,7 @@ class RunLock:
         Raises NotARegularFileError for a lock path that is a link, FIFO or device."""
         if self.held:
             return True
-        record = json.dumps({"pid": os.getpid(), "host": host_name(), "command": self.command}).encode()
+        record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": self.command}).encode()
         for _ in range(100):
             try:
                 fd = open_regular(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -396,24 +361,14 @@ class RunLock:
                 raise
             except OSError as err:
                 raise write_error(err, self.path.parent, "take the lock") from None
-            try:
-                import fcntl  # POSIX only: imported where a lock is taken, not with the module
-
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                info = os.fstat(fd)
+            if not _flock(fd, exclusive=True):
+                key = _file_key(fd)
                 os.close(fd)
-                if (info.st_dev, info.st_ino) in _held_here:
-                    self.held = True  # re-entered by this process, whose first holder releases it
-                    return True
-                return False
+                self.held = key in _held_here  # re-entered by this process, whose first holder releases it
+                return self.held
             # A holder that released the lock unlinks its file first: if ours is no longer the file
             # at the path, another process may be locking a new one; start again on that.
-            try:
-                same = os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if not same:
+            if not self._is_at_path(fd):
                 os.close(fd)
                 continue
             try:
@@ -422,8 +377,7 @@ class RunLock:
             except OSError as err:
                 os.close(fd)
                 raise write_error(err, self.path.parent, "take the lock") from None
-            info = os.fstat(fd)
-            _held_here[(info.st_dev, info.st_ino)] = fd
+            _held_here[_file_key(fd)] = fd
             self._fd, self._pid = fd, os.getpid()
             self.held = True
             return True
@@ -436,9 +390,8 @@ class RunLock:
             raise LockedError(f"{err}: the lock file of {self.path.parent} must be a regular file; remove it if it "
                               "is not yours to keep, then run again") from None
         if not taken:
-            info = self.holder() or {}
-            raise LockedError(f"{self.path.parent} is in use by another process: {self.describe(info)} is "
-                              f"{self.what} there (lock file {self.path}); wait for it or stop it")
+            raise LockedError(f"{self.path.parent} is in use by another process: {self.describe(self.holder() or {})} "
+                              f"is {self.what} there (lock file {self.path}); wait for it or stop it")
         return self
 
     def acquire_or_wait(self, done: Callable[[], bool], log: Callable[[str], None] | None = None,
@@ -467,10 +420,9 @@ class RunLock:
             # Unlinked while still locked, so no other process can lock this file after us and
             # believe it holds the path (see try_acquire).
             with contextlib.suppress(OSError):
-                if os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(self._fd).st_ino:
+                if self._is_at_path(self._fd):
                     self.path.unlink()
-            info = os.fstat(self._fd)
-            _held_here.pop((info.st_dev, info.st_ino), None)
+            _held_here.pop(_file_key(self._fd), None)
             os.close(self._fd)
         self._fd = None
         self.held = False
@@ -484,11 +436,8 @@ class RunLock:
 
 # ------------------------------------------------------------------------------ ownership
 #
-# A folder is the project's only if it carries the project's marker: a small JSON file that the
-# project writes into every folder it creates for a run, a model, a prepared dataset or an
-# evaluation. A folder without it that holds anything is someone else's: it is refused, never
-# written into, and --overwrite removes only files that the project writes in a folder of that
-# kind, never the rest.
+# A folder without the project's marker that holds anything is someone else's: it is refused,
+# and --overwrite removes only the files the project writes in a folder of that kind.
 
 #: The marker's name (hidden, so listings of a folder's files leave it out).
 MARKER = ".show-attend-tell.json"
@@ -514,9 +463,7 @@ def _marker_record(folder: Path) -> dict | None:
     path = folder / MARKER
     try:
         data = json.loads(read_regular(path, 1 << 16))
-    except FileNotFoundError:
-        return None
-    except NotADirectoryError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     except NotARegularFileError as err:
         raise ForeignFolderError(f"{err}: {folder} is not a folder show-attend-tell made; nothing was written") \
@@ -530,11 +477,10 @@ def _marker_record(folder: Path) -> dict | None:
 
 
 def read_marker(folder: str | Path, name_as: str | Path | None = None) -> dict | None:
-    """``folder``'s marker if it is the project's own (a regular file of a known kind that names
-    this very folder, by its real path, and carries a random id), else None when there is none.
-    A marker that is there but not ours (a link, a FIFO, a copy from another folder, a marker of
-    an older version that names no folder) is refused with ForeignFolderError (one line).
-    ``name_as``: the folder the marker must name, when ``folder`` is a staged copy of it."""
+    """``folder``'s marker (a regular file of a known kind naming this folder's real path and a
+    random id), or None when there is none; one not ours (a link, a FIFO, a copy from another
+    folder, an older version's) raises ForeignFolderError. ``name_as``: the folder the marker
+    must name, when ``folder`` is a staged copy of it."""
     folder = Path(folder)
     data = _marker_record(folder)
     if data is None:
@@ -551,9 +497,8 @@ def read_marker(folder: str | Path, name_as: str | Path | None = None) -> dict |
 
 
 def folder_kind(folder: str | Path, name_as: str | Path | None = None) -> str | None:
-    """The kind named by ``folder``'s marker ("run", "model", "prepared", "evaluation", "study"), or
-    None when the folder carries no marker (it is then not the project's). A marker that is not
-    the project's own raises ForeignFolderError (:func:`read_marker`)."""
+    """The kind (:data:`FOLDER_KINDS`) named by ``folder``'s marker, or None without one
+    (:func:`read_marker`)."""
     data = read_marker(folder, name_as)
     return data["kind"] if data else None
 
@@ -565,9 +510,8 @@ def folder_id(folder: str | Path) -> str | None:
 
 
 def mark_folder(folder: str | Path, kind: str, name_as: str | Path | None = None) -> str:
-    """Write ``folder``'s marker (the folder exists): from now on the project may write there.
-    The marker names the folder's real path (``name_as``'s, for a staged folder that will be
-    renamed to it) and a new random id. -> the id."""
+    """Write ``folder``'s marker, naming its real path (``name_as``'s, for a staged folder renamed to
+    it) and a new random id. -> the id."""
     import uuid
 
     from captioning import __version__
@@ -585,11 +529,9 @@ def _shown(names: list[str], limit: int = 4) -> str:
 
 def check_folder(folder: str | Path, kind: str, option: str | None = None, name_as: str | Path | None = None) -> bool:
     """Refuse (ForeignFolderError, one line with the fix) a ``folder`` the project may not write as
-    a folder of ``kind``: a file, a link to a file, a folder of another kind, a folder whose
-    marker is not the project's own, or a non-empty folder without the marker. ``option`` names
-    the command-line option that gave the folder, for the fix.
-    ``name_as``: the folder the marker names, for a staged folder renamed to it when complete.
-    -> whether the folder is already ours (False: missing or empty). Writes nothing."""
+    a folder of ``kind``: a file, a dangling link, a folder of another kind or with a marker not
+    ours, a non-empty folder without the marker. ``option``: the command-line option that gave
+    it. -> whether the folder is already ours (False: missing or empty). Writes nothing."""
     folder = Path(folder)
     other = f"choose another {option}" if option else "choose another folder"
     if folder.is_symlink() and not folder.exists():
@@ -642,23 +584,25 @@ def check_no_links(folder: str | Path, names: Iterable[str], option: str | None 
 
 
 def remove_own(folder: str | Path, names: Iterable[str], name_as: str | Path | None = None) -> list[str]:
-    """Remove the entries of ``names`` (files or folders the project writes) from ``folder``, which
-    must carry the project's own marker; nothing else in it is touched (a link among ``names`` is
-    removed itself, never what it points to). -> the names removed."""
+    """Remove the entries of ``names`` (what the project writes) from ``folder``, which must carry
+    the project's marker; nothing else is touched. -> the names removed."""
     folder = Path(folder)
     if folder_kind(folder, name_as) is None:
         raise ForeignFolderError(f"{folder} carries no {MARKER} marker: the project removes nothing there")
     removed = []
     for name in names:
-        path = folder / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
-        else:
-            continue
-        removed.append(name)
+        if (folder / name).exists() or (folder / name).is_symlink():
+            _remove(folder / name)
+            removed.append(name)
     return removed
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, a folder, or a link itself (never what it points to)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 # ------------------------------------------------------------------------------ replacing folders
@@ -686,15 +630,14 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(code, os.strerror(code), str(b))
 
 
-def _staged_name(final: Path, role: str, pid: int | None = None) -> Path:
-    return final.with_name(f".{final.name}.{role}-{os.getpid() if pid is None else pid}")
+def _staged_name(final: Path, role: str) -> Path:
+    return final.with_name(f".{final.name}.{role}-{os.getpid()}")
 
 
 def remove_leftovers(final: str | Path, own_names: Iterable[str]) -> list[Path]:
-    """Remove what a killed replacement of ``final`` left beside it: in ``.NAME.new-PID`` and
-    ``.NAME.old-PID`` folders of processes no longer alive, whose marker is the project's and
-    names ``final``, the entries of ``own_names`` (what the command writes there); the folder
-    goes too once empty, while a file of anyone else's in it keeps it. -> the folders removed."""
+    """Remove what a killed replacement of ``final`` left beside it: ``own_names`` from the
+    ``.NAME.new-PID`` and ``.NAME.old-PID`` folders of dead processes whose marker names ``final``,
+    then each folder if that emptied it. -> the folders removed."""
     final = Path(final)
     removed = []
     if not final.parent.is_dir():
@@ -718,12 +661,8 @@ def _remove_staged(folder: Path, own_names: Iterable[str]) -> bool:
     """Remove ``own_names`` and the marker from ``folder``, then the folder if that emptied it.
     -> whether the folder is gone."""
     for name in [*own_names, MARKER]:
-        path = folder / name
         with contextlib.suppress(OSError):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            elif path.exists() or path.is_symlink():
-                path.unlink()
+            _remove(folder / name)
     try:
         folder.rmdir()
     except OSError:
@@ -731,21 +670,28 @@ def _remove_staged(folder: Path, own_names: Iterable[str]) -> bool:
     return True
 
 
-def swap_in(staged: str | Path, final: str | Path) -> Path:
-    """Put the complete folder ``staged`` at ``final``. An existing ``final`` is exchanged with it
-    in one atomic step where the system can (a reader, or a kill, sees the old folder or the new,
-    whole), else moved aside then replaced; the old folder is removed last."""
-    staged, final = Path(staged), Path(final)
-    if final.exists() or final.is_symlink():
-        if _exchange(staged, final):
-            shutil.rmtree(staged, ignore_errors=True)  # now the old folder
-        else:
-            old = _staged_name(final, "old")
-            os.replace(final, old)
-            os.replace(staged, final)
-            shutil.rmtree(old, ignore_errors=True)
-    else:
+def _put_in_place(staged: Path, final: Path) -> Path | None:
+    """Rename ``staged`` to ``final``. An existing ``final`` is exchanged with it in one atomic
+    step where the system can (a reader, or a kill, sees the old folder or the new, whole), else
+    moved aside first. -> where the old folder now is, or None when there was none."""
+    if not (final.exists() or final.is_symlink()):
         os.replace(staged, final)
+        return None
+    if _exchange(staged, final):
+        return staged
+    old = _staged_name(final, "old")
+    os.replace(final, old)
+    os.replace(staged, final)
+    return old
+
+
+def publish_folder(staged: str | Path, final: str | Path) -> Path:
+    """Put the complete folder ``staged`` at ``final`` (:func:`_put_in_place`); the old folder is
+    removed last."""
+    staged, final = Path(staged), Path(final)
+    old = _put_in_place(staged, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     _fsync_folder(final.parent)
     return final
 
@@ -753,13 +699,11 @@ def swap_in(staged: str | Path, final: str | Path) -> Path:
 @contextlib.contextmanager
 def replacing_folder(final: str | Path, kind: str, own_names: Iterable[str], option: str | None = None,
                      what: str = "write") -> Iterator[Path]:
-    """Yield a new, marked folder beside ``final`` to write whole; on success it replaces
-    ``final``, so ``final`` holds the old folder, intact, until the new one is complete, and
-    never a mixture. ``final`` must be new, empty, or a folder of ``kind``
-    (:func:`check_folder`); ``own_names`` are the names the command writes there. The swap is one
-    atomic exchange where the system can (:func:`_exchange`); then a file of anyone else's in the
-    old folder is moved into the new one, and the old folder's own files are removed. On an
-    exception the new folder is removed and ``final`` is as it was."""
+    """Yield a new, marked folder beside ``final`` to write whole; on success it replaces ``final``
+    (:func:`_put_in_place`), which holds the old folder, intact, until then. ``final`` must be new,
+    empty, or a folder of ``kind`` (:func:`check_folder`); ``own_names``: what the command writes
+    there. A file of anyone else's in the old folder is moved into the new one. On an exception
+    the new folder is removed and ``final`` is as it was."""
     final = Path(final)
     own = [*own_names]
     ours = check_folder(final, kind, option)
@@ -785,15 +729,8 @@ def replacing_folder(final: str | Path, kind: str, own_names: Iterable[str], opt
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
-    if not (final.exists() or final.is_symlink()):
-        os.replace(staged, final)
-    else:
-        if _exchange(staged, final):
-            old = staged
-        else:
-            old = _staged_name(final, "old")
-            os.replace(final, old)
-            os.replace(staged, final)
+    old = _put_in_place(staged, final)
+    if old is not None:
         keep = set(own) | {MARKER}
         for path in old.iterdir():  # a file of the user's beside the model stays beside it
             if path.name not in keep and not (final / path.name).exists():

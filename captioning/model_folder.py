@@ -1,8 +1,6 @@
-"""Model folders, written and read: what ``Captioner.save_pretrained`` writes and
-``Captioner.from_pretrained`` and the ONNX engine read, plain files that need neither Lightning
-nor the training code. The description files are read and checked without torch, so that the
-PyTorch loader and the ONNX engine (captioning/export/runtime.py) check a folder the same way;
-torch is imported only to write or load the weights.
+"""Model folders: what ``Captioner.save_pretrained`` writes and ``Captioner.from_pretrained`` and
+the ONNX engine (captioning/export/runtime.py) read. The description files are checked without
+torch, so both check a folder the same way; torch is imported only for the weights.
 
     config.json        {"format", "format_version", "vocab_size", "vocab_sha256", "config",
                         "training_data" (captioning/provenance.py), "run"?}
@@ -181,19 +179,17 @@ def save_model_folder(folder: str | Path, model: ShowAttendTell, cfg: Config, vo
     """Write a model folder; ``card`` is the README.md text, ``run`` what the training run said of
     the model (config.json "run"), ``training_data`` what it was trained on (default: inferred
     from ``cfg``, captioning/provenance.py); ``also`` writes more files (the ONNX graphs) into the
-    new folder before it is put in place. Only a new or empty folder, or a model folder,
-    is written (a file of yours in it is kept): anything else raises CheckpointError and is left as
-    it was. The folder is written whole beside ``folder`` and then swapped in
-    (captioning/files.py replacing_folder), so ``folder`` holds the old model, intact, until the
-    new one is complete: a kill, a full disk or a failed export never leaves it half-old, half-new."""
+    new folder. Only a new or empty folder, or a model folder, is written (a file of yours in it is
+    kept), whole, then swapped in (captioning/files.py replacing_folder); anything else raises
+    CheckpointError."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     meta = {"format": FOLDER_FORMAT, "format_version": FOLDER_FORMAT_VERSION, "vocab_size": len(vocab),
             "vocab_sha256": vocab_fingerprint(vocab), "config": to_dict(cfg),
             "training_data": provenance.checked(training_data, cfg, len(vocab))}
-    if run_record(run):
-        meta["run"] = run_record(run)
+    if record := run_record(run):
+        meta["run"] = record
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     try:
         with replacing_folder(folder, "model", [*FOLDER_FILES, *STALE_AFTER_SAVE], what="write the model") as new:
@@ -209,15 +205,10 @@ def save_model_folder(folder: str | Path, model: ShowAttendTell, cfg: Config, vo
     return folder
 
 
-def load_model_folder(folder: str | Path, map_location: str | torch.device = "cpu") -> LoadedModel:
-    """Rebuild the model in eval mode from a model folder."""
-    return load_model_folder_and_data(folder, map_location)[0]
-
-
 def load_model_folder_and_data(folder: str | Path,
                                map_location: str | torch.device = "cpu") -> tuple[LoadedModel, dict]:
-    """:func:`load_model_folder`, and what the model was trained on (config.json "training_data",
-    or inferred from its config for a folder written before it was kept)."""
+    """The model in eval mode, and what it was trained on (config.json "training_data", or
+    inferred from its config for a folder written before it was kept)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -261,25 +252,21 @@ def read_run_metrics(source: str | Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-_CARD_METRICS = (("bleu_1", "BLEU-1"), ("bleu_2", "BLEU-2"), ("bleu_3", "BLEU-3"), ("bleu_4", "BLEU-4"),
-                 ("meteor", "METEOR"), ("rouge_l", "ROUGE-L"), ("cider", "CIDEr"), ("spice", "SPICE"))
-
-
-#: Metric ids of the card's metadata (the names model hubs use), for the scores a card can show.
-_HUB_METRICS = {"bleu_1": "bleu", "bleu_2": "bleu", "bleu_3": "bleu", "bleu_4": "bleu", "meteor": "meteor",
-                "rouge_l": "rouge", "cider": "cider", "spice": "spice"}
+#: The scores a card shows: metric id -> (its name in the table, its metadata id as model hubs name it).
+_CARD_METRICS = {"bleu_1": ("BLEU-1", "bleu"), "bleu_2": ("BLEU-2", "bleu"), "bleu_3": ("BLEU-3", "bleu"),
+                 "bleu_4": ("BLEU-4", "bleu"), "meteor": ("METEOR", "meteor"), "rouge_l": ("ROUGE-L", "rouge"),
+                 "cider": ("CIDEr", "cider"), "spice": ("SPICE", "spice")}
 
 
 def card_metadata(cfg: Config, metrics: dict | None = None) -> list[str]:
-    """The card's YAML front matter, the metadata header model hubs read (library_name,
-    pipeline_tag, license, tags, datasets, metrics). ``metrics``: the run's metrics.json; its
-    test scores name the metrics, else the ones training scores. Values are JSON strings, which
-    YAML reads as they are."""
-    data = cfg.data
-    dataset = {"synthetic": "show-attend-tell-synthetic", "coco": "coco"}.get(data.dataset) or Path(data.root).name
+    """The card's YAML front matter that model hubs read. ``metrics``: the run's metrics.json; its
+    test scores name the metrics, else the ones training scores. Values are JSON strings (valid YAML)."""
+    from captioning.data.sources import SOURCES
+
+    dataset = SOURCES[cfg.data.dataset].hub_name or Path(cfg.data.root).name
     scores = (metrics or {}).get("metrics")
-    keys = [k for k in scores if k in _HUB_METRICS] if isinstance(scores, dict) else []
-    hub_metrics = list(dict.fromkeys(_HUB_METRICS[k] for k in keys or ("bleu_4", "meteor", "rouge_l", "cider")))
+    keys = [k for k in scores if k in _CARD_METRICS] if isinstance(scores, dict) else []
+    hub_metrics = list(dict.fromkeys(_CARD_METRICS[k][1] for k in keys or ("bleu_4", "meteor", "rouge_l", "cider")))
     tags = ["image-captioning", "show-attend-tell", f"{cfg.model.attention}-attention", "pytorch"]
 
     def items(values: list[str]) -> list[str]:
@@ -291,19 +278,16 @@ def card_metadata(cfg: Config, metrics: dict | None = None) -> list[str]:
 
 def model_card(model: ShowAttendTell, cfg: Config, vocab: Vocabulary, command: str,
                source: str | None = None, metrics: dict | None = None, training_data: dict | None = None) -> str:
-    """README.md of a model folder: the metadata header (card_metadata), what the model is, what
-    it was trained on, its intended use and limitations, its test scores (from the training run's
-    metrics.json, when there is one), the command that made the folder, and how to load it, with
-    PyTorch and with ONNX Runtime."""
+    """README.md of a model folder: metadata (card_metadata), what the model is and was trained on,
+    its intended use and limits, test scores (``metrics``, the run's metrics.json), the command that
+    made the folder, and how to load it with PyTorch and ONNX Runtime."""
     trained_on = provenance.checked(training_data, cfg, len(vocab))
     enc, dec = cfg.model.encoder, cfg.model.decoder
     params = sum(p.numel() for p in model.parameters())
     lines = [
         *card_metadata(cfg, metrics),
-        f"# Show, Attend and Tell: {cfg.model.attention} attention",
-        "",
-        "An image captioning model (Xu et al., 2015), saved by `Captioner.save_pretrained`.",
-        "",
+        f"# Show, Attend and Tell: {cfg.model.attention} attention", "",
+        "An image captioning model (Xu et al., 2015), saved by `Captioner.save_pretrained`.", "",
         "| | |", "|---|---|",
         f"| attention | {cfg.model.attention} ({dec.score} score, {dec.gate} gate) |",
         f"| encoder | {enc.backbone} up to {enc.stage or 'the last stage'}, {enc.grid_size}x{enc.grid_size} grid |",
@@ -321,7 +305,7 @@ def model_card(model: ShowAttendTell, cfg: Config, vocab: Vocabulary, command: s
     if isinstance(scores, dict) and scores:
         n = metrics.get("num_images")
         lines += [f"## Test split scores (x100{f', {n} images' if n else ''})", "", "| metric | score |", "|---|---|"]
-        for key, name in _CARD_METRICS:
+        for key, (name, _) in _CARD_METRICS.items():
             if isinstance(scores.get(key), (int, float)):
                 lines.append(f"| {name} | {100 * scores[key]:.2f} |")
         lines.append("")

@@ -1,8 +1,5 @@
-"""The one progress helper: ``label: done/total unit, rate, elapsed, ETA`` for long work.
-
-On a terminal it is a tqdm bar on stderr; otherwise (a log file, a pipe, CI) it prints plain
-lines, at most one per ``interval`` seconds plus the last, so a log stays readable.
-"""
+"""The one progress helper: ``label: done/total unit, rate, elapsed, ETA`` for long work, a tqdm
+bar on a terminal, else plain lines at most one per ``interval`` seconds plus the last."""
 
 from __future__ import annotations
 
@@ -29,12 +26,9 @@ def _is_terminal(stream: TextIO) -> bool:
 
 
 class Progress:
-    """Count work done against ``total``; ``update(n)`` after each piece, ``close()`` at the end.
-
-    ``initial`` counts work done before (a resumed run): it is shown as done, but the rate and
-    ETA come from this run's work only. ``enabled=False`` prints nothing. ``update(n, note)``
-    shows ``note`` (such as the current loss) after the counts until another note replaces it.
-    """
+    """Count work done against ``total``; ``update(n, note)`` after each piece (``note``, such as the
+    loss, shown until replaced), ``close()`` at the end. ``initial``: work done before (a resumed
+    run), shown as done but not in the rate and ETA. ``enabled=False`` prints nothing."""
 
     def __init__(self, total: int, label: str, *, unit: str = "images", enabled: bool = True,
                  stream: TextIO | None = None, interval: float = 0.0, initial: int = 0) -> None:

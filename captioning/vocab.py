@@ -4,6 +4,7 @@ Free of torch, so that the ONNX engine (captioning/export/runtime.py) shares it.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections import Counter
 from typing import Any, Iterable, Sequence
@@ -57,14 +58,8 @@ class Vocabulary:
         sequence of ints, or a 1-D tensor or array."""
         if hasattr(ids, "tolist"):
             ids = ids.tolist()
-        words = []
-        for i in ids:
-            if i == self.end_id:
-                break
-            if i in (self.pad_id, self.start_id):
-                continue
-            words.append(self.words[i])
-        return words
+        spoken = itertools.takewhile(lambda i: i != self.end_id, ids)
+        return [self.words[i] for i in spoken if i not in (self.pad_id, self.start_id)]
 
 
 def banned_ids(n_words: int, min_len: int = 0, no_unk: bool = False) -> list[int]:

@@ -1,11 +1,6 @@
-"""Attention heatmaps of a few fixed validation images, written at every validation, so that a
-user can watch attention form while the model trains.
-
-Each validation writes ``<run>/attention/step<global step>_<i>.png`` (the paper's Figure 3 layout,
-captioning/visualization.py: the image, then each generated word's attention) for the same first
-images of the validation split, and with TensorBoard on, adds them as images under
-``attention/<i>`` at the global step.
-"""
+"""Attention heatmaps of the first validation images at every validation, to watch attention form:
+``<run>/attention/step<global step>_<i>.png`` in the paper's Figure 3 layout
+(captioning/visualization.py), and with TensorBoard on, images ``attention/<i>`` at the step."""
 
 from __future__ import annotations
 

@@ -46,9 +46,8 @@ class CaptioningModule(pl.LightningModule):
         self.model = ShowAttendTell(self.cfg.model, len(self.vocab))
         # Optional torch.compile (train.compile); lazy, and the parameter names stay the same.
         compile_model(self.model, self.cfg.train.compile, self.cfg.train.compile_mode)
-        # Speed, chosen once (model.decoder.fast, captioning/fast.py): the fused teacher-forced pass
-        # (None: the model's own loop) and decoding's form of the additive score. Compiled runs
-        # keep the reference maths, which is what torch.compile compiles.
+        # model.decoder.fast (captioning/fast.py): the fused teacher-forced pass (None: the model's
+        # loop) and decoding's additive-score form; compiled runs keep the reference maths.
         fast_path = self.cfg.model.decoder.fast and self.cfg.train.compile == "none"
         self.fused = fast.training_pass(self.model) if fast_path else None
         self.search = ModelSearch(self.model, fast=fast_path)
@@ -57,7 +56,6 @@ class CaptioningModule(pl.LightningModule):
                          else None)
         self._predictions: dict[int, str] = {}
         self._val_nll: list[torch.Tensor] = []  # [sum, count] of the reference NLL (train.monitor "nll")
-        self._alphas: dict[int, torch.Tensor] = {}
         self.eval_results: dict | None = None  # filled on rank 0 after validation/test
         self._fit_started: float | None = None  # perf_counter at fit start, for val/elapsed_s
 
@@ -127,18 +125,11 @@ class CaptioningModule(pl.LightningModule):
     @torch.no_grad()
     def _log_training_signal(self, terms: LossTerms, captions: torch.Tensor, plan: TrainingPlan) -> None:
         """What the soft-vs-hard study (captioning compare) plots; monitoring only, no gradient.
-
-        train/attention_entropy: mean over real (caption, step) pairs of H(alpha_t) in nats, both
-        mechanisms (log L for a uniform map). Hard attention, in steps that sampled locations:
-        the REINFORCE learning signal of caption n is s_n = lambda_r (C_n - b), the scalar that
-        multiplies d log p(s_n|a)/dW in the estimator (C_n and b as in losses.caption_loss: b is
-        the moving average, or with loss.samples > 1 the mean cost of the caption's other draws).
-        Logged over the sampled captions: train/reinforce_cost (mean C_n),
-        train/reinforce_signal_mean (mean s_n), train/reinforce_signal_var (population variance
-        of s_n over the minibatch), train/reinforce_signal_sq (mean s_n^2 = var + mean^2: the
-        estimator's variance scales with it; a baseline at the mean cost would leave only var) and
-        train/reinforce_signal_sq_no_baseline (mean (lambda_r C_n)^2: the same without a baseline).
-        """
+        train/attention_entropy: mean H(alpha_t) in nats over real (caption, step) pairs. Hard
+        attention, over the captions of steps that sampled: s_n = lambda_r (C_n - b) multiplies
+        d log p(s_n|a)/dW (C_n, b as in losses.caption_loss); logged are mean C_n (reinforce_cost),
+        mean s_n, its population variance, mean s_n^2 = var + mean^2 (the estimator's variance
+        scales with it) and mean (lambda_r C_n)^2 (the same without a baseline)."""
         n = captions.shape[0]
         tokens = (captions[:, 1:] != self.vocab.pad_id).sum()
         draws = terms.entropy_per_caption.shape[0] // n  # loss.samples rows per caption when sampled
@@ -238,14 +229,11 @@ class CaptioningModule(pl.LightningModule):
         return DecodeOptions.for_model(self.cfg.decode, self.mechanism.test_modes, self.cfg.model.attention,
                                        beam_size=1 if split == "val" else None)
 
-    def _gather_predictions(self) -> dict[int, str]:
-        """All ranks' predictions, de-duplicated by image id (DistributedSampler pads with repeats)."""
-        return gather_by_image_id(self._predictions)[0]
-
     def _score(self, split: str, metrics: tuple[str, ...]) -> None:
         if self.trainer.sanity_checking:
             return
-        predictions = self._gather_predictions()
+        # All ranks' predictions, de-duplicated by image id (DistributedSampler pads with repeats).
+        predictions = gather_by_image_id(self._predictions)[0]
         values: dict[str, float] = {}
         if self.global_rank == 0:
             dm = self.trainer.datamodule
@@ -270,12 +258,10 @@ class CaptioningModule(pl.LightningModule):
 
 
 class SplitDecoding(pl.LightningModule):
-    """``captioning evaluate --devices N``: a split decoded by ``Trainer.predict`` in N processes.
-    Each process loads the checkpoint on its own device and decodes every N-th image of the split
-    (disjoint shards); at the end the captions are gathered and de-duplicated by image id, as the
-    test split's are at the end of training (gather_by_image_id), and process 0 writes them, with
-    the first error of any process, to ``out_path`` for the process that started them. An error
-    travels through the gather, so no process is left waiting in it for one that failed."""
+    """``captioning evaluate --devices N``: each of N processes decodes every N-th image of the split
+    with ``Trainer.predict``; the captions are gathered by image id (gather_by_image_id) and process
+    0 writes them, with the first error of any process, to ``out_path``. An error travels through
+    the gather, so no process is left waiting in it for one that failed."""
 
     def __init__(self, checkpoint: str, data, split: str, options: DecodeOptions, matcher, out_path: str) -> None:
         super().__init__()

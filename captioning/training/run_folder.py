@@ -1,15 +1,7 @@
-"""An output folder belongs to one run: which folder a training writes, and what it may replace.
-
-A training writes only into a new or empty folder, which it marks as a run folder
-(captioning/files.py, the folder marker), or into a folder carrying that marker. A marked folder
-holding another run's results (a checkpoint, metrics.json) is refused unless ``--overwrite``
-says to replace them, and then only the files a training writes are removed; ``--resume CKPT``
-continues in the checkpoint's own folder when that folder is the run's (its marker carries the
-id the checkpoint recorded), and otherwise only in a new folder named with ``--out-dir``. A start refused
-before any checkpoint leaves nothing that blocks the same command once fixed: a marked folder
-without results is taken as it is. While a training runs, a lock file in the folder
-(captioning/files.py RunLock) refuses a second live process.
-"""
+"""An output folder belongs to one run: which folder a training writes, and what it may replace
+(:func:`check_out_dir`). A start refused before any checkpoint leaves nothing that blocks the same
+command once fixed: a marked folder without results is taken as it is. While a training runs, a
+lock file in the folder (captioning/files.py RunLock) refuses a second live process."""
 
 from __future__ import annotations
 
@@ -53,10 +45,6 @@ def choose_out_dir(out_dir: Path | None, attention: str, resume: Path | None) ->
     return Path("runs") / attention
 
 
-def run_files(out_dir: Path) -> list[str]:
-    return [name for name in RUN_FILES if (out_dir / name).exists()]
-
-
 def _continuing(out_dir: Path, resume: Path | None) -> bool:
     return resume is not None and Path(out_dir).resolve() == Path(resume).resolve().parent
 
@@ -64,15 +52,11 @@ def _continuing(out_dir: Path, resume: Path | None) -> bool:
 def check_out_dir(out_dir: Path, overwrite: bool = False, resume: Path | None = None,
                   resume_id: str | None = None) -> None:
     """Refuse (RunFolderError, one line saying what to pass) a folder that is not a run folder of
-    this project (files of someone else's, even with --overwrite), or that holds another run.
-
-    A resume into the checkpoint's own folder continues that run there only if the folder is
-    ours: it carries the project's own marker (captioning/files.py read_marker), and the id that
-    the checkpoint recorded (``resume_id``, checkpoint["run_folder_id"]) is that marker's. A
-    checkpoint elsewhere (downloaded beside someone's files, or copied) is resumed into a new
-    folder named with --out-dir. Nothing is written through a link in the folder. A new or empty
-    folder is created and marked; nothing else is written here except a probe proving it writable.
-    """
+    this project (files of someone else's, even with --overwrite), or that holds another run's
+    results without --overwrite. A resume continues in the checkpoint's own folder only if it
+    carries the project's marker with the id the checkpoint recorded (``resume_id``); else only in
+    a new --out-dir. Nothing is written through a link in the folder. A new or empty folder is
+    created and marked; nothing else is written here but a probe proving it writable."""
     out_dir = Path(out_dir)
     continuing = _continuing(out_dir, resume)
     try:
@@ -92,7 +76,8 @@ def check_out_dir(out_dir: Path, overwrite: bool = False, resume: Path | None = 
     found = [name for name in RESULT_FILES if (out_dir / name).exists()] if ours else []
     if found and not continuing and not overwrite:
         hint = f"--resume {out_dir / 'last.ckpt'} to continue it, " if (out_dir / "last.ckpt").is_file() else ""
-        raise RunFolderError(f"{out_dir} holds another run ({', '.join(run_files(out_dir))}): pass --overwrite to "
+        present = ", ".join(name for name in RUN_FILES if (out_dir / name).exists())
+        raise RunFolderError(f"{out_dir} holds another run ({present}): pass --overwrite to "
                              f"replace it, {hint}or --out-dir to write elsewhere")
     try:
         check_writable(out_dir, "write the run")

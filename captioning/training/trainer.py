@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import io
 import logging
 import math
@@ -25,7 +26,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from captioning.console import CaptioningError, InvalidType, InvalidValue
 from captioning.config import LOGGERS, Config
-from captioning.files import atomic_write
+from captioning.files import ForeignFolderError, atomic_write, folder_id
 from captioning.progress import Progress
 
 #: train.monitor -> (logged key, mode). BLEU-4 from real greedy decoding of the whole validation
@@ -41,10 +42,8 @@ def resolve_precision(cfg: Config) -> str:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """best.ckpt and last.ckpt written to a temporary file in their own folder, fsync'ed, then
-    renamed over the old file (captioning/files.py). Lightning's own save goes through a temporary
-    file in $TMPDIR that is then moved: across file systems the move is a copy, which a kill or a
-    full disk leaves half-done in place of the good checkpoint."""
+    """Checkpoints written atomically in their own folder (captioning/files.py): Lightning's own save
+    moves a file from $TMPDIR, a copy across file systems that a kill can leave half-done."""
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         if storage_options is not None:
@@ -63,13 +62,10 @@ class NonFiniteLossError(CaptioningError, RuntimeError):
 
 
 class RunGuard(pl.Callback):
-    """Stops training on a non-finite loss before a checkpoint can hold the damaged weights, and
-    records how a run was interrupted (SIGTERM, Ctrl-C), which Lightning turns into a
-    ``SystemExit`` (status 0 for SIGTERM), so the entry point can exit non-zero and say so.
-
-    The loss is checked every ``check_every`` steps (reading it synchronises a GPU) and always
-    before validation, which is where the checkpoints are written.
-    """
+    """Stops training on a non-finite loss before a checkpoint can hold the damaged weights, checked
+    every ``check_every`` steps (reading it synchronises a GPU) and before validation, where the
+    checkpoints are written; records an interruption (SIGTERM, Ctrl-C), which Lightning turns into
+    a ``SystemExit`` (status 0 for SIGTERM), so the entry point can exit non-zero and say so."""
 
     def __init__(self, check_every: int = 1) -> None:
         self.check_every = max(1, check_every)
@@ -111,37 +107,27 @@ class RunGuard(pl.Callback):
 
 
 class RunPlace(pl.Callback):
-    """Records in every checkpoint the folder the training ran in (``checkpoint["workdir"]``):
-    the config's relative paths (data.root, data.feature_cache) are relative to it, and the
-    commands that read the checkpoint from another folder resolve them there
-    (captioning/checkpoint.py ``at_workdir``). Also the random id of the run folder's marker
-    (``checkpoint["run_folder_id"]``, captioning/files.py): --resume continues in place only in
+    """Records in every checkpoint the folder the training ran in (``checkpoint["workdir"]``), which
+    the config's relative paths are relative to (captioning/checkpoint.py ``at_workdir``), and the
+    run folder marker's id (``checkpoint["run_folder_id"]``): --resume continues in place only in
     the folder whose marker carries it."""
 
     def __init__(self, out_dir: Path | None = None) -> None:
         self.workdir = os.getcwd()
-        self.run_folder_id = _run_folder_id(out_dir)
+        try:
+            self.run_folder_id = folder_id(out_dir) if out_dir is not None else None
+        except ForeignFolderError:
+            self.run_folder_id = None
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module, checkpoint: dict) -> None:
         checkpoint["workdir"] = self.workdir
-        if self.run_folder_id is not None:  # --resume continues in place only in the folder of this id
+        if self.run_folder_id is not None:
             checkpoint["run_folder_id"] = self.run_folder_id
 
 
-def _run_folder_id(out_dir: Path | None) -> str | None:
-    from captioning.files import ForeignFolderError, folder_id
-
-    try:
-        return folder_id(out_dir) if out_dir is not None else None
-    except ForeignFolderError:
-        return None
-
-
 class ConfiguredEarlyStopping(EarlyStopping):
-    """Early stopping whose patience is the config's, also after --resume: Lightning's own
-    restores the patience saved in the checkpoint over the one it was built with, so
-    ``--resume --set train.patience=N`` was recorded in config.yaml but never applied. The
-    progress (epochs without improvement, best score) is restored as saved."""
+    """Early stopping whose patience is the config's also after --resume (Lightning's restores the
+    checkpoint's, ignoring ``--set train.patience=N``); its progress is restored as saved."""
 
     def load_state_dict(self, state_dict: dict) -> None:
         patience = self.patience
@@ -150,11 +136,9 @@ class ConfiguredEarlyStopping(EarlyStopping):
 
 
 class TrainingProgress(ProgressBar):
-    """Training, validation and test progress through the project's one progress helper
-    (captioning/progress.py): a bar on a terminal, plain lines at most every ``interval`` seconds
-    (and at the end of each epoch) in a log file or a pipe. After each validation one line gives
-    its scores; before the test split's captions are scored (the Java tokenizer and METEOR take a
-    while) one line says so."""
+    """Training, validation and test progress through captioning/progress.py (a bar on a terminal,
+    lines at most every ``interval`` seconds elsewhere); a line of scores after each validation,
+    and one before the test captions are scored (the Java tokenizer and METEOR take a while)."""
 
     def __init__(self, interval: float = 30.0) -> None:
         super().__init__()
@@ -232,44 +216,37 @@ class TrainingProgress(ProgressBar):
             print("test: scoring the captions with the COCO metrics ...", file=sys.stderr, flush=True)
 
 
-#: Messages of the dependencies that tell a user of this command nothing: Lightning's advert for
-#: its cloud logger (every Trainer), its note that it loads the training data to count the steps
-#: (for the cosine schedule), a deprecation inside its own use of torch's pytree, and its warnings
-#: that the run folder and its logs/ are not empty: the run-folder check
-#: (captioning/training/run_folder.py) has already refused another run's files, so the folder
-#: holds this run's config.yaml and lock (or, on --resume, its own files), and
-#: ResumableCSVLogger keeps the earlier log rows that the second warning says are deleted.
+#: Messages that tell a user nothing: Lightning's cloud advert, its note that it loads the training
+#: data to count steps, a pytree deprecation inside it, and its warnings that the run folder and
+#: logs/ are not empty (run_folder.py has already refused another run's files, and
+#: ResumableCSVLogger keeps the rows the second warning says are deleted).
 _NOISE_LOGGED = ("💡 Tip: For seamless cloud logging", "Loading `train_dataloader` to estimate number of stepping")
 _NOISE_WARNED = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                  r"Checkpoint directory .* exists and is not empty",
                  r"Experiment logs directory .* exists and is not empty")
 
 
-class _DropNoise(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(_NOISE_LOGGED)
+def _not_noise(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_NOISE_LOGGED)
 
 
 @contextlib.contextmanager
 def _quiet_dependencies():
-    """While the Trainer is built and runs: the dependency messages above are dropped, nothing else
-    (a warning of the user's code or of ours still shows)."""
+    """While the block runs the dependency messages above are dropped, nothing else."""
     logger = logging.getLogger("pytorch_lightning.utilities.rank_zero")
-    noise = _DropNoise()
-    logger.addFilter(noise)
+    logger.addFilter(_not_noise)  # a logging filter may be a function (Python 3.2+)
     try:
         with warnings.catch_warnings():
             for message in _NOISE_WARNED:
                 warnings.filterwarnings("ignore", message=message)
             yield
     finally:
-        logger.removeFilter(noise)
+        logger.removeFilter(_not_noise)
 
 
 def silence_lightning() -> None:
-    """From here on in this process, Lightning's info lines (the accelerators it found, the process
-    group it started) and its warnings are dropped: ``captioning evaluate --devices N`` says itself
-    what it runs, and its processes print what one process does."""
+    """From here on in this process, Lightning's info lines and warnings are dropped:
+    ``captioning evaluate --devices N`` says itself what it runs."""
     for name in ("pytorch_lightning", "lightning_fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module="pytorch_lightning|lightning_fabric")
@@ -289,25 +266,22 @@ def quiet_lightning():
             logging.getLogger(name).setLevel(level)
 
 
+def _quietly(method):
+    @functools.wraps(method)
+    def run(*args, **kwargs):
+        with _quiet_dependencies():
+            return method(*args, **kwargs)
+    return run
+
+
 class Trainer(pl.Trainer):
     """Lightning's Trainer, quiet about its dependencies' noise while it is built and while it runs
     (see _quiet_dependencies); otherwise the same."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        with _quiet_dependencies():
-            super().__init__(*args, **kwargs)
-
-    def fit(self, *args, **kwargs):
-        with _quiet_dependencies():
-            return super().fit(*args, **kwargs)
-
-    def validate(self, *args, **kwargs):
-        with _quiet_dependencies():
-            return super().validate(*args, **kwargs)
-
-    def test(self, *args, **kwargs):
-        with _quiet_dependencies():
-            return super().test(*args, **kwargs)
+    __init__ = _quietly(pl.Trainer.__init__)
+    fit = _quietly(pl.Trainer.fit)
+    validate = _quietly(pl.Trainer.validate)
+    test = _quietly(pl.Trainer.test)
 
 
 class TrainingStopped(CaptioningError):
@@ -323,8 +297,8 @@ EXIT_STATUS = {"SIGINT": 130, "SIGTERM": 143}  # 128 + the signal's number, as a
 
 def run_guarded(trainer: pl.Trainer, stage, out_dir: str | Path, resume_command: str):
     """Run ``stage()`` (trainer.fit or trainer.test); a non-finite loss, SIGTERM or Ctrl-C becomes
-    :class:`TrainingStopped` saying what was saved and how to continue. Lightning ends SIGTERM with
-    a ``SystemExit`` of status 0, which would let ``train && evaluate`` carry on."""
+    :class:`TrainingStopped` saying what was saved and how to continue (Lightning's SystemExit(0)
+    on SIGTERM would let ``train && evaluate`` carry on)."""
     guard = next(c for c in trainer.callbacks if isinstance(c, RunGuard))
     last = Path(out_dir) / "last.ckpt"
     # What holds the work if this stage saves nothing (the stage's own saves are in guard.saved).
@@ -349,9 +323,8 @@ def _saved(guard: RunGuard, last: Path, before: str) -> str:
 
 
 class RNGState(pl.Callback):
-    """Saves the random generators (Python, NumPy, torch CPU and CUDA) in every checkpoint and
-    restores them on resume, so the resumed epochs shuffle, drop out and sample as the
-    uninterrupted run would have. Stored as plain types and tensors (weights-only loadable)."""
+    """The random generators (Python, NumPy, torch CPU and CUDA) in every checkpoint, as plain types
+    and tensors, restored on resume: the resumed epochs draw as the uninterrupted run would have."""
 
     def state_dict(self) -> dict:
         version, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -362,9 +335,8 @@ class RNGState(pl.Callback):
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        # Called when fit restores the checkpoint, before the resumed epoch's data iterator is made
-        # (which draws the shuffle order) and before CaptioningModule.on_fit_start, which then keeps
-        # these states on one device (with DDP it seeds each rank anew: only rank 0's are saved).
+        # Called before the resumed epoch's shuffle is drawn and before CaptioningModule.on_fit_start
+        # (which, with DDP, seeds each rank anew: only rank 0's states are saved).
         py = state["python"]
         random.setstate((py[0], tuple(py[1]), py[2]))
         torch.set_rng_state(state["torch"])
@@ -375,9 +347,8 @@ class RNGState(pl.Callback):
 
 
 class ResumableCSVLogger(CSVLogger):
-    """Lightning's CSVLogger deletes an existing ``metrics.csv`` when it starts, so a resumed run
-    would lose the log of everything before the resume. This one keeps the rows logged before
-    ``keep_before_step`` (the resumed checkpoint's global step) and appends after them."""
+    """A CSVLogger that keeps the rows of ``metrics.csv`` logged before ``keep_before_step`` (the
+    resumed checkpoint's step): Lightning's deletes the file when it starts."""
 
     def __init__(self, *args, keep_before_step: int | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -389,24 +360,22 @@ class ResumableCSVLogger(CSVLogger):
         if self._experiment is not None:
             return self._experiment
         path = Path(self.log_dir) / "metrics.csv"
-        rows: list[dict[str, str]] = []
-        keys: list[str] = []
-        if self._keep_before_step is not None and path.is_file():
-            with path.open(newline="") as f:
-                reader = csv.DictReader(f)
-                keys = list(reader.fieldnames or [])
-                rows = [r for r in reader if r.get("step") and int(float(r["step"])) < self._keep_before_step]
+        keys, rows = _read_csv(path) if self._keep_before_step is not None and path.is_file() else ([], [])
+        rows = [r for r in rows if r.get("step") and int(float(r["step"])) < self._keep_before_step]
         writer = super().experiment  # removes the old file
-        writer._rewrite_with_new_header = lambda fieldnames: _write_csv(path, fieldnames, _read_csv(path))
+        writer._rewrite_with_new_header = lambda fieldnames: _write_csv(path, fieldnames, _read_csv(path)[1])
         if rows:
             _write_csv(path, keys, rows)
             writer.metrics_keys = sorted(keys)
         return writer
 
 
-def _read_csv(path: Path) -> list[dict[str, str]]:
+def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """-> (the header's column names, the rows)."""
     with path.open(newline="") as f:
-        return list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        return list(reader.fieldnames or []), rows
 
 
 def _write_csv(path: Path, fieldnames: list[str], rows: list[dict[str, str]]) -> None:
@@ -443,21 +412,20 @@ def build_trainer(
     cfg: Config, out_dir: str | Path, progress_bar: bool = True, resume_step: int | None = None,
     logger: str = "csv", heatmaps: bool = True,
 ) -> pl.Trainer:
-    """``resume_step``: the global step of the checkpoint being resumed, whose earlier log rows are
-    kept. ``logger``: "csv" or "tensorboard" (see build_loggers). ``heatmaps``: attention figures
-    of a few fixed validation images at every validation (captioning/training/heatmaps.py)."""
+    """``resume_step``: the resumed checkpoint's step (build_loggers). ``heatmaps``: attention figures
+    at every validation (captioning/training/heatmaps.py)."""
     from captioning.training.heatmaps import AttentionHeatmaps
 
     out_dir = Path(out_dir)
     loggers = build_loggers(out_dir, logger, resume_step)
     t = cfg.train
     monitor, mode = MONITORS[t.monitor]
+    checkpoint = functools.partial(ModelCheckpoint, enable_version_counter=False, auto_insert_metric_name=False)
     callbacks: list[pl.Callback] = [
-        ModelCheckpoint(dirpath=out_dir, filename="best", monitor=monitor, mode=mode, save_top_k=1,
-                        enable_version_counter=False, auto_insert_metric_name=False),
+        checkpoint(dirpath=out_dir, filename="best", monitor=monitor, mode=mode, save_top_k=1),
         # A second callback without a monitor keeps last.ckpt current after every epoch: Lightning
         # 2.6's save_last only writes it in epochs where the best checkpoint also improved.
-        ModelCheckpoint(dirpath=out_dir, filename="last", save_top_k=1, enable_version_counter=False),
+        checkpoint(dirpath=out_dir, filename="last", save_top_k=1),
         ConfiguredEarlyStopping(monitor=monitor, mode=mode, patience=t.patience),
         LearningRateMonitor(logging_interval="epoch"),
         RunGuard(check_every=t.log_every),
@@ -466,37 +434,27 @@ def build_trainer(
     ]
     if t.save_every_epoch:
         # monitor="epoch" only gives this callback a state key of its own beside last.ckpt's.
-        callbacks.append(ModelCheckpoint(dirpath=out_dir / "epochs", filename="epoch{epoch}", monitor="epoch",
-                                         mode="max", save_top_k=-1, enable_version_counter=False,
-                                         auto_insert_metric_name=False))
+        callbacks.append(checkpoint(dirpath=out_dir / "epochs", filename="epoch{epoch}", monitor="epoch", mode="max",
+                                    save_top_k=-1))
     if heatmaps and not t.fast_dev_run:
         callbacks.append(AttentionHeatmaps(out_dir))
     if progress_bar:
         callbacks.append(TrainingProgress())
     multi = t.devices * t.num_nodes > 1
     return Trainer(
-        accelerator=t.accelerator,
-        devices=t.devices,
-        num_nodes=t.num_nodes,
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
         # Every parameter is used in every step (the mechanism is chosen at construction), so DDP
         # needs no find_unused_parameters search.
         strategy="ddp" if multi else "auto",
         precision=resolve_precision(cfg),
-        max_epochs=t.max_epochs,
-        max_time=timedelta(minutes=t.max_time_minutes) if t.max_time_minutes > 0 else None,
-        check_val_every_n_epoch=t.val_every,
-        log_every_n_steps=t.log_every,
+        max_epochs=t.max_epochs, max_time=timedelta(minutes=t.max_time_minutes) if t.max_time_minutes > 0 else None,
+        check_val_every_n_epoch=t.val_every, log_every_n_steps=t.log_every,
         gradient_clip_val=cfg.optim.grad_clip or None,
         # None when 1.0 (all batches): the same, without Lightning's note saying so.
         limit_train_batches=t.limit_train_batches if t.limit_train_batches != 1.0 else None,
         limit_val_batches=t.limit_val_batches if t.limit_val_batches != 1.0 else None,
-        fast_dev_run=t.fast_dev_run,
-        num_sanity_val_steps=0,
-        callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
-        logger=loggers,
-        enable_progress_bar=progress_bar,
+        fast_dev_run=t.fast_dev_run, num_sanity_val_steps=0,
+        callbacks=callbacks, plugins=[AtomicCheckpointIO()], logger=loggers, enable_progress_bar=progress_bar,
         enable_model_summary=False,  # captioning train prints the trained parameter count itself
-        default_root_dir=out_dir,
-        deterministic=False,
+        default_root_dir=out_dir, deterministic=False,
     )
