@@ -31,7 +31,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from captioning.console import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, UsageError, one_line, print_error, positive_int
+from captioning.cli import main_of
+from captioning.console import EXIT_OK, EXIT_SOME_FAILED, UsageError, one_line, positive_int, print_error
 from captioning.progress import Progress
 
 #: File name endings taken from folders and globs (case-insensitive).
@@ -301,8 +302,8 @@ def split_paths(captioner, split: str, limit: int | None, data_root: str | None)
     return [Path(r.path) for r in records[:limit]]
 
 
-def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    """Run the caption command; returns the exit status (0 ok, 1 some images failed, 2 nothing done)."""
+def run(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """``captioning caption`` with ``argv``; -> 0, or 1 when some images failed. Raises UsageError (nothing done)."""
     parser = caption_parser(prog)
     args = parser.parse_args(argv)
     if args.limit is not None and args.from_split is None:
@@ -318,11 +319,10 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
             parser.error("--engine onnx needs --model DIR (written by 'captioning export --format onnx')")
         if args.from_split:
             parser.error("--from-split reads the checkpoint's dataset with PyTorch's loader: it needs --engine torch")
-    try:
-        return _run_caption(args)
-    except UsageError as err:
-        print_error(err)
-        return EXIT_USAGE
+    return _run_caption(args)
+
+
+main = main_of(run)
 
 
 TINY_SIDE = 16  # pixels; a smaller image is mostly interpolation once resized to the model's input

@@ -28,15 +28,16 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
 
 from captioning.caption.run import add_decoding_options, captioner_and_options, data_config
-from captioning.console import EXIT_USAGE, UsageError, one_line, positive_int, print_error
+from captioning.cli import main_of
+from captioning.console import UsageError, interruptible, one_line, positive_int
 from captioning.files import ForeignFolderError, atomic_write_json, claim_folder, folder_kind
 from captioning.data.coco import write_results
+from captioning.evaluation import metrics
 from captioning.progress import format_duration
 
-METRICS = ("bleu", "meteor", "rouge", "cider", "spice")
+DEFAULT_METRICS = ("bleu", "meteor", "rouge", "cider")
 CHECKPOINT_ONLY = ("split", "batch_size", "hard_mode", "beam_size", "max_len", "device", "data_root", "instances",
                    "temperature", "top_k")
 
@@ -55,7 +56,7 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
                         "or the results file's eval/ subfolder)")
     p.add_argument("--batch-size", type=positive_int, metavar="N",
                    help="images decoded together (default: the checkpoint's data.eval_batch_size)")
-    p.add_argument("--metrics", nargs="+", choices=METRICS, default=["bleu", "meteor", "rouge", "cider"],
+    p.add_argument("--metrics", nargs="+", choices=list(metrics.SCORERS), default=list(DEFAULT_METRICS),
                    help="default: bleu meteor rouge cider (METEOR starts Java, ~10 s)")
     p.add_argument("--hard-mode", choices=["expected", "argmax", "sample"],
                    help="how a hard-attention model attends (default: the checkpoint's decode.hard_mode)")
@@ -112,9 +113,10 @@ def _writable(out_dir: Path, chosen: bool = False) -> Path:
         raise UsageError(err) from None
 
 
-def _write_json(path: Path, obj, indent: int = 2) -> None:
+def _write(write, path: Path, obj) -> None:
+    """``write(path, obj)``; an OSError (a missing folder, a full disk) is a UsageError."""
     try:
-        atomic_write_json(path, obj, indent=indent)
+        write(path, obj)
     except OSError as err:
         raise UsageError(err) from None
 
@@ -179,7 +181,6 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     from captioning.data.transforms import ImageLoadError
     from captioning.evaluation.evaluator import decode_distributed, decode_split, score_record
     from captioning.evaluation.grounding import score_grounding
-    from captioning.evaluation.metrics import format_metrics_table
 
     captioner, options = captioner_and_options(args)
     settings = captioner.record(options)
@@ -233,23 +234,20 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
         values.update(grounding.metrics())
     for line in summary_lines(values, f"{split} split, {len(predictions)} images", captioner.trained_on):
         print(line)
-    print(format_metrics_table(values, title="the full table:"))
+    print(metrics.format_metrics_table(values, title="the full table:"))
     for note in report.notes() + (grounding.notes() if grounding else ["grounding: not computed (no boxes: "
                                                                         "the dataset has no instances file)"]):
         print(note)
     predictions_file = out_dir / f"predictions_{split}.json"
     metrics_file = out_dir / f"metrics_{split}.json"
-    try:
-        write_results(predictions_file, predictions)
-    except OSError as err:
-        raise UsageError(err) from None
+    _write(write_results, predictions_file, predictions)
     results = {
         "split": split, **score_record(values, report, len(predictions), percent=True), "decode": settings,
         "grounding": ({**grounding.describe(scale=100.0), "instances": instances.path, "words_to_classes":
                        instances.matcher().name} if grounding else None),
         "devices": args.devices, "checkpoint": str(args.checkpoint), "training_data": captioner.training_data,
     }
-    _write_json(metrics_file, results)
+    _write(atomic_write_json, metrics_file, results)
     print(f"decoded in {format_duration(decode_seconds)} ({len(predictions) / max(decode_seconds, 1e-9):.1f} "
           f"images/s), scored in {format_duration(report.seconds)}")
     print(f"wrote {predictions_file} and {metrics_file}")
@@ -301,7 +299,6 @@ def summary_lines(values: dict, title: str, trained_on: str | None = None) -> li
 def evaluate_results(args: argparse.Namespace) -> dict:
     from captioning.data.coco import AnnotationError, ResultsError, load_coco_captions, load_results
     from captioning.evaluation.evaluator import score_record
-    from captioning.evaluation.metrics import format_metrics_table
 
     try:
         predictions = load_results(args.results)
@@ -323,7 +320,7 @@ def evaluate_results(args: argparse.Namespace) -> dict:
     values, report = _score(predictions, {i: references[i] for i in predictions}, None, args)
     for line in summary_lines(values, f"{args.results.name}, {len(predictions)} images"):
         print(line)
-    print(format_metrics_table(values, title="the full table:"))
+    print(metrics.format_metrics_table(values, title="the full table:"))
     for note in report.notes() + ["grounding: not computed (a results file has no attention maps)"]:
         print(note)
     metrics_file = out_dir / f"metrics_{args.results.stem}.json"
@@ -331,30 +328,19 @@ def evaluate_results(args: argparse.Namespace) -> dict:
         "results": str(args.results), "annotations": str(args.annotations),
         "num_annotated_images": len(references), **score_record(values, report, len(predictions), percent=True),
     }
-    _write_json(metrics_file, results)
+    _write(atomic_write_json, metrics_file, results)
     print(f"wrote {metrics_file}")
     return results
 
 
 def run(argv: list[str] | None = None, prog: str | None = None) -> dict:
-    """``captioning evaluate`` with ``argv``; -> what it wrote, as a dict (bad input: SystemExit, one line)."""
+    """``captioning evaluate`` with ``argv``; -> what it wrote, as a dict. Raises UsageError, or Interrupted."""
     args = parse_args(argv, prog)
     started = time.perf_counter()
-    try:
-        mode = check_mode(args)
-        results = evaluate_checkpoint(args) if mode == "checkpoint" else evaluate_results(args)
-    except UsageError as err:
-        print_error(err)
-        raise SystemExit(EXIT_USAGE) from None
-    except KeyboardInterrupt:
-        print_error("interrupted (Ctrl-C); files already written are whole")
-        raise SystemExit(130) from None
+    with interruptible("files already written are whole"):
+        results = evaluate_checkpoint(args) if check_mode(args) == "checkpoint" else evaluate_results(args)
     results["seconds"] = round(time.perf_counter() - started, 1)
     return results
 
 
-
-def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    """``captioning evaluate``: exit status 0 (bad input exits with a one-line error)."""
-    run(None if argv is None else list(argv), prog)
-    return 0
+main = main_of(run)

@@ -23,9 +23,11 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
+from captioning.cli import main_of
 from captioning.config import BACKBONES, COMPILE_TARGETS
+from captioning.console import CommandFailed
 
 SECTIONS = ("matmul", "train", "encoder", "beam", "loader")
 
@@ -132,7 +134,7 @@ DEFAULT_FOLDER = Path("runs") / "benchmark"
 def results_file(out: Path | None) -> Path:
     """The JSON file to write: ``out`` (its folder created if missing), or benchmark.json in
     :data:`DEFAULT_FOLDER`, claimed with the project's marker (captioning/files.py). A folder that
-    holds files of someone else's, or an ``out`` that is a folder, exits with a one-line error."""
+    holds files of someone else's, or an ``out`` that is a folder, raises CommandFailed."""
     from captioning.files import FileWriteError, ForeignFolderError, check_writable, claim_folder
 
     try:
@@ -142,7 +144,7 @@ def results_file(out: Path | None) -> Path:
             raise ForeignFolderError(f"--out {out} is a folder: name the JSON file to write, such as {out / 'benchmark.json'}")
         check_writable(out.parent)
     except (ForeignFolderError, FileWriteError) as err:
-        sys.exit(f"error: {err}")
+        raise CommandFailed(err) from None
     return out
 
 
@@ -169,11 +171,11 @@ def results_file_problem(out: Path) -> str | None:
 
 
 def run(argv: list[str] | None = None, prog: str | None = None) -> dict[str, Any]:
-    """``captioning benchmark`` with ``argv``; -> what it wrote, as a dict (bad input: SystemExit, one line)."""
+    """``captioning benchmark`` with ``argv``; -> what it wrote, as a dict. Raises CommandFailed (status 1)."""
     args = parse_args(argv, prog)  # first: --help answers without importing torch
     reason = results_file_problem(args.out) if args.out is not None else None
     if reason:  # before the long measurements
-        sys.exit(f"error: {reason}")
+        raise CommandFailed(reason)
     import torch
 
     from captioning.device import resolve_device
@@ -186,7 +188,7 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> dict[str, Any
     try:
         device = resolve_device(args.device)
     except ValueError as err:
-        sys.exit(f"error: {err}")
+        raise CommandFailed(err) from None
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     sizes = bench.QUICK if args.quick else bench.COCO
     sizes = bench.with_overrides(sizes, beam_images=args.beam_images, beam_max_len=args.beam_max_len)
@@ -250,19 +252,15 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> dict[str, Any
         bench.progress(f"[{i + 1}/{len(plan)}] {label}: done, elapsed {elapsed:.0f}s, ETA ~{eta:.0f}s")
     results["total_seconds"] = round(time.perf_counter() - started, 1)
 
-    from captioning.files import FileWriteError, atomic_write_json
+    from captioning.files import atomic_write_json
 
     try:
         atomic_write_json(out, results)  # replaces the name, never writes through a link
-    except (FileWriteError, OSError) as err:
-        sys.exit(f"error: cannot write {out}: {err}")
+    except OSError as err:  # FileWriteError too
+        raise CommandFailed(f"cannot write {out}: {err}") from None
     print(format_report(results))
     print(f"wrote {out} ({results['total_seconds']} s)")
     return results
 
 
-
-def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    """``captioning benchmark``: exit status 0 (bad input exits with a one-line error)."""
-    run(None if argv is None else list(argv), prog)
-    return 0
+main = main_of(run)
