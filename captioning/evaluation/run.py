@@ -58,12 +58,6 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
                    help="images decoded together (default: the checkpoint's data.eval_batch_size)")
     p.add_argument("--metrics", nargs="+", choices=list(metrics.SCORERS), default=list(DEFAULT_METRICS),
                    help="default: bleu meteor rouge cider (METEOR starts Java, ~10 s)")
-    p.add_argument("--hard-mode", choices=["expected", "argmax", "sample"],
-                   help="how a hard-attention model attends (default: the checkpoint's decode.hard_mode)")
-    p.add_argument("--beam-size", type=positive_int, metavar="N",
-                   help="beam width; 1 = greedy (default: the checkpoint's decode.beam_size)")
-    p.add_argument("--max-len", type=positive_int, metavar="N",
-                   help="most words per caption (default: the checkpoint's decode.max_len)")
     add_decoding_options(p, n_best=False)
     p.add_argument("--tokenizer", choices=["auto", "ptb", "simple"], default="auto",
                    help="caption tokenizer for scoring: ptb (official, Java), simple, or auto (default)")
@@ -160,15 +154,12 @@ def _device_type(args: argparse.Namespace, captioner) -> str:
 
 def _load_grounding(args: argparse.Namespace, data, split: str, image_ids: list[int]):
     """The split's boxes (Instances) or None when the dataset has none."""
-    from captioning.evaluation.grounding import InstancesError, load_instances
+    from captioning.evaluation.grounding import load_instances
 
     path = args.instances or data.source.instances(split)
     if args.instances is None and not path.is_file():
         return None
-    try:
-        instances = load_instances(path)
-    except InstancesError as err:
-        raise UsageError(err) from None
+    instances = load_instances(path)
     if not any(i in instances.sizes for i in image_ids):
         raise UsageError(f"{path} holds none of the {len(image_ids)} images of the {split} split: "
                          "pass the instances file of this split with --instances FILE")
@@ -176,7 +167,6 @@ def _load_grounding(args: argparse.Namespace, data, split: str, image_ids: list[
 
 
 def evaluate_checkpoint(args: argparse.Namespace) -> dict:
-    from captioning.data.coco import AnnotationError
     from captioning.data.datamodule import CaptionDataModule
     from captioning.data.transforms import ImageLoadError
     from captioning.evaluation.evaluator import decode_distributed, decode_split, score_record
@@ -195,7 +185,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
         records = data.load_split(split)
         references = data.references(split)
         scenes = data.scenes(split)
-    except (AnnotationError, ValueError, OSError) as err:
+    except (ValueError, OSError) as err:  # an AnnotationError too
         raise UsageError(f"cannot read the {split} split of the checkpoint's dataset: {_reason(err)}") from None
     if not records:
         raise UsageError(f"the {split} split of {data.root} has no images: nothing to evaluate"
@@ -297,14 +287,11 @@ def summary_lines(values: dict, title: str, trained_on: str | None = None) -> li
 
 
 def evaluate_results(args: argparse.Namespace) -> dict:
-    from captioning.data.coco import AnnotationError, ResultsError, load_coco_captions, load_results
+    from captioning.data.coco import load_coco_captions, load_results
     from captioning.evaluation.evaluator import score_record
 
-    try:
-        predictions = load_results(args.results)
-        records = load_coco_captions(args.annotations, args.annotations.parent)  # image files are not read
-    except (ResultsError, AnnotationError) as err:
-        raise UsageError(err) from None
+    predictions = load_results(args.results)
+    records = load_coco_captions(args.annotations, args.annotations.parent)  # image files are not read
     references = {r.image_id: list(r.captions) for r in records}
     out_dir = _writable(args.out_dir or _results_out_dir(args.results), args.out_dir is None)
     unknown = sorted(set(predictions) - set(references))
