@@ -1,8 +1,10 @@
 """The console script ``captioning COMMAND [ARGS...]``: a table of workflows, each a package ``main``.
 
 Each entry is ``name -> ("module:function", one-line summary)``; the module is imported only when
-its command runs, so ``captioning --help`` and ``captioning caption`` stay quick. A workflow's
-``main(argv, prog)`` returns the exit status. ``scripts/<name>.py`` call the same functions.
+its command runs, so ``captioning --help`` stays quick. ``scripts/<name>.py`` call the same functions.
+
+A workflow's ``run(argv, prog)`` returns what it did and raises a CaptioningError (Ctrl-C: Interrupted);
+its ``main(argv, prog)`` is ``run`` through :func:`guarded`, the one printer of errors: -> the exit status.
 """
 
 from __future__ import annotations
@@ -15,10 +17,9 @@ import threading
 from types import FrameType
 from typing import Callable, Sequence
 
-from captioning.console import EXIT_OK, EXIT_USAGE, CaptioningError, print_error
+from captioning.console import EXIT_OK, EXIT_USAGE, CaptioningError, Interrupted, print_error
 
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a process that wrote to a closed pipe
-EXIT_INTERRUPTED = 130  # 128 + SIGINT
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("captioning.training.run:main", "train soft or hard attention, then score the test split"),
@@ -47,12 +48,19 @@ def usage() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``captioning COMMAND ...``: run the command; returns its exit status."""
-    return _guarded(lambda: _dispatch(argv))
+    return guarded(lambda: _dispatch(argv))
 
 
 def script(command: str) -> int:
     """``python scripts/<name>.py ARGS``: the workflow of ``command`` on this process's arguments."""
-    return _guarded(lambda: workflow(command)(sys.argv[1:]))
+    return guarded(lambda: workflow(command)(sys.argv[1:]))
+
+
+def main_of(run: Callable[[list[str] | None, str | None], object]) -> Callable[..., int]:
+    """A workflow's ``main(argv=None, prog=None)``: its ``run`` through :func:`guarded`."""
+    def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+        return guarded(lambda: run(None if argv is None else list(argv), prog))
+    return main
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -68,26 +76,25 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def _guarded(run: Callable[[], int]) -> int:
+def guarded(work: Callable[[], object]) -> int:
+    """``work()``'s exit status: the int it returns (caption: 1 when some images failed), else 0. A
+    CaptioningError or Ctrl-C is printed as one ``error:`` line and gives its ``exit_status``."""
     if threading.current_thread() is threading.main_thread() and \
             signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where Ctrl-C is ignored
         signal.signal(signal.SIGINT, _interrupt)
     try:
-        return run()
+        status = work()
+        return status if isinstance(status, int) else EXIT_OK
     except BrokenPipeError:
         # The reader of our output went away (``captioning caption ... | head``): no traceback.
         # stdout is pointed at /dev/null so the interpreter's final flush does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
-    except CaptioningError as err:  # a user's error that its workflow left to this one printer
-        print_error(err)
-        return err.exit_status
-    except KeyboardInterrupt:
-        # Ctrl-C where no workflow handles it, such as during the seconds of imports (Lightning):
-        # one line, and the status a shell gives a process ended by SIGINT. Workflows that were
-        # writing say themselves what they left.
-        print_error("interrupted (Ctrl-C)")
-        return EXIT_INTERRUPTED
+    except (CaptioningError, KeyboardInterrupt) as err:
+        # A bare Ctrl-C comes from where no workflow says what it leaves (the seconds of imports).
+        error = err if isinstance(err, CaptioningError) else Interrupted()
+        print_error(error)
+        return error.exit_status
 
 
 def _dispatch(argv: Sequence[str] | None) -> int:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from typing import Iterator
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process ended by it
 
 
 def one_line(text: object, limit: int | None = None) -> str:
@@ -39,6 +42,30 @@ class OperationFailed(CaptioningError, RuntimeError):
 
 class UsageError(CaptioningError):
     """Nothing can be done (bad checkpoint, no images, bad settings): exit status 2."""
+
+
+class CommandFailed(CaptioningError):
+    """An error of the commands whose errors exit with status 1 (train, benchmark)."""
+
+    exit_status = EXIT_SOME_FAILED
+
+
+class Interrupted(CaptioningError):
+    """Ctrl-C: "interrupted (Ctrl-C)", then what the interrupted work leaves behind, if it says."""
+
+    exit_status = EXIT_INTERRUPTED
+
+    def __init__(self, left: str | None = None) -> None:
+        super().__init__("interrupted (Ctrl-C)" + (f"; {left}" if left else ""))
+
+
+@contextlib.contextmanager
+def interruptible(left: str | None = None) -> Iterator[None]:
+    """Ctrl-C inside the block raises :class:`Interrupted` saying ``left``."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(left) from None
 
 
 def print_error(message: object) -> None:

@@ -13,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import make_config, random_captions
 from captioning import fast
+from captioning.console import CommandFailed
 from captioning.losses import caption_loss
 from captioning.models import ShowAttendTell
 from captioning.perf.compile import compile_model, compile_unsupported_reason
@@ -182,7 +183,7 @@ def test_quick_encoder_section(tmp_path, capsys):
 
 def test_benchmark_rejects_missing_cuda(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(SystemExit, match="CUDA is not available"):
+    with pytest.raises(CommandFailed, match="CUDA is not available"):
         benchmark.run(["--quick", "--device", "cuda", "--out", str(tmp_path / "b.json")])
 
 
@@ -358,10 +359,9 @@ def test_benchmark_writes_into_its_own_folder_or_only_where_out_says(tmp_path, m
     (foreign / "runs" / "benchmark" / "notes.txt").write_text("mine")
     monkeypatch.chdir(foreign)
     capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
+    with pytest.raises(CommandFailed) as exc:
         benchmark.run(["--quick", "--sections", "matmul"])
     assert "is not empty and was not written by show-attend-tell" in str(exc.value) and "--out FILE" in str(exc.value)
     assert sorted(p.name for p in (foreign / "runs" / "benchmark").iterdir()) == ["notes.txt"]
-    with pytest.raises(SystemExit) as exc:
-        benchmark.run(["--quick", "--sections", "matmul", "--out", "runs"])
-    assert "is a folder: name the JSON file to write" in str(exc.value)
+    assert benchmark.main(["--quick", "--sections", "matmul", "--out", "runs"]) == 1
+    assert "error: --out runs is a folder: name the JSON file to write" in capsys.readouterr().err

@@ -33,9 +33,7 @@ def run(capsys, *args: str) -> tuple[dict, str, str]:
 
 def fails(capsys, *args: str) -> str:
     """Runs evaluate expecting exit status 2 and exactly one error line; returns that line."""
-    with pytest.raises(SystemExit) as exc:
-        evaluate_script.run([str(a) for a in args])
-    assert exc.value.code == 2
+    assert evaluate_script.main([str(a) for a in args]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     errors = [line for line in err if line.startswith("error:")]
     assert len(errors) == 1, err

@@ -387,8 +387,6 @@ def test_evaluate_writes_predictions_and_metrics(tiny, capsys, tmp_path):
 
 
 def test_evaluate_missing_checkpoint_exits_2(capsys, tmp_path):
-    with pytest.raises(SystemExit) as exc:
-        evaluate_script.run(["--checkpoint", str(tmp_path / "none.ckpt")])
-    assert exc.value.code == 2
+    assert evaluate_script.main(["--checkpoint", str(tmp_path / "none.ckpt")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "none.ckpt" in err[0]

@@ -79,11 +79,8 @@ def run_cli(argv: list[str]) -> tuple[int | None, str, str, str | None]:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             code = cli.main(argv)
-        except SystemExit as exit_:
+        except SystemExit as exit_:  # argparse's usage errors
             code = exit_.code
-            if isinstance(code, str):  # sys.exit("error: ..."): the interpreter prints it on stderr
-                print(code, file=err)
-                code = 1
         except BaseException:  # noqa: BLE001 -- what a user would see as a traceback
             failure = traceback.format_exc()
     return code, out.getvalue(), err.getvalue(), failure

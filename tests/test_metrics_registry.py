@@ -3,6 +3,7 @@ one (one class, one registration), is accepted, computed, reported and shown lik
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -89,3 +90,21 @@ def test_the_built_in_table():
     assert list(M.SCORERS) == ["bleu", "meteor", "rouge", "cider", "spice"]
     assert M.METRIC_KEYS == ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider", "spice")
     assert M.METRIC_GROUPS["bleu"] == ("bleu_1", "bleu_2", "bleu_3", "bleu_4")
+
+
+def test_evaluate_takes_a_registered_metric_by_name(registered, tmp_path, capsys):
+    """``captioning evaluate --metrics`` offers the table's names, so a score registered outside the
+    package is asked for by name like a built-in (here on a results file: no model involved)."""
+    from captioning.data.coco import write_results
+    from captioning.evaluation import run as evaluate
+
+    annotations, results = tmp_path / "captions.json", tmp_path / "results.json"
+    annotations.write_text(json.dumps({
+        "images": [{"id": i, "file_name": f"{i}.jpg"} for i in REFERENCES],
+        "annotations": [{"id": i, "image_id": i, "caption": refs[0]} for i, refs in REFERENCES.items()]}))
+    write_results(results, {i: caption or "nothing" for i, caption in PREDICTIONS.items()})
+    written = evaluate.run(["--results", str(results), "--annotations", str(annotations), "--metrics", "length",
+                            "--tokenizer", "simple"])
+    assert written["metrics"] == {"length": pytest.approx(100 * 11 / 3), "longest": 700.0}  # 3, 7 and 1 words
+    assert json.loads((tmp_path / "eval" / "metrics_results.json").read_text())["metrics"] == written["metrics"]
+    assert "words per caption" in capsys.readouterr().out

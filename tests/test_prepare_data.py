@@ -336,14 +336,11 @@ def test_cli_prepares_each_format_with_two_processes(tmp_path, fmt, capsys):
 
 def test_cli_wrong_schema_is_one_line_exit_2(tmp_path, capsys):
     captions, images = write_example_dataset(tmp_path / "src", 4, image_size=16, fmt="karpathy", val=1, test=1)
-    with pytest.raises(SystemExit) as exit_:
-        prepare_data.run(["--format", "coco", "--captions", str(captions), "--images", str(images), "--out",
-                           str(tmp_path / "out")])
+    assert prepare_data.main(["--format", "coco", "--captions", str(captions), "--images", str(images), "--out",
+                              str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.splitlines()[-1]  # after the progress lines
-    assert exit_.value.code == 2
     assert err.startswith("error: ") and str(captions) in err and "use --format karpathy" in err
-    with pytest.raises(SystemExit):
-        prepare_data.run(["--captions", str(captions), "--images", str(tmp_path / "nowhere"), "--out", "x"])
+    assert prepare_data.main(["--captions", str(captions), "--images", str(tmp_path / "nowhere"), "--out", "x"]) == 2
     assert "images folder" in capsys.readouterr().err
 
 

@@ -18,6 +18,7 @@ from conftest import make_config
 from test_files import small_disk  # noqa: F401 (a fixture)
 from captioning.checkpoint import CheckpointError, check_resumable, load_checkpoint
 from captioning.config import ConfigError, build_config, flatten, load_yaml, to_dict
+from captioning.console import CommandFailed
 from captioning.training import run as train
 from captioning.files import MARKER, folder_kind, mark_folder
 from captioning.training.module import CaptioningModule
@@ -201,16 +202,14 @@ def test_resume_continues_in_its_own_folder_bit_exactly(tmp_path, data_root, mon
         assert torch.equal(value, resumed["state_dict"][key]), key
 
 
-def test_a_fresh_run_refuses_a_folder_holding_a_run(tmp_path, data_root, one_epoch):
+def test_a_fresh_run_refuses_a_folder_holding_a_run(tmp_path, data_root, one_epoch, capsys):
     """Item 1: a second run into the same folder overwrote it silently. The one run-folder refusal
     tested through train (the others are tested on run_folder's functions): train consults the
-    check, and a refused start ends with one line (status 1, as Python exits with a message)."""
+    check, and a refused start ends with one line (status 1)."""
     before = _files(one_epoch)
-    with pytest.raises(SystemExit) as info:
-        train.run(tiny_args(one_epoch, data_root, "--max-epochs", "1"))
-    message = info.value.code
-    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message
-    assert "holds another run" in message and "--overwrite" in message
+    assert train.main(tiny_args(one_epoch, data_root, "--max-epochs", "1")) == 1
+    message = capsys.readouterr().err.splitlines()[-1]
+    assert message.startswith("error: ") and "holds another run" in message and "--overwrite" in message
     assert _files(one_epoch) == before
 
 
@@ -245,7 +244,7 @@ def test_a_start_refused_at_any_point_does_not_block_the_fixed_command(tmp_path,
     """A config refused only once the trainer was built left config.yaml behind, and the fixed
     command was then refused as "another run"."""
     out = tmp_path / "run"
-    with pytest.raises(SystemExit, match="'train.accelerator' is 'tpu', not one of"):
+    with pytest.raises(CommandFailed, match="'train.accelerator' is 'tpu', not one of"):
         train.run(tiny_args(out, data_root, "--max-epochs", "1", "--no-test", "--set", "train.accelerator=tpu"))
     from captioning.training import trainer  # the run imports build_trainer from it when it starts
 
@@ -254,7 +253,7 @@ def test_a_start_refused_at_any_point_does_not_block_the_fixed_command(tmp_path,
 
     with monkeypatch.context() as patch:  # refused after config.yaml was written
         patch.setattr(trainer, "build_trainer", refuse)
-        with pytest.raises(SystemExit, match="no such device here"):
+        with pytest.raises(CommandFailed, match="no such device here"):
             train.run(tiny_args(out, data_root, "--max-epochs", "1", "--no-test"))
     assert (out / "config.yaml").is_file()
     train.run(tiny_args(out, data_root, "--max-epochs", "1", "--no-test"))  # the same command, once fixed
@@ -262,7 +261,7 @@ def test_a_start_refused_at_any_point_does_not_block_the_fixed_command(tmp_path,
 
 
 def test_zero_training_batches_is_refused_not_a_success(tmp_path, data_root):
-    with pytest.raises(SystemExit, match="'train.limit_train_batches' must be positive"):
+    with pytest.raises(CommandFailed, match="'train.limit_train_batches' must be positive"):
         train.run(tiny_args(tmp_path / "run", data_root, "--set", "train.limit_train_batches=0"))
     assert not (tmp_path / "run").exists()
 
@@ -283,7 +282,7 @@ def test_an_empty_test_split_is_skipped_not_faked(tmp_path, data_root, capsys):
 ])
 def test_invalid_learning_rates_are_refused_before_anything_is_written(tmp_path, data_root, extra, message):
     """Item 5: lr=nan trained on NaN losses and wrote checkpoints, exit 0."""
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(CommandFailed, match=message):
         train.run(tiny_args(tmp_path / "run", data_root, *extra))
     assert not (tmp_path / "run").exists()
 
@@ -307,9 +306,7 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, da
 
     monkeypatch.setattr(CaptioningModule, "training_step", diverge_in_epoch_two)
     out = tmp_path / "run"
-    with pytest.raises(SystemExit) as info:
-        train.run(tiny_args(out, data_root, "--max-epochs", "3"))
-    assert info.value.code == 1
+    assert train.main(tiny_args(out, data_root, "--max-epochs", "3")) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: the training loss is nan at step") and "holds 1 finished epoch(s)" in err
     last = torch.load(out / "last.ckpt", weights_only=True)
@@ -351,12 +348,12 @@ def test_sigterm_and_sigint_exit_non_zero_saying_how_to_resume(tmp_path, data_ro
 def test_a_failed_resume_leaves_the_run_folder_as_it_was(tmp_path, one_epoch, module):
     """Item 8: a shape-mismatched resume overwrote config.yaml and dropped metrics.csv rows."""
     before = _files(one_epoch)
-    with pytest.raises(SystemExit) as info:
+    with pytest.raises(CommandFailed) as info:
         train.run(["--resume", str(one_epoch / "last.ckpt"), "--set", "model.decoder.hidden_dim=64", "--no-progress"])
     assert "weights do not match the model: 'model.decoder." in str(info.value)
     assert _files(one_epoch) == before
     weights_only = _save(module, tmp_path / "weights.ckpt")
-    with pytest.raises(SystemExit, match="cannot be resumed: it holds weights only"):
+    with pytest.raises(CommandFailed, match="cannot be resumed: it holds weights only"):
         train.run(["--resume", str(weights_only), "--no-progress"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["weights.ckpt"]
 
@@ -367,11 +364,10 @@ def test_evaluate_checks_its_folder_before_decoding(tmp_path, one_epoch, capsys)
 
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    with pytest.raises(SystemExit) as info:
-        evaluate.run(["--checkpoint", str(one_epoch / "best.ckpt"), "--split", "val", "--metrics", "bleu",
-                      "--out-dir", str(blocker / "eval")])
+    assert evaluate.main(["--checkpoint", str(one_epoch / "best.ckpt"), "--split", "val", "--metrics", "bleu",
+                          "--out-dir", str(blocker / "eval")]) == 2
     out, err = capsys.readouterr()
-    assert info.value.code == 2 and "decoded" not in out
+    assert "decoded" not in out
     assert err.strip() .splitlines()[-1].startswith(f"error: cannot write results into {blocker / 'eval'}")
 
 
@@ -386,9 +382,8 @@ def test_prepare_refuses_a_wrong_images_folder_and_warns_without_a_test_split(tm
     from captioning.data import run as prepare
 
     captions, images = _example(tmp_path, test=0)
-    with pytest.raises(SystemExit):
-        prepare.run(["--captions", str(captions), "--images", str(tmp_path), "--out", str(tmp_path / "p"),
-                     "--image-size", "16", "--no-progress"])
+    assert prepare.main(["--captions", str(captions), "--images", str(tmp_path), "--out", str(tmp_path / "p"),
+                         "--image-size", "16", "--no-progress"]) == 2
     assert "no image file of the dataset is in" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
     prepare.run(["--captions", str(captions), "--images", str(images), "--out", str(tmp_path / "p"),
@@ -396,7 +391,7 @@ def test_prepare_refuses_a_wrong_images_folder_and_warns_without_a_test_split(tm
     assert "warning: the source has no test split" in capsys.readouterr().err
 
 
-def test_a_fixed_image_is_decoded_again_on_a_resumed_preparation(tmp_path, monkeypatch):
+def test_a_fixed_image_is_decoded_again_on_a_resumed_preparation(tmp_path, monkeypatch, capsys):
     """Item 10: an image unreadable in an interrupted run stayed 'unreadable' after being fixed."""
     from captioning.data import prepare as prepare_module
     from captioning.data import run as prepare
@@ -407,9 +402,9 @@ def test_a_fixed_image_is_decoded_again_on_a_resumed_preparation(tmp_path, monke
     args = ["--captions", str(captions), "--images", str(images), "--out", str(tmp_path / "p"),
             "--image-size", "16", "--chunk-size", "4", "--no-progress", "--workers", "1"]
     monkeypatch.setattr(prepare_module, "_histogram", lambda lengths: (_ for _ in ()).throw(KeyboardInterrupt))
-    with pytest.raises(SystemExit) as info:  # interrupted after decoding: the partial folder is kept
-        prepare.run(args)
-    assert info.value.code == 130 and (tmp_path / "p.partial").is_dir()
+    assert prepare.main(args) == 130 and (tmp_path / "p.partial").is_dir()  # interrupted after decoding
+    assert capsys.readouterr().err == (f"error: interrupted (Ctrl-C); {tmp_path / 'p'}.partial keeps the finished "
+                                       "chunks: run the same command again to resume\n")
     monkeypatch.undo()
     (images / "images" / "img_5.jpg").write_bytes(good)
     manifest = prepare.run(args)
@@ -436,9 +431,8 @@ def test_a_full_disk_during_training_is_one_line_naming_the_folder(small_disk, d
     """Item 3: a full disk left truncated checkpoints and a traceback."""
     folder, _ = small_disk
     out = folder / "run"
-    with pytest.raises(SystemExit) as info:
-        train.run(tiny_args(out, data_root, "--max-epochs", "1"))
-    message = str(info.value)
+    assert train.main(tiny_args(out, data_root, "--max-epochs", "1")) == 1
+    message = capsys.readouterr().err.splitlines()[-1]
     assert message.startswith(f"error: cannot write into {out}: no space left on the device") and "\n" not in message
     left = sorted(p.name for p in out.iterdir())
     assert "best.ckpt" not in left and "last.ckpt" not in left and "train.lock" not in left
@@ -453,7 +447,7 @@ def test_a_full_disk_at_the_results_says_how_to_score_again(tmp_path, data_root,
 
     monkeypatch.setattr(train, "atomic_write_json", full)
     out = tmp_path / "run"
-    with pytest.raises(SystemExit) as info:
+    with pytest.raises(CommandFailed) as info:
         train.run(tiny_args(out, data_root, "--max-epochs", "1", "--no-test"))
     message = str(info.value)
     assert "no space left on the device" in message and "\n" not in message

@@ -18,6 +18,7 @@ from captioning.training import run as train  # (captioning train)
 
 from captioning.checkpoint import load_checkpoint  # noqa: E402
 from captioning.config import flatten, load_yaml  # noqa: E402
+from captioning.console import CommandFailed  # noqa: E402
 from captioning.files import MARKER  # noqa: E402
 
 
@@ -168,12 +169,11 @@ def _val_epochs(path: Path) -> list[int]:
 
 
 def test_unknown_config_key_fails_naming_it(tmp_path, data_root, capsys):
-    with pytest.raises(SystemExit) as err:
+    with pytest.raises(CommandFailed) as err:
         train.run(tiny_args(tmp_path, data_root, "--set", "model.decoder.hiden_dim=8"))
-    assert "model.decoder.hiden_dim" in str(err.value)
-    with pytest.raises(SystemExit) as err:
-        train.run(tiny_args(tmp_path, data_root, "--set", "optim.lr=fast"))
-    assert "optim.lr" in str(err.value)
+    assert "model.decoder.hiden_dim" in str(err.value) and err.value.exit_status == 1
+    assert train.main(tiny_args(tmp_path, data_root, "--set", "optim.lr=fast")) == 1
+    assert "optim.lr" in capsys.readouterr().err
 
 
 def test_config_file_holds_differences(tmp_path, data_root):

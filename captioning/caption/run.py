@@ -31,7 +31,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from captioning.console import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, UsageError, one_line, print_error, positive_int
+from captioning.cli import main_of
+from captioning.console import EXIT_OK, EXIT_SOME_FAILED, UsageError, one_line, positive_int, print_error
 from captioning.progress import Progress
 
 #: File name endings taken from folders and globs (case-insensitive).
@@ -50,15 +51,10 @@ def _folder_images(folder: Path, errors: list[str]) -> list[Path]:
     except OSError as err:
         errors.append(f"{folder}: cannot list the folder ({err.strerror or err})")
         return []
-    found = []
+    found: list[Path] = []
     for path in entries:
-        if not _is_image_name(path):
-            continue
-        why = _not_a_file(path)
-        if why is None:
-            found.append(path)
-        else:
-            errors.append(f"{path}: {why}")
+        if _is_image_name(path):
+            _keep(path, found, errors)
     return found
 
 
@@ -91,51 +87,43 @@ def expand_inputs(items: Sequence[str]) -> tuple[list[Path], list[str]]:
     errors: list[str] = []
     for item in items:
         path = Path(item)
-        if path.is_dir():
-            bad: list[str] = []
-            found = _folder_images(path, bad)
-            errors += bad
-            if not found and not bad:
-                errors.append(f"{item}: folder holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
-            paths += found
-        elif path.exists():
-            why = _not_a_file(path)
-            if why is None:
-                paths.append(path)
-            else:
-                errors.append(f"{item}: {why}")
-        elif any(ch in item for ch in "*?["):
-            matches = sorted(glob.glob(item, recursive=True))
-            found = []
-            bad = []
-            for match in map(Path, matches):
+        if path.is_dir() or (not path.exists() and any(ch in item for ch in "*?[")):
+            matches = [path] if path.is_dir() else list(map(Path, sorted(glob.glob(item, recursive=True))))
+            found, bad = [], []
+            for match in matches:
                 if match.is_dir():
                     found += _folder_images(match, bad)
                 elif _is_image_name(match):
-                    why = _not_a_file(match)
-                    if why is None:
-                        found.append(match)
-                    else:
-                        bad.append(f"{match}: {why}")
-            errors += bad
-            if not found and not bad:
-                why = "matches no image files" if matches else "matches nothing"
-                errors.append(f"{item}: {why}")
+                    _keep(match, found, bad)
             paths += found
+            errors += bad
+            if found or bad:
+                continue
+            if path.is_dir():
+                errors.append(f"{item}: folder holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+            else:
+                errors.append(f"{item}: {'matches no image files' if matches else 'matches nothing'}")
+        elif path.exists():
+            _keep(path, paths, errors, item)
         else:
             errors.append(f"{item}: no such file or folder")
     return _unique(paths), errors
 
 
+def _keep(path: Path, found: list[Path], errors: list[str], name: str | None = None) -> None:
+    """``path`` into ``found`` when it is a regular file, else why not into ``errors``."""
+    why = _not_a_file(path)
+    if why is None:
+        found.append(path)
+    else:
+        errors.append(f"{name or path}: {why}")
+
+
 def _unique(paths: Sequence[Path]) -> list[Path]:
-    seen: set[str] = set()
-    out = []
+    first: dict[str, Path] = {}
     for path in paths:
-        key = os.path.normcase(os.path.abspath(path))
-        if key not in seen:
-            seen.add(key)
-            out.append(path)
-    return out
+        first.setdefault(os.path.normcase(os.path.abspath(path)), path)
+    return list(first.values())
 
 
 def image_error_reason(err: BaseException, path: Path | str) -> str:
@@ -179,15 +167,12 @@ def load_captioner(checkpoint: Path, device: str | None):
     """Captioner.from_checkpoint (or from_pretrained for a model folder), with every failure turned
     into a UsageError."""
     from captioning.api import Captioner
-    from captioning.checkpoint import CheckpointError
 
     try:
         if checkpoint.is_dir():
             return Captioner.from_pretrained(checkpoint, device=device)
         return Captioner.from_checkpoint(checkpoint, device=device)
-    except CheckpointError as err:
-        raise UsageError(err) from None
-    except ValueError as err:  # unavailable device
+    except ValueError as err:  # a CheckpointError, or an unavailable device
         raise UsageError(err) from None
     except (OSError, RuntimeError) as err:
         raise UsageError(f"cannot load checkpoint {checkpoint}: {type(err).__name__}: {err}") from None
@@ -204,6 +189,12 @@ def decoding_options(args: argparse.Namespace) -> dict:
 def add_decoding_options(p: argparse.ArgumentParser, n_best: bool = True) -> None:
     """The decoding options shared by caption and evaluate (captioning/search.py); evaluate
     scores one caption per image, so it has no --n-best."""
+    p.add_argument("--beam-size", type=positive_int, metavar="N",
+                   help="beam width; 1 = greedy (default: the checkpoint's decode.beam_size)")
+    p.add_argument("--max-len", type=positive_int, metavar="N",
+                   help="most words per caption (default: the checkpoint's decode.max_len)")
+    p.add_argument("--hard-mode", choices=["expected", "argmax", "sample"],
+                   help="how a hard-attention model attends (default: the checkpoint's decode.hard_mode)")
     if n_best:
         p.add_argument("--n-best", type=positive_int, default=1, metavar="K",
                        help="the K best captions of each image (beam search widens to K; with sampling, K draws)")
@@ -246,9 +237,7 @@ def data_config(captioner, data_root: str | None):
 
 def caption_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=prog,
-        description="Caption images with a trained Show, Attend and Tell checkpoint (greedy or beam search).",
-    )
+        prog=prog, description="Caption images with a trained Show, Attend and Tell checkpoint (greedy or beam search).")
     p.add_argument("inputs", nargs="*", metavar="IMAGE",
                    help="image files, folders (their image files, sorted) or globs such as 'shots/*.png'")
     source = p.add_mutually_exclusive_group(required=True)
@@ -269,12 +258,6 @@ def caption_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     p.add_argument("--batch-size", type=positive_int, default=32, metavar="N",
                    help="images decoded together (default: 32)")
-    p.add_argument("--beam-size", type=positive_int, metavar="N",
-                   help="beam width; 1 = greedy (default: the checkpoint's decode.beam_size)")
-    p.add_argument("--max-len", type=positive_int, metavar="N",
-                   help="most words per caption (default: the checkpoint's decode.max_len)")
-    p.add_argument("--hard-mode", choices=["expected", "argmax", "sample"],
-                   help="how a hard-attention model attends (default: the checkpoint's decode.hard_mode)")
     add_decoding_options(p)
     p.add_argument("--seed", type=int, help="make sampling (words, and hard attention's sample mode) repeatable")
     p.add_argument("--from-split", choices=["train", "val", "test"], metavar="SPLIT",
@@ -289,40 +272,15 @@ def caption_parser(prog: str | None = None) -> argparse.ArgumentParser:
 def split_paths(captioner, split: str, limit: int | None, data_root: str | None) -> list[Path]:
     """Image files of a split of the checkpoint's dataset (the synthetic set generated first, in the
     training's data folder, if missing)."""
-    from captioning.data.coco import AnnotationError
     from captioning.data.datamodule import CaptionDataModule
 
     try:
         data = CaptionDataModule(data_config(captioner, data_root), captioner.vocab)
         data.prepare_data()
         records = data.load_split(split)
-    except (AnnotationError, ValueError, OSError) as err:
+    except (ValueError, OSError) as err:  # an AnnotationError too
         raise UsageError(f"cannot read the {split} split of the checkpoint's dataset: {err}") from None
     return [Path(r.path) for r in records[:limit]]
-
-
-def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    """Run the caption command; returns the exit status (0 ok, 1 some images failed, 2 nothing done)."""
-    parser = caption_parser(prog)
-    args = parser.parse_args(argv)
-    if args.limit is not None and args.from_split is None:
-        parser.error("--limit needs --from-split")
-    if args.data_root is not None and args.from_split is None:
-        parser.error("--data-root needs --from-split")
-    if args.with_attention and not args.json:
-        parser.error("--with-attention adds the attention to --json lines: give --json too")
-    if args.checkpoint is None:
-        args.checkpoint = args.model
-    if args.engine == "onnx":
-        if args.model is None:
-            parser.error("--engine onnx needs --model DIR (written by 'captioning export --format onnx')")
-        if args.from_split:
-            parser.error("--from-split reads the checkpoint's dataset with PyTorch's loader: it needs --engine torch")
-    try:
-        return _run_caption(args)
-    except UsageError as err:
-        print_error(err)
-        return EXIT_USAGE
 
 
 TINY_SIDE = 16  # pixels; a smaller image is mostly interpolation once resized to the model's input
@@ -367,8 +325,24 @@ def onnx_engine_and_options(args: argparse.Namespace):
         raise UsageError(err) from None
 
 
-def _run_caption(args: argparse.Namespace) -> int:
-    captioner, options = (onnx_engine_and_options if args.engine == "onnx" else captioner_and_options)(args)
+def run(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """``captioning caption`` with ``argv``; -> 0, or 1 when some images failed. Raises UsageError (nothing done)."""
+    parser = caption_parser(prog)
+    args = parser.parse_args(argv)
+    onnx = args.engine == "onnx"
+    for wrong, message in (
+            (args.limit is not None and args.from_split is None, "--limit needs --from-split"),
+            (args.data_root is not None and args.from_split is None, "--data-root needs --from-split"),
+            (args.with_attention and not args.json,
+             "--with-attention adds the attention to --json lines: give --json too"),
+            (onnx and args.model is None,
+             "--engine onnx needs --model DIR (written by 'captioning export --format onnx')"),
+            (onnx and args.from_split, "--from-split reads the checkpoint's dataset with PyTorch's loader: it needs "
+                                       "--engine torch")):
+        if wrong:
+            parser.error(message)
+    args.checkpoint = args.checkpoint or args.model
+    captioner, options = (onnx_engine_and_options if onnx else captioner_and_options)(args)
     settings = captioner.record(options)
 
     paths, input_errors = expand_inputs(args.inputs)
@@ -435,3 +409,5 @@ def _run_caption(args: argparse.Namespace) -> int:
         print(f"caption: {failed} input(s) failed; see the error lines above", file=sys.stderr, flush=True)
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
+
+main = main_of(run)

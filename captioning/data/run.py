@@ -34,9 +34,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from captioning.console import EXIT_USAGE, one_line
+from captioning.cli import main_of
+from captioning.console import CaptioningError, interruptible
 from captioning.data.coco import AnnotationError
 from captioning.data.formats import FORMATS, SourceDataset, detect_format
 from captioning.data.prepare import PrepareError, PrepareOptions, available_cores, format_summary, prepare
@@ -166,40 +167,38 @@ def run_benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def make_example(args: argparse.Namespace) -> Path:
+    """--make-example: the generated dataset, in a folder of its own (a folder of the user's files is
+    never written into: its images/img_1.jpg kept)."""
+    from captioning.data.examples import write_example_dataset
+    from captioning.files import check_no_links, claim_folder
+
+    claim_folder(args.make_example, "example", "--make-example", "write the example dataset")
+    check_no_links(args.make_example, ["images", "dataset_example.json", "captions_example.json",
+                                       "Flickr8k.token.txt"], "--make-example")
+    captions, images = write_example_dataset(args.make_example, args.num_images, image_size=args.example_size,
+                                             fmt=args.example_format)
+    print(f"wrote {args.num_images} images and {captions}; prepare them with:\n  captioning prepare "
+          f"--format {args.example_format} --captions {captions} --images {images} --out prepared/example")
+    return captions
+
+
 def run(argv: list[str] | None = None, prog: str | None = None) -> Any:
-    """``captioning prepare`` with ``argv``; -> what it wrote, as a dict (bad input: SystemExit, one line)."""
+    """``captioning prepare`` with ``argv``; -> what it wrote. Raises a CaptioningError (bad input: status
+    2), or Interrupted saying that <out>.partial keeps the finished chunks."""
     args = parse_args(argv, prog)
-    try:
-        if args.benchmark is not None:
-            return run_benchmark(args)
-        if args.make_example is not None:
-            from captioning.data.examples import write_example_dataset
-            from captioning.files import ForeignFolderError, check_no_links, claim_folder
-
-            try:  # a folder of the user's files is never written into (its images/img_1.jpg kept)
-                claim_folder(args.make_example, "example", "--make-example", "write the example dataset")
-                check_no_links(args.make_example, ["images", "dataset_example.json", "captions_example.json",
-                                                   "Flickr8k.token.txt"], "--make-example")
-            except ForeignFolderError as err:
-                raise PrepareError(err) from None
-            captions, images = write_example_dataset(args.make_example, args.num_images, image_size=args.example_size,
-                                                     fmt=args.example_format)
-            print(f"wrote {args.num_images} images and {captions}; prepare them with:\n  captioning prepare "
-                  f"--format {args.example_format} --captions {captions} --images {images} --out prepared/example")
-            return captions
-        return run_prepare(args, argv)
-    except (AnnotationError, PrepareError, ValueError, OSError) as err:
-        print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_USAGE) from None
-    except KeyboardInterrupt:
-        out = getattr(args, "out", None)
-        where = f"; {out}.partial keeps the finished chunks: run the same command again to resume" if out else ""
-        print(f"error: interrupted (Ctrl-C){where}", file=sys.stderr, flush=True)
-        raise SystemExit(130) from None
+    left = f"{args.out}.partial keeps the finished chunks: run the same command again to resume" if args.out else None
+    with interruptible(left):
+        try:
+            if args.benchmark is not None:
+                return run_benchmark(args)
+            if args.make_example is not None:
+                return make_example(args)
+            return run_prepare(args, argv)
+        except CaptioningError:
+            raise
+        except (ValueError, OSError) as err:  # raised by code that is not ours: one line too
+            raise PrepareError(err) from None
 
 
-
-def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    """``captioning prepare``: exit status 0 (bad input exits with a one-line error)."""
-    run(None if argv is None else list(argv), prog)
-    return 0
+main = main_of(run)

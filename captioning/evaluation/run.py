@@ -28,15 +28,16 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
 
 from captioning.caption.run import add_decoding_options, captioner_and_options, data_config
-from captioning.console import EXIT_USAGE, UsageError, one_line, positive_int, print_error
+from captioning.cli import main_of
+from captioning.console import UsageError, interruptible, one_line, positive_int
 from captioning.files import ForeignFolderError, atomic_write_json, claim_folder, folder_kind
 from captioning.data.coco import write_results
+from captioning.evaluation import metrics
 from captioning.progress import format_duration
 
-METRICS = ("bleu", "meteor", "rouge", "cider", "spice")
+DEFAULT_METRICS = ("bleu", "meteor", "rouge", "cider")
 CHECKPOINT_ONLY = ("split", "batch_size", "hard_mode", "beam_size", "max_len", "device", "data_root", "instances",
                    "temperature", "top_k")
 
@@ -55,14 +56,8 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
                         "or the results file's eval/ subfolder)")
     p.add_argument("--batch-size", type=positive_int, metavar="N",
                    help="images decoded together (default: the checkpoint's data.eval_batch_size)")
-    p.add_argument("--metrics", nargs="+", choices=METRICS, default=["bleu", "meteor", "rouge", "cider"],
+    p.add_argument("--metrics", nargs="+", choices=list(metrics.SCORERS), default=list(DEFAULT_METRICS),
                    help="default: bleu meteor rouge cider (METEOR starts Java, ~10 s)")
-    p.add_argument("--hard-mode", choices=["expected", "argmax", "sample"],
-                   help="how a hard-attention model attends (default: the checkpoint's decode.hard_mode)")
-    p.add_argument("--beam-size", type=positive_int, metavar="N",
-                   help="beam width; 1 = greedy (default: the checkpoint's decode.beam_size)")
-    p.add_argument("--max-len", type=positive_int, metavar="N",
-                   help="most words per caption (default: the checkpoint's decode.max_len)")
     add_decoding_options(p, n_best=False)
     p.add_argument("--tokenizer", choices=["auto", "ptb", "simple"], default="auto",
                    help="caption tokenizer for scoring: ptb (official, Java), simple, or auto (default)")
@@ -112,9 +107,10 @@ def _writable(out_dir: Path, chosen: bool = False) -> Path:
         raise UsageError(err) from None
 
 
-def _write_json(path: Path, obj, indent: int = 2) -> None:
+def _write(write, path: Path, obj) -> None:
+    """``write(path, obj)``; an OSError (a missing folder, a full disk) is a UsageError."""
     try:
-        atomic_write_json(path, obj, indent=indent)
+        write(path, obj)
     except OSError as err:
         raise UsageError(err) from None
 
@@ -158,15 +154,12 @@ def _device_type(args: argparse.Namespace, captioner) -> str:
 
 def _load_grounding(args: argparse.Namespace, data, split: str, image_ids: list[int]):
     """The split's boxes (Instances) or None when the dataset has none."""
-    from captioning.evaluation.grounding import InstancesError, load_instances
+    from captioning.evaluation.grounding import load_instances
 
     path = args.instances or data.source.instances(split)
     if args.instances is None and not path.is_file():
         return None
-    try:
-        instances = load_instances(path)
-    except InstancesError as err:
-        raise UsageError(err) from None
+    instances = load_instances(path)
     if not any(i in instances.sizes for i in image_ids):
         raise UsageError(f"{path} holds none of the {len(image_ids)} images of the {split} split: "
                          "pass the instances file of this split with --instances FILE")
@@ -174,12 +167,10 @@ def _load_grounding(args: argparse.Namespace, data, split: str, image_ids: list[
 
 
 def evaluate_checkpoint(args: argparse.Namespace) -> dict:
-    from captioning.data.coco import AnnotationError
     from captioning.data.datamodule import CaptionDataModule
     from captioning.data.transforms import ImageLoadError
     from captioning.evaluation.evaluator import decode_distributed, decode_split, score_record
     from captioning.evaluation.grounding import score_grounding
-    from captioning.evaluation.metrics import format_metrics_table
 
     captioner, options = captioner_and_options(args)
     settings = captioner.record(options)
@@ -194,7 +185,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
         records = data.load_split(split)
         references = data.references(split)
         scenes = data.scenes(split)
-    except (AnnotationError, ValueError, OSError) as err:
+    except (ValueError, OSError) as err:  # an AnnotationError too
         raise UsageError(f"cannot read the {split} split of the checkpoint's dataset: {_reason(err)}") from None
     if not records:
         raise UsageError(f"the {split} split of {data.root} has no images: nothing to evaluate"
@@ -233,23 +224,20 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
         values.update(grounding.metrics())
     for line in summary_lines(values, f"{split} split, {len(predictions)} images", captioner.trained_on):
         print(line)
-    print(format_metrics_table(values, title="the full table:"))
+    print(metrics.format_metrics_table(values, title="the full table:"))
     for note in report.notes() + (grounding.notes() if grounding else ["grounding: not computed (no boxes: "
                                                                         "the dataset has no instances file)"]):
         print(note)
     predictions_file = out_dir / f"predictions_{split}.json"
     metrics_file = out_dir / f"metrics_{split}.json"
-    try:
-        write_results(predictions_file, predictions)
-    except OSError as err:
-        raise UsageError(err) from None
+    _write(write_results, predictions_file, predictions)
     results = {
         "split": split, **score_record(values, report, len(predictions), percent=True), "decode": settings,
         "grounding": ({**grounding.describe(scale=100.0), "instances": instances.path, "words_to_classes":
                        instances.matcher().name} if grounding else None),
         "devices": args.devices, "checkpoint": str(args.checkpoint), "training_data": captioner.training_data,
     }
-    _write_json(metrics_file, results)
+    _write(atomic_write_json, metrics_file, results)
     print(f"decoded in {format_duration(decode_seconds)} ({len(predictions) / max(decode_seconds, 1e-9):.1f} "
           f"images/s), scored in {format_duration(report.seconds)}")
     print(f"wrote {predictions_file} and {metrics_file}")
@@ -299,15 +287,11 @@ def summary_lines(values: dict, title: str, trained_on: str | None = None) -> li
 
 
 def evaluate_results(args: argparse.Namespace) -> dict:
-    from captioning.data.coco import AnnotationError, ResultsError, load_coco_captions, load_results
+    from captioning.data.coco import load_coco_captions, load_results
     from captioning.evaluation.evaluator import score_record
-    from captioning.evaluation.metrics import format_metrics_table
 
-    try:
-        predictions = load_results(args.results)
-        records = load_coco_captions(args.annotations, args.annotations.parent)  # image files are not read
-    except (ResultsError, AnnotationError) as err:
-        raise UsageError(err) from None
+    predictions = load_results(args.results)
+    records = load_coco_captions(args.annotations, args.annotations.parent)  # image files are not read
     references = {r.image_id: list(r.captions) for r in records}
     out_dir = _writable(args.out_dir or _results_out_dir(args.results), args.out_dir is None)
     unknown = sorted(set(predictions) - set(references))
@@ -323,7 +307,7 @@ def evaluate_results(args: argparse.Namespace) -> dict:
     values, report = _score(predictions, {i: references[i] for i in predictions}, None, args)
     for line in summary_lines(values, f"{args.results.name}, {len(predictions)} images"):
         print(line)
-    print(format_metrics_table(values, title="the full table:"))
+    print(metrics.format_metrics_table(values, title="the full table:"))
     for note in report.notes() + ["grounding: not computed (a results file has no attention maps)"]:
         print(note)
     metrics_file = out_dir / f"metrics_{args.results.stem}.json"
@@ -331,30 +315,19 @@ def evaluate_results(args: argparse.Namespace) -> dict:
         "results": str(args.results), "annotations": str(args.annotations),
         "num_annotated_images": len(references), **score_record(values, report, len(predictions), percent=True),
     }
-    _write_json(metrics_file, results)
+    _write(atomic_write_json, metrics_file, results)
     print(f"wrote {metrics_file}")
     return results
 
 
 def run(argv: list[str] | None = None, prog: str | None = None) -> dict:
-    """``captioning evaluate`` with ``argv``; -> what it wrote, as a dict (bad input: SystemExit, one line)."""
+    """``captioning evaluate`` with ``argv``; -> what it wrote, as a dict. Raises UsageError, or Interrupted."""
     args = parse_args(argv, prog)
     started = time.perf_counter()
-    try:
-        mode = check_mode(args)
-        results = evaluate_checkpoint(args) if mode == "checkpoint" else evaluate_results(args)
-    except UsageError as err:
-        print_error(err)
-        raise SystemExit(EXIT_USAGE) from None
-    except KeyboardInterrupt:
-        print_error("interrupted (Ctrl-C); files already written are whole")
-        raise SystemExit(130) from None
+    with interruptible("files already written are whole"):
+        results = evaluate_checkpoint(args) if check_mode(args) == "checkpoint" else evaluate_results(args)
     results["seconds"] = round(time.perf_counter() - started, 1)
     return results
 
 
-
-def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    """``captioning evaluate``: exit status 0 (bad input exits with a one-line error)."""
-    run(None if argv is None else list(argv), prog)
-    return 0
+main = main_of(run)

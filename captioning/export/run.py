@@ -17,9 +17,9 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
-from typing import Sequence
 
-from captioning.console import EXIT_OK, EXIT_USAGE, print_error
+from captioning.cli import main_of
+from captioning.console import UsageError
 
 
 def parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -34,35 +34,29 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+def run(argv: list[str] | None = None, prog: str | None = None) -> Path:
+    """``captioning export`` with ``argv``; -> the folder written. Raises a CaptioningError (status 2)."""
     args = parser(prog).parse_args(argv)
-    from captioning.checkpoint import CheckpointError
-
     command = " ".join([prog or "captioning export", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
-    try:
-        if args.format == "onnx":
-            try:
-                import onnx  # noqa: F401
-                import onnxscript  # noqa: F401
-            except ImportError:
-                raise CheckpointError("--format onnx needs the export extra: pip install 'show-attend-tell[export]'") from None
-        from captioning.export.onnx import ExportError, export_checkpoint
-
+    if args.format == "onnx":
         try:
-            folder = export_checkpoint(args.checkpoint, args.out, args.format, args.hard_mode, command=command)
-        except ExportError as err:
-            raise CheckpointError(err) from None
-    except CheckpointError as err:
-        print_error(err)
-        return EXIT_USAGE
-    except OSError as err:  # a read-only file system, a full disk: the folder and the cause, in words
-        from captioning.files import as_write_error
+            import onnx  # noqa: F401
+            import onnxscript  # noqa: F401
+        except ImportError:
+            raise UsageError("--format onnx needs the export extra: pip install 'show-attend-tell[export]'") from None
+    from captioning.export.onnx import export_checkpoint
+    from captioning.files import as_write_error
 
-        print_error(as_write_error(err) or f"cannot write {args.out}: {err.strerror or err}")
-        return EXIT_USAGE
+    try:
+        folder = export_checkpoint(args.checkpoint, args.out, args.format, args.hard_mode, command=command)
+    except OSError as err:  # a read-only file system, a full disk: the folder and the cause, in words
+        raise as_write_error(err) or UsageError(f"cannot write {args.out}: {err.strerror or err}") from None
     files = ", ".join(sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")))
     print(f"wrote {folder}: {files}")
-    return EXIT_OK
+    return folder
+
+
+main = main_of(run)
 
 
 if __name__ == "__main__":

@@ -23,9 +23,11 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
+from captioning.cli import main_of
 from captioning.config import BACKBONES, COMPILE_TARGETS
+from captioning.console import CommandFailed
 
 SECTIONS = ("matmul", "train", "encoder", "beam", "loader")
 
@@ -131,18 +133,18 @@ DEFAULT_FOLDER = Path("runs") / "benchmark"
 
 def results_file(out: Path | None) -> Path:
     """The JSON file to write: ``out`` (its folder created if missing), or benchmark.json in
-    :data:`DEFAULT_FOLDER`, claimed with the project's marker (captioning/files.py). A folder that
-    holds files of someone else's, or an ``out`` that is a folder, exits with a one-line error."""
+    :data:`DEFAULT_FOLDER`, claimed with the project's marker (captioning/files.py). An ``out`` that
+    :func:`results_file_problem` refuses, or a folder of someone else's, raises CommandFailed."""
     from captioning.files import FileWriteError, ForeignFolderError, check_writable, claim_folder
 
+    if out is not None and (reason := results_file_problem(out)):
+        raise CommandFailed(reason)
     try:
         if out is None:
             return claim_folder(DEFAULT_FOLDER, "benchmark", "--out FILE") / "benchmark.json"
-        if out.is_dir():
-            raise ForeignFolderError(f"--out {out} is a folder: name the JSON file to write, such as {out / 'benchmark.json'}")
         check_writable(out.parent)
     except (ForeignFolderError, FileWriteError) as err:
-        sys.exit(f"error: {err}")
+        raise CommandFailed(err) from None
     return out
 
 
@@ -169,24 +171,21 @@ def results_file_problem(out: Path) -> str | None:
 
 
 def run(argv: list[str] | None = None, prog: str | None = None) -> dict[str, Any]:
-    """``captioning benchmark`` with ``argv``; -> what it wrote, as a dict (bad input: SystemExit, one line)."""
+    """``captioning benchmark`` with ``argv``; -> what it wrote, as a dict. Raises CommandFailed (status 1)."""
     args = parse_args(argv, prog)  # first: --help answers without importing torch
-    reason = results_file_problem(args.out) if args.out is not None else None
-    if reason:  # before the long measurements
-        sys.exit(f"error: {reason}")
+    out = results_file(args.out)  # before the long measurements
     import torch
 
     from captioning.device import resolve_device
     from captioning.perf import benchmark as bench
     from captioning.perf.compile import compile_unsupported_reason
 
-    out = results_file(args.out)  # before any measuring: a folder that is not ours fails now
     if args.threads or args.quick:  # --quick: tiny tensors run faster on one thread of a shared CPU
         torch.set_num_threads(args.threads or 1)
     try:
         device = resolve_device(args.device)
     except ValueError as err:
-        sys.exit(f"error: {err}")
+        raise CommandFailed(err) from None
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     sizes = bench.QUICK if args.quick else bench.COCO
     sizes = bench.with_overrides(sizes, beam_images=args.beam_images, beam_max_len=args.beam_max_len)
@@ -203,19 +202,12 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> dict[str, Any
         reason = compile_unsupported_reason()
         if reason:
             results["skipped"].append(f"compiled training steps ({reason})")
-            compile_targets = [t for t in compile_targets if t == "none"] or []
+            compile_targets = [t for t in compile_targets if t == "none"]
 
-    plan: list[tuple[str, Any]] = []
-    if "matmul" in sections:
-        plan.append(("matmul", None))
-    if "train" in sections:
-        plan += [("train", (a, b, c)) for c in compile_targets for a in args.attention for b in batches]
-    if "encoder" in sections:
-        plan += [("encoder", name) for name in (args.backbones or (["resnet18", "vgg11"] if args.quick else BACKBONES))]
-    if "beam" in sections:
-        plan.append(("beam", None))
-    if "loader" in sections:
-        plan.append(("loader", None))
+    items: dict[str, list[Any]] = {
+        "train": [(a, b, c) for c in compile_targets for a in args.attention for b in batches],
+        "encoder": args.backbones or (["resnet18", "vgg11"] if args.quick else list(BACKBONES))}
+    plan = [(section, item) for section in sections for item in items.get(section, [None])]
 
     started = time.perf_counter()
     for i, (section, item) in enumerate(plan):
@@ -250,19 +242,15 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> dict[str, Any
         bench.progress(f"[{i + 1}/{len(plan)}] {label}: done, elapsed {elapsed:.0f}s, ETA ~{eta:.0f}s")
     results["total_seconds"] = round(time.perf_counter() - started, 1)
 
-    from captioning.files import FileWriteError, atomic_write_json
+    from captioning.files import atomic_write_json
 
     try:
         atomic_write_json(out, results)  # replaces the name, never writes through a link
-    except (FileWriteError, OSError) as err:
-        sys.exit(f"error: cannot write {out}: {err}")
+    except OSError as err:  # FileWriteError too
+        raise CommandFailed(f"cannot write {out}: {err}") from None
     print(format_report(results))
     print(f"wrote {out} ({results['total_seconds']} s)")
     return results
 
 
-
-def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    """``captioning benchmark``: exit status 0 (bad input exits with a one-line error)."""
-    run(None if argv is None else list(argv), prog)
-    return 0
+main = main_of(run)

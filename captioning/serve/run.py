@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Sequence
 
-from captioning.console import EXIT_OK, EXIT_USAGE, UsageError, print_error
+from captioning.cli import main_of
+from captioning.console import UsageError
 
 
 def parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -30,36 +30,35 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+def run(argv: list[str] | None = None, prog: str | None = None) -> None:
+    """``captioning demo`` with ``argv``: serves until Ctrl-C. Raises UsageError (nothing served)."""
     args = parser(prog).parse_args(argv)
     from captioning.caption.run import expand_inputs, load_captioner
     from captioning.serve.server import MAX_EXAMPLES, make_server, split_examples
 
+    captioner = load_captioner(args.checkpoint, args.device)
+    if args.examples is not None:
+        examples, errors = expand_inputs([str(args.examples)])
+        if errors:
+            raise UsageError(errors[0])
+    else:
+        examples = split_examples(captioner)
     try:
-        captioner = load_captioner(args.checkpoint, args.device)
-        if args.examples is not None:
-            examples, errors = expand_inputs([str(args.examples)])
-            if errors:
-                raise UsageError(errors[0])
-        else:
-            examples = split_examples(captioner)
-        try:
-            server = make_server(captioner, args.host, args.port, examples[:MAX_EXAMPLES])
-        except OSError as err:
-            raise UsageError(f"cannot listen on {args.host}:{args.port} ({err.strerror or err}); "
-                             "choose another --port") from None
-    except UsageError as err:
-        print_error(err)
-        return EXIT_USAGE
+        server = make_server(captioner, args.host, args.port, examples[:MAX_EXAMPLES])
+    except OSError as err:
+        raise UsageError(f"cannot listen on {args.host}:{args.port} ({err.strerror or err}); "
+                         "choose another --port") from None
     host, port = server.server_address[:2]
     print(f"demo of {args.checkpoint} at http://{host}:{port}/ (Ctrl-C stops it)", flush=True)
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # how the demo is stopped: a normal end, status 0
         pass
     finally:
         server.server_close()
-    return EXIT_OK
+
+
+main = main_of(run)
 
 
 if __name__ == "__main__":

@@ -27,12 +27,13 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable
 
-from captioning.console import EXIT_USAGE, positive_int, print_error
-from captioning.files import ForeignFolderError, claim_folder
+from captioning.cli import main_of
 from captioning.config import to_dict
-from captioning.evaluation import run as evaluate
+from captioning.console import CaptioningError, positive_int
+from captioning.evaluation import metrics, run as evaluate
+from captioning.files import claim_folder
 from captioning.progress import format_duration
 from captioning.study import collect, examples, report, results
 from captioning.study.runs import (ARMS, BUDGETS, DEFAULT_ARMS, Plan, StudyError, environment, execute, execute_parallel,
@@ -75,9 +76,8 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
                    help="evaluate existing checkpoints instead of training: soft=A,B hard=C,D [none=E,F]")
     p.add_argument("--beam-size", type=positive_int, metavar="N", help="default: the config's decode.beam_size")
     p.add_argument("--max-len", type=positive_int, metavar="N", help="default: the config's decode.max_len")
-    wanted = [m for m in ("bleu", "meteor", "rouge", "cider", "grounding") if m in evaluate.METRICS]
-    p.add_argument("--metrics", nargs="+", choices=evaluate.METRICS, default=wanted,
-                   help=f"passed to evaluate.py (default: {' '.join(wanted)})")
+    p.add_argument("--metrics", nargs="+", choices=list(metrics.SCORERS), default=list(evaluate.DEFAULT_METRICS),
+                   help=f"passed to evaluate.py (default: {' '.join(evaluate.DEFAULT_METRICS)})")
     p.add_argument("--export-results", type=Path, metavar="DIR",
                    help="train nothing: write one small JSON record per finished run into DIR (settings, seed, test "
                         "metrics, validation curve, training signal), the raw results the docs' tables are built from")
@@ -134,13 +134,23 @@ def child_argv(argv: list[str], name: str) -> list[str]:
     return [*out, "--runs", name]
 
 
-def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    """``captioning compare``: exit status 0, or 2 with a one-line error."""
+def _exiting(main: Callable[[list[str]], int]) -> Callable[[list[str]], None]:
+    """A workflow's ``main`` as runs.execute calls it: a failure, printed by ``main``, ends in SystemExit(status)."""
+    def call(argv: list[str]) -> None:
+        status = main(argv)
+        if status:
+            raise SystemExit(status)
+    return call
+
+
+def run(argv: list[str] | None = None, prog: str | None = None) -> None:
+    """``captioning compare`` with ``argv``. Raises StudyError or ForeignFolderError (status 2)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv, prog)
     if args.out_dir is None:
         args.out_dir = Path(f"runs/compare-{args.budget}")
     started = time.perf_counter()
+    train_main, evaluate_main = _exiting(train.main), _exiting(evaluate.main)
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
@@ -152,15 +162,15 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         claim_folder(plan.out_dir, "study", "--out-dir", what="write the study")
         if args.export_results is not None:
             results.export(plan, args.export_results, log=log)
-            return 0
+            return
         if args.runs:  # one part of a study: its runs, no study.json entry, no report
             if args.jobs > 1:
                 part = dataclasses.replace(plan, runs=[r for r in plan.runs if r.name in args.runs])
                 execute_parallel(part, lambda name: child_argv(argv, name), args.jobs, log=log)
-            did = execute(plan, train.main, evaluate.main, log=log, only=set(args.runs))
+            did = execute(plan, train_main, evaluate_main, log=log, only=set(args.runs))
             print(f"compare: did {', '.join(did['trained'] + did['evaluated']) or 'nothing'}; "
                   "run the command without --runs for the report", file=sys.stderr)
-            return 0
+            return
         invocation = {"started": datetime.datetime.now().isoformat(timespec="seconds"), "command": plan.command,
                       "environment": environment(), "did": None}
         write_study_json(plan, invocation)
@@ -168,18 +178,20 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         parallel = []
         if args.jobs > 1:
             parallel = execute_parallel(plan, lambda name: child_argv(argv, name), args.jobs, log=log)
-        invocation["did"] = execute(plan, train.main, evaluate.main, log=log)
+        invocation["did"] = execute(plan, train_main, evaluate_main, log=log)
         invocation["did"]["in_parallel"] = parallel
         study = write_study_json(plan, invocation, replace_last=True)
-        decoded = examples.decode_examples(plan, args.examples,
-                                           log=lambda line: print(line, file=sys.stderr, flush=True))
+        decoded = examples.decode_examples(plan, args.examples, log=log)
         summary = collect.build_summary(plan, study, decoded)
         (plan.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         path = report.write_report(summary, plan.out_dir)
-    except (StudyError, ForeignFolderError, OSError) as err:
-        print_error(err)
-        return EXIT_USAGE
+    except CaptioningError:
+        raise
+    except OSError as err:
+        raise StudyError(err) from None
     print(f"wrote {path}, {plan.out_dir / 'summary.json'} and {plan.out_dir / 'figures'}/ "
           f"in {format_duration(time.perf_counter() - started)}")
-    return 0
+
+
+main = main_of(run)
 

@@ -18,10 +18,10 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
 
 from captioning.config import ATTENTIONS, LOGGERS, ConfigError, build_config, merge, parse_override, validate
-from captioning.console import CaptioningError, one_line, positive_int
+from captioning.cli import main_of
+from captioning.console import CaptioningError, CommandFailed, interruptible, positive_int
 from captioning.data.coco import AnnotationError, write_results
 from captioning.files import FileWriteError, as_write_error, atomic_write_json
 from captioning.training.run_folder import (check_out_dir, choose_out_dir, launched_as_rank_zero,
@@ -118,28 +118,26 @@ def _write_outputs(out_dir: Path, module, extra: dict, skipped: str | None) -> N
 
 
 def run(argv: list[str] | None = None, prog: str | None = None) -> dict:
-    """``captioning train`` with ``argv``; -> what it wrote, as a dict. Bad input, a non-finite loss,
-    SIGTERM and Ctrl-C end in SystemExit with a one-line message (status 1, 1, 143, 130)."""
+    """``captioning train`` with ``argv``; -> what it wrote, as a dict. Raises CommandFailed (bad input, a
+    failed write), TrainingStopped (a non-finite loss, SIGTERM, Ctrl-C in a stage: status 1, 143, 130) or
+    Interrupted (Ctrl-C outside the stages: before training, or while writing results)."""
     args = parse_args(argv, prog)
     from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
     from captioning.training.trainer import TrainingStopped
 
-    try:
-        return train(args, prog or "captioning train", argv)
-    except TrainingStopped as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(err.exit_status) from None
-    except (CaptioningError, MisconfigurationException) as err:
-        sys.exit(f"error: {one_line(err)}")  # status 1; what a refused start wrote does not block its rerun
-    except OSError as err:  # a full disk or a permission, met by Lightning's own writers (logs)
-        failure = as_write_error(err)
-        if failure is None:
+    with interruptible("files already written are whole"):
+        try:
+            return train(args, prog or "captioning train", argv)
+        except TrainingStopped:
             raise
-        sys.exit(f"error: {one_line(failure)}")
-    except KeyboardInterrupt:  # outside the trainer's stages: before training, or while writing results
-        print("error: interrupted (Ctrl-C); files already written are whole", file=sys.stderr, flush=True)
-        raise SystemExit(130) from None
+        except (CaptioningError, MisconfigurationException) as err:
+            raise CommandFailed(err) from None
+        except OSError as err:  # a full disk or a permission, met by Lightning's own writers (logs)
+            failure = as_write_error(err)
+            if failure is None:
+                raise
+            raise CommandFailed(failure) from None
 
 
 def _test_split(data) -> list:
@@ -240,7 +238,4 @@ def train(args: argparse.Namespace, prog: str, argv: list[str] | None = None) ->
     return {**(module.eval_results or {}), **extra}
 
 
-def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    """``captioning train``: exit status 0 (bad input exits with a one-line error)."""
-    run(None if argv is None else list(argv), prog)
-    return 0
+main = main_of(run)
