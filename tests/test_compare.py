@@ -18,6 +18,7 @@ import yaml
 import torch
 from PIL import Image
 
+from captioning.console import CommandFailed, Interrupted
 from captioning.study import collect, results
 from captioning.study.report import cell
 from captioning.study.runs import StudyError, parse_checkpoints, study_overrides
@@ -290,6 +291,28 @@ def test_folder_trained_with_other_settings_is_refused(tmp_path, capsys):
     assert rc == 2 and len(err) == 1
     assert "train.max_epochs: 7, now 6" in err[0] and "--out-dir" in err[0]
     assert not (tmp_path / "data").exists()  # refused before generating data or training anything
+
+
+@pytest.mark.parametrize("error, status, line", [
+    (CommandFailed("loss is not finite at step 3; lower optim.lr"), 2,
+     "error: training none-seed0 failed: loss is not finite at step 3; lower optim.lr"),
+    (Interrupted("files already written are whole"), 130,
+     "error: interrupted (Ctrl-C); files already written are whole"),
+])
+def test_a_failed_training_is_one_line_and_an_interrupted_one_ends_the_study(tmp_path, capsys, monkeypatch,
+                                                                             error, status, line):
+    from captioning.study import runs
+    from captioning.training import run as train
+
+    def fail(argv, prog=None):
+        raise error
+
+    monkeypatch.setattr(runs, "prepare_dataset", lambda configs: None)  # nothing to generate: training fails
+    monkeypatch.setattr(train, "run", fail)
+    rc = compare.main(["--out-dir", str(tmp_path / "study"), "--seeds", "1", "--arms", "none",
+                       "--set", f"data.root={tmp_path / 'data'}"])
+    assert rc == status
+    assert [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")] == [line]
 
 
 def test_unknown_config_key_exits_2(tmp_path, capsys):

@@ -27,7 +27,6 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 from captioning.cli import main_of
 from captioning.config import to_dict
@@ -134,15 +133,6 @@ def child_argv(argv: list[str], name: str) -> list[str]:
     return [*out, "--runs", name]
 
 
-def _exiting(main: Callable[[list[str]], int]) -> Callable[[list[str]], None]:
-    """A workflow's ``main`` as runs.execute calls it: a failure, printed by ``main``, ends in SystemExit(status)."""
-    def call(argv: list[str]) -> None:
-        status = main(argv)
-        if status:
-            raise SystemExit(status)
-    return call
-
-
 def run(argv: list[str] | None = None, prog: str | None = None) -> None:
     """``captioning compare`` with ``argv``. Raises StudyError or ForeignFolderError (status 2)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -150,7 +140,6 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> None:
     if args.out_dir is None:
         args.out_dir = Path(f"runs/compare-{args.budget}")
     started = time.perf_counter()
-    train_main, evaluate_main = _exiting(train.main), _exiting(evaluate.main)
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
@@ -167,7 +156,7 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> None:
             if args.jobs > 1:
                 part = dataclasses.replace(plan, runs=[r for r in plan.runs if r.name in args.runs])
                 execute_parallel(part, lambda name: child_argv(argv, name), args.jobs, log=log)
-            did = execute(plan, train_main, evaluate_main, log=log, only=set(args.runs))
+            did = execute(plan, train.run, evaluate.run, log=log, only=set(args.runs))
             print(f"compare: did {', '.join(did['trained'] + did['evaluated']) or 'nothing'}; "
                   "run the command without --runs for the report", file=sys.stderr)
             return
@@ -178,7 +167,7 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> None:
         parallel = []
         if args.jobs > 1:
             parallel = execute_parallel(plan, lambda name: child_argv(argv, name), args.jobs, log=log)
-        invocation["did"] = execute(plan, train_main, evaluate_main, log=log)
+        invocation["did"] = execute(plan, train.run, evaluate.run, log=log)
         invocation["did"]["in_parallel"] = parallel
         study = write_study_json(plan, invocation, replace_last=True)
         decoded = examples.decode_examples(plan, args.examples, log=log)

@@ -592,13 +592,19 @@ def is_done(run: Run, plan: Plan, configs: dict[str, Config]) -> bool:
     return trained and all(is_evaluated(run, m, plan) for m in run.modes())
 
 
+def _failed(what: str, err: CaptioningError) -> CaptioningError:
+    """A run's error as the study reports it; Ctrl-C and SIGTERM (statuses 128 + the signal's number)
+    stay what they are, so the study ends as its user stopped it."""
+    return err if err.exit_status >= 128 else StudyError(f"{what} failed: {err}")
+
+
 def execute(plan: Plan, train_fn: Callable[[list[str]], object], evaluate_fn: Callable[[list[str]], object],
             log: Callable[[str], None] = print, only: set[str] | None = None) -> dict:
     """Train what is not trained, evaluate what is not evaluated; -> what this invocation did.
 
     ``train_fn``/``evaluate_fn`` take captioning train's and captioning evaluate's argv (their
-    ``main``), so the study runs exactly the project's entry points. ``only``: the names of the runs
-    to work on (the others are left as they are).
+    ``run``: a failure raises its CaptioningError), so the study runs exactly the project's entry
+    points. ``only``: the names of the runs to work on (the others are left as they are).
     """
     import torch
 
@@ -606,9 +612,8 @@ def execute(plan: Plan, train_fn: Callable[[list[str]], object], evaluate_fn: Ca
         torch.manual_seed(seed)  # so that decoding with sampled locations is reproducible
         try:
             evaluate_fn(argv)
-        except SystemExit as err:
-            raise StudyError(f"evaluating {what} failed with exit status {err.code}; "
-                             "its error is printed above") from None
+        except CaptioningError as err:
+            raise _failed(f"evaluating {what}", err) from None
 
     configs = run_configs(plan)
     mine = [r for r in plan.runs if only is None or r.name in only]
@@ -636,8 +641,8 @@ def execute(plan: Plan, train_fn: Callable[[list[str]], object], evaluate_fn: Ca
             argv = train_argv(plan, run)
             try:
                 (train_in_subprocess if cfg.train.devices * cfg.train.num_nodes > 1 else train_fn)(argv)
-            except SystemExit as err:  # train.py exits with a one-line message on bad input
-                raise StudyError(f"training {run.name} failed: {err}") from None
+            except CaptioningError as err:
+                raise _failed(f"training {run.name}", err) from None
             if not is_trained(run, cfg):
                 raise StudyError(f"training {run.name} finished without {run.dir / 'metrics.json'} and best.ckpt")
             did["trained"].append(run.name)
