@@ -11,6 +11,7 @@ second, with how many captions came out identical.
 from __future__ import annotations
 
 import argparse
+import sys
 import timeit
 from pathlib import Path
 
@@ -69,4 +70,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    from captioning.cli import guarded  # its one-line errors and exit statuses, as every command's
+
+    sys.exit(guarded(main))

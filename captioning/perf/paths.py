@@ -15,6 +15,7 @@ alike. Medians are reported.
 from __future__ import annotations
 
 import argparse
+import sys
 import contextlib
 import importlib.util
 import json
@@ -74,7 +75,7 @@ def port_step_runner(port: Path, sizes: Sizes, data: dict, seed: int = 0) -> Cal
 
     spec = importlib.util.spec_from_file_location("port_models", Path(port) / "models.py")
     if spec is None or not (Path(port) / "models.py").is_file():
-        raise SystemExit(f"error: {port} holds no models.py (clone the port and pass its folder)")
+        raise InvalidValue(f"{port} holds no models.py (clone the port and pass its folder)")
     models = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(models)
     torch.manual_seed(seed)
@@ -151,4 +152,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    from captioning.cli import guarded  # its one-line errors and exit statuses, as every command's
+
+    sys.exit(guarded(main))

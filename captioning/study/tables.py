@@ -317,4 +317,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from captioning.cli import guarded  # its one-line errors and exit statuses, as every command's
+
+    sys.exit(guarded(main))
