@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import make_config, random_captions
 from captioning import fast
-from captioning.console import CommandFailed
+from captioning.console import CommandFailed, InvalidValue
 from captioning.losses import caption_loss
 from captioning.models import ShowAttendTell
 from captioning.perf.compile import compile_model, compile_unsupported_reason
@@ -337,7 +337,7 @@ def test_paths_times_the_port_beside_ours_on_the_same_batch(tmp_path):
     assert set(result["captions_per_s"]) == {"fast", "port"}
     assert result["over_port"]["fast"] == pytest.approx(result["captions_per_s"]["fast"] / result["captions_per_s"]["port"],
                                                         rel=0.05)
-    with pytest.raises(SystemExit):
+    with pytest.raises(InvalidValue, match="holds no models.py"):
         paths.main(["--quick", "--port", str(tmp_path / "missing")])
 
 
