@@ -1,12 +1,23 @@
-"""The machine a workflow runs on: which torch device, and this process's peak memory."""
+"""The machine a workflow runs on: which torch device, its CPU's name, and this process's peak memory."""
 
 from __future__ import annotations
 
+import platform
 import sys
+from pathlib import Path
 
 import torch
 
 from captioning.console import InvalidValue
+
+
+def cpu_name() -> str:
+    """The CPU's model name as Linux reports it (/proc/cpuinfo), else what the platform module knows."""
+    try:
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:

@@ -393,6 +393,8 @@ def environment() -> dict:
 
     import torch
 
+    from captioning.device import cpu_name
+
     versions = {"python": platform.python_version()}
     for dist in ("torch", "torchvision", "pytorch-lightning", "numpy", "pillow", "pycocoevalcap", "matplotlib"):
         try:
@@ -406,16 +408,11 @@ def environment() -> dict:
         versions["java"] = None
     versions["torch"] = torch.__version__  # with its build tag, e.g. +cu130 or +cpu
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor() or platform.machine()
-    try:
         memory_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     except (ValueError, OSError, AttributeError):
         memory_gib = None
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0)]
-    return {"versions": versions, "hardware": {"cpu": cpu, "cpu_cores": available_cores(), "memory_gib": memory_gib,
+    return {"versions": versions, "hardware": {"cpu": cpu_name(), "cpu_cores": available_cores(), "memory_gib": memory_gib,
                                                 "gpus": gpus, "platform": platform.platform()},
             "torch_threads": torch.get_num_threads()}
 
