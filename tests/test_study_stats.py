@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
-from captioning.study.stats import t_two_sided_p, welch
+from captioning.study.stats import paired_p, t_two_sided_p, welch
 
 CASES = [  # a, b, t, df, p
     ([70.3, 71.9, 68.8], [62.1, 61.2, 63.0], 7.9553343360502415, 3.2106134153293286, 0.003228286199159664),
@@ -28,6 +30,13 @@ def test_welch_matches_scipy(a, b, t, df, p):
                                       (0.3, 40, 0.7657307167710191), (0.0, 4, 1.0)])
 def test_t_distribution_tail(t, df, p):
     assert t_two_sided_p(t, df) == pytest.approx(p, rel=1e-7)
+
+
+def test_paired_p_is_the_t_test_of_the_mean_difference():
+    # 1, 2, 6: mean 3, sd sqrt(7), t = sqrt(27 / 7) on 2 degrees of freedom, where the two-sided
+    # p is exactly 1 - t / sqrt(2 + t^2) = 1 - sqrt(27 / 41)
+    assert paired_p([1.0, 2.0, 6.0]) == pytest.approx(1 - math.sqrt(27 / 41), rel=1e-9)
+    assert paired_p([-1.0, -2.0, -6.0]) == pytest.approx(paired_p([1.0, 2.0, 6.0]), rel=1e-12)
 
 
 def test_welch_needs_two_values_a_side_and_some_spread():

@@ -119,6 +119,14 @@ def mean_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, 
     return mean - half, mean + half
 
 
+def paired_p(differences: Sequence[float]) -> float:
+    """Two-sided p of the paired t test that ``differences`` (one per pair, at least 2, not all equal)
+    have mean 0."""
+    n = len(differences)
+    t = statistics.fmean(differences) / (statistics.stdev(differences) / math.sqrt(n))
+    return t_two_sided_p(t, n - 1)
+
+
 def holm(p_values: Sequence[float]) -> list[float]:
     """Holm's step-down adjustment (family-wise error rate, no independence assumed), in the input's
     order: the k-th smallest p times (m - k + 1), made monotone, capped at 1."""

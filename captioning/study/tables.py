@@ -30,7 +30,7 @@ from captioning.study import results
 from captioning.study.collect import GROUNDING_KINDS
 from captioning.study.report import TESTED, md_table, number, p_text
 from captioning.study.runs import StudyError
-from captioning.study.stats import detectable_difference, holm, mean_interval, welch_interval
+from captioning.study.stats import detectable_difference, holm, mean_interval, paired_p, welch_interval
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "docs" / "results"
@@ -176,9 +176,11 @@ def _factorial_tests(budget: str, folder: Path) -> str:
 
 
 def selection(folder: Path) -> str:
-    """best.ckpt (chosen on the validation split) against the last epoch's checkpoint, on the test split."""
+    """best.ckpt (chosen on the validation split) against the last epoch's checkpoint, on the test
+    split: per arm, the paired change (last - chosen, by seed), Student's 95% interval and paired t
+    test, Holm-corrected over the arms where some run chose an earlier epoch."""
     recs = load("default", folder)
-    rows = []
+    found = []
     for arm in MAIN:
         mine = recs.by_arm.get(arm, [])
         if not mine:
@@ -186,21 +188,26 @@ def selection(folder: Path) -> str:
         best = [next(iter(r["test"].values()))["bleu_4"] for r in mine]
         last = [r["test_last"]["bleu_4"] if "test_last" in r else b for r, b in zip(mine, best)]
         earlier = [r for r in mine if r["selection"]["best_epoch"] != r["selection"]["last_epoch"]]
-        differ, missing = len(earlier), sum(1 for r in earlier if "test_last" not in r)
+        missing = sum(1 for r in earlier if "test_last" not in r)
         if missing:
             raise StudyError(f"{arm}: {missing} run(s) chose an earlier epoch but have no test_last; "
                              "rerun captioning compare to score last.ckpt, then export again")
-        epochs = sorted(r["selection"]["best_epoch"] + 1 for r in mine)
         changes = [l - b for b, l in zip(best, last)]
-        # Paired by run: each seed's last epoch against its own choice, Student's interval of the mean change.
+        tested = len(changes) > 1 and statistics.stdev(changes) > 0
+        p = paired_p(changes) if tested else None
+        found.append((arm, mine, best, last, len(earlier), changes, p))
+    adjusted = iter(holm([f[6] for f in found if f[6] is not None]))
+    rows = []
+    for arm, mine, best, last, differ, changes, p in found:
         interval = mean_interval(changes)
         change = f"{statistics.fmean(changes):+.2f}" + ("" if interval is None else
                                                         f" [{interval[0]:+.2f}, {interval[1]:+.2f}]")
-        rows.append([arm, str(len(mine)), f"{differ}", ", ".join(map(str, epochs)), _summary(best), _summary(last),
-                     change])
+        epochs = ", ".join(str(e) for e in sorted(r["selection"]["best_epoch"] + 1 for r in mine))
+        tests = ["-", "-"] if p is None else [p_text(p), p_text(next(adjusted))]
+        rows.append([arm, str(len(mine)), str(differ), epochs, _summary(best), _summary(last), change, *tests])
     return _table(["arm", "seeds", "runs whose best epoch is not the last", "epoch chosen (1-6), per seed",
                    "test BLEU-4, validation's choice", "test BLEU-4, last epoch",
-                   "change, last - chosen [paired 95% interval]"], rows)
+                   "change, last - chosen [paired 95% interval]", "p (paired t)", "p (Holm)"], rows)
 
 
 README_METRICS = (("bleu_1", "BLEU-1", 1), ("bleu_4", "BLEU-4", 1), ("meteor", "METEOR", 1), ("rouge_l", "ROUGE-L", 1),
