@@ -4,22 +4,16 @@ Each entry is ``name -> ("module:function", one-line summary)``; the module is i
 its command runs, so ``captioning --help`` stays quick. ``scripts/<name>.py`` call the same functions.
 
 A workflow's ``run(argv, prog)`` returns what it did and raises a CaptioningError (Ctrl-C: Interrupted);
-its ``main(argv, prog)`` is ``run`` through :func:`guarded`, the one printer of errors: -> the exit status.
+its ``main(argv, prog)`` is ``run`` through console.guarded, the one printer of errors: -> the exit status.
 """
 
 from __future__ import annotations
 
 import importlib
-import os
-import signal
 import sys
-import threading
-from types import FrameType
 from typing import Callable, Sequence
 
-from captioning.console import EXIT_OK, EXIT_USAGE, CaptioningError, Interrupted, print_error
-
-EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a process that wrote to a closed pipe
+from captioning.console import EXIT_OK, EXIT_USAGE, guarded, print_error
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("captioning.training.run:main", "train soft or hard attention, then score the test split"),
@@ -54,47 +48,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 def script(command: str) -> int:
     """``python scripts/<name>.py ARGS``: the workflow of ``command`` on this process's arguments."""
     return guarded(lambda: workflow(command)(sys.argv[1:]))
-
-
-def main_of(run: Callable[[list[str] | None, str | None], object]) -> Callable[..., int]:
-    """A workflow's ``main(argv=None, prog=None)``: its ``run`` through :func:`guarded`."""
-    def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-        return guarded(lambda: run(None if argv is None else list(argv), prog))
-    return main
-
-
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    """SIGINT: KeyboardInterrupt, as Python's own handler raises it, but never in the middle of an
-    import. Interrupted there, a C++ extension aborts the process ("terminate called after throwing
-    ... KeyboardInterrupt") and a half-imported package (numpy) fails later with a traceback; so the
-    signal is sent again a moment later, until it arrives outside every import."""
-    while frame is not None:
-        if frame.f_code.co_filename.startswith("<frozen importlib"):
-            threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
-            return
-        frame = frame.f_back
-    raise KeyboardInterrupt
-
-
-def guarded(work: Callable[[], object]) -> int:
-    """``work()``'s exit status: the int it returns (caption: 1 when some images failed), else 0. A
-    CaptioningError or Ctrl-C is printed as one ``error:`` line and gives its ``exit_status``."""
-    if threading.current_thread() is threading.main_thread() and \
-            signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where Ctrl-C is ignored
-        signal.signal(signal.SIGINT, _interrupt)
-    try:
-        status = work()
-        return status if isinstance(status, int) else EXIT_OK
-    except BrokenPipeError:
-        # The reader of our output went away (``captioning caption ... | head``): no traceback.
-        # stdout is pointed at /dev/null so the interpreter's final flush does not fail again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_BROKEN_PIPE
-    except (CaptioningError, KeyboardInterrupt) as err:
-        # A bare Ctrl-C comes from where no workflow says what it leaves (the seconds of imports).
-        error = err if isinstance(err, CaptioningError) else Interrupted()
-        print_error(error)
-        return error.exit_status
 
 
 def _dispatch(argv: Sequence[str] | None) -> int:

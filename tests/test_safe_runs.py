@@ -497,7 +497,7 @@ def test_ctrl_c_at_any_moment_of_a_start_is_one_line(tmp_path, data_root):
     after throwing ... KeyboardInterrupt"); in numpy's, it failed later with a RecursionError.
 
     What a Ctrl-C meets depends only on where the main thread is: inside an import (any module:
-    cli._interrupt sees an importlib frame and sends the signal again until it lands outside),
+    console._interrupt sees an importlib frame and sends the signal again until it lands outside),
     past the imports but before fit (train.run's KeyboardInterrupt), or in fit (run_guarded; also
     test_sigterm_and_sigint_exit_non_zero_saying_how_to_resume). So three starts: 0.5 s and 1.5 s
     after the launch (torch's C extensions, then numpy's or Lightning's imports, on any machine

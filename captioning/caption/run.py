@@ -31,8 +31,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from captioning.cli import main_of
-from captioning.console import EXIT_OK, EXIT_SOME_FAILED, UsageError, one_line, positive_int, print_error
+from captioning.console import EXIT_OK, EXIT_SOME_FAILED, UsageError, main_of, one_line, positive_int, print_error
 from captioning.progress import Progress
 
 #: File name endings taken from folders and globs (case-insensitive).

@@ -36,8 +36,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from captioning.cli import main_of
-from captioning.console import CaptioningError, interruptible
+from captioning.console import CaptioningError, interruptible, main_of
 from captioning.data.coco import AnnotationError
 from captioning.data.formats import FORMATS, SourceDataset, detect_format
 from captioning.data.prepare import PrepareError, PrepareOptions, available_cores, format_summary, prepare

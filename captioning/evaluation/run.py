@@ -30,8 +30,7 @@ import time
 from pathlib import Path
 
 from captioning.caption.run import add_decoding_options, captioner_and_options, data_config
-from captioning.cli import main_of
-from captioning.console import UsageError, interruptible, one_line, positive_int
+from captioning.console import UsageError, interruptible, main_of, one_line, positive_int
 from captioning.files import ForeignFolderError, atomic_write_json, claim_folder, folder_kind
 from captioning.data.coco import write_results
 from captioning.evaluation import metrics

@@ -70,6 +70,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    from captioning.cli import guarded  # its one-line errors and exit statuses, as every command's
+    from captioning.console import guarded  # its one-line errors and exit statuses, as every command's
 
     sys.exit(guarded(main))

@@ -25,9 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from captioning.cli import main_of
 from captioning.config import BACKBONES, COMPILE_TARGETS
-from captioning.console import CommandFailed
+from captioning.console import CommandFailed, main_of
 
 SECTIONS = ("matmul", "train", "encoder", "beam", "loader")
 

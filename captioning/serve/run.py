@@ -13,8 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from captioning.cli import main_of
-from captioning.console import UsageError
+from captioning.console import UsageError, main_of
 
 
 def parser(prog: str | None = None) -> argparse.ArgumentParser:

@@ -28,9 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-from captioning.cli import main_of
 from captioning.config import to_dict
-from captioning.console import CaptioningError, positive_int
+from captioning.console import CaptioningError, main_of, positive_int
 from captioning.evaluation import metrics, run as evaluate
 from captioning.files import claim_folder
 from captioning.progress import format_duration

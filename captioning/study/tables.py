@@ -324,6 +324,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from captioning.cli import guarded  # its one-line errors and exit statuses, as every command's
+    from captioning.console import guarded  # its one-line errors and exit statuses, as every command's
 
     sys.exit(guarded(main))

@@ -20,8 +20,7 @@ import time
 from pathlib import Path
 
 from captioning.config import ATTENTIONS, LOGGERS, ConfigError, build_config, merge, parse_override, validate
-from captioning.cli import main_of
-from captioning.console import CaptioningError, CommandFailed, interruptible, positive_int
+from captioning.console import CaptioningError, CommandFailed, interruptible, main_of, positive_int
 from captioning.data.coco import AnnotationError, write_results
 from captioning.files import FileWriteError, as_write_error, atomic_write_json
 from captioning.training.run_folder import (check_out_dir, choose_out_dir, launched_as_rank_zero,
