@@ -13,6 +13,7 @@ from typing import Callable, Iterator, Sequence
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process ended by it
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a process that wrote to a closed pipe
 
 
 def one_line(text: object, limit: int | None = None) -> str:
@@ -84,9 +85,6 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
-
-
-EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a process that wrote to a closed pipe
 
 
 def main_of(run: Callable[[list[str] | None, str | None], object]) -> Callable[..., int]:
