@@ -19,6 +19,8 @@ OUT ?= runs/demo-$(if $(CONFIG),$(basename $(notdir $(CONFIG)))-)$(ATTENTION)
 # What to type after setup: the venv's captioning is on PATH only once the venv is activated.
 RUN_HINT := to run captioning yourself: source $(VENV)/bin/activate, then captioning --help (or, without activating, $(VENV)/bin/captioning --help)
 PYTEST_ARGS ?=
+# The default suite's pytest-xdist workers: one per core (auto); PYTEST_WORKERS=0 runs it in this one process.
+PYTEST_WORKERS ?= auto
 # What the demo's training is, and how long it took as measured (README "Quick start").
 ifeq ($(CONFIG),)
 DEMO_TIME := the default settings (10,000 synthetic scenes, 6 epochs): about 5 min on an idle 2-core CPU, longer when it is busy
@@ -50,7 +52,7 @@ demo: setup
 	@echo "demo: $(RUN_HINT)"
 
 test: setup
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 test-slow: setup
 	$(PY) -m pytest -m slow -s $(PYTEST_ARGS)

@@ -4,13 +4,21 @@ synthetic set (``untrained``), built once per session."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Sequence
 
 import pytest
-import torch
+
+# make test runs one pytest-xdist worker per core: each worker, and every process a test
+# starts, computes on one thread, as two workers with a thread per core each would oversubscribe
+# the CPU. Set before torch is imported, which reads it once.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
 
 from captioning.config import Config, merge
 from captioning.vocab import SPECIALS, Vocabulary
