@@ -874,12 +874,17 @@ def test_a_kill_during_export_leaves_a_folder_that_loads(world, tmp_path):  # no
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".model.")]
 
 
-def test_prepare_resumes_after_a_kill_and_cleans_its_leftovers(extra, tmp_path):
+def test_prepare_resumes_after_a_kill_and_cleans_its_leftovers(tmp_path):
     """A kill during preparation: the same command again reuses the finished chunks. What a kill
     during the final swap left beside --out (.NAME.old-PID of a dead process) is removed."""
+    from captioning.data.examples import write_example_dataset
+
+    # 40 one-image chunks: after the second, enough work is left that the kill lands before the
+    # end even when another test process holds the CPU.
+    captions, images = write_example_dataset(tmp_path / "example", 40, image_size=32)
     out = tmp_path / "prep"
-    argv = [sys.executable, "-m", "captioning", "prepare", "--format", "karpathy", "--captions", str(extra.captions),
-            "--images", str(extra.images), "--out", str(out), "--workers", "1", "--chunk-size", "1"]
+    argv = [sys.executable, "-m", "captioning", "prepare", "--format", "karpathy", "--captions", str(captions),
+            "--images", str(images), "--out", str(out), "--workers", "1", "--chunk-size", "1"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(argv, env=env, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     chunks = out.with_name("prep.partial") / "chunks"
