@@ -261,9 +261,9 @@ _CARD_METRICS = {"bleu_1": ("BLEU-1", "bleu"), "bleu_2": ("BLEU-2", "bleu"), "bl
 def card_metadata(cfg: Config, metrics: dict | None = None) -> list[str]:
     """The card's YAML front matter that model hubs read. ``metrics``: the run's metrics.json; its
     test scores name the metrics, else the ones training scores. Values are JSON strings (valid YAML)."""
-    from captioning.data.sources import SOURCES
+    from captioning.data.sources import source_for
 
-    dataset = SOURCES[cfg.data.dataset].hub_name or Path(cfg.data.root).name
+    dataset = source_for(cfg.data).hub_name or Path(cfg.data.root).name
     scores = (metrics or {}).get("metrics")
     keys = [k for k in scores if k in _CARD_METRICS] if isinstance(scores, dict) else []
     hub_metrics = list(dict.fromkeys(_CARD_METRICS[k][1] for k in keys or ("bleu_4", "meteor", "rouge_l", "cider")))

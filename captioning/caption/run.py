@@ -216,16 +216,16 @@ def captioner_and_options(args: argparse.Namespace):
 def data_config(captioner, data_root: str | None):
     """The checkpoint's data config, with its root replaced if --data-root was given. Without it,
     the root is the training's own (relative to the folder it ran in): the synthetic set is never
-    generated in the current folder (captioning/data/datamodule.py SyntheticSource.check_trained)."""
+    generated in the current folder (captioning/data/sources.py SyntheticSource.check_trained)."""
     import dataclasses
 
-    from captioning.data.datamodule import SOURCES
+    from captioning.data.sources import source_for
 
     cfg = captioner.config.data
     if data_root is not None:
         return dataclasses.replace(cfg, root=str(data_root))
     try:
-        SOURCES[cfg.dataset](cfg).check_trained()
+        source_for(cfg).check_trained()
     except ValueError as err:
         raise UsageError(err) from None
     return cfg

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from captioning.config import DataConfig
 from captioning.data.coco import SPLITS, ImageRecord
-from captioning.data.sources import SOURCES, source_for  # noqa: F401  (SOURCES: also imported from here)
+from captioning.data.sources import source_for
 from captioning.data.store import PreparedFolder, draw_captions
 from captioning.data.transforms import load_image, preprocess
 from captioning.vocab import Vocabulary

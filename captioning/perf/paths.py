@@ -15,11 +15,11 @@ alike. Medians are reported.
 from __future__ import annotations
 
 import argparse
-import sys
 import contextlib
 import importlib.util
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
