@@ -21,8 +21,7 @@ if TYPE_CHECKING:
     from captioning.data.datamodule import CaptionDataModule
     from captioning.search import DecodeOptions
 
-#: The reporting scale of evaluate.py's metrics JSON and table.
-SCALE = "0-100"
+#: What evaluate.py's metrics JSON says of its 0-100 scale.
 SCALE_NOTE = ("every score x100 (CIDEr-D is natively 0-10, so x100 it can exceed 100, as on the COCO "
               "leaderboard); grounding_words is a count")
 
@@ -48,18 +47,15 @@ def evaluate_predictions(
 # ------------------------------------------------------------------------------ reporting
 
 
-def to_percent(values: Mapping[str, float | int | None]) -> dict[str, float | int | None]:
-    """0-1 scores -> the 0-100 scale (CIDEr-D x100 too); counts and None stay as they are."""
-    return {k: v if k in COUNT_KEYS or v is None else float(v) * 100.0 for k, v in values.items()}
-
-
 def score_record(values: Mapping[str, float | int | None], report: ScoreReport, num_images: int,
                  percent: bool) -> dict:
     """The part of every results record that says what was scored and how, on the 0-100 scale of
-    the printed tables (``percent``, captioning evaluate) or the 0-1 scale of the training logs."""
-    scale = {"scale": SCALE, "scale_note": SCALE_NOTE} if percent else {"scale": "0-1"}
+    the printed tables (``percent``, captioning evaluate: every score x100, CIDEr-D too; counts and
+    None as they are) or the 0-1 scale of the training logs."""
+    scale = {"scale": "0-100", "scale_note": SCALE_NOTE} if percent else {"scale": "0-1"}
     return {"num_images": num_images, **scale, "tokenizer": report.tokenizer, "skipped": dict(report.skipped),
-            "metrics": to_percent(values) if percent else dict(values)}
+            "metrics": {k: float(v) * 100.0 if percent and k not in COUNT_KEYS and v is not None else v
+                        for k, v in values.items()}}
 
 
 # ------------------------------------------------------------------------------ decoding
@@ -80,28 +76,19 @@ def decode_batch(captioner: "Captioner", batch: dict, options: "DecodeOptions",
 
 
 def decode_split(captioner: "Captioner", data: "CaptionDataModule", split: str, options: "DecodeOptions", *,
-                 matcher: WordMatcher | None = None, progress: bool = True) -> dict[int, DecodedImage]:
+                 matcher: WordMatcher | None = None) -> dict[int, DecodedImage]:
     """Decode a split in this process: image_id -> caption and its naming words' attention
     (``options`` from ``Captioner.options``; ``matcher`` None skips the naming words)."""
     from captioning.progress import Progress
 
     loader = data.eval_dataloader(split)  # one item per image of the split
-    bar = Progress(len(loader.dataset), f"evaluate {split}", enabled=progress)
+    bar = Progress(len(loader.dataset), f"evaluate {split}")
     decoded: dict[int, DecodedImage] = {}
     for batch in loader:
         decoded.update(decode_batch(captioner, batch, options, matcher))
         bar.update(len(batch["image_ids"]))
     bar.close()
     return decoded
-
-
-def merge_shards(parts: Sequence[Mapping[int, DecodedImage]]) -> tuple[dict[int, DecodedImage], int]:
-    """Gathered shards -> (one entry per image id, the first rank's; number of duplicates dropped)."""
-    merged: dict[int, DecodedImage] = {}
-    for part in parts:
-        for image_id, item in part.items():
-            merged.setdefault(image_id, item)
-    return merged, sum(len(part) for part in parts) - len(merged)
 
 
 def gather_by_image_id(local: Mapping[int, object]) -> tuple[dict[int, object], int]:
@@ -114,7 +101,11 @@ def gather_by_image_id(local: Mapping[int, object]) -> tuple[dict[int, object], 
         return dict(local), 0
     parts: list = [None] * dist.get_world_size()
     dist.all_gather_object(parts, dict(local))
-    return merge_shards(parts)
+    merged: dict[int, object] = {}
+    for part in parts:  # rank order: the first rank's item wins
+        for image_id, item in part.items():
+            merged.setdefault(image_id, item)
+    return merged, sum(len(part) for part in parts) - len(merged)
 
 
 def decode_distributed(checkpoint: str | Path, device_type: str, data: "CaptionDataModule", split: str,
