@@ -201,8 +201,6 @@ def cell_coverage(grid_boxes: np.ndarray, gh: int, gw: int) -> np.ndarray:
     """
     cover = np.zeros((gh, gw))
     b = np.asarray(grid_boxes, dtype=np.float64).reshape(-1, 4)
-    if len(b) == 0:
-        return cover
     b = np.stack([b[:, 0].clip(0, gw), b[:, 1].clip(0, gh), b[:, 2].clip(0, gw), b[:, 3].clip(0, gh)], axis=1)
     xs = np.unique(np.concatenate([np.arange(gw + 1, dtype=np.float64), b[:, 0], b[:, 2]]))
     ys = np.unique(np.concatenate([np.arange(gh + 1, dtype=np.float64), b[:, 1], b[:, 3]]))
@@ -274,10 +272,6 @@ def named_words(words: Sequence[str], attention: np.ndarray, matcher: WordMatche
     return [NamedWord(i, words[i], category, attention[i].astype(np.float32, copy=True),
                       tuple(attention[j].astype(np.float32, copy=True) for j in matcher.attribute_run(words, i)))
             for i, category in matcher.match(words)]
-
-
-def _mean(values: Sequence[float]) -> float | None:
-    return float(np.mean(values)) if len(values) else None
 
 
 @dataclass(frozen=True)
@@ -369,7 +363,9 @@ def _used_map(attention: np.ndarray, mode: str) -> np.ndarray:
 
 def _average(scores: Sequence[WordScore]) -> WordScore:
     """The mean pointing game and mass in box of ``scores`` (None each when there are none)."""
-    return WordScore(_mean([s.pointing for s in scores]), _mean([s.mass for s in scores]))
+    if not scores:
+        return WordScore(None, None)
+    return WordScore(float(np.mean([s.pointing for s in scores])), float(np.mean([s.mass for s in scores])))
 
 
 def _row(scores: Sequence[WordScore], chance: Sequence[WordScore] | None = None) -> dict:
