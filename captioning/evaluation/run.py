@@ -232,8 +232,8 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     _write(write_results, predictions_file, predictions)
     results = {
         "split": split, **score_record(values, report, len(predictions), percent=True), "decode": settings,
-        "grounding": ({**grounding.describe(scale=100.0), "instances": instances.path, "words_to_classes":
-                       instances.matcher().name} if grounding else None),
+        "grounding": ({**grounding.describe(scale=100.0), "instances": instances.path,
+                       "words_to_classes": matcher.name} if grounding else None),
         "devices": args.devices, "checkpoint": str(args.checkpoint), "training_data": captioner.training_data,
     }
     _write(atomic_write_json, metrics_file, results)
