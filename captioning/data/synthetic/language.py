@@ -62,10 +62,10 @@ def canonical_caption(objects: Sequence[SceneObject]) -> str:
         dx, dy = abs(a.cx - b.cx), abs(a.cy - b.cy)
         # Placement guarantees dx >= margin, so the horizontal relation is never a near-tie;
         # choosing the axis of larger separation instead would be a coin flip when dx ~ dy.
-        if max(dx, dy) > 0:  # always for generated scenes; coinciding centres fall back to the list
-            if dx > 0:
-                first, second = sorted(objects, key=lambda o: o.cx)
-                return f"{noun_phrase_text(first.key, 1)} to the left of {noun_phrase_text(second.key, 1)}"
+        if dx > 0:  # always for generated scenes
+            first, second = sorted(objects, key=lambda o: o.cx)
+            return f"{noun_phrase_text(first.key, 1)} to the left of {noun_phrase_text(second.key, 1)}"
+        if dy > 0:  # coinciding centres fall back to the list
             first, second = sorted(objects, key=lambda o: o.cy)
             return f"{noun_phrase_text(first.key, 1)} above {noun_phrase_text(second.key, 1)}"
     return _list_body([noun_phrase_text(key, len(members)) for key, members in groups.items()])

@@ -165,15 +165,14 @@ def _background_colour(rng: random.Random) -> np.ndarray:
 
 def render_scene(objects: Sequence[SceneObject], image_size: int, rng: random.Random) -> Image.Image:
     """Draw ``objects`` on a noisy low-saturation gradient; returns an RGB PIL image."""
-    size = image_size
     start, end = _background_colour(rng), _background_colour(rng)
     angle = rng.uniform(0.0, 2.0 * math.pi)
     noise_rng = np.random.default_rng(rng.getrandbits(64))
-    ys, xs = np.mgrid[0:size, 0:size].astype(np.float64)
+    ys, xs = np.mgrid[0:image_size, 0:image_size].astype(np.float64)
     proj = xs * math.cos(angle) + ys * math.sin(angle)
     t = (proj - proj.min()) / max(proj.max() - proj.min(), 1e-9)
     pixels = start * (1.0 - t)[..., None] + end * t[..., None]
-    pixels += noise_rng.integers(-NOISE, NOISE + 1, size=(size, size, 3))
+    pixels += noise_rng.integers(-NOISE, NOISE + 1, size=(image_size, image_size, 3))
     image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(image)
     for obj in objects:

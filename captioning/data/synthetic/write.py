@@ -49,11 +49,6 @@ def _image_rng(cfg: SyntheticConfig, split: str, index: int, purpose: str) -> ra
     return random.Random(f"synthetic-v{GENERATOR_VERSION}/seed={cfg.seed}/{split}/{index}/{purpose}")
 
 
-def _info(split: str) -> dict:
-    return {"description": f"show-attend-tell synthetic shapes dataset, split {split}",
-            "version": str(GENERATOR_VERSION), "contributor": "captioning.data.synthetic", "url": ""}
-
-
 def _dump(obj: object, path: Path, indent: int | None = None) -> None:
     separators = (",", ":") if indent is None else (",", ": ")
     path.write_text(json.dumps(obj, indent=indent, separators=separators) + "\n")
@@ -116,7 +111,9 @@ def _write_dataset(out: Path, cfg: SyntheticConfig, progress: bool) -> None:
                                   "segmentation": _segmentation(obj),
                                   "attributes": {"size": obj.size, "colour": obj.colour}})
             bar.update(1)
-        header = {"info": _info(split), "licenses": [], "images": images}
+        info = {"description": f"show-attend-tell synthetic shapes dataset, split {split}",
+                "version": str(GENERATOR_VERSION), "contributor": "captioning.data.synthetic", "url": ""}
+        header = {"info": info, "licenses": [], "images": images}
         _dump({**header, "annotations": captions}, out / "annotations" / f"captions_{split}.json")
         _dump({**header, "categories": CATEGORIES, "annotations": instances},
               out / "annotations" / f"instances_{split}.json")
