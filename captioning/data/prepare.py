@@ -156,19 +156,15 @@ def _preallocate(path: Path) -> None:
     try:
         os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
     except OSError as err:
-        if err.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # no fallocate here: write the zeros ourselves
-            _write_zeros(fd)
-        else:
+        if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
             raise
+        # No fallocate here: write the zeros ourselves.
+        size, block = os.fstat(fd).st_size, bytes(1 << 20)
+        done = min(size, 4096)  # the first block holds the .npy header, written (so allocated) already
+        while done < size:
+            done += os.pwrite(fd, block[:min(len(block), size - done)], done)
     finally:
         os.close(fd)
-
-
-def _write_zeros(fd: int) -> None:
-    size, block = os.fstat(fd).st_size, bytes(1 << 20)
-    done = min(size, 4096)  # the first block holds the .npy header, written (so allocated) already
-    while done < size:
-        done += os.pwrite(fd, block[:min(len(block), size - done)], done)
 
 
 def _decode_chunk(task: tuple[str, int, int, list[str], int, str]) -> tuple[str, int, list[dict]]:
@@ -274,8 +270,8 @@ def _decode_images(dataset: SourceDataset, partial: Path, options: PrepareOption
             for stale in (partial / "chunks").glob(f"{split}-*.json"):  # markers without their rows
                 stale.unlink()
             with atomic_path(store_path) as tmp:
-                store = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(images), size, size, 3))
-                del store
+                # Writes the header and sizes the file; the map itself is dropped at once.
+                np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(images), size, size, 3))
                 _preallocate(tmp)
         results[split] = [None] * len(images)
         for index, start in enumerate(range(0, len(images), chunk)):
