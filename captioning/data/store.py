@@ -21,10 +21,9 @@ from torch.utils.data import Dataset
 
 from captioning.console import CaptioningError
 from captioning.data.coco import ImageRecord, read_boxes, read_json
+from captioning.data.prepare import FORMAT_VERSION
 from captioning.data.transforms import preprocess
 from captioning.vocab import Vocabulary
-
-FORMAT_VERSION = 1
 
 
 class PreparedDataError(CaptioningError, ValueError):
