@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from captioning.console import CaptioningError, interruptible, main_of
-from captioning.data.coco import AnnotationError
+from captioning.data.coco import SPLITS, AnnotationError
 from captioning.data.formats import FORMATS, SourceDataset, detect_format
 from captioning.data.prepare import PrepareError, PrepareOptions, available_cores, format_summary, prepare
 
@@ -99,7 +99,7 @@ def _split_items(items: list[str], what: str) -> dict[str, Path]:
     pairs = {}
     for item in items:
         split, sep, path = item.partition("=")
-        if not sep or split not in ("train", "val", "test"):
+        if not sep or split not in SPLITS:
             raise AnnotationError(f"{what} entry '{item}' must look like train=FILE, val=FILE or test=FILE")
         pairs[split] = Path(path)
     return pairs
@@ -129,7 +129,7 @@ def run_prepare(args: argparse.Namespace, argv: list[str] | None) -> dict[str, A
         print(f"prepare: reading {', '.join(args.captions)}", file=sys.stderr, flush=True)
     dataset = read_source(args)
     if not args.no_progress:
-        sizes = {s: sum(img.split == s for img in dataset.images) for s in ("train", "val", "test")}
+        sizes = {s: sum(img.split == s for img in dataset.images) for s in SPLITS}
         print(f"prepare: {dataset.format} format, {len(dataset.images)} images with captions "
               f"({', '.join(f'{s} {n}' for s, n in sizes.items())}), {len(dataset.skipped)} records skipped "
               f"so far; splits: {dataset.split_rule}", file=sys.stderr, flush=True)
@@ -158,7 +158,7 @@ def run_benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = benchmark_loader(args.benchmark, workers, **settings)
     if args.compare_files:
         rows += benchmark_loader(args.benchmark, workers, **settings, source="files")
-    print(f"\n| source | workers | images/s | first batch after |\n|---|---|---|---|")
+    print("\n| source | workers | images/s | first batch after |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['source']} | {r['workers']} | {r['images_per_s']:.0f} | {r['startup_s']:.2f} s |")
     if args.json:
