@@ -87,11 +87,11 @@ def split_identity(dataset: str, records: Sequence[ImageRecord]) -> dict[str, An
     return {"dataset": dataset, "num_images": len(records), "images_sha256": digest.hexdigest()[:16]}
 
 
-def fingerprint(model_cfg: ModelConfig, encoder: Encoder, image_size: int, dataset: str,
-                records: Sequence[ImageRecord], encoder_hash: str | None = None) -> dict[str, Any]:
+def fingerprint(model_cfg: ModelConfig, encoder_hash: str, image_size: int, dataset: str,
+                records: Sequence[ImageRecord]) -> dict[str, Any]:
     enc = model_cfg.encoder
     encoder_cfg = {"backbone": enc.backbone, "stage": enc.stage, "grid_size": enc.grid_size, "weights": enc.weights}
-    return {"encoder": encoder_cfg, "encoder_weights_sha256": encoder_hash or weights_hash(encoder),
+    return {"encoder": encoder_cfg, "encoder_weights_sha256": encoder_hash,
             "image_size": image_size, "preprocessing": preprocessing_hash(), "split": split_identity(dataset, records)}
 
 
@@ -166,9 +166,9 @@ class FeatureCache:
 
 
 def build_split(path: Path, encoder: Encoder, images: Any, n: int, *, batch_size: int, num_workers: int,
-                device: torch.device, split: str, progress: bool = True) -> tuple[int, int]:
+                device: torch.device, split: str, progress: bool) -> None:
     """Run the frozen encoder over ``n`` images (``images[i]`` -> [3, S, S]) into ``path`` (fp16
-    [n, L, D] .npy, written beside it and renamed when complete). Returns (L, D)."""
+    [n, L, D] .npy, written beside it and renamed when complete)."""
     L, D = encoder.grid_size ** 2, encoder.out_channels
     loader = DataLoader(Subset(images, range(n)), batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
@@ -192,7 +192,6 @@ def build_split(path: Path, encoder: Encoder, images: Any, n: int, *, batch_size
     finally:
         bar.close()
         encoder.to(home).train(was_training)
-    return L, D
 
 
 def claim_cache_folder(directory: Path) -> None:
@@ -244,7 +243,7 @@ def prepare_feature_cache(directory: str | Path, model_cfg: ModelConfig, encoder
     grid, channels = encoder.grid_size, encoder.out_channels
     log(size_report(grid, channels, {s: len(r) for s, r in records.items()}))
 
-    prints = {split: fingerprint(model_cfg, encoder, image_size, dataset, recs, encoder_hash)
+    prints = {split: fingerprint(model_cfg, encoder_hash, image_size, dataset, recs)
               for split, recs in records.items()}
     to_build = [split for split in records if not (directory / f"{split}.json").is_file()]
     opened = {split: _open_split(directory, split, prints[split], records[split])
@@ -266,10 +265,10 @@ def prepare_feature_cache(directory: str | Path, model_cfg: ModelConfig, encoder
                 if not meta_path.is_file():  # another process may have finished just before
                     log(f"feature cache: computing {split} ({len(recs):,} images) into {directory / (split + '.npy')}")
                     started = time.perf_counter()
-                    L, D = build_split(directory / f"{split}.npy", encoder, image_sources[split], len(recs),
-                                       batch_size=batch_size, num_workers=num_workers, device=device, split=split,
-                                       progress=progress)
-                    atomic_write_json(meta_path, {"format": CACHE_FORMAT, "shape": [len(recs), L, D],
+                    build_split(directory / f"{split}.npy", encoder, image_sources[split], len(recs),
+                                batch_size=batch_size, num_workers=num_workers, device=device, split=split,
+                                progress=progress)
+                    atomic_write_json(meta_path, {"format": CACHE_FORMAT, "shape": [len(recs), grid * grid, channels],
                                                   "dtype": "float16", "image_ids": [r.image_id for r in recs],
                                                   "fingerprint": prints[split],
                                                   "seconds": round(time.perf_counter() - started, 1)}, indent=None)
