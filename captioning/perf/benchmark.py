@@ -24,10 +24,9 @@ import inspect
 import os
 import platform
 import statistics
-import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -169,15 +168,6 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast for ``precision`` "bf16", a pass-through otherwise."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
 # ------------------------------------------------------------------------------ matmul
 
 
@@ -296,7 +286,7 @@ def train_step(
     mode = module.mechanism.training_plan(module.cfg.loss, 1, 0, device).mode
 
     def forward() -> torch.Tensor:
-        with autocast(device, precision):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             return module.training_loss(data)[0].loss
 
     def step() -> tuple[float, float, float]:
@@ -357,7 +347,7 @@ def encoder_forward(backbone: str, sizes: Sizes, device: torch.device, precision
 
     @torch.no_grad()
     def run():
-        with autocast(device, precision):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             return encoder(images)
 
     with FlopCounterMode(display=False) as counter:
@@ -460,9 +450,6 @@ def data_loader(root: str | None, workers: tuple[int, ...] = (0, 2), seconds: fl
     params = inspect.signature(store.benchmark_loader).parameters
     wanted = {"workers": list(workers), "seconds": seconds, "progress": False}
     return {"root": root, "results": store.benchmark_loader(root, **{k: v for k, v in wanted.items() if k in params})}
-
-
-sizes_dict = asdict
 
 
 def with_overrides(sizes: Sizes, **changes: Any) -> Sizes:

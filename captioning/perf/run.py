@@ -22,6 +22,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -194,7 +195,7 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> dict[str, Any
     if "train" in sections and "matmul" not in sections:
         sections.insert(0, "matmul")  # the training step's FLOP/s are reported as a fraction of it
     results: dict[str, Any] = {"command": "captioning benchmark " + " ".join(argv if argv is not None else sys.argv[1:]),
-                               "machine": bench.machine_info(device), "sizes": bench.sizes_dict(sizes),
+                               "machine": bench.machine_info(device), "sizes": asdict(sizes),
                                "precision": precision, "skipped": []}
     compile_targets = list(args.compile)
     if any(t != "none" for t in compile_targets):
@@ -211,7 +212,7 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> dict[str, Any
     started = time.perf_counter()
     for i, (section, item) in enumerate(plan):
         label = f"{section} {item}" if item is not None else section
-        bench.progress(f"[{i + 1}/{len(plan)}] {label} ...")
+        print(f"[{i + 1}/{len(plan)}] {label} ...", file=sys.stderr, flush=True)
         if section == "matmul":
             seconds = 0.2 if args.quick else 1.0
             sizes_mm = (128, 256) if args.quick else (512, 1024, 2048)
@@ -238,7 +239,8 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> dict[str, Any
                                                   seconds=2.0 if args.quick else 5.0)
         elapsed = time.perf_counter() - started
         eta = elapsed / (i + 1) * (len(plan) - i - 1)
-        bench.progress(f"[{i + 1}/{len(plan)}] {label}: done, elapsed {elapsed:.0f}s, ETA ~{eta:.0f}s")
+        print(f"[{i + 1}/{len(plan)}] {label}: done, elapsed {elapsed:.0f}s, ETA ~{eta:.0f}s", file=sys.stderr,
+              flush=True)
     results["total_seconds"] = round(time.perf_counter() - started, 1)
 
     from captioning.files import atomic_write_json
