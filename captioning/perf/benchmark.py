@@ -213,36 +213,28 @@ def random_captions(n: int, vocab_size: int, min_tokens: int, max_tokens: int,
     return captions, tokens
 
 
-TRAIN_PATHS = ("fast", "reference")
-
-
-def training_module(sizes: Sizes, attention: str, path: str = "fast", compile_target: str = "none",
-                    compile_mode: str = "default") -> CaptioningModule:
-    """The LightningModule at ``sizes``, set up as the benchmark times it: the decoder's teacher-forced
-    ``path`` ("fast": captioning/fast.py's fused pass; "reference": the loop of decoder.py), a constant
-    learning rate (no Trainer to schedule it), and hard attention sampling at every step."""
-    if path not in TRAIN_PATHS:
-        raise InvalidValue(f"unknown training path '{path}'; choose one of {', '.join(TRAIN_PATHS)}")
+def training_setup(sizes: Sizes, attention: str, batch: int, device: torch.device, captions_per_image: int = 1,
+                   path: str = "fast", compile_target: str = "none", compile_mode: str = "default",
+                   seed: int = 0) -> tuple[CaptioningModule, dict[str, torch.Tensor], list[int], Callable[[], None]]:
+    """-> (module, data, tokens, optimise): the LightningModule at ``sizes`` as the benchmark times it
+    (the decoder's teacher-forced ``path``, "fast": captioning/fast.py's fused pass, "reference": the
+    loop of decoder.py; a constant learning rate, no Trainer to schedule it; hard attention sampling
+    at every step) in train mode on ``device`` (its encoder's stages dropped: grids are the input), a
+    batch drawn with ``seed`` (random grids [batch // k, L, D], ``batch`` captions and each one's
+    target tokens), and ``optimise()``: gradient clipping (as the Trainer's gradient_clip_val), the
+    module's optimizer step, zeroed grads."""
+    if batch % captions_per_image:
+        raise InvalidValue(f"batch {batch} is not a multiple of captions_per_image {captions_per_image}")
+    if path not in ("fast", "reference"):
+        raise InvalidValue(f"unknown training path '{path}'; choose one of fast, reference")
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
     model_cfg = coco_model_config(sizes, attention)
     model_cfg = replace(model_cfg, decoder=replace(model_cfg.decoder, fast=path == "fast"))
     cfg = Config(model=model_cfg, loss=LossConfig(expected_context_prob=0.0), optim=OptimConfig(schedule="constant"),
                  train=TrainConfig(compile=compile_target, compile_mode=compile_mode))
     words = list(SPECIALS) + [f"w{i}" for i in range(sizes.vocab_size - len(SPECIALS))]
-    return CaptioningModule.create(cfg, Vocabulary(words))
-
-
-def training_setup(sizes: Sizes, attention: str, batch: int, device: torch.device, captions_per_image: int = 1,
-                   path: str = "fast", compile_target: str = "none", compile_mode: str = "default",
-                   seed: int = 0) -> tuple[CaptioningModule, dict[str, torch.Tensor], list[int], Callable[[], None]]:
-    """-> (module, data, tokens, optimise): the module of :func:`training_module` in train mode on
-    ``device`` (its encoder's stages dropped: grids are the input), a batch drawn with ``seed`` (random
-    grids [batch // k, L, D], ``batch`` captions and each one's target tokens), and ``optimise()``:
-    gradient clipping (as the Trainer's gradient_clip_val), the module's optimizer step, zeroed grads."""
-    if batch % captions_per_image:
-        raise InvalidValue(f"batch {batch} is not a multiple of captions_per_image {captions_per_image}")
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    module = training_module(sizes, attention, path, compile_target, compile_mode)
+    module = CaptioningModule.create(cfg, Vocabulary(words))
     model = module.model
     if model.encoder.out_channels != sizes.feature_dim:
         raise InvalidValue(f"{sizes.backbone} {sizes.stage} gives {model.encoder.out_channels} channels, not "
