@@ -42,9 +42,8 @@ class DecoderFlops:
                 + steps * (self.per_step + self.per_step_backward)
                 + steps * (self.per_token_output + self.per_token_output_backward))
 
-    def forward_only(self, images: int, steps: float, tokens: float | None = None) -> float:
-        tokens = steps if tokens is None else tokens
-        return images * self.per_image + steps * self.per_step + tokens * self.per_token_output
+    def forward_only(self, images: int, steps: float) -> float:
+        return images * self.per_image + steps * self.per_step + steps * self.per_token_output
 
 
 def decoder_flops(

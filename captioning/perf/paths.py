@@ -52,10 +52,10 @@ def variant(module, name: str) -> Iterator[None]:
         module.fused = fused
 
 
-def training_step_runner(sizes: Sizes, attention: str, batch: int, seed: int = 0):
+def training_step_runner(sizes: Sizes, attention: str, batch: int):
     """-> (module, run, data): ``run()`` is one training step of ``module`` on ``data`` (grids and
     captions), in seconds."""
-    module, data, _, optimise = training_setup(sizes, attention, batch, torch.device("cpu"), seed=seed)
+    module, data, _, optimise = training_setup(sizes, attention, batch, torch.device("cpu"))
 
     def run() -> float:
         start = time.perf_counter()
@@ -66,7 +66,7 @@ def training_step_runner(sizes: Sizes, attention: str, batch: int, seed: int = 0
     return module, run, data
 
 
-def port_step_runner(port: Path, sizes: Sizes, data: dict, seed: int = 0) -> Callable[[], float]:
+def port_step_runner(port: Path, sizes: Sizes, data: dict) -> Callable[[], float]:
     """-> ``run()``: one training step, in seconds, of the port's ``DecoderWithAttention`` (from
     ``port``/models.py) as its train.py takes one -- forward, ``pack_padded_sequence`` and
     cross-entropy, the doubly stochastic term (alpha_c 1), gradients clamped to +-5, Adam -- on
@@ -78,7 +78,7 @@ def port_step_runner(port: Path, sizes: Sizes, data: dict, seed: int = 0) -> Cal
         raise InvalidValue(f"{port} holds no models.py (clone the port and pass its folder)")
     models = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(models)
-    torch.manual_seed(seed)
+    torch.manual_seed(0)
     decoder = models.DecoderWithAttention(sizes.attention_dim, sizes.embed_dim, sizes.hidden_dim, sizes.vocab_size,
                                           sizes.feature_dim, sizes.dropout).train()
     optimizer = torch.optim.Adam(decoder.parameters())
