@@ -26,12 +26,10 @@ def compile_model(model: ShowAttendTell, target: str, mode: str = "default") -> 
     """Compile ``target`` ("none", "step" or "model") of ``model`` in place; returns ``model``."""
     if target not in COMPILE_TARGETS:
         raise InvalidValue(f"unknown compile target '{target}'; choose one of {', '.join(COMPILE_TARGETS)}")
-    if target == "none":
-        return model
     if target == "step":
         model.decoder.attention.compile(mode=mode)
         model.decoder.lstm.compile(mode=mode)
-    else:
+    elif target == "model":
         model.compile(mode=mode)
     return model
 

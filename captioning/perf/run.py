@@ -76,7 +76,7 @@ def format_report(results: dict[str, Any]) -> str:
     m = results["machine"]
     out.append(f"device {m['device']} ({m['gpu'] or m['cpu']}), {m['torch_threads']} torch threads, torch {m['torch']}"
                + (f", load average {m['load_average_1min']}" if "load_average_1min" in m else "")
-               + (f", malloc {m['malloc']}" if "malloc" in m else ""))
+               + f", malloc {m['malloc']}")
     for key, mm in results.get("matmul", {}).items():
         sizes = ", ".join(f"{n}: {g}" for n, g in mm["gflops_by_size"].items())
         out.append(f"matmul {key}: best {mm['best_gflops']} GFLOP/s (n = {sizes})")
@@ -106,7 +106,7 @@ def format_report(results: dict[str, Any]) -> str:
         out.append(_table(["decoding", "images", "seconds", "captions/s"],
                           [["batched", b["batched_images"], b["batched_s"], b["batched_captions_per_s"]],
                            ["one at a time", b["sequential_images"], b["sequential_s"], b["sequential_captions_per_s"]]]))
-        out.append(f"speed-up {b['speedup']}x (best of {b.get('reps', 1)} alternating runs each); "
+        out.append(f"speed-up {b['speedup']}x (best of {b['reps']} alternating runs each); "
                    f"same captions both ways: {b['same_captions']}; {b['note']}")
         if "speedup_ceiling" in b:
             out.append(f"batched: {b['batched_gflop_per_image']} GFLOP of matrix products per image, run at "
@@ -118,8 +118,8 @@ def format_report(results: dict[str, Any]) -> str:
         if "skipped" in loader:
             out.append(f"\ndata loader: skipped: {loader['skipped']}")
         else:
-            rows = loader["results"] if isinstance(loader["results"], list) else [loader["results"]]
-            keys = list(rows[0]) if rows and isinstance(rows[0], dict) else []
+            rows = loader["results"]  # a dict per worker count
+            keys = list(rows[0]) if rows else []
             out.append(f"\ndata loader ({loader['root']})")
             out.append(_table(keys, [[r.get(k) for k in keys] for r in rows]))
     if results.get("skipped"):
