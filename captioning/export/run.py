@@ -3,12 +3,7 @@
     captioning export --checkpoint runs/soft/best.ckpt --out exported/soft               # model folder
     captioning export --checkpoint runs/soft/best.ckpt --out exported/soft --format onnx # + ONNX graphs
 
-The folder (captioning/model_folder.py) holds config.json, vocab.json, model.safetensors and a
-README.md model card built from the run's metrics.json (or from the model folder exported again).
---out must be a new or empty folder, or a model folder written before (its files are replaced;
-files of anyone else's are never touched). ``Captioner.from_pretrained(DIR)`` loads it
-without Lightning. ``--format onnx`` adds encoder.onnx and step.onnx (captioning/export/onnx.py),
-which ``captioning caption --engine onnx --model DIR`` runs without PyTorch.
+The folder, what --out may be, and the ONNX graphs (captioning/export/onnx.py): docs/export.md.
 """
 
 from __future__ import annotations

@@ -7,13 +7,8 @@
     captioning benchmark --sections loader --loader-root prepared/coco
     captioning benchmark --quick                      # tiny sizes, seconds (used by the tests)
 
-Sections (captioning/perf/benchmark.py): matmul (the machine's matrix-multiply GFLOP/s, the
-yardstick), train (teacher-forced step at COCO sizes: 196x2048 grids, 512 dims, 9,490 words,
-captions of 12-18 tokens), encoder (every backbone at 224 px), beam (beam 5 over 100 images at
-once vs one at a time, 10,000 words), loader (the prepared store's loader, given --loader-root).
-Progress goes to stderr, tables to stdout, everything as JSON to --out, or by default to
-runs/benchmark/benchmark.json: the folder is the benchmark's own (captioning/files.py marker), so a
-folder of yours is never written into without --out naming a file in it.
+The sections are captioning/perf/benchmark.py's; docs/performance.md ("The benchmark command")
+says what each measures and where the results go.
 """
 
 from __future__ import annotations
