@@ -102,11 +102,3 @@ def take_folder(out_dir: Path, overwrite: bool = False, resume: Path | None = No
     if not continuing and (overwrite or not any((Path(out_dir) / name).exists() for name in RESULT_FILES)):
         remove_own(out_dir, RUN_FILES)  # the previous run's files, or what a refused start left; nothing else
     return lock
-
-
-def resume_hint(out_dir: Path) -> str:
-    """What an interrupted training leaves, and the command that continues it."""
-    last = Path(out_dir) / "last.ckpt"
-    if not last.is_file():
-        return f"no checkpoint was saved yet (the first epoch did not finish); nothing to resume in {out_dir}"
-    return f"{last} holds the last finished epoch; continue with: --resume {last}"
