@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 
 from captioning.data.transforms import ImageLoadError, load_image, preprocess
@@ -18,16 +19,15 @@ NUM_IMAGES = 4
 
 
 class AttentionHeatmaps(pl.Callback):
-    def __init__(self, out_dir: str | Path, num_images: int = NUM_IMAGES) -> None:
+    def __init__(self, out_dir: str | Path) -> None:
         self.folder = Path(out_dir) / "attention"
-        self.num_images = num_images
         self._images: list | None = None  # (name, PIL image) of the fixed validation images
 
     def _load(self, trainer: pl.Trainer) -> list:
         if self._images is None:
             self._images = []
             data = trainer.datamodule
-            records = data.load_split("val")[: self.num_images] if data is not None else []
+            records = data.load_split("val")[:NUM_IMAGES] if data is not None else []
             for record in records:
                 try:
                     self._images.append((Path(record.path).stem, load_image(record.path)))
@@ -52,7 +52,7 @@ class AttentionHeatmaps(pl.Callback):
         g = cfg.model.encoder.grid_size
         step = trainer.global_step
         self.folder.mkdir(parents=True, exist_ok=True)
-        tensorboard = _tensorboard(trainer)
+        tensorboard = next((lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
         for i, (name, img) in enumerate(self._images):
             best = pools[i][0]
             words = module.vocab.decode(best.tokens)
@@ -61,12 +61,3 @@ class AttentionHeatmaps(pl.Callback):
             figure.save(self.folder / f"step{step:07d}_{i}.png", format="PNG")
             if tensorboard is not None:
                 tensorboard.add_image(f"attention/{i}_{name}", np.asarray(figure), step, dataformats="HWC")
-
-
-def _tensorboard(trainer: pl.Trainer):
-    from pytorch_lightning.loggers import TensorBoardLogger
-
-    for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            return logger.experiment
-    return None
