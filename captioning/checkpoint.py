@@ -2,8 +2,9 @@
 
 Checkpoints are Lightning's files (``best.ckpt``, ``last.ckpt``) holding plain types only:
 ``hyper_parameters = {"config": nested dict, "vocab": [words]}`` and ``state_dict`` with the
-model's weights under ``model.``. No class of ours is pickled, so any later version of this
-package that reads the same config keys can load them.
+model's weights under ``model.`` (and the REINFORCE baseline's). No class of ours is pickled
+(``torch.load(path, weights_only=True)`` reads them), so any later version of this package that
+reads the same config keys can load them.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 
 from captioning import provenance
-from captioning.config import Config, ConfigError, checked, merge
+from captioning.config import Config, checked, merge
 from captioning.model_folder import CheckpointError, LoadedModel
 from captioning.models import ShowAttendTell
 from captioning.vocab import Vocabulary
@@ -56,10 +57,7 @@ def checkpoint_config(ckpt: dict, path: str | Path = "checkpoint") -> tuple[Conf
     words = hp.get("vocab")
     if not isinstance(words, (list, tuple)) or not all(isinstance(w, str) for w in words):
         raise CheckpointError(f"{path} is damaged: it holds no vocabulary (a list of words), got {type(words).__name__}")
-    try:
-        cfg = checked(hp["config"], f"{path} holds a damaged or incompatible config")
-    except ConfigError as err:
-        raise CheckpointError(err) from None
+    cfg = checked(hp["config"], path, CheckpointError)
     try:
         vocab = Vocabulary(list(words))
     except (ValueError, KeyError, TypeError) as err:

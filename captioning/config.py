@@ -16,6 +16,7 @@ from typing import Any, Literal, Mapping
 import yaml
 
 from captioning.console import CaptioningError, one_line
+from captioning.files import atomic_write
 
 
 class ConfigError(CaptioningError, ValueError):
@@ -342,8 +343,6 @@ def parse_override(text: str) -> dict[str, Any]:
 
 
 def save_yaml(cfg: Config, path: str | Path) -> None:
-    from captioning.files import atomic_write
-
     atomic_write(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
@@ -390,12 +389,6 @@ def _range_error(key: str, value: float, rule: Range) -> str | None:
     return f"config key '{key}' must be {need}, got {value}"
 
 
-def _choice_error(key: str, value: Any, choices: typing.Sequence[Any]) -> str | None:
-    if value in choices:
-        return None
-    return f"config key '{key}' is {value!r}, not one of {', '.join('null' if c is None else str(c) for c in choices)}"
-
-
 def validate(cfg: Config) -> Config:
     """Every value checked against its range or choices (:data:`RANGES`, the fields' types and the
     rules below), so that a bad value is one line naming the key before anything is allocated or
@@ -414,8 +407,9 @@ def validate(cfg: Config) -> Config:
         ("train.accelerator", cfg.train.accelerator, ACCELERATORS),
         ("train.precision", cfg.train.precision, PRECISIONS),
     ):
-        if message := _choice_error(key, value, choices):
-            raise ConfigError(message)
+        if value not in choices:
+            names = ", ".join("null" if c is None else str(c) for c in choices)
+            raise ConfigError(f"config key '{key}' is {value!r}, not one of {names}")
     kept = stages[: stages.index(enc.stage or stages[-1]) + 1]
     if enc.fine_tune_from is not None and enc.fine_tune_from not in kept:
         raise ConfigError(f"config key 'model.encoder.fine_tune_from' is {enc.fine_tune_from!r}, not one of the kept "
@@ -446,18 +440,19 @@ def _missing_sections(cfg: Any, data: Mapping, prefix: str = "") -> str | None:
     return None
 
 
-def checked(data: Any, where: str) -> Config:
+def checked(data: Any, source: str | Path, error: type[CaptioningError]) -> Config:
     """A config as a checkpoint, a model folder or an exported folder stores it (a nested mapping)
-    -> the validated Config; ConfigError names ``where`` and the key."""
+    -> the validated Config; ``error`` (the reader's, CheckpointError) names ``source`` and the key."""
+    where = f"{source} holds a damaged or incompatible config"
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{where}: it is a {type(data).__name__}, not a mapping of settings")
+        raise error(f"{where}: it is a {type(data).__name__}, not a mapping of settings")
     # Keys added since a file was written take their defaults; a whole section missing is damage.
     if missing := _missing_sections(Config(), data):
-        raise ConfigError(f"{where}: the section '{missing}' is missing")
+        raise error(f"{where}: the section '{missing}' is missing")
     try:
         return validate(from_dict(data))
     except ConfigError as err:
-        raise ConfigError(f"{where}: {err}") from None
+        raise error(f"{where}: {err}") from None
 
 
 def build_config(

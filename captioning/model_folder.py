@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 from captioning import provenance
 from captioning.console import CaptioningError, one_line
-from captioning.config import Config, ConfigError, checked, merge, to_dict
+from captioning.config import Config, checked, merge, to_dict
 from captioning.files import ForeignFolderError, new_file_mode, open_regular, replacing_folder
 from captioning.vocab import Vocabulary
 
@@ -86,10 +86,7 @@ def read_folder_meta(folder: str | Path) -> tuple[dict, Config, Vocabulary]:
     if meta.get("format_version") != FOLDER_FORMAT_VERSION:
         raise CheckpointError(f"{folder} has model folder format version {meta.get('format_version')!r}; "
                               f"this version reads {FOLDER_FORMAT_VERSION}")
-    try:
-        cfg = checked(meta["config"], f"{folder / 'config.json'} holds a damaged or incompatible config")
-    except ConfigError as err:
-        raise CheckpointError(err) from None
+    cfg = checked(meta["config"], folder / "config.json", CheckpointError)
     if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
         raise CheckpointError(f"{folder / 'vocab.json'} is not a list of words; copy the folder again")
     try:
@@ -222,8 +219,7 @@ def load_model_folder_and_data(folder: str | Path,
     try:
         state = load_file(str(weights), device="cpu")
     except (SafetensorError, OSError, ValueError) as err:
-        reason = one_line(err)
-        raise CheckpointError(f"{weights} is damaged ({reason}); copy the folder again") from None
+        raise CheckpointError(f"{weights} is damaged ({one_line(err)}); copy the folder again") from None
     cfg = merge(cfg, {"model": {"encoder": {"weights": "none"}}})  # the weights come from the folder
     model = ShowAttendTell(cfg.model, len(vocab))
     embedding = state.get("decoder.embedding.weight")
@@ -355,7 +351,7 @@ def _intended_use(trained_on: dict, metrics: dict | None) -> list[str]:
                   "describes images unlike its training data poorly.",
                   "- Captions carry the biases of the training captions; do not use them for decisions about "
                   "people."]
-    lines.append(f"- Images are resized to a square at the model's input size: fine detail and the aspect "
+    lines.append("- Images are resized to a square at the model's input size: fine detail and the aspect "
                  "of long panoramas are lost.")
     scores = (metrics or {}).get("metrics")
     bleu = scores.get("bleu_4") if isinstance(scores, dict) else None
