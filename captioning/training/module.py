@@ -1,9 +1,5 @@
 """The LightningModule: it orchestrates (steps, losses, logging, optimisers) and does no model maths.
-
-The checkpoint it produces describes itself in plain types: ``hyper_parameters`` holds the config
-as a nested dict and the vocabulary as a list of words; ``state_dict`` holds the weights and the
-REINFORCE baseline. It loads with ``torch.load(path, weights_only=True)``.
-"""
+Its checkpoints hold plain types only (their layout: captioning/checkpoint.py)."""
 
 from __future__ import annotations
 
@@ -116,11 +112,11 @@ class CaptioningModule(pl.LightningModule):
                            "train/sampled": float(plan.mode == "sample")}, batch_size=n)
             # The step uses the old b; b is then moved towards the mean cost C_n of the global
             # minibatch (all-reduced), the quantity it is subtracted from, so every rank holds the same b.
-            self.baseline.update(self._mean_over_ranks(terms.cost.mean()))
+            cost = terms.cost.mean()
+            if self._trainer is not None:
+                cost = self.trainer.strategy.reduce(cost, reduce_op="mean")
+            self.baseline.update(cost)
         return terms.loss
-
-    def _mean_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
-        return value if self._trainer is None else self.trainer.strategy.reduce(value, reduce_op="mean")
 
     @torch.no_grad()
     def _log_training_signal(self, terms: LossTerms, captions: torch.Tensor, plan: TrainingPlan) -> None:
@@ -252,9 +248,8 @@ class CaptioningModule(pl.LightningModule):
                 "predictions": predictions, "scoring_seconds": time.perf_counter() - start,
             }
         values = self.trainer.strategy.broadcast(values, src=0)
-        prefix = "val" if split == "val" else "test"
         for key, value in values.items():
-            self.log(f"{prefix}/{key}", float(value), prog_bar=key in ("bleu_4", "caption_accuracy"), rank_zero_only=False)
+            self.log(f"{split}/{key}", float(value), prog_bar=key in ("bleu_4", "caption_accuracy"), rank_zero_only=False)
 
 
 class SplitDecoding(pl.LightningModule):
