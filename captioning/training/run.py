@@ -93,27 +93,23 @@ def make_config(args: argparse.Namespace):
 
 def write_outputs(out_dir: Path, module, extra: dict, skipped: str | None = None) -> None:
     """metrics.json (and test_predictions.json) of a finished run; rank 0 calls it."""
+    from captioning.evaluation.metrics import format_metrics_table
+
     try:
-        _write_outputs(out_dir, module, extra, skipped)
+        if skipped is not None:  # module.eval_results holds the last validation's, not the test split's
+            atomic_write_json(out_dir / "metrics.json", {"test": f"skipped ({skipped})", **extra})
+            print(f"wrote {out_dir / 'metrics.json'} (test split not scored: {skipped})")
+            return
+        results = dict(module.eval_results or {})
+        predictions = results.pop("predictions", {})
+        write_results(out_dir / "test_predictions.json", predictions)
+        atomic_write_json(out_dir / "metrics.json", {**results, **extra})
+        print(format_metrics_table(results.get("metrics", {}), title=f"test split, {results.get('num_images')} images"))
+        print(f"wrote {out_dir / 'metrics.json'}")
     except FileWriteError as err:  # a full disk at the very end: the checkpoints are whole, say how to score them
         best = extra.get("checkpoint") or out_dir / "last.ckpt"
         raise FileWriteError(err.errno, f"{err}; the checkpoints are saved, and 'captioning evaluate --checkpoint "
                                         f"{best} --split test' computes the test scores again") from None
-
-
-def _write_outputs(out_dir: Path, module, extra: dict, skipped: str | None) -> None:
-    from captioning.evaluation.metrics import format_metrics_table
-
-    if skipped is not None:  # module.eval_results holds the last validation's, not the test split's
-        atomic_write_json(out_dir / "metrics.json", {"test": f"skipped ({skipped})", **extra})
-        print(f"wrote {out_dir / 'metrics.json'} (test split not scored: {skipped})")
-        return
-    results = dict(module.eval_results or {})
-    predictions = results.pop("predictions", {})
-    write_results(out_dir / "test_predictions.json", predictions)
-    atomic_write_json(out_dir / "metrics.json", {**results, **extra})
-    print(format_metrics_table(results.get("metrics", {}), title=f"test split, {results.get('num_images')} images"))
-    print(f"wrote {out_dir / 'metrics.json'}")
 
 
 def run(argv: list[str] | None = None, prog: str | None = None) -> dict:
@@ -137,14 +133,6 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> dict:
             if failure is None:
                 raise
             raise CommandFailed(failure) from None
-
-
-def _test_split(data) -> list:
-    """The test split's records, read before training: a missing test file fails now, not after it."""
-    try:
-        return data.load_split("test")
-    except AnnotationError as err:
-        raise AnnotationError(f"{err} (pass --no-test to train without scoring a test split)") from None
 
 
 def train(args: argparse.Namespace, prog: str, argv: list[str] | None = None) -> dict:
@@ -191,10 +179,15 @@ def train(args: argparse.Namespace, prog: str, argv: list[str] | None = None) ->
                    + (f", {frozen:,} frozen" if frozen else ""))
 
     skipped = "--no-test" if args.no_test else None
-    if skipped is None and not _test_split(data):
-        skipped = "the test split is empty"
-        rank_zero_info(f"test: the test split of {data.root} has no image, so it will not be scored "
-                       "(evaluate the checkpoints with --split val)")
+    if skipped is None:
+        try:  # read before training: a missing test file fails now, not after it
+            test_records = data.load_split("test")
+        except AnnotationError as err:
+            raise AnnotationError(f"{err} (pass --no-test to train without scoring a test split)") from None
+        if not test_records:
+            skipped = "the test split is empty"
+            rank_zero_info(f"test: the test split of {data.root} has no image, so it will not be scored "
+                           "(evaluate the checkpoints with --split val)")
 
     lock = take_folder(out_dir, args.overwrite, args.resume, resume_id=resume_id) if rank_zero else None
     try:
