@@ -19,7 +19,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, ProgressBar
-from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -67,8 +67,8 @@ class RunGuard(pl.Callback):
     checkpoints are written; records an interruption (SIGTERM, Ctrl-C), which Lightning turns into
     a ``SystemExit`` (status 0 for SIGTERM), so the entry point can exit non-zero and say so."""
 
-    def __init__(self, check_every: int = 1) -> None:
-        self.check_every = max(1, check_every)
+    def __init__(self, check_every: int) -> None:
+        self.check_every = check_every  # train.log_every, at least 1
         self.interrupted: str | None = None  # "SIGTERM" or "SIGINT" once interrupted
         self.saved: tuple[int, int] | None = None  # (finished epochs, global step) of the last checkpoint
         self._loss: torch.Tensor | None = None
@@ -112,10 +112,10 @@ class RunPlace(pl.Callback):
     run folder marker's id (``checkpoint["run_folder_id"]``): --resume continues in place only in
     the folder whose marker carries it."""
 
-    def __init__(self, out_dir: Path | None = None) -> None:
+    def __init__(self, out_dir: Path) -> None:
         self.workdir = os.getcwd()
         try:
-            self.run_folder_id = folder_id(out_dir) if out_dir is not None else None
+            self.run_folder_id = folder_id(out_dir)
         except ForeignFolderError:
             self.run_folder_id = None
 
@@ -137,12 +137,11 @@ class ConfiguredEarlyStopping(EarlyStopping):
 
 class TrainingProgress(ProgressBar):
     """Training, validation and test progress through captioning/progress.py (a bar on a terminal,
-    lines at most every ``interval`` seconds elsewhere); a line of scores after each validation,
+    lines at most every 30 seconds elsewhere); a line of scores after each validation,
     and one before the test captions are scored (the Java tokenizer and METEOR take a while)."""
 
-    def __init__(self, interval: float = 30.0) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.interval = interval
         self.enabled = True
         self._bar: Progress | None = None
 
@@ -155,7 +154,7 @@ class TrainingProgress(ProgressBar):
     def _start(self, total: int | float, label: str) -> None:
         self._close()
         if self.enabled and math.isfinite(total) and total > 0:
-            self._bar = Progress(int(total), label, unit="batches", interval=self.interval)
+            self._bar = Progress(int(total), label, unit="batches", interval=30.0)
 
     def _step(self, note: str | None = None) -> None:
         if self._bar is not None:
@@ -397,8 +396,6 @@ def build_loggers(out_dir: Path, logger: str = "csv", resume_step: int | None = 
         raise InvalidValue(f"unknown logger {logger!r}; choose {' or '.join(LOGGERS)}")
     loggers = [ResumableCSVLogger(out_dir, name="logs", version="", keep_before_step=resume_step)]
     if logger == "tensorboard":
-        from pytorch_lightning.loggers import TensorBoardLogger
-
         try:
             import tensorboard  # noqa: F401  (Lightning falls back to tensorboardX otherwise)
         except ImportError:
