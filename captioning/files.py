@@ -128,10 +128,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     _fsync_folder(path.parent)
 
 
-def atomic_write(path: str | Path, data: str | bytes | memoryview | Callable[[Any], None], mode: str = "w") -> Path:
-    """Write ``data`` (text, bytes, or a function given the open file) to ``path`` atomically."""
+def atomic_write(path: str | Path, data: str | bytes | memoryview | Callable[[Any], None]) -> Path:
+    """Write ``data`` (text, bytes, or a function given the open text file) to ``path`` atomically."""
     path = Path(path)
-    binary = isinstance(data, (bytes, bytearray, memoryview)) or "b" in mode
+    binary = isinstance(data, (bytes, bytearray, memoryview))
     with atomic_path(path) as tmp:
         with open(tmp, "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
             if callable(data):
@@ -183,17 +183,16 @@ def partial_name(final: str | Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_folder(final: str | Path, keep_on_error: bool = False) -> Iterator[Path]:
+def atomic_folder(final: str | Path) -> Iterator[Path]:
     """Yield ``final.partial/`` to write into; renamed to ``final`` when the block completes. On an
-    exception it is removed, unless ``keep_on_error`` (for work that resumes from what it holds)."""
+    exception it is removed."""
     final = Path(final)
     partial = partial_name(final)
     partial.mkdir(parents=True, exist_ok=True)
     try:
         yield partial
     except BaseException:
-        if not keep_on_error:
-            shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(partial, ignore_errors=True)
         raise
     publish_folder(partial, final)
 
@@ -227,7 +226,7 @@ def _kind_of(mode: int) -> str:
     return "not a regular file"
 
 
-def open_regular(path: str | Path, flags: int = os.O_RDONLY, mode: int = 0o644, follow_links: bool = False) -> int:
+def open_regular(path: str | Path, flags: int = os.O_RDONLY, follow_links: bool = False) -> int:
     """``os.open`` that refuses (NotARegularFileError, one line) anything but a regular file -> the
     descriptor. O_NOFOLLOW fails on a link (ELOOP), O_NONBLOCK opens a FIFO without waiting for a
     writer (open(2)); fstat then tells what was opened, with no window between check and use.
@@ -235,7 +234,7 @@ def open_regular(path: str | Path, flags: int = os.O_RDONLY, mode: int = 0o644, 
     path = Path(path)
     nofollow = 0 if follow_links else os.O_NOFOLLOW
     try:
-        fd = os.open(path, flags | nofollow | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+        fd = os.open(path, flags | nofollow | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
     except OSError as err:
         if err.errno == errno.ELOOP:
             raise NotARegularFileError(errno.ELOOP, f"{path} is a link, not a regular file") from None
@@ -324,7 +323,7 @@ class RunLock:
         if self.held:
             return None
         try:
-            fd = open_regular(self.path, os.O_RDONLY)
+            fd = open_regular(self.path)
         except FileNotFoundError:
             return None
         except OSError:
@@ -356,7 +355,7 @@ class RunLock:
         record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": self.command}).encode()
         for _ in range(100):
             try:
-                fd = open_regular(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = open_regular(self.path, os.O_RDWR | os.O_CREAT)
             except NotARegularFileError:
                 raise
             except OSError as err:
@@ -394,11 +393,10 @@ class RunLock:
                               f"is {self.what} there (lock file {self.path}); wait for it or stop it")
         return self
 
-    def acquire_or_wait(self, done: Callable[[], bool], log: Callable[[str], None] | None = None,
-                        poll: float = 1.0) -> bool:
+    def acquire_or_wait(self, done: Callable[[], bool], log: Callable[[str], None] | None = None) -> bool:
         """For work one process does for all (a shared cache, a generated dataset): True when the
         lock is ours and we must do the work; False when ``done()`` says another process did it
-        while we waited. Waits while a live holder works."""
+        while we waited. Waits while a live holder works, looking again each second."""
         import time
 
         waited = 0
@@ -412,7 +410,7 @@ class RunLock:
                 raise LockedError(f"{err}: remove it, then run again") from None
             if log is not None and waited % 30 == 0:
                 log(f"waiting for {self.describe(self.holder() or {})} to finish {self.what} {self.path.parent}")
-            time.sleep(poll)
+            time.sleep(1.0)
             waited += 1
 
     def release(self) -> None:
@@ -452,11 +450,6 @@ class ForeignFolderError(CaptioningError, ValueError):
     """A folder holds files the project did not write, or is another kind of the project's folders."""
 
 
-def real_folder(folder: str | Path) -> str:
-    """The path a marker records for ``folder``: absolute, links resolved."""
-    return os.path.realpath(folder)
-
-
 def _marker_record(folder: Path) -> dict | None:
     """The marker of ``folder`` as written, or None when there is none. A marker that is a link,
     FIFO or device, or not a JSON mapping, is refused (ForeignFolderError, one line)."""
@@ -490,7 +483,7 @@ def read_marker(folder: str | Path, name_as: str | Path | None = None) -> dict |
         raise ForeignFolderError(f"{folder / MARKER} does not name its folder and id (copied, edited or written by an "
                                  f"older version): {folder} is not taken as show-attend-tell's; nothing was written; "
                                  "use a new folder")
-    if named != real_folder(name_as if name_as is not None else folder):
+    if named != os.path.realpath(name_as if name_as is not None else folder):
         raise ForeignFolderError(f"{folder / MARKER} was written for {named}, not for this folder (copied or moved): "
                                  f"{folder} is not taken as show-attend-tell's; nothing was written; use a new folder")
     return data
@@ -518,7 +511,7 @@ def mark_folder(folder: str | Path, kind: str, name_as: str | Path | None = None
 
     ident = uuid.uuid4().hex
     atomic_write_json(Path(folder) / MARKER, {"kind": kind, "written_by": "show-attend-tell", "version": __version__,
-                                              "folder": real_folder(name_as if name_as is not None else folder),
+                                              "folder": os.path.realpath(name_as if name_as is not None else folder),
                                               "id": ident})
     return ident
 
@@ -583,18 +576,15 @@ def check_no_links(folder: str | Path, names: Iterable[str], option: str | None 
                                  f"writes nothing through a link; move it out of {folder}{other}")
 
 
-def remove_own(folder: str | Path, names: Iterable[str], name_as: str | Path | None = None) -> list[str]:
+def remove_own(folder: str | Path, names: Iterable[str]) -> None:
     """Remove the entries of ``names`` (what the project writes) from ``folder``, which must carry
-    the project's marker; nothing else is touched. -> the names removed."""
+    the project's marker; nothing else is touched."""
     folder = Path(folder)
-    if folder_kind(folder, name_as) is None:
+    if folder_kind(folder) is None:
         raise ForeignFolderError(f"{folder} carries no {MARKER} marker: the project removes nothing there")
-    removed = []
     for name in names:
         if (folder / name).exists() or (folder / name).is_symlink():
             _remove(folder / name)
-            removed.append(name)
-    return removed
 
 
 def _remove(path: Path) -> None:
@@ -634,15 +624,12 @@ def _staged_name(final: Path, role: str) -> Path:
     return final.with_name(f".{final.name}.{role}-{os.getpid()}")
 
 
-def remove_leftovers(final: str | Path, own_names: Iterable[str]) -> list[Path]:
+def remove_leftovers(final: str | Path, own_names: Iterable[str]) -> None:
     """Remove what a killed replacement of ``final`` left beside it: ``own_names`` from the
     ``.NAME.new-PID`` and ``.NAME.old-PID`` folders of dead processes whose marker names ``final``,
-    then each folder if that emptied it. -> the folders removed."""
+    then each folder if that emptied it."""
     final = Path(final)
-    removed = []
-    if not final.parent.is_dir():
-        return removed
-    for path in final.parent.glob(f".{glob.escape(final.name)}.*-*"):
+    for path in final.parent.glob(f".{glob.escape(final.name)}.*-*"):  # nothing for a missing folder
         role, _, pid = path.name[len(final.name) + 2:].rpartition("-")
         if role not in ("new", "old") or not pid.isdigit() or pid_alive(int(pid)) or path.is_symlink() \
                 or not path.is_dir():
@@ -652,22 +639,16 @@ def remove_leftovers(final: str | Path, own_names: Iterable[str]) -> list[Path]:
                 continue
         except ForeignFolderError:
             continue
-        if _remove_staged(path, own_names):
-            removed.append(path)
-    return removed
+        _remove_staged(path, own_names)
 
 
-def _remove_staged(folder: Path, own_names: Iterable[str]) -> bool:
-    """Remove ``own_names`` and the marker from ``folder``, then the folder if that emptied it.
-    -> whether the folder is gone."""
+def _remove_staged(folder: Path, own_names: Iterable[str]) -> None:
+    """Remove ``own_names`` and the marker from ``folder``, then the folder if that emptied it."""
     for name in [*own_names, MARKER]:
         with contextlib.suppress(OSError):
             _remove(folder / name)
-    try:
+    with contextlib.suppress(OSError):  # not empty: a file of someone else's is kept
         folder.rmdir()
-    except OSError:
-        return False
-    return True
 
 
 def _put_in_place(staged: Path, final: Path) -> Path | None:
@@ -685,7 +666,7 @@ def _put_in_place(staged: Path, final: Path) -> Path | None:
     return old
 
 
-def publish_folder(staged: str | Path, final: str | Path) -> Path:
+def publish_folder(staged: str | Path, final: str | Path) -> None:
     """Put the complete folder ``staged`` at ``final`` (:func:`_put_in_place`); the old folder is
     removed last."""
     staged, final = Path(staged), Path(final)
@@ -693,7 +674,6 @@ def publish_folder(staged: str | Path, final: str | Path) -> Path:
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     _fsync_folder(final.parent)
-    return final
 
 
 @contextlib.contextmanager
