@@ -33,7 +33,7 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> None:
     """``captioning demo`` with ``argv``: serves until Ctrl-C. Raises UsageError (nothing served)."""
     args = parser(prog).parse_args(argv)
     from captioning.caption.run import expand_inputs, load_captioner
-    from captioning.serve.server import MAX_EXAMPLES, make_server, split_examples
+    from captioning.serve.server import make_server, split_examples
 
     captioner = load_captioner(args.checkpoint, args.device)
     if args.examples is not None:
@@ -43,7 +43,7 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> None:
     else:
         examples = split_examples(captioner)
     try:
-        server = make_server(captioner, args.host, args.port, examples[:MAX_EXAMPLES])
+        server = make_server(captioner, args.host, args.port, examples)
     except OSError as err:
         raise UsageError(f"cannot listen on {args.host}:{args.port} ({err.strerror or err}); "
                          "choose another --port") from None

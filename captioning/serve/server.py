@@ -628,13 +628,10 @@ class DemoServer(HTTPServer):
             self.slots.release()
             self.shutdown_request(request)
 
-    def finish_request(self, request, client_address, data: bytes = b"") -> None:
-        self.RequestHandlerClass(request, client_address, self, data)
-
     def _serve(self, request, client_address, data: bytes) -> None:
         try:
             request.setblocking(True)
-            self.finish_request(request, client_address, data)
+            self.RequestHandlerClass(request, client_address, self, data)
         except Exception:
             self.handle_error(request, client_address)
         finally:
@@ -669,13 +666,13 @@ def make_server(captioner, host: str = "127.0.0.1", port: int = 8000, examples: 
     return DemoServer((host, port), handler, workers, queue, timeout)
 
 
-def split_examples(captioner, split: str = "test", limit: int = MAX_EXAMPLES) -> list[Path]:
-    """The first images of the checkpoint's dataset split that exist on disk (the demo never
+def split_examples(captioner) -> list[Path]:
+    """The first images of the checkpoint's test split that exist on disk (the demo never
     generates or downloads a dataset)."""
     from captioning.data.datamodule import CaptionDataModule
 
     try:
-        records = CaptionDataModule(captioner.config.data, captioner.vocab).load_split(split)
+        records = CaptionDataModule(captioner.config.data, captioner.vocab).load_split("test")
     except Exception:  # any missing or unreadable dataset: no examples, the upload still works
         return []
-    return [Path(r.path) for r in records[:limit] if os.path.isfile(r.path)]
+    return [Path(r.path) for r in records[:MAX_EXAMPLES] if os.path.isfile(r.path)]
