@@ -12,7 +12,7 @@ the demo's header, ``evaluate`` and the model card state it::
      "train_images": int | None}                    # images of the training split (None: unknown)
 
 A checkpoint or folder written before the record existed gets one inferred from its config
-(:func:`inferred`): the synthetic set's size is in its config, a COCO folder's is unknown.
+(:func:`checked`): the synthetic set's size is in its config, a COCO folder's is unknown.
 Torch-free, so that the ONNX engine reads it too.
 """
 
@@ -37,20 +37,16 @@ def record(cfg: Config, vocab_size: int, train_images: int | None, name: str) ->
             "train_images": None if train_images is None else int(train_images)}
 
 
-def inferred(cfg: Config, vocab_size: int) -> dict:
-    """The record of a model saved before records were kept: what its config says (the synthetic
-    set's size is its data.synthetic.num_train; another dataset's is unknown, None)."""
-    source = source_for(cfg.data)
-    return record(cfg, vocab_size, source.known_train_images, source.root.name or str(cfg.data.root))
-
-
 def checked(found, cfg: Config, vocab_size: int) -> dict:
-    """``found`` (a checkpoint's or folder's record, or None) if it is one, else :func:`inferred`."""
+    """``found`` (a checkpoint's or folder's record, or None) if it is one, else the record of a
+    model saved before records were kept: what its config says (the synthetic set's size is its
+    data.synthetic.num_train; another dataset's is unknown, None)."""
     if (isinstance(found, dict) and isinstance(found.get("dataset"), str) and isinstance(found.get("name"), str)
             and isinstance(found.get("vocab_size"), int)
             and (found.get("train_images") is None or isinstance(found.get("train_images"), int))):
         return {key: found.get(key) for key in ("dataset", "name", "vocab_size", "train_images")}
-    return inferred(cfg, vocab_size)
+    source = source_for(cfg.data)
+    return record(cfg, vocab_size, source.known_train_images, source.root.name or str(cfg.data.root))
 
 
 def is_synthetic(data: dict) -> bool:
