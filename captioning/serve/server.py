@@ -607,8 +607,7 @@ class DemoServer(HTTPServer):
 
     request_queue_size = BACKLOG
 
-    def __init__(self, address: tuple[str, int], handler: type, workers: int = WORKERS, queue: int = QUEUE,
-                 timeout: float = TIMEOUT) -> None:
+    def __init__(self, address: tuple[str, int], handler: type, workers: int, queue: int, timeout: float) -> None:
         super().__init__(address, handler)
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="demo")
         self.slots = threading.BoundedSemaphore(workers + queue)
