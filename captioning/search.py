@@ -257,13 +257,8 @@ def greedy(step: Step, images: int, options: DecodeOptions, draws: int = 1) -> l
 
 
 class _Ranked(NamedTuple):
-    key: float  # score / (length + 1) ** length_penalty
+    key: float  # score / (length + 1) ** length_penalty; the +1 counts <end>; 0 ranks by the plain sum
     hyp: Hypothesis
-
-
-def ranking_key(score: float, length: int, length_penalty: float) -> float:
-    """score / (length + 1) ** length_penalty; the +1 counts <end>. 0 ranks by the plain sum."""
-    return score if length_penalty == 0 else score / float(length + 1) ** length_penalty
 
 
 def beam_search(step: Step, images: int, options: DecodeOptions) -> list[list[Hypothesis]]:
@@ -297,7 +292,7 @@ def beam_search(step: Step, images: int, options: DecodeOptions) -> list[list[Hy
 
     def add(b: int, score: float, row: int, length: int, ended: bool) -> None:
         pool = pools[b]
-        pool.append(_Ranked(ranking_key(score, length, penalty),
+        pool.append(_Ranked(score / float(length + 1) ** penalty,
                             Hypothesis(tokens[row].tolist(), alphas[row], score, ended)))
         pool.sort(key=lambda h: -h.key)  # stable: on a tie the earlier hypothesis stays ahead
         del pool[K:]
