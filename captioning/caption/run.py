@@ -315,12 +315,12 @@ def fewer_reason(found: int, options) -> str:
 
 def onnx_engine_and_options(args: argparse.Namespace):
     """The ONNX engine of --model and the DecodeOptions of the decoding flags (imports no torch)."""
-    from captioning.export.runtime import OnnxCaptioner, OnnxModelError
+    from captioning.export.runtime import OnnxCaptioner
 
     try:
         engine = OnnxCaptioner(args.model)
         return engine, engine.options(**decoding_options(args))
-    except (OnnxModelError, ValueError) as err:
+    except ValueError as err:  # an OnnxModelError too
         raise UsageError(err) from None
 
 
