@@ -197,13 +197,13 @@ class CaptionEngine:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InvalidValue(f"batch_size must be a positive integer, got {batch_size!r}")
         options = self.options(options, **overrides)  # fails before reading any image
-        note = self.note_for([source_name(image) for image in images])
+        sources = [source_name(image) for image in images]
+        note = self.note_for(sources)
         if note is not None:
             warnings.warn(note, UserWarning, stacklevel=2)
         results: list[Caption] = []
         for i, start in enumerate(range(0, len(images), batch_size)):
-            chunk = images[start:start + batch_size]
-            batch = self.stack([self.preprocess(image) for image in chunk])
-            results += self.caption_tensors(batch, [source_name(image) for image in chunk], options,
+            batch = self.stack([self.preprocess(image) for image in images[start:start + batch_size]])
+            results += self.caption_tensors(batch, sources[start:start + batch_size], options,
                                             seed=None if seed is None else seed + i)
         return results
