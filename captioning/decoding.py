@@ -98,8 +98,7 @@ class ModelStep:
 
     def __call__(self, words: torch.Tensor, state: DecoderState) -> StepResult:
         out = self.decoder_step(words, state, self.features, self.keys, self.mask, mode=self.mode)
-        attended = out.attended
-        return StepResult(out.logits.float().log_softmax(-1), out.state, attended.alpha, attended.location)
+        return StepResult(out.logits.float().log_softmax(-1), out.state, out.attended.alpha, out.attended.location)
 
     def select(self, state: DecoderState, rows: torch.Tensor) -> DecoderState:
         return DecoderState(state.h[rows], state.c[rows])
@@ -138,7 +137,7 @@ def best_captions(pools: Sequence[Sequence[Hypothesis]]) -> Decoded:
     alphas0 = best[0].alphas
     device, L = alphas0.device, alphas0.shape[-1]
     lengths = torch.tensor([len(h.tokens) for h in best], dtype=torch.long, device=device)
-    T = int(lengths.max()) if best else 0
+    T = int(lengths.max())
     tokens = torch.full((len(best), T), Vocabulary.pad_id, dtype=torch.long, device=device)
     alphas = torch.zeros(len(best), T, L, dtype=alphas0.dtype, device=device)
     for b, h in enumerate(best):
