@@ -81,18 +81,13 @@ def _save(fig, labelled: Sequence[tuple], path: Path, **legend) -> None:
     _pyplot().close(fig)
 
 
-def _spread(ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and sample std over rows, ignoring NaN; std 0 where fewer than two rows have a value."""
+def _band(ax, x: np.ndarray, ys: np.ndarray, label: str, color: str, linestyle: str = "-") -> None:
+    """Mean over seeds (rows of ys) as a line, mean ± sample std shaded; NaN ignored, std 0 where
+    fewer than two rows have a value."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns and single-value columns
         mean = np.nanmean(ys, axis=0)
-        std = np.nanstd(ys, axis=0, ddof=1) if ys.shape[0] > 1 else np.zeros_like(mean)
-    return mean, np.nan_to_num(std)
-
-
-def _band(ax, x: np.ndarray, ys: np.ndarray, label: str, color: str, linestyle: str = "-") -> None:
-    """Mean over seeds (rows of ys) as a line, mean ± sample std shaded."""
-    mean, std = _spread(ys)
+        std = np.nan_to_num(np.nanstd(ys, axis=0, ddof=1))
     ax.plot(x, mean, color=color, linestyle=linestyle, marker="o" if len(x) <= 40 else None, markersize=3,
             label=f"{label} (n={ys.shape[0]})")
     ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.25, linewidth=0)
@@ -100,10 +95,6 @@ def _band(ax, x: np.ndarray, ys: np.ndarray, label: str, color: str, linestyle: 
 
 def _color(arm: str) -> str:
     return COLORS.get(arm, "tab:purple")
-
-
-def _arms(summary: dict) -> list[str]:
-    return summary.get("arms") or list(summary["table"])
 
 
 def _curves(runs: list[dict], arm: str, key: str):
@@ -122,7 +113,7 @@ def _curves(runs: list[dict], arm: str, key: str):
 def learning_curves(summary: dict, path: Path) -> bool:
     """Validation BLEU-4 (and CIDEr when logged) against steps and wall time; False if no run has logs."""
     runs = summary["runs"]
-    keys = [k for k in ("bleu_4", "cider") if any(_curves(runs, a, k) for a in _arms(summary))]
+    keys = [k for k in ("bleu_4", "cider") if any(_curves(runs, a, k) for a in summary["arms"])]
     if not keys:
         return False
     plt = _pyplot()
@@ -130,7 +121,7 @@ def learning_curves(summary: dict, path: Path) -> bool:
     target = summary["target"]["val_bleu_4"]
     for row, key in zip(axes, keys):
         title = {"bleu_4": "validation BLEU-4", "cider": "validation CIDEr"}[key]
-        for arm in _arms(summary):
+        for arm in summary["arms"]:
             got = _curves(runs, arm, key)
             if got is None:
                 continue
@@ -180,7 +171,7 @@ def training_signal(summary: dict, path: Path) -> bool:
     plt = _pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     (a, b), (c, d) = axes
-    arms = _arms(summary)
+    arms = summary["arms"]
     hard_arms = [arm for arm in arms if summary["table"][arm].get("attention") == "hard"]
     for arm in arms:
         _signal(a, runs, arm, "attention_entropy", arm)
@@ -222,7 +213,7 @@ def write_report(summary: dict, out_dir: Path) -> Path:
     has_curves = learning_curves(summary, figures / "learning_curves.png")
     has_signal = training_signal(summary, figures / "training_signal.png")
     study, table, metrics = summary["study"], summary["table"], summary["metrics"]
-    arms = _arms(summary)
+    arms = summary["arms"]
     first_eval = summary["runs"][0]["eval"]["expected"]
     caption_keys, other_keys = metrics[:7], metrics[7:]
     target = summary["target"]["val_bleu_4"]
@@ -330,7 +321,7 @@ def _control_text(summary: dict) -> list[str]:
     if "none" not in table:
         return ["No no-attention control among the runs: what attention adds is not measured here."]
     rows = []
-    for arm in _arms(summary):
+    for arm in summary["arms"]:
         if arm == "none":
             continue
         row = [arm]
@@ -352,9 +343,9 @@ def _significance_text(summary: dict) -> list[str]:
     """Welch's t-test of each arm against the control and against soft attention, over seeds."""
     table = summary["table"]
     pairs = [(arm, reference) for reference in ("none", "soft") if reference in table
-             for arm in _arms(summary) if arm not in (reference, "none")]  # none vs soft is soft vs none
+             for arm in summary["arms"] if arm not in (reference, "none")]  # none vs soft is soft vs none
     # A diagnostic arm against the arm it differs from by one setting (e.g. hard-arctic-le0 vs hard-arctic).
-    pairs += [(arm, other) for arm in _arms(summary) if arm in ARMS
+    pairs += [(arm, other) for arm in summary["arms"] if arm in ARMS
               for other in ARMS[arm].versus if other in table and other not in ("none", "soft")]
     rows, single = [], []
     for arm, reference in pairs:
@@ -389,7 +380,7 @@ def _grounding_text(summary: dict) -> list[str]:
     """Pointing game and mass in box for nouns, attribute words and the whole phrase, with the uniform map."""
     table = summary["table"]
     rows = []
-    for arm in _arms(summary):
+    for arm in summary["arms"]:
         t = table[arm]
         for _, title, suffix in GROUNDING_KINDS:
             if t.get(f"grounding_words{suffix}") is None:
@@ -435,7 +426,7 @@ def _signal_text(summary: dict) -> list[str]:
              "reinforce_cost": "mean cost C_n", "reinforce_signal_var": "signal variance",
              "reinforce_signal_sq": "signal mean square", "reinforce_signal_sq_no_baseline":
              "signal mean square without the baseline", "reinforce_signal_mean": "signal mean"}
-    for arm in _arms(summary):
+    for arm in summary["arms"]:
         for key, title in names.items():
             part = s.get(arm, {}).get(key)
             if part:
