@@ -49,25 +49,20 @@ SIGNAL_KEYS = ("attention_entropy", "baseline", "reinforce_cost", "reinforce_sig
 TARGET_FRACTION = 0.8
 
 
-def display_factor(scale: object, source: Path | str) -> float:
-    if scale in (None, "0-1"):
-        return 100.0
-    if scale == "0-100":
-        return 1.0
-    raise StudyError(f"{source}: unknown \"scale\" {scale!r} (expected \"0-1\" or \"0-100\")")
-
-
 def read_eval(path: Path, root: Path) -> dict:
     """One evaluate.py metrics file -> {"file", "scale", "decode", "num_images", "values"} (display scale)."""
     data = read_record(path)
     if data is None:
         raise StudyError(f"{path} is missing or not JSON; rerun captioning compare to evaluate again")
-    factor = display_factor(data.get("scale"), path)
+    scale = data.get("scale")
+    if scale not in (None, "0-1", "0-100"):
+        raise StudyError(f"{path}: unknown \"scale\" {scale!r} (expected \"0-1\" or \"0-100\")")
+    factor = 1.0 if scale == "0-100" else 100.0
     metrics = data.get("metrics", {})
     # A metric may be null (e.g. grounding when no generated word names an object): not measured.
     values = {key: float(metrics[key]) * factor for key in SCORES if metrics.get(key) is not None}
     values.update({key: float(metrics[key]) for key in GROUNDING_COUNTS if metrics.get(key) is not None})
-    return {"file": _relative(path, root), "scale": data.get("scale"), "decode": data.get("decode"),
+    return {"file": _relative(path, root), "scale": scale, "decode": data.get("decode"),
             "num_images": data.get("num_images"), "tokenizer": data.get("tokenizer"),
             "skipped": data.get("skipped", {}), "values": values}
 
@@ -137,12 +132,12 @@ def reach(curve: dict | None, target: float) -> dict | None:
     return None
 
 
-def early_late(series: dict | None, fraction: float = 0.2) -> dict | None:
-    """Mean of a logged series over its first and last ``fraction`` of points (training signal summary)."""
+def early_late(series: dict | None) -> dict | None:
+    """Mean of a logged series over its first and last fifth of points (training signal summary)."""
     if not series or len(series["value"]) < 2:
         return None
     values = series["value"]
-    k = max(1, int(len(values) * fraction))
+    k = max(1, len(values) // 5)
     return {"early": statistics.fmean(values[:k]), "late": statistics.fmean(values[-k:]), "points": len(values),
             "early_until_step": series["step"][k - 1], "late_from_step": series["step"][-k]}
 
@@ -164,12 +159,6 @@ def collect_run(run: Run, root: Path) -> dict:
     }
 
 
-def arms_of(runs: list[dict]) -> list[str]:
-    """The arms present, in the study's order (ARMS), then any other (given checkpoints' mechanisms)."""
-    present = list(dict.fromkeys(r["arm"] for r in runs))
-    return [a for a in ARMS if a in present] + [a for a in present if a not in ARMS]
-
-
 def build_summary(plan: Plan, study: dict, examples: dict | None) -> dict:
     """Everything the report shows, computed from the runs' files (display scale)."""
     runs = [collect_run(run, plan.out_dir) for run in plan.runs]
@@ -178,8 +167,12 @@ def build_summary(plan: Plan, study: dict, examples: dict | None) -> dict:
     for r in runs:
         r["to_target"] = reach(r["curve"], target) if target is not None else None
 
+    # The arms present, in the study's order (ARMS), then any other (given checkpoints' mechanisms).
+    present = list(dict.fromkeys(r["arm"] for r in runs))
+    arms = [a for a in ARMS if a in present] + [a for a in present if a not in ARMS]
     table, signal_summary = {}, {}
-    for arm in arms_of(runs):
+    hard_modes = {}  # hard arm -> test-time mode -> metric -> aggregate
+    for arm in arms:
         mine = [r for r in runs if r["arm"] == arm]
         row = {key: aggregate(r["eval"]["expected"]["values"].get(key) for r in mine) for key in VALUES}
         row["train_seconds"] = aggregate(r["train_seconds"] for r in mine)
@@ -200,16 +193,13 @@ def build_summary(plan: Plan, study: dict, examples: dict | None) -> dict:
                     "early": aggregate(p["early"] for p in parts), "late": aggregate(p["late"] for p in parts),
                     "early_until_step": max(p["early_until_step"] for p in parts),
                     "late_from_step": min(p["late_from_step"] for p in parts)}
-
-    hard_modes = {}  # hard arm -> test-time mode -> metric -> aggregate
-    for arm in arms_of(runs):
-        hard = [r for r in runs if r["arm"] == arm and r["attention"] == "hard"]
+        hard = [r for r in mine if r["attention"] == "hard"]
         if hard:
             hard_modes[arm] = {mode: {key: aggregate(r["eval"][mode]["values"].get(key) for r in hard
                                                      if mode in r["eval"]) for key in VALUES} for mode in HARD_MODES}
     decodes = {r["name"]: {m: e["decode"] for m, e in r["eval"].items()} for r in runs}
     return {
-        "study": study, "metrics": [list(m) for m in METRICS], "arms": arms_of(runs), "runs": runs, "table": table,
+        "study": study, "metrics": [list(m) for m in METRICS], "arms": arms, "runs": runs, "table": table,
         "hard_modes": hard_modes, "signal_summary": signal_summary, "decode": decodes,
         "target": {"val_bleu_4": target, "fraction": TARGET_FRACTION,
                    "rule": f"{TARGET_FRACTION} x the lowest best validation BLEU-4 of all runs"},
