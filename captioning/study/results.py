@@ -64,7 +64,7 @@ def _settings(run: Run, plan: Plan) -> list[str]:
 
 
 def _values(evaluation: dict) -> dict:
-    return {key: round(value, 4) for key, value in evaluation["values"].items() if key in collect.VALUES}
+    return {key: round(value, 4) for key, value in evaluation["values"].items()}
 
 
 def _best_epoch(run: Run, curve: dict | None) -> int | None:

@@ -78,8 +78,9 @@ class Records:
     def seeds(self, arm: str) -> list[int]:
         return [r["seed"] for r in self.by_arm.get(arm, [])]
 
-    def signal(self, arm: str, key: str, part: str = "late") -> list[float]:
-        return [r["signal"][key][part] for r in self.by_arm.get(arm, []) if key in r.get("signal", {})]
+    def signal(self, arm: str, key: str) -> list[float]:
+        """The late-in-training mean of training signal ``key`` of each seed that logged it."""
+        return [r["signal"][key]["late"] for r in self.by_arm.get(arm, []) if key in r.get("signal", {})]
 
 
 def _summary(values: list[float], decimals: int = 1) -> str:

@@ -68,7 +68,7 @@ def _module(run_dir: Path, checkpoint: Path | None, samples: int):
     return module, cfg, vocab, source.get("global_step", 0) if checkpoint else 0
 
 
-def measure(module, batch: dict, samples: int, draws: int, seed: int = 0) -> dict:
+def measure(module, batch: dict, samples: int, draws: int) -> dict:
     """Total variance and mean-gradient norm of the loss's gradient over ``draws`` location draws."""
     from captioning.models.attention import TrainingPlan
 
@@ -77,7 +77,7 @@ def measure(module, batch: dict, samples: int, draws: int, seed: int = 0) -> dic
     mean = M2 = None
     seconds = 0.0
     for r in range(draws):
-        torch.manual_seed(seed + r)
+        torch.manual_seed(r)
         start = time.perf_counter()
         terms, _ = module.training_loss(batch, plan)
         grads = torch.autograd.grad(terms.loss, params)
