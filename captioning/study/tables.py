@@ -75,9 +75,6 @@ class Records:
         tests = [r["test"].get(mode) if mode else next(iter(r["test"].values())) for r in self.by_arm.get(arm, [])]
         return [test[key] for test in tests if test and test.get(key) is not None]
 
-    def seeds(self, arm: str) -> list[int]:
-        return [r["seed"] for r in self.by_arm.get(arm, [])]
-
     def signal(self, arm: str, key: str) -> list[float]:
         """The late-in-training mean of training signal ``key`` of each seed that logged it."""
         return [r["signal"][key]["late"] for r in self.by_arm.get(arm, []) if key in r.get("signal", {})]
@@ -102,7 +99,7 @@ def load(budget: str, folder: Path = RESULTS) -> Records:
 def main_per_seed(folder: Path) -> str:
     """Every seed of the main arms at the default budget: BLEU-4 / caption accuracy."""
     recs = load("default", folder)
-    seeds = sorted(set().union(*(recs.seeds(a) for a in MAIN)))
+    seeds = sorted({r["seed"] for arm in MAIN for r in recs.by_arm.get(arm, [])})
     rows = []
     for seed in seeds:
         row = [str(seed)]
