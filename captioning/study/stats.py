@@ -99,22 +99,22 @@ class Interval(NamedTuple):
     df: float
 
 
-def welch_interval(a: Sequence[float], b: Sequence[float]) -> Interval | None:
-    """Welch's 95% confidence interval of mean(a) - mean(b), with its test's p; None where
+def welch_interval(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> Interval | None:
+    """Welch's confidence interval of mean(a) - mean(b) at ``level``, with its test's p; None where
     :func:`welch` has none."""
     result = welch(a, b)
     if result is None:
         return None
     se = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
-    half = t_quantile(0.975, result.df) * se
+    half = t_quantile(0.5 + level / 2.0, result.df) * se
     return Interval(result.difference, result.difference - half, result.difference + half, result.p, result.df)
 
 
-def mean_interval(values: Sequence[float]) -> tuple[float, float] | None:
-    """Student's 95% confidence interval of the mean of ``values``; None with fewer than 2."""
+def mean_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float] | None:
+    """Student's confidence interval of the mean of ``values``; None with fewer than 2."""
     if len(values) < 2:
         return None
-    half = t_quantile(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    half = t_quantile(0.5 + level / 2.0, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
     mean = statistics.fmean(values)
     return mean - half, mean + half
 
@@ -140,10 +140,11 @@ def holm(p_values: Sequence[float]) -> list[float]:
     return adjusted
 
 
-def detectable_difference(sd_a: float, sd_b: float, n_a: int, n_b: int) -> float:
-    """The smallest true difference of means that a two-sided Welch test at 0.05 detects with
-    probability 0.8, given these spreads and sizes (normal approximation of the power with
+def detectable_difference(sd_a: float, sd_b: float, n_a: int, n_b: int, alpha: float = 0.05,
+                          power: float = 0.8) -> float:
+    """The smallest true difference of means that a two-sided Welch test at ``alpha`` detects with
+    probability ``power``, given these spreads and sizes (normal approximation of the power with
     t quantiles at the Welch-Satterthwaite degrees of freedom)."""
     va, vb = sd_a ** 2 / n_a, sd_b ** 2 / n_b
     df = _welch_df(va, vb, n_a, n_b) if va + vb > 0 else n_a + n_b - 2
-    return (t_quantile(0.975, df) + t_quantile(0.8, df)) * math.sqrt(va + vb)
+    return (t_quantile(1.0 - alpha / 2.0, df) + t_quantile(power, df)) * math.sqrt(va + vb)
