@@ -304,6 +304,23 @@ def test_evaluate_writes_nothing_through_a_linked_eval_folder(world, place):  # 
     assert "link" in err and sorted(p.name for p in (place / "photos").iterdir()) == ["dog.png"]
 
 
+def _example_files():
+    from captioning.data.formats import FORMATS
+
+    return [(fmt, name) for fmt, f in FORMATS.items() if hasattr(f, "write_example") for name in f.example_files]
+
+
+@pytest.mark.parametrize("fmt, name", _example_files())
+def test_make_example_writes_no_caption_file_through_a_link(place, fmt, name):
+    """Every file a format's example writer makes (the Flickr8k split lists too) is refused as a link."""
+    folder = place / "example"
+    folder.mkdir()
+    mark_folder(folder, "example")
+    (folder / name).symlink_to(place / "notes.txt")
+    err = probe(["prepare", "--make-example", folder, "--example-format", fmt, "--num-images", "4"], place)
+    assert f"{folder / name} is a link" in err and (place / "notes.txt").read_text() == "the user's notes"
+
+
 # ------------------------------------------------------------------------------ resume
 
 

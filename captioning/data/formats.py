@@ -342,7 +342,10 @@ class Format:
     64 KiB and its JSON, None when not JSON), reads them (``read(files, lists, args)``: --captions as
     ``(split or None, path)`` pairs, --splits, the other options -> a SourceDataset with splits) and
     may write --make-example's captions for ``root/images/img_<id>.jpg`` (``write_example(root,
-    captions, split_of)`` -> (captions file, images root))."""
+    captions, split_of)`` -> (captions file, images root); ``example_files``: the names it writes in
+    root, which --make-example refuses to write through a link)."""
+
+    example_files: tuple[str, ...] = ()
 
 
 FORMATS: dict[str, Format] = {}  # by name, in --format auto's order of asking
@@ -370,6 +373,7 @@ class Karpathy(Format):
     """
 
     name, help = "karpathy", "dataset_*.json"
+    example_files = ("dataset_example.json",)
 
     def detect(self, head: str, data: Any) -> bool:
         images = data.get("images") if isinstance(data, dict) else None
@@ -385,8 +389,8 @@ class Karpathy(Format):
         images = [{"filepath": "images", "filename": f"img_{i}.jpg", "imgid": i - 1, "cocoid": i, "split": split_of[i],
                    "sentences": [{"raw": c, "tokens": c.split(), "imgid": i - 1} for c in caps]}
                   for i, caps in captions.items()]
-        write_json(root / "dataset_example.json", {"images": images, "dataset": "example"})
-        return root / "dataset_example.json", root
+        write_json(root / self.example_files[0], {"images": images, "dataset": "example"})
+        return root / self.example_files[0], root
 
 
 @register
@@ -403,6 +407,7 @@ class Coco(Format):
     """
 
     name, help = "coco", "official captions_*.json"
+    example_files = ("captions_example.json",)
 
     def detect(self, head: str, data: Any) -> bool:
         return isinstance(data, dict) and "annotations" in data
@@ -419,8 +424,8 @@ class Coco(Format):
         anns = [{"id": n, "image_id": i, "caption": c}
                 for n, (i, c) in enumerate(((i, c) for i, caps in captions.items() for c in caps), 1)]
         images = [{"id": i, "file_name": f"images/img_{i}.jpg"} for i in captions]
-        write_json(root / "captions_example.json", {"images": images, "annotations": anns})
-        return root / "captions_example.json", root
+        write_json(root / self.example_files[0], {"images": images, "annotations": anns})
+        return root / self.example_files[0], root
 
 
 @register
@@ -433,6 +438,7 @@ class Flickr8k(Format):
     """
 
     name, help = "flickr8k", "token file"
+    example_files = ("Flickr8k.token.txt", *(f"Flickr_8k.{part}Images.txt" for part in ("train", "dev", "test")))
 
     def detect(self, head: str, data: Any) -> bool:
         return data is None and re.match(r"[^\t\n]+#\d+\t", head) is not None
@@ -446,10 +452,10 @@ class Flickr8k(Format):
         return dataset
 
     def write_example(self, root: Path, captions: dict[int, list[str]], split_of: dict[int, str]) -> tuple[Path, Path]:
-        path = root / "Flickr8k.token.txt"
+        path = root / self.example_files[0]
         path.write_text("".join(f"img_{i}.jpg#{n}\t{c}\n" for i, caps in captions.items() for n, c in enumerate(caps)))
-        for split, name in (("train", "train"), ("val", "dev"), ("test", "test")):
-            (root / f"Flickr_8k.{name}Images.txt").write_text(
+        for split, name in zip(("train", "val", "test"), self.example_files[1:]):
+            (root / name).write_text(
                 "".join(f"img_{i}.jpg\n" for i in captions if split_of[i] == split))
         return path, root / "images"
 

@@ -173,8 +173,7 @@ def make_example(args: argparse.Namespace) -> Path:
     from captioning.files import check_no_links, claim_folder
 
     claim_folder(args.make_example, "example", "--make-example", "write the example dataset")
-    check_no_links(args.make_example, ["images", "dataset_example.json", "captions_example.json",
-                                       "Flickr8k.token.txt"], "--make-example")
+    check_no_links(args.make_example, ["images", *FORMATS[args.example_format].example_files], "--make-example")
     captions, images = write_example_dataset(args.make_example, args.num_images, image_size=args.example_size,
                                              fmt=args.example_format)
     print(f"wrote {args.num_images} images and {captions}; prepare them with:\n  captioning prepare "
