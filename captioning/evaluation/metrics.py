@@ -489,6 +489,9 @@ METRIC_KEYS = tuple(key for scorer in SCORERS.values() for key in scorer.keys)
 
 #: The built-in metric names ``metrics=`` accepts and the score keys each produces.
 METRIC_GROUPS: dict[str, tuple[str, ...]] = {scorer.name: scorer.keys for scorer in SCORERS.values()}
+#: What evaluate and the test split at the end of training score unless told otherwise: every
+#: built-in score but SPICE, which downloads its models when it first runs.
+DEFAULT_METRICS = ("bleu", "meteor", "rouge", "cider")
 
 
 # ------------------------------------------------------------------------------------ public
@@ -497,7 +500,7 @@ METRIC_GROUPS: dict[str, tuple[str, ...]] = {scorer.name: scorer.keys for scorer
 def score_details(
     predictions: Mapping[Hashable, str],
     references: Mapping[Hashable, Sequence[str]],
-    metrics: Sequence[str] = ("bleu", "meteor", "rouge", "cider"),
+    metrics: Sequence[str] = DEFAULT_METRICS,
     tokenizer: str = "auto",
     *,
     meteor_timeout: float | None = None,
@@ -560,7 +563,7 @@ def score_details(
 def score_captions(
     predictions: Mapping[Hashable, str],
     references: Mapping[Hashable, Sequence[str]],
-    metrics: Sequence[str] = ("bleu", "meteor", "rouge", "cider"),
+    metrics: Sequence[str] = DEFAULT_METRICS,
     tokenizer: str = "auto",
     *,
     meteor_timeout: float | None = None,

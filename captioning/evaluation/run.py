@@ -36,7 +36,6 @@ from captioning.data.coco import write_results
 from captioning.evaluation import metrics
 from captioning.progress import format_duration
 
-DEFAULT_METRICS = ("bleu", "meteor", "rouge", "cider")
 CHECKPOINT_ONLY = ("split", "batch_size", "hard_mode", "beam_size", "max_len", "device", "data_root", "instances",
                    "temperature", "top_k")
 
@@ -55,7 +54,7 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
                         "or the results file's eval/ subfolder)")
     p.add_argument("--batch-size", type=positive_int, metavar="N",
                    help="images decoded together (default: the checkpoint's data.eval_batch_size)")
-    p.add_argument("--metrics", nargs="+", choices=list(metrics.SCORERS), default=list(DEFAULT_METRICS),
+    p.add_argument("--metrics", nargs="+", choices=list(metrics.SCORERS), default=list(metrics.DEFAULT_METRICS),
                    help="default: bleu meteor rouge cider (METEOR starts Java, ~10 s)")
     add_decoding_options(p, n_best=False)
     p.add_argument("--tokenizer", choices=["auto", "ptb", "simple"], default="auto",

@@ -74,8 +74,8 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
                    help="evaluate existing checkpoints instead of training: soft=A,B hard=C,D [none=E,F]")
     p.add_argument("--beam-size", type=positive_int, metavar="N", help="default: the config's decode.beam_size")
     p.add_argument("--max-len", type=positive_int, metavar="N", help="default: the config's decode.max_len")
-    p.add_argument("--metrics", nargs="+", choices=list(metrics.SCORERS), default=list(evaluate.DEFAULT_METRICS),
-                   help=f"passed to evaluate.py (default: {' '.join(evaluate.DEFAULT_METRICS)})")
+    p.add_argument("--metrics", nargs="+", choices=list(metrics.SCORERS), default=list(metrics.DEFAULT_METRICS),
+                   help=f"passed to evaluate.py (default: {' '.join(metrics.DEFAULT_METRICS)})")
     p.add_argument("--export-results", type=Path, metavar="DIR",
                    help="train nothing: write one small JSON record per finished run into DIR (settings, seed, test "
                         "metrics, validation curve, training signal), the raw results the docs' tables are built from")

@@ -14,6 +14,7 @@ from captioning.config import Config, from_dict, to_dict
 from captioning.console import OperationFailed, one_line
 from captioning.decoding import ModelSearch
 from captioning.evaluation.evaluator import decode_batch, evaluate_predictions, gather_by_image_id, score_record
+from captioning.evaluation.metrics import DEFAULT_METRICS
 from captioning.losses import LossTerms, ReinforceBaseline, caption_loss, per_token_nll
 from captioning.models import ShowAttendTell
 from captioning.models.attention import Mechanism, TrainingPlan
@@ -25,7 +26,6 @@ from captioning.vocab import Vocabulary
 # Every validation scores BLEU (val/bleu_4 selects checkpoints) and CIDEr-D, both cheap beside
 # decoding; METEOR runs a JVM, so it is test-only (docs/training.md, the cost of each).
 VAL_METRICS = ("bleu", "cider")
-TEST_METRICS = ("bleu", "meteor", "rouge", "cider")
 
 
 class CaptioningModule(pl.LightningModule):
@@ -218,7 +218,7 @@ class CaptioningModule(pl.LightningModule):
             self.log("val/elapsed_s", time.perf_counter() - self._fit_started, rank_zero_only=False)
 
     def on_test_epoch_end(self) -> None:
-        self._score("test", TEST_METRICS)
+        self._score("test", DEFAULT_METRICS)
 
     def decode_options(self, split: str) -> DecodeOptions:
         """Validation decodes greedily (cheap, every epoch); the test split with the config's beam."""
