@@ -137,7 +137,6 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> dict:
 
 def train(args: argparse.Namespace, prog: str, argv: list[str] | None = None) -> dict:
     import pytorch_lightning as pl
-    import torch
     from pytorch_lightning.utilities import rank_zero_info
 
     from captioning import provenance
@@ -147,7 +146,7 @@ def train(args: argparse.Namespace, prog: str, argv: list[str] | None = None) ->
     from captioning.data.feature_cache import attach_feature_cache
     from captioning.device import peak_rss_mib
     from captioning.training.module import CaptioningModule
-    from captioning.training.trainer import build_trainer, run_guarded
+    from captioning.training.trainer import build_trainer, run_guarded, trains_on_gpu
 
     cfg, vocab, ckpt = make_config(args)
     resume_step = int(ckpt.get("global_step", 0)) if ckpt is not None else None
@@ -170,9 +169,8 @@ def train(args: argparse.Namespace, prog: str, argv: list[str] | None = None) ->
         check_state_dict(module.state_dict(), ckpt["state_dict"], args.resume)
         del ckpt
     if cfg.data.feature_cache is not None:  # annotation grids computed once, by the model's own frozen encoder
-        gpu = cfg.train.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-        attach_feature_cache(data, cfg, module.model.encoder, "cuda" if gpu else "cpu", log=rank_zero_info,
-                             progress=not args.no_progress)
+        device = "cuda" if trains_on_gpu(cfg) else "cpu"
+        attach_feature_cache(data, cfg, module.model.encoder, device, log=rank_zero_info, progress=not args.no_progress)
     trained = sum(p.numel() for p in module.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
     rank_zero_info(f"{cfg.model.attention} attention, {len(data.vocab)} words, {trained:,} trained parameters"

@@ -34,11 +34,15 @@ from captioning.progress import Progress
 MONITORS = {"bleu_4": ("val/bleu_4", "max"), "nll": ("val/nll", "min")}
 
 
+def trains_on_gpu(cfg: Config) -> bool:
+    """Whether Lightning will put this run on a CUDA device (train.accelerator auto picks one when present)."""
+    return cfg.train.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+
+
 def resolve_precision(cfg: Config) -> str:
     if cfg.train.precision != "auto":
         return cfg.train.precision
-    gpu = cfg.train.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    return "bf16-mixed" if gpu else "32-true"
+    return "bf16-mixed" if trains_on_gpu(cfg) else "32-true"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
