@@ -188,20 +188,20 @@ def test_benchmark_rejects_missing_cuda(tmp_path, monkeypatch):
 
 
 def test_loader_hook_calls_the_store_benchmark(monkeypatch):
-    """With --loader-root, the section calls captioning.data.datamodule's loader benchmark with the
-    arguments it accepts (and nothing else)."""
+    """With --loader-root, the section calls captioning.data.datamodule's loader benchmark with its
+    worker counts and duration, and without its progress bar."""
     from captioning.data import datamodule as store
     from captioning.perf.benchmark import data_loader
 
     calls = []
 
-    def fake(root, workers, seconds=1.0):
-        calls.append((root, workers, seconds))
+    def fake(root, workers, *, seconds=1.0, progress=True):
+        calls.append((root, workers, seconds, progress))
         return [{"workers": w, "images_per_s": 1.0} for w in workers]
 
-    monkeypatch.setattr(store, "benchmark_loader", fake, raising=False)
+    monkeypatch.setattr(store, "benchmark_loader", fake)
     result = data_loader("prepared/x", (0, 2), seconds=3.0)
-    assert calls == [("prepared/x", [0, 2], 3.0)]
+    assert calls == [("prepared/x", [0, 2], 3.0, False)]
     assert result == {"root": "prepared/x", "results": [{"workers": 0, "images_per_s": 1.0},
                                                          {"workers": 2, "images_per_s": 1.0}]}
 

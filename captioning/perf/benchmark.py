@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
-import inspect
 import os
 import platform
 import statistics
@@ -431,16 +430,14 @@ def _counting_rows(decoder: torch.nn.Module):
 
 
 def data_loader(root: str | None, workers: tuple[int, ...] = (0, 2), seconds: float = 5.0) -> dict[str, Any]:
-    """The prepared store's own loader benchmark (captioning.data.datamodule.benchmark_loader), called
-    with those of ``workers``, ``seconds`` and no progress that it accepts."""
+    """The prepared store's own loader benchmark (captioning.data.datamodule.benchmark_loader), for
+    each of ``workers``, about ``seconds`` each, without its progress bar."""
     from captioning.data import datamodule as store
 
     if root is None:
         return {"skipped": "pass --loader-root PREPARED_DIR (a folder made by captioning prepare) to time "
                            "the training loader"}
-    params = inspect.signature(store.benchmark_loader).parameters
-    wanted = {"workers": list(workers), "seconds": seconds, "progress": False}
-    return {"root": root, "results": store.benchmark_loader(root, **{k: v for k, v in wanted.items() if k in params})}
+    return {"root": root, "results": store.benchmark_loader(root, list(workers), seconds=seconds, progress=False)}
 
 
 def with_overrides(sizes: Sizes, **changes: Any) -> Sizes:
