@@ -325,11 +325,15 @@ def read_flickr8k(path: Path, images_root: Path) -> SourceDataset:
     return dataset
 
 
+#: Flickr8k's split lists, found beside its token file (its "dev" list is our val split).
+FLICKR8K_SPLIT_LISTS = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",
+                        "test": "Flickr_8k.testImages.txt"}
+
+
 def default_flickr8k_lists(token_file: Path) -> dict[str, Path] | None:
     """Flickr_8k.{train,dev,test}Images.txt beside the token file, if all three are there."""
     folder = Path(token_file).parent
-    lists = {"train": folder / "Flickr_8k.trainImages.txt", "val": folder / "Flickr_8k.devImages.txt",
-             "test": folder / "Flickr_8k.testImages.txt"}
+    lists = {split: folder / name for split, name in FLICKR8K_SPLIT_LISTS.items()}
     return lists if all(p.is_file() for p in lists.values()) else None
 
 
@@ -438,7 +442,7 @@ class Flickr8k(Format):
     """
 
     name, help = "flickr8k", "token file"
-    example_files = ("Flickr8k.token.txt", *(f"Flickr_8k.{part}Images.txt" for part in ("train", "dev", "test")))
+    example_files = ("Flickr8k.token.txt", *FLICKR8K_SPLIT_LISTS.values())
 
     def detect(self, head: str, data: Any) -> bool:
         return data is None and re.match(r"[^\t\n]+#\d+\t", head) is not None
@@ -454,7 +458,7 @@ class Flickr8k(Format):
     def write_example(self, root: Path, captions: dict[int, list[str]], split_of: dict[int, str]) -> tuple[Path, Path]:
         path = root / self.example_files[0]
         path.write_text("".join(f"img_{i}.jpg#{n}\t{c}\n" for i, caps in captions.items() for n, c in enumerate(caps)))
-        for split, name in zip(("train", "val", "test"), self.example_files[1:]):
+        for split, name in FLICKR8K_SPLIT_LISTS.items():
             (root / name).write_text(
                 "".join(f"img_{i}.jpg\n" for i in captions if split_of[i] == split))
         return path, root / "images"
