@@ -312,7 +312,7 @@ def test_without_java_falls_back_to_simple_and_skips_meteor(monkeypatch, caplog)
 
 def test_spice_never_crashes(monkeypatch):
     monkeypatch.setattr(M, "java_available", lambda: True)  # reach the SPICE branch regardless
-    monkeypatch.setattr(M, "_spice_models_present", lambda: (False, "CoreNLP models not present"))
+    monkeypatch.setattr(M, "_spice_models_missing", lambda: "CoreNLP models not present")
     report = score_details(PREDICTIONS, REFERENCES, metrics=("bleu", "spice"), tokenizer="simple")
     assert "spice" not in report.scores and "models" in report.skipped["spice"]
     assert "bleu_4" in report.scores
@@ -320,7 +320,7 @@ def test_spice_never_crashes(monkeypatch):
     def boom(gts, res):
         raise RuntimeError("java.lang.OutOfMemoryError")
 
-    monkeypatch.setattr(M, "_spice_models_present", lambda: (True, ""))
+    monkeypatch.setattr(M, "_spice_models_missing", lambda: "")
     monkeypatch.setattr(M, "_run_spice", boom)
     report = score_details(PREDICTIONS, REFERENCES, metrics=("spice",), tokenizer="simple")
     assert report.scores == {}

@@ -399,17 +399,18 @@ def _run_meteor(gts: dict, res: dict, timeout: float) -> tuple[float, list[float
     return float(score), [float(s) for s in scores]
 
 
-def _spice_models_present() -> tuple[bool, str]:
+def _spice_models_missing() -> str:
+    """Why SPICE cannot run offline: the CoreNLP jars it needs are absent; "" when both are there."""
     import pycocoevalcap.spice.get_stanford_models as gsm
 
     lib = os.path.join(os.path.dirname(os.path.abspath(gsm.__file__)), gsm.SPICELIB)
     needed = [os.path.join(lib, f"{gsm.JAR}.jar"), os.path.join(lib, f"{gsm.JAR}-models.jar")]
     missing = [p for p in needed if not os.path.exists(p)]
     if missing:
-        return False, (f"Stanford CoreNLP models not present ({', '.join(os.path.basename(p) for p in missing)} "
+        return (f"Stanford CoreNLP models not present ({', '.join(os.path.basename(p) for p in missing)} "
                        f"missing in {lib}); pycocoevalcap would download them on first use. Fetch them once with "
                        "network access: python -m pycocoevalcap.spice.get_stanford_models")
-    return True, ""
+    return ""
 
 
 def _run_spice(gts: dict, res: dict) -> tuple[float, list[float]]:
@@ -475,7 +476,7 @@ class SpiceScorer(Scorer):
     java, fallible, warn_unavailable = "SPICE 1.0 jar", True, True
 
     def unavailable(self) -> str:
-        return super().unavailable() or _spice_models_present()[1]
+        return super().unavailable() or _spice_models_missing()
 
     def compute(self, gts, res, **options):
         value, each = _run_spice(gts, res)
