@@ -84,6 +84,13 @@ class Captioner(CaptionEngine):
         loaded, trained_on = load_model_folder_and_data(folder, map_location=dev)
         return cls(loaded.model, loaded.config, loaded.vocab, dev, source=folder, training_data=trained_on)
 
+    @classmethod
+    def load(cls, source: str | Path, device: str | None = None) -> "Captioner":
+        """:meth:`from_pretrained` for a model folder, :meth:`from_checkpoint` for anything else:
+        what every command's ``--checkpoint`` accepts."""
+        load = cls.from_pretrained if Path(source).is_dir() else cls.from_checkpoint
+        return load(source, device)
+
     def __repr__(self) -> str:
         enc = self.config.model.encoder
         params = sum(p.numel() for p in self.model.parameters())

@@ -223,3 +223,13 @@ def test_malformed_annotations_files_are_one_line_errors(files, capsys, content,
 ])
 def test_wrong_combinations_of_options(capsys, args, message):
     assert message in fails(capsys, *args)
+
+
+def test_devices_2_decodes_a_model_folder_like_its_checkpoint(tiny, capsys, tmp_path, one_thread):
+    """Each process loads what --checkpoint names: a model folder as well as a .ckpt file."""
+    folder = Captioner.from_checkpoint(tiny.ckpt).save_pretrained(tmp_path / "model")
+    common = ["--split", "test", "--batch-size", "1", *FAST]
+    run(capsys, "--checkpoint", tiny.ckpt, *common, "--out-dir", tmp_path / "ckpt")
+    run(capsys, "--checkpoint", folder, *common, "--out-dir", tmp_path / "folder", "--devices", "2")
+    read = lambda name: json.loads((tmp_path / name / "predictions_test.json").read_text())  # noqa: E731
+    assert read("folder") == read("ckpt")

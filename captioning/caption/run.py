@@ -163,14 +163,11 @@ def claim_figure_folder(folder: Path) -> None:
 
 
 def load_captioner(checkpoint: Path, device: str | None):
-    """Captioner.from_checkpoint (or from_pretrained for a model folder), with every failure turned
-    into a UsageError."""
+    """Captioner.load (a checkpoint or a model folder), with every failure turned into a UsageError."""
     from captioning.api import Captioner
 
     try:
-        if checkpoint.is_dir():
-            return Captioner.from_pretrained(checkpoint, device=device)
-        return Captioner.from_checkpoint(checkpoint, device=device)
+        return Captioner.load(checkpoint, device=device)
     except ValueError as err:  # a CheckpointError, or an unavailable device
         raise UsageError(err) from None
     except (OSError, RuntimeError) as err:

@@ -137,7 +137,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "folde
     source = Path(checkpoint)
     if fmt not in ("folder", "onnx"):
         raise ExportError(f"unknown export format {fmt!r}; choose folder or onnx")
-    captioner = Captioner.from_pretrained(source, "cpu") if source.is_dir() else Captioner.from_checkpoint(source, "cpu")
+    captioner = Captioner.load(source, "cpu")
     also = None
     if fmt == "onnx":
         mode = hard_mode or (captioner.config.decode.hard_mode if captioner.modes else None)

@@ -30,17 +30,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     import torch
 
-    from captioning.api import Captioner
-    from captioning.data.datamodule import CaptionDataModule
+    from captioning.caption.run import load_captioner, split_paths
     from captioning.export.runtime import OnnxCaptioner
 
     torch.set_num_threads(args.threads)
-    load = Captioner.from_pretrained if args.checkpoint.is_dir() else Captioner.from_checkpoint
-    captioner = load(args.checkpoint, device="cpu")
+    captioner = load_captioner(args.checkpoint, device="cpu")
     onnx = OnnxCaptioner(args.model, threads=args.threads)
-    data = CaptionDataModule(captioner.config.data, captioner.vocab)
-    data.prepare_data()
-    paths = [r.path for r in data.load_split(args.split)[: args.limit]]
+    paths = split_paths(captioner, args.split, args.limit, data_root=None)  # as captioning caption --from-split
     batches = [paths[i:i + args.batch_size] for i in range(0, len(paths), args.batch_size)]
     engines = {"torch": captioner, "onnx": onnx}
     inputs = {name: [e.stack([e.preprocess(p) for p in b]) for b in batches] for name, e in engines.items()}

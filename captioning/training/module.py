@@ -277,7 +277,7 @@ class SplitDecoding(pl.LightningModule):
         from captioning.api import Captioner
 
         try:
-            self.captioner = Captioner.from_checkpoint(self.checkpoint, device=self.trainer.strategy.root_device)
+            self.captioner = Captioner.load(self.checkpoint, device=self.trainer.strategy.root_device)
         except Exception as err:  # reported by the first process, in one line
             self._failed(err)
 
