@@ -226,10 +226,10 @@ def load_model_folder_and_data(folder: str | Path,
     if embedding is not None and embedding.shape[0] != len(vocab):
         raise CheckpointError(f"{weights} was saved for {embedding.shape[0]} words but vocab.json holds "
                               f"{len(vocab)}; copy the folder's files together")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise CheckpointError(f"{weights}: weights do not match config.json ({str(err).splitlines()[0]})") from None
+    from captioning.checkpoint import check_state_dict  # here: checkpoint.py imports this module
+
+    check_state_dict(model.state_dict(), state, weights)  # names the first key that differs
+    model.load_state_dict(state)
     trained_on = provenance.checked(meta.get("training_data"), cfg, len(vocab))
     return LoadedModel(model.to(map_location).eval(), cfg, vocab), trained_on
 

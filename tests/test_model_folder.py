@@ -148,6 +148,23 @@ def test_another_vocabulary_is_a_one_line_error(tiny, tmp_path):
         Captioner.from_pretrained(folder, device="cpu")
 
 
+def test_weights_of_another_model_name_the_key_that_differs(tiny, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = copy_folder(tiny.folder, tmp_path / "m")
+    state = load_file(str(folder / "model.safetensors"))
+    key = next(k for k in state if k.startswith("decoder.") and k != "decoder.embedding.weight")
+    state[key] = torch.zeros(3, 3)  # a decoder of another size
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=f"weights do not match the model: '{key}' has shape") as err:
+        Captioner.from_pretrained(folder, device="cpu")
+    assert "\n" not in str(err.value)
+    del state[key]
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=f"'{key}' is missing"):
+        Captioner.from_pretrained(folder, device="cpu")
+
+
 @pytest.mark.parametrize("name,content,message", [
     ("config.json", "{not json", "config.json is damaged"),
     ("config.json", "[1, 2]", "not a show-attend-tell model folder"),
