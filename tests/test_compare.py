@@ -159,6 +159,40 @@ def given_study(checkpoints):
     return SimpleNamespace(out=out, argv=argv)
 
 
+def test_attention_figures_draw_the_image_as_the_model_saw_it(checkpoints, tmp_path, monkeypatch):
+    """A photo whose EXIF says 'turn 90 degrees' is captioned upright; its figure is drawn upright too."""
+    from captioning import visualization
+    from captioning.study import examples
+
+    photo = tmp_path / "photo.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    Image.new("RGB", (40, 20), "red").save(photo, exif=exif)
+    drawn = []
+    monkeypatch.setattr(examples, "first_test_images", lambda run, limit: [(1, photo)])
+    monkeypatch.setattr(visualization, "attention_figure",
+                        lambda image, *args, **kwargs: drawn.append(image.size) or Image.new("RGB", (8, 8)))
+    runs = [SimpleNamespace(name=name, attention=name.split("-")[0], checkpoint=checkpoints.paths[name])
+            for name in ("soft-a", "hard-a")]
+    plan = SimpleNamespace(out_dir=tmp_path / "study", runs=runs, beam_size=1, max_len=5)
+    examples.decode_examples(plan, count=1, log=lambda line: None)
+    assert drawn == [(20, 40), (20, 40)]
+
+
+def test_examples_never_generate_a_runs_synthetic_set_elsewhere(checkpoints, tmp_path):
+    """A run whose synthetic set lived in a folder this machine lacks is refused, not regenerated there."""
+    from captioning.study import examples
+
+    ckpt = torch.load(checkpoints.paths["soft-a"], weights_only=False)
+    gone = tmp_path / "elsewhere" / "data"
+    ckpt["hyper_parameters"]["config"]["data"]["root"] = str(gone)
+    moved = tmp_path / "moved.ckpt"
+    torch.save(ckpt, moved)
+    with pytest.raises(StudyError, match="is not on this machine"):
+        examples.first_test_images(SimpleNamespace(checkpoint=moved), 2)
+    assert not gone.exists()
+
+
 def test_given_checkpoints_report_has_every_section(given_study):
     report = check_report_sections(given_study.out, examples=2)
     assert "given checkpoints" in report

@@ -43,9 +43,11 @@ def first_test_images(run: Run, limit: int) -> list[tuple[int, Path]]:
     from captioning.checkpoint import CheckpointError, checkpoint_config, read_checkpoint
     from captioning.data.coco import AnnotationError
     from captioning.data.datamodule import CaptionDataModule
+    from captioning.data.sources import source_for
 
     try:
         cfg, vocab = checkpoint_config(read_checkpoint(run.checkpoint), run.checkpoint)
+        source_for(cfg.data).check_trained()  # never generate the run's synthetic set in the current folder
         data = CaptionDataModule(cfg.data, vocab)
         data.prepare_data()
         records = data.load_split("test")
@@ -57,6 +59,7 @@ def first_test_images(run: Run, limit: int) -> list[tuple[int, Path]]:
 def decode_examples(plan: Plan, count: int, log=print) -> dict:
     """-> {"images", "entropy_by_position": {run: [...]}, "examples": [...]}; writes figures/attention_*.png."""
     from captioning.api import Captioner
+    from captioning.data.transforms import load_image
     from captioning.visualization import attention_figure
 
     figures = plan.out_dir / "figures"
@@ -84,8 +87,7 @@ def decode_examples(plan: Plan, count: int, log=print) -> dict:
     examples = []
     if {"soft", "hard"} <= set(shown):
         for i, (image_id, path) in enumerate(images[:count]):
-            with Image.open(path) as img:
-                image = img.convert("RGB")
+            image = load_image(path)  # as the captioner read it: EXIF orientation, alpha on white
             panels = []
             entry = {"image_id": image_id, "image": str(path)}
             for attention in ("soft", "hard"):
