@@ -220,6 +220,9 @@ def test_malformed_annotations_files_are_one_line_errors(files, capsys, content,
     (["--results", "r.json", "--checkpoint", "c.ckpt"], "are alternatives"),
     (["--results", "r.json", "--annotations", "a.json", "--beam-size", "3"], "--beam-size applies to --checkpoint only"),
     (["--results", "r.json", "--annotations", "a.json", "--devices", "2"], "--devices applies to --checkpoint only"),
+    (["--results", "r.json", "--annotations", "a.json", "--min-len", "3"], "--min-len applies to --checkpoint only"),
+    (["--results", "r.json", "--annotations", "a.json", "--no-unk"], "--no-unk applies to --checkpoint only"),
+    (["--results", "r.json", "--annotations", "a.json", "--split", "val"], "--split applies to --checkpoint only"),
 ])
 def test_wrong_combinations_of_options(capsys, args, message):
     assert message in fails(capsys, *args)

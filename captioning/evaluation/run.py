@@ -36,8 +36,7 @@ from captioning.data.coco import write_results
 from captioning.evaluation import metrics
 from captioning.progress import format_duration
 
-CHECKPOINT_ONLY = ("split", "batch_size", "hard_mode", "beam_size", "max_len", "device", "data_root", "instances",
-                   "temperature", "top_k")
+RESULTS_OPTIONS = ("checkpoint", "results", "annotations", "out_dir", "metrics", "tokenizer")  # all a results file reads
 
 
 def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
@@ -78,9 +77,10 @@ def check_mode(args: argparse.Namespace) -> str:
         if args.annotations is None:
             raise UsageError("--results needs --annotations FILE, the COCO captions file with the references "
                              "(e.g. captions_val2014.json)")
-        given = [name for name in CHECKPOINT_ONLY if getattr(args, name) is not None]
-        if given or args.devices != 1:
-            flag = "--" + (given[0] if given else "devices").replace("_", "-")
+        defaults = vars(parse_args([]))
+        given = [name for name, value in vars(args).items() if name not in RESULTS_OPTIONS and value != defaults[name]]
+        if given:
+            flag = "--" + given[0].replace("_", "-")
             raise UsageError(f"{flag} applies to --checkpoint only: a results file is scored as it is")
         return "results"
     if args.annotations is not None:
