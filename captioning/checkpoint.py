@@ -54,13 +54,10 @@ def checkpoint_config(ckpt: dict, path: str | Path = "checkpoint") -> tuple[Conf
     hp = ckpt["hyper_parameters"]
     if not isinstance(hp.get("config"), dict):
         raise CheckpointError(f"{path} is damaged: its config is {type(hp.get('config')).__name__}, not a mapping")
-    words = hp.get("vocab")
-    if not isinstance(words, (list, tuple)) or not all(isinstance(w, str) for w in words):
-        raise CheckpointError(f"{path} is damaged: it holds no vocabulary (a list of words), got {type(words).__name__}")
     cfg = checked(hp["config"], path, CheckpointError)
     try:
-        vocab = Vocabulary(list(words))
-    except (ValueError, KeyError, TypeError) as err:
+        vocab = Vocabulary(hp.get("vocab"))
+    except ValueError as err:
         raise CheckpointError(f"{path} holds a damaged vocabulary: {err}") from None
     return at_workdir(cfg, ckpt.get("workdir")), vocab
 

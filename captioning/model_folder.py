@@ -87,8 +87,6 @@ def read_folder_meta(folder: str | Path) -> tuple[dict, Config, Vocabulary]:
         raise CheckpointError(f"{folder} has model folder format version {meta.get('format_version')!r}; "
                               f"this version reads {FOLDER_FORMAT_VERSION}")
     cfg = checked(meta["config"], folder / "config.json", CheckpointError)
-    if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
-        raise CheckpointError(f"{folder / 'vocab.json'} is not a list of words; copy the folder again")
     try:
         vocab = Vocabulary(words)
     except ValueError as err:

@@ -26,7 +26,12 @@ class Vocabulary:
     """ids 0..3 are <pad>, <start>, <end>, <unk>; then words, most frequent first."""
 
     def __init__(self, words: Sequence[str]) -> None:
+        if not isinstance(words, (list, tuple)):  # e.g. a damaged vocab.json: one line, never a traceback
+            raise InvalidValue(f"a vocabulary is a list of words, not a {type(words).__name__}")
         words = list(words)
+        odd = [w for w in words if not isinstance(w, str)]
+        if odd:
+            raise InvalidValue(f"a vocabulary's words are strings, not {odd[0]!r}")
         if tuple(words[:4]) != SPECIALS:
             raise InvalidValue(f"a vocabulary must start with {SPECIALS}, got {words[:4]}")
         if len(set(words)) != len(words):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -308,6 +309,16 @@ def test_image_size_and_vocabulary_mismatch_are_one_line_errors(prepared):
         CaptionDataModule(DataConfig(dataset="prepared", root=str(out), image_size=SIZE), other).setup("fit")
     with pytest.raises(PreparedDataError, match="not a prepared folder"):
         CaptionDataModule(DataConfig(dataset="prepared", root=str(out.parent), image_size=SIZE)).setup("fit")
+
+
+@pytest.mark.parametrize("stored", [["<pad>", "<start>"], {"vocab": []}, {"words": ["<pad>", "<start>", "<end>", "<unk>", 7]}])
+def test_a_damaged_vocabulary_file_is_a_one_line_error(prepared, tmp_path, stored):
+    out, _ = prepared
+    copy = shutil.copytree(out, tmp_path / "copy")
+    (copy / "vocab.json").write_text(json.dumps(stored))
+    with pytest.raises(PreparedDataError, match="vocab.json is damaged .*: prepare the folder again") as err:
+        PreparedFolder(copy).vocab
+    assert "\n" not in str(err.value)
 
 
 # ------------------------------------------------------------------------------------ CLI, formats

@@ -80,6 +80,9 @@ def test_unknown_words_map_to_unk():
         list(SPECIALS[:3]) + ["a"],
         list(SPECIALS) + ["a", "b", "a"],
         list(SPECIALS) + ["<pad>"],
+        list(SPECIALS) + [7],
+        {"words": list(SPECIALS)},
+        None,
     ],
 )
 def test_vocabulary_rejects_bad_word_lists(words):

@@ -128,7 +128,12 @@ class PreparedFolder:
 
     @cached_property
     def vocab(self) -> Vocabulary:
-        return Vocabulary(read_json(self.root / "vocab.json", "prepared vocabulary", PreparedDataError)["words"])
+        path = self.root / "vocab.json"
+        stored = read_json(path, "prepared vocabulary", PreparedDataError)
+        try:
+            return Vocabulary(stored.get("words") if isinstance(stored, dict) else stored)
+        except ValueError as err:
+            raise PreparedDataError(f"prepared vocabulary {path} is damaged ({err}): prepare the folder again") from None
 
     def split(self, split: str) -> PreparedSplit:
         if split not in self._splits:
