@@ -139,6 +139,17 @@ def test_other_images_are_refused(tmp_path, data_root):
         attach(other, *data_and_module(other))
 
 
+@pytest.mark.parametrize("damage", [b"[1, 2]", b"\xff\xfe\x00{", b"{not json"])
+def test_a_damaged_split_record_is_a_one_line_error(tmp_path, data_root, damage):
+    cache = tmp_path / "cache"
+    cfg = tiny(data_root, cache)
+    attach(cfg, *data_and_module(cfg))
+    (cache / "train.json").write_bytes(damage)
+    with pytest.raises(FeatureCacheError, match="train.json is unreadable .*: delete .* to rebuild it") as err:
+        attach(cfg, *data_and_module(cfg))
+    assert "\n" not in str(err.value)
+
+
 def test_no_room_is_refused_before_building(tmp_path, data_root, monkeypatch):
     cfg = tiny(data_root, tmp_path / "cache")
     free = type("Usage", (), {"free": 1000})()

@@ -213,6 +213,14 @@ def claim_cache_folder(directory: Path) -> None:
         raise FeatureCacheError(str(as_write_error(err) or err)) from None
 
 
+def _record(path: Path) -> dict:
+    """A split's record (its .json); OSError, ValueError or RecursionError when the file is not one."""
+    meta = json.loads(path.read_bytes())
+    if not isinstance(meta, dict):
+        raise ValueError(f"a JSON {type(meta).__name__}, not a mapping")
+    return meta
+
+
 def _cache_files(directory: Path, names: list[str]) -> bool:
     """Whether ``names`` are what a cache writes: every .json a cache's record, every .npy beside one."""
     for name in names:
@@ -220,10 +228,9 @@ def _cache_files(directory: Path, names: list[str]) -> bool:
             return False
         if name.endswith(".json"):
             try:
-                meta = json.loads((directory / name).read_text())
-            except (OSError, ValueError, UnicodeDecodeError, RecursionError):
-                return False
-            if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT:
+                if _record(directory / name).get("format") != CACHE_FORMAT:
+                    return False
+            except (OSError, ValueError, RecursionError):
                 return False
     return True
 
@@ -282,8 +289,8 @@ def _open_split(directory: Path, split: str, current: dict, records: Sequence[Im
     meta_path, npy = directory / f"{split}.json", directory / f"{split}.npy"
     rebuild = f"delete {directory / split}.* to rebuild it"
     try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        meta = _record(meta_path)
+    except (OSError, ValueError, RecursionError) as err:
         raise FeatureCacheError(f"{meta_path} is unreadable ({err}): {rebuild}") from None
     if meta.get("format") != CACHE_FORMAT:
         raise FeatureCacheError(f"{meta_path} has cache format {meta.get('format')}, this code reads {CACHE_FORMAT}: "
