@@ -25,6 +25,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from captioning.data.coco import (SPLITS, AnnotationError, normalize_caption, read_captions, read_instances, read_json,
                                   write_json)
+from captioning.files import atomic_write
 from captioning.vocab import tokenize
 
 # Skip reasons (the summary counts items by these exact strings).
@@ -457,10 +458,9 @@ class Flickr8k(Format):
 
     def write_example(self, root: Path, captions: dict[int, list[str]], split_of: dict[int, str]) -> tuple[Path, Path]:
         path = root / self.example_files[0]
-        path.write_text("".join(f"img_{i}.jpg#{n}\t{c}\n" for i, caps in captions.items() for n, c in enumerate(caps)))
+        atomic_write(path, "".join(f"img_{i}.jpg#{n}\t{c}\n" for i, caps in captions.items() for n, c in enumerate(caps)))
         for split, name in FLICKR8K_SPLIT_LISTS.items():
-            (root / name).write_text(
-                "".join(f"img_{i}.jpg\n" for i in captions if split_of[i] == split))
+            atomic_write(root / name, "".join(f"img_{i}.jpg\n" for i in captions if split_of[i] == split))
         return path, root / "images"
 
 

@@ -31,7 +31,6 @@ Exit status 2 with one ``error:`` line when the input is wrong.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from captioning.console import CaptioningError, interruptible, main_of
 from captioning.data.coco import SPLITS, AnnotationError
 from captioning.data.formats import FORMATS, SourceDataset, detect_format
 from captioning.data.prepare import PrepareError, PrepareOptions, available_cores, format_summary, prepare
+from captioning.files import atomic_write_json
 
 
 def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
@@ -162,7 +162,7 @@ def run_benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
     for r in rows:
         print(f"| {r['source']} | {r['workers']} | {r['images_per_s']:.0f} | {r['startup_s']:.2f} s |")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        atomic_write_json(args.json, rows)
     return rows
 
 

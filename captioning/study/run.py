@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import shlex
 import sys
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 from captioning.config import to_dict
 from captioning.console import CaptioningError, main_of, positive_int
 from captioning.evaluation import metrics, run as evaluate
-from captioning.files import claim_folder
+from captioning.files import atomic_write_json, claim_folder
 from captioning.progress import format_duration
 from captioning.study import collect, examples, report, results
 from captioning.study.runs import (ARMS, BUDGETS, DEFAULT_ARMS, Plan, StudyError, environment, execute, execute_parallel,
@@ -171,7 +170,7 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> None:
         study = write_study_json(plan, invocation, replace_last=True)
         decoded = examples.decode_examples(plan, args.examples, log=log)
         summary = collect.build_summary(plan, study, decoded)
-        (plan.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        atomic_write_json(plan.out_dir / "summary.json", summary, indent=1)
         path = report.write_report(summary, plan.out_dir)
     except CaptioningError:
         raise

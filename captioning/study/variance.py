@@ -31,6 +31,7 @@ from typing import Sequence
 import torch
 
 from captioning.config import merge
+from captioning.files import atomic_write
 from captioning.progress import Progress
 from captioning.study.runs import StudyError
 
@@ -134,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = json.dumps(result, indent=1) + "\n"
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+        atomic_write(args.out, text)
     print(text)
     return 0
 
