@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -85,6 +86,12 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def command_line(prog: str, argv: Sequence[str] | None) -> str:
+    """What a run records as the command that made it: ``prog`` and the arguments (this process's
+    when ``argv`` is None), each quoted as a shell needs, so that the line can be run again."""
+    return " ".join([prog, *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
 
 
 def main_of(run: Callable[[list[str] | None, str | None], object]) -> Callable[..., int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import warnings
 
 import pytest
@@ -351,8 +352,10 @@ def test_benchmark_writes_into_its_own_folder_or_only_where_out_says(tmp_path, m
     assert folder_kind(folder) == "benchmark" and "matmul" in json.loads((folder / "benchmark.json").read_text())
     benchmark.run(["--quick", "--sections", "matmul"])  # its own folder: written again
     assert not (tmp_path / "runs" / "benchmark.json").exists()
-    benchmark.run(["--quick", "--sections", "matmul", "--out", "mine/b.json"])
-    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["b.json"]  # no marker, nothing else
+    benchmark.run(["--quick", "--sections", "matmul", "--out", "my results/b.json"])
+    assert sorted(p.name for p in (tmp_path / "my results").iterdir()) == ["b.json"]  # no marker, nothing else
+    recorded = json.loads((tmp_path / "my results" / "b.json").read_text())["command"]
+    assert shlex.split(recorded)[2:] == ["--quick", "--sections", "matmul", "--out", "my results/b.json"]  # runs again
 
     foreign = tmp_path / "other"
     (foreign / "runs" / "benchmark").mkdir(parents=True)

@@ -9,11 +9,10 @@ The folder, what --out may be, and the ONNX graphs (captioning/export/onnx.py): 
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
-from captioning.console import UsageError, main_of
+from captioning.console import UsageError, command_line, main_of
 
 
 def parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -31,7 +30,7 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
 def run(argv: list[str] | None = None, prog: str | None = None) -> Path:
     """``captioning export`` with ``argv``; -> the folder written. Raises a CaptioningError (status 2)."""
     args = parser(prog).parse_args(argv)
-    command = " ".join([prog or "captioning export", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+    command = command_line(prog or "captioning export", argv)
     if args.format == "onnx":
         try:
             import onnx  # noqa: F401

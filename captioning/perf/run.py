@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from captioning.config import BACKBONES, COMPILE_TARGETS
-from captioning.console import CommandFailed, main_of
+from captioning.console import CommandFailed, command_line, main_of
 
 SECTIONS = ("matmul", "train", "encoder", "beam", "loader")
 
@@ -189,7 +189,7 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> dict[str, Any
     sections = [s for s in SECTIONS if s in args.sections]
     if "train" in sections and "matmul" not in sections:
         sections.insert(0, "matmul")  # the training step's FLOP/s are reported as a fraction of it
-    results: dict[str, Any] = {"command": "captioning benchmark " + " ".join(argv if argv is not None else sys.argv[1:]),
+    results: dict[str, Any] = {"command": command_line(prog or "captioning benchmark", argv),
                                "machine": bench.machine_info(device), "sizes": asdict(sizes),
                                "precision": precision, "skipped": []}
     compile_targets = list(args.compile)

@@ -22,13 +22,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import shlex
 import sys
 import time
 from pathlib import Path
 
 from captioning.config import to_dict
-from captioning.console import CaptioningError, main_of, positive_int
+from captioning.console import CaptioningError, command_line, main_of, positive_int
 from captioning.evaluation import metrics, run as evaluate
 from captioning.files import atomic_write_json, claim_folder
 from captioning.progress import format_duration
@@ -85,7 +84,7 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
 
 def make_plan(args: argparse.Namespace, argv: list[str], prog: str | None = None) -> Plan:
     """The runs and settings of this invocation, checked before anything runs."""
-    command = shlex.join([*(prog.split() if prog else ["python", "scripts/compare.py"]), *argv])
+    command = command_line(prog or "python scripts/compare.py", argv)
     if args.checkpoints:
         if args.config or args.set:
             raise StudyError("--checkpoints evaluates checkpoints as they are; "

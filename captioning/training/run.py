@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 import time
 from pathlib import Path
 
 from captioning.config import ATTENTIONS, LOGGERS, ConfigError, build_config, merge, parse_override, validate
-from captioning.console import CaptioningError, CommandFailed, interruptible, main_of, positive_int
+from captioning.console import CaptioningError, CommandFailed, command_line, interruptible, main_of, positive_int
 from captioning.data.coco import AnnotationError, write_results
 from captioning.files import FileWriteError, as_write_error, atomic_write_json
 from captioning.training.run_folder import (check_out_dir, choose_out_dir, launched_as_rank_zero,
@@ -209,7 +207,7 @@ def train(args: argparse.Namespace, prog: str, argv: list[str] | None = None) ->
 
         extra = {
             # The command that made the run (a model folder's card quotes it: captioning export).
-            "command": " ".join([prog, *map(shlex.quote, sys.argv[1:] if argv is None else argv)]),
+            "command": command_line(prog, argv),
             "attention": cfg.model.attention,
             "checkpoint": str(out_dir / "best.ckpt") if best else None,
             "global_step": trainer.global_step,
