@@ -31,7 +31,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from captioning.config import HARD_MODES
 from captioning.console import EXIT_OK, EXIT_SOME_FAILED, UsageError, main_of, one_line, positive_int, print_error
+from captioning.data.coco import SPLITS
 from captioning.progress import Progress
 
 #: File name endings taken from folders and globs (case-insensitive).
@@ -189,7 +191,7 @@ def add_decoding_options(p: argparse.ArgumentParser, n_best: bool = True) -> Non
                    help="beam width; 1 = greedy (default: the checkpoint's decode.beam_size)")
     p.add_argument("--max-len", type=positive_int, metavar="N",
                    help="most words per caption (default: the checkpoint's decode.max_len)")
-    p.add_argument("--hard-mode", choices=["expected", "argmax", "sample"],
+    p.add_argument("--hard-mode", choices=HARD_MODES,
                    help="how a hard-attention model attends (default: the checkpoint's decode.hard_mode)")
     if n_best:
         p.add_argument("--n-best", type=positive_int, default=1, metavar="K",
@@ -256,7 +258,7 @@ def caption_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="images decoded together (default: 32)")
     add_decoding_options(p)
     p.add_argument("--seed", type=int, help="make sampling (words, and hard attention's sample mode) repeatable")
-    p.add_argument("--from-split", choices=["train", "val", "test"], metavar="SPLIT",
+    p.add_argument("--from-split", choices=SPLITS, metavar="SPLIT",
                    help="also caption images of this split of the checkpoint's dataset")
     p.add_argument("--limit", type=positive_int, metavar="N",
                    help="with --from-split: only the first N images of the split")

@@ -60,12 +60,11 @@ from typing import Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
+from captioning.config import HARD_MODES
 from captioning.console import CaptioningError, InvalidValue
 from captioning.data.coco import read_instances
 
-#: How the decoder attended (see the module docstring, "Which attention").
-MODES = ("expected", "argmax", "sample")
-
+#: How the decoder attended, per hard mode (see the module docstring, "Which attention").
 MODE_DESCRIPTIONS = {
     "expected": "alpha (the expected context the decoder used)",
     "argmax": "one-hot on argmax alpha (the location the decoder used)",
@@ -232,8 +231,8 @@ class WordScore(NamedTuple):
 def score_word(attention: np.ndarray, grid_boxes: np.ndarray, mode: str = "expected") -> WordScore:
     """Pointing game and mass in box of one word's attention map [gh, gw] against boxes in grid
     units (see :func:`boxes_to_grid`); ``mode`` is how the decoder attended (module docstring)."""
-    if mode not in MODES:
-        raise InvalidValue(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode not in HARD_MODES:
+        raise InvalidValue(f"mode must be one of {', '.join(HARD_MODES)}, got {mode!r}")
     a = np.asarray(attention, dtype=np.float64)
     if a.ndim != 2:
         raise InvalidValue(f"attention must be a [gh, gw] map, got shape {a.shape}")

@@ -32,7 +32,7 @@ from pathlib import Path
 from captioning.caption.run import add_decoding_options, captioner_and_options, data_config
 from captioning.console import UsageError, interruptible, main_of, one_line, positive_int
 from captioning.files import ForeignFolderError, atomic_write_json, claim_folder, folder_kind
-from captioning.data.coco import write_results
+from captioning.data.coco import SPLITS, write_results
 from captioning.evaluation import metrics
 from captioning.progress import format_duration
 
@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
                    help='instead of a checkpoint: captions to score, [{"image_id": int, "caption": str}, ...]')
     p.add_argument("--annotations", type=Path, metavar="FILE",
                    help="with --results: the COCO captions file holding the references (captions_*.json)")
-    p.add_argument("--split", choices=["train", "val", "test"], help="default: test")
+    p.add_argument("--split", choices=SPLITS, help="default: test")
     p.add_argument("--out-dir", type=Path,
                    help="a new or empty folder, or one an evaluation wrote (default: <checkpoint folder>/eval, "
                         "or the results file's eval/ subfolder)")

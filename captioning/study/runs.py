@@ -371,13 +371,13 @@ def is_evaluated(run: Run, mode: str | None, plan: Plan, last: bool = False) -> 
 def clear_unfinished(run: Run) -> None:
     """Remove what a run interrupted mid-training left, so it restarts cleanly (only train.py's files).
     A run that another live process is training (a part of the study run elsewhere) is refused."""
-    from captioning.training.run_folder import LOCK_NAME
+    from captioning.training.run_folder import LOCK_NAME, RESULT_FILES
 
     lock = RunLock(run.dir / LOCK_NAME)
     if (holder := lock.live_holder()) is not None:
         raise StudyError(f"{run.name} is being trained by {lock.describe(holder)}; let it finish, then run this "
                          "command again")
-    for name in ("best.ckpt", "last.ckpt", "metrics.json", "test_predictions.json"):
+    for name in RESULT_FILES:
         (run.dir / name).unlink(missing_ok=True)
     for folder in [run.dir / "logs", run.dir / "epochs", run.dir / "eval-last", *[run.eval_dir(m) for m in HARD_MODES]]:
         if folder.is_dir():

@@ -26,6 +26,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable, Sequence
 
+from captioning.config import HARD_MODES
 from captioning.study import results
 from captioning.study.collect import GROUNDING_KINDS
 from captioning.study.report import TESTED, md_table, number, p_text
@@ -239,8 +240,8 @@ def hard_modes(folder: Path) -> str:
         recs = load(budget, folder)
         if "hard" in recs.by_arm:
             rows.append(["hard", budget, str(len(recs.by_arm["hard"]))]
-                        + [_summary(recs.values("hard", "bleu_4", mode)) for mode in ("expected", "argmax", "sample")])
-    return _table(["arm", "budget", "seeds", "expected", "argmax", "sample"], rows)
+                        + [_summary(recs.values("hard", "bleu_4", mode)) for mode in HARD_MODES])
+    return _table(["arm", "budget", "seeds", *HARD_MODES], rows)
 
 
 def variance(folder: Path) -> str:
