@@ -146,6 +146,7 @@ def test_render_rewrites_only_the_blocks(results):
     ("{not json", "is not a results record"),
     (json.dumps({"format": 1, "arm": "soft"}), "missing study, seed, test"),
     (json.dumps({"format": 99, "study": "default", "arm": "soft", "seed": 0, "test": {}}), "of format 1"),
+    (json.dumps([1, 2]), "missing study, arm, seed, test"),
 ])
 def test_a_damaged_record_is_one_line_naming_it(tmp_path, content, message):
     (tmp_path / "default").mkdir()
@@ -164,6 +165,18 @@ def test_check_reports_a_stale_doc_and_rebuild_fixes_it(results, tmp_path, monke
     assert "doc.md" in capsys.readouterr().err
     assert tables.main(["--results", str(folder)]) == 0
     assert tables.main(["--check", "--results", str(folder)]) == 0
+
+
+def test_a_results_folder_that_is_not_there_is_refused_and_no_doc_rebuilt(tmp_path, monkeypatch, capsys):
+    from captioning.console import guarded
+
+    doc = tmp_path / "doc.md"
+    doc.write_text("<!-- results: readme -->\nkept\n<!-- /results -->\n")
+    monkeypatch.setattr(tables, "DOCS", (doc,))
+    assert guarded(lambda: tables.main(["--results", str(tmp_path / "typo")])) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --results ") and "typo is not a folder" in err and err.count("\n") == 1
+    assert "kept" in doc.read_text()
 
 
 def test_missing_names_the_designs_runs_without_a_record(results, capsys):

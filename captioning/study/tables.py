@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from captioning.config import HARD_MODES
+from captioning.files import atomic_write
 from captioning.study import results
 from captioning.study.collect import GROUNDING_KINDS
 from captioning.study.report import TESTED, md_table, number, p_text
@@ -296,6 +297,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="print the runs of the study's design at BUDGET (quick, default) that have no record yet, "
                         "for captioning compare --runs; change nothing")
     args = p.parse_args(argv)
+    if not args.results.is_dir():  # else every table would be rebuilt empty
+        raise StudyError(f"--results {args.results} is not a folder: give the folder that holds the records "
+                         "(docs/results, or what captioning compare --export-results wrote)")
     if args.missing:
         done = {r["name"] for mine in load(args.missing, args.results).by_arm.values() for r in mine}
         design = DESIGN[args.missing]
@@ -303,17 +307,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                        if seed < seeds and f"{arm}-seed{seed}" not in done))
         return 0
     stale = []
-    try:
-        for doc in DOCS:
-            text = doc.read_text()
-            new = render(text, args.results)
-            if new != text:
-                stale.append(doc)
-                if not args.check:
-                    doc.write_text(new)
-    except StudyError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    for doc in DOCS:  # a StudyError is printed as one line, exit status 2, by console.guarded
+        text = doc.read_text()
+        new = render(text, args.results)
+        if new != text:
+            stale.append(doc)
+            if not args.check:
+                atomic_write(doc, new)
     if args.check and stale:
         print("error: tables out of step with docs/results in " + ", ".join(str(d.relative_to(ROOT)) for d in stale)
               + "; run python -m captioning.study.tables", file=sys.stderr)

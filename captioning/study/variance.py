@@ -102,33 +102,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--draws", type=int, default=32, help="repeated draws per estimator and checkpoint (default 32)")
     p.add_argument("--out", type=Path, help="write the measurement as JSON here (e.g. docs/results/variance.json)")
     args = p.parse_args(argv)
-    try:
-        epochs = sorted((args.run_dir / "epochs").glob("epoch*.ckpt"), key=lambda q: int(q.stem[5:]))
-        if not epochs:
-            raise StudyError(f"{args.run_dir / 'epochs'} holds no epoch checkpoints; train the run with "
-                             "--set train.save_every_epoch=true")
-        if args.samples < 2 or args.draws < 2:
-            raise StudyError("--samples and --draws must be at least 2")
-        chosen = [None, epochs[0], epochs[(len(epochs) - 1) // 2], epochs[-1]]
-        points = []
-        progress = Progress(len(chosen) * 2, "variance", unit="estimates")
-        batch = None
-        for checkpoint in chosen:
-            point = {"estimators": {}}
-            for samples in (1, args.samples):
-                module, cfg, vocab, step = _module(args.run_dir, checkpoint, samples)
-                batch = batch or _minibatch(cfg, vocab)
-                point["estimators"][str(samples)] = measure(module, batch, samples, args.draws)
-                progress.update(1)
-            point["step"] = step
-            point["checkpoint"] = "initialisation (step 0)" if checkpoint is None else \
-                f"after epoch {int(checkpoint.stem[5:]) + 1} (step {step})"
-            point["baseline"] = float(module.baseline.value) if module.baseline is not None else None
-            points.append(point)
-        progress.close()
-    except StudyError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    epochs = sorted((args.run_dir / "epochs").glob("epoch*.ckpt"), key=lambda q: int(q.stem[5:]))
+    if not epochs:
+        raise StudyError(f"{args.run_dir / 'epochs'} holds no epoch checkpoints; train the run with "
+                         "--set train.save_every_epoch=true")
+    if args.samples < 2 or args.draws < 2:
+        raise StudyError("--samples and --draws must be at least 2")
+    chosen = [None, epochs[0], epochs[(len(epochs) - 1) // 2], epochs[-1]]
+    points = []
+    progress = Progress(len(chosen) * 2, "variance", unit="estimates")
+    batch = None
+    for checkpoint in chosen:
+        point = {"estimators": {}}
+        for samples in (1, args.samples):
+            module, cfg, vocab, step = _module(args.run_dir, checkpoint, samples)
+            batch = batch or _minibatch(cfg, vocab)
+            point["estimators"][str(samples)] = measure(module, batch, samples, args.draws)
+            progress.update(1)
+        point["step"] = step
+        point["checkpoint"] = "initialisation (step 0)" if checkpoint is None else \
+            f"after epoch {int(checkpoint.stem[5:]) + 1} (step {step})"
+        point["baseline"] = float(module.baseline.value) if module.baseline is not None else None
+        points.append(point)
+    progress.close()
     result = {"run": args.run_dir.name, "samples": args.samples, "draws": args.draws,
               "batch": {"images": cfg.data.batch_size, "captions_per_image": cfg.data.captions_per_image},
               "threads": torch.get_num_threads(), "points": points}
