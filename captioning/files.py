@@ -218,7 +218,8 @@ class NotARegularFileError(_OneLineOSError):
     """A path the project reads or writes as its own file is a link, a FIFO, a device or a folder."""
 
 
-def _kind_of(mode: int) -> str:
+def kind_of(mode: int) -> str:
+    """What a path of this ``st_mode`` is, said as a message says it: "a folder", "a FIFO", ..."""
     for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a device"),
                        (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a link")):
         if test(mode):
@@ -244,7 +245,7 @@ def open_regular(path: str | Path, flags: int = os.O_RDONLY, follow_links: bool 
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         os.close(fd)
-        raise NotARegularFileError(errno.EINVAL, f"{path} is {_kind_of(info.st_mode)}, not a regular file")
+        raise NotARegularFileError(errno.EINVAL, f"{path} is {kind_of(info.st_mode)}, not a regular file")
     return fd
 
 

@@ -63,19 +63,15 @@ def _not_a_file(path: Path) -> str | None:
     """Why ``path`` cannot be read as an image file, or None when it is a regular file."""
     import stat
 
+    from captioning.files import kind_of
+
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
         return "a link to nothing" if path.is_symlink() else "no such file"
     except OSError as err:
         return err.strerror or str(err)
-    if stat.S_ISREG(mode):
-        return None
-    for test, what in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device")):
-        if test(mode):
-            return f"{what}, not an image file"
-    return "not a regular file"
+    return None if stat.S_ISREG(mode) else f"{kind_of(mode)}, not an image file"
 
 
 def expand_inputs(items: Sequence[str]) -> tuple[list[Path], list[str]]:
