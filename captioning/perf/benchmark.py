@@ -33,6 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from captioning.console import InvalidValue
 from captioning.config import Config, DecoderConfig, EncoderConfig, LossConfig, ModelConfig, OptimConfig, TrainConfig
+from captioning.data.prepare import available_cores
 from captioning.device import cpu_name
 from captioning.models.captioner import ShowAttendTell
 from captioning.models.encoder import Encoder
@@ -156,7 +157,7 @@ def peak_memory_mib(device: torch.device, fn: Callable[[], Any], baseline: int) 
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
-    info = {"device": str(device), "cpu": cpu_name(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    info = {"device": str(device), "cpu": cpu_name(), "cpu_cores": available_cores(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
     # glibc's malloc settings this process started with (docs/performance.md, "Around the model").
