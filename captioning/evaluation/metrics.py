@@ -112,17 +112,22 @@ class ScoreReport:
 
 
 @functools.lru_cache(maxsize=1)
-def java_available() -> bool:
-    """True if a working ``java`` is on PATH (cached: ``java_available.cache_clear()`` re-checks)."""
+def java_version() -> str | None:
+    """The first line ``java -version`` prints, or None without a working ``java`` on PATH (cached:
+    ``java_version.cache_clear()`` re-checks)."""
     if shutil.which("java") is None:
-        return False
+        return None
     try:
-        proc = subprocess.run(
-            ["java", "-version"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60
-        )
+        proc = subprocess.run(["java", "-version"], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError):
-        return False
-    return proc.returncode == 0
+        return None
+    lines = (proc.stderr or proc.stdout).strip().splitlines()
+    return (lines[0] if lines else "java") if proc.returncode == 0 else None
+
+
+def java_available() -> bool:
+    """True if a working ``java`` is on PATH."""
+    return java_version() is not None
 
 
 # ---------------------------------------------------------------------------------- tokenizers

@@ -394,6 +394,7 @@ def environment() -> dict:
     import torch
 
     from captioning.device import cpu_name
+    from captioning.evaluation.metrics import java_version
 
     versions = {"python": platform.python_version()}
     for dist in ("torch", "torchvision", "pytorch-lightning", "numpy", "pillow", "pycocoevalcap", "matplotlib"):
@@ -401,11 +402,7 @@ def environment() -> dict:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             versions[dist] = None
-    try:
-        proc = subprocess.run(["java", "-version"], capture_output=True, text=True, timeout=30)
-        versions["java"] = (proc.stderr or proc.stdout).strip().splitlines()[0] if proc.returncode == 0 else None
-    except (OSError, subprocess.TimeoutExpired, IndexError):
-        versions["java"] = None
+    versions["java"] = java_version()
     versions["torch"] = torch.__version__  # with its build tag, e.g. +cu130 or +cpu
     try:
         memory_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
