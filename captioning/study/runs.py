@@ -543,13 +543,11 @@ def write_encoder_file(checkpoint: Path, path: Path) -> None:
     """The torchvision state dict of ``checkpoint``'s encoder backbone -> ``path``, loadable with
     ``model.encoder.weights=path``. Stages the model does not keep stay at their fresh initialisation
     (they are never run)."""
-    import io
-
-    import torch
     import torchvision
 
     from captioning.checkpoint import CheckpointError, checkpoint_config, read_checkpoint
     from captioning.models.encoder import backbone_stages
+    from captioning.training.trainer import AtomicCheckpointIO
 
     try:
         ckpt = read_checkpoint(checkpoint)
@@ -562,10 +560,7 @@ def write_encoder_file(checkpoint: Path, path: Path) -> None:
     stages = dict(backbone_stages(net, cfg.model.encoder.backbone))
     for name in {key.split(".", 1)[0] for key in trained}:
         stages[name].load_state_dict({k.split(".", 1)[1]: v for k, v in trained.items() if k.startswith(f"{name}.")})
-    buffer = io.BytesIO()
-    torch.save(net.state_dict(), buffer)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, buffer.getbuffer())
+    AtomicCheckpointIO().save_checkpoint(net.state_dict(), path)  # torch.save, written whole, then swapped in
 
 
 def _log_done(log: Callable[[str], None], progress: Progress, what: str, seconds: float) -> None:
