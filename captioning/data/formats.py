@@ -458,7 +458,8 @@ class Flickr8k(Format):
 
     def write_example(self, root: Path, captions: dict[int, list[str]], split_of: dict[int, str]) -> tuple[Path, Path]:
         path = root / self.example_files[0]
-        atomic_write(path, "".join(f"img_{i}.jpg#{n}\t{c}\n" for i, caps in captions.items() for n, c in enumerate(caps)))
+        lines = [f"img_{i}.jpg#{n}\t{c}\n" for i, caps in captions.items() for n, c in enumerate(caps)]
+        atomic_write(path, "".join(lines))
         for split, name in FLICKR8K_SPLIT_LISTS.items():
             atomic_write(root / name, "".join(f"img_{i}.jpg\n" for i in captions if split_of[i] == split))
         return path, root / "images"

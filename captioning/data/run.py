@@ -39,7 +39,7 @@ from captioning.console import CaptioningError, interruptible, main_of
 from captioning.data.coco import SPLITS, AnnotationError
 from captioning.data.formats import FORMATS, SourceDataset, detect_format
 from captioning.data.prepare import PrepareError, PrepareOptions, available_cores, format_summary, prepare
-from captioning.files import atomic_write_json
+from captioning.files import atomic_write_json, partial_name
 
 
 def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
@@ -185,7 +185,8 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> Any:
     """``captioning prepare`` with ``argv``; -> what it wrote. Raises a CaptioningError (bad input: status
     2), or Interrupted saying that <out>.partial keeps the finished chunks."""
     args = parse_args(argv, prog)
-    left = f"{args.out}.partial keeps the finished chunks: run the same command again to resume" if args.out else None
+    left = None if args.out is None else \
+        f"{partial_name(args.out)} keeps the finished chunks: run the same command again to resume"
     with interruptible(left):
         try:
             if args.benchmark is not None:

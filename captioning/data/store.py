@@ -23,6 +23,7 @@ from captioning.console import CaptioningError
 from captioning.data.coco import ImageRecord, read_boxes, read_json
 from captioning.data.prepare import FORMAT_VERSION
 from captioning.data.transforms import preprocess
+from captioning.files import partial_name
 from captioning.vocab import Vocabulary
 
 
@@ -112,7 +113,7 @@ class PreparedFolder:
         self.root = Path(root)
         manifest = self.root / "manifest.json"
         if not manifest.is_file():
-            partial = self.root.with_name(self.root.name + ".partial")
+            partial = partial_name(self.root)
             if partial.is_dir():
                 raise PreparedDataError(f"the preparation of {self.root} did not finish ({partial} is there): run the "
                                         "same captioning prepare command again to resume it")
@@ -133,7 +134,8 @@ class PreparedFolder:
         try:
             return Vocabulary(stored.get("words") if isinstance(stored, dict) else stored)
         except ValueError as err:
-            raise PreparedDataError(f"prepared vocabulary {path} is damaged ({err}): prepare the folder again") from None
+            raise PreparedDataError(f"prepared vocabulary {path} is damaged ({err}): prepare the folder again") \
+                from None
 
     def split(self, split: str) -> PreparedSplit:
         if split not in self._splits:

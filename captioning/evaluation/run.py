@@ -36,7 +36,8 @@ from captioning.data.coco import SPLITS, write_results
 from captioning.evaluation import metrics
 from captioning.progress import format_duration
 
-RESULTS_OPTIONS = ("checkpoint", "results", "annotations", "out_dir", "metrics", "tokenizer")  # all a results file reads
+#: The options scoring a results file reads; every other one is refused there (check_mode).
+RESULTS_OPTIONS = ("checkpoint", "results", "annotations", "out_dir", "metrics", "tokenizer")
 
 
 def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:

@@ -157,8 +157,8 @@ def peak_memory_mib(device: torch.device, fn: Callable[[], Any], baseline: int) 
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
-    info = {"device": str(device), "cpu": cpu_name(), "cpu_cores": available_cores(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(),
+    info = {"device": str(device), "cpu": cpu_name(), "cpu_cores": available_cores(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
     # glibc's malloc settings this process started with (docs/performance.md, "Around the model").
     tuned = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"]
