@@ -413,8 +413,8 @@ def _spice_models_missing() -> str:
     missing = [p for p in needed if not os.path.exists(p)]
     if missing:
         return (f"Stanford CoreNLP models not present ({', '.join(os.path.basename(p) for p in missing)} "
-                       f"missing in {lib}); pycocoevalcap would download them on first use. Fetch them once with "
-                       "network access: python -m pycocoevalcap.spice.get_stanford_models")
+                f"missing in {lib}); pycocoevalcap would download them on first use. Fetch them once with "
+                "network access: python -m pycocoevalcap.spice.get_stanford_models")
     return ""
 
 
