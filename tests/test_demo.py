@@ -336,6 +336,31 @@ def test_server_listens_on_loopback_by_default(demo):
         server.server_close()
 
 
+@pytest.mark.parametrize("port", ["taken", "70000", "-1"])
+def test_demo_that_cannot_listen_says_so_in_one_line(demo, capsys, port):
+    """A port in use is refused by the system when the server binds, one out of 0-65535 by the
+    command line before the checkpoint is read: one line and status 2 each, never a traceback."""
+    import socket
+
+    from captioning import cli
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        given = str(taken.getsockname()[1]) if port == "taken" else port
+        try:
+            code = cli.main(["demo", "--checkpoint", str(demo.captioner.source), "--port", given, "--device", "cpu"])
+        except SystemExit as exit_:  # argparse's refusal of the value
+            code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    if port == "taken":
+        assert f"cannot listen on 127.0.0.1:{given}" in err and "choose another --port" in err, err
+        assert len(err.strip().splitlines()) == 1, err
+    else:
+        assert f"--port: expected a port from 0 to 65535, got {given}" in err, err
+
+
 # ----------------------------------------------------------------------------- the browser
 
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

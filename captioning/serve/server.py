@@ -653,9 +653,13 @@ class DemoServer(HTTPServer):
             sys.stderr.write(f"demo: {client_address[0]}: {type(err).__name__}: {one_line(err, 200)}\n")
 
     def server_close(self) -> None:
-        self.reception.stop()
+        # HTTPServer.__init__ calls this when it cannot bind, before the reception and the pool
+        # exist; its OSError must then reach the caller (demo: "cannot listen on ...").
+        if hasattr(self, "reception"):
+            self.reception.stop()
         super().server_close()
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        if hasattr(self, "pool"):
+            self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 def make_server(captioner, host: str = "127.0.0.1", port: int = 8000, examples: Sequence[Path] = (),
