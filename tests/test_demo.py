@@ -110,6 +110,34 @@ def test_truncated_jpeg_and_oversized_upload(demo):
     assert post(demo.url, demo.photo.read_bytes(), "method=greedy")[0] == 200
 
 
+def test_an_example_that_cannot_be_read_is_named_and_answered_404(demo, tmp_path):
+    """Messages about an example name it (not "the upload"); one truncated, or gone from disk after
+    the start, gets a 404 naming it, from the caption endpoint and from /api/example/<i> alike."""
+    good, bad = tmp_path / "good.png", tmp_path / "bad.jpg"
+    shutil.copy(demo.examples[0], good)
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(buffer, format="JPEG")
+    bad.write_bytes(buffer.getvalue()[:200])
+    server = make_server(demo.captioner, "127.0.0.1", 0, [good, bad])
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    try:
+        code, data = post(url, b"", "method=greedy&example=1")
+        assert code == 404 and "example image 1 (bad.jpg) cannot be read as an image" in data["error"], data
+        assert "upload" not in data["error"] and str(tmp_path) not in data["error"]
+        good.unlink()
+        code, data = post(url, b"", "method=greedy&example=0")
+        assert code == 404 and "example image 0 (good.png) is no longer a readable file" in data["error"], data
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(f"{url}/api/example/0", timeout=60)
+        assert answer.value.code == 404
+        assert "example image 0 (good.png) is no longer a readable file" in json.loads(answer.value.read())["error"]
+        assert post(url, demo.photo.read_bytes(), "method=greedy")[0] == 200  # still serving
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 # ----------------------------------------------------------------------------- uploads as tools send them
 
 

@@ -157,14 +157,21 @@ class Demo:
             options["seed"] = number(query, "seed")
         return options
 
-    def example(self, index: str) -> Path:
-        """Example image ``index`` (as the URL or the query gives it), or a 404."""
+    def example(self, index: str) -> tuple[Path, str]:
+        """Example image ``index`` (as the URL or the query gives it) -> its path and its name for
+        messages; a 404 for no such example, or one that is no longer a file (removed after the start)."""
         if re.fullmatch(r"[0-9]{1,3}", index, re.ASCII) and int(index) < len(self.examples):
-            return self.examples[int(index)]
+            path = self.examples[int(index)]
+            what = f"example image {int(index)} ({path.name[:80]})"
+            if not path.is_file():
+                raise RequestError(HTTPStatus.NOT_FOUND, f"{what} is no longer a readable file")
+            return path, what
         raise RequestError(HTTPStatus.NOT_FOUND, f"no example image {index[:40]!r}")
 
-    def caption(self, image_path: Path, query: dict, what: str = "the upload") -> dict:
-        """Caption the image at ``image_path``; ``what`` names it in messages."""
+    def caption(self, image_path: Path, query: dict, what: str = "the upload",
+                unreadable: HTTPStatus = HTTPStatus.BAD_REQUEST) -> dict:
+        """Caption the image at ``image_path``; ``what`` names it in messages, and an image that
+        cannot be read is answered ``unreadable`` (the client's upload: 400; an example: 404)."""
         options = self.options(query)
         seed = options.pop("seed", None)
         try:
@@ -175,7 +182,7 @@ class Demo:
                 warnings.simplefilter("ignore", UserWarning)
                 captions = self.captioner.caption(image_path, decode, seed=seed)
         except ImageLoadError as err:
-            raise RequestError(HTTPStatus.BAD_REQUEST, _image_message(err, image_path, what)) from None
+            raise RequestError(unreadable, _image_message(err, image_path, what)) from None
         except ValueError as err:  # bad decoding options
             raise RequestError(HTTPStatus.BAD_REQUEST, one_line(err)) from None
         best = captions[0]
@@ -186,7 +193,9 @@ class Demo:
 
 def _image_message(err: Exception, path: Path, what: str) -> str:
     message = one_line(err)
-    message = message.replace(f"cannot read image {path}: ", "").replace(str(path), "the upload")
+    # An upload's path is the server's temporary file; an example's name is public (/api/info).
+    shown = path.name if what.startswith("example image") else "the upload"
+    message = message.replace(f"cannot read image {path}: ", "").replace(str(path), shown)
     hint = ("; send an image file as the body, or as the multipart/form-data field 'file' "
             "(curl -F file=@photo.jpg)") if what.startswith("the request body") else ""
     return f"{what} cannot be read as an image ({message}){hint}"
@@ -371,7 +380,13 @@ class Handler(BaseHTTPRequestHandler):
         if url.path == "/api/info":
             return self.send_json(HTTPStatus.OK, self.demo.info())
         if url.path.startswith("/api/example/"):
-            return self.send_file(self.demo.example(url.path.rsplit("/", 1)[1]))
+            path, what = self.demo.example(url.path.rsplit("/", 1)[1])
+            try:
+                data = path.read_bytes()
+            except OSError as err:  # removed or made unreadable since: the example's fault, not the server's
+                raise RequestError(HTTPStatus.NOT_FOUND, f"{what} is no longer a readable file "
+                                                         f"({err.strerror or type(err).__name__})") from None
+            return self.send_body(HTTPStatus.OK, data, mimetypes.guess_type(path.name)[0] or "application/octet-stream")
         raise RequestError(HTTPStatus.NOT_FOUND, f"no such page: {url.path[:100]}")
 
     def _post(self) -> None:
@@ -386,7 +401,8 @@ class Handler(BaseHTTPRequestHandler):
         if not body:
             if "example" not in query:
                 raise RequestError(HTTPStatus.BAD_REQUEST, "no image: upload a file or pick an example")
-            return self.send_json(HTTPStatus.OK, self.demo.caption(self.demo.example(query["example"][0]), query))
+            path, what = self.demo.example(query["example"][0])
+            return self.send_json(HTTPStatus.OK, self.demo.caption(path, query, what, HTTPStatus.NOT_FOUND))
         content_type = self.headers.get("Content-Type", "")
         if content_type.split(";")[0].strip().lower() == "multipart/form-data":
             data, what = form_file(content_type, body)
