@@ -100,6 +100,34 @@ def test_bad_requests_get_one_line_errors_and_the_server_keeps_serving(demo, bod
     assert post(demo.url, demo.photo.read_bytes(), "method=greedy")[0] == 200
 
 
+@pytest.mark.parametrize("query,message", [
+    ("method=beam&beamsize=7&foo=1", "unknown query options 'beamsize', 'foo'"),
+    ("method=beam&beam_size=3&beam_size=7", "beam_size is given 2 times"),
+    ("method=greedy&no_unk=maybe", "no_unk must be 1 or 0"),
+    ("method=greedy&beam_size=7", "method=greedy does not use beam_size"),
+    ("method=greedy&n_best=3&temperature=2", "method=greedy does not use n_best, temperature"),
+    ("method=beam&top_k=5", "method=beam does not use top_k"),
+    ("method=sample&beam_size=2", "method=sample does not use beam_size"),
+    ("method=beam&seed=1", "seed is used by method=sample or hard_mode=sample only"),
+])
+def test_options_a_request_does_not_use_are_refused(demo, query, message):
+    code, data = post(demo.url, demo.photo.read_bytes(), query)
+    assert code == 400 and message in data["error"] and "\n" not in data["error"], data
+
+
+def test_no_unk_reads_the_usual_words_for_yes_and_no(demo):
+    for value, expected in (("yes", True), ("on", True), ("1", True), ("no", False), ("false", False)):
+        code, data = post(demo.url, demo.photo.read_bytes(), f"method=greedy&no_unk={value}")
+        assert code == 200 and data["settings"].get("no_unk", False) is expected, (value, data["settings"])
+
+
+def test_options_sent_as_form_fields_are_refused_with_where_they_go(demo):
+    body, ctype = multipart([("file", "photo.png", demo.photo.read_bytes(), "image/png"),
+                             ("beam_size", None, b"7", None)])
+    code, data = post(demo.url, body, "method=beam", ctype)
+    assert code == 400 and "beam_size" in data["error"] and "in the query" in data["error"], data
+
+
 def test_truncated_jpeg_and_oversized_upload(demo):
     buffer = io.BytesIO()
     Image.new("RGB", (64, 64), (10, 200, 30)).save(buffer, format="JPEG")
@@ -524,6 +552,10 @@ def test_hard_checkpoint_reports_where_each_word_looked(demo, tmp_path):
                 assert flat[loc] > 0
                 if mode == "argmax":
                     assert loc == int(flat.argmax())
+        # Sampled locations: a seed makes them repeatable, and the settings record it.
+        answers = [post(url, demo.photo.read_bytes(), "method=greedy&hard_mode=sample&seed=1") for _ in range(2)]
+        assert [a[0] for a in answers] == [200, 200] and answers[0][1]["settings"]["seed"] == 1
+        assert answers[0][1]["captions"][0]["locations"] == answers[1][1]["captions"][0]["locations"]
         status, data = post(url, demo.photo.read_bytes(), "method=greedy&hard_mode=bogus")
         assert status == 400 and "hard_mode must be one of" in data["error"]
     finally:

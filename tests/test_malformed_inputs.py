@@ -501,6 +501,13 @@ REQUESTS: list[tuple[str, bytes]] = [
     ("seed negative", _post("method=sample&seed=-5", PNG)),
     ("hard_mode bogus", _post("method=greedy&hard_mode=bogus", PNG)),
     ("method bogus", _post("method=" + "x" * 5000, PNG)),
+    ("query key unknown", _post("method=beam&beamsize=7", PNG)),
+    ("query key twice", _post("method=beam&beam_size=3&beam_size=7", PNG)),
+    ("option of another method", _post("method=greedy&temperature=2", PNG)),
+    ("no_unk bogus", _post("method=greedy&no_unk=maybe", PNG)),
+    ("multipart option field", _form(b"--b0undary\r\nContent-Disposition: form-data; name=\"file\"; "
+                                     b"filename=\"a.png\"\r\n\r\n" + PNG + b"\r\n--b0undary\r\nContent-Disposition: "
+                                     b"form-data; name=\"beam_size\"\r\n\r\n7\r\n--b0undary--\r\n")),
     ("too many fields", _post("&".join(f"a{i}=1" for i in range(500)), PNG)),
     ("multipart no boundary", _post("", b"--x\r\n\r\n", "Content-Type: multipart/form-data")),
     ("multipart other boundary", _form(b"--other\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nabc\r\n--other--\r\n")),

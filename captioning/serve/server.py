@@ -11,9 +11,11 @@ this file) has no external scripts, and the server listens on 127.0.0.1 unless t
     GET  /api/example/<i>    example image i (the checkpoint's test split, or --examples DIR)
     POST /api/caption?...    body: an image file, raw (curl --data-binary @photo.jpg) or as the
                              multipart/form-data field "file" (curl -F file=@photo.jpg, HTML forms,
-                             requests); or empty with example=<i>; query: method (beam | greedy |
-                             sample), beam_size, n_best, temperature, top_k, min_len, no_unk,
-                             hard_mode, seed (ranges: NUMBERS)
+                             requests); or empty with example=<i>; query: method (beam:
+                             beam_size, n_best | greedy | sample: n_best, temperature, top_k, seed),
+                             max_len, min_len, no_unk (1 or 0), hard_mode, seed with hard_mode=sample
+                             (ranges: NUMBERS); an unknown key, one given twice, one the method
+                             does not use or one sent as a form field is a 400 (METHOD_KEYS)
                              -> {"captions": [{"text", "words", "score", "ended", "attention"}], ...};
                              the page sends the header X-Demo-Client: page, and its messages then
                              speak of "the chosen file" without the hints for curl
@@ -90,6 +92,13 @@ NUMBERS: dict[str, tuple[type, float, float]] = {
     "beam_size": (int, 1, 20), "n_best": (int, 1, 10), "max_len": (int, 1, 100), "min_len": (int, 0, 100),
     "top_k": (int, 1, 100000), "seed": (int, 0, 2**31 - 1), "temperature": (float, 0.01, 100.0),
 }
+#: The query's keys: those of every request, and those of each method; "seed" is sampling's, of
+#: method=sample or of hard attention's hard_mode=sample. A key a request would not use is refused.
+COMMON_KEYS = ("method", "example", "max_len", "min_len", "no_unk", "hard_mode", "seed")
+METHOD_KEYS = {"beam": ("beam_size", "n_best"), "greedy": (), "sample": ("n_best", "temperature", "top_k")}
+QUERY_KEYS = COMMON_KEYS + ("beam_size", "n_best", "temperature", "top_k")
+#: The values of a flag (no_unk), as HTML forms and people write them.
+FLAGS = {"1": True, "true": True, "on": True, "yes": True, "0": False, "false": False, "off": False, "no": False}
 _INT = re.compile(r"[+-]?[0-9]{1,12}", re.ASCII)
 _FLOAT = re.compile(r"[+-]?([0-9]{1,12}(\.[0-9]{0,12})?|\.[0-9]{1,12})([eE][+-]?[0-9]{1,3})?", re.ASCII)
 
@@ -138,12 +147,31 @@ class Demo:
                 "examples": [p.name for p in self.examples], "max_upload_bytes": MAX_UPLOAD_BYTES}
 
     def options(self, query: dict) -> dict:
-        """The query -> Captioner.caption keyword arguments (checked there too)."""
+        """The query -> Captioner.caption keyword arguments (checked there too), with "seed"; a 400
+        for a key that is unknown, given twice, or not used by the request's method."""
+        unknown = [key for key in query if key not in QUERY_KEYS]
+        if unknown:
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"unknown query option{'s' if len(unknown) > 1 else ''} "
+                                                       f"{', '.join(repr(k[:40]) for k in unknown[:5])}; the demo "
+                                                       f"takes {', '.join(QUERY_KEYS)}")
+        repeated = next((key for key, values in query.items() if len(values) > 1), None)
+        if repeated:
+            raise RequestError(HTTPStatus.BAD_REQUEST,
+                               f"{repeated} is given {len(query[repeated])} times; give it once")
         method = query.get("method", ["beam"])[0]
-        if method not in ("beam", "greedy", "sample"):
+        if method not in METHOD_KEYS:
             raise RequestError(HTTPStatus.BAD_REQUEST, f"method must be beam, greedy or sample, got {method[:40]!r}")
-        options = {"max_len": number(query, "max_len"), "min_len": number(query, "min_len", 0),
-                   "no_unk": query.get("no_unk", ["0"])[0] in ("1", "true", "on"),
+        unused = [key for key in QUERY_KEYS[len(COMMON_KEYS):] if key in query and key not in METHOD_KEYS[method]]
+        if unused:
+            takes = (*METHOD_KEYS[method], "max_len", "min_len", "no_unk", "hard_mode",
+                     *(("seed",) if method == "sample" else ()))
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"method={method} does not use {', '.join(unused)}; it takes "
+                                                       f"{', '.join(takes)}")
+        flag = query.get("no_unk", ["0"])[0].strip().lower()
+        if flag not in FLAGS:
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"no_unk must be 1 or 0 (or true/false, on/off, yes/no), "
+                                                       f"got {flag[:40]!r}")
+        options = {"max_len": number(query, "max_len"), "min_len": number(query, "min_len", 0), "no_unk": FLAGS[flag],
                    "hard_mode": query.get("hard_mode", [""])[0] or None,
                    "n_best": number(query, "n_best", 1)}
         if method == "beam":
@@ -154,7 +182,7 @@ class Demo:
         else:
             options["temperature"] = number(query, "temperature", 1.0)
             options["top_k"] = number(query, "top_k")
-            options["seed"] = number(query, "seed")
+        options["seed"] = number(query, "seed")  # also hard_mode=sample's: refused in caption when nothing samples
         return options
 
     def example(self, index: str) -> tuple[Path, str]:
@@ -176,6 +204,8 @@ class Demo:
         seed = options.pop("seed", None)
         try:
             decode = self.captioner.options(**options)  # checked once, before the image is read
+            if seed is not None and decode.method != "sample" and decode.hard_mode != "sample":
+                raise RequestError(HTTPStatus.BAD_REQUEST, "seed is used by method=sample or hard_mode=sample only")
             with self.lock, warnings.catch_warnings():
                 # The page's header says what the model was trained on (info "note"): the API's
                 # once-per-captioner warning would only repeat it in the server's log.
@@ -282,6 +312,14 @@ def form_file(content_type: str, body: bytes) -> tuple[bytes, str]:
         shown = ", ".join(repr(f[0][:40]) for f in fields[:5]) or "none"
         raise RequestError(HTTPStatus.BAD_REQUEST, f"the multipart/form-data upload holds no file (fields: {shown}): "
                                                    + _AS_FILE)
+    options = [f for f in fields if f is not chosen and f[0] in QUERY_KEYS]
+    if options:  # read from the query only: a form field would be silently ignored
+        from urllib.parse import quote
+
+        given = "&".join(f"{f[0]}={quote(f[2][:40].decode('utf-8', 'replace'))}" for f in options[:5])
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"options go in the query, not in multipart/form-data fields "
+                                                   f"({', '.join(repr(f[0]) for f in options[:5])}): send the file "
+                                                   f"as the field 'file' to /api/caption?{given}")
     name, filename, data = chosen[0][:40], chosen[1][:80], chosen[2]
     what = f"the file {filename!r} of the multipart/form-data field {name!r}" if filename else \
         f"the multipart/form-data field {name!r}"
