@@ -258,6 +258,28 @@ def test_rerun_skips_finished_evaluations(given_study, capsys):
     assert study["invocations"][-1]["did"] == {"trained": [], "evaluated": [], "in_parallel": []}
 
 
+def test_a_checkpoint_file_replaced_since_its_evaluation_is_evaluated_again(checkpoints, tmp_path, capsys):
+    """Another model written over a given checkpoint's path: its evaluation is the old model's, so it is
+    done again (and the log says why); the unchanged checkpoint's evaluations are kept."""
+    import shutil
+
+    p = checkpoints.paths
+    soft = own_copy(p["soft-a"], tmp_path / "soft")
+    out = tmp_path / "study"
+    argv = ["--checkpoints", f"soft={soft}", f"hard={p['hard-a']}", "--out-dir", str(out), "--metrics", "bleu",
+            "--beam-size", "1", "--max-len", "4", "--examples", "1"]
+    assert compare.main(argv) == 0
+    shutil.copyfile(p["soft-b"], soft)  # another model, the same size: only its modification time tells
+    capsys.readouterr()
+    assert compare.main(argv) == 0
+    err = capsys.readouterr().err
+    assert f"{soft} changed since soft-ckpt0 was evaluated" in err
+    study = json.loads((out / "study.json").read_text())
+    assert study["invocations"][-1]["did"]["evaluated"] == ["soft-ckpt0:soft"]
+    assert compare.main(argv) == 0  # evaluated once: the next invocation keeps it
+    assert json.loads((out / "study.json").read_text())["invocations"][-1]["did"]["evaluated"] == []
+
+
 # ------------------------------------------------------------------------------ fast: pieces and bad input
 
 

@@ -21,7 +21,8 @@ A run counts as trained when its ``metrics.json`` and ``best.ckpt`` exist and it
 equals the config this invocation would train (other settings are an error, never mixed in); one
 interrupted mid-training is trained again from scratch, so its learning curve against wall time
 comes from one process. An evaluation counts as done when its metrics file has the study's decoder
-settings and metrics.
+settings and metrics, and, for a given checkpoint, its ``checkpoint.json`` names the file now at that
+path (size and modification time): a checkpoint replaced since is evaluated again.
 """
 
 from __future__ import annotations
@@ -365,7 +366,34 @@ def is_evaluated(run: Run, mode: str | None, plan: Plan, last: bool = False) -> 
             and data.get("checkpoint") == str(checkpoint))
     done = set(data.get("metrics", {})) | set(data.get("skipped", {}))
     wanted = {"bleu": "bleu_4", "meteor": "meteor", "rouge": "rouge_l", "cider": "cider"}
-    return same and all(wanted[m] in done for m in plan.metrics if m in wanted)
+    return (same and all(wanted[m] in done for m in plan.metrics if m in wanted)
+            and (last or checkpoint_change(run, mode) is None))
+
+
+#: Beside a given checkpoint's evaluation: the checkpoint file it scored (checkpoint_identity).
+EVALUATED_FILE = "checkpoint.json"
+
+
+def checkpoint_identity(path: Path) -> dict:
+    """What tells one version of a checkpoint file from another: its size and modification time (ns).
+    Not a digest: a checkpoint can be hundreds of MB and is asked about at every check; any rewrite
+    of the file, in place or swapped in, gives it a new modification time."""
+    stat = path.stat()
+    return {"checkpoint": str(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def checkpoint_change(run: Run, mode: str | None) -> str | None:
+    """Why the evaluation of a given checkpoint in ``mode`` may not be of the file now at its path
+    (it was replaced since, or no record says which file was scored), or None. The study's own
+    checkpoints change only by training again, which removes their evaluations (clear_unfinished)."""
+    if run.trained_here:
+        return None
+    record = read_record(run.eval_dir(mode) / EVALUATED_FILE)
+    if record is None:
+        return f"{run.name}'s evaluation does not record which version of {run.checkpoint} it scored"
+    if record != checkpoint_identity(run.checkpoint):
+        return f"{run.checkpoint} changed since {run.name} was evaluated (its size or modification time differs)"
+    return None
 
 
 def clear_unfinished(run: Run) -> None:
@@ -639,8 +667,13 @@ def execute(plan: Plan, train_fn: Callable[[list[str]], object], evaluate_fn: Ca
         for mode in run.modes():
             if is_evaluated(run, mode, plan):
                 continue
+            if run.metrics_file(mode).is_file() and (change := checkpoint_change(run, mode)):
+                log(f"compare: {change}; evaluating it again")
             start = time.perf_counter()
+            identity = None if run.trained_here else checkpoint_identity(run.checkpoint)  # the file about to be read
             evaluate(f"{run.name} ({mode or 'soft'})", evaluate_argv(plan, run, mode), run.seed)
+            if identity is not None:
+                atomic_write(run.eval_dir(mode) / EVALUATED_FILE, json.dumps(identity, indent=2))
             if not is_evaluated(run, mode, plan):
                 raise StudyError(f"evaluating {run.name} wrote no usable {run.metrics_file(mode)}")
             did["evaluated"].append(f"{run.name}:{mode or 'soft'}")
