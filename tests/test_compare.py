@@ -328,6 +328,24 @@ def test_bad_checkpoint_lists_fail_with_one_line(items, message, tmp_path, monke
         parse_checkpoints(items)
 
 
+@pytest.mark.parametrize("soft, hard", [
+    ("soft=a.ckpt,a.ckpt", "hard=b.ckpt"),
+    ("soft=a.ckpt", "hard=b.ckpt,./b.ckpt"),
+    ("soft=a.ckpt,link.ckpt", "hard=b.ckpt"),  # a link to a.ckpt: the same file under another name
+    ("soft=a.ckpt", "hard=b.ckpt,hardlink.ckpt"),
+])
+def test_a_checkpoint_given_twice_exits_2_before_it_counts_as_two_seeds(soft, hard, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for name in ("a.ckpt", "b.ckpt"):
+        (tmp_path / name).write_bytes(b"a checkpoint")
+    (tmp_path / "link.ckpt").symlink_to("a.ckpt")
+    (tmp_path / "hardlink.ckpt").hardlink_to(tmp_path / "b.ckpt")
+    rc = compare.main(["--checkpoints", soft, hard, "--out-dir", str(tmp_path / "study")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "given twice" in err[0], err
+    assert not (tmp_path / "study").exists()
+
+
 def test_checkpoint_of_the_wrong_mechanism_exits_2(checkpoints, capsys, tmp_path):
     p = checkpoints.paths
     rc = compare.main(["--checkpoints", f"soft={p['hard-a']}", f"hard={p['hard-b']}", "--out-dir", str(tmp_path)])

@@ -285,6 +285,16 @@ def parse_checkpoints(items: Sequence[str]) -> dict[str, list[Path]]:
     absent = [path for paths in given.values() for path in paths if not path.is_file()]
     if absent:
         raise StudyError(f"checkpoint {absent[0]} does not exist")
+    # Each checkpoint is one run of its arm: the same file twice (another spelling, a link) would be a
+    # second seed that is no second measurement. The file's device and inode name it whatever the path.
+    seen: dict[tuple[int, int], Path] = {}
+    for path in (path for paths in given.values() for path in paths):
+        stat = path.stat()
+        first = seen.setdefault((stat.st_dev, stat.st_ino), path)
+        if first is not path:
+            also = f" (also as {first})" if str(first) != str(path) else ""
+            raise StudyError(f"checkpoint {path} is given twice{also}; each checkpoint is one run of its arm: give "
+                             "each file once")
     return given
 
 
