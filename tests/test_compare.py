@@ -346,6 +346,32 @@ def test_a_checkpoint_given_twice_exits_2_before_it_counts_as_two_seeds(soft, ha
     assert not (tmp_path / "study").exists()
 
 
+@pytest.mark.parametrize("extra, flag", [
+    (["--seeds", "5"], "--seeds"),
+    (["--arms", "none", "--budget", "default"], "--budget"),  # the first given, in --help's order
+    (["--diagnostic-seeds", "4"], "--diagnostic-seeds"),
+    (["--jobs", "2"], "--jobs"),
+    (["--config", "my.yaml"], "--config"),
+    (["--set", "optim.lr=0.1"], "--set"),
+    (["--export-results", "results"], "--export-results"),
+])
+def test_training_options_with_given_checkpoints_exit_2(extra, flag, tmp_path, monkeypatch, capsys):
+    """--checkpoints trains nothing: an option that only shapes training is refused, not ignored."""
+    monkeypatch.chdir(tmp_path)
+    rc = compare.main(["--checkpoints", "soft=a.ckpt", "hard=b.ckpt", "--out-dir", "study", *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and f"{flag} applies to training only" in err[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_run_name_with_given_checkpoints_exits_2(checkpoints, tmp_path, capsys):
+    p = checkpoints.paths
+    rc = compare.main(["--checkpoints", f"soft={p['soft-a']}", f"hard={p['hard-a']}", "--out-dir", str(tmp_path),
+                       "--runs", "soft-seed0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "no run soft-seed0" in err[0] and "soft-ckpt0, hard-ckpt0" in err[0]
+
+
 def test_checkpoint_of_the_wrong_mechanism_exits_2(checkpoints, capsys, tmp_path):
     p = checkpoints.paths
     rc = compare.main(["--checkpoints", f"soft={p['hard-a']}", f"hard={p['hard-b']}", "--out-dir", str(tmp_path)])

@@ -32,9 +32,9 @@ from captioning.evaluation import metrics, run as evaluate
 from captioning.files import atomic_write_json, claim_folder
 from captioning.progress import format_duration
 from captioning.study import collect, examples, report, results
-from captioning.study.runs import (ARMS, BUDGETS, DEFAULT_ARMS, Plan, StudyError, environment, execute, execute_parallel,
-                                  parse_checkpoints, plan_checkpoint_runs, plan_training_runs, run_config,
-                                  study_overrides, write_study_json)
+from captioning.study.runs import (ARMS, BUDGETS, DEFAULT_ARMS, Plan, Run, StudyError, environment, execute,
+                                  execute_parallel, parse_checkpoints, plan_checkpoint_runs, plan_training_runs,
+                                  run_config, study_overrides, write_study_json)
 from captioning.training import run as train
 
 
@@ -46,6 +46,10 @@ DURATIONS = (
     "trainings); --budget default --seeds 10 --diagnostic-seeds 2 trains 3 main arms x 10 seeds + 4 "
     "factorial arms x 2 seeds = 38 runs, a run 7.5 to 10 min on the otherwise idle CPU and 10 to 56 min with "
     "other trainings sharing it. Fewer runs: --arms none soft hard, --seeds 1, or --runs NAME ...")
+
+
+#: The options evaluating given checkpoints reads; every other one shapes training and is refused there.
+CHECKPOINT_OPTIONS = ("checkpoints", "runs", "out_dir", "beam_size", "max_len", "metrics", "examples")
 
 
 def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
@@ -82,16 +86,27 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
     return p.parse_args(argv)
 
 
+def check_run_names(names: list[str] | None, runs: list[Run]) -> None:
+    """--runs names only runs of this study (a misspelt one would leave the part silently undone)."""
+    unknown = sorted(set(names or ()) - {r.name for r in runs})
+    if unknown:
+        raise StudyError(f"--runs: no run {unknown[0]} in this study; its runs are {', '.join(r.name for r in runs)}")
+
+
 def make_plan(args: argparse.Namespace, argv: list[str], prog: str | None = None) -> Plan:
     """The runs and settings of this invocation, checked before anything runs."""
     command = command_line(prog or "python scripts/compare.py", argv)
     if args.checkpoints:
-        if args.config or args.set:
-            raise StudyError("--checkpoints evaluates checkpoints as they are; "
-                             "--config and --set only apply to training")
+        defaults = vars(parse_args([]))
+        given = [name for name, value in vars(args).items()
+                 if name not in CHECKPOINT_OPTIONS and value != defaults[name]]
+        if given:
+            raise StudyError(f"--{given[0].replace('_', '-')} applies to training only; --checkpoints evaluates the "
+                             "given checkpoints as they are")
         from captioning.checkpoint import checkpoint_config, read_checkpoint
 
         runs, differences = plan_checkpoint_runs(args.out_dir, parse_checkpoints(args.checkpoints))
+        check_run_names(args.runs, runs)
         cfg, _ = checkpoint_config(read_checkpoint(runs[0].checkpoint), runs[0].checkpoint)
         shared = to_dict(cfg)  # the first checkpoint's; differences are listed separately
         shared["model"]["attention"], shared["train"]["seed"] = "per checkpoint", "per checkpoint"
@@ -104,9 +119,7 @@ def make_plan(args: argparse.Namespace, argv: list[str], prog: str | None = None
     cfg = run_config(args.config, overrides, "soft", 0)
     shared = to_dict(cfg)
     shared["model"]["attention"], shared["train"]["seed"] = "per arm", "per run"
-    unknown = sorted(set(args.runs or ()) - {r.name for r in runs})
-    if unknown:
-        raise StudyError(f"--runs: no run {unknown[0]} in this study; its runs are {', '.join(r.name for r in runs)}")
+    check_run_names(args.runs, runs)
     return Plan(args.out_dir, runs, args.config, overrides, defaults, args.beam_size or cfg.decode.beam_size,
                 args.max_len or cfg.decode.max_len, list(args.metrics), command, config=shared,
                 budget=None if args.config else args.budget)
