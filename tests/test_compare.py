@@ -248,6 +248,17 @@ def test_report_measures_each_arm_against_the_control(given_study):
     assert "## Grounding by word kind" in report
 
 
+def test_the_t_test_note_states_the_studys_run_counts(given_study):
+    """report.md says how many runs an arm has (1 to 2 here), not a fixed 3."""
+    from captioning.study.report import _significance_text
+
+    report = (given_study.out / "report.md").read_text()
+    assert "With 1 to 2 runs an arm, only large differences" in report and "With 3 runs" not in report
+    one = {"arms": ["none", "soft"],
+           "table": {arm: {"runs": 1, "bleu_4": {"values": [20.0]}} for arm in ("none", "soft")}}
+    assert "With 1 run an arm, only large differences" in " ".join(_significance_text(one))
+
+
 def test_rerun_skips_finished_evaluations(given_study, capsys):
     capsys.readouterr()
     assert compare.main(given_study.argv) == 0

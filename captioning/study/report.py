@@ -360,12 +360,17 @@ def _significance_text(summary: dict) -> list[str]:
             row.append("n/a" if result is None else
                        f"{result.difference:+.1f} (t = {result.t:.2f}, df = {result.df:.1f}, p = {p_text(result.p)})")
         rows.append(row)
+    # The runs of each arm as collect counts them; a table without that count has its BLEU-4 values.
+    counts = [table[arm].get("runs") or len((table[arm].get("bleu_4") or {}).get("values", []))
+              for arm in summary["arms"]]
+    runs = (f"{min(counts)} to {max(counts)} runs" if min(counts) != max(counts)
+            else f"{counts[0]} run{'' if counts[0] == 1 else 's'}")
     text = [
         "Welch's t-test over seeds of each arm against the control, against soft attention and against the arm "
         "it differs from by one setting (difference of the means; two-sided p; n/a where a metric is missing or "
         "neither side varies). "
         "The spread covers the training seed only: initial weights, dropout masks, minibatch order and sampled "
-        "locations; every run trains and is tested on the same data (`data.synthetic.seed`). With 3 runs an arm, "
+        f"locations; every run trains and is tested on the same data (`data.synthetic.seed`). With {runs} an arm, "
         "only large differences reach p < 0.05.",
         "",
     ]
