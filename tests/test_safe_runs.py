@@ -81,8 +81,9 @@ def test_directory_and_fifo_are_named_as_such(tmp_path):
 
 def test_damaged_vocab_or_config(tmp_path, module):
     hp = dict(module.hparams)
-    assert "no vocabulary" in _error(_save(module, tmp_path / "a.ckpt", hyper_parameters={**hp, "vocab": None}))
-    assert "no vocabulary" in _error(_save(module, tmp_path / "b.ckpt", hyper_parameters={"config": hp["config"]}))
+    missing = "holds a damaged vocabulary: a vocabulary is a list of words, not a NoneType"
+    assert missing in _error(_save(module, tmp_path / "a.ckpt", hyper_parameters={**hp, "vocab": None}))
+    assert missing in _error(_save(module, tmp_path / "b.ckpt", hyper_parameters={"config": hp["config"]}))
     config = to_dict(make_config())
     config["data"]["image_size"] = -5
     message = _error(_save(module, tmp_path / "c.ckpt", hyper_parameters={**hp, "config": config}))
