@@ -50,6 +50,15 @@ def test_fast_dev_run(tmp_path, data_root, attention, scored):
     assert (tmp_path / "config.yaml").is_file() and (tmp_path / "metrics.json").is_file()
 
 
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])  # 16-mixed: bf16-mixed on a CPU
+def test_mixed_precision_trains_with_gradient_clipping(tmp_path, data_root, precision):
+    """Lightning cannot clip the gradients of a fused optimizer under mixed precision, and the
+    default config clips: the step runs on the unfused Adam."""
+    result = train.run(tiny_args(tmp_path, data_root, "--fast-dev-run", "--no-test",
+                                 "--set", f"train.precision={precision}", "--set", "optim.grad_clip=5.0"))
+    assert result["global_step"] == 1
+
+
 def test_no_test_skips_the_test_split(tmp_path, data_root):
     """--no-test (scripts/compare.py scores with evaluate.py instead): no test metrics, no predictions."""
     result = train.run(tiny_args(tmp_path, data_root, "--attention", "soft", "--fast-dev-run", "--no-test"))

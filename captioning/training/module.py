@@ -156,10 +156,11 @@ class CaptioningModule(pl.LightningModule):
         groups = [{"params": list(self.model.decoder.parameters()), "lr": self.cfg.optim.lr, "name": "decoder"}]
         if encoder:
             groups.append({"params": encoder, "lr": self.cfg.optim.encoder_lr, "name": "encoder"})
-        # fused: one kernel for all parameters, on CPU and GPU (docs/performance.md). Not under
-        # fp16's GradScaler, where Lightning cannot clip gradients of an optimizer that unscales
-        # them itself.
-        fused = self._trainer is None or self.trainer.precision != "16-mixed"
+        # fused: one kernel for all parameters, on CPU and GPU (docs/performance.md). Not where
+        # gradients are clipped under mixed precision (16 and bf16 alike): Lightning's mixed-precision
+        # plugin refuses to clip the gradients of an optimizer that may unscale them itself.
+        mixed = self._trainer is not None and self.trainer.precision.endswith("-mixed")
+        fused = not (mixed and self.cfg.optim.grad_clip > 0)
         if self.cfg.optim.adam_bias_correction:
             optimizer = torch.optim.Adam(groups, weight_decay=self.cfg.optim.weight_decay, fused=fused)
         else:  # the authors' update, bias correction about none (captioning/training/optimizers.py)
