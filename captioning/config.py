@@ -421,6 +421,10 @@ def validate(cfg: Config) -> Config:
     if cfg.model.decoder.attention_layers > 1 and cfg.model.decoder.score != "additive":
         raise ConfigError("config key 'model.decoder.attention_layers' > 1 needs model.decoder.score=additive "
                           f"(now '{cfg.model.decoder.score}')")
+    if cfg.train.val_every > cfg.train.max_epochs:  # no validation at all: nothing would select best.ckpt
+        raise ConfigError(f"config key 'train.val_every' ({cfg.train.val_every}) is above train.max_epochs "
+                          f"({cfg.train.max_epochs}): no epoch would be validated; lower train.val_every "
+                          "or raise train.max_epochs")
     if cfg.data.feature_cache is not None and cfg.model.encoder.fine_tune_from is not None:
         raise ConfigError(
             "config key 'data.feature_cache' needs a frozen encoder (cached annotations cannot be "

@@ -211,6 +211,15 @@ def test_validate_range_errors_name_the_key(override, key):
     assert f"'{key}'" in str(err.value)
 
 
+def test_validation_less_often_than_the_run_is_long_is_refused():
+    """No validation would ever run: no best checkpoint, and the test split's "best" had nothing to load."""
+    with pytest.raises(ConfigError) as err:
+        build_config(overrides=["train.val_every=5", "train.max_epochs=1"])
+    message = str(err.value)
+    assert "'train.val_every'" in message and "train.max_epochs" in message and "\n" not in message
+    assert build_config(overrides=["train.val_every=3", "train.max_epochs=3"]).train.val_every == 3
+
+
 def test_validate_accepts_range_edges():
     cfg = build_config(overrides=["model.decoder.dropout=0", "loss.expected_context_prob=1",
                                   "loss.baseline_decay=0", "loss.expected_context_prob=0"])

@@ -67,6 +67,15 @@ def test_no_test_skips_the_test_split(tmp_path, data_root):
     assert "metrics" not in result and not (tmp_path / "test_predictions.json").exists()
 
 
+def test_every_epoch_is_saved_between_validations(tmp_path, data_root):
+    """train.val_every=2 over 3 epochs: last.ckpt and epochs/ still hold every epoch (docs/resume.md)."""
+    train.run(tiny_args(tmp_path, data_root, "--max-epochs", "3", "--no-test", "--set", "train.val_every=2",
+                        "--set", "train.save_every_epoch=true", "--set", "train.limit_train_batches=1"))
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["epoch"] == 2
+    assert sorted(p.name for p in (tmp_path / "epochs").iterdir()) == [f"epoch{i}.ckpt" for i in range(3)]
+    assert torch.load(tmp_path / "best.ckpt", weights_only=True)["epoch"] == 1  # the one validated epoch
+
+
 @pytest.fixture(scope="module")
 def hard_run(tmp_path_factory, data_root):
     out = tmp_path_factory.mktemp("hard")

@@ -67,9 +67,10 @@ class NonFiniteLossError(CaptioningError, RuntimeError):
 
 class RunGuard(pl.Callback):
     """Stops training on a non-finite loss before a checkpoint can hold the damaged weights, checked
-    every ``check_every`` steps (reading it synchronises a GPU) and before validation, where the
-    checkpoints are written; records an interruption (SIGTERM, Ctrl-C), which Lightning turns into
-    a ``SystemExit`` (status 0 for SIGTERM), so the entry point can exit non-zero and say so."""
+    every ``check_every`` steps (reading it synchronises a GPU), before validation and at each
+    epoch's end, where the checkpoints are written; records an interruption (SIGTERM, Ctrl-C), which
+    Lightning turns into a ``SystemExit`` (status 0 for SIGTERM), so the entry point can exit non-zero
+    and say so."""
 
     def __init__(self, check_every: int) -> None:
         self.check_every = check_every  # train.log_every, at least 1
@@ -425,8 +426,9 @@ def build_trainer(
     callbacks: list[pl.Callback] = [
         checkpoint(dirpath=out_dir, filename="best", monitor=monitor, mode=mode, save_top_k=1),
         # A second callback without a monitor keeps last.ckpt current after every epoch: Lightning
-        # 2.6's save_last only writes it in epochs where the best checkpoint also improved.
-        checkpoint(dirpath=out_dir, filename="last", save_top_k=1),
+        # 2.6's save_last only writes it in epochs where the best checkpoint also improved. At the
+        # training epoch's end, since with train.val_every > 1 a validation's end skips epochs.
+        checkpoint(dirpath=out_dir, filename="last", save_top_k=1, save_on_train_epoch_end=True),
         ConfiguredEarlyStopping(monitor=monitor, mode=mode, patience=t.patience),
         LearningRateMonitor(logging_interval="epoch"),
         RunGuard(check_every=t.log_every),
@@ -436,7 +438,7 @@ def build_trainer(
     if t.save_every_epoch:
         # monitor="epoch" only gives this callback a state key of its own beside last.ckpt's.
         callbacks.append(checkpoint(dirpath=out_dir / "epochs", filename="epoch{epoch}", monitor="epoch", mode="max",
-                                    save_top_k=-1))
+                                    save_top_k=-1, save_on_train_epoch_end=True))
     if heatmaps and not t.fast_dev_run:
         callbacks.append(AttentionHeatmaps(out_dir))
     if progress_bar:
