@@ -138,6 +138,7 @@ CONFIG_FILES = [
     "train: {limit_train_batches: 0}", "train: {seed: -1}", "data: {root: ''}", "decode: {beam_size: 100000}",
     "model: {decoder: {dropout: 1.5}}", "train: {precision: 8-bit}", "data: {image_size: 99999}",
     "model: {encoder: {fine_tune_from: layer4}}", "train: {max_epochs: 1e9}", "data: {dataset: flickr}",
+    "train: {val_every: 7, max_epochs: 2}",
 ]
 OVERRIDES = [
     "data.num_workers=-1", "train.limit_train_batches=-1", "train.accelerator=tpu", "model.encoder.backbone=nope",
