@@ -288,10 +288,15 @@ def from_dict(data: Mapping[str, Any]) -> Config:
     return merge(Config(), data)
 
 
+class _RepeatedKey(yaml.constructor.ConstructorError):
+    """A key written twice in one YAML mapping (see _NoAliasLoader)."""
+
+
 class _NoAliasLoader(yaml.SafeLoader):
     """YAML without aliases (``*name``): a config has no use for them, and a few lines of nested
     aliases (a "billion laughs") stand for a tree of billions of nodes that every later walk
-    (merge, validation, saving) would visit. Refused as the parser meets the first one."""
+    (merge, validation, saving) would visit. Refused as the parser meets the first one. A key
+    written twice in one mapping is refused too: YAML would keep only the last, silently."""
 
     def compose_node(self, parent, index):
         if self.check_event(yaml.events.AliasEvent):
@@ -299,6 +304,19 @@ class _NoAliasLoader(yaml.SafeLoader):
             raise yaml.composer.ComposerError(None, None, "aliases (*name) are not accepted in a config: write the "
                                                           "value out", mark)
         return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # a mapping or list as a key: the constructor refuses it; "<<" merges on purpose
+            key = self.construct_object(key_node)
+            if key in seen:
+                mark = key_node.start_mark
+                raise _RepeatedKey(None, None, f"the key {key!r} is written twice (again on line {mark.line + 1}): "
+                                               "write it once", mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def safe_yaml(text: str | bytes) -> Any:
@@ -331,6 +349,8 @@ def parse_override(text: str) -> dict[str, Any]:
     key = key.strip()
     try:
         value = safe_yaml(raw) if raw.strip() else ""
+    except _RepeatedKey as err:  # valid YAML syntax: quoting is not the fix
+        raise ConfigError(f"override '{text[:80]}': {err.problem}") from None
     except (yaml.YAMLError, RecursionError) as err:
         reason = one_line(err, 120) if isinstance(err, yaml.YAMLError) else "nested too deeply"
         raise ConfigError(f"override '{text[:80]}': the value is not valid YAML ({reason}); quote it, "

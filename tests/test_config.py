@@ -75,6 +75,19 @@ def test_missing_or_invalid_yaml_file(tmp_path):
     assert "\n" not in str(err.value)
 
 
+def test_a_key_written_twice_is_refused_naming_it_and_its_line(tmp_path):
+    """YAML keeps the last of two equal keys: a second train: section silently dropped the first."""
+    path = write_yaml(tmp_path, "train: {max_epochs: 3}\noptim: {lr: 0.001}\ntrain: {patience: 2}\n", "dup.yaml")
+    with pytest.raises(ConfigError) as err:
+        build_config(path)
+    message = str(err.value)
+    assert "dup.yaml" in message and "'train'" in message and "line 3" in message and "\n" not in message
+    with pytest.raises(ConfigError) as err:
+        build_config(overrides=["train={max_epochs: 3, max_epochs: 4}"])
+    assert "'max_epochs'" in str(err.value) and "twice" in str(err.value) and "\n" not in str(err.value)
+    assert build_config(write_yaml(tmp_path, "train: {max_epochs: 3, patience: 2}\n")).train.max_epochs == 3
+
+
 def test_save_yaml_round_trip(tmp_path):
     cfg = build_config(overrides=["model.attention=hard", "model.encoder.stage=null", "optim.lr=0.01"])
     path = tmp_path / "saved.yaml"

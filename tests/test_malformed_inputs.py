@@ -138,7 +138,7 @@ CONFIG_FILES = [
     "train: {limit_train_batches: 0}", "train: {seed: -1}", "data: {root: ''}", "decode: {beam_size: 100000}",
     "model: {decoder: {dropout: 1.5}}", "train: {precision: 8-bit}", "data: {image_size: 99999}",
     "model: {encoder: {fine_tune_from: layer4}}", "train: {max_epochs: 1e9}", "data: {dataset: flickr}",
-    "train: {val_every: 7, max_epochs: 2}",
+    "train: {max_epochs: 3}\noptim: {lr: 0.001}\ntrain: {patience: 2}", "train: {val_every: 7, max_epochs: 2}",
 ]
 OVERRIDES = [
     "data.num_workers=-1", "train.limit_train_batches=-1", "train.accelerator=tpu", "model.encoder.backbone=nope",
@@ -146,6 +146,7 @@ OVERRIDES = [
     "model.decoder.hidden_dim=1000000", "data.eval_batch_size=1e20", "train.limit_train_batches=0",
     "optim.lr", "optim.lr=[", "optim.lr={a: [}", "model=5", "model.decoder.dropout=nan", "train.seed=99999999999",
     "=3", "model..dropout=0.1", "no.such.key=1", "train.devices=0", "data.batch_size=true", f"optim.lr={DEEP[:2000]}",
+    "train={max_epochs: 3, max_epochs: 4}",
 ]
 
 
