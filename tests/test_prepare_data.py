@@ -355,6 +355,32 @@ def test_cli_wrong_schema_is_one_line_exit_2(tmp_path, capsys):
     assert "images folder" in capsys.readouterr().err
 
 
+def test_instances_numbered_differently_from_the_captions_are_refused(tmp_path, capsys):
+    # Without 'cocoid' on every entry the Karpathy ids are 'imgid' (0-based here), but the instances file is
+    # keyed by cocoid: matched by id alone, img_2's boxes would land on img_1's row.
+    captions, images = write_example_dataset(tmp_path / "src", 6, image_size=16, fmt="karpathy", val=1, test=1)
+    data = json.loads(captions.read_text())
+    del data["images"][3]["cocoid"]
+    captions.write_text(json.dumps(data))
+    instances = tmp_path / "instances.json"
+    instances.write_text(json.dumps({
+        "images": [{"id": i, "file_name": f"img_{i}.jpg", "width": 16, "height": 16} for i in range(1, 7)],
+        "annotations": [{"id": i, "image_id": i, "category_id": 1, "bbox": [0, 0, i, i]} for i in range(1, 7)],
+        "categories": [{"id": 1, "name": "dog"}]}))
+    argv = ["--format", "karpathy", "--captions", str(captions), "--images", str(images), "--instances",
+            str(instances), "--out", str(tmp_path / "out"), "--image-size", "16", "--min-word-count", "1",
+            "--workers", "1", "--no-progress"]
+    assert prepare_data.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and str(instances) in err and "img_2.jpg" in err
+    assert not (tmp_path / "out").exists()
+    data["images"][3]["cocoid"] = 4  # ids from one numbering: the boxes are each image's own
+    captions.write_text(json.dumps(data))
+    assert prepare_data.main(argv) == 0
+    stored = json.loads((tmp_path / "out" / "instances_train.json").read_text())
+    assert {a["image_id"]: a["bbox"][2] for a in stored["annotations"]} == {i: i for i in range(3, 7)}
+
+
 class CsvFormat(Format):
     """A format the package does not know: 'image,caption' rows under that header, split by seed."""
 

@@ -37,7 +37,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal, Sequence
 
 import numpy as np
@@ -341,19 +341,20 @@ def prepare(dataset: SourceDataset, out: str | Path, options: PrepareOptions,
     if not any(img.split == "test" for img in dataset.images):
         print(f"warning: the source has no test split ({dataset.split_rule}); the prepared folder will have an "
               "empty test split, so evaluation must use --split val", file=sys.stderr, flush=True)
+    pooled = _read_instances(instances, dataset)  # before decoding: a wrong file fails in seconds
     started = time.perf_counter()
     sources = [{"role": role, **file_digest(path)} for role, path in dataset.files]
     sources += [{"role": "instances", **file_digest(path)} for path in instances]
     partial, lock = _open_partial(out, _plan(dataset, options, sources), options.progress)
     try:
-        manifest = _prepare_into(partial, dataset, options, instances, sources, command, started)
+        manifest = _prepare_into(partial, dataset, options, pooled, sources, command, started)
     finally:
         lock.release()  # interrupted or failed: the next run resumes
     _finish(partial, out)
     return manifest
 
 
-def _prepare_into(partial: Path, dataset: SourceDataset, options: PrepareOptions, instances: Sequence[Path],
+def _prepare_into(partial: Path, dataset: SourceDataset, options: PrepareOptions, instances: tuple | None,
                   sources: list[dict], command: Sequence[str] | None, started: float) -> dict[str, Any]:
     """Decode (resumably), then write every file of the folder into ``partial``."""
     results = _decode_images(dataset, partial, options)
@@ -468,10 +469,28 @@ def _image_set_digest(results: list[dict]) -> dict[str, Any]:
     return {"count": len(results), "bytes": sum(r["bytes"] for r in results), "sha256": digest.hexdigest()}
 
 
-def _write_instances(paths: Sequence[Path], partial: Path, ids: dict[str, list[int]]) -> dict[str, int] | None:
+def _read_instances(paths: Sequence[Path], dataset: SourceDataset) -> tuple | None:
+    """The --instances files pooled (formats.pool_instances), None without any. Boxes are stored by
+    image id, so an instances image whose file name is not that of the dataset's image with its id is
+    refused: the two files number the images differently, and the boxes would land on other images."""
     if not paths:
         return None
-    categories, annotations, images = pool_instances(paths)
+    pooled = pool_instances(paths)
+    images = pooled[2]
+    for img in dataset.images:
+        name = images.get(img.image_id, {}).get("file_name")
+        if isinstance(name, str) and PurePosixPath(name.replace("\\", "/")).name != Path(img.file_name).name:
+            raise PrepareError(f"--instances {' '.join(map(str, paths))}: image {img.image_id} is {name} there but "
+                               f"{img.file_name} in the captions ({dataset.split_rule}), so its boxes belong to "
+                               "another image: pass instances files whose image ids are the captions' (a Karpathy "
+                               "file needs 'cocoid' on every image)")
+    return pooled
+
+
+def _write_instances(pooled: tuple | None, partial: Path, ids: dict[str, list[int]]) -> dict[str, int] | None:
+    if pooled is None:
+        return None
+    categories, annotations, images = pooled
     with_boxes = {}
     for split in SPLITS:
         wanted = set(ids[split])
