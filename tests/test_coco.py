@@ -49,6 +49,11 @@ def test_read_boxes_orders_by_annotation_id_and_keeps_images_without_boxes(tmp_p
     (lambda d: d["annotations"][0].update(image_id=77), "not in 'images'"),
     (lambda d: d["annotations"][0].pop("bbox"), "'bbox'"),
     (lambda d: d.update(annotations=[{"image_id": 1, "caption": "a dog"}]), "pass it with --captions"),
+    # Values, checked without sizes too (preparation reads the file so, and stores what it accepts).
+    (lambda d: d["annotations"][1].update(bbox=[1, 2, None, 4]), "annotations[1]"),
+    (lambda d: d["annotations"][1].update(image_id=[1]), "annotations[1]"),
+    (lambda d: d["images"][1].update(width=0), "images[1]"),
+    (lambda d: d["categories"][0].update(name=None), "categories[0]"),
 ])
 def test_instances_errors_are_one_line_and_name_the_file(tmp_path, change, message):
     data = _instances()

@@ -245,12 +245,28 @@ def test_load_instances_reads_boxes_sizes_and_categories(tmp_path):
     ({"images": [{"id": 1}], "annotations": [], "categories": []}, "'width' and 'height'"),
     ({"images": [], "annotations": [{"image_id": 1, "caption": "a dog"}], "categories": []}, "captions file"),
     ("unknown category", "not in 'categories'"),
+    (lambda d: d["annotations"][1].update(bbox=["x", 1, 2, 3]), "annotations[1]"),
+    (lambda d: d["annotations"][1].update(bbox=[0, None, 2, 3]), "annotations[1]"),
+    (lambda d: d["annotations"][1].update(bbox=[0, 0, -2, 3]), "annotations[1]"),
+    (lambda d: d["annotations"][1].update(image_id=[7]), "annotations[1]"),
+    (lambda d: d["annotations"][1].update(category_id="18"), "annotations[1]"),
+    (lambda d: d["images"][1].update(width=None), "images[1]"),
+    (lambda d: d["images"][1].update(width=0), "images[1]"),
+    (lambda d: d["images"][1].update(height=float("nan")), "images[1]"),
+    (lambda d: d["images"][1].update(id=[8]), "images[1]"),
+    (lambda d: d["categories"][1].pop("name"), "categories[1]"),
+    (lambda d: d["categories"][1].update(name=None), "categories[1]"),
+    (lambda d: d["categories"].append("dog"), "categories[2]"),
 ])
 def test_malformed_instances_files_give_one_line_errors(tmp_path, content, message):
     path = tmp_path / "instances_test.json"
     if content == "unknown category":
         data = _instances(tmp_path)
         data["annotations"][0]["category_id"] = 99
+        path.write_text(json.dumps(data))
+    elif callable(content):  # one bad value in an otherwise good file
+        data = _instances(tmp_path)
+        content(data)
         path.write_text(json.dumps(data))
     elif isinstance(content, str):
         path.write_text(content)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,6 +125,15 @@ def _is_id(value: Any) -> bool:
     return isinstance(value, (int, str)) and not isinstance(value, bool)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    """A finite int or float (JSON's NaN and Infinity are not)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def read_captions(path: str | Path, what: str = "captions file", error: type[Exception] = AnnotationError):
     """The one reader of COCO captions files, checked and indexed: -> (pycocotools ``COCO``, the
     parsed data). Checked: every image has an ``id`` (number or string) and a ``file_name``, every
@@ -174,8 +184,10 @@ def load_coco_captions(captions_json: str | Path, image_dir: str | Path) -> list
 
 def read_instances(path: str | Path, error: type[Exception] = AnnotationError, sizes: bool = False):
     """A COCO instances file, checked and indexed (pycocotools ``COCO``): every annotation has an
-    ``image_id`` and a ``category_id`` that are listed, and a 4-number ``bbox``; with ``sizes``,
-    every image a ``width`` and ``height``. Crowd boxes are kept; a captions file is named as such."""
+    ``image_id`` and a ``category_id`` that are listed (whole numbers), and a ``bbox`` of 4 finite
+    numbers with width and height >= 0; every category an integer ``id`` and a ``name`` string;
+    every image an integer ``id`` and, with ``sizes`` (or where given), a positive ``width`` and
+    ``height``. Crowd boxes are kept; a captions file is named as such."""
     path = Path(path)
     data = read_json(path, "instances file", error)
     anns = data.get("annotations") if isinstance(data, dict) else None
@@ -185,17 +197,28 @@ def read_instances(path: str | Path, error: type[Exception] = AnnotationError, s
         raise error(f"{path} is not a COCO instances file: it needs top-level 'images', 'annotations' and "
                     "'categories' lists (like instances_val2014.json)")
     image_ids = set()
-    for img in data["images"]:
+    for i, img in enumerate(data["images"]):
         if not isinstance(img, dict) or "id" not in img or (sizes and not {"width", "height"} <= img.keys()):
             needs = "'id', 'width' and 'height'" if sizes else "an 'id'"
             raise error(f"{path}: every image needs {needs} (got {img!r:.80})")
+        # Sizes scale the boxes: where given (a prepared folder stores them for evaluation), they must be usable.
+        if not _is_int(img["id"]) or not all(_is_number(img[k]) and img[k] > 0 for k in ("width", "height") if k in img):
+            raise error(f"{path}: images[{i}] needs a whole-number 'id' and a positive 'width' and 'height' in pixels "
+                        f"(got {img!r:.80}); fix or drop that entry")
         image_ids.add(img["id"])
-    category_ids = {cat.get("id") for cat in data["categories"] if isinstance(cat, dict)}
+    for i, cat in enumerate(data["categories"]):
+        if not isinstance(cat, dict) or not _is_int(cat.get("id")) or not isinstance(cat.get("name"), str):
+            raise error(f"{path}: categories[{i}] needs a whole-number 'id' and a 'name' string (got {cat!r:.80})")
+    category_ids = {cat["id"] for cat in data["categories"]}
     for i, ann in enumerate(data["annotations"]):
         bbox = ann.get("bbox") if isinstance(ann, dict) else None
         if not (isinstance(bbox, list) and len(bbox) == 4 and {"image_id", "category_id"} <= ann.keys()):
             raise error(f"{path}: annotations[{i}] needs 'image_id', 'category_id' and a 'bbox' [x, y, w, h] "
                         f"(got {ann!r:.80})")
+        if not (_is_int(ann["image_id"]) and _is_int(ann["category_id"]) and all(map(_is_number, bbox))
+                and bbox[2] >= 0 and bbox[3] >= 0):
+            raise error(f"{path}: annotations[{i}] needs whole-number 'image_id' and 'category_id' and a 'bbox' of "
+                        f"four numbers [x, y, w, h] with w, h >= 0 (got {ann!r:.80}); fix or drop that entry")
         if ann["category_id"] not in category_ids:
             raise error(f"{path}: annotation {ann.get('id', i)} has category_id {ann['category_id']}, "
                         "which is not in 'categories'")
