@@ -321,6 +321,38 @@ def test_a_damaged_vocabulary_file_is_a_one_line_error(prepared, tmp_path, store
     assert "\n" not in str(err.value)
 
 
+def _edit_json(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+@pytest.mark.parametrize("damage", [
+    lambda d: _edit_json(d / "captions_train.json", lambda c: c["annotations"][0].update(image_id=99999)),
+    lambda d: _edit_json(d / "captions_train.json", lambda c: c["annotations"][0].update(image_id=[1])),
+    lambda d: _edit_json(d / "captions_train.json", lambda c: c["images"][0].pop("row")),
+    lambda d: _edit_json(d / "captions_train.json", lambda c: c["images"][0].update(row=10 ** 6)),
+    lambda d: _edit_json(d / "captions_train.json", lambda c: c.update(images={})),
+    lambda d: _edit_json(d / "manifest.json", lambda m: m.pop("options")),
+    lambda d: _edit_json(d / "manifest.json", lambda m: m["source"].pop("images_root")),
+    lambda d: _truncate(d / "images_train.npy"),
+    lambda d: _truncate(d / "tokens_train.npy"),
+    lambda d: _truncate(d / "lengths_train.npy"),
+    lambda d: (d / "lengths_train.npy").unlink(),
+])
+def test_a_damaged_prepared_folder_is_a_one_line_error(prepared, tmp_path, damage):
+    out, _ = prepared
+    copy = shutil.copytree(out, tmp_path / "copy")
+    damage(copy)
+    with pytest.raises(PreparedDataError, match="prepare it again") as err:
+        PreparedFolder(copy).images("train").pixels(0)
+    assert "\n" not in str(err.value) and str(copy) in str(err.value)
+
+
 # ------------------------------------------------------------------------------------ CLI, formats
 
 

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from captioning.console import CaptioningError
+from captioning.console import CaptioningError, one_line
 from captioning.data.coco import ImageRecord, read_boxes, read_json
 from captioning.data.prepare import FORMAT_VERSION
 from captioning.data.transforms import preprocess
@@ -69,14 +69,42 @@ class StoreImages:
         return preprocess(Image.fromarray(self.pixels(index)), self.image_size)
 
 
+def damaged(path: Path, problem: str) -> PreparedDataError:
+    return PreparedDataError(f"{path} is damaged ({problem}): the prepared folder cannot be read; prepare it again")
+
+
+def load_npy(path: Path, mmap: bool) -> np.ndarray:
+    """A .npy file of a prepared folder (memory-mapped read-only with ``mmap``); a missing, cut-short
+    or otherwise unreadable one is a PreparedDataError, not numpy's exception."""
+    if not path.is_file():
+        raise PreparedDataError(f"{path} is missing: the prepared folder is incomplete; prepare it again")
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None)
+    except (ValueError, OSError, EOFError) as err:  # a truncated file: "mmap length is greater than file size"
+        raise damaged(path, one_line(err, 120)) from None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 class PreparedSplit:
-    """One split: its records (references by image id), store rows and encoded captions."""
+    """One split: its records (references by image id), store rows and encoded captions. The captions
+    file's schema and the sizes of the split's .npy files are checked here, so a damaged folder is
+    one PreparedDataError when it is opened, not a KeyError or an mmap error half-way through a run."""
 
     def __init__(self, root: Path, split: str, images_root: Path) -> None:
         path = root / f"captions_{split}.json"
         if not path.is_file():
             raise PreparedDataError(f"{path} is missing: the prepared folder is incomplete; prepare it again")
         data = read_json(path, "prepared captions file", PreparedDataError)
+        if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
+                or not isinstance(data.get("annotations"), list):
+            raise damaged(path, "no 'images' and 'annotations' lists")
+        for i, img in enumerate(data["images"]):
+            if not isinstance(img, dict) or not isinstance(img.get("id"), (int, str)) or not _is_int(img.get("row")) \
+                    or img["row"] < 0 or not isinstance(img.get("file_name"), str):
+                raise damaged(path, f"images[{i}] needs an 'id', a 'row' and a 'file_name', got {img!r:.60}")
         self.image_ids = [img["id"] for img in data["images"]]
         self.rows = np.asarray([img["row"] for img in data["images"]], dtype=np.int64)
         self.file_names = [img["file_name"] for img in data["images"]]
@@ -84,6 +112,10 @@ class PreparedSplit:
         captions: list[list[str]] = [[] for _ in self.image_ids]
         owner = np.empty(len(data["annotations"]), dtype=np.int64)
         for j, ann in enumerate(data["annotations"]):
+            if not isinstance(ann, dict) or not isinstance(ann.get("image_id"), (int, str)) \
+                    or ann["image_id"] not in position or not isinstance(ann.get("caption"), str):
+                raise damaged(path, f"annotations[{j}] needs the 'image_id' of one of its images and a 'caption', "
+                                    f"got {ann!r:.60}")
             owner[j] = position[ann["image_id"]]
             captions[owner[j]].append(ann["caption"])
         if np.any(np.diff(owner) < 0):
@@ -94,10 +126,17 @@ class PreparedSplit:
         self.records = [ImageRecord(i, images_root / name, tuple(caps))
                         for i, name, caps in zip(self.image_ids, self.file_names, captions)]
         self.tokens = LazyArray(root / f"tokens_{split}.npy")
-        self.lengths = np.load(root / f"lengths_{split}.npy")
-        if len(self.lengths) != len(owner) or self.tokens.array.shape[0] != len(owner):
+        self.lengths = load_npy(root / f"lengths_{split}.npy", mmap=False)
+        if self.lengths.ndim != 1 or len(self.lengths) != len(owner) \
+                or load_npy(self.tokens.path, mmap=True).shape[0] != len(owner):
             raise PreparedDataError(f"{root}: tokens/lengths of {split} do not match {path.name}; prepare it again")
         self.store_path = root / f"images_{split}.npy"
+        store = load_npy(self.store_path, mmap=True)
+        if store.ndim != 4 or (len(self.rows) and self.rows.max() >= store.shape[0]):
+            raise damaged(self.store_path, f"{store.shape[0] if store.ndim else 0} rows of shape {store.shape[1:]}, "
+                                           f"but {path.name} uses row {self.rows.max() if len(self.rows) else 0}")
+        self.store_shape = store.shape
+        del store
 
     def encoded(self, index: int) -> list[list[int]]:
         """Training captions of image i as id lists (<start> .. <end>, no padding)."""
@@ -120,11 +159,17 @@ class PreparedFolder:
             raise PreparedDataError(f"{self.root} is not a prepared folder (no manifest.json): make it with "
                                     f"captioning prepare ... --out {self.root}")
         self.manifest = read_json(manifest, "prepared folder manifest", PreparedDataError)
+        if not isinstance(self.manifest, dict):
+            raise damaged(manifest, "not a JSON object")
         if self.manifest.get("format_version") != FORMAT_VERSION:
             raise PreparedDataError(f"{self.root} has prepared-folder format {self.manifest.get('format_version')}, "
                                     f"this code reads {FORMAT_VERSION}: prepare it again")
-        self.image_size: int = self.manifest["options"]["image_size"]
-        self.images_root = Path(self.manifest["source"]["images_root"])
+        options, source = self.manifest.get("options"), self.manifest.get("source")
+        if not isinstance(options, dict) or not _is_int(options.get("image_size")) or options["image_size"] < 1 \
+                or not isinstance(source, dict) or not isinstance(source.get("images_root"), str):
+            raise damaged(manifest, "it needs 'options' with an 'image_size' and 'source' with an 'images_root'")
+        self.image_size: int = options["image_size"]
+        self.images_root = Path(source["images_root"])
         self._splits: dict[str, PreparedSplit] = {}
 
     @cached_property
@@ -148,6 +193,9 @@ class PreparedFolder:
 
     def images(self, split: str) -> StoreImages:
         part = self.split(split)
+        if part.store_shape[1:] != (self.image_size, self.image_size, 3):
+            raise damaged(part.store_path, f"images of shape {part.store_shape[1:]}, but the manifest says "
+                                           f"{self.image_size}x{self.image_size} RGB")
         return StoreImages(part.store_path, part.rows, self.image_size)
 
     def check_image_size(self, image_size: int) -> None:
