@@ -413,6 +413,22 @@ def test_instances_numbered_differently_from_the_captions_are_refused(tmp_path, 
     assert {a["image_id"]: a["bbox"][2] for a in stored["annotations"]} == {i: i for i in range(3, 7)}
 
 
+def test_a_split_or_a_captions_file_given_twice_is_refused(tmp_path, capsys):
+    # A dict of splits kept the last train=, and one file read twice doubled every reference.
+    captions, images = write_example_dataset(tmp_path / "src", 6, image_size=16, fmt="coco", val=1, test=1)
+    other = shutil.copy(captions, tmp_path / "other.json")
+    base = ["--images", str(images), "--out", str(tmp_path / "out"), "--image-size", "16", "--no-progress"]
+    for given, words in [
+            (["--captions", f"train={captions}", f"train={other}"], ["--captions", "train", "twice"]),
+            (["--captions", str(captions), "--splits", f"val={captions}", f"val={other}"], ["--splits", "val", "twice"]),
+            (["--captions", str(captions), str(captions.parent / ".." / "src" / captions.name)],
+             ["--captions", str(captions), "twice"])]:
+        assert prepare_data.main(["--format", "coco", *given, *base]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and all(w in err for w in words), err
+    assert not (tmp_path / "out").exists()
+
+
 class CsvFormat(Format):
     """A format the package does not know: 'image,caption' rows under that header, split by seed."""
 

@@ -101,6 +101,9 @@ def _split_items(items: list[str], what: str) -> dict[str, Path]:
         split, sep, path = item.partition("=")
         if not sep or split not in SPLITS:
             raise AnnotationError(f"{what} entry '{item}' must look like train=FILE, val=FILE or test=FILE")
+        if split in pairs:  # one would be dropped: which the user meant is a guess
+            raise AnnotationError(f"{what} names the {split} split twice ({split}={pairs[split]} and {item}): "
+                                  "give one file per split")
         pairs[split] = Path(path)
     return pairs
 
@@ -116,6 +119,12 @@ def read_source(args: argparse.Namespace) -> SourceDataset:
     if any("=" in c for c in args.captions) and not per_split:
         raise AnnotationError("--captions takes either plain files or SPLIT=FILE entries, not both")
     files = list(_split_items(args.captions, "--captions").items()) if per_split else [(None, Path(c)) for c in args.captions]
+    seen: dict[Path, Path] = {}
+    for _, path in files:  # read twice, every caption of the file would be a reference twice
+        if path.resolve() in seen:
+            raise AnnotationError(f"--captions gives {seen[path.resolve()]} twice (as {path}): give each captions "
+                                  "file once")
+        seen[path.resolve()] = path
     fmt = args.format if args.format != "auto" else detect_format(files[0][1])
     return FORMATS[fmt].read(files, _split_items(args.splits, "--splits"), args)
 
