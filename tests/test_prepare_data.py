@@ -488,6 +488,27 @@ def test_benchmark_measures_the_loader(prepared):
     assert files[0]["source"] == "files" and files[0]["images"] > 0
 
 
+def test_benchmark_json_never_replaces_a_file_it_did_not_write(prepared, tmp_path, capsys):
+    out, _ = prepared
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    link = tmp_path / "link.json"
+    link.symlink_to(notes)
+    bench = ["--benchmark", str(out), "--workers", "0", "--seconds", "0.1"]
+    for given, words in [(notes, ["notes.txt", "not a loader benchmark"]), (link, ["link.json", "link"]),
+                         (tmp_path, ["folder"]), (tmp_path / "nowhere" / "b.json", ["nowhere", "does not exist"])]:
+        assert prepare_data.main([*bench, "--json", str(given)]) == 2
+        err = capsys.readouterr()
+        assert "images/s" not in err.out  # refused before measuring
+        line = err.err.strip()
+        assert line.startswith("error: --json") and "\n" not in line and all(w in line for w in words), line
+    assert notes.read_text() == "mine" and link.is_symlink() and not (tmp_path / "nowhere").exists()
+    ours = tmp_path / "bench.json"
+    for _ in range(2):  # its own result is replaced
+        assert prepare_data.main([*bench, "--json", str(ours)]) == 0
+        assert json.loads(ours.read_text())[0]["images_per_s"] > 0
+
+
 # ------------------------------------------------------------------------------------ training
 
 
