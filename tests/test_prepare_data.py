@@ -429,6 +429,33 @@ def test_a_split_or_a_captions_file_given_twice_is_refused(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("argv, words", [
+    (["--make-example", "EX", "--out", "OUT", "--captions", "foo"], ["--captions", "--make-example"]),
+    (["--make-example", "EX", "--json", "j.json"], ["--json", "--make-example"]),
+    (["--benchmark", "OUT", "--make-example", "EX"], ["--benchmark", "--make-example"]),
+    (["--benchmark", "OUT", "--out", "OUT2"], ["--out", "--benchmark"]),
+    (["--benchmark", "OUT", "--num-images", "4"], ["--num-images", "--benchmark"]),
+    (["--captions", "c.json", "--images", ".", "--out", "OUT", "--json", "j.json"], ["--json", "--benchmark"]),
+    (["--captions", "c.json", "--images", ".", "--out", "OUT", "--num-images", "3"], ["--num-images", "--make-example"]),
+    (["--captions", "c.json", "--images", ".", "--out", "OUT", "--seconds", "3"], ["--seconds", "--benchmark"]),
+    (["--captions", "c.json", "--images", ".", "--out", "OUT", "--compare-files"], ["--compare-files"]),
+    (["--make-example", "EX", "--num-images", "-3"], ["--num-images", "positive"]),
+    (["--make-example", "EX", "--example-size", "0"], ["--example-size", "positive"]),
+    (["--captions", "c.json", "--images", ".", "--out", "OUT", "--test-size", "-2"], ["--test-size", "-2"]),
+    (["--benchmark", "OUT", "--captions-per-image", "0"], ["--captions-per-image", "positive"]),
+])
+def test_options_a_mode_ignores_and_out_of_range_values_are_refused(tmp_path, capsys, argv, words):
+    argv = [str(tmp_path / a) if a in ("EX", "OUT", "OUT2") else a for a in argv]
+    try:
+        status = prepare_data.main(argv)
+    except SystemExit as exit_:  # argparse's own error line names the option
+        status = exit_.code
+    assert status == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert all(w in err for w in words), err
+    assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
 class CsvFormat(Format):
     """A format the package does not know: 'image,caption' rows under that header, split by seed."""
 

@@ -36,11 +36,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from captioning.console import CaptioningError, interruptible, main_of
+from captioning.console import CaptioningError, UsageError, interruptible, main_of, positive_int
 from captioning.data.coco import SPLITS, AnnotationError
 from captioning.data.formats import FORMATS, SourceDataset, detect_format
 from captioning.data.prepare import PrepareError, PrepareOptions, available_cores, format_summary, prepare
 from captioning.files import atomic_write_json, partial_name, read_regular
+
+
+def count(text: str) -> int:
+    """argparse type: a whole number >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
+    return value
 
 
 def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
@@ -63,8 +74,8 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
                      help="split lists (image ids or file names, one per line); without train=, train is "
                           "every image listed nowhere else")
     src.add_argument("--split-seed", type=int, default=0, help="seeded split when there are no lists (default 0)")
-    src.add_argument("--val-size", type=int, default=5000, help="seeded split: val images (default 5000)")
-    src.add_argument("--test-size", type=int, default=5000, help="seeded split: test images (default 5000)")
+    src.add_argument("--val-size", type=count, default=5000, help="seeded split: val images (default 5000)")
+    src.add_argument("--test-size", type=count, default=5000, help="seeded split: test images (default 5000)")
     out = p.add_argument_group("preparation")
     out.add_argument("--out", type=Path, metavar="DIR", help="the prepared folder to write")
     out.add_argument("--image-size", type=int, default=224, help="stored S x S; data.image_size must equal it (224)")
@@ -80,20 +91,48 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
     out.add_argument("--overwrite", action="store_true", help="replace an existing prepared folder")
     out.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     bench = p.add_argument_group("--benchmark")
-    bench.add_argument("--batch-size", type=int, default=32, help="images per batch (32)")
-    bench.add_argument("--captions-per-image", type=int, default=1, help="captions per image (1, configs/coco_*.yaml)")
+    bench.add_argument("--batch-size", type=positive_int, default=32, help="images per batch (32)")
+    bench.add_argument("--captions-per-image", type=positive_int, default=1, help="captions per image (1, configs/coco_*.yaml)")
     bench.add_argument("--seconds", type=float, default=10.0, help="seconds per measurement (10)")
     bench.add_argument("--compare-files", action="store_true",
                        help="also measure decoding the source image files every time (no prepared store)")
-    bench.add_argument("--threads", type=int, metavar="N",
+    bench.add_argument("--threads", type=positive_int, metavar="N",
                        help="torch intra-op threads of the main process, which does the work with 0 workers "
                             "(default: torch's own; workers always use 1)")
     bench.add_argument("--json", type=Path, metavar="FILE", help="write the measurements as JSON")
     ex = p.add_argument_group("--make-example")
-    ex.add_argument("--num-images", type=int, default=500)
-    ex.add_argument("--example-size", type=int, default=256, help="side of the generated JPEGs (256)")
+    ex.add_argument("--num-images", type=positive_int, default=500)
+    ex.add_argument("--example-size", type=positive_int, default=256, help="side of the generated JPEGs (256)")
     ex.add_argument("--example-format", choices=list(FORMATS), default="karpathy")
     return p.parse_args(argv)
+
+
+#: The options each mode reads; any other one given is refused (check_mode), not silently ignored.
+MODE_OPTIONS = {
+    "--benchmark": {"benchmark", "workers", "batch_size", "captions_per_image", "seconds", "compare_files", "threads",
+                    "json", "no_progress"},
+    "--make-example": {"make_example", "num_images", "example_size", "example_format"},
+    "prepare": {"format", "captions", "images", "instances", "splits", "split_seed", "val_size", "test_size", "out",
+                "image_size", "min_word_count", "max_len", "long_captions", "workers", "chunk_size", "strict",
+                "overwrite", "no_progress"},
+}
+
+
+def check_mode(args: argparse.Namespace) -> str:
+    """'--benchmark', '--make-example' or 'prepare'; an option the mode does not read is a UsageError."""
+    modes = [flag for flag in ("--benchmark", "--make-example") if getattr(args, flag[2:].replace("-", "_")) is not None]
+    if len(modes) > 1:
+        raise UsageError("--benchmark and --make-example are alternatives: run them one at a time")
+    mode = modes[0] if modes else "prepare"
+    defaults = vars(parse_args([]))
+    given = [name for name, value in vars(args).items() if name not in MODE_OPTIONS[mode] and value != defaults[name]]
+    if given:
+        flag = "--" + given[0].replace("_", "-")
+        owner = next((m for m, names in MODE_OPTIONS.items() if given[0] in names), "prepare")
+        what = "preparing (no --benchmark or --make-example)" if owner == "prepare" else owner
+        raise UsageError(f"{flag} applies to {what} only; {'preparing' if mode == 'prepare' else mode} does not "
+                         "read it: leave it out")
+    return mode
 
 
 def _split_items(items: list[str], what: str) -> dict[str, Path]:
@@ -187,7 +226,8 @@ def run_benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
     print(f"loader benchmark on {args.benchmark}: batch {args.batch_size} images x {args.captions_per_image} "
           f"captions, {args.seconds:.0f}s per setting, {available_cores()} CPU cores, main process "
           f"{torch.get_num_threads()} torch threads, torch {torch.__version__}", flush=True)
-    settings = dict(batch_size=args.batch_size, captions_per_image=args.captions_per_image, seconds=args.seconds)
+    settings = dict(batch_size=args.batch_size, captions_per_image=args.captions_per_image, seconds=args.seconds,
+                    progress=not args.no_progress)
     rows = benchmark_loader(args.benchmark, workers, **settings)
     if args.compare_files:
         rows += benchmark_loader(args.benchmark, workers, **settings, source="files")
@@ -222,9 +262,10 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> Any:
         f"{partial_name(args.out)} keeps the finished chunks: run the same command again to resume"
     with interruptible(left):
         try:
-            if args.benchmark is not None:
+            mode = check_mode(args)
+            if mode == "--benchmark":
                 return run_benchmark(args)
-            if args.make_example is not None:
+            if mode == "--make-example":
                 return make_example(args)
             return run_prepare(args, argv)
         except CaptioningError:
