@@ -456,6 +456,17 @@ def test_options_a_mode_ignores_and_out_of_range_values_are_refused(tmp_path, ca
     assert not list(tmp_path.iterdir())  # refused before anything was written
 
 
+@pytest.mark.parametrize("out", [".", "/", "..", "sub/.."])
+def test_an_out_without_a_folder_name_is_refused(tmp_path, capsys, monkeypatch, out):
+    captions, images = write_example_dataset(tmp_path / "src", 4, image_size=16, fmt="karpathy", val=1, test=1)
+    monkeypatch.chdir(tmp_path / "src")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    assert prepare_data.main(["--captions", str(captions), "--images", str(images), "--out", out, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --out") and "\n" not in err and "name" in err, err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
 class CsvFormat(Format):
     """A format the package does not know: 'image,caption' rows under that header, split by seed."""
 

@@ -258,6 +258,9 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> Any:
     """``captioning prepare`` with ``argv``; -> what it wrote. Raises a CaptioningError (bad input: status
     2), or Interrupted saying that <out>.partial keeps the finished chunks."""
     args = parse_args(argv, prog)
+    if args.out is not None and args.out.name in ("", ".", ".."):  # the folder itself is replaced, so it needs a name
+        raise UsageError(f"--out {args.out} names no folder of its own: give the prepared folder's name, such as "
+                         f"{args.out / 'prepared'}")
     left = None if args.out is None else \
         f"{partial_name(args.out)} keeps the finished chunks: run the same command again to resume"
     with interruptible(left):
