@@ -260,6 +260,26 @@ def read_regular(path: str | Path, limit: int = 1 << 20) -> bytes:
     return data
 
 
+def result_file_problem(path: Path, option: str, ours: Callable[[Any], bool], what: str,
+                        example: str) -> str | None:
+    """Why the JSON result file ``path``, given as ``option``, may not be written, or None: a link, a
+    folder (``example``: a file name to suggest in it), not a file, or a file whose parsed contents
+    ``ours`` does not recognise as ``what`` (the project never overwrites a file of someone else's)."""
+    if path.is_symlink():
+        return f"{option} {path} is a link: show-attend-tell writes nothing through a link; choose another {option}"
+    if not path.exists():
+        return None
+    if path.is_dir():
+        return f"{option} {path} is a folder: name the JSON file to write, such as {path / example}"
+    if not path.is_file():
+        return f"{option} {path} is not a file: choose another {option}"
+    try:
+        data = json.loads(read_regular(path, 1 << 24))
+    except (OSError, ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        data = None
+    return None if ours(data) else f"{option} {path} exists and is not {what}: choose another {option}"
+
+
 #: (device, inode) of the lock files this process holds -> their descriptors: a second RunLock
 #: of the same file in the same process re-enters instead of refusing its own process.
 _held_here: dict[tuple[int, int], int] = {}

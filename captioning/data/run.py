@@ -31,7 +31,6 @@ Exit status 2 with one ``error:`` line when the input is wrong.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,7 @@ from captioning.console import CaptioningError, UsageError, interruptible, main_
 from captioning.data.coco import SPLITS, AnnotationError
 from captioning.data.formats import FORMATS, SourceDataset, detect_format
 from captioning.data.prepare import PrepareError, PrepareOptions, available_cores, format_summary, prepare
-from captioning.files import atomic_write_json, partial_name, read_regular
+from captioning.files import atomic_write_json, partial_name, result_file_problem
 
 
 def count(text: str) -> int:
@@ -193,24 +192,12 @@ def run_prepare(args: argparse.Namespace, argv: list[str] | None) -> dict[str, A
 
 
 def json_file_problem(path: Path) -> str | None:
-    """Why --json ``path`` may not be written (a link, a folder, a missing folder, a file that is not a
-    loader benchmark's: the project never overwrites a file of someone else's), or None."""
-    if path.is_symlink():
-        return f"--json {path} is a link: show-attend-tell writes nothing through a link; choose another --json"
-    if not path.parent.is_dir():
+    """Why --json ``path`` may not be written (files.result_file_problem, or a missing folder), or None."""
+    if not path.is_symlink() and not path.parent.is_dir():
         return f"--json {path}: the folder {path.parent} does not exist; create it or choose another --json"
-    if not path.exists():
-        return None
-    if path.is_dir():
-        return f"--json {path} is a folder: name the JSON file to write, such as {path / 'loader.json'}"
-    try:
-        data = json.loads(read_regular(path, 1 << 24))
-    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
-        data = None
-    if not (isinstance(data, list) and data and all(isinstance(r, dict) and "images_per_s" in r for r in data)):
-        return (f"--json {path} exists and is not a loader benchmark written by captioning prepare: choose "
-                "another --json")
-    return None
+    return result_file_problem(path, "--json", lambda data: isinstance(data, list) and bool(data) and all(
+        isinstance(r, dict) and "images_per_s" in r for r in data), "a loader benchmark written by captioning prepare",
+        "loader.json")
 
 
 def run_benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:

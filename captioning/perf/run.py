@@ -14,7 +14,6 @@ says what each measures and where the results go.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import asdict
@@ -144,25 +143,12 @@ def results_file(out: Path | None) -> Path:
 
 
 def results_file_problem(out: Path) -> str | None:
-    """Why ``out`` may not be written (a link, a folder, a file a benchmark did not write: the
-    project never overwrites a file of someone else's), or None."""
-    if out.is_symlink():
-        return f"--out {out} is a link: show-attend-tell writes nothing through a link; choose another --out"
-    if not out.exists():
-        return None
-    if out.is_dir():
-        return f"--out {out} is a folder: name the JSON file to write, such as {out / 'benchmark.json'}"
-    if not out.is_file():
-        return f"--out {out} is not a file: choose another --out"
-    try:
-        from captioning.files import read_regular
+    """Why ``out`` may not be written (files.result_file_problem: a benchmark's own result may be), or None."""
+    from captioning.files import result_file_problem
 
-        data = json.loads(read_regular(out, 1 << 24))
-    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
-        data = None
-    if not (isinstance(data, dict) and "total_seconds" in data and "skipped" in data):
-        return f"--out {out} exists and is not a benchmark result written by show-attend-tell: choose another --out"
-    return None
+    return result_file_problem(out, "--out", lambda data: isinstance(data, dict) and "total_seconds" in data
+                               and "skipped" in data, "a benchmark result written by show-attend-tell",
+                               "benchmark.json")
 
 
 def run(argv: list[str] | None = None, prog: str | None = None) -> dict[str, Any]:
