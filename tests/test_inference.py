@@ -325,6 +325,23 @@ def test_api_returns_the_same_captions_as_the_cli(tiny, capsys):
         captioner.caption(paths[0], hard_mode="argmax")  # soft attention has no hard mode
 
 
+def test_sampled_captions_of_the_cli_are_the_api_s_batch_by_batch(tiny, capsys, tmp_path):
+    """A seed gives each batch its own draws (seed + batch number), in the CLI as in the API: one
+    image three times in batches of one is not captioned three times alike."""
+    paths = []
+    for name in "abc":
+        paths.append(tmp_path / f"{name}.jpg")
+        paths[-1].write_bytes(tiny.test_paths[0].read_bytes())
+    sampling = ["--temperature", "5", "--seed", "0", "--batch-size", "1"]
+    rc, out, err = run_cli(capsys, "--checkpoint", tiny.ckpt, *paths, *sampling)
+    assert rc == 0, err
+    cli_captions = [line.split("\t")[1] for line in out]
+    captioner = Captioner.from_checkpoint(tiny.ckpt, device="cpu")
+    api_captions = [c.text for c in captioner.caption(paths, temperature=5.0, seed=0, batch_size=1)]
+    assert cli_captions == api_captions
+    assert len(set(api_captions)) > 1
+
+
 def test_hard_attention_uses_the_checkpoint_hard_mode(tiny):
     captioner = Captioner.from_checkpoint(tiny.hard_ckpt, device="cpu")
     assert captioner.settings == {"method": "beam", "beam_size": 3, "length_penalty": 0.0, "max_len": MAX_LEN,

@@ -357,7 +357,7 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> int:
     failed = len(input_errors)
     used_names: set[str] = set()
     progress = Progress(len(paths), "caption", enabled=len(paths) > args.batch_size)
-    for start in range(0, len(paths), args.batch_size):
+    for i, start in enumerate(range(0, len(paths), args.batch_size)):
         chunk = paths[start:start + args.batch_size]
         loaded = []  # (path, original RGB image, tensor)
         for path in chunk:
@@ -371,8 +371,10 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> int:
                 print_error(f"{path}: {image_error_reason(err, path)}")
                 failed += 1
         if loaded:
+            # Each batch draws with its own seed, seed + its number, as Captioner.caption seeds them.
             captions = captioner.caption_tensors(captioner.stack([t for _, _, t in loaded]),
-                                                 [str(p) for p, _, _ in loaded], options, seed=args.seed)
+                                                 [str(p) for p, _, _ in loaded], options,
+                                                 seed=None if args.seed is None else args.seed + i)
             for (path, image, _), cap in zip(loaded, captions):
                 shown = [cap, *cap.alternatives]
                 if args.json:
