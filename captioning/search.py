@@ -27,6 +27,11 @@ Array = Any  # a torch.Tensor or a numpy.ndarray: whatever the engine's ArrayOps
 
 # ----------------------------------------------------------------------------- options
 
+#: The temperatures a sampling call takes (the demo's too): far below 0.01 the scores divide into
+#: infinities, past float32's largest number into NaNs, and no word can be drawn; above 100 every word
+#: is about as likely as any other already.
+TEMPERATURE_RANGE = (0.01, 100.0)
+
 
 @dataclass(frozen=True)
 class DecodeOptions:
@@ -61,9 +66,9 @@ class DecodeOptions:
         k = self.top_k
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
             raise InvalidValue(f"top_k must be a positive integer, got {k!r}")
-        t = self.temperature
-        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < math.inf):
-            raise InvalidValue(f"temperature must be a positive number, got {t!r} "
+        t, (low, high) = self.temperature, TEMPERATURE_RANGE
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not low <= t <= high):
+            raise InvalidValue(f"temperature must be a number from {low:g} to {high:g}, got {t!r} "
                                "(greedy decoding is beam_size 1 without a temperature)")
         lp = self.length_penalty
         if isinstance(lp, bool) or not isinstance(lp, (int, float)) or not math.isfinite(lp):

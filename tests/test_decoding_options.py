@@ -130,8 +130,11 @@ def test_n_best_samples_are_distinct_and_ranked():
 @pytest.mark.parametrize("kwargs,message", [
     (dict(beam_size=3, temperature=0.7), "cannot use a beam"),
     (dict(n_best=3, beam_size=2), "needs a beam at least as wide"),
-    (dict(temperature=0.0), "temperature must be a positive number"),
-    (dict(temperature=-1.0), "temperature must be a positive number"),
+    (dict(temperature=0.0), "temperature must be a number from 0.01 to 100"),
+    (dict(temperature=-1.0), "temperature must be a number from 0.01 to 100"),
+    (dict(temperature=1e-45), "temperature must be a number from 0.01 to 100"),
+    (dict(temperature=1e300), "temperature must be a number from 0.01 to 100"),
+    (dict(temperature=float("nan")), "temperature must be a number from 0.01 to 100"),
     (dict(top_k=0), "top_k must be a positive integer"),
     (dict(min_len=9, max_len=8), "min_len 9 is above max_len 8"),
     (dict(min_len=-1), "min_len must be a non-negative integer"),

@@ -193,7 +193,8 @@ def add_decoding_options(p: argparse.ArgumentParser, n_best: bool = True) -> Non
         p.add_argument("--n-best", type=positive_int, default=1, metavar="K",
                        help="the K best captions of each image (beam search widens to K; with sampling, K draws)")
     p.add_argument("--temperature", type=float, metavar="T",
-                   help="sample each word from softmax(logits / T) instead of searching (beam size 1)")
+                   help="sample each word from softmax(logits / T), T from 0.01 to 100, instead of searching "
+                        "(beam size 1)")
     p.add_argument("--top-k", type=positive_int, metavar="K", help="sample among the K most likely words only")
     p.add_argument("--min-len", type=int, default=0, metavar="N", help="no <end> before N words (default: 0)")
     p.add_argument("--no-unk", action="store_true", help="never emit <unk>")
