@@ -11,6 +11,7 @@ No torch import here, so that the ONNX engine runs without it: tensors are recog
 
 from __future__ import annotations
 
+import numbers
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -26,6 +27,10 @@ from captioning.config import Config
 from captioning.data.transforms import load_image, to_rgb
 from captioning.search import DecodeOptions, Hypothesis, search
 from captioning.vocab import Vocabulary
+
+#: The seeds both engines take alike: torch's generator takes up to 2**64 - 1 and negatives, NumPy's
+#: no negatives; the demo's, 0 to 2**31 - 1, lie inside.
+SEED_RANGE = (0, 2**32 - 1)
 
 PIL_SOURCE = "<PIL image>"
 ARRAY_SOURCE = "<array>"
@@ -86,6 +91,23 @@ def array_image(image: Any) -> Image.Image:
     if min(array.shape[:2]) < 1:
         raise InvalidValue(f"an image must have at least one pixel; got {got}")
     return Image.fromarray(np.ascontiguousarray(array), "RGB")
+
+
+def checked_seed(seed: Any) -> int | None:
+    """``seed`` checked: None, or a whole number in SEED_RANGE (returned as an int); anything else
+    raises InvalidValue."""
+    low, high = SEED_RANGE
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not low <= seed <= high:
+        raise InvalidValue(f"seed must be a whole number from {low} to {high}, got {seed!r}")
+    return int(seed)
+
+
+def batch_seed(seed: int | None, batch: int) -> int | None:
+    """The seed of the ``batch``-th batch of a call seeded by ``seed``: seed + batch, wrapped into
+    SEED_RANGE, so that each batch draws its own words."""
+    return None if seed is None else (seed + batch) % (SEED_RANGE[1] + 1)
 
 
 class CaptionEngine:
@@ -159,8 +181,9 @@ class CaptionEngine:
     def caption_tensors(self, images: Any, sources: Sequence[str] | None = None,
                         options: DecodeOptions | None = None, *, seed: int | None = None) -> list[Caption]:
         """Decode preprocessed images [B, 3, S, S] with ``options`` (default: :meth:`options`);
-        ``seed`` makes sampling (words, and hard attention's "sample" mode) repeatable."""
+        ``seed`` (see SEED_RANGE) makes sampling (words, and hard attention's "sample" mode) repeatable."""
         options = self.options(options)
+        seed = checked_seed(seed)
         if images.ndim != 4 or images.shape[1] != 3:
             raise InvalidValue(f"images must have shape [B, 3, H, W], got {tuple(images.shape)}")
         sources = list(sources) if sources is not None else [PIL_SOURCE] * images.shape[0]
@@ -197,6 +220,7 @@ class CaptionEngine:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InvalidValue(f"batch_size must be a positive integer, got {batch_size!r}")
         options = self.options(options, **overrides)  # fails before reading any image
+        seed = checked_seed(seed)
         sources = [source_name(image) for image in images]
         note = self.note_for(sources)
         if note is not None:
@@ -205,5 +229,5 @@ class CaptionEngine:
         for i, start in enumerate(range(0, len(images), batch_size)):
             batch = self.stack([self.preprocess(image) for image in images[start:start + batch_size]])
             results += self.caption_tensors(batch, sources[start:start + batch_size], options,
-                                            seed=None if seed is None else seed + i)
+                                            seed=batch_seed(seed, i))
         return results

@@ -119,6 +119,9 @@ def test_onnx_engine_samples_with_the_same_search(untrained):
         assert [x.score for x in drawn] == sorted((x.score for x in drawn), reverse=True)
     with pytest.raises(ValueError, match="needs a hard-attention model"):
         untrained.onnx.caption(paths[:1], hard_mode="argmax")
+    for seed in (-1, -5, 2**32, "1"):  # the PyTorch engine's range, refused alike
+        with pytest.raises(ValueError, match="seed must be a whole number from 0 to 4294967295"):
+            untrained.onnx.caption(paths[:1], temperature=5.0, seed=seed)
 
 
 def test_onnx_engine_imports_no_torch(untrained):

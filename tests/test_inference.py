@@ -342,6 +342,32 @@ def test_sampled_captions_of_the_cli_are_the_api_s_batch_by_batch(tiny, capsys, 
     assert len(set(api_captions)) > 1
 
 
+@pytest.mark.parametrize("seed", ["-1", "-5", "4294967296", "99999999999999999999", "1.5"])
+def test_cli_seed_outside_what_both_engines_take_is_refused(tiny, capsys, seed):
+    with pytest.raises(SystemExit) as exit:
+        run_cli(capsys, "--checkpoint", tiny.ckpt, tiny.test_paths[0], "--temperature", "2", "--seed", seed)
+    out, err = capsys.readouterr()
+    assert exit.value.code == 2 and out == ""
+    assert "argument --seed: expected a whole number from 0 to 4294967295" in err.splitlines()[-1]
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 10**20, 1.5, "1", True])
+def test_api_seed_outside_what_both_engines_take_is_a_one_line_error(tiny, seed):
+    captioner = Captioner.from_checkpoint(tiny.ckpt, device="cpu")
+    with pytest.raises(ValueError, match="seed must be a whole number from 0 to 4294967295") as err:
+        captioner.caption(tiny.test_paths[0], temperature=2.0, seed=seed)
+    assert "\n" not in str(err.value)
+    images = torch.stack([captioner.preprocess(tiny.test_paths[0])])
+    with pytest.raises(ValueError, match="seed must be a whole number from 0 to 4294967295"):
+        captioner.caption_tensors(images, None, captioner.options(temperature=2.0), seed=seed)
+
+
+def test_the_largest_seed_samples_every_batch(tiny):
+    captioner = Captioner.from_checkpoint(tiny.ckpt, device="cpu")
+    captions = captioner.caption(tiny.test_paths[:3], temperature=2.0, seed=2**32 - 1, batch_size=1)
+    assert len(captions) == 3
+
+
 def test_hard_attention_uses_the_checkpoint_hard_mode(tiny):
     captioner = Captioner.from_checkpoint(tiny.hard_ckpt, device="cpu")
     assert captioner.settings == {"method": "beam", "beam_size": 3, "length_penalty": 0.0, "max_len": MAX_LEN,

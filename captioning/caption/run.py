@@ -230,6 +230,17 @@ def data_config(captioner, data_root: str | None):
 # ------------------------------------------------------------------------------------ caption
 
 
+def seed_number(text: str) -> int:
+    """--seed: a whole number both engines take (captioning.engine.SEED_RANGE)."""
+    from captioning.engine import SEED_RANGE, checked_seed
+
+    try:
+        return checked_seed(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number from {SEED_RANGE[0]} to {SEED_RANGE[1]}, "
+                                         f"got {text!r}") from None
+
+
 def caption_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog, description="Caption images with a trained Show, Attend and Tell checkpoint (greedy or beam search).")
@@ -254,7 +265,9 @@ def caption_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=32, metavar="N",
                    help="images decoded together (default: 32)")
     add_decoding_options(p)
-    p.add_argument("--seed", type=int, help="make sampling (words, and hard attention's sample mode) repeatable")
+    p.add_argument("--seed", type=seed_number, metavar="S",
+                   help="make sampling (words, and hard attention's sample mode) repeatable; S from 0 to "
+                        "4294967295")
     p.add_argument("--from-split", choices=SPLITS, metavar="SPLIT",
                    help="also caption images of this split of the checkpoint's dataset")
     p.add_argument("--limit", type=positive_int, metavar="N",
@@ -348,6 +361,7 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> int:
     if not paths:
         raise UsageError("no images to caption (give image files, folders or globs, or --from-split)")
 
+    from captioning.engine import batch_seed
     from captioning.visualization import save_attention_figure
 
     if args.heatmaps is not None:
@@ -375,7 +389,7 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> int:
             # Each batch draws with its own seed, seed + its number, as Captioner.caption seeds them.
             captions = captioner.caption_tensors(captioner.stack([t for _, _, t in loaded]),
                                                  [str(p) for p, _, _ in loaded], options,
-                                                 seed=None if args.seed is None else args.seed + i)
+                                                 seed=batch_seed(args.seed, i))
             for (path, image, _), cap in zip(loaded, captions):
                 shown = [cap, *cap.alternatives]
                 if args.json:
