@@ -186,6 +186,16 @@ def test_exif_orientation_and_modes_are_converted(tiny, images):
             captioner.caption(path)
 
 
+def test_float_images_are_rescaled_as_deep_ones_not_black(tmp_path):
+    from captioning.data.transforms import load_image
+
+    values = np.random.default_rng(0).random((40, 50)).astype(np.float32)
+    Image.fromarray(values, "F").save(tmp_path / "float.tif")
+    rgb = np.asarray(load_image(tmp_path / "float.tif"), dtype=np.float64)
+    assert rgb.shape == (40, 50, 3)
+    np.testing.assert_allclose(rgb[..., 1], values * (255 / values.max()), atol=1)
+
+
 def png_claiming(path: Path, width: int, height: int) -> Path:
     """A valid, tiny (~100 bytes) 1-bit PNG whose header declares width x height pixels."""
     import struct

@@ -57,10 +57,11 @@ def max_image_pixels() -> int:
 def load_image(path: str | Path) -> Image.Image:
     """Open an image file as RGB with its EXIF orientation applied.
 
-    Grayscale, CMYK, palette, RGBA (composited on white) and 16-bit images are converted; large
-    JPEGs are decoded at a reduced scale (see DRAFT_SIZE). A missing, truncated or non-image file,
-    a decompression bomb, or an image of more pixels than :func:`max_image_pixels` (read from the
-    header, before decoding) raises ImageLoadError naming the file.
+    Grayscale, CMYK, palette, RGBA (composited on white), 16-bit, 32-bit and float images (scaled
+    by their brightest pixel) are converted; large JPEGs are decoded at a reduced scale (see
+    DRAFT_SIZE). A missing, truncated or non-image file, a decompression bomb, or an image of more
+    pixels than :func:`max_image_pixels` (read from the header, before decoding) raises
+    ImageLoadError naming the file.
 
     Decompression bombs: Pillow refuses images of more than 2 x Image.MAX_IMAGE_PIXELS (179
     megapixels by default) when opening them, before decoding anything -- a tiny file claiming
@@ -109,10 +110,11 @@ def load_image(path: str | Path) -> Image.Image:
 def to_rgb(img: Image.Image) -> Image.Image:
     """EXIF orientation applied, then 3-channel 8-bit RGB."""
     img = ImageOps.exif_transpose(img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale: rescale to 8 bits
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16/32-bit grayscale, integers or floats: rescale to 8 bits
         import numpy as np
 
-        arr = np.asarray(img, dtype=np.float64)
+        # A float image's NaNs and infinities count as black; left in, they would blacken the whole image.
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
         top = arr.max() or 1.0
         img = Image.fromarray((arr * (255.0 / top)).clip(0, 255).astype("uint8"), mode="L")
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
