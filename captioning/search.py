@@ -95,7 +95,8 @@ class DecodeOptions:
     def for_model(cls, defaults: DecodeConfig, modes: Sequence[str], attention: str, options: "DecodeOptions | None" = None,
                   **overrides) -> "DecodeOptions":
         """``options`` as given (checked against the model's test-time ``modes``, empty if it has
-        none), or the config's ``decode`` ``defaults`` with keyword ``overrides`` (:meth:`_with_defaults`).
+        none; no hard_mode on a model with modes is the model's own, as :meth:`_with_defaults` picks
+        it), or the config's ``decode`` ``defaults`` with keyword ``overrides`` (:meth:`_with_defaults`).
         ``attention`` names the mechanism in messages."""
         if options is None:
             return cls._with_defaults(defaults, modes, attention, **overrides)
@@ -105,7 +106,14 @@ class DecodeOptions:
         if options.hard_mode not in (tuple(modes) or ("expected",)) + (None,):
             raise InvalidValue(f"hard_mode {options.hard_mode!r} is not offered by this model's {attention} attention "
                                f"({'it offers ' + ', '.join(modes) if modes else 'it has no hard mode'})")
+        if options.hard_mode is None and modes:  # decoded, and so recorded, with the model's own mode
+            return options.replace(hard_mode=cls._model_mode(defaults, modes))
         return options
+
+    @staticmethod
+    def _model_mode(defaults: DecodeConfig, modes: Sequence[str]) -> str:
+        """The mode a model with test-time ``modes`` attends with when none is asked for."""
+        return defaults.hard_mode if defaults.hard_mode in modes else modes[0]
 
     @classmethod
     def _with_defaults(cls, defaults: DecodeConfig, modes: Sequence[str], attention: str, *,
@@ -121,7 +129,7 @@ class DecodeOptions:
             if isinstance(n_best, int) and not sampling:
                 beam_size = max(beam_size, n_best)
         if modes:
-            mode = hard_mode or (defaults.hard_mode if defaults.hard_mode in modes else modes[0])
+            mode = hard_mode or cls._model_mode(defaults, modes)
             if mode not in modes:
                 raise InvalidValue(f"hard_mode must be one of {', '.join(modes)} (what this model offers), got "
                                    f"{mode!r}")

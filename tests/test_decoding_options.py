@@ -177,6 +177,9 @@ def test_options_for_a_model_take_its_defaults():
         DecodeOptions.for_model(defaults, (), "soft", given)
     with pytest.raises(ValueError, match="not both"):
         DecodeOptions.for_model(defaults, hard, "hard", given, beam_size=3)
+    # Options without a hard mode decode, and are recorded, with the model's own.
+    assert DecodeOptions.for_model(defaults, hard, "hard", DecodeOptions(beam_size=1)).hard_mode == "argmax"
+    assert DecodeOptions.for_model(defaults, ("expected",), "hard", DecodeOptions()).hard_mode == "expected"
     record = DecodeOptions.for_model(defaults, hard, "hard").record("hard")
     assert record == {"method": "beam", "beam_size": 3, "length_penalty": 0.5, "max_len": 12, "hard_mode": "argmax",
                       "attention": "hard", "n_best": 1, "temperature": None, "top_k": None, "min_len": 0,

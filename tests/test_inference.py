@@ -22,6 +22,7 @@ from captioning.checkpoint import CheckpointError
 from captioning.data.datamodule import EvalDataset
 from captioning.data.transforms import ImageLoadError
 from captioning.evaluation import run as evaluate_script  # captioning evaluate (scripts/evaluate.py)
+from captioning.search import DecodeOptions
 from captioning.visualization import figure_size
 from conftest import HARD
 
@@ -385,6 +386,7 @@ def test_hard_attention_uses_the_checkpoint_hard_mode(tiny):
                                   "top_k": None, "min_len": 0, "no_unk": False}
     assert captioner.options(beam_size=1).method == "greedy"
     assert captioner.options(hard_mode="expected").hard_mode == "expected"
+    assert captioner.record(captioner.options(DecodeOptions(beam_size=1)))["hard_mode"] == "argmax"
     g = tiny.cfg.model.encoder.grid_size
     for mode in (None, "expected", "sample"):
         [cap] = captioner.caption(tiny.test_paths[0], hard_mode=mode)
