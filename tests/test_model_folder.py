@@ -314,6 +314,16 @@ def test_exporting_a_model_folder_keeps_its_scores_and_training_command(tiny, tm
     assert "| BLEU-4 | 43.21 |" in card and "captioning train --config configs/tiny.yaml" in card
 
 
+def test_export_refuses_a_hard_mode_for_a_folder_without_graphs(tiny, tmp_path, capsys):
+    from captioning import cli
+
+    out = tmp_path / "folder"
+    assert cli.main(["export", "--checkpoint", str(tiny.ckpt), "--out", str(out), "--hard-mode", "argmax"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--hard-mode chooses the ONNX step's mode: give --format onnx" in err
+    assert not out.exists()
+
+
 def test_export_to_a_read_only_file_system_is_one_line_in_words(tiny, tmp_path, capsys, monkeypatch):
     import errno
 

@@ -23,7 +23,8 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["folder", "onnx"], default="folder",
                    help="folder: weights as safetensors (default); onnx: also the ONNX graphs")
     p.add_argument("--hard-mode", choices=["expected", "argmax"],
-                   help="hard attention in the ONNX step (default: the checkpoint's decode.hard_mode)")
+                   help="with --format onnx: hard attention in the ONNX step (default: the checkpoint's "
+                        "decode.hard_mode)")
     return p
 
 
@@ -31,6 +32,8 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> Path:
     """``captioning export`` with ``argv``; -> the folder written. Raises a CaptioningError (status 2)."""
     args = parser(prog).parse_args(argv)
     command = command_line(prog or "captioning export", argv)
+    if args.hard_mode is not None and args.format != "onnx":  # a folder's weights attend in every mode
+        raise UsageError("--hard-mode chooses the ONNX step's mode: give --format onnx")
     if args.format == "onnx":
         try:
             import onnx  # noqa: F401
