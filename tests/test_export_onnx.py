@@ -206,6 +206,10 @@ def test_cli_onnx_engine_errors(untrained, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["caption", "--engine", "onnx", "--checkpoint", str(untrained.ckpt), str(untrained.paths[0])])
     assert "--engine onnx needs --model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["caption", "--engine", "onnx", "--model", str(untrained.folder), "--device", "cuda",
+                  str(untrained.paths[0])])
+    assert "--device places PyTorch's model: it needs --engine torch" in capsys.readouterr().err
 
 
 def _reordered(words: list) -> list:

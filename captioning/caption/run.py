@@ -261,7 +261,8 @@ def caption_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         "reached --max-len without ending), settings, training_data")
     p.add_argument("--with-attention", action="store_true",
                    help="with --json: each caption's attention too, one grid per word ([words][grid][grid])")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu); --engine torch "
+                                    "only")
     p.add_argument("--batch-size", type=positive_int, default=32, metavar="N",
                    help="images decoded together (default: 32)")
     add_decoding_options(p)
@@ -346,7 +347,9 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> int:
             (onnx and args.model is None,
              "--engine onnx needs --model DIR (written by 'captioning export --format onnx')"),
             (onnx and args.from_split, "--from-split reads the checkpoint's dataset with PyTorch's loader: it needs "
-                                       "--engine torch")):
+                                       "--engine torch"),
+            (onnx and args.device is not None, "--device places PyTorch's model: it needs --engine torch (the ONNX "
+                                               "engine runs on the CPU)")):
         if wrong:
             parser.error(message)
     args.checkpoint = args.checkpoint or args.model
