@@ -187,6 +187,13 @@ def test_exif_orientation_and_modes_are_converted(tiny, images):
             captioner.caption(path)
 
 
+def test_a_file_that_is_no_image_is_named_in_words(tiny, images, capsys):
+    path = images.by_name["text.jpg"]
+    rc, out, err = run_cli(capsys, "--checkpoint", tiny.ckpt, path)
+    assert rc == 1 and out == []
+    assert error_lines(err) == [f"error: {path}: not an image file Pillow can read"]
+
+
 def test_float_images_are_rescaled_as_deep_ones_not_black(tmp_path):
     from captioning.data.transforms import load_image
 

@@ -99,7 +99,9 @@ def load_image(path: str | Path) -> Image.Image:
     except Image.DecompressionBombError as err:
         raise ImageLoadError(f"cannot read image {path}: refused as a possible decompression bomb ({err}); "
                              "if it is a genuine image, raise PIL.Image.MAX_IMAGE_PIXELS") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+    except UnidentifiedImageError:  # Pillow names the stream it was given, not the file
+        raise ImageLoadError(f"cannot read image {path}: not an image file Pillow can read") from None
+    except (OSError, SyntaxError) as err:
         raise ImageLoadError(f"cannot read image {path}: {err}") from None
     except Exception as err:  # noqa: BLE001 -- Pillow's decoders raise ValueError (a PNG text chunk
         # claiming 100 MB: "Decompressed Data Too Large"), struct.error, IndexError... on hostile files
