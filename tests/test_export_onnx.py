@@ -243,3 +243,14 @@ def test_the_onnx_engine_checks_a_folder_as_the_torch_engine_does(untrained, tmp
     assert cli.main(["caption", "--engine", "onnx", "--model", str(folder), str(untrained.paths[0])]) == 2
     out, err_text = capsys.readouterr()
     assert out == "" and err_text.count("\n") == 1 and message in err_text
+
+
+@pytest.mark.parametrize("option,value", [("--repeats", "0"), ("--threads", "-1"), ("--batch-size", "0"),
+                                          ("--limit", "0"), ("--limit", "-1"), ("--beam-size", "0")])
+def test_speed_refuses_counts_below_one(tmp_path, capsys, option, value):
+    from captioning.export import speed
+
+    with pytest.raises(SystemExit) as exit:
+        speed.main(["--checkpoint", str(tmp_path / "best.ckpt"), "--model", str(tmp_path), option, value])
+    assert exit.value.code == 2
+    assert f"argument {option}: expected a positive integer" in capsys.readouterr().err

@@ -15,17 +15,19 @@ import sys
 import timeit
 from pathlib import Path
 
+from captioning.console import positive_int
+
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", type=Path, required=True, help="best.ckpt (or a model folder) for PyTorch")
     p.add_argument("--model", type=Path, required=True, help="the folder 'captioning export --format onnx' wrote")
     p.add_argument("--split", default="test", help="images of this split of the checkpoint's dataset")
-    p.add_argument("--limit", type=int, default=100)
-    p.add_argument("--beam-size", type=int, nargs="+", default=[1, 3])
-    p.add_argument("--threads", type=int, default=1, help="intra-op threads of both engines")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--limit", type=positive_int, default=100)
+    p.add_argument("--beam-size", type=positive_int, nargs="+", default=[1, 3])
+    p.add_argument("--threads", type=positive_int, default=1, help="intra-op threads of both engines")
+    p.add_argument("--repeats", type=positive_int, default=3)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     args = p.parse_args(argv)
 
     import torch
