@@ -57,6 +57,8 @@ from urllib.parse import parse_qs, urlparse
 
 from captioning.console import CaptioningError, one_line
 from captioning.data.transforms import ImageLoadError
+from captioning.engine import SEED_RANGE
+from captioning.search import TEMPERATURE_RANGE
 
 PAGE = Path(__file__).with_name("page.html")
 #: Uploads larger than this are refused before they are read.
@@ -86,11 +88,11 @@ MAX_PARTS = 32
 MAX_PART_HEAD_BYTES = 8 * 2**10
 #: The listen backlog: connections the kernel holds before they are accepted (socketserver: 5).
 BACKLOG = 128
-#: The query's numbers, checked here before any decoding: name -> (type, lowest, highest).
-#: A temperature below 0.01 divides the scores into infinities.
+#: The query's numbers, checked here before any decoding: name -> (type, lowest, highest). The
+#: seed and the temperature take what every engine takes (captioning/engine.py, captioning/search.py).
 NUMBERS: dict[str, tuple[type, float, float]] = {
     "beam_size": (int, 1, 20), "n_best": (int, 1, 10), "max_len": (int, 1, 100), "min_len": (int, 0, 100),
-    "top_k": (int, 1, 100000), "seed": (int, 0, 2**31 - 1), "temperature": (float, 0.01, 100.0),
+    "top_k": (int, 1, 100000), "seed": (int, *SEED_RANGE), "temperature": (float, *TEMPERATURE_RANGE),
 }
 #: The query's keys: those of every request, and those of each method; "seed" is sampling's, of
 #: method=sample or of hard attention's hard_mode=sample. A key a request would not use is refused.
