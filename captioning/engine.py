@@ -28,8 +28,8 @@ from captioning.data.transforms import load_image, to_rgb
 from captioning.search import DecodeOptions, Hypothesis, search
 from captioning.vocab import Vocabulary
 
-#: The seeds both engines take alike: torch's generator takes up to 2**64 - 1 and negatives, NumPy's
-#: no negatives; the demo's, 0 to 2**31 - 1, lie inside.
+#: The seeds both engines take alike (and the demo's query): torch's generator takes up to 2**64 - 1
+#: and negatives, NumPy's no negatives.
 SEED_RANGE = (0, 2**32 - 1)
 
 PIL_SOURCE = "<PIL image>"
