@@ -142,6 +142,29 @@ def test_a_folder_holding_another_run_is_refused(tmp_path):
     assert [p.name for p in run.iterdir()] == [MARKER]
 
 
+def test_a_checkpoint_under_epochs_belongs_to_its_run_folder(tmp_path):
+    """--resume RUN/epochs/epoch0.ckpt --out-dir RUN --overwrite removed that very checkpoint and the
+    run, then traced back; without --out-dir its folder was taken to be RUN/epochs."""
+    run = tmp_path / "run"
+    (run / "epochs").mkdir(parents=True)
+    (run / "eval").mkdir()
+    mark_folder(run, "run")
+    for name in ("last.ckpt", "epochs/epoch0.ckpt", "eval/copy.ckpt"):
+        (run / name).write_bytes(b"ckpt")
+    before = _files(run)
+    epoch = run / "epochs" / "epoch0.ckpt"
+    assert choose_out_dir(None, "soft", epoch) == run
+    take_folder(run, resume=epoch).release()  # continuing the run in its own folder
+    assert _files(run) == before
+    for resume in (epoch, run / "last.ckpt"):  # --overwrite would be ignored: refused
+        with pytest.raises(RunFolderError) as info:
+            take_folder(run, overwrite=True, resume=resume)
+        assert "--overwrite" in str(info.value) and "continues" in str(info.value)
+    with pytest.raises(RunFolderError, match="--overwrite would remove .*copy.ckpt, the checkpoint resumed"):
+        take_folder(run, overwrite=True, resume=run / "eval" / "copy.ckpt")
+    assert _files(run) == before and not (run / "train.lock").exists()
+
+
 def _second_process_takes(run) -> str:
     """Another process asking for the folder while this one holds it: -> its one-line refusal."""
     code = ("import sys; from captioning.training.run_folder import take_folder, RunFolderError\n"

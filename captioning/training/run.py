@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
     p.add_argument("--max-epochs", type=positive_int, metavar="N")
     p.add_argument("--seed", type=int)
     p.add_argument("--out-dir", type=Path,
-                   help="default: runs/<attention>, or with --resume the checkpoint's own folder")
+                   help="default: runs/<attention>, or with --resume the checkpoint's own run folder")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --out-dir (otherwise such a folder is refused)")
     p.add_argument("--resume", type=Path, metavar="CKPT",

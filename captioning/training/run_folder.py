@@ -6,6 +6,7 @@ lock file in the folder (captioning/files.py RunLock) refuses a second live proc
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from captioning.console import CaptioningError
@@ -37,16 +38,32 @@ def launched_as_rank_zero() -> bool:
 
 
 def choose_out_dir(out_dir: Path | None, attention: str, resume: Path | None) -> Path:
-    """--out-dir if given; else the resumed checkpoint's own folder; else runs/<attention>."""
+    """--out-dir if given; else the resumed checkpoint's own run folder; else runs/<attention>."""
     if out_dir is not None:
         return Path(out_dir)
     if resume is not None:
-        return Path(resume).parent
+        return run_folder_of(resume)
     return Path("runs") / attention
 
 
+def run_folder_of(checkpoint: Path) -> Path:
+    """The run folder a checkpoint belongs to: its own folder, or RUN for RUN/epochs/epoch<N>.ckpt
+    (train.save_every_epoch)."""
+    checkpoint = Path(checkpoint)
+    if checkpoint.parent.name == "epochs" and re.fullmatch(r"epoch\d+\.ckpt", checkpoint.name):
+        return checkpoint.parent.parent
+    return checkpoint.parent
+
+
 def _continuing(out_dir: Path, resume: Path | None) -> bool:
-    return resume is not None and Path(out_dir).resolve() == Path(resume).resolve().parent
+    return resume is not None and Path(out_dir).resolve() == run_folder_of(Path(resume).resolve())
+
+
+def _among_run_files(out_dir: Path, path: Path) -> bool:
+    """Whether ``path`` is, or lies in, one of the entries of ``out_dir`` that a new run there removes."""
+    path = Path(path).resolve()
+    entries = [(Path(out_dir) / name).resolve() for name in RUN_FILES]
+    return any(path == entry or entry in path.parents for entry in entries)
 
 
 def check_out_dir(out_dir: Path, overwrite: bool = False, resume: Path | None = None,
@@ -55,7 +72,8 @@ def check_out_dir(out_dir: Path, overwrite: bool = False, resume: Path | None = 
     this project (files of someone else's, even with --overwrite), or that holds another run's
     results without --overwrite. A resume continues in the checkpoint's own folder only if it
     carries the project's marker with the id the checkpoint recorded (``resume_id``); else only in
-    a new --out-dir. Nothing is written through a link in the folder. A new or empty folder is
+    a new --out-dir. --overwrite is refused with a resume that continues in its own folder, and
+    wherever it would remove the checkpoint resumed. Nothing is written through a link in the folder. A new or empty folder is
     created and marked; nothing else is written here but a probe proving it writable."""
     out_dir = Path(out_dir)
     continuing = _continuing(out_dir, resume)
@@ -74,6 +92,13 @@ def check_out_dir(out_dir: Path, overwrite: bool = False, resume: Path | None = 
     except ForeignFolderError as err:
         raise RunFolderError(str(err)) from None
     found = [name for name in RESULT_FILES if (out_dir / name).exists()] if ours else []
+    if overwrite and continuing:  # otherwise silently ignored: a continuation replaces nothing
+        raise RunFolderError(f"--overwrite does not apply when --resume continues {resume} in its own run folder "
+                             f"{out_dir}: leave it out to continue there, or pass --out-dir NEW_FOLDER")
+    if resume is not None and not continuing and (overwrite or not found) and _among_run_files(out_dir, resume):
+        clearing = "--overwrite" if overwrite else f"a new run in {out_dir}"
+        raise RunFolderError(f"{clearing} would remove {resume}, the checkpoint resumed: pass --out-dir NEW_FOLDER, "
+                             "or move the checkpoint out of that folder first")
     if found and not continuing and not overwrite:
         hint = f"--resume {out_dir / 'last.ckpt'} to continue it, " if (out_dir / "last.ckpt").is_file() else ""
         present = ", ".join(name for name in RUN_FILES if (out_dir / name).exists())
