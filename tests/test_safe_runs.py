@@ -382,6 +382,18 @@ def test_a_failed_resume_leaves_the_run_folder_as_it_was(tmp_path, one_epoch, mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["weights.ckpt"]
 
 
+def test_a_resume_refused_by_lightning_leaves_config_yaml_as_it_was(one_epoch):
+    """config.yaml was rewritten before the trainer restored the checkpoint, so a resume that then
+    failed left the folder saying it had run with the refused settings. (Lightning's logger rewrites
+    logs/hparams.yaml as it starts: captioning/training/trainer.py.)"""
+    names = ("config.yaml", "logs/metrics.csv", "last.ckpt", "best.ckpt")
+    before = {name: (one_epoch / name).read_bytes() for name in names}
+    with pytest.raises(CommandFailed, match="limit_val_batches"):
+        train.run(["--resume", str(one_epoch / "last.ckpt"), "--max-epochs", "2", "--set",
+                   "train.limit_val_batches=0.01", "--no-progress", "--no-test"])
+    assert {name: (one_epoch / name).read_bytes() for name in names} == before
+
+
 def test_evaluate_checks_its_folder_before_decoding(tmp_path, one_epoch, capsys):
     """Item 9: evaluate decoded and scored the whole split, then failed to write with a traceback."""
     from captioning.evaluation import run as evaluate

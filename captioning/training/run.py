@@ -89,6 +89,28 @@ def make_config(args: argparse.Namespace):
     return validate(cfg), vocab, ckpt
 
 
+def config_writer_for(cfg, path: Path):
+    """A callback writing ``cfg`` to config.yaml once, at the latest when training starts: after a
+    resume's checkpoint is restored, so a resume that Lightning refuses (its optimiser state, a data
+    setting) leaves the folder's config.yaml as it was. ``write()`` writes it now (once)."""
+    import pytorch_lightning as pl
+
+    from captioning.config import save_yaml
+
+    class Writer(pl.Callback):
+        written = False
+
+        def write(self) -> None:
+            if not self.written:
+                save_yaml(cfg, path)
+                self.written = True
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            self.write()
+
+    return Writer()
+
+
 def write_outputs(out_dir: Path, module, extra: dict, skipped: str | None = None) -> None:
     """metrics.json (and test_predictions.json) of a finished run; rank 0 calls it."""
     from captioning.evaluation.metrics import format_metrics_table
@@ -139,7 +161,6 @@ def train(args: argparse.Namespace, prog: str, argv: list[str] | None = None) ->
 
     from captioning import provenance
     from captioning.checkpoint import check_state_dict
-    from captioning.config import save_yaml
     from captioning.data.datamodule import CaptionDataModule
     from captioning.data.feature_cache import attach_feature_cache
     from captioning.device import peak_rss_mib
@@ -187,15 +208,20 @@ def train(args: argparse.Namespace, prog: str, argv: list[str] | None = None) ->
 
     lock = take_folder(out_dir, args.overwrite, args.resume, resume_id=resume_id) if rank_zero else None
     try:
-        if rank_zero:
-            save_yaml(cfg, out_dir / "config.yaml")
+        config_writer = config_writer_for(cfg, out_dir / "config.yaml") if rank_zero else None
+        if config_writer is not None and args.resume is None:
+            config_writer.write()
         # A resumed run keeps its log rows from before the checkpoint's step (logs/metrics.csv).
         try:
             trainer = build_trainer(cfg, out_dir, progress_bar=not args.no_progress, resume_step=resume_step,
                                     logger=args.logger, heatmaps=not args.no_heatmaps)
         except ValueError as err:  # --logger tensorboard without the tensorboard package
             raise ConfigError(str(err)) from None
+        if config_writer is not None:
+            trainer.callbacks.append(config_writer)
         run_guarded(trainer, lambda: trainer.fit(module, datamodule=data, ckpt_path=args.resume), out_dir, prog)
+        if config_writer is not None:  # a resume with no epoch left to train never starts training
+            config_writer.write()
         train_seconds = time.perf_counter() - started
         best = None if cfg.train.fast_dev_run else "best"
         if skipped is None:
