@@ -73,8 +73,9 @@ def check_out_dir(out_dir: Path, overwrite: bool = False, resume: Path | None = 
     results without --overwrite. A resume continues in the checkpoint's own folder only if it
     carries the project's marker with the id the checkpoint recorded (``resume_id``); else only in
     a new --out-dir. --overwrite is refused with a resume that continues in its own folder, and
-    wherever it would remove the checkpoint resumed. Nothing is written through a link in the folder. A new or empty folder is
-    created and marked; nothing else is written here but a probe proving it writable."""
+    wherever it would remove the checkpoint resumed. Nothing is written through a link in the
+    folder. A new or empty folder is created and marked; nothing else is written here but a probe
+    proving it writable."""
     out_dir = Path(out_dir)
     continuing = _continuing(out_dir, resume)
     try:
