@@ -394,6 +394,21 @@ def test_a_resume_refused_by_lightning_leaves_config_yaml_as_it_was(one_epoch):
     assert {name: (one_epoch / name).read_bytes() for name in names} == before
 
 
+@pytest.mark.parametrize("override", ["optim.adam_bias_correction=false", "optim.lr=0.0004",
+                                      "model.encoder.fine_tune_from=null"])
+def test_a_resume_refuses_settings_its_optimiser_state_decides(tmp_path, one_epoch, override, capsys):
+    """The restored optimiser state traced back (another Adam, other trained parameters) or silently
+    kept its own learning rates over --set."""
+    before = _files(one_epoch)
+    argv = ["--resume", str(one_epoch / "last.ckpt"), "--out-dir", str(tmp_path / "new"), "--max-epochs", "2",
+            "--set", override, "--no-progress", "--no-test"]
+    assert train.main(argv) == 1
+    message = capsys.readouterr().err.strip()
+    key = override.split("=")[0]
+    assert message.startswith(f"error: --resume cannot change {key} (") and "\n" not in message
+    assert _files(one_epoch) == before and not (tmp_path / "new").exists()
+
+
 def test_evaluate_checks_its_folder_before_decoding(tmp_path, one_epoch, capsys):
     """Item 9: evaluate decoded and scored the whole split, then failed to write with a traceback."""
     from captioning.evaluation import run as evaluate

@@ -17,7 +17,8 @@ import json
 import time
 from pathlib import Path
 
-from captioning.config import ATTENTIONS, LOGGERS, ConfigError, build_config, merge, parse_override, validate
+from captioning.config import (ATTENTIONS, LOGGERS, ConfigError, build_config, flatten, merge, parse_override,
+                               to_dict, validate)
 from captioning.console import CaptioningError, CommandFailed, command_line, interruptible, main_of, positive_int
 from captioning.data.coco import AnnotationError, write_results
 from captioning.files import FileWriteError, as_write_error, atomic_write_json
@@ -26,6 +27,12 @@ from captioning.training.run_folder import (check_out_dir, choose_out_dir, launc
 
 # torch, Lightning and the data pipeline are imported where a run needs them, after the arguments
 # are parsed: --help and a bad flag answer at once.
+
+#: What a resume's restored optimiser state decides: its learning rates and weight decay (Adam's
+#: parameter groups, and the schedule's base rates), its update rule and the parameters it trains.
+#: A --set changing one would be undone silently, or fail as the state is loaded.
+FIXED_ON_RESUME = ("optim.lr", "optim.encoder_lr", "optim.weight_decay", "optim.adam_bias_correction",
+                   "model.encoder.fine_tune_from")
 
 
 def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
@@ -84,9 +91,17 @@ def make_config(args: argparse.Namespace):
     ckpt = read_checkpoint(args.resume)
     cfg, vocab = checkpoint_config(ckpt, args.resume)
     check_resumable(ckpt, args.resume)
+    saved = flatten(to_dict(cfg))
     for text in overrides:
         cfg = merge(cfg, parse_override(text))
-    return validate(cfg), vocab, ckpt
+    cfg = validate(cfg)
+    changed = flatten(to_dict(cfg))
+    for key in FIXED_ON_RESUME:
+        if changed[key] != saved[key]:
+            raise ConfigError(f"--resume cannot change {key} ({json.dumps(saved[key])} in the checkpoint): the "
+                              f"restored optimiser state decides it; leave out --set {key}, or start a new training "
+                              "with it")
+    return cfg, vocab, ckpt
 
 
 def config_writer_for(cfg, path: Path):
