@@ -105,11 +105,48 @@ def check_state_dict(expected: dict[str, torch.Tensor], found: dict[str, Any], p
 
 
 def check_resumable(ckpt: dict, path: str | Path) -> None:
-    """A checkpoint to continue training from needs the loop's state, not only the weights."""
+    """A checkpoint to continue training from needs the loop's state, not only the weights, and that
+    state of the types and keys Lightning restores it from (else CheckpointError, one line)."""
     missing = [k for k in ("optimizer_states", "loops") if not ckpt.get(k)]
     if missing:
         raise CheckpointError(f"{path} cannot be resumed: it holds weights only (no {' or '.join(missing)}); "
                               "resume from a last.ckpt or best.ckpt written by training")
+    damage = _training_state_damage(ckpt)
+    if damage is not None:
+        raise CheckpointError(f"{path} cannot be resumed: its training state is damaged ({damage}); "
+                              "resume from another checkpoint")
+
+
+def _training_state_damage(ckpt: dict) -> str | None:
+    """What in a checkpoint's training state is not as Lightning writes it (and would trace back as it
+    is restored), named in a few words; None when nothing is."""
+    for key in ("epoch", "global_step"):
+        value = ckpt.get(key)
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f"{key} is a {type(value).__name__}, not a count"
+        if value < 0:
+            return f"{key} is {value}"
+    optimizers = ckpt["optimizer_states"]
+    if not isinstance(optimizers, list):
+        return f"optimizer_states is a {type(optimizers).__name__}, not a list"
+    for i, state in enumerate(optimizers):
+        moments = state.get("state") if isinstance(state, dict) else None
+        groups = state.get("param_groups") if isinstance(state, dict) else None
+        if not isinstance(moments, dict) or not all(isinstance(value, dict) for value in moments.values()) \
+                or not isinstance(groups, list) \
+                or not all(isinstance(group, dict) and isinstance(group.get("params"), list) for group in groups):
+            return f"optimizer_states[{i}] is not an optimiser's state and parameter groups"
+    schedulers = ckpt.get("lr_schedulers", [])
+    if not isinstance(schedulers, list) or not all(isinstance(state, dict) for state in schedulers):
+        return "lr_schedulers is not a list of states"
+    loops = ckpt["loops"]
+    fit_loop = loops.get("fit_loop") if isinstance(loops, dict) else None
+    if not isinstance(fit_loop, dict) or not all(isinstance(value, dict) for value in fit_loop.values()):
+        return "loops has no fit_loop state, or a damaged one"
+    callbacks = ckpt.get("callbacks", {})
+    if not isinstance(callbacks, dict) or not all(isinstance(state, dict) for state in callbacks.values()):
+        return "callbacks is not a mapping of states"
+    return None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> LoadedModel:

@@ -229,6 +229,35 @@ def test_checkpoints(world, case, name, make, command):
     check(world, argv)
 
 
+def _resumable(w, **changes) -> dict:
+    """The checkpoint with a training state as Lightning writes one (the parts resuming reads), then ``changes``."""
+    data = _checkpoint(w)
+    data.update(epoch=1, global_step=5, loops={"fit_loop": {"epoch_progress": {}}}, lr_schedulers=[],
+                optimizer_states=[{"state": {}, "param_groups": [{"params": [0], "lr": 0.002}]}], callbacks={})
+    data.update(changes)
+    return data
+
+
+DAMAGED_TRAINING_STATES: list[tuple[str, dict]] = [
+    ("global_step not a number", {"global_step": "x"}),
+    ("epoch negative", {"epoch": -1}),
+    ("optimizer state without param_groups", {"optimizer_states": [{"junk": 1}]}),
+    ("optimizer state of moments not mappings", {"optimizer_states": [{"state": {0: 5}, "param_groups": []}]}),
+    ("loops without fit_loop", {"loops": {"x": 1}}),
+    ("fit_loop of numbers", {"loops": {"fit_loop": {"epoch_progress": 5}}}),
+    ("callbacks a number", {"callbacks": 5}),
+    ("lr_schedulers a mapping", {"lr_schedulers": {"x": 1}}),
+]
+
+
+@pytest.mark.parametrize("name,changes", DAMAGED_TRAINING_STATES, ids=[n for n, _ in DAMAGED_TRAINING_STATES])
+def test_checkpoints_of_a_damaged_training_state(world, case, name, changes):
+    ckpt = case / "bad.ckpt"
+    torch.save(_resumable(world, **changes), ckpt)
+    check(world, ["train", "--resume", ckpt, "--out-dir", case / "run", "--no-progress"])
+    assert not (case / "run").exists()
+
+
 # ------------------------------------------------------------------------------ model folders
 
 
