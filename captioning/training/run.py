@@ -126,6 +126,18 @@ def config_writer_for(cfg, path: Path):
     return Writer()
 
 
+def own_checkpoint(trainer, out_dir: Path) -> Path | None:
+    """The checkpoint of the run folder that the test split is scored with and metrics.json names: the
+    monitored best, else last.ckpt; None where the folder holds neither (the weights in memory are
+    scored then). Lightning restores best_model_path from a checkpoint resumed from another folder,
+    even where this run wrote no best.ckpt: a file elsewhere is not this run's."""
+    best = trainer.checkpoint_callback.best_model_path
+    for path in ([Path(best)] if best else []) + [out_dir / "last.ckpt"]:
+        if path.is_file() and path.resolve().parent == out_dir.resolve():
+            return out_dir / path.name
+    return None
+
+
 def write_outputs(out_dir: Path, module, extra: dict, skipped: str | None = None) -> None:
     """metrics.json (and test_predictions.json) of a finished run; rank 0 calls it."""
     from captioning.evaluation.metrics import format_metrics_table
@@ -238,11 +250,11 @@ def train(args: argparse.Namespace, prog: str, argv: list[str] | None = None) ->
         if config_writer is not None:  # a resume with no epoch left to train never starts training
             config_writer.write()
         train_seconds = time.perf_counter() - started
-        best = None if cfg.train.fast_dev_run else "best"
+        best = None if cfg.train.fast_dev_run else own_checkpoint(trainer, out_dir)
         if skipped is None:
-            # The monitored checkpoint's own path: "best" would make Lightning warn that it picks the
-            # first of the two ModelCheckpoint callbacks, which is this one.
-            ckpt_path = best and (trainer.checkpoint_callback.best_model_path or best)
+            # The checkpoint's own path: "best" would make Lightning warn that it picks the first of the
+            # two ModelCheckpoint callbacks, and take a best_model_path of another folder (below).
+            ckpt_path = str(best) if best is not None else None
             run_guarded(trainer, lambda: trainer.test(module, datamodule=data, ckpt_path=ckpt_path, verbose=False),
                         out_dir, prog)
 
@@ -250,7 +262,7 @@ def train(args: argparse.Namespace, prog: str, argv: list[str] | None = None) ->
             # The command that made the run (a model folder's card quotes it: captioning export).
             "command": command_line(prog, argv),
             "attention": cfg.model.attention,
-            "checkpoint": str(out_dir / "best.ckpt") if best else None,
+            "checkpoint": str(best) if best is not None else None,
             "global_step": trainer.global_step,
             "epochs": trainer.current_epoch,
             "train_seconds": round(train_seconds, 1),
