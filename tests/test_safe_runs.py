@@ -406,6 +406,19 @@ def test_metrics_json_names_only_a_checkpoint_of_its_own_folder(tmp_path, data_r
     assert named is None or Path(named).is_file()
 
 
+def test_a_run_not_scored_leaves_no_earlier_test_predictions(tmp_path, capsys):
+    """A resume in place with --no-test kept the earlier weights' test_predictions.json beside a
+    metrics.json saying the test split was not scored."""
+    run = tmp_path / "run"
+    run.mkdir()
+    mark_folder(run, "run")
+    (run / "test_predictions.json").write_text("[]")
+    (run / "notes.txt").write_text("mine")
+    train.write_outputs(run, None, {"attention": "soft"}, skipped="--no-test")
+    assert json.loads((run / "metrics.json").read_text())["test"] == "skipped (--no-test)"
+    assert sorted(p.name for p in run.iterdir()) == sorted([MARKER, "metrics.json", "notes.txt"])
+
+
 @pytest.mark.parametrize("override", ["optim.adam_bias_correction=false", "optim.lr=0.0004",
                                       "model.encoder.fine_tune_from=null"])
 def test_a_resume_refuses_settings_its_optimiser_state_decides(tmp_path, one_epoch, override, capsys):

@@ -21,7 +21,7 @@ from captioning.config import (ATTENTIONS, LOGGERS, ConfigError, build_config, f
                                to_dict, validate)
 from captioning.console import CaptioningError, CommandFailed, command_line, interruptible, main_of, positive_int
 from captioning.data.coco import AnnotationError, write_results
-from captioning.files import FileWriteError, as_write_error, atomic_write_json
+from captioning.files import FileWriteError, as_write_error, atomic_write_json, remove_own
 from captioning.training.run_folder import (check_out_dir, choose_out_dir, launched_as_rank_zero,
                                             take_folder)
 
@@ -145,6 +145,7 @@ def write_outputs(out_dir: Path, module, extra: dict, skipped: str | None = None
     try:
         if skipped is not None:  # module.eval_results holds the last validation's, not the test split's
             atomic_write_json(out_dir / "metrics.json", {"test": f"skipped ({skipped})", **extra})
+            remove_own(out_dir, ["test_predictions.json"])  # an earlier run's, of other weights
             print(f"wrote {out_dir / 'metrics.json'} (test split not scored: {skipped})")
             return
         results = dict(module.eval_results or {})
