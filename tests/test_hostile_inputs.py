@@ -326,7 +326,8 @@ def test_make_example_writes_no_caption_file_through_a_link(place, fmt, name):
 
 def _checkpoint_in(world, folder: Path, **record) -> Path:  # noqa: F811
     ckpt = torch.load(world.ckpt, map_location="cpu", weights_only=False)
-    ckpt.update({"optimizer_states": [{"state": {}}], "loops": {"fit_loop": {}}}, **record)  # as training saves
+    ckpt.update({"epoch": 0, "global_step": 0, "optimizer_states": [{"state": {}, "param_groups": [{"params": []}]}],
+                 "loops": {"fit_loop": {}}}, **record)  # the training state's parts, as training saves them
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(ckpt, folder / "last.ckpt")
     return folder / "last.ckpt"
