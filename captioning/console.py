@@ -78,14 +78,23 @@ def print_error(message: object) -> None:
     print(f"error: {one_line(message)}", file=sys.stderr, flush=True)
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def whole_number(low: int, high: int | None = None, what: str | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number from ``low`` (to ``high``); ``what`` names it in the error."""
+    what = what or (f"a whole number >= {low}" if high is None else f"a whole number from {low} to {high}")
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+
+    return parse
+
+
+positive_int = whole_number(1, what="a positive integer")
 
 
 def command_line(prog: str, argv: Sequence[str] | None) -> str:

@@ -202,7 +202,8 @@ def read_instances(path: str | Path, error: type[Exception] = AnnotationError, s
             needs = "'id', 'width' and 'height'" if sizes else "an 'id'"
             raise error(f"{path}: every image needs {needs} (got {img!r:.80})")
         # Sizes scale the boxes: where given (a prepared folder stores them for evaluation), they must be usable.
-        if not _is_int(img["id"]) or not all(_is_number(img[k]) and img[k] > 0 for k in ("width", "height") if k in img):
+        given = [img[k] for k in ("width", "height") if k in img]
+        if not _is_int(img["id"]) or not all(_is_number(size) and size > 0 for size in given):
             raise error(f"{path}: images[{i}] needs a whole-number 'id' and a positive 'width' and 'height' in pixels "
                         f"(got {img!r:.80}); fix or drop that entry")
         image_ids.add(img["id"])

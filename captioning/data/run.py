@@ -35,22 +35,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from captioning.console import CaptioningError, UsageError, interruptible, main_of, positive_int
+from captioning.console import CaptioningError, UsageError, interruptible, main_of, positive_int, whole_number
 from captioning.data.coco import SPLITS, AnnotationError
 from captioning.data.formats import FORMATS, SourceDataset, detect_format
 from captioning.data.prepare import PrepareError, PrepareOptions, available_cores, format_summary, prepare
 from captioning.files import atomic_write_json, partial_name, result_file_problem
-
-
-def count(text: str) -> int:
-    """argparse type: a whole number >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
-    return value
 
 
 def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
@@ -73,8 +62,8 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
                      help="split lists (image ids or file names, one per line); without train=, train is "
                           "every image listed nowhere else")
     src.add_argument("--split-seed", type=int, default=0, help="seeded split when there are no lists (default 0)")
-    src.add_argument("--val-size", type=count, default=5000, help="seeded split: val images (default 5000)")
-    src.add_argument("--test-size", type=count, default=5000, help="seeded split: test images (default 5000)")
+    src.add_argument("--val-size", type=whole_number(0), default=5000, help="seeded split: val images (default 5000)")
+    src.add_argument("--test-size", type=whole_number(0), default=5000, help="seeded split: test images (default 5000)")
     out = p.add_argument_group("preparation")
     out.add_argument("--out", type=Path, metavar="DIR", help="the prepared folder to write")
     out.add_argument("--image-size", type=int, default=224, help="stored S x S; data.image_size must equal it (224)")
@@ -91,7 +80,8 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
     out.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     bench = p.add_argument_group("--benchmark")
     bench.add_argument("--batch-size", type=positive_int, default=32, help="images per batch (32)")
-    bench.add_argument("--captions-per-image", type=positive_int, default=1, help="captions per image (1, configs/coco_*.yaml)")
+    bench.add_argument("--captions-per-image", type=positive_int, default=1,
+                       help="captions per image (1, configs/coco_*.yaml)")
     bench.add_argument("--seconds", type=float, default=10.0, help="seconds per measurement (10)")
     bench.add_argument("--compare-files", action="store_true",
                        help="also measure decoding the source image files every time (no prepared store)")
@@ -119,7 +109,8 @@ MODE_OPTIONS = {
 
 def check_mode(args: argparse.Namespace) -> str:
     """'--benchmark', '--make-example' or 'prepare'; an option the mode does not read is a UsageError."""
-    modes = [flag for flag in ("--benchmark", "--make-example") if getattr(args, flag[2:].replace("-", "_")) is not None]
+    modes = [flag for flag, value in (("--benchmark", args.benchmark), ("--make-example", args.make_example))
+             if value is not None]
     if len(modes) > 1:
         raise UsageError("--benchmark and --make-example are alternatives: run them one at a time")
     mode = modes[0] if modes else "prepare"

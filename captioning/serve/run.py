@@ -13,25 +13,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from captioning.console import UsageError, main_of
-
-
-def port(text: str) -> int:
-    """An argparse type: a TCP port number, 0 to 65535 (the system refuses any other when binding)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, got {value}")
-    return value
+from captioning.console import UsageError, main_of, whole_number
 
 
 def parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, type=Path, metavar="CKPT",
                    help="best.ckpt or last.ckpt written by captioning train, or a model folder")
-    p.add_argument("--port", type=port, default=8000, help="port to listen on (default: 8000; 0 picks a free one)")
+    p.add_argument("--port", type=whole_number(0, 65535, "a port from 0 to 65535"), default=8000,
+                   help="port to listen on (default: 8000; 0 picks a free one)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 opens it to the network)")
     p.add_argument("--examples", type=Path, metavar="DIR",
