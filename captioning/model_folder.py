@@ -80,6 +80,10 @@ def read_folder_meta(folder: str | Path) -> tuple[dict, Config, Vocabulary]:
     if not folder.is_dir():
         raise CheckpointError(f"model folder {folder} does not exist (write one with Captioner.save_pretrained "
                               "or 'captioning export')")
+    ckpts = [name for name in ("best.ckpt", "last.ckpt") if (folder / name).is_file()]
+    if ckpts and not (folder / "config.json").exists():  # a training run's folder, given for its checkpoint
+        raise CheckpointError(f"{folder} is a training run's folder, not a model folder: give its checkpoint, "
+                              f"{folder / ckpts[0]}")
     meta, words = _read_json(folder / "config.json"), _read_json(folder / "vocab.json")
     if not isinstance(meta, dict) or meta.get("format") != FOLDER_FORMAT or "config" not in meta:
         raise CheckpointError(f"{folder / 'config.json'} is not a show-attend-tell model folder's config")

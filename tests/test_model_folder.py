@@ -187,6 +187,15 @@ def test_missing_folder_or_file(tiny, tmp_path):
         Captioner.from_pretrained(folder, device="cpu")
 
 
+def test_a_run_folder_given_as_a_model_folder_points_at_its_checkpoint(tiny, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.ckpt").write_bytes(Path(tiny.ckpt).read_bytes())
+    rc, _, err = run_caption(capsys, "--checkpoint", run, tiny.paths[0])
+    assert rc == 2
+    assert f"{run} is a training run's folder, not a model folder: give its checkpoint, {run / 'best.ckpt'}" in err
+
+
 # ------------------------------------------------------------------- decoding options, API
 
 
