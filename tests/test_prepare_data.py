@@ -311,7 +311,8 @@ def test_image_size_and_vocabulary_mismatch_are_one_line_errors(prepared):
         CaptionDataModule(DataConfig(dataset="prepared", root=str(out.parent), image_size=SIZE)).setup("fit")
 
 
-@pytest.mark.parametrize("stored", [["<pad>", "<start>"], {"vocab": []}, {"words": ["<pad>", "<start>", "<end>", "<unk>", 7]}])
+@pytest.mark.parametrize("stored", [["<pad>", "<start>"], {"vocab": []},
+                                    {"words": ["<pad>", "<start>", "<end>", "<unk>", 7]}])
 def test_a_damaged_vocabulary_file_is_a_one_line_error(prepared, tmp_path, stored):
     out, _ = prepared
     copy = shutil.copytree(out, tmp_path / "copy")
