@@ -68,6 +68,9 @@ def test_karpathy_reads_splits_ids_paths_and_skips(tmp_path):
     assert reasons(data) == {EMPTY_CAPTION: 4, NO_CAPTIONS: 1}
     assert data.normalised_captions == 1
     assert detect_format(path) == "karpathy"
+    marked = tmp_path / "dataset_bom.json"  # saved by an editor that writes a UTF-8 byte-order mark
+    marked.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert detect_format(marked) == "karpathy"
 
 
 def test_karpathy_flickr_uses_imgid_and_no_filepath(tmp_path):

@@ -101,7 +101,7 @@ def detect_format(path: Path) -> str:
     if not path.is_file():
         raise AnnotationError(f"captions file {path} does not exist")
     with path.open("rb") as f:
-        head = f.read(1 << 16).decode("utf-8", errors="replace")
+        head = f.read(1 << 16).decode("utf-8-sig", errors="replace")  # -sig: a byte-order mark is not text
     data = read_json(path, "captions file") if head.lstrip().startswith("{") else None
     found = next((name for name, fmt in FORMATS.items() if fmt.detect(head, data)), None)
     if found is not None:
