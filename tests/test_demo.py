@@ -417,6 +417,16 @@ def test_demo_that_cannot_listen_says_so_in_one_line(demo, capsys, port):
         assert f"--port: expected a port from 0 to 65535, got {given}" in err, err
 
 
+def test_demo_on_an_address_not_this_machines_names_the_host(demo, capsys):
+    from captioning import cli
+
+    code = cli.main(["demo", "--checkpoint", str(demo.captioner.source), "--host", "192.0.2.1", "--port", "0",
+                     "--device", "cpu"])  # 192.0.2.0/24: reserved for documentation, never a local address
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "cannot listen on 192.0.2.1:0" in err and "give a --host of this machine" in err, err
+
+
 # ----------------------------------------------------------------------------- the browser
 
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

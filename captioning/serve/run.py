@@ -10,6 +10,7 @@ server and its page: captioning/serve/server.py.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
@@ -46,8 +47,9 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> None:
     try:
         server = make_server(captioner, args.host, args.port, examples)
     except OSError as err:
-        raise UsageError(f"cannot listen on {args.host}:{args.port} ({err.strerror or err}); "
-                         "choose another --port") from None
+        fix = "choose another --port" if err.errno == errno.EADDRINUSE else \
+            "give a --host of this machine (127.0.0.1, 0.0.0.0) and a free --port"
+        raise UsageError(f"cannot listen on {args.host}:{args.port} ({err.strerror or err}); {fix}") from None
     host, port = server.server_address[:2]
     print(f"demo of {args.checkpoint} at http://{host}:{port}/ (Ctrl-C stops it)", flush=True)
     try:
