@@ -97,6 +97,17 @@ def whole_number(low: int, high: int | None = None, what: str | None = None) -> 
 positive_int = whole_number(1, what="a positive integer")
 
 
+def positive_number(text: str) -> float:
+    """An argparse type: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
 def command_line(prog: str, argv: Sequence[str] | None) -> str:
     """What a run records as the command that made it: ``prog`` and the arguments (this process's
     when ``argv`` is None), each quoted as a shell needs, so that the line can be run again."""

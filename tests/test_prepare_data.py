@@ -444,6 +444,9 @@ def test_a_split_or_a_captions_file_given_twice_is_refused(tmp_path, capsys):
     (["--make-example", "EX", "--example-size", "0"], ["--example-size", "positive"]),
     (["--captions", "c.json", "--images", ".", "--out", "OUT", "--test-size", "-2"], ["--test-size", "-2"]),
     (["--benchmark", "OUT", "--captions-per-image", "0"], ["--captions-per-image", "positive"]),
+    (["--benchmark", "OUT", "--seconds", "0"], ["--seconds", "positive"]),
+    (["--benchmark", "OUT", "--seconds", "nan"], ["--seconds", "positive"]),
+    (["--benchmark", "OUT", "--workers", "0", "-1"], ["--workers", ">= 0"]),
 ])
 def test_options_a_mode_ignores_and_out_of_range_values_are_refused(tmp_path, capsys, argv, words):
     argv = [str(tmp_path / a) if a in ("EX", "OUT", "OUT2") else a for a in argv]

@@ -35,7 +35,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from captioning.console import CaptioningError, UsageError, interruptible, main_of, positive_int, whole_number
+from captioning.console import (CaptioningError, UsageError, interruptible, main_of, positive_int, positive_number,
+                                whole_number)
 from captioning.data.coco import SPLITS, AnnotationError
 from captioning.data.formats import FORMATS, SourceDataset, detect_format
 from captioning.data.prepare import PrepareError, PrepareOptions, available_cores, format_summary, prepare
@@ -71,7 +72,7 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
     out.add_argument("--max-len", type=int, default=30, help="words per training caption (30)")
     out.add_argument("--long-captions", choices=("truncate", "drop"), default="truncate",
                      help="captions over --max-len: truncate (default) or drop from training (kept as references)")
-    out.add_argument("--workers", type=int, nargs="+", metavar="N",
+    out.add_argument("--workers", type=whole_number(0), nargs="+", metavar="N",
                      help="preparation: processes (default: every core); --benchmark: DataLoader worker "
                           "counts to measure (default: 0 1 <cores>)")
     out.add_argument("--chunk-size", type=int, default=64, help="images per task and resume marker (64)")
@@ -82,7 +83,7 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
     bench.add_argument("--batch-size", type=positive_int, default=32, help="images per batch (32)")
     bench.add_argument("--captions-per-image", type=positive_int, default=1,
                        help="captions per image (1, configs/coco_*.yaml)")
-    bench.add_argument("--seconds", type=float, default=10.0, help="seconds per measurement (10)")
+    bench.add_argument("--seconds", type=positive_number, default=10.0, help="seconds per measurement (10)")
     bench.add_argument("--compare-files", action="store_true",
                        help="also measure decoding the source image files every time (no prepared store)")
     bench.add_argument("--threads", type=positive_int, metavar="N",
