@@ -121,11 +121,12 @@ def normalize_caption(text: str) -> tuple[str, bool]:
 # ------------------------------------------------------------------------------ captions
 
 
-def _is_id(value: Any) -> bool:
+def is_id(value: Any) -> bool:
     return isinstance(value, (int, str)) and not isinstance(value, bool)
 
 
-def _is_int(value: Any) -> bool:
+def is_whole_number(value: Any) -> bool:
+    """An int of JSON (not a bool, which Python counts as one)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -149,11 +150,11 @@ def read_captions(path: str | Path, what: str = "captions file", error: type[Exc
         raise error(f"{path} is not a COCO captions file: it needs top-level 'images' and 'annotations' lists "
                     "(like captions_train2014.json)")
     for i, img in enumerate(data["images"]):
-        if not isinstance(img, dict) or not _is_id(img.get("id")) or not isinstance(img.get("file_name"), str):
+        if not isinstance(img, dict) or not is_id(img.get("id")) or not isinstance(img.get("file_name"), str):
             raise error(f"{path}: images[{i}] needs an 'id' (a number) and a 'file_name' string (COCO captions "
                         f"schema), got {img!r:.80}")
     for i, ann in enumerate(data["annotations"]):
-        if not isinstance(ann, dict) or not _is_id(ann.get("image_id")) or "caption" not in ann:
+        if not isinstance(ann, dict) or not is_id(ann.get("image_id")) or "caption" not in ann:
             hint = (" (this is an instances_*.json file: pass it with --instances, and the captions_*.json file "
                     "as the captions)"
                     if isinstance(ann, dict) and "bbox" in ann else "")
@@ -203,12 +204,12 @@ def read_instances(path: str | Path, error: type[Exception] = AnnotationError, s
             raise error(f"{path}: every image needs {needs} (got {img!r:.80})")
         # Sizes scale the boxes: where given (a prepared folder stores them for evaluation), they must be usable.
         given = [img[k] for k in ("width", "height") if k in img]
-        if not _is_int(img["id"]) or not all(_is_number(size) and size > 0 for size in given):
+        if not is_whole_number(img["id"]) or not all(_is_number(size) and size > 0 for size in given):
             raise error(f"{path}: images[{i}] needs a whole-number 'id' and a positive 'width' and 'height' in pixels "
                         f"(got {img!r:.80}); fix or drop that entry")
         image_ids.add(img["id"])
     for i, cat in enumerate(data["categories"]):
-        if not isinstance(cat, dict) or not _is_int(cat.get("id")) or not isinstance(cat.get("name"), str):
+        if not isinstance(cat, dict) or not is_whole_number(cat.get("id")) or not isinstance(cat.get("name"), str):
             raise error(f"{path}: categories[{i}] needs a whole-number 'id' and a 'name' string (got {cat!r:.80})")
     category_ids = {cat["id"] for cat in data["categories"]}
     for i, ann in enumerate(data["annotations"]):
@@ -216,7 +217,7 @@ def read_instances(path: str | Path, error: type[Exception] = AnnotationError, s
         if not (isinstance(bbox, list) and len(bbox) == 4 and {"image_id", "category_id"} <= ann.keys()):
             raise error(f"{path}: annotations[{i}] needs 'image_id', 'category_id' and a 'bbox' [x, y, w, h] "
                         f"(got {ann!r:.80})")
-        if not (_is_int(ann["image_id"]) and _is_int(ann["category_id"]) and all(map(_is_number, bbox))
+        if not (is_whole_number(ann["image_id"]) and is_whole_number(ann["category_id"]) and all(map(_is_number, bbox))
                 and bbox[2] >= 0 and bbox[3] >= 0):
             raise error(f"{path}: annotations[{i}] needs whole-number 'image_id' and 'category_id' and a 'bbox' of "
                         f"four numbers [x, y, w, h] with w, h >= 0 (got {ann!r:.80}); fix or drop that entry")

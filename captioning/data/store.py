@@ -20,7 +20,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from captioning.console import CaptioningError, one_line
-from captioning.data.coco import ImageRecord, read_boxes, read_json
+from captioning.data.coco import ImageRecord, is_id, is_whole_number, read_boxes, read_json
 from captioning.data.prepare import FORMAT_VERSION
 from captioning.data.transforms import preprocess
 from captioning.files import partial_name
@@ -84,10 +84,6 @@ def load_npy(path: Path, mmap: bool) -> np.ndarray:
         raise damaged(path, one_line(err, 120)) from None
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 class PreparedSplit:
     """One split: its records (references by image id), store rows and encoded captions. The captions
     file's schema and the sizes of the split's .npy files are checked here, so a damaged folder is
@@ -102,7 +98,7 @@ class PreparedSplit:
                 or not isinstance(data.get("annotations"), list):
             raise damaged(path, "no 'images' and 'annotations' lists")
         for i, img in enumerate(data["images"]):
-            if not isinstance(img, dict) or not isinstance(img.get("id"), (int, str)) or not _is_int(img.get("row")) \
+            if not isinstance(img, dict) or not is_id(img.get("id")) or not is_whole_number(img.get("row")) \
                     or img["row"] < 0 or not isinstance(img.get("file_name"), str):
                 raise damaged(path, f"images[{i}] needs an 'id', a 'row' and a 'file_name', got {img!r:.60}")
         self.image_ids = [img["id"] for img in data["images"]]
@@ -112,7 +108,7 @@ class PreparedSplit:
         captions: list[list[str]] = [[] for _ in self.image_ids]
         owner = np.empty(len(data["annotations"]), dtype=np.int64)
         for j, ann in enumerate(data["annotations"]):
-            if not isinstance(ann, dict) or not isinstance(ann.get("image_id"), (int, str)) \
+            if not isinstance(ann, dict) or not is_id(ann.get("image_id")) \
                     or ann["image_id"] not in position or not isinstance(ann.get("caption"), str):
                 raise damaged(path, f"annotations[{j}] needs the 'image_id' of one of its images and a 'caption', "
                                     f"got {ann!r:.60}")
@@ -165,8 +161,9 @@ class PreparedFolder:
             raise PreparedDataError(f"{self.root} has prepared-folder format {self.manifest.get('format_version')}, "
                                     f"this code reads {FORMAT_VERSION}: prepare it again")
         options, source = self.manifest.get("options"), self.manifest.get("source")
-        if not isinstance(options, dict) or not _is_int(options.get("image_size")) or options["image_size"] < 1 \
-                or not isinstance(source, dict) or not isinstance(source.get("images_root"), str):
+        if not isinstance(options, dict) or not is_whole_number(options.get("image_size")) \
+                or options["image_size"] < 1 or not isinstance(source, dict) \
+                or not isinstance(source.get("images_root"), str):
             raise damaged(manifest, "it needs 'options' with an 'image_size' and 'source' with an 'images_root'")
         self.image_size: int = options["image_size"]
         self.images_root = Path(source["images_root"])
