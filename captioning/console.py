@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 from types import FrameType
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process ended by it
@@ -112,6 +112,19 @@ def command_line(prog: str, argv: Sequence[str] | None) -> str:
     """What a run records as the command that made it: ``prog`` and the arguments (this process's
     when ``argv`` is None), each quoted as a shell needs, so that the line can be run again."""
     return " ".join([prog, *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+
+
+def option_set_outside(args: argparse.Namespace, defaults: argparse.Namespace, allowed: Iterable[str]) -> str | None:
+    """The first option (its ``dest``, in the parser's order) that ``args`` sets away from its value in
+    ``defaults`` (the parser's, ``parse_args([])``) and that is not ``allowed``, or None: what a mode
+    that would ignore it refuses (an option silently ignored is a wrong answer)."""
+    allowed, base = set(allowed), vars(defaults)
+    return next((name for name, value in vars(args).items() if name not in allowed and value != base[name]), None)
+
+
+def as_flag(dest: str) -> str:
+    """An argparse ``dest`` as its command line writes it: "max_len" -> "--max-len"."""
+    return "--" + dest.replace("_", "-")
 
 
 def main_of(run: Callable[[list[str] | None, str | None], object]) -> Callable[..., int]:

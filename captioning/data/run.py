@@ -35,8 +35,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from captioning.console import (CaptioningError, UsageError, interruptible, main_of, positive_int, positive_number,
-                                whole_number)
+from captioning.console import (CaptioningError, UsageError, as_flag, interruptible, main_of, option_set_outside,
+                                positive_int, positive_number, whole_number)
 from captioning.data.coco import SPLITS, AnnotationError
 from captioning.data.formats import FORMATS, SourceDataset, detect_format
 from captioning.data.prepare import PrepareError, PrepareOptions, available_cores, format_summary, prepare
@@ -115,14 +115,12 @@ def check_mode(args: argparse.Namespace) -> str:
     if len(modes) > 1:
         raise UsageError("--benchmark and --make-example are alternatives: run them one at a time")
     mode = modes[0] if modes else "prepare"
-    defaults = vars(parse_args([]))
-    given = [name for name, value in vars(args).items() if name not in MODE_OPTIONS[mode] and value != defaults[name]]
+    given = option_set_outside(args, parse_args([]), MODE_OPTIONS[mode])
     if given:
-        flag = "--" + given[0].replace("_", "-")
-        owner = next((m for m, names in MODE_OPTIONS.items() if given[0] in names), "prepare")
+        owner = next((m for m, names in MODE_OPTIONS.items() if given in names), "prepare")
         what = "preparing (no --benchmark or --make-example)" if owner == "prepare" else owner
-        raise UsageError(f"{flag} applies to {what} only; {'preparing' if mode == 'prepare' else mode} does not "
-                         "read it: leave it out")
+        raise UsageError(f"{as_flag(given)} applies to {what} only; {'preparing' if mode == 'prepare' else mode} "
+                         "does not read it: leave it out")
     return mode
 
 

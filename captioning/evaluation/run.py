@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from captioning.caption.run import add_decoding_options, captioner_and_options, data_config
-from captioning.console import UsageError, interruptible, main_of, one_line, positive_int
+from captioning.console import UsageError, as_flag, interruptible, main_of, one_line, option_set_outside, positive_int
 from captioning.files import ForeignFolderError, atomic_write_json, claim_folder, folder_kind
 from captioning.data.coco import SPLITS, write_results
 from captioning.evaluation import metrics
@@ -78,11 +78,9 @@ def check_mode(args: argparse.Namespace) -> str:
         if args.annotations is None:
             raise UsageError("--results needs --annotations FILE, the COCO captions file with the references "
                              "(e.g. captions_val2014.json)")
-        defaults = vars(parse_args([]))
-        given = [name for name, value in vars(args).items() if name not in RESULTS_OPTIONS and value != defaults[name]]
+        given = option_set_outside(args, parse_args([]), RESULTS_OPTIONS)
         if given:
-            flag = "--" + given[0].replace("_", "-")
-            raise UsageError(f"{flag} applies to --checkpoint only: a results file is scored as it is")
+            raise UsageError(f"{as_flag(given)} applies to --checkpoint only: a results file is scored as it is")
         return "results"
     if args.annotations is not None:
         raise UsageError("--annotations goes with --results FILE (scoring an existing results file); "

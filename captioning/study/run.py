@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from captioning.config import to_dict
-from captioning.console import CaptioningError, command_line, main_of, positive_int
+from captioning.console import CaptioningError, as_flag, command_line, main_of, option_set_outside, positive_int
 from captioning.evaluation import metrics, run as evaluate
 from captioning.files import atomic_write_json, claim_folder
 from captioning.progress import format_duration
@@ -97,12 +97,10 @@ def make_plan(args: argparse.Namespace, argv: list[str], prog: str | None = None
     """The runs and settings of this invocation, checked before anything runs."""
     command = command_line(prog or "python scripts/compare.py", argv)
     if args.checkpoints:
-        defaults = vars(parse_args([]))
-        given = [name for name, value in vars(args).items()
-                 if name not in CHECKPOINT_OPTIONS and value != defaults[name]]
+        given = option_set_outside(args, parse_args([]), CHECKPOINT_OPTIONS)
         if given:
-            raise StudyError(f"--{given[0].replace('_', '-')} applies to training only; --checkpoints evaluates the "
-                             "given checkpoints as they are")
+            raise StudyError(f"{as_flag(given)} applies to training only; --checkpoints evaluates the given "
+                             "checkpoints as they are")
         from captioning.checkpoint import checkpoint_config, read_checkpoint
 
         runs, differences = plan_checkpoint_runs(args.out_dir, parse_checkpoints(args.checkpoints))
